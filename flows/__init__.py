@@ -1,0 +1,1 @@
+"""Prefect flows (score_images, rerun_failed) and the ``imgscore`` CLI."""

@@ -1,0 +1,196 @@
+"""``imgscore``: run, rerun, report, demo, serve.
+
+Exit codes (DESIGN.md): 0 finished within the error budget; 1 over budget or a shard failed
+(everything that could be scored is written); 2 bad usage, config, input root or model —
+refused before any scoring, one line naming the bad value and the fix, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flows import _env
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgscore", description="Batch-score image folders with torchvision models (Prefect 3, Parquet out).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, help="YAML config (see configs/nightly.yaml)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set input.root=/data/images (repeatable)")
+        sp.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and per-image detail")
+        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    run = sub.add_parser("run", help="score a folder (flow score-images)")
+    common(run)
+    rerun = sub.add_parser("rerun", help="rescore a run's failed and unfinished shards (flow rerun-failed)")
+    rerun.add_argument("run_id")
+    common(rerun)
+    rep = sub.add_parser("report", help="summarise a finished run")
+    rep.add_argument("run_id")
+    rep.add_argument("--format", choices=["table", "json", "html"], default="table")
+    common(rep)
+    demo = sub.add_parser("demo", help="build the digits demo (real scans, a model trained here) and score it")
+    common(demo)
+    serve = sub.add_parser("serve", help="serve the scoring flow on a cron schedule from this process (flow.serve)")
+    common(serve)
+    serve.add_argument("--cron", default="0 2 * * *", help="cron expression (default: 0 2 * * *, nightly at 02:00)")
+    serve.add_argument("--timezone", default="UTC", help="IANA timezone of the cron schedule (default: UTC)")
+    serve.add_argument("--name", default="nightly-scoring", help="deployment name")
+    return p
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"imgscore: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _preflight(cfg) -> None:
+    """Refuse bad input root or model before Prefect starts (exit 2, nothing written)."""
+    from tasks.device import resolve_device
+    from tasks.errors import InputError
+    from tasks.model import load_model
+
+    root = cfg.input.root
+    if root is None:
+        raise InputError("input.root is not set; pass --set input.root=/path/to/images or set it in the config")
+    if not Path(root).exists():
+        raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
+    if not Path(root).is_dir():
+        raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
+    device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else None
+    import torch
+
+    load_model(cfg.model, cfg.preprocess, device or torch.device("cpu"), channels_last=cfg.inference.channels_last)
+
+
+def _print_summary(summary: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
+    for k in ("run_id", "status", "scanned", "scored", "failed", "skipped", "already_scored", "images_per_s", "wall_s"):
+        if k in summary:
+            t.add_row(k, str(summary[k]))
+    t.add_row("devices", ", ".join(summary.get("devices", [])))
+    t.add_row("workers", str(len(summary.get("workers", []))))
+    t.add_row("predictions", summary.get("predictions", ""))
+    t.add_row("errors", summary.get("errors", ""))
+    t.add_row("manifest", summary.get("manifest", ""))
+    console.print(t)
+
+
+def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
+    """Run the scoring flow for a validated config; return (exit code, summary)."""
+    from rich.console import Console
+
+    from flows.progress import progress_for
+    from flows.runner import make_task_runner
+    from flows.score_images import score_images
+    from tasks.errors import ErrorBudgetExceeded, ImgscoreError
+    from tasks.plan import new_run_id
+
+    console = console or Console()
+    if cfg.run.run_id is None:
+        cfg.run.run_id = new_run_id()
+    console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {cfg.model.arch} ({cfg.runner.type} runner) …")
+    flow_fn = score_images.with_options(task_runner=make_task_runner(cfg.runner))
+    with progress_for(console, enabled=not quiet):
+        state = flow_fn(cfg.to_dict(), return_state=True)
+    if state.is_completed():
+        summary = state.result()
+        _print_summary(summary, console)
+        return 0, summary
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, ErrorBudgetExceeded):
+        _print_summary(exc.summary, console)
+        print(f"imgscore: {exc}", file=sys.stderr)
+        return 1, exc.summary
+    if isinstance(exc, ImgscoreError):
+        return _fail(str(exc), exc.exit_code), {}
+    return _fail(f"run {cfg.run.run_id} failed: {type(exc).__name__}: {exc}", 1), {}
+
+
+def cmd_run(args) -> int:
+    from tasks.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _preflight(cfg)
+    code, _ = execute(cfg, quiet=args.quiet)
+    return code
+
+
+def cmd_demo(args) -> int:
+    from rich.console import Console
+
+    from tasks.config import load_config
+    from tasks.demo import build_digits_folder, train_demo_model
+    from tasks.evaluate import accuracy_of_run
+
+    console = Console()
+    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    demo_dir = Path(cfg.model.checkpoint).parent
+    console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
+    _, held = build_digits_folder(demo_dir / "digits")
+    if not Path(cfg.model.checkpoint).exists():
+        console.print("training resnet18 on the digits (CPU, cached for next time) …")
+    train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)
+    _preflight(cfg)
+    code, summary = execute(cfg, quiet=args.quiet, console=console)
+    if not summary:
+        return code
+    acc = accuracy_of_run(cfg.output.root, summary["run_id"])
+    console.print(f"[bold]accuracy vs folder labels: {acc['accuracy']:.4f}[/] ({acc['correct']}/{acc['labelled']} held-out digits)")
+    console.print(f"read it back: duckdb -c \"SELECT pred_label, count(*) FROM read_parquet('{cfg.output.root}/predictions/**/*.parquet', hive_partitioning=true) GROUP BY 1\"", soft_wrap=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _env.apply(verbose=args.verbose)
+    ours = logging.getLogger("imgscore")
+    if not ours.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(h)
+    ours.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from tasks.errors import ImgscoreError
+
+    handlers = {"run": cmd_run, "demo": cmd_demo}
+    for name, mod in (("rerun", "flows.rerun"), ("report", "flows.report_cli"), ("serve", "flows.serve")):
+        try:
+            handlers[name] = __import__(mod, fromlist=["main"]).main
+        except ImportError:
+            pass
+    handler = handlers.get(args.command)
+    if handler is None:
+        return _fail(f"'imgscore {args.command}' is not available in this version", 2)
+    try:
+        return handler(args)
+    except ImgscoreError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finish the run with `imgscore rerun RUN_ID`", 130)
+
+
+def entrypoint() -> None:
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: Prefect's temporary server and event threads print
+    # CancelledError tracebacks while Python shuts down (CASES.md, Orchestration). Our files
+    # are all closed and renamed into place by now.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,180 @@
+"""The scoring flow: scan → plan → score shards on the task runner → finish.
+
+The flow reads like a table of contents; the work is in ``tasks/``. Tasks pass references
+(shard refs, config sections, counts), never images, tensors or models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import task_run
+
+from tasks import manifest as mf
+from tasks.config import Config
+from tasks.device import resolve_device
+from tasks.errors import ErrorBudgetExceeded
+from tasks.model import load_model
+from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, make_table, part_dir, part_name, write_table_atomic
+from tasks.plan import RunPlan, plan_run
+from tasks.scan import scan_images
+from tasks.score import ShardRef, read_shard_entries, score_shard
+
+# Called with (manifest, shard_result) each time a shard finishes: the CLI's progress bar.
+PROGRESS_HOOKS: list[Callable[[dict, dict], None]] = []
+
+
+def workers_on_host(cfg: Config) -> int:
+    """How many scoring processes share this machine's cores (for torch thread counts)."""
+    return cfg.runner.n_workers if cfg.runner.type == "dask" and not cfg.runner.address else 1
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(cfg: Config) -> RunPlan:
+    """Scan input.root, check the model loads, cut shards, write index and manifest."""
+    t0 = time.perf_counter()
+    index = scan_images(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
+    t_scan = time.perf_counter() - t0
+    device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
+    lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
+    return plan_run(cfg, index, lm.info(), timings={"scan_s": round(t_scan, 3)})
+
+
+@task(name="score_shard", cache_policy=NO_CACHE)
+def score_shard_task(ref: ShardRef, cfg: Config, n_on_host: int, metadata: dict) -> dict:
+    """One shard on this worker's device; see ``tasks.score.score_shard``."""
+    return score_shard(
+        ref,
+        cfg.input,
+        cfg.model,
+        cfg.preprocess,
+        cfg.inference,
+        cfg.output,
+        attempt=int(task_run.run_count or 1),
+        workers_on_host=n_on_host,
+        metadata=metadata,
+    )
+
+
+def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> dict:
+    """A shard that could not run after its retries: one errors row per image, state ``failed``."""
+    entries = read_shard_entries(plan.run_dir, ref.shard_id)
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "run_id": ref.run_id,
+            "image_path": e.image_path,
+            "shard_id": ref.shard_id,
+            "batch_id": None,
+            "stage": "inference",
+            "error_type": "ShardFailed",
+            "message": reason[:2000],
+            "attempt": attempts,
+            "occurred_at": now,
+            "worker": None,
+        }
+        for e in entries
+    ]
+    out = cfg.output.root
+    write_table_atomic(make_table([], PREDICTIONS_SCHEMA), part_dir(out, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id))
+    err = write_table_atomic(make_table(rows, ERRORS_SCHEMA), part_dir(out, "errors", ref.run_date, ref.run_id) / part_name(ref.shard_id))
+    return {
+        "shard_id": ref.shard_id,
+        "state": "failed",
+        "scored": 0,
+        "failed": len(entries),
+        "failed_images": [e.image_path for e in entries],
+        "attempt": attempts,
+        "files": [str(err)],
+        "reason": reason,
+    }
+
+
+def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
+    """Submit one task run per shard and fold results into the manifest as they finish."""
+    logger = get_run_logger()
+    shard_task = score_shard_task.with_options(retries=cfg.run.shard_retries, retry_delay_seconds=1)
+    n_on_host = workers_on_host(cfg)
+    meta = {"config": cfg.to_dict()}
+    futures = {shard_task.submit(ref, cfg, n_on_host, meta): ref for ref in plan.shards}
+    results = []
+    for fut in as_completed(list(futures)):
+        ref = futures[fut]
+        try:
+            result = fut.result()
+        except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
+            result = record_failed_shard(plan, cfg, ref, reason, cfg.run.shard_retries + 1)
+        mf.record_shard(plan.manifest, plan.run_dir, result)
+        for hook in PROGRESS_HOOKS:
+            hook(plan.manifest, result)
+        results.append(result)
+    return results
+
+
+def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
+    """Final counts, status and timings into the manifest; the summary the CLI prints.
+
+    Raises:
+        ErrorBudgetExceeded: failed/scanned > ``max_error_rate`` or a shard failed; everything
+            that could be scored is already written.
+    """
+    m = mf.recount(plan.manifest)
+    c = m["counts"]
+    devices = sorted({s.get("device") for s in m["shards"] if s.get("device")})
+    workers = sorted({s.get("worker") for s in m["shards"] if s.get("worker")})
+    score_s = sum(s.get("seconds") or 0 for s in m["shards"])
+    rate = c["failed"] / c["scanned"] if c["scanned"] else 0.0
+    failed_shards = [s["shard_id"] for s in m["shards"] if s["state"] == "failed"]
+    over = rate > max_error_rate or bool(failed_shards)
+    m["status"] = "failed" if over else ("partial" if c["failed"] else "complete")
+    m["timings"].update(
+        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3), "images_per_s": round(c["scored"] / wall_s, 2) if wall_s else None}
+    )
+    mf.save(m, plan.run_dir)
+    summary = {
+        "run_id": plan.run_id,
+        "status": m["status"],
+        **{k: c[k] for k in ("scanned", "scored", "failed", "skipped", "already_scored")},
+        "error_rate": round(rate, 6),
+        "max_error_rate": max_error_rate,
+        "failed_shards": failed_shards,
+        "images_per_s": m["timings"]["images_per_s"],
+        "wall_s": round(wall_s, 2),
+        "devices": devices,
+        "workers": workers,
+        "manifest": str(plan.run_dir / "manifest.json"),
+        **m["outputs"],
+    }
+    if over:
+        why = f"{len(failed_shards)} shard(s) failed" if failed_shards else f"error rate {rate:.2%} > run.max_error_rate {max_error_rate:.2%}"
+        raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m['outputs']['errors']}", summary)
+    return summary
+
+
+@flow(name="score-images", log_prints=False)
+def score_images(config: dict) -> dict:
+    """Score every image under ``config['input']['root']`` and write Parquet part files.
+
+    Args:
+        config: a resolved config (``Config.to_dict()``), e.g. from ``configs/nightly.yaml``.
+
+    Returns:
+        The run summary (run_id, counts, throughput, output folders).
+
+    Raises:
+        ErrorBudgetExceeded: over ``run.max_error_rate`` or a shard failed (flow run Failed).
+        UsageError: bad config, input root or model (nothing is scored).
+    """
+    t0 = time.perf_counter()
+    cfg = Config.model_validate(config)
+    plan = plan_task(cfg)
+    score_all(plan, cfg)
+    return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0)

@@ -1,0 +1,261 @@
+"""Typed configuration: YAML → ``yaml.safe_load`` → dotted ``--set`` overrides → pydantic.
+
+Every section forbids unknown keys, so a typo (``model.arc``) is refused with the valid names
+instead of being ignored. Functions elsewhere receive only the section they use.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+# Pillow's default decompression-bomb limit (about 89.5 megapixels). Read once; never changed.
+PILLOW_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 178956970 // 2)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True)
+
+
+class InputConfig(_Section):
+    """What to score and how to read it."""
+
+    root: Path | None = Field(None, description="folder to score: ImageFolder layout or flat")
+    layout: Literal["auto", "imagefolder", "flat"] = Field(
+        "auto",
+        description="auto: class subfolders and no top-level images → imagefolder, else flat",
+    )
+    follow_symlinks: bool = Field(True, description="follow symlinked files and folders (cycles are cut)")
+    exif_orientation: bool = Field(True, description="apply the EXIF orientation tag before scoring")
+    max_pixels: int = Field(
+        PILLOW_MAX_PIXELS,
+        gt=0,
+        description="images declaring more pixels are recorded as errors before decoding "
+        "(default: Pillow's MAX_IMAGE_PIXELS; Pillow's own hard stop at twice its limit still applies)",
+    )
+
+
+class ModelConfig(_Section):
+    """Which network and weights; see ``tasks.model.load_model``."""
+
+    arch: str = Field("resnet50", description="torchvision.models builder name")
+    checkpoint: Path | None = Field(None, description="state_dict, training checkpoint dict, or TorchScript")
+    weights: str | None = Field(None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) from the local hub cache")
+    classes: Path | list[str] | None = Field(None, description="file with one class name a line, or a list")
+    num_classes: int | None = Field(None, gt=0, description="head size; inferred from the checkpoint when unset")
+    trust_checkpoint: bool = Field(
+        False, description="allow whole pickled modules (unpickling runs code from the file)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.checkpoint is not None and self.weights is not None:
+            raise ValueError(
+                f"model.checkpoint ({self.checkpoint}) and model.weights ({self.weights}) are both set; "
+                "set only one"
+            )
+        return self
+
+
+class PreprocessConfig(_Section):
+    """Eval transform. Unset fields come from the torchvision weights' ``transforms()``, else from
+    torchvision's classification reference recipe (resize 256, crop 224, ImageNet mean/std)."""
+
+    resize: int | None = Field(None, gt=0, description="shorter side after resizing, pixels")
+    crop: int | None = Field(None, gt=0, description="center crop side, pixels")
+    mean: list[float] | None = Field(None, min_length=3, max_length=3)
+    std: list[float] | None = Field(None, min_length=3, max_length=3)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    background: tuple[int, int, int] = Field(
+        (255, 255, 255), description="RGB that transparent pixels are composited onto"
+    )
+    jpeg_draft: bool = Field(
+        True,
+        description="let libjpeg downscale in the DCT domain when the source is at least twice "
+        "the resize target (much faster for photos; see benchmarks/NOTES.md)",
+    )
+    max_aspect_ratio: float = Field(
+        4.0,
+        ge=1.0,
+        description="longer/shorter side above this is center-cropped before resizing, so an "
+        "8000x8 strip cannot allocate a huge tensor; the final center crop is unaffected",
+    )
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError(f"preprocess.std must be positive, got {v}")
+        return v
+
+
+class InferenceConfig(_Section):
+    """How the forward pass runs on each worker."""
+
+    device: str = Field("auto", description="auto (cuda → mps → cpu), cpu, cuda, cuda:N, mps")
+    batch_size: int = Field(32, gt=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader decode worker processes per shard")
+    timeout_s: float = Field(
+        300.0, gt=0, description="DataLoader timeout per batch when num_workers > 0, seconds"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA; fp32 elsewhere unless bf16 is asked")
+    channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
+    num_threads: int | None = Field(None, gt=0, description="torch threads per worker; default: its share of the cores")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"inference.device {v!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+class RunConfig(_Section):
+    """How the run is cut and judged."""
+
+    shard_size: int = Field(1000, gt=0, description="images per shard (one task run each)")
+    max_error_rate: float = Field(0.01, ge=0.0, le=1.0, description="failed/scanned above this → exit 1")
+    shard_retries: int = Field(2, ge=0, description="Prefect task retries for a shard that cannot run")
+    skip_scored: bool = Field(False, description="skip images already scored under the same model and preprocessing")
+    skip_key: Literal["stat", "sha256"] = Field(
+        "stat", description="stat: relative path + size + mtime; sha256: content hash"
+    )
+    run_id: str | None = Field(None, description="default: UTC timestamp + random suffix")
+
+
+class RunnerConfig(_Section):
+    """Where shards run."""
+
+    type: Literal["thread", "dask"] = "thread"
+    n_workers: int = Field(1, gt=0, description="threads (thread) or worker processes (dask LocalCluster)")
+    threads_per_worker: int = Field(1, gt=0)
+    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+
+
+class OutputConfig(_Section):
+    """Where results go."""
+
+    root: Path = Field(Path("outputs"), description="holds predictions/, errors/ and runs/")
+    topk: int = Field(5, gt=0, description="how many classes topk_indices/topk_scores keep")
+
+
+class Config(_Section):
+    """The whole resolved configuration of a run."""
+
+    input: InputConfig = InputConfig()
+    model: ModelConfig = ModelConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    inference: InferenceConfig = InferenceConfig()
+    run: RunConfig = RunConfig()
+    runner: RunnerConfig = RunnerConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths as strings) — what flows receive and manifests record."""
+        return self.model_dump(mode="json")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=value"`` into (["a", "b"], parsed value).
+
+    The value is parsed as YAML, so ``8`` is an int, ``0.5`` a float, ``true`` a bool,
+    ``[1, 2]`` a list and ``null`` None; anything else stays the literal string.
+
+    Raises:
+        ConfigError: no ``=``, or an empty key.
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is not KEY=VALUE; example: --set input.root=/data/images")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"--set {item!r} has an empty key; example: --set run.shard_size=500")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if not isinstance(value, str | int | float | bool | list | dict | type(None)):
+        value = raw  # dates and other YAML types stay text
+    return parts, value
+
+
+def _section_fields(path: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "config"
+        if err["type"] == "extra_forbidden":
+            valid = _section_fields(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
+            lines.append(f"unknown config key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            lines.append(f"config {dotted}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate a raw dict plus ``--set`` overrides into a :class:`Config`.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid one), wrong type, or bad override syntax.
+    """
+    data: dict[str, Any] = _deepcopy(raw or {})
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file (optional) and apply ``--set`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or not a YAML mapping, or validation fails.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config configs/nightly.yaml or omit it")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    return build_config(raw, overrides)
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v) for k, v in d.items()}

@@ -1,0 +1,128 @@
+"""The embedded default: real handwritten digits, a real torchvision model trained here.
+
+``build_digits_folder`` writes the 1,797 digit scans that ship inside scikit-learn (UCI
+optical recognition of handwritten digits, 8×8, 16 grey levels) as upscaled PNGs in ImageFolder
+layout, split into ``train/`` and a stratified held-out ``heldout/`` (25 %).
+``train_demo_model`` trains torchvision's ``resnet18`` (10 classes) on ``train/`` on the CPU
+with the same decode and eval transform the scorer uses, and saves it the way a training script
+does: a checkpoint dict with ``model``, ``optimizer``, ``epoch``, an argparse ``args`` namespace,
+a numpy ``best_acc1`` and the ``classes``. Both are cached under ``outputs/demo/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+
+CLASSES = [str(d) for d in range(10)]
+IMAGE_SIZE = 64  # pixels; the 8×8 scans are upscaled with bicubic interpolation
+# Eval transform of the demo model (also written to configs/demo.yaml): no resize change, no crop loss.
+DEMO_SPEC = PreprocessSpec(resize=IMAGE_SIZE, crop=IMAGE_SIZE)
+
+
+def build_digits_folder(root: str | Path, test_fraction: float = 0.25, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``root/train/<digit>/*.png`` and ``root/heldout/<digit>/*.png`` once; return both folders.
+
+    Raises:
+        ImportError: scikit-learn is missing (install the ``dev`` extra: ``pip install -e .[dev]``).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    root = Path(root)
+    train, held = root / "train", root / "heldout"
+    if (root / ".complete").exists():
+        return train, held
+    tmp = root.parent / f".{root.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    idx = np.arange(len(images))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=digits.target)
+    for split, ids in (("train", tr), ("heldout", te)):
+        for i in sorted(ids):
+            d = tmp / split / CLASSES[digits.target[i]]
+            d.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray(images[i], mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+            img.save(d / f"digit_{i:04d}.png")
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+    (root / ".complete").write_text(json.dumps({"train": len(tr), "heldout": len(te), "seed": seed}))
+    return train, held
+
+
+def _load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    tf = build_transform(DEMO_SPEC)
+    opts = DecodeOptions(max_pixels=10**8)
+    xs, ys = [], []
+    for label, cls in enumerate(CLASSES):
+        for p in sorted((folder / cls).glob("*.png")):
+            xs.append(tf(decode_image(str(p), DEMO_SPEC, opts)))
+            ys.append(label)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int = 6, seed: int = 0, log=print) -> Path:
+    """Train resnet18 on ``train_dir`` (CPU, about a minute on 2 cores) and save a checkpoint dict.
+
+    Recipe: SGD, momentum 0.9, lr 0.05 with cosine decay, batch 64, weight decay 5e-4,
+    random ±4 px shifts as augmentation. Returns ``checkpoint``; reuses it if it exists.
+    """
+    import torchvision
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.exists():
+        return checkpoint
+    torch.manual_seed(seed)
+    x, y = _load_folder(Path(train_dir))
+    model = torchvision.models.get_model("resnet18", num_classes=len(CLASSES))
+    model = model.to(memory_format=torch.channels_last)
+    args = argparse.Namespace(arch="resnet18", epochs=epochs, lr=0.05, batch_size=64, momentum=0.9, weight_decay=5e-4, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    steps = epochs * ((len(x) + args.batch_size - 1) // args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x), generator=g)
+        correct = 0
+        for i in range(0, len(x), args.batch_size):
+            b = perm[i : i + args.batch_size]
+            xb = x[b]
+            dx, dy = torch.randint(-4, 5, (2,), generator=g).tolist()
+            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3)).contiguous(memory_format=torch.channels_last)
+            out = model(xb)
+            loss = torch.nn.functional.cross_entropy(out, y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += int((out.argmax(1) == y[b]).sum())
+        log(f"  epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, train accuracy {correct / len(x):.3f} ({time.perf_counter() - t0:.0f} s)")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.parent / f".{checkpoint.name}.{os.getpid()}.tmp"
+    torch.save(
+        {
+            "epoch": epochs,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "args": args,
+            "best_acc1": np.float64(correct / len(x)),
+            "classes": CLASSES,
+        },
+        tmp,
+    )
+    tmp.replace(checkpoint)
+    return checkpoint

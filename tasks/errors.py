@@ -1,0 +1,43 @@
+"""Exceptions that mean "refuse before scoring" (CLI exit 2) versus "the run went wrong" (exit 1).
+
+Every message names the bad value and the fix, so the CLI can print ``str(exc)`` as one line
+with no traceback.
+"""
+
+from __future__ import annotations
+
+
+class ImgscoreError(Exception):
+    """Base class for the errors imgscore raises on purpose. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UsageError(ImgscoreError):
+    """Bad usage, config, input root or model: refused before any scoring (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config file or a ``--set`` override is invalid."""
+
+
+class InputError(UsageError):
+    """``input.root`` is missing, not a folder, or holds no images."""
+
+
+class ModelError(UsageError):
+    """The model cannot be built or its checkpoint cannot be loaded."""
+
+
+class ErrorBudgetExceeded(ImgscoreError):
+    """The run finished, but more images failed than ``run.max_error_rate`` allows (exit 1)."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary or {}
+
+
+class RunLockedError(UsageError):
+    """Another process holds the run's lock (a rerun of the same run is already going)."""

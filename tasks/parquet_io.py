@@ -1,0 +1,121 @@
+"""The analytics contract: one explicit pyarrow schema per table, atomic part files.
+
+Layout (hive partitioning, readable by pyarrow.dataset, DuckDB, pandas, Spark, polars)::
+
+    OUT/predictions/run_date=YYYY-MM-DD/run_id=RUN/part-SSSSS.parquet
+    OUT/errors/run_date=YYYY-MM-DD/run_id=RUN/part-SSSSS.parquet
+
+Part files are written to a temp name starting with ``.`` in the same folder and renamed into
+place, so readers (which skip ``.``/``_`` files) never see half a file, and a rewrite of the same
+shard replaces its file instead of adding one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("label_name", pa.string()),
+        pa.field("pred_index", pa.int32(), nullable=False),
+        pa.field("pred_label", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("topk_indices", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_scores", pa.list_(pa.float32()), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("worker", pa.string(), nullable=False),
+        pa.field("shard_id", pa.int32(), nullable=False),
+        pa.field("batch_id", pa.int32(), nullable=False),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("file_size", pa.int64()),  # bytes, for incremental runs
+        pa.field("file_mtime_ns", pa.int64()),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_path", pa.string()),  # null for a whole-batch failure
+        pa.field("shard_id", pa.int32(), nullable=False),
+        pa.field("batch_id", pa.int32()),  # null when the failure is outside any batch
+        pa.field("stage", pa.string(), nullable=False),  # scan, decode, preprocess, inference, write
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        pa.field("occurred_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("worker", pa.string()),
+    ]
+)
+
+STAGES = ("scan", "decode", "preprocess", "inference", "write")
+
+
+def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Path:
+    """``OUT/<table>/run_date=…/run_id=…`` for ``table`` in {predictions, errors}."""
+    return Path(out_root) / table / f"run_date={run_date}" / f"run_id={run_id}"
+
+
+def part_name(shard_id: int) -> str:
+    return f"part-{shard_id:05d}.parquet"
+
+
+def make_table(rows: list[dict], schema: pa.Schema, metadata: dict[str, str] | None = None) -> pa.Table:
+    """Rows → Table with exactly ``schema`` (a missing column fails loudly; no type inference).
+
+    ``metadata`` (str → str, JSON for structured values) goes into the schema metadata.
+    """
+    missing = [f.name for f in schema if rows and f.name not in rows[0] and not f.nullable]
+    if missing:
+        raise KeyError(f"rows lack required columns {missing}")
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if metadata:
+        table = table.replace_schema_metadata({**(schema.metadata or {}), **metadata})
+    return table
+
+
+def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
+    """Write ``table`` as zstd Parquet to ``path`` via a ``.``-prefixed temp file and rename.
+
+    Returns the final path. The rename is atomic on POSIX file systems; a killed writer leaves
+    only a hidden temp file that readers skip and :func:`clean_temp_files` removes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(obj, path: str | Path) -> Path:
+    """JSON with the same temp-then-rename guarantee as part files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def clean_temp_files(folder: str | Path) -> int:
+    """Delete leftover ``.*.tmp`` files under ``folder`` (from killed writers); return how many."""
+    n = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        try:
+            p.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
