@@ -1,0 +1,129 @@
+"""Shared fixtures: real photos (scikit-image), small ImageFolder trees, tiny models, Prefect.
+
+No network: images come from the photos shipped inside scikit-image's wheel, models are built
+with random seeded weights (mobilenet_v3_small: 1.5 M parameters, fast on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
+
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel", "cat")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    """Real RGB photos from scikit-image, by name (PIL images, 300–1000 px)."""
+    import skimage.data as data
+
+    return {n: Image.fromarray(getattr(data, n)()).convert("RGB") for n in PHOTO_NAMES}
+
+
+def make_variants(img: Image.Image, n: int, size: int = 96) -> list[Image.Image]:
+    """``n`` distinct images from one photo: different crops, flips and sizes (RGB, about ``size`` px)."""
+    out = []
+    w, h = img.size
+    for i in range(n):
+        f = 0.6 + 0.4 * ((i * 37) % 10) / 10
+        cw, ch = int(w * f), int(h * f)
+        left, top = ((i * 53) % max(1, w - cw + 1)), ((i * 29) % max(1, h - ch + 1))
+        v = img.crop((left, top, left + cw, top + ch)).resize((size + 8 * (i % 3), size), Image.Resampling.BILINEAR)
+        if i % 2:
+            v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(v)
+    return out
+
+
+def make_image_folder(root: Path, photos: dict[str, Image.Image], per_class: int = 4, classes=("chelsea", "coffee", "rocket")) -> Path:
+    """ImageFolder tree ``root/<class>/<class>_<i>.jpg|png`` from real photos; returns root."""
+    for cls in classes:
+        d = root / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i, v in enumerate(make_variants(photos[cls], per_class)):
+            v.save(d / f"{cls}_{i}.{'png' if i % 2 else 'jpg'}", quality=92)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path, photos) -> Path:
+    """A 3-class ImageFolder of 12 real-photo images (JPEG and PNG)."""
+    return make_image_folder(tmp_path / "images", photos)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> torch.nn.Module:
+    """mobilenet_v3_small with 3 classes, seeded random weights, eval mode."""
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model, tmp_path_factory) -> Path:
+    """A plain state_dict of :func:`tiny_model` on disk."""
+    p = tmp_path_factory.mktemp("ckpt") / "tiny_state_dict.pt"
+    torch.save(tiny_model.state_dict(), p)
+    return p
+
+
+def save_as_if_cuda(obj, path: Path) -> None:
+    """``torch.save`` with every storage tagged ``cuda:0``, as if saved on a GPU machine.
+
+    Loading such a file without ``map_location`` on a CPU-only machine fails with "Attempting
+    to deserialize object on a CUDA device" — the field case we must handle.
+    """
+    import torch.serialization as ser
+
+    entry = (0, lambda storage: "cuda:0", lambda storage, location: None)
+    ser._package_registry.insert(0, entry)
+    try:
+        torch.save(obj, path)
+    finally:
+        ser._package_registry.remove(entry)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (SQLite, temporary) for every flow test in the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def base_overrides(root: Path, ckpt: Path, out: Path, arch: str = "mobilenet_v3_small", **extra) -> list[str]:
+    """``--set`` overrides for a small CPU run."""
+    items = {
+        "input.root": str(root),
+        "model.arch": arch,
+        "model.checkpoint": str(ckpt),
+        "output.root": str(out),
+        "inference.device": "cpu",
+        "inference.batch_size": 4,
+        "run.shard_size": 5,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
