@@ -199,7 +199,8 @@ def _torch_load(path: Path, trust: bool):
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception:
             names = []
-        what = ", ".join(names[:5]) if names else str(exc).splitlines()[0][:200]
+        names = sorted(names, key=lambda n: (n.startswith(("torch.", "collections.", "builtins.")), n))
+        what = ", ".join(names[:5]) + (", …" if len(names) > 5 else "") if names else str(exc).splitlines()[0][:200]
         raise ModelError(
             f"model.checkpoint {str(path)!r} holds pickled Python objects ({what}); loading it runs code "
             "from the file. Set model.trust_checkpoint=true if you trust this file, or re-save it as "
@@ -315,12 +316,9 @@ def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
         elif isinstance(obj, dict):
             sd = strip_prefixes(obj)
             n = _head_size(cfg.arch, sd)
-            if n is None:
-                raise ModelError(
-                    f"model.checkpoint {str(path)!r}: no classifier head of {cfg.arch} found among its keys; "
-                    "check model.arch"
-                )
-            if cfg.num_classes is not None and cfg.num_classes != n:
+            if n is None:  # keys of another arch: the strict load below lists what differs
+                n = cfg.num_classes or 1000
+            elif cfg.num_classes is not None and cfg.num_classes != n:
                 raise ModelError(f"model.num_classes={cfg.num_classes} but the checkpoint's head has {n} classes")
             module = torchvision.models.get_model(cfg.arch, num_classes=n)
             _load_state_dict_strict(module, sd, f"model.checkpoint {str(path)!r}")

@@ -1,0 +1,172 @@
+"""Every checkpoint form a team actually has loads to the same function, or is refused clearly."""
+
+import argparse
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from tasks.config import ModelConfig, PreprocessConfig
+from tasks.errors import ModelError
+from tasks.model import load_model, strip_prefixes
+from tests.conftest import save_as_if_cuda
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def x():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def ref_logits(tiny_model, x):
+    with torch.inference_mode():
+        return tiny_model(x)
+
+
+def _load(path, **kw):
+    return load_model(ModelConfig(arch=kw.pop("arch", "mobilenet_v3_small"), checkpoint=path, **kw), PreprocessConfig(), CPU)
+
+
+def _logits(lm, x):
+    with torch.inference_mode():
+        return lm.module(x.contiguous(memory_format=torch.channels_last))
+
+
+def _prefixed(sd, prefix):
+    return OrderedDict((prefix + k, v) for k, v in sd.items())
+
+
+def _training_ckpt(sd, key):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
+    return {
+        "epoch": 90,
+        key: sd,
+        "optimizer": opt.state_dict(),
+        "args": argparse.Namespace(arch="mobilenet_v3_small", lr=0.1, epochs=90),
+        "best_acc1": np.float64(0.913),
+        "step": np.int64(1234),
+    }
+
+
+FORMS = {
+    "state_dict": lambda sd: sd,
+    "dataparallel": lambda sd: _prefixed(sd, "module."),
+    "compiled": lambda sd: _prefixed(sd, "_orig_mod."),
+    "compiled_dataparallel": lambda sd: _prefixed(sd, "_orig_mod.module."),
+    "ckpt_model": lambda sd: _training_ckpt(sd, "model"),
+    "ckpt_state_dict": lambda sd: _training_ckpt(_prefixed(sd, "module."), "state_dict"),
+    "ckpt_model_state_dict": lambda sd: _training_ckpt(sd, "model_state_dict"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_checkpoint_forms_give_the_same_logits(form, tiny_model, x, ref_logits, tmp_path):
+    p = tmp_path / f"{form}.pt"
+    torch.save(FORMS[form](tiny_model.state_dict()), p)
+    lm = _load(p)
+    assert lm.num_classes == 3 and lm.classes == ["0", "1", "2"]
+    assert lm.source == ("training_checkpoint" if form.startswith("ckpt") else "state_dict")
+    assert len(lm.model_id) == 64
+    torch.testing.assert_close(_logits(lm, x), ref_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_torchscript_archive(tiny_model, x, ref_logits, tmp_path):
+    p = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(tiny_model, x[:1]), p)
+    lm = _load(p)
+    assert lm.source == "torchscript" and lm.num_classes == 3
+    with torch.inference_mode():
+        torch.testing.assert_close(lm.module(x), ref_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_saved_on_cuda_loads_on_cpu(tiny_model, x, ref_logits, tmp_path):
+    p = tmp_path / "gpu_saved.pt"
+    save_as_if_cuda(_training_ckpt(_prefixed(tiny_model.state_dict(), "module."), "model"), p)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            torch.load(p, weights_only=False)  # what a naive loader hits
+    lm = _load(p)
+    torch.testing.assert_close(_logits(lm, x), ref_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_pickled_module_refused_unless_trusted(tiny_model, x, ref_logits, tmp_path):
+    p = tmp_path / "whole_module.pt"
+    torch.save(tiny_model, p)
+    with pytest.raises(ModelError, match=r"pickled Python objects \(torchvision\.models\.mobilenetv3\.\w+.*model.trust_checkpoint=true"):
+        _load(p)
+    lm = _load(p, trust_checkpoint=True)
+    assert lm.source == "pickled_module"
+    torch.testing.assert_close(_logits(lm, x), ref_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_head_size_inferred_and_mismatch_named(tiny_model, tmp_path):
+    p = tmp_path / "sd.pt"
+    torch.save(tiny_model.state_dict(), p)
+    with pytest.raises(ModelError, match=r"model.num_classes=10 but the checkpoint's head has 3 classes"):
+        _load(p, num_classes=10)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    with pytest.raises(ModelError, match=r"model.classes has 2 names but the model has 3 outputs"):
+        _load(p, classes=classes)
+    classes.write_text("cat\ndog\nrocket\n")
+    assert _load(p, classes=classes).classes == ["cat", "dog", "rocket"]
+
+
+def test_checkpoint_classes_are_used(tiny_model, tmp_path):
+    p = tmp_path / "with_classes.pt"
+    torch.save({"model": tiny_model.state_dict(), "classes": ["a", "b", "c"]}, p)
+    assert _load(p).classes == ["a", "b", "c"]
+
+
+def test_wrong_arch_lists_missing_and_unexpected_keys(tiny_model, tmp_path):
+    p = tmp_path / "sd.pt"
+    torch.save(tiny_model.state_dict(), p)
+    with pytest.raises(ModelError, match=r"missing keys \(e.g\. .*unexpected keys"):
+        _load(p, arch="resnet18")
+
+
+def test_partial_state_dict_is_refused(tiny_model, tmp_path):
+    sd = dict(tiny_model.state_dict())
+    sd.pop(next(iter(sd)))
+    p = tmp_path / "partial.pt"
+    torch.save(sd, p)
+    with pytest.raises(ModelError, match=r"1 missing keys.*random weights"):
+        _load(p)
+
+
+def test_unknown_arch_suggests_close_names(tmp_path):
+    with pytest.raises(ModelError, match=r"unknown model.arch 'resnet5'; did you mean resnet50"):
+        _load(tmp_path / "x.pt", arch="resnet5")
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(ModelError, match=r"model.checkpoint '.*nope.pt' does not exist"):
+        _load(tmp_path / "nope.pt")
+
+
+def test_strip_prefixes_only_when_every_key_has_it():
+    sd = {"module.a": 1, "b": 2}
+    assert strip_prefixes(sd) == sd
+    assert strip_prefixes({"_orig_mod.module.a": 1, "_orig_mod.module.b": 2}) == {"a": 1, "b": 2}
+
+
+def test_torchvision_weights_from_local_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = ModelConfig(arch="mobilenet_v3_small", weights="IMAGENET1K_V1")
+    with pytest.raises(ModelError, match=r"not in the local torch hub cache: expected mobilenet_v3_small-\w+\.pth in .*checkpoints"):
+        load_model(cfg, PreprocessConfig(), CPU)
+    weights = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), folder / weights.url.rsplit("/", 1)[1])
+    lm = load_model(cfg, PreprocessConfig(), CPU)
+    assert lm.num_classes == 1000 and lm.classes[0] == "tench"
+    assert (lm.preprocess.resize, lm.preprocess.crop) == (256, 224)
+    assert lm.source == "torchvision_weights"
+    assert load_model(cfg, PreprocessConfig(), CPU) is lm  # cached: loaded once per process

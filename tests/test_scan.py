@@ -1,0 +1,70 @@
+"""Scan parity with torchvision's ImageFolder, plus the junk ImageFolder gets wrong."""
+
+import os
+
+import pytest
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from tasks.errors import InputError
+from tasks.scan import scan_images
+
+
+def _img(path, color=(200, 10, 10), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path, format=fmt)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "tree"
+    for cls, names in {"cat": ["b.jpg", "a.PNG", "nested/c.jpeg"], "dog": ["x.JPG", "y.bmp"], "zebra": ["z.webp"]}.items():
+        for n in names:
+            fmt = {"jpg": "JPEG", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "webp": "WEBP"}[n.rsplit(".", 1)[1].lower()]
+            _img(root / cls / n, fmt=fmt)
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_imagefolder_parity(tree):
+    ours = scan_images(tree)
+    ref = ImageFolder(str(tree))
+    assert ours.layout == "imagefolder"
+    assert ours.class_to_idx == ref.class_to_idx
+    assert [(os.path.join(str(tree), e.rel), e.label) for e in ours.entries] == ref.samples
+    assert [e.label_name for e in ours.entries] == [ref.classes[t] for _, t in ref.samples]
+    assert all(e.size > 0 and e.mtime_ns > 0 for e in ours.entries)
+
+
+def test_hidden_folders_and_junk_are_never_classes_or_images(tree):
+    _img(tree / ".ipynb_checkpoints" / "cat-checkpoint.jpg", fmt="JPEG")
+    _img(tree / "cat" / "._b.jpg", fmt="JPEG")
+    (tree / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tree / "__MACOSX").mkdir()
+    idx = scan_images(tree)
+    assert idx.classes == ["cat", "dog", "zebra"]
+    paths = [e.image_path for e in idx.entries]
+    assert not any("checkpoint" in p or "._" in p or "DS_Store" in p for p in paths)
+    # torchvision would have made a class of the hidden folder and shifted every label
+    assert ImageFolder(str(tree), allow_empty=True).classes[0] == ".ipynb_checkpoints"
+
+
+def test_flat_folder_has_null_labels(tmp_path):
+    for n in ["b.jpg", "a.png", "sub/c.jpg"]:
+        _img(tmp_path / n, fmt="PNG" if n.endswith("png") else "JPEG")
+    idx = scan_images(tmp_path)
+    assert idx.layout == "flat" and idx.classes == []
+    assert [e.image_path for e in idx.entries] == ["a.png", "b.jpg", "sub/c.jpg"]
+    assert all(e.label is None and e.label_name is None for e in idx.entries)
+
+
+def test_order_is_deterministic(tree):
+    assert [e.rel for e in scan_images(tree).entries] == [e.rel for e in scan_images(tree).entries]
+
+
+def test_missing_root_and_empty_root(tmp_path):
+    with pytest.raises(InputError, match=r"input.root '.*nope' does not exist"):
+        scan_images(tmp_path / "nope")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(InputError, match="holds no image files"):
+        scan_images(tmp_path / "empty")
