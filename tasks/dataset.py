@@ -30,9 +30,14 @@ class Sample:
 
 @dataclass
 class Failure:
-    """An image that could not be prepared; ``stage`` is scan, decode or preprocess."""
+    """An image that could not be prepared; ``stage`` is scan, decode or preprocess.
+
+    ``image_path`` (the entry's display path) travels with the record, so the errors row names
+    the file even when the failure was built in a DataLoader worker process.
+    """
 
     pos: int
+    image_path: str
     stage: str
     error_type: str
     message: str
@@ -79,21 +84,21 @@ class ShardDataset(Dataset):
     def __getitem__(self, pos: int) -> Sample | Failure:
         entry = self.entries[pos]
         if entry.scan_error:
-            return Failure(pos, "scan", "ScanError", entry.scan_error)
+            return Failure(pos, entry.image_path, "scan", "ScanError", entry.scan_error)
         warned: list[str] = []
         path = os.path.join(self.root, entry.rel)
         try:
             img = decode_image(path, self.spec, self.opts, warned)
         except DecodeError as exc:
-            return Failure(pos, "decode", f"DecodeError.{exc.kind}", str(exc), warned)
+            return Failure(pos, entry.image_path, "decode", f"DecodeError.{exc.kind}", str(exc), warned)
         except Exception as exc:  # anything else Pillow raises for a hostile file: recorded, not raised
-            return Failure(pos, "decode", type(exc).__name__, str(exc) or repr(exc), warned)
+            return Failure(pos, entry.image_path, "decode", type(exc).__name__, str(exc) or repr(exc), warned)
         try:
             if self._transform is None:
                 self._transform = build_transform(self.spec)
             tensor = self._transform(img)
         except Exception as exc:
-            return Failure(pos, "preprocess", type(exc).__name__, str(exc) or repr(exc), warned)
+            return Failure(pos, entry.image_path, "preprocess", type(exc).__name__, str(exc) or repr(exc), warned)
         return Sample(pos, tensor, warned)
 
 
