@@ -86,6 +86,8 @@ def _print_summary(summary: dict, console) -> None:
     t.add_row("predictions", summary.get("predictions", ""))
     t.add_row("errors", summary.get("errors", ""))
     t.add_row("manifest", summary.get("manifest", ""))
+    if summary.get("report"):
+        t.add_row("report", summary["report"])
     console.print(t)
 
 

@@ -16,12 +16,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
 
+from flows.artifacts import RunProgressArtifact, publish_run_report
 from tasks import manifest as mf
 from tasks.config import Config
 from tasks.device import resolve_device
 from tasks.errors import ErrorBudgetExceeded
 from tasks.model import load_model
-from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, make_table, part_dir, part_name, write_table_atomic
+from tasks.parquet_io import (
+    ERRORS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    file_metadata,
+    make_table,
+    part_dir,
+    part_name,
+    write_table_atomic,
+)
 from tasks.plan import RunPlan, plan_run
 from tasks.scan import scan_images
 from tasks.score import ShardRef, read_shard_entries, score_shard
@@ -82,8 +91,9 @@ def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, 
         for e in entries
     ]
     out = cfg.output.root
-    write_table_atomic(make_table([], PREDICTIONS_SCHEMA), part_dir(out, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id))
-    err = write_table_atomic(make_table(rows, ERRORS_SCHEMA), part_dir(out, "errors", ref.run_date, ref.run_id) / part_name(ref.shard_id))
+    meta = file_metadata(plan.manifest["model"], ref.run_id, {"config": cfg.to_dict()})  # same as score_shard's
+    write_table_atomic(make_table([], PREDICTIONS_SCHEMA, meta), part_dir(out, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id))
+    err = write_table_atomic(make_table(rows, ERRORS_SCHEMA, meta), part_dir(out, "errors", ref.run_date, ref.run_id) / part_name(ref.shard_id))
     return {
         "shard_id": ref.shard_id,
         "state": "failed",
@@ -103,6 +113,7 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
     n_on_host = workers_on_host(cfg)
     meta = {"config": cfg.to_dict()}
     futures = {shard_task.submit(ref, cfg, n_on_host, meta): ref for ref in plan.shards}
+    progress = RunProgressArtifact.start(plan.manifest)  # Prefect UI: percent of images done
     results = []
     for fut in as_completed(list(futures)):
         ref = futures[fut]
@@ -115,6 +126,7 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
         mf.record_shard(plan.manifest, plan.run_dir, result)
         for hook in PROGRESS_HOOKS:
             hook(plan.manifest, result)
+        progress.update(plan.manifest)
         results.append(result)
     return results
 
@@ -153,6 +165,8 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
         "manifest": str(plan.run_dir / "manifest.json"),
         **m["outputs"],
     }
+    # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
+    summary["report"] = publish_run_report(plan.manifest["config"]["output"]["root"], plan.run_id)
     if over:
         why = f"{len(failed_shards)} shard(s) failed" if failed_shards else f"error rate {rate:.2%} > run.max_error_rate {max_error_rate:.2%}"
         raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m['outputs']['errors']}", summary)

@@ -12,6 +12,8 @@ shard replaces its file instead of adding one.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -66,6 +68,59 @@ def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Pa
 
 def part_name(shard_id: int) -> str:
     return f"part-{shard_id:05d}.parquet"
+
+
+METADATA_KEY = "imgscore"  # schema-level metadata key on every part file; the value is JSON
+
+
+def config_hash(config: dict | None) -> str | None:
+    """sha256 hex of the resolved config as canonical JSON, ignoring ``run.run_id``.
+
+    Two runs with the same settings (model, preprocessing, input, output, ...) get the same
+    hash, so analysts can group runs by "same setup" without diffing configs.
+    """
+    if config is None:
+        return None
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    if isinstance(cfg.get("run"), dict):
+        cfg["run"].pop("run_id", None)
+    blob = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def file_metadata(model_info: dict, run_id: str, extra: dict | None = None) -> dict[str, str]:
+    """Schema-level metadata for a run's part files: ``{"imgscore": JSON}``.
+
+    The JSON holds ``extra`` (the flow passes ``{"config": resolved config}``) plus ``run_id``,
+    ``model`` (``LoadedModel.info()``) and, flat for easy querying, ``arch``, ``model_id``,
+    ``classes``, ``preprocess``, ``torch``, ``torchvision``, ``imgscore_version`` (package versions) and
+    ``config_hash`` (:func:`config_hash`). Keys are sorted and nothing time-dependent is included,
+    so every part file of a run (predictions, errors, empty or not) carries identical metadata.
+    Read it back with ``json.loads(pq.read_schema(path).metadata[b"imgscore"])``.
+    """
+    extra = dict(extra or {})
+    payload = {
+        **extra,
+        "format_version": 1,
+        "run_id": run_id,
+        "model": model_info,
+        "arch": model_info.get("arch"),
+        "model_id": model_info.get("model_id"),
+        "classes": model_info.get("classes"),
+        "preprocess": model_info.get("preprocess"),
+        "torch": _version("torch"),
+        "torchvision": _version("torchvision"),
+        "imgscore_version": _version("imgscore"),
+        "config_hash": config_hash(extra.get("config")),
+    }
+    return {METADATA_KEY: json.dumps(payload, sort_keys=True, default=str)}
 
 
 def make_table(rows: list[dict], schema: pa.Schema, metadata: dict[str, str] | None = None) -> pa.Table:

@@ -9,7 +9,6 @@ counts.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from tasks.model import LoadedModel, load_model
 from tasks.parquet_io import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
+    file_metadata,
     make_table,
     part_dir,
     part_name,
@@ -262,7 +262,7 @@ def score_shard(
         # the shard cannot be trusted as a whole; nothing is committed and Prefect retries it.
         raise ShardError(f"shard {ref.shard_id}: DataLoader failed: {exc}") from exc
 
-    meta = {"imgscore": json.dumps({**(metadata or {}), "model": lm.info(), "run_id": ref.run_id})}
+    meta = file_metadata(lm.info(), ref.run_id, metadata)
     pred_file = write_table_atomic(
         make_table(preds, PREDICTIONS_SCHEMA, meta),
         part_dir(out_cfg.root, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id),

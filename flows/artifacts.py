@@ -1,0 +1,138 @@
+"""What a run leaves for people at its end: report.html and Prefect artifacts.
+
+Called from the flow's finish step. Nothing here may fail a run: a report or artifact that
+cannot be written is logged as a warning (with the reason) and the run's status stands.
+
+Artifact keys are stable per flow (``tasks.report.artifact_key``), so Prefect's Artifacts page
+shows each one's history night over night:
+
+- ``<flow>-summary``: table artifact, one row of counts for the run;
+- ``<flow>-report``: markdown artifact, per-class table, error summary, the report's path;
+- ``<flow>-progress``: progress artifact (percent of images done), updated as shards finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tasks import report as rp
+
+DEFAULT_FLOW = "score-images"
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow or task run (plain function call, tests)
+        return logging.getLogger("imgscore")
+
+
+def _flow_name(default: str = DEFAULT_FLOW) -> str:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.flow_name or default
+    except Exception:
+        return default
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def publish_run_report(out_root: str | Path, run_id: str, flow_name: str | None = None, artifacts: bool = True) -> str | None:
+    """Write ``runs/RUN_ID/report.html`` and, inside a flow run, the summary and markdown artifacts.
+
+    Returns:
+        The report's path as a string, or None when it could not be written (logged as a
+        warning; never raises).
+    """
+    log = _logger()
+    flow_name = flow_name or _flow_name()
+    try:
+        report = rp.build_report(out_root, run_id)
+    except Exception as exc:
+        log.warning("run report for %s not written: %s: %s", run_id, type(exc).__name__, exc, exc_info=True)
+        return None
+    path: str | None = None
+    try:
+        path = str(rp.write_html_report(report, out_root))
+    except Exception as exc:
+        log.warning("report.html for %s not written: %s: %s", run_id, type(exc).__name__, exc, exc_info=True)
+    if artifacts and _in_run():
+        try:
+            from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+            create_table_artifact(
+                rp.summary_row(report), key=rp.artifact_key(flow_name, "summary"), description=f"imgscore run {run_id}: counts"
+            )
+            create_markdown_artifact(
+                rp.markdown_summary(report, path), key=rp.artifact_key(flow_name, "report"), description=f"imgscore run {run_id}"
+            )
+        except Exception as exc:
+            log.warning("Prefect artifacts for %s not created: %s: %s", run_id, type(exc).__name__, exc)
+    return path
+
+
+class RunProgressArtifact:
+    """A Prefect progress artifact (percent of the run's images done) updated as shards finish.
+
+    Created at 0 % by :meth:`start`; :meth:`update` is cheap to call per shard (at most one API
+    call per ``min_interval_s``, plus the final 100 %). Outside a flow run, or when the API call
+    fails, it logs once and does nothing.
+    """
+
+    def __init__(self, artifact_id=None, total: int = 0, min_interval_s: float = 1.0):
+        self.artifact_id = artifact_id
+        self.total = total
+        self.min_interval_s = min_interval_s
+        self._last = 0.0
+        self.last_progress: float | None = 0.0 if artifact_id else None
+
+    @classmethod
+    def start(cls, manifest: dict, flow_name: str | None = None, min_interval_s: float = 1.0) -> RunProgressArtifact:
+        """Create the artifact for ``manifest``'s run (total = images in its shards)."""
+        total = sum(s.get("images", 0) for s in manifest.get("shards", []))
+        if not _in_run():
+            return cls(None, total, min_interval_s)
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            aid = create_progress_artifact(
+                0.0, key=rp.artifact_key(flow_name or _flow_name(), "progress"),
+                description=f"imgscore run {manifest['run_id']}: 0/{total} images",
+            )
+        except Exception as exc:
+            _logger().warning("progress artifact not created: %s: %s", type(exc).__name__, exc)
+            aid = None
+        return cls(aid, total, min_interval_s)
+
+    def update(self, manifest: dict) -> float | None:
+        """Set progress to (scored + failed) / total in percent; return the value sent, or None."""
+        if self.artifact_id is None:
+            return None
+        c = manifest["counts"]
+        done = c.get("scored", 0) + c.get("failed", 0)
+        pct = round(100.0 * min(done, self.total) / self.total, 2) if self.total else 100.0
+        now = time.monotonic()
+        if pct < 100.0 and now - self._last < self.min_interval_s:
+            return None
+        self._last = now
+        try:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(
+                self.artifact_id, pct, description=f"imgscore run {manifest['run_id']}: {done}/{self.total} images, {c.get('failed', 0)} errors"
+            )
+        except Exception as exc:
+            _logger().warning("progress artifact not updated: %s: %s", type(exc).__name__, exc)
+            self.artifact_id = None
+            return None
+        self.last_progress = pct
+        return pct

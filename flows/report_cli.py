@@ -1,0 +1,98 @@
+"""``imgscore report RUN_ID [--config FILE] [--set K=V]... [--format table|json|html]``.
+
+``table`` prints rich tables on the terminal, ``json`` prints the report dict
+(``tasks.report.build_report``) on stdout, ``html`` (re)writes ``OUT/runs/RUN_ID/report.html``
+and prints its path. ``OUT`` is ``output.root`` from the config and overrides (default
+``outputs``). Exit 0 when the report was produced, whatever the run's own status; 2 when the
+run is not there (one line naming the run and the runs that are).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def print_report(report: dict, console) -> None:
+    """The report as rich tables: counts, run facts, per-class counts, scores, errors."""
+    from rich.table import Table
+
+    r = report
+    c = r["counts"]
+    t = r["timing"]
+    acc = r["accuracy"]
+    head = Table(show_header=False, box=None, pad_edge=False, title=f"run {r['run_id']}", title_justify="left")
+    head.add_column(no_wrap=True, style="bold")
+    head.add_column(overflow="fold")
+    rows = [
+        ("status", r["status"]),
+        *((k, c[k]) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "pending")),
+        ("error_rate", f"{r['error_rate']:.4%}"),
+        ("wall_s", t.get("wall_s")),
+        ("images_per_s", t.get("images_per_s")),
+        ("devices", ", ".join(r["devices"]) or "-"),
+        ("workers", f"{len(r['workers'])} ({', '.join(r['workers'][:4])}{' …' if len(r['workers']) > 4 else ''})"),
+        ("shards", ", ".join(f"{k} {v}" for k, v in r["shards"].items())),
+        ("model", f"{r['model']['arch']} {(r['model']['model_id'] or '')[:12]}"),
+        ("input", r["input"]["root"]),
+    ]
+    if acc:
+        rows.append(("accuracy", f"{acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']}, matched by {acc['matched_by']})"))
+    rows.append(("report", r["outputs"].get("report")))
+    for k, v in rows:
+        head.add_row(k, "-" if v is None else str(v))
+    console.print(head)
+
+    per_class = {p["name"]: p for p in (acc or {}).get("per_class", [])}
+    ct = Table(title="predictions per class", title_justify="left")
+    ct.add_column("class")
+    ct.add_column("predicted", justify="right")
+    ct.add_column("share", justify="right")
+    if acc:
+        ct.add_column("in folder", justify="right")
+        ct.add_column("recall", justify="right")
+    for row in r["classes"]:
+        cells = [row["name"], str(row["predicted"]), f"{row['share']:.1%}"]
+        if acc:
+            p = per_class.get(row["name"])
+            cells += [str(p["support"]), "-" if p["recall"] is None else f"{p['recall']:.3f}"] if p else ["-", "-"]
+        ct.add_row(*cells)
+    console.print(ct)
+
+    s = r["scores"]
+    st = Table(title="top-1 score (probability)", title_justify="left", box=None, pad_edge=False)
+    for k in ("count", "mean", *s["percentiles"]):
+        st.add_column(k, justify="right", min_width=5, no_wrap=True)
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    st.add_row(fmt(s["count"]), fmt(s["mean"]), *(fmt(v) for v in s["percentiles"].values()))
+    console.print(st)
+
+    er = r["errors"]
+    if er["groups"]:
+        et = Table(title=f"errors ({er['total']})", title_justify="left")
+        for col in ("stage", "error type", "count", "examples"):
+            et.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
+        for g in er["groups"]:
+            et.add_row(g["stage"], g["error_type"], str(g["count"]), "\n".join(g["examples"]) or "(whole batch)")
+        console.print(et)
+    else:
+        console.print("errors: none")
+
+
+def main(args) -> int:
+    """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides)."""
+    from rich.console import Console
+
+    from tasks.config import load_config
+    from tasks.report import build_report, dumps, write_html_report
+
+    cfg = load_config(args.config, args.overrides)
+    out_root = cfg.output.root
+    report = build_report(out_root, args.run_id)
+    if args.format == "json":
+        sys.stdout.write(dumps(report) + "\n")
+    elif args.format == "html":
+        path = write_html_report(report, out_root)
+        print(path)
+    else:
+        print_report(report, Console())
+    return 0

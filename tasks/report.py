@@ -1,0 +1,597 @@
+"""The run report: what a person reads after a run, computed from its manifest and Parquet.
+
+:func:`build_report` returns a JSON-ready dict (``imgscore report --format json``);
+:func:`render_html` turns it into one self-contained HTML page (plots as base64 SVG made with
+matplotlib's SVG backend, thumbnails as base64 JPEG, inline CSS, no scripts, nothing fetched);
+:func:`write_html_report` writes it to ``OUT/runs/RUN_ID/report.html`` and is called at the end
+of every run. :func:`summary_row` and :func:`markdown_summary` are the Prefect artifacts' content.
+
+Everything here is a plain function of files on disk: no Prefect, no model, no GPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.errors import UsageError
+from tasks.evaluate import confusion, read_run
+from tasks.manifest import manifest_path, read_manifest
+from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, write_json_atomic
+
+PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
+HIST_BINS = 20  # confidence histogram: equal bins over [0, 1]
+MAX_CLASS_ROWS = 40  # classes listed/plotted: all when fewer, else the most predicted
+LOWEST_N = 24  # thumbnails of the least confident predictions
+EXAMPLES_PER_ERROR = 3
+THUMB_PX = 112
+REPORT_FILE = "report.html"
+
+_PRED_COLS = ["image_path", "label", "label_name", "pred_index", "pred_label", "score", "topk_indices", "topk_scores", "device", "worker"]
+_ERR_COLS = ["image_path", "shard_id", "batch_id", "stage", "error_type", "message", "attempt"]
+
+
+# --------------------------------------------------------------------------------------------
+# numbers
+
+
+def load_run_manifest(out_root: str | Path, run_id: str) -> dict:
+    """The run's ``manifest.json``.
+
+    Raises:
+        UsageError: no such run under ``out_root`` (the message lists the latest runs there).
+    """
+    path = manifest_path(out_root, run_id)
+    if not path.is_file():
+        runs_dir = Path(out_root) / "runs"
+        known = sorted((p.name for p in runs_dir.iterdir() if (p / "manifest.json").is_file()), reverse=True) if runs_dir.is_dir() else []
+        hint = f"latest runs there: {', '.join(known[:5])}" if known else "no runs there yet"
+        raise UsageError(f"run {run_id!r} not found in {str(runs_dir)!r} ({hint}); check RUN_ID or set output.root (--set output.root=DIR)")
+    return read_manifest(path)
+
+
+def _read(out_root: Path, run_id: str, table: str, columns: list[str], schema: pa.Schema) -> pa.Table:
+    if not (out_root / table).is_dir():
+        return schema.empty_table().select(columns)
+    return read_run(out_root, run_id, table, columns=columns)
+
+
+def score_stats(scores: np.ndarray) -> dict:
+    """Top-1 probability distribution: count, mean, min, max, percentiles and a histogram.
+
+    ``scores`` are probabilities in [0, 1] (float32 [N]). Percentiles use numpy's default
+    (linear) interpolation; the histogram has :data:`HIST_BINS` equal bins over [0, 1], the last
+    one closed. All values are None (counts empty) when N is 0.
+    """
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    if scores.size == 0:
+        return {"count": 0, "mean": None, "min": None, "max": None, "percentiles": {f"p{q}": None for q in PERCENTILES},
+                "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [0] * HIST_BINS}}
+    s = scores.astype(np.float64)
+    counts, _ = np.histogram(np.clip(s, 0.0, 1.0), bins=edges)
+    pct = np.percentile(s, PERCENTILES)
+    return {
+        "count": int(s.size),
+        "mean": round(float(s.mean()), 6),
+        "min": round(float(s.min()), 6),
+        "max": round(float(s.max()), 6),
+        "percentiles": {f"p{q}": round(float(v), 6) for q, v in zip(PERCENTILES, pct, strict=True)},
+        "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts]},
+    }
+
+
+def class_counts(pred_index: np.ndarray, model_classes: list[str]) -> list[dict]:
+    """Predictions per model class: ``[{index, name, predicted, share}]`` in class-index order.
+
+    Every class is listed when the model has at most :data:`MAX_CLASS_ROWS` classes; otherwise
+    only the :data:`MAX_CLASS_ROWS` most predicted ones. ``share`` is a fraction of all
+    predictions in [0, 1].
+    """
+    n = int(pred_index.size)
+    counts = np.bincount(pred_index, minlength=len(model_classes)) if n else np.zeros(len(model_classes), dtype=np.int64)
+    idx = list(range(len(counts)))
+    if len(idx) > MAX_CLASS_ROWS:
+        idx = sorted(sorted(idx, key=lambda i: (-counts[i], i))[:MAX_CLASS_ROWS])
+    return [
+        {"index": i, "name": model_classes[i] if i < len(model_classes) else str(i), "predicted": int(counts[i]),
+         "share": round(float(counts[i]) / n, 6) if n else 0.0}
+        for i in idx
+    ]
+
+
+def error_summary(errors: pa.Table, examples: int = EXAMPLES_PER_ERROR) -> dict:
+    """Errors rows grouped by (stage, error_type), most frequent first.
+
+    Returns:
+        ``{total, by_stage: {stage: n}, groups: [{stage, error_type, count, examples: [paths],
+        message}]}`` where ``examples`` are up to ``examples`` distinct image paths (whole-batch
+        failures have none) and ``message`` is the first message seen, cut to 300 characters.
+    """
+    rows = errors.select(["image_path", "stage", "error_type", "message"]).to_pylist()
+    groups: dict[tuple[str, str], dict] = {}
+    by_stage: dict[str, int] = {}
+    for r in sorted(rows, key=lambda r: (r["stage"], r["error_type"], r["image_path"] or "")):
+        by_stage[r["stage"]] = by_stage.get(r["stage"], 0) + 1
+        g = groups.setdefault((r["stage"], r["error_type"]), {"stage": r["stage"], "error_type": r["error_type"], "count": 0,
+                                                                "examples": [], "message": (r["message"] or "")[:300]})
+        g["count"] += 1
+        if r["image_path"] is not None and len(g["examples"]) < examples and r["image_path"] not in g["examples"]:
+            g["examples"].append(r["image_path"])
+    return {
+        "total": len(rows),
+        "by_stage": dict(sorted(by_stage.items(), key=lambda kv: -kv[1])),
+        "groups": sorted(groups.values(), key=lambda g: (-g["count"], g["stage"], g["error_type"])),
+    }
+
+
+def lowest_confidence(preds: pa.Table, n: int = LOWEST_N) -> list[dict]:
+    """The ``n`` least confident predictions (score ascending, then path), with their top-k."""
+    if preds.num_rows == 0:
+        return []
+    t = preds.sort_by([("score", "ascending"), ("image_path", "ascending")]).slice(0, n)
+    out = []
+    for r in t.to_pylist():
+        out.append({
+            "image_path": r["image_path"],
+            "pred_label": r["pred_label"],
+            "score": round(float(r["score"]), 6),
+            "label_name": r["label_name"],
+            "topk": [[int(i), round(float(s), 6)] for i, s in zip(r["topk_indices"], r["topk_scores"], strict=True)],
+        })
+    return out
+
+
+def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) -> dict:
+    """Everything the report shows, computed from ``runs/RUN_ID/manifest.json`` and the Parquet.
+
+    Counts come from the manifest (``scanned``, ``scored``, ``failed``, ``skipped``,
+    ``already_scored``, ``pending``); ``rows`` are what the Parquet actually holds for the run,
+    so a mismatch between the two is visible. ``accuracy`` is None for a flat (unlabelled)
+    folder. Times are seconds, throughput images per second, scores probabilities in [0, 1].
+
+    Raises:
+        UsageError: the run is not under ``out_root``.
+    """
+    out_root = Path(out_root)
+    m = load_run_manifest(out_root, run_id)
+    preds = _read(out_root, run_id, "predictions", _PRED_COLS, PREDICTIONS_SCHEMA)
+    errs = _read(out_root, run_id, "errors", _ERR_COLS, ERRORS_SCHEMA)
+    model = m.get("model") or {}
+    model_classes = list(model.get("classes") or [])
+    folder_classes = (m.get("input") or {}).get("classes") or None
+    shards = m.get("shards") or []
+    c = m.get("counts") or {}
+    timings = m.get("timings") or {}
+    states: dict[str, int] = {}
+    for s in shards:
+        states[s["state"]] = states.get(s["state"], 0) + 1
+    devices = sorted({s["device"] for s in shards if s.get("device")} | set(preds["device"].unique().to_pylist()))
+    workers = sorted({s["worker"] for s in shards if s.get("worker")} | set(preds["worker"].unique().to_pylist()))
+    scores = preds["score"].to_numpy() if preds.num_rows else np.zeros(0, np.float32)
+    pred_index = preds["pred_index"].to_numpy() if preds.num_rows else np.zeros(0, np.int64)
+    conf = confusion(preds, folder_classes, model_classes) if preds.num_rows and pc.any(pc.is_valid(preds["label"])).as_py() else None
+    wall = timings.get("wall_s")
+    scanned = c.get("scanned", 0)
+    return {
+        "run_id": m["run_id"],
+        "run_date": m.get("run_date"),
+        "status": m.get("status"),
+        "created_at": m.get("created_at"),
+        "updated_at": m.get("updated_at"),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "input": {"root": (m.get("input") or {}).get("root"), "layout": (m.get("input") or {}).get("layout"), "classes": folder_classes},
+        "model": {k: model.get(k) for k in ("arch", "model_id", "source", "num_classes")},
+        "counts": {k: c.get(k, 0) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "pending")},
+        "error_rate": round(c.get("failed", 0) / scanned, 6) if scanned else 0.0,
+        "rows": {"predictions": preds.num_rows, "errors": errs.num_rows},
+        "timing": {
+            "wall_s": wall,
+            "images_per_s": timings.get("images_per_s"),
+            "shard_seconds": timings.get("shard_seconds"),
+            "scan_s": timings.get("scan_s"),
+        },
+        "devices": devices,
+        "workers": workers,
+        "shards": {"total": len(shards), **dict(sorted(states.items()))},
+        "classes": class_counts(pred_index, model_classes),
+        "scores": score_stats(scores),
+        "accuracy": conf,
+        "errors": error_summary(errs),
+        "skipped": {"count": len(m.get("skipped") or []), "examples": (m.get("skipped") or [])[:10]},
+        "lowest_confidence": lowest_confidence(preds, lowest_n),
+        "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
+                    "report": str(out_root / "runs" / run_id / REPORT_FILE)},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# plots (matplotlib's object API: no pyplot, no global backend switch, safe in worker threads)
+
+
+def _svg_data_uri(fig) -> str:
+    import matplotlib
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": "imgscore", "svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plot_class_distribution(classes: list[dict]) -> str | None:
+    """Horizontal bars of predictions per class; a ``data:image/svg+xml`` URI, None if empty."""
+    if not classes or not any(r["predicted"] for r in classes):
+        return None
+    from matplotlib.figure import Figure
+
+    names = [r["name"] for r in classes][::-1]
+    vals = [r["predicted"] for r in classes][::-1]
+    fig = Figure(figsize=(6.4, max(1.6, 0.26 * len(names) + 0.8)))
+    ax = fig.add_subplot()
+    bars = ax.barh(range(len(names)), vals, color="#3b6ea8")
+    ax.set_yticks(range(len(names)), [n[:28] for n in names], fontsize=8)
+    ax.bar_label(bars, fontsize=7, padding=2)
+    ax.set_xlabel("predicted images")
+    ax.set_title("Predicted class distribution", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.margins(x=0.12)
+    return _svg_data_uri(fig)
+
+
+def plot_confidence_histogram(scores: dict) -> str | None:
+    """Histogram of top-1 probabilities with the median marked; SVG data URI, None if empty."""
+    if not scores["count"]:
+        return None
+    from matplotlib.figure import Figure
+
+    edges = np.array(scores["histogram"]["edges"])
+    counts = np.array(scores["histogram"]["counts"])
+    fig = Figure(figsize=(6.4, 2.8))
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#5a9e6f", edgecolor="white")
+    med = scores["percentiles"]["p50"]
+    ax.axvline(med, color="#c0392b", lw=1.2, ls="--", label=f"median {med:.3f}")
+    ax.set_xlim(0, 1)
+    nz = counts[counts > 0]
+    if nz.size and nz.max() / nz.min() > 50:  # one dominant bin would hide the rest
+        ax.set_yscale("log")
+    ax.set_xlabel("top-1 probability")
+    ax.set_ylabel("images")
+    ax.set_title("Confidence", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg_data_uri(fig)
+
+
+def plot_confusion_matrix(conf: dict | None) -> str | None:
+    """Heat map of the confusion matrix (rows: folder labels, columns: predictions); SVG data URI."""
+    if not conf:
+        return None
+    from matplotlib.figure import Figure
+
+    mat = np.array(conf["matrix"], dtype=float)
+    rows, cols = conf["rows"], conf["columns"]
+    norm = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)  # row-normalised: recall on the diagonal
+    w = min(11.0, 1.6 + 0.42 * len(cols))
+    h = min(11.0, 1.4 + 0.42 * len(rows))
+    fig = Figure(figsize=(max(w, 3.6), max(h, 2.6)))
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(cols)), [c[:16] for c in cols], rotation=60 if len(cols) > 6 else 0, ha="right" if len(cols) > 6 else "center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r[:20] for r in rows], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("folder label")
+    ax.set_title(f"Confusion matrix (accuracy {conf['accuracy']:.3f}, matched by {conf['matched_by']})", fontsize=10)
+    if len(rows) * len(cols) <= 400:
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if mat[i, j]:
+                    ax.text(j, i, str(int(mat[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.6 else "#222")
+    fig.colorbar(im, ax=ax, fraction=0.04, label="share of row")
+    return _svg_data_uri(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# thumbnails
+
+
+def thumbnail_data_uri(path: str | Path | bytes, size: int = THUMB_PX) -> tuple[str | None, str | None]:
+    """A small JPEG of an image file as a ``data:`` URI: (uri, None), or (None, reason).
+
+    EXIF orientation is applied and transparency composited on white, like scoring does. Never
+    raises for a bad or missing file: the reason is returned for the page to show.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.draft("RGB", (size * 2, size * 2))
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")
+                    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, rgba)
+                im = im.convert("RGB")
+                im.thumbnail((size, size))
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=82)
+    except FileNotFoundError:
+        return None, "file not found"
+    except Exception as exc:  # shown on the page instead of the image; the report still renders
+        return None, f"{type(exc).__name__}: {str(exc)[:120]}"
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
+
+
+def _fs_paths(out_root: Path, run_id: str, wanted: set[str]) -> dict[str, bytes]:
+    """image_path → fs_path (bytes, opens names that are not UTF-8) from the run's index.parquet."""
+    index = out_root / "runs" / run_id / "index.parquet"
+    if not wanted or not index.is_file():
+        return {}
+    t = pq.read_table(index, columns=["image_path", "fs_path"])
+    t = t.filter(pc.is_in(t["image_path"], value_set=pa.array(sorted(wanted), pa.string())))
+    return dict(zip(t["image_path"].to_pylist(), t["fs_path"].to_pylist(), strict=True))
+
+
+def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None, str | None]]:
+    """Thumbnails of the report's lowest-confidence images, read from the run's input root."""
+    root = report["input"]["root"]
+    items = report["lowest_confidence"]
+    if root is None or not items:
+        return {}
+    fs = _fs_paths(Path(out_root), report["run_id"], {r["image_path"] for r in items})
+    out = {}
+    for r in items:
+        p = r["image_path"]
+        rel = fs.get(p)
+        full = os.path.join(os.fsencode(root), rel) if rel is not None else os.path.join(root, p)
+        out[p] = thumbnail_data_uri(full)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d2330;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
+.sub{color:#5b6475;margin:0 0 16px}.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+.status{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px;color:#fff}
+.st-complete{background:#2e8b57}.st-partial{background:#d98e04}.st-failed{background:#c0392b}.st-running{background:#6b7280}
+.cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #dde2ea;border-radius:8px;padding:8px 14px;min-width:110px}
+.card b{display:block;font-size:20px}.card span{color:#5b6475;font-size:12px}
+table{border-collapse:collapse;margin:6px 0}td,th{border-bottom:1px solid #e6e9ef;padding:3px 10px;text-align:left;vertical-align:top}
+th{background:#f4f6f9;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.plots{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.plots img{max-width:100%;border:1px solid #eef0f4;border-radius:6px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(128px,1fr));gap:10px}
+.thumb{border:1px solid #dde2ea;border-radius:6px;padding:6px;font-size:11px;overflow-wrap:anywhere}
+.thumb img{width:112px;height:112px;object-fit:contain;image-rendering:pixelated;background:#f4f6f9;display:block;margin:0 auto 4px}
+.thumb .na{width:112px;height:112px;display:flex;align-items:center;justify-content:center;background:#f4f6f9;color:#8a93a3;margin:0 auto 4px;text-align:center}
+.wrong{color:#c0392b;font-weight:600}.ok{color:#2e8b57}.muted{color:#8a93a3}
+"""
+
+
+def _e(v) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(headers: list[str] | None, rows: list[list], numeric: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers or [])
+    body = "".join(
+        "<tr>" + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows
+    )
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] | None = None) -> str:
+    """The report as one self-contained HTML page (inline CSS, plots and thumbnails as data URIs).
+
+    ``thumbs`` maps image_path → (data URI, reason) as :func:`thumbnails` returns; missing
+    entries show a placeholder. All text from files and paths is HTML-escaped.
+    """
+    thumbs = thumbs or {}
+    r = report
+    c = r["counts"]
+    status = r.get("status") or "unknown"
+    t = r["timing"]
+    acc = r["accuracy"]
+    cards = [("scanned", c["scanned"]), ("scored", c["scored"]), ("failed", c["failed"]), ("skipped", c["skipped"]),
+             ("already scored", c["already_scored"]), ("images/s", _fmt(t.get("images_per_s"), 1)), ("wall s", _fmt(t.get("wall_s"), 1))]
+    if acc:
+        cards.append(("accuracy", _fmt(acc["accuracy"], 4)))
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>imgscore run {_e(r['run_id'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>imgscore run <span class=\"mono\">{_e(r['run_id'])}</span> <span class=\"status st-{_e(status)}\">{_e(status)}</span></h1>",
+        f"<p class=\"sub\">{_e(r['input']['root'])} ({_e(r['input']['layout'])}) · {_e(r['model']['arch'])} "
+        f"<span class=\"mono\">{_e((r['model']['model_id'] or '')[:12])}</span> · started {_e(r.get('created_at'))} · "
+        f"report generated {_e(r.get('generated_at'))}</p>",
+        '<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards) + "</div>",
+        "<h2>Run</h2>",
+        _table(None, [
+            ["devices", _e(", ".join(r["devices"]) or "–")],
+            ["workers", f"{len(r['workers'])} <span class=\"muted mono\">{_e(', '.join(r['workers'][:8]))}</span>"],
+            ["shards", _e(", ".join(f"{k} {v}" for k, v in r["shards"].items()))],
+            ["error rate", _e(f"{r['error_rate']:.4%}")],
+            ["rows in Parquet", _e(f"{r['rows']['predictions']} predictions, {r['rows']['errors']} errors")],
+            ["shard seconds (sum)", _e(_fmt(t.get("shard_seconds"), 2))],
+            ["predictions", f"<span class=\"mono\">{_e(r['outputs'].get('predictions'))}</span>"],
+            ["errors", f"<span class=\"mono\">{_e(r['outputs'].get('errors'))}</span>"],
+            ["manifest", f"<span class=\"mono\">{_e(r['outputs'].get('manifest'))}</span>"],
+        ]),
+    ]
+    plots = [plot_class_distribution(r["classes"]), plot_confidence_histogram(r["scores"]), plot_confusion_matrix(acc)]
+    alts = ["class distribution", "confidence histogram", "confusion matrix"]
+    parts.append("<h2>Predictions</h2>")
+    if any(plots):
+        parts.append('<div class="plots">' + "".join(f'<img alt="{a}" class="plot" src="{p}">' for p, a in zip(plots, alts, strict=True) if p) + "</div>")
+    else:
+        parts.append("<p class=\"muted\">No predictions in this run.</p>")
+    s = r["scores"]
+    parts.append("<h3>Score percentiles</h3>")
+    parts.append(_table(["count", "mean", *s["percentiles"].keys()], [[s["count"], _fmt(s["mean"]), *(_fmt(v) for v in s["percentiles"].values())]],
+                        numeric=set(range(2 + len(s["percentiles"])))))
+    per_class = {p["name"]: p for p in (acc or {}).get("per_class", [])}
+    cls_rows = []
+    for row in r["classes"]:
+        pcl = per_class.get(row["name"])
+        cls_rows.append([_e(row["name"]), row["predicted"], f"{row['share']:.1%}"] + ([pcl["support"] if pcl else "–", _fmt(pcl["recall"]) if pcl else "–"] if acc else []))
+    parts.append("<h3>Per class</h3>")
+    parts.append(_table(["class", "predicted", "share"] + (["in folder", "recall"] if acc else []), cls_rows, numeric={1, 2, 3, 4}))
+    if acc:
+        how = "by name (folder name = model class name)" if acc["matched_by"] == "name" else "by index (folder class i = model output i)"
+        parts.append(f"<p>Accuracy {_fmt(acc['accuracy'], 4)} ({acc['correct']}/{acc['labelled']} labelled images); labels matched {_e(how)}.</p>")
+    # lowest confidence
+    parts.append(f"<h2>Least confident predictions ({len(r['lowest_confidence'])})</h2>")
+    if r["lowest_confidence"]:
+        cells = []
+        for item in r["lowest_confidence"]:
+            uri, why = thumbs.get(item["image_path"], (None, "not loaded"))
+            img = f'<img alt="{_e(item["image_path"])}" src="{uri}">' if uri else f'<div class="na">{_e(why)}</div>'
+            lab = item["label_name"]
+            verdict = ""
+            if lab is not None:
+                right = lab == item["pred_label"]
+                verdict = f' <span class="{"ok" if right else "wrong"}">(label {_e(lab)})</span>'
+            cells.append(f'<div class="thumb">{img}<b>{_e(item["pred_label"])}</b> {item["score"]:.3f}{verdict}<br>'
+                         f'<span class="mono muted">{_e(item["image_path"])}</span></div>')
+        parts.append('<div class="grid">' + "".join(cells) + "</div>")
+    else:
+        parts.append("<p class=\"muted\">No predictions.</p>")
+    # errors
+    er = r["errors"]
+    parts.append(f"<h2>Errors ({er['total']})</h2>")
+    if er["groups"]:
+        parts.append(_table(["stage", "error type", "count", "example paths", "example message"], [
+            [_e(g["stage"]), _e(g["error_type"]), g["count"], "<br>".join(f'<span class="mono">{_e(p)}</span>' for p in g["examples"]) or '<span class="muted">(whole batch)</span>', _e(g["message"])]
+            for g in er["groups"]
+        ], numeric={2}))
+    else:
+        parts.append("<p class=\"ok\">No errors.</p>")
+    sk = r["skipped"]
+    if sk["count"]:
+        parts.append(f"<h2>Skipped files ({sk['count']})</h2>")
+        parts.append(_table(["path", "reason"], [[f'<span class="mono">{_e(x.get("image_path"))}</span>', _e(x.get("reason"))] for x in sk["examples"]]))
+    parts.append(f"<p class=\"muted\">imgscore report · model_id <span class=\"mono\">{_e(r['model']['model_id'])}</span></p></body></html>")
+    return "\n".join(parts)
+
+
+def write_html_report(report: dict, out_root: str | Path, path: str | Path | None = None) -> Path:
+    """Render ``report`` with thumbnails and write it atomically; return the path.
+
+    Default path: ``OUT/runs/RUN_ID/report.html`` (``report["outputs"]["report"]``).
+    """
+    target = Path(path or Path(out_root) / "runs" / report["run_id"] / REPORT_FILE)
+    page = render_html(report, thumbnails(report, out_root))
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def write_json_report(report: dict, out_root: str | Path) -> Path:
+    """``OUT/runs/RUN_ID/report.json`` (the same dict ``--format json`` prints)."""
+    return write_json_atomic(report, Path(out_root) / "runs" / report["run_id"] / "report.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect artifact content
+
+
+def artifact_key(flow_name: str, kind: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes only, e.g.
+    ``artifact_key("score-images", "summary") == "score-images-summary"``.
+
+    Stable per flow, so the UI's Artifacts page shows one history per flow, night over night.
+    """
+    key = re.sub(r"[^a-z0-9]+", "-", f"{flow_name}-{kind}".lower()).strip("-")
+    return re.sub(r"-{2,}", "-", key) or "imgscore"
+
+
+def summary_row(report: dict) -> list[dict]:
+    """One-row table (list of one dict) with the run's counts, for a Prefect table artifact."""
+    c = report["counts"]
+    acc = report["accuracy"]
+    return [{
+        "run_id": report["run_id"],
+        "status": report["status"],
+        **{k: c[k] for k in ("scanned", "scored", "failed", "skipped", "already_scored")},
+        "error_rate": report["error_rate"],
+        "images_per_s": report["timing"].get("images_per_s"),
+        "wall_s": report["timing"].get("wall_s"),
+        "accuracy": round(acc["accuracy"], 6) if acc else None,
+        "devices": ", ".join(report["devices"]),
+        "workers": len(report["workers"]),
+    }]
+
+
+def _md(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_summary(report: dict, report_path: str | Path | None) -> str:
+    """Markdown for a Prefect markdown artifact: counts, per-class table, error summary, report path."""
+    r = report
+    c = r["counts"]
+    acc = r["accuracy"]
+    lines = [
+        f"# imgscore run `{r['run_id']}`: {r['status']}",
+        "",
+        f"**{c['scored']}** scored · **{c['failed']}** failed · {c['skipped']} skipped · {c['already_scored']} already scored "
+        f"of {c['scanned']} scanned · {_fmt(r['timing'].get('images_per_s'), 1)} images/s · {_fmt(r['timing'].get('wall_s'), 1)} s "
+        f"on {', '.join(r['devices']) or '–'}",
+        "",
+        f"Model `{r['model']['arch']}` `{(r['model']['model_id'] or '')[:12]}` · input `{r['input']['root']}`",
+        "",
+    ]
+    if acc:
+        lines += [f"Accuracy **{acc['accuracy']:.4f}** ({acc['correct']}/{acc['labelled']}, labels matched by {acc['matched_by']})", ""]
+    per_class = {p["name"]: p for p in (acc or {}).get("per_class", [])}
+    lines += ["## Per class", "", "| class | predicted | share |" + (" in folder | recall |" if acc else ""),
+              "|---|---:|---:|" + ("---:|---:|" if acc else "")]
+    for row in r["classes"]:
+        p = per_class.get(row["name"])
+        extra = (f" {p['support']} | {_fmt(p['recall'])} |" if p else " – | – |") if acc else ""
+        lines.append(f"| {_md(row['name'])} | {row['predicted']} | {row['share']:.1%} |{extra}")
+    er = r["errors"]
+    lines += ["", f"## Errors ({er['total']})", ""]
+    if er["groups"]:
+        lines += ["| stage | type | count | example |", "|---|---|---:|---|"]
+        for g in er["groups"]:
+            lines.append(f"| {_md(g['stage'])} | {_md(g['error_type'])} | {g['count']} | `{_md(g['examples'][0]) if g['examples'] else '(whole batch)'}` |")
+    else:
+        lines.append("No errors.")
+    lines += ["", f"Report: `{report_path}`" if report_path else "Report: not written (see the flow run logs)",
+              f"Predictions: `{r['outputs'].get('predictions')}`", ""]
+    return "\n".join(lines)
+
+
+def dumps(report: dict) -> str:
+    """The report as indented JSON (NaN-free: missing numbers are null)."""
+    return json.dumps(report, indent=2, default=str, allow_nan=False)
