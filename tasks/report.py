@@ -235,6 +235,7 @@ def plot_class_distribution(classes: list[dict]) -> str | None:
     if not classes or not any(r["predicted"] for r in classes):
         return None
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     names = [r["name"] for r in classes][::-1]
     vals = [r["predicted"] for r in classes][::-1]
@@ -244,6 +245,7 @@ def plot_class_distribution(classes: list[dict]) -> str | None:
     ax.set_yticks(range(len(names)), [n[:28] for n in names], fontsize=8)
     ax.bar_label(bars, fontsize=7, padding=2)
     ax.set_xlabel("predicted images")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Predicted class distribution", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     ax.margins(x=0.12)
@@ -255,6 +257,7 @@ def plot_confidence_histogram(scores: dict) -> str | None:
     if not scores["count"]:
         return None
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     edges = np.array(scores["histogram"]["edges"])
     counts = np.array(scores["histogram"]["counts"])
@@ -269,6 +272,8 @@ def plot_confidence_histogram(scores: dict) -> str | None:
         ax.set_yscale("log")
     ax.set_xlabel("top-1 probability")
     ax.set_ylabel("images")
+    if ax.get_yscale() == "linear":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Confidence", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
