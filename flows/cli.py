@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def _print_summary(summary: dict, console) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(no_wrap=True)
     t.add_column(overflow="fold")
-    for k in ("run_id", "status", "scanned", "scored", "failed", "skipped", "already_scored", "images_per_s", "wall_s"):
+    for k in ("run_id", "status", "scanned", "scored", "failed", "skipped", "already_scored", "warnings", "images_per_s", "wall_s"):
         if k in summary:
             t.add_row(k, str(summary[k]))
     t.add_row("devices", ", ".join(summary.get("devices", [])))
@@ -185,13 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: Prefect's temporary server and event threads print
-    # CancelledError tracebacks while Python shuts down (CASES.md, Orchestration). Our files
-    # are all closed and renamed into place by now.
-    os._exit(code)
+    """Console-script entry: ``sys.exit(main())``. A normal exit lets Prefect stop its
+    temporary server (os._exit would leave it running)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""CLI contract: exit codes 0/1/2, one clear line, no traceback, nothing written on refusal."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import base_overrides
+
+IMGSCORE = str(Path(sys.executable).parent / "imgscore")
+
+
+def run_cli(*args, cwd=None, timeout=300, prefect_home=None):
+    """Run the console script CPU-only; ``prefect_home`` isolates its temporary server's SQLite DB."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return subprocess.run([IMGSCORE, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def _assert_refused(proc, pattern, out: Path):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("imgscore: error: ")
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (out / "predictions").exists() and not (out / "runs").exists()
+
+
+def test_missing_input_root(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    proc = run_cli("run", *_sets(base_overrides(tmp_path / "no_such_dir", tiny_checkpoint, out)))
+    _assert_refused(proc, r"input.root '.*no_such_dir' does not exist; set input.root", out)
+
+
+def test_unknown_arch(tmp_path, image_folder, tiny_checkpoint):
+    out = tmp_path / "out"
+    proc = run_cli("run", *_sets(base_overrides(image_folder, tiny_checkpoint, out, arch="resnet5")))
+    _assert_refused(proc, r"unknown model.arch 'resnet5'; did you mean resnet50", out)
+
+
+def test_bad_set_key(tmp_path, image_folder, tiny_checkpoint):
+    out = tmp_path / "out"
+    proc = run_cli("run", *_sets(base_overrides(image_folder, tiny_checkpoint, out)), "--set", "inference.batchsize=8")
+    _assert_refused(proc, r"unknown config key 'inference.batchsize'; did you mean inference.batch_size\?", out)
+
+
+def test_pickled_module_refused_and_nothing_written(tmp_path, image_folder, tiny_model):
+    out = tmp_path / "out"
+    ckpt = tmp_path / "module.pt"
+    torch.save(tiny_model, ckpt)
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
+    _assert_refused(proc, r"pickled Python objects .*Set model.trust_checkpoint=true if you trust this file", out)
+
+
+@pytest.mark.slow
+def test_full_run_exit_0_prints_summary_without_noise(tmp_path, image_folder, tiny_model):
+    out = tmp_path / "out"
+    ckpt = tmp_path / "module.pt"
+    torch.save(tiny_model, ckpt)  # trusted pickled module: loads when the user says so
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)), "--set", "model.trust_checkpoint=true", prefect_home=tmp_path / "prefect")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text and "CancelledError" not in text and "telemetry" not in text.lower()
+    assert "scanned" in proc.stdout and "12" in proc.stdout
+    assert len(list((out / "predictions").rglob("part-*.parquet"))) == 3

@@ -1,0 +1,107 @@
+"""End to end: the Prefect flow over a real-photo ImageFolder, Parquet read back and checked
+against the plain PyTorch loop people write first."""
+
+from collections import OrderedDict
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from flows.cli import execute
+from tasks.config import build_config
+from tasks.manifest import read_manifest
+from tasks.model import file_sha256
+from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
+from tests.conftest import base_overrides, save_as_if_cuda
+
+pytestmark = pytest.mark.slow
+
+
+def plain_loop(root, model):
+    """What people write first: ImageFolder + the torchvision eval recipe + softmax."""
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    dsf = ImageFolder(str(root), transform=tf)
+    out = {}
+    with torch.no_grad():
+        for (path, label), (x, _) in zip(dsf.samples, dsf, strict=True):
+            p = torch.softmax(model(x[None]), 1)[0]
+            rel = path[len(str(root)) + 1 :]
+            out[rel] = (label, int(p.argmax()), float(p.max()))
+    return out
+
+
+def _run(root, ckpt, out, **extra):
+    cfg = build_config({}, base_overrides(root, ckpt, out, **extra))
+    code, summary = execute(cfg, quiet=True)
+    return code, summary
+
+
+def _preds(out, run_id):
+    t = ds.dataset(out / "predictions", format="parquet", partitioning="hive").to_table()
+    return t.filter(ds.field("run_id") == run_id).to_pylist()
+
+
+def test_flow_matches_plain_loop_with_dataparallel_cuda_checkpoint(prefect_server, image_folder, tiny_model, tmp_path):
+    ckpt = tmp_path / "dp_cuda.pt"
+    sd = OrderedDict(("module." + k, v) for k, v in tiny_model.state_dict().items())
+    save_as_if_cuda({"epoch": 3, "model": sd}, ckpt)
+    out = tmp_path / "out"
+    code, summary = _run(image_folder, ckpt, out)
+    assert code == 0
+    assert (summary["scanned"], summary["scored"], summary["failed"]) == (12, 12, 0)
+    assert summary["devices"] == ["cpu"]
+
+    rows = _preds(out, summary["run_id"])
+    ref = plain_loop(image_folder, tiny_model)
+    assert sorted(r["image_path"] for r in rows) == sorted(ref)
+    for r in rows:
+        label, top1, score = ref[r["image_path"]]
+        assert r["label"] == label and r["label_name"] == r["image_path"].split("/")[0]
+        assert r["pred_index"] == top1 and r["pred_label"] == str(top1)
+        assert r["score"] == pytest.approx(score, abs=2e-3)
+        assert r["topk_indices"][0] == top1 and len(r["topk_indices"]) == 3
+        assert r["topk_scores"] == sorted(r["topk_scores"], reverse=True)
+        assert sum(r["topk_scores"]) == pytest.approx(1.0, abs=1e-5)  # k = all 3 classes
+        assert r["model_id"] == file_sha256(ckpt)
+        assert r["device"] == "cpu" and ":" in r["worker"]
+        assert r["scored_at"].tzinfo is not None
+    assert sorted({r["shard_id"] for r in rows}) == [0, 1, 2]  # 12 images, shard_size 5
+
+    # every part file has exactly the declared schema, empty error parts too
+    pred_dir, err_dir = summary["predictions"], summary["errors"]
+    for d, schema in ((pred_dir, PREDICTIONS_SCHEMA), (err_dir, ERRORS_SCHEMA)):
+        files = sorted(p.name for p in __import__("pathlib").Path(d).iterdir())
+        assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+        assert ds.dataset(d, format="parquet").schema.remove_metadata() == schema
+
+    m = read_manifest(summary["manifest"])
+    assert m["status"] == "complete"
+    assert m["counts"]["scanned"] == m["counts"]["scored"] + m["counts"]["failed"] == 12
+    assert [s["state"] for s in m["shards"]] == ["complete"] * 3
+    assert m["model"]["model_id"] == file_sha256(ckpt) and m["model"]["arch"] == "mobilenet_v3_small"
+    assert m["config"]["input"]["root"] == str(image_folder)
+
+
+def test_other_checkpoint_forms_give_the_same_predictions(prefect_server, image_folder, tiny_model, tmp_path):
+    sd = tiny_model.state_dict()
+    forms = {}
+    forms["ts"] = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(tiny_model, torch.zeros(1, 3, 224, 224)), forms["ts"])
+    forms["ckpt"] = tmp_path / "training.pt"
+    torch.save({"model_state_dict": sd, "optimizer": {}, "epoch": 1}, forms["ckpt"])
+    forms["prefixed"] = tmp_path / "compiled_dp.pt"
+    torch.save(OrderedDict(("_orig_mod.module." + k, v) for k, v in sd.items()), forms["prefixed"])
+    results = {}
+    for name, p in forms.items():
+        code, summary = _run(image_folder, p, tmp_path / "out", **{"inference.batch_size": 8})
+        assert code == 0
+        results[name] = {r["image_path"]: (r["pred_index"], r["score"]) for r in _preds(tmp_path / "out", summary["run_id"])}
+    base = results["ckpt"]
+    assert len(base) == 12
+    for name in ("ts", "prefixed"):
+        assert results[name].keys() == base.keys()
+        for k, (idx, score) in base.items():
+            assert results[name][k][0] == idx
+            assert results[name][k][1] == pytest.approx(score, abs=1e-5)
