@@ -71,6 +71,7 @@ def part_name(shard_id: int) -> str:
 
 
 METADATA_KEY = "imgscore"  # schema-level metadata key on every part file; the value is JSON
+MODEL_INFO_KEYS = ("arch", "model_id", "classes", "num_classes", "source", "preprocess")
 
 
 def config_hash(config: dict | None) -> str | None:
@@ -99,18 +100,19 @@ def file_metadata(model_info: dict, run_id: str, extra: dict | None = None) -> d
     """Schema-level metadata for a run's part files: ``{"imgscore": JSON}``.
 
     The JSON holds ``extra`` (the flow passes ``{"config": resolved config}``) plus ``run_id``,
-    ``model`` (``LoadedModel.info()``) and, flat for easy querying, ``arch``, ``model_id``,
+    ``model`` (``LoadedModel.info()`` limited to :data:`MODEL_INFO_KEYS`) and, flat for easy querying, ``arch``, ``model_id``,
     ``classes``, ``preprocess``, ``torch``, ``torchvision``, ``imgscore_version`` (package versions) and
     ``config_hash`` (:func:`config_hash`). Keys are sorted and nothing time-dependent is included,
     so every part file of a run (predictions, errors, empty or not) carries identical metadata.
     Read it back with ``json.loads(pq.read_schema(path).metadata[b"imgscore"])``.
     """
     extra = dict(extra or {})
+    model = {k: model_info.get(k) for k in MODEL_INFO_KEYS}  # same keys whoever describes the model
     payload = {
         **extra,
         "format_version": 1,
         "run_id": run_id,
-        "model": model_info,
+        "model": model,
         "arch": model_info.get("arch"),
         "model_id": model_info.get("model_id"),
         "classes": model_info.get("classes"),

@@ -1,0 +1,173 @@
+"""Analytics-ready Parquet: two runs into one output root, read by DuckDB, pandas, pyarrow and
+polars exactly as the README shows; one schema (and per-run metadata) on every part file.
+
+Run 1 scores a 3-class folder of 12 photos plus a class of 4 broken files (so one shard has an
+empty predictions file). Run 2 scores the same folder with the same settings, but its shard 1
+cannot run (retries exhausted), so those 4 images keep their run-1 prediction as the latest.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+import flows.score_images as flow_mod
+from flows.cli import execute
+from tasks.config import build_config
+from tasks.model import file_sha256
+from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, config_hash
+from tasks.score import ShardError
+from tests.conftest import base_overrides, make_image_folder
+
+pytestmark = pytest.mark.slow
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SETTINGS = {"run.shard_size": 4, "run.max_error_rate": 0.5, "run.shard_retries": 0}
+
+
+@pytest.fixture(scope="module")
+def two_runs(prefect_server, photos, tiny_checkpoint, tmp_path_factory):
+    base = tmp_path_factory.mktemp("analytics")
+    root = make_image_folder(base / "images", photos)
+    (root / "zzz").mkdir()
+    for i in range(4):
+        (root / "zzz" / f"broken_{i}.jpg").write_bytes(b"" if i % 2 else b"not a jpeg")
+    out = base / "out"
+
+    def run():
+        return execute(build_config({}, base_overrides(root, tiny_checkpoint, out, **SETTINGS)), quiet=True)
+
+    code1, s1 = run()
+    real = flow_mod.score_shard
+
+    def shard_1_breaks(ref, *args, **kwargs):
+        if ref.shard_id == 1:
+            raise ShardError(f"shard {ref.shard_id}: DataLoader failed: simulated bus error")
+        return real(ref, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flow_mod, "score_shard", shard_1_breaks)
+        code2, s2 = run()
+    return {"out": out, "root": root, "ckpt": tiny_checkpoint, "codes": (code1, code2), "runs": (s1["run_id"], s2["run_id"]), "summaries": (s1, s2)}
+
+
+def test_two_runs_as_set_up(two_runs):
+    s1, s2 = two_runs["summaries"]
+    assert two_runs["codes"] == (0, 1)  # run 2 has a failed shard: over budget, everything else written
+    assert (s1["scanned"], s1["scored"], s1["failed"]) == (16, 12, 4)
+    assert (s2["scanned"], s2["scored"], s2["failed"]) == (16, 8, 8)
+    assert s2["failed_shards"] == [1]
+    assert Path(s2["report"]).is_file()  # the report is written for a failed run too
+
+
+def test_duckdb_reads_both_runs_with_hive_partitioning(two_runs):
+    out = two_runs["out"]
+    r1, r2 = two_runs["runs"]
+    con = duckdb.connect()
+    rows = con.sql(
+        f"SELECT run_id, typeof(run_date), count(*), count(DISTINCT image_path) "
+        f"FROM read_parquet('{out}/predictions/**/*.parquet', hive_partitioning = true) GROUP BY ALL ORDER BY run_id"
+    ).fetchall()
+    assert rows == [(r1, "DATE", 12, 12), (r2, "DATE", 8, 8)]
+    errs = dict(con.sql(
+        f"SELECT run_id, count(*) FROM read_parquet('{out}/errors/**/*.parquet', hive_partitioning = true) GROUP BY ALL"
+    ).fetchall())
+    assert errs == {r1: 4, r2: 8}
+    kinds = con.sql(
+        f"SELECT error_type, count(*) FROM read_parquet('{out}/errors/**/*.parquet', hive_partitioning = true) "
+        f"WHERE run_id = '{r2}' GROUP BY ALL ORDER BY 1"
+    ).fetchall()
+    assert dict(kinds)["ShardFailed"] == 4
+
+
+def _part_files(out: Path, table: str) -> list[Path]:
+    return sorted((out / table).rglob("part-*.parquet"))
+
+
+def test_every_part_file_has_identical_schema_and_run_metadata(two_runs):
+    out = two_runs["out"]
+    preds, errs = _part_files(out, "predictions"), _part_files(out, "errors")
+    assert len(preds) == 8 and len(errs) == 8  # 4 shards per run, both tables, empty ones included
+    empty = [p for p in preds if pq.read_metadata(p).num_rows == 0]
+    assert len(empty) == 3  # the broken-only shard of each run + run 2's failed shard
+    for files, schema in ((preds, PREDICTIONS_SCHEMA), (errs, ERRORS_SCHEMA)):
+        schemas = [pq.read_schema(p) for p in files]
+        for p, s in zip(files, schemas, strict=True):
+            assert s.remove_metadata().equals(schema.remove_metadata()), p
+        assert all(s.remove_metadata().equals(schemas[0].remove_metadata()) for s in schemas)
+
+    want_torch = importlib.metadata.version("torch")
+    model_id = file_sha256(two_runs["ckpt"])
+    by_run: dict[str, set[bytes]] = {}
+    for p in preds + errs:
+        raw = pq.read_schema(p).metadata[b"imgscore"]
+        run_id = re.search(r"run_id=([^/]+)", str(p)).group(1)
+        by_run.setdefault(run_id, set()).add(raw)
+    assert set(by_run) == set(two_runs["runs"])
+    # within a run, every file (scored, empty, failed-shard, errors) carries the same metadata
+    assert all(len(v) == 1 for v in by_run.values())
+    metas = {rid: json.loads(next(iter(v))) for rid, v in by_run.items()}
+    for rid, m in metas.items():
+        assert m["run_id"] == rid and m["config"]["run"]["run_id"] == rid
+        assert (m["arch"], m["model_id"], m["classes"]) == ("mobilenet_v3_small", model_id, ["0", "1", "2"])
+        assert m["preprocess"]["crop"] == 224 and m["preprocess"]["resize"] == 256
+        assert m["torch"] == want_torch and m["torchvision"] == importlib.metadata.version("torchvision")
+    h1, h2 = (metas[r]["config_hash"] for r in two_runs["runs"])
+    assert h1 == h2 == config_hash(metas[two_runs["runs"][0]]["config"])  # same settings, other run_id
+    other = json.loads(json.dumps(metas[two_runs["runs"][0]]["config"]))
+    other["run"]["shard_size"] = 5
+    assert config_hash(other) != h1
+
+
+def _readme_blocks() -> list[tuple[str, str]]:
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Reading the results", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(sql|python)\n(.*?)```", section, re.S)
+
+
+def test_readme_examples_run_and_agree_on_latest_prediction(two_runs):
+    out = two_runs["out"]
+    r1, r2 = two_runs["runs"]
+    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _readme_blocks()]
+    assert {lang for lang, _ in blocks} == {"sql", "python"}
+    assert sum("pandas" in c for _, c in blocks) and sum("polars" in c for _, c in blocks) and sum("pyarrow.dataset" in c for _, c in blocks)
+
+    # which run each image's latest prediction comes from: shard 1 (4 images) failed in run 2
+    latest_expected = None
+    con = duckdb.connect()
+    sql = "\n".join(code for lang, code in blocks if lang == "sql")
+    statements = [s for s in sql.split(";") if re.sub(r"--[^\n]*", "", s).strip()]
+    assert len(statements) == 4
+    for stmt in statements:
+        res = con.sql(stmt)
+        rows = res.fetchall()
+        assert rows, stmt
+        if "QUALIFY" in stmt:
+            cols = res.columns
+            latest_expected = {r[cols.index("image_path")]: r[cols.index("run_id")] for r in rows}
+    assert latest_expected is not None and len(latest_expected) == 12
+    assert sorted(latest_expected.values()).count(r1) == 4 and sorted(latest_expected.values()).count(r2) == 8
+
+    for lang, code in blocks:
+        if lang != "python":
+            continue
+        ns: dict = {}
+        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README examples
+        if "latest" in ns:
+            latest = ns["latest"]
+            if hasattr(latest, "to_pandas") and not hasattr(latest, "iterrows"):
+                latest = latest.to_pandas()
+            got = dict(zip(latest["image_path"], latest["run_id"].astype(str), strict=True))
+            assert got == latest_expected
+        if "per_run" in ns:
+            per_run = ns["per_run"]
+            n = per_run["images"].sum() if hasattr(per_run, "columns") else None
+            assert n is None or int(n) == 20
+        if "table" in ns:
+            assert ns["table"].num_rows == 20 and ns["meta"]["arch"] == "mobilenet_v3_small"
