@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
 from tasks.evaluate import confusion, read_run
 from tasks.manifest import manifest_path, read_manifest
-from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, write_json_atomic
+from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir, write_json_atomic
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 HIST_BINS = 20  # confidence histogram: equal bins over [0, 1]
@@ -63,10 +64,15 @@ def load_run_manifest(out_root: str | Path, run_id: str) -> dict:
     return read_manifest(path)
 
 
-def _read(out_root: Path, run_id: str, table: str, columns: list[str], schema: pa.Schema) -> pa.Table:
-    if not (out_root / table).is_dir():
+def _read(out_root: Path, run_date: str | None, run_id: str, table: str, columns: list[str], schema: pa.Schema) -> pa.Table:
+    """The run's rows of ``table``, read from its own partition folder only (not every run's files)."""
+    folder = part_dir(out_root, table, run_date, run_id) if run_date else None
+    files = sorted(str(f) for f in folder.glob("part-*.parquet")) if folder is not None and folder.is_dir() else []
+    if not files:
+        if run_date is None and (out_root / table).is_dir():  # old manifest without run_date
+            return read_run(out_root, run_id, table, columns=columns)
         return schema.empty_table().select(columns)
-    return read_run(out_root, run_id, table, columns=columns)
+    return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
 
 
 def score_stats(scores: np.ndarray) -> dict:
@@ -167,8 +173,8 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
     """
     out_root = Path(out_root)
     m = load_run_manifest(out_root, run_id)
-    preds = _read(out_root, run_id, "predictions", _PRED_COLS, PREDICTIONS_SCHEMA)
-    errs = _read(out_root, run_id, "errors", _ERR_COLS, ERRORS_SCHEMA)
+    preds = _read(out_root, m.get("run_date"), run_id, "predictions", _PRED_COLS, PREDICTIONS_SCHEMA)
+    errs = _read(out_root, m.get("run_date"), run_id, "errors", _ERR_COLS, ERRORS_SCHEMA)
     model = m.get("model") or {}
     model_classes = list(model.get("classes") or [])
     folder_classes = (m.get("input") or {}).get("classes") or None

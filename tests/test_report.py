@@ -421,3 +421,11 @@ def test_run_writes_report_and_artifacts(prefect_server, image_folder, tiny_chec
 
     # the CLI reads the same run back
     assert cli_main(["report", run_id, "--set", f"output.root={out}", "--quiet"]) == 0
+
+
+def test_report_reads_only_its_own_run(tmp_path):
+    out = write_fake_run(tmp_path / "out")
+    write_fake_run(out, run_id="20260102T000000Z-def456")
+    r = rp.build_report(out, RUN)
+    assert r["rows"] == {"predictions": 6, "errors": 3}
+    assert sum(c["predicted"] for c in r["classes"]) == 6 and r["accuracy"]["labelled"] == 6
