@@ -14,9 +14,10 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.runtime import task_run
+from prefect.runtime import flow_run, task_run
 
 from flows.artifacts import RunProgressArtifact, publish_run_report
+from tasks import lock as run_lock
 from tasks import manifest as mf
 from tasks.config import Config
 from tasks.device import resolve_device
@@ -31,7 +32,7 @@ from tasks.parquet_io import (
     part_name,
     write_table_atomic,
 )
-from tasks.plan import RunPlan, plan_run
+from tasks.plan import RunPlan, plan_new_run, result_storage_path, resume_plan, shard_cache_key
 from tasks.scan import scan_images
 from tasks.score import ShardRef, read_shard_entries, score_shard
 
@@ -46,16 +47,22 @@ def workers_on_host(cfg: Config) -> int:
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(cfg: Config) -> RunPlan:
-    """Scan input.root, check the model loads, cut shards, write index and manifest."""
+    """Scan input.root, check the model loads, cut shards, write index and manifest — or, on a
+    retry of this flow run, resume the plan its first attempt wrote (tasks/plan.py)."""
+    resumed = resume_plan(cfg.output.root, flow_run.get_id(), cfg.run.run_id, flow_run.get_run_count())
+    if resumed is not None:
+        return resumed
     t0 = time.perf_counter()
     index = scan_images(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
     t_scan = time.perf_counter() - t0
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
     lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
-    return plan_run(cfg, index, lm.info(), timings={"scan_s": round(t_scan, 3)})
+    return plan_new_run(cfg, index, lm.info(), {"scan_s": round(t_scan, 3)}, flow_run_id=flow_run.get_id())
 
 
-@task(name="score_shard", cache_policy=NO_CACHE)
+# Completed shards are cached (key: tasks.plan.shard_cache_key) with results persisted under
+# output.root, so a retry of the flow run skips them; failed/crashed runs are never cached.
+@task(name="score_shard", cache_key_fn=lambda ctx, params: shard_cache_key(params["ref"]), persist_result=True)
 def score_shard_task(ref: ShardRef, cfg: Config, n_on_host: int, metadata: dict) -> dict:
     """One shard on this worker's device; see ``tasks.score.score_shard``."""
     return score_shard(
@@ -109,7 +116,9 @@ def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, 
 def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
     """Submit one task run per shard and fold results into the manifest as they finish."""
     logger = get_run_logger()
-    shard_task = score_shard_task.with_options(retries=cfg.run.shard_retries, retry_delay_seconds=1)
+    shard_task = score_shard_task.with_options(
+        retries=cfg.run.shard_retries, retry_delay_seconds=1, result_storage=result_storage_path(cfg.output.root)
+    )
     n_on_host = workers_on_host(cfg)
     meta = {"config": cfg.to_dict()}
     futures = {shard_task.submit(ref, cfg, n_on_host, meta): ref for ref in plan.shards}
@@ -119,6 +128,8 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
         ref = futures[fut]
         try:
             result = fut.result()
+            if mf.check_shard(cfg.output.root, ref.run_date, ref.run_id, result):  # cached, but its files are gone or corrupt
+                result = shard_task.with_options(refresh_cache=True).submit(ref, cfg, n_on_host, meta).result()
         except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
@@ -190,5 +201,8 @@ def score_images(config: dict) -> dict:
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
     plan = plan_task(cfg)
-    score_all(plan, cfg)
-    return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0)
+    try:
+        score_all(plan, cfg)
+        return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0)
+    finally:
+        run_lock.release(plan.run_dir)

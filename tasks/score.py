@@ -51,6 +51,7 @@ class ShardRef(BaseModel):
     start: int  # first row of the index (inclusive)
     stop: int  # last row (exclusive)
     fingerprint: str  # sha256 of the shard's (path, size, mtime) rows
+    model_key: str = ""  # sha256 of model_id + resolved preprocessing (tasks.incremental.model_key)
 
 
 class ShardError(RuntimeError):

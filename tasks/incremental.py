@@ -1,0 +1,225 @@
+"""Incremental nightly scoring: skip images that already have a prediction from the same model.
+
+An image is *already scored* when some earlier run into the same ``output.root``, over the same
+input folder, with the same ``model_id`` (checkpoint sha256) and the same resolved
+preprocessing, committed a prediction row for it whose key matches the file as scanned now:
+
+- ``run.skip_key=stat`` (default): relative path + size (bytes) + mtime (ns). Free: the scan has
+  already stat'ed every file.
+- ``run.skip_key=sha256``: relative path + content sha256. A file whose stat still matches is
+  skipped without reading it; only the others (new or touched files) are hashed, and a touched
+  file with unchanged bytes (``touch``, a copy that kept the content) is skipped. A run in this
+  mode records the hashes of the images it scores in ``runs/RUN/content_hashes.parquet``, which
+  later runs join against; images scored by stat-mode runs can match only by stat.
+
+How it stays fast on large outputs (numbers in ``benchmarks/NOTES.md``): candidate runs are
+chosen from their small ``manifest.json`` (model, preprocessing, input root), and only their
+predictions part files are read, projected to three columns (``image_path``, ``file_size``,
+``file_mtime_ns``) with a ``model_id`` filter; the membership test is one vectorised
+``pyarrow.compute.is_in`` over ``path\\tsize\\tmtime`` strings. Error rows are never "scored":
+an image that failed is tried again next night. Changing the checkpoint changes ``model_id``,
+so nothing matches and everything is scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from tasks.parquet_io import part_dir
+from tasks.scan import ImageIndex
+
+log = logging.getLogger("imgscore")
+
+HASHES_FILE = "content_hashes.parquet"
+HASHES_SCHEMA = pa.schema(
+    [
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("size", pa.int64()),  # bytes, as scanned when the hash was taken
+        pa.field("mtime_ns", pa.int64()),
+        pa.field("sha256", pa.string(), nullable=False),  # hex
+    ]
+)
+_KEY_COLUMNS = ["image_path", "file_size", "file_mtime_ns"]
+
+
+def model_key(model_info: dict) -> str:
+    """sha256 hex over ``model_id`` and the resolved preprocessing (``LoadedModel.info()``):
+    what a prediction depends on besides the image bytes."""
+    blob = json.dumps({"model_id": model_info.get("model_id"), "preprocess": model_info.get("preprocess")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _same_root(a: str | Path | None, b: str | Path) -> bool:
+    return a is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, exclude: str | None = None) -> list[dict]:
+    """Manifests of earlier runs in ``out_root`` over ``input_root`` with the same model key.
+
+    Unreadable manifests are skipped (logged). Returns a list of manifest dicts.
+    """
+    want = model_key(model_info)
+    found = []
+    for path in sorted(Path(out_root).glob("runs/*/manifest.json")):
+        if path.parent.name == exclude:
+            continue
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("skip_scored: ignoring unreadable manifest %s (%s)", path, exc)
+            continue
+        if model_key(m.get("model") or {}) == want and _same_root((m.get("input") or {}).get("root"), input_root):
+            found.append(m)
+    return found
+
+
+def _part_files(out_root: str | Path, runs: list[dict]) -> list[str]:
+    files = []
+    for m in runs:
+        d = part_dir(out_root, "predictions", m["run_date"], m["run_id"])
+        files += [str(p) for p in sorted(d.glob("part-*.parquet"))]
+    return files
+
+
+def read_scored(out_root: str | Path, runs: list[dict], model_id: str) -> pa.Table:
+    """Committed prediction keys of ``runs``: a Table (image_path string, file_size int64,
+    file_mtime_ns int64), one row per prediction row with ``model_id``.
+
+    Reads through one ``pyarrow.dataset`` with column projection and a ``model_id`` filter; if a
+    part file is unreadable (a corrupt footer awaiting ``imgscore rerun``) the files are read one
+    by one and the bad ones skipped with a warning — their images count as not scored.
+    """
+    files = _part_files(out_root, runs)
+    empty = pa.table({"image_path": pa.array([], pa.string()), "file_size": pa.array([], pa.int64()), "file_mtime_ns": pa.array([], pa.int64())})
+    if not files:
+        return empty
+    flt = pc.field("model_id") == model_id
+    try:
+        return ds.dataset(files, format="parquet").to_table(columns=_KEY_COLUMNS, filter=flt)
+    except (pa.ArrowException, OSError):
+        parts = []
+        for f in files:
+            try:
+                parts.append(pq.read_table(f, columns=_KEY_COLUMNS, filters=flt))
+            except (pa.ArrowException, OSError) as exc:
+                log.warning("skip_scored: ignoring unreadable part file %s (%s)", f, exc)
+        return pa.concat_tables(parts).select(_KEY_COLUMNS) if parts else empty
+
+
+def read_hashes(out_root: str | Path, runs: list[dict]) -> pa.Table:
+    """Content hashes recorded by earlier sha256-mode ``runs`` (``HASHES_SCHEMA``)."""
+    parts = []
+    for m in runs:
+        p = Path(out_root) / "runs" / m["run_id"] / HASHES_FILE
+        if p.is_file():
+            try:
+                parts.append(pq.read_table(p, schema=HASHES_SCHEMA))
+            except (pa.ArrowException, OSError) as exc:
+                log.warning("skip_scored: ignoring unreadable %s (%s)", p, exc)
+    return pa.concat_tables(parts) if parts else HASHES_SCHEMA.empty_table()
+
+
+def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array) -> pa.Array:
+    return pc.binary_join_element_wise(path, pc.cast(size, pa.string()), pc.cast(mtime, pa.string()), "\t")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class SkipResult:
+    """What :func:`split_already_scored` found."""
+
+    index: ImageIndex  # the images still to score (same root, layout, classes, skipped list)
+    already_scored: int  # images skipped because a matching prediction exists
+    hashes: pa.Table | None  # HASHES_SCHEMA rows for the images to score (sha256 mode), else None
+    prior_runs: list[str]  # run ids whose predictions were consulted
+    hashed: int  # files read for their sha256
+
+
+def split_already_scored(
+    index: ImageIndex,
+    out_root: str | Path,
+    model_info: dict,
+    skip_key: str = "stat",
+    exclude_run: str | None = None,
+) -> SkipResult:
+    """Drop from ``index`` the images already scored under the same model key (module docstring).
+
+    Args:
+        index: the scan of ``input.root``.
+        out_root: ``output.root``, holding earlier runs.
+        model_info: ``LoadedModel.info()`` of this run's model (``model_id``, ``preprocess``).
+        skip_key: ``stat`` or ``sha256``.
+        exclude_run: a run id to ignore (this run itself when resuming).
+
+    Returns:
+        A :class:`SkipResult`; entries that could not be stat'ed are always kept (they become
+        scan errors).
+
+    Raises:
+        ValueError: unknown ``skip_key``.
+    """
+    if skip_key not in ("stat", "sha256"):
+        raise ValueError(f"run.skip_key must be stat or sha256, got {skip_key!r}")
+    runs = prior_runs(out_root, model_info, index.root, exclude=exclude_run)
+    entries = index.entries
+    n = len(entries)
+    keep = [True] * n
+    hashes = None
+    hashed = 0
+    if runs:
+        scored = read_scored(out_root, runs, model_info["model_id"])
+        cur_keys = _stat_keys(
+            pa.array([e.image_path for e in entries], pa.string()),
+            pa.array([e.size for e in entries], pa.int64()),
+            pa.array([e.mtime_ns for e in entries], pa.int64()),
+        )
+        prior = _stat_keys(scored["image_path"], scored["file_size"], scored["file_mtime_ns"])
+        hit = pc.fill_null(pc.is_in(cur_keys, value_set=pc.unique(prior.combine_chunks() if isinstance(prior, pa.ChunkedArray) else prior)), False)
+        keep = [not h for h in hit.to_pylist()]
+    if skip_key == "sha256":
+        todo = [i for i in range(n) if keep[i] and entries[i].scan_error is None]
+        shas: dict[int, str] = {}
+        for i in todo:
+            try:
+                shas[i] = file_sha256(Path(index.root) / entries[i].rel)
+                hashed += 1
+            except OSError:
+                pass  # unreadable now: scored (and recorded) as an error by the shard
+        if runs and shas:
+            prior_h = read_hashes(out_root, runs)
+            scored_h = scored.join(
+                prior_h, keys=["image_path", "file_size", "file_mtime_ns"], right_keys=["image_path", "size", "mtime_ns"], join_type="inner"
+            )
+            value_set = pc.unique(pc.binary_join_element_wise(scored_h["image_path"], scored_h["sha256"], "\t").combine_chunks())
+            idx = list(shas)
+            probe = pa.array([f"{entries[i].image_path}\t{shas[i]}" for i in idx], pa.string())
+            for i, h in zip(idx, pc.fill_null(pc.is_in(probe, value_set=value_set), False).to_pylist(), strict=True):
+                if h:
+                    keep[i] = False
+        rows = [
+            {"image_path": entries[i].image_path, "size": entries[i].size, "mtime_ns": entries[i].mtime_ns, "sha256": s}
+            for i, s in shas.items()
+            if keep[i]
+        ]
+        hashes = pa.Table.from_pylist(rows, schema=HASHES_SCHEMA)
+    kept = [e for e, k in zip(entries, keep, strict=True) if k]
+    new_index = ImageIndex(root=index.root, layout=index.layout, classes=index.classes, entries=kept, skipped=index.skipped)
+    return SkipResult(new_index, n - len(kept), hashes, [m["run_id"] for m in runs], hashed)

@@ -1,0 +1,216 @@
+"""One writer per run: a lock file with the owner's pid and host, and stale-lock detection.
+
+``OUT/runs/RUN/.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on POSIX file systems,
+NFSv3+ included) by whichever process writes the run's part files and manifest: the
+``score-images`` flow while it scores, ``imgscore rerun`` while it rescores. A second writer is
+refused with :class:`~tasks.errors.RunLockedError` (CLI exit 2) naming the owner.
+
+A lock is *stale* — and is broken by the next taker — when its owner is on this host and that
+process is gone (or its pid was reused by a process started later, checked through the start
+time in ``/proc``). A lock owned by another host cannot be checked from here; it is honoured
+until it is older than ``REMOTE_STALE_S`` and the message says which file to delete.
+
+Temp files (``.NAME.PID.tmp``, from :func:`tasks.parquet_io.write_table_atomic`) of a run whose
+lock is not live are leftovers of a killed writer: :func:`clean_run_temp_files` removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tasks.errors import RunLockedError
+
+LOCK_NAME = ".lock"
+REMOTE_STALE_S = 24 * 3600.0  # a lock held by another host counts as stale after a day
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc/PID/stat`` field 22), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with ``pid`` exists on this host (signal 0; EPERM still means alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LOCK_NAME
+
+
+def read_lock(run_dir: str | Path) -> dict | None:
+    """The lock's owner record (pid, host, proc_start, purpose, acquired_at), or None when unlocked.
+
+    A lock file that cannot be parsed (its writer was killed mid-write) reads as ``{}``: stale.
+    """
+    try:
+        text = lock_path(run_dir).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        rec = json.loads(text)
+        return rec if isinstance(rec, dict) else {}
+    except ValueError:
+        return {}
+
+
+def is_stale(rec: dict, now: float | None = None) -> bool:
+    """Whether the owner recorded in ``rec`` is certainly (same host) or presumably (other host,
+    older than ``REMOTE_STALE_S`` seconds) gone."""
+    if not rec or "pid" not in rec:
+        return True
+    if rec.get("host") != socket.gethostname():
+        return (now or time.time()) - float(rec.get("acquired_s", 0)) > REMOTE_STALE_S
+    pid = int(rec["pid"])
+    if not pid_alive(pid):
+        return True
+    start = rec.get("proc_start")
+    return start is not None and _proc_start(pid) not in (None, start)
+
+
+def describe(rec: dict, run_dir: str | Path) -> str:
+    return (
+        f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')}); "
+        f"wait for it to finish, or if that process is gone delete {lock_path(run_dir)}"
+    )
+
+
+def acquire(run_dir: str | Path, purpose: str) -> dict:
+    """Take the run's lock for this process; break it first when it is stale.
+
+    Args:
+        run_dir: ``OUT/runs/RUN`` (must exist).
+        purpose: what holds it, for the refusal message, e.g. ``"imgscore rerun"``.
+
+    Returns:
+        The owner record written to the lock file.
+
+    Raises:
+        RunLockedError: a live process (this one included) holds the lock.
+    """
+    path = lock_path(run_dir)
+    rec = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "proc_start": _proc_start(os.getpid()),
+        "purpose": purpose,
+        "acquired_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "acquired_s": time.time(),
+    }
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = read_lock(run_dir)
+            if held is None:
+                continue  # released between our open and read: try again
+            if not is_stale(held):
+                run_id = Path(run_dir).name
+                raise RunLockedError(f"run {run_id} is locked by {describe(held, run_dir)}") from None
+            _break(path, held)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(rec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return rec
+    raise RunLockedError(f"could not take the lock {path} after 3 tries (another process keeps taking it)")
+
+
+def _break(path: Path, held: dict) -> None:
+    """Remove a stale lock, but only if it is still the one we judged (rename, then compare)."""
+    victim = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+    try:
+        os.replace(path, victim)
+    except FileNotFoundError:
+        return
+    try:
+        now_held = json.loads(victim.read_text(encoding="utf-8") or "{}")
+    except ValueError:
+        now_held = {}
+    if now_held != held and not is_stale(now_held):  # someone re-took it in between: give it back
+        try:
+            os.link(victim, path)
+        except FileExistsError:
+            pass
+    victim.unlink(missing_ok=True)
+
+
+def release(run_dir: str | Path) -> bool:
+    """Remove the lock if this process owns it; return whether it did."""
+    rec = read_lock(run_dir)
+    if rec and rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname():
+        lock_path(run_dir).unlink(missing_ok=True)
+        return True
+    return False
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """True when a live owner holds the run's lock."""
+    rec = read_lock(run_dir)
+    return rec is not None and not is_stale(rec)
+
+
+def clean_run_temp_files(folders: list[str | Path]) -> int:
+    """Delete leftover ``.*.tmp`` files (killed writers) under ``folders``; return how many.
+
+    Call it only while holding the run's lock, or for runs whose lock is not live: a live
+    writer's temp file must not be removed under it.
+    """
+    n = 0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for p in folder.rglob(".*.tmp"):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None) -> int:
+    """Remove temp files left by killed writers of any run under ``out_root`` that no live process
+    holds (its lock absent or stale); return how many. Runs that are being written are left alone.
+
+    Looks in ``OUT/{predictions,errors,errors_history}/run_date=*/run_id=*/`` and ``OUT/runs/*/``.
+    """
+    out = Path(out_root)
+    live: dict[str, bool] = {}
+
+    def abandoned(run_id: str) -> bool:
+        if run_id == skip_run:
+            return False
+        if run_id not in live:
+            live[run_id] = is_locked(out / "runs" / run_id)
+        return not live[run_id]
+
+    folders: list[Path] = []
+    for table in ("predictions", "errors", "errors_history"):
+        for d in out.glob(f"{table}/run_date=*/run_id=*"):
+            if abandoned(d.name.split("=", 1)[1]):
+                folders.append(d)
+    for d in out.glob("runs/*"):
+        if d.is_dir() and abandoned(d.name):
+            folders.append(d)
+    return clean_run_temp_files(folders)
