@@ -7,11 +7,44 @@
 Each is a default: a value the user exported wins.
 """
 
+import logging
 import os
+
+
+class ExpectedFailureFilter(logging.Filter):
+    """Prefect's engines log the exception that ends a flow or task run at ERROR with its traceback.
+    For the failures imgscore expects and reports itself — an ``ImgscoreError`` (error budget, bad
+    input or model) or a ``ShardError`` (a shard that cannot run; its reason goes to the manifest)
+    — the record drops to INFO without the traceback: it still reaches the Prefect API (the run's
+    logs in the UI), not the terminal. Anything else keeps its traceback. Not installed with
+    ``--verbose``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            from tasks.errors import ImgscoreError
+            from tasks.score import ShardError
+
+            if isinstance(exc, ImgscoreError | ShardError):
+                record.exc_info, record.exc_text = None, None
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_expected_failures(on: bool = True) -> None:
+    """Install (once) or remove :class:`ExpectedFailureFilter` on Prefect's flow-run and task-run loggers."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        lg = logging.getLogger(name)
+        mine = [f for f in lg.filters if isinstance(f, ExpectedFailureFilter)]
+        if on and not mine:
+            lg.addFilter(ExpectedFailureFilter())
+        for f in mine if not on else []:
+            lg.removeFilter(f)
 
 
 def apply(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    quiet_expected_failures(on=not verbose)
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")

@@ -169,6 +169,7 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
         "error_rate": round(rate, 6),
         "max_error_rate": max_error_rate,
         "failed_shards": failed_shards,
+        "warnings": sum(sum((s.get("warnings") or {}).values()) for s in m["shards"]),  # Pillow warnings, counted per shard
         "images_per_s": m["timings"]["images_per_s"],
         "wall_s": round(wall_s, 2),
         "devices": devices,
@@ -179,7 +180,7 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
     # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
     summary["report"] = publish_run_report(plan.manifest["config"]["output"]["root"], plan.run_id)
     if over:
-        why = f"{len(failed_shards)} shard(s) failed" if failed_shards else f"error rate {rate:.2%} > run.max_error_rate {max_error_rate:.2%}"
+        why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else f"error rate {rate:.2%} > run.max_error_rate {max_error_rate:.2%}"
         raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m['outputs']['errors']}", summary)
     return summary
 

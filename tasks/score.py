@@ -117,9 +117,11 @@ def score_isolated(fn, x: torch.Tensor, positions: list[int], state: _Isolation)
                 state.failures.append((ps[0], "OutOfMemoryError", str(exc).splitlines()[0]))
                 return
             state.max_batch = max(1, min(state.max_batch, len(ps) // 2))
-            half = len(ps) // 2
-            run(xs[:half], ps[:half])
-            run(xs[half:], ps[half:])
+            i = 0  # the rest of this chunk too runs at the lowered size (which may drop again)
+            while i < len(ps):
+                step = state.max_batch
+                run(xs[i : i + step], ps[i : i + step])
+                i += step
             return
         except Exception as exc:
             if len(ps) == 1:
@@ -197,9 +199,11 @@ def score_shard(
     now = lambda: datetime.now(UTC)  # noqa: E731
 
     def error_row(pos: int | None, batch_id: int | None, stage: str, etype: str, msg: str) -> dict:
+        path = entries[pos].image_path if pos is not None else None
+        log.debug("shard %d batch %s: %s failed at %s: %s: %s", ref.shard_id, batch_id, path, stage, etype, msg.splitlines()[0] if msg else "")
         return {
             "run_id": ref.run_id,
-            "image_path": entries[pos].image_path if pos is not None else None,
+            "image_path": path,
             "shard_id": ref.shard_id,
             "batch_id": batch_id,
             "stage": stage,
@@ -263,6 +267,8 @@ def score_shard(
         # the shard cannot be trusted as a whole; nothing is committed and Prefect retries it.
         raise ShardError(f"shard {ref.shard_id}: DataLoader failed: {exc}") from exc
 
+    if warn_counts:
+        log.debug("shard %d: Pillow warnings (counted, not printed per image): %s", ref.shard_id, dict(warn_counts))
     meta = file_metadata(lm.info(), ref.run_id, metadata)
     pred_file = write_table_atomic(
         make_table(preds, PREDICTIONS_SCHEMA, meta),
