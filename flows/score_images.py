@@ -18,6 +18,7 @@ from prefect.runtime import flow_run, task_run
 
 from flows.artifacts import RunProgressArtifact, publish_run_report
 from tasks import lock as run_lock
+from flows.runner import ConfiguredTaskRunner
 from tasks import manifest as mf
 from tasks.config import Config
 from tasks.device import resolve_device
@@ -185,7 +186,8 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
     return summary
 
 
-@flow(name="score-images", log_prints=False)
+# The task runner comes from the run's own config.runner (thread or Dask), also for deployment runs.
+@flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner())
 def score_images(config: dict) -> dict:
     """Score every image under ``config['input']['root']`` and write Parquet part files.
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from tasks.config import InferenceConfig, InputConfig, ModelConfig, OutputConfig, PreprocessConfig
 from tasks.dataset import Batch, Failure, ShardDataset, collate_samples
-from tasks.device import configure_threads, resolve_device, worker_name
+from tasks.device import configure_threads, loader_context, loader_workers, resolve_device, worker_name
 from tasks.model import LoadedModel, load_model
 from tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -179,7 +179,7 @@ def score_shard(
     lm = load_model(model_cfg, pre_cfg, device, channels_last=inf_cfg.channels_last)
     entries = read_shard_entries(ref.run_dir, ref.shard_id)
     ds = ShardDataset(ref.input_root, entries, lm.preprocess, DecodeOptions(input_cfg.max_pixels, input_cfg.exif_orientation))
-    nw = inf_cfg.num_workers
+    nw = loader_workers(inf_cfg.num_workers)  # 0 in a daemonic (Dask) process
     loader = DataLoader(
         ds,
         batch_size=inf_cfg.batch_size,
@@ -188,6 +188,7 @@ def score_shard(
         collate_fn=collate_samples,
         pin_memory=device.type == "cuda",
         timeout=inf_cfg.timeout_s if nw > 0 else 0,
+        multiprocessing_context=loader_context(nw),  # fork, also inside (spawned) Dask workers
     )
     me = worker_name()
     dev_name = str(device)
@@ -292,6 +293,7 @@ def score_shard(
         "device": dev_name,
         "worker": me,
         "threads": threads,
+        "loader_workers": nw,  # DataLoader processes actually used (0: decoded in this process)
         "attempt": attempt,
         "files": [str(pred_file), str(err_file)],
         "warnings": dict(warn_counts.most_common(20)),
