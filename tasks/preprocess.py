@@ -18,6 +18,7 @@ Decoding policy (documented in the README):
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -39,6 +40,22 @@ _INTERP = {
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
 }
+
+
+# warnings.catch_warnings swaps process-wide state (filters, showwarning) and is not thread-safe:
+# two shards decoding in threads of one process (thread runner with n_workers > 1 and
+# inference.num_workers=0) would restore each other's state and leak or lose warnings. Decodes that
+# record warnings therefore take turns within a process; DataLoader worker processes each have
+# their own lock (re-made after fork, in case a thread held it at that moment).
+_WARNINGS_LOCK = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _WARNINGS_LOCK
+    _WARNINGS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class DecodeError(Exception):
@@ -180,7 +197,7 @@ def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: l
         raise DecodeError("unreadable", f"cannot read file: {exc.strerror}") from None
     if size == 0:
         raise DecodeError("empty", "zero-byte file")
-    with warnings.catch_warnings(record=True) as caught:
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             img = Image.open(path)

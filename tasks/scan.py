@@ -210,7 +210,8 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
         follow_symlinks: follow symlinked files and folders; cycles are cut.
 
     Returns:
-        An :class:`ImageIndex`. Empty class folders stay classes (with zero images); files with
+        An :class:`ImageIndex`. Class names and ``image_path`` are valid UTF-8 (undecodable bytes
+        of old Latin-1 names become ``\\xNN``). Empty class folders stay classes (with zero images); files with
         unsupported image formats are listed in ``skipped`` with a reason; hidden files and
         folders, AppleDouble files and non-image files appear nowhere.
 
@@ -235,9 +236,10 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
     if layout == "imagefolder":
         for idx, cls in enumerate(classes):
             cls_dir = os.path.join(root_s, cls)
+            name = display_path(cls)  # a Latin-1 folder name is a class too, named in valid UTF-8
             for path in _walk_files(cls_dir, follow_symlinks, seen, skipped, root_s):
                 if _classify(path, root_s, skipped):
-                    entries.append(_entry(path, root_s, idx, cls))
+                    entries.append(_entry(path, root_s, idx, name))
         with os.scandir(root_s) as it:  # files directly in root have no class: say so
             for e in sorted(it, key=lambda e: e.name):
                 if not _is_hidden(e.name) and not e.is_dir() and os.path.splitext(e.name)[1].lower() in SCORABLE_EXTENSIONS:
@@ -253,4 +255,4 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
             f"input.root {root_s!r} holds no image files ({', '.join(sorted(SCORABLE_EXTENSIONS))}); "
             "check the path, or that the images are not in hidden folders"
         )
-    return ImageIndex(root=root_p, layout=layout, classes=classes, entries=entries, skipped=skipped)
+    return ImageIndex(root=root_p, layout=layout, classes=[display_path(c) for c in classes], entries=entries, skipped=skipped)

@@ -360,3 +360,31 @@ def test_collate_with_only_failures(tmp_path):
     b = collate_samples([ds[0], ds[1]])
     assert b.tensor is None and b.positions == []
     assert [(f.image_path, f.error_type) for f in b.failures] == [("a.jpg", "DecodeError.empty"), ("b.jpg", "DecodeError.unidentified")]
+
+
+def test_warning_capture_is_thread_safe(tmp_path, photo):
+    """Shards decoding in threads of one process (thread runner, num_workers=0): every decode
+    counts its own warnings, none leak, and the process's warning state is restored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stored, _ = exif_rotated(photo)
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=corrupt_exif(6))
+    photo.save(tmp_path / "clean.jpg", quality=95)
+    ref: list[str] = []
+    decode(tmp_path / "phone.jpg", warned=ref)
+    filters_before, show_before = list(warnings.filters), warnings.showwarning
+
+    def one(i: int) -> list[str]:
+        warned: list[str] = []
+        decode_image(str(tmp_path / ("phone.jpg" if i % 2 else "clean.jpg")), SPEC, OPTS, warned)
+        return warned
+
+    with warnings.catch_warnings(record=True) as leaked:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(64)))
+        inner_filters = list(warnings.filters)
+    assert [str(w.message) for w in leaked] == []
+    assert results == [ref if i % 2 else [] for i in range(64)]
+    assert inner_filters[0][0] == "always"  # our outer context was never clobbered by a decode
+    assert warnings.filters == filters_before and warnings.showwarning is show_before

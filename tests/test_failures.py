@@ -460,3 +460,14 @@ def test_verbose_shows_per_image_detail_quiet_does_not(prefect_server, photos, p
     assert not any("broken.jpg" in m for m in quiet)
     assert any("broken.jpg failed at decode: DecodeError.unidentified: text file with an image extension" in m for m in loud), loud
     capfd.readouterr()
+
+
+def test_latin1_class_folder_is_a_class_with_a_utf8_name(tmp_path, photos):
+    root = tmp_path / "images"
+    for cls in (b"caf\xe9", b"tea"):
+        os.makedirs(os.fsencode(root) + b"/" + cls)
+        photos["coffee"].resize((64, 48)).save(os.fsencode(root) + b"/" + cls + b"/x.jpg")
+    index = scan_images(root)
+    assert index.classes == ["caf\\xe9", "tea"]
+    assert [(e.image_path, e.label, e.label_name) for e in index.entries] == [("caf\\xe9/x.jpg", 0, "caf\\xe9"), ("tea/x.jpg", 1, "tea")]
+    assert index.to_table().column("label_name").to_pylist() == ["caf\\xe9", "tea"]  # Parquet-safe
