@@ -1,0 +1,171 @@
+"""Dask runner: same answers as the thread runner, DataLoader workers inside Dask workers, one
+Prefect API for every worker, and each worker's own device and thread share."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from flows.cli import main
+from tasks import device as dev
+from tasks.errors import ConfigError
+from tests.conftest import base_overrides, make_image_folder
+
+pytestmark = pytest.mark.slow
+
+
+def _predictions(out: Path) -> dict[str, dict]:
+    table = ds.dataset(out / "predictions", format="parquet", partitioning="hive").to_table()
+    return {r["image_path"]: r for r in table.to_pylist()}
+
+
+def _shard_states(out: Path) -> list[dict]:
+    (run_dir,) = (out / "runs").iterdir()
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("*.json"))]
+
+
+def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, prefect_server):
+    """The acceptance run: dask, 2 worker processes, 2 DataLoader workers each → exit 0, the
+    thread runner's predictions, at least two workers, each with its share of the cores."""
+    root = make_image_folder(tmp_path / "images", photos, per_class=4)  # 12 real photos
+    common = base_overrides(root, tiny_checkpoint, tmp_path / "x", **{"run.shard_size": 3, "inference.num_workers": 2})
+    common = [o for o in common if not o.startswith("output.root=")]
+
+    def run(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        argv = ["run", "-q"] + [a for o in [*common, f"output.root={out}", *extra] for a in ("--set", o)]
+        assert main(argv) == 0
+        return out
+
+    out_t = run("thread")
+    out_d = run("dask", "runner.type=dask", "runner.n_workers=2")
+
+    thread, dask_ = _predictions(out_t), _predictions(out_d)
+    assert len(thread) == 12 and sorted(thread) == sorted(dask_)
+    for path, t in thread.items():
+        d = dask_[path]
+        assert d["pred_index"] == t["pred_index"], path
+        assert d["pred_label"] == t["pred_label"]
+        assert d["score"] == pytest.approx(t["score"], abs=1e-5)
+        assert d["topk_indices"] == t["topk_indices"]
+        assert d["topk_scores"] == pytest.approx(t["topk_scores"], abs=1e-5)
+        assert d["label"] == t["label"] and d["device"] == "cpu"
+
+    workers = {r["worker"] for r in dask_.values()}
+    assert len(workers) >= 2, workers
+    assert f"{os.uname().nodename}:{os.getpid()}" not in workers  # scored in the worker processes
+    assert {r["worker"] for r in thread.values()} == {dev.worker_name()}
+
+    cores = dev.usable_cores()
+    d_states, t_states = _shard_states(out_d), _shard_states(out_t)
+    assert len(d_states) == 4
+    # DataLoader processes really ran inside the (non-daemonic) Dask workers: no fallback to 0.
+    assert {s["loader_workers"] for s in d_states} == {2}
+    assert {s["threads"] for s in d_states} == {max(1, cores // 2)}  # two workers share the host
+    assert {s["threads"] for s in t_states} == {cores}
+
+
+def _probe_loader(requested: int, queue) -> None:
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.getLogger("imgscore").addHandler(Keep())
+    import multiprocessing
+
+    first = dev.loader_workers(requested)
+    dev.loader_workers(requested)  # a second shard in the same process: no second log line
+    queue.put((first, records, multiprocessing.current_process().daemon))
+
+
+def test_daemonic_worker_of_foreign_cluster_falls_back_with_one_log_line():
+    """A Dask cluster we do not start keeps daemonic workers (Dask's default): decode in-process,
+    say so once. A daemonic process is what such a worker is; forked here to stay fast."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_probe_loader, args=(2, queue), daemon=True)
+    p.start()
+    n, records, daemon = queue.get(timeout=60)
+    p.join(timeout=30)
+    assert daemon is True
+    assert n == 0
+    assert len(records) == 1 and "daemonic" in records[0] and "num_workers=2 → 0" in records[0]
+    assert dev.loader_workers(2) == 2  # this (non-daemonic) process keeps its DataLoader workers
+
+
+def test_workers_report_to_the_flows_api_instead_of_starting_servers(prefect_server):
+    """Without PREFECT_API_URL the flow's temporary server is the only one: workers get its URL."""
+    from prefect import flow, task
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runner import make_task_runner
+    from tasks.config import RunnerConfig
+
+    @task
+    def where() -> tuple[str | None, str | None, int]:
+        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.settings import PREFECT_API_URL as url
+
+        return url.value(), os.environ.get("PREFECT_API_URL"), len(SubprocessASGIServer._instances)
+
+    @flow
+    def probe() -> tuple:
+        from prefect.context import FlowRunContext
+
+        flow_url = str(FlowRunContext.get().client.api_url).rstrip("/")
+        # As if no API URL were configured: the flow's client is the only place that knows it.
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            assert PREFECT_API_URL.value() is None
+            with make_task_runner(RunnerConfig(type="dask", n_workers=1)) as runner:
+                return flow_url, runner.submit(where, {}).result()
+
+    flow_url, (setting, env, servers) = probe()
+    assert setting == flow_url and env == flow_url
+    assert servers == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "rank", "gpus", "expected"),
+    [
+        ("auto", 0, 2, "cuda:0"),
+        ("auto", 3, 2, "cuda:1"),  # rank 3 of a host with 2 GPUs
+        ("cuda", 1, 4, "cuda:1"),  # plain "cuda": this worker's own GPU too
+        ("cuda:0", 3, 2, "cuda:0"),  # an explicit index is kept
+        ("auto", 5, 1, "cuda:0"),  # CUDA_VISIBLE_DEVICES=one GPU per worker → its only GPU
+        ("cpu", 1, 2, "cpu"),
+    ],
+)
+def test_each_worker_picks_its_own_gpu(monkeypatch, name, rank, gpus, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert str(dev.resolve_device(name, rank)) == expected
+
+
+def test_cpu_only_machine_auto_is_cpu_and_explicit_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert dev.resolve_device("auto", 3) == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"inference.device='cuda:1' but CUDA is not available.*use inference.device=auto or cpu"):
+        dev.resolve_device("cuda:1")
+
+
+def test_threads_are_the_workers_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(dev, "usable_cores", lambda: 16)
+    before = torch.get_num_threads()
+    try:
+        assert dev.configure_threads(None, workers_on_host=4) == 4
+        assert torch.get_num_threads() == 4
+        assert dev.configure_threads(None, workers_on_host=32) == 1  # never 0
+        assert dev.configure_threads(3, workers_on_host=4) == 3  # inference.num_threads wins
+    finally:
+        torch.set_num_threads(before)
