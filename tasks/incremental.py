@@ -142,6 +142,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _display(e) -> str:
+    """``e.image_path`` without the per-entry re-encoding for the common ASCII name on POSIX."""
+    return e.rel if os.sep == "/" and e.rel.isascii() else e.image_path
+
+
 @dataclass
 class SkipResult:
     """What :func:`split_already_scored` found."""
@@ -187,7 +192,7 @@ def split_already_scored(
     if runs:
         scored = read_scored(out_root, runs, model_info["model_id"])
         cur_keys = _stat_keys(
-            pa.array([e.image_path for e in entries], pa.string()),
+            pa.array([_display(e) for e in entries], pa.string()),
             pa.array([e.size for e in entries], pa.int64()),
             pa.array([e.mtime_ns for e in entries], pa.int64()),
         )
