@@ -23,9 +23,8 @@ def check_schedule(cron: str, timezone: str) -> None:
     Raises:
         ConfigError: naming the bad value and an example of a good one.
     """
-    from pydantic import ValidationError
-
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     try:
         CronSchedule(cron=cron, timezone=timezone)
