@@ -15,7 +15,6 @@ import duckdb
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from flows.cli import main as cli_main
 from tasks import lock as run_lock
@@ -266,6 +265,6 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
     assert flow_run.run_count == 2
-    shard_states = sorted((r.state.name for r in runs if r.task_key.startswith("score_shard") or "score_shard" in r.name))
+    shard_states = sorted(r.state.name for r in runs if r.task_key.startswith("score_shard") or "score_shard" in r.name)
     assert shard_states.count("Cached") == 2, shard_states
     assert any(p.is_file() for p in (out / "_prefect" / "results").iterdir())
