@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -158,6 +159,9 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _env.apply(verbose=args.verbose)
+    # The temporary server's first start migrates a fresh SQLite DB; Prefect's 20 s default
+    # timed out on a loaded 2-core machine ("Timed out while attempting to connect").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     ours = logging.getLogger("imgscore")
     if not ours.handlers:
         h = logging.StreamHandler()
@@ -181,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted; finish the run with `imgscore rerun RUN_ID`", 130)
+    except Exception as exc:
+        if args.verbose:
+            raise
+        if "ephemeral Prefect API server" in str(exc):
+            return _fail(
+                f"{exc} Start a server (`prefect server start`) and export PREFECT_API_URL, or raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                1,
+            )
+        return _fail(f"{type(exc).__name__}: {exc} (run again with --verbose for the traceback)", 1)
 
 
 def entrypoint() -> None:
