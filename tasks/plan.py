@@ -84,6 +84,15 @@ def plan_run(
         raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
     run_dir.mkdir(parents=True, exist_ok=True)
     run_lock.acquire(run_dir, "imgscore run")  # released by the flow when it ends (tasks/lock.py)
+    try:
+        return _write_plan(cfg, index, model_info, run_id, run_date, run_dir, started, timings, already_scored, flow_run_id, incremental, content_hashes)
+    except BaseException:
+        run_lock.release(run_dir)
+        raise
+
+
+def _write_plan(cfg, index, model_info, run_id, run_date, run_dir, started, timings, already_scored, flow_run_id, incremental, content_hashes) -> RunPlan:
+    out = Path(cfg.output.root)
     size = cfg.run.shard_size
     table = index.to_table()
     tmp = run_dir / ".index.parquet.tmp"

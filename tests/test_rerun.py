@@ -268,3 +268,46 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
     shard_states = sorted(r.state.name for r in runs if r.task_key.startswith("score_shard") or "score_shard" in r.name)
     assert shard_states.count("Cached") == 2, shard_states
     assert any(p.is_file() for p in (out / "_prefect" / "results").iterdir())
+
+
+@pytest.mark.slow
+def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
+    """The README's `prefect flow-run retry ID --entrypoint flows/score_images.py:score_images`
+    on a failed `imgscore run`-style flow run: the completed shards are Cached, the run completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL
+
+    import flows.score_images as si
+    from tasks.config import load_config
+    from tasks.score import ShardError
+
+    root = flat_folder(tmp_path / "images", photos, 15, size=48)
+    out = tmp_path / "out"
+    cfg = load_config(None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "cli-retry"}))
+    real = si.score_shard
+
+    def broken(ref, *a, **kw):
+        if ref.shard_id == 2:
+            raise ShardError("shard 2: DataLoader failed: bus error (simulated)")
+        return real(ref, *a, **kw)
+
+    monkeypatch.setattr(si, "score_shard", broken)
+    state = si.score_images(cfg.to_dict(), return_state=True)
+    assert state.is_failed()
+    assert manifest(out, "cli-retry")["shards"][2]["state"] == "failed"
+    fr_id = str(state.state_details.flow_run_id)
+    monkeypatch.undo()
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "flow-run", "retry", fr_id, "--entrypoint", "flows/score_images.py:score_images"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = manifest(out, "cli-retry")
+    assert m["status"] == "complete" and m["counts"]["scored"] == 15 and m["flow_run_id"] == fr_id
+    assert predictions(out, "cli-retry").num_rows == 15 and errors(out, "cli-retry").num_rows == 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    names = [r.state.name for r in runs if "score_shard" in r.name]
+    assert names.count("Cached") == 2, names
