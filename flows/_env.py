@@ -4,7 +4,9 @@
   prints "Failed to send telemetry" and sqlite "database is locked" tracebacks (CASES.md).
 - Prefect's console handler at WARNING: our CLI prints its own progress and summary; the flow
   and task run logs still reach the Prefect API (and the UI of a real server).
-Each is a default: a value the user exported wins.
+- Expected failures (error budget, a shard that cannot run) without Prefect's traceback on the
+  terminal: :class:`ExpectedFailureFilter` (off with ``--verbose``).
+Each environment value is a default: a value the user exported wins.
 """
 
 import logging
