@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from tasks.preprocess import DecodeError, DecodeOptions, PreprocessSpec, build_transform, decode_image
+from tasks.preprocess import (
+    DecodeError,
+    DecodeOptions,
+    PreprocessSpec,
+    build_transform,
+    decode_image,
+)
 from tasks.scan import ImageEntry
 
 

@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 
 from tasks.config import PILLOW_MAX_PIXELS
 from tasks.dataset import Failure, Sample, ShardDataset, collate_samples
-from tasks.preprocess import DecodeError, DecodeOptions, PreprocessSpec, build_transform, decode_image
+from tasks.preprocess import (
+    DecodeError,
+    DecodeOptions,
+    PreprocessSpec,
+    build_transform,
+    decode_image,
+)
 from tasks.scan import ImageEntry, display_path
 
 SPEC = PreprocessSpec()

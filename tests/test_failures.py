@@ -163,7 +163,7 @@ def build_messy_folder(root: Path, photos: dict[str, Image.Image]) -> Path:
     (root / "coffee/coffee.jpg").write_bytes(jpeg_bytes(coffee, quality=95))
     (root / "coffee/coffee_cmyk.jpg").write_bytes(jpeg_bytes(coffee.convert("CMYK"), quality=95))
     palette_with_transparency(coffee).save(root / "coffee/coffee_palette.png")
-    Image.fromarray((np.asarray(coffee.convert("L")).astype(np.uint16) * 257)).save(root / "coffee/coffee_16bit.png")
+    Image.fromarray(np.asarray(coffee.convert("L")).astype(np.uint16) * 257).save(root / "coffee/coffee_16bit.png")
     coffee.save(root / "coffee/coffee.webp", quality=90)
     coffee.save(root / "coffee/coffee.bmp")
     os.symlink(root / "coffee/coffee.jpg", root / "coffee/coffee_link.jpg")
