@@ -440,9 +440,14 @@ def test_expected_failures_lose_their_traceback_others_keep_it():
 
 
 @pytest.mark.slow
-def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd):
-    """A DataLoader that times out (a decode that hangs) fails its shard after run.shard_retries;
-    the manifest says so with the reason, and the other shards are scored."""
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("hang", "DataLoader timed out after 1"), ("die", "exited unexpectedly")],
+)
+def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd, fault, reason):
+    """A DataLoader that times out (a decode that hangs) or whose worker process dies (a decoder
+    crash) fails its shard after run.shard_retries; the manifest says so with the reason, and the
+    other shards are scored."""
     root = tmp_path / "images"
     root.mkdir()
     names = ["astronaut", "coffee", "chelsea", "rocket", "colorwheel", "immunohistochemistry"]
@@ -453,12 +458,14 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
 
     real = tasks.dataset.decode_image
 
-    def hang_once_then_decode(path, *a, **k):  # inherited by the forked DataLoader workers
+    def faulty_decode(path, *a, **k):  # inherited by the forked DataLoader workers
         if path.endswith("hang.jpg"):
+            if fault == "die":
+                os._exit(1)  # only ever runs in the DataLoader worker process
             time.sleep(4)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(tasks.dataset, "decode_image", hang_once_then_decode)
+    monkeypatch.setattr(tasks.dataset, "decode_image", faulty_decode)
     t0 = time.perf_counter()
     with engine_records() as records:
         code = _cli(
@@ -470,7 +477,7 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     m = read_manifest(tmp_path / "out/runs/hang/manifest.json")
     states = [(s["shard_id"], s["state"], s["attempts"]) for s in m["shards"]]
     assert states == [(0, "complete", 1), (1, "failed", 2), (2, "complete", 1)]
-    assert "DataLoader timed out after 1" in m["shards"][1]["reason"]
+    assert reason in m["shards"][1]["reason"]
     assert (m["counts"]["scanned"], m["counts"]["scored"], m["counts"]["failed"]) == (6, 4, 2)
     errs = read_table(tmp_path / "out", "errors", "hang")
     assert sorted((r["image_path"], r["error_type"], r["attempt"]) for r in errs) == [("2_hang.jpg", "ShardFailed", 2), ("3_rocket.jpg", "ShardFailed", 2)]
@@ -480,7 +487,7 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     assert "imgscore: run hang over its error budget: 1 shard(s) failed (error rate 33.33%)" in err
     assert tracebacks_for_the_terminal(records) == []
     retried = [r.getMessage() for r in records if r.name == "prefect.task_runs" and "Retry 1/1" in r.getMessage()]
-    assert len(retried) == 1 and "DataLoader timed out" in retried[0]
+    assert len(retried) == 1 and reason in retried[0]
     print(f"shard-failure run: {elapsed:.1f} s")
 
 
