@@ -53,6 +53,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def lock_path(run_dir: str | Path) -> Path:
+    """``run_dir/.lock``: the run's lock file (JSON owner record)."""
     return Path(run_dir) / LOCK_NAME
 
 
@@ -87,6 +88,7 @@ def is_stale(rec: dict, now: float | None = None) -> bool:
 
 
 def describe(rec: dict, run_dir: str | Path) -> str:
+    """One line naming the lock's owner and what to do about it (for refusal messages)."""
     return (
         f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')}); "
         f"wait for it to finish, or if that process is gone delete {lock_path(run_dir)}"

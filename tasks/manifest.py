@@ -28,10 +28,12 @@ _LOCK = threading.Lock()
 
 
 def manifest_path(out_root: str | Path, run_id: str) -> Path:
+    """``OUT/runs/RUN_ID/manifest.json``."""
     return Path(out_root) / "runs" / run_id / "manifest.json"
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The manifest at ``path`` as a dict. Raises ``FileNotFoundError`` / ``ValueError``."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -74,6 +76,7 @@ def record_shard(manifest: dict, run_dir: str | Path, result: dict) -> dict:
 
 
 def save(manifest: dict, run_dir: str | Path) -> None:
+    """Stamp ``updated_at`` and write ``run_dir/manifest.json`` atomically."""
     with _LOCK:
         manifest["updated_at"] = datetime.now(UTC).isoformat()
         write_json_atomic(manifest, Path(run_dir) / "manifest.json")
