@@ -138,12 +138,13 @@ class ShardWork:
 
 def adopt_committed(manifest: dict, run_dir: str | Path, out_root: str | Path) -> list[int]:
     """Fold into ``manifest`` the shards whose commit record ``shards/SSSSS.json`` exists and whose
-    part files match it, but which the manifest does not show as finished (the flow process was
-    killed between the shard's commit and the manifest update). Returns their ids; saves nothing.
+    part files match it, but which the manifest does not show as finished — or, for a ``partial``
+    shard, whose record is from a later attempt (a run or rerun was killed between the shard's
+    commit and the manifest update). Returns their ids; saves nothing.
     """
     adopted = []
     for entry in manifest["shards"]:
-        if entry["state"] in ("complete", "partial"):
+        if entry["state"] == "complete":
             continue
         p = Path(run_dir) / "shards" / f"{entry['shard_id']:05d}.json"
         try:
@@ -152,6 +153,8 @@ def adopt_committed(manifest: dict, run_dir: str | Path, out_root: str | Path) -
             continue
         if rec.get("fingerprint") != entry.get("fingerprint") or rec.get("state") not in ("complete", "partial"):
             continue
+        if entry["state"] == "partial" and int(rec.get("attempt") or 0) <= int(entry.get("attempts") or 0):
+            continue  # the record the manifest already holds; a later attempt's record is adopted
         if check_shard(out_root, manifest["run_date"], manifest["run_id"], rec) is None:
             entry.update(
                 {

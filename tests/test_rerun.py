@@ -151,6 +151,19 @@ def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, 
     idx = pq.read_table(out / "runs" / rid / "index.parquet").to_pandas().set_index("image_path")
     assert idx.loc["img_005.jpg", "size"] == bad.stat().st_size
 
+    # as if that rerun had been killed after its commit, before the manifest update: the next
+    # rerun adopts the committed shard from its commit record instead of rescoring it
+    done = manifest(out, rid)
+    stale = json.loads(json.dumps(done))
+    stale["shards"][1].update(state="partial", attempts=1, scored=4, failed=1, failed_images=["img_005.jpg"])
+    stale["status"] = "running"
+    (out / "runs" / rid / "manifest.json").write_text(json.dumps(stale))
+    assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
+    m = manifest(out, rid)
+    assert m["reruns"][-1]["adopted_shards"] == [1] and m["reruns"][-1]["shards"] == [] and m["reruns"][-1]["images_rescored"] == 0
+    assert m["status"] == "complete" and m["shards"][1]["attempts"] == 2 and m["counts"]["scored"] == 12
+    assert predictions(out, rid).to_pandas().sort_values("image_path").reset_index(drop=True).equals(after.sort_values("image_path").reset_index(drop=True))
+
 
 def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_checkpoint, tmp_path):
     root = flat_folder(tmp_path / "images", photos, 10, size=48)
