@@ -13,6 +13,7 @@ deployment (``prefect deploy``, ``imgscore serve``) uses Dask exactly like ``img
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from prefect.context import FlowRunContext
@@ -45,6 +46,37 @@ def flow_api_url() -> str | None:
     return None if "ephemeral-prefect" in url else url  # an in-process ASGI app has no address
 
 
+class _NannyKillToDebug(logging.Filter):
+    """Turns the nanny's "Worker process still alive after N seconds, killing" into DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "still alive after" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def drain_prefect_services(timeout: float = 30.0) -> None:
+    """Send this process's pending Prefect logs and events now (run on each Dask worker).
+
+    A worker process otherwise sends them from exit handlers while its nanny waits 4 s to close
+    it; on a busy machine the nanny then kills it ("Worker process still alive after 4.0
+    seconds, killing" on the terminal) and the last task-run events can be lost.
+    """
+    import threading
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    def drain() -> None:  # in a plain thread: drain_all returns an un-awaited coroutine inside a loop
+        for service in (APILogWorker, EventsWorker):
+            service.drain_all(timeout=timeout)
+
+    t = threading.Thread(target=drain, name="imgscore-drain-prefect", daemon=True)
+    t.start()
+    t.join(2 * timeout + 5)
+
+
 if DaskTaskRunner is not None:
 
     class ScoringDaskTaskRunner(DaskTaskRunner):
@@ -69,12 +101,34 @@ if DaskTaskRunner is not None:
             if self._client is None and self._cluster is None and not self.address:
                 import dask
 
+                self._owns_cluster = True
                 self._exit_stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
                 url = flow_api_url()
                 if url:
                     env = {**self.cluster_kwargs.get("env", {}), "PREFECT_API_URL": url}
                     self.cluster_kwargs = {**self.cluster_kwargs, "env": env}
             return super().client
+
+        def __exit__(self, *exc: Any) -> None:
+            """Flush the workers' Prefect logs and events, then stop the cluster we started.
+
+            Shards have committed their part files and the workers' Prefect events are sent, so a
+            worker that is slow to exit (interpreter teardown on a busy machine) loses nothing
+            when its nanny kills it; that kill is logged at DEBUG instead of on the terminal.
+            """
+            quiet = None
+            if self._client is not None and getattr(self, "_owns_cluster", False):
+                try:
+                    self._client.run(drain_prefect_services)
+                    quiet = _NannyKillToDebug()
+                    logging.getLogger("distributed.nanny").addFilter(quiet)
+                except Exception as err:  # shutting down anyway; the nanny's kill is the fallback
+                    self.logger.debug("could not drain Prefect services on the workers: %s", err)
+            try:
+                super().__exit__(*exc)
+            finally:
+                if quiet is not None:
+                    logging.getLogger("distributed.nanny").removeFilter(quiet)
 
         def submit(self, task, parameters, wait_for=None, dependencies=None):
             """Submit one task run; its serialized settings carry the flow's API URL."""

@@ -66,7 +66,7 @@ def plan_task(cfg: Config) -> RunPlan:
 @task(name="score_shard", cache_key_fn=lambda ctx, params: shard_cache_key(params["ref"]), persist_result=True)
 def score_shard_task(ref: ShardRef, cfg: Config, n_on_host: int, metadata: dict) -> dict:
     """One shard on this worker's device; see ``tasks.score.score_shard``."""
-    return score_shard(
+    result = score_shard(
         ref,
         cfg.input,
         cfg.model,
@@ -77,6 +77,11 @@ def score_shard_task(ref: ShardRef, cfg: Config, n_on_host: int, metadata: dict)
         workers_on_host=n_on_host,
         metadata=metadata,
     )
+    get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
+        "shard %d: %s scored, %s failed in %s s on %s by %s (%s torch threads, %s DataLoader workers)",
+        ref.shard_id, *(result.get(k) for k in ("scored", "failed", "seconds", "device", "worker", "threads", "loader_workers")),
+    )
+    return result
 
 
 def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> dict:

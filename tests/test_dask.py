@@ -30,7 +30,7 @@ def _shard_states(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("*.json"))]
 
 
-def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, prefect_server):
+def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, prefect_server, capfd):
     """The acceptance run: dask, 2 worker processes, 2 DataLoader workers each → exit 0, the
     thread runner's predictions, at least two workers, each with its share of the cores."""
     root = make_image_folder(tmp_path / "images", photos, per_class=4)  # 12 real photos
@@ -44,7 +44,10 @@ def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, pr
         return out
 
     out_t = run("thread")
+    capfd.readouterr()
     out_d = run("dask", "runner.type=dask", "runner.n_workers=2")
+    err = capfd.readouterr().err  # the workers' stderr too (fd level)
+    assert "Traceback" not in err and "distributed." not in err and "daemonic" not in err, err[-2000:]
 
     thread, dask_ = _predictions(out_t), _predictions(out_d)
     assert len(thread) == 12 and sorted(thread) == sorted(dask_)
