@@ -2,6 +2,7 @@
 
 - ``PREFECT_SERVER_ANALYTICS_ENABLED=false``: offline, the temporary server's telemetry only
   prints "Failed to send telemetry" and sqlite "database is locked" tracebacks (CASES.md).
+- ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120``: time for the temporary server to start.
 - Prefect's console handler at WARNING: our CLI prints its own progress and summary; the flow
   and task run logs still reach the Prefect API (and the UI of a real server).
 - Expected failures (error budget, a shard that cannot run) without Prefect's traceback on the
@@ -46,6 +47,9 @@ def quiet_expected_failures(on: bool = True) -> None:
 
 def apply(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server's first start migrates a new SQLite file: 20 s (Prefect's default) timed
+    # out on a busy 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     quiet_expected_failures(on=not verbose)
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
