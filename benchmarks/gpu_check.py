@@ -11,9 +11,10 @@ loading, dataset and forward code (``tasks.model.load_model``, ``tasks.dataset.S
    pinned batch → device → forward), images/s.
 
 Images: ``--images DIR`` (any folder imgscore can scan), else ``--n-images`` variants of the
-photos shipped with scikit-image written to a temporary folder. Model: ``--checkpoint FILE``
-with ``--arch``, else a seeded random-weight ``--arch`` saved to a temporary state_dict (the
-agreement and speed do not depend on the weights being trained).
+photos shipped with scikit-image written to a temporary folder. Model: ``--checkpoint FILE`` or
+``--weights NAME`` with ``--arch``, else a seeded random-weight ``--arch`` saved to a temporary
+state_dict. Speed does not depend on the weights; agreement does (a random model's small logits
+hide precision differences), so give the production checkpoint for the agreement figures.
 
     python benchmarks/gpu_check.py                      # resnet50, 512 images, batches 64/256
     python benchmarks/gpu_check.py --arch resnet18 --batch-sizes 32 128 --workers 8
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--weights", help="torchvision weights name from the local hub cache, e.g. IMAGENET1K_V2")
     p.add_argument("--num-classes", type=int, default=1000, help="head size of the random model (no --checkpoint)")
     p.add_argument("--images", type=Path)
     p.add_argument("--n-images", type=int, default=512)
@@ -126,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="imgscore_gpu_check_"))
     root = args.images or make_images(tmp / "images", args.n_images)
     ckpt = args.checkpoint
-    if ckpt is None:
+    if ckpt is None and args.weights is None:
         import torchvision
 
         torch.manual_seed(0)
         ckpt = tmp / f"{args.arch}_random.pt"
         torch.save(torchvision.models.get_model(args.arch, num_classes=args.num_classes).state_dict(), ckpt)
-    mcfg, pcfg = ModelConfig(arch=args.arch, checkpoint=ckpt), PreprocessConfig()
+    mcfg, pcfg = ModelConfig(arch=args.arch, checkpoint=ckpt, weights=args.weights), PreprocessConfig()
     gpu = load_model(mcfg, pcfg, dev, channels_last=True)
     cpu = load_model(mcfg, pcfg, torch.device("cpu"), channels_last=True)
     n_img = len(scan_images(root).entries)
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ref = probs_for(sub, cpu, "fp32", batch_size=32)
     cpu_s = time.perf_counter() - t0
-    print(f"\nagreement with CPU fp32 on {len(ref)} images (CPU pass {cpu_s:.1f} s):")
+    print(f"\nagreement with CPU fp32 on {len(ref)} images (CPU pass {cpu_s:.1f} s; mean top-1 probability "
+          f"{ref.max(1).values.mean().item():.3f}: near 1/classes means a random model, whose small logits "
+          "hide precision differences — pass --checkpoint or --weights for a real one):")
     print(f"{'gpu precision':<14}{'top-1 agree':>12}{'max |Δp(top-1)|':>18}{'max |Δp| any class':>20}")
     for precision in ("fp32", "bf16", "fp16"):
         if (precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported()) or (precision == "fp16" and dev.type != "cuda"):
