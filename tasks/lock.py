@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.errors import RunLockedError
+from tasks.parquet_io import clean_temp_files
 
 LOCK_NAME = ".lock"
 REMOTE_STALE_S = 24 * 3600.0  # a lock held by another host counts as stale after a day
@@ -177,18 +178,7 @@ def clean_run_temp_files(folders: list[str | Path]) -> int:
     Call it only while holding the run's lock, or for runs whose lock is not live: a live
     writer's temp file must not be removed under it.
     """
-    n = 0
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            continue
-        for p in folder.rglob(".*.tmp"):
-            try:
-                p.unlink()
-                n += 1
-            except OSError:
-                pass
-    return n
+    return sum(clean_temp_files(f) for f in folders if Path(f).is_dir())
 
 
 def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None) -> int:
