@@ -134,16 +134,25 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_DIRS
 
 
-def _walk_files(top: str, follow_symlinks: bool, seen: set[str], skipped: list[dict[str, str]], root: str):
-    """Yield file paths under ``top`` in torchvision's order: sorted folders, sorted names.
+def _inside(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
-    Folders already visited (by real path) are not entered again, so symlink cycles end.
+
+def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str] = frozenset()):
+    """Yield file paths under ``top`` in torchvision's order: this folder's files, then its
+    subfolders, each sorted by name.
+
+    Symlinked folders that point inside ``input.root`` are not followed (their images are scanned
+    at their own path, under their own class — following them would score them twice, under
+    another class's label); symlinks to folders outside it are followed. A folder that is its own
+    ancestor (a cycle) is not entered again. Both are listed in ``skipped`` with the reason.
     """
     real = os.path.realpath(top)
-    if real in seen:
-        skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": "symlink cycle: folder already scanned"})
+    if real in chain:
+        skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": "symlink cycle: folder is its own ancestor"})
         return
-    seen.add(real)
+    chain = chain | {real}
+    root_real = os.path.realpath(root)
     try:
         with os.scandir(top) as it:
             items = sorted(it, key=lambda e: e.name)
@@ -158,18 +167,22 @@ def _walk_files(top: str, follow_symlinks: bool, seen: set[str], skipped: list[d
             is_dir = e.is_dir(follow_symlinks=follow_symlinks)
         except OSError:
             is_dir = False
-        if is_dir:
-            if e.is_symlink() and not follow_symlinks:
-                continue
-            dirs.append(e.path)
-        else:
-            if e.is_symlink() and not follow_symlinks:
-                continue
+        if e.is_symlink() and not follow_symlinks:
+            continue
+        if not is_dir:
             files.append(e.path)
-    # os.walk order as sorted(os.walk(...)) gives it: this folder's files, then subfolders in name order.
+        elif e.is_symlink() and _inside(os.path.realpath(e.path), root_real):
+            skipped.append(
+                {
+                    "image_path": display_path(os.path.relpath(e.path, root)),
+                    "reason": "symlink to a folder inside input.root: its images are scanned at their own path",
+                }
+            )
+        else:
+            dirs.append(e.path)
     yield from files
     for d in dirs:
-        yield from _walk_files(d, follow_symlinks, seen, skipped, root)
+        yield from _walk_files(d, follow_symlinks, skipped, root, chain)
 
 
 def _classify(path: str, root: str, skipped: list[dict[str, str]]) -> bool:
@@ -232,12 +245,11 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
         layout = "imagefolder" if classes and not top_images else "flat"
 
     entries: list[ImageEntry] = []
-    seen: set[str] = set()
     if layout == "imagefolder":
         for idx, cls in enumerate(classes):
             cls_dir = os.path.join(root_s, cls)
             name = display_path(cls)  # a Latin-1 folder name is a class too, named in valid UTF-8
-            for path in _walk_files(cls_dir, follow_symlinks, seen, skipped, root_s):
+            for path in _walk_files(cls_dir, follow_symlinks, skipped, root_s):
                 if _classify(path, root_s, skipped):
                     entries.append(_entry(path, root_s, idx, name))
         with os.scandir(root_s) as it:  # files directly in root have no class: say so
@@ -246,7 +258,7 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
                     skipped.append({"image_path": display_path(e.name), "reason": "image outside any class folder (layout=imagefolder)"})
     else:
         classes = []
-        for path in _walk_files(root_s, follow_symlinks, seen, skipped, root_s):
+        for path in _walk_files(root_s, follow_symlinks, skipped, root_s):
             if _classify(path, root_s, skipped):
                 entries.append(_entry(path, root_s, None, None))
 

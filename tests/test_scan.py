@@ -68,3 +68,22 @@ def test_missing_root_and_empty_root(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(InputError, match="holds no image files"):
         scan_images(tmp_path / "empty")
+
+
+def test_symlinks_never_move_images_into_another_class(tmp_path):
+    root = tmp_path / "lbl"
+    _img(root / "aa" / "a.jpg", fmt="JPEG")
+    _img(root / "zz" / "z.jpg", fmt="JPEG")
+    (root / "aa" / "up").symlink_to(root)  # a link back to input.root from inside a class
+    (root / "bb").symlink_to(root / "aa")  # a class folder that is a link to another class
+    outside = tmp_path / "outside"
+    _img(outside / "o.png", fmt="PNG")
+    (outside / "loop").symlink_to(outside)  # a cycle outside the root
+    (root / "zz" / "ext").symlink_to(outside)  # followed: outside input.root
+    idx = scan_images(root)
+    got = {(e.image_path, e.label_name) for e in idx.entries}
+    assert got == {("aa/a.jpg", "aa"), ("bb/a.jpg", "bb"), ("zz/z.jpg", "zz"), ("zz/ext/o.png", "zz")}
+    reasons = {s["image_path"]: s["reason"] for s in idx.skipped}
+    assert reasons["aa/up"].startswith("symlink to a folder inside input.root")
+    assert reasons["zz/ext/loop"].startswith("symlink cycle")
+    assert idx.classes == ["aa", "bb", "zz"]
