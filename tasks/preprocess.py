@@ -229,6 +229,7 @@ def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: l
             text = str(exc)
             kind = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
             raise DecodeError(kind, f"{type(exc).__name__}: {text}") from None
+        src = img
         if opts.exif_orientation:
             try:
                 img = ImageOps.exif_transpose(img)
@@ -236,6 +237,11 @@ def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: l
                 if warned is not None:
                     warned.append(f"EXIF orientation not applied: {type(exc).__name__}")
         rgb = _to_rgb(img, spec.background)
+        # Multi-frame files (GIF, TIFF) keep their file open until closed: copy, then close.
+        if rgb is src and getattr(src, "n_frames", 1) > 1:
+            rgb = src.copy()
+        if rgb is not src:
+            src.close()
     if warned is not None:
         warned.extend(f"{w.category.__name__}: {w.message}" for w in caught)
     w, h = rgb.size
