@@ -170,3 +170,17 @@ def test_torchvision_weights_from_local_hub_cache(tmp_path, monkeypatch):
     assert (lm.preprocess.resize, lm.preprocess.crop) == (256, 224)
     assert lm.source == "torchvision_weights"
     assert load_model(cfg, PreprocessConfig(), CPU) is lm  # cached: loaded once per process
+
+
+def test_non_pytorch_file_is_not_called_pickled(tmp_path):
+    p = tmp_path / "garbage.pt"
+    p.write_text("not a checkpoint\n")
+    for trust in (False, True):
+        with pytest.raises(ModelError, match=r"is not a readable PyTorch file") as info:
+            _load(p, trust_checkpoint=trust)
+        assert "trust_checkpoint=true if you trust" not in str(info.value)
+
+
+def test_checkpoint_that_is_a_folder(tmp_path):
+    with pytest.raises(ModelError, match=r"model.checkpoint '.*' is a folder, not a file"):
+        _load(tmp_path)
