@@ -56,7 +56,7 @@ def _fail(msg: str, code: int) -> int:
 def _preflight(cfg) -> None:
     """Refuse bad input root or model before Prefect starts (exit 2, nothing written)."""
     from tasks.device import resolve_device
-    from tasks.errors import InputError
+    from tasks.errors import ConfigError, InputError
     from tasks.model import load_model
 
     root = cfg.input.root
@@ -66,6 +66,21 @@ def _preflight(cfg) -> None:
         raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
     if not Path(root).is_dir():
         raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
+    from tasks.scan import SCORABLE_EXTENSIONS, has_images
+
+    if not has_images(root, cfg.input.follow_symlinks):
+        raise InputError(
+            f"input.root {str(root)!r} holds no image files ({', '.join(sorted(SCORABLE_EXTENSIONS))}); "
+            "check the path, or that the images are not in hidden folders"
+        )
+    out = Path(cfg.output.root)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".imgscore-write-check-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output.root {str(out)!r} is not a writable folder ({exc.strerror}); set output.root to a folder you can write to") from None
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else None
     import torch
 
@@ -98,7 +113,7 @@ def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
     from flows.progress import progress_for
     from flows.runner import make_task_runner
     from flows.score_images import score_images
-    from tasks.errors import ErrorBudgetExceeded, ImgscoreError
+    from flows.server_guard import guard
     from tasks.plan import new_run_id
 
     console = console or Console()
@@ -106,8 +121,24 @@ def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
         cfg.run.run_id = new_run_id()
     console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {cfg.model.arch} ({cfg.runner.type} runner) …")
     flow_fn = score_images.with_options(task_runner=make_task_runner(cfg.runner))
-    with progress_for(console, enabled=not quiet):
-        state = flow_fn(cfg.to_dict(), return_state=True)
+    guard()  # temporary Prefect server stopped even if this process is killed
+    try:
+        with progress_for(console, enabled=not quiet):
+            state = flow_fn(cfg.to_dict(), return_state=True)
+    except KeyboardInterrupt:
+        return interrupted(cfg.run.run_id, cfg.output.root), {}
+    return flow_outcome(state, console, f"run {cfg.run.run_id}")
+
+
+def interrupted(run_id: str, out_root) -> int:
+    """Ctrl-C: exit 130 (128 + SIGINT) with the command that finishes the run."""
+    return _fail(f"interrupted; finish it with `imgscore rerun {run_id} --set output.root={out_root}`", 130)
+
+
+def flow_outcome(state, console, what: str) -> tuple[int, dict]:
+    """Exit code and summary from a finished flow run's state (run and rerun alike)."""
+    from tasks.errors import ErrorBudgetExceeded, ImgscoreError
+
     if state.is_completed():
         summary = state.result()
         _print_summary(summary, console)
@@ -119,7 +150,7 @@ def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
         return 1, exc.summary
     if isinstance(exc, ImgscoreError):
         return _fail(str(exc), exc.exit_code), {}
-    return _fail(f"run {cfg.run.run_id} failed: {type(exc).__name__}: {exc}", 1), {}
+    return _fail(f"{what} failed: {type(exc).__name__}: {exc}", 1), {}
 
 
 def cmd_run(args) -> int:
@@ -184,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImgscoreError as exc:
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        return _fail("interrupted; finish the run with `imgscore rerun RUN_ID`", 130)
+        return _fail("interrupted", 130)
     except Exception as exc:
         if args.verbose:
             raise

@@ -21,7 +21,6 @@ run, forbidden override, changed model, input folder gone, run locked).
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +39,6 @@ from tasks.config import Config, build_config, load_config, parse_override
 from tasks.errors import (
     ConfigError,
     ErrorBudgetExceeded,
-    ImgscoreError,
     InputError,
     ModelError,
     UsageError,
@@ -286,8 +284,9 @@ def main(args) -> int:
     """``imgscore rerun RUN_ID [--config FILE] [--set K=V]...``; returns the exit code (0, 1, 2)."""
     from rich.console import Console
 
-    from flows.cli import _fail, _print_summary
+    from flows.cli import flow_outcome, interrupted
     from flows.progress import progress_for
+    from flows.server_guard import guard
 
     out = out_root_of(args.config, args.overrides)
     run_dir = out / "runs" / args.run_id
@@ -302,19 +301,14 @@ def main(args) -> int:
     console = Console()
     todo = mf.plan_rerun(manifest, out)
     console.print(f"[bold]rerun {args.run_id}[/]: {len(todo)} shard(s) to rescore ({cfg.runner.type} runner) …")
-    with progress_for(console, enabled=not args.quiet):
-        flow_fn = rerun_failed.with_options(task_runner=make_task_runner(cfg.runner))
-        state = flow_fn(args.run_id, cfg.to_dict(), return_state=True)
-    if state.is_completed():
-        summary = state.result()
-        _print_summary(summary, console)
+    flow_fn = rerun_failed.with_options(task_runner=make_task_runner(cfg.runner))
+    guard()  # temporary Prefect server stopped even if this process is killed
+    try:
+        with progress_for(console, enabled=not args.quiet):
+            state = flow_fn(args.run_id, cfg.to_dict(), return_state=True)
+    except KeyboardInterrupt:
+        return interrupted(args.run_id, out)
+    code, summary = flow_outcome(state, console, f"rerun of {args.run_id}")
+    if code == 0:
         console.print(f"rescored {summary.get('rescored', 0)} image(s) in {len(summary.get('rescored_shards', []))} shard(s)")
-        return 0
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, ErrorBudgetExceeded):
-        _print_summary(exc.summary, console)
-        print(f"imgscore: {exc}", file=sys.stderr)
-        return 1
-    if isinstance(exc, ImgscoreError):
-        return _fail(str(exc), exc.exit_code)
-    return _fail(f"rerun of {args.run_id} failed: {type(exc).__name__}: {exc}", 1)
+    return code

@@ -268,3 +268,12 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
             "check the path, or that the images are not in hidden folders"
         )
     return ImageIndex(root=root_p, layout=layout, classes=[display_path(c) for c in classes], entries=entries, skipped=skipped)
+
+
+def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
+    """True as soon as one scorable file is found under ``root`` (a cheap check before a run
+    starts; the full scan happens in the flow)."""
+    for path in _walk_files(str(root), follow_symlinks, [], str(root)):
+        if os.path.splitext(path)[1].lower() in SCORABLE_EXTENSIONS:
+            return True
+    return False

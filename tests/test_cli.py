@@ -73,3 +73,49 @@ def test_full_run_exit_0_prints_summary_without_noise(tmp_path, image_folder, ti
     assert "Traceback" not in text and "CancelledError" not in text and "telemetry" not in text.lower()
     assert "scanned" in proc.stdout and "12" in proc.stdout
     assert len(list((out / "predictions").rglob("part-*.parquet"))) == 3
+
+
+def test_folder_without_images_refused_before_prefect(tmp_path, tiny_checkpoint):
+    empty = tmp_path / "empty" / "cls"
+    empty.mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    out = tmp_path / "out"
+    proc = run_cli("run", *_sets(base_overrides(tmp_path / "empty", tiny_checkpoint, out)))
+    _assert_refused(proc, r"input.root '.*empty' holds no image files", out)
+
+
+def test_unwritable_output_root(tmp_path, image_folder, tiny_checkpoint):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli("run", *_sets(base_overrides(image_folder, tiny_checkpoint, blocker)))
+    _assert_refused(proc, r"output.root '.*a_file' is not a writable folder .*set output.root", blocker)
+
+
+@pytest.mark.slow
+def test_kill_9_does_not_leave_the_temporary_prefect_server_running(tmp_path, image_folder, tiny_checkpoint):
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.Popen([IMGSCORE, "run", *_sets(base_overrides(image_folder, tiny_checkpoint, tmp_path / "out"))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    deadline = time.time() + 240
+    while server is None and time.time() < deadline and proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "prefect.server.api.server" in " ".join(child.cmdline()):
+                    server = child
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    assert server is not None, "the run never started its temporary server"
+    time.sleep(1.5)  # the watchdog notes the parent's servers every 0.5 s
+    os.kill(proc.pid, signal.SIGKILL)  # what the OOM killer does: no atexit handlers run
+    proc.wait()
+    gone, alive = psutil.wait_procs([server], timeout=20)
+    for p in alive:
+        p.kill()
+    assert gone and not alive, "temporary Prefect server outlived its killed parent"
