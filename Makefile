@@ -32,4 +32,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check flows tasks tests benchmarks
 
 clean:
-	rm -rf $(VENV) outputs/demo outputs/predictions outputs/errors outputs/runs
+	rm -rf $(VENV) outputs/demo outputs/predictions outputs/errors outputs/errors_history outputs/runs outputs/_prefect

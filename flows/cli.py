@@ -21,6 +21,9 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgscore", description="Batch-score image folders with torchvision models (Prefect 3, Parquet out).")
+    from importlib.metadata import version
+
+    p.add_argument("--version", action="version", version=f"imgscore {version('imgscore')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -88,22 +91,12 @@ def _preflight(cfg) -> None:
 
 
 def _print_summary(summary: dict, console) -> None:
-    from rich.table import Table
-
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(no_wrap=True)
-    t.add_column(overflow="fold")
-    for k in ("run_id", "status", "scanned", "scored", "failed", "skipped", "already_scored", "warnings", "images_per_s", "wall_s"):
-        if k in summary:
-            t.add_row(k, str(summary[k]))
-    t.add_row("devices", ", ".join(summary.get("devices", [])))
-    t.add_row("workers", str(len(summary.get("workers", []))))
-    t.add_row("predictions", summary.get("predictions", ""))
-    t.add_row("errors", summary.get("errors", ""))
-    t.add_row("manifest", summary.get("manifest", ""))
-    if summary.get("report"):
-        t.add_row("report", summary["report"])
-    console.print(t)
+    """One ``key  value`` line each; never wrapped, so paths stay copyable in logs and cron mail."""
+    rows = [(k, summary[k]) for k in ("run_id", "status", "scanned", "scored", "failed", "skipped", "already_scored", "warnings", "images_per_s", "wall_s") if k in summary]
+    rows += [("devices", ", ".join(summary.get("devices", []))), ("workers", len(summary.get("workers", [])))]
+    rows += [(k, summary[k]) for k in ("predictions", "errors", "manifest", "report") if summary.get(k)]
+    for k, v in rows:
+        console.print(f"{k:<15} {v}", soft_wrap=True, highlight=False, markup=False)
 
 
 def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
@@ -183,7 +176,8 @@ def cmd_demo(args) -> int:
         return code
     acc = accuracy_of_run(cfg.output.root, summary["run_id"])
     console.print(f"[bold]accuracy vs folder labels: {acc['accuracy']:.4f}[/] ({acc['correct']}/{acc['labelled']} held-out digits)")
-    console.print(f"read it back: duckdb -c \"SELECT pred_label, count(*) FROM read_parquet('{cfg.output.root}/predictions/**/*.parquet', hive_partitioning=true) GROUP BY 1\"", soft_wrap=True)
+    query = f"SELECT pred_label, count(*) AS n FROM read_parquet('{cfg.output.root}/predictions/**/*.parquet', hive_partitioning=true) WHERE run_id = '{summary['run_id']}' GROUP BY 1 ORDER BY 1"
+    console.print(f'read it back: .venv/bin/python -c "import duckdb; duckdb.sql(\\"{query}\\").show()"', soft_wrap=True, highlight=False, markup=False)
     return code
 
 

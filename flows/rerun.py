@@ -300,6 +300,9 @@ def main(args) -> int:
     _preflight(cfg, manifest, run_dir)
     console = Console()
     todo = mf.plan_rerun(manifest, out)
+    if not todo and manifest.get("status") == "complete":
+        console.print(f"run {args.run_id} is complete: every shard is committed and no image is recorded as failed; nothing to rescore")
+        return 0
     console.print(f"[bold]rerun {args.run_id}[/]: {len(todo)} shard(s) to rescore ({cfg.runner.type} runner) …")
     flow_fn = rerun_failed.with_options(task_runner=make_task_runner(cfg.runner))
     guard()  # temporary Prefect server stopped even if this process is killed

@@ -97,7 +97,7 @@ def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int 
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(x), generator=g)
-        correct = 0
+        correct, loss_sum = 0, 0.0
         for i in range(0, len(x), args.batch_size):
             b = perm[i : i + args.batch_size]
             xb = x[b]
@@ -110,7 +110,11 @@ def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int 
             opt.step()
             sched.step()
             correct += int((out.argmax(1) == y[b]).sum())
-        log(f"  epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, train accuracy {correct / len(x):.3f} ({time.perf_counter() - t0:.0f} s)")
+            loss_sum += float(loss) * len(b)
+        log(
+            f"  epoch {epoch + 1}/{epochs}: mean loss {loss_sum / len(x):.3f}, train accuracy {correct / len(x):.3f} "
+            f"({time.perf_counter() - t0:.0f} s elapsed)"
+        )
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     tmp = checkpoint.parent / f".{checkpoint.name}.{os.getpid()}.tmp"
     torch.save(
