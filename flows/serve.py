@@ -90,6 +90,9 @@ def main(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     deployment = build_deployment(cfg, args.cron, args.timezone, args.name)
+    if cfg.input.root is not None and not cfg.input.root.is_dir():  # may be a share mounted later: warn, serve
+        print(f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
+              "scheduled runs will exit 2 until it is", file=sys.stderr)
     api = PREFECT_API_URL.value()
     where = api or "a temporary local Prefect server (set PREFECT_API_URL, e.g. from `prefect server start`, to see runs in the UI)"
     print(f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {where}; Ctrl-C stops", file=sys.stderr)
