@@ -110,7 +110,7 @@ def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int 
             opt.step()
             sched.step()
             correct += int((out.argmax(1) == y[b]).sum())
-            loss_sum += float(loss) * len(b)
+            loss_sum += loss.item() * len(b)
         log(
             f"  epoch {epoch + 1}/{epochs}: mean loss {loss_sum / len(x):.3f}, train accuracy {correct / len(x):.3f} "
             f"({time.perf_counter() - t0:.0f} s elapsed)"
