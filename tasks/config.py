@@ -107,6 +107,9 @@ class InferenceConfig(_Section):
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA; fp32 elsewhere unless bf16 is asked")
     channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
+    fold_bn: bool = Field(
+        True, description="fold each Conv→BatchNorm pair into one conv before scoring (torch.fx; see benchmarks/NOTES.md)"
+    )
     num_threads: int | None = Field(None, gt=0, description="torch threads per worker; default: its share of the cores")
 
     @field_validator("device")

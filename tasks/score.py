@@ -177,6 +177,8 @@ def score_shard(
     device = resolve_device(inf_cfg.device, rank)
     threads = configure_threads(inf_cfg.num_threads, workers_on_host)
     lm = load_model(model_cfg, pre_cfg, device, channels_last=inf_cfg.channels_last)
+    if inf_cfg.fold_bn:
+        lm = lm.folded()  # cached per loaded model: folded once per process, not per shard
     entries = read_shard_entries(ref.run_dir, ref.shard_id)
     ds = ShardDataset(ref.input_root, entries, lm.preprocess, DecodeOptions(input_cfg.max_pixels, input_cfg.exif_orientation))
     nw = loader_workers(inf_cfg.num_workers)  # 0 in a daemonic (Dask) process
