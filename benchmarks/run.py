@@ -98,12 +98,13 @@ class MemorySpec:
 
 
 SIZES = {
-    # about 6 minutes on 2 cores with the images cached (+ about 3 minutes to make them once)
+    # 9.8 minutes on 2 cores with the images cached (2026-11-29; + about 3 minutes unloaded to
+    # make them once); repeats=2 would add about 2 minutes
     "full": {
         "compute": Workload("compute", "resnet50", (1600, 1200), 32, 224, 24, 96, 4, 24),
         "decode": Workload("decode", "mobilenet_v3_large", (4000, 3000), 48, 432, 16, 160, 6, 24),
         "memory": MemorySpec("mobilenet_v3_large", (400, 300), 64, 640, 32),
-        "repeats": 2,
+        "repeats": 1,
         "batch": 32,
     },
     # smoke test of every code path: under 2 minutes
