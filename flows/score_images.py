@@ -17,8 +17,8 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
 
 from flows.artifacts import RunProgressArtifact, publish_run_report
-from tasks import lock as run_lock
 from flows.runner import ConfiguredTaskRunner
+from tasks import lock as run_lock
 from tasks import manifest as mf
 from tasks.config import Config
 from tasks.device import resolve_device

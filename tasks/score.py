@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader
 
 from tasks.config import InferenceConfig, InputConfig, ModelConfig, OutputConfig, PreprocessConfig
 from tasks.dataset import Batch, Failure, ShardDataset, collate_samples
-from tasks.device import configure_threads, loader_context, loader_workers, resolve_device, worker_name
+from tasks.device import (
+    configure_threads,
+    loader_context,
+    loader_workers,
+    resolve_device,
+    worker_name,
+)
 from tasks.model import LoadedModel, load_model
 from tasks.parquet_io import (
     ERRORS_SCHEMA,
