@@ -70,7 +70,7 @@ def main() -> int:
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp / "prefect")}
     imgscore = str(Path(sys.executable).parent / "imgscore")
-    print(f"| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) |\n|---|---|---|---|---|---|")
+    print("| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) |\n|---|---|---|---|---|---|")
     for name, path in forms.items():
         out = tmp / f"out_{name}"
         args = [imgscore, "run", "--config", str(REPO / "configs" / "demo.yaml"), "--quiet",
