@@ -36,7 +36,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.parquet_io import part_dir
-from tasks.scan import ImageIndex
+from tasks.scan import ImageIndex, sha256_of_file
 
 log = logging.getLogger("imgscore")
 
@@ -133,15 +133,6 @@ def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise(path, pc.cast(size, pa.string()), pc.cast(mtime, pa.string()), "\t")
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _display(e) -> str:
     """``e.image_path`` without the per-entry re-encoding for the common ASCII name on POSIX."""
     return e.rel if os.sep == "/" and e.rel.isascii() else e.image_path
@@ -204,7 +195,7 @@ def split_already_scored(
         shas: dict[int, str] = {}
         for i in todo:
             try:
-                shas[i] = file_sha256(Path(index.root) / entries[i].rel)
+                shas[i] = sha256_of_file(Path(index.root) / entries[i].rel)
                 hashed += 1
             except OSError:
                 pass  # unreadable now: scored (and recorded) as an error by the shard

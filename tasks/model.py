@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import hashlib
 import logging
 import os
 import pickle
@@ -44,6 +43,7 @@ from tasks.preprocess import (
     IMAGENET_STD,
     PreprocessSpec,
 )
+from tasks.scan import sha256_of_file
 
 # Keys under which common training scripts (torchvision references, Lightning-style loops,
 # timm, hand-written ones) keep the weights in a checkpoint dict, in the order we look.
@@ -138,11 +138,7 @@ def file_sha256(path: str | Path) -> str:
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = sha256_of_file(path)
     return _SHA_CACHE[key]
 
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from tasks.errors import UsageError
 from tasks.evaluate import confusion, read_run
 from tasks.manifest import manifest_path, read_manifest
-from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir, write_json_atomic
+from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 HIST_BINS = 20  # confidence histogram: equal bins over [0, 1]
@@ -524,11 +524,6 @@ def write_html_report(report: dict, out_root: str | Path, path: str | Path | Non
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, target)
     return target
-
-
-def write_json_report(report: dict, out_root: str | Path) -> Path:
-    """``OUT/runs/RUN_ID/report.json`` (the same dict ``--format json`` prints)."""
-    return write_json_atomic(report, Path(out_root) / "runs" / report["run_id"] / "report.json")
 
 
 # --------------------------------------------------------------------------------------------

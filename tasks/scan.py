@@ -8,6 +8,7 @@ classes or images. Flat layout recurses and leaves labels null.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,3 +278,12 @@ def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
         if os.path.splitext(path)[1].lower() in SCORABLE_EXTENSIONS:
             return True
     return False
+
+
+def sha256_of_file(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (no caching)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
