@@ -13,7 +13,12 @@ import sys
 
 
 def print_report(report: dict, console) -> None:
-    """The report as rich tables: counts, run facts, per-class counts, scores, errors."""
+    """The report as rich tables: counts, run facts, per-class counts, scores, errors.
+
+    Accuracy shows as ``n/a: <reason>`` when the folder's classes cannot be paired with the
+    model's (``report["accuracy"]["accuracy"] is None``; see ``tasks.evaluate``), and is left
+    out for an unlabelled folder.
+    """
     from rich.table import Table
 
     r = report
@@ -35,7 +40,9 @@ def print_report(report: dict, console) -> None:
         ("model", f"{r['model']['arch']} {(r['model']['model_id'] or '')[:12]}"),
         ("input", r["input"]["root"]),
     ]
-    if acc:
+    if acc and acc["accuracy"] is None:  # labels cannot be paired with the model's classes
+        rows.append(("accuracy", f"n/a: {acc['reason']} ({acc['labelled']} labelled)"))
+    elif acc:
         rows.append(("accuracy", f"{acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']}, matched by {acc['matched_by']})"))
     rows.append(("report", r["outputs"].get("report")))
     for k, v in rows:

@@ -1,11 +1,19 @@
 """Read a run's predictions back and compare them with the folder labels.
 
-Matching folder labels to model outputs: when every folder class name is also a model class name
-(the usual case: the model was trained on folders like these) labels are matched **by name**
-(``label_name == pred_label``), so a model with more classes, or the same classes in another
-order, is judged correctly. Otherwise (a checkpoint without class names predicts ``"0"``, ``"1"``,
-…) they are matched **by index** (``label == pred_index``), as torchvision's ImageFolder numbers
-classes in sorted folder order. The mode used is always returned as ``matched_by``.
+Matching folder labels to model outputs (:func:`label_matching`), first rule that applies:
+
+- **by name** (``label_name == pred_label``) when every folder class name is also a model class
+  name (the usual case: the model was trained on folders like these), so a model with more
+  classes, or the same classes in another order, is judged correctly;
+- **by index** (``label == pred_index``) when the folder has as many classes as the model (a
+  checkpoint without class names predicts ``"0"``, ``"1"``, …; torchvision's ImageFolder numbers
+  classes in sorted folder order), or when either class list is unknown (an old manifest);
+- **none** otherwise: names differ *and* counts differ (a 3-class folder scored by a 10-class
+  model whose names are not the folder's, or a "flat" folder of date subfolders that ``auto``
+  read as classes). There is no defensible pairing, so accuracy is ``None`` ("n/a") with a
+  ``reason`` (:func:`unmatched_reason`) instead of a number matched by index.
+
+The mode used is always returned as ``matched_by`` (``"name"``, ``"index"`` or ``"none"``).
 """
 
 from __future__ import annotations
@@ -30,17 +38,49 @@ def read_run(out_root: str | Path, run_id: str, table: str = "predictions", colu
 
 
 def label_matching(folder_classes: list[str] | None, model_classes: list[str] | None) -> str:
-    """``"name"`` when every folder class is a model class name, else ``"index"`` (see module doc)."""
-    if folder_classes and model_classes and set(folder_classes) <= set(model_classes):
+    """How folder labels pair with model outputs: ``"name"``, ``"index"`` or ``"none"`` (module doc).
+
+    ``"index"`` also when either list is None or empty (unknown: the behaviour before
+    ``"none"`` existed). Never raises.
+    """
+    if not folder_classes or not model_classes:
+        return "index"
+    if set(folder_classes) <= set(model_classes):
         return "name"
-    return "index"
+    if len(folder_classes) == len(model_classes):
+        return "index"
+    return "none"
+
+
+def _names(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", …" if len(names) > n else "")
+
+
+def unmatched_reason(folder_classes: list[str] | None, model_classes: list[str] | None) -> str | None:
+    """Why accuracy is n/a for these class lists (one short sentence), or None when
+    :func:`label_matching` pairs them by name or by index."""
+    if label_matching(folder_classes, model_classes) != "none":
+        return None
+    missing = [c for c in folder_classes if c not in set(model_classes)]
+    return (
+        f"folder classes are not model class names ({len(missing)} of {len(folder_classes)} missing, e.g. {_names(missing)}) "
+        f"and the counts differ (folder {len(folder_classes)}, model {len(model_classes)}), "
+        "so labels match neither by name nor by index"
+    )
 
 
 def correct_mask(t: pa.Table, matched_by: str) -> pa.ChunkedArray:
-    """Boolean per row of ``t`` (columns label, label_name, pred_index, pred_label): prediction right."""
+    """Boolean per row of ``t`` (columns label, label_name, pred_index, pred_label): prediction right.
+
+    Raises:
+        ValueError: ``matched_by`` is not ``"name"`` or ``"index"`` (``"none"`` has no notion of
+            right: do not compute a mask for it).
+    """
     if matched_by == "name":
         return pc.equal(t["label_name"], t["pred_label"])
-    return pc.equal(t["label"], t["pred_index"])
+    if matched_by == "index":
+        return pc.equal(t["label"], t["pred_index"])
+    raise ValueError(f"matched_by={matched_by!r} has no correct/incorrect; expected 'name' or 'index' (see tasks.evaluate)")
 
 
 def _run_classes(out_root: str | Path, run_id: str) -> tuple[list[str] | None, list[str] | None]:
@@ -55,16 +95,25 @@ def accuracy_of_run(out_root: str | Path, run_id: str) -> dict:
     """Top-1 accuracy over the labelled predictions of a run.
 
     Returns:
-        ``{accuracy, correct, labelled, matched_by}``; accuracy is a fraction in [0, 1], NaN when
-        nothing is labelled. ``matched_by`` is ``name`` or ``index`` (module doc), decided from
-        the run's manifest (``index`` when there is none).
+        ``{accuracy, correct, labelled, matched_by, reason}``. ``matched_by`` is ``name``,
+        ``index`` or ``none`` (module doc), decided from the run's manifest (``index`` when there
+        is none). For ``name``/``index``: accuracy is a fraction in [0, 1] (NaN when nothing is
+        labelled), ``correct`` an int and ``reason`` None. For ``none``: ``accuracy`` and
+        ``correct`` are None and ``reason`` says why (:func:`unmatched_reason`).
+
+    Raises:
+        FileNotFoundError: no ``predictions`` dataset under ``out_root`` (pyarrow's error).
     """
     t = read_run(out_root, run_id, columns=["label", "label_name", "pred_index", "pred_label"])
     labelled = t.filter(pc.is_valid(t["label"]))
-    matched_by = label_matching(*_run_classes(out_root, run_id))
-    correct = int(pc.sum(correct_mask(labelled, matched_by)).as_py() or 0)
+    folder_classes, model_classes = _run_classes(out_root, run_id)
+    matched_by = label_matching(folder_classes, model_classes)
     n = labelled.num_rows
-    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "labelled": n, "matched_by": matched_by}
+    if matched_by == "none":
+        return {"accuracy": None, "correct": None, "labelled": n, "matched_by": matched_by,
+                "reason": unmatched_reason(folder_classes, model_classes)}
+    correct = int(pc.sum(correct_mask(labelled, matched_by)).as_py() or 0)
+    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "labelled": n, "matched_by": matched_by, "reason": None}
 
 
 def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list[str]) -> dict:
@@ -73,12 +122,17 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
     Rows are the folder classes (in label order); columns start with the model class each folder
     class should be predicted as (so the diagonal is "correct"), followed by the other predicted
     classes in model-index order, at most :data:`MAX_EXTRA_COLUMNS` of them; the rest are summed
-    into a last ``(other)`` column.
+    into a last ``(other)`` column. When labels cannot be paired with model classes
+    (``matched_by == "none"``, module doc) there is no diagonal: the columns are only the
+    predicted classes, so the matrix is a plain folder-label × prediction count table.
 
     Returns:
-        ``{rows: [names], columns: [names], matrix: [[int]], matched_by, correct, labelled,
-        accuracy, per_class: [{name, support, correct, recall}]}``, or None when no row is
-        labelled.
+        ``{rows: [names], columns: [names], matrix: [[int]], matched_by, reason, correct,
+        labelled, accuracy, per_class: [{name, support, correct, recall}]}``, or None when no row
+        is labelled. ``accuracy`` is a fraction in [0, 1] and ``reason`` None when matched by
+        name or index; with ``matched_by == "none"``, ``accuracy``, ``correct`` and every
+        ``per_class`` ``correct``/``recall`` are None and ``reason`` says why
+        (:func:`unmatched_reason`).
     """
     labelled = t.filter(pc.is_valid(t["label"]))
     if labelled.num_rows == 0:
@@ -93,13 +147,14 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
         pairs = dict(zip(labels, label_names, strict=True))
         rows = [pairs.get(i, str(i)) for i in range(max(labels) + 1)]
     n_model = len(model_classes)
+    paired = matched_by != "none"
 
     def diag_col(i: int) -> int | None:  # model index that row i should be predicted as
         if matched_by == "name":
             return model_classes.index(rows[i])
         return i if i < n_model else None
 
-    diag = [diag_col(i) for i in range(len(rows))]
+    diag = [diag_col(i) for i in range(len(rows))] if paired else []
     in_diag = {c for c in diag if c is not None}
     extra_counts: dict[int, int] = {}
     for p in pred_idx:
@@ -124,17 +179,21 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
     per_class = []
     for i, name in enumerate(rows):
         support = sum(matrix[i])
+        if not paired:
+            per_class.append({"name": name, "support": support, "correct": None, "recall": None})
+            continue
         ok = matrix[i][i] if diag[i] is not None else 0
         per_class.append({"name": name, "support": support, "correct": ok, "recall": ok / support if support else None})
-    correct = sum(pc_["correct"] for pc_ in per_class)
     n = len(labels)
+    correct = sum(pc_["correct"] for pc_ in per_class) if paired else None
     return {
         "rows": rows,
         "columns": columns,
         "matrix": matrix,
         "matched_by": matched_by,
+        "reason": None if paired else unmatched_reason(folder_classes, model_classes),
         "correct": correct,
         "labelled": n,
-        "accuracy": correct / n,
+        "accuracy": correct / n if paired else None,
         "per_class": per_class,
     }

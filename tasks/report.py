@@ -40,6 +40,7 @@ LOWEST_N = 24  # thumbnails of the least confident predictions
 EXAMPLES_PER_ERROR = 3
 THUMB_PX = 112
 REPORT_FILE = "report.html"
+NA = "n/a"  # shown for accuracy when folder labels cannot be paired with model classes
 
 _PRED_COLS = ["image_path", "label", "label_name", "pred_index", "pred_label", "score", "topk_indices", "topk_scores", "device", "worker"]
 _ERR_COLS = ["image_path", "shard_id", "batch_id", "stage", "error_type", "message", "attempt"]
@@ -165,8 +166,11 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
 
     Counts come from the manifest (``scanned``, ``scored``, ``failed``, ``skipped``,
     ``already_scored``, ``pending``); ``rows`` are what the Parquet actually holds for the run,
-    so a mismatch between the two is visible. ``accuracy`` is None for a flat (unlabelled)
-    folder. Times are seconds, throughput images per second, scores probabilities in [0, 1].
+    so a mismatch between the two is visible. ``accuracy`` is :func:`tasks.evaluate.confusion`'s
+    dict, or None for a flat (unlabelled) folder; when the folder's classes cannot be paired with
+    the model's (names differ and counts differ) it is still a dict, with ``accuracy`` None,
+    ``matched_by`` ``"none"`` and a ``reason``, and every renderer shows "n/a" with that reason.
+    Times are seconds, throughput images per second, scores probabilities in [0, 1].
 
     Raises:
         UsageError: the run is not under ``out_root``.
@@ -287,7 +291,11 @@ def plot_confidence_histogram(scores: dict) -> str | None:
 
 
 def plot_confusion_matrix(conf: dict | None) -> str | None:
-    """Heat map of the confusion matrix (rows: folder labels, columns: predictions); SVG data URI."""
+    """Heat map of the confusion matrix (rows: folder labels, columns: predictions); SVG data URI.
+
+    With ``matched_by == "none"`` it is a plain label × prediction count table, titled as such
+    (accuracy n/a), since no cell means "correct".
+    """
     if not conf:
         return None
     from matplotlib.figure import Figure
@@ -304,7 +312,10 @@ def plot_confusion_matrix(conf: dict | None) -> str | None:
     ax.set_yticks(range(len(rows)), [r[:20] for r in rows], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("folder label")
-    ax.set_title(f"Confusion matrix (accuracy {conf['accuracy']:.3f}, matched by {conf['matched_by']})", fontsize=10)
+    if conf["accuracy"] is None:
+        ax.set_title("Folder label vs prediction (accuracy n/a: classes do not match)", fontsize=10)
+    else:
+        ax.set_title(f"Confusion matrix (accuracy {conf['accuracy']:.3f}, matched by {conf['matched_by']})", fontsize=10)
     if len(rows) * len(cols) <= 400:
         for i in range(len(rows)):
             for j in range(len(cols)):
@@ -432,7 +443,7 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
     cards = [("scanned", c["scanned"]), ("scored", c["scored"]), ("failed", c["failed"]), ("skipped", c["skipped"]),
              ("already scored", c["already_scored"]), ("images/s", _fmt(t.get("images_per_s"), 1)), ("wall s", _fmt(t.get("wall_s"), 1))]
     if acc:
-        cards.append(("accuracy", _fmt(acc["accuracy"], 4)))
+        cards.append(("accuracy", NA if acc["accuracy"] is None else _fmt(acc["accuracy"], 4)))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -474,7 +485,9 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
         cls_rows.append([_e(row["name"]), row["predicted"], f"{row['share']:.1%}"] + ([pcl["support"] if pcl else "–", _fmt(pcl["recall"]) if pcl else "–"] if acc else []))
     parts.append("<h3>Per class</h3>")
     parts.append(_table(["class", "predicted", "share"] + (["in folder", "recall"] if acc else []), cls_rows, numeric={1, 2, 3, 4}))
-    if acc:
+    if acc and acc["accuracy"] is None:
+        parts.append(f"<p>Accuracy {NA}: {_e(acc['reason'])} ({acc['labelled']} labelled images).</p>")
+    elif acc:
         how = "by name (folder name = model class name)" if acc["matched_by"] == "name" else "by index (folder class i = model output i)"
         parts.append(f"<p>Accuracy {_fmt(acc['accuracy'], 4)} ({acc['correct']}/{acc['labelled']} labelled images); labels matched {_e(how)}.</p>")
     # lowest confidence
@@ -541,7 +554,11 @@ def artifact_key(flow_name: str, kind: str) -> str:
 
 
 def summary_row(report: dict) -> list[dict]:
-    """One-row table (list of one dict) with the run's counts, for a Prefect table artifact."""
+    """One-row table (list of one dict) with the run's counts, for a Prefect table artifact.
+
+    ``accuracy`` is None both for an unlabelled folder and when labels cannot be paired with the
+    model's classes (the markdown artifact says why).
+    """
     c = report["counts"]
     acc = report["accuracy"]
     return [{
@@ -551,7 +568,7 @@ def summary_row(report: dict) -> list[dict]:
         "error_rate": report["error_rate"],
         "images_per_s": report["timing"].get("images_per_s"),
         "wall_s": report["timing"].get("wall_s"),
-        "accuracy": round(acc["accuracy"], 6) if acc else None,
+        "accuracy": round(acc["accuracy"], 6) if acc and acc["accuracy"] is not None else None,
         "devices": ", ".join(report["devices"]),
         "workers": len(report["workers"]),
     }]
@@ -576,7 +593,9 @@ def markdown_summary(report: dict, report_path: str | Path | None) -> str:
         f"Model `{r['model']['arch']}` `{(r['model']['model_id'] or '')[:12]}` · input `{r['input']['root']}`",
         "",
     ]
-    if acc:
+    if acc and acc["accuracy"] is None:
+        lines += [f"Accuracy **{NA}**: {_md(acc['reason'])} ({acc['labelled']} labelled)", ""]
+    elif acc:
         lines += [f"Accuracy **{acc['accuracy']:.4f}** ({acc['correct']}/{acc['labelled']}, labels matched by {acc['matched_by']})", ""]
     per_class = {p["name"]: p for p in (acc or {}).get("per_class", [])}
     lines += ["## Per class", "", "| class | predicted | share |" + (" in folder | recall |" if acc else ""),

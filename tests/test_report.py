@@ -172,7 +172,76 @@ def test_labels_matched_by_index_when_model_has_no_class_names(tmp_path):
     assert r["accuracy"]["matched_by"] == "index"
     assert r["accuracy"]["correct"] == 4
     assert r["accuracy"]["columns"] == ["0", "1", "2"]
-    assert accuracy_of_run(out, RUN) == {"accuracy": pytest.approx(4 / 6), "correct": 4, "labelled": 6, "matched_by": "index"}
+    assert accuracy_of_run(out, RUN) == {"accuracy": pytest.approx(4 / 6), "correct": 4, "labelled": 6, "matched_by": "index", "reason": None}
+
+
+@pytest.mark.parametrize(
+    ("folder", "model", "expected"),
+    [
+        (CLASSES, ["fox", "owl", "cat", "dog"], "name"),  # more model classes, other order: by name
+        (CLASSES, ["0", "1", "2"], "index"),  # generic names, same count
+        (CLASSES, ["car", "plane", "ship"], "index"),  # same count: index, as before
+        (CLASSES, [str(i) for i in range(10)], "none"),  # names and counts differ
+        (["2024-01", "2024-02"], ["cat", "dog", "fox"], "none"),  # "flat" folder of dated subfolders
+        (None, ["0", "1", "2", "3"], "index"),  # old manifest without folder classes
+    ],
+)
+def test_label_matching_modes(folder, model, expected):
+    from tasks.evaluate import label_matching, unmatched_reason
+
+    assert label_matching(folder, model) == expected
+    assert (unmatched_reason(folder, model) is None) == (expected != "none")
+
+
+TEN = [f"class_{i}" for i in range(10)]  # a 10-class model whose names are not the folder's
+
+
+def test_accuracy_is_na_when_labels_cannot_be_paired(tmp_path, capsys):
+    """3 folder classes, a 10-class model with other names: index matching would claim 4/6."""
+    from rich.console import Console
+
+    from flows.report_cli import print_report
+
+    out = write_fake_run(tmp_path / "out", model_classes=TEN)
+    r = rp.build_report(out, RUN)
+    acc = r["accuracy"]
+    assert (acc["accuracy"], acc["correct"], acc["labelled"], acc["matched_by"]) == (None, None, 6, "none")
+    assert "counts differ (folder 3, model 10)" in acc["reason"] and "e.g. cat, dog, fox" in acc["reason"]
+    # still a label × prediction count table, without a "correct" diagonal
+    assert acc["rows"] == CLASSES and acc["columns"] == ["class_0", "class_1", "class_2"]
+    assert acc["matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert [(p["support"], p["correct"], p["recall"]) for p in acc["per_class"]] == [(2, None, None)] * 3
+    run_acc = accuracy_of_run(out, RUN)
+    assert (run_acc["accuracy"], run_acc["correct"], run_acc["matched_by"]) == (None, None, "none")
+    assert run_acc["reason"] == acc["reason"]
+
+    # json: null + reason
+    data = json.loads(rp.dumps(r))
+    assert data["accuracy"]["accuracy"] is None and data["accuracy"]["reason"] == acc["reason"]
+    assert cli_main(["report", RUN, "--format", "json", "--set", f"output.root={out}"]) == 0
+    cli_data = json.loads(capsys.readouterr().out)
+    assert cli_data["accuracy"]["accuracy"] is None and cli_data["accuracy"]["reason"] == acc["reason"]
+
+    # html: n/a card and sentence with the reason, no number
+    page = rp.render_html(r)
+    assert '<div class="card"><b>n/a</b><span>accuracy</span></div>' in page
+    assert "Accuracy n/a: folder classes are not model class names" in page
+    assert "0.6667" not in page and "matched by index" not in page and "by index (folder" not in page
+    assert len(_data_uris(page, "image/svg+xml")) == 3  # the count table is still plotted
+
+    # Prefect markdown + table artifacts
+    md = rp.markdown_summary(r, "/x/report.html")
+    assert "Accuracy **n/a**: folder classes are not model class names" in md and "0.6667" not in md
+    assert "| class_0 | 2 | 33.3% | – | – |" in md  # per-class rows are model classes; none is a folder class
+    assert rp.summary_row(r)[0]["accuracy"] is None
+
+    # terminal table
+    buf = io.StringIO()
+    print_report(r, Console(file=buf, width=400))
+    text = buf.getvalue()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("accuracy")]
+    assert "n/a: folder classes are not model class names" in line and "(6 labelled)" in line
+    assert "0.6667" not in text
 
 
 def test_confusion_by_name_with_more_model_classes_and_other_column():
