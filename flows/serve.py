@@ -73,11 +73,28 @@ def build_deployment(cfg: Config, cron: str, timezone: str, name: str = "nightly
     )
 
 
-def serve_deployments(*deployments: RunnerDeployment) -> None:
-    """Register ``deployments`` and poll for their scheduled runs until interrupted (blocks)."""
+def serve_deployments(*deployments: RunnerDeployment, prefect_hint: bool = True) -> None:
+    """Register ``deployments`` and poll for their scheduled runs until interrupted (blocks).
+
+    ``prefect_hint``: let Prefect print its start message ("To trigger any of these deployments
+    ... prefect deployment run"), via ``prefect.serve``'s ``print_starting_message``. Pass False
+    when that command cannot reach the API this process serves on (a temporary server).
+    """
     from prefect import serve
 
-    serve(*deployments, pause_on_shutdown=True)
+    serve(*deployments, pause_on_shutdown=True, print_starting_message=prefect_hint)
+
+
+def temporary_server_hint(name: str) -> str:
+    """The line printed instead of Prefect's "prefect deployment run" hint when no
+    ``PREFECT_API_URL`` is set: the temporary server lives only inside this process, so no
+    other shell can reach it."""
+    return (
+        f"imgscore: no PREFECT_API_URL: the schedule runs inside this process, on a temporary Prefect server that "
+        f"no other shell can reach; to trigger runs from another shell (prefect deployment run 'score-images/{name}') "
+        "start a real server with `prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api` "
+        "in both shells and restart `imgscore serve`"
+    )
 
 
 def main(args) -> int:
@@ -85,6 +102,9 @@ def main(args) -> int:
 
     Returns 0 after Ctrl-C (the schedule is paused while nothing serves it); raises
     :class:`ConfigError` (exit 2) for a bad config or schedule before anything is registered.
+    Without ``PREFECT_API_URL`` Prefect's start message is replaced by
+    :func:`temporary_server_hint` (its ``prefect deployment run`` could not reach this process's
+    temporary server); with it, Prefect's message is printed as usual.
     """
     from prefect.settings import PREFECT_API_URL
 
@@ -94,7 +114,9 @@ def main(args) -> int:
         print(f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
               "scheduled runs will exit 2 until it is", file=sys.stderr)
     api = PREFECT_API_URL.value()
-    where = api or "a temporary local Prefect server (set PREFECT_API_URL, e.g. from `prefect server start`, to see runs in the UI)"
-    print(f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {where}; Ctrl-C stops", file=sys.stderr)
-    serve_deployments(deployment)
+    print(f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {api or 'a temporary Prefect server'}; "
+          "Ctrl-C stops", file=sys.stderr)
+    if not api:  # Prefect's own "prefect deployment run" hint would point at a server no other shell can reach
+        print(temporary_server_hint(args.name), file=sys.stderr)
+    serve_deployments(deployment, prefect_hint=bool(api))
     return 0

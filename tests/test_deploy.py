@@ -74,6 +74,46 @@ def test_serve_refuses_a_bad_schedule_before_registering_anything(capsys, monkey
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:4200/api"])
+def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, monkeypatch, tmp_path, api_url):
+    """Prefect's start message says "prefect deployment run", which cannot reach the temporary
+    server living inside `imgscore serve`; without PREFECT_API_URL our one line replaces it. The
+    real ``prefect.serve`` runs, with a Runner that registers nothing and returns at once."""
+    import prefect.runner
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    added, runners = [], []
+
+    class FakeRunner:
+        def __init__(self, **kwargs):
+            runners.append(kwargs)
+
+        def add_deployment(self, deployment):
+            added.append(deployment)
+
+        async def start(self):
+            return None
+
+    monkeypatch.setattr(prefect.runner, "Runner", FakeRunner)
+    settings = {"updates": {PREFECT_API_URL: api_url}} if api_url else {"restore_defaults": [PREFECT_API_URL]}
+    with temporary_settings(**settings):
+        assert PREFECT_API_URL.value() == api_url
+        assert main(["serve", "--config", str(REPO / "configs" / "nightly.yaml"), "--set", f"input.root={tmp_path}", "--name", "t1"]) == 0
+    cap = capsys.readouterr()
+    assert [d.name for d in added] == ["t1"] and runners[0]["pause_on_shutdown"] is True
+    prefect_message = "To trigger any of these deployments"
+    ours = [ln for ln in cap.err.splitlines() if "no PREFECT_API_URL" in ln]
+    if api_url is None:
+        assert prefect_message not in cap.out + cap.err and "Your deployments are being served" not in cap.out + cap.err
+        (line,) = ours
+        assert "runs inside this process" in line and "`prefect server start`" in line
+        assert "`export PREFECT_API_URL=http://127.0.0.1:4200/api`" in line and "'score-images/t1'" in line
+        assert "via a temporary Prefect server" in cap.err
+    else:  # a real server: Prefect's own hint works, and ours is not printed
+        assert prefect_message in cap.out and not ours
+        assert f"via {api_url}" in cap.err
+
+
 @pytest.mark.slow
 def test_serve_registers_the_cron_schedule_timezone_and_parameters(prefect_server, monkeypatch, tmp_path):
     """`imgscore serve` hands prefect.serve a deployment; applied to the test server it carries
@@ -83,7 +123,7 @@ def test_serve_registers_the_cron_schedule_timezone_and_parameters(prefect_serve
     import flows.serve
 
     served = []
-    monkeypatch.setattr(flows.serve, "serve_deployments", lambda *deps: served.extend(deps))
+    monkeypatch.setattr(flows.serve, "serve_deployments", lambda *deps, **kw: served.extend(deps))
     argv = ["serve", "--config", str(REPO / "configs" / "nightly.yaml"), "--set", f"input.root={tmp_path}",
             "--cron", "30 1 * * 1-5", "--timezone", "Europe/Berlin", "--name", "weekday-scoring"]
     assert main(argv) == 0
