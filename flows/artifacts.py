@@ -8,7 +8,8 @@ shows each one's history night over night:
 
 - ``<flow>-summary``: table artifact, one row of counts for the run;
 - ``<flow>-report``: markdown artifact, per-class table, error summary, the report's path;
-- ``<flow>-progress``: progress artifact (percent of images done), updated as shards finish.
+- ``<flow>-progress``: progress artifact (percent of images done), updated as shards finish;
+  for ``score-images`` the run's images, for ``rerun-failed`` the images that rerun rescores.
 """
 
 from __future__ import annotations
@@ -83,42 +84,59 @@ def publish_run_report(out_root: str | Path, run_id: str, flow_name: str | None 
 class RunProgressArtifact:
     """A Prefect progress artifact (percent of the run's images done) updated as shards finish.
 
-    Created at 0 % by :meth:`start`; :meth:`update` is cheap to call per shard (at most one API
-    call per ``min_interval_s``, plus the final 100 %). Outside a flow run, or when the API call
-    fails, it logs once and does nothing.
+    Created by :meth:`start` at 0 % (at 100 % when there is nothing to do); :meth:`update` is
+    cheap to call per shard (at most one API call per ``min_interval_s``, plus the final 100 %).
+    Outside a flow run, or when the API call fails, it logs once and does nothing.
     """
 
-    def __init__(self, artifact_id=None, total: int = 0, min_interval_s: float = 1.0):
+    def __init__(self, artifact_id=None, total: int = 0, min_interval_s: float = 1.0, title: str | None = None):
         self.artifact_id = artifact_id
         self.total = total
         self.min_interval_s = min_interval_s
+        self.title = title
         self._last = 0.0
-        self.last_progress: float | None = 0.0 if artifact_id else None
+        self.last_progress: float | None = (100.0 if total == 0 else 0.0) if artifact_id else None
 
     @classmethod
-    def start(cls, manifest: dict, flow_name: str | None = None, min_interval_s: float = 1.0) -> RunProgressArtifact:
-        """Create the artifact for ``manifest``'s run (total = images in its shards)."""
-        total = sum(s.get("images", 0) for s in manifest.get("shards", []))
+    def start(cls, manifest: dict, flow_name: str | None = None, min_interval_s: float = 1.0, total: int | None = None,
+              title: str | None = None) -> RunProgressArtifact:
+        """Create the artifact ``<flow>-progress`` for ``manifest``'s run; never raises.
+
+        Args:
+            manifest: the run's manifest (``run_id``, ``shards[].images``).
+            flow_name: for the key; default the current flow run's name (``score-images``).
+            min_interval_s: least seconds between two API updates below 100 %.
+            total: images this flow will finish; default every image in the run's shards (a
+                rerun passes only the images it rescores, with ``done`` to :meth:`update`).
+            title: description prefix; default ``imgscore run RUN_ID``.
+        """
+        total = sum(s.get("images", 0) for s in manifest.get("shards", [])) if total is None else total
+        title = title or f"imgscore run {manifest['run_id']}"
         if not _in_run():
-            return cls(None, total, min_interval_s)
+            return cls(None, total, min_interval_s, title)
         try:
             from prefect.artifacts import create_progress_artifact
 
             aid = create_progress_artifact(
-                0.0, key=rp.artifact_key(flow_name or _flow_name(), "progress"),
-                description=f"imgscore run {manifest['run_id']}: 0/{total} images",
+                100.0 if total == 0 else 0.0, key=rp.artifact_key(flow_name or _flow_name(), "progress"),
+                description=f"{title}: 0/{total} images",
             )
         except Exception as exc:
             _logger().warning("progress artifact not created: %s: %s", type(exc).__name__, exc)
             aid = None
-        return cls(aid, total, min_interval_s)
+        return cls(aid, total, min_interval_s, title)
 
-    def update(self, manifest: dict) -> float | None:
-        """Set progress to (scored + failed) / total in percent; return the value sent, or None."""
+    def update(self, manifest: dict, done: int | None = None) -> float | None:
+        """Set progress to done / total in percent; return the value sent, or None (throttled,
+        outside a run, or the API call failed: logged, never raises).
+
+        ``done`` defaults to the manifest's scored + failed images (right for ``score-images``);
+        a rerun passes the images of the work it has finished.
+        """
         if self.artifact_id is None:
             return None
         c = manifest["counts"]
-        done = c.get("scored", 0) + c.get("failed", 0)
+        done = c.get("scored", 0) + c.get("failed", 0) if done is None else done
         pct = round(100.0 * min(done, self.total) / self.total, 2) if self.total else 100.0
         now = time.monotonic()
         if pct < 100.0 and now - self._last < self.min_interval_s:
@@ -128,7 +146,7 @@ class RunProgressArtifact:
             from prefect.artifacts import update_progress_artifact
 
             update_progress_artifact(
-                self.artifact_id, pct, description=f"imgscore run {manifest['run_id']}: {done}/{self.total} images, {c.get('failed', 0)} errors"
+                self.artifact_id, pct, description=f"{self.title or 'imgscore run ' + manifest['run_id']}: {done}/{self.total} images, {c.get('failed', 0)} errors"
             )
         except Exception as exc:
             _logger().warning("progress artifact not updated: %s: %s", type(exc).__name__, exc)

@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
 
+from flows.artifacts import RunProgressArtifact
 from flows.runner import make_task_runner
 from flows.score_images import PROGRESS_HOOKS, finish_run, record_failed_shard, workers_on_host
 from tasks import lock as run_lock
@@ -172,11 +173,21 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[di
 
     A shard that still cannot run after ``run.shard_retries`` retries is recorded as ``failed``
     (whole-shard work) or stays ``partial`` with its earlier rows (failed-images work).
+
+    Publishes the progress artifact ``rerun-failed-progress`` as ``score_all`` publishes
+    ``score-images-progress`` (created at start, updated per finished shard): percent of the
+    images this rerun rescores (a whole shard's images, or only its failed ones), whatever
+    their outcome; 100 % at once when there is nothing to rescore.
     """
     logger = get_run_logger()
     shard_task = rescore_shard_task.with_options(retries=cfg.run.shard_retries, retry_delay_seconds=1)
     n_on_host = workers_on_host(cfg)
     meta = {"config": cfg.to_dict()}
+    sizes = {w.shard_id: len(w.only) if w.only is not None else plan.shards[w.shard_id].stop - plan.shards[w.shard_id].start for w in work}
+    progress = RunProgressArtifact.start(  # Prefect UI: percent of this rerun's images done
+        plan.manifest, total=sum(sizes.values()), title=f"imgscore rerun of {plan.run_id}"
+    )
+    done = 0
     futures = {}
     for w in work:
         ref = plan.shards[w.shard_id]
@@ -200,6 +211,8 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[di
         mf.record_shard(plan.manifest, plan.run_dir, result)
         for hook in PROGRESS_HOOKS:
             hook(plan.manifest, result)
+        done += sizes[w.shard_id]
+        progress.update(plan.manifest, done=done)
         results.append(result)
     return results
 

@@ -413,6 +413,28 @@ def test_progress_artifact_outside_a_run_is_inert():
     assert p.update({"run_id": RUN, "counts": {"scored": 5, "failed": 0}}) is None
 
 
+def test_progress_artifact_counts_given_total_and_done(monkeypatch):
+    """The rerun's use: its own total and done (not the manifest's), its own title; 100 % at once
+    when there is nothing to do. Prefect's API functions are replaced by recorders."""
+    import prefect.artifacts
+
+    from flows import artifacts as arts
+
+    calls = []
+    monkeypatch.setattr(arts, "_in_run", lambda: True)
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda p, **kw: calls.append(("create", p, kw)) or "aid")
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda aid, p, **kw: calls.append(("update", p, kw)))
+    m = {"run_id": RUN, "shards": [{"images": 5}, {"images": 5}], "counts": {"scored": 9, "failed": 1}}
+    p = RunProgressArtifact.start(m, flow_name="rerun-failed", min_interval_s=0.0, total=3, title=f"imgscore rerun of {RUN}")
+    assert calls == [("create", 0.0, {"key": "rerun-failed-progress", "description": f"imgscore rerun of {RUN}: 0/3 images"})]
+    assert p.update(m, done=1) == pytest.approx(33.33) and p.update(m, done=3) == 100.0
+    assert calls[-1] == ("update", 100.0, {"description": f"imgscore rerun of {RUN}: 3/3 images, 1 errors"})
+    assert RunProgressArtifact.start(m, min_interval_s=0.0).update(m) == 100.0  # default: the manifest's 10/10
+    calls.clear()
+    empty = RunProgressArtifact.start(m, flow_name="rerun-failed", total=0)
+    assert calls[0][1] == 100.0 and empty.last_progress == 100.0
+
+
 # ---------------------------------------------------------------------------------- progress bar
 
 

@@ -165,6 +165,41 @@ def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, 
     assert predictions(out, rid).to_pandas().sort_values("image_path").reset_index(drop=True).equals(after.sort_values("image_path").reset_index(drop=True))
 
 
+def test_rerun_publishes_and_updates_its_own_progress_artifact(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
+    """As `score-images` does: a progress artifact created at 0 % and updated per finished shard,
+    here over the images the rerun rescores (one failed image in each of two shards)."""
+    import prefect.artifacts
+    from prefect.artifacts import Artifact
+
+    root = flat_folder(tmp_path / "images", photos, 10, size=40)
+    bad = [root / "img_001.jpg", root / "img_007.jpg"]  # shard 0 and shard 1 (run.shard_size=5)
+    for b in bad:
+        truncate_jpeg(b)
+    out = tmp_path / "out"
+    assert run_cli("run", *sum((["--set", s] for s in base_overrides(root, tiny_checkpoint, out, **{"run.max_error_rate": 0.5})), []), "--quiet") == 0
+    rid = only_run(out)
+    assert manifest(out, rid)["counts"]["failed"] == 2
+    first_progress = Artifact.get("score-images-progress")
+    for i, b in enumerate(bad):
+        photos["rocket"].resize((40 + i, 40)).save(b, quality=90)  # fixed
+
+    created, updated = [], []
+    real_create, real_update = prefect.artifacts.create_progress_artifact, prefect.artifacts.update_progress_artifact
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda p, **kw: created.append((p, kw)) or real_create(p, **kw))
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda aid, p, **kw: updated.append(p) or real_update(aid, p, **kw))
+    assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
+
+    assert [(p, kw["key"]) for p, kw in created] == [(0.0, "rerun-failed-progress")]
+    assert created[0][1]["description"] == f"imgscore rerun of {rid}: 0/2 images"
+    assert updated == [50.0, 100.0]  # one update per finished shard (1 of 2 images, then 2 of 2)
+    art = Artifact.get("rerun-failed-progress")
+    assert art.type == "progress" and float(art.data) == 100.0
+    assert art.description == f"imgscore rerun of {rid}: 2/2 images, 0 errors"
+    assert art.flow_run_id == Artifact.get("rerun-failed-summary").flow_run_id  # the rerun's own flow run
+    assert art.flow_run_id != first_progress.flow_run_id
+    assert float(Artifact.get("score-images-progress").data) == 100.0 and Artifact.get("score-images-progress").id == first_progress.id
+
+
 def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_checkpoint, tmp_path):
     root = flat_folder(tmp_path / "images", photos, 10, size=48)
     out = tmp_path / "out"
