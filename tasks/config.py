@@ -78,8 +78,8 @@ class PreprocessConfig(_Section):
     )
     jpeg_draft: bool = Field(
         True,
-        description="let libjpeg downscale in the DCT domain when the source is at least twice "
-        "the resize target (much faster for photos; see benchmarks/NOTES.md)",
+        description="let libjpeg downscale in the DCT domain, to no less than twice the resize "
+        "target, when the source is at least four times it (much faster for photos; see benchmarks/NOTES.md)",
     )
     max_aspect_ratio: float = Field(
         4.0,
