@@ -104,13 +104,13 @@ def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
     """Run the scoring flow for a validated config; return (exit code, summary)."""
     from rich.console import Console
 
-    from flows.server_guard import guard
-
-    guard()  # before Prefect is imported: its temporary server's URL, up and watched (kill -9 too)
+    server_guard.api_url()  # exported as PREFECT_API_URL before Prefect is imported (next lines)
     from flows.progress import progress_for
     from flows.runner import make_task_runner
     from flows.score_images import score_images
     from tasks.plan import new_run_id
+
+    server_guard.guard()  # the temporary server up (it booted while we imported) and watched
 
     console = console or Console()
     if cfg.run.run_id is None:

@@ -20,6 +20,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.server_guard import drain_prefect_services
 from tasks.config import RunnerConfig
 
 try:
@@ -54,27 +55,6 @@ class _NannyKillToDebug(logging.Filter):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
-
-
-def drain_prefect_services(timeout: float = 30.0) -> None:
-    """Send this process's pending Prefect logs and events now (run on each Dask worker).
-
-    A worker process otherwise sends them from exit handlers while its nanny waits 4 s to close
-    it; on a busy machine the nanny then kills it ("Worker process still alive after 4.0
-    seconds, killing" on the terminal) and the last task-run events can be lost.
-    """
-    import threading
-
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    def drain() -> None:  # in a plain thread: drain_all returns an un-awaited coroutine inside a loop
-        for service in (APILogWorker, EventsWorker):
-            service.drain_all(timeout=timeout)
-
-    t = threading.Thread(target=drain, name="imgscore-drain-prefect", daemon=True)
-    t.start()
-    t.join(2 * timeout + 5)
 
 
 if DaskTaskRunner is not None:

@@ -103,6 +103,29 @@ os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "--app-dir", str(pre
 """
 
 
+def drain_prefect_services(timeout: float = 30.0) -> None:
+    """Send this process's pending Prefect logs and events now.
+
+    Used twice: on each Dask worker before it closes (flows.runner) — otherwise it sends them
+    from exit handlers while its nanny waits 4 s to close it, and on a busy machine the nanny kills
+    it ("Worker process still alive after 4.0 seconds, killing") and the last task-run events are
+    lost — and here before the temporary server stops: logging's own exit handler would otherwise
+    try to send the last logs to a server already gone, and wait 5 s for it.
+    """
+    import threading
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    def drain() -> None:  # in a plain thread: drain_all returns an un-awaited coroutine inside a loop
+        for service in (APILogWorker, EventsWorker):
+            service.drain_all(timeout=timeout)
+
+    t = threading.Thread(target=drain, name="imgscore-drain-prefect", daemon=True)
+    t.start()
+    t.join(2 * timeout + 5)
+
+
 class ServerStartError(RuntimeError):
     """The temporary Prefect server did not come up (its log tail is in the message)."""
 
@@ -170,6 +193,8 @@ class _Temporary:
         # this process's own open connections (measured: 0.3 s or 5 s at random). Whatever is
         # still running when this process is gone gets SIGTERM and then SIGKILL from the watchdog.
         if self.proc.poll() is None:
+            if "prefect.logging.handlers" in sys.modules:
+                drain_prefect_services(timeout=5.0)
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=1)
