@@ -57,11 +57,13 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
-def _preflight(cfg) -> None:
-    """Refuse bad input root or model before Prefect starts (exit 2, nothing written)."""
-    from tasks.device import resolve_device
+def _preflight(cfg, verbose: bool = False) -> None:
+    """Refuse bad input root, output root or model before Prefect starts (exit 2, nothing written).
+
+    The cheap path checks come first, before torch is imported, so a typo fails in well under a
+    second. Then the temporary Prefect server is launched (it boots while the model loads).
+    """
     from tasks.errors import ConfigError, InputError
-    from tasks.model import load_model
 
     root = cfg.input.root
     if root is None:
@@ -85,6 +87,10 @@ def _preflight(cfg) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"output.root {str(out)!r} is not a writable folder ({exc.strerror}); set output.root to a folder you can write to") from None
+    server_guard.launch(verbose=verbose)  # boots beside torch's import and the model load below
+    from tasks.device import resolve_device
+    from tasks.model import load_model
+
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else None
     import torch
 
@@ -152,8 +158,7 @@ def cmd_run(args) -> int:
     from tasks.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    server_guard.launch(verbose=args.verbose)  # boots beside the pre-flight's torch import and model load
-    _preflight(cfg)
+    _preflight(cfg, verbose=args.verbose)
     code, _ = execute(cfg, quiet=args.quiet)
     return code
 
@@ -173,8 +178,7 @@ def cmd_demo(args) -> int:
     if not Path(cfg.model.checkpoint).exists():
         console.print("training resnet18 on the digits (CPU, cached for next time) …")
     train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)
-    server_guard.launch(verbose=args.verbose)
-    _preflight(cfg)
+    _preflight(cfg, verbose=args.verbose)
     code, summary = execute(cfg, quiet=args.quiet, console=console)
     if not summary:
         return code
