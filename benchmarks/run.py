@@ -298,6 +298,7 @@ class Rss:
         self.pid, self.every = pid, every
         self.peak_tree = 0
         self.hwm_root = 0
+        self.peak_kind = {"server": 0, "others": 0}  # Prefect's temporary server; DataLoader workers and the rest
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
@@ -306,12 +307,18 @@ class Rss:
             root = psutil.Process(self.pid)
             procs = [root, *root.children(recursive=True)]
             total = 0
+            kind = dict.fromkeys(self.peak_kind, 0)
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
+                    if p.pid != self.pid:
+                        kind["server" if "create_app" in " ".join(p.cmdline()) else "others"] += rss
                 except psutil.Error:
                     pass
             self.peak_tree = max(self.peak_tree, total)
+            for k, v in kind.items():
+                self.peak_kind[k] = max(self.peak_kind[k], v)
             with open(f"/proc/{self.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
@@ -340,7 +347,9 @@ class Rss:
 
     @property
     def mib(self) -> dict:
-        return {"peak_rss_tree_mib": round(self.peak_tree / 2**20, 1), "peak_rss_main_mib": round(self.hwm_root / 2**20, 1)}
+        return {"peak_rss_tree_mib": round(self.peak_tree / 2**20, 1), "peak_rss_main_mib": round(self.hwm_root / 2**20, 1),
+                "peak_rss_server_mib": round(self.peak_kind["server"] / 2**20, 1),
+                "peak_rss_others_mib": round(self.peak_kind["others"] / 2**20, 1)}
 
 
 def cores() -> int:
@@ -714,6 +723,9 @@ def run_memory(ms: MemorySpec, sizes: dict) -> dict:
         "few": r_few, "many": r_many, "many_one_shard": r_one,
         "rss_growth_main": round(r_many["peak_rss_main_mib"] / r_few["peak_rss_main_mib"] - 1, 4),
         "rss_growth_tree": round(r_many["peak_rss_tree_mib"] / r_few["peak_rss_tree_mib"] - 1, 4),
+        # where the tree's growth is: Prefect's temporary server, or the DataLoader workers
+        "rss_growth_server": round(r_many["peak_rss_server_mib"] / r_few["peak_rss_server_mib"] - 1, 4) if r_few.get("peak_rss_server_mib") else None,
+        "rss_growth_others": round(r_many["peak_rss_others_mib"] / r_few["peak_rss_others_mib"] - 1, 4) if r_few.get("peak_rss_others_mib") else None,
         # everything a shard costs beyond its images: Prefect task run, DataLoader start, part files
         "overhead_per_shard_total_s": round((r_many["wall_s"] - r_one["wall_s"]) / extra, 4) if extra else None,
         # the part outside score_shard (Prefect's task-run machinery): time between the plan and
@@ -801,6 +813,9 @@ def render(r: dict) -> str:
     L.append(f"| peak memory, {mem['few']['images']} images: main process RSS / process tree RSS (MiB) | {mem['few']['peak_rss_main_mib']} / {mem['few']['peak_rss_tree_mib']} |")
     L.append(f"| peak memory, {mem['many']['images']} images: main process RSS / process tree RSS (MiB) | {mem['many']['peak_rss_main_mib']} / {mem['many']['peak_rss_tree_mib']} |")
     L.append(f"| growth for 10× the images: main / tree | {mem['rss_growth_main'] * 100:+.1f} % / {mem['rss_growth_tree'] * 100:+.1f} % |")
+    if mem.get("rss_growth_server") is not None:
+        L.append(f"| of the tree: Prefect's temporary server / DataLoader workers and the rest (MiB, {mem['few']['images']} → {mem['many']['images']} images) | "
+                 f"{mem['few']['peak_rss_server_mib']} → {mem['many']['peak_rss_server_mib']} / {mem['few']['peak_rss_others_mib']} → {mem['many']['peak_rss_others_mib']} |")
     L.append(f"| cost of a shard beyond its images ({mem['many']['shards']} vs {mem['many_one_shard']['shards']} shards, same images) | {mem['overhead_per_shard_total_s'] * 1e3:.0f} ms |")
     L.append(f"| of which Prefect, outside `score_shard` | {mem['prefect_overhead_per_shard_s'] * 1e3:.0f} ms |")
     L.append(f"| importing torch + torchvision + Prefect + imgscore in a fresh interpreter | {r['imports']['seconds']} s |")

@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
+from prefect.utilities.annotations import quote
 
 from flows.artifacts import RunProgressArtifact
 from flows.runner import make_task_runner
@@ -192,7 +193,7 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[di
     for w in work:
         ref = plan.shards[w.shard_id]
         base = int(plan.manifest["shards"][w.shard_id].get("attempts") or 0)
-        futures[shard_task.submit(ref, w.only, cfg, base, n_on_host, meta)] = (ref, w, base)
+        futures[shard_task.submit(ref, w.only, quote(cfg), base, n_on_host, quote(meta))] = (ref, w, base)  # quote: see score_all
     results = []
     for fut in as_completed(list(futures)):
         ref, w, base = futures[fut]

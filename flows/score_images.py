@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
+from prefect.utilities.annotations import quote
 
 from flows.artifacts import RunProgressArtifact, publish_run_report
 from flows.runner import ConfiguredTaskRunner
@@ -127,7 +128,10 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
     )
     n_on_host = workers_on_host(cfg)
     meta = {"config": cfg.to_dict()}
-    futures = {shard_task.submit(ref, cfg, n_on_host, meta): ref for ref in plan.shards}
+    # quote(): Prefect would otherwise walk every field of the config (twice: the whole config is
+    # also the part files' metadata) looking for futures, for each task run — 8 ms of the 25 ms a
+    # shard cost outside score_shard (py-spy, benchmarks/NOTES.md).
+    futures = {shard_task.submit(ref, quote(cfg), n_on_host, quote(meta)): ref for ref in plan.shards}
     progress = RunProgressArtifact.start(plan.manifest)  # Prefect UI: percent of images done
     results = []
     for fut in as_completed(list(futures)):
@@ -135,7 +139,7 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
         try:
             result = fut.result()
             if mf.check_shard(cfg.output.root, ref.run_date, ref.run_id, result):  # cached, but its files are gone or corrupt
-                result = shard_task.with_options(refresh_cache=True).submit(ref, cfg, n_on_host, meta).result()
+                result = shard_task.with_options(refresh_cache=True).submit(ref, quote(cfg), n_on_host, quote(meta)).result()
         except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
