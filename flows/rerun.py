@@ -21,6 +21,7 @@ run, forbidden override, changed model, input folder gone, run locked).
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,6 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
-from prefect.utilities.annotations import quote
 
 from flows.artifacts import RunProgressArtifact
 from flows.runner import make_task_runner
@@ -163,8 +163,10 @@ def _rmtree(p: Path) -> None:
 
 
 @task(name="rescore_shard", cache_policy=NO_CACHE)
-def rescore_shard_task(ref: ShardRef, only: list[str] | None, cfg: Config, base_attempt: int, n_on_host: int, metadata: dict) -> dict:
-    """One shard (or its failed images) on this worker; see ``tasks.rerun.rescore_shard``."""
+def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int, metadata_json: str) -> dict:
+    """One shard (or its failed images) on this worker; see ``tasks.rerun.rescore_shard``.
+    Config and part-file metadata travel as JSON text, as in ``score_shard_task``."""
+    cfg, metadata = Config.model_validate_json(config_json), json.loads(metadata_json)
     attempt = base_attempt + int(task_run.run_count or 1)
     return rescore_shard(ref, only, cfg, attempt, workers_on_host=n_on_host, metadata=metadata)
 
@@ -193,7 +195,7 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[di
     for w in work:
         ref = plan.shards[w.shard_id]
         base = int(plan.manifest["shards"][w.shard_id].get("attempts") or 0)
-        futures[shard_task.submit(ref, w.only, quote(cfg), base, n_on_host, quote(meta))] = (ref, w, base)  # quote: see score_all
+        futures[shard_task.submit(ref, w.only, cfg.model_dump_json(), base, n_on_host, json.dumps(meta))] = (ref, w, base)
     results = []
     for fut in as_completed(list(futures)):
         ref, w, base = futures[fut]

@@ -15,7 +15,6 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
-from prefect.utilities.annotations import quote
 
 from flows.artifacts import RunProgressArtifact, publish_run_report
 from flows.runner import ConfiguredTaskRunner
@@ -65,8 +64,15 @@ def plan_task(cfg: Config) -> RunPlan:
 # Completed shards are cached (key: tasks.plan.shard_cache_key) with results persisted under
 # output.root, so a retry of the flow run skips them; failed/crashed runs are never cached.
 @task(name="score_shard", cache_key_fn=lambda ctx, params: shard_cache_key(params["ref"]), persist_result=True)
-def score_shard_task(ref: ShardRef, cfg: Config, n_on_host: int, metadata: dict) -> dict:
-    """One shard on this worker's device; see ``tasks.score.score_shard``."""
+def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> dict:
+    """One shard on this worker's device; see ``tasks.score.score_shard``.
+
+    The config travels as its JSON text: Prefect walks every field of a structured parameter
+    looking for futures, for every task run — 8 of the 25 ms a shard cost outside
+    ``score_shard`` (py-spy, benchmarks/NOTES.md); a string is one leaf.
+    """
+    cfg = Config.model_validate_json(config_json)
+    metadata = {"config": cfg.to_dict()}  # on every part file, as record_failed_shard writes it
     result = score_shard(
         ref,
         cfg.input,
@@ -127,11 +133,8 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
         retries=cfg.run.shard_retries, retry_delay_seconds=1, result_storage=result_storage_path(cfg.output.root)
     )
     n_on_host = workers_on_host(cfg)
-    meta = {"config": cfg.to_dict()}
-    # quote(): Prefect would otherwise walk every field of the config (twice: the whole config is
-    # also the part files' metadata) looking for futures, for each task run — 8 ms of the 25 ms a
-    # shard cost outside score_shard (py-spy, benchmarks/NOTES.md).
-    futures = {shard_task.submit(ref, quote(cfg), n_on_host, quote(meta)): ref for ref in plan.shards}
+    config_json = cfg.model_dump_json()
+    futures = {shard_task.submit(ref, config_json, n_on_host): ref for ref in plan.shards}
     progress = RunProgressArtifact.start(plan.manifest)  # Prefect UI: percent of images done
     results = []
     for fut in as_completed(list(futures)):
@@ -139,7 +142,7 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
         try:
             result = fut.result()
             if mf.check_shard(cfg.output.root, ref.run_date, ref.run_id, result):  # cached, but its files are gone or corrupt
-                result = shard_task.with_options(refresh_cache=True).submit(ref, quote(cfg), n_on_host, quote(meta)).result()
+                result = shard_task.with_options(refresh_cache=True).submit(ref, config_json, n_on_host).result()
         except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)

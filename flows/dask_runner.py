@@ -1,0 +1,86 @@
+"""``runner.type=dask``: prefect-dask's ``DaskTaskRunner`` made fit for scoring.
+
+Imported only when a run asks for Dask (``flows.runner.make_task_runner``): prefect-dask and
+distributed take about 0.35 s to import, which every thread-runner run paid at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_dask import DaskTaskRunner
+
+from flows.runner import flow_api_url
+from flows.server_guard import drain_prefect_services
+
+
+class _NannyKillToDebug(logging.Filter):
+    """Turns the nanny's "Worker process still alive after N seconds, killing" into DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "still alive after" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+class ScoringDaskTaskRunner(DaskTaskRunner):
+    """``DaskTaskRunner`` whose workers report to the flow's Prefect API and may fork.
+
+    Two field faults on plain ``DaskTaskRunner`` (CASES.md, Orchestration), fixed here:
+
+    - Without ``PREFECT_API_URL`` every worker process started a temporary Prefect server of
+      its own. Each task run is submitted with the flow's API URL in its serialized settings
+      (the workers then use the flow's server), and a ``LocalCluster`` started here also gets
+      it in its workers' environment.
+    - Worker processes are daemonic, so ``DataLoader(num_workers>0)`` inside them failed
+      ("daemonic processes are not allowed to have children"). A ``LocalCluster`` started
+      here runs non-daemonic workers (``distributed.worker.daemon=False`` for the runner's
+      lifetime, so a restarted worker is non-daemonic too). Workers of a cluster we do not
+      control fall back to decoding in-process (``tasks.device.loader_workers``).
+    """
+
+    @property
+    def client(self):  # noqa: D401 - property of the parent class
+        """The Dask client; starts the ``LocalCluster`` on first use (inside the flow run)."""
+        if self._client is None and self._cluster is None and not self.address:
+            import dask
+
+            self._owns_cluster = True
+            self._exit_stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+            url = flow_api_url()
+            if url:
+                env = {**self.cluster_kwargs.get("env", {}), "PREFECT_API_URL": url}
+                self.cluster_kwargs = {**self.cluster_kwargs, "env": env}
+        return super().client
+
+    def __exit__(self, *exc: Any) -> None:
+        """Flush the workers' Prefect logs and events, then stop the cluster we started.
+
+        Shards have committed their part files and the workers' Prefect events are sent, so a
+        worker that is slow to exit (interpreter teardown on a busy machine) loses nothing
+        when its nanny kills it; that kill is logged at DEBUG instead of on the terminal.
+        """
+        quiet = None
+        if self._client is not None and getattr(self, "_owns_cluster", False):
+            try:
+                self._client.run(drain_prefect_services)
+                quiet = _NannyKillToDebug()
+                logging.getLogger("distributed.nanny").addFilter(quiet)
+            except Exception as err:  # shutting down anyway; the nanny's kill is the fallback
+                self.logger.debug("could not drain Prefect services on the workers: %s", err)
+        try:
+            super().__exit__(*exc)
+        finally:
+            if quiet is not None:
+                logging.getLogger("distributed.nanny").removeFilter(quiet)
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        """Submit one task run; its serialized settings carry the flow's API URL."""
+        url = None if PREFECT_API_URL.value() else flow_api_url()
+        guard = temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext()
+        with guard:
+            return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
