@@ -202,7 +202,11 @@ def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: l
         try:
             img = Image.open(path)
         except Image.DecompressionBombError as exc:
-            raise DecodeError("too_large", f"decompression bomb refused by Pillow: {exc}") from None
+            raise DecodeError(
+                "too_large",
+                f"decompression bomb refused by Pillow itself: {exc} Pillow refuses images above twice "
+                "PIL.Image.MAX_IMAGE_PIXELS whatever input.max_pixels says; such a file cannot be scored here",
+            ) from None
         except UnidentifiedImageError:
             raise DecodeError("unidentified", _sniff(path)) from None
         except OSError as exc:
