@@ -108,12 +108,16 @@ def main(args) -> int:
     """
     from prefect.settings import PREFECT_API_URL
 
+    from flows import server_guard
+
     cfg = load_config(args.config, args.overrides)
     deployment = build_deployment(cfg, args.cron, args.timezone, args.name)
     if cfg.input.root is not None and not cfg.input.root.is_dir():  # may be a share mounted later: warn, serve
         print(f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
               "scheduled runs will exit 2 until it is", file=sys.stderr)
     api = PREFECT_API_URL.value()
+    if api and api == server_guard.temporary_api_url():  # the CLI exported its own temporary server's URL
+        api = None
     print(f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {api or 'a temporary Prefect server'}; "
           "Ctrl-C stops", file=sys.stderr)
     if not api:  # Prefect's own "prefect deployment run" hint would point at a server no other shell can reach

@@ -255,6 +255,13 @@ def api_url() -> str | None:
     return url
 
 
+def temporary_api_url() -> str | None:
+    """The API URL of the temporary server :func:`launch` started (and exported as
+    ``PREFECT_API_URL``), or None: no temporary server, or not known yet. Lets a caller tell it
+    from a configured server that other shells can reach."""
+    return _SERVER.url if _SERVER is not None else None
+
+
 def guard() -> str | None:
     """Make sure the temporary server (if any) is up, and watched, before a flow runs.
 

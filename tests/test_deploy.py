@@ -74,13 +74,31 @@ def test_serve_refuses_a_bad_schedule_before_registering_anything(capsys, monkey
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:4200/api"])
+class _LaunchedServer:  # stands in for what flows.server_guard holds after launch()
+    url = "http://127.0.0.1:45678/api"
+
+    def read_url(self, timeout: float) -> str:
+        return self.url
+
+    def wait_ready(self, timeout: float) -> None:
+        return None
+
+
+@pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:4200/api", _LaunchedServer.url])
 def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, monkeypatch, tmp_path, api_url):
     """Prefect's start message says "prefect deployment run", which cannot reach the temporary
     server living inside `imgscore serve`; without PREFECT_API_URL our one line replaces it. The
-    real ``prefect.serve`` runs, with a Runner that registers nothing and returns at once."""
+    console script exports its own temporary server's URL as PREFECT_API_URL (flows.server_guard):
+    that URL counts as no server. The real ``prefect.serve`` runs, with a Runner that registers
+    nothing and returns at once."""
     import prefect.runner
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import server_guard
+
+    monkeypatch.setattr(server_guard, "_SERVER", _LaunchedServer())
+    monkeypatch.setenv("PREFECT_API_URL", "")  # restored afterwards: server_guard exports the URL
+    temporary = api_url in (None, _LaunchedServer.url)
 
     added, runners = [], []
 
@@ -103,7 +121,7 @@ def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, m
     assert [d.name for d in added] == ["t1"] and runners[0]["pause_on_shutdown"] is True
     prefect_message = "To trigger any of these deployments"
     ours = [ln for ln in cap.err.splitlines() if "no PREFECT_API_URL" in ln]
-    if api_url is None:
+    if temporary:
         assert prefect_message not in cap.out + cap.err and "Your deployments are being served" not in cap.out + cap.err
         (line,) = ours
         assert "runs inside this process" in line and "`prefect server start`" in line
