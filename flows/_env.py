@@ -19,10 +19,17 @@ class ExpectedFailureFilter(logging.Filter):
     For the failures imgscore expects and reports itself — an ``ImgscoreError`` (error budget, bad
     input or model) or a ``ShardError`` (a shard that cannot run; its reason goes to the manifest)
     — the record drops to INFO without the traceback: it still reaches the Prefect API (the run's
-    logs in the UI), not the terminal. Anything else keeps its traceback. Not installed with
+    logs in the UI), not the terminal. So do Prefect's "Crash detected!" records after Ctrl-C. Anything else keeps its traceback. Not installed with
     ``--verbose``."""
 
+    # Ctrl-C: the CLI prints its own line (exit 130 and the rerun command); Prefect's
+    # "Crash detected!" records for the flow run and the cancelled task runs are expected then.
+    INTERRUPT_MARKERS = ("aborted by an interrupt signal", "cancelled by the task runner")
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and any(m in record.getMessage() for m in self.INTERRUPT_MARKERS):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return True
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
             from tasks.errors import ImgscoreError

@@ -121,7 +121,7 @@ def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
     console = console or Console()
     if cfg.run.run_id is None:
         cfg.run.run_id = new_run_id()
-    console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {cfg.model.arch} ({cfg.runner.type} runner) …")
+    console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {cfg.model.arch} ({cfg.runner.type} runner) …", soft_wrap=True)
     flow_fn = score_images.with_options(task_runner=make_task_runner(cfg.runner))
     try:
         with progress_for(console, enabled=not quiet):
@@ -132,7 +132,10 @@ def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
 
 
 def interrupted(run_id: str, out_root) -> int:
-    """Ctrl-C: exit 130 (128 + SIGINT) with the command that finishes the run."""
+    """Ctrl-C: exit 130 (128 + SIGINT) with the command that finishes the run — or, when the run
+    had not written its plan yet, the fact that there is nothing to finish."""
+    if not (Path(out_root) / "runs" / run_id / "manifest.json").is_file():
+        return _fail(f"interrupted before run {run_id} was planned; nothing was written, run the command again", 130)
     return _fail(f"interrupted; finish it with `imgscore rerun {run_id} --set output.root={out_root}`", 130)
 
 

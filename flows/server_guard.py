@@ -138,6 +138,10 @@ class _Temporary:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             close_fds=True,
+            # Its own session: a terminal's Ctrl-C signals the whole foreground process group, and
+            # a server killed by it left the interrupted flow unable to report its crash (70 s of
+            # retries, exit 1, no rerun hint). This process stops it at exit; the watchdog after kill -9.
+            start_new_session=True,
         )
         self.url: str | None = None
         self.known = False
@@ -221,6 +225,7 @@ def _watch() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             close_fds=True,
+            start_new_session=True,  # survives the Ctrl-C that ends this process
         )
 
 

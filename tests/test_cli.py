@@ -119,3 +119,47 @@ def test_kill_9_does_not_leave_the_temporary_prefect_server_running(tmp_path, im
     for p in alive:
         p.kill()
     assert gone and not alive, "temporary Prefect server outlived its killed parent"
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_exits_130_with_the_rerun_command(tmp_path, photos, tiny_checkpoint):
+    """A terminal's Ctrl-C signals the whole foreground process group — the scorer, its DataLoader
+    workers and (unless it has its own session) the temporary Prefect server. Once the server died
+    with the scorer, the interrupted flow could not report its crash: 70 s of retries, exit 1,
+    no rerun command. Now: exit 130 within seconds, one line naming `imgscore rerun RUN_ID`, no
+    Prefect "Crash detected!" or traceback, no server left, and the rerun finishes the run."""
+    import signal
+    import time
+
+    import psutil
+
+    from tests.conftest import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", photos, per_class=24)  # 72 images, 36 shards
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp_path / "prefect")}
+    sets = _sets(base_overrides(images, tiny_checkpoint, out, **{"run.shard_size": 2, "inference.batch_size": 1}))
+    proc = subprocess.Popen([IMGSCORE, "run", "-q", *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not list(out.glob("runs/*/shards/*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # scoring has started: at least one shard is committed
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    servers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "create_app" in " ".join(c.cmdline())]
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    took = time.time() - t0
+    assert proc.returncode == 130, stderr
+    assert took < 30, f"exit took {took:.0f} s after Ctrl-C"
+    (run_dir,) = out.glob("runs/*")
+    assert f"imgscore rerun {run_dir.name} --set output.root={out}" in stderr
+    assert "Crash detected" not in stdout + stderr and "Traceback" not in stdout + stderr
+    gone, alive = psutil.wait_procs(servers, timeout=20)
+    assert not alive, "temporary Prefect server outlived the interrupted run"
+    rerun = run_cli("rerun", run_dir.name, "--set", f"output.root={out}", prefect_home=tmp_path / "prefect")
+    assert rerun.returncode == 0, rerun.stderr
+    import json
+
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["counts"]["scored"] == 72
