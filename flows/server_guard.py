@@ -37,7 +37,7 @@ import urllib.request
 _WATCHDOG = r"""
 import os, signal, sys, time
 parent, me = int(sys.argv[1]), os.getpid()
-MARK = b"prefect.server.api" + b".server:create_app"
+MARK = b"prefect.server.api" + b".server:" + b"create" + b"_app"  # split: this script is no server
 def is_server(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
