@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from flows import _env, server_guard
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+SUBCOMMAND_MODULES = {"rerun": "flows.rerun", "report": "flows.report_cli", "serve": "flows.serve"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
             # Their modules import Prefect, which must see the temporary server's URL first; rerun
             # waits for the server itself (after refusing a bad run id), serve waits here.
             server_guard.launch(verbose=args.verbose)
-            server_guard.guard() if args.command == "serve" else server_guard.api_url()
-        handler = {"run": lambda: cmd_run, "demo": lambda: cmd_demo, **{
-            name: (lambda mod=mod: __import__(mod, fromlist=["main"]).main)  # imported only when used
-            for name, mod in (("rerun", "flows.rerun"), ("report", "flows.report_cli"), ("serve", "flows.serve"))
-        }}[args.command]()
+            if args.command == "serve":
+                server_guard.guard()
+            else:
+                server_guard.api_url()
+        if args.command == "run":
+            handler = cmd_run
+        elif args.command == "demo":
+            handler = cmd_demo
+        else:  # imported only when used
+            handler = importlib.import_module(SUBCOMMAND_MODULES[args.command]).main
         return handler(args)
     except ImgscoreError as exc:
         return _fail(str(exc), exc.exit_code)
