@@ -307,9 +307,10 @@ def main(args) -> int:
     out = out_root_of(args.config, args.overrides)
     run_dir = out / "runs" / args.run_id
     if not (run_dir / "manifest.json").is_file():
+        runs = sorted(p.name for p in (out / "runs").glob("*"))
         raise UsageError(
             f"run {args.run_id!r} not found: no {run_dir / 'manifest.json'}; pass the output root it was written to "
-            "with --set output.root=PATH (runs there: " + ", ".join(sorted(p.name for p in (out / "runs").glob("*"))[-5:]) + ")"
+            "with --set output.root=PATH (" + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}") + ")"
         )
     manifest = mf.read_manifest(run_dir / "manifest.json")
     cfg = rerun_config(manifest["config"], args.config, [*args.overrides, f"output.root={out}"])
