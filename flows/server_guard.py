@@ -132,7 +132,10 @@ class ServerStartError(RuntimeError):
 
 class _Temporary:
     def __init__(self, verbose: bool):
-        self.log = "-" if verbose else tempfile.mkstemp(prefix="imgscore-prefect-server-", suffix=".log")[1]
+        self.log = "-"  # --verbose: the server writes to this terminal
+        if not verbose:
+            fd, self.log = tempfile.mkstemp(prefix="imgscore-prefect-server-", suffix=".log")
+            os.close(fd)  # the server opens it itself
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _LAUNCHER, self.log],
             stdin=subprocess.DEVNULL,
@@ -167,29 +170,30 @@ class _Temporary:
         while time.monotonic() < deadline:
             code = self.proc.poll()
             if code is not None:
-                self.fail(f"it exited with code {code}" + (" (port taken)" if code == 3 else ""))
+                self.fail(f"it exited with code {code}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
+                        self._drop_log()  # needed only to explain a failed start; kill -9 cannot leak it now
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.05)
-        self.fail(f"not healthy after {timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+        self.fail(f"not healthy after {timeout:.0f} s", "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, also: str = "") -> None:
         tail = ""
         if self.log != "-":
             try:
                 with open(self.log, errors="replace") as f:
-                    tail = " | ".join(f.read().strip().splitlines()[-5:])
+                    lines = [ln.strip() for ln in f.read().splitlines() if ln.strip().strip("^~ ")]
+                tail = " | ".join(lines[-3:]).rstrip(".")  # the exception and uvicorn's last word, not the traceback
             except OSError:
                 pass
         self.stop()
         raise ServerStartError(
-            f"Prefect's temporary API server did not start: {why}" + (f"; its log: {tail}" if tail else "")
-            + ". Start a server (`prefect server start`) and export PREFECT_API_URL, or raise "
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+            f"Prefect's temporary API server did not start: {why}" + (f"; its log ends: {tail}" if tail else "")
+            + f". Start a server (`prefect server start`) and export PREFECT_API_URL{', ' + also if also else ''}"
         )
 
     def stop(self) -> None:
@@ -204,11 +208,15 @@ class _Temporary:
                 self.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
+        self._drop_log()
+
+    def _drop_log(self) -> None:
         if self.log != "-":
             try:
-                os.unlink(self.log)
+                os.unlink(self.log)  # the server keeps writing to its open file, now nameless
             except OSError:
                 pass
+            self.log = "-"
 
 
 _SERVER: _Temporary | None = None

@@ -163,3 +163,21 @@ def test_ctrl_c_to_the_process_group_exits_130_with_the_rerun_command(tmp_path, 
 
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["status"] == "complete" and m["counts"]["scored"] == 72
+
+
+@pytest.mark.slow
+def test_a_temporary_server_that_cannot_start_is_one_line_with_its_reason(tmp_path, image_folder, tiny_checkpoint):
+    """The server is launched by flows.server_guard; when it dies at start-up (here: its SQLite
+    database cannot be created) the run ends with exit 1 and one line that quotes the server's own
+    error and names the fix — not a 40-line traceback, not a hang until the start-up timeout."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/prefect.db"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([IMGSCORE, "run", *_sets(base_overrides(image_folder, tiny_checkpoint, tmp_path / "out"))],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert "temporary API server did not start" in lines[0] and "unable to open database file" in lines[0]
+    assert "prefect server start" in lines[0] and "PREFECT_API_URL" in lines[0]
+    assert not list((tmp_path / "out").glob("runs/*")), "nothing is planned without a Prefect API"
