@@ -19,8 +19,8 @@ class ExpectedFailureFilter(logging.Filter):
     For the failures imgscore expects and reports itself — an ``ImgscoreError`` (error budget, bad
     input or model) or a ``ShardError`` (a shard that cannot run; its reason goes to the manifest)
     — the record drops to INFO without the traceback: it still reaches the Prefect API (the run's
-    logs in the UI), not the terminal. So do Prefect's "Crash detected!" records after Ctrl-C. Anything else keeps its traceback. Not installed with
-    ``--verbose``."""
+    logs in the UI), not the terminal. So do Prefect's "Crash detected!" records after Ctrl-C.
+    Anything else keeps its traceback. Not installed with ``--verbose``."""
 
     # Ctrl-C: the CLI prints its own line (exit 130 and the rerun command); Prefect's
     # "Crash detected!" records for the flow run and the cancelled task runs are expected then.

@@ -235,7 +235,8 @@ def _build_from_state_dict(arch: str, n: int, sd: dict[str, torch.Tensor], where
     """``torchvision.models.get_model(arch, num_classes=n)`` holding ``sd``'s weights.
 
     Built on the meta device, so torchvision's random initialisation of weights that the checkpoint
-    replaces anyway is skipped: resnet50 loads about 1 s faster on this 2-core machine. A module
+    replaces anyway is skipped: resnet50's build and load took 0.33-0.38 s, now 0.09-0.11 s on
+    this 2-core machine, with identical logits. A module
     that would keep any meta tensor after the load (a buffer the checkpoint does not carry) is
     built again the ordinary way.
 

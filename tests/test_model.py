@@ -184,3 +184,20 @@ def test_non_pytorch_file_is_not_called_pickled(tmp_path):
 def test_checkpoint_that_is_a_folder(tmp_path):
     with pytest.raises(ModelError, match=r"model.checkpoint '.*' is a folder, not a file"):
         _load(tmp_path)
+
+
+def test_half_precision_state_dict_loads_as_float32_like_a_copy_into_an_initialised_model(tmp_path, tiny_model):
+    """Models are built on the meta device and take the checkpoint's tensors (assign=True). A
+    checkpoint saved in fp16 must still give fp32 parameters — what load_state_dict's copy into
+    an ordinary model gives — not fp16 ones (slow or unsupported on CPU), and the same logits."""
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in tiny_model.state_dict().items()}
+    path = tmp_path / "half.pt"
+    torch.save(half, path)
+    lm = load_model(ModelConfig(arch="mobilenet_v3_small", checkpoint=path), PreprocessConfig(), torch.device("cpu"), channels_last=False)
+    assert {p.dtype for p in lm.module.parameters()} == {torch.float32}
+    assert not any(t.is_meta for t in (*lm.module.parameters(), *lm.module.buffers()))
+    ref = torchvision.models.mobilenet_v3_small(num_classes=3)
+    ref.load_state_dict(half)  # the copy path: casts fp16 into the fp32 parameters
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(lm.module(x), ref.eval()(x))
