@@ -127,3 +127,29 @@ def base_overrides(root: Path, ckpt: Path, out: Path, arch: str = "mobilenet_v3_
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def assert_same_answers(a: dict, b: dict, atol: float, what: str = "") -> None:
+    """Two scorings of one image agree: every class probability within ``atol``, and the same
+    top-1 wherever ``a``'s top-1 leads its runner-up by more than ``2 * atol``.
+
+    ``a`` and ``b`` are prediction rows (``topk_indices`` list[int], ``topk_scores`` list[float],
+    probabilities in [0, 1], best first). This holds *by construction* whenever the two paths
+    compute the same function up to ``atol``: on another CPU (other SIMD width, other thread
+    count, so another float summation order) two classes whose probabilities tie within the
+    tolerance may swap places, and that is not a wrong answer. A class in one top-k but not the
+    other must sit at the other's k-th score within ``atol`` (it fell off the end). Comparing
+    ``pred_index`` with ``==`` instead fails on the first near-tie a machine happens to produce.
+    """
+    sa = dict(zip(a["topk_indices"], a["topk_scores"], strict=True))
+    sb = dict(zip(b["topk_indices"], b["topk_scores"], strict=True))
+    where = f"{what}: {a['topk_indices']} {a['topk_scores']} vs {b['topk_indices']} {b['topk_scores']}"
+    for c in sa.keys() & sb.keys():
+        assert abs(sa[c] - sb[c]) <= atol, where
+    for x, y in ((sa, sb), (sb, sa)):
+        for c in x.keys() - y.keys():
+            assert x[c] <= min(y.values()) + atol, where
+    top_a, top_b = a["topk_indices"][0], b["topk_indices"][0]
+    if top_a != top_b:
+        lead = a["topk_scores"][0] - (a["topk_scores"][1] if len(a["topk_scores"]) > 1 else 0.0)
+        assert lead <= 2 * atol, f"top-1 differs with a lead of {lead:.2e} > 2*atol; {where}"

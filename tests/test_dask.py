@@ -15,7 +15,7 @@ import torch
 from flows.cli import main
 from tasks import device as dev
 from tasks.errors import ConfigError
-from tests.conftest import base_overrides, make_image_folder
+from tests.conftest import assert_same_answers, base_overrides, make_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,12 @@ def _shard_states(out: Path) -> list[dict]:
 
 def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, prefect_server, capfd):
     """The acceptance run: dask, 2 worker processes, 2 DataLoader workers each → exit 0, the
-    thread runner's predictions, at least two workers, each with its share of the cores."""
+    thread runner's predictions, at least two workers, each with its share of the cores.
+
+    By construction on any CPU: both runs compute the same function on the same pixels, only
+    with other torch thread counts (other float summation order), so every class probability
+    agrees within 1e-5 and top-1 may differ only between classes tied within that
+    (``assert_same_answers``)."""
     root = make_image_folder(tmp_path / "images", photos, per_class=4)  # 12 real photos
     common = base_overrides(root, tiny_checkpoint, tmp_path / "x", **{"run.shard_size": 3, "inference.num_workers": 2})
     common = [o for o in common if not o.startswith("output.root=")]
@@ -53,11 +58,10 @@ def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, pr
     assert len(thread) == 12 and sorted(thread) == sorted(dask_)
     for path, t in thread.items():
         d = dask_[path]
-        assert d["pred_index"] == t["pred_index"], path
-        assert d["pred_label"] == t["pred_label"]
-        assert d["score"] == pytest.approx(t["score"], abs=1e-5)
-        assert d["topk_indices"] == t["topk_indices"]
-        assert d["topk_scores"] == pytest.approx(t["topk_scores"], abs=1e-5)
+        # same function on other processes with other torch thread counts: equal up to float
+        # summation order, so compared as probabilities, with ties allowed to swap (conftest)
+        assert_same_answers(t, d, atol=1e-5, what=path)
+        assert d["pred_label"] == str(d["pred_index"]) and d["score"] == d["topk_scores"][0]
         assert d["label"] == t["label"] and d["device"] == "cpu"
 
     workers = {r["worker"] for r in dask_.values()}

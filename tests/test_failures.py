@@ -31,7 +31,7 @@ from tasks.manifest import read_manifest
 from tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
 from tasks.scan import scan_images
 from tasks.score import _Isolation, score_isolated
-from tests.conftest import base_overrides
+from tests.conftest import assert_same_answers, base_overrides
 from tests.test_decode import (
     corrupt_exif,
     exif_rotated,
@@ -324,12 +324,10 @@ def check_acceptance(out: Path, run_id: str, summary: dict | None = None) -> dic
     assert labels["coffee/caf\\xe9.jpg"] == (1, "coffee") and labels["space/colorwheel.png"] == (4, "space")
     by = {r["image_path"]: r for r in preds}
 
-    def close(a, b):
-        assert by[a]["topk_indices"] == by[b]["topk_indices"], (a, b)
-        assert np.allclose(by[a]["topk_scores"], by[b]["topk_scores"], atol=0.02), (by[a]["topk_scores"], by[b]["topk_scores"])
-
-    close("cat/chelsea_phone.jpg", "cat/chelsea_upright.jpg")  # EXIF-rotated vs upright twin
-    close("coffee/coffee_cmyk.jpg", "coffee/coffee.jpg")  # CMYK vs RGB twin
+    # twins re-encoded by JPEG differ by a few grey levels: same answers within 0.02 (the
+    # probe is a smooth map of mean colours), near-ties allowed to swap (conftest docstring)
+    assert_same_answers(by["cat/chelsea_phone.jpg"], by["cat/chelsea_upright.jpg"], atol=0.02, what="EXIF-rotated vs upright twin")
+    assert_same_answers(by["coffee/coffee_cmyk.jpg"], by["coffee/coffee.jpg"], atol=0.02, what="CMYK vs RGB twin")
     assert by["coffee/coffee_link.jpg"]["topk_scores"] == by["coffee/coffee.jpg"]["topk_scores"]
     assert len(by["rocket/rocket.jpg"]["topk_scores"]) == 5
     # the whiteboard's batch mates were scored by bisection
@@ -358,6 +356,10 @@ def check_acceptance(out: Path, run_id: str, summary: dict | None = None) -> dic
 
 @pytest.mark.slow
 def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_checkpoint, tmp_path, capfd):
+    """Every valid image scored once, every broken one recorded once, same rows both ways. The
+    probe model is a seeded linear map of mean colours (no training): twins and the two runs are
+    compared as probabilities within a stated tolerance, near-ties allowed to swap
+    (``assert_same_answers``), so the result cannot depend on the CPU's rounding."""
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     # 8/33 = 24.2 % failed: under a 30 % budget → exit 0
     code, summary = _run(messy_folder, probe_checkpoint, out_a, **{"run.max_error_rate": 0.3})
@@ -373,9 +375,8 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
     assert code == 1
     assert read_manifest(out_b / "runs/accept-b/manifest.json")["status"] == "failed"
     by_b = check_acceptance(out_b, "accept-b")
-    for p in VALID:
-        assert by_a[p]["topk_indices"] == by_b[p]["topk_indices"]
-        assert np.allclose(by_a[p]["topk_scores"], by_b[p]["topk_scores"], atol=1e-5)
+    for p in VALID:  # other batch composition: equal up to float summation order
+        assert_same_answers(by_a[p], by_b[p], atol=1e-5, what=p)
     term = capfd.readouterr()
     assert f"imgscore: run accept-b over its error budget: error rate 24.24% > run.max_error_rate 20.00%; errors are in {out_b / 'errors'}" in term.err
     assert "warnings        2" in term.out  # the summary counts Pillow's warnings (no ResourceWarning from multi-frame files) …

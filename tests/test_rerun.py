@@ -19,7 +19,7 @@ import pytest
 from flows.cli import main as cli_main
 from tasks import lock as run_lock
 from tasks.errors import RunLockedError
-from tests.conftest import base_overrides, make_variants
+from tests.conftest import assert_same_answers, base_overrides, make_variants
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,6 +201,8 @@ def test_rerun_publishes_and_updates_its_own_progress_artifact(prefect_server, p
 
 
 def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_checkpoint, tmp_path):
+    """The rewritten part holds the same images with the same answers: compared as probabilities
+    within 1e-5 (a rerun may batch differently: rounding apart), near-ties may swap."""
     root = flat_folder(tmp_path / "images", photos, 10, size=48)
     out = tmp_path / "out"
     assert run_cli("run", *sum((["--set", s] for s in base_overrides(root, tiny_checkpoint, out)), []), "--quiet") == 0
@@ -216,7 +218,9 @@ def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_c
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
     fixed = pq.read_table(part)
     assert sorted(fixed["image_path"].to_pylist()) == sorted(good["image_path"].to_pylist())
-    assert fixed["pred_index"].to_pylist() == good["pred_index"].to_pylist()  # same model, same images
+    for a, b in zip(good.to_pylist(), fixed.to_pylist(), strict=True):  # same model, same images
+        assert a["image_path"] == b["image_path"]
+        assert_same_answers(a, b, atol=1e-5, what=a["image_path"])  # batches may differ: rounding apart
     assert other.read_bytes() == other_bytes  # the good shard was not touched
     m = manifest(out, rid)
     assert m["reruns"][0]["shards"][0]["shard_id"] == 1 and "unreadable" in m["reruns"][0]["shards"][0]["reason"]
