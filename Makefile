@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check flows tasks tests benchmarks
+	$(BIN)/ruff check imgscore flows tasks tests benchmarks
 
 clean:
 	rm -rf $(VENV) outputs/demo outputs/predictions outputs/errors outputs/errors_history outputs/runs outputs/_prefect

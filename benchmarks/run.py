@@ -61,7 +61,7 @@ from torchvision.datasets import ImageFolder
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tasks.model import fold_conv_bn  # noqa: E402
+from imgscore.tasks.model import fold_conv_bn  # noqa: E402
 
 DATA = REPO / "benchmarks" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -266,8 +266,8 @@ def plain_module(arch: str, ckpt: Path) -> nn.Module:
 
 
 def trained_checkpoint() -> Path:
-    """The demo's resnet18, trained here on scikit-learn's digit scans (tasks.demo; cached)."""
-    from tasks.demo import build_digits_folder, train_demo_model
+    """The demo's resnet18, trained here on scikit-learn's digit scans (imgscore.tasks.demo; cached)."""
+    from imgscore.tasks.demo import build_digits_folder, train_demo_model
 
     ckpt = DATA / "ckpt" / "digits_resnet18.pt"
     if not ckpt.exists():
@@ -440,12 +440,12 @@ def reference_predictions(root: Path, arch: str, ckpt: Path, batch: int, noise: 
 def pipeline_predictions(root: Path, arch: str, ckpt: Path, batch: int, workers: int) -> dict[str, tuple[int, float]]:
     """Top-1 through imgscore's own scoring path, in process: scan, ShardDataset (JPEG draft),
     collate, load_model(channels_last).folded(), forward_probs — what score_shard runs."""
-    from tasks.config import ModelConfig, PreprocessConfig
-    from tasks.dataset import ShardDataset, collate_samples
-    from tasks.model import load_model
-    from tasks.preprocess import DecodeOptions
-    from tasks.scan import scan_images
-    from tasks.score import forward_probs
+    from imgscore.tasks.config import ModelConfig, PreprocessConfig
+    from imgscore.tasks.dataset import ShardDataset, collate_samples
+    from imgscore.tasks.model import load_model
+    from imgscore.tasks.preprocess import DecodeOptions
+    from imgscore.tasks.scan import scan_images
+    from imgscore.tasks.score import forward_probs
 
     torch.set_num_threads(cores())
     lm = load_model(ModelConfig(arch=arch, checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=True).folded()
@@ -481,9 +481,9 @@ def forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: int, thr
 def decode_core_time(paths: list[Path], draft: bool) -> dict:
     """Seconds of one core per image for decode + eval transform (what a DataLoader worker does),
     through imgscore's own dataset code (EXIF, mode handling, transform)."""
-    from tasks.dataset import ShardDataset
-    from tasks.preprocess import DecodeOptions, PreprocessSpec
-    from tasks.scan import ImageEntry
+    from imgscore.tasks.dataset import ShardDataset
+    from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
+    from imgscore.tasks.scan import ImageEntry
 
     torch.set_num_threads(1)
     root = os.path.commonpath([str(p) for p in paths])
@@ -736,7 +736,7 @@ def run_memory(ms: MemorySpec, sizes: dict) -> dict:
 
 def import_cost() -> dict:
     """Seconds for a fresh interpreter to import what ``imgscore run`` imports (no server)."""
-    code = "import torch, torchvision, prefect, flows.cli, flows.score_images, tasks.score"
+    code = "import torch, torchvision, prefect, imgscore.flows.cli, imgscore.flows.score_images, imgscore.tasks.score"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(), cwd=REPO)
     return {"seconds": round(time.perf_counter() - t0, 2)}
@@ -852,12 +852,12 @@ def pipeline_throughput(root: Path, arch: str, ckpt: Path, batch: int, workers: 
     everything score_shard does except writing Parquet; model load and warm-up not timed."""
     import dataclasses
 
-    from tasks.config import ModelConfig, PreprocessConfig
-    from tasks.dataset import ShardDataset, collate_samples
-    from tasks.model import load_model
-    from tasks.preprocess import DecodeOptions
-    from tasks.scan import scan_images
-    from tasks.score import forward_probs
+    from imgscore.tasks.config import ModelConfig, PreprocessConfig
+    from imgscore.tasks.dataset import ShardDataset, collate_samples
+    from imgscore.tasks.model import load_model
+    from imgscore.tasks.preprocess import DecodeOptions
+    from imgscore.tasks.scan import scan_images
+    from imgscore.tasks.score import forward_probs
 
     torch.set_num_threads(threads)
     lm = load_model(ModelConfig(arch=arch, checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=channels_last)

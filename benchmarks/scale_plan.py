@@ -29,12 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tasks import manifest as mf  # noqa: E402
-from tasks.config import Config  # noqa: E402
-from tasks.parquet_io import PREDICTIONS_SCHEMA, make_table, write_table_atomic  # noqa: E402
-from tasks.plan import plan_run  # noqa: E402
-from tasks.scan import ImageEntry, ImageIndex, scan_images  # noqa: E402
-from tasks.score import read_shard_entries  # noqa: E402
+from imgscore.tasks import manifest as mf  # noqa: E402
+from imgscore.tasks.config import Config  # noqa: E402
+from imgscore.tasks.parquet_io import PREDICTIONS_SCHEMA, make_table, write_table_atomic  # noqa: E402
+from imgscore.tasks.plan import plan_run  # noqa: E402
+from imgscore.tasks.scan import ImageEntry, ImageIndex, scan_images  # noqa: E402
+from imgscore.tasks.score import read_shard_entries  # noqa: E402
 
 
 def rss_mib() -> float:

@@ -1,7 +1,7 @@
 """Environment defaults applied before Prefect is imported, so users see none of its noise.
 
 - ``PREFECT_SERVER_ANALYTICS_ENABLED=false``: offline, the temporary server's telemetry only
-  prints "Failed to send telemetry" and sqlite "database is locked" tracebacks (CASES.md).
+  prints "Failed to send telemetry" and sqlite "database is locked" tracebacks.
 - ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120``: time for the temporary server to start.
 - Prefect's console handler at WARNING: our CLI prints its own progress and summary; the flow
   and task run logs still reach the Prefect API (and the UI of a real server).
@@ -32,8 +32,8 @@ class ExpectedFailureFilter(logging.Filter):
             return True
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            from tasks.errors import ImgscoreError
-            from tasks.score import ShardError
+            from imgscore.tasks.errors import ImgscoreError
+            from imgscore.tasks.score import ShardError
 
             if isinstance(exc, ImgscoreError | ShardError):
                 record.exc_info, record.exc_text = None, None

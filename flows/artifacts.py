@@ -3,7 +3,7 @@
 Called from the flow's finish step. Nothing here may fail a run: a report or artifact that
 cannot be written is logged as a warning (with the reason) and the run's status stands.
 
-Artifact keys are stable per flow (``tasks.report.artifact_key``), so Prefect's Artifacts page
+Artifact keys are stable per flow (``imgscore.tasks.report.artifact_key``), so Prefect's Artifacts page
 shows each one's history night over night:
 
 - ``<flow>-summary``: table artifact, one row of counts for the run;
@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import report as rp
+from imgscore.tasks import report as rp
 
 DEFAULT_FLOW = "score-images"
 

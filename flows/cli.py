@@ -1,6 +1,6 @@
 """``imgscore``: run, rerun, report, demo, serve.
 
-Exit codes (DESIGN.md): 0 finished within the error budget; 1 over budget or a shard failed
+Exit codes (README, "Score your own folder"): 0 finished within the error budget; 1 over budget or a shard failed
 (everything that could be scored is written); 2 bad usage, config, input root or model —
 refused before any scoring, one line naming the bad value and the fix, no traceback.
 """
@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from flows import _env, server_guard
+from imgscore.flows import _env, server_guard
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-SUBCOMMAND_MODULES = {"rerun": "flows.rerun", "report": "flows.report_cli", "serve": "flows.serve"}
+SUBCOMMAND_MODULES = {"rerun": "imgscore.flows.rerun", "report": "imgscore.flows.report_cli", "serve": "imgscore.flows.serve"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def _preflight(cfg, verbose: bool = False) -> None:
     The cheap path checks come first, before torch is imported, so a typo fails in well under a
     second. Then the temporary Prefect server is launched (it boots while the model loads).
     """
-    from tasks.errors import ConfigError, InputError
+    from imgscore.tasks.errors import ConfigError, InputError
 
     root = cfg.input.root
     if root is None:
@@ -74,7 +74,7 @@ def _preflight(cfg, verbose: bool = False) -> None:
         raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
     if not Path(root).is_dir():
         raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
-    from tasks.scan import SCORABLE_EXTENSIONS, has_images
+    from imgscore.tasks.scan import SCORABLE_EXTENSIONS, has_images
 
     if not has_images(root, cfg.input.follow_symlinks):
         raise InputError(
@@ -90,8 +90,8 @@ def _preflight(cfg, verbose: bool = False) -> None:
     except OSError as exc:
         raise ConfigError(f"output.root {str(out)!r} is not a writable folder ({exc.strerror}); set output.root to a folder you can write to") from None
     server_guard.launch(verbose=verbose)  # boots beside torch's import and the model load below
-    from tasks.device import resolve_device
-    from tasks.model import load_model
+    from imgscore.tasks.device import resolve_device
+    from imgscore.tasks.model import load_model
 
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else None
     import torch
@@ -113,10 +113,10 @@ def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
     from rich.console import Console
 
     server_guard.api_url()  # exported as PREFECT_API_URL before Prefect is imported (next lines)
-    from flows.progress import progress_for
-    from flows.runner import make_task_runner
-    from flows.score_images import score_images
-    from tasks.plan import new_run_id
+    from imgscore.flows.progress import progress_for
+    from imgscore.flows.runner import make_task_runner
+    from imgscore.flows.score_images import score_images
+    from imgscore.tasks.plan import new_run_id
 
     server_guard.guard()  # the temporary server up (it booted while we imported) and watched
 
@@ -143,7 +143,7 @@ def interrupted(run_id: str, out_root) -> int:
 
 def flow_outcome(state, console, what: str) -> tuple[int, dict]:
     """Exit code and summary from a finished flow run's state (run and rerun alike)."""
-    from tasks.errors import ErrorBudgetExceeded, ImgscoreError
+    from imgscore.tasks.errors import ErrorBudgetExceeded, ImgscoreError
 
     if state.is_completed():
         summary = state.result()
@@ -160,7 +160,7 @@ def flow_outcome(state, console, what: str) -> tuple[int, dict]:
 
 
 def cmd_run(args) -> int:
-    from tasks.config import load_config
+    from imgscore.tasks.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     _preflight(cfg, verbose=args.verbose)
@@ -171,9 +171,9 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from rich.console import Console
 
-    from tasks.config import load_config
-    from tasks.demo import build_digits_folder, train_demo_model
-    from tasks.evaluate import accuracy_of_run
+    from imgscore.tasks.config import load_config
+    from imgscore.tasks.demo import build_digits_folder, train_demo_model
+    from imgscore.tasks.evaluate import accuracy_of_run
 
     console = Console()
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         ours.addHandler(h)
     ours.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    from tasks.errors import ImgscoreError
+    from imgscore.tasks.errors import ImgscoreError
 
     try:
         if args.command in ("rerun", "serve"):

@@ -1,6 +1,6 @@
 """``runner.type=dask``: prefect-dask's ``DaskTaskRunner`` made fit for scoring.
 
-Imported only when a run asks for Dask (``flows.runner.make_task_runner``): prefect-dask and
+Imported only when a run asks for Dask (``imgscore.flows.runner.make_task_runner``): prefect-dask and
 distributed take about 0.35 s to import, which every thread-runner run paid at start-up.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
-from flows.runner import flow_api_url
-from flows.server_guard import drain_prefect_services
+from imgscore.flows.runner import flow_api_url
+from imgscore.flows.server_guard import drain_prefect_services
 
 
 class _NannyKillToDebug(logging.Filter):
@@ -30,7 +30,7 @@ class _NannyKillToDebug(logging.Filter):
 class ScoringDaskTaskRunner(DaskTaskRunner):
     """``DaskTaskRunner`` whose workers report to the flow's Prefect API and may fork.
 
-    Two field faults on plain ``DaskTaskRunner`` (CASES.md, Orchestration), fixed here:
+    Two faults seen with a plain ``DaskTaskRunner``, fixed here:
 
     - Without ``PREFECT_API_URL`` every worker process started a temporary Prefect server of
       its own. Each task run is submitted with the flow's API URL in its serialized settings
@@ -40,7 +40,7 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
       ("daemonic processes are not allowed to have children"). A ``LocalCluster`` started
       here runs non-daemonic workers (``distributed.worker.daemon=False`` for the runner's
       lifetime, so a restarted worker is non-daemonic too). Workers of a cluster we do not
-      control fall back to decoding in-process (``tasks.device.loader_workers``).
+      control fall back to decoding in-process (``imgscore.tasks.device.loader_workers``).
     """
 
     @property

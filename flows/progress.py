@@ -6,7 +6,7 @@ import contextlib
 import sys
 import time
 
-from flows import score_images
+from imgscore.flows import score_images
 
 
 def progress_fields(manifest: dict, now: float | None = None) -> dict:

@@ -1,7 +1,7 @@
 """``imgscore report RUN_ID [--config FILE] [--set K=V]... [--format table|json|html]``.
 
 ``table`` prints rich tables on the terminal, ``json`` prints the report dict
-(``tasks.report.build_report``) on stdout, ``html`` (re)writes ``OUT/runs/RUN_ID/report.html``
+(``imgscore.tasks.report.build_report``) on stdout, ``html`` (re)writes ``OUT/runs/RUN_ID/report.html``
 and prints its path. ``OUT`` is ``output.root`` from the config and overrides (default
 ``outputs``). Exit 0 when the report was produced, whatever the run's own status; 2 when the
 run is not there (one line naming the run and the runs that are).
@@ -16,7 +16,7 @@ def print_report(report: dict, console) -> None:
     """The report as rich tables: counts, run facts, per-class counts, scores, errors.
 
     Accuracy shows as ``n/a: <reason>`` when the folder's classes cannot be paired with the
-    model's (``report["accuracy"]["accuracy"] is None``; see ``tasks.evaluate``), and is left
+    model's (``report["accuracy"]["accuracy"] is None``; see ``imgscore.tasks.evaluate``), and is left
     out for an unlabelled folder.
     """
     from rich.table import Table
@@ -89,8 +89,8 @@ def main(args) -> int:
     """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides)."""
     from rich.console import Console
 
-    from tasks.config import load_config
-    from tasks.report import build_report, dumps, write_html_report
+    from imgscore.tasks.config import load_config
+    from imgscore.tasks.report import build_report, dumps, write_html_report
 
     cfg = load_config(args.config, args.overrides)
     out_root = cfg.output.root

@@ -32,22 +32,27 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
 
-from flows.artifacts import RunProgressArtifact
-from flows.runner import make_task_runner
-from flows.score_images import PROGRESS_HOOKS, finish_run, record_failed_shard, workers_on_host
-from tasks import lock as run_lock
-from tasks import manifest as mf
-from tasks.config import Config, build_config, load_config, parse_override
-from tasks.errors import (
+from imgscore.flows.artifacts import RunProgressArtifact
+from imgscore.flows.runner import make_task_runner
+from imgscore.flows.score_images import (
+    PROGRESS_HOOKS,
+    finish_run,
+    record_failed_shard,
+    workers_on_host,
+)
+from imgscore.tasks import lock as run_lock
+from imgscore.tasks import manifest as mf
+from imgscore.tasks.config import Config, build_config, load_config, parse_override
+from imgscore.tasks.errors import (
     ConfigError,
     ErrorBudgetExceeded,
     InputError,
     ModelError,
     UsageError,
 )
-from tasks.plan import RunPlan, load_plan, refresh_index
-from tasks.rerun import STAGING, archive_errors, rescore_shard
-from tasks.score import ShardRef
+from imgscore.tasks.plan import RunPlan, load_plan, refresh_index
+from imgscore.tasks.rerun import STAGING, archive_errors, rescore_shard
+from imgscore.tasks.score import ShardRef
 
 ALLOWED_OVERRIDES = ("output.root", "runner.", "inference.")
 
@@ -164,7 +169,7 @@ def _rmtree(p: Path) -> None:
 
 @task(name="rescore_shard", cache_policy=NO_CACHE)
 def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int, metadata_json: str) -> dict:
-    """One shard (or its failed images) on this worker; see ``tasks.rerun.rescore_shard``.
+    """One shard (or its failed images) on this worker; see ``imgscore.tasks.rerun.rescore_shard``.
     Config and part-file metadata travel as JSON text, as in ``score_shard_task``."""
     cfg, metadata = Config.model_validate_json(config_json), json.loads(metadata_json)
     attempt = base_attempt + int(task_run.run_count or 1)
@@ -283,8 +288,8 @@ def _preflight(cfg: Config, manifest: dict, run_dir: Path) -> None:
         raise InputError(f"run {manifest['run_id']} scored {root!r}, which is no longer a folder; restore it to rerun the run")
     import torch
 
-    from tasks.device import resolve_device
-    from tasks.model import load_model
+    from imgscore.tasks.device import resolve_device
+    from imgscore.tasks.model import load_model
 
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
     lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
@@ -300,9 +305,9 @@ def main(args) -> int:
     """``imgscore rerun RUN_ID [--config FILE] [--set K=V]...``; returns the exit code (0, 1, 2)."""
     from rich.console import Console
 
-    from flows.cli import flow_outcome, interrupted
-    from flows.progress import progress_for
-    from flows.server_guard import guard
+    from imgscore.flows.cli import flow_outcome, interrupted
+    from imgscore.flows.progress import progress_for
+    from imgscore.flows.server_guard import guard
 
     out = out_root_of(args.config, args.overrides)
     run_dir = out / "runs" / args.run_id

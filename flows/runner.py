@@ -2,7 +2,7 @@
 
 ``runner.type=thread`` runs shards on a ``ThreadPoolTaskRunner`` in the flow process.
 ``runner.type=dask`` runs them on Dask worker processes
-(:class:`flows.dask_runner.ScoringDaskTaskRunner`, imported only then): a
+(:class:`imgscore.flows.dask_runner.ScoringDaskTaskRunner`, imported only then): a
 ``distributed.LocalCluster`` of ``runner.n_workers`` processes that the flow starts and stops,
 or an existing scheduler at ``runner.address``.
 
@@ -20,7 +20,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.config import RunnerConfig
+from imgscore.tasks.config import RunnerConfig
 
 
 def flow_api_url() -> str | None:
@@ -53,9 +53,9 @@ def make_task_runner(cfg: RunnerConfig) -> TaskRunner:
     if cfg.type == "thread":
         return ThreadPoolTaskRunner(max_workers=cfg.n_workers)
     try:
-        from flows.dask_runner import ScoringDaskTaskRunner
+        from imgscore.flows.dask_runner import ScoringDaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a dependency
-        from tasks.errors import ConfigError
+        from imgscore.tasks.errors import ConfigError
 
         raise ConfigError(f"runner.type=dask needs prefect-dask and distributed ({exc}); pip install prefect-dask") from None
     if cfg.address:

@@ -16,15 +16,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
 
-from flows.artifacts import RunProgressArtifact, publish_run_report
-from flows.runner import ConfiguredTaskRunner
-from tasks import lock as run_lock
-from tasks import manifest as mf
-from tasks.config import Config
-from tasks.device import resolve_device
-from tasks.errors import ErrorBudgetExceeded
-from tasks.model import load_model
-from tasks.parquet_io import (
+from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
+from imgscore.flows.runner import ConfiguredTaskRunner
+from imgscore.tasks import lock as run_lock
+from imgscore.tasks import manifest as mf
+from imgscore.tasks.config import Config
+from imgscore.tasks.device import resolve_device
+from imgscore.tasks.errors import ErrorBudgetExceeded
+from imgscore.tasks.model import load_model
+from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     file_metadata,
@@ -33,9 +33,15 @@ from tasks.parquet_io import (
     part_name,
     write_table_atomic,
 )
-from tasks.plan import RunPlan, plan_new_run, result_storage_path, resume_plan, shard_cache_key
-from tasks.scan import scan_images
-from tasks.score import ShardRef, read_shard_entries, score_shard
+from imgscore.tasks.plan import (
+    RunPlan,
+    plan_new_run,
+    result_storage_path,
+    resume_plan,
+    shard_cache_key,
+)
+from imgscore.tasks.scan import scan_images
+from imgscore.tasks.score import ShardRef, read_shard_entries, score_shard
 
 # Called with (manifest, shard_result) each time a shard finishes: the CLI's progress bar.
 PROGRESS_HOOKS: list[Callable[[dict, dict], None]] = []
@@ -61,11 +67,11 @@ def plan_task(cfg: Config) -> RunPlan:
     return plan_new_run(cfg, index, lm.info(), {"scan_s": round(t_scan, 3)}, flow_run_id=flow_run.get_id())
 
 
-# Completed shards are cached (key: tasks.plan.shard_cache_key) with results persisted under
+# Completed shards are cached (key: imgscore.tasks.plan.shard_cache_key) with results persisted under
 # output.root, so a retry of the flow run skips them; failed/crashed runs are never cached.
 @task(name="score_shard", cache_key_fn=lambda ctx, params: shard_cache_key(params["ref"]), persist_result=True)
 def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> dict:
-    """One shard on this worker's device; see ``tasks.score.score_shard``.
+    """One shard on this worker's device; see ``imgscore.tasks.score.score_shard``.
 
     The config travels as its JSON text: Prefect walks every field of a structured parameter
     looking for futures, for every task run — 8 of the 25 ms a shard cost outside

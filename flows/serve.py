@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from tasks.config import Config, load_config
-from tasks.errors import ConfigError
+from imgscore.tasks.config import Config, load_config
+from imgscore.tasks.errors import ConfigError
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -52,7 +52,7 @@ def build_deployment(cfg: Config, cron: str, timezone: str, name: str = "nightly
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from flows.score_images import score_images
+    from imgscore.flows.score_images import score_images
 
     check_schedule(cron, timezone)
     if cfg.input.root is None:
@@ -108,7 +108,7 @@ def main(args) -> int:
     """
     from prefect.settings import PREFECT_API_URL
 
-    from flows import server_guard
+    from imgscore.flows import server_guard
 
     cfg = load_config(args.config, args.overrides)
     deployment = build_deployment(cfg, args.cron, args.timezone, args.name)

@@ -19,7 +19,7 @@ settings and environment that Prefect's ``SubprocessASGIServer`` uses); it is la
 helper process that reads Prefect's settings — so a ``PREFECT_API_URL`` from a profile, a
 ``prefect.toml`` or the environment still means "no temporary server" — and then becomes the
 server. This process learns the server's URL before it imports Prefect and exports it as
-``PREFECT_API_URL``, so Prefect (and Dask workers, flows.runner) simply talk to it.
+``PREFECT_API_URL``, so Prefect (and Dask workers, imgscore.flows.runner) simply talk to it.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "--app-dir", str(pre
 def drain_prefect_services(timeout: float = 30.0) -> None:
     """Send this process's pending Prefect logs and events now.
 
-    Used twice: on each Dask worker before it closes (flows.runner) — otherwise it sends them
+    Used twice: on each Dask worker before it closes (imgscore.flows.runner) — otherwise it sends them
     from exit handlers while its nanny waits 4 s to close it, and on a busy machine the nanny kills
     it ("Worker process still alive after 4.0 seconds, killing") and the last task-run events are
     lost — and here before the temporary server stops: logging's own exit handler would otherwise

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import ConfigError
+from imgscore.tasks.errors import ConfigError
 
 # Pillow's default decompression-bomb limit (about 89.5 megapixels). Read once; never changed.
 PILLOW_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 178956970 // 2)
@@ -43,7 +43,7 @@ class InputConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Which network and weights; see ``tasks.model.load_model``."""
+    """Which network and weights; see ``imgscore.tasks.model.load_model``."""
 
     arch: str = Field("resnet50", description="torchvision.models builder name")
     checkpoint: Path | None = Field(None, description="state_dict, training checkpoint dict, or TorchScript")

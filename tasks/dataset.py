@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from tasks.preprocess import (
+from imgscore.tasks.preprocess import (
     DecodeError,
     DecodeOptions,
     PreprocessSpec,
     build_transform,
     decode_image,
 )
-from tasks.scan import ImageEntry
+from imgscore.tasks.scan import ImageEntry
 
 
 @dataclass

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from tasks.errors import ConfigError
+from imgscore.tasks.errors import ConfigError
 
 log = logging.getLogger("imgscore")
 
@@ -173,7 +173,7 @@ def loader_workers(requested: int) -> int:
 
     Dask worker processes are daemonic by default and Python forbids daemonic processes to have
     children ("daemonic processes are not allowed to have children"). The clusters imgscore
-    starts run non-daemonic workers (``flows.runner``); on a cluster we do not control that is
+    starts run non-daemonic workers (``imgscore.flows.runner``); on a cluster we do not control that is
     still daemonic, images are decoded in the worker process itself (``num_workers=0``) and one
     WARNING says so.
     """

@@ -80,7 +80,7 @@ def correct_mask(t: pa.Table, matched_by: str) -> pa.ChunkedArray:
         return pc.equal(t["label_name"], t["pred_label"])
     if matched_by == "index":
         return pc.equal(t["label"], t["pred_index"])
-    raise ValueError(f"matched_by={matched_by!r} has no correct/incorrect; expected 'name' or 'index' (see tasks.evaluate)")
+    raise ValueError(f"matched_by={matched_by!r} has no correct/incorrect; expected 'name' or 'index' (see imgscore.tasks.evaluate)")
 
 
 def _run_classes(out_root: str | Path, run_id: str) -> tuple[list[str] | None, list[str] | None]:

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.parquet_io import part_dir
-from tasks.scan import ImageIndex, sha256_of_file
+from imgscore.tasks.parquet_io import part_dir
+from imgscore.tasks.scan import ImageIndex, sha256_of_file
 
 log = logging.getLogger("imgscore")
 

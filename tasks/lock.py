@@ -3,14 +3,14 @@
 ``OUT/runs/RUN/.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on POSIX file systems,
 NFSv3+ included) by whichever process writes the run's part files and manifest: the
 ``score-images`` flow while it scores, ``imgscore rerun`` while it rescores. A second writer is
-refused with :class:`~tasks.errors.RunLockedError` (CLI exit 2) naming the owner.
+refused with :class:`~imgscore.tasks.errors.RunLockedError` (CLI exit 2) naming the owner.
 
 A lock is *stale* — and is broken by the next taker — when its owner is on this host and that
 process is gone (or its pid was reused by a process started later, checked through the start
 time in ``/proc``). A lock owned by another host cannot be checked from here; it is honoured
 until it is older than ``REMOTE_STALE_S`` and the message says which file to delete.
 
-Temp files (``.NAME.PID.tmp``, from :func:`tasks.parquet_io.write_table_atomic`) of a run whose
+Temp files (``.NAME.PID.tmp``, from :func:`imgscore.tasks.parquet_io.write_table_atomic`) of a run whose
 lock is not live are leftovers of a killed writer: :func:`clean_run_temp_files` removes them.
 """
 
@@ -23,8 +23,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.errors import RunLockedError
-from tasks.parquet_io import clean_temp_files
+from imgscore.tasks.errors import RunLockedError
+from imgscore.tasks.parquet_io import clean_temp_files
 
 LOCK_NAME = ".lock"
 REMOTE_STALE_S = 24 * 3600.0  # a lock held by another host counts as stale after a day

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.parquet_io import (
+from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     part_dir,

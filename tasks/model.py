@@ -34,16 +34,16 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.config import ModelConfig, PreprocessConfig
-from tasks.errors import ModelError
-from tasks.preprocess import (
+from imgscore.tasks.config import ModelConfig, PreprocessConfig
+from imgscore.tasks.errors import ModelError
+from imgscore.tasks.preprocess import (
     DEFAULT_CROP,
     DEFAULT_RESIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     PreprocessSpec,
 )
-from tasks.scan import sha256_of_file
+from imgscore.tasks.scan import sha256_of_file
 
 # Keys under which common training scripts (torchvision references, Lightning-style loops,
 # timm, hand-written ones) keep the weights in a checkpoint dict, in the order we look.

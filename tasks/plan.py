@@ -19,12 +19,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import lock as run_lock
-from tasks.config import Config
-from tasks.incremental import HASHES_FILE, model_key, split_already_scored
-from tasks.parquet_io import part_dir, write_json_atomic
-from tasks.scan import INDEX_SCHEMA, ImageEntry, ImageIndex, _entry, entries_from_table
-from tasks.score import ShardRef
+from imgscore.tasks import lock as run_lock
+from imgscore.tasks.config import Config
+from imgscore.tasks.incremental import HASHES_FILE, model_key, split_already_scored
+from imgscore.tasks.parquet_io import part_dir, write_json_atomic
+from imgscore.tasks.scan import INDEX_SCHEMA, ImageEntry, ImageIndex, _entry, entries_from_table
+from imgscore.tasks.score import ShardRef
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -79,7 +79,7 @@ def plan_run(
     out = Path(cfg.output.root)
     run_dir = out / "runs" / run_id
     if (run_dir / "manifest.json").exists():
-        from tasks.errors import UsageError
+        from imgscore.tasks.errors import UsageError
 
         raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def _run_folders(out_root: str | Path, m: dict) -> list[Path]:
 def plan_new_run(cfg: Config, index: ImageIndex, model_info: dict, timings: dict, flow_run_id: str | None = None) -> RunPlan:
     """Plan a fresh run: clean temp files that killed writers left in ``output.root`` (of runs no
     live process holds), drop already-scored images when ``run.skip_scored`` is on
-    (:mod:`tasks.incremental`), then :func:`plan_run` (which takes the run's lock).
+    (:mod:`imgscore.tasks.incremental`), then :func:`plan_run` (which takes the run's lock).
 
     Raises:
         UsageError: the run id exists; RunLockedError: never for a fresh id.

@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.errors import UsageError
-from tasks.evaluate import confusion, read_run
-from tasks.manifest import manifest_path, read_manifest
-from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir
+from imgscore.tasks.errors import UsageError
+from imgscore.tasks.evaluate import confusion, read_run
+from imgscore.tasks.manifest import manifest_path, read_manifest
+from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 HIST_BINS = 20  # confidence histogram: equal bins over [0, 1]
@@ -166,7 +166,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
 
     Counts come from the manifest (``scanned``, ``scored``, ``failed``, ``skipped``,
     ``already_scored``, ``pending``); ``rows`` are what the Parquet actually holds for the run,
-    so a mismatch between the two is visible. ``accuracy`` is :func:`tasks.evaluate.confusion`'s
+    so a mismatch between the two is visible. ``accuracy`` is :func:`imgscore.tasks.evaluate.confusion`'s
     dict, or None for a flat (unlabelled) folder; when the folder's classes cannot be paired with
     the model's (names differ and counts differ) it is still a dict, with ``accuracy`` None,
     ``matched_by`` ``"none"`` and a ``reason``, and every renderer shows "n/a" with that reason.

@@ -1,6 +1,6 @@
 """Rescore one shard of an existing run and commit replacement part files (``imgscore rerun``).
 
-The shard is scored by the same :func:`tasks.score.score_shard` as a first run, into a staging
+The shard is scored by the same :func:`imgscore.tasks.score.score_shard` as a first run, into a staging
 folder ``runs/RUN/_rerun/SSSSS/`` (its own small index and output root), and then committed into
 the run's real part files:
 
@@ -29,17 +29,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.config import Config, OutputConfig
-from tasks.manifest import check_part, shard_files
-from tasks.parquet_io import (
+from imgscore.tasks.config import Config, OutputConfig
+from imgscore.tasks.manifest import check_part, shard_files
+from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     part_dir,
     write_json_atomic,
     write_table_atomic,
 )
-from tasks.scan import INDEX_SCHEMA
-from tasks.score import ShardRef, score_shard, shard_state_path
+from imgscore.tasks.scan import INDEX_SCHEMA
+from imgscore.tasks.score import ShardRef, score_shard, shard_state_path
 
 STAGING = "_rerun"
 
@@ -104,7 +104,7 @@ def rescore_shard(
         attempt: the attempt number written to new error rows and the manifest.
 
     Returns:
-        The shard's new state record (as :func:`tasks.score.score_shard` returns), with
+        The shard's new state record (as :func:`imgscore.tasks.score.score_shard` returns), with
         ``scored``/``failed`` counting the whole shard's rows after the commit and
         ``rescored`` the images scored in this attempt.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import features
 
-from tasks.errors import InputError
+from imgscore.tasks.errors import InputError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS plus GIF (first frame) and AVIF where Pillow decodes it.
 SCORABLE_EXTENSIONS: frozenset[str] = frozenset(

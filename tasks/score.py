@@ -20,17 +20,23 @@ import torch
 from pydantic import BaseModel
 from torch.utils.data import DataLoader
 
-from tasks.config import InferenceConfig, InputConfig, ModelConfig, OutputConfig, PreprocessConfig
-from tasks.dataset import Batch, Failure, ShardDataset, collate_samples
-from tasks.device import (
+from imgscore.tasks.config import (
+    InferenceConfig,
+    InputConfig,
+    ModelConfig,
+    OutputConfig,
+    PreprocessConfig,
+)
+from imgscore.tasks.dataset import Batch, Failure, ShardDataset, collate_samples
+from imgscore.tasks.device import (
     configure_threads,
     loader_context,
     loader_workers,
     resolve_device,
     worker_name,
 )
-from tasks.model import LoadedModel, load_model
-from tasks.parquet_io import (
+from imgscore.tasks.model import LoadedModel, load_model
+from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     file_metadata,
@@ -40,8 +46,8 @@ from tasks.parquet_io import (
     write_json_atomic,
     write_table_atomic,
 )
-from tasks.preprocess import DecodeOptions
-from tasks.scan import entries_from_table
+from imgscore.tasks.preprocess import DecodeOptions
+from imgscore.tasks.scan import entries_from_table
 
 log = logging.getLogger("imgscore")
 
@@ -57,7 +63,7 @@ class ShardRef(BaseModel):
     start: int  # first row of the index (inclusive)
     stop: int  # last row (exclusive)
     fingerprint: str  # sha256 of the shard's (path, size, mtime) rows
-    model_key: str = ""  # sha256 of model_id + resolved preprocessing (tasks.incremental.model_key)
+    model_key: str = ""  # sha256 of model_id + resolved preprocessing (imgscore.tasks.incremental.model_key)
 
 
 class ShardError(RuntimeError):

@@ -17,12 +17,12 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-import flows.score_images as flow_mod
-from flows.cli import execute
-from tasks.config import build_config
-from tasks.model import file_sha256
-from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, config_hash
-from tasks.score import ShardError
+import imgscore.flows.score_images as flow_mod
+from imgscore.flows.cli import execute
+from imgscore.tasks.config import build_config
+from imgscore.tasks.model import file_sha256
+from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, config_hash
+from imgscore.tasks.score import ShardError
 from tests.conftest import base_overrides, make_image_folder
 
 pytestmark = pytest.mark.slow

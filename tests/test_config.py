@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.config import build_config, load_config, parse_override
-from tasks.errors import ConfigError
+from imgscore.tasks.config import build_config, load_config, parse_override
+from imgscore.tasks.errors import ConfigError
 
 
 def test_set_values_are_parsed_to_field_types():

@@ -12,9 +12,9 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from flows.cli import main
-from tasks import device as dev
-from tasks.errors import ConfigError
+from imgscore.flows.cli import main
+from imgscore.tasks import device as dev
+from imgscore.tasks.errors import ConfigError
 from tests.conftest import assert_same_answers, base_overrides, make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -115,8 +115,8 @@ def test_workers_report_to_the_flows_api_instead_of_starting_servers(prefect_ser
     from prefect import flow, task
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.runner import make_task_runner
-    from tasks.config import RunnerConfig
+    from imgscore.flows.runner import make_task_runner
+    from imgscore.tasks.config import RunnerConfig
 
     @task
     def where() -> tuple[str | None, str | None, int]:

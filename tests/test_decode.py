@@ -1,4 +1,5 @@
-"""Unit cases for ``tasks.preprocess.decode_image`` and the shard dataset/collate (CASES.md, Image files).
+"""Unit cases for ``imgscore.tasks.preprocess.decode_image`` and the shard dataset/collate: the
+field cases of broken and unusual image files (README, "What happens to broken and unusual images").
 
 Every input is made here from the real photos of the ``photos`` fixture; every test asserts the
 exact outcome (error kind, pixels, shape), so a wrong decode policy fails it.
@@ -19,16 +20,16 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from tasks.config import PILLOW_MAX_PIXELS
-from tasks.dataset import Failure, Sample, ShardDataset, collate_samples
-from tasks.preprocess import (
+from imgscore.tasks.config import PILLOW_MAX_PIXELS
+from imgscore.tasks.dataset import Failure, Sample, ShardDataset, collate_samples
+from imgscore.tasks.preprocess import (
     DecodeError,
     DecodeOptions,
     PreprocessSpec,
     build_transform,
     decode_image,
 )
-from tasks.scan import ImageEntry, display_path
+from imgscore.tasks.scan import ImageEntry, display_path
 
 SPEC = PreprocessSpec()
 OPTS = DecodeOptions(max_pixels=PILLOW_MAX_PIXELS)
@@ -354,7 +355,7 @@ def test_scan_error_and_unexpected_exception_become_failures(tmp_path, photos, m
     def boom(*a, **k):
         raise MemoryError("cannot allocate")
 
-    monkeypatch.setattr("tasks.dataset.decode_image", boom)
+    monkeypatch.setattr("imgscore.tasks.dataset.decode_image", boom)
     f = ds[1]
     assert isinstance(f, Failure) and (f.stage, f.error_type, f.message) == ("decode", "MemoryError", "cannot allocate")
 

@@ -12,8 +12,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from flows.cli import main
-from tasks.config import Config, load_config
+from imgscore.flows.cli import main
+from imgscore.tasks.config import Config, load_config
 from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,15 +66,15 @@ def test_serve_help_documents_the_schedule_options(capsys):
     ],
 )
 def test_serve_refuses_a_bad_schedule_before_registering_anything(capsys, monkeypatch, args, message):
-    import flows.serve
+    import imgscore.flows.serve
 
-    monkeypatch.setattr(flows.serve, "serve_deployments", lambda *d: pytest.fail("must not serve"))
+    monkeypatch.setattr(imgscore.flows.serve, "serve_deployments", lambda *d: pytest.fail("must not serve"))
     assert main(["serve", "--config", str(REPO / "configs" / "nightly.yaml"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-class _LaunchedServer:  # stands in for what flows.server_guard holds after launch()
+class _LaunchedServer:  # stands in for what imgscore.flows.server_guard holds after launch()
     url = "http://127.0.0.1:45678/api"
 
     def read_url(self, timeout: float) -> str:
@@ -88,13 +88,13 @@ class _LaunchedServer:  # stands in for what flows.server_guard holds after laun
 def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, monkeypatch, tmp_path, api_url):
     """Prefect's start message says "prefect deployment run", which cannot reach the temporary
     server living inside `imgscore serve`; without PREFECT_API_URL our one line replaces it. The
-    console script exports its own temporary server's URL as PREFECT_API_URL (flows.server_guard):
+    console script exports its own temporary server's URL as PREFECT_API_URL (imgscore.flows.server_guard):
     that URL counts as no server. The real ``prefect.serve`` runs, with a Runner that registers
     nothing and returns at once."""
     import prefect.runner
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import server_guard
+    from imgscore.flows import server_guard
 
     monkeypatch.setattr(server_guard, "_SERVER", _LaunchedServer())
     monkeypatch.setenv("PREFECT_API_URL", "")  # restored afterwards: server_guard exports the URL
@@ -138,10 +138,10 @@ def test_serve_registers_the_cron_schedule_timezone_and_parameters(prefect_serve
     the schedule (non-default zone, so a dropped timezone shows) and the config parameter."""
     from prefect.client.orchestration import get_client
 
-    import flows.serve
+    import imgscore.flows.serve
 
     served = []
-    monkeypatch.setattr(flows.serve, "serve_deployments", lambda *deps, **kw: served.extend(deps))
+    monkeypatch.setattr(imgscore.flows.serve, "serve_deployments", lambda *deps, **kw: served.extend(deps))
     argv = ["serve", "--config", str(REPO / "configs" / "nightly.yaml"), "--set", f"input.root={tmp_path}",
             "--cron", "30 1 * * 1-5", "--timezone", "Europe/Berlin", "--name", "weekday-scoring"]
     assert main(argv) == 0
@@ -150,7 +150,7 @@ def test_serve_registers_the_cron_schedule_timezone_and_parameters(prefect_serve
 
     with get_client(sync_client=True) as client:
         d = client.read_deployment(deployment_id)
-    assert d.name == "weekday-scoring" and d.entrypoint == "flows.score_images.score_images"
+    assert d.name == "weekday-scoring" and d.entrypoint == "imgscore.flows.score_images.score_images"
     (s,) = d.schedules
     assert (s.schedule.cron, s.schedule.timezone, s.active) == ("30 1 * * 1-5", "Europe/Berlin", True)
     assert d.parameters["config"]["input"]["root"] == str(tmp_path)
@@ -184,7 +184,7 @@ def test_prefect_deploy_then_a_deployment_run_scores_on_dask(prefect_server, tmp
     assert (s.schedule.cron, s.schedule.timezone) == ("0 2 * * *", spec["schedules"][0]["timezone"])
     assert d.parameters == spec["parameters"]
     assert d.work_pool_name == "imgscore-process" and pool.type == "process"
-    assert d.entrypoint == "flows/score_images.py:score_images"
+    assert d.entrypoint == "imgscore.flows.score_images:score_images"
 
     # Tonight's run: the deployment's config with this machine's folder and model, on 2 Dask workers.
     root = make_image_folder(tmp_path / "images", photos, per_class=3)  # 9 real photos

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from flows.cli import execute, main
-from tasks.config import PILLOW_MAX_PIXELS, build_config
-from tasks.manifest import read_manifest
-from tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
-from tasks.scan import scan_images
-from tasks.score import _Isolation, score_isolated
+from imgscore.flows.cli import execute, main
+from imgscore.tasks.config import PILLOW_MAX_PIXELS, build_config
+from imgscore.tasks.manifest import read_manifest
+from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.tasks.scan import scan_images
+from imgscore.tasks.score import _Isolation, score_isolated
 from tests.conftest import assert_same_answers, base_overrides
 from tests.test_decode import (
     corrupt_exif,
@@ -391,9 +391,9 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
 @contextlib.contextmanager
 def engine_records(names=("prefect.flow_runs", "prefect.task_runs")):
     """Records of the named loggers (default: Prefect's flow-run and task-run loggers) as their
-    handlers receive them (after ``flows._env``'s filter), gathered by a logger filter: Prefect's
+    handlers receive them (after ``imgscore.flows._env``'s filter), gathered by a logger filter: Prefect's
     logging setup may replace handlers mid-session (pytest's ``caplog`` among them), never filters."""
-    from flows import _env
+    from imgscore.flows import _env
 
     _env.quiet_expected_failures()
     seen: list[logging.LogRecord] = []
@@ -420,9 +420,9 @@ def tracebacks_for_the_terminal(records: list[logging.LogRecord]) -> list[str]:
 
 
 def test_expected_failures_lose_their_traceback_others_keep_it():
-    from flows._env import ExpectedFailureFilter
-    from tasks.errors import ErrorBudgetExceeded
-    from tasks.score import ShardError
+    from imgscore.flows._env import ExpectedFailureFilter
+    from imgscore.tasks.errors import ErrorBudgetExceeded
+    from imgscore.tasks.score import ShardError
 
     def record(exc):
         try:
@@ -455,9 +455,9 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     for i, n in enumerate(names):
         photos[n].resize((96, 72)).save(root / f"{i}_{n}.jpg")
     (root / "2_chelsea.jpg").rename(root / "2_hang.jpg")  # shard 1 = images 2..3
-    import tasks.dataset
+    import imgscore.tasks.dataset
 
-    real = tasks.dataset.decode_image
+    real = imgscore.tasks.dataset.decode_image
 
     def faulty_decode(path, *a, **k):  # inherited by the forked DataLoader workers
         if path.endswith("hang.jpg"):
@@ -466,7 +466,7 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
             time.sleep(4)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(tasks.dataset, "decode_image", faulty_decode)
+    monkeypatch.setattr(imgscore.tasks.dataset, "decode_image", faulty_decode)
     t0 = time.perf_counter()
     with engine_records() as records:
         code = _cli(
@@ -524,15 +524,15 @@ def test_latin1_class_folder_is_a_class_with_a_utf8_name(tmp_path, photos):
 def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch):
     """The model loads in the flow's preflight but fails once inside the shard (a worker whose
     disk hiccups): Prefect retries the shard and the rows say attempt 2."""
-    import tasks.score
-    from tasks.errors import ModelError
+    import imgscore.tasks.score
+    from imgscore.tasks.errors import ModelError
 
     root = tmp_path / "images"
     root.mkdir()
     for n in ("astronaut", "coffee", "rocket"):
         photos[n].resize((96, 72)).save(root / f"{n}.jpg")
     (root / "zero.jpg").write_bytes(b"")
-    real, calls = tasks.score.load_model, []
+    real, calls = imgscore.tasks.score.load_model, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -540,7 +540,7 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
             raise ModelError("model.checkpoint could not be read on this worker (simulated)")
         return real(*a, **k)
 
-    monkeypatch.setattr(tasks.score, "load_model", flaky)
+    monkeypatch.setattr(imgscore.tasks.score, "load_model", flaky)
     code, summary = _run(root, probe_checkpoint, tmp_path / "out", **{"run.shard_size": 10, "run.max_error_rate": 0.5})
     assert code == 0 and len(calls) == 2
     m = read_manifest(summary["manifest"])

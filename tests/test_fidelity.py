@@ -27,11 +27,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from flows.cli import execute
-from tasks.config import ModelConfig, PreprocessConfig, build_config
-from tasks.model import load_model
-from tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
-from tasks.score import forward_probs
+from imgscore.flows.cli import execute
+from imgscore.tasks.config import ModelConfig, PreprocessConfig, build_config
+from imgscore.tasks.model import load_model
+from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.tasks.score import forward_probs
 
 pytestmark = pytest.mark.slow
 

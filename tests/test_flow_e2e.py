@@ -9,11 +9,11 @@ import torch
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from flows.cli import execute
-from tasks.config import build_config
-from tasks.manifest import read_manifest
-from tasks.model import file_sha256
-from tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
+from imgscore.flows.cli import execute
+from imgscore.tasks.config import build_config
+from imgscore.tasks.manifest import read_manifest
+from imgscore.tasks.model import file_sha256
+from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
 from tests.conftest import assert_same_answers, base_overrides, save_as_if_cuda
 
 pytestmark = pytest.mark.slow

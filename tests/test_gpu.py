@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from flows.cli import main
-from tasks.config import ModelConfig, PreprocessConfig
-from tasks.dataset import ShardDataset, collate_samples
-from tasks.model import load_model
-from tasks.preprocess import DecodeOptions
-from tasks.scan import scan_images
-from tasks.score import forward_probs
+from imgscore.flows.cli import main
+from imgscore.tasks.config import ModelConfig, PreprocessConfig
+from imgscore.tasks.dataset import ShardDataset, collate_samples
+from imgscore.tasks.model import load_model
+from imgscore.tasks.preprocess import DecodeOptions
+from imgscore.tasks.scan import scan_images
+from imgscore.tasks.score import forward_probs
 from tests.conftest import base_overrides, make_image_folder
 
 pytestmark = pytest.mark.gpu

@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from flows.cli import main as cli_main
-from tasks.incremental import model_key, split_already_scored
-from tasks.lock import clean_abandoned_temp_files
-from tasks.scan import scan_images
+from imgscore.flows.cli import main as cli_main
+from imgscore.tasks.incremental import model_key, split_already_scored
+from imgscore.tasks.lock import clean_abandoned_temp_files
+from imgscore.tasks.scan import scan_images
 from tests.conftest import base_overrides, make_variants
 
 
@@ -69,7 +69,7 @@ def _fake_prior_run(out: Path, root: Path, index, model_info: dict, run_id: str 
     """An earlier run as the flow leaves it: a manifest and one predictions part file."""
     import pyarrow.parquet as pq
 
-    from tasks.parquet_io import PREDICTIONS_SCHEMA, make_table, part_dir
+    from imgscore.tasks.parquet_io import PREDICTIONS_SCHEMA, make_table, part_dir
 
     rows = [
         {"run_id": run_id, "image_path": e.image_path, "label": None, "label_name": None, "pred_index": 0, "pred_label": "a",
@@ -138,7 +138,7 @@ def test_corrupt_prior_part_counts_as_not_scored(photos, tmp_path):
 
 
 def test_abandoned_temp_files_are_cleaned_but_live_runs_left_alone(tmp_path):
-    from tasks import lock
+    from imgscore.tasks import lock
 
     out = tmp_path / "out"
     dead = out / "predictions" / "run_date=2026-01-01" / "run_id=dead"

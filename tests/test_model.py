@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from tasks.config import ModelConfig, PreprocessConfig
-from tasks.errors import ModelError
-from tasks.model import load_model, strip_prefixes
+from imgscore.tasks.config import ModelConfig, PreprocessConfig
+from imgscore.tasks.errors import ModelError
+from imgscore.tasks.model import load_model, strip_prefixes
 from tests.conftest import save_as_if_cuda
 
 CPU = torch.device("cpu")

@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows import progress as prog
-from flows.artifacts import RunProgressArtifact, publish_run_report
-from flows.cli import execute
-from flows.cli import main as cli_main
-from tasks import report as rp
-from tasks.config import build_config
-from tasks.evaluate import accuracy_of_run, confusion
-from tasks.parquet_io import (
+from imgscore.flows import progress as prog
+from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
+from imgscore.flows.cli import execute
+from imgscore.flows.cli import main as cli_main
+from imgscore.tasks import report as rp
+from imgscore.tasks.config import build_config
+from imgscore.tasks.evaluate import accuracy_of_run, confusion
+from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     make_table,
@@ -187,7 +187,7 @@ def test_labels_matched_by_index_when_model_has_no_class_names(tmp_path):
     ],
 )
 def test_label_matching_modes(folder, model, expected):
-    from tasks.evaluate import label_matching, unmatched_reason
+    from imgscore.tasks.evaluate import label_matching, unmatched_reason
 
     assert label_matching(folder, model) == expected
     assert (unmatched_reason(folder, model) is None) == (expected != "none")
@@ -200,7 +200,7 @@ def test_accuracy_is_na_when_labels_cannot_be_paired(tmp_path, capsys):
     """3 folder classes, a 10-class model with other names: index matching would claim 4/6."""
     from rich.console import Console
 
-    from flows.report_cli import print_report
+    from imgscore.flows.report_cli import print_report
 
     out = write_fake_run(tmp_path / "out", model_classes=TEN)
     r = rp.build_report(out, RUN)
@@ -280,7 +280,7 @@ def test_flat_folder_has_no_accuracy(tmp_path):
 
 
 def test_missing_run_names_the_runs_there(fake_run):
-    from tasks.errors import UsageError
+    from imgscore.tasks.errors import UsageError
 
     with pytest.raises(UsageError, match=r"run 'nope' not found .*20260101T000000Z-abc123.*output\.root"):
         rp.build_report(fake_run, "nope")
@@ -418,7 +418,7 @@ def test_progress_artifact_counts_given_total_and_done(monkeypatch):
     when there is nothing to do. Prefect's API functions are replaced by recorders."""
     import prefect.artifacts
 
-    from flows import artifacts as arts
+    from imgscore.flows import artifacts as arts
 
     calls = []
     monkeypatch.setattr(arts, "_in_run", lambda: True)
@@ -459,7 +459,7 @@ def test_progress_fields_and_hook():
 def test_progress_off_when_quiet_or_not_a_terminal(monkeypatch):
     from rich.console import Console
 
-    from flows import score_images
+    from imgscore.flows import score_images
 
     before = list(score_images.PROGRESS_HOOKS)
     with prog.progress_for(Console(file=io.StringIO()), enabled=False):

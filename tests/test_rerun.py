@@ -16,9 +16,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main as cli_main
-from tasks import lock as run_lock
-from tasks.errors import RunLockedError
+from imgscore.flows.cli import main as cli_main
+from imgscore.tasks import lock as run_lock
+from imgscore.tasks.errors import RunLockedError
 from tests.conftest import assert_same_answers, base_overrides, make_variants
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     sets = base_overrides(root, tiny_checkpoint, out, **{"run.shard_size": 10, "inference.batch_size": 5, "inference.num_threads": 1,
                                                          "preprocess.resize": 320, "preprocess.crop": 320, "run.run_id": "killed"})
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect_home")}
-    cmd = [sys.executable, "-m", "flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"]
+    cmd = [sys.executable, "-m", "imgscore.flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pred_dir = out / "predictions"
     deadline = time.time() + 90
@@ -268,7 +268,7 @@ def test_concurrent_rerun_is_refused(prefect_server, photos, tiny_checkpoint, tm
     rid = only_run(out)
     # another `imgscore rerun` of the same run, alive in another process
     other = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from tasks import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore rerun'); print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"import time; from imgscore.tasks import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore rerun'); print('held', flush=True); time.sleep(60)"],
         cwd=REPO, stdout=subprocess.PIPE,
     )
     try:
@@ -289,9 +289,9 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    import flows.score_images as si
-    from tasks.config import load_config
-    from tasks.score import ShardError
+    import imgscore.flows.score_images as si
+    from imgscore.tasks.config import load_config
+    from imgscore.tasks.score import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
@@ -324,15 +324,15 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
 
 @pytest.mark.slow
 def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
-    """The README's `prefect flow-run retry ID --entrypoint flows/score_images.py:score_images`
+    """The README's `prefect flow-run retry ID --entrypoint imgscore.flows.score_images:score_images`
     on a failed `imgscore run`-style flow run: the completed shards are Cached, the run completes."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_URL
 
-    import flows.score_images as si
-    from tasks.config import load_config
-    from tasks.score import ShardError
+    import imgscore.flows.score_images as si
+    from imgscore.tasks.config import load_config
+    from imgscore.tasks.score import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
@@ -352,7 +352,7 @@ def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photo
     monkeypatch.undo()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "flow-run", "retry", fr_id, "--entrypoint", "flows/score_images.py:score_images"],
+        [str(Path(sys.executable).with_name("prefect")), "flow-run", "retry", fr_id, "--entrypoint", "imgscore.flows.score_images:score_images"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from tasks.errors import InputError
-from tasks.scan import scan_images
+from imgscore.tasks.errors import InputError
+from imgscore.tasks.scan import scan_images
 
 
 def _img(path, color=(200, 10, 10), fmt=None):
