@@ -74,13 +74,10 @@ def _preflight(cfg, verbose: bool = False) -> None:
         raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
     if not Path(root).is_dir():
         raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
-    from imgscore.tasks.scan import SCORABLE_EXTENSIONS, has_images
+    from imgscore.tasks.scan import has_images, no_images_message
 
     if not has_images(root, cfg.input.follow_symlinks):
-        raise InputError(
-            f"input.root {str(root)!r} holds no image files ({', '.join(sorted(SCORABLE_EXTENSIONS))}); "
-            "check the path, or that the images are not in hidden folders"
-        )
+        raise InputError(no_images_message(root))
     out = Path(cfg.output.root)
     try:
         out.mkdir(parents=True, exist_ok=True)

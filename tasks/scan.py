@@ -1,43 +1,124 @@
 """Scan ``input.root`` into a sorted, deterministic image index.
 
-ImageFolder layout (class subfolders) gives the same class-to-index mapping and the same
-image order as ``torchvision.datasets.ImageFolder`` on the same tree, except that hidden
-folders (``.ipynb_checkpoints``) and junk (``.DS_Store``, AppleDouble ``._x.jpg``) are never
-classes or images. Flat layout recurses and leaves labels null.
+ImageFolder layout (class subfolders) gives the same class-to-index mapping as
+``torchvision.datasets.ImageFolder`` on the same tree and the same order for the files both list,
+except that hidden folders (``.ipynb_checkpoints``) and junk (``.DS_Store``, AppleDouble
+``._x.jpg``) are never classes or images. Flat layout recurses and leaves labels null.
+
+Every regular file under the root ends in exactly one place: the index (an image to score), or
+``skipped`` with a reason; only hidden names and ``__MACOSX`` are left out on purpose. Which
+files are images comes from Pillow's own registry (:func:`pillow_extensions`), not a hand list,
+so a JPEG named ``.jfif`` or a JPEG 2000 ``.jp2`` is scored whenever this Pillow can decode it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-from PIL import features
+from PIL import EpsImagePlugin, Image, ImageFile, features
 
 from imgscore.tasks.errors import InputError
 
-# torchvision.datasets.folder.IMG_EXTENSIONS plus GIF (first frame) and AVIF where Pillow decodes it.
-SCORABLE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
-    | ({".avif"} if features.check("avif") else set())
-)
-# Image formats we recognise but Pillow cannot decode here: listed as skipped, never dropped silently.
-UNSUPPORTED_EXTENSIONS: dict[str, str] = {
-    ".heic": "HEIC/HEIF needs the pillow-heif plugin, which is not installed",
-    ".heif": "HEIC/HEIF needs the pillow-heif plugin, which is not installed",
-    ".jxl": "JPEG XL is not decodable by this Pillow build",
-    ".svg": "vector image; rasterize it first",
-    ".cr2": "camera RAW; convert to JPEG/PNG/TIFF first",
-    ".nef": "camera RAW; convert to JPEG/PNG/TIFF first",
-    ".arw": "camera RAW; convert to JPEG/PNG/TIFF first",
-    ".dng": "camera RAW; convert to JPEG/PNG/TIFF first",
-    ".raf": "camera RAW; convert to JPEG/PNG/TIFF first",
-    ".orf": "camera RAW; convert to JPEG/PNG/TIFF first",
+NOT_AN_IMAGE = "not an image format this Pillow reads"
+
+# Formats whose Pillow plugin needs a library that a build may lack: (kind, name) for PIL.features.
+_NEEDS_FEATURE = {
+    "JPEG": ("codec", "jpg", "libjpeg"),
+    "MPO": ("codec", "jpg", "libjpeg"),
+    "JPEG2000": ("codec", "jpg_2000", "OpenJPEG"),
+    "PNG": ("codec", "zlib", "zlib"),
+    "APNG": ("codec", "zlib", "zlib"),
+    "WEBP": ("module", "webp", "libwebp"),
+    "AVIF": ("module", "avif", "libavif"),
 }
-if ".avif" not in SCORABLE_EXTENSIONS:
-    UNSUPPORTED_EXTENSIONS[".avif"] = "AVIF is not decodable by this Pillow build"
+# Formats Pillow registers an extension for but opens through another plugin.
+_OPENED_AS = {"MPO": "JPEG"}  # MPO files are opened by the JPEG plugin (jpeg_factory)
+# Plugins that identify a file but never produce its pixels (load() fails on every file).
+_IDENTIFY_ONLY = {"MPEG": "Pillow reads only the MPEG video header, not its frames"}
+
+
+def _stub_has_handler(cls) -> bool:
+    """Whether a ``PIL.ImageFile.StubImageFile`` subclass can load pixels: only after a handler
+    was registered (``PIL.BufrStubImagePlugin.register_handler`` and the like). Reads the class
+    attribute ``_handler`` that ``StubImageFile.load`` itself checks (Pillow 10-13; pinned by
+    ``tests/test_scan.py::test_pillow_stub_handler_contract``)."""
+    return getattr(cls, "_handler", None) is not None
+
+
+def _why_not_decodable(fmt: str) -> str | None:
+    """Why Pillow here cannot decode files of format ``fmt`` (a registry name), or None when it can."""
+    opener = Image.OPEN.get(_OPENED_AS.get(fmt, fmt))
+    if opener is None:
+        return f"Pillow writes {fmt} files but cannot read them"
+    if fmt in _IDENTIFY_ONLY:
+        return _IDENTIFY_ONLY[fmt]
+    cls = opener[0]
+    if inspect.isclass(cls) and issubclass(cls, ImageFile.StubImageFile) and not _stub_has_handler(cls):
+        return f"Pillow only identifies {fmt} files; decoding them needs a handler registered with {cls.__module__}.register_handler"
+    need = _NEEDS_FEATURE.get(fmt)
+    if need is not None:
+        kind, name, lib = need
+        ok = features.check_codec(name) if kind == "codec" else features.check_module(name)
+        if not ok:
+            return f"{fmt} needs {lib}, which this Pillow build lacks"
+    if fmt == "EPS" and not EpsImagePlugin.has_ghostscript():
+        return "EPS/PostScript needs Ghostscript (gs on PATH), which is not installed"
+    return None
+
+
+def pillow_extensions() -> tuple[dict[str, str], dict[str, str]]:
+    """What Pillow's registry says about file extensions, checked against this installation.
+
+    Reads ``PIL.Image.registered_extensions()`` after ``Image.init()`` (which imports every plugin
+    that can be imported), then drops the formats this build cannot decode: write-only formats
+    (PDF, PALM), stub plugins without a handler (BUFR, GRIB, HDF5, WMF off Windows), codecs the
+    build lacks (JPEG 2000 without OpenJPEG, WebP, AVIF), EPS without Ghostscript, MPEG (header only).
+
+    Returns:
+        (decodable, not_decodable): lower-case extensions with the dot → Pillow format name, and
+        → the reason the format cannot be decoded here.
+    """
+    Image.init()
+    decodable: dict[str, str] = {}
+    not_decodable: dict[str, str] = {}
+    for ext, fmt in Image.registered_extensions().items():
+        why = _why_not_decodable(fmt)
+        if why is None:
+            decodable[ext.lower()] = fmt
+        else:
+            not_decodable[ext.lower()] = why
+    return decodable, not_decodable
+
+
+_DECODABLE, _NOT_DECODABLE = pillow_extensions()
+SCORABLE_EXTENSIONS: frozenset[str] = frozenset(_DECODABLE)
+# Image formats that are not scored here, with the reason shown in ``skipped`` (Pillow's own ones,
+# plus well-known formats Pillow has no plugin for unless one is installed).
+UNSUPPORTED_EXTENSIONS: dict[str, str] = {
+    **{
+        ext: why
+        for ext, why in {
+            ".heic": "HEIC/HEIF needs the pillow-heif plugin, which is not installed",
+            ".heif": "HEIC/HEIF needs the pillow-heif plugin, which is not installed",
+            ".jxl": "JPEG XL needs a Pillow JPEG XL plugin, which is not installed",
+            ".svg": "vector image; rasterize it first",
+            ".cr2": "camera RAW; convert to JPEG/PNG/TIFF first",
+            ".nef": "camera RAW; convert to JPEG/PNG/TIFF first",
+            ".arw": "camera RAW; convert to JPEG/PNG/TIFF first",
+            ".dng": "camera RAW; convert to JPEG/PNG/TIFF first",
+            ".raf": "camera RAW; convert to JPEG/PNG/TIFF first",
+            ".orf": "camera RAW; convert to JPEG/PNG/TIFF first",
+        }.items()
+        if ext not in SCORABLE_EXTENSIONS
+    },
+    **_NOT_DECODABLE,
+}
 
 JUNK_DIRS = frozenset({"__MACOSX"})
 
@@ -169,6 +250,7 @@ def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
         except OSError:
             is_dir = False
         if e.is_symlink() and not follow_symlinks:
+            skipped.append({"image_path": display_path(os.path.relpath(e.path, root)), "reason": "symlink not followed (input.follow_symlinks=false)"})
             continue
         if not is_dir:
             files.append(e.path)
@@ -186,24 +268,55 @@ def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
         yield from _walk_files(d, follow_symlinks, skipped, root, chain)
 
 
-def _classify(path: str, root: str, skipped: list[dict[str, str]]) -> bool:
-    """True when ``path`` should be scored; records recognised-but-unsupported formats."""
-    ext = os.path.splitext(path)[1].lower()
+_FILE_KINDS = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
+
+
+def skip_reason(name: str) -> str | None:
+    """None when a file called ``name`` is an image to score (its extension is one this Pillow
+    decodes, case-insensitive); otherwise the reason it is listed in ``skipped``."""
+    ext = os.path.splitext(name)[1].lower()
     if ext in SCORABLE_EXTENSIONS:
-        return True
-    if ext in UNSUPPORTED_EXTENSIONS:
-        skipped.append({"image_path": display_path(os.path.relpath(path, root)), "reason": UNSUPPORTED_EXTENSIONS[ext]})
-    return False
+        return None
+    return UNSUPPORTED_EXTENSIONS.get(ext, NOT_AN_IMAGE)
+
+
+def _skip(skipped: list[dict[str, str]], rel: str, reason: str) -> None:
+    skipped.append({"image_path": display_path(rel), "reason": reason})
+
+
+def _classify(path: str, root: str, label: int | None, label_name: str | None, skipped: list[dict[str, str]]) -> ImageEntry | None:
+    """The index entry for ``path`` (:func:`_entry`), or None after recording in ``skipped`` why it
+    is not an image to score (:func:`skip_reason`)."""
+    why = skip_reason(path)
+    if why is not None:
+        _skip(skipped, os.path.relpath(path, root), why)
+        return None
+    return _entry(path, root, label, label_name)
 
 
 def _entry(path: str, root: str, label: int | None, label_name: str | None) -> ImageEntry:
+    """Stat an image file into an index entry. One that cannot be stat'ed (a broken symlink) or is
+    no regular file (a named pipe, which would block the shard that reads it) gets ``scan_error``
+    set and becomes an errors row at stage ``scan``."""
     rel = os.path.relpath(path, root)
     try:
         st = os.stat(path)  # follows symlinks: a broken one fails here
-        return ImageEntry(rel, label, label_name, st.st_size, st.st_mtime_ns)
     except OSError as exc:
         reason = "broken symlink" if os.path.islink(path) else "cannot stat file"
         return ImageEntry(rel, label, label_name, None, None, scan_error=f"{reason}: {exc.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "special file")
+        return ImageEntry(rel, label, label_name, None, None, scan_error=f"not a regular file ({kind}); only regular files are read")
+    return ImageEntry(rel, label, label_name, st.st_size, st.st_mtime_ns)
+
+
+def no_images_message(root: str | Path) -> str:
+    """The refusal for a root without a single file to score (scan and CLI preflight say the same)."""
+    common = [e for e in (".jpg", ".jpeg", ".jfif", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2") if e in SCORABLE_EXTENSIONS]
+    return (
+        f"input.root {str(root)!r} holds no image files that this Pillow reads ({', '.join(common)} and "
+        f"{len(SCORABLE_EXTENSIONS) - len(common)} more extensions); check the path, or that the images are not in hidden folders"
+    )
 
 
 def find_classes(root: str | Path) -> list[str]:
@@ -225,9 +338,11 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
 
     Returns:
         An :class:`ImageIndex`. Class names and ``image_path`` are valid UTF-8 (undecodable bytes
-        of old Latin-1 names become ``\\xNN``). Empty class folders stay classes (with zero images); files with
-        unsupported image formats are listed in ``skipped`` with a reason; hidden files and
-        folders, AppleDouble files and non-image files appear nowhere.
+        of old Latin-1 names become ``\\xNN``). Empty class folders stay classes (with zero images).
+        Every other file is listed in ``skipped`` with a reason (:func:`skip_reason`: a format this
+        Pillow cannot decode, or ``NOT_AN_IMAGE``; a special file; a symlink not followed; an
+        image outside any class folder); only hidden files and folders (AppleDouble ``._x`` files
+        included) and ``__MACOSX`` appear nowhere.
 
     Raises:
         InputError: root missing or not a folder, or no image files under it.
@@ -241,9 +356,9 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
     skipped: list[dict[str, str]] = []
     classes = find_classes(root_s)
     with os.scandir(root_s) as it:
-        top_images = [e.path for e in it if not _is_hidden(e.name) and not e.is_dir() and os.path.splitext(e.name)[1].lower() in SCORABLE_EXTENSIONS]
+        top_files = sorted(e.name for e in it if not _is_hidden(e.name) and not e.is_dir())
     if layout == "auto":
-        layout = "imagefolder" if classes and not top_images else "flat"
+        layout = "imagefolder" if classes and all(skip_reason(n) is not None for n in top_files) else "flat"
 
     entries: list[ImageEntry] = []
     if layout == "imagefolder":
@@ -251,23 +366,20 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
             cls_dir = os.path.join(root_s, cls)
             name = display_path(cls)  # a Latin-1 folder name is a class too, named in valid UTF-8
             for path in _walk_files(cls_dir, follow_symlinks, skipped, root_s):
-                if _classify(path, root_s, skipped):
-                    entries.append(_entry(path, root_s, idx, name))
-        with os.scandir(root_s) as it:  # files directly in root have no class: say so
-            for e in sorted(it, key=lambda e: e.name):
-                if not _is_hidden(e.name) and not e.is_dir() and os.path.splitext(e.name)[1].lower() in SCORABLE_EXTENSIONS:
-                    skipped.append({"image_path": display_path(e.name), "reason": "image outside any class folder (layout=imagefolder)"})
+                entry = _classify(path, root_s, idx, name, skipped)
+                if entry is not None:
+                    entries.append(entry)
+        for n in top_files:  # files directly in root have no class: say so
+            _skip(skipped, n, skip_reason(n) or "image outside any class folder (layout=imagefolder)")
     else:
         classes = []
         for path in _walk_files(root_s, follow_symlinks, skipped, root_s):
-            if _classify(path, root_s, skipped):
-                entries.append(_entry(path, root_s, None, None))
+            entry = _classify(path, root_s, None, None, skipped)
+            if entry is not None:
+                entries.append(entry)
 
     if not entries:
-        raise InputError(
-            f"input.root {root_s!r} holds no image files ({', '.join(sorted(SCORABLE_EXTENSIONS))}); "
-            "check the path, or that the images are not in hidden folders"
-        )
+        raise InputError(no_images_message(root_s))
     return ImageIndex(root=root_p, layout=layout, classes=[display_path(c) for c in classes], entries=entries, skipped=skipped)
 
 
@@ -275,7 +387,7 @@ def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
     """True as soon as one scorable file is found under ``root`` (a cheap check before a run
     starts; the full scan happens in the flow)."""
     for path in _walk_files(str(root), follow_symlinks, [], str(root)):
-        if os.path.splitext(path)[1].lower() in SCORABLE_EXTENSIONS:
+        if skip_reason(path) is None:
             return True
     return False
 

@@ -136,6 +136,10 @@ MESSAGES = {
     "space/whiteboard.png": "marker image in batch",
 }
 CLASSES = ["cat", "coffee", "empty_class", "rocket", "space"]
+SKIPPED = [  # every other non-hidden file, with its reason (class folders first, then input.root itself)
+    {"image_path": "space/IMG_0002.heic", "reason": "HEIC/HEIF needs the pillow-heif plugin, which is not installed"},
+    {"image_path": "notes.txt", "reason": "not an image format this Pillow reads"},
+]
 JUNK_MARKERS = (".DS_Store", "._", ".ipynb_checkpoints", "__MACOSX", "checkpoint")
 
 
@@ -219,7 +223,7 @@ def test_scan_junk_names_and_skipped(messy_folder):
     paths = [e.image_path for e in index.entries]
     assert set(paths) == VALID | set(BROKEN) and len(paths) == len(set(paths)) == 33
     assert not any(m in p for p in paths for m in JUNK_MARKERS)
-    assert index.skipped == [{"image_path": "space/IMG_0002.heic", "reason": "HEIC/HEIF needs the pillow-heif plugin, which is not installed"}]
+    assert index.skipped == SKIPPED
     by_path = {e.image_path: e for e in index.entries}
     assert by_path["coffee/caf\\xe9.jpg"].rel == os.fsdecode(b"coffee/caf\xe9.jpg")  # still opens the file
     assert by_path["coffee/coffee_link.jpg"].size == (messy_folder / "coffee/coffee.jpg").stat().st_size
@@ -337,9 +341,9 @@ def check_acceptance(out: Path, run_id: str, summary: dict | None = None) -> dic
 
     m = read_manifest(out / "runs" / run_id / "manifest.json")
     c = m["counts"]
-    assert (c["scanned"], c["scored"], c["failed"], c["skipped"]) == (33, 25, 8, 1)
+    assert (c["scanned"], c["scored"], c["failed"], c["skipped"]) == (33, 25, 8, 2)
     assert c["scanned"] == c["scored"] + c["failed"]
-    assert m["skipped"] == [{"image_path": "space/IMG_0002.heic", "reason": "HEIC/HEIF needs the pillow-heif plugin, which is not installed"}]
+    assert m["skipped"] == SKIPPED
     assert m["input"]["classes"] == CLASSES
     assert sum(s["scored"] for s in m["shards"]) == 25 and sum(s["failed"] for s in m["shards"]) == 8
     failed_images = sorted(p for s in m["shards"] for p in s.get("failed_images", []))
@@ -350,7 +354,7 @@ def check_acceptance(out: Path, run_id: str, summary: dict | None = None) -> dic
     assert warned.get("UserWarning: Tag data larger than file. Skipping tag 271", 0) >= 1  # counted
     if summary is not None:
         assert summary["warnings"] >= 1
-        assert (summary["scanned"], summary["scored"], summary["failed"], summary["skipped"]) == (33, 25, 8, 1)
+        assert (summary["scanned"], summary["scored"], summary["failed"], summary["skipped"]) == (33, 25, 8, 2)
     return by
 
 
