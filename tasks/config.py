@@ -40,6 +40,12 @@ class InputConfig(_Section):
         description="images declaring more pixels are recorded as errors before decoding "
         "(default: Pillow's MAX_IMAGE_PIXELS; Pillow's own hard stop at twice its limit still applies)",
     )
+    max_metadata_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="largest PNG text/ICC chunk (decompressed) and PNG text in all read per image, bytes; "
+        "Pillow's own limits (1 MiB a chunk, 64 MiB in all) are raised to it for each decode only",
+    )
 
 
 class ModelConfig(_Section):
@@ -53,7 +59,6 @@ class ModelConfig(_Section):
     trust_checkpoint: bool = Field(
         False, description="allow whole pickled modules (unpickling runs code from the file)"
     )
-
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if self.checkpoint is not None and self.weights is not None:
@@ -87,12 +92,32 @@ class PreprocessConfig(_Section):
         description="longer/shorter side above this is center-cropped before resizing, so an "
         "8000x8 strip cannot allocate a huge tensor; the final center crop is unaffected",
     )
+    value_range: tuple[float, float] | None = Field(
+        None,
+        description="[low, high] pixel values of float and 16/32-bit images that become black and white; "
+        "default: from the data type and each image's finite min/max (README, decode policies)",
+    )
+    non_finite: Literal["error", "fill"] = Field(
+        "error",
+        description="NaN/Inf pixels in float images: error (an errors row, DecodeError.non_finite) or fill "
+        "(NaN and -Inf as the low end of the value range, +Inf as the high end)",
+    )
+    color_manage: bool = Field(
+        False, description="convert images with an embedded ICC profile to sRGB (ImageCms); off: pixels as stored, like torchvision"
+    )
 
     @field_validator("std")
     @classmethod
     def _positive_std(cls, v: list[float] | None) -> list[float] | None:
         if v is not None and any(s <= 0 for s in v):
             raise ValueError(f"preprocess.std must be positive, got {v}")
+        return v
+
+    @field_validator("value_range")
+    @classmethod
+    def _increasing_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"preprocess.value_range must be [low, high] with low < high, got {list(v)}")
         return v
 
 

@@ -20,18 +20,22 @@ from imgscore.tasks.preprocess import (
     DecodeOptions,
     PreprocessSpec,
     build_transform,
-    decode_image,
+    decode_file,
 )
 from imgscore.tasks.scan import ImageEntry
 
 
 @dataclass
 class Sample:
-    """A decoded image: ``tensor`` float32 [3, crop, crop]; ``pos`` indexes the shard's entries."""
+    """A decoded image: ``tensor`` float32 [3, crop, crop]; ``pos`` indexes the shard's entries;
+    ``file_size`` (bytes) and ``file_mtime_ns`` describe the file as it was decoded (it may have
+    been replaced since the scan)."""
 
     pos: int
     tensor: torch.Tensor
     warnings: list[str] = field(default_factory=list)
+    file_size: int | None = None
+    file_mtime_ns: int | None = None
 
 
 @dataclass
@@ -53,12 +57,14 @@ class Failure:
 @dataclass
 class Batch:
     """What the DataLoader yields: ``tensor`` float32 [B, 3, crop, crop] (None if every image
-    failed), ``positions`` the B entry positions in order, ``failures`` the rest of the batch."""
+    failed), ``positions`` the B entry positions in order, ``failures`` the rest of the batch,
+    ``file_stats`` position → (size bytes, mtime ns) of each decoded file."""
 
     tensor: torch.Tensor | None
     positions: list[int]
     failures: list[Failure]
     warnings: list[str]
+    file_stats: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) so CUDA copies can be non-blocking."""
@@ -94,7 +100,7 @@ class ShardDataset(Dataset):
         warned: list[str] = []
         path = os.path.join(self.root, entry.rel)
         try:
-            img = decode_image(path, self.spec, self.opts, warned)
+            decoded = decode_file(path, self.spec, self.opts, warned)
         except DecodeError as exc:
             return Failure(pos, entry.image_path, "decode", f"DecodeError.{exc.kind}", str(exc), warned)
         except Exception as exc:  # anything else Pillow raises for a hostile file: recorded, not raised
@@ -102,10 +108,10 @@ class ShardDataset(Dataset):
         try:
             if self._transform is None:
                 self._transform = build_transform(self.spec)
-            tensor = self._transform(img)
+            tensor = self._transform(decoded.image)
         except Exception as exc:
             return Failure(pos, entry.image_path, "preprocess", type(exc).__name__, str(exc) or repr(exc), warned)
-        return Sample(pos, tensor, warned)
+        return Sample(pos, tensor, warned, decoded.file_size, decoded.file_mtime_ns)
 
 
 def collate_samples(items: list[Sample | Failure]) -> Batch:
@@ -114,4 +120,4 @@ def collate_samples(items: list[Sample | Failure]) -> Batch:
     failures = [s for s in items if isinstance(s, Failure)]
     warnings = [w for s in items for w in s.warnings]
     tensor = torch.stack([s.tensor for s in samples]) if samples else None
-    return Batch(tensor, [s.pos for s in samples], failures, warnings)
+    return Batch(tensor, [s.pos for s in samples], failures, warnings, {s.pos: (s.file_size, s.file_mtime_ns) for s in samples})

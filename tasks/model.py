@@ -300,6 +300,9 @@ def _resolve_preprocess(cfg: PreprocessConfig, base: dict | None) -> PreprocessS
         background=tuple(cfg.background),
         jpeg_draft=cfg.jpeg_draft,
         max_aspect_ratio=cfg.max_aspect_ratio,
+        value_range=tuple(cfg.value_range) if cfg.value_range is not None else None,
+        non_finite=cfg.non_finite,
+        color_manage=cfg.color_manage,
     )
 
 

@@ -8,8 +8,16 @@ Decoding policy (documented in the README):
 - the EXIF orientation tag is applied (``exif_orientation``);
 - animated GIFs and multi-page TIFFs: the first frame is scored;
 - every mode reaches the model as RGB: transparency (RGBA, LA, PA, palette with a transparent
-  index) is composited onto ``background`` (white by default), CMYK is converted by Pillow,
-  16-bit grayscale (``I;16``) is scaled from [0, 65535] to [0, 255] keeping its gradient;
+  index) is composited onto ``background`` (white by default), CMYK is converted by Pillow;
+- float and 16/32-bit integer images (modes ``F``, ``I``, ``I;16*``) are scaled to 8 bits from a
+  value range (:func:`value_range`: ``preprocess.value_range``, else one taken from the data type
+  and the finite min/max, so 12-bit, float and signed data keep their contrast); NaN or ±Inf
+  pixels make the image a ``non_finite`` error unless ``preprocess.non_finite: fill``;
+- embedded ICC profiles are ignored, as torchvision's loader does (the models were trained that
+  way), unless ``preprocess.color_manage: true`` converts the pixels to sRGB with ImageCms;
+- PNG text and ICC chunks up to ``input.max_metadata_bytes`` are read: Pillow's limits
+  (``PngImagePlugin.MAX_TEXT_CHUNK``/``MAX_TEXT_MEMORY``, module globals) are raised for the
+  duration of one decode only, while this process's decode lock is held, and restored after;
 - strips with an aspect ratio above ``max_aspect_ratio`` are center-cropped on their long side
   before resizing; the final center crop only ever keeps the middle, so predictions do not change
   but an 8000×8 image cannot become a 256000×256 tensor.
@@ -17,6 +25,8 @@ Decoding policy (documented in the README):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import threading
 import warnings
@@ -24,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
@@ -58,6 +68,12 @@ def _new_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
+def warnings_lock() -> threading.Lock:
+    """This process's lock around ``warnings.catch_warnings`` (see above); other modules that
+    silence a warning for one call take it too, so no decode loses or leaks its warnings."""
+    return _WARNINGS_LOCK
+
+
 class DecodeError(Exception):
     """An image file that cannot be turned into pixels. ``kind`` is a short stable reason."""
 
@@ -81,9 +97,15 @@ class PreprocessSpec:
     background: tuple[int, int, int] = (255, 255, 255)
     jpeg_draft: bool = True
     max_aspect_ratio: float = 4.0
+    value_range: tuple[float, float] | None = None  # None: from the data (value_range())
+    non_finite: str = "error"  # "error" or "fill"
+    color_manage: bool = False
 
     def to_dict(self) -> dict:
-        return {
+        """JSON-ready settings. The decode settings added later (``value_range``, ``non_finite``,
+        ``color_manage``) appear only when they differ from their defaults, so the model key of
+        runs made before they existed (``run.skip_scored``) stays the same."""
+        out = {
             "resize": self.resize,
             "crop": self.crop,
             "mean": list(self.mean),
@@ -93,14 +115,44 @@ class PreprocessSpec:
             "jpeg_draft": self.jpeg_draft,
             "max_aspect_ratio": self.max_aspect_ratio,
         }
+        if self.value_range is not None:
+            out["value_range"] = list(self.value_range)
+        if self.non_finite != "error":
+            out["non_finite"] = self.non_finite
+        if self.color_manage:
+            out["color_manage"] = True
+        return out
+
+
+# Pillow's own PNG text limits (1 MiB per compressed chunk, 64 MiB in all), read once.
+PILLOW_PNG_TEXT_LIMITS = (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
+DEFAULT_MAX_METADATA_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Per-run decode settings from ``input.*``."""
+    """Per-run decode settings from ``input.*``. ``max_metadata_bytes``: largest PNG text or ICC
+    chunk (decompressed) and total PNG text read per image, bytes; never below Pillow's own limits."""
 
     max_pixels: int
     exif_orientation: bool = True
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+
+    @classmethod
+    def from_input(cls, input_cfg) -> DecodeOptions:
+        """The options of an ``InputConfig`` (``input.*``)."""
+        return cls(input_cfg.max_pixels, input_cfg.exif_orientation, input_cfg.max_metadata_bytes)
+
+
+@dataclass
+class DecodedImage:
+    """An RGB image ready for :func:`build_transform` and the file it came from: ``file_size``
+    (bytes) and ``file_mtime_ns`` are ``fstat`` of the very file object that was decoded, so a
+    file replaced after the scan is described by what was actually read."""
+
+    image: Image.Image
+    file_size: int
+    file_mtime_ns: int
 
 
 def build_transform(spec: PreprocessSpec) -> T.Compose:
@@ -130,11 +182,11 @@ _MAGIC = [
 ]
 
 
-def _sniff(path: str) -> str:
-    """A specific reason for a file Pillow cannot identify."""
+def _sniff(path: str, f) -> str:
+    """A specific reason for a file Pillow cannot identify (``f``: the open file, any position)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
+        f.seek(0)
+        head = f.read(64)
     except OSError as exc:
         return f"cannot read file: {exc.strerror}"
     if head[4:8] == b"ftyp":
@@ -150,57 +202,187 @@ def _sniff(path: str) -> str:
     return "not a recognised image format"
 
 
-def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+_BIT_DEPTHS = (8, 10, 12, 14, 16, 20, 24, 32)
+
+
+def value_range(values: np.ndarray, is_float: bool, configured: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The (low, high) input values that become 0 and 255, for a float or wide-integer image.
+
+    ``configured`` (``preprocess.value_range``) wins when given. Otherwise, from the data type and
+    the finite min/max of ``values`` (the finite pixels, any shape), the way scientific-imaging
+    viewers pick a display range:
+
+    - float data within [0, 1] → (0, 1), within [-1, 1] → (-1, 1) (skimage's float conventions);
+    - non-negative whole numbers (any integer mode, or a float image holding whole numbers) →
+      (0, 2**b - 1) for the smallest bit depth b in 8, 10, 12, 14, 16, 20, 24, 32 that holds the
+      maximum: 8-bit data stays as it was, 12-bit data in a 16-bit file (0-4095) uses the whole
+      0-255 scale instead of its bottom 6 %;
+    - anything else (signed integers, floats beyond [-1, 1]) → its own (min, max).
+
+    Raises:
+        ValueError: ``values`` is empty (the caller reports an image without finite pixels).
+    """
+    if configured is not None:
+        return float(configured[0]), float(configured[1])
+    lo, hi = float(values.min()), float(values.max())
+    if is_float and lo >= 0.0 and hi <= 1.0:
+        return 0.0, 1.0
+    if is_float and lo >= -1.0 and hi <= 1.0:
+        return -1.0, 1.0
+    whole = not is_float or bool(np.all(values == np.floor(values)))
+    if lo >= 0.0 and whole:
+        for b in _BIT_DEPTHS:
+            if hi <= 2.0**b - 1:
+                return 0.0, 2.0**b - 1
+    if lo >= 0.0 and is_float:
+        return 0.0, hi
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def _wide_to_rgb(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """A single-channel float or wide-integer image (``F``, ``I``, ``I;16*``) → 8-bit RGB.
+
+    Scaled linearly from :func:`value_range` to 0-255 and clipped. NaN/±Inf pixels raise
+    ``DecodeError("non_finite")``, or with ``spec.non_finite == "fill"`` become the low end
+    (NaN, -Inf) or the high end (+Inf) of the range, the range being taken from the finite ones.
+    """
+    try:
+        arr = np.asarray(img, dtype=np.float32) if img.mode == "F" else np.asarray(img).astype(np.float64)
+    except (TypeError, ValueError):  # a mode numpy cannot view directly
+        arr = np.asarray(img.convert("I")).astype(np.float64)
+    finite = np.isfinite(arr)
+    n_bad = int(arr.size - np.count_nonzero(finite))
+    if n_bad == arr.size:
+        raise DecodeError("non_finite", f"every pixel is NaN or infinite ({arr.size} pixels, mode {img.mode}); nothing to score")
+    if n_bad and spec.non_finite != "fill":
+        raise DecodeError(
+            "non_finite",
+            f"{n_bad} of {arr.size} pixels are NaN or infinite (mode {img.mode}; no-data values?); "
+            "set preprocess.non_finite=fill to score them as the low end of the range (NaN, -Inf) or the high end (+Inf)",
+        )
+    lo, hi = value_range(arr[finite] if n_bad else arr, img.mode == "F", spec.value_range)
+    if n_bad:
+        arr = np.where(np.isposinf(arr), hi, np.where(finite, arr, lo))
+    arr8 = np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr8, mode="L").convert("RGB")
+
+
+def _is_wide(mode: str) -> bool:
+    return mode in ("F", "I") or mode.startswith(("I;16", "I;32"))
+
+
+_SRGB = None
+
+
+def _to_srgb(img: Image.Image, warned: list[str] | None) -> Image.Image:
+    """``img`` converted from its embedded ICC profile to sRGB (``preprocess.color_manage``).
+
+    Images without a profile, and modes ImageCms does not transform, are returned as they are; a
+    profile that cannot be used leaves the pixels as stored and counts a warning.
+    """
+    global _SRGB
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return img
+    from PIL import ImageCms
+
+    try:
+        if _SRGB is None:
+            _SRGB = ImageCms.createProfile("sRGB")
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(img, src, _SRGB, outputMode="RGBA" if img.mode == "RGBA" else "RGB")
+    except Exception as exc:  # a broken or mismatched profile: pixels as stored, counted
+        if warned is not None:
+            warned.append(f"ICC profile not applied: {type(exc).__name__}")
+        return img
+
+
+def _to_rgb(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
-        arr8 = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        arr8 = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if _is_wide(mode):
+        return _wide_to_rgb(img, spec)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
     if mode == "L" and "transparency" in img.info:
         has_alpha = True
     if has_alpha:
         rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (*background, 255))
+        bg = Image.new("RGBA", rgba.size, (*spec.background, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return img.convert("RGB")
 
 
+@contextlib.contextmanager
+def _png_metadata_limits(max_bytes: int):
+    """Raise Pillow's PNG text/ICC limits to ``max_bytes`` (never lower them) for one decode.
+
+    ``PngImagePlugin.MAX_TEXT_CHUNK``/``MAX_TEXT_MEMORY`` are module globals: call this only while
+    holding ``_WARNINGS_LOCK``, which every decode in this process takes, so no other decode sees
+    another value; the previous values are restored on the way out, error or not.
+    """
+    old = (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
+    PngImagePlugin.MAX_TEXT_CHUNK = max(old[0], max_bytes)
+    PngImagePlugin.MAX_TEXT_MEMORY = max(old[1], max_bytes)
+    try:
+        yield
+    finally:
+        PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = old
+
+
+def _metadata_error(exc: ValueError, opts: DecodeOptions) -> DecodeError | None:
+    """The ``metadata_too_large`` error for Pillow's PNG text/ICC limit messages, else None."""
+    text = str(exc)
+    if "MAX_TEXT_CHUNK" not in text and "MAX_TEXT_MEMORY" not in text:
+        return None
+    return DecodeError(
+        "metadata_too_large",
+        f"PNG text or ICC metadata larger than input.max_metadata_bytes={opts.max_metadata_bytes} ({text}); "
+        "the pixels may be fine: raise input.max_metadata_bytes, or strip the metadata (exiftool -all= FILE)",
+    )
+
+
 def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: list[str] | None = None) -> Image.Image:
+    """:func:`decode_file`'s image alone (callers that do not record the file's size and mtime)."""
+    return decode_file(path, spec, opts, warned).image
+
+
+def decode_file(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: list[str] | None = None) -> DecodedImage:
     """Decode ``path`` fully into an RGB PIL image ready for :func:`build_transform`.
 
     Args:
         path: file to read (OS path; non-UTF-8 names are fine).
-        spec: target sizes (for JPEG draft decoding and the aspect-ratio bound) and background.
-        opts: pixel limit and EXIF policy.
+        spec: target sizes (for JPEG draft decoding and the aspect-ratio bound), background,
+            value range, non-finite and colour-management policies.
+        opts: pixel limit, EXIF policy, PNG metadata limit.
         warned: if given, Pillow warnings raised while decoding are appended (as text) instead
             of being printed; the caller counts them.
 
     Returns:
-        An RGB image, first frame for animations, EXIF orientation applied.
+        A :class:`DecodedImage`: the RGB image (first frame for animations, EXIF orientation
+        applied) and the size (bytes) and mtime (ns) of the file object it was read from.
 
     Raises:
         DecodeError: with ``kind`` one of ``empty``, ``unidentified``, ``too_large``,
-            ``truncated``, ``corrupt``, ``unreadable``.
+            ``truncated``, ``corrupt``, ``unreadable``, ``non_finite``, ``metadata_too_large``.
     """
     try:
-        size = os.path.getsize(path)
+        f = open(path, "rb")
     except OSError as exc:
         raise DecodeError("unreadable", f"cannot read file: {exc.strerror}") from None
-    if size == 0:
-        raise DecodeError("empty", "zero-byte file")
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+    with f:
+        st = os.fstat(f.fileno())
+        if st.st_size == 0:
+            raise DecodeError("empty", "zero-byte file")
+        rgb = _decode_open_file(f, path, spec, opts, warned)
+    return DecodedImage(rgb, st.st_size, st.st_mtime_ns)
+
+
+def _decode_open_file(f, path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: list[str] | None) -> Image.Image:
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught, _png_metadata_limits(opts.max_metadata_bytes):
         warnings.simplefilter("always")
         try:
-            img = Image.open(path)
+            img = Image.open(f)
         except Image.DecompressionBombError as exc:
             raise DecodeError(
                 "too_large",
@@ -208,7 +390,9 @@ def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: l
                 "PIL.Image.MAX_IMAGE_PIXELS whatever input.max_pixels says; such a file cannot be scored here",
             ) from None
         except UnidentifiedImageError:
-            raise DecodeError("unidentified", _sniff(path)) from None
+            raise DecodeError("unidentified", _sniff(path, f)) from None
+        except ValueError as exc:
+            raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
         except OSError as exc:
             raise DecodeError("unreadable", f"cannot open: {exc}") from None
         try:
@@ -231,7 +415,10 @@ def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: l
         except DecodeError:
             img.close()
             raise
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except ValueError as exc:
+            img.close()
+            raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
+        except (OSError, SyntaxError, EOFError) as exc:
             img.close()
             text = str(exc)
             kind = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
@@ -243,8 +430,14 @@ def decode_image(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: l
             except Exception as exc:  # corrupt EXIF: keep the pixels as stored, say so
                 if warned is not None:
                     warned.append(f"EXIF orientation not applied: {type(exc).__name__}")
-        rgb = _to_rgb(img, spec.background)
-        # Multi-frame files (GIF, TIFF) keep their file open until closed: copy, then close.
+        if spec.color_manage:
+            img = _to_srgb(img, warned)
+        try:
+            rgb = _to_rgb(img, spec)
+        except DecodeError:
+            src.close()
+            raise
+        # Multi-frame files (GIF, TIFF) keep reading from the file until closed: copy, then close.
         if rgb is src and getattr(src, "n_frames", 1) > 1:
             rgb = src.copy()
         if rgb is not src:

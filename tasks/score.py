@@ -192,7 +192,7 @@ def score_shard(
     if inf_cfg.fold_bn:
         lm = lm.folded()  # cached per loaded model: folded once per process, not per shard
     entries = read_shard_entries(ref.run_dir, ref.shard_id)
-    ds = ShardDataset(ref.input_root, entries, lm.preprocess, DecodeOptions(input_cfg.max_pixels, input_cfg.exif_orientation))
+    ds = ShardDataset(ref.input_root, entries, lm.preprocess, DecodeOptions.from_input(input_cfg))
     nw = loader_workers(inf_cfg.num_workers)  # 0 in a daemonic (Dask) process
     loader = DataLoader(
         ds,
@@ -273,8 +273,9 @@ def score_shard(
                             "shard_id": ref.shard_id,
                             "batch_id": batch_id,
                             "scored_at": ts,
-                            "file_size": e.size,
-                            "file_mtime_ns": e.mtime_ns,
+                            # the bytes actually decoded: a file replaced after the scan is described as read
+                            "file_size": batch.file_stats[pos][0],
+                            "file_mtime_ns": batch.file_stats[pos][1],
                         }
                     )
     except RuntimeError as exc:

@@ -355,7 +355,7 @@ def test_scan_error_and_unexpected_exception_become_failures(tmp_path, photos, m
     def boom(*a, **k):
         raise MemoryError("cannot allocate")
 
-    monkeypatch.setattr("imgscore.tasks.dataset.decode_image", boom)
+    monkeypatch.setattr("imgscore.tasks.dataset.decode_file", boom)
     f = ds[1]
     assert isinstance(f, Failure) and (f.stage, f.error_type, f.message) == ("decode", "MemoryError", "cannot allocate")
 

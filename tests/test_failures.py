@@ -461,7 +461,7 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     (root / "2_chelsea.jpg").rename(root / "2_hang.jpg")  # shard 1 = images 2..3
     import imgscore.tasks.dataset
 
-    real = imgscore.tasks.dataset.decode_image
+    real = imgscore.tasks.dataset.decode_file
 
     def faulty_decode(path, *a, **k):  # inherited by the forked DataLoader workers
         if path.endswith("hang.jpg"):
@@ -470,7 +470,7 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
             time.sleep(4)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(imgscore.tasks.dataset, "decode_image", faulty_decode)
+    monkeypatch.setattr(imgscore.tasks.dataset, "decode_file", faulty_decode)
     t0 = time.perf_counter()
     with engine_records() as records:
         code = _cli(
