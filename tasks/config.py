@@ -59,6 +59,13 @@ class ModelConfig(_Section):
     trust_checkpoint: bool = Field(
         False, description="allow whole pickled modules (unpickling runs code from the file)"
     )
+    factory: str | None = Field(
+        None,
+        description="'package.module:function' called with no arguments, returning the nn.Module that "
+        "model.checkpoint's state_dict loads into (architectures torchvision does not build); "
+        "replaces model.arch",
+    )
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if self.checkpoint is not None and self.weights is not None:
@@ -66,6 +73,12 @@ class ModelConfig(_Section):
                 f"model.checkpoint ({self.checkpoint}) and model.weights ({self.weights}) are both set; "
                 "set only one"
             )
+        if self.factory is not None:
+            mod, sep, fn = self.factory.partition(":")
+            if not sep or not mod.strip() or not fn.strip():
+                raise ValueError(f"model.factory {self.factory!r} is not 'package.module:function', e.g. 'mymodels.heads:resnet18_dropout'")
+            if self.weights is not None:
+                raise ValueError(f"model.factory ({self.factory}) builds its own module; model.weights ({self.weights}) is for torchvision builders: use model.checkpoint")
         return self
 
 

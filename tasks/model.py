@@ -4,36 +4,46 @@ One :class:`LoadedModel` carries the module, its eval transform (:class:`Preproc
 class names and its fingerprint (``model_id``), like torchvision's ``Weights`` objects do, so
 scoring code can never pair a model with the wrong transform or label list.
 
-Checkpoint forms accepted (``model.checkpoint``):
-- a plain ``state_dict``;
-- a training-checkpoint dict with the weights under ``model_state_dict``, ``state_dict``,
-  ``model``, ``model_state`` or ``net``, next to optimizer state, numpy scalars and argparse
-  namespaces (those types are allow-listed for ``torch.load(weights_only=True)``); an optional
-  ``classes`` list in the dict names the classes;
-- keys prefixed ``module.`` (DataParallel/DDP) and/or ``_orig_mod.`` (torch.compile), in any
-  stacking — stripped only when every key carries the prefix;
-- a TorchScript archive (``torch.jit.save``);
-- a whole pickled module (``torch.save(model)``) — only with ``model.trust_checkpoint=true``,
-  since unpickling runs code from the file.
+What a checkpoint file may hold, and how it is read, is in :mod:`imgscore.tasks.checkpoint`
+(safetensors, TorchScript, ``torch.save`` state_dicts and training-checkpoint dicts, pickled
+modules only when trusted). Here the weights meet a module:
+
+- the module is torchvision's builder for ``model.arch`` (its head sized from the checkpoint), or
+  whatever ``model.factory`` (``"package.module:function"``) returns;
+- a uniform key prefix (``module.``, ``_orig_mod.``, Lightning's ``model.``, ``net.``, …,
+  stacked) is stripped when that makes the keys fit the module
+  (:func:`imgscore.tasks.checkpoint.strip_prefix`);
+- the weights load strictly: accepted exactly when ``load_state_dict(strict=True)`` accepts them
+  (so BatchNorm ``num_batches_tracked`` may be absent from pre-0.4 files, as PyTorch allows);
+  anything else is refused with the file described and the one fix that applies (a replaced
+  head → ``model.factory`` or TorchScript; another architecture → the ``model.arch`` that fits).
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
+import functools
+import importlib
 import logging
 import os
-import pickle
+import re
+import sys
 import threading
-import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
 
+from imgscore.tasks.checkpoint import (
+    Checkpoint,
+    first_components,
+    matching_group,
+    read_checkpoint,
+    strip_prefix,
+)
 from imgscore.tasks.config import ModelConfig, PreprocessConfig
 from imgscore.tasks.errors import ModelError
 from imgscore.tasks.preprocess import (
@@ -44,19 +54,6 @@ from imgscore.tasks.preprocess import (
     PreprocessSpec,
 )
 from imgscore.tasks.scan import sha256_of_file
-
-# Keys under which common training scripts (torchvision references, Lightning-style loops,
-# timm, hand-written ones) keep the weights in a checkpoint dict, in the order we look.
-STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "model_state", "net")
-PREFIXES = ("module.", "_orig_mod.")
-
-
-def _safe_globals() -> list:
-    """Types a training checkpoint commonly holds besides tensors, allowed for weights_only loads."""
-    core = getattr(np, "_core", None) or np.core
-    allowed: list = [argparse.Namespace, core.multiarray.scalar, np.dtype]
-    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return allowed
 
 
 @dataclass
@@ -69,7 +66,7 @@ class LoadedModel:
     model_id: str  # sha256 hex of the checkpoint (or weights) file
     preprocess: PreprocessSpec
     device: torch.device
-    source: str  # state_dict | training_checkpoint | torchscript | pickled_module | torchvision_weights
+    source: str  # state_dict | training_checkpoint | safetensors | torchscript | pickled_module | torchvision_weights
 
     @property
     def num_classes(self) -> int:
@@ -153,27 +150,6 @@ def check_arch(arch: str) -> None:
         )
 
 
-def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove ``module.`` / ``_orig_mod.`` prefixes, repeatedly, while every key has one."""
-    sd = dict(state_dict)
-    changed = True
-    while changed and sd:
-        changed = False
-        for p in PREFIXES:
-            if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
-                changed = True
-    return sd
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
 def _read_classes(spec: Path | list[str] | None) -> list[str] | None:
     if spec is None:
         return None
@@ -185,108 +161,212 @@ def _read_classes(spec: Path | list[str] | None) -> list[str] | None:
     return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _head_size(arch: str, sd: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes the checkpoint's head was trained for.
+def _build_arch(arch: str, num_classes: int | None = None, meta: bool = True) -> nn.Module:
+    """``torchvision.models.get_model(arch)`` (with ``num_classes`` when given), on the meta device
+    when ``meta`` (no memory, no random init) unless the builder computes with tensors while
+    building (regnet sizes its blocks with torch ops), which is built on the CPU instead."""
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    if meta:
+        try:
+            with torch.device("meta"):
+                return torchvision.models.get_model(arch, **kw)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return torchvision.models.get_model(arch, **kw)
 
-    Builds ``arch`` on the meta device (no memory, no init cost), finds the last entry of its
-    default 1000-class state_dict whose first dimension is 1000 (the classifier), and reads that
-    entry's size from ``sd``.
-    """
-    with torch.device("meta"):
-        ref = torchvision.models.get_model(arch)
-    head_keys = [k for k, v in ref.state_dict().items() if v.ndim >= 1 and v.shape[0] == 1000]
-    for k in reversed(head_keys):
+
+@functools.lru_cache(maxsize=64)
+def _reference_shapes(arch: str, meta_only: bool = False) -> dict[str, tuple[int, ...]] | None:
+    """Key → shape of torchvision's default (1000-class) ``arch``; None when ``meta_only`` and it
+    cannot be built on the meta device."""
+    if meta_only:
+        try:
+            with torch.device("meta"):
+                module = torchvision.models.get_model(arch)
+        except (NotImplementedError, RuntimeError):
+            return None
+    else:
+        module = _build_arch(arch)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _head_keys(ref: dict[str, tuple[int, ...]]) -> list[str]:
+    """The classifier's entries in a default 1000-class build: first dimension 1000."""
+    return [k for k, shape in ref.items() if len(shape) >= 1 and shape[0] == 1000]
+
+
+def _head_size(ref: dict[str, tuple[int, ...]], sd: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes the checkpoint's head was trained for: the size of the last classifier
+    entry of the architecture (``ref``, :func:`_reference_shapes`) as ``sd`` holds it."""
+    for k in reversed(_head_keys(ref)):
         if k in sd and hasattr(sd[k], "shape") and len(sd[k].shape) >= 1:
             return int(sd[k].shape[0])
     return None
 
 
-def _load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+def _guess_arch(arch: str, sd: dict[str, torch.Tensor]) -> str | None:
+    """A torchvision architecture of ``arch``'s family (same leading letters: resnet18 … resnet152)
+    whose keys and shapes, the head's size aside, are exactly ``sd``'s; None when none is.
+    Only families that build on the meta device are tried (no memory, about 0.1 s a build)."""
+    family = re.match(r"[a-z]+", arch)
+    if family is None:
+        return None
+    names = [n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(family.group()) and n != arch]
+    for name in names[:16]:
+        ref = _reference_shapes(name, meta_only=True)
+        if ref is None or set(ref) != set(sd):
+            continue
+        head = set(_head_keys(ref))
+        if all(k in head or tuple(getattr(sd[k], "shape", ())) == shape for k, shape in ref.items()):
+            return name
+    return None
+
+
+def _cast_like(sd, own: dict[str, torch.Tensor]):
+    """``sd`` with floating tensors cast to the dtype ``own`` declares for them (what copying into
+    an initialised module gives), keeping ``_metadata`` (module versions) for the load."""
+    out = OrderedDict(
+        (k, v.to(own[k].dtype) if k in own and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != own[k].dtype else v)
+        for k, v in sd.items()
+    )
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        out._metadata = meta
+    return out
+
+
+def _load_strict(module: nn.Module, sd, ck: Checkpoint, target: str, arch: str | None) -> None:
+    """Load ``sd`` into ``module`` exactly when ``module.load_state_dict(sd, strict=True)`` would
+    accept it (missing BatchNorm ``num_batches_tracked`` of pre-0.4 files included); modules on
+    the meta device take the tensors (``assign=True``), cast to their declared dtype.
+
+    Raises:
+        ModelError: missing, unexpected or mis-shaped keys, with the file described and the fix
+            (:func:`_mismatch_error`).
+    """
     own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
     mismatched = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
         if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
-        raise ModelError(
-            f"{where} does not match model.arch: {'; '.join(parts)}. "
-            "Check model.arch (and model.num_classes); a partial load would score with random weights"
+    if mismatched:  # load_state_dict would raise on these; list keys the way it would
+        legacy = getattr(sd, "_metadata", None) is None
+        missing = [k for k in own if k not in sd and not (legacy and k.endswith("num_batches_tracked"))]
+        unexpected = [k for k in sd if k not in own]
+    else:
+        assign = any(t.is_meta for t in own.values())
+        result = module.load_state_dict(_cast_like(sd, own) if assign else sd, strict=False, assign=assign)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        if not missing and not unexpected:
+            return
+    raise _mismatch_error(ck, sd, set(own), target, arch, missing, unexpected, mismatched)
+
+
+def _mismatch_error(ck: Checkpoint, sd, expected: set[str], target: str, arch: str | None,
+                    missing: list[str], unexpected: list[str], mismatched: list[str]) -> ModelError:
+    """The refusal for weights that do not fit: what differs, and the one fix that applies."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+    groups = ", ".join(f"{p} ({n})" for p, n in first_components(sd).most_common(5))
+    problem = f"its weights do not fit {target}: {'; '.join(parts)}; checkpoint keys by first name: {groups}"
+    random = "; a partial load would score with random weights"
+    differing = [*missing, *unexpected, *(m.split(":", 1)[0] for m in mismatched)]
+    heads = {k.split(".", 1)[0] for k in _head_keys(_reference_shapes(arch))} if arch else set()
+    group = matching_group(ck.state_dict, expected)
+    if heads and differing and all(k.split(".", 1)[0] in heads for k in differing) and unexpected:
+        head = sorted(heads)[0]
+        return ck.refuse(
+            f"its classifier head ({head}) is not {arch}'s: {arch} has {', '.join(missing[:4]) or '-'}, the checkpoint has "
+            f"{', '.join(unexpected[:4])} (a replaced head, such as nn.Sequential(nn.Dropout(p), nn.Linear(...)))",
+            "Build that module in code and set model.factory: 'package.module:function' to it (README, 'Custom "
+            "architectures'), or save the model as TorchScript (torch.jit.script(model).save(path)) and point "
+            "model.checkpoint at that file",
         )
-    if not any(t.is_meta for t in own.values()):
-        module.load_state_dict(sd, strict=True)
-        return
-    # Built on the meta device (no random init): take the checkpoint's tensors as they are, cast
-    # to the dtype the module declares — what copying into an initialised module would give.
-    sd = {k: (v.to(own[k].dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != own[k].dtype else v) for k, v in sd.items()}
-    module.load_state_dict(sd, strict=True, assign=True)
+    if group is not None:
+        return ck.refuse(
+            f"its keys are not all under one prefix ({groups}); the keys under {group!r} alone fit {target}",
+            f"Save those alone and point model.checkpoint at the new file: torch.save({{k.removeprefix({group!r}): v "
+            f"for k, v in sd.items() if k.startswith({group!r})}}, 'weights.pt')",
+        )
+    if arch is None:
+        return ck.refuse(problem + random, "Make model.factory build the architecture this checkpoint was trained with")
+    guess = _guess_arch(arch, sd)
+    if guess is not None:
+        return ck.refuse(problem + random, f"Its keys and shapes are torchvision's {guess}: set model.arch={guess}")
+    return ck.refuse(
+        problem + random,
+        "Check model.arch (and model.num_classes): set it to the architecture the checkpoint was trained with, or "
+        "set model.factory ('package.module:function') for one torchvision does not build",
+    )
 
 
-def _build_from_state_dict(arch: str, n: int, sd: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """``torchvision.models.get_model(arch, num_classes=n)`` holding ``sd``'s weights.
+def _build_from_state_dict(arch: str, num_classes: int | None, ck: Checkpoint) -> tuple[nn.Module, int]:
+    """``torchvision.models.get_model(arch, num_classes=n)`` holding the checkpoint's weights;
+    ``n`` is read from the checkpoint's head (or ``num_classes``, which must agree).
 
     Built on the meta device, so torchvision's random initialisation of weights that the checkpoint
     replaces anyway is skipped: resnet50's build and load took 0.33-0.38 s, now 0.09-0.11 s on
-    this 2-core machine, with identical logits. A module
-    that would keep any meta tensor after the load (a buffer the checkpoint does not carry) is
-    built again the ordinary way.
+    this 2-core machine, with identical logits. A module that would keep any meta tensor after
+    the load (a buffer the checkpoint does not carry) is built again the ordinary way.
 
     Raises:
-        ModelError: missing, unexpected or mis-shaped keys (:func:`_load_state_dict_strict`).
+        ModelError: a head size other than ``num_classes``; weights that do not fit
+            (:func:`_load_strict`).
     """
-    with torch.device("meta"):
-        module = torchvision.models.get_model(arch, num_classes=n)
-    _load_state_dict_strict(module, sd, where)
+    ref = _reference_shapes(arch)
+    sd, ck.prefix = strip_prefix(ck.state_dict, set(ref))
+    n = _head_size(ref, sd)
+    if n is None:  # keys of another arch: the strict load below lists what differs
+        n = num_classes or 1000
+    elif num_classes is not None and num_classes != n:
+        raise ck.refuse(f"model.num_classes={num_classes} but the checkpoint's head has {n} classes", "Unset model.num_classes, or set it to " + str(n))
+    module = _build_arch(arch, n)
+    _load_strict(module, sd, ck, arch, arch)
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
-        module = torchvision.models.get_model(arch, num_classes=n)
-        _load_state_dict_strict(module, sd, where)
-    return module
+        module = _build_arch(arch, n, meta=False)
+        _load_strict(module, sd, ck, arch, arch)
+    return module, n
 
 
-def _torch_load(path: Path, trust: bool):
-    """``torch.load`` with weights_only=True and the allow-list; full unpickling only if trusted."""
+def call_factory(spec: str) -> nn.Module:
+    """Import ``"package.module:function"`` (``model.factory``), call it with no arguments and
+    return the ``nn.Module`` it builds.
+
+    Raises:
+        ModelError: the module cannot be imported, has no such function, the call raises, or it
+            returns something other than an ``nn.Module``.
+    """
+    mod_name, _, fn_name = spec.partition(":")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:
-            names = []
-        with open(path, "rb") as f:
-            legacy_pickle = f.read(1) == b"\x80"  # torch.save(..., _use_new_zipfile_serialization=False)
-        if not names and not zipfile.is_zipfile(path) and not legacy_pickle:
-            # Not pickled objects at all (a text file, a truncated legacy file): never advise trust.
-            raise ModelError(
-                f"model.checkpoint {str(path)!r} is not a readable PyTorch file ({str(exc).splitlines()[-1][:120]}); "
-                "point model.checkpoint at a file written by torch.save or torch.jit.save"
-            ) from None
-        if trust:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as exc2:
-                raise ModelError(
-                    f"model.checkpoint {str(path)!r} could not be unpickled even with model.trust_checkpoint=true: "
-                    f"{type(exc2).__name__}: {exc2}"
-                ) from None
-        names = sorted(names, key=lambda n: (n.startswith(("torch.", "collections.", "builtins.")), n))
-        what = ", ".join(names[:5]) + (", …" if len(names) > 5 else "") if names else str(exc).splitlines()[0][:200]
+        mod = importlib.import_module(mod_name.strip())
+    except ImportError as exc:
+        hint = ""
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            hint = " (the current folder is not on sys.path: run with PYTHONPATH=. or install the package)"
         raise ModelError(
-            f"model.checkpoint {str(path)!r} holds pickled Python objects ({what}); loading it runs code "
-            "from the file. Set model.trust_checkpoint=true if you trust this file, or re-save it as "
-            "a state_dict: torch.save(model.state_dict(), path)"
+            f"model.factory {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc}){hint}; the module must be "
+            "importable on every machine that scores"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"model.checkpoint {str(path)!r} is not a readable PyTorch file: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        raise ModelError(f"model.factory {spec!r}: importing {mod_name!r} raised {type(exc).__name__}: {exc}") from None
+    fn = getattr(mod, fn_name.strip(), None)
+    if not callable(fn):
+        close = difflib.get_close_matches(fn_name, [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"model.factory {spec!r}: {mod_name} has no function {fn_name!r}{hint}")
+    try:
+        module = fn()
+    except Exception as exc:
+        raise ModelError(f"model.factory {spec!r} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model.factory {spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
+    return module
 
 
 def _resolve_preprocess(cfg: PreprocessConfig, base: dict | None) -> PreprocessSpec:
@@ -322,6 +402,8 @@ def _weights_file(arch: str, name: str):
 
 
 def _probe_num_classes(module: nn.Module, crop: int) -> int:
+    """Output size of ``module`` (put in eval mode) for one zero image of ``crop`` pixels."""
+    module.eval()
     with torch.inference_mode():
         out = module(torch.zeros(1, 3, crop, crop))
     if isinstance(out, (tuple, list)):
@@ -330,7 +412,8 @@ def _probe_num_classes(module: nn.Module, crop: int) -> int:
 
 
 def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
-    check_arch(cfg.arch)
+    if cfg.factory is None:
+        check_arch(cfg.arch)
     cfg_classes = _read_classes(cfg.classes)
 
     if cfg.weights is not None:
@@ -364,56 +447,35 @@ def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
     path = Path(cfg.checkpoint)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ModelError(f"model.checkpoint {str(path)!r} {what}; point it at a local .pt/.pth file")
+        raise ModelError(f"model.checkpoint {str(path)!r} {what}; point it at a local checkpoint file (.pt, .pth, .ckpt, .safetensors)")
     model_id = file_sha256(path)
     spec = _resolve_preprocess(pre, None)
+    ck = read_checkpoint(path, cfg.trust_checkpoint)
 
-    if _is_torchscript(path):
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise ModelError(f"model.checkpoint {str(path)!r} is a TorchScript archive that failed to load: {exc}") from None
+    if ck.module is not None:  # TorchScript, or a trusted pickled module
+        if cfg.factory is not None:
+            raise ck.refuse(f"model.factory ({cfg.factory}) is set, but this file carries its own module", "Unset model.factory")
+        module = ck.module
         n = _probe_num_classes(module, spec.crop)
-        source = "torchscript"
-        ckpt_classes = None
+    elif cfg.factory is not None:
+        module = call_factory(cfg.factory)
+        sd, ck.prefix = strip_prefix(ck.state_dict, set(module.state_dict()))
+        _load_strict(module, sd, ck, f"the module model.factory ({cfg.factory}) returns", None)
+        n = _probe_num_classes(module, spec.crop)
+        if cfg.num_classes is not None and cfg.num_classes != n:
+            raise ck.refuse(f"model.num_classes={cfg.num_classes} but the module model.factory returns has {n} outputs", f"Unset model.num_classes, or set it to {n}")
     else:
-        obj = _torch_load(path, cfg.trust_checkpoint)
-        ckpt_classes = None
-        source = "state_dict"
-        if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            key = next((k for k in STATE_DICT_KEYS if k in obj), None)
-            if key is None:
-                raise ModelError(
-                    f"model.checkpoint {str(path)!r} is a dict without weights: no key among "
-                    f"{', '.join(STATE_DICT_KEYS)} (found: {', '.join(map(str, list(obj)[:10]))})"
-                )
-            c = obj.get("classes")
-            if isinstance(c, (list, tuple)) and all(isinstance(x, str) for x in c):
-                ckpt_classes = list(c)
-            obj = obj[key]
-            source = "training_checkpoint"
-        if isinstance(obj, nn.Module):  # only reachable when trusted
-            module = obj
-            n = _probe_num_classes(module, spec.crop)
-            source = "pickled_module"
-        elif isinstance(obj, dict):
-            sd = strip_prefixes(obj)
-            n = _head_size(cfg.arch, sd)
-            if n is None:  # keys of another arch: the strict load below lists what differs
-                n = cfg.num_classes or 1000
-            elif cfg.num_classes is not None and cfg.num_classes != n:
-                raise ModelError(f"model.num_classes={cfg.num_classes} but the checkpoint's head has {n} classes")
-            module = _build_from_state_dict(cfg.arch, n, sd, f"model.checkpoint {str(path)!r}")
-        else:
-            raise ModelError(f"model.checkpoint {str(path)!r} holds a {type(obj).__name__}, not weights")
+        module, n = _build_from_state_dict(cfg.arch, cfg.num_classes, ck)
 
-    classes = cfg_classes or ckpt_classes or [str(i) for i in range(n)]
+    classes = cfg_classes or ck.classes or [str(i) for i in range(n)]
     if len(classes) != n:
+        if cfg_classes is None:
+            raise ck.refuse(f"it names {len(classes)} classes but the model has {n} outputs", "Set model.classes to one name per output, in output order")
         raise ModelError(
             f"model.classes has {len(classes)} names but the model has {n} outputs; "
             "give one class name per output, in output order"
         )
-    return LoadedModel(module, cfg.arch, classes, model_id, spec, torch.device("cpu"), source)
+    return LoadedModel(module, cfg.factory or cfg.arch, classes, model_id, spec, torch.device("cpu"), ck.kind)
 
 
 def load_model(cfg: ModelConfig, pre: PreprocessConfig, device: torch.device, channels_last: bool = True) -> LoadedModel:

@@ -10,7 +10,8 @@ import torchvision
 
 from imgscore.tasks.config import ModelConfig, PreprocessConfig
 from imgscore.tasks.errors import ModelError
-from imgscore.tasks.model import load_model, strip_prefixes
+from imgscore.tasks.checkpoint import strip_prefix
+from imgscore.tasks.model import load_model
 from tests.conftest import save_as_if_cuda
 
 CPU = torch.device("cpu")
@@ -149,10 +150,12 @@ def test_missing_checkpoint_file(tmp_path):
         _load(tmp_path / "nope.pt")
 
 
-def test_strip_prefixes_only_when_every_key_has_it():
+def test_strip_prefix_only_when_every_key_has_it_and_it_fits():
     sd = {"module.a": 1, "b": 2}
-    assert strip_prefixes(sd) == sd
-    assert strip_prefixes({"_orig_mod.module.a": 1, "_orig_mod.module.b": 2}) == {"a": 1, "b": 2}
+    assert strip_prefix(sd, {"a", "b"}) == (sd, "")  # not every key has it: never stripped from some
+    assert strip_prefix({"_orig_mod.module.a": 1, "_orig_mod.module.b": 2}, {"a", "b"}) == ({"a": 1, "b": 2}, "_orig_mod.module.")
+    assert strip_prefix({"model.net.a": 1, "model.net.b": 2}, {"net.a", "net.b"}) == ({"net.a": 1, "net.b": 2}, "model.")
+    assert strip_prefix({"x.a": 1}, {"y"}) == ({"x.a": 1}, "")  # nothing fits: left as it is for the refusal
 
 
 def test_torchvision_weights_from_local_hub_cache(tmp_path, monkeypatch):
@@ -172,9 +175,10 @@ def test_torchvision_weights_from_local_hub_cache(tmp_path, monkeypatch):
     assert load_model(cfg, PreprocessConfig(), CPU) is lm  # cached: loaded once per process
 
 
-def test_non_pytorch_file_is_not_called_pickled(tmp_path):
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"hello world this is not", bytes(range(256)) * 4, b"PK\x03\x04" + bytes(100)])
+def test_non_pytorch_file_is_not_called_pickled(tmp_path, content):
     p = tmp_path / "garbage.pt"
-    p.write_text("not a checkpoint\n")
+    p.write_bytes(content)
     for trust in (False, True):
         with pytest.raises(ModelError, match=r"is not a readable PyTorch file") as info:
             _load(p, trust_checkpoint=trust)

@@ -1,0 +1,336 @@
+"""Checkpoints people actually have (issue 12): PyTorch Lightning, any uniform key prefix, pre-0.4
+state dicts, safetensors (by content), class names as class_to_idx/idx_to_class, replaced heads
+with ``model.factory`` — each loads to the same function as the model it was saved from, or is
+refused with the file described and the one fix that applies.
+
+Every file is written in the test from a seeded model; "same function" is checked as logits
+within float tolerance of the source model's on the same input, on the same CPU path, which
+holds by construction (the same weights in the same architecture).
+"""
+
+import json
+import sys
+import textwrap
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from imgscore.tasks.checkpoint import is_safetensors, read_checkpoint
+from imgscore.tasks.config import ModelConfig, PreprocessConfig
+from imgscore.tasks.errors import ModelError
+from imgscore.tasks.model import clear_model_cache, load_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_model_cache()
+    yield
+    clear_model_cache()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _load(path, **kw):
+    return load_model(ModelConfig(arch=kw.pop("arch", "mobilenet_v3_small"), checkpoint=path, **kw), PreprocessConfig(), CPU, channels_last=False)
+
+
+def _same_function(lm, model: nn.Module, x) -> None:
+    with torch.inference_mode():
+        torch.testing.assert_close(lm.module(x), model.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def _prefixed(sd, prefix):
+    out = OrderedDict((prefix + k, v) for k, v in sd.items())
+    return out
+
+
+def lightning_checkpoint(state_dict, prefix="model.", hyper_parameters=None, extra=None) -> dict:
+    """What ``Trainer.save_checkpoint`` writes for a LightningModule holding the network as
+    ``self.model`` (keys from pytorch_lightning 2.x's _dump_checkpoint, plain types only)."""
+    sd = _prefixed(state_dict, prefix)
+    sd.update(extra or {})
+    return {
+        "epoch": 7,
+        "global_step": 840,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": sd,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 8, "completed": 7}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.31), "dirpath": "/ckpt"}},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.01, "momentum": 0.9, "params": [0, 1]}]}],
+        "lr_schedulers": [],
+        "hparams_name": "kwargs",
+        "hyper_parameters": hyper_parameters or {"lr": 0.01, "num_classes": 3},
+    }
+
+
+# ------------------------------------------------------------------------------------ Lightning and prefixes
+
+
+def test_lightning_checkpoint_loads_with_its_class_names(tiny_model, x, tmp_path):
+    p = tmp_path / "epoch=7-step=840.ckpt"
+    torch.save(lightning_checkpoint(tiny_model.state_dict(), hyper_parameters={"lr": 0.01, "classes": ["cat", "dog", "fox"]}), p)
+    lm = _load(p)
+    assert lm.source == "training_checkpoint" and lm.classes == ["cat", "dog", "fox"]
+    _same_function(lm, tiny_model, x)
+
+
+@pytest.mark.parametrize("prefix", ["model.", "net.", "backbone.", "module.", "_orig_mod.", "model._orig_mod.", "net.module."])
+def test_any_uniform_prefix_is_stripped_when_the_rest_fits(prefix, tiny_model, x, tmp_path):
+    p = tmp_path / "sd.pt"
+    torch.save(_prefixed(tiny_model.state_dict(), prefix), p)
+    _same_function(_load(p), tiny_model, x)
+    assert read_checkpoint(p).state_dict is not None
+
+
+def test_prefix_on_only_some_keys_is_refused_naming_the_group_that_fits(tiny_model, tmp_path):
+    """A LightningModule holding a loss with a weight buffer beside the network: ``model.`` is on
+    most keys, not all. Never stripped from some; the message says which keys fit and how to save them."""
+    p = tmp_path / "with_loss.ckpt"
+    torch.save(lightning_checkpoint(tiny_model.state_dict(), extra={"criterion.weight": torch.ones(3)}), p)
+    with pytest.raises(ModelError) as info:
+        _load(p)
+    msg = str(info.value)
+    assert "PyTorch zip archive holding a dict with keys epoch, global_step, pytorch-lightning_version, state_dict" in msg
+    assert "under 'state_dict'" in msg
+    assert "the keys under 'model.' alone fit mobilenet_v3_small" in msg and "criterion. (1)" in msg
+    assert "k.removeprefix('model.')" in msg
+
+
+# ------------------------------------------------------------------------------------ pre-0.4 state dicts
+
+
+def _without_num_batches_tracked(sd, keep_metadata: bool):
+    out = OrderedDict((k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+    if keep_metadata:
+        out._metadata = sd._metadata
+    return out
+
+
+def test_state_dict_without_num_batches_tracked_loads_exactly_when_pytorch_accepts_it(x, tmp_path):
+    """torch <= 0.3 state dicts carry no BatchNorm ``num_batches_tracked`` and no ``_metadata``;
+    PyTorch's strict load accepts them (the module version is unknown). The same keys with
+    ``_metadata`` saying version 2 are refused by PyTorch. We decide as PyTorch does, by
+    construction: the load is PyTorch's own, and the answer is compared with a plain model's."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    decisions = {}
+    for keep_metadata in (False, True):
+        sd = _without_num_batches_tracked(model.state_dict(), keep_metadata)
+        assert sum(k.endswith("num_batches_tracked") for k in model.state_dict()) == 20
+        p = tmp_path / f"old_{keep_metadata}.pth"
+        torch.save(sd, p)
+        try:
+            torchvision.models.resnet18(num_classes=4).load_state_dict(torch.load(p, weights_only=True), strict=True)
+            pytorch_accepts = True
+        except RuntimeError:
+            pytorch_accepts = False
+        try:
+            lm = _load(p, arch="resnet18")
+            ours = True
+        except ModelError as exc:
+            assert "20 missing keys (e.g. bn1.num_batches_tracked" in str(exc)
+            ours = False
+        decisions[keep_metadata] = (ours, pytorch_accepts)
+        if ours:
+            _same_function(lm, model, x)
+            buffers = dict(lm.module.named_buffers())
+            assert not any(t.is_meta for t in (*lm.module.parameters(), *buffers.values()))  # built on meta, nothing left there
+            assert int(buffers["bn1.num_batches_tracked"]) == 0
+    assert decisions == {False: (True, True), True: (False, False)}
+
+
+# ------------------------------------------------------------------------------------ safetensors
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin", "weights.pt"])
+def test_safetensors_by_content_with_class_names_from_metadata(name, tiny_model, x, tmp_path):
+    p = tmp_path / name
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p), metadata={"format": "pt", "classes": json.dumps(["a", "b", "c"])})
+    assert is_safetensors(p)
+    lm = _load(p)
+    assert lm.source == "safetensors" and lm.classes == ["a", "b", "c"]
+    _same_function(lm, tiny_model, x)
+
+
+def test_safetensors_reads_no_pickle(tiny_model, tmp_path, monkeypatch):
+    """Read with safetensors alone: torch.load (the pickle path) is never called."""
+    p = tmp_path / "w.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p), metadata={"class_to_idx": json.dumps({"b": 1, "a": 0, "c": 2})})
+
+    def no_pickle(*a, **k):
+        raise AssertionError("torch.load called for a safetensors file")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    lm = _load(p)
+    assert lm.classes == ["a", "b", "c"]
+
+
+def test_truncated_safetensors_is_named_as_such(tiny_model, tmp_path):
+    p = tmp_path / "cut.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"is a safetensors file that cannot be read .*copy it again"):
+        _load(p)
+
+
+# ------------------------------------------------------------------------------------ class names
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"class_to_idx": {"fox": 2, "cat": 0, "dog": 1}}, ["cat", "dog", "fox"]),
+        ({"idx_to_class": {0: "cat", 1: "dog", 2: "fox"}}, ["cat", "dog", "fox"]),
+        ({"idx_to_class": {"0": "cat", "1": "dog", "2": "fox"}}, ["cat", "dog", "fox"]),
+        ({"classes": ["cat", "dog", "fox"], "class_to_idx": {"cat": 0, "dog": 1, "fox": 2}}, ["cat", "dog", "fox"]),
+    ],
+)
+def test_class_names_from_class_to_idx_and_idx_to_class(extra, expected, tiny_model, tmp_path):
+    p = tmp_path / "ckpt.pth"
+    torch.save({"model_state_dict": tiny_model.state_dict(), "epoch": 3, **extra}, p)
+    lm = _load(p)
+    assert lm.classes == expected
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"classes": ["a", "b", "c"], "class_to_idx": {"a": 0, "c": 1, "b": 2}}, r"names its classes twice and the lists disagree"),
+        ({"class_to_idx": {"a": 0, "b": 2, "c": 5}}, r"does not number the classes 0..2"),
+        ({"class_to_idx": {"a": 0, "b": 1}}, r"it names 2 classes but the model has 3 outputs"),
+    ],
+)
+def test_unusable_class_names_are_refused_not_dropped(extra, match, tiny_model, tmp_path):
+    p = tmp_path / "ckpt.pth"
+    torch.save({"model": tiny_model.state_dict(), **extra}, p)
+    with pytest.raises(ModelError, match=match):
+        _load(p)
+
+
+# ------------------------------------------------------------------------------------ replaced heads and model.factory
+
+FACTORY_MODULE = '''
+import torchvision
+from torch import nn
+
+
+def resnet18_dropout():
+    m = torchvision.models.resnet18()
+    m.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 2))
+    return m
+
+
+def not_a_module():
+    return 42
+
+
+def broken():
+    raise RuntimeError("needs a GPU")
+'''
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    """A user module ``heads_for_tests`` on sys.path, as PYTHONPATH=. would make it."""
+    (tmp_path / "heads_for_tests.py").write_text(textwrap.dedent(FACTORY_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "heads_for_tests"
+    sys.modules.pop("heads_for_tests", None)
+
+
+@pytest.fixture(scope="module")
+def dropout_head_model() -> nn.Module:
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18()
+    m.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 2))
+    return m.eval()
+
+
+def test_replaced_head_is_named_and_points_at_factory(dropout_head_model, tmp_path):
+    p = tmp_path / "finetuned.pth"
+    torch.save(dropout_head_model.state_dict(), p)
+    with pytest.raises(ModelError) as info:
+        _load(p, arch="resnet18")
+    msg = str(info.value)
+    assert "holding a plain state_dict of 122 tensors" in msg
+    assert "classifier head (fc) is not resnet18's: resnet18 has fc.weight, fc.bias, the checkpoint has fc.1.weight, fc.1.bias" in msg
+    assert "model.factory" in msg and "TorchScript" in msg and "Check model.arch" not in msg
+
+
+def test_factory_builds_the_module_and_the_checkpoint_loads_strictly(factory_module, dropout_head_model, x, tmp_path):
+    p = tmp_path / "finetuned.pth"
+    torch.save({"state_dict": _prefixed(dropout_head_model.state_dict(), "model."), "class_to_idx": {"cat": 0, "dog": 1}}, p)
+    lm = _load(p, factory=f"{factory_module}:resnet18_dropout")
+    assert lm.arch == f"{factory_module}:resnet18_dropout" and lm.classes == ["cat", "dog"] and lm.num_classes == 2
+    assert not lm.module.training
+    _same_function(lm, dropout_head_model, x)
+
+
+def test_factory_refusals_name_the_fix(factory_module, tiny_model, tmp_path):
+    p = tmp_path / "sd.pth"
+    torch.save(tiny_model.state_dict(), p)
+    with pytest.raises(ModelError, match=r"cannot import 'no_such_pkg_xyz' .*importable on every machine"):
+        _load(p, factory="no_such_pkg_xyz:build")
+    with pytest.raises(ModelError, match=r"has no function 'resnet18_dropot'; did you mean resnet18_dropout"):
+        _load(p, factory=f"{factory_module}:resnet18_dropot")
+    with pytest.raises(ModelError, match=r"returned a int, not a torch.nn.Module"):
+        _load(p, factory=f"{factory_module}:not_a_module")
+    with pytest.raises(ModelError, match=r"raised RuntimeError: needs a GPU"):
+        _load(p, factory=f"{factory_module}:broken")
+    with pytest.raises(ModelError, match=r"do not fit the module model.factory .* returns.*Make model.factory build the architecture"):
+        _load(p, factory=f"{factory_module}:resnet18_dropout")  # mobilenet weights, resnet module
+
+
+def test_factory_setting_is_checked(tmp_path):
+    from imgscore.tasks.config import build_config
+    from imgscore.tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.factory 'heads.build' is not 'package.module:function'"):
+        build_config({"model": {"factory": "heads.build"}})
+
+
+# ------------------------------------------------------------------------------------ messages and other archs
+
+
+def test_wrong_arch_in_the_family_is_named(tmp_path):
+    torch.manual_seed(0)
+    p = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), p)
+    with pytest.raises(ModelError, match=r"weights do not fit resnet34: .*Its keys and shapes are torchvision's resnet18: set model.arch=resnet18"):
+        _load(p, arch="resnet34")
+
+
+def test_builders_that_cannot_build_on_meta_still_load(x, tmp_path):
+    """regnet computes its widths with tensors while building, which the meta device refuses."""
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_x_400mf(num_classes=3).eval()
+    p = tmp_path / "regnet.pth"
+    torch.save(model.state_dict(), p)
+    _same_function(_load(p, arch="regnet_x_400mf"), model, x)
+
+
+def test_torchscript_loads_without_the_deprecation_warning(tiny_model, x, tmp_path):
+    p = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(tiny_model, x[:1]), str(p))
+    with warnings.catch_warnings(record=True) as direct:
+        warnings.simplefilter("always")
+        torch.jit.load(str(p))
+    assert any("torch.jit.load` is deprecated" in str(w.message) for w in direct)  # what users saw
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        lm = _load(p)
+    assert lm.source == "torchscript"
+    assert not [str(w.message) for w in ours if "deprecated" in str(w.message)]
