@@ -59,13 +59,15 @@ def publish_run_report(out_root: str | Path, run_id: str, flow_name: str | None 
     try:
         report = rp.build_report(out_root, run_id)
     except Exception as exc:
-        log.warning("run report for %s not written: %s: %s", run_id, type(exc).__name__, exc, exc_info=True)
+        log.warning("run report for %s not written: %s", run_id, rp.one_line(exc))
+        log.debug("run report for %s", run_id, exc_info=True)
         return None
     path: str | None = None
     try:
         path = str(rp.write_html_report(report, out_root))
     except Exception as exc:
-        log.warning("report.html for %s not written: %s: %s", run_id, type(exc).__name__, exc, exc_info=True)
+        log.warning("report.html for %s not written: %s", run_id, rp.one_line(exc))
+        log.debug("report.html for %s", run_id, exc_info=True)
     if artifacts and _in_run():
         try:
             from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -77,7 +79,7 @@ def publish_run_report(out_root: str | Path, run_id: str, flow_name: str | None 
                 rp.markdown_summary(report, path), key=rp.artifact_key(flow_name, "report"), description=f"imgscore run {run_id}"
             )
         except Exception as exc:
-            log.warning("Prefect artifacts for %s not created: %s: %s", run_id, type(exc).__name__, exc)
+            log.warning("Prefect artifacts for %s not created: %s", run_id, rp.one_line(exc))
     return path
 
 

@@ -21,6 +21,8 @@ def print_report(report: dict, console) -> None:
     """
     from rich.table import Table
 
+    from imgscore.tasks.report import normalization_note, per_class_lookup
+
     r = report
     c = r["counts"]
     t = r["timing"]
@@ -44,12 +46,14 @@ def print_report(report: dict, console) -> None:
         rows.append(("accuracy", f"n/a: {acc['reason']} ({acc['labelled']} labelled)"))
     elif acc:
         rows.append(("accuracy", f"{acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']}, matched by {acc['matched_by']})"))
+        if normalization_note(acc):
+            rows.append(("note", normalization_note(acc)))
     rows.append(("report", r["outputs"].get("report")))
     for k, v in rows:
         head.add_row(k, "-" if v is None else str(v))
     console.print(head)
 
-    per_class = {p["name"]: p for p in (acc or {}).get("per_class", [])}
+    per_class = per_class_lookup(acc)
     ct = Table(title="predictions per class", title_justify="left")
     ct.add_column("class")
     ct.add_column("predicted", justify="right")
@@ -60,7 +64,7 @@ def print_report(report: dict, console) -> None:
     for row in r["classes"]:
         cells = [row["name"], str(row["predicted"]), f"{row['share']:.1%}"]
         if acc:
-            p = per_class.get(row["name"])
+            p = per_class(row["name"])
             cells += [str(p["support"]), "-" if p["recall"] is None else f"{p['recall']:.3f}"] if p else ["-", "-"]
         ct.add_row(*cells)
     console.print(ct)
@@ -83,6 +87,14 @@ def print_report(report: dict, console) -> None:
         console.print(et)
     else:
         console.print("errors: none")
+    sk = r["skipped"]
+    if sk.get("by_reason"):
+        kt = Table(title=f"skipped files ({sk['count']})", title_justify="left")
+        for col in ("reason", "files", "examples"):
+            kt.add_column(col, justify="right" if col == "files" else "left", overflow="fold")
+        for g in sk["by_reason"]:
+            kt.add_row(g["reason"], str(g["count"]), "\n".join(g["examples"]))
+        console.print(kt)
 
 
 def main(args) -> int:

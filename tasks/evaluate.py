@@ -14,11 +14,17 @@ Matching folder labels to model outputs (:func:`label_matching`), first rule tha
   ``reason`` (:func:`unmatched_reason`) instead of a number matched by index.
 
 The mode used is always returned as ``matched_by`` (``"name"``, ``"index"`` or ``"none"``).
+
+Names are compared after Unicode NFC normalization (:func:`nfc`): macOS writes folder names in
+NFD (``e`` + combining accent), most class lists hold NFC (``é``), and the two must be one class.
+Folder names that matched a model class only after normalization are listed
+(:func:`normalized_matches`) so the report can say so.
 """
 
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,6 +43,20 @@ def read_run(out_root: str | Path, run_id: str, table: str = "predictions", colu
     return dset.to_table(columns=columns, filter=pc.field("run_id") == run_id)
 
 
+def nfc(name: str) -> str:
+    """``name`` in Unicode normalization form C, the form names are compared in."""
+    return unicodedata.normalize("NFC", name)
+
+
+def normalized_matches(folder_classes: list[str] | None, model_classes: list[str] | None) -> list[str]:
+    """Folder class names that equal a model class name only after NFC normalization."""
+    if not folder_classes or not model_classes:
+        return []
+    raw = set(model_classes)
+    norm = {nfc(c) for c in model_classes}
+    return [c for c in folder_classes if c not in raw and nfc(c) in norm]
+
+
 def label_matching(folder_classes: list[str] | None, model_classes: list[str] | None) -> str:
     """How folder labels pair with model outputs: ``"name"``, ``"index"`` or ``"none"`` (module doc).
 
@@ -45,7 +65,7 @@ def label_matching(folder_classes: list[str] | None, model_classes: list[str] | 
     """
     if not folder_classes or not model_classes:
         return "index"
-    if set(folder_classes) <= set(model_classes):
+    if {nfc(c) for c in folder_classes} <= {nfc(c) for c in model_classes}:
         return "name"
     if len(folder_classes) == len(model_classes):
         return "index"
@@ -61,7 +81,8 @@ def unmatched_reason(folder_classes: list[str] | None, model_classes: list[str] 
     :func:`label_matching` pairs them by name or by index."""
     if label_matching(folder_classes, model_classes) != "none":
         return None
-    missing = [c for c in folder_classes if c not in set(model_classes)]
+    norm = {nfc(c) for c in model_classes}
+    missing = [c for c in folder_classes if nfc(c) not in norm]
     return (
         f"folder classes are not model class names ({len(missing)} of {len(folder_classes)} missing, e.g. {_names(missing)}) "
         f"and the counts differ (folder {len(folder_classes)}, model {len(model_classes)}), "
@@ -77,7 +98,7 @@ def correct_mask(t: pa.Table, matched_by: str) -> pa.ChunkedArray:
             right: do not compute a mask for it).
     """
     if matched_by == "name":
-        return pc.equal(t["label_name"], t["pred_label"])
+        return pc.equal(pc.utf8_normalize(t["label_name"], "NFC"), pc.utf8_normalize(t["pred_label"], "NFC"))
     if matched_by == "index":
         return pc.equal(t["label"], t["pred_index"])
     raise ValueError(f"matched_by={matched_by!r} has no correct/incorrect; expected 'name' or 'index' (see imgscore.tasks.evaluate)")
@@ -95,11 +116,13 @@ def accuracy_of_run(out_root: str | Path, run_id: str) -> dict:
     """Top-1 accuracy over the labelled predictions of a run.
 
     Returns:
-        ``{accuracy, correct, labelled, matched_by, reason}``. ``matched_by`` is ``name``,
+        ``{accuracy, correct, labelled, matched_by, reason, normalized}``. ``matched_by`` is ``name``,
         ``index`` or ``none`` (module doc), decided from the run's manifest (``index`` when there
         is none). For ``name``/``index``: accuracy is a fraction in [0, 1] (NaN when nothing is
         labelled), ``correct`` an int and ``reason`` None. For ``none``: ``accuracy`` and
-        ``correct`` are None and ``reason`` says why (:func:`unmatched_reason`).
+        ``correct`` are None and ``reason`` says why (:func:`unmatched_reason`). ``normalized``
+        lists the folder names that matched only after NFC normalization
+        (:func:`normalized_matches`; empty unless matched by name).
 
     Raises:
         FileNotFoundError: no ``predictions`` dataset under ``out_root`` (pyarrow's error).
@@ -111,9 +134,11 @@ def accuracy_of_run(out_root: str | Path, run_id: str) -> dict:
     n = labelled.num_rows
     if matched_by == "none":
         return {"accuracy": None, "correct": None, "labelled": n, "matched_by": matched_by,
-                "reason": unmatched_reason(folder_classes, model_classes)}
+                "reason": unmatched_reason(folder_classes, model_classes), "normalized": []}
     correct = int(pc.sum(correct_mask(labelled, matched_by)).as_py() or 0)
-    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "labelled": n, "matched_by": matched_by, "reason": None}
+    normalized = normalized_matches(folder_classes, model_classes) if matched_by == "name" else []
+    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "labelled": n, "matched_by": matched_by, "reason": None,
+            "normalized": normalized}
 
 
 def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list[str]) -> dict:
@@ -127,8 +152,8 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
     predicted classes, so the matrix is a plain folder-label × prediction count table.
 
     Returns:
-        ``{rows: [names], columns: [names], matrix: [[int]], matched_by, reason, correct,
-        labelled, accuracy, per_class: [{name, support, correct, recall}]}``, or None when no row
+        ``{rows: [names], columns: [names], matrix: [[int]], matched_by, reason, normalized,
+        correct, labelled, accuracy, per_class: [{name, support, correct, recall}]}``, or None when no row
         is labelled. ``accuracy`` is a fraction in [0, 1] and ``reason`` None when matched by
         name or index; with ``matched_by == "none"``, ``accuracy``, ``correct`` and every
         ``per_class`` ``correct``/``recall`` are None and ``reason`` says why
@@ -149,9 +174,13 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
     n_model = len(model_classes)
     paired = matched_by != "none"
 
+    model_index = {}
+    for j, c in enumerate(model_classes):
+        model_index.setdefault(nfc(c), j)
+
     def diag_col(i: int) -> int | None:  # model index that row i should be predicted as
         if matched_by == "name":
-            return model_classes.index(rows[i])
+            return model_index[nfc(rows[i])]
         return i if i < n_model else None
 
     diag = [diag_col(i) for i in range(len(rows))] if paired else []
@@ -192,6 +221,7 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
         "matrix": matrix,
         "matched_by": matched_by,
         "reason": None if paired else unmatched_reason(folder_classes, model_classes),
+        "normalized": normalized_matches(folder_classes, model_classes) if matched_by == "name" else [],
         "correct": correct,
         "labelled": n,
         "accuracy": correct / n if paired else None,

@@ -18,7 +18,8 @@ predictions part files are read, projected to three columns (``image_path``, ``f
 ``file_mtime_ns``) with a ``model_id`` filter; the membership test is one vectorised
 ``pyarrow.compute.is_in`` over ``path\\tsize\\tmtime`` strings. Error rows are never "scored":
 an image that failed is tried again next night. Changing the checkpoint changes ``model_id``,
-so nothing matches and everything is scored.
+so nothing matches and everything is scored. Paths are compared in Unicode NFC, so a name that
+one system wrote in NFD (macOS) and another in NFC is the same file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +132,9 @@ def read_hashes(out_root: str | Path, runs: list[dict]) -> pa.Table:
 
 
 def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array) -> pa.Array:
-    return pc.binary_join_element_wise(path, pc.cast(size, pa.string()), pc.cast(mtime, pa.string()), "\t")
+    """``path\tsize\tmtime`` per row, the path in Unicode NFC (a name macOS wrote in NFD matches the
+    same name written in NFC elsewhere)."""
+    return pc.binary_join_element_wise(pc.utf8_normalize(path, "NFC"), pc.cast(size, pa.string()), pc.cast(mtime, pa.string()), "\t")
 
 
 def _display(e) -> str:
@@ -204,9 +208,9 @@ def split_already_scored(
             scored_h = scored.join(
                 prior_h, keys=["image_path", "file_size", "file_mtime_ns"], right_keys=["image_path", "size", "mtime_ns"], join_type="inner"
             )
-            value_set = pc.unique(pc.binary_join_element_wise(scored_h["image_path"], scored_h["sha256"], "\t").combine_chunks())
+            value_set = pc.unique(pc.binary_join_element_wise(pc.utf8_normalize(scored_h["image_path"], "NFC"), scored_h["sha256"], "\t").combine_chunks())
             idx = list(shas)
-            probe = pa.array([f"{entries[i].image_path}\t{shas[i]}" for i in idx], pa.string())
+            probe = pa.array([f"{unicodedata.normalize('NFC', entries[i].image_path)}\t{shas[i]}" for i in idx], pa.string())
             for i, h in zip(idx, pc.fill_null(pc.is_in(probe, value_set=value_set), False).to_pylist(), strict=True):
                 if h:
                     keep[i] = False

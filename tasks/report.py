@@ -12,6 +12,7 @@ Everything here is a plain function of files on disk: no Prefect, no model, no G
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -29,7 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from imgscore.tasks.errors import UsageError
-from imgscore.tasks.evaluate import confusion, read_run
+from imgscore.tasks.evaluate import confusion, nfc, read_run
 from imgscore.tasks.manifest import manifest_path, read_manifest
 from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir
 
@@ -144,6 +145,21 @@ def error_summary(errors: pa.Table, examples: int = EXAMPLES_PER_ERROR) -> dict:
     }
 
 
+def skipped_summary(skipped: list[dict], examples: int = EXAMPLES_PER_ERROR) -> dict:
+    """The manifest's ``skipped`` list grouped by reason, most frequent first.
+
+    Returns:
+        ``{count, by_reason: [{reason, count, examples: [paths]}], examples: [first 10 entries]}``.
+    """
+    groups: dict[str, dict] = {}
+    for x in skipped:
+        g = groups.setdefault(x.get("reason") or "", {"reason": x.get("reason") or "", "count": 0, "examples": []})
+        g["count"] += 1
+        if len(g["examples"]) < examples:
+            g["examples"].append(x.get("image_path"))
+    return {"count": len(skipped), "by_reason": sorted(groups.values(), key=lambda g: (-g["count"], g["reason"])), "examples": skipped[:10]}
+
+
 def lowest_confidence(preds: pa.Table, n: int = LOWEST_N) -> list[dict]:
     """The ``n`` least confident predictions (score ascending, then path), with their top-k."""
     if preds.num_rows == 0:
@@ -220,7 +236,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
         "scores": score_stats(scores),
         "accuracy": conf,
         "errors": error_summary(errs),
-        "skipped": {"count": len(m.get("skipped") or []), "examples": (m.get("skipped") or [])[:10]},
+        "skipped": skipped_summary(m.get("skipped") or []),
         "lowest_confidence": lowest_confidence(preds, lowest_n),
         "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
                     "report": str(out_root / "runs" / run_id / REPORT_FILE)},
@@ -229,6 +245,22 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
 
 # --------------------------------------------------------------------------------------------
 # plots (matplotlib's object API: no pyplot, no global backend switch, safe in worker threads)
+
+
+def _literal_text(fn):
+    """Run a plot function with every text drawn literally: class and file names such as
+    ``price_$5_to_$10`` or ``a\\b^c`` are not parsed as math text (``$…$``, ``_``, ``^``) or TeX.
+    matplotlib reads ``text.parse_math`` when each Text is made, so the setting covers the whole
+    function (building and saving); ``rc_context`` restores it on the way out."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _svg_data_uri(fig) -> str:
@@ -240,6 +272,7 @@ def _svg_data_uri(fig) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@_literal_text
 def plot_class_distribution(classes: list[dict]) -> str | None:
     """Horizontal bars of predictions per class; a ``data:image/svg+xml`` URI, None if empty."""
     if not classes or not any(r["predicted"] for r in classes):
@@ -262,6 +295,7 @@ def plot_class_distribution(classes: list[dict]) -> str | None:
     return _svg_data_uri(fig)
 
 
+@_literal_text
 def plot_confidence_histogram(scores: dict) -> str | None:
     """Histogram of top-1 probabilities with the median marked; SVG data URI, None if empty."""
     if not scores["count"]:
@@ -290,6 +324,7 @@ def plot_confidence_histogram(scores: dict) -> str | None:
     return _svg_data_uri(fig)
 
 
+@_literal_text
 def plot_confusion_matrix(conf: dict | None) -> str | None:
     """Heat map of the confusion matrix (rows: folder labels, columns: predictions); SVG data URI.
 
@@ -407,6 +442,38 @@ th{background:#f4f6f9;font-weight:600}td.n{text-align:right;font-variant-numeric
 """
 
 
+def per_class_lookup(acc: dict | None):
+    """name → the confusion's per-class dict (support, recall), names compared in NFC."""
+    by = {nfc(p["name"]): p for p in (acc or {}).get("per_class", [])}
+    return lambda name: by.get(nfc(name))
+
+
+def normalization_note(acc: dict | None) -> str | None:
+    """One sentence when folder names matched model classes only after Unicode NFC
+    normalization (same letters, other bytes: macOS writes NFD), else None."""
+    names = (acc or {}).get("normalized") or []
+    if not names:
+        return None
+    shown = ", ".join(repr(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
+    return (f"{len(names)} folder name(s) matched the model's class names only after Unicode NFC normalization "
+            f"({shown}): same letters, other bytes (macOS writes names in NFD)")
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (matplotlib's parse errors span several), at most 300 characters."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else repr(exc)}"
+
+
+def _plot_or_reason(fn, *args) -> tuple[str | None, str | None]:
+    """(SVG data URI or None, None) from a plot function, or (None, reason) when it raised: a
+    plot that cannot be drawn costs its own image, never the report."""
+    try:
+        return fn(*args), None
+    except Exception as exc:
+        return None, one_line(exc)
+
+
 def _e(v) -> str:
     return html.escape("" if v is None else str(v), quote=True)
 
@@ -467,21 +534,23 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
             ["manifest", f"<span class=\"mono\">{_e(r['outputs'].get('manifest'))}</span>"],
         ]),
     ]
-    plots = [plot_class_distribution(r["classes"]), plot_confidence_histogram(r["scores"]), plot_confusion_matrix(acc)]
+    drawn = [_plot_or_reason(plot_class_distribution, r["classes"]), _plot_or_reason(plot_confidence_histogram, r["scores"]),
+             _plot_or_reason(plot_confusion_matrix, acc)]
     alts = ["class distribution", "confidence histogram", "confusion matrix"]
     parts.append("<h2>Predictions</h2>")
-    if any(plots):
-        parts.append('<div class="plots">' + "".join(f'<img alt="{a}" class="plot" src="{p}">' for p, a in zip(plots, alts, strict=True) if p) + "</div>")
-    else:
+    if any(p for p, _ in drawn):
+        parts.append('<div class="plots">' + "".join(f'<img alt="{a}" class="plot" src="{p}">' for (p, _), a in zip(drawn, alts, strict=True) if p) + "</div>")
+    elif not any(why for _, why in drawn):
         parts.append("<p class=\"muted\">No predictions in this run.</p>")
+    parts += [f'<p class="muted">{_e(a)} not drawn: {_e(why)}</p>' for (_, why), a in zip(drawn, alts, strict=True) if why]
     s = r["scores"]
     parts.append("<h3>Score percentiles</h3>")
     parts.append(_table(["count", "mean", *s["percentiles"].keys()], [[s["count"], _fmt(s["mean"]), *(_fmt(v) for v in s["percentiles"].values())]],
                         numeric=set(range(2 + len(s["percentiles"])))))
-    per_class = {p["name"]: p for p in (acc or {}).get("per_class", [])}
+    per_class = per_class_lookup(acc)
     cls_rows = []
     for row in r["classes"]:
-        pcl = per_class.get(row["name"])
+        pcl = per_class(row["name"])
         cls_rows.append([_e(row["name"]), row["predicted"], f"{row['share']:.1%}"] + ([pcl["support"] if pcl else "–", _fmt(pcl["recall"]) if pcl else "–"] if acc else []))
     parts.append("<h3>Per class</h3>")
     parts.append(_table(["class", "predicted", "share"] + (["in folder", "recall"] if acc else []), cls_rows, numeric={1, 2, 3, 4}))
@@ -490,6 +559,8 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
     elif acc:
         how = "by name (folder name = model class name)" if acc["matched_by"] == "name" else "by index (folder class i = model output i)"
         parts.append(f"<p>Accuracy {_fmt(acc['accuracy'], 4)} ({acc['correct']}/{acc['labelled']} labelled images); labels matched {_e(how)}.</p>")
+        if normalization_note(acc):
+            parts.append(f"<p>Note: {_e(normalization_note(acc))}.</p>")
     # lowest confidence
     parts.append(f"<h2>Least confident predictions ({len(r['lowest_confidence'])})</h2>")
     if r["lowest_confidence"]:
@@ -500,7 +571,7 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
             lab = item["label_name"]
             verdict = ""
             if lab is not None:
-                right = lab == item["pred_label"]
+                right = nfc(lab) == nfc(item["pred_label"])
                 verdict = f' <span class="{"ok" if right else "wrong"}">(label {_e(lab)})</span>'
             cells.append(f'<div class="thumb">{img}<b>{_e(item["pred_label"])}</b> {item["score"]:.3f}{verdict}<br>'
                          f'<span class="mono muted">{_e(item["image_path"])}</span></div>')
@@ -520,7 +591,9 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
     sk = r["skipped"]
     if sk["count"]:
         parts.append(f"<h2>Skipped files ({sk['count']})</h2>")
-        parts.append(_table(["path", "reason"], [[f'<span class="mono">{_e(x.get("image_path"))}</span>', _e(x.get("reason"))] for x in sk["examples"]]))
+        parts.append(_table(["reason", "files", "examples"], [
+            [_e(g["reason"]), g["count"], "<br>".join(f'<span class="mono">{_e(p)}</span>' for p in g["examples"])] for g in sk["by_reason"]
+        ], numeric={1}))
     parts.append(f"<p class=\"muted\">imgscore report · model_id <span class=\"mono\">{_e(r['model']['model_id'])}</span></p></body></html>")
     return "\n".join(parts)
 
@@ -597,11 +670,13 @@ def markdown_summary(report: dict, report_path: str | Path | None) -> str:
         lines += [f"Accuracy **{NA}**: {_md(acc['reason'])} ({acc['labelled']} labelled)", ""]
     elif acc:
         lines += [f"Accuracy **{acc['accuracy']:.4f}** ({acc['correct']}/{acc['labelled']}, labels matched by {acc['matched_by']})", ""]
-    per_class = {p["name"]: p for p in (acc or {}).get("per_class", [])}
+        if normalization_note(acc):
+            lines += [f"Note: {_md(normalization_note(acc))}.", ""]
+    per_class = per_class_lookup(acc)
     lines += ["## Per class", "", "| class | predicted | share |" + (" in folder | recall |" if acc else ""),
               "|---|---:|---:|" + ("---:|---:|" if acc else "")]
     for row in r["classes"]:
-        p = per_class.get(row["name"])
+        p = per_class(row["name"])
         extra = (f" {p['support']} | {_fmt(p['recall'])} |" if p else " – | – |") if acc else ""
         lines.append(f"| {_md(row['name'])} | {row['predicted']} | {row['share']:.1%} |{extra}")
     er = r["errors"]

@@ -21,6 +21,7 @@ from PIL import Image
 from imgscore.flows.cli import execute, main
 from imgscore.tasks.config import build_config
 from imgscore.tasks.manifest import read_manifest
+from imgscore.tasks.report import build_report
 from imgscore.tasks.scan import NOT_AN_IMAGE, SCORABLE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, _stub_has_handler, scan_images
 from tests.conftest import base_overrides
 
@@ -186,6 +187,8 @@ def test_every_file_ends_in_exactly_one_place_through_the_flow(prefect_server, e
             assert name in preds, (name, how, errs.get(name))
     assert summary["skipped"] == len(skipped) == manifest["counts"]["skipped"]
     assert summary["scanned"] == len(preds) + len(errs)
+    by_reason = {g["reason"]: g["count"] for g in build_report(out, "every")["skipped"]["by_reason"]}
+    assert by_reason[NOT_AN_IMAGE] == len(JUNK) - 1  # all but the .heic
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ def test_labels_matched_by_index_when_model_has_no_class_names(tmp_path):
     assert r["accuracy"]["matched_by"] == "index"
     assert r["accuracy"]["correct"] == 4
     assert r["accuracy"]["columns"] == ["0", "1", "2"]
-    assert accuracy_of_run(out, RUN) == {"accuracy": pytest.approx(4 / 6), "correct": 4, "labelled": 6, "matched_by": "index", "reason": None}
+    assert accuracy_of_run(out, RUN) == {"accuracy": pytest.approx(4 / 6), "correct": 4, "labelled": 6, "matched_by": "index", "reason": None, "normalized": []}
 
 
 @pytest.mark.parametrize(
