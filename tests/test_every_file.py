@@ -22,7 +22,13 @@ from imgscore.flows.cli import execute, main
 from imgscore.tasks.config import build_config
 from imgscore.tasks.manifest import read_manifest
 from imgscore.tasks.report import build_report
-from imgscore.tasks.scan import NOT_AN_IMAGE, SCORABLE_EXTENSIONS, UNSUPPORTED_EXTENSIONS, _stub_has_handler, scan_images
+from imgscore.tasks.scan import (
+    NOT_AN_IMAGE,
+    SCORABLE_EXTENSIONS,
+    UNSUPPORTED_EXTENSIONS,
+    _stub_has_handler,
+    scan_images,
+)
 from tests.conftest import base_overrides
 
 HIDDEN = {".DS_Store", "._img.jpg", ".ipynb_checkpoints/img-checkpoint.jpg", "__MACOSX/._img.jpg", ".hidden/img.png"}

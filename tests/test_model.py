@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 
+from imgscore.tasks.checkpoint import strip_prefix
 from imgscore.tasks.config import ModelConfig, PreprocessConfig
 from imgscore.tasks.errors import ModelError
-from imgscore.tasks.checkpoint import strip_prefix
 from imgscore.tasks.model import load_model
 from tests.conftest import save_as_if_cuda
 

@@ -22,7 +22,14 @@ import torch
 from imgscore.flows.cli import main as cli_main
 from imgscore.tasks import report as rp
 from imgscore.tasks.evaluate import accuracy_of_run, label_matching, normalized_matches
-from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, make_table, part_dir, part_name, write_table_atomic
+from imgscore.tasks.parquet_io import (
+    ERRORS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    make_table,
+    part_dir,
+    part_name,
+    write_table_atomic,
+)
 from tests.conftest import base_overrides
 
 NFD_ECOLE = unicodedata.normalize("NFD", "école")  # e + U+0301, as macOS writes folder names
