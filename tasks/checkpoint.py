@@ -252,7 +252,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        sd = load_file(str(path), device="cpu")
+        sd = load_file(str(path), device="cpu")  # each tensor holds its own copy of the bytes
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(
             f"model.checkpoint {str(path)!r} is a safetensors file that cannot be read ({type(exc).__name__}: {exc}); "

@@ -175,6 +175,19 @@ def test_safetensors_reads_no_pickle(tiny_model, tmp_path, monkeypatch):
     assert lm.classes == ["a", "b", "c"]
 
 
+def test_safetensors_weights_do_not_follow_the_file(tiny_model, x, tmp_path):
+    """A long-lived worker keeps its model when the file is overwritten in place (``cp new old``):
+    the loaded tensors hold their own copy of the bytes, not a view of the file."""
+    p = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p))
+    lm = _load(p)
+    size = p.stat().st_size
+    with open(p, "r+b") as f:  # same inode, every byte after the header zeroed
+        f.seek(4096)
+        f.write(bytes(size - 4096))
+    _same_function(lm, tiny_model, x)
+
+
 def test_truncated_safetensors_is_named_as_such(tiny_model, tmp_path):
     p = tmp_path / "cut.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p))

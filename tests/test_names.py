@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import unicodedata
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,11 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 import torch
+from prefect import get_run_logger  # noqa: F401  (configures Prefect's logging now, not inside a test after caplog)
 
+from imgscore.flows.artifacts import (
+    publish_run_report,  # imports Prefect, which configures logging: before caplog
+)
 from imgscore.flows.cli import main as cli_main
 from imgscore.tasks import report as rp
 from imgscore.tasks.evaluate import accuracy_of_run, label_matching, normalized_matches
@@ -92,6 +97,36 @@ def test_raw_names_equal_give_no_normalization_note(tmp_path):
 MATH_NAMES = ["price_$5_to_$10", "a\\b^c_d", "$x$", "under_score"]
 
 
+def test_incremental_skip_keys_match_names_in_nfc(photos, tmp_path):
+    """The same files, named in NFD on disk now and in NFC in an earlier run's rows (the folder
+    went through a macOS share): already scored, by stat and by content hash alike."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgscore.tasks.incremental import HASHES_FILE, HASHES_SCHEMA, split_already_scored
+    from imgscore.tasks.scan import ImageEntry, ImageIndex, scan_images, sha256_of_file
+    from tests.test_incremental import MODEL, _fake_prior_run
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i, name in enumerate((f"{NFD_ECOLE}_1.jpg", "plain.jpg", f"caf{unicodedata.normalize('NFD', 'é')}.jpg")):
+        photos["coffee"].resize((40 + i, 30)).save(root / name, format="JPEG")
+    index = scan_images(root)
+    assert any(e.image_path != unicodedata.normalize("NFC", e.image_path) for e in index.entries)
+    as_nfc = [ImageEntry(unicodedata.normalize("NFC", e.rel), None, None, e.size, e.mtime_ns) for e in index.entries]
+    out = tmp_path / "out"
+    _fake_prior_run(out, root, ImageIndex(root, "flat", [], as_nfc), MODEL)
+    assert split_already_scored(scan_images(root), out, MODEL, "stat").already_scored == 3
+    # touched since (new mtime, same bytes): the sha256 key, also in NFC, still finds them
+    hashes = [{"image_path": e.image_path, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": sha256_of_file(root / r.rel)}
+              for e, r in zip(as_nfc, index.entries, strict=True)]
+    pq.write_table(pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), out / "runs" / "r0" / HASHES_FILE)
+    for e in index.entries:
+        os.utime(root / e.rel, ns=(e.mtime_ns, e.mtime_ns + 10**9))
+    assert split_already_scored(scan_images(root), out, MODEL, "stat").already_scored == 0
+    assert split_already_scored(scan_images(root), out, MODEL, "sha256").already_scored == 3
+
+
 def test_plot_labels_render_literally(monkeypatch):
     """Every Text in every plot is made with math-text parsing off (matplotlib then draws the
     string as written); before, ``price_$5_to_$10`` raised ValueError while saving."""
@@ -108,6 +143,20 @@ def test_plot_labels_render_literally(monkeypatch):
     shown = {t.get_text() for t in texts}
     assert set(MATH_NAMES) <= shown
     assert all(not t.get_parse_math() for t in texts)
+
+
+def test_report_failure_is_one_line_without_traceback(tmp_path, monkeypatch, caplog):
+    out = write_run(tmp_path / "out", ["cat"], ["cat"], [(0, 0, "cat/a.jpg")])
+
+    def boom(*a, **k):
+        raise ValueError("price_$5_to_$10\n      ^\nParseSyntaxException: Expected end of text")
+
+    monkeypatch.setattr(rp, "write_html_report", boom)
+    with caplog.at_level(logging.DEBUG, logger="imgscore"):
+        assert publish_run_report(out, RUN) is None
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [f"report.html for {RUN} not written: ValueError: price_$5_to_$10"]
+    assert all(r.exc_info is None for r in warnings)  # the traceback only at debug (--verbose)
 
 
 def test_a_plot_that_cannot_be_drawn_costs_only_itself(tmp_path, monkeypatch):

@@ -257,6 +257,42 @@ def test_row_describes_the_file_that_was_decoded_not_the_one_scanned(tmp_path, p
     assert (d.file_size, d.file_mtime_ns) == (now.st_size, now.st_mtime_ns)
 
 
+@pytest.mark.slow
+def test_flow_row_records_the_replacement_not_the_scan(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
+    """Through the flow: the file is replaced just before its shard decodes it; the predictions
+    row carries the replacement's size and mtime, the index keeps what the scan saw."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    import imgscore.tasks.dataset
+    from imgscore.flows.cli import execute
+    from imgscore.tasks.config import build_config
+    from tests.conftest import base_overrides
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for name, photo in (("a.jpg", "coffee"), ("b.jpg", "rocket")):
+        photos[photo].resize((64, 48)).save(root / name, quality=60)
+    real = imgscore.tasks.dataset.decode_file
+    replaced = {}
+
+    def replace_then_decode(path, *a, **k):  # runs in this process: inference.num_workers=0
+        if path.endswith("b.jpg") and not replaced:
+            photos["astronaut"].resize((300, 300)).save(path, format="JPEG", quality=95)
+            st = os.stat(path)
+            replaced["b.jpg"] = (st.st_size, st.st_mtime_ns)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(imgscore.tasks.dataset, "decode_file", replace_then_decode)
+    out = tmp_path / "out"
+    code, _ = execute(build_config({}, base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "swap", "inference.num_workers": 0})), quiet=True)
+    assert code == 0
+    rows = {r["image_path"]: r for r in pads.dataset(str(out / "predictions"), format="parquet", partitioning="hive").to_table().to_pylist()}
+    scanned = {r["image_path"]: r for r in pq.read_table(out / "runs" / "swap" / "index.parquet").to_pylist()}
+    assert (rows["b.jpg"]["file_size"], rows["b.jpg"]["file_mtime_ns"]) == replaced["b.jpg"] != (scanned["b.jpg"]["size"], scanned["b.jpg"]["mtime_ns"])
+    assert (rows["a.jpg"]["file_size"], rows["a.jpg"]["file_mtime_ns"]) == (scanned["a.jpg"]["size"], scanned["a.jpg"]["mtime_ns"])
+
+
 def test_file_gone_or_unreadable_after_the_scan_is_a_decode_error(tmp_path):
     """The scan only stats files; reading happens at decode, so a file that cannot be read then
     (deleted, or no read permission) is an errors row at stage decode, DecodeError.unreadable."""
