@@ -249,7 +249,7 @@ def _wide_to_rgb(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     # float32 throughout: 4 bytes a pixel (an 89 MP raster is 358 MB, not 716), exact for 16-bit
     # data, and for 32-bit data off by far less than one of the 256 output levels
     try:
-        arr = np.asarray(img).astype(np.float32)
+        arr = np.asarray(img).astype(np.float32, copy=False)
     except (TypeError, ValueError):  # a mode numpy cannot view directly
         arr = np.asarray(img.convert("I")).astype(np.float32)
     finite = np.isfinite(arr)
