@@ -3,29 +3,44 @@
 Exit codes (README, "Score your own folder"): 0 finished within the error budget; 1 over budget or a shard failed
 (everything that could be scored is written); 2 bad usage, config, input root or model —
 refused before any scoring, one line naming the bad value and the fix, no traceback.
+
+:func:`main` enters :func:`imgscore.flows.startup.session` once; each command then does its cheap
+checks first (a typo fails in well under a second, before torch or Prefect is imported), starts
+the temporary Prefect server, loads the model while the server boots, and imports its Prefect
+side through the session. Importing this module imports neither Prefect nor torch
+(tests/test_startup.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import importlib
-import logging
 import os
 import sys
 from pathlib import Path
 
-from imgscore.flows import _env, server_guard
+from imgscore.flows import startup
+from imgscore.flows.compat import run_exit_handlers
+from imgscore.flows.progress import progress_for
+from imgscore.tasks.config import Config, load_config, out_root_of, rerun_config
+from imgscore.tasks.errors import (
+    ConfigError,
+    ErrorBudgetExceeded,
+    ImgscoreError,
+    InputError,
+    ModelError,
+    UsageError,
+)
+from imgscore.tasks.manifest import load_manifest, plan_rerun
+from imgscore.tasks.scan import has_images, no_images_message
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-SUBCOMMAND_MODULES = {"rerun": "imgscore.flows.rerun", "report": "imgscore.flows.report_cli", "serve": "imgscore.flows.serve"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imgscore", description="Batch-score image folders with torchvision models (Prefect 3, Parquet out).")
     from importlib.metadata import version
 
+    p = argparse.ArgumentParser(prog="imgscore", description="Batch-score image folders with torchvision models (Prefect 3, Parquet out).")
     p.add_argument("--version", action="version", version=f"imgscore {version('imgscore')}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -59,14 +74,26 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
-def _preflight(cfg, verbose: bool = False) -> None:
-    """Refuse bad input root, output root or model before Prefect starts (exit 2, nothing written).
+def _console(console=None):
+    from rich.console import Console
 
-    The cheap path checks come first, before torch is imported, so a typo fails in well under a
-    second. Then the temporary Prefect server is launched (it boots while the model loads).
-    """
-    from imgscore.tasks.errors import ConfigError, InputError
+    return console or Console()
 
+
+def load_model_here(cfg: Config):
+    """Load the run's model in this process (the device the thread runner would use; CPU when
+    shards run elsewhere), so a bad checkpoint is refused before anything is planned."""
+    import torch
+
+    from imgscore.tasks.device import resolve_device
+    from imgscore.tasks.model import load_model
+
+    device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
+    return load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse a bad input root or output root (exit 2, nothing written), before torch or Prefect."""
     root = cfg.input.root
     if root is None:
         raise InputError("input.root is not set; pass --set input.root=/path/to/images or set it in the config")
@@ -74,8 +101,6 @@ def _preflight(cfg, verbose: bool = False) -> None:
         raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
     if not Path(root).is_dir():
         raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
-    from imgscore.tasks.scan import has_images, no_images_message
-
     if not has_images(root, cfg.input.follow_symlinks):
         raise InputError(no_images_message(root))
     out = Path(cfg.output.root)
@@ -86,14 +111,6 @@ def _preflight(cfg, verbose: bool = False) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"output.root {str(out)!r} is not a writable folder ({exc.strerror}); set output.root to a folder you can write to") from None
-    server_guard.launch(verbose=verbose)  # boots beside torch's import and the model load below
-    from imgscore.tasks.device import resolve_device
-    from imgscore.tasks.model import load_model
-
-    device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else None
-    import torch
-
-    load_model(cfg.model, cfg.preprocess, device or torch.device("cpu"), channels_last=cfg.inference.channels_last)
 
 
 def _print_summary(summary: dict, console) -> None:
@@ -105,26 +122,22 @@ def _print_summary(summary: dict, console) -> None:
         console.print(f"{k:<15} {v}", soft_wrap=True, highlight=False, markup=False)
 
 
-def execute(cfg, *, quiet: bool = False, console=None) -> tuple[int, dict]:
-    """Run the scoring flow for a validated config; return (exit code, summary)."""
-    from rich.console import Console
+def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.Session | None = None) -> tuple[int, dict]:
+    """Run the scoring flow for a validated config; return (exit code, summary).
 
-    server_guard.api_url()  # exported as PREFECT_API_URL before Prefect is imported (next lines)
-    from imgscore.flows.progress import progress_for
-    from imgscore.flows.runner import make_task_runner
-    from imgscore.flows.score_images import score_images
+    ``session``: the command's (it waits for its temporary server); None from Python code and
+    tests, where Prefect finds its API as usual.
+    """
     from imgscore.tasks.plan import new_run_id
 
-    server_guard.guard()  # the temporary server up (it booted while we imported) and watched
-
-    console = console or Console()
+    flows = (session or startup.Session(manage_server=False)).import_prefect("imgscore.flows.score_images")
+    console = _console(console)
     if cfg.run.run_id is None:
         cfg.run.run_id = new_run_id()
     console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {cfg.model.arch} ({cfg.runner.type} runner) …", soft_wrap=True)
-    flow_fn = score_images.with_options(task_runner=make_task_runner(cfg.runner))
     try:
         with progress_for(console, enabled=not quiet):
-            state = flow_fn(cfg.to_dict(), return_state=True)
+            state = flows.score_images(cfg.to_dict(), return_state=True)
     except KeyboardInterrupt:
         return interrupted(cfg.run.run_id, cfg.output.root), {}
     return flow_outcome(state, console, f"run {cfg.run.run_id}")
@@ -140,8 +153,6 @@ def interrupted(run_id: str, out_root) -> int:
 
 def flow_outcome(state, console, what: str) -> tuple[int, dict]:
     """Exit code and summary from a finished flow run's state (run and rerun alike)."""
-    from imgscore.tasks.errors import ErrorBudgetExceeded, ImgscoreError
-
     if state.is_completed():
         summary = state.result()
         _print_summary(summary, console)
@@ -156,23 +167,20 @@ def flow_outcome(state, console, what: str) -> tuple[int, dict]:
     return _fail(f"{what} failed: {type(exc).__name__}: {exc}", 1), {}
 
 
-def cmd_run(args) -> int:
-    from imgscore.tasks.config import load_config
-
+def cmd_run(args, session: startup.Session) -> int:
     cfg = load_config(args.config, args.overrides)
-    _preflight(cfg, verbose=args.verbose)
-    code, _ = execute(cfg, quiet=args.quiet)
+    check_paths(cfg)
+    session.start_server()  # boots beside torch's import and the model load
+    load_model_here(cfg)
+    code, _ = execute(cfg, quiet=args.quiet, session=session)
     return code
 
 
-def cmd_demo(args) -> int:
-    from rich.console import Console
-
-    from imgscore.tasks.config import load_config
+def cmd_demo(args, session: startup.Session) -> int:
     from imgscore.tasks.demo import build_digits_folder, train_demo_model
     from imgscore.tasks.evaluate import accuracy_of_run
 
-    console = Console()
+    console = _console()
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     demo_dir = Path(cfg.model.checkpoint).parent
     console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
@@ -180,8 +188,10 @@ def cmd_demo(args) -> int:
     if not Path(cfg.model.checkpoint).exists():
         console.print("training resnet18 on the digits (CPU, cached for next time) …")
     train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)
-    _preflight(cfg, verbose=args.verbose)
-    code, summary = execute(cfg, quiet=args.quiet, console=console)
+    check_paths(cfg)
+    session.start_server()
+    load_model_here(cfg)
+    code, summary = execute(cfg, quiet=args.quiet, console=console, session=session)
     if not summary:
         return code
     acc = accuracy_of_run(cfg.output.root, summary["run_id"])
@@ -194,52 +204,93 @@ def cmd_demo(args) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _env.apply(verbose=args.verbose)
-    # The temporary server's first start migrates a fresh SQLite DB; Prefect's 20 s default
-    # timed out on a loaded 2-core machine ("Timed out while attempting to connect").
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    ours = logging.getLogger("imgscore")
-    if not ours.handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        ours.addHandler(h)
-    ours.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    from imgscore.tasks.errors import ImgscoreError
+def check_rerun(cfg: Config, manifest, run_dir: Path) -> None:
+    """Refuse a rerun before Prefect starts: run locked, input folder gone, or a model other than the run's."""
+    from imgscore.tasks import lock as run_lock
 
+    held = run_lock.read_lock(run_dir)
+    if held is not None and not run_lock.is_stale(held):
+        raise run_lock.RunLockedError(f"run {manifest.run_id} is locked by {run_lock.describe(held, run_dir)}")
+    root = manifest.input["root"]
+    if not Path(root).is_dir():
+        raise InputError(f"run {manifest.run_id} scored {root!r}, which is no longer a folder; restore it to rerun the run")
+    lm = load_model_here(cfg)
+    was = manifest.model["model_id"]
+    if lm.model_id != was:
+        raise ModelError(
+            f"model.checkpoint {cfg.model.checkpoint} changed since run {manifest.run_id} (model_id {was[:12]}… → {lm.model_id[:12]}…); "
+            "a rerun must use the run's model: restore the checkpoint, or start a new run with `imgscore run`"
+        )
+
+
+def cmd_rerun(args, session: startup.Session) -> int:
+    """``imgscore rerun RUN_ID [--config FILE] [--set K=V]...`` (flow ``rerun-failed``)."""
+    session.start_server()  # boots while the run is checked and the model loads
+    out = out_root_of(args.config, args.overrides)
+    run_dir = out / "runs" / args.run_id
+    if not (run_dir / "manifest.json").is_file():
+        runs = sorted(p.name for p in (out / "runs").glob("*"))
+        raise UsageError(
+            f"run {args.run_id!r} not found: no {run_dir / 'manifest.json'}; pass the output root it was written to "
+            "with --set output.root=PATH (" + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}") + ")"
+        )
+    manifest = load_manifest(run_dir)
+    cfg = rerun_config(manifest.config, args.config, [*args.overrides, f"output.root={out}"])
+    check_rerun(cfg, manifest, run_dir)
+    console = _console()
+    todo = plan_rerun(manifest, out)
+    if not todo and manifest.status == "complete":
+        console.print(f"run {args.run_id} is complete: every shard is committed and no image is recorded as failed; nothing to rescore")
+        return 0
+    console.print(f"[bold]rerun {args.run_id}[/]: {len(todo)} shard(s) to rescore ({cfg.runner.type} runner) …")
+    rerun = session.import_prefect("imgscore.flows.rerun")
     try:
-        if args.command in ("rerun", "serve"):
-            # Their modules import Prefect, which must see the temporary server's URL first; rerun
-            # waits for the server itself (after refusing a bad run id), serve waits here.
-            server_guard.launch(verbose=args.verbose)
-            if args.command == "serve":
-                server_guard.guard()
-            else:
-                server_guard.api_url()
-        if args.command == "run":
-            handler = cmd_run
-        elif args.command == "demo":
-            handler = cmd_demo
-        else:  # imported only when used
-            handler = importlib.import_module(SUBCOMMAND_MODULES[args.command]).main
-        return handler(args)
-    except ImgscoreError as exc:
-        return _fail(str(exc), exc.exit_code)
+        with progress_for(console, enabled=not args.quiet):
+            state = rerun.rerun_failed(args.run_id, cfg.to_dict(), return_state=True)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except server_guard.ServerStartError as exc:
-        return _fail(str(exc), 1)
-    except Exception as exc:
-        if args.verbose:
-            raise
-        if "ephemeral Prefect API server" in str(exc):
-            return _fail(
-                f"{exc} Start a server (`prefect server start`) and export PREFECT_API_URL, or raise "
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-                1,
-            )
-        return _fail(f"{type(exc).__name__}: {exc} (run again with --verbose for the traceback)", 1)
+        return interrupted(args.run_id, out)
+    code, summary = flow_outcome(state, console, f"rerun of {args.run_id}")
+    if code == 0:
+        console.print(f"rescored {summary.get('rescored', 0)} image(s) in {len(summary.get('rescored_shards', []))} shard(s)")
+    return code
+
+
+def cmd_report(args, session: startup.Session) -> int:
+    from imgscore.flows import report_cli
+
+    return report_cli.main(args)
+
+
+def cmd_serve(args, session: startup.Session) -> int:
+    serve = session.import_prefect("imgscore.flows.serve")
+    return serve.main(args, temporary_url=session.temporary_api_url)
+
+
+COMMANDS = {"run": cmd_run, "rerun": cmd_rerun, "report": cmd_report, "demo": cmd_demo, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command inside one start-up session; return the exit code."""
+    args = _parser().parse_args(argv)
+    with startup.session(verbose=args.verbose) as session:
+        try:
+            return COMMANDS[args.command](args, session)
+        except ImgscoreError as exc:
+            return _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            return _fail("interrupted", 130)
+        except startup.ServerStartError as exc:
+            return _fail(str(exc), 1)
+        except Exception as exc:
+            if args.verbose:
+                raise
+            if "ephemeral Prefect API server" in str(exc):
+                return _fail(
+                    f"{exc} Start a server (`prefect server start`) and export PREFECT_API_URL, or raise "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                    1,
+                )
+            return _fail(f"{type(exc).__name__}: {exc} (run again with --verbose for the traceback)", 1)
 
 
 def entrypoint() -> None:
@@ -252,13 +303,8 @@ def entrypoint() -> None:
     """
     code = main()
     try:
-        atexit._run_exitfuncs()
+        run_exit_handlers()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(code)
 
 

@@ -1,7 +1,9 @@
 """``runner.type=dask``: prefect-dask's ``DaskTaskRunner`` made fit for scoring.
 
 Imported only when a run asks for Dask (``imgscore.flows.runner.make_task_runner``): prefect-dask and
-distributed take about 0.35 s to import, which every thread-runner run paid at start-up.
+distributed take about 0.35 s to import, which every thread-runner run paid at start-up. Uses
+only prefect-dask's public surface (constructor arguments, ``client``, ``submit``,
+``duplicate``, the context manager); ``tests/test_compat.py`` pins it.
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ from typing import Any
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
-from imgscore.flows.runner import flow_api_url
-from imgscore.flows.server_guard import drain_prefect_services
+from imgscore.flows.compat import NANNY_KILL_MESSAGE, drain_prefect_services
 
 
 class _NannyKillToDebug(logging.Filter):
     """Turns the nanny's "Worker process still alive after N seconds, killing" into DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and "still alive after" in record.getMessage():
+        if record.levelno == logging.WARNING and NANNY_KILL_MESSAGE in record.getMessage():
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
@@ -33,9 +34,9 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
     Two faults seen with a plain ``DaskTaskRunner``, fixed here:
 
     - Without ``PREFECT_API_URL`` every worker process started a temporary Prefect server of
-      its own. Each task run is submitted with the flow's API URL in its serialized settings
-      (the workers then use the flow's server), and a ``LocalCluster`` started here also gets
-      it in its workers' environment.
+      its own. Each task run is submitted with the flow's API URL (``api_url``) in its
+      serialized settings (the workers then use the flow's server), and a ``LocalCluster``
+      started here also gets it in its workers' environment.
     - Worker processes are daemonic, so ``DataLoader(num_workers>0)`` inside them failed
       ("daemonic processes are not allowed to have children"). A ``LocalCluster`` started
       here runs non-daemonic workers (``distributed.worker.daemon=False`` for the runner's
@@ -43,19 +44,28 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
       control fall back to decoding in-process (``imgscore.tasks.device.loader_workers``).
     """
 
-    @property
-    def client(self):  # noqa: D401 - property of the parent class
-        """The Dask client; starts the ``LocalCluster`` on first use (inside the flow run)."""
-        if self._client is None and self._cluster is None and not self.address:
+    def __init__(self, *args: Any, api_url: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.api_url = api_url
+        self.owns_cluster = not self.address  # prefect-dask starts a LocalCluster on first use
+        if self.owns_cluster and api_url:
+            self.cluster_kwargs = {**self.cluster_kwargs, "env": {**self.cluster_kwargs.get("env", {}), "PREFECT_API_URL": api_url}}
+        self._scoring_stack = contextlib.ExitStack()
+        self._used = False
+
+    def duplicate(self) -> ScoringDaskTaskRunner:
+        """A fresh copy with the same settings and API URL."""
+        if self.address:
+            return type(self)(address=self.address, client_kwargs=self.client_kwargs, api_url=self.api_url)
+        return type(self)(cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs, api_url=self.api_url)
+
+    def __enter__(self) -> ScoringDaskTaskRunner:
+        self._scoring_stack.__enter__()
+        if self.owns_cluster:
             import dask
 
-            self._owns_cluster = True
-            self._exit_stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
-            url = flow_api_url()
-            if url:
-                env = {**self.cluster_kwargs.get("env", {}), "PREFECT_API_URL": url}
-                self.cluster_kwargs = {**self.cluster_kwargs, "env": env}
-        return super().client
+            self._scoring_stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+        return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         """Flush the workers' Prefect logs and events, then stop the cluster we started.
@@ -65,9 +75,9 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
         when its nanny kills it; that kill is logged at DEBUG instead of on the terminal.
         """
         quiet = None
-        if self._client is not None and getattr(self, "_owns_cluster", False):
+        if self._used and self.owns_cluster:
             try:
-                self._client.run(drain_prefect_services)
+                self.client.run(drain_prefect_services)
                 quiet = _NannyKillToDebug()
                 logging.getLogger("distributed.nanny").addFilter(quiet)
             except Exception as err:  # shutting down anyway; the nanny's kill is the fallback
@@ -75,12 +85,14 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
         try:
             super().__exit__(*exc)
         finally:
+            self._scoring_stack.__exit__(*exc)
             if quiet is not None:
                 logging.getLogger("distributed.nanny").removeFilter(quiet)
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         """Submit one task run; its serialized settings carry the flow's API URL."""
-        url = None if PREFECT_API_URL.value() else flow_api_url()
+        self._used = True
+        url = None if PREFECT_API_URL.value() else self.api_url
         guard = temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext()
         with guard:
             return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)

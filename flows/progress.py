@@ -1,37 +1,72 @@
-"""Terminal progress over images while shards finish (rich)."""
+"""Progress while shards finish: who listens, and the terminal's rich bar.
+
+The flows call :func:`notify` after each shard is committed; whoever wants to know registers a
+listener with :func:`listening` for as long as it wants (the CLI's bar, :func:`progress_for`).
+This module imports no flow: dependencies run from the flows and the CLI to it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 
-from imgscore.flows import score_images
+from imgscore.tasks.runstate import Manifest, ShardRecord
+
+Listener = Callable[[Manifest, ShardRecord], None]
+_LISTENERS: list[Listener] = []
+_LOCK = threading.Lock()
 
 
-def progress_fields(manifest: dict, now: float | None = None) -> dict:
-    """What the bar shows after a shard finished, from the run's manifest.
+def listeners() -> list[Listener]:
+    """The listeners registered now (a copy)."""
+    with _LOCK:
+        return list(_LISTENERS)
+
+
+def notify(manifest: Manifest, record: ShardRecord) -> None:
+    """Tell every listener that ``record``'s shard was committed into ``manifest``."""
+    for listener in listeners():
+        listener(manifest, record)
+
+
+@contextlib.contextmanager
+def listening(listener: Listener) -> Iterator[Listener]:
+    """Register ``listener`` for the ``with`` block."""
+    with _LOCK:
+        _LISTENERS.append(listener)
+    try:
+        yield listener
+    finally:
+        with _LOCK:
+            _LISTENERS.remove(listener)
+
+
+def progress_fields(manifest: Manifest, now: float | None = None) -> dict:
+    """What the bar shows after a shard finished, from the run's manifest — O(1).
 
     Returns:
         ``{total, done, errors, rate}``: images in the run's shards, images finished (scored +
         failed), failed images so far, and images per second since the run was planned
-        (``manifest["timings"]["planned_at_s"]``, wall-clock seconds), as text (``-`` before
-        any time has passed).
+        (``manifest.timings["planned_at_s"]``, wall-clock seconds), as text (``-`` before any
+        time has passed).
     """
-    c = manifest["counts"]
-    total = sum(s.get("images", 0) for s in manifest.get("shards", [])) or c.get("scanned", 0)
-    done = min(c.get("scored", 0) + c.get("failed", 0), total) if total else c.get("scored", 0) + c.get("failed", 0)
-    started = (manifest.get("timings") or {}).get("planned_at_s")
+    c = manifest.counts
+    total = manifest.total_images
+    done = min(c.scored + c.failed, total) if total else c.scored + c.failed
+    started = manifest.timings.get("planned_at_s")
     elapsed = (now if now is not None else time.time()) - started if started else None
     rate = f"{done / elapsed:.1f}" if elapsed and elapsed > 0 else "-"
-    return {"total": total, "done": done, "errors": c.get("failed", 0), "rate": rate}
+    return {"total": total, "done": done, "errors": c.failed, "rate": rate}
 
 
-def make_hook(bar):
-    """A ``PROGRESS_HOOKS`` callback that drives ``bar`` (a rich ``Progress``); adds its task lazily."""
+def make_hook(bar) -> Listener:
+    """A listener that drives ``bar`` (a rich ``Progress``); adds its task lazily."""
     state = {"task": None}
 
-    def hook(manifest: dict, result: dict) -> None:
+    def hook(manifest: Manifest, record: ShardRecord | None) -> None:
         f = progress_fields(manifest)
         if state["task"] is None:
             state["task"] = bar.add_task("scoring", total=f["total"], rate="-", errors=0)
@@ -60,10 +95,5 @@ def progress_for(console, enabled: bool = True):
     if not enabled or not sys.stdout.isatty():
         yield
         return
-    with _bar(console) as bar:
-        hook = make_hook(bar)
-        score_images.PROGRESS_HOOKS.append(hook)
-        try:
-            yield
-        finally:
-            score_images.PROGRESS_HOOKS.remove(hook)
+    with _bar(console) as bar, listening(make_hook(bar)):
+        yield

@@ -6,9 +6,11 @@
 ``distributed.LocalCluster`` of ``runner.n_workers`` processes that the flow starts and stops,
 or an existing scheduler at ``runner.address``.
 
-The scoring flow is decorated with :class:`ConfiguredTaskRunner`, which builds one of those from
-the run's own ``config.runner`` when the first shard is submitted — so a run started by a
-deployment (``prefect deploy``, ``imgscore serve``) uses Dask exactly like ``imgscore run``.
+Both flows (``score-images``, ``rerun-failed``) are decorated with :class:`ConfiguredTaskRunner`,
+which builds one of those from the run's own ``config.runner`` when the first shard is
+submitted. That is the only way a runner is chosen: a run started by ``imgscore run``, by a
+deployment (``prefect deploy``, ``imgscore serve``) or by ``prefect flow-run retry`` uses the
+runner its config names.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from imgscore.flows.compat import PREFECT_IN_PROCESS_API_HOST
 from imgscore.tasks.config import RunnerConfig
+from imgscore.tasks.errors import ConfigError
 
 
 def flow_api_url() -> str | None:
@@ -38,7 +42,7 @@ def flow_api_url() -> str | None:
     if client is None:
         return None
     url = str(client.api_url).rstrip("/")
-    return None if "ephemeral-prefect" in url else url  # an in-process ASGI app has no address
+    return None if PREFECT_IN_PROCESS_API_HOST in url else url  # an in-process ASGI app has no address
 
 
 def make_task_runner(cfg: RunnerConfig) -> TaskRunner:
@@ -48,25 +52,26 @@ def make_task_runner(cfg: RunnerConfig) -> TaskRunner:
     machine one shard at a time uses every core through torch's own threads).
     ``dask``: a :class:`ScoringDaskTaskRunner` on ``address``, or on a ``LocalCluster`` of
     ``n_workers`` processes with ``threads_per_worker`` threads each (no dashboard). Shards are
-    the unit of work; each worker process loads the model once.
+    the unit of work; each worker process loads the model once. Built inside the flow run, so the
+    Dask workers get the flow's API URL (:func:`flow_api_url`).
     """
     if cfg.type == "thread":
         return ThreadPoolTaskRunner(max_workers=cfg.n_workers)
-    try:
+    try:  # prefect-dask and distributed take 0.35 s to import: only for Dask runs
         from imgscore.flows.dask_runner import ScoringDaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a dependency
-        from imgscore.tasks.errors import ConfigError
-
         raise ConfigError(f"runner.type=dask needs prefect-dask and distributed ({exc}); pip install prefect-dask") from None
+    url = flow_api_url()
     if cfg.address:
-        return ScoringDaskTaskRunner(address=cfg.address)
+        return ScoringDaskTaskRunner(address=cfg.address, api_url=url)
     return ScoringDaskTaskRunner(
         cluster_kwargs={
             "n_workers": cfg.n_workers,
             "threads_per_worker": cfg.threads_per_worker,
             "processes": True,
             "dashboard_address": None,
-        }
+        },
+        api_url=url,
     )
 
 

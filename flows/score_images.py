@@ -1,14 +1,14 @@
-"""The scoring flow: scan → plan → score shards on the task runner → finish.
+"""The scoring flow: lock → plan → score shards on the task runner → finish.
 
 The flow reads like a table of contents; the work is in ``tasks/``. Tasks pass references
-(shard refs, config sections, counts), never images, tensors or models.
+(shard refs, config as JSON text, counts), never images, tensors or models. Each finished shard
+is committed into the run state by :meth:`imgscore.tasks.runstate.RunState.commit` (O(1): a
+ledger line, not a manifest rewrite); docs/architecture.md draws the whole run.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
 
+from imgscore.flows import progress
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.runner import ConfiguredTaskRunner
 from imgscore.tasks import lock as run_lock
@@ -24,27 +25,18 @@ from imgscore.tasks.config import Config
 from imgscore.tasks.device import resolve_device
 from imgscore.tasks.errors import ErrorBudgetExceeded
 from imgscore.tasks.model import load_model
-from imgscore.tasks.parquet_io import (
-    ERRORS_SCHEMA,
-    PREDICTIONS_SCHEMA,
-    file_metadata,
-    make_table,
-    part_dir,
-    part_name,
-    write_table_atomic,
-)
 from imgscore.tasks.plan import (
     RunPlan,
+    find_retried_run,
+    new_run_id,
     plan_new_run,
     result_storage_path,
     resume_plan,
+    run_dir_of,
     shard_cache_key,
 )
-from imgscore.tasks.scan import scan_images
-from imgscore.tasks.score import ShardRef, read_shard_entries, score_shard
-
-# Called with (manifest, shard_result) each time a shard finishes: the CLI's progress bar.
-PROGRESS_HOOKS: list[Callable[[dict, dict], None]] = []
+from imgscore.tasks.runstate import ShardRef, ShardResult
+from imgscore.tasks.score import commit_failed_shard, read_shard_entries, score_shard
 
 
 def workers_on_host(cfg: Config) -> int:
@@ -52,25 +44,28 @@ def workers_on_host(cfg: Config) -> int:
     return cfg.runner.n_workers if cfg.runner.type == "dask" and not cfg.runner.address else 1
 
 
+def choose_run_id(cfg: Config) -> str:
+    """``run.run_id``; on a retry of this flow run, the run its first attempt planned; else new."""
+    found = find_retried_run(cfg.output.root, flow_run.get_id(), cfg.run.run_id, flow_run.get_run_count())
+    return found or cfg.run.run_id or new_run_id()
+
+
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(cfg: Config) -> RunPlan:
-    """Scan input.root, check the model loads, cut shards, write index and manifest — or, on a
-    retry of this flow run, resume the plan its first attempt wrote (tasks/plan.py)."""
-    resumed = resume_plan(cfg.output.root, flow_run.get_id(), cfg.run.run_id, flow_run.get_run_count())
+def plan_task(cfg: Config, run_id: str) -> RunPlan:
+    """Resume the plan this flow run's first attempt wrote, or check the model loads and plan
+    the run: scan streamed into the index, shards cut, manifest written (tasks/plan.py)."""
+    resumed = resume_plan(cfg.output.root, run_id, flow_run.get_id())
     if resumed is not None:
         return resumed
-    t0 = time.perf_counter()
-    index = scan_images(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
-    t_scan = time.perf_counter() - t0
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
     lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
-    return plan_new_run(cfg, index, lm.info(), {"scan_s": round(t_scan, 3)}, flow_run_id=flow_run.get_id())
+    return plan_new_run(cfg, run_id, lm.info(), flow_run_id=flow_run.get_id())
 
 
 # Completed shards are cached (key: imgscore.tasks.plan.shard_cache_key) with results persisted under
 # output.root, so a retry of the flow run skips them; failed/crashed runs are never cached.
 @task(name="score_shard", cache_key_fn=lambda ctx, params: shard_cache_key(params["ref"]), persist_result=True)
-def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> dict:
+def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> ShardResult:
     """One shard on this worker's device; see ``imgscore.tasks.score.score_shard``.
 
     The config travels as its JSON text: Prefect walks every field of a structured parameter
@@ -78,62 +73,22 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> dict:
     ``score_shard`` (py-spy, benchmarks/NOTES.md); a string is one leaf.
     """
     cfg = Config.model_validate_json(config_json)
-    metadata = {"config": cfg.to_dict()}  # on every part file, as record_failed_shard writes it
-    result = score_shard(
-        ref,
-        cfg.input,
-        cfg.model,
-        cfg.preprocess,
-        cfg.inference,
-        cfg.output,
-        attempt=int(task_run.run_count or 1),
-        workers_on_host=n_on_host,
-        metadata=metadata,
-    )
+    result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata={"config": cfg.to_dict()})
     get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
         "shard %d: %s scored, %s failed in %s s on %s by %s (%s torch threads, %s DataLoader workers)",
-        ref.shard_id, *(result.get(k) for k in ("scored", "failed", "seconds", "device", "worker", "threads", "loader_workers")),
+        ref.shard_id, result.scored, result.failed, result.seconds, result.device, result.worker, result.threads, result.loader_workers,
     )
     return result
 
 
-def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> dict:
+def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> ShardResult:
     """A shard that could not run after its retries: one errors row per image, state ``failed``."""
-    entries = read_shard_entries(plan.run_dir, ref.shard_id)
-    now = datetime.now(UTC)
-    rows = [
-        {
-            "run_id": ref.run_id,
-            "image_path": e.image_path,
-            "shard_id": ref.shard_id,
-            "batch_id": None,
-            "stage": "inference",
-            "error_type": "ShardFailed",
-            "message": reason[:2000],
-            "attempt": attempts,
-            "occurred_at": now,
-            "worker": None,
-        }
-        for e in entries
-    ]
-    out = cfg.output.root
-    meta = file_metadata(plan.manifest["model"], ref.run_id, {"config": cfg.to_dict()})  # same as score_shard's
-    write_table_atomic(make_table([], PREDICTIONS_SCHEMA, meta), part_dir(out, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id))
-    err = write_table_atomic(make_table(rows, ERRORS_SCHEMA, meta), part_dir(out, "errors", ref.run_date, ref.run_id) / part_name(ref.shard_id))
-    return {
-        "shard_id": ref.shard_id,
-        "state": "failed",
-        "scored": 0,
-        "failed": len(entries),
-        "failed_images": [e.image_path for e in entries],
-        "attempt": attempts,
-        "files": [str(err)],
-        "reason": reason,
-    }
+    return commit_failed_shard(ref, read_shard_entries(ref), cfg.output.root, plan.manifest.model, reason, attempts,
+                               metadata={"config": cfg.to_dict()})  # the same metadata as score_shard's parts
 
 
-def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
-    """Submit one task run per shard and fold results into the manifest as they finish."""
+def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
+    """Submit one task run per shard and commit results into the run state as they finish."""
     logger = get_run_logger()
     shard_task = score_shard_task.with_options(
         retries=cfg.run.shard_retries, retry_delay_seconds=1, result_storage=result_storage_path(cfg.output.root)
@@ -141,7 +96,7 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
     n_on_host = workers_on_host(cfg)
     config_json = cfg.model_dump_json()
     futures = {shard_task.submit(ref, config_json, n_on_host): ref for ref in plan.shards}
-    progress = RunProgressArtifact.start(plan.manifest)  # Prefect UI: percent of images done
+    artifact = RunProgressArtifact.start(plan.manifest.to_progress(), total=plan.manifest.total_images)  # Prefect UI
     results = []
     for fut in as_completed(list(futures)):
         ref = futures[fut]
@@ -153,10 +108,9 @@ def score_all(plan: RunPlan, cfg: Config) -> list[dict]:
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
             result = record_failed_shard(plan, cfg, ref, reason, cfg.run.shard_retries + 1)
-        mf.record_shard(plan.manifest, plan.run_dir, result)
-        for hook in PROGRESS_HOOKS:
-            hook(plan.manifest, result)
-        progress.update(plan.manifest)
+        record = plan.state.commit(result)
+        progress.notify(plan.manifest, record)
+        artifact.update(plan.manifest.to_progress())
         results.append(result)
     return results
 
@@ -168,46 +122,48 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
         ErrorBudgetExceeded: failed/scanned > ``max_error_rate`` or a shard failed; everything
             that could be scored is already written.
     """
-    m = mf.recount(plan.manifest)
-    c = m["counts"]
-    devices = sorted({s.get("device") for s in m["shards"] if s.get("device")})
-    workers = sorted({s.get("worker") for s in m["shards"] if s.get("worker")})
-    score_s = sum(s.get("seconds") or 0 for s in m["shards"])
-    rate = c["failed"] / c["scanned"] if c["scanned"] else 0.0
-    failed_shards = [s["shard_id"] for s in m["shards"] if s["state"] == "failed"]
+    m = plan.manifest.recount()
+    c = m.counts
+    devices = sorted({s.device for s in m.shards if s.device})
+    workers = sorted({s.worker for s in m.shards if s.worker})
+    score_s = sum(s.seconds or 0 for s in m.shards)
+    rate = c.failed / c.scanned if c.scanned else 0.0
+    failed_shards = [s.shard_id for s in m.shards if s.state == "failed"]
     over = rate > max_error_rate or bool(failed_shards)
-    m["status"] = "failed" if over else ("partial" if c["failed"] else "complete")
-    m["timings"].update(
-        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3), "images_per_s": round(c["scored"] / wall_s, 2) if wall_s else None}
+    m.status = "failed" if over else ("partial" if c.failed else "complete")
+    m.timings.update(
+        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3), "images_per_s": round(c.scored / wall_s, 2) if wall_s else None}
     )
-    mf.save(m, plan.run_dir)
+    plan.state.save()
     summary = {
         "run_id": plan.run_id,
-        "status": m["status"],
-        **{k: c[k] for k in ("scanned", "scored", "failed", "skipped", "already_scored")},
+        "status": m.status,
+        **{k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored")},
         "error_rate": round(rate, 6),
         "max_error_rate": max_error_rate,
         "failed_shards": failed_shards,
-        "warnings": sum(sum((s.get("warnings") or {}).values()) for s in m["shards"]),  # Pillow warnings, counted per shard
-        "images_per_s": m["timings"]["images_per_s"],
+        "warnings": sum(sum(s.warnings.values()) for s in m.shards),  # Pillow warnings, counted per shard
+        "images_per_s": m.timings["images_per_s"],
         "wall_s": round(wall_s, 2),
         "devices": devices,
         "workers": workers,
         "manifest": str(plan.run_dir / "manifest.json"),
-        **m["outputs"],
+        **m.outputs,
     }
     # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
-    summary["report"] = publish_run_report(plan.manifest["config"]["output"]["root"], plan.run_id)
+    summary["report"] = publish_run_report(m.config["output"]["root"], plan.run_id)
     if over:
         why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else f"error rate {rate:.2%} > run.max_error_rate {max_error_rate:.2%}"
-        raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m['outputs']['errors']}", summary)
+        raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary)
     return summary
 
 
-# The task runner comes from the run's own config.runner (thread or Dask), also for deployment runs.
 @flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner())
 def score_images(config: dict) -> dict:
     """Score every image under ``config['input']['root']`` and write Parquet part files.
+
+    The task runner is the one ``config['runner']`` names (``imgscore.flows.runner``), however
+    the flow run was started.
 
     Args:
         config: a resolved config (``Config.to_dict()``), e.g. from ``configs/nightly.yaml``.
@@ -217,13 +173,16 @@ def score_images(config: dict) -> dict:
 
     Raises:
         ErrorBudgetExceeded: over ``run.max_error_rate`` or a shard failed (flow run Failed).
-        UsageError: bad config, input root or model (nothing is scored).
+        UsageError: bad config, input root or model, or the run id is taken (nothing is scored).
+        RunLockedError: another live process is writing this run.
     """
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
-    plan = plan_task(cfg)
-    try:
-        score_all(plan, cfg)
-        return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0)
-    finally:
-        run_lock.release(plan.run_dir)
+    run_id = choose_run_id(cfg)
+    with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore run"):
+        plan = plan_task(cfg, run_id)
+        try:
+            score_all(plan, cfg)
+            return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0)
+        finally:
+            plan.state.close()

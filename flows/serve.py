@@ -97,18 +97,18 @@ def temporary_server_hint(name: str) -> str:
     )
 
 
-def main(args) -> int:
+def main(args, temporary_url: str | None = None) -> int:
     """``imgscore serve [--config FILE] [--set K=V] [--cron EXPR] [--timezone TZ] [--name NAME]``.
 
     Returns 0 after Ctrl-C (the schedule is paused while nothing serves it); raises
     :class:`ConfigError` (exit 2) for a bad config or schedule before anything is registered.
-    Without ``PREFECT_API_URL`` Prefect's start message is replaced by
-    :func:`temporary_server_hint` (its ``prefect deployment run`` could not reach this process's
-    temporary server); with it, Prefect's message is printed as usual.
+    ``temporary_url``: the API URL of the temporary server the CLI started for this process
+    (``imgscore.flows.startup.Session.temporary_api_url``), which counts as no server. Without
+    ``PREFECT_API_URL`` Prefect's start message is replaced by :func:`temporary_server_hint`
+    (its ``prefect deployment run`` could not reach this process's temporary server); with it,
+    Prefect's message is printed as usual.
     """
     from prefect.settings import PREFECT_API_URL
-
-    from imgscore.flows import server_guard
 
     cfg = load_config(args.config, args.overrides)
     deployment = build_deployment(cfg, args.cron, args.timezone, args.name)
@@ -116,7 +116,7 @@ def main(args) -> int:
         print(f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
               "scheduled runs will exit 2 until it is", file=sys.stderr)
     api = PREFECT_API_URL.value()
-    if api and api == server_guard.temporary_api_url():  # the CLI exported its own temporary server's URL
+    if api and api == temporary_url:  # the CLI exported its own temporary server's URL
         api = None
     print(f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {api or 'a temporary Prefect server'}; "
           "Ctrl-C stops", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from PIL import Image
@@ -33,6 +33,11 @@ class InputConfig(_Section):
         description="auto: class subfolders and no top-level images → imagefolder, else flat",
     )
     follow_symlinks: bool = Field(True, description="follow symlinked files and folders (cycles are cut)")
+    scan_threads: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="threads that scan class folders at once: auto = 8 on a network file system (NFS, SMB, …), "
+        "1 on a local disk; the order of the images is the same with any number",
+    )
     exif_orientation: bool = Field(True, description="apply the EXIF orientation tag before scoring")
     max_pixels: int = Field(
         PILLOW_MAX_PIXELS,
@@ -300,3 +305,75 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v) for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------- a rerun's config
+
+ALLOWED_RERUN_OVERRIDES = ("output.root", "runner.", "inference.")
+
+
+def _allowed(key: str) -> bool:
+    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in ALLOWED_RERUN_OVERRIDES)
+
+
+def _leaves(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _leaves(v, key + ".") if isinstance(v, dict) else [(key, v)]
+    return out
+
+
+def _get(d: dict, dotted: str):
+    for p in dotted.split("."):
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def out_root_of(config_file: Path | None, overrides: list[str]) -> Path:
+    """The output root to look for the run in: ``--set output.root``, else the config file's,
+    else the default (``outputs``)."""
+    root = load_config(config_file).output.root if config_file else Config().output.root
+    for item in overrides:
+        parts, value = parse_override(item)
+        if parts == ["output", "root"]:
+            root = Path(str(value))
+    return Path(root)
+
+
+def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str]) -> Config:
+    """The run's recorded config with the allowed overrides applied.
+
+    ``--set`` may name only ``output.root``, ``runner.*`` or ``inference.*``; a ``--config`` file
+    may hold other keys only with the values the run recorded (so the run's own config file can
+    be passed again).
+
+    Raises:
+        ConfigError: a forbidden override (named, with the recorded value), or an invalid value.
+    """
+    base = build_config(recorded)
+    file_items: list[str] = []
+    if config_file is not None:
+        load_config(config_file)  # validates the file and gives its usual errors
+        raw = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        for key, value in _leaves(raw):
+            item = f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            if _allowed(key):
+                file_items.append(item)
+            elif build_config(recorded, [item]).to_dict() != base.to_dict():
+                raise ConfigError(
+                    f"{config_file} sets {key} to {value!r} but run {recorded['run']['run_id']} recorded "
+                    f"{_get(base.to_dict(), key)!r}; a rerun keeps the run's config (only output.root, runner.* and "
+                    "inference.* may change) — start a new run with `imgscore run` to change it"
+                )
+    for item in overrides:
+        parts, _ = parse_override(item)
+        key = ".".join(parts)
+        if not _allowed(key):
+            raise ConfigError(
+                f"--set {item!r}: a rerun keeps the run's recorded config; only output.root, runner.* and inference.* "
+                f"may be overridden (recorded {key} = {_get(base.to_dict(), key)!r}); start a new run to change {key}"
+            )
+    return build_config(recorded, [*file_items, *overrides])

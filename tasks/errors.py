@@ -41,3 +41,9 @@ class ErrorBudgetExceeded(ImgscoreError):
 
 class RunLockedError(UsageError):
     """Another process holds the run's lock (a rerun of the same run is already going)."""
+
+
+class ShardError(RuntimeError):
+    """A shard could not run at all (model load on its worker, DataLoader worker crash or
+    timeout). Not an :class:`ImgscoreError`: Prefect retries the shard's task run, and after the
+    last retry the shard is recorded as ``failed`` with this message as its reason."""

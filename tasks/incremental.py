@@ -38,7 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from imgscore.tasks.parquet_io import part_dir
-from imgscore.tasks.scan import ImageIndex, sha256_of_file
+from imgscore.tasks.scan import ImageIndex, entries_from_table, sha256_of_file
 
 log = logging.getLogger("imgscore")
 
@@ -137,9 +137,85 @@ def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise(pc.utf8_normalize(path, "NFC"), pc.cast(size, pa.string()), pc.cast(mtime, pa.string()), "\t")
 
 
-def _display(e) -> str:
-    """``e.image_path`` without the per-entry re-encoding for the common ASCII name on POSIX."""
-    return e.rel if os.sep == "/" and e.rel.isascii() else e.image_path
+class AlreadyScored:
+    """Earlier runs' committed predictions of the same model over the same folder, read once,
+    that filter the scan's record batches as they stream into the index (module docstring).
+
+    Memory: the prior keys (one ``path\tsize\tmtime`` string per earlier prediction), not the
+    scan. ``already_scored`` and ``hashed`` count as batches pass; in sha256 mode
+    :meth:`take_hashes` hands out the content-hash rows of the images kept since the last call.
+
+    Raises:
+        ValueError: unknown ``skip_key``.
+    """
+
+    def __init__(self, out_root: str | Path, model_info: dict, input_root: str | Path, skip_key: str = "stat",
+                 exclude_run: str | None = None):
+        if skip_key not in ("stat", "sha256"):
+            raise ValueError(f"run.skip_key must be stat or sha256, got {skip_key!r}")
+        self.out_root, self.root, self.skip_key = Path(out_root), Path(input_root), skip_key
+        self.runs = prior_runs(out_root, model_info, input_root, exclude=exclude_run)
+        self.prior_runs = [m["run_id"] for m in self.runs]
+        self.already_scored = 0
+        self.hashed = 0
+        self._hash_rows: list[dict] = []
+        self._scored = read_scored(out_root, self.runs, model_info["model_id"]) if self.runs else None
+        self._keys = None
+        if self._scored is not None:
+            prior = _stat_keys(self._scored["image_path"], self._scored["file_size"], self._scored["file_mtime_ns"])
+            self._keys = pc.unique(prior.combine_chunks() if isinstance(prior, pa.ChunkedArray) else prior)
+        self._content_keys = None  # path\tsha256 of earlier sha256-mode runs, read on first need
+
+    def _content(self) -> pa.Array:
+        if self._content_keys is None:
+            prior_h = read_hashes(self.out_root, self.runs)
+            scored_h = self._scored.join(
+                prior_h, keys=["image_path", "file_size", "file_mtime_ns"], right_keys=["image_path", "size", "mtime_ns"], join_type="inner"
+            )
+            self._content_keys = pc.unique(
+                pc.binary_join_element_wise(pc.utf8_normalize(scored_h["image_path"], "NFC"), scored_h["sha256"], "\t").combine_chunks()
+            )
+        return self._content_keys
+
+    def filter(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The rows of ``batch`` (index schema) still to score. Rows that could not be stat'ed are
+        always kept (they become scan errors)."""
+        n = batch.num_rows
+        keep = pa.array([True] * n)
+        if self._keys is not None:
+            hit = pc.fill_null(pc.is_in(_stat_keys(batch["image_path"], batch["size"], batch["mtime_ns"]), value_set=self._keys), False)
+            keep = pc.invert(hit)
+        if self.skip_key == "sha256":
+            keep = self._filter_by_content(batch, keep)
+        kept = batch.filter(keep)
+        self.already_scored += n - kept.num_rows
+        return kept
+
+    def _filter_by_content(self, batch: pa.RecordBatch, keep: pa.Array) -> pa.Array:
+        flags = keep.to_pylist()
+        paths, rels = batch["image_path"].to_pylist(), batch["fs_path"].to_pylist()
+        sizes, mtimes, errs = batch["size"].to_pylist(), batch["mtime_ns"].to_pylist(), batch["scan_error"].to_pylist()
+        shas: dict[int, str] = {}
+        for i in range(batch.num_rows):
+            if flags[i] and errs[i] is None:
+                try:
+                    shas[i] = sha256_of_file(self.root / os.fsdecode(rels[i]))
+                    self.hashed += 1
+                except OSError:
+                    pass  # unreadable now: scored (and recorded) as an error by the shard
+        if self.runs and shas:
+            idx = list(shas)
+            probe = pa.array([f"{unicodedata.normalize('NFC', paths[i])}\t{shas[i]}" for i in idx], pa.string())
+            for i, h in zip(idx, pc.fill_null(pc.is_in(probe, value_set=self._content()), False).to_pylist(), strict=True):
+                if h:
+                    flags[i] = False
+        self._hash_rows += [{"image_path": paths[i], "size": sizes[i], "mtime_ns": mtimes[i], "sha256": sha} for i, sha in shas.items() if flags[i]]
+        return pa.array(flags)
+
+    def take_hashes(self) -> pa.Table:
+        """Content-hash rows (``HASHES_SCHEMA``) of the images kept since the last call."""
+        rows, self._hash_rows = self._hash_rows, []
+        return pa.Table.from_pylist(rows, schema=HASHES_SCHEMA)
 
 
 @dataclass
@@ -160,7 +236,8 @@ def split_already_scored(
     skip_key: str = "stat",
     exclude_run: str | None = None,
 ) -> SkipResult:
-    """Drop from ``index`` the images already scored under the same model key (module docstring).
+    """Drop from an in-memory ``index`` the images already scored under the same model key
+    (:class:`AlreadyScored` on the whole list at once; planning streams instead).
 
     Args:
         index: the scan of ``input.root``.
@@ -169,57 +246,14 @@ def split_already_scored(
         skip_key: ``stat`` or ``sha256``.
         exclude_run: a run id to ignore (this run itself when resuming).
 
-    Returns:
-        A :class:`SkipResult`; entries that could not be stat'ed are always kept (they become
-        scan errors).
-
     Raises:
         ValueError: unknown ``skip_key``.
     """
-    if skip_key not in ("stat", "sha256"):
-        raise ValueError(f"run.skip_key must be stat or sha256, got {skip_key!r}")
-    runs = prior_runs(out_root, model_info, index.root, exclude=exclude_run)
-    entries = index.entries
-    n = len(entries)
-    keep = [True] * n
-    hashes = None
-    hashed = 0
-    if runs:
-        scored = read_scored(out_root, runs, model_info["model_id"])
-        cur_keys = _stat_keys(
-            pa.array([_display(e) for e in entries], pa.string()),
-            pa.array([e.size for e in entries], pa.int64()),
-            pa.array([e.mtime_ns for e in entries], pa.int64()),
-        )
-        prior = _stat_keys(scored["image_path"], scored["file_size"], scored["file_mtime_ns"])
-        hit = pc.fill_null(pc.is_in(cur_keys, value_set=pc.unique(prior.combine_chunks() if isinstance(prior, pa.ChunkedArray) else prior)), False)
-        keep = [not h for h in hit.to_pylist()]
-    if skip_key == "sha256":
-        todo = [i for i in range(n) if keep[i] and entries[i].scan_error is None]
-        shas: dict[int, str] = {}
-        for i in todo:
-            try:
-                shas[i] = sha256_of_file(Path(index.root) / entries[i].rel)
-                hashed += 1
-            except OSError:
-                pass  # unreadable now: scored (and recorded) as an error by the shard
-        if runs and shas:
-            prior_h = read_hashes(out_root, runs)
-            scored_h = scored.join(
-                prior_h, keys=["image_path", "file_size", "file_mtime_ns"], right_keys=["image_path", "size", "mtime_ns"], join_type="inner"
-            )
-            value_set = pc.unique(pc.binary_join_element_wise(pc.utf8_normalize(scored_h["image_path"], "NFC"), scored_h["sha256"], "\t").combine_chunks())
-            idx = list(shas)
-            probe = pa.array([f"{unicodedata.normalize('NFC', entries[i].image_path)}\t{shas[i]}" for i in idx], pa.string())
-            for i, h in zip(idx, pc.fill_null(pc.is_in(probe, value_set=value_set), False).to_pylist(), strict=True):
-                if h:
-                    keep[i] = False
-        rows = [
-            {"image_path": entries[i].image_path, "size": entries[i].size, "mtime_ns": entries[i].mtime_ns, "sha256": s}
-            for i, s in shas.items()
-            if keep[i]
-        ]
-        hashes = pa.Table.from_pylist(rows, schema=HASHES_SCHEMA)
-    kept = [e for e, k in zip(entries, keep, strict=True) if k]
-    new_index = ImageIndex(root=index.root, layout=index.layout, classes=index.classes, entries=kept, skipped=index.skipped)
-    return SkipResult(new_index, n - len(kept), hashes, [m["run_id"] for m in runs], hashed)
+    skip = AlreadyScored(out_root, model_info, index.root, skip_key, exclude_run)
+    entries = []
+    if index.entries:
+        (batch,) = index.to_table().combine_chunks().to_batches()
+        entries = entries_from_table(pa.Table.from_batches([skip.filter(batch)]))
+    new_index = ImageIndex(root=index.root, layout=index.layout, classes=index.classes, entries=entries, skipped=index.skipped)
+    hashes = skip.take_hashes() if skip_key == "sha256" else None
+    return SkipResult(new_index, skip.already_scored, hashes, skip.prior_runs, skip.hashed)

@@ -1,14 +1,26 @@
 """One writer per run: a lock file with the owner's pid and host, and stale-lock detection.
 
 ``OUT/runs/RUN/.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on POSIX file systems,
-NFSv3+ included) by whichever process writes the run's part files and manifest: the
-``score-images`` flow while it scores, ``imgscore rerun`` while it rescores. A second writer is
-refused with :class:`~imgscore.tasks.errors.RunLockedError` (CLI exit 2) naming the owner.
+NFSv3+ included, and the same promise an object store's conditional put gives) by whichever
+process writes the run's part files and manifest. The flows hold it for their whole body, where
+it is visible::
+
+    with run_lock.held(run_dir, "imgscore run"):
+        plan = ...; score_all(...); finish_run(...)
+
+A second writer is refused with :class:`~imgscore.tasks.errors.RunLockedError` (CLI exit 2)
+naming the owner.
 
 A lock is *stale* — and is broken by the next taker — when its owner is on this host and that
-process is gone (or its pid was reused by a process started later, checked through the start
-time in ``/proc``). A lock owned by another host cannot be checked from here; it is honoured
-until it is older than ``REMOTE_STALE_S`` and the message says which file to delete.
+process is gone, or its pid now belongs to a process started later (the owner's start time is
+recorded and compared through ``psutil``, which reads it on Linux, macOS and Windows alike). A
+lock owned by another host cannot be checked from here; it is honoured until it is older than
+``REMOTE_STALE_S`` and the message says which file to delete.
+
+Why not ``filelock`` (an ``flock`` that the kernel drops when the owner dies): the lock file
+must say who holds it for the refusal message, and ``filelock`` truncates the file each time a
+contender tries it; ``flock`` across NFS clients depends on the lock manager, and object stores
+have no locks at all, only create-if-absent — which is what this lock is made of.
 
 Temp files (``.NAME.PID.tmp``, from :func:`imgscore.tasks.parquet_io.write_table_atomic`) of a run whose
 lock is not live are leftovers of a killed writer: :func:`clean_run_temp_files` removes them.
@@ -16,12 +28,16 @@ lock is not live are leftovers of a killed writer: :func:`clean_run_temp_files` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+
+import psutil
 
 from imgscore.tasks.errors import RunLockedError
 from imgscore.tasks.parquet_io import clean_temp_files
@@ -30,27 +46,17 @@ LOCK_NAME = ".lock"
 REMOTE_STALE_S = 24 * 3600.0  # a lock held by another host counts as stale after a day
 
 
-def _proc_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc/PID/stat`` field 22), else None."""
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch, psutil), or None when there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
         return None
 
 
 def pid_alive(pid: int) -> bool:
-    """True when a process with ``pid`` exists on this host (signal 0; EPERM still means alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """True when a process with ``pid`` exists on this host."""
+    return pid > 0 and psutil.pid_exists(pid)
 
 
 def lock_path(run_dir: str | Path) -> Path:
@@ -59,7 +65,7 @@ def lock_path(run_dir: str | Path) -> Path:
 
 
 def read_lock(run_dir: str | Path) -> dict | None:
-    """The lock's owner record (pid, host, proc_start, purpose, acquired_at), or None when unlocked.
+    """The lock's owner record (pid, host, started_s, purpose, acquired_at), or None when unlocked.
 
     A lock file that cannot be parsed (its writer was killed mid-write) reads as ``{}``: stale.
     """
@@ -84,8 +90,9 @@ def is_stale(rec: dict, now: float | None = None) -> bool:
     pid = int(rec["pid"])
     if not pid_alive(pid):
         return True
-    start = rec.get("proc_start")
-    return start is not None and _proc_start(pid) not in (None, start)
+    started = rec.get("started_s")  # locks written before psutil was used have none: pid only
+    now_started = _start_time(pid)
+    return started is not None and now_started is not None and abs(now_started - float(started)) > 1.0
 
 
 def describe(rec: dict, run_dir: str | Path) -> str:
@@ -113,7 +120,7 @@ def acquire(run_dir: str | Path, purpose: str) -> dict:
     rec = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "proc_start": _proc_start(os.getpid()),
+        "started_s": _start_time(os.getpid()),
         "purpose": purpose,
         "acquired_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "acquired_s": time.time(),
@@ -164,6 +171,26 @@ def release(run_dir: str | Path) -> bool:
         lock_path(run_dir).unlink(missing_ok=True)
         return True
     return False
+
+
+@contextlib.contextmanager
+def held(run_dir: str | Path, purpose: str) -> Iterator[dict]:
+    """Hold the run's lock for the ``with`` block: taken on entry, released on exit (an
+    exception or Ctrl-C included). Creates ``run_dir``; removes it again when the block leaves
+    it empty (a run refused before it wrote anything leaves no trace).
+
+    Raises:
+        RunLockedError: a live process holds the lock (the message names it).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rec = acquire(run_dir, purpose)
+    try:
+        yield rec
+    finally:
+        release(run_dir)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty
 
 
 def is_locked(run_dir: str | Path) -> bool:

@@ -155,11 +155,16 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
 
 def write_json_atomic(obj, path: str | Path) -> Path:
     """JSON with the same temp-then-rename guarantee as part files."""
+    return write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), path)
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
+    """Write ``data`` to ``path`` via a ``.``-prefixed temp file, fsync, and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

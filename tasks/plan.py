@@ -1,30 +1,44 @@
-"""Plan a run: scan, cut the sorted image list into shards, write the index and the manifest.
+"""Plan a run: stream the scan into the index, cut shards, write the first manifest.
 
-``runs/RUN_ID/index.parquet`` holds the scanned images with one row group per shard, so a shard
-task reads only its own rows; ``runs/RUN_ID/manifest.json`` is the run's source of truth and
-starts with every shard ``pending``.
+Planning holds no list of the images: the scan's record batches (:mod:`imgscore.tasks.scan`)
+pass through the incremental filter (``run.skip_scored``) into the index writer
+(:mod:`imgscore.tasks.index`), which cuts a shard every ``run.shard_size`` rows. Memory is a few
+batches and one shard's rows, whatever the number of images; the manifest holds one small
+record per shard (:mod:`imgscore.tasks.runstate`).
+
+The caller holds the run's lock (``imgscore.tasks.lock.held``) around planning and scoring.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks.config import Config
-from imgscore.tasks.incremental import HASHES_FILE, model_key, split_already_scored
-from imgscore.tasks.parquet_io import part_dir, write_json_atomic
-from imgscore.tasks.scan import INDEX_SCHEMA, ImageEntry, ImageIndex, _entry, entries_from_table
-from imgscore.tasks.score import ShardRef
+from imgscore.tasks.errors import InputError, UsageError
+from imgscore.tasks.incremental import HASHES_FILE, HASHES_SCHEMA, AlreadyScored, model_key
+from imgscore.tasks.index import INDEX_NAME, IndexWriter, shard_location
+from imgscore.tasks.parquet_io import part_dir
+from imgscore.tasks.runstate import (
+    MANIFEST,
+    Counts,
+    Manifest,
+    RunState,
+    ShardRecord,
+    ShardRef,
+    load_manifest,
+    now_iso,
+)
+from imgscore.tasks.scan import Scan, no_images_message, open_scan, scan_threads_for
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -33,227 +47,198 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def shard_fingerprint(entries: list[ImageEntry]) -> str:
-    """sha256 over the shard's (image_path, size, mtime_ns) rows: changes when any file changes."""
-    h = hashlib.sha256()
-    for e in entries:
-        h.update(f"{e.image_path}\t{e.size}\t{e.mtime_ns}\n".encode())
-    return h.hexdigest()
+def run_dir_of(out_root: str | Path, run_id: str) -> Path:
+    """``OUT/runs/RUN_ID``: the run's manifest, index, ledger, commit records and lock."""
+    return Path(out_root) / "runs" / run_id
 
 
 @dataclass
 class RunPlan:
+    """A planned (or resumed) run: its shards and the state the flow commits results into."""
+
     run_id: str
     run_date: str
     run_dir: Path
     shards: list[ShardRef]
-    manifest: dict
+    state: RunState
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.state.manifest
 
 
-def plan_run(
-    cfg: Config,
-    index: ImageIndex,
-    model_info: dict,
-    run_id: str | None = None,
-    timings: dict | None = None,
-    already_scored: int = 0,
-    flow_run_id: str | None = None,
-    incremental: dict | None = None,
-    content_hashes: pa.Table | None = None,
-) -> RunPlan:
-    """Cut ``index`` into shards of ``cfg.run.shard_size``, write index.parquet and manifest.json.
-
-    Shard ``i`` covers rows ``[i*shard_size, min((i+1)*shard_size, N))`` of the sorted list, so
-    ids are deterministic for a given folder state. ``index`` holds only the images this run
-    scores: with ``run.skip_scored`` the images already scored are left out of it and counted in
-    ``already_scored`` (``incremental`` records how they were found; ``content_hashes``, in
-    sha256 mode, is written to ``runs/RUN/content_hashes.parquet``). ``flow_run_id`` lets a
-    Prefect retry of the same flow run find and resume this run (:func:`resume_plan`).
-
-    Raises:
-        UsageError: a run with this id already exists in ``output.root``.
-    """
-    started = datetime.now(UTC)
-    run_id = run_id or cfg.run.run_id or new_run_id(started)
-    run_date = started.strftime("%Y-%m-%d")
-    out = Path(cfg.output.root)
-    run_dir = out / "runs" / run_id
-    if (run_dir / "manifest.json").exists():
-        from imgscore.tasks.errors import UsageError
-
-        raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_lock.acquire(run_dir, "imgscore run")  # released by the flow when it ends (tasks/lock.py)
-    try:
-        return _write_plan(cfg, index, model_info, run_id, run_date, run_dir, started, timings, already_scored, flow_run_id, incremental, content_hashes)
-    except BaseException:
-        run_lock.release(run_dir)
-        raise
-
-
-def _write_plan(cfg, index, model_info, run_id, run_date, run_dir, started, timings, already_scored, flow_run_id, incremental, content_hashes) -> RunPlan:
-    out = Path(cfg.output.root)
-    size = cfg.run.shard_size
-    table = index.to_table()
-    tmp = run_dir / ".index.parquet.tmp"
-    pq.write_table(table, tmp, row_group_size=size, compression="zstd")
-    tmp.replace(run_dir / "index.parquet")
-    if content_hashes is not None:
-        tmp = run_dir / f".{HASHES_FILE}.tmp"
-        pq.write_table(content_hashes, tmp, compression="zstd")
-        tmp.replace(run_dir / HASHES_FILE)
-    mkey = model_key(model_info)
-
-    shards: list[ShardRef] = []
-    for sid, start in enumerate(range(0, len(index.entries), size)):
-        stop = min(start + size, len(index.entries))
-        shards.append(
+def shard_refs(manifest: Manifest, run_dir: str | Path) -> list[ShardRef]:
+    """The task-run references of a manifest's shards, pointing at ``run_dir`` (where the run
+    lives now: ``output.root`` may have moved since planning)."""
+    mkey = manifest.model.get("model_key") or model_key(manifest.model)
+    refs = []
+    for s in manifest.shards:
+        index_file, group = shard_location(manifest.index, s.shard_id)
+        refs.append(
             ShardRef(
-                run_id=run_id,
-                run_date=run_date,
-                run_dir=str(run_dir),
-                input_root=str(index.root),
-                shard_id=sid,
-                start=start,
-                stop=stop,
-                fingerprint=shard_fingerprint(index.entries[start:stop]),
-                model_key=mkey,
+                run_id=manifest.run_id, run_date=manifest.run_date or "", run_dir=str(run_dir), input_root=manifest.input["root"],
+                shard_id=s.shard_id, start=s.start, stop=s.stop, fingerprint=s.fingerprint or "", model_key=mkey,
+                index_file=index_file, row_group=group,
             )
         )
-    index_fp = hashlib.sha256("".join(s.fingerprint for s in shards).encode()).hexdigest()
-    manifest = {
-        "run_id": run_id,
-        "run_date": run_date,
-        "flow_run_id": flow_run_id,
-        "status": "running",
-        "created_at": started.isoformat(),
-        "updated_at": started.isoformat(),
-        "input": {"root": str(index.root), "layout": index.layout, "classes": index.classes},
-        "counts": {
-            "scanned": len(index.entries),
-            "scored": 0,
-            "failed": 0,
-            "skipped": len(index.skipped),
-            "already_scored": already_scored,
-        },
-        "skipped": index.skipped,
-        "model": {**model_info, "model_key": mkey},
-        "config": cfg.to_dict(),
-        "incremental": incremental or {"skip_scored": False},
-        "index": {"file": "index.parquet", "fingerprint": index_fp, "images": len(index.entries), "shard_size": size},
-        "shards": [
-            {
-                "shard_id": s.shard_id,
-                "start": s.start,
-                "stop": s.stop,
-                "images": s.stop - s.start,
-                "fingerprint": s.fingerprint,
-                "state": "pending",
-                "attempts": 0,
-                "scored": 0,
-                "failed": 0,
-                "files": [],
-            }
-            for s in shards
-        ],
-        "outputs": {
-            "predictions": str(part_dir(out, "predictions", run_date, run_id)),
-            "errors": str(part_dir(out, "errors", run_date, run_id)),
-        },
-        "timings": {**(timings or {}), "planned_at_s": round(time.time(), 3)},
-    }
-    write_json_atomic(manifest, run_dir / "manifest.json")
-    return RunPlan(run_id, run_date, run_dir, shards, manifest)
+    return refs
 
 
-def load_plan(run_dir: str | Path, manifest: dict | None = None) -> RunPlan:
-    """Rebuild a run's :class:`RunPlan` from its ``manifest.json`` (for a retry or a rerun).
-
-    ``run_dir`` is where the run lives now (``output.root`` may have moved since planning); the
-    shard refs point there. Raises ``FileNotFoundError`` when there is no manifest.
-    """
-    run_dir = Path(run_dir)
-    if manifest is None:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    mkey = (manifest.get("model") or {}).get("model_key") or model_key(manifest.get("model") or {})
-    shards = [
-        ShardRef(
-            run_id=manifest["run_id"],
-            run_date=manifest["run_date"],
-            run_dir=str(run_dir),
-            input_root=manifest["input"]["root"],
-            shard_id=s["shard_id"],
-            start=s["start"],
-            stop=s["stop"],
-            fingerprint=s["fingerprint"],
-            model_key=mkey,
-        )
-        for s in manifest["shards"]
-    ]
-    return RunPlan(manifest["run_id"], manifest["run_date"], run_dir, shards, manifest)
-
-
-def resume_plan(out_root: str | Path, flow_run_id: str | None, run_id: str | None, run_count: int = 2) -> RunPlan | None:
-    """The plan this same Prefect flow run wrote on an earlier attempt (its lock taken), or None.
-
-    A retry of a flow run (Prefect UI "Retry", ``prefect flow-run retry``, ``retries=``) calls
-    the flow again with the same parameters and the same flow run id: with ``run.run_id`` set
-    we look at that run only; without it, at every manifest in ``out_root`` — but only when
-    ``run_count`` (Prefect's count of this flow run's attempts) says this is a retry.
+def load_plan(run_dir: str | Path) -> RunPlan:
+    """An existing run's plan and state (summary + ledger), to write on: a retry or a rerun.
 
     Raises:
-        RunLockedError: the run is being written by another live process.
+        FileNotFoundError: no manifest.json in ``run_dir``.
+    """
+    state = RunState.open(run_dir)
+    m = state.manifest
+    return RunPlan(m.run_id, m.run_date or "", Path(run_dir), shard_refs(m, run_dir), state)
+
+
+def _manifest_head(path: Path, limit: int = 65536) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(limit)
+    except OSError:
+        return ""
+
+
+def find_retried_run(out_root: str | Path, flow_run_id: str | None, run_id: str | None, run_count: int) -> str | None:
+    """The run id an earlier attempt of this same Prefect flow run planned, or None.
+
+    A retry of a flow run (Prefect UI "Retry", ``prefect flow-run retry``, ``retries=``) calls
+    the flow again with the same parameters and the same flow run id: with ``run.run_id`` set we
+    look at that run only; without it, at every manifest in ``out_root`` (newest first) — but
+    only when ``run_count`` (Prefect's count of this flow run's attempts) says this is a retry.
     """
     if not flow_run_id or (run_id is None and run_count <= 1):
         return None
     runs = Path(out_root) / "runs"
-    candidates = [runs / run_id / "manifest.json"] if run_id else sorted(runs.glob("*/manifest.json"), reverse=True)
+    candidates = [runs / run_id / MANIFEST] if run_id else sorted(runs.glob(f"*/{MANIFEST}"), reverse=True)
     for path in candidates:
+        if str(flow_run_id) not in _manifest_head(path):
+            continue  # the id sits near the top of a manifest: most files are never parsed
         try:
-            m = json.loads(path.read_text(encoding="utf-8"))
+            if json.loads(path.read_text(encoding="utf-8")).get("flow_run_id") == str(flow_run_id):
+                return path.parent.name
         except (OSError, ValueError):
             continue
-        if m.get("flow_run_id") == str(flow_run_id):
-            run_lock.acquire(path.parent, "imgscore run (retry)")
-            run_lock.clean_run_temp_files(_run_folders(out_root, m))
-            return load_plan(path.parent, m)
     return None
 
 
-def _run_folders(out_root: str | Path, m: dict) -> list[Path]:
-    return [part_dir(out_root, t, m["run_date"], m["run_id"]) for t in ("predictions", "errors", "errors_history")] + [
-        Path(out_root) / "runs" / m["run_id"]
-    ]
-
-
-def plan_new_run(cfg: Config, index: ImageIndex, model_info: dict, timings: dict, flow_run_id: str | None = None) -> RunPlan:
-    """Plan a fresh run: clean temp files that killed writers left in ``output.root`` (of runs no
-    live process holds), drop already-scored images when ``run.skip_scored`` is on
-    (:mod:`imgscore.tasks.incremental`), then :func:`plan_run` (which takes the run's lock).
+def resume_plan(out_root: str | Path, run_id: str, flow_run_id: str | None) -> RunPlan | None:
+    """The plan of ``run_id`` when this same flow run wrote it (a retry), with the temp files its
+    killed attempt left removed; None when the run does not exist yet.
 
     Raises:
-        UsageError: the run id exists; RunLockedError: never for a fresh id.
+        UsageError: the run exists but belongs to another flow run (or to none).
     """
+    run_dir = run_dir_of(out_root, run_id)
+    if not (run_dir / MANIFEST).exists():
+        return None
+    m = load_manifest(run_dir)
+    if not flow_run_id or m.flow_run_id != str(flow_run_id):
+        raise UsageError(f"run {run_id!r} already exists in {out_root}; use `imgscore rerun {run_id}` or another run.run_id")
+    run_lock.clean_run_temp_files(run_folders(out_root, m.run_date or "", run_id))
+    return load_plan(run_dir)
+
+
+def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
+    """Every folder a run writes into: its part-file partitions and its run folder."""
+    return [part_dir(out_root, t, run_date, run_id) for t in ("predictions", "errors", "errors_history")] + [run_dir_of(out_root, run_id)]
+
+
+def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | None = None, flow_run_id: str | None = None,
+                 scan: Scan | None = None) -> RunPlan:
+    """Scan ``input.root`` into the index, cut shards, write the first manifest.
+
+    Temp files that killed writers left in ``output.root`` (of runs no live process holds) are
+    removed first. With ``run.skip_scored`` the images already scored are filtered out of the
+    stream and counted in ``already_scored`` (``incremental`` records how); in sha256 mode their
+    content hashes go to ``runs/RUN/content_hashes.parquet``. Shard ``i`` covers rows
+    ``[i*shard_size, min((i+1)*shard_size, N))`` of the sorted list, so ids are deterministic for
+    a given folder state. ``flow_run_id`` lets a Prefect retry of the same flow run find and
+    resume this run (:func:`find_retried_run`). ``scan``: an already opened scan (default:
+    ``open_scan`` of ``input.root``; benchmarks/scale_plan.py passes synthetic ones).
+
+    Raises:
+        UsageError: a run with this id already exists; InputError: bad root or no images.
+    """
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
     out = Path(cfg.output.root)
-    removed = run_lock.clean_abandoned_temp_files(out)
-    already, incremental, hashes = 0, {"skip_scored": False}, None
-    if cfg.run.skip_scored:
-        t0 = time.perf_counter()
-        skip = split_already_scored(index, out, model_info, cfg.run.skip_key)
-        index, already, hashes = skip.index, skip.already_scored, skip.hashes
-        incremental = {
-            "skip_scored": True,
-            "skip_key": cfg.run.skip_key,
-            "model_key": model_key(model_info),
-            "prior_runs": skip.prior_runs,
-            "already_scored": already,
-            "files_hashed": skip.hashed,
-            "lookup_s": round(time.perf_counter() - t0, 4),
-        }
-    timings = {**timings, "temp_files_removed": removed} if removed else timings
-    return plan_run(
-        cfg, index, model_info, timings=timings, already_scored=already, flow_run_id=flow_run_id, incremental=incremental, content_hashes=hashes
+    run_dir = run_dir_of(out, run_id)
+    if (run_dir / MANIFEST).exists():
+        raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
+    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
+    threads = scan_threads_for(scan.root, cfg.input.scan_threads)
+    skip = AlreadyScored(out, model_info, scan.root, cfg.run.skip_key, exclude_run=run_id) if cfg.run.skip_scored else None
+    hashes = pq.ParquetWriter(run_dir / f".{HASHES_FILE}.tmp", HASHES_SCHEMA, compression="zstd") if skip and cfg.run.skip_key == "sha256" else None
+    scan_s = lookup_s = 0.0
+    try:
+        with IndexWriter(run_dir, cfg.run.shard_size) as index:
+            batches = scan.batches(threads)
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                scan_s += time.perf_counter() - t
+                if batch is None:
+                    break
+                if skip is not None:
+                    t = time.perf_counter()
+                    batch = skip.filter(batch)
+                    if hashes is not None:
+                        hashes.write_table(skip.take_hashes())
+                    lookup_s += time.perf_counter() - t
+                index.write(batch)
+            if scan.images == 0:
+                raise InputError(no_images_message(scan.root))
+    except BaseException:
+        if hashes is not None:
+            hashes.close()
+            (run_dir / f".{HASHES_FILE}.tmp").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / INDEX_NAME, ignore_errors=True)  # nothing of a run that was not planned
+        raise
+    if hashes is not None:
+        hashes.close()
+        (run_dir / f".{HASHES_FILE}.tmp").replace(run_dir / HASHES_FILE)
+
+    mkey = model_key(model_info)
+    incremental = {"skip_scored": False}
+    if skip is not None:
+        incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
+                       "already_scored": skip.already_scored, "files_hashed": skip.hashed,
+                       "lookup_s": round(lookup_s, 4)}
+    run_date = started.strftime("%Y-%m-%d")
+    n = index.rows
+    timings = {**(timings or {}), "scan_s": round(scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3), "scan_threads": threads}
+    if removed:
+        timings["temp_files_removed"] = removed
+    manifest = Manifest(
+        run_id=run_id,
+        run_date=run_date,
+        flow_run_id=flow_run_id,
+        status="running",
+        created_at=started.isoformat(),
+        updated_at=now_iso(),
+        input={"root": str(scan.root), "layout": scan.layout, "classes": scan.classes},
+        counts=Counts(scanned=n, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0, pending=n),
+        skipped=scan.skipped,
+        model={**model_info, "model_key": mkey},
+        config=cfg.to_dict(),
+        incremental=incremental,
+        index=index.info(),
+        shards=[
+            ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, fingerprint=s.fingerprint)
+            for s in index.shards
+        ],
+        outputs={t: str(part_dir(out, t, run_date, run_id)) for t in ("predictions", "errors")},
+        timings={**timings, "planned_at_s": round(time.time(), 3)},
     )
+    state = RunState.create(run_dir, manifest)
+    return RunPlan(run_id, run_date, run_dir, shard_refs(manifest, run_dir), state)
 
 
 def result_storage_path(out_root: str | Path) -> Path:
@@ -269,33 +254,6 @@ def shard_cache_key(ref: ShardRef) -> str:
     completed shard's persisted result is reused; another run, a changed file or checkpoint, or
     other preprocessing give another key. Failed and crashed task runs store no result, so
     they are never cache hits."""
+
     blob = json.dumps([ref.run_id, ref.shard_id, ref.start, ref.stop, ref.fingerprint, ref.model_key])
     return "imgscore-shard-" + hashlib.sha256(blob.encode()).hexdigest()
-
-
-def refresh_index(run_dir: str | Path, input_root: str | Path, shard_ids: list[int]) -> dict[int, str]:
-    """Re-stat the images of ``shard_ids`` and rewrite ``index.parquet`` atomically.
-
-    A file fixed since the run (a truncated JPEG replaced) then gets a prediction row with its
-    current size and mtime, which later incremental runs compare against. The image list and the
-    one-row-group-per-shard layout are unchanged; a file that is gone now gets a ``scan_error``.
-
-    Returns:
-        shard id → its new fingerprint (:func:`shard_fingerprint`), for the given shards.
-    """
-    run_dir = Path(run_dir)
-    pf = pq.ParquetFile(run_dir / "index.parquet")
-    wanted = set(shard_ids)
-    fps: dict[int, str] = {}
-    tmp = run_dir / f".index.parquet.{os.getpid()}.tmp"
-    with pq.ParquetWriter(tmp, INDEX_SCHEMA, compression="zstd") as w:
-        for g in range(pf.num_row_groups):
-            t = pf.read_row_group(g)
-            if g in wanted:
-                root = str(input_root)
-                fresh = [_entry(os.path.join(root, e.rel), root, e.label, e.label_name) for e in entries_from_table(t)]
-                t = ImageIndex(Path(root), "flat", [], fresh).to_table()
-                fps[g] = shard_fingerprint(fresh)
-            w.write_table(t, row_group_size=max(1, t.num_rows))
-    os.replace(tmp, run_dir / "index.parquet")
-    return fps

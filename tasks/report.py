@@ -395,9 +395,10 @@ def thumbnail_data_uri(path: str | Path | bytes, size: int = THUMB_PX) -> tuple[
 
 
 def _fs_paths(out_root: Path, run_id: str, wanted: set[str]) -> dict[str, bytes]:
-    """image_path → fs_path (bytes, opens names that are not UTF-8) from the run's index.parquet."""
+    """image_path → fs_path (bytes, opens names that are not UTF-8) from the run's index.parquet
+    (a folder of part files; a single file for runs planned before that)."""
     index = out_root / "runs" / run_id / "index.parquet"
-    if not wanted or not index.is_file():
+    if not wanted or not index.exists():
         return {}
     t = pq.read_table(index, columns=["image_path", "fs_path"])
     t = t.filter(pc.is_in(t["image_path"], value_set=pa.array(sorted(wanted), pa.string())))

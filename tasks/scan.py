@@ -9,14 +9,26 @@ Every regular file under the root ends in exactly one place: the index (an image
 ``skipped`` with a reason; only hidden names and ``__MACOSX`` are left out on purpose. Which
 files are images comes from Pillow's own registry (:func:`pillow_extensions`), not a hand list,
 so a JPEG named ``.jfif`` or a JPEG 2000 ``.jp2`` is scored whenever this Pillow can decode it.
+
+Planning streams the scan (:func:`open_scan`, :meth:`Scan.batches`): record batches of the
+index schema go to the index writer folder by folder, so memory does not grow with the number
+of images. On network file systems (NFS, SMB, …) class folders are scanned by several threads
+(``input.scan_threads``); the order, and so every shard, stays the same. Which files count as
+images, and which are listed as skipped, is decided in :func:`skip_reason` / :func:`_classify`
+alone.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import os
+import queue
 import stat
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,21 +191,24 @@ class ImageIndex:
 
     def to_table(self) -> pa.Table:
         """The index as a pyarrow Table with :data:`INDEX_SCHEMA` (what shards read back)."""
-        return pa.Table.from_pylist(
-            [
-                {
-                    "image_path": e.image_path,
-                    "fs_path": os.fsencode(e.rel),
-                    "label": e.label,
-                    "label_name": e.label_name,
-                    "size": e.size,
-                    "mtime_ns": e.mtime_ns,
-                    "scan_error": e.scan_error,
-                }
-                for e in self.entries
-            ],
-            schema=INDEX_SCHEMA,
-        )
+        return pa.Table.from_batches([entries_batch(self.entries)], schema=INDEX_SCHEMA)
+
+
+def entries_batch(entries: list[ImageEntry]) -> pa.RecordBatch:
+    """``entries`` as one record batch of :data:`INDEX_SCHEMA` (column by column)."""
+    posix = os.sep == "/"
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([e.rel if posix and e.rel.isascii() else e.image_path for e in entries], pa.string()),
+            pa.array([os.fsencode(e.rel) for e in entries], pa.binary()),
+            pa.array([e.label for e in entries], pa.int32()),
+            pa.array([e.label_name for e in entries], pa.string()),
+            pa.array([e.size for e in entries], pa.int64()),
+            pa.array([e.mtime_ns for e in entries], pa.int64()),
+            pa.array([e.scan_error for e in entries], pa.string()),
+        ],
+        schema=INDEX_SCHEMA,
+    )
 
 
 def entries_from_table(table: pa.Table) -> list[ImageEntry]:
@@ -220,9 +235,9 @@ def _inside(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str] = frozenset()):
-    """Yield file paths under ``top`` in torchvision's order: this folder's files, then its
-    subfolders, each sorted by name.
+def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str]):
+    """One folder of the walk: (its files, its subfolders, the chain for them), both sorted by
+    name; None when the folder is not entered (a cycle, or unreadable: listed in ``skipped``).
 
     Symlinked folders that point inside ``input.root`` are not followed (their images are scanned
     at their own path, under their own class — following them would score them twice, under
@@ -232,7 +247,7 @@ def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
     real = os.path.realpath(top)
     if real in chain:
         skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": "symlink cycle: folder is its own ancestor"})
-        return
+        return None
     chain = chain | {real}
     root_real = os.path.realpath(root)
     try:
@@ -240,7 +255,7 @@ def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
             items = sorted(it, key=lambda e: e.name)
     except OSError as exc:
         skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": f"folder not readable: {exc.strerror}"})
-        return
+        return None
     files, dirs = [], []
     for e in items:
         if _is_hidden(e.name):
@@ -263,6 +278,16 @@ def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
             )
         else:
             dirs.append(e.path)
+    return files, dirs, chain
+
+
+def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str] = frozenset()):
+    """Yield file paths under ``top`` in torchvision's order: this folder's files, then its
+    subfolders, each sorted by name (:func:`_list_folder` says which folders are entered)."""
+    listed = _list_folder(top, follow_symlinks, skipped, root, chain)
+    if listed is None:
+        return
+    files, dirs, chain = listed
     yield from files
     for d in dirs:
         yield from _walk_files(d, follow_symlinks, skipped, root, chain)
@@ -326,8 +351,111 @@ def find_classes(root: str | Path) -> list[str]:
         return sorted(e.name for e in it if not _is_hidden(e.name) and e.is_dir())
 
 
-def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = True) -> ImageIndex:
-    """List every image under ``root`` in a deterministic order.
+# Mount types whose every stat is a network round trip: the scan uses threads there (scan_threads).
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "fuse.glusterfs", "lustre", "gpfs",
+     "beegfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.juicefs", "davfs", "fuse.davfs2"}
+)
+NETWORK_SCAN_THREADS = 8
+SCAN_BATCH_ROWS = 4096  # rows per RecordBatch the scan yields (its memory is a few of these)
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The mount type (``ext4``, ``nfs4``, ``cifs``, …) of the file system holding ``path``, or
+    None when it cannot be told (psutil lists no mount for it)."""
+    import psutil
+
+    real = os.path.realpath(path)
+    best, fstype = "", None
+    try:
+        parts = psutil.disk_partitions(all=True)
+    except (OSError, RuntimeError):
+        return None
+    for p in parts:
+        mp = p.mountpoint
+        if (real == mp or real.startswith(mp.rstrip(os.sep) + os.sep)) and len(mp) > len(best):
+            best, fstype = mp, p.fstype
+    return fstype
+
+
+def scan_threads_for(root: str | Path, setting: int | str = "auto") -> int:
+    """Threads :meth:`Scan.batches` uses: ``setting`` when it is a number, else (``auto``)
+    :data:`NETWORK_SCAN_THREADS` on a network file system (:data:`NETWORK_FILESYSTEMS`) and 1 on
+    local disks, where threads only contend for the GIL (docs/scaling.md, scan)."""
+    if setting != "auto":
+        return max(1, int(setting))
+    return NETWORK_SCAN_THREADS if filesystem_type(root) in NETWORK_FILESYSTEMS else 1
+
+
+@dataclass
+class _Unit:
+    """A slice of the walk that one thread scans: a class folder, a top-level subfolder of a flat
+    tree, or the files directly in the root (``files``). Units in order give the index order."""
+
+    top: str | None
+    label: int | None
+    label_name: str | None
+    files: list[str] | None = None
+    chain: frozenset[str] = frozenset()
+
+
+@dataclass
+class Scan:
+    """A scan of ``input.root`` that yields its image list in order, without holding it.
+
+    :func:`open_scan` decides the layout and the classes; :meth:`batches` walks the tree and
+    yields :data:`INDEX_SCHEMA` record batches. The order is fixed by the tree alone: classes (or
+    the root's files, then its subfolders) sorted by name, and inside each, torchvision's order
+    (a folder's files sorted by name, then its subfolders). Threads scan several units at once
+    but their batches are yielded unit by unit in that order, so the index — and every shard cut
+    from it — is the same with 1 thread or 16. ``skipped`` fills as the walk goes; ``images`` is
+    the count yielded so far.
+    """
+
+    root: Path
+    layout: str
+    classes: list[str]  # display names (valid UTF-8)
+    follow_symlinks: bool = True
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    images: int = 0
+    _units: list[_Unit] = field(default_factory=list, repr=False)
+    _tail_skipped: list[dict[str, str]] = field(default_factory=list, repr=False)
+
+    def _scan_unit(self, unit: _Unit):
+        """Yield the unit's record batches, then ``("skipped", list)``."""
+        root = str(self.root)
+        skipped: list[dict[str, str]] = []
+        walk = unit.files if unit.files is not None else _walk_files(unit.top, self.follow_symlinks, skipped, root, unit.chain)
+        chunk: list[ImageEntry] = []
+        for path in walk:
+            entry = _classify(path, root, unit.label, unit.label_name, skipped)
+            if entry is not None:
+                chunk.append(entry)
+                if len(chunk) >= SCAN_BATCH_ROWS:
+                    yield entries_batch(chunk)
+                    chunk = []
+        if chunk:
+            yield entries_batch(chunk)
+        yield ("skipped", skipped)
+
+    def batches(self, threads: int = 1) -> Iterator[pa.RecordBatch]:
+        """Yield the image list as record batches of at most :data:`SCAN_BATCH_ROWS` rows, in
+        index order, scanning up to ``threads`` units at once.
+
+        Memory: each unit in flight buffers at most 4 batches; a folder's names are held while
+        it is listed (sorting needs them all)."""
+        for item in ordered_map(self._scan_unit, self._units, threads):
+            if isinstance(item, tuple):
+                self.skipped.extend(item[1])
+            else:
+                self.images += item.num_rows
+                yield item
+        self.skipped.extend(self._tail_skipped)
+        self._tail_skipped = []
+
+
+def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = True) -> Scan:
+    """Check ``root`` and decide the layout and classes; the walk happens in :meth:`Scan.batches`.
 
     Args:
         root: the folder to score.
@@ -335,6 +463,40 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
             (recursive, labels None) or ``auto`` (imagefolder when there are class subfolders
             and no images directly in ``root``).
         follow_symlinks: follow symlinked files and folders; cycles are cut.
+
+    Raises:
+        InputError: root missing or not a folder.
+    """
+    root_p = Path(root)
+    if not root_p.exists():
+        raise InputError(f"input.root {str(root_p)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
+    if not root_p.is_dir():
+        raise InputError(f"input.root {str(root_p)!r} is not a folder; point input.root at the folder that holds the images")
+    root_s = str(root_p)
+    classes = find_classes(root_s)
+    with os.scandir(root_s) as it:
+        top_files = sorted(e.name for e in it if not _is_hidden(e.name) and not e.is_dir())
+    if layout == "auto":
+        layout = "imagefolder" if classes and all(skip_reason(n) is not None for n in top_files) else "flat"
+    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks)
+    if layout == "imagefolder":
+        scan.classes = [display_path(c) for c in classes]  # a Latin-1 folder name is a class too, named in valid UTF-8
+        scan._units = [_Unit(os.path.join(root_s, c), i, scan.classes[i]) for i, c in enumerate(classes)]
+        tail: list[dict[str, str]] = []
+        for n in top_files:  # files directly in root have no class: say so
+            _skip(tail, n, skip_reason(n) or "image outside any class folder (layout=imagefolder)")
+        scan._tail_skipped = tail
+    else:
+        listed = _list_folder(root_s, follow_symlinks, scan.skipped, root_s, frozenset())
+        if listed is not None:
+            files, dirs, chain = listed
+            scan._units = [_Unit(None, None, None, files=files)] + [_Unit(d, None, None, chain=chain) for d in dirs]
+    return scan
+
+
+def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = True, threads: int = 1) -> ImageIndex:
+    """List every image under ``root`` in a deterministic order, in memory (:func:`open_scan`
+    and :meth:`Scan.batches` stream the same list; planning a run uses those).
 
     Returns:
         An :class:`ImageIndex`. Class names and ``image_path`` are valid UTF-8 (undecodable bytes
@@ -347,40 +509,78 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
     Raises:
         InputError: root missing or not a folder, or no image files under it.
     """
-    root_p = Path(root)
-    if not root_p.exists():
-        raise InputError(f"input.root {str(root_p)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
-    if not root_p.is_dir():
-        raise InputError(f"input.root {str(root_p)!r} is not a folder; point input.root at the folder that holds the images")
-    root_s = str(root_p)
-    skipped: list[dict[str, str]] = []
-    classes = find_classes(root_s)
-    with os.scandir(root_s) as it:
-        top_files = sorted(e.name for e in it if not _is_hidden(e.name) and not e.is_dir())
-    if layout == "auto":
-        layout = "imagefolder" if classes and all(skip_reason(n) is not None for n in top_files) else "flat"
-
-    entries: list[ImageEntry] = []
-    if layout == "imagefolder":
-        for idx, cls in enumerate(classes):
-            cls_dir = os.path.join(root_s, cls)
-            name = display_path(cls)  # a Latin-1 folder name is a class too, named in valid UTF-8
-            for path in _walk_files(cls_dir, follow_symlinks, skipped, root_s):
-                entry = _classify(path, root_s, idx, name, skipped)
-                if entry is not None:
-                    entries.append(entry)
-        for n in top_files:  # files directly in root have no class: say so
-            _skip(skipped, n, skip_reason(n) or "image outside any class folder (layout=imagefolder)")
-    else:
-        classes = []
-        for path in _walk_files(root_s, follow_symlinks, skipped, root_s):
-            entry = _classify(path, root_s, None, None, skipped)
-            if entry is not None:
-                entries.append(entry)
-
+    scan = open_scan(root, layout, follow_symlinks)
+    entries = [e for b in scan.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))]
     if not entries:
-        raise InputError(no_images_message(root_s))
-    return ImageIndex(root=root_p, layout=layout, classes=[display_path(c) for c in classes], entries=entries, skipped=skipped)
+        raise InputError(no_images_message(scan.root))
+    return ImageIndex(root=scan.root, layout=scan.layout, classes=scan.classes, entries=entries, skipped=scan.skipped)
+
+
+_DONE = object()
+
+
+@dataclass
+class _Failed:
+    exc: BaseException
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def ordered_map(work, units: list, threads: int, depth: int = 4) -> Iterator:
+    """``for u in units: yield from work(u)``, with up to ``threads`` units running at once on
+    threads and their items yielded in unit order; each running unit buffers ``depth`` items.
+
+    Units start in order on a FIFO pool, so the unit being yielded always has a thread (no
+    deadlock); at most ``2 * threads`` units are started ahead. An exception in ``work`` is raised
+    here when its unit's turn comes; leaving the loop early stops the threads.
+    """
+    if threads <= 1 or len(units) <= 1:
+        for u in units:
+            yield from work(u)
+        return
+    stop = threading.Event()
+
+    def produce(u, q: queue.Queue) -> None:
+        try:
+            for item in work(u):
+                if not _put(q, item, stop):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            _put(q, _Failed(exc), stop)
+            return
+        _put(q, _DONE, stop)
+
+    pending: collections.deque[queue.Queue] = collections.deque()
+    it = iter(units)
+    with ThreadPoolExecutor(threads, thread_name_prefix="imgscore-scan") as pool:
+
+        def start_next() -> None:
+            u = next(it, _DONE)
+            if u is not _DONE:
+                q: queue.Queue = queue.Queue(depth)
+                pool.submit(produce, u, q)
+                pending.append(q)
+
+        for _ in range(2 * threads):
+            start_next()
+        try:
+            while pending:
+                q = pending.popleft()
+                while (item := q.get()) is not _DONE:
+                    if isinstance(item, _Failed):
+                        raise item.exc
+                    yield item
+                start_next()
+        finally:
+            stop.set()
 
 
 def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:

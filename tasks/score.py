@@ -1,9 +1,18 @@
-"""Score one shard: DataLoader over its images, forward pass with per-image isolation, part files.
+"""Score one shard: the loader, the batches into rows, the commit — three steps, one file each.
 
-This is the body of the ``score_shard`` task run. It receives references (run folder, shard id,
-row range) and config sections, never images, tensors or models; it loads the model through the
-per-process cache, and it writes its own part files and its shard state file, returning only
-counts.
+This is the body of the ``score_shard`` task run, split the way a Beam ``DoFn`` pipeline is:
+
+1. :func:`build_loader`: a DataLoader over the shard's images (decode in worker processes,
+   failures as records, never as exceptions);
+2. :func:`score_batches`: forward passes with per-image isolation, every image turned into one
+   predictions row or one errors row (:func:`prediction_row`, :func:`error_row` — the only
+   places rows are built);
+3. :func:`commit_shard`: both part files, then the commit record (what makes the shard done).
+
+:func:`score_shard` composes them for a shard of a run's index; ``imgscore rerun`` feeds
+:func:`score_entries` the images it chose and commits the merge (``imgscore.tasks.rerun``).
+Tasks receive references (run folder, shard id, index location) and config sections, never
+images, tensors or models; the model comes from the per-process cache.
 """
 
 from __future__ import annotations
@@ -11,23 +20,23 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
-from pydantic import BaseModel
 from torch.utils.data import DataLoader
 
 from imgscore.tasks.config import (
+    Config,
     InferenceConfig,
     InputConfig,
     ModelConfig,
-    OutputConfig,
     PreprocessConfig,
 )
-from imgscore.tasks.dataset import Batch, Failure, ShardDataset, collate_samples
+from imgscore.tasks.dataset import Batch, ShardDataset, collate_samples
 from imgscore.tasks.device import (
     configure_threads,
     loader_context,
@@ -35,6 +44,8 @@ from imgscore.tasks.device import (
     resolve_device,
     worker_name,
 )
+from imgscore.tasks.errors import ShardError
+from imgscore.tasks.index import read_shard_entries as _read_index_entries
 from imgscore.tasks.model import LoadedModel, load_model
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -43,41 +54,136 @@ from imgscore.tasks.parquet_io import (
     make_table,
     part_dir,
     part_name,
-    write_json_atomic,
     write_table_atomic,
 )
 from imgscore.tasks.preprocess import DecodeOptions
-from imgscore.tasks.scan import entries_from_table
+from imgscore.tasks.runstate import ShardRef, ShardResult, commit_record_path, write_commit_record
+from imgscore.tasks.scan import ImageEntry
+
+__all__ = ["ShardError", "ShardRef", "score_shard", "score_entries", "commit_shard", "build_loader", "score_batches"]
 
 log = logging.getLogger("imgscore")
 
 
-class ShardRef(BaseModel):
-    """What a ``score_shard`` task run is given: where the run lives and which rows are its own."""
+def shard_state_path(run_dir: str | Path, shard_id: int) -> Path:
+    """``run_dir/shards/SSSSS.json``: the shard's commit record."""
+    return commit_record_path(run_dir, shard_id)
+
+
+def read_shard_entries(ref: ShardRef) -> list[ImageEntry]:
+    """The shard's images, in index order: one row group of one index file (``ref.index_file``)."""
+    return _read_index_entries(ref.run_dir, ref.index_file, ref.row_group if ref.row_group >= 0 else ref.shard_id)
+
+
+# ------------------------------------------------------------------------------------ scorer
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What scores images in this process: the model on its device, and how batches are fed.
+
+    Built once per shard by :func:`load_scorer`; the model itself comes from the per-process
+    cache (``imgscore.tasks.model.load_model``), so a worker loads it once.
+    """
+
+    lm: LoadedModel
+    device: torch.device
+    inference: InferenceConfig
+    threads: int  # torch intra-op threads this process uses
+    worker: str  # host:pid
+
+
+def load_scorer(model_cfg: ModelConfig, pre_cfg: PreprocessConfig, inf_cfg: InferenceConfig,
+                workers_on_host: int = 1, rank: int | None = None) -> Scorer:
+    """Resolve this worker's device and thread share, and load (or reuse) the model.
+
+    Raises:
+        ModelError: the model cannot be built or loaded on this worker (Prefect retries the shard).
+    """
+    device = resolve_device(inf_cfg.device, rank)
+    threads = configure_threads(inf_cfg.num_threads, workers_on_host)
+    lm = load_model(model_cfg, pre_cfg, device, channels_last=inf_cfg.channels_last)
+    if inf_cfg.fold_bn:
+        lm = lm.folded()  # cached per loaded model: folded once per process, not per shard
+    return Scorer(lm, device, inf_cfg, threads, worker_name())
+
+
+# ------------------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What every row of one shard attempt shares."""
 
     run_id: str
-    run_date: str  # YYYY-MM-DD (UTC), the hive partition
-    run_dir: str  # OUT/runs/RUN: holds index.parquet and shards/
-    input_root: str
     shard_id: int
-    start: int  # first row of the index (inclusive)
-    stop: int  # last row (exclusive)
-    fingerprint: str  # sha256 of the shard's (path, size, mtime) rows
-    model_key: str = ""  # sha256 of model_id + resolved preprocessing (imgscore.tasks.incremental.model_key)
+    attempt: int
+    model_id: str
+    classes: list[str]
+    device: str
+    worker: str | None
+    topk: int
 
 
-class ShardError(RuntimeError):
-    """The shard could not run at all (model load, DataLoader crash or timeout): retry it."""
+def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indices: list[int], top_scores: list[float],
+                   scored_at: datetime, file_stat: tuple[int | None, int | None] | None = None) -> dict:
+    """One predictions row (``PREDICTIONS_SCHEMA``) for an image scored in ``batch_id``.
+
+    ``top_indices``/``top_scores``: the k best classes and their softmax probabilities in [0, 1],
+    best first. ``file_stat``: (size bytes, mtime ns) of the bytes actually decoded (a file
+    replaced after the scan is described as read); the scan's when not given.
+    """
+    size, mtime = file_stat if file_stat is not None else (entry.size, entry.mtime_ns)
+    return {
+        "run_id": ctx.run_id,
+        "image_path": entry.image_path,
+        "label": entry.label,
+        "label_name": entry.label_name,
+        "pred_index": top_indices[0],
+        "pred_label": ctx.classes[top_indices[0]],
+        "score": top_scores[0],
+        "topk_indices": top_indices,
+        "topk_scores": top_scores,
+        "model_id": ctx.model_id,
+        "device": ctx.device,
+        "worker": ctx.worker,
+        "shard_id": ctx.shard_id,
+        "batch_id": batch_id,
+        "scored_at": scored_at,
+        "file_size": size,
+        "file_mtime_ns": mtime,
+    }
 
 
-def shard_state_path(run_dir: str | Path, shard_id: int) -> Path:
-    return Path(run_dir) / "shards" / f"{shard_id:05d}.json"
+def error_row(ctx: RowContext, image_path: str | None, batch_id: int | None, stage: str, error_type: str, message: str,
+              occurred_at: datetime | None = None) -> dict:
+    """One errors row (``ERRORS_SCHEMA``): ``image_path`` None for a whole-batch failure,
+    ``batch_id`` None outside any batch; ``stage`` one of scan, decode, preprocess, inference."""
+    log.debug("shard %d batch %s: %s failed at %s: %s: %s", ctx.shard_id, batch_id, image_path, stage, error_type,
+              message.splitlines()[0] if message else "")
+    return {
+        "run_id": ctx.run_id,
+        "image_path": image_path,
+        "shard_id": ctx.shard_id,
+        "batch_id": batch_id,
+        "stage": stage,
+        "error_type": error_type,
+        "message": message,
+        "attempt": ctx.attempt,
+        "occurred_at": occurred_at or datetime.now(UTC),
+        "worker": ctx.worker,
+    }
 
 
-def read_shard_entries(run_dir: str | Path, shard_id: int):
-    """The shard's entries: row group ``shard_id`` of ``index.parquet`` (one group per shard)."""
-    table = pq.ParquetFile(Path(run_dir) / "index.parquet").read_row_group(shard_id)
-    return entries_from_table(table)
+@dataclass
+class ShardRows:
+    """What scoring a list of images produced: rows in image order, and what was counted."""
+
+    predictions: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    warnings: collections.Counter[str] = field(default_factory=collections.Counter)  # Pillow warning → count
+    oom_events: int = 0
+    loader_workers: int = 0
 
 
 @dataclass
@@ -158,162 +264,176 @@ def score_isolated(fn, x: torch.Tensor, positions: list[int], state: _Isolation)
     return out
 
 
-def score_shard(
-    ref: ShardRef,
-    input_cfg: InputConfig,
-    model_cfg: ModelConfig,
-    pre_cfg: PreprocessConfig,
-    inf_cfg: InferenceConfig,
-    out_cfg: OutputConfig,
-    attempt: int = 1,
-    workers_on_host: int = 1,
-    rank: int | None = None,
-    metadata: dict[str, str] | None = None,
-) -> dict:
-    """Score one shard and commit its part files; return its state record.
+def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig) -> DataLoader:
+    """A DataLoader over ``entries`` (files under ``input_root``) yielding :class:`~imgscore.tasks.dataset.Batch`.
 
-    Every image of the shard ends in exactly one place: a predictions row, or an errors row with
-    its stage (scan, decode, preprocess, inference). Both part files are written (empty ones too)
-    before the shard state file, which is the commit record.
-
-    Returns:
-        A JSON-ready dict: ``shard_id``, ``state`` (``complete`` or ``partial``), ``scored``,
-        ``failed``, ``failed_images``, ``seconds``, ``device``, ``worker``, ``threads``,
-        ``attempt``, ``files``, ``warnings`` (message → count), ``oom_events``.
-
-    Raises:
-        ShardError: the shard could not run at all (model load on this worker, DataLoader worker
-            crash or timeout); Prefect retries it.
+    ``inference.num_workers`` decode processes (0 inside a daemonic Dask worker), forked also
+    inside spawned Dask workers (``loader_context``); ``inference.timeout_s`` per batch when
+    there are workers; pinned memory for CUDA.
     """
-    t0 = time.perf_counter()
-    device = resolve_device(inf_cfg.device, rank)
-    threads = configure_threads(inf_cfg.num_threads, workers_on_host)
-    lm = load_model(model_cfg, pre_cfg, device, channels_last=inf_cfg.channels_last)
-    if inf_cfg.fold_bn:
-        lm = lm.folded()  # cached per loaded model: folded once per process, not per shard
-    entries = read_shard_entries(ref.run_dir, ref.shard_id)
-    ds = ShardDataset(ref.input_root, entries, lm.preprocess, DecodeOptions.from_input(input_cfg))
-    nw = loader_workers(inf_cfg.num_workers)  # 0 in a daemonic (Dask) process
-    loader = DataLoader(
+    inf = scorer.inference
+    ds = ShardDataset(input_root, entries, scorer.lm.preprocess, DecodeOptions.from_input(input_cfg))
+    nw = loader_workers(inf.num_workers)
+    return DataLoader(
         ds,
-        batch_size=inf_cfg.batch_size,
+        batch_size=inf.batch_size,
         shuffle=False,
         num_workers=nw,
         collate_fn=collate_samples,
-        pin_memory=device.type == "cuda",
-        timeout=inf_cfg.timeout_s if nw > 0 else 0,
-        multiprocessing_context=loader_context(nw),  # fork, also inside (spawned) Dask workers
+        pin_memory=scorer.device.type == "cuda",
+        timeout=inf.timeout_s if nw > 0 else 0,
+        multiprocessing_context=loader_context(nw),
     )
-    me = worker_name()
-    dev_name = str(device)
-    k = min(out_cfg.topk, lm.num_classes)
-    preds: list[dict] = []
-    errors: list[dict] = []
-    warn_counts: collections.Counter[str] = collections.Counter()
-    iso = _Isolation(max_batch=inf_cfg.batch_size)
-    now = lambda: datetime.now(UTC)  # noqa: E731
 
-    def error_row(pos: int | None, batch_id: int | None, stage: str, etype: str, msg: str) -> dict:
-        path = entries[pos].image_path if pos is not None else None
-        log.debug("shard %d batch %s: %s failed at %s: %s: %s", ref.shard_id, batch_id, path, stage, etype, msg.splitlines()[0] if msg else "")
-        return {
-            "run_id": ref.run_id,
-            "image_path": path,
-            "shard_id": ref.shard_id,
-            "batch_id": batch_id,
-            "stage": stage,
-            "error_type": etype,
-            "message": msg,
-            "attempt": attempt,
-            "occurred_at": now(),
-            "worker": me,
-        }
+
+def loader_batches(loader: DataLoader, shard_id: int) -> Iterator[Batch]:
+    """The loader's batches; what the DataLoader itself raises becomes :class:`ShardError`.
+
+    A DataLoader raises ``RuntimeError`` when a worker process is killed (bus error from too
+    little shared memory) or exits, when a batch times out, or when its pin-memory thread dies,
+    and ``OSError`` when it cannot start its workers. The shard cannot be trusted as a whole
+    then: nothing is committed and Prefect retries it. Only the DataLoader's own calls are
+    guarded; an error in scoring code is not relabelled.
+    """
+    try:
+        it = iter(loader)
+    except (RuntimeError, OSError) as exc:
+        raise ShardError(f"shard {shard_id}: DataLoader failed to start: {exc}") from exc
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError) as exc:
+            raise ShardError(f"shard {shard_id}: DataLoader failed: {exc}") from exc
+        yield batch
+
+
+def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: Scorer, ctx: RowContext) -> ShardRows:
+    """Forward every batch with per-image isolation and turn each image into one row.
+
+    Decode failures from the dataset, inference failures isolated by :func:`score_isolated` and
+    non-finite outputs become errors rows; every other image a predictions row with its top-k.
+    Rows come out in image order within each batch, batches in order.
+    """
+    lm, inf, device = scorer.lm, scorer.inference, scorer.device
+    rows = ShardRows()
+    iso = _Isolation(max_batch=inf.batch_size)
+    k = ctx.topk
 
     def fn(xs: torch.Tensor) -> torch.Tensor:
-        return forward_probs(lm, xs, inf_cfg.precision)
+        return forward_probs(lm, xs, inf.precision)
 
-    try:
-        with torch.inference_mode():
-            batch: Batch
-            for batch_id, batch in enumerate(loader):
-                warn_counts.update(batch.warnings)
-                f: Failure
-                for f in batch.failures:
-                    errors.append(error_row(f.pos, batch_id, f.stage, f.error_type, f.message))
-                if batch.tensor is None:
-                    continue
-                mf = torch.channels_last if (inf_cfg.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
-                x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
-                n_fail_before = len(iso.failures)
-                scored = score_isolated(fn, x, batch.positions, iso)
-                for pos, etype, msg in iso.failures[n_fail_before:]:
-                    errors.append(error_row(pos, batch_id, "inference", etype, msg))
-                if not scored:
-                    continue
-                probs = torch.stack([p for _, p in scored])
-                top_s, top_i = torch.topk(probs, k, dim=1)
-                ts = now()
-                for row, (pos, _) in enumerate(scored):
-                    e = entries[pos]
-                    idx = [int(v) for v in top_i[row]]
-                    preds.append(
-                        {
-                            "run_id": ref.run_id,
-                            "image_path": e.image_path,
-                            "label": e.label,
-                            "label_name": e.label_name,
-                            "pred_index": idx[0],
-                            "pred_label": lm.classes[idx[0]],
-                            "score": float(top_s[row, 0]),
-                            "topk_indices": idx,
-                            "topk_scores": [float(v) for v in top_s[row]],
-                            "model_id": lm.model_id,
-                            "device": dev_name,
-                            "worker": me,
-                            "shard_id": ref.shard_id,
-                            "batch_id": batch_id,
-                            "scored_at": ts,
-                            # the bytes actually decoded: a file replaced after the scan is described as read
-                            "file_size": batch.file_stats[pos][0],
-                            "file_mtime_ns": batch.file_stats[pos][1],
-                        }
-                    )
-    except RuntimeError as exc:
-        # DataLoader worker killed (bus error from shared memory), timeout, pin-memory thread death:
-        # the shard cannot be trusted as a whole; nothing is committed and Prefect retries it.
-        raise ShardError(f"shard {ref.shard_id}: DataLoader failed: {exc}") from exc
+    with torch.inference_mode():
+        for batch_id, batch in enumerate(batches):
+            rows.warnings.update(batch.warnings)
+            for f in batch.failures:
+                rows.errors.append(error_row(ctx, entries[f.pos].image_path, batch_id, f.stage, f.error_type, f.message))
+            if batch.tensor is None:
+                continue
+            mf = torch.channels_last if (inf.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
+            x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
+            n_before = len(iso.failures)
+            scored = score_isolated(fn, x, batch.positions, iso)
+            for pos, etype, msg in iso.failures[n_before:]:
+                rows.errors.append(error_row(ctx, entries[pos].image_path, batch_id, "inference", etype, msg))
+            if not scored:
+                continue
+            probs = torch.stack([p for _, p in scored])
+            top_s, top_i = torch.topk(probs, k, dim=1)
+            now = datetime.now(UTC)
+            for row, (pos, _) in enumerate(scored):
+                rows.predictions.append(
+                    prediction_row(ctx, entries[pos], batch_id, [int(v) for v in top_i[row]], [float(v) for v in top_s[row]], now,
+                                   batch.file_stats.get(pos))
+                )
+    rows.oom_events = iso.oom_events
+    return rows
 
-    if warn_counts:
-        log.debug("shard %d: Pillow warnings (counted, not printed per image): %s", ref.shard_id, dict(warn_counts))
-    meta = file_metadata(lm.info(), ref.run_id, metadata)
-    pred_file = write_table_atomic(
-        make_table(preds, PREDICTIONS_SCHEMA, meta),
-        part_dir(out_cfg.root, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id),
-    )
-    err_file = write_table_atomic(
-        make_table(errors, ERRORS_SCHEMA, meta),
-        part_dir(out_cfg.root, "errors", ref.run_date, ref.run_id) / part_name(ref.shard_id),
-    )
-    failed_images = sorted({r["image_path"] for r in errors if r["image_path"] is not None})
-    state = {
-        "shard_id": ref.shard_id,
-        "state": "complete" if not errors else "partial",
-        "images": len(entries),
-        "scored": len(preds),
-        "failed": len(errors),
+
+def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig, ctx: RowContext) -> ShardRows:
+    """Steps 1 and 2 for any list of images: loader, then rows (the rerun's entry point too).
+
+    Raises:
+        ShardError: the DataLoader failed (:func:`loader_batches`).
+    """
+    loader = build_loader(entries, input_root, scorer, input_cfg)
+    rows = score_batches(loader_batches(loader, ctx.shard_id), entries, scorer, ctx)
+    rows.loader_workers = loader.num_workers
+    if rows.warnings:
+        log.debug("shard %d: Pillow warnings (counted, not printed per image): %s", ctx.shard_id, dict(rows.warnings))
+    return rows
+
+
+def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, errors: pa.Table, result: ShardResult) -> ShardResult:
+    """Write the shard's predictions and errors part files (empty ones too), then its commit record.
+
+    ``result`` is completed from the tables: ``state`` (``complete`` when there are no error
+    rows, else ``partial``; ``failed`` stays), ``scored``/``failed`` (their row counts), ``failed_images``,
+    ``files`` and ``finished_at``. A writer killed before the commit record leaves the shard
+    not done (a rerun redoes it); killed after, the record is adopted.
+
+    Returns:
+        The commit record as written.
+    """
+    pred_file = write_table_atomic(predictions, part_dir(out_root, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id))
+    err_file = write_table_atomic(errors, part_dir(out_root, "errors", ref.run_date, ref.run_id) / part_name(ref.shard_id))
+    failed_images = sorted({p for p in errors["image_path"].to_pylist() if p is not None})
+    result = result.model_copy(update={
+        "state": "failed" if result.state == "failed" else ("complete" if errors.num_rows == 0 else "partial"),
+        "scored": predictions.num_rows,
+        "failed": errors.num_rows,
         "failed_images": failed_images,
-        "fingerprint": ref.fingerprint,
-        "model_id": lm.model_id,
-        "seconds": round(time.perf_counter() - t0, 4),
-        "device": dev_name,
-        "worker": me,
-        "threads": threads,
-        "loader_workers": nw,  # DataLoader processes actually used (0: decoded in this process)
-        "attempt": attempt,
         "files": [str(pred_file), str(err_file)],
-        "warnings": dict(warn_counts.most_common(20)),
-        "oom_events": iso.oom_events,
-        "finished_at": now().isoformat(),
-    }
-    write_json_atomic(state, shard_state_path(ref.run_dir, ref.shard_id))
-    return state
+        "finished_at": datetime.now(UTC).isoformat(),
+    })
+    write_commit_record(ref.run_dir, result)
+    return result
+
+
+def row_context(ref: ShardRef, scorer: Scorer, attempt: int, topk: int) -> RowContext:
+    lm = scorer.lm
+    return RowContext(ref.run_id, ref.shard_id, attempt, lm.model_id, list(lm.classes), str(scorer.device), scorer.worker,
+                      min(topk, lm.num_classes))
+
+
+def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: int = 1, rank: int | None = None,
+                metadata: dict | None = None) -> ShardResult:
+    """Score one shard of a run's index and commit it; return its commit record.
+
+    Every image of the shard ends in exactly one place: a predictions row, or an errors row with
+    its stage (scan, decode, preprocess, inference). Uses ``cfg``'s input, model, preprocess,
+    inference and output sections; ``metadata`` goes on both part files (the flow passes the
+    resolved config).
+
+    Raises:
+        ShardError: the DataLoader failed (worker crash, timeout); Prefect retries the shard.
+        ModelError: the model cannot be loaded on this worker; Prefect retries the shard.
+    """
+    t0 = time.perf_counter()
+    scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host, rank)
+    entries = read_shard_entries(ref)
+    ctx = row_context(ref, scorer, attempt, cfg.output.topk)
+    rows = score_entries(entries, ref.input_root, scorer, cfg.input, ctx)
+    meta = file_metadata(scorer.lm.info(), ref.run_id, metadata)
+    result = ShardResult(
+        shard_id=ref.shard_id, state="complete", images=len(entries), fingerprint=ref.fingerprint, model_id=scorer.lm.model_id,
+        device=ctx.device, worker=scorer.worker, threads=scorer.threads, loader_workers=rows.loader_workers, attempt=attempt,
+        warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events,
+    )
+    result.seconds = round(time.perf_counter() - t0, 4)
+    return commit_shard(ref, cfg.output.root, make_table(rows.predictions, PREDICTIONS_SCHEMA, meta), make_table(rows.errors, ERRORS_SCHEMA, meta), result)
+
+
+def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: str | Path, model_info: dict, reason: str,
+                        attempts: int, metadata: dict | None = None) -> ShardResult:
+    """A shard that could not run after its retries: one errors row per image (stage
+    ``inference``, type ``ShardFailed``, the reason as message), an empty predictions part, and
+    state ``failed`` with the reason."""
+    ctx = RowContext(ref.run_id, ref.shard_id, attempts, model_info.get("model_id") or "", [], "", None, 1)
+    now = datetime.now(UTC)
+    errors = [error_row(ctx, e.image_path, None, "inference", "ShardFailed", reason[:2000], now) for e in entries]
+    meta = file_metadata(model_info, ref.run_id, metadata)
+    return commit_shard(ref, out_root, make_table([], PREDICTIONS_SCHEMA, meta), make_table(errors, ERRORS_SCHEMA, meta),
+                        ShardResult(shard_id=ref.shard_id, state="failed", images=len(entries), fingerprint=ref.fingerprint,
+                                    attempt=attempts, reason=reason))

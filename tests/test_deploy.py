@@ -74,7 +74,7 @@ def test_serve_refuses_a_bad_schedule_before_registering_anything(capsys, monkey
     assert message in err and "Traceback" not in err
 
 
-class _LaunchedServer:  # stands in for what imgscore.flows.server_guard holds after launch()
+class _LaunchedServer:  # stands in for the imgscore.flows.server.TemporaryServer a session launches
     url = "http://127.0.0.1:45678/api"
 
     def read_url(self, timeout: float) -> str:
@@ -83,21 +83,24 @@ class _LaunchedServer:  # stands in for what imgscore.flows.server_guard holds a
     def wait_ready(self, timeout: float) -> None:
         return None
 
+    def stop(self) -> None:
+        return None
+
 
 @pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:4200/api", _LaunchedServer.url])
 def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, monkeypatch, tmp_path, api_url):
     """Prefect's start message says "prefect deployment run", which cannot reach the temporary
     server living inside `imgscore serve`; without PREFECT_API_URL our one line replaces it. The
-    console script exports its own temporary server's URL as PREFECT_API_URL (imgscore.flows.server_guard):
+    console script exports its own temporary server's URL as PREFECT_API_URL (imgscore.flows.startup):
     that URL counts as no server. The real ``prefect.serve`` runs, with a Runner that registers
     nothing and returns at once."""
     import prefect.runner
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from imgscore.flows import server_guard
+    from imgscore.flows import startup
 
-    monkeypatch.setattr(server_guard, "_SERVER", _LaunchedServer())
-    monkeypatch.setenv("PREFECT_API_URL", "")  # restored afterwards: server_guard exports the URL
+    monkeypatch.setattr(startup.Session, "start_server", lambda self: setattr(self, "server", self.server or _LaunchedServer()))
+    monkeypatch.setenv("PREFECT_API_URL", "")  # restored afterwards: the session exports the URL
     temporary = api_url in (None, _LaunchedServer.url)
 
     added, runners = [], []

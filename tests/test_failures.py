@@ -395,11 +395,11 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
 @contextlib.contextmanager
 def engine_records(names=("prefect.flow_runs", "prefect.task_runs")):
     """Records of the named loggers (default: Prefect's flow-run and task-run loggers) as their
-    handlers receive them (after ``imgscore.flows._env``'s filter), gathered by a logger filter: Prefect's
+    handlers receive them (after ``imgscore.flows.startup``'s filter), gathered by a logger filter: Prefect's
     logging setup may replace handlers mid-session (pytest's ``caplog`` among them), never filters."""
-    from imgscore.flows import _env
+    from imgscore.flows import startup
 
-    _env.quiet_expected_failures()
+    startup.quiet_expected_failures()
     seen: list[logging.LogRecord] = []
 
     class Spy(logging.Filter):
@@ -424,7 +424,7 @@ def tracebacks_for_the_terminal(records: list[logging.LogRecord]) -> list[str]:
 
 
 def test_expected_failures_lose_their_traceback_others_keep_it():
-    from imgscore.flows._env import ExpectedFailureFilter
+    from imgscore.flows.startup import ExpectedFailureFilter
     from imgscore.tasks.errors import ErrorBudgetExceeded
     from imgscore.tasks.score import ShardError
 

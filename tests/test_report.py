@@ -441,36 +441,36 @@ def test_progress_artifact_counts_given_total_and_done(monkeypatch):
 def test_progress_fields_and_hook():
     from rich.console import Console
 
-    manifest = {"counts": {"scanned": 99, "scored": 30, "failed": 2}, "shards": [{"images": 40}, {"images": 40}],
-                "timings": {"planned_at_s": 1000.0}}
+    from imgscore.tasks.runstate import Counts, Manifest, ShardRecord
+
+    manifest = Manifest(run_id=RUN, counts=Counts(scanned=80, scored=30, failed=2, pending=48),
+                        shards=[ShardRecord(shard_id=0, images=40), ShardRecord(shard_id=1, images=40)], timings={"planned_at_s": 1000.0})
     f = prog.progress_fields(manifest, now=1016.0)
     assert f == {"total": 80, "done": 32, "errors": 2, "rate": "2.0"}
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
     bar = prog._bar(console)
     hook = prog.make_hook(bar)
-    hook(manifest, {})
+    hook(manifest, None)
     task = bar.tasks[0]
     assert (task.total, task.completed, task.fields["errors"]) == (80, 32, 2)
-    manifest["counts"].update(scored=78, failed=2)
-    hook(manifest, {})
+    manifest.counts.scored, manifest.counts.failed = 78, 2
+    hook(manifest, None)
     assert bar.tasks[0].completed == 80 and len(bar.tasks) == 1
 
 
 def test_progress_off_when_quiet_or_not_a_terminal(monkeypatch):
     from rich.console import Console
 
-    from imgscore.flows import score_images
-
-    before = list(score_images.PROGRESS_HOOKS)
+    before = prog.listeners()
     with prog.progress_for(Console(file=io.StringIO()), enabled=False):
-        assert score_images.PROGRESS_HOOKS == before
+        assert prog.listeners() == before
     monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
     with prog.progress_for(Console(file=io.StringIO()), enabled=True):
-        assert score_images.PROGRESS_HOOKS == before
+        assert prog.listeners() == before
     monkeypatch.setattr(prog.sys, "stdout", type("Tty", (io.StringIO,), {"isatty": lambda self: True})())
     with prog.progress_for(Console(file=io.StringIO(), force_terminal=True), enabled=True):
-        assert len(score_images.PROGRESS_HOOKS) == len(before) + 1
-    assert score_images.PROGRESS_HOOKS == before
+        assert len(prog.listeners()) == len(before) + 1
+    assert prog.listeners() == before
 
 
 # ---------------------------------------------------------------------------------- end to end

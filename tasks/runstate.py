@@ -1,0 +1,435 @@
+"""A run's state: the typed manifest, the shard ledger, and the one place a shard result lands.
+
+Files of a run, under ``OUT/runs/RUN_ID/`` (docs/architecture.md draws them):
+
+- ``shards/SSSSS.json``: a shard's **commit record**, written by the task run that scored it,
+  after its two part files. Commit records are the truth: a shard is done when its record exists
+  and its part files match it (``imgscore.tasks.manifest.check_shard``).
+- ``ledger/NNNNNN.jsonl``: the **shard ledger**, one :class:`ShardResult` per line, appended by
+  the flow process as results arrive (O(1) per shard, whatever the number of shards). Each
+  writer process starts its own segment, so a line torn by a killed writer is only ever the last
+  line of its segment (readers skip it).
+- ``manifest.json``: the **summary** (:class:`Manifest`): run facts, counts and every shard's
+  record, as of the ledger segment it names in ``ledger.from_segment``. It is derived: the flow
+  rewrites it at most every :data:`COMPACT_EVERY_S` seconds and at the end of the run
+  (*compaction*), never once per shard. Readers (:func:`load_manifest`) read it plus the ledger
+  segments from ``from_segment`` on.
+
+Every shard result — scored, failed after its retries, rescored, adopted from its commit record,
+replayed from the ledger — changes the manifest through :meth:`Manifest.apply` and nothing else.
+
+File I/O here never needs a rename to be atomic except the summary (``write_json_atomic``): a
+ledger segment is appended, read back by lines and deleted whole, so an object store (no rename,
+no append) can keep each segment as one object written when it is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic
+
+# The one place run and shard statuses are named. Later statuses (a run ``interrupted`` or
+# ``crashed``, and ``abandoned`` for a ``running`` run whose lock owner is gone) are added here.
+RunStatus = Literal["planned", "running", "complete", "partial", "failed"]
+ShardState = Literal["pending", "running", "complete", "partial", "failed"]
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
+SHARD_STATES: tuple[str, ...] = get_args(ShardState)
+FINISHED: tuple[str, ...] = ("complete", "partial", "failed")  # shard states that end an attempt
+
+MANIFEST = "manifest.json"
+LEDGER_DIR = "ledger"
+COMMITS_DIR = "shards"
+COMPACT_EVERY_S = 5.0  # the summary is rewritten at most this often while shards finish
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class ShardRef(BaseModel):
+    """What a ``score_shard`` task run is given: where the run lives and which rows are its own.
+
+    ``index_file`` (relative to ``run_dir``) and ``row_group`` locate the shard's rows in the
+    run's index (``imgscore.tasks.index``), so a task run reads one small footer, not a footer
+    of every shard of the run.
+    """
+
+    run_id: str
+    run_date: str  # YYYY-MM-DD (UTC), the hive partition
+    run_dir: str  # OUT/runs/RUN: holds the index, shards/ and ledger/
+    input_root: str
+    shard_id: int
+    start: int  # first row of the run's image list (inclusive)
+    stop: int  # last row (exclusive)
+    fingerprint: str  # sha256 of the shard's (path, size, mtime) rows
+    model_key: str = ""  # sha256 of model_id + resolved preprocessing (imgscore.tasks.incremental.model_key)
+    index_file: str = "index.parquet"
+    row_group: int = -1  # -1: the shard id (runs planned before the index was split into files)
+
+
+class ShardResult(_Model):
+    """What one attempt at a shard produced: the task's return value, the commit record
+    ``shards/SSSSS.json`` and one ledger line. ``attempt`` is this attempt's number."""
+
+    shard_id: int
+    state: ShardState
+    images: int = 0
+    scored: int = 0  # rows in the shard's predictions part
+    failed: int = 0  # rows in the shard's errors part
+    failed_images: list[str] = Field(default_factory=list)
+    fingerprint: str | None = None
+    model_id: str | None = None
+    seconds: float | None = None
+    device: str | None = None
+    worker: str | None = None
+    threads: int | None = None
+    loader_workers: int | None = None  # DataLoader processes actually used (0: decoded in-process)
+    attempt: int = 1
+    files: list[str] = Field(default_factory=list)
+    warnings: dict[str, int] = Field(default_factory=dict)  # Pillow warning → count
+    oom_events: int = 0
+    rescored: int | None = None  # a rerun: images scored in this attempt
+    reason: str | None = None  # why the shard failed, or why a rerun could not rescore it
+    finished_at: str | None = None  # ISO 8601, UTC
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+class ShardRecord(_Model):
+    """A shard's entry in the manifest: its rows of the image list and its latest state.
+
+    ``attempts`` counts attempts so far (manifests of older versions wrote it; commit records
+    and task results say ``attempt``, which old manifests also accept here).
+    """
+
+    shard_id: int
+    start: int = 0
+    stop: int = 0
+    images: int = 0
+    fingerprint: str | None = None
+    state: ShardState = "pending"
+    attempts: int = Field(0, validation_alias=AliasChoices("attempts", "attempt"))
+    scored: int = 0
+    failed: int = 0
+    failed_images: list[str] = Field(default_factory=list)
+    files: list[str] = Field(default_factory=list)
+    device: str | None = None
+    worker: str | None = None
+    seconds: float | None = None
+    warnings: dict[str, int] = Field(default_factory=dict)
+    reason: str | None = None
+
+    def unchanged(self, attempt: int, reason: str) -> ShardResult:
+        """A result that keeps this record's rows and state but records another attempt and why
+        it could not change anything (a rerun of failed images that could not run)."""
+        return ShardResult(
+            shard_id=self.shard_id, state=self.state, images=self.images, scored=self.scored, failed=self.failed,
+            failed_images=self.failed_images, fingerprint=self.fingerprint, seconds=self.seconds, device=self.device,
+            worker=self.worker, attempt=attempt, files=self.files, warnings=self.warnings, reason=reason,
+        )
+
+
+class Counts(_Model):
+    """Image counts of a run. ``scanned`` = scored + failed + pending (images in its shards)."""
+
+    scanned: int = 0
+    scored: int = 0
+    failed: int = 0
+    skipped: int = 0  # files the scan listed but could not score (unsupported formats, …)
+    already_scored: int = 0  # left out by run.skip_scored
+    pending: int = 0
+
+
+def _contribution(rec: ShardRecord) -> tuple[int, int, int]:
+    """(scored, failed, pending) images that ``rec`` adds to the run's counts."""
+    if rec.state == "failed":
+        return rec.scored, rec.images, 0
+    if rec.state in ("complete", "partial"):
+        return rec.scored, rec.failed, 0
+    return rec.scored, 0, rec.images
+
+
+class Manifest(_Model):
+    """``manifest.json``: what a run is, and every shard's latest record.
+
+    Unknown keys (from a newer version, or added by hand) are kept when the manifest is written
+    back. Load with :func:`load_manifest` (summary + ledger), never by reading the file alone.
+    """
+
+    format_version: int = 2
+    run_id: str
+    run_date: str | None = None
+    flow_run_id: str | None = None
+    status: RunStatus = "running"
+    created_at: str | None = None
+    updated_at: str | None = None
+    input: dict[str, Any] = Field(default_factory=dict)  # root, layout, classes
+    counts: Counts = Field(default_factory=Counts)
+    skipped: list[dict[str, str]] = Field(default_factory=list)  # {image_path, reason}
+    model: dict[str, Any] = Field(default_factory=dict)  # LoadedModel.info() + model_key
+    config: dict[str, Any] = Field(default_factory=dict)  # the resolved config
+    incremental: dict[str, Any] = Field(default_factory=lambda: {"skip_scored": False})
+    index: dict[str, Any] = Field(default_factory=dict)  # imgscore.tasks.index.IndexWriter.info()
+    shards: list[ShardRecord] = Field(default_factory=list)
+    outputs: dict[str, str] = Field(default_factory=dict)
+    timings: dict[str, Any] = Field(default_factory=dict)
+    reruns: list[dict[str, Any]] = Field(default_factory=list)
+    ledger: dict[str, Any] = Field(default_factory=lambda: {"dir": LEDGER_DIR, "from_segment": 0})
+
+    def apply(self, result: ShardResult) -> ShardRecord:
+        """Fold one shard result into its record and the counts — the only way a result lands.
+
+        The record takes the result's state, counts, files and facts; ``attempts`` becomes the
+        larger of the two (replaying an older result never lowers it). Counts change by the
+        difference the record makes, so applying is O(1) in the number of shards.
+        """
+        rec = self.shards[result.shard_id]
+        old = _contribution(rec)
+        rec.state = result.state
+        rec.attempts = max(rec.attempts, result.attempt)
+        rec.scored, rec.failed = result.scored, result.failed
+        rec.failed_images = list(result.failed_images)
+        rec.files = list(result.files)
+        rec.device, rec.worker, rec.seconds = result.device, result.worker, result.seconds
+        rec.warnings = dict(result.warnings)
+        rec.reason = result.reason
+        new = _contribution(rec)
+        c = self.counts
+        c.scored += new[0] - old[0]
+        c.failed += new[1] - old[1]
+        c.pending += new[2] - old[2]
+        return rec
+
+    def recount(self) -> Manifest:
+        """Recompute scored/failed/pending from every shard record (O(shards): at load and finish)."""
+        scored = failed = pending = 0
+        for rec in self.shards:
+            s, f, p = _contribution(rec)
+            scored, failed, pending = scored + s, failed + f, pending + p
+        self.counts.scored, self.counts.failed, self.counts.pending = scored, failed, pending
+        return self
+
+    @property
+    def total_images(self) -> int:
+        """Images in the run's shards (fixed at planning)."""
+        return self.counts.scanned
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, shaped as manifest.json."""
+        return self.model_dump(mode="json")
+
+    def to_progress(self) -> dict[str, Any]:
+        """``{run_id, counts}``: what progress reporters need, without the shards (O(1))."""
+        return {"run_id": self.run_id, "counts": self.counts.model_dump()}
+
+
+# ----------------------------------------------------------------------------------- ledger
+
+
+def _segment_path(run_dir: Path, n: int) -> Path:
+    return run_dir / LEDGER_DIR / f"{n:06d}.jsonl"
+
+
+def ledger_segments(run_dir: str | Path, from_segment: int = 0) -> list[int]:
+    """Numbers of the ledger segments of ``run_dir`` at or after ``from_segment``, ascending."""
+    d = Path(run_dir) / LEDGER_DIR
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in (int(x[:-6]) for x in names if x.endswith(".jsonl") and x[:-6].isdigit()) if n >= from_segment)
+
+
+def read_segment(path: Path) -> Iterator[ShardResult]:
+    """The results in one ledger segment, in order. A last line without its newline (a writer
+    killed mid-append) is skipped; so is a line that does not parse.
+
+    Raises:
+        FileNotFoundError: the segment is gone (compacted away meanwhile).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
+        try:
+            yield ShardResult.model_validate_json(line)
+        except ValueError:
+            continue
+
+
+class ShardLedger:
+    """The flow process's append handle on a run's ledger: one new segment per writer process."""
+
+    def __init__(self, run_dir: str | Path, segment: int):
+        self.run_dir = Path(run_dir)
+        self.segment = segment
+        self._file = None
+        self._lock = threading.Lock()
+
+    def append(self, result: ShardResult) -> None:
+        """Append one result as a line; O(1). Flushed to the OS, not fsynced: a killed process
+        loses nothing, and after a machine crash the commit records (fsynced) are adopted."""
+        line = (result.to_json() + "\n").encode()
+        with self._lock:
+            if self._file is None:
+                path = _segment_path(self.run_dir, self.segment)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by rotate/close
+            self._file.write(line)
+
+    def rotate(self) -> int:
+        """Close the current segment; later appends go to the next one. Returns the next
+        segment's number: every segment before it is complete."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+                self.segment += 1
+            return self.segment
+
+    def prune(self, below: int) -> None:
+        """Delete the segments numbered below ``below`` (folded into the summary)."""
+        for n in ledger_segments(self.run_dir):
+            if n < below:
+                _segment_path(self.run_dir, n).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _read_summary(run_dir: Path) -> Manifest:
+    return Manifest.model_validate_json((run_dir / MANIFEST).read_bytes())
+
+
+def load_manifest(run_dir: str | Path) -> Manifest:
+    """The run's current state: ``manifest.json`` plus the ledger segments it has not folded in.
+
+    Old manifests (no ledger, ``attempt`` instead of ``attempts``, missing fields) load too.
+    A segment compacted away while this reads (a live run) makes it start over, at most 3 times.
+
+    Raises:
+        FileNotFoundError: no manifest.json in ``run_dir``.
+        ValueError: manifest.json is not a manifest (pydantic's ValidationError is a ValueError).
+    """
+    run_dir = Path(run_dir)
+    for _ in range(3):
+        m = _read_summary(run_dir)
+        try:
+            replayed = False
+            for n in ledger_segments(run_dir, int(m.ledger.get("from_segment", 0))):
+                for result in read_segment(_segment_path(run_dir, n)):
+                    if 0 <= result.shard_id < len(m.shards):
+                        m.apply(result)
+                        replayed = True
+        except FileNotFoundError:
+            continue
+        if replayed:
+            m.ledger = {**m.ledger, "replayed": True}
+        return m
+    return _read_summary(run_dir)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The run's current state as a dict shaped like ``manifest.json`` (summary + ledger), for
+    readers that want plain data (``report``, tests). ``path`` is the manifest.json path."""
+    return load_manifest(Path(path).parent).to_dict()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class RunState:
+    """The writing side of a run's state, held by the one process that holds the run's lock.
+
+    ``commit(result)`` applies a shard result and appends it to the ledger — O(1) — and, at most
+    every ``compact_every_s`` seconds, rewrites ``manifest.json`` (compaction). ``save()``
+    compacts now (plan, status changes, end of run).
+    """
+
+    def __init__(self, run_dir: str | Path, manifest: Manifest, compact_every_s: float = COMPACT_EVERY_S):
+        self.run_dir = Path(run_dir)
+        self.manifest = manifest
+        self.compact_every_s = compact_every_s
+        start = max(ledger_segments(self.run_dir, 0), default=int(manifest.ledger.get("from_segment", 0)) - 1) + 1
+        self.ledger = ShardLedger(self.run_dir, start)
+        self._last_compact = time.monotonic()
+        self._dirty = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, run_dir: str | Path, manifest: Manifest) -> RunState:
+        """A new run's state: writes its first manifest.json."""
+        state = cls(run_dir, manifest)
+        state.save()
+        return state
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RunState:
+        """An existing run's state (summary + ledger), to write on (a retry or a rerun)."""
+        return cls(run_dir, load_manifest(run_dir))
+
+    def commit(self, result: ShardResult) -> ShardRecord:
+        """Apply ``result`` (:meth:`Manifest.apply`), append it to the ledger, compact when due."""
+        with self._lock:
+            rec = self.manifest.apply(result)
+            self.ledger.append(result)
+            self._dirty = True
+            if time.monotonic() - self._last_compact >= self.compact_every_s:
+                self._compact()
+            return rec
+
+    def save(self) -> None:
+        """Write manifest.json now (everything committed so far folded in)."""
+        with self._lock:
+            self._compact()
+
+    def _compact(self) -> None:
+        nxt = self.ledger.rotate()
+        self.manifest.ledger = {"dir": LEDGER_DIR, "from_segment": nxt}
+        self.manifest.updated_at = now_iso()
+        write_bytes_atomic(self.manifest.model_dump_json(indent=2).encode(), self.run_dir / MANIFEST)
+        self.ledger.prune(nxt)
+        self._last_compact = time.monotonic()
+        self._dirty = False
+
+    def close(self) -> None:
+        """Compact if anything is unsaved, and close the ledger."""
+        with self._lock:
+            if self._dirty:
+                self._compact()
+            self.ledger.close()
+
+
+def commit_record_path(run_dir: str | Path, shard_id: int) -> Path:
+    """``run_dir/shards/SSSSS.json``: the shard's commit record."""
+    return Path(run_dir) / COMMITS_DIR / f"{shard_id:05d}.json"
+
+
+def read_commit_record(run_dir: str | Path, shard_id: int) -> ShardResult | None:
+    """The shard's commit record, or None when there is none or it does not parse."""
+    try:
+        return ShardResult.model_validate_json(commit_record_path(run_dir, shard_id).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def write_commit_record(run_dir: str | Path, result: ShardResult) -> Path:
+    """Write the shard's commit record (after its part files: this is what makes it done)."""
+    return write_json_atomic(json.loads(result.to_json()), commit_record_path(run_dir, result.shard_id))
