@@ -117,17 +117,22 @@ def measure_plan(n: int, shard_size: int, out: Path) -> dict:
     return res
 
 
-def measure_scan(n_files: int, latency_ms: float, latency_files: int, tmp: Path) -> dict:
-    res = {}
-    root = tmp / "scan"
-    per = max(1, n_files // 50)
-    for c in range(50):
+def empty_tree(root: Path, n_files: int, classes: int = 50) -> Path:
+    """``classes`` class folders holding ``n_files`` empty .jpg files in all."""
+    per = max(1, n_files // classes)
+    for c in range(classes):
         d = root / f"class_{c:02d}"
         d.mkdir(parents=True)
         for i in range(per):
             (d / f"img_{c:02d}_{i:07d}.jpg").touch()
+    return root
 
-    def timed_scan(r: Path, threads: int) -> float:
+
+def measure_scan(n_files: int, latency_ms: float, latency_files: int, tmp: Path) -> dict:
+    res = {}
+    root = empty_tree(tmp / "scan", n_files)
+
+    def timed_scan(r: Path, threads: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         n = sum(b.num_rows for b in open_scan(r).batches(threads))
         return time.perf_counter() - t0, n
@@ -138,13 +143,7 @@ def measure_scan(n_files: int, latency_ms: float, latency_files: int, tmp: Path)
     res["scan_files"] = n
 
     # a network file system, simulated: every stat and listing waits latency_ms, releasing the GIL
-    small = tmp / "scan_nfs"
-    per = max(1, latency_files // 50)
-    for c in range(50):
-        d = small / f"class_{c:02d}"
-        d.mkdir(parents=True)
-        for i in range(per):
-            (d / f"img_{i:05d}.jpg").touch()
+    small = empty_tree(tmp / "scan_nfs", latency_files)
     real_stat, real_scandir = os.stat, os.scandir
 
     def slow_stat(*a, **k):

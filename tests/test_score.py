@@ -20,8 +20,7 @@ class _Loader:
         self.ok, self.exc = ok, exc
 
     def __iter__(self):
-        for i in range(self.ok):
-            yield i
+        yield from range(self.ok)
         raise self.exc
 
 
