@@ -1,0 +1,206 @@
+"""``inference.num_workers: auto`` — DataLoader workers vs torch threads, from measured costs.
+
+The split of a worker's cores between decoding (DataLoader worker processes) and the forward
+pass (torch / runtime threads) is chosen from what this model costs on these images, measured
+once per process on the shard's first few images (:func:`measure`):
+
+- ``d``: core-seconds to decode and transform one image, in this process;
+- ``f(t)``: seconds per image of the forward pass with ``t`` threads (measured for 1 and for
+  the worker's core share ``S``; in between, interpolated with the measured scaling).
+
+:func:`choose_split` then predicts images per second for each candidate and keeps the best
+(on a tie within 3 %, fewer forward threads, then fewer workers: a spinning OpenMP team is the
+first thing to suffer when the machine is shared — inline with 2 threads fell from about 1,200 to
+122 img/s on 32-px images while another job held a core, one decoder beside one thread kept 590):
+
+- inline, ``(0, S)``: decode and forward take turns in this process: ``1 / (d + f(S))``;
+- pipelined, ``(w, S - w)`` for ``1 <= w < S``: workers decode while ``S - w`` threads run the
+  forward, no core shared: ``min(w / d, 1 / f(S - w))``;
+- decode-heavy, ``(w, 1)`` for ``w >= S``: more decode processes than spare cores beside a
+  single-threaded forward; the cores are shared, so also bounded by the core time:
+  ``min(w / d, 1 / f(1), S / (d + f(1)))``.
+
+Never more torch threads than cores left beside the workers when ``t > 1``: an idle OpenMP
+team spins, and decode processes beside a spinning 2-thread forward ran 10× slower here (1,199
+→ 118 img/s on 32-px images, benchmarks/NOTES.md). Measured on this 2-core machine, the rule
+picks inline for resnet50 on 1600×1200 photos (forward-bound), one decode worker beside one
+thread for 32-px images, and two decode workers beside one thread for 12-megapixel photos.
+
+``inference.batch_size: auto`` starts at 32 and doubles (to at most 256) while one batch's
+forward at the chosen thread count takes under 50 ms, so per-batch costs (collate, DataLoader
+hand-over, Python per batch) stay small next to the forward of small inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+log = logging.getLogger("imgscore")
+
+TIE = 0.03  # predicted rates within 3 % count as equal: fewer processes win
+MIN_BATCH, MAX_BATCH, BATCH_TARGET_S = 32, 256, 0.05
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Measured per-image costs, seconds: ``decode`` (core time, decode + transform), ``fwd_1``
+    (forward with 1 thread), ``fwd_share`` (forward with ``share`` threads)."""
+
+    decode: float
+    fwd_1: float
+    fwd_share: float
+    share: int
+    images: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """What a shard runs with: DataLoader ``workers``, forward ``threads``, ``batch`` size, the
+    predicted img/s of every candidate (``"w×t"`` → img/s) and the costs they came from."""
+
+    workers: int
+    threads: int
+    batch: int
+    predicted: dict[str, float]
+    costs: Costs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fwd_at(c: Costs, t: int) -> float:
+    """Forward seconds per image with ``t`` threads: measured at 1 and ``share``; between them
+    the speed-up grows linearly in ``t`` (Amdahl-like enough for 2–16 cores)."""
+    if t <= 1 or c.share <= 1:
+        return c.fwd_1
+    if t >= c.share:
+        return c.fwd_share
+    gain = c.fwd_1 / max(c.fwd_share, 1e-12) - 1.0  # extra speed-up of share threads over one
+    return c.fwd_1 / (1.0 + gain * (t - 1) / (c.share - 1))
+
+
+def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None) -> tuple[int, int, dict[str, float]]:
+    """``(workers, threads, predicted img/s per candidate)`` by the rule in the module doc.
+
+    ``can_fork`` False (a daemonic Dask worker) leaves only inline decoding.
+    """
+    s = max(1, c.share)
+    d = max(c.decode, 1e-9)
+    pred: dict[tuple[int, int], float] = {(0, s): 1.0 / (d + c.fwd_share)}
+    if can_fork:
+        top = max_workers if max_workers is not None else s
+        for w in range(1, s):
+            pred[(w, s - w)] = min(w / d, 1.0 / fwd_at(c, s - w))
+        for w in range(s, max(s, top) + 1):
+            pred[(w, 1)] = min(w / d, 1.0 / c.fwd_1, s / (d + c.fwd_1))
+    best = max(pred.values())
+    w, t = min((k for k, v in pred.items() if v >= best * (1 - TIE)), key=lambda k: (k[1], k[0]))
+    return w, t, {f"{a}x{b}": round(v, 2) for (a, b), v in sorted(pred.items())}
+
+
+def choose_batch(fwd_s_per_image: float, configured: int | str) -> int:
+    """``configured`` when it is a number; for ``auto`` see the module doc."""
+    if isinstance(configured, int):
+        return configured
+    b = MIN_BATCH
+    while b < MAX_BATCH and b * fwd_s_per_image < BATCH_TARGET_S:
+        b *= 2
+    return b
+
+
+def _forward_s_per_image(fwd, x: torch.Tensor) -> float:
+    xin = x.contiguous(memory_format=torch.channels_last) if fwd.channels_last else x.contiguous()
+    with torch.inference_mode():
+        fwd(xin[:2])  # warm-up: primitives for this shape family, allocator
+        fwd(xin)
+        t0 = time.perf_counter()
+        fwd(xin)
+        return (time.perf_counter() - t0) / len(x)
+
+
+def measure(samples: Callable[[int], torch.Tensor | None], n: int, forward_for: Callable[[int], object], share: int) -> Costs | None:
+    """Measure :class:`Costs` on up to ``n`` images.
+
+    ``samples(i)`` decodes and transforms image ``i`` (float32 [3, H, W]) or returns None for an
+    image that fails; its thread CPU time is the decode cost. ``forward_for(t)`` is the forward
+    callable with ``t`` threads. None when no image decodes (nothing to measure).
+    """
+    tensors, spent = [], 0.0
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker decodes with one torch thread
+    try:
+        for i in range(n):
+            t0 = time.thread_time()
+            x = samples(i)
+            spent += time.thread_time() - t0
+            if x is not None:
+                tensors.append(x)
+    finally:
+        torch.set_num_threads(prev)
+    if not tensors:
+        return None
+    x = torch.stack(tensors)
+    f1 = _forward_s_per_image(forward_for(1), x)
+    fs = _forward_s_per_image(forward_for(share), x) if share > 1 else f1
+    return Costs(decode=spent / len(tensors), fwd_1=f1, fwd_share=fs, share=share, images=len(tensors))
+
+
+_SPLITS: dict[tuple, Split] = {}
+_LOCK = threading.Lock()
+
+
+def cached_split(key: tuple) -> Split | None:
+    """The split this process already measured for ``key`` (model, backend, share, input)."""
+    with _LOCK:
+        return _SPLITS.get(key)
+
+
+def remember_split(key: tuple, split: Split) -> Split:
+    with _LOCK:
+        return _SPLITS.setdefault(key, split)
+
+
+GPU_WORKERS = 4  # decode processes per GPU worker under `auto` (the forward runs on the GPU)
+
+
+def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cfg: int | str, batch_cfg: int | str,
+                key: tuple, device: torch.device, can_fork: bool, probe: int = 8) -> Split:
+    """The :class:`Split` a shard runs with.
+
+    Numbers in ``inference.num_workers`` / ``inference.batch_size`` are kept as given (torch
+    threads: the worker's share). ``auto`` is decided once per process and ``key`` by
+    :func:`measure` on the shard's first ``probe`` images (``ds[i]`` returns an object with a
+    ``tensor`` for a decoded image) and :func:`choose_split`. On a GPU the forward does not
+    compete for cores: ``auto`` decodes with ``min(4, share)`` processes (0 when ``can_fork``
+    is False) and batch ``auto`` is 32.
+    """
+    fixed_w = None if workers_cfg == "auto" else int(workers_cfg)
+    fixed_b = None if batch_cfg == "auto" else int(batch_cfg)
+    if fixed_w is not None and fixed_b is not None:
+        return Split(fixed_w, share, fixed_b, {}, None)
+    if device.type != "cpu":
+        w = fixed_w if fixed_w is not None else (min(GPU_WORKERS, share) if can_fork else 0)
+        return Split(w, share, fixed_b or MIN_BATCH, {}, None)
+    split = cached_split(key)
+    if split is None:
+        def sample(i: int):
+            item = ds[i]
+            return getattr(item, "tensor", None)
+
+        costs = measure(sample, min(probe, len(ds)), forward_for, share)
+        if costs is None:  # nothing decodes in the probe: the shard records its failures anyway
+            return Split(fixed_w if fixed_w is not None else 0, share, fixed_b or MIN_BATCH, {}, None)
+        w, t, pred = choose_split(costs, can_fork)
+        split = remember_split(key, Split(w, t, choose_batch(fwd_at(costs, t), "auto"), pred, costs))
+        log.info("worker split for %s: %d DataLoader workers × %d threads, batch %d (decode %.2f ms, forward "
+                 "%.2f ms/img at 1 thread, %.2f at %d; predicted img/s %s)", key[0], split.workers, split.threads,
+                 split.batch, costs.decode * 1e3, costs.fwd_1 * 1e3, costs.fwd_share * 1e3, share, pred)
+    w, t = (split.workers, split.threads) if fixed_w is None else (fixed_w, share)
+    b = fixed_b if fixed_b is not None else (split.batch if fixed_w is None else choose_batch(fwd_at(split.costs, t), "auto"))
+    return Split(w, t, b, split.predicted, split.costs)
