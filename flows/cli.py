@@ -14,6 +14,7 @@ side through the session. Importing this module imports neither Prefect nor torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -85,11 +86,26 @@ def load_model_here(cfg: Config):
     shards run elsewhere), so a bad checkpoint is refused before anything is planned."""
     import torch
 
+    from imgscore.tasks.backends import preflight
     from imgscore.tasks.device import resolve_device
     from imgscore.tasks.model import load_model
 
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
-    return load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
+    lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
+    preflight(cfg.inference.backend, cfg.inference.precision, device)  # the runtime is installed, the combination runs
+    return lm
+
+
+def start_dask_early(cfg: Config, session: startup.Session):
+    """``runner.type=dask`` without ``runner.address`` (and ``runner.warm_workers``): start the
+    run's ``LocalCluster`` now, in the background, its workers warming up for the model while
+    this process imports torch and loads it (:mod:`imgscore.flows.dask_warm`); the flow's task
+    runner connects to it. Returns a context manager that stops it (a null one otherwise)."""
+    if cfg.runner.type != "dask" or cfg.runner.address or not cfg.runner.warm_workers:
+        return contextlib.nullcontext()
+    from imgscore.flows import dask_warm
+
+    return dask_warm.early_cluster(cfg, session.export_api_url)
 
 
 def check_paths(cfg: Config) -> None:
@@ -171,8 +187,9 @@ def cmd_run(args, session: startup.Session) -> int:
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
     session.start_server()  # boots beside torch's import and the model load
-    load_model_here(cfg)
-    code, _ = execute(cfg, quiet=args.quiet, session=session)
+    with start_dask_early(cfg, session):  # a Dask cluster warms up beside them too
+        load_model_here(cfg)
+        code, _ = execute(cfg, quiet=args.quiet, session=session)
     return code
 
 
@@ -190,8 +207,9 @@ def cmd_demo(args, session: startup.Session) -> int:
     train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)
     check_paths(cfg)
     session.start_server()
-    load_model_here(cfg)
-    code, summary = execute(cfg, quiet=args.quiet, console=console, session=session)
+    with start_dask_early(cfg, session):
+        load_model_here(cfg)
+        code, summary = execute(cfg, quiet=args.quiet, console=console, session=session)
     if not summary:
         return code
     acc = accuracy_of_run(cfg.output.root, summary["run_id"])

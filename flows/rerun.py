@@ -31,7 +31,13 @@ from prefect.runtime import task_run
 from imgscore.flows import progress
 from imgscore.flows.artifacts import RunProgressArtifact
 from imgscore.flows.runner import ConfiguredTaskRunner
-from imgscore.flows.score_images import finish_run, record_failed_shard, workers_on_host
+from imgscore.flows.score_images import (
+    effective_config,
+    finish_run,
+    inference_metadata,
+    record_failed_shard,
+    workers_on_host,
+)
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.config import Config
@@ -95,7 +101,7 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[Sh
     logger = get_run_logger()
     shard_task = rescore_shard_task.with_options(retries=cfg.run.shard_retries, retry_delay_seconds=1)
     n_on_host = workers_on_host(cfg)
-    meta = json.dumps({"config": cfg.to_dict()})
+    meta = json.dumps({"config": cfg.to_dict(), "inference": inference_metadata(plan)})
     sizes = {w.shard_id: len(w.only) if w.only is not None else plan.shards[w.shard_id].stop - plan.shards[w.shard_id].start for w in work}
     artifact = RunProgressArtifact.start(  # Prefect UI: percent of this rerun's images done
         plan.manifest.to_progress(), total=sum(sizes.values()), title=f"imgscore rerun of {plan.run_id}"
@@ -175,6 +181,7 @@ def rerun_failed(run_id: str, config: dict) -> dict:
     cfg = Config.model_validate(config)
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore rerun"):
         plan, work = prepare_rerun_task(run_id, cfg)
+        cfg = effective_config(cfg, plan)  # the precision the run's start settled on (canary)
         try:
             results = rescore_all(plan, work, cfg)
             return finish_rerun(plan, cfg, results, time.perf_counter() - t0)

@@ -8,6 +8,7 @@ ledger line, not a manifest rewrite); docs/architecture.md draws the whole run.
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -21,8 +22,9 @@ from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.runner import ConfiguredTaskRunner
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
+from imgscore.tasks.backends import start_inference
 from imgscore.tasks.config import Config
-from imgscore.tasks.device import resolve_device
+from imgscore.tasks.device import configure_threads, resolve_device
 from imgscore.tasks.errors import ErrorBudgetExceeded
 from imgscore.tasks.model import load_model
 from imgscore.tasks.plan import (
@@ -35,7 +37,9 @@ from imgscore.tasks.plan import (
     run_dir_of,
     shard_cache_key,
 )
+from imgscore.tasks.preprocess import DecodeOptions
 from imgscore.tasks.runstate import ShardRef, ShardResult
+from imgscore.tasks.scan import first_entries
 from imgscore.tasks.score import commit_failed_shard, read_shard_entries, score_shard
 
 
@@ -59,13 +63,39 @@ def plan_task(cfg: Config, run_id: str) -> RunPlan:
         return resumed
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
     lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
-    return plan_new_run(cfg, run_id, lm.info(), flow_run_id=flow_run.get_id())
+    if cfg.inference.fold_bn:
+        lm = lm.folded()
+    # reduced precision: the canary on the folder's first images, before anything is written
+    first = first_entries(cfg.input.root, cfg.inference.canary_images * 4, cfg.input.layout, cfg.input.follow_symlinks) \
+        if cfg.inference.precision != "fp32" else []
+    inference = start_inference(cfg.inference, lm, str(cfg.input.root), first, DecodeOptions.from_input(cfg.input),
+                                configure_threads(cfg.inference.num_threads, 1))
+    plan = plan_new_run(cfg, run_id, lm.info(), flow_run_id=flow_run.get_id())
+    plan.manifest.inference = inference
+    plan.state.save()
+    return plan
+
+
+def effective_config(cfg: Config, plan: RunPlan) -> Config:
+    """``cfg`` with the precision the run start settled on (fp32 after a failed canary with
+    ``inference.on_canary_fail=fp32``); the shards score with this."""
+    precision = plan.manifest.inference.get("precision") or cfg.inference.precision
+    if precision == cfg.inference.precision:
+        return cfg
+    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"precision": precision})})
+
+
+def inference_metadata(plan: RunPlan) -> dict:
+    """Every part file's ``inference`` metadata, the same for the whole run: the configured
+    backend (``auto`` resolves per worker: the manifest's shards say which ran), the precision
+    the shards run after the canary, the one requested, and the canary's result (or None)."""
+    return {k: plan.manifest.inference.get(k) for k in ("backend", "precision", "precision_requested", "canary")}
 
 
 # Completed shards are cached (key: imgscore.tasks.plan.shard_cache_key) with results persisted under
 # output.root, so a retry of the flow run skips them; failed/crashed runs are never cached.
 @task(name="score_shard", cache_key_fn=lambda ctx, params: shard_cache_key(params["ref"]), persist_result=True)
-def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> ShardResult:
+def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}") -> ShardResult:
     """One shard on this worker's device; see ``imgscore.tasks.score.score_shard``.
 
     The config travels as its JSON text: Prefect walks every field of a structured parameter
@@ -73,10 +103,12 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> ShardRe
     ``score_shard`` (py-spy, benchmarks/NOTES.md); a string is one leaf.
     """
     cfg = Config.model_validate_json(config_json)
-    result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata={"config": cfg.to_dict()})
+    metadata = {"config": cfg.to_dict(), "inference": json.loads(inference_json)}  # on every part file
+    result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata)
     get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
-        "shard %d: %s scored, %s failed in %s s on %s by %s (%s torch threads, %s DataLoader workers)",
-        ref.shard_id, result.scored, result.failed, result.seconds, result.device, result.worker, result.threads, result.loader_workers,
+        "shard %d: %s scored, %s failed in %s s on %s by %s (%s %s, %s threads, %s DataLoader workers, batch %s)",
+        ref.shard_id, result.scored, result.failed, result.seconds, result.device, result.worker, result.backend, result.precision,
+        result.threads, result.loader_workers, result.batch_size,
     )
     return result
 
@@ -84,7 +116,7 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int) -> ShardRe
 def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> ShardResult:
     """A shard that could not run after its retries: one errors row per image, state ``failed``."""
     return commit_failed_shard(ref, read_shard_entries(ref), cfg.output.root, plan.manifest.model, reason, attempts,
-                               metadata={"config": cfg.to_dict()})  # the same metadata as score_shard's parts
+                               metadata={"config": cfg.to_dict(), "inference": inference_metadata(plan)})  # as score_shard's parts
 
 
 def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
@@ -95,7 +127,8 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
     )
     n_on_host = workers_on_host(cfg)
     config_json = cfg.model_dump_json()
-    futures = {shard_task.submit(ref, config_json, n_on_host): ref for ref in plan.shards}
+    inference_json = json.dumps(inference_metadata(plan))
+    futures = {shard_task.submit(ref, config_json, n_on_host, inference_json): ref for ref in plan.shards}
     artifact = RunProgressArtifact.start(plan.manifest.to_progress(), total=plan.manifest.total_images)  # Prefect UI
     results = []
     for fut in as_completed(list(futures)):
@@ -103,7 +136,7 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
         try:
             result = fut.result()
             if mf.check_shard(cfg.output.root, ref.run_date, ref.run_id, result):  # cached, but its files are gone or corrupt
-                result = shard_task.with_options(refresh_cache=True).submit(ref, config_json, n_on_host).result()
+                result = shard_task.with_options(refresh_cache=True).submit(ref, config_json, n_on_host, inference_json).result()
         except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
@@ -131,6 +164,8 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
     failed_shards = [s.shard_id for s in m.shards if s.state == "failed"]
     over = rate > max_error_rate or bool(failed_shards)
     m.status = "failed" if over else ("partial" if c.failed else "complete")
+    used = sorted({(s.backend, s.precision) for s in m.shards if s.backend})
+    m.inference["used"] = [{"backend": b, "precision": p} for b, p in used]  # per worker (auto resolves per machine)
     m.timings.update(
         {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3), "images_per_s": round(c.scored / wall_s, 2) if wall_s else None}
     )
@@ -182,7 +217,7 @@ def score_images(config: dict) -> dict:
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore run"):
         plan = plan_task(cfg, run_id)
         try:
-            score_all(plan, cfg)
+            score_all(plan, effective_config(cfg, plan))
             return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0)
         finally:
             plan.state.close()

@@ -143,17 +143,50 @@ class InferenceConfig(_Section):
     """How the forward pass runs on each worker."""
 
     device: str = Field("auto", description="auto (cuda → mps → cpu), cpu, cuda, cuda:N, mps")
-    batch_size: int = Field(32, gt=0)
-    num_workers: int = Field(0, ge=0, description="DataLoader decode worker processes per shard")
+    batch_size: int | Literal["auto"] = Field(
+        32, description="images per forward; auto: 32, doubled (to 256) while a batch's forward takes under 50 ms"
+    )
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader decode processes per shard; auto: chosen with the torch thread count from the "
+        "measured decode and forward cost of this model on these images (README, Performance)",
+    )
     timeout_s: float = Field(
         300.0, gt=0, description="DataLoader timeout per batch when num_workers > 0, seconds"
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA; fp32 elsewhere unless bf16 is asked")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32 (default); bf16/fp16 are opt-in (torch: autocast; openvino: bf16 inference "
+        "precision) and checked at run start by the canary (inference.canary_images)",
+    )
+    backend: Literal["torch", "onnxruntime", "openvino", "auto"] = Field(
+        "torch",
+        description="torch (eager), onnxruntime or openvino (an ONNX export of the model, cached in "
+        "inference.cache_dir; pip install 'imgscore[onnx]' / 'imgscore[openvino]'), or auto: the "
+        "fastest installed fp32 backend, measured once per machine and model",
+    )
+    cache_dir: Path | None = Field(
+        None, description="where ONNX exports and auto's measurements are cached (default ~/.cache/imgscore)"
+    )
+    canary_images: int = Field(
+        64, gt=0, description="reduced precision: the run's first N images scored with fp32 torch and "
+        "the fast path; refused below 99.5 % top-1 agreement or above 0.01 mean |Δscore|",
+    )
+    on_canary_fail: Literal["refuse", "fp32"] = Field(
+        "refuse", description="refuse: exit 2 before scoring; fp32: warn and score in fp32 with the same backend"
+    )
     channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
     fold_bn: bool = Field(
         True, description="fold each Conv→BatchNorm pair into one conv before scoring (torch.fx; see benchmarks/NOTES.md)"
     )
     num_threads: int | None = Field(None, gt=0, description="torch threads per worker; default: its share of the cores")
+
+    @field_validator("batch_size", "num_workers")
+    @classmethod
+    def _count_or_auto(cls, v, info):
+        if isinstance(v, int) and (v < 0 or (v == 0 and info.field_name == "batch_size")):
+            raise ValueError(f"inference.{info.field_name} must be {'positive' if info.field_name == 'batch_size' else '0 or more'} or auto, got {v}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -184,6 +217,11 @@ class RunnerConfig(_Section):
     n_workers: int = Field(1, gt=0, description="threads (thread) or worker processes (dask LocalCluster)")
     threads_per_worker: int = Field(1, gt=0)
     address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    warm_workers: bool = Field(
+        True,
+        description="dask: start the cluster with the run (imgscore run: before the model loads) and have each "
+        "worker import torch and load the model before its first shard",
+    )
 
 
 class OutputConfig(_Section):

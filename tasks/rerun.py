@@ -129,7 +129,7 @@ def rescore_shard(
     shard = read_shard_entries(ref)
     chosen = shard if only is None else [e for e in shard if e.image_path in set(only)]
     scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host)
-    rows = score_entries(chosen, ref.input_root, scorer, cfg.input, row_context(ref, scorer, attempt, cfg.output.topk))
+    rows = score_entries(chosen, ref.input_root, scorer, cfg.input, row_context(ref, scorer, attempt, cfg.output.topk), t0)
     meta = file_metadata(scorer.lm.info(), ref.run_id, metadata)
     new_pred, new_err = make_table(rows.predictions, PREDICTIONS_SCHEMA), make_table(rows.errors, ERRORS_SCHEMA)
 
@@ -146,8 +146,8 @@ def rescore_shard(
     archive_errors(out_root, ref, attempt - 1)
     result = ShardResult(
         shard_id=ref.shard_id, state="complete", images=ref.stop - ref.start, fingerprint=ref.fingerprint, model_id=scorer.lm.model_id,
-        device=str(scorer.device), worker=scorer.worker, threads=scorer.threads, loader_workers=rows.loader_workers, attempt=attempt,
+        device=str(scorer.device), worker=scorer.worker, loader_workers=rows.loader_workers, attempt=attempt,
         warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, rescored=len(chosen),
-        seconds=round(time.perf_counter() - t0, 4),
+        seconds=round(time.perf_counter() - t0, 4), **rows.facts(),
     )
     return commit_shard(ref, out_root, predictions.replace_schema_metadata(meta), errors.replace_schema_metadata(meta), result)

@@ -94,6 +94,11 @@ class ShardResult(_Model):
     worker: str | None = None
     threads: int | None = None
     loader_workers: int | None = None  # DataLoader processes actually used (0: decoded in-process)
+    batch_size: int | None = None  # images per forward (inference.batch_size, or what `auto` chose)
+    split_predicted: dict[str, float] = Field(default_factory=dict)  # num_workers auto: img/s per "workers x threads"
+    setup_s: float | None = None  # device, model, backend and split before the first batch (a warm worker skips most)
+    backend: str | None = None  # torch | onnxruntime | openvino: what scored (auto resolves per worker)
+    precision: str | None = None  # what the backend reports it ran (fp32, bf16, fp16)
     attempt: int = 1
     files: list[str] = Field(default_factory=list)
     warnings: dict[str, int] = Field(default_factory=dict)  # Pillow warning → count
@@ -126,6 +131,8 @@ class ShardRecord(_Model):
     files: list[str] = Field(default_factory=list)
     device: str | None = None
     worker: str | None = None
+    backend: str | None = None
+    precision: str | None = None
     seconds: float | None = None
     warnings: dict[str, int] = Field(default_factory=dict)
     reason: str | None = None
@@ -185,6 +192,7 @@ class Manifest(_Model):
     outputs: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, Any] = Field(default_factory=dict)
     reruns: list[dict[str, Any]] = Field(default_factory=list)
+    inference: dict[str, Any] = Field(default_factory=dict)  # backend, precision, canary (imgscore.tasks.backends.start_inference)
     ledger: dict[str, Any] = Field(default_factory=lambda: {"dir": LEDGER_DIR, "from_segment": 0})
 
     def apply(self, result: ShardResult) -> ShardRecord:
@@ -202,6 +210,7 @@ class Manifest(_Model):
         rec.failed_images = list(result.failed_images)
         rec.files = list(result.files)
         rec.device, rec.worker, rec.seconds = result.device, result.worker, result.seconds
+        rec.backend, rec.precision = result.backend, result.precision
         rec.warnings = dict(result.warnings)
         rec.reason = result.reason
         new = _contribution(rec)

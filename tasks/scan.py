@@ -494,6 +494,17 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
     return scan
 
 
+def first_entries(root: str | Path, n: int, layout: str = "auto", follow_symlinks: bool = True) -> list[ImageEntry]:
+    """The first ``n`` images of ``root`` in index order (what a run's first shard starts with),
+    walking only as far as needed. Raises as :func:`open_scan`."""
+    out: list[ImageEntry] = []
+    for batch in open_scan(root, layout, follow_symlinks).batches(1):
+        out.extend(entries_from_table(pa.Table.from_batches([batch])))
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
 def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = True, threads: int = 1) -> ImageIndex:
     """List every image under ``root`` in a deterministic order, in memory (:func:`open_scan`
     and :meth:`Scan.batches` stream the same list; planning a run uses those).

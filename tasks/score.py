@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
+from imgscore.tasks import autotune
+from imgscore.tasks.backends import Forward, forward_probs, make_forward, resolve_backend
 from imgscore.tasks.config import (
     Config,
     InferenceConfig,
@@ -60,7 +63,7 @@ from imgscore.tasks.preprocess import DecodeOptions
 from imgscore.tasks.runstate import ShardRef, ShardResult, commit_record_path, write_commit_record
 from imgscore.tasks.scan import ImageEntry
 
-__all__ = ["ShardError", "ShardRef", "score_shard", "score_entries", "commit_shard", "build_loader", "score_batches"]
+__all__ = ["ShardError", "ShardRef", "score_shard", "score_entries", "commit_shard", "build_loader", "score_batches", "forward_probs"]
 
 log = logging.getLogger("imgscore")
 
@@ -89,23 +92,33 @@ class Scorer:
     lm: LoadedModel
     device: torch.device
     inference: InferenceConfig
-    threads: int  # torch intra-op threads this process uses
+    threads: int  # this worker's core share: torch intra-op threads unless the split says fewer
     worker: str  # host:pid
+    backend: str = "torch"  # inference.backend, with auto resolved on this machine
+
+    def forward(self, threads: int) -> Forward:
+        """The backend's forward pass with ``threads`` threads (one session per process and count)."""
+        inf = self.inference
+        return make_forward(self.lm, self.backend, inf.precision, threads, inf.cache_dir, inf.channels_last)
 
 
 def load_scorer(model_cfg: ModelConfig, pre_cfg: PreprocessConfig, inf_cfg: InferenceConfig,
                 workers_on_host: int = 1, rank: int | None = None) -> Scorer:
-    """Resolve this worker's device and thread share, and load (or reuse) the model.
+    """Resolve this worker's device, thread share and backend, and load (or reuse) the model.
 
     Raises:
-        ModelError: the model cannot be built or loaded on this worker (Prefect retries the shard).
+        ModelError: the model cannot be built or loaded (or exported) on this worker (Prefect
+            retries the shard); ConfigError: the backend cannot run here.
     """
     device = resolve_device(inf_cfg.device, rank)
     threads = configure_threads(inf_cfg.num_threads, workers_on_host)
     lm = load_model(model_cfg, pre_cfg, device, channels_last=inf_cfg.channels_last)
     if inf_cfg.fold_bn:
         lm = lm.folded()  # cached per loaded model: folded once per process, not per shard
-    return Scorer(lm, device, inf_cfg, threads, worker_name())
+    batch = inf_cfg.batch_size if isinstance(inf_cfg.batch_size, int) else autotune.MIN_BATCH
+    # torch, or ONNX Runtime / OpenVINO (export cached on disk); auto: measured once per machine
+    backend = resolve_backend(lm, inf_cfg.backend, inf_cfg.precision, threads, batch, inf_cfg.cache_dir, inf_cfg.channels_last)
+    return Scorer(lm, device, inf_cfg, threads, worker_name(), backend)
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -184,6 +197,19 @@ class ShardRows:
     warnings: collections.Counter[str] = field(default_factory=collections.Counter)  # Pillow warning → count
     oom_events: int = 0
     loader_workers: int = 0
+    split: autotune.Split | None = None  # DataLoader workers, threads and batch the images were scored with
+    forward: Forward | None = None  # the backend's forward that scored them
+    setup_s: float | None = None  # seconds from the shard's start to its first batch
+
+    def facts(self) -> dict:
+        """How these rows were scored, for the commit record: backend, precision, threads, batch,
+        the split's predictions and the set-up time."""
+        out: dict = {"setup_s": self.setup_s}
+        if self.forward is not None:
+            out.update(self.forward.describe())
+        if self.split is not None:
+            out.update(threads=self.split.threads, batch_size=self.split.batch, split_predicted=self.split.predicted)
+        return out
 
 
 @dataclass
@@ -193,22 +219,6 @@ class _Isolation:
     max_batch: int
     oom_events: int = 0
     failures: list[tuple[int, str, str]] = field(default_factory=list)  # (pos, error_type, message)
-
-
-def forward_probs(lm: LoadedModel, x: torch.Tensor, precision: str) -> torch.Tensor:
-    """Softmax probabilities float32 [B, C] on CPU for an input float32 [B, 3, H, W] on ``lm.device``.
-
-    ``precision`` bf16/fp16 runs the forward under ``torch.autocast``; the softmax is always fp32.
-    """
-    if precision != "fp32" and lm.device.type in ("cuda", "cpu"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        with torch.autocast(device_type=lm.device.type, dtype=dtype):
-            out = lm.module(x)
-    else:
-        out = lm.module(x)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return torch.softmax(out.float(), dim=1).cpu()
 
 
 def score_isolated(fn, x: torch.Tensor, positions: list[int], state: _Isolation) -> list[tuple[int, torch.Tensor]]:
@@ -264,19 +274,34 @@ def score_isolated(fn, x: torch.Tensor, positions: list[int], state: _Isolation)
     return out
 
 
-def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig) -> DataLoader:
-    """A DataLoader over ``entries`` (files under ``input_root``) yielding :class:`~imgscore.tasks.dataset.Batch`.
+def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorer: Scorer) -> autotune.Split:
+    """DataLoader workers, forward threads and batch size for these images: the configured
+    numbers, or ``auto`` from costs measured once per process (``imgscore.tasks.autotune``),
+    keyed by model, backend, thread share, input size and the images' typical file size."""
+    inf, lm = scorer.inference, scorer.lm
+    sizes = sorted(e.size or 0 for e in entries[:8])
+    key = (lm.model_id[:12], lm.arch, scorer.backend, inf.precision, scorer.threads, lm.preprocess.crop,
+           int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0)
+    return autotune.shard_split(ds, scorer.forward, scorer.threads, inf.num_workers, inf.batch_size, key, scorer.device,
+                                can_fork=loader_workers(1) > 0)
 
-    ``inference.num_workers`` decode processes (0 inside a daemonic Dask worker), forked also
-    inside spawned Dask workers (``loader_context``); ``inference.timeout_s`` per batch when
-    there are workers; pinned memory for CUDA.
+
+def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig,
+                 split: autotune.Split | None = None) -> tuple[DataLoader, autotune.Split]:
+    """A DataLoader over ``entries`` (files under ``input_root``) yielding
+    :class:`~imgscore.tasks.dataset.Batch`, and the split it uses (:func:`loader_split` unless given).
+
+    The split's decode processes (0 inside a daemonic Dask worker), forked also inside spawned
+    Dask workers (``loader_context``); ``inference.timeout_s`` per batch when there are
+    workers; pinned memory for CUDA.
     """
     inf = scorer.inference
     ds = ShardDataset(input_root, entries, scorer.lm.preprocess, DecodeOptions.from_input(input_cfg))
-    nw = loader_workers(inf.num_workers)
-    return DataLoader(
+    split = split or loader_split(ds, entries, scorer)
+    nw = loader_workers(split.workers)
+    loader = DataLoader(
         ds,
-        batch_size=inf.batch_size,
+        batch_size=split.batch,
         shuffle=False,
         num_workers=nw,
         collate_fn=collate_samples,
@@ -284,6 +309,7 @@ def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer, inp
         timeout=inf.timeout_s if nw > 0 else 0,
         multiprocessing_context=loader_context(nw),
     )
+    return loader, split
 
 
 def loader_batches(loader: DataLoader, shard_id: int) -> Iterator[Batch]:
@@ -309,29 +335,32 @@ def loader_batches(loader: DataLoader, shard_id: int) -> Iterator[Batch]:
         yield batch
 
 
-def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: Scorer, ctx: RowContext) -> ShardRows:
+def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: Scorer, ctx: RowContext,
+                  forward: Forward | None = None, max_batch: int | None = None) -> ShardRows:
     """Forward every batch with per-image isolation and turn each image into one row.
 
-    Decode failures from the dataset, inference failures isolated by :func:`score_isolated` and
-    non-finite outputs become errors rows; every other image a predictions row with its top-k.
-    Rows come out in image order within each batch, batches in order.
+    ``forward``: the backend's forward (default: the scorer's with its thread share);
+    ``max_batch``: the largest forward (default ``inference.batch_size``). Decode failures from
+    the dataset, inference failures isolated by :func:`score_isolated` and non-finite outputs
+    become errors rows; every other image a predictions row with its top-k — the same code for
+    every backend. Rows come out in image order within each batch, batches in order.
     """
-    lm, inf, device = scorer.lm, scorer.inference, scorer.device
-    rows = ShardRows()
-    iso = _Isolation(max_batch=inf.batch_size)
+    device = scorer.device
+    fn = forward or scorer.forward(scorer.threads)
+    rows = ShardRows(forward=fn)
+    iso = _Isolation(max_batch=max_batch or (scorer.inference.batch_size if isinstance(scorer.inference.batch_size, int) else autotune.MIN_BATCH))
     k = ctx.topk
-
-    def fn(xs: torch.Tensor) -> torch.Tensor:
-        return forward_probs(lm, xs, inf.precision)
 
     with torch.inference_mode():
         for batch_id, batch in enumerate(batches):
+            if batch_id == 0:
+                rows.setup_s = time.perf_counter()  # made relative to the shard's start by score_entries
             rows.warnings.update(batch.warnings)
             for f in batch.failures:
                 rows.errors.append(error_row(ctx, entries[f.pos].image_path, batch_id, f.stage, f.error_type, f.message))
             if batch.tensor is None:
                 continue
-            mf = torch.channels_last if (inf.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
+            mf = torch.channels_last if (fn.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
             x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
             n_before = len(iso.failures)
             scored = score_isolated(fn, x, batch.positions, iso)
@@ -351,15 +380,22 @@ def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: S
     return rows
 
 
-def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig, ctx: RowContext) -> ShardRows:
+def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig, ctx: RowContext,
+                  t0: float | None = None) -> ShardRows:
     """Steps 1 and 2 for any list of images: loader, then rows (the rerun's entry point too).
+
+    ``t0``: ``time.perf_counter()`` when the shard started; the time until the first batch is
+    recorded as ``setup_s``.
 
     Raises:
         ShardError: the DataLoader failed (:func:`loader_batches`).
     """
-    loader = build_loader(entries, input_root, scorer, input_cfg)
-    rows = score_batches(loader_batches(loader, ctx.shard_id), entries, scorer, ctx)
-    rows.loader_workers = loader.num_workers
+    t0 = time.perf_counter() if t0 is None else t0
+    loader, split = build_loader(entries, input_root, scorer, input_cfg)
+    threads = configure_threads(split.threads, 1) if split.threads != scorer.threads else scorer.threads
+    rows = score_batches(loader_batches(loader, ctx.shard_id), entries, scorer, ctx, scorer.forward(threads), split.batch)
+    rows.loader_workers, rows.split = loader.num_workers, split
+    rows.setup_s = round(rows.setup_s - t0, 4) if rows.setup_s else None
     if rows.warnings:
         log.debug("shard %d: Pillow warnings (counted, not printed per image): %s", ctx.shard_id, dict(rows.warnings))
     return rows
@@ -414,12 +450,12 @@ def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: i
     scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host, rank)
     entries = read_shard_entries(ref)
     ctx = row_context(ref, scorer, attempt, cfg.output.topk)
-    rows = score_entries(entries, ref.input_root, scorer, cfg.input, ctx)
+    rows = score_entries(entries, ref.input_root, scorer, cfg.input, ctx, t0)
     meta = file_metadata(scorer.lm.info(), ref.run_id, metadata)
     result = ShardResult(
         shard_id=ref.shard_id, state="complete", images=len(entries), fingerprint=ref.fingerprint, model_id=scorer.lm.model_id,
-        device=ctx.device, worker=scorer.worker, threads=scorer.threads, loader_workers=rows.loader_workers, attempt=attempt,
-        warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events,
+        device=ctx.device, worker=scorer.worker, loader_workers=rows.loader_workers, attempt=attempt,
+        warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, **rows.facts(),
     )
     result.seconds = round(time.perf_counter() - t0, 4)
     return commit_shard(ref, cfg.output.root, make_table(rows.predictions, PREDICTIONS_SCHEMA, meta), make_table(rows.errors, ERRORS_SCHEMA, meta), result)

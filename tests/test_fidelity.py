@@ -21,17 +21,22 @@ shows the 0.01 tolerance catches a wrong decode with this model.
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
 from imgscore.flows.cli import execute
+from imgscore.tasks import backends
 from imgscore.tasks.config import ModelConfig, PreprocessConfig, build_config
 from imgscore.tasks.model import load_model
 from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
 from imgscore.tasks.score import forward_probs
+from tests.conftest import assert_same_answers
 
 pytestmark = pytest.mark.slow
 
@@ -125,31 +130,44 @@ def photo_model(photo_folder, tmp_path_factory):
     return path
 
 
-def _scores(out, run_id):
+def _rows(out, run_id):
     t = ds.dataset(out / "predictions", format="parquet", partitioning="hive").to_table()
-    return {r["image_path"]: (r["pred_index"], r["score"]) for r in t.to_pylist() if r["run_id"] == run_id}
+    return {r["image_path"]: r for r in t.to_pylist() if r["run_id"] == run_id}
+
+
+def _scores(rows):
+    return {path: (r["pred_index"], r["score"]) for path, r in rows.items()}
 
 
 FAST = {"preprocess.jpeg_draft": True, "inference.channels_last": True, "inference.fold_bn": True, "inference.batch_size": 8, "inference.num_workers": 2}
 SLOW = {"preprocess.jpeg_draft": False, "inference.channels_last": False, "inference.fold_bn": False, "inference.batch_size": 1, "inference.num_workers": 0}
 
 
-def _run(root, ckpt, out, paths):
+def _run(root, ckpt, out, paths, expect_code=0):
     sets = {
         "input.root": root, "model.arch": "resnet18", "model.checkpoint": ckpt, "output.root": out,
         "inference.device": "cpu", "run.shard_size": 100, "preprocess.resize": 256, "preprocess.crop": 224, **paths,
     }
     code, summary = execute(build_config({}, [f"{k}={v}" for k, v in sets.items()]), quiet=True)
-    assert code == 0 and summary["failed"] == 0
-    return _scores(out, summary["run_id"])
+    assert code == expect_code
+    if code != 0:
+        return None
+    assert summary["failed"] == 0
+    return _rows(out, summary["run_id"])
 
 
-def test_every_fast_path_on_and_off_give_the_same_answers(prefect_server, photo_model, photo_folder, tmp_path):
+@pytest.fixture(scope="module")
+def torch_answers(prefect_server, photo_model, photo_folder, tmp_path_factory):
+    """fp32 eager torch: the slow path (every fast path off) and the fast path (every one on)."""
+    out = tmp_path_factory.mktemp("torch_runs")
+    return {"slow": _run(photo_folder, photo_model, out / "slow", SLOW), "fast": _run(photo_folder, photo_model, out / "fast", FAST)}
+
+
+def test_every_fast_path_on_and_off_give_the_same_answers(torch_answers):
     """Guaranteed by construction on any CPU: the slow path's answers are the photos (the head is
     built from its features, see the module doc), so the test is never vacuous, and a fast path
     passes only if it moves no top-1 score by more than 0.01 (measured: 0.005 for JPEG draft)."""
-    slow = _run(photo_folder, photo_model, tmp_path / "slow", SLOW)
-    fast = _run(photo_folder, photo_model, tmp_path / "fast", FAST)
+    slow, fast = _scores(torch_answers["slow"]), _scores(torch_answers["fast"])
     assert len(slow) == len(fast) == 6 * len(LONG_SIDES) + 2
     assert fast.keys() == slow.keys()
     # not vacuous: six distinct answers, one per photo, and no score saturated
@@ -158,6 +176,32 @@ def test_every_fast_path_on_and_off_give_the_same_answers(prefect_server, photo_
     for path, (idx, score) in slow.items():
         assert fast[path][0] == idx, path
         assert fast[path][1] == pytest.approx(score, abs=0.01), path
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fp32_backends_give_the_answers_of_torch_fp32(backend, torch_answers, photo_model, photo_folder, tmp_path, backend_cache):
+    """Every fp32 backend, through ``imgscore run`` with every fast path on, against eager torch
+    fp32 with the same decode: the same top-1 and |Δscore| ≤ 1e-3 on every photo.
+
+    By construction on any CPU: both compute the same function in fp32 (measured difference
+    about 1e-5 in the probabilities), while every top-1 leads its runner-up by ≥ 0.1 logit
+    (:func:`photo_model` asserts it), far more than fp32 rounding of another runtime moves. The
+    part files and the manifest say which backend and precision scored."""
+    pytest.importorskip(backend, reason=f"{backend} has no wheel for this platform")
+    ref = torch_answers["fast"]
+    got = _run(photo_folder, photo_model, tmp_path / backend, {**FAST, "inference.backend": backend, "inference.cache_dir": backend_cache})
+    assert got.keys() == ref.keys()
+    for path, r in ref.items():
+        assert got[path]["pred_index"] == r["pred_index"] == photo_of(path), path
+        assert abs(got[path]["score"] - r["score"]) <= 1e-3, path
+        assert_same_answers(r, got[path], atol=1e-3, what=path)
+    part = next((tmp_path / backend / "predictions").rglob("*.parquet"))
+    meta = json.loads(pq.read_schema(part).metadata[b"imgscore"])
+    assert meta["inference"]["backend"] == backend and meta["inference"]["precision"] == "fp32"
+    (manifest,) = (tmp_path / backend / "runs").glob("*/manifest.json")
+    m = json.loads(manifest.read_text())
+    assert m["inference"]["backend"] == backend and m["inference"]["canary"] is None
+    assert m["inference"]["used"] == [{"backend": backend, "precision": "fp32"}]
 
 
 def test_draft_decode_is_used_and_close_to_full_decode(photo_folder):
@@ -201,3 +245,100 @@ def test_tolerance_catches_a_wrong_decode(photo_model, photo_folder):
     top = pg.argmax(1, keepdim=True)
     diff = (pg.gather(1, top) - pb.gather(1, top)).abs()
     assert diff.max() > 0.01
+
+
+@pytest.fixture(scope="module")
+def backend_cache(tmp_path_factory):
+    """ONNX exports of :func:`photo_model`, shared by this module's tests."""
+    return tmp_path_factory.mktemp("export_cache")
+
+
+class _FastPath(backends.Forward):
+    """A reduced-precision fast path made to order: ``inner`` (an fp32 path) labelled as
+    ``precision``, with ``shift`` of each image's top-1 probability moved to its runner-up —
+    0 for a faithful path, 0.02 for one broken on purpose (twice the canary's 0.01 bound)."""
+
+    def __init__(self, inner: backends.Forward, precision: str, shift: float = 0.0):
+        self.inner, self.precision, self.shift = inner, precision, shift
+        self.backend, self.channels_last = inner.backend, inner.channels_last
+
+    def __call__(self, x):
+        p = self.inner(x).clone()
+        top2 = p.topk(2, dim=1).indices
+        rows = torch.arange(len(p))
+        p[rows, top2[:, 0]] -= self.shift
+        p[rows, top2[:, 1]] += self.shift
+        return p
+
+
+def _photo_batch(photo_folder):
+    spec = PreprocessSpec(jpeg_draft=False)
+    tf, opts = build_transform(spec), DecodeOptions(max_pixels=10**9)
+    return torch.stack([tf(decode_image(str(p), spec, opts)) for p in sorted(photo_folder.iterdir())])
+
+
+def test_canary_passes_a_faithful_fast_path_and_refuses_a_broken_one(photo_model, photo_folder, backend_cache):
+    """By construction on any CPU: ONNX Runtime fp32 computes torch's function (probabilities
+    within about 1e-5, every top-1 leading by ≥ 0.1 logit), so it agrees on 100 % with mean
+    |Δscore| far below 0.01 and passes; a path that moves 0.02 of every top-1 score away has a
+    mean |Δscore| of 0.02 (± rounding) whatever the CPU, and one that swaps classes agrees on
+    none — both are refused."""
+    lm = load_model(ModelConfig(arch="resnet18", checkpoint=photo_model), PreprocessConfig(resize=256, crop=224), CPU).folded()
+    reference = backends.TorchForward(lm, "fp32")
+    x = _photo_batch(photo_folder)
+    batches = [x[:8], x[8:]]
+    pytest.importorskip("onnxruntime", reason="onnxruntime has no wheel for this platform")
+    faithful = backends.make_forward(lm, "onnxruntime", "fp32", threads=2, cache_dir=backend_cache)
+    ok = backends.run_canary(reference, faithful, batches)
+    assert ok.passed and ok.images == len(x) and ok.top1_agreement == 1.0 and ok.mean_abs_dscore < 1e-3
+    broken = backends.run_canary(reference, _FastPath(faithful, "bf16", shift=0.02), batches)
+    assert not broken.passed and broken.mean_abs_dscore == pytest.approx(0.02, abs=1e-3)
+    swapped = backends.run_canary(reference, _FastPath(faithful, "bf16", shift=1.0), batches)
+    assert not swapped.passed and swapped.top1_agreement == 0.0
+
+
+def _manifest(out):
+    (path,) = (out / "runs").glob("*/manifest.json")
+    return json.loads(path.read_text())
+
+
+def test_reduced_precision_is_gated_at_run_start(prefect_server, photo_model, photo_folder, tmp_path, monkeypatch, caplog):
+    """``inference.precision=bf16`` through ``imgscore run``, with the bf16 fast path replaced by
+    one made to order (:class:`_FastPath`), so the outcome holds on any CPU, bf16 or not:
+
+    - faithful: the canary passes (100 % agreement), the run scores, and the manifest and every
+      part file record backend, precision and the canary's agreement;
+    - broken on purpose: exit 2 before any part file or manifest is written;
+    - broken, ``inference.on_canary_fail=fp32``: a WARNING, the run scores in fp32, and the
+      manifest says the canary failed and what precision ran."""
+    real = backends.make_forward
+    shift = {"value": 0.0}
+
+    def fake(lm, backend, precision="fp32", *args, **kwargs):
+        if precision == "fp32":
+            return real(lm, backend, precision, *args, **kwargs)
+        return _FastPath(real(lm, backend, "fp32", *args, **kwargs), precision, shift["value"])
+
+    monkeypatch.setattr(backends, "make_forward", fake)
+    bf16 = {"inference.precision": "bf16", "inference.canary_images": 12, "inference.batch_size": 8}
+
+    rows = _run(photo_folder, photo_model, tmp_path / "ok", bf16)
+    m = _manifest(tmp_path / "ok")
+    assert m["inference"]["precision"] == "bf16" and m["inference"]["canary"]["passed"]
+    assert m["inference"]["canary"]["images"] == 12 and m["inference"]["canary"]["top1_agreement"] == 1.0
+    assert m["inference"]["used"] == [{"backend": "torch", "precision": "bf16"}]
+    meta = json.loads(pq.read_schema(next((tmp_path / "ok" / "predictions").rglob("*.parquet"))).metadata[b"imgscore"])
+    assert meta["inference"]["precision"] == "bf16" and meta["inference"]["canary"]["top1_agreement"] == 1.0
+    assert {r["pred_index"] for r in rows.values()} == set(range(len(NAMES)))
+
+    shift["value"] = 0.02
+    assert _run(photo_folder, photo_model, tmp_path / "refused", bf16, expect_code=2) is None
+    assert not (tmp_path / "refused" / "predictions").exists() and not list((tmp_path / "refused").glob("runs/*/manifest.json"))
+
+    with caplog.at_level("WARNING", logger="imgscore"):
+        rows = _run(photo_folder, photo_model, tmp_path / "fallback", {**bf16, "inference.on_canary_fail": "fp32"})
+    assert any("failed the canary" in r.getMessage() and "scoring in fp32" in r.getMessage() for r in caplog.records)
+    m = _manifest(tmp_path / "fallback")
+    assert m["inference"]["precision"] == "fp32" and m["inference"]["precision_requested"] == "bf16"
+    assert not m["inference"]["canary"]["passed"] and m["inference"]["used"] == [{"backend": "torch", "precision": "fp32"}]
+    assert {r["pred_index"] for r in rows.values()} == set(range(len(NAMES)))
