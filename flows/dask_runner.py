@@ -16,6 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
 from imgscore.flows.compat import NANNY_KILL_MESSAGE, drain_prefect_services
+from imgscore.flows.dask_warm import WarmWorkers
 
 
 class _NannyKillToDebug(logging.Filter):
@@ -44,9 +45,11 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
       control fall back to decoding in-process (``imgscore.tasks.device.loader_workers``).
     """
 
-    def __init__(self, *args: Any, api_url: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, api_url: str | None = None, warm_config: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.api_url = api_url
+        self.warm_config = warm_config  # the run's config JSON: workers warm up for its model (WarmWorkers)
+        self._warm_registered = False
         self.owns_cluster = not self.address  # prefect-dask starts a LocalCluster on first use
         if self.owns_cluster and api_url:
             self.cluster_kwargs = {**self.cluster_kwargs, "env": {**self.cluster_kwargs.get("env", {}), "PREFECT_API_URL": api_url}}
@@ -56,8 +59,20 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
     def duplicate(self) -> ScoringDaskTaskRunner:
         """A fresh copy with the same settings and API URL."""
         if self.address:
-            return type(self)(address=self.address, client_kwargs=self.client_kwargs, api_url=self.api_url)
-        return type(self)(cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs, api_url=self.api_url)
+            return type(self)(address=self.address, client_kwargs=self.client_kwargs, api_url=self.api_url, warm_config=self.warm_config)
+        return type(self)(cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs, api_url=self.api_url,
+                          warm_config=self.warm_config)
+
+    @property
+    def client(self):  # noqa: D401 - property of the parent class
+        """The Dask client (prefect-dask creates it, and the cluster, on first use); when it is new
+        and ``warm_config`` is set, every worker is warmed for the run's model (:class:`WarmWorkers`)."""
+        client = super().client
+        if self.warm_config and not self._warm_registered:
+            self._warm_registered = True
+            n = int(self.cluster_kwargs.get("n_workers") or 1) if self.owns_cluster else 1
+            client.register_plugin(WarmWorkers(self.warm_config, n))
+        return client
 
     def __enter__(self) -> ScoringDaskTaskRunner:
         self._scoring_stack.__enter__()

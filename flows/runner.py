@@ -16,6 +16,7 @@ runner its config names.
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 from prefect.context import FlowRunContext
@@ -45,15 +46,18 @@ def flow_api_url() -> str | None:
     return None if PREFECT_IN_PROCESS_API_HOST in url else url  # an in-process ASGI app has no address
 
 
-def make_task_runner(cfg: RunnerConfig) -> TaskRunner:
+def make_task_runner(cfg: RunnerConfig, warm_config: str | None = None) -> TaskRunner:
     """The task runner for ``runner`` config.
 
     ``thread``: a ``ThreadPoolTaskRunner`` of ``n_workers`` threads (1 by default: on a CPU-only
     machine one shard at a time uses every core through torch's own threads).
     ``dask``: a :class:`ScoringDaskTaskRunner` on ``address``, or on a ``LocalCluster`` of
-    ``n_workers`` processes with ``threads_per_worker`` threads each (no dashboard). Shards are
-    the unit of work; each worker process loads the model once. Built inside the flow run, so the
-    Dask workers get the flow's API URL (:func:`flow_api_url`).
+    ``n_workers`` processes with ``threads_per_worker`` threads each (no dashboard) — the one
+    ``imgscore run`` already started for this run when there is one
+    (:func:`imgscore.flows.dask_warm.current`). Shards are the unit of work; each worker process
+    loads the model once, before its first shard when ``warm_config`` (the run's config JSON)
+    is given (:mod:`imgscore.flows.dask_warm`). Built inside the flow run, so the Dask workers
+    get the flow's API URL (:func:`flow_api_url`).
     """
     if cfg.type == "thread":
         return ThreadPoolTaskRunner(max_workers=cfg.n_workers)
@@ -63,16 +67,13 @@ def make_task_runner(cfg: RunnerConfig) -> TaskRunner:
         raise ConfigError(f"runner.type=dask needs prefect-dask and distributed ({exc}); pip install prefect-dask") from None
     url = flow_api_url()
     if cfg.address:
-        return ScoringDaskTaskRunner(address=cfg.address, api_url=url)
-    return ScoringDaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": cfg.n_workers,
-            "threads_per_worker": cfg.threads_per_worker,
-            "processes": True,
-            "dashboard_address": None,
-        },
-        api_url=url,
-    )
+        return ScoringDaskTaskRunner(address=cfg.address, api_url=url, warm_config=warm_config)
+    from imgscore.flows import dask_warm
+
+    early = dask_warm.current()
+    if early is not None:  # started by the CLI before the flow, its workers warmed already
+        return ScoringDaskTaskRunner(address=early.address(), api_url=url)
+    return ScoringDaskTaskRunner(cluster_kwargs=dask_warm.local_cluster_kwargs(cfg), api_url=url, warm_config=warm_config)
 
 
 class ConfiguredTaskRunner(TaskRunner):
@@ -105,7 +106,9 @@ class ConfiguredTaskRunner(TaskRunner):
             ctx = FlowRunContext.get()
             raw: Any = (getattr(ctx, "parameters", None) or {}).get("config") or {}
             runner_raw = raw.get("runner", {}) if isinstance(raw, dict) else {}
-            self._inner = self._stack.enter_context(make_task_runner(RunnerConfig.model_validate(runner_raw)))
+            rc = RunnerConfig.model_validate(runner_raw)
+            warm = json.dumps(raw) if isinstance(raw, dict) and raw.get("model") and rc.warm_workers else None
+            self._inner = self._stack.enter_context(make_task_runner(rc, warm_config=warm))
         return self._inner
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):

@@ -176,3 +176,44 @@ def test_threads_are_the_workers_share_of_the_cores(monkeypatch):
         assert dev.configure_threads(3, workers_on_host=4) == 3  # inference.num_threads wins
     finally:
         torch.set_num_threads(before)
+
+
+def _warm_state() -> dict:
+    from imgscore.flows.dask_warm import WARM_STATE
+
+    return dict(WARM_STATE)
+
+
+def _cached_model_ids() -> list[str]:
+    from imgscore.tasks.model import _MODEL_CACHE
+
+    return [lm.model_id for lm in _MODEL_CACHE.values()]
+
+
+def test_workers_are_warmed_before_their_first_shard(tmp_path, tiny_checkpoint):
+    """The warm-up plugin on a real cluster: each worker imports the scoring stack and loads the
+    run's model into its per-process cache in the background, so the first shard finds it there.
+    Holds by construction: the plugin's setup runs on every worker when it is registered, before
+    any task could be submitted, and the test waits for the warm-up to finish."""
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from imgscore.flows.dask_warm import WarmWorkers
+    from imgscore.tasks.config import build_config
+    from imgscore.tasks.model import file_sha256
+
+    cfg = build_config({}, base_overrides(tmp_path, tiny_checkpoint, tmp_path / "out"))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        client.register_plugin(WarmWorkers(cfg.model_dump_json()))
+        deadline = time.time() + 240
+        while True:
+            (state,) = client.run(_warm_state).values()
+            if "finished" in state or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert "error" not in state and state["model_id"] == file_sha256(tiny_checkpoint), state
+        assert state["backend"] == "torch"
+        (cached,) = client.run(_cached_model_ids).values()
+        assert file_sha256(tiny_checkpoint) in cached

@@ -1,0 +1,182 @@
+"""Dask workers that are ready before the first shard: an early cluster and a warm-up plugin.
+
+A Dask worker process starts bare: on its first shard it imported torch, torchvision, Prefect's
+task engine and imgscore, loaded the model and built the backend — 12.5 s of a 15 s flow on
+2,000 small images, while the flow process had done all of that already. Two pieces move that
+work off the critical path:
+
+- :class:`WarmWorkers`, a ``distributed.WorkerPlugin``: on each worker (those there now and any
+  that join or restart) a background thread imports what a shard imports, loads the run's model
+  into the per-process cache (``imgscore.tasks.model.load_model``), folds it and builds its
+  backend (ONNX export read from the cache, runtime session) — so the first shard finds it all.
+- :class:`EarlyCluster`: ``imgscore run`` with ``runner.type=dask`` (and no ``runner.address``)
+  starts its ``LocalCluster`` in a background thread right after the cheap checks, before it
+  imports torch and loads the model itself; the workers warm up while the command does its own
+  start-up, and the flow's task runner connects to that cluster (:func:`current`). Runs started
+  by a deployment start the cluster at their first shard, and the plugin still warms the workers.
+
+Imports only ``distributed`` (never Prefect), so the CLI can start the cluster before Prefect is
+imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+log = logging.getLogger("imgscore")
+
+WARM_STATE: dict = {}  # in a worker process: {"started": t, "finished": t, "error": str} of its warm-up
+
+
+def warm_process(config_json: str, workers_on_host: int = 1) -> dict:
+    """Do in this process what a shard does before its first batch, for ``config_json``'s model.
+
+    Imports torch, torchvision, Prefect's task engine and imgscore's scoring modules; on a CPU
+    device, loads the model (cached per process), folds conv-BN when configured and builds the
+    backend's forward for this worker's core share. GPU devices are only imported for: which
+    GPU is this worker's is decided by its rank when the shard runs. Returns :data:`WARM_STATE`.
+    """
+    WARM_STATE.update({"started": time.time(), "pid": os.getpid()})
+    try:
+        import torch
+
+        import imgscore.flows.score_images  # noqa: F401 - Prefect's task engine and the shard task
+        from imgscore.tasks.backends import make_forward, resolve_backend
+        from imgscore.tasks.config import Config
+        from imgscore.tasks.device import resolve_device, usable_cores
+        from imgscore.tasks.model import load_model
+
+        cfg = Config.model_validate_json(config_json)
+        inf = cfg.inference
+        device = resolve_device(inf.device, 0)
+        if device.type == "cpu":
+            lm = load_model(cfg.model, cfg.preprocess, device, channels_last=inf.channels_last)
+            if inf.fold_bn:
+                lm = lm.folded()
+            share = inf.num_threads or max(1, usable_cores() // max(1, workers_on_host))
+            batch = inf.batch_size if isinstance(inf.batch_size, int) else 32
+            backend = resolve_backend(lm, inf.backend, inf.precision, share, batch, inf.cache_dir, inf.channels_last)
+            fwd = make_forward(lm, backend, inf.precision, share, inf.cache_dir, inf.channels_last)
+            with torch.inference_mode():  # first call: kernels/primitives for the input size
+                x = torch.zeros(2, 3, lm.preprocess.crop, lm.preprocess.crop)
+                fwd(x.contiguous(memory_format=torch.channels_last) if fwd.channels_last else x)
+            WARM_STATE.update({"model_id": lm.model_id, "backend": backend})
+    except Exception as exc:  # the shard will meet (and report) the same problem itself
+        WARM_STATE["error"] = f"{type(exc).__name__}: {exc}"
+    WARM_STATE["finished"] = time.time()
+    return WARM_STATE
+
+
+class WarmWorkers(WorkerPlugin):
+    """Warm every worker for one run's config (:func:`warm_process`) in a background thread, so
+    the worker answers the scheduler while it warms and a shard that arrives early simply waits
+    on the same import and model-cache locks."""
+
+    name = "imgscore-warm"
+
+    def __init__(self, config_json: str, workers_on_host: int = 1):
+        self.config_json = config_json
+        self.workers_on_host = workers_on_host
+
+    def setup(self, worker) -> None:
+        WARM_STATE.clear()
+        WARM_STATE["registered"] = time.time()
+        threading.Thread(target=warm_process, args=(self.config_json, self.workers_on_host),
+                         name="imgscore-warm", daemon=True).start()
+
+
+class EarlyCluster:
+    """A ``LocalCluster`` started in a background thread, its workers warmed by :class:`WarmWorkers`.
+
+    The workers are non-daemonic (their DataLoader may fork, as in
+    ``imgscore.flows.dask_runner``) and report to the Prefect API at ``api_url()`` (called in
+    the background thread; it blocks until the temporary server's URL is known).
+    :meth:`address` waits for the scheduler; :meth:`close` drains the workers' Prefect logs and
+    events, then stops the cluster.
+    """
+
+    def __init__(self, cluster_kwargs: dict, config_json: str, api_url) -> None:
+        self._kwargs, self._config_json, self._api_url = cluster_kwargs, config_json, api_url
+        self._cluster = self._client = None
+        self._error: BaseException | None = None
+        self.started_at = time.perf_counter()
+        self.ready_s: float | None = None
+        self._thread = threading.Thread(target=self._start, name="imgscore-early-cluster", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            import dask
+            from distributed import Client, LocalCluster
+
+            url = self._api_url()
+            kwargs = dict(self._kwargs)
+            if url:
+                kwargs["env"] = {**kwargs.get("env", {}), "PREFECT_API_URL": url}
+            with dask.config.set({"distributed.worker.daemon": False}):
+                self._cluster = LocalCluster(**kwargs)
+            self._client = Client(self._cluster, set_as_default=False)  # never found by distributed.get_client()
+            self._client.register_plugin(WarmWorkers(self._config_json, int(kwargs.get("n_workers") or 1)))
+            self.ready_s = round(time.perf_counter() - self.started_at, 3)
+        except BaseException as exc:  # reported by address(); the run then fails like a cluster that cannot start
+            self._error = exc
+
+    def address(self, timeout: float = 600) -> str:
+        """The scheduler's address, once the cluster is up.
+
+        Raises:
+            RuntimeError: the cluster could not start (the cause is chained).
+        """
+        self._thread.join(timeout)
+        if self._error is not None or self._cluster is None:
+            raise RuntimeError(f"the Dask cluster could not start: {self._error}") from self._error
+        return self._cluster.scheduler_address
+
+    def close(self) -> None:
+        """Drain the workers' Prefect logs and events, then stop the cluster (idempotent)."""
+        self._thread.join()
+        if self._client is not None:
+            from imgscore.flows.compat import drain_prefect_services
+
+            with contextlib.suppress(Exception):  # shutting down anyway: the nanny's kill is the fallback
+                self._client.run(drain_prefect_services)
+            with contextlib.suppress(Exception):
+                self._client.close()
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.close()
+        self._client = self._cluster = None
+
+
+def local_cluster_kwargs(runner_cfg) -> dict:
+    """``LocalCluster`` arguments for ``runner`` config (as ``imgscore.flows.runner`` makes them)."""
+    return {"n_workers": runner_cfg.n_workers, "threads_per_worker": runner_cfg.threads_per_worker,
+            "processes": True, "dashboard_address": None}
+
+
+_CURRENT: EarlyCluster | None = None
+
+
+def current() -> EarlyCluster | None:
+    """The cluster this process started early for its run (:func:`early_cluster`), if any."""
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def early_cluster(cfg, api_url):
+    """Start the run's ``LocalCluster`` now (:class:`EarlyCluster`, warmed for ``cfg``), make it
+    :func:`current` for the flow's task runner, and stop it when the block ends."""
+    global _CURRENT
+    early = EarlyCluster(local_cluster_kwargs(cfg.runner), cfg.model_dump_json(), api_url)
+    _CURRENT = early
+    try:
+        yield early
+    finally:
+        _CURRENT = None
+        early.close()
