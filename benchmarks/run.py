@@ -97,6 +97,16 @@ class MemorySpec:
     shard: int
 
 
+@dataclass(frozen=True)
+class SmallSpec:
+    """Small images: ``images`` JPEGs of ``size``, ``shard`` per shard, resize = crop = height."""
+
+    arch: str
+    size: tuple[int, int]
+    images: int
+    shard: int
+
+
 SIZES = {
     # 9.8 minutes on 2 cores with the images cached (2026-11-29; + about 3 minutes unloaded to
     # make them once); repeats=2 would add about 2 minutes
@@ -104,6 +114,7 @@ SIZES = {
         "compute": Workload("compute", "resnet50", (1600, 1200), 32, 224, 24, 96, 4, 24),
         "decode": Workload("decode", "mobilenet_v3_large", (4000, 3000), 48, 432, 16, 160, 6, 24),
         "memory": MemorySpec("mobilenet_v3_large", (400, 300), 64, 640, 32),
+        "small": SmallSpec("resnet18", (32, 32), 2000, 500),
         "repeats": 1,
         "batch": 32,
     },
@@ -112,6 +123,7 @@ SIZES = {
         "compute": Workload("compute", "resnet50", (1600, 1200), 4, 12, 3, 8, 1, 4),
         "decode": Workload("decode", "mobilenet_v3_large", (4000, 3000), 4, 12, 3, 8, 1, 4),
         "memory": MemorySpec("mobilenet_v3_large", (400, 300), 8, 80, 8),
+        "small": SmallSpec("resnet18", (32, 32), 200, 100),
         "repeats": 1,
         "batch": 8,
     },
@@ -478,6 +490,56 @@ def forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: int, thr
     return {"images": n, "seconds": round(dt_, 3), "img_per_s": round(n / dt_, 2), "threads": threads, "batch": len(x)}
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags that matter here (``lscpu``/``/proc/cpuinfo``): AVX*, AMX, FMA, F16C."""
+    from imgscore.tasks.backends import cpu_signature
+
+    sig = cpu_signature()
+    return sig[sig.index("[") + 1 : -1].split() if "[" in sig else []
+
+
+def has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512_BF16 or AMX-BF16); without it bf16 is emulated and slow."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
+def backend_forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: int, threads: int) -> dict:
+    """Forward-only img/s of every backend on the same pre-decoded batch, through imgscore's own
+    backends (tasks/backends.py: folded torch module, ONNX export from the bench cache), and each
+    one's agreement with torch fp32 on that batch (top-1, mean and max |Δscore|, as the canary)."""
+    from imgscore.tasks import backends as B
+    from imgscore.tasks.config import ModelConfig, PreprocessConfig
+    from imgscore.tasks.model import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model(ModelConfig(arch=arch, checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=True).folded()
+    out: dict = {}
+    ref = None
+    for name, precision in (("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("torch", "bf16")):
+        key = f"{name} {precision}"
+        try:
+            fwd = B.make_forward(lm, name, precision, threads, DATA / "cache")
+        except Exception as exc:  # a runtime that is not installed: recorded, not fatal
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        x = tensors.contiguous(memory_format=torch.channels_last) if fwd.channels_last else tensors.contiguous()
+        n = batches if precision == "fp32" or has_bf16() else 1  # emulated bf16 is slow: one batch says enough
+        with torch.inference_mode():
+            fwd(x)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(n):
+                p = fwd(x)
+            dt_ = time.perf_counter() - t0
+        if ref is None:
+            ref = p
+        agree, mean_d, max_d = B.compare_probs(ref, p)
+        out[key] = {"img_per_s": round(n * len(x) / dt_, 2), "images": n * len(x), "threads": threads,
+                    "precision_reported": fwd.precision, "top1_agreement": round(agree, 4),
+                    "mean_abs_dscore": round(mean_d, 5), "max_abs_dscore": round(max_d, 5)}
+    torch.set_num_threads(cores())
+    return out
+
+
 def decode_core_time(paths: list[Path], draft: bool) -> dict:
     """Seconds of one core per image for decode + eval transform (what a DataLoader worker does),
     through imgscore's own dataset code (EXIF, mode handling, transform)."""
@@ -558,6 +620,28 @@ def _env() -> dict:
 
 def imgscore_run(root: Path, arch: str, ckpt: Path, out: Path, sets: list[str] = ()) -> dict:
     """(d) ``imgscore run`` as a subprocess; wall time, peak RSS, start-up and per-shard overhead."""
+    return imgscore_runs([(root, arch, ckpt, out, sets)])[0]
+
+
+def imgscore_runs(specs: list[tuple]) -> list[dict]:
+    """Several ``imgscore run`` subprocesses started together (one: :func:`imgscore_run`); each
+    ``(root, arch, ckpt, out, sets)``. Returns each run's measures (as :func:`imgscore_run`)."""
+    procs = []
+    for root, arch, ckpt, out, sets in specs:
+        procs.append(_launch(root, arch, ckpt, out, sets))
+    results = []
+    for p, fh, rss, t0, t_launch, out, log in procs:
+        rc = p.wait()
+        wall = time.perf_counter() - t0
+        rss.__exit__(None, None, None)
+        fh.close()
+        if rc != 0:
+            raise RuntimeError(f"imgscore run exited {rc}; see {log}:\n{log.read_text()[-3000:]}")
+        results.append(_collect(out, wall, t_launch, rss))
+    return results
+
+
+def _launch(root: Path, arch: str, ckpt: Path, out: Path, sets) -> tuple:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         str(BIN / "imgscore"), "run", "--config", str(REPO / "configs" / "nightly.yaml"), "-q",
@@ -569,13 +653,13 @@ def imgscore_run(root: Path, arch: str, ckpt: Path, out: Path, sets: list[str] =
     log = out.parent / f"{out.name}.log"
     t_launch = time.time()
     t0 = time.perf_counter()
-    with open(log, "wb") as fh:
-        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-        with Rss(p.pid) as rss:
-            rc = p.wait()
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"imgscore run exited {rc}; see {log}:\n{log.read_text()[-3000:]}")
+    fh = open(log, "wb")  # noqa: SIM115 - closed by imgscore_runs
+    p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    rss = Rss(p.pid).__enter__()
+    return p, fh, rss, t0, t_launch, out, log
+
+
+def _collect(out: Path, wall: float, t_launch: float, rss: Rss) -> dict:
     (manifest_path,) = list((out / "runs").glob("*/manifest.json"))
     m = json.loads(manifest_path.read_text())
     shards = m["shards"]
@@ -590,6 +674,11 @@ def imgscore_run(root: Path, arch: str, ckpt: Path, out: Path, sets: list[str] =
     )
     preds = {r["image_path"]: (r["pred_index"], r["score"]) for r in t.to_pylist()}
     return {
+        "planned_at": planned,
+        "finished_at": finished,
+        "inference": m.get("inference"),
+        "splits": sorted({f"{s.get('loader_workers')}x{s.get('threads')} batch {s.get('batch_size')}" for s in states}),
+        "first_shard_setup_s": max((s.get("setup_s") or 0) for s in states[: max(1, len(states))]) if states else None,
         "images": m["counts"]["scored"],
         "failed": m["counts"]["failed"],
         "shards": len(shards),
@@ -662,6 +751,9 @@ def run_workload(w: Workload, sizes: dict, tag: str) -> dict:
     res["forward_default_format"] = forward_only(w.arch, ckpt, pre, max(1, w.fwd_batches // 2), cores(), fast=False)
     res["forward_1_thread"] = forward_only(w.arch, ckpt, pre, max(1, w.fwd_batches // 2), 1)
 
+    print("  forward-only per backend …", flush=True)
+    res["backends_forward_only"] = backend_forward_only(w.arch, ckpt, pre, w.fwd_batches, cores())
+
     print("  decode core-time …", flush=True)
     dec_paths = [folder / "all" / r for r in _spread(rels, w.n_decode)]
     res["decode_draft"] = decode_core_time(dec_paths, draft=True)
@@ -687,12 +779,32 @@ def run_workload(w: Workload, sizes: dict, tag: str) -> dict:
     res["imgscore_small"], res["imgscore_large"] = s, lg
     res["imgscore_marginal"] = marginal(s, lg)
 
+    res["backend_runs"] = {}
+    for backend in ("onnxruntime", "openvino"):
+        if "error" in res["backends_forward_only"].get(f"{backend} fp32", {"error": 1}):
+            continue
+        print(f"  imgscore run ×2 sizes, inference.backend={backend} …", flush=True)
+        sets = [f"inference.batch_size={batch}", f"inference.backend={backend}", f"inference.cache_dir={DATA / 'cache'}"]
+        bs = imgscore_run(small_root, w.arch, ckpt, DATA / "out" / f"{w.name}-small-{backend}", sets)
+        bl = imgscore_run(big, w.arch, ckpt, DATA / "out" / f"{w.name}-large-{backend}", sets)
+        print(f"    small {bs['wall_s']} s, large {bl['wall_s']} s", flush=True)
+        bl["agreement_vs_torch_run"] = agreement(bl["_preds"], lg["_preds"])
+        res["backend_runs"][backend] = {"small": bs, "large": bl, "marginal": marginal(bs, bl)}
+
     for k in ("plain_loop", "tuned_loop", "imgscore_large"):
         res[k]["agreement"] = agreement(res[k]["_preds"], ref)
     res["imgscore_large"]["agreement_all_runs"] = [agreement(r["_preds"], ref) for r in runs_l]
 
     fo = res["forward_only"]["img_per_s"]
     pl = res["plain_loop"]["img_per_s"]
+    ort_fo = res["backends_forward_only"].get("onnxruntime fp32", {}).get("img_per_s")
+    ort_mg = res["backend_runs"].get("onnxruntime", {}).get("marginal", {}).get("img_per_s")
+    res["ratios_onnxruntime"] = {
+        "marginal_vs_eager_forward_only": round(ort_mg / fo, 3) if ort_mg else None,
+        "marginal_vs_ort_forward_only": round(ort_mg / ort_fo, 3) if ort_mg and ort_fo else None,
+        "marginal_vs_plain": round(ort_mg / pl, 2) if ort_mg else None,
+        "ort_forward_vs_eager_forward": round(ort_fo / fo, 3) if ort_fo else None,
+    }
     bound = res["core_time_bound"]["img_per_s"]
     mg = res["imgscore_marginal"]["img_per_s"]
     res["ratios"] = {
@@ -732,6 +844,58 @@ def run_memory(ms: MemorySpec, sizes: dict) -> dict:
         # the last shard's end not spent inside score_shard, per extra shard
         "prefect_overhead_per_shard_s": round((r_many["outside_shards_s"] - r_one["outside_shards_s"]) / extra, 4) if extra else None,
     }
+
+
+def scoring_rate(runs: list[dict]) -> dict:
+    """Images per second of the scoring phase of runs that ran at the same time: all their
+    images over the window from the first plan written to the last shard committed."""
+    start = min(r["planned_at"] for r in runs)
+    end = max(r["finished_at"] for r in runs)
+    n = sum(r["images"] for r in runs)
+    return {"images": n, "seconds": round(end - start, 3), "img_per_s": round(n / (end - start), 1)}
+
+
+def run_small(spec: SmallSpec) -> dict:
+    """Small images (issue 16): one ``imgscore run`` against two concurrent ones on the same
+    folder — with ``inference.num_workers: auto`` (the measured split) and with the former fixed
+    default (0 workers, all threads); the first shard's set-up and the splits chosen."""
+    print(f"[small] {spec.arch} on {spec.size[0]}x{spec.size[1]} JPEGs: one run vs two at once", flush=True)
+    folder = DATA / f"small-{spec.size[0]}x{spec.size[1]}"
+    rels = make_images(folder, spec.images, spec.size, seed=4)
+    ckpt = make_checkpoint(spec.arch, [folder / "all" / r for r in _spread(rels, 16)], DATA / "ckpt" / f"{spec.arch}-small-v{GENERATOR_VERSION}.pt")
+    root = subset(folder, rels, spec.images)
+    base = [f"run.shard_size={spec.shard}", f"preprocess.resize={spec.size[1]}", f"preprocess.crop={spec.size[1]}"]
+    res: dict = {"spec": asdict(spec)}
+    for name, extra in (("auto", ["inference.num_workers=auto", "inference.batch_size=auto"]),
+                        ("fixed_0_workers", ["inference.num_workers=0", "inference.batch_size=32"])):
+        sets = [*base, *extra]
+        one = imgscore_run(root, spec.arch, ckpt, DATA / "out" / f"small-one-{name}", sets)
+        two = imgscore_runs([(root, spec.arch, ckpt, DATA / "out" / f"small-two-{name}-{k}", sets) for k in "ab"])
+        r1, r2 = scoring_rate([one]), scoring_rate(two)
+        res[name] = {"one": r1, "two": r2, "one_vs_two": round(r1["img_per_s"] / r2["img_per_s"], 3),
+                     "splits": one["splits"], "load": loadavg()}
+        print(f"    {name}: one run {r1['img_per_s']} img/s, two at once {r2['img_per_s']} img/s; split {one['splits']}", flush=True)
+    return res
+
+
+def run_dask_cold_start(spec: SmallSpec) -> dict:
+    """Dask, 2 workers, the small-image folder: flow wall time and the first shards' set-up with
+    ``runner.warm_workers`` off (workers import torch and load the model at their first shard)
+    and on (cluster started before the model loads, workers warmed by the plugin)."""
+    folder = DATA / f"small-{spec.size[0]}x{spec.size[1]}"
+    rels = make_images(folder, spec.images, spec.size, seed=4)
+    ckpt = DATA / "ckpt" / f"{spec.arch}-small-v{GENERATOR_VERSION}.pt"
+    root = subset(folder, rels, spec.images)
+    res = {}
+    for warm in ("false", "true"):
+        sets = [f"run.shard_size={spec.shard // 2}", f"preprocess.resize={spec.size[1]}", f"preprocess.crop={spec.size[1]}",
+                "runner.type=dask", "runner.n_workers=2", f"runner.warm_workers={warm}"]
+        r = imgscore_run(root, spec.arch, ckpt, DATA / "out" / f"dask-warm-{warm}", sets)
+        res[f"warm_workers={warm}"] = {"command_wall_s": r["wall_s"], "launch_to_planned_s": r["launch_to_planned_s"],
+                                       "planned_to_done_s": r["score_phase_s"], "first_shard_setup_s": r["first_shard_setup_s"],
+                                       "load": loadavg()}
+        print(f"    dask warm_workers={warm}: {res[f'warm_workers={warm}']}", flush=True)
+    return res
 
 
 def import_cost() -> dict:
@@ -820,11 +984,59 @@ def render(r: dict) -> str:
     L.append(f"| of which Prefect, outside `score_shard` | {mem['prefect_overhead_per_shard_s'] * 1e3:.0f} ms |")
     L.append(f"| importing torch + torchvision + Prefect + imgscore in a fresh interpreter | {r['imports']['seconds']} s |")
     L.append("")
+    L.extend(render_backends(r))
     L.append("| target | measured | met |")
     L.append("| --- | ---: | --- |")
     for t in r["targets"]:
         L.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
     return "\n".join(L) + "\n"
+
+
+def render_backends(r: dict) -> list[str]:
+    """The issue-16 tables: a row per backend (forward-only and `imgscore run` marginal, with the
+    ONNX Runtime forward-only limit as the anchor column), small images, Dask cold start."""
+    L = [f"Backends (issue 16). CPU flags: {' '.join(r.get('cpu_flags', []))}; native bf16: "
+         f"{'yes' if r.get('bf16_native') else 'no (bf16 rows are emulated, measured on one batch)'}; runtimes "
+         f"{r.get('runtimes')}. Agreement: with torch fp32 on the forward-only batch (top-1, mean |Δscore|), "
+         "what the canary measures at run start.\n"]
+    L.append("| workload | backend, precision | forward-only img/s | × eager forward-only | × ORT forward-only | agreement, mean Δscore | `imgscore run` marginal img/s | × eager forward-only | × ORT forward-only |")
+    L.append("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+    for key in ("compute", "decode"):
+        w = r.get(key)
+        if not w or "backends_forward_only" not in w:
+            continue
+        fo = w["forward_only"]["img_per_s"]
+        ort = w["backends_forward_only"].get("onnxruntime fp32", {}).get("img_per_s")
+        runs = {"torch fp32": w["imgscore_marginal"], **{f"{b} fp32": v["marginal"] for b, v in w.get("backend_runs", {}).items()}}
+        for name, m in w["backends_forward_only"].items():
+            if "error" in m:
+                L.append(f"| {key}: {w['arch']} | {name} | not run: {m['error'][:80]} | | | | | | |")
+                continue
+            mg = runs.get(name, {}).get("img_per_s")
+            L.append(f"| {key}: {w['arch']} | {name} | {m['img_per_s']:.2f} | {m['img_per_s'] / fo:.2f} | "
+                     f"{m['img_per_s'] / ort:.2f} | {m['top1_agreement'] * 100:.1f} %, {m['mean_abs_dscore']} | "
+                     + (f"{mg:.2f} | {mg / fo:.2f} | {mg / ort:.2f} |" if mg else " | | |"))
+    L.append("")
+    sm = r.get("small")
+    if sm:
+        sp = sm["spec"]
+        L.append(f"Small images ({sp['arch']}, {sp['images']} JPEGs of {sp['size'][0]}×{sp['size'][1]}, resize = crop = {sp['size'][1]}, "
+                 f"{sp['shard']} per shard): scoring-phase img/s (first plan written → last shard committed).\n")
+        L.append("| inference.num_workers | one run | two runs at once, together | one ÷ two | split chosen |")
+        L.append("| --- | ---: | ---: | ---: | --- |")
+        for name in ("auto", "fixed_0_workers"):
+            v = sm[name]
+            L.append(f"| {name} | {v['one']['img_per_s']} | {v['two']['img_per_s']} | {v['one_vs_two']:.2f} | {', '.join(v['splits'])} |")
+        L.append("")
+    dk = r.get("dask_cold_start")
+    if dk:
+        L.append("Dask cold start (2 workers, the small-image folder):\n")
+        L.append("| runner.warm_workers | command wall s | launch → plan written s | plan → last shard s | slowest first-shard set-up s |")
+        L.append("| --- | ---: | ---: | ---: | ---: |")
+        for name, v in dk.items():
+            L.append(f"| {name.split('=')[1]} | {v['command_wall_s']} | {v['launch_to_planned_s']} | {v['planned_to_done_s']} | {v['first_shard_setup_s']} |")
+        L.append("")
+    return L
 
 
 def targets(r: dict) -> list[dict]:
@@ -840,7 +1052,35 @@ def targets(r: dict) -> list[dict]:
         {"target": "Prefect overhead ≤ 20 ms per shard", "measured": f"{mem['prefect_overhead_per_shard_s'] * 1e3:.0f} ms", "met": mem["prefect_overhead_per_shard_s"] <= 0.020},
         {"target": "top-1 agreement with fp32 full decode ≥ 99.5 % (trained model)", "measured": f"{agree * 100:.1f} %", "met": agree >= 0.995},
         {"target": "10× the images → peak memory < +10 %", "measured": f"{growth * 100:+.1f} %", "met": growth < 0.10},
+        *targets_backends(r),
     ]
+
+
+def targets_backends(r: dict) -> list[dict]:
+    """Issue 16's targets."""
+    c, d, sm = r["compute"], r["decode"], r.get("small")
+    ro = c.get("ratios_onnxruntime", {})
+    out = []
+    if ro.get("marginal_vs_eager_forward_only") is not None:
+        agree = c["backend_runs"]["onnxruntime"]["large"]["agreement_vs_torch_run"]["top1_agreement"]
+        out += [
+            {"target": "compute: `imgscore run` onnxruntime marginal ≥ 1.4 × eager forward-only", "measured": f"{ro['marginal_vs_eager_forward_only']:.2f} ×", "met": ro["marginal_vs_eager_forward_only"] >= 1.4},
+            {"target": "compute: onnxruntime marginal ≥ 0.85 × ONNX Runtime forward-only", "measured": f"{ro['marginal_vs_ort_forward_only']:.2f} ×", "met": ro["marginal_vs_ort_forward_only"] >= 0.85},
+            {"target": "compute: onnxruntime run's top-1 = torch run's top-1", "measured": f"{agree * 100:.1f} %", "met": agree == 1.0},
+        ]
+    bf = c["backends_forward_only"].get("openvino bf16", {})
+    if bf.get("img_per_s"):
+        x = bf["img_per_s"] / c["forward_only"]["img_per_s"]
+        out.append({"target": "compute: bf16 (opt-in, canary passed) ≥ 2.5 × eager forward-only",
+                    "measured": f"{x:.2f} × forward-only (OpenVINO bf16{'' if r.get('bf16_native') else ', emulated: this CPU has no bf16'}; agreement {bf['top1_agreement'] * 100:.1f} %)",
+                    "met": x >= 2.5 and bf["top1_agreement"] >= 0.995})
+    best = max([d["imgscore_marginal"]["img_per_s"], *[v["marginal"]["img_per_s"] for v in d.get("backend_runs", {}).values()]])
+    x = best / d["plain_loop"]["img_per_s"]
+    out.append({"target": "decode-bound: best `imgscore run` marginal ≥ 8 × plain batch-1 loop", "measured": f"{x:.1f} ×", "met": x >= 8})
+    if sm:
+        v = sm["auto"]["one_vs_two"]
+        out.append({"target": "small images: one run ≥ 0.9 × two concurrent runs", "measured": f"{v:.2f} ×", "met": v >= 0.9})
+    return out
 
 
 # ----------------------------------------------------------------------------- ablations
@@ -1007,7 +1247,7 @@ PIPELINE_SPLIT = (2, cores())
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", choices=sorted(SIZES), default="full")
-    ap.add_argument("--only", choices=["compute", "decode", "memory"], action="append")
+    ap.add_argument("--only", choices=["compute", "decode", "memory", "small", "dask"], action="append")
     ap.add_argument("--ablations", action="store_true", help="measure each speed option (benchmarks/NOTES.md) instead")
     ap.add_argument("--repeats", type=int, help="imgscore runs per size (default: the size's own)")
     ap.add_argument("--part", choices=["forward", "batch", "pipeline"], action="append", help="with --ablations: only these parts")
@@ -1049,7 +1289,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(r, indent=2) + "\n")
         print(json.dumps(r, indent=1))
         return 0
-    only = set(args.only or ["compute", "decode", "memory"])
+    only = set(args.only or ["compute", "decode", "memory", "small", "dask"])
     DATA.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     r: dict = {
@@ -1064,7 +1304,12 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "load_before": loadavg(),
         "pipeline_split": {"dataloader_workers": PIPELINE_SPLIT[0], "torch_threads": PIPELINE_SPLIT[1]},
+        "cpu_flags": cpu_flags(),
+        "bf16_native": has_bf16(),
     }
+    from imgscore.tasks.backends import runtime_versions
+
+    r["runtimes"] = runtime_versions()
     print(f"imgscore bench ({args.sizes}): {r['cores']} cores, load {r['load_before']}", flush=True)
     # warm-up: the Prefect database in PREFECT_HOME, the page cache for Python's imports
     warm = DATA / "warm"
@@ -1082,13 +1327,17 @@ def main(argv=None) -> int:
         r["decode"] = run_workload(sizes["decode"], sizes, args.sizes)
     if "memory" in only:
         r["memory"] = {"spec": asdict(sizes["memory"]), **run_memory(sizes["memory"], sizes)}
+    if "small" in only:
+        r["small"] = run_small(sizes["small"])
+    if "dask" in only:
+        r["dask_cold_start"] = run_dask_cold_start(sizes["small"])
     r["load_after"] = loadavg()
     r["total_s"] = round(time.perf_counter() - t0, 1)
     r = strip(r)
     out_dir = RESULTS if args.sizes == "full" and not args.only else DATA
     stem = "latest" if out_dir == RESULTS else f"results-{args.sizes}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if {"compute", "decode", "memory"} <= only:
+    if {"compute", "decode", "memory", "small", "dask"} <= only:
         r["targets"] = targets(r)
         (out_dir / f"{stem}.md").write_text(render(r))
         print(render(r))
