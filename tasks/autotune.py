@@ -18,13 +18,18 @@ first thing to suffer when the machine is shared — inline with 2 threads fell 
   forward, no core shared: ``min(w / d, 1 / f(S - w))``;
 - decode-heavy, ``(w, 1)`` for ``w >= S``: more decode processes than spare cores beside a
   single-threaded forward; the cores are shared, so also bounded by the core time:
-  ``min(w / d, 1 / f(1), S / (d + f(1)))``.
+  ``min(w / d, 1 / f(1), S / (d + f(1)))``;
+
+and every DataLoader process costs :data:`WORKER_START_S` per shard (a DataLoader per shard),
+spread over the shard's images.
 
 Never more torch threads than cores left beside the workers when ``t > 1``: an idle OpenMP
 team spins, and decode processes beside a spinning 2-thread forward ran 10× slower here (1,199
 → 118 img/s on 32-px images, benchmarks/NOTES.md). Measured on this 2-core machine, the rule
 picks inline for resnet50 on 1600×1200 photos (forward-bound), one decode worker beside one
-thread for 32-px images, and two decode workers beside one thread for 12-megapixel photos.
+thread for 32-px images in long shards (inline in shards of a few thousand: starting the
+process costs more than it gives), and two decode workers beside one thread for 12-megapixel
+photos.
 
 ``inference.batch_size: auto`` starts at 32 and doubles (to at most 256) while one batch's
 forward at the chosen thread count takes under 50 ms, so per-batch costs (collate, DataLoader
@@ -43,6 +48,9 @@ import torch
 
 log = logging.getLogger("imgscore")
 
+# Starting one forked DataLoader process and its first batch, per shard: 0.2-0.3 s measured here
+# (a shard's fixed cost with 2 workers was 660 ms, part files and the Prefect task included).
+WORKER_START_S = 0.25
 TIE = 0.03  # predicted rates within 3 % count as equal: fewer processes win
 MIN_BATCH, MAX_BATCH, BATCH_TARGET_S = 32, 256, 0.05
 
@@ -85,10 +93,13 @@ def fwd_at(c: Costs, t: int) -> float:
     return c.fwd_1 / (1.0 + gain * (t - 1) / (c.share - 1))
 
 
-def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None) -> tuple[int, int, dict[str, float]]:
+def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None,
+                 images: int | None = None) -> tuple[int, int, dict[str, float]]:
     """``(workers, threads, predicted img/s per candidate)`` by the rule in the module doc.
 
-    ``can_fork`` False (a daemonic Dask worker) leaves only inline decoding.
+    ``can_fork`` False (a daemonic Dask worker) leaves only inline decoding. ``images``: the
+    shard's length; each DataLoader process then also costs :data:`WORKER_START_S` per shard
+    (one DataLoader per shard), spread over its images.
     """
     s = max(1, c.share)
     d = max(c.decode, 1e-9)
@@ -99,6 +110,8 @@ def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None
             pred[(w, s - w)] = min(w / d, 1.0 / fwd_at(c, s - w))
         for w in range(s, max(s, top) + 1):
             pred[(w, 1)] = min(w / d, 1.0 / c.fwd_1, s / (d + c.fwd_1))
+    if images:
+        pred = {k: images / (images / v + k[0] * WORKER_START_S) for k, v in pred.items()}
     best = max(pred.values())
     w, t = min((k for k, v in pred.items() if v >= best * (1 - TIE)), key=lambda k: (k[1], k[0]))
     return w, t, {f"{a}x{b}": round(v, 2) for (a, b), v in sorted(pred.items())}
@@ -196,7 +209,7 @@ def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cf
         costs = measure(sample, min(probe, len(ds)), forward_for, share)
         if costs is None:  # nothing decodes in the probe: the shard records its failures anyway
             return Split(fixed_w if fixed_w is not None else 0, share, fixed_b or MIN_BATCH, {}, None)
-        w, t, pred = choose_split(costs, can_fork)
+        w, t, pred = choose_split(costs, can_fork, images=len(ds))
         split = remember_split(key, Split(w, t, choose_batch(fwd_at(costs, t), "auto"), pred, costs))
         log.info("worker split for %s: %d DataLoader workers × %d threads, batch %d (decode %.2f ms, forward "
                  "%.2f ms/img at 1 thread, %.2f at %d; predicted img/s %s)", key[0], split.workers, split.threads,

@@ -27,6 +27,14 @@ def test_rule_picks_the_split_with_the_best_predicted_rate(costs, want):
     assert set(pred) == {"0x2", "1x1", "2x1"}
 
 
+def test_starting_decoders_must_pay_for_itself_within_the_shard():
+    """Each DataLoader process costs its start per shard: for cheap 32-px images the decoder that
+    pays in a long shard does not in a shard of 500; for 12-megapixel photos it always does."""
+    assert A.choose_split(SMALL, images=500)[:2] == (0, 2)
+    assert A.choose_split(SMALL, images=10**7)[:2] == (1, 1)
+    assert A.choose_split(DECODE, images=100)[:2] == (2, 1)
+
+
 def test_never_a_multithreaded_forward_beside_more_decoders_than_spare_cores():
     """Spinning OpenMP teams beside decode processes collapsed throughput 10× (module doc):
     every candidate with t > 1 leaves w + t <= cores."""
@@ -75,7 +83,7 @@ def test_shard_split_measures_once_and_keeps_what_is_configured():
     key = ("test", "conv", "torch", "fp32", 2, 32, 10)
     a = A.shard_split(_DS(), lambda t: _Fwd(), 2, "auto", "auto", key, torch.device("cpu"), can_fork=True)
     assert a.costs is not None and a.costs.images == 8 and a.costs.decode > 0 and a.costs.fwd_1 > 0
-    assert (a.workers, a.threads) == A.choose_split(a.costs)[:2] and a.batch in (32, 64, 128, 256)
+    assert (a.workers, a.threads) == A.choose_split(a.costs, images=16)[:2] and a.batch in (32, 64, 128, 256)
     n = calls["decode"]
     b = A.shard_split(_DS(), lambda t: _Fwd(), 2, "auto", 16, key, torch.device("cpu"), can_fork=True)
     assert calls["decode"] == n and (b.workers, b.threads, b.batch) == (a.workers, a.threads, 16)
