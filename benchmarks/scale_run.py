@@ -8,7 +8,8 @@ tree (scorer, its DataLoader workers, the temporary server) every 0.2 s and repo
 
 - ``peak_rss_tree_planning_mib``: the highest tree RSS before the first shard committed (import,
   server start, scan, index, manifest — what grows with the number of files);
-- ``peak_rss_tree_mib``: the highest over the whole run;
+- ``peak_rss_tree_mib``: the highest over the whole run; ``peak_rss_scorer_mib`` and
+  ``peak_rss_server_mib`` the highest of the scoring process alone and of Prefect's temporary server;
 - ``shards_per_s``: shards committed per second between the first and the last commit record
   (``runs/RUN/shards/*.json``, ``finished_at``), the flow's folding included (a slow fold delays
   the next shard on the thread runner);
@@ -99,6 +100,7 @@ class TreeRss:
     def __init__(self, pid: int, every: float = 0.2):
         self.pid, self.every = pid, every
         self.peak = self.peak_before_mark = 0
+        self.peak_server = self.peak_scorer = 0  # Prefect's temporary server; the scoring process itself
         self.marked = False
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -106,15 +108,21 @@ class TreeRss:
     def sample(self) -> None:
         try:
             root = psutil.Process(self.pid)
-            total = 0
+            total = server = 0
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
+                    if p.pid == self.pid:
+                        self.peak_scorer = max(self.peak_scorer, rss)
+                    elif "create_app" in " ".join(p.cmdline()):
+                        server += rss
                 except psutil.Error:
                     pass
         except psutil.Error:
             return
         self.peak = max(self.peak, total)
+        self.peak_server = max(self.peak_server, server)
         if not self.marked:
             self.peak_before_mark = max(self.peak_before_mark, total)
 
@@ -174,6 +182,8 @@ def run_once(root: Path, ckpt: Path, out: Path, shard_size: int, extra: list[str
         "images_per_s": round(m["counts"]["scored"] / wall, 1),
         "peak_rss_tree_planning_mib": round(rss.peak_before_mark / 2**20),
         "peak_rss_tree_mib": round(rss.peak / 2**20),
+        "peak_rss_scorer_mib": round(rss.peak_scorer / 2**20),
+        "peak_rss_server_mib": round(rss.peak_server / 2**20),
     }
 
 
