@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from imgscore.tasks.manifest import manifest_path
+
 MAX_EXTRA_COLUMNS = 20  # confusion matrix: predicted classes outside the folder classes kept by name
 
 
@@ -105,7 +107,7 @@ def correct_mask(t: pa.Table, matched_by: str) -> pa.ChunkedArray:
 
 
 def _run_classes(out_root: str | Path, run_id: str) -> tuple[list[str] | None, list[str] | None]:
-    path = Path(out_root) / "runs" / run_id / "manifest.json"
+    path = manifest_path(out_root, run_id)
     if not path.is_file():
         return None, None
     m = json.loads(path.read_text(encoding="utf-8"))

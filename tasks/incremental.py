@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from imgscore.tasks.containment import UnsafePathError, check_run_date, inside, safe_name, within
 from imgscore.tasks.parquet_io import part_dir
 from imgscore.tasks.scan import ImageIndex, entries_from_table, sha256_of_file
 
@@ -68,7 +69,9 @@ def _same_root(a: str | Path | None, b: str | Path) -> bool:
 def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, exclude: str | None = None) -> list[dict]:
     """Manifests of earlier runs in ``out_root`` over ``input_root`` with the same model key.
 
-    Unreadable manifests are skipped (logged). Returns a list of manifest dicts.
+    Unreadable manifests are skipped (logged), and so are manifests whose run id or date could
+    not name their own folders, or that are reached through a link out of ``out_root``
+    (:mod:`imgscore.tasks.containment`). Returns a list of manifest dicts.
     """
     want = model_key(model_info)
     found = []
@@ -76,8 +79,12 @@ def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, e
         if path.parent.name == exclude:
             continue
         try:
+            inside(out_root, path, "manifest")
             m = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            if safe_name(m.get("run_id"), "run_id") != path.parent.name:
+                raise UnsafePathError(f"run_id {m.get('run_id')!r} is not its folder's name")
+            check_run_date(m.get("run_date"), "run_date")
+        except (OSError, ValueError, UnsafePathError) as exc:
             log.warning("skip_scored: ignoring unreadable manifest %s (%s)", path, exc)
             continue
         if model_key(m.get("model") or {}) == want and _same_root((m.get("input") or {}).get("root"), input_root):
@@ -89,6 +96,11 @@ def _part_files(out_root: str | Path, runs: list[dict]) -> list[str]:
     files = []
     for m in runs:
         d = part_dir(out_root, "predictions", m["run_date"], m["run_id"])
+        try:
+            inside(out_root, d, "part-file folder")
+        except UnsafePathError as exc:
+            log.warning("skip_scored: ignoring run %s (%s)", m["run_id"], exc)
+            continue
         files += [str(p) for p in sorted(d.glob("part-*.parquet"))]
     return files
 
@@ -122,8 +134,8 @@ def read_hashes(out_root: str | Path, runs: list[dict]) -> pa.Table:
     """Content hashes recorded by earlier sha256-mode ``runs`` (``HASHES_SCHEMA``)."""
     parts = []
     for m in runs:
-        p = Path(out_root) / "runs" / m["run_id"] / HASHES_FILE
-        if p.is_file():
+        p = Path(out_root) / "runs" / m["run_id"] / HASHES_FILE  # run ids checked by prior_runs
+        if p.is_file() and within(os.path.realpath(p), os.path.realpath(out_root)):
             try:
                 parts.append(pq.read_table(p, schema=HASHES_SCHEMA))
             except (pa.ArrowException, OSError) as exc:

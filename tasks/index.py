@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from imgscore.tasks.containment import check_relative, check_relative_column, create_new
+from imgscore.tasks.parquet_io import temp_path
 from imgscore.tasks.scan import INDEX_SCHEMA, ImageEntry, _entry, entries_batch, entries_from_table
 
 INDEX_NAME = "index.parquet"
@@ -86,6 +88,7 @@ class IndexWriter:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._writer: pq.ParquetWriter | None = None
+        self._file = None  # the temp file the writer writes into (created new: containment.create_new)
         self._tmp: Path | None = None
         self._final: Path | None = None
         (self.run_dir / INDEX_NAME).mkdir(parents=True, exist_ok=True)
@@ -110,8 +113,9 @@ class IndexWriter:
             self._close_file()
             rel = index_file_name(file_no)
             self._final = self.run_dir / rel
-            self._tmp = self._final.with_name(f".{self._final.name}.{os.getpid()}.tmp")
-            self._writer = pq.ParquetWriter(self._tmp, INDEX_SCHEMA, compression="zstd")
+            self._tmp = temp_path(self._final)
+            self._file = os.fdopen(create_new(self._tmp), "wb")
+            self._writer = pq.ParquetWriter(self._file, INDEX_SCHEMA, compression="zstd")
         assert self._writer is not None
         table = table.combine_chunks()
         self._writer.write_table(table, row_group_size=table.num_rows)
@@ -122,8 +126,9 @@ class IndexWriter:
     def _close_file(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._file.close()
             os.replace(self._tmp, self._final)
-            self._writer = None
+            self._writer = self._file = None
 
     def close(self) -> list[ShardSpan]:
         """Write the last (shorter) shard and close the last file; return every shard."""
@@ -137,7 +142,8 @@ class IndexWriter:
         """Drop the file being written (planning failed)."""
         if self._writer is not None:
             self._writer.close()
-            self._writer = None
+            self._file.close()
+            self._writer = self._file = None
             if self._tmp is not None:
                 self._tmp.unlink(missing_ok=True)
 
@@ -157,8 +163,15 @@ class IndexWriter:
 
 
 def read_shard_table(run_dir: str | Path, index_file: str, row_group: int) -> pa.Table:
-    """The shard's rows (:data:`INDEX_SCHEMA`): one row group of one index file."""
-    return pq.ParquetFile(Path(run_dir) / index_file).read_row_group(row_group)
+    """The shard's rows (:data:`INDEX_SCHEMA`): one row group of one index file.
+
+    Raises:
+        UnsafePathError: ``index_file`` leaves ``run_dir``, or an ``fs_path`` leaves the input
+            root (absolute, or a ``..`` component): the index is run state, read back as data.
+    """
+    t = pq.ParquetFile(Path(run_dir) / check_relative(index_file, "index file")).read_row_group(row_group)
+    check_relative_column(t["fs_path"], f"{Path(run_dir) / index_file} fs_path")
+    return t
 
 
 def read_shard_entries(run_dir: str | Path, index_file: str, row_group: int) -> list[ImageEntry]:
@@ -185,13 +198,14 @@ def refresh_shards(run_dir: str | Path, index: dict[str, Any], input_root: str |
         by_file.setdefault(f, {})[g] = sid
     fps: dict[int, str] = {}
     for rel, groups in by_file.items():
-        path = run_dir / rel
+        path = run_dir / check_relative(rel, "index file")
         pf = pq.ParquetFile(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with pq.ParquetWriter(tmp, INDEX_SCHEMA, compression="zstd") as w:
+        tmp = temp_path(path)
+        with os.fdopen(create_new(tmp), "wb") as f, pq.ParquetWriter(f, INDEX_SCHEMA, compression="zstd") as w:
             for g in range(pf.num_row_groups):
                 t = pf.read_row_group(g)
                 if g in groups:
+                    check_relative_column(t["fs_path"], f"{path} fs_path")
                     t = _restat(root, t)
                     fps[groups[g]] = table_fingerprint(t)
                 w.write_table(t, row_group_size=max(1, t.num_rows))

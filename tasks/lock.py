@@ -39,6 +39,7 @@ from pathlib import Path
 
 import psutil
 
+from imgscore.tasks.containment import UnsafePathError, inside, read_small
 from imgscore.tasks.errors import RunLockedError
 from imgscore.tasks.parquet_io import clean_temp_files
 
@@ -70,9 +71,11 @@ def read_lock(run_dir: str | Path) -> dict | None:
     A lock file that cannot be parsed (its writer was killed mid-write) reads as ``{}``: stale.
     """
     try:
-        text = lock_path(run_dir).read_text(encoding="utf-8")
+        text = read_small(lock_path(run_dir))
     except FileNotFoundError:
         return None
+    except OSError:  # a symlink or a special file planted as .lock: not a lock (stale; taking it renames it away)
+        return {}
     try:
         rec = json.loads(text)
         return rec if isinstance(rec, dict) else {}
@@ -153,8 +156,8 @@ def _break(path: Path, held: dict) -> None:
     except FileNotFoundError:
         return
     try:
-        now_held = json.loads(victim.read_text(encoding="utf-8") or "{}")
-    except ValueError:
+        now_held = json.loads(read_small(victim) or b"{}")
+    except (OSError, ValueError):
         now_held = {}
     if now_held != held and not is_stale(now_held):  # someone re-took it in between: give it back
         try:
@@ -200,10 +203,14 @@ def is_locked(run_dir: str | Path) -> bool:
 
 
 def clean_run_temp_files(folders: list[str | Path]) -> int:
-    """Delete leftover ``.*.tmp`` files (killed writers) under ``folders``; return how many.
+    """Delete leftover ``.*.tmp`` names (killed writers) under ``folders``; return how many.
 
-    Call it only while holding the run's lock, or for runs whose lock is not live: a live
-    writer's temp file must not be removed under it.
+    The folders are derived from the run folder and the run's id and date
+    (``imgscore.tasks.manifest.run_folders``), never from file lists in the run state. A
+    symlink with a temp name is removed itself, not its target, and symlinked folders are not
+    entered (``imgscore.tasks.containment.remove_temp_files``). Call it only while holding the
+    run's lock, or for runs whose lock is not live: a live writer's temp file must not be
+    removed under it.
     """
     return sum(clean_temp_files(f) for f in folders if Path(f).is_dir())
 
@@ -224,12 +231,19 @@ def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None
             live[run_id] = is_locked(out / "runs" / run_id)
         return not live[run_id]
 
+    def ours(d: Path) -> bool:  # a folder reached through a symlink out of the output root is not cleaned
+        try:
+            inside(out, d, "folder")
+            return True
+        except UnsafePathError:
+            return False
+
     folders: list[Path] = []
     for table in ("predictions", "errors", "errors_history"):
         for d in out.glob(f"{table}/run_date=*/run_id=*"):
-            if abandoned(d.name.split("=", 1)[1]):
+            if abandoned(d.name.split("=", 1)[1]) and ours(d):
                 folders.append(d)
     for d in out.glob("runs/*"):
-        if d.is_dir() and abandoned(d.name):
+        if d.is_dir() and abandoned(d.name) and ours(d):
             folders.append(d)
     return clean_run_temp_files(folders)

@@ -7,7 +7,9 @@ Layout (hive partitioning, readable by pyarrow.dataset, DuckDB, pandas, Spark, p
 
 Part files are written to a temp name starting with ``.`` in the same folder and renamed into
 place, so readers (which skip ``.``/``_`` files) never see half a file, and a rewrite of the same
-shard replaces its file instead of adding one.
+shard replaces its file instead of adding one. The temp file is always created new
+(:func:`imgscore.tasks.containment.create_new`): a symlink planted at its name is never written
+through.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from imgscore.tasks.containment import check_run_date, create_new, remove_temp_files, safe_name
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -62,8 +66,14 @@ STAGES = ("scan", "decode", "preprocess", "inference", "write")
 
 
 def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Path:
-    """``OUT/<table>/run_date=…/run_id=…`` for ``table`` in {predictions, errors}."""
-    return Path(out_root) / table / f"run_date={run_date}" / f"run_id={run_id}"
+    """``OUT/<table>/run_date=…/run_id=…`` for ``table`` in {predictions, errors, errors_history}.
+
+    Raises:
+        UnsafePathError: ``run_date`` is not ``YYYY-MM-DD`` or ``run_id`` is not one folder name
+            (both come from run state: ``imgscore.tasks.containment``).
+    """
+    check_run_date(run_date, "run_date")
+    return Path(out_root) / table / f"run_date={run_date}" / f"run_id={safe_name(run_id, 'run_id')}"
 
 
 def part_name(shard_id: int) -> str:
@@ -147,8 +157,9 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
+    tmp = temp_path(path)
+    with os.fdopen(create_new(tmp), "wb") as f:
+        pq.write_table(table, f, compression="zstd")
     os.replace(tmp, path)
     return path
 
@@ -162,8 +173,8 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
     """Write ``data`` to ``path`` via a ``.``-prefixed temp file, fsync, and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    tmp = temp_path(path)
+    with os.fdopen(create_new(tmp), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -171,13 +182,13 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
     return path
 
 
+def temp_path(path: str | Path) -> Path:
+    """``.NAME.PID.tmp`` beside ``path``: where this process writes ``path`` before renaming it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+
+
 def clean_temp_files(folder: str | Path) -> int:
-    """Delete leftover ``.*.tmp`` files under ``folder`` (from killed writers); return how many."""
-    n = 0
-    for p in Path(folder).rglob(".*.tmp"):
-        try:
-            p.unlink()
-            n += 1
-        except OSError:
-            pass
-    return n
+    """Delete leftover ``.*.tmp`` names under ``folder`` (from killed writers); return how many.
+    Symlinks are removed, not followed (:func:`imgscore.tasks.containment.remove_temp_files`)."""
+    return remove_temp_files(folder)

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgscore.tasks.config import Config
+from imgscore.tasks.containment import inside
 from imgscore.tasks.manifest import check_part, shard_files
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -63,13 +64,17 @@ def _read_ok(path: Path, schema: pa.Schema) -> pa.Table | None:
 def archive_errors(out_root: str | Path, ref: ShardRef, fallback_attempt: int) -> Path | None:
     """Copy the shard's current error rows (if any, and readable) to the errors history; return
     the history file, or None when there was nothing to keep. An existing history file for the
-    same attempt is left as it is (a replay after a crash)."""
+    same attempt is left as it is (a replay after a crash).
+
+    Raises:
+        UnsafePathError: the history file would resolve outside ``out_root`` (a planted symlink).
+    """
     _, err = shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)
     old = _read_ok(err, ERRORS_SCHEMA)
     if old is None or old.num_rows == 0:
         return None
     attempt = pc.max(old["attempt"]).as_py() or fallback_attempt
-    dest = history_path(out_root, ref.run_date, ref.run_id, ref.shard_id, int(attempt))
+    dest = inside(out_root, history_path(out_root, ref.run_date, ref.run_id, ref.shard_id, int(attempt)), "errors history file")
     if not dest.exists():
         write_table_atomic(old, dest)
     return dest

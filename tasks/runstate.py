@@ -36,6 +36,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from imgscore.tasks.containment import UnsafePathError, create_new, inside
 from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic
 
 # The one place run and shard statuses are named. Later statuses (a run ``interrupted`` or
@@ -73,6 +74,7 @@ class ShardRef(BaseModel):
     stop: int  # last row (exclusive)
     fingerprint: str  # sha256 of the shard's (path, size, mtime) rows
     model_key: str = ""  # sha256 of model_id + resolved preprocessing (imgscore.tasks.incremental.model_key)
+    model_id: str = ""  # the run's model (a commit record of another model is not this shard's)
     index_file: str = "index.parquet"
     row_group: int = -1  # -1: the shard id (runs planned before the index was split into files)
 
@@ -293,7 +295,8 @@ class ShardLedger:
             if self._file is None:
                 path = _segment_path(self.run_dir, self.segment)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by rotate/close
+                # a new segment, created new: a symlink planted at its name is removed, never appended through
+                self._file = os.fdopen(create_new(path), "wb", buffering=0)
             self._file.write(line)
 
     def rotate(self) -> int:
@@ -323,7 +326,8 @@ class ShardLedger:
 
 
 def _read_summary(run_dir: Path) -> Manifest:
-    return Manifest.model_validate_json((run_dir / MANIFEST).read_bytes())
+    # not through a link out of the run folder: a parse error would quote the file it points at
+    return Manifest.model_validate_json(inside(run_dir, run_dir / MANIFEST, "manifest.json").read_bytes())
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:
@@ -335,6 +339,7 @@ def load_manifest(run_dir: str | Path) -> Manifest:
     Raises:
         FileNotFoundError: no manifest.json in ``run_dir``.
         ValueError: manifest.json is not a manifest (pydantic's ValidationError is a ValueError).
+        UnsafePathError: manifest.json or a ledger segment is a link out of ``run_dir``.
     """
     run_dir = Path(run_dir)
     for _ in range(3):
@@ -342,7 +347,7 @@ def load_manifest(run_dir: str | Path) -> Manifest:
         try:
             replayed = False
             for n in ledger_segments(run_dir, int(m.ledger.get("from_segment", 0))):
-                for result in read_segment(_segment_path(run_dir, n)):
+                for result in read_segment(inside(run_dir, _segment_path(run_dir, n), "ledger segment")):
                     if 0 <= result.shard_id < len(m.shards):
                         m.apply(result)
                         replayed = True
@@ -432,10 +437,11 @@ def commit_record_path(run_dir: str | Path, shard_id: int) -> Path:
 
 
 def read_commit_record(run_dir: str | Path, shard_id: int) -> ShardResult | None:
-    """The shard's commit record, or None when there is none or it does not parse."""
+    """The shard's commit record, or None when there is none, it does not parse, or it is a link
+    out of ``run_dir``. Parsed as JSON into :class:`ShardResult` (nothing else is constructed)."""
     try:
-        return ShardResult.model_validate_json(commit_record_path(run_dir, shard_id).read_bytes())
-    except (OSError, ValueError):
+        return ShardResult.model_validate_json(inside(run_dir, commit_record_path(run_dir, shard_id), "commit record").read_bytes())
+    except (OSError, ValueError, UnsafePathError):
         return None
 
 

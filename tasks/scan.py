@@ -35,6 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import EpsImagePlugin, Image, ImageFile, features
 
+from imgscore.tasks.containment import within
 from imgscore.tasks.errors import InputError
 
 NOT_AN_IMAGE = "not an image format this Pillow reads"
@@ -231,10 +232,6 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_DIRS
 
 
-def _inside(real: str, root_real: str) -> bool:
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
 def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str]):
     """One folder of the walk: (its files, its subfolders, the chain for them), both sorted by
     name; None when the folder is not entered (a cycle, or unreadable: listed in ``skipped``).
@@ -269,7 +266,7 @@ def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]],
             continue
         if not is_dir:
             files.append(e.path)
-        elif e.is_symlink() and _inside(os.path.realpath(e.path), root_real):
+        elif e.is_symlink() and within(os.path.realpath(e.path), root_real):
             skipped.append(
                 {
                     "image_path": display_path(os.path.relpath(e.path, root)),

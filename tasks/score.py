@@ -39,6 +39,7 @@ from imgscore.tasks.config import (
     ModelConfig,
     PreprocessConfig,
 )
+from imgscore.tasks.containment import inside
 from imgscore.tasks.dataset import Batch, ShardDataset, collate_samples
 from imgscore.tasks.device import (
     configure_threads,
@@ -411,9 +412,14 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
 
     Returns:
         The commit record as written.
+
+    Raises:
+        UnsafePathError: a folder it writes into resolves outside ``out_root`` (a planted symlink).
     """
-    pred_file = write_table_atomic(predictions, part_dir(out_root, "predictions", ref.run_date, ref.run_id) / part_name(ref.shard_id))
-    err_file = write_table_atomic(errors, part_dir(out_root, "errors", ref.run_date, ref.run_id) / part_name(ref.shard_id))
+    pred_dir, err_dir = (inside(out_root, part_dir(out_root, t, ref.run_date, ref.run_id), "part-file folder") for t in ("predictions", "errors"))
+    inside(out_root, commit_record_path(ref.run_dir, ref.shard_id).parent, "commit-record folder")  # no planted link out
+    pred_file = write_table_atomic(predictions, pred_dir / part_name(ref.shard_id))
+    err_file = write_table_atomic(errors, err_dir / part_name(ref.shard_id))
     failed_images = sorted({p for p in errors["image_path"].to_pylist() if p is not None})
     result = result.model_copy(update={
         "state": "failed" if result.state == "failed" else ("complete" if errors.num_rows == 0 else "partial"),
