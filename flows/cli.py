@@ -31,7 +31,7 @@ from imgscore.tasks.errors import (
     ModelError,
     UsageError,
 )
-from imgscore.tasks.manifest import load_manifest, plan_rerun
+from imgscore.tasks.manifest import check_run_state, load_manifest, plan_rerun, run_dir_of
 from imgscore.tasks.scan import has_images, no_images_message
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -245,7 +245,7 @@ def cmd_rerun(args, session: startup.Session) -> int:
     """``imgscore rerun RUN_ID [--config FILE] [--set K=V]...`` (flow ``rerun-failed``)."""
     session.start_server()  # boots while the run is checked and the model loads
     out = out_root_of(args.config, args.overrides)
-    run_dir = out / "runs" / args.run_id
+    run_dir = run_dir_of(out, args.run_id)  # one folder name, not a link out of the output root
     if not (run_dir / "manifest.json").is_file():
         runs = sorted(p.name for p in (out / "runs").glob("*"))
         raise UsageError(
@@ -253,6 +253,7 @@ def cmd_rerun(args, session: startup.Session) -> int:
             "with --set output.root=PATH (" + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}") + ")"
         )
     manifest = load_manifest(run_dir)
+    check_run_state(manifest, out, run_dir)  # before anything is read, written or deleted by what it names
     cfg = rerun_config(manifest.config, args.config, [*args.overrides, f"output.root={out}"])
     check_rerun(cfg, manifest, run_dir)
     console = _console()

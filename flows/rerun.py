@@ -43,19 +43,19 @@ from imgscore.tasks import manifest as mf
 from imgscore.tasks.config import Config
 from imgscore.tasks.errors import ErrorBudgetExceeded
 from imgscore.tasks.index import refresh_shards
-from imgscore.tasks.plan import RunPlan, load_plan, run_dir_of, run_folders, shard_refs
+from imgscore.tasks.plan import RunPlan, load_plan, run_dir_of, shard_refs
 from imgscore.tasks.rerun import archive_errors, rescore_shard
 from imgscore.tasks.runstate import ShardRef, ShardResult, now_iso
 
 
-@task(name="prepare_rerun", cache_policy=NO_CACHE)
+@task(name="prepare_rerun", cache_policy=NO_CACHE, persist_result=False)
 def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.ShardWork]]:
     """Clean leftovers, adopt committed shards, decide the work, refresh the index (the caller
     holds the run's lock)."""
     out = Path(cfg.output.root)
     plan = load_plan(run_dir_of(out, run_id))
     m = plan.manifest
-    removed = run_lock.clean_run_temp_files(run_folders(out, m.run_date or "", run_id))
+    removed = run_lock.clean_run_temp_files(mf.run_folders(out, plan.run_date, run_id))
     adopted = mf.adopt_committed(m, plan.run_dir, out)
     work = mf.plan_rerun(m, out)
     if work:
@@ -78,7 +78,7 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.Shard
     return plan, work
 
 
-@task(name="rescore_shard", cache_policy=NO_CACHE)
+@task(name="rescore_shard", cache_policy=NO_CACHE, persist_result=False)
 def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int, metadata_json: str) -> ShardResult:
     """One shard (or its failed images) on this worker; see ``imgscore.tasks.rerun.rescore_shard``.
     Config and part-file metadata travel as JSON text, as in ``score_shard_task``."""
@@ -151,7 +151,7 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
         summary.update({"rescored": rescored, "rescored_shards": [r.shard_id for r in results]})
 
     try:
-        summary = finish_run(plan, cfg.run.max_error_rate, wall_s)
+        summary = finish_run(plan, cfg.run.max_error_rate, wall_s, cfg.output.root)
     except ErrorBudgetExceeded as exc:
         note(exc.summary)
         raise

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
+from prefect.states import Completed
 
 from imgscore.flows import progress
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
@@ -32,10 +33,8 @@ from imgscore.tasks.plan import (
     find_retried_run,
     new_run_id,
     plan_new_run,
-    result_storage_path,
     resume_plan,
     run_dir_of,
-    shard_cache_key,
 )
 from imgscore.tasks.preprocess import DecodeOptions
 from imgscore.tasks.runstate import ShardRef, ShardResult
@@ -54,11 +53,11 @@ def choose_run_id(cfg: Config) -> str:
     return found or cfg.run.run_id or new_run_id()
 
 
-@task(name="plan", cache_policy=NO_CACHE)
+@task(name="plan", cache_policy=NO_CACHE, persist_result=False)
 def plan_task(cfg: Config, run_id: str) -> RunPlan:
     """Resume the plan this flow run's first attempt wrote, or check the model loads and plan
     the run: scan streamed into the index, shards cut, manifest written (tasks/plan.py)."""
-    resumed = resume_plan(cfg.output.root, run_id, flow_run.get_id())
+    resumed = resume_plan(cfg.output.root, run_id, flow_run.get_id(), cfg.input.root)
     if resumed is not None:
         return resumed
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
@@ -92,17 +91,23 @@ def inference_metadata(plan: RunPlan) -> dict:
     return {k: plan.manifest.inference.get(k) for k in ("backend", "precision", "precision_requested", "canary")}
 
 
-# Completed shards are cached (key: imgscore.tasks.plan.shard_cache_key) with results persisted under
-# output.root, so a retry of the flow run skips them; failed/crashed runs are never cached.
-@task(name="score_shard", cache_key_fn=lambda ctx, params: shard_cache_key(params["ref"]), persist_result=True)
-def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}") -> ShardResult:
-    """One shard on this worker's device; see ``imgscore.tasks.score.score_shard``.
+# A retry of the flow run skips the shards an earlier attempt committed: their commit records
+# (JSON, checked against the part files) are the cache. Prefect persists no task result, so
+# nothing under output.root is ever unpickled (README, "Security").
+@task(name="score_shard", cache_policy=NO_CACHE, persist_result=False)
+def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}"):
+    """One shard on this worker's device; see ``imgscore.tasks.score.score_shard``. Returns its
+    :class:`ShardResult` — in a ``Cached`` state, without scoring, when an earlier attempt of
+    the run committed the shard and its part files match (``imgscore.tasks.manifest.committed``).
 
     The config travels as its JSON text: Prefect walks every field of a structured parameter
     looking for futures, for every task run — 8 of the 25 ms a shard cost outside
     ``score_shard`` (py-spy, benchmarks/NOTES.md); a string is one leaf.
     """
     cfg = Config.model_validate_json(config_json)
+    done = mf.committed(ref, cfg.output.root)
+    if done is not None:
+        return Completed(name="Cached", message=f"shard {ref.shard_id} committed by attempt {done.attempt}; part files checked", data=done)
     metadata = {"config": cfg.to_dict(), "inference": json.loads(inference_json)}  # on every part file
     result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata)
     get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
@@ -122,9 +127,7 @@ def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, 
 def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
     """Submit one task run per shard and commit results into the run state as they finish."""
     logger = get_run_logger()
-    shard_task = score_shard_task.with_options(
-        retries=cfg.run.shard_retries, retry_delay_seconds=1, result_storage=result_storage_path(cfg.output.root)
-    )
+    shard_task = score_shard_task.with_options(retries=cfg.run.shard_retries, retry_delay_seconds=1)
     n_on_host = workers_on_host(cfg)
     config_json = cfg.model_dump_json()
     inference_json = json.dumps(inference_metadata(plan))
@@ -135,8 +138,6 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
         ref = futures[fut]
         try:
             result = fut.result()
-            if mf.check_shard(cfg.output.root, ref.run_date, ref.run_id, result):  # cached, but its files are gone or corrupt
-                result = shard_task.with_options(refresh_cache=True).submit(ref, config_json, n_on_host, inference_json).result()
         except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
@@ -148,8 +149,10 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
     return results
 
 
-def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
+def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float, out_root) -> dict:
     """Final counts, status and timings into the manifest; the summary the CLI prints.
+    ``out_root``: the flow run's ``output.root`` (report.html goes under it, never where the
+    manifest's recorded config says).
 
     Raises:
         ErrorBudgetExceeded: failed/scanned > ``max_error_rate`` or a shard failed; everything
@@ -186,7 +189,7 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float) -> dict:
         **m.outputs,
     }
     # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
-    summary["report"] = publish_run_report(m.config["output"]["root"], plan.run_id)
+    summary["report"] = publish_run_report(out_root, plan.run_id)
     if over:
         why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else f"error rate {rate:.2%} > run.max_error_rate {max_error_rate:.2%}"
         raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary)
@@ -218,6 +221,6 @@ def score_images(config: dict) -> dict:
         plan = plan_task(cfg, run_id)
         try:
             score_all(plan, effective_config(cfg, plan))
-            return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0)
+            return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0, cfg.output.root)
         finally:
             plan.state.close()

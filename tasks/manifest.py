@@ -2,9 +2,10 @@
 
 The run state itself — the typed :class:`~imgscore.tasks.runstate.Manifest`, the ledger and the
 one place a shard result is applied — is :mod:`imgscore.tasks.runstate`. This module answers
-the questions a rerun asks: is this shard's commit backed by good part files
-(:func:`check_shard`), which committed shards did the manifest miss (:func:`adopt_committed`),
-and what is left to rescore (:func:`plan_rerun`).
+the questions a rerun and a retried flow run ask: is this shard's commit backed by good part
+files (:func:`check_shard`, :func:`committed`), which committed shards did the manifest miss
+(:func:`adopt_committed`), what is left to rescore (:func:`plan_rerun`) — and does the run state
+name only paths inside the output root (:func:`check_run_state`, :func:`run_folders`).
 """
 
 from __future__ import annotations
@@ -15,23 +16,46 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgscore.tasks.containment import (
+    UnsafePathError,
+    check_recorded_files,
+    check_relative,
+    check_run_date,
+    inside,
+    safe_name,
+)
 from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir, part_name
 from imgscore.tasks.runstate import (
+    COMMITS_DIR,
+    LEDGER_DIR,
     Manifest,
     ShardRecord,
+    ShardRef,
     ShardResult,
     load_manifest,
     read_commit_record,
     read_manifest,
 )
 
-__all__ = ["ShardWork", "adopt_committed", "check_part", "check_shard", "load_manifest", "manifest_path", "plan_rerun",
-           "read_manifest", "shard_files"]
+__all__ = ["ShardWork", "adopt_committed", "check_part", "check_run_state", "check_shard", "committed", "load_manifest",
+           "manifest_path", "plan_rerun", "read_manifest", "run_dir_of", "run_folders", "shard_files"]
+
+RUN_SUBFOLDERS = ("index.parquet", LEDGER_DIR, COMMITS_DIR)  # what a run writes inside runs/RUN/
+
+
+def run_dir_of(out_root: str | Path, run_id: str) -> Path:
+    """``OUT/runs/RUN_ID``: the run's manifest, index, ledger, commit records and lock.
+
+    Raises:
+        UnsafePathError: ``run_id`` is not one folder name, or ``runs/RUN_ID`` resolves outside
+            ``out_root`` (a symlink planted there).
+    """
+    return inside(out_root, Path(out_root) / "runs" / safe_name(run_id, "run id"), "run folder")
 
 
 def manifest_path(out_root: str | Path, run_id: str) -> Path:
-    """``OUT/runs/RUN_ID/manifest.json``."""
-    return Path(out_root) / "runs" / run_id / "manifest.json"
+    """``OUT/runs/RUN_ID/manifest.json`` (:func:`run_dir_of`'s checks)."""
+    return run_dir_of(out_root, run_id) / "manifest.json"
 
 
 def check_part(path: str | Path, schema: pa.Schema, rows: int | None = None) -> str | None:
@@ -63,6 +87,67 @@ def shard_files(out_root: str | Path, run_date: str, run_id: str, shard_id: int)
         part_dir(out_root, "predictions", run_date, run_id) / name,
         part_dir(out_root, "errors", run_date, run_id) / name,
     )
+
+
+def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
+    """Every folder a run writes into — its part-file partitions (predictions, errors,
+    errors_history), its run folder and the run folder's index, ledger and commit-record
+    folders — each checked to resolve inside ``out_root``.
+
+    Raises:
+        UnsafePathError: a name is not a plain folder name or a folder resolves outside
+            ``out_root`` (a symlink planted in its place); the message names it.
+    """
+    run_dir = run_dir_of(out_root, run_id)
+    folders = [part_dir(out_root, t, run_date, run_id) for t in ("predictions", "errors", "errors_history")]
+    folders += [run_dir] + [run_dir / sub for sub in RUN_SUBFOLDERS]
+    return [inside(out_root, f, "run folder") for f in folders]
+
+
+def check_run_state(m: Manifest, out_root: str | Path, run_dir: str | Path) -> None:
+    """Refuse run state that would make imgscore touch anything outside ``out_root``.
+
+    ``m`` is the run's state as read back (summary + ledger, :func:`load_manifest`) from
+    ``run_dir`` (``OUT/runs/RUN``): its ``run_id`` must be that folder's name and its
+    ``run_date`` a date (both become folder names), every shard's ``files`` must name that
+    shard's own part files (:func:`imgscore.tasks.containment.check_recorded_files`), and every
+    folder the run writes into must resolve inside ``out_root`` (:func:`run_folders`).
+
+    Raises:
+        UnsafePathError: one line naming the entry (``shards[3].files[0]``, ``run_date``, a folder).
+    """
+    run_dir = Path(run_dir)
+    where = f"run {run_dir.name}: manifest.json"
+    if safe_name(m.run_id, f"{where} run_id") != run_dir.name:
+        raise UnsafePathError(f"{where} run_id {m.run_id!r} is not its folder's name {run_dir.name!r}; the run state was edited")
+    if m.run_date is None:
+        for i, s in enumerate(m.shards):  # an old manifest without run_date: at least nothing climbs out
+            for j, entry in enumerate(s.files):
+                check_relative(str(entry).lstrip("/"), f"{where} shards[{i}].files[{j}]")
+        return
+    check_run_date(m.run_date, f"{where} run_date")
+    for i, s in enumerate(m.shards):
+        if s.files:
+            check_recorded_files(s.files, shard_files(out_root, m.run_date, m.run_id, s.shard_id), out_root, f"{where} shards[{i}].files")
+    run_folders(out_root, m.run_date, m.run_id)
+
+
+def committed(ref: ShardRef, out_root: str | Path) -> ShardResult | None:
+    """The shard's commit record when an earlier attempt finished it: the record parses (JSON,
+    validated into :class:`ShardResult` — nothing else is constructed), is ``complete`` or
+    ``partial``, was made from the same rows (fingerprint) with the same model (``model_id``)
+    and both part files match its counts (:func:`check_shard`); else None. The record's
+    ``files`` are replaced by the paths derived under ``out_root`` (a recorded entry is never
+    used). This is how a retried flow run skips finished shards.
+    """
+    rec = read_commit_record(ref.run_dir, ref.shard_id)
+    if rec is None or rec.state not in ("complete", "partial") or rec.fingerprint != ref.fingerprint:
+        return None
+    if ref.model_id and rec.model_id != ref.model_id:
+        return None
+    if check_shard(out_root, ref.run_date, ref.run_id, rec) is not None:
+        return None
+    return rec.model_copy(update={"files": [str(f) for f in shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)]})
 
 
 def check_shard(out_root: str | Path, run_date: str, run_id: str, record: ShardRecord | ShardResult) -> str | None:

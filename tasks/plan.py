@@ -11,8 +11,8 @@ The caller holds the run's lock (``imgscore.tasks.lock.held``) around planning a
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import secrets
 import shutil
 import time
@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks.config import Config
+from imgscore.tasks.containment import UnsafePathError, create_new, within
 from imgscore.tasks.errors import InputError, UsageError
 from imgscore.tasks.incremental import HASHES_FILE, HASHES_SCHEMA, AlreadyScored, model_key
 from imgscore.tasks.index import INDEX_NAME, IndexWriter, shard_location
-from imgscore.tasks.parquet_io import part_dir
+from imgscore.tasks.manifest import check_run_state, run_dir_of, run_folders
+from imgscore.tasks.parquet_io import part_dir, temp_path
 from imgscore.tasks.runstate import (
     MANIFEST,
     Counts,
@@ -45,11 +47,6 @@ def new_run_id(now: datetime | None = None) -> str:
     """``YYYYMMDDTHHMMSSZ-xxxxxx``: sortable by start time, unique across concurrent runs."""
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def run_dir_of(out_root: str | Path, run_id: str) -> Path:
-    """``OUT/runs/RUN_ID``: the run's manifest, index, ledger, commit records and lock."""
-    return Path(out_root) / "runs" / run_id
 
 
 @dataclass
@@ -71,6 +68,7 @@ def shard_refs(manifest: Manifest, run_dir: str | Path) -> list[ShardRef]:
     """The task-run references of a manifest's shards, pointing at ``run_dir`` (where the run
     lives now: ``output.root`` may have moved since planning)."""
     mkey = manifest.model.get("model_key") or model_key(manifest.model)
+    model_id = manifest.model.get("model_id") or ""
     refs = []
     for s in manifest.shards:
         index_file, group = shard_location(manifest.index, s.shard_id)
@@ -78,7 +76,7 @@ def shard_refs(manifest: Manifest, run_dir: str | Path) -> list[ShardRef]:
             ShardRef(
                 run_id=manifest.run_id, run_date=manifest.run_date or "", run_dir=str(run_dir), input_root=manifest.input["root"],
                 shard_id=s.shard_id, start=s.start, stop=s.stop, fingerprint=s.fingerprint or "", model_key=mkey,
-                index_file=index_file, row_group=group,
+                model_id=model_id, index_file=index_file, row_group=group,
             )
         )
     return refs
@@ -86,13 +84,18 @@ def shard_refs(manifest: Manifest, run_dir: str | Path) -> list[ShardRef]:
 
 def load_plan(run_dir: str | Path) -> RunPlan:
     """An existing run's plan and state (summary + ledger), to write on: a retry or a rerun.
+    ``run_dir`` is ``OUT/runs/RUN_ID`` (:func:`run_dir_of`); every path the run state names is
+    checked to stay inside ``OUT`` first (``imgscore.tasks.manifest.check_run_state``).
 
     Raises:
         FileNotFoundError: no manifest.json in ``run_dir``.
+        UnsafePathError: the run state names a path outside ``OUT`` (exit 2).
     """
+    run_dir = Path(run_dir)
     state = RunState.open(run_dir)
     m = state.manifest
-    return RunPlan(m.run_id, m.run_date or "", Path(run_dir), shard_refs(m, run_dir), state)
+    check_run_state(m, run_dir.parent.parent, run_dir)
+    return RunPlan(m.run_id, m.run_date or "", run_dir, shard_refs(m, run_dir), state)
 
 
 def _manifest_head(path: Path, limit: int = 65536) -> str:
@@ -116,6 +119,8 @@ def find_retried_run(out_root: str | Path, flow_run_id: str | None, run_id: str 
     runs = Path(out_root) / "runs"
     candidates = [runs / run_id / MANIFEST] if run_id else sorted(runs.glob(f"*/{MANIFEST}"), reverse=True)
     for path in candidates:
+        if not within(os.path.realpath(path), os.path.realpath(runs)):
+            continue  # a link out of the output root: not a manifest of this root
         if str(flow_run_id) not in _manifest_head(path):
             continue  # the id sits near the top of a manifest: most files are never parsed
         try:
@@ -126,12 +131,18 @@ def find_retried_run(out_root: str | Path, flow_run_id: str | None, run_id: str 
     return None
 
 
-def resume_plan(out_root: str | Path, run_id: str, flow_run_id: str | None) -> RunPlan | None:
+def resume_plan(out_root: str | Path, run_id: str, flow_run_id: str | None, input_root: str | Path | None = None) -> RunPlan | None:
     """The plan of ``run_id`` when this same flow run wrote it (a retry), with the temp files its
-    killed attempt left removed; None when the run does not exist yet.
+    killed attempt left removed; None when the run does not exist yet. Shards whose commit
+    records match their part files are not scored again (``imgscore.tasks.manifest.committed``).
+
+    ``input_root``: the flow run's ``input.root``; the manifest must name the same folder (the
+    manifest is read back from the output root, the flow run's parameters are not).
 
     Raises:
-        UsageError: the run exists but belongs to another flow run (or to none).
+        UsageError: the run exists but belongs to another flow run (or to none), or its manifest
+            names another input folder; UnsafePathError: its run state names a path outside
+            ``out_root``.
     """
     run_dir = run_dir_of(out_root, run_id)
     if not (run_dir / MANIFEST).exists():
@@ -139,13 +150,14 @@ def resume_plan(out_root: str | Path, run_id: str, flow_run_id: str | None) -> R
     m = load_manifest(run_dir)
     if not flow_run_id or m.flow_run_id != str(flow_run_id):
         raise UsageError(f"run {run_id!r} already exists in {out_root}; use `imgscore rerun {run_id}` or another run.run_id")
-    run_lock.clean_run_temp_files(run_folders(out_root, m.run_date or "", run_id))
-    return load_plan(run_dir)
-
-
-def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
-    """Every folder a run writes into: its part-file partitions and its run folder."""
-    return [part_dir(out_root, t, run_date, run_id) for t in ("predictions", "errors", "errors_history")] + [run_dir_of(out_root, run_id)]
+    recorded = m.input.get("root")
+    if input_root is not None and (not recorded or os.path.realpath(recorded) != os.path.realpath(input_root)):
+        raise UnsafePathError(f"run {run_id}: manifest.json input.root {recorded!r} is not the flow run's input.root "
+                              f"{str(input_root)!r}; the run state was edited — restore it, or start a new run")
+    plan = load_plan(run_dir)
+    run_lock.clean_run_temp_files(run_folders(out_root, plan.run_date, run_id))
+    plan.manifest.outputs = {t: str(part_dir(out_root, t, plan.run_date, run_id)) for t in ("predictions", "errors")}
+    return plan
 
 
 def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | None = None, flow_run_id: str | None = None,
@@ -175,7 +187,9 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
     threads = scan_threads_for(scan.root, cfg.input.scan_threads)
     skip = AlreadyScored(out, model_info, scan.root, cfg.run.skip_key, exclude_run=run_id) if cfg.run.skip_scored else None
-    hashes = pq.ParquetWriter(run_dir / f".{HASHES_FILE}.tmp", HASHES_SCHEMA, compression="zstd") if skip and cfg.run.skip_key == "sha256" else None
+    hashes_tmp = temp_path(run_dir / HASHES_FILE)
+    hashes_file = os.fdopen(create_new(hashes_tmp), "wb") if skip and cfg.run.skip_key == "sha256" else None
+    hashes = pq.ParquetWriter(hashes_file, HASHES_SCHEMA, compression="zstd") if hashes_file else None
     scan_s = lookup_s = 0.0
     try:
         with IndexWriter(run_dir, cfg.run.shard_size) as index:
@@ -198,12 +212,14 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     except BaseException:
         if hashes is not None:
             hashes.close()
-            (run_dir / f".{HASHES_FILE}.tmp").unlink(missing_ok=True)
+            hashes_file.close()
+            hashes_tmp.unlink(missing_ok=True)
         shutil.rmtree(run_dir / INDEX_NAME, ignore_errors=True)  # nothing of a run that was not planned
         raise
     if hashes is not None:
         hashes.close()
-        (run_dir / f".{HASHES_FILE}.tmp").replace(run_dir / HASHES_FILE)
+        hashes_file.close()
+        hashes_tmp.replace(run_dir / HASHES_FILE)
 
     mkey = model_key(model_info)
     incremental = {"skip_scored": False}
@@ -239,21 +255,3 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     )
     state = RunState.create(run_dir, manifest)
     return RunPlan(run_id, run_date, run_dir, shard_refs(manifest, run_dir), state)
-
-
-def result_storage_path(out_root: str | Path) -> Path:
-    """Where Prefect persists shard task results and cache records: ``OUT/_prefect/results``
-    (absolute; ``_`` keeps it out of every table's glob)."""
-    return (Path(out_root) / "_prefect" / "results").resolve()
-
-
-def shard_cache_key(ref: ShardRef) -> str:
-    """Prefect cache key of a shard task run: sha256 over run id, shard id and rows, the shard's
-    content fingerprint (path, size, mtime of each image) and the model key (``model_id`` +
-    resolved preprocessing). A flow-run retry gets the same key for every unchanged shard, so a
-    completed shard's persisted result is reused; another run, a changed file or checkpoint, or
-    other preprocessing give another key. Failed and crashed task runs store no result, so
-    they are never cache hits."""
-
-    blob = json.dumps([ref.run_id, ref.shard_id, ref.start, ref.stop, ref.fingerprint, ref.model_key])
-    return "imgscore-shard-" + hashlib.sha256(blob.encode()).hexdigest()

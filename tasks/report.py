@@ -29,10 +29,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from imgscore.tasks.containment import UnsafePathError, check_relative, check_relative_column
 from imgscore.tasks.errors import UsageError
 from imgscore.tasks.evaluate import confusion, nfc, read_run
-from imgscore.tasks.manifest import manifest_path, read_manifest
-from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir
+from imgscore.tasks.manifest import check_run_state, load_manifest, manifest_path, run_dir_of
+from imgscore.tasks.parquet_io import (
+    ERRORS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    part_dir,
+    write_bytes_atomic,
+)
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 HIST_BINS = 20  # confidence histogram: equal bins over [0, 1]
@@ -52,10 +58,11 @@ _ERR_COLS = ["image_path", "shard_id", "batch_id", "stage", "error_type", "messa
 
 
 def load_run_manifest(out_root: str | Path, run_id: str) -> dict:
-    """The run's ``manifest.json``.
+    """The run's state (summary + ledger) as a dict shaped like ``manifest.json``.
 
     Raises:
-        UsageError: no such run under ``out_root`` (the message lists the latest runs there).
+        UsageError: no such run under ``out_root`` (the message lists the latest runs there);
+            UnsafePathError: the run state names a path outside ``out_root``.
     """
     path = manifest_path(out_root, run_id)
     if not path.is_file():
@@ -63,7 +70,9 @@ def load_run_manifest(out_root: str | Path, run_id: str) -> dict:
         known = sorted((p.name for p in runs_dir.iterdir() if (p / "manifest.json").is_file()), reverse=True) if runs_dir.is_dir() else []
         hint = f"latest runs there: {', '.join(known[:5])}" if known else "no runs there yet"
         raise UsageError(f"run {run_id!r} not found in {str(runs_dir)!r} ({hint}); check RUN_ID or set output.root (--set output.root=DIR)")
-    return read_manifest(path)
+    m = load_manifest(path.parent)
+    check_run_state(m, out_root, path.parent)
+    return m.to_dict()
 
 
 def _read(out_root: Path, run_date: str | None, run_id: str, table: str, columns: list[str], schema: pa.Schema) -> pa.Table:
@@ -402,11 +411,19 @@ def _fs_paths(out_root: Path, run_id: str, wanted: set[str]) -> dict[str, bytes]
         return {}
     t = pq.read_table(index, columns=["image_path", "fs_path"])
     t = t.filter(pc.is_in(t["image_path"], value_set=pa.array(sorted(wanted), pa.string())))
+    check_relative_column(t["fs_path"], f"{index} fs_path")  # thumbnails are read under the input root only
     return dict(zip(t["image_path"].to_pylist(), t["fs_path"].to_pylist(), strict=True))
 
 
 def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None, str | None]]:
-    """Thumbnails of the report's lowest-confidence images, read from the run's input root."""
+    """Thumbnails of the report's lowest-confidence images, read from the run's input root.
+
+    Only paths below the input root are opened: an ``image_path`` (from the predictions, which
+    are data) that is absolute or climbs out with ``..`` gets a reason instead of a thumbnail.
+
+    Raises:
+        UnsafePathError: the run's index names a file outside the input root.
+    """
     root = report["input"]["root"]
     items = report["lowest_confidence"]
     if root is None or not items:
@@ -416,6 +433,12 @@ def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None
     for r in items:
         p = r["image_path"]
         rel = fs.get(p)
+        if rel is None:
+            try:
+                check_relative(p, "image_path")
+            except UnsafePathError:
+                out[p] = (None, "not read: the path leaves the input root")
+                continue
         full = os.path.join(os.fsencode(root), rel) if rel is not None else os.path.join(root, p)
         out[p] = thumbnail_data_uri(full)
     return out
@@ -604,13 +627,9 @@ def write_html_report(report: dict, out_root: str | Path, path: str | Path | Non
 
     Default path: ``OUT/runs/RUN_ID/report.html`` (``report["outputs"]["report"]``).
     """
-    target = Path(path or Path(out_root) / "runs" / report["run_id"] / REPORT_FILE)
+    target = Path(path or run_dir_of(out_root, report["run_id"]) / REPORT_FILE)
     page = render_html(report, thumbnails(report, out_root))
-    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return write_bytes_atomic(page.encode("utf-8"), target)
 
 
 # --------------------------------------------------------------------------------------------
