@@ -7,6 +7,7 @@ instead of being ignored. Functions elsewhere receive only the section they use.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgscore.tasks.containment import is_plain_name
 from imgscore.tasks.errors import ConfigError
 
 # Pillow's default decompression-bomb limit (about 89.5 megapixels). Read once; never changed.
@@ -209,6 +211,13 @@ class RunConfig(_Section):
     )
     run_id: str | None = Field(None, description="default: UTC timestamp + random suffix")
 
+    @field_validator("run_id")
+    @classmethod
+    def _folder_name(cls, v: str | None) -> str | None:
+        if v is not None and not is_plain_name(v):
+            raise ValueError(f"run.run_id {v!r} must be one folder name (no '/', '\\', '..' or control characters)")
+        return v
+
 
 class RunnerConfig(_Section):
     """Where shards run."""
@@ -349,6 +358,16 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 
 ALLOWED_RERUN_OVERRIDES = ("output.root", "runner.", "inference.")
 
+# Recorded keys that run code, or send the run or its files somewhere: a rerun reads its config
+# back from the manifest under output.root, which others may be able to write (README,
+# "Security"), so it takes a non-default value of these only when the command repeats it.
+CONFIRM_ON_RERUN: dict[str, str] = {
+    "model.factory": "imports that module and runs that function",
+    "model.trust_checkpoint": "unpickles whole modules from the checkpoint (runs code from the file)",
+    "runner.address": "sends the run to that Dask scheduler (which exchanges pickled data with this process)",
+    "inference.cache_dir": "loads and writes model exports in that folder",
+}
+
 
 def _allowed(key: str) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in ALLOWED_RERUN_OVERRIDES)
@@ -384,12 +403,17 @@ def out_root_of(config_file: Path | None, overrides: list[str]) -> Path:
 def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str]) -> Config:
     """The run's recorded config with the allowed overrides applied.
 
-    ``--set`` may name only ``output.root``, ``runner.*`` or ``inference.*``; a ``--config`` file
-    may hold other keys only with the values the run recorded (so the run's own config file can
-    be passed again).
+    ``--set`` may name only ``output.root``, ``runner.*`` or ``inference.*`` (and repeat a
+    :data:`CONFIRM_ON_RERUN` key's recorded value); a ``--config`` file may hold other keys only
+    with the values the run recorded (so the run's own config file can be passed again). The
+    recorded config comes from the run's manifest: a non-default value of a
+    :data:`CONFIRM_ON_RERUN` key (``model.factory``, ``model.trust_checkpoint``,
+    ``runner.address``, ``inference.cache_dir``) is used only when ``--set`` or ``--config``
+    gives it too.
 
     Raises:
-        ConfigError: a forbidden override (named, with the recorded value), or an invalid value.
+        ConfigError: a forbidden override (named, with the recorded value), an unconfirmed
+            recorded value of a :data:`CONFIRM_ON_RERUN` key, or an invalid value.
     """
     base = build_config(recorded)
     file_items: list[str] = []
@@ -406,12 +430,34 @@ def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str])
                     f"{_get(base.to_dict(), key)!r}; a rerun keeps the run's config (only output.root, runner.* and "
                     "inference.* may change) — start a new run with `imgscore run` to change it"
                 )
+    given = {".".join(parse_override(item)[0]) for item in file_items}
     for item in overrides:
         parts, _ = parse_override(item)
         key = ".".join(parts)
-        if not _allowed(key):
+        given.add(key)
+        repeats = key in CONFIRM_ON_RERUN and build_config(recorded, [item]).to_dict() == base.to_dict()
+        if not _allowed(key) and not repeats:
             raise ConfigError(
                 f"--set {item!r}: a rerun keeps the run's recorded config; only output.root, runner.* and inference.* "
                 f"may be overridden (recorded {key} = {_get(base.to_dict(), key)!r}); start a new run to change {key}"
             )
+    if config_file is not None:
+        given |= {key for key, _ in _leaves(yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {})}
+    _confirmed(base, given, recorded)
     return build_config(recorded, [*file_items, *overrides])
+
+
+def _confirmed(base: Config, given: set[str], recorded: dict) -> None:
+    """Refuse a recorded non-default value of a :data:`CONFIRM_ON_RERUN` key that the command
+    (``--set`` or ``--config``) does not repeat."""
+    defaults, values = Config().to_dict(), base.to_dict()
+    for key, why in CONFIRM_ON_RERUN.items():
+        value = _get(values, key)
+        if key in given or value == _get(defaults, key):
+            continue
+        shown = value if isinstance(value, str) else json.dumps(value)
+        raise ConfigError(
+            f"run {(recorded.get('run') or {}).get('run_id')} recorded {key} = {value!r}, which {why}; a rerun reads its "
+            f"config back from output.root, which is not trusted for that — pass it again if you mean it: "
+            f"--set {key}={shown} (or --config with the run's config file)"
+        )
