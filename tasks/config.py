@@ -95,9 +95,9 @@ class PreprocessConfig(_Section):
 
     resize: int | None = Field(None, gt=0, description="shorter side after resizing, pixels")
     crop: int | None = Field(None, gt=0, description="center crop side, pixels")
-    mean: list[float] | None = Field(None, min_length=3, max_length=3)
-    std: list[float] | None = Field(None, min_length=3, max_length=3)
-    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    mean: list[float] | None = Field(None, min_length=3, max_length=3, description="per-channel mean subtracted (RGB, 0–1 scale)")
+    std: list[float] | None = Field(None, min_length=3, max_length=3, description="per-channel std divided by (RGB, 0–1 scale)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(None, description="resize interpolation (antialiased)")
     background: tuple[int, int, int] = Field(
         (255, 255, 255), description="RGB that transparent pixels are composited onto"
     )
@@ -203,11 +203,20 @@ class RunConfig(_Section):
     """How the run is cut and judged."""
 
     shard_size: int = Field(1000, gt=0, description="images per shard (one task run each)")
-    max_error_rate: float = Field(0.01, ge=0.0, le=1.0, description="failed/scanned above this → exit 1")
+    max_error_rate: float = Field(0.01, ge=0.0, le=1.0, description="failed/scanned above this, with at least run.min_errors failed, ends the run failed (exit 1)")
     shard_retries: int = Field(2, ge=0, description="Prefect task retries for a shard that cannot run")
     skip_scored: bool = Field(False, description="skip images already scored under the same model and preprocessing")
     skip_key: Literal["stat", "sha256"] = Field(
         "stat", description="stat: relative path + size + mtime; sha256: content hash"
+    )
+    retry_failed: bool = Field(
+        False,
+        description="with skip_scored: try again the images that failed before with the same bytes "
+        "(default: carry them as already_failed, not retried, listed in runs/RUN/already_failed.parquet)",
+    )
+    min_errors: int = Field(
+        5, ge=0, description="fewer failed images than this never fail a run, whatever the rate "
+        "(1 corrupt image of 1 new is not a failed night; 300 of 1000 is)",
     )
     run_id: str | None = Field(None, description="default: UTC timestamp + random suffix")
 
@@ -222,9 +231,9 @@ class RunConfig(_Section):
 class RunnerConfig(_Section):
     """Where shards run."""
 
-    type: Literal["thread", "dask"] = "thread"
+    type: Literal["thread", "dask"] = Field("thread", description="thread: a thread pool in this process; dask: Dask workers")
     n_workers: int = Field(1, gt=0, description="threads (thread) or worker processes (dask LocalCluster)")
-    threads_per_worker: int = Field(1, gt=0)
+    threads_per_worker: int = Field(1, gt=0, description="dask: shards each worker scores at once")
     address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
     warm_workers: bool = Field(
         True,
@@ -240,6 +249,30 @@ class OutputConfig(_Section):
     topk: int = Field(5, gt=0, description="how many classes topk_indices/topk_scores keep")
 
 
+class NotifyConfig(_Section):
+    """Who hears about a run's end (Prefect flow-run state hooks; README, "Failure notifications")."""
+
+    webhook_url: str | None = Field(
+        None,
+        description="POST a JSON summary here when a run ends Failed or Crashed (and on success with "
+        "notify.on_success); never written to the manifest or part files",
+    )
+    block: str | None = Field(
+        None,
+        description="a Prefect notification block, 'block-type-slug/name' (e.g. slack-webhook/nightly-alerts, "
+        "ms-teams-webhook/…, custom-webhook/…): its notify() gets the same summary as text",
+    )
+    on_success: bool = Field(False, description="notify on Completed runs too")
+    timeout_s: float = Field(10.0, gt=0, description="seconds the POST may take; a failing notification is one warning line")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"notify.webhook_url must be an http:// or https:// URL, got {v!r}")
+        return v
+
+
 class Config(_Section):
     """The whole resolved configuration of a run."""
 
@@ -250,10 +283,46 @@ class Config(_Section):
     run: RunConfig = RunConfig()
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (paths as strings) — what flows receive and manifests record."""
+        """JSON-ready dict (paths as strings) — what flows receive as their parameter."""
         return self.model_dump(mode="json")
+
+    def recorded(self) -> dict[str, Any]:
+        """:meth:`to_dict` as manifests and part files record it: ``notify.webhook_url`` (a URL
+        often holds a token) is left out."""
+        d = self.to_dict()
+        if d["notify"].get("webhook_url"):
+            d["notify"]["webhook_url"] = None
+        return d
+
+
+def _default_text(field) -> str:
+    """A field's default as the YAML one would write (``–`` for none)."""
+    if field.default_factory is not None:
+        value = field.default_factory()
+    else:
+        value = field.default
+    if value is None:
+        return "–"
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, Path):
+        return str(value)
+    return yaml.safe_dump(value if not isinstance(value, tuple) else list(value), default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def config_reference() -> list[dict[str, str]]:
+    """Every config key as ``{key, default, meaning}``, section by section in :class:`Config`'s
+    order, generated from the models' fields and descriptions (``imgscore config``; the README's
+    key table is checked against it)."""
+    rows = []
+    for section, sf in Config.model_fields.items():
+        model = sf.annotation
+        for name, field in model.model_fields.items():
+            rows.append({"key": f"{section}.{name}", "default": _default_text(field), "meaning": field.description or ""})
+    return rows
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -356,7 +425,7 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- a rerun's config
 
-ALLOWED_RERUN_OVERRIDES = ("output.root", "runner.", "inference.")
+ALLOWED_RERUN_OVERRIDES = ("output.root", "runner.", "inference.", "notify.")
 
 # Recorded keys that run code, or send the run or its files somewhere: a rerun reads its config
 # back from the manifest under output.root, which others may be able to write (README,
@@ -403,13 +472,13 @@ def out_root_of(config_file: Path | None, overrides: list[str]) -> Path:
 def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str]) -> Config:
     """The run's recorded config with the allowed overrides applied.
 
-    ``--set`` may name only ``output.root``, ``runner.*`` or ``inference.*`` (and repeat a
-    :data:`CONFIRM_ON_RERUN` key's recorded value); a ``--config`` file may hold other keys only
-    with the values the run recorded (so the run's own config file can be passed again). The
-    recorded config comes from the run's manifest: a non-default value of a
+    ``--set`` may name only ``output.root``, ``runner.*``, ``inference.*`` or ``notify.*`` (and
+    repeat a :data:`CONFIRM_ON_RERUN` key's recorded value); a ``--config`` file may hold other
+    keys only with the values the run recorded (so the run's own config file can be passed
+    again). The recorded config comes from the run's manifest: a non-default value of a
     :data:`CONFIRM_ON_RERUN` key (``model.factory``, ``model.trust_checkpoint``,
     ``runner.address``, ``inference.cache_dir``) is used only when ``--set`` or ``--config``
-    gives it too.
+    gives it too. ``notify.webhook_url`` is never recorded: pass it again to be notified.
 
     Raises:
         ConfigError: a forbidden override (named, with the recorded value), an unconfirmed
@@ -427,7 +496,7 @@ def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str])
             elif build_config(recorded, [item]).to_dict() != base.to_dict():
                 raise ConfigError(
                     f"{config_file} sets {key} to {value!r} but run {recorded['run']['run_id']} recorded "
-                    f"{_get(base.to_dict(), key)!r}; a rerun keeps the run's config (only output.root, runner.* and "
+                    f"{_get(base.to_dict(), key)!r}; a rerun keeps the run's config (only output.root, runner.*, notify.* and "
                     "inference.* may change) — start a new run with `imgscore run` to change it"
                 )
     given = {".".join(parse_override(item)[0]) for item in file_items}
@@ -438,7 +507,7 @@ def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str])
         repeats = key in CONFIRM_ON_RERUN and build_config(recorded, [item]).to_dict() == base.to_dict()
         if not _allowed(key) and not repeats:
             raise ConfigError(
-                f"--set {item!r}: a rerun keeps the run's recorded config; only output.root, runner.* and inference.* "
+                f"--set {item!r}: a rerun keeps the run's recorded config; only output.root, runner.*, inference.* and notify.* "
                 f"may be overridden (recorded {key} = {_get(base.to_dict(), key)!r}); start a new run to change {key}"
             )
     if config_file is not None:

@@ -6,6 +6,8 @@ with no traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class ImgscoreError(Exception):
     """Base class for the errors imgscore raises on purpose. ``exit_code`` is what the CLI returns."""
@@ -37,6 +39,27 @@ class ErrorBudgetExceeded(ImgscoreError):
     def __init__(self, message: str, summary: dict | None = None):
         super().__init__(message)
         self.summary = summary or {}
+
+
+class OutputWriteError(ImgscoreError):
+    """Writing under ``output.root`` failed — disk full, quota, read-only file system, file too
+    large — (exit 1). Nothing is half-written: the temp file is removed, and the part files and
+    records already in place stay good; the run ends ``crashed`` and ``imgscore rerun`` finishes
+    it once the cause is fixed. ``path`` is the file that could not be written, ``errno`` the OS
+    error number."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.path, self.errno = path, errno
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, exc: OSError) -> OutputWriteError:
+        """One line naming ``path`` and the OS error (pyarrow's messages carry the errno but not the path)."""
+        why = f"[Errno {exc.errno}] {os.strerror(exc.errno)}" if exc.errno else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return cls(f"cannot write {os.fspath(path)}: {why}", os.fspath(path), exc.errno)
+
+    def __reduce__(self):  # crosses process boundaries (Dask workers) with its fields
+        return (type(self), (str(self), self.path, self.errno))
 
 
 class RunLockedError(UsageError):

@@ -29,6 +29,7 @@ lock is not live are leftovers of a killed writer: :func:`clean_run_temp_files` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -41,7 +42,7 @@ import psutil
 
 from imgscore.tasks.containment import UnsafePathError, inside, read_small
 from imgscore.tasks.errors import RunLockedError
-from imgscore.tasks.parquet_io import clean_temp_files
+from imgscore.tasks.parquet_io import TABLES, clean_temp_files
 
 LOCK_NAME = ".lock"
 REMOTE_STALE_S = 24 * 3600.0  # a lock held by another host counts as stale after a day
@@ -219,7 +220,8 @@ def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None
     """Remove temp files left by killed writers of any run under ``out_root`` that no live process
     holds (its lock absent or stale); return how many. Runs that are being written are left alone.
 
-    Looks in ``OUT/{predictions,errors,errors_history}/run_date=*/run_id=*/`` and ``OUT/runs/*/``.
+    Looks in every run's part-file folders (``OUT/{predictions,errors,errors_history}/run_date=*/RUN_ID/``,
+    and ``run_id=RUN_ID/`` folders of the layout before) and in ``OUT/runs/*/``.
     """
     out = Path(out_root)
     live: dict[str, bool] = {}
@@ -239,11 +241,44 @@ def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None
             return False
 
     folders: list[Path] = []
-    for table in ("predictions", "errors", "errors_history"):
-        for d in out.glob(f"{table}/run_date=*/run_id=*"):
-            if abandoned(d.name.split("=", 1)[1]) and ours(d):
+    for table in TABLES:
+        for d in out.glob(f"{table}/run_date=*/*"):  # RUN_ID/, and run_id=RUN_ID/ of the layout before
+            if d.is_dir() and abandoned(d.name.removeprefix("run_id=")) and ours(d):
                 folders.append(d)
     for d in out.glob("runs/*"):
         if d.is_dir() and abandoned(d.name) and ours(d):
             folders.append(d)
     return clean_run_temp_files(folders)
+
+
+FOLDER_LOCKS = "_locks"  # under output.root; "_" keeps it out of every reader's glob
+
+
+def folder_lock_dir(out_root: str | Path, input_root: str | Path, model_identity: str) -> Path:
+    """``OUT/_locks/folder-<sha256[:16]>``: the lock folder of one (input folder, model) pair,
+    the folder compared by its real path and the model by ``model_identity`` (its config)."""
+    blob = json.dumps([os.path.realpath(input_root), model_identity])
+    return Path(out_root) / FOLDER_LOCKS / f"folder-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def folder_held(out_root: str | Path, input_root: str | Path, model_identity: str, purpose: str) -> Iterator[dict]:
+    """Hold the lock of (``input_root``, model) for the ``with`` block — ``run.skip_scored`` runs
+    only: two incremental runs of one folder with one model at once would each plan before the
+    other wrote anything, and both would score every new image.
+
+    Raises:
+        RunLockedError: a live run holds it (the message names it and the deployment guard).
+    """
+    d = folder_lock_dir(out_root, input_root, model_identity)
+    with contextlib.ExitStack() as stack:
+        try:
+            rec = stack.enter_context(held(d, purpose))
+        except RunLockedError:
+            other = read_lock(d) or {}
+            raise RunLockedError(
+                f"{input_root} is being scored with this model by {describe(other, d)}; with run.skip_scored a second run at the "
+                "same time would score the same images again — wait for it to finish (a deployment's concurrency_limit: 1 queues "
+                "the next run instead)"
+            ) from None
+        yield rec

@@ -1,9 +1,20 @@
 """The analytics contract: one explicit pyarrow schema per table, atomic part files.
 
-Layout (hive partitioning, readable by pyarrow.dataset, DuckDB, pandas, Spark, polars)::
+Layout::
 
-    OUT/predictions/run_date=YYYY-MM-DD/run_id=RUN/part-SSSSS.parquet
-    OUT/errors/run_date=YYYY-MM-DD/run_id=RUN/part-SSSSS.parquet
+    OUT/predictions/run_date=YYYY-MM-DD/RUN_ID/part-SSSSS.parquet
+    OUT/errors/run_date=YYYY-MM-DD/RUN_ID/part-SSSSS.parquet
+    OUT/errors_history/run_date=YYYY-MM-DD/RUN_ID/part-SSSSS-attempt-NNN.parquet
+
+``run_date`` is the one hive partition (``key=value`` folder); the run's folder is a plain name
+and ``run_id`` a string column in every file. So each table folder reads as-is, with ``run_id``
+a string and ``run_date`` from the path, in ``pandas.read_parquet(dir)``,
+``pyarrow.parquet.read_table(dir)``, ``pyarrow.dataset.dataset(dir, partitioning="hive")``,
+polars and DuckDB (``hive_partitioning``), and Spark (whose partition discovery skips a leaf
+folder that is not ``key=value``). A ``run_id=RUN`` folder as well as a ``run_id`` column — the
+layout before — made pandas and ``read_table`` refuse the merge (string vs dictionary);
+:mod:`imgscore.tasks.layout` moves such folders into this layout (:func:`part_dir` is the only
+place a part-file folder is named; :func:`legacy_part_dir` names the old one).
 
 Part files are written to a temp name starting with ``.`` in the same folder and renamed into
 place, so readers (which skip ``.``/``_`` files) never see half a file, and a rewrite of the same
@@ -14,20 +25,24 @@ through.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgscore.tasks.containment import check_run_date, create_new, remove_temp_files, safe_name
+from imgscore.tasks.errors import OutputWriteError
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
+        pa.field("input_root", pa.string()),  # the run's input.root, absolute: rows of two folders never merge
         pa.field("image_path", pa.string(), nullable=False),
         pa.field("label", pa.int32()),
         pa.field("label_name", pa.string()),
@@ -50,6 +65,7 @@ PREDICTIONS_SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
+        pa.field("input_root", pa.string()),
         pa.field("image_path", pa.string()),  # null for a whole-batch failure
         pa.field("shard_id", pa.int32(), nullable=False),
         pa.field("batch_id", pa.int32()),  # null when the failure is outside any batch
@@ -59,21 +75,59 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("attempt", pa.int32(), nullable=False),
         pa.field("occurred_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("worker", pa.string()),
+        pa.field("file_size", pa.int64()),  # bytes, as scanned: the failure ledger's key (run.skip_scored)
+        pa.field("file_mtime_ns", pa.int64()),
     ]
 )
 
 STAGES = ("scan", "decode", "preprocess", "inference", "write")
 
 
+TABLES = ("predictions", "errors", "errors_history")  # the tables of part files under output.root
+
+
 def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Path:
-    """``OUT/<table>/run_date=…/run_id=…`` for ``table`` in {predictions, errors, errors_history}.
+    """``OUT/<table>/run_date=YYYY-MM-DD/RUN_ID``: the folder of a run's part files of ``table``
+    (one of :data:`TABLES`). Every path to a part file is built from this.
 
     Raises:
         UnsafePathError: ``run_date`` is not ``YYYY-MM-DD`` or ``run_id`` is not one folder name
             (both come from run state: ``imgscore.tasks.containment``).
     """
     check_run_date(run_date, "run_date")
+    return Path(out_root) / table / f"run_date={run_date}" / safe_name(run_id, "run_id")
+
+
+def input_root_name(root: str | Path) -> str:
+    """What a run records as its input folder — the manifest's ``input.root``, every row's
+    ``input_root`` column, and part of the skip and failure-ledger keys: ``input.root`` as
+    configured, made absolute (``os.path.abspath``: normalised, symlinks kept as written), so
+    rows of ``/data/a`` and ``/data/b`` never merge and a relative root does not depend on
+    where a reader stands."""
+    return os.path.abspath(os.fspath(root))
+
+
+def legacy_part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Path:
+    """``OUT/<table>/run_date=…/run_id=RUN_ID``: where versions before this layout wrote the
+    folder (:mod:`imgscore.tasks.layout` moves it to :func:`part_dir`); checked as :func:`part_dir` is.
+
+    Raises:
+        UnsafePathError: as :func:`part_dir`.
+    """
+    check_run_date(run_date, "run_date")
     return Path(out_root) / table / f"run_date={run_date}" / f"run_id={safe_name(run_id, 'run_id')}"
+
+
+def run_part_files(out_root: str | Path, table: str, run_date: str | None, run_id: str, pattern: str = "part-*.parquet") -> list[Path]:
+    """A run's part files of ``table``, sorted: from :func:`part_dir`, or from the legacy folder
+    when a run written before the layout change has not been moved yet. Empty when ``run_date``
+    is None (a manifest that never planned) or the run wrote none."""
+    if not run_date:
+        return []
+    for folder in (part_dir(out_root, table, run_date, run_id), legacy_part_dir(out_root, table, run_date, run_id)):
+        if folder.is_dir():
+            return sorted(folder.glob(pattern))
+    return []
 
 
 def part_name(shard_id: int) -> str:
@@ -85,7 +139,8 @@ MODEL_INFO_KEYS = ("arch", "model_id", "classes", "num_classes", "source", "prep
 
 
 def config_hash(config: dict | None) -> str | None:
-    """sha256 hex of the resolved config as canonical JSON, ignoring ``run.run_id``.
+    """sha256 hex of the resolved config as canonical JSON, ignoring ``run.run_id`` and ``notify``
+    (who is told about a run is not part of its setup).
 
     Two runs with the same settings (model, preprocessing, input, output, ...) get the same
     hash, so analysts can group runs by "same setup" without diffing configs.
@@ -95,6 +150,7 @@ def config_hash(config: dict | None) -> str | None:
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     if isinstance(cfg.get("run"), dict):
         cfg["run"].pop("run_id", None)
+    cfg.pop("notify", None)
     blob = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -149,6 +205,20 @@ def make_table(rows: list[dict], schema: pa.Schema, metadata: dict[str, str] | N
     return table
 
 
+@contextlib.contextmanager
+def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
+    """Turn an ``OSError`` of the block (disk full, quota, read-only, file too large) into
+    :class:`~imgscore.tasks.errors.OutputWriteError` naming ``path``, after removing ``tmp`` (the
+    half-written temp file), so nothing half-written stays behind."""
+    try:
+        yield
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise OutputWriteError.of(path, exc) from exc
+
+
 def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
     """Write ``table`` as zstd Parquet to ``path`` via a ``.``-prefixed temp file and rename.
 
@@ -156,11 +226,12 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
     only a hidden temp file that readers skip and :func:`clean_temp_files` removes.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    with os.fdopen(create_new(tmp), "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        os.replace(tmp, path)
     return path
 
 
@@ -172,13 +243,14 @@ def write_json_atomic(obj, path: str | Path) -> Path:
 def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
     """Write ``data`` to ``path`` via a ``.``-prefixed temp file, fsync, and rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    with os.fdopen(create_new(tmp), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return path
 
 

@@ -20,16 +20,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from imgscore.tasks import layout
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks.config import Config
 from imgscore.tasks.containment import UnsafePathError, create_new, within
 from imgscore.tasks.errors import InputError, UsageError
-from imgscore.tasks.incremental import HASHES_FILE, HASHES_SCHEMA, AlreadyScored, model_key
+from imgscore.tasks.incremental import (
+    CARRIED_FILE,
+    CARRIED_SCHEMA,
+    HASHES_FILE,
+    HASHES_SCHEMA,
+    AlreadyScored,
+    model_key,
+)
 from imgscore.tasks.index import INDEX_NAME, IndexWriter, shard_location
 from imgscore.tasks.manifest import check_run_state, run_dir_of, run_folders
-from imgscore.tasks.parquet_io import part_dir, temp_path
+from imgscore.tasks.parquet_io import input_root_name, part_dir, temp_path
 from imgscore.tasks.runstate import (
     MANIFEST,
     Counts,
@@ -183,13 +193,13 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     if (run_dir / MANIFEST).exists():
         raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
     run_dir.mkdir(parents=True, exist_ok=True)
+    moved = layout.migrate_output_root(out)  # runs of earlier versions: into today's part-file layout
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
     scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
     threads = scan_threads_for(scan.root, cfg.input.scan_threads)
-    skip = AlreadyScored(out, model_info, scan.root, cfg.run.skip_key, exclude_run=run_id) if cfg.run.skip_scored else None
-    hashes_tmp = temp_path(run_dir / HASHES_FILE)
-    hashes_file = os.fdopen(create_new(hashes_tmp), "wb") if skip and cfg.run.skip_key == "sha256" else None
-    hashes = pq.ParquetWriter(hashes_file, HASHES_SCHEMA, compression="zstd") if hashes_file else None
+    skip = AlreadyScored(out, model_info, scan.root, cfg.run.skip_key, exclude_run=run_id, retry_failed=cfg.run.retry_failed) \
+        if cfg.run.skip_scored else None
+    listings = _Listings(run_dir, skip, cfg.run.skip_key)
     scan_s = lookup_s = 0.0
     try:
         with IndexWriter(run_dir, cfg.run.shard_size) as index:
@@ -203,35 +213,32 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
                 if skip is not None:
                     t = time.perf_counter()
                     batch = skip.filter(batch)
-                    if hashes is not None:
-                        hashes.write_table(skip.take_hashes())
+                    listings.write()
                     lookup_s += time.perf_counter() - t
                 index.write(batch)
             if scan.images == 0:
                 raise InputError(no_images_message(scan.root))
     except BaseException:
-        if hashes is not None:
-            hashes.close()
-            hashes_file.close()
-            hashes_tmp.unlink(missing_ok=True)
+        listings.abort()
         shutil.rmtree(run_dir / INDEX_NAME, ignore_errors=True)  # nothing of a run that was not planned
         raise
-    if hashes is not None:
-        hashes.close()
-        hashes_file.close()
-        hashes_tmp.replace(run_dir / HASHES_FILE)
+    listings.close()
 
     mkey = model_key(model_info)
     incremental = {"skip_scored": False}
     if skip is not None:
         incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
-                       "already_scored": skip.already_scored, "files_hashed": skip.hashed,
-                       "lookup_s": round(lookup_s, 4)}
+                       "already_scored": skip.already_scored, "already_failed": skip.already_failed,
+                       "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed, "lookup_s": round(lookup_s, 4)}
+        if skip.already_failed:
+            incremental["carried"] = {"file": CARRIED_FILE, **listings.carried_summary}
     run_date = started.strftime("%Y-%m-%d")
     n = index.rows
     timings = {**(timings or {}), "scan_s": round(scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3), "scan_threads": threads}
     if removed:
         timings["temp_files_removed"] = removed
+    if moved.runs:
+        timings["layout_migrated_runs"] = len(moved.runs)
     manifest = Manifest(
         run_id=run_id,
         run_date=run_date,
@@ -239,11 +246,12 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         status="running",
         created_at=started.isoformat(),
         updated_at=now_iso(),
-        input={"root": str(scan.root), "layout": scan.layout, "classes": scan.classes},
-        counts=Counts(scanned=n, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0, pending=n),
+        input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes},
+        counts=Counts(scanned=n, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
+                      already_failed=skip.already_failed if skip else 0, pending=n),
         skipped=scan.skipped,
         model={**model_info, "model_key": mkey},
-        config=cfg.to_dict(),
+        config=cfg.recorded(),
         incremental=incremental,
         index=index.info(),
         shards=[
@@ -255,3 +263,69 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     )
     state = RunState.create(run_dir, manifest)
     return RunPlan(run_id, run_date, run_dir, shard_refs(manifest, run_dir), state)
+
+
+class _Listings:
+    """The files planning writes beside the index as the scan streams through the incremental
+    filter: ``content_hashes.parquet`` (sha256 mode) and ``already_failed.parquet`` (images
+    carried by the failure ledger), each temp-then-rename at the end; and what was carried,
+    counted per error type and per run that recorded the failure (for the manifest)."""
+
+    def __init__(self, run_dir: Path, skip: AlreadyScored | None, skip_key: str):
+        self.run_dir, self.skip = run_dir, skip
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.files: dict[str, object] = {}
+        self.schemas = {}
+        if skip is not None:
+            if skip_key == "sha256":
+                self.schemas[HASHES_FILE] = HASHES_SCHEMA
+            self.schemas[CARRIED_FILE] = CARRIED_SCHEMA
+        self.by_type: dict[str, int] = {}
+        self.by_run: dict[str, int] = {}
+
+    def _tmp(self, name: str) -> Path:
+        return temp_path(self.run_dir / name)
+
+    def _open(self, name: str) -> None:
+        f = os.fdopen(create_new(self._tmp(name)), "wb")  # created new: a symlink planted at the name is not written through
+        self.files[name] = f
+        self.writers[name] = pq.ParquetWriter(f, self.schemas[name], compression="zstd")
+
+    def _put(self, name: str, table: pa.Table) -> None:
+        if name not in self.schemas or table.num_rows == 0:
+            return
+        if name not in self.writers:
+            self._open(name)
+        self.writers[name].write_table(table)
+
+    def write(self) -> None:
+        """Take what the filter produced since the last call and append it."""
+        if HASHES_FILE in self.schemas:
+            self._put(HASHES_FILE, self.skip.take_hashes())
+        carried = self.skip.take_carried()
+        for col, counts in (("error_type", self.by_type), ("failed_run_id", self.by_run)):
+            for row in pc.value_counts(carried[col]).to_pylist() if carried.num_rows else []:
+                counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
+        self._put(CARRIED_FILE, carried)
+
+    @property
+    def carried_summary(self) -> dict:
+        return {"by_error_type": dict(sorted(self.by_type.items(), key=lambda kv: -kv[1])),
+                "by_run": dict(sorted(self.by_run.items(), reverse=True))}
+
+    def close(self) -> None:
+        if HASHES_FILE in self.schemas and HASHES_FILE not in self.writers:  # sha256 mode: written even when empty
+            self._open(HASHES_FILE)
+        for name, w in self.writers.items():
+            w.close()
+            self.files[name].close()
+            self._tmp(name).replace(self.run_dir / name)
+        self.writers, self.files = {}, {}
+
+    def abort(self) -> None:
+        for name, w in self.writers.items():
+            w.close()
+            self.files[name].close()
+            self._tmp(name).unlink(missing_ok=True)
+        self.writers, self.files = {}, {}
+

@@ -36,9 +36,10 @@ from imgscore.tasks.manifest import check_run_state, load_manifest, manifest_pat
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
-    part_dir,
+    run_part_files,
     write_bytes_atomic,
 )
+from imgscore.tasks.runstate import ABANDONED, observed_status
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 HIST_BINS = 20  # confidence histogram: equal bins over [0, 1]
@@ -76,9 +77,9 @@ def load_run_manifest(out_root: str | Path, run_id: str) -> dict:
 
 
 def _read(out_root: Path, run_date: str | None, run_id: str, table: str, columns: list[str], schema: pa.Schema) -> pa.Table:
-    """The run's rows of ``table``, read from its own partition folder only (not every run's files)."""
-    folder = part_dir(out_root, table, run_date, run_id) if run_date else None
-    files = sorted(str(f) for f in folder.glob("part-*.parquet")) if folder is not None and folder.is_dir() else []
+    """The run's rows of ``table``, read from its own part-file folder only (not every run's files;
+    a run not yet moved from the layout before is read where it is)."""
+    files = [str(f) for f in run_part_files(out_root, table, run_date, run_id)]
     if not files:
         if run_date is None and (out_root / table).is_dir():  # old manifest without run_date
             return read_run(out_root, run_id, table, columns=columns)
@@ -197,6 +198,13 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
     ``matched_by`` ``"none"`` and a ``reason``, and every renderer shows "n/a" with that reason.
     Times are seconds, throughput images per second, scores probabilities in [0, 1].
 
+    ``status`` is the manifest's, except ``abandoned`` for a ``running`` run whose lock owner is
+    gone (kill -9, OOM, reboot); ``reason`` says why a run ended ``failed``, ``interrupted`` or
+    ``crashed``; ``rerun`` is the command that finishes a run that did not complete (else None).
+    ``known_bad`` (None unless images were carried by the failure ledger): how many, the file that
+    lists them, and counts by error type and by the run that recorded the failure.
+    ``outputs.report`` is None when report.html was never written (an abandoned run).
+
     Raises:
         UsageError: the run is not under ``out_root``.
     """
@@ -220,16 +228,28 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
     conf = confusion(preds, folder_classes, model_classes) if preds.num_rows and pc.any(pc.is_valid(preds["label"])).as_py() else None
     wall = timings.get("wall_s")
     scanned = c.get("scanned", 0)
+    run_dir = run_dir_of(out_root, run_id)
+    status = observed_status(m.get("status"), run_dir)
+    reason = m.get("reason")
+    if status == ABANDONED:
+        reason = "its process is gone (killed, out of memory, or the machine restarted) without recording an ending"
+    carried = (m.get("incremental") or {}).get("carried") or {}
+    report_file = run_dir / REPORT_FILE
     return {
         "run_id": m["run_id"],
         "run_date": m.get("run_date"),
-        "status": m.get("status"),
+        "status": status,
+        "reason": reason,
+        "rerun": rerun_command(run_id, out_root) if status not in ("complete", "planned") else None,
         "created_at": m.get("created_at"),
         "updated_at": m.get("updated_at"),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "input": {"root": (m.get("input") or {}).get("root"), "layout": (m.get("input") or {}).get("layout"), "classes": folder_classes},
         "model": {k: model.get(k) for k in ("arch", "model_id", "source", "num_classes")},
-        "counts": {k: c.get(k, 0) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "pending")},
+        "counts": {k: c.get(k, 0) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")},
+        "known_bad": {"count": c.get("already_failed", 0), "file": str(run_dir / carried.get("file", "already_failed.parquet")),
+                      "by_error_type": carried.get("by_error_type") or {}, "by_run": carried.get("by_run") or {}}
+        if c.get("already_failed") else None,
         "error_rate": round(c.get("failed", 0) / scanned, 6) if scanned else 0.0,
         "rows": {"predictions": preds.num_rows, "errors": errs.num_rows},
         "timing": {
@@ -248,8 +268,23 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
         "skipped": skipped_summary(m.get("skipped") or []),
         "lowest_confidence": lowest_confidence(preds, lowest_n),
         "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
-                    "report": str(out_root / "runs" / run_id / REPORT_FILE)},
+                    "report": str(report_file) if report_file.is_file() else None},
     }
+
+
+def rerun_command(run_id: str, out_root: str | Path) -> str:
+    """The command that finishes a run: ``imgscore rerun RUN --set output.root=OUT``."""
+    return f"imgscore rerun {run_id} --set output.root={out_root}"
+
+
+def known_bad_line(report: dict) -> str | None:
+    """One line on the images carried by the failure ledger, or None when there are none."""
+    kb = report.get("known_bad")
+    if not kb:
+        return None
+    kinds = ", ".join(f"{k} {v}" for k, v in list(kb["by_error_type"].items())[:3])
+    return (f"{kb['count']} image(s) failed before with the same bytes and were not retried ({kinds}; "
+            f"run.retry_failed=true retries them): {kb['file']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,6 +488,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .sub{color:#5b6475;margin:0 0 16px}.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px;color:#fff}
 .st-complete{background:#2e8b57}.st-partial{background:#d98e04}.st-failed{background:#c0392b}.st-running{background:#6b7280}
+.st-interrupted{background:#7c5cbf}.st-crashed{background:#c0392b}.st-abandoned{background:#8a5a2b}
+.ending{border-left:4px solid #c0392b;background:#fbf2f1;padding:6px 12px;margin:10px 0}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #dde2ea;border-radius:8px;padding:8px 14px;min-width:110px}
 .card b{display:block;font-size:20px}.card span{color:#5b6475;font-size:12px}
 table{border-collapse:collapse;margin:6px 0}td,th{border-bottom:1px solid #e6e9ef;padding:3px 10px;text-align:left;vertical-align:top}
@@ -467,8 +504,17 @@ th{background:#f4f6f9;font-weight:600}td.n{text-align:right;font-variant-numeric
 
 
 def per_class_lookup(acc: dict | None):
-    """name → the confusion's per-class dict (support, recall), names compared in NFC."""
-    by = {nfc(p["name"]): p for p in (acc or {}).get("per_class", [])}
+    """model class name → the confusion's per-class dict (support, recall) of the folder class it
+    is paired with, names compared in NFC. Matched by index, folder class i is paired with model
+    class i (the confusion's diagonal column), whatever either is called; matched by name (or not
+    at all) the names are the same."""
+    acc = acc or {}
+    per_class = acc.get("per_class", [])
+    if acc.get("matched_by") == "index":
+        cols = acc.get("columns") or []
+        by = {nfc(cols[i]): p for i, p in enumerate(per_class) if i < len(cols) and not cols[i].startswith("(none for ")}
+    else:
+        by = {nfc(p["name"]): p for p in per_class}
     return lambda name: by.get(nfc(name))
 
 
@@ -519,6 +565,22 @@ def _table(headers: list[str] | None, rows: list[list], numeric: set[int] = froz
     return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
+def ending_lines(report: dict) -> list[str]:
+    """Why a run did not complete and how to finish it: ``reason`` and the ``imgscore rerun``
+    command, for every status but ``complete`` (empty then)."""
+    lines = []
+    if report.get("reason"):
+        lines.append(f"{report['status']}: {report['reason']}")
+    if report.get("rerun") and report.get("status") in ("interrupted", "crashed", ABANDONED, "running", "failed", "partial"):
+        lines.append(f"finish it with `{report['rerun']}`")
+    return lines
+
+
+def _ending_html(report: dict) -> list[str]:
+    lines = ending_lines(report)
+    return [f'<div class="ending">{"<br>".join(_e(x) for x in lines)}</div>'] if lines else []
+
+
 def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] | None = None) -> str:
     """The report as one self-contained HTML page (inline CSS, plots and thumbnails as data URIs).
 
@@ -532,7 +594,7 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
     t = r["timing"]
     acc = r["accuracy"]
     cards = [("scanned", c["scanned"]), ("scored", c["scored"]), ("failed", c["failed"]), ("skipped", c["skipped"]),
-             ("already scored", c["already_scored"]), ("images/s", _fmt(t.get("images_per_s"), 1)), ("wall s", _fmt(t.get("wall_s"), 1))]
+             ("already scored", c["already_scored"]), ("already failed", c.get("already_failed", 0)), ("images/s", _fmt(t.get("images_per_s"), 1)), ("wall s", _fmt(t.get("wall_s"), 1))]
     if acc:
         cards.append(("accuracy", NA if acc["accuracy"] is None else _fmt(acc["accuracy"], 4)))
     parts = [
@@ -544,6 +606,7 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
         f"<p class=\"sub\">{_e(r['input']['root'])} ({_e(r['input']['layout'])}) · {_e(r['model']['arch'])} "
         f"<span class=\"mono\">{_e((r['model']['model_id'] or '')[:12])}</span> · started {_e(r.get('created_at'))} · "
         f"report generated {_e(r.get('generated_at'))}</p>",
+        *_ending_html(r),
         '<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards) + "</div>",
         "<h2>Run</h2>",
         _table(None, [
@@ -556,6 +619,7 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
             ["predictions", f"<span class=\"mono\">{_e(r['outputs'].get('predictions'))}</span>"],
             ["errors", f"<span class=\"mono\">{_e(r['outputs'].get('errors'))}</span>"],
             ["manifest", f"<span class=\"mono\">{_e(r['outputs'].get('manifest'))}</span>"],
+            *([["known bad", _e(known_bad_line(r))]] if r.get("known_bad") else []),
         ]),
     ]
     drawn = [_plot_or_reason(plot_class_distribution, r["classes"]), _plot_or_reason(plot_confidence_histogram, r["scores"]),
@@ -657,7 +721,7 @@ def summary_row(report: dict) -> list[dict]:
     return [{
         "run_id": report["run_id"],
         "status": report["status"],
-        **{k: c[k] for k in ("scanned", "scored", "failed", "skipped", "already_scored")},
+        **{k: c.get(k, 0) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed")},
         "error_rate": report["error_rate"],
         "images_per_s": report["timing"].get("images_per_s"),
         "wall_s": report["timing"].get("wall_s"),
@@ -679,12 +743,15 @@ def markdown_summary(report: dict, report_path: str | Path | None) -> str:
     lines = [
         f"# imgscore run `{r['run_id']}`: {r['status']}",
         "",
-        f"**{c['scored']}** scored · **{c['failed']}** failed · {c['skipped']} skipped · {c['already_scored']} already scored "
+        f"**{c['scored']}** scored · **{c['failed']}** failed · {c['skipped']} skipped · {c['already_scored']} already scored · "
+        f"{c.get('already_failed', 0)} already failed "
         f"of {c['scanned']} scanned · {_fmt(r['timing'].get('images_per_s'), 1)} images/s · {_fmt(r['timing'].get('wall_s'), 1)} s "
         f"on {', '.join(r['devices']) or '–'}",
         "",
         f"Model `{r['model']['arch']}` `{(r['model']['model_id'] or '')[:12]}` · input `{r['input']['root']}`",
         "",
+        *(f"{_md(x)}\n" for x in ending_lines(r)),
+        *([f"Known bad: {_md(known_bad_line(r))}", ""] if r.get("known_bad") else []),
     ]
     if acc and acc["accuracy"] is None:
         lines += [f"Accuracy **{NA}**: {_md(acc['reason'])} ({acc['labelled']} labelled)", ""]

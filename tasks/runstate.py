@@ -36,14 +36,21 @@ from typing import Any, Literal, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from imgscore.tasks import lock as run_lock
 from imgscore.tasks.containment import UnsafePathError, create_new, inside
-from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic
+from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic, writing
 
-# The one place run and shard statuses are named. Later statuses (a run ``interrupted`` or
-# ``crashed``, and ``abandoned`` for a ``running`` run whose lock owner is gone) are added here.
-RunStatus = Literal["planned", "running", "complete", "partial", "failed"]
+# The one place run and shard statuses are named. A run is ``running`` while its writer holds the
+# lock; it ends ``complete``, ``partial`` (some images failed, within the error budget), ``failed``
+# (over the budget, or a shard could not run), ``interrupted`` (SIGINT/SIGTERM, written on the way
+# out) or ``crashed`` (an unexpected error, its one-line ``reason`` recorded). ``abandoned`` is never
+# written: it is what readers report for a ``running`` run whose lock owner is gone (kill -9, OOM,
+# reboot) — :func:`observed_status`.
+RunStatus = Literal["planned", "running", "complete", "partial", "failed", "interrupted", "crashed"]
 ShardState = Literal["pending", "running", "complete", "partial", "failed"]
 RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
+ENDED_ABNORMALLY: tuple[str, ...] = ("interrupted", "crashed")
+ABANDONED = "abandoned"
 SHARD_STATES: tuple[str, ...] = get_args(ShardState)
 FINISHED: tuple[str, ...] = ("complete", "partial", "failed")  # shard states that end an attempt
 
@@ -157,6 +164,7 @@ class Counts(_Model):
     failed: int = 0
     skipped: int = 0  # files the scan listed but could not score (unsupported formats, …)
     already_scored: int = 0  # left out by run.skip_scored
+    already_failed: int = 0  # left out by the failure ledger: failed before with the same bytes
     pending: int = 0
 
 
@@ -181,6 +189,7 @@ class Manifest(_Model):
     run_date: str | None = None
     flow_run_id: str | None = None
     status: RunStatus = "running"
+    reason: str | None = None  # interrupted / crashed: why, in one line
     created_at: str | None = None
     updated_at: str | None = None
     input: dict[str, Any] = Field(default_factory=dict)  # root, layout, classes
@@ -289,9 +298,14 @@ class ShardLedger:
 
     def append(self, result: ShardResult) -> None:
         """Append one result as a line; O(1). Flushed to the OS, not fsynced: a killed process
-        loses nothing, and after a machine crash the commit records (fsynced) are adopted."""
+        loses nothing, and after a machine crash the commit records (fsynced) are adopted.
+
+        Raises:
+            OutputWriteError: the segment cannot be written (disk full, …); a torn last line is
+                skipped by readers, and the commit record it repeats is adopted by a rerun.
+        """
         line = (result.to_json() + "\n").encode()
-        with self._lock:
+        with self._lock, writing(_segment_path(self.run_dir, self.segment)):
             if self._file is None:
                 path = _segment_path(self.run_dir, self.segment)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +371,14 @@ def load_manifest(run_dir: str | Path) -> Manifest:
             m.ledger = {**m.ledger, "replayed": True}
         return m
     return _read_summary(run_dir)
+
+
+def observed_status(status: str, run_dir: str | Path) -> str:
+    """The status a reader reports: ``abandoned`` for a ``running`` (or ``planned``) run whose
+    lock owner is gone (kill -9, OOM, reboot: nothing could write the ending), else ``status``."""
+    if status in ("running", "planned") and not run_lock.is_locked(run_dir):
+        return ABANDONED
+    return status
 
 
 def read_manifest(path: str | Path) -> dict:

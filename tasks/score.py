@@ -130,6 +130,7 @@ class RowContext:
     """What every row of one shard attempt shares."""
 
     run_id: str
+    input_root: str  # the run's input.root (absolute), on every row
     shard_id: int
     attempt: int
     model_id: str
@@ -150,6 +151,7 @@ def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indice
     size, mtime = file_stat if file_stat is not None else (entry.size, entry.mtime_ns)
     return {
         "run_id": ctx.run_id,
+        "input_root": ctx.input_root,
         "image_path": entry.image_path,
         "label": entry.label,
         "label_name": entry.label_name,
@@ -169,14 +171,18 @@ def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indice
     }
 
 
-def error_row(ctx: RowContext, image_path: str | None, batch_id: int | None, stage: str, error_type: str, message: str,
+def error_row(ctx: RowContext, entry: ImageEntry | None, batch_id: int | None, stage: str, error_type: str, message: str,
               occurred_at: datetime | None = None) -> dict:
-    """One errors row (``ERRORS_SCHEMA``): ``image_path`` None for a whole-batch failure,
+    """One errors row (``ERRORS_SCHEMA``) for ``entry``'s image — None for a whole-batch failure
+    (``image_path`` null) — with the file's size (bytes) and mtime (ns) as scanned, the key the
+    failure ledger matches later nights against (:mod:`imgscore.tasks.incremental`).
     ``batch_id`` None outside any batch; ``stage`` one of scan, decode, preprocess, inference."""
+    image_path = entry.image_path if entry is not None else None
     log.debug("shard %d batch %s: %s failed at %s: %s: %s", ctx.shard_id, batch_id, image_path, stage, error_type,
               message.splitlines()[0] if message else "")
     return {
         "run_id": ctx.run_id,
+        "input_root": ctx.input_root,
         "image_path": image_path,
         "shard_id": ctx.shard_id,
         "batch_id": batch_id,
@@ -186,6 +192,8 @@ def error_row(ctx: RowContext, image_path: str | None, batch_id: int | None, sta
         "attempt": ctx.attempt,
         "occurred_at": occurred_at or datetime.now(UTC),
         "worker": ctx.worker,
+        "file_size": entry.size if entry is not None else None,
+        "file_mtime_ns": entry.mtime_ns if entry is not None else None,
     }
 
 
@@ -358,7 +366,7 @@ def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: S
                 rows.setup_s = time.perf_counter()  # made relative to the shard's start by score_entries
             rows.warnings.update(batch.warnings)
             for f in batch.failures:
-                rows.errors.append(error_row(ctx, entries[f.pos].image_path, batch_id, f.stage, f.error_type, f.message))
+                rows.errors.append(error_row(ctx, entries[f.pos], batch_id, f.stage, f.error_type, f.message))
             if batch.tensor is None:
                 continue
             mf = torch.channels_last if (fn.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
@@ -366,7 +374,7 @@ def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: S
             n_before = len(iso.failures)
             scored = score_isolated(fn, x, batch.positions, iso)
             for pos, etype, msg in iso.failures[n_before:]:
-                rows.errors.append(error_row(ctx, entries[pos].image_path, batch_id, "inference", etype, msg))
+                rows.errors.append(error_row(ctx, entries[pos], batch_id, "inference", etype, msg))
             if not scored:
                 continue
             probs = torch.stack([p for _, p in scored])
@@ -435,7 +443,7 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
 
 def row_context(ref: ShardRef, scorer: Scorer, attempt: int, topk: int) -> RowContext:
     lm = scorer.lm
-    return RowContext(ref.run_id, ref.shard_id, attempt, lm.model_id, list(lm.classes), str(scorer.device), scorer.worker,
+    return RowContext(ref.run_id, ref.input_root, ref.shard_id, attempt, lm.model_id, list(lm.classes), str(scorer.device), scorer.worker,
                       min(topk, lm.num_classes))
 
 
@@ -472,9 +480,9 @@ def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: str 
     """A shard that could not run after its retries: one errors row per image (stage
     ``inference``, type ``ShardFailed``, the reason as message), an empty predictions part, and
     state ``failed`` with the reason."""
-    ctx = RowContext(ref.run_id, ref.shard_id, attempts, model_info.get("model_id") or "", [], "", None, 1)
+    ctx = RowContext(ref.run_id, ref.input_root, ref.shard_id, attempts, model_info.get("model_id") or "", [], "", None, 1)
     now = datetime.now(UTC)
-    errors = [error_row(ctx, e.image_path, None, "inference", "ShardFailed", reason[:2000], now) for e in entries]
+    errors = [error_row(ctx, e, None, "inference", "ShardFailed", reason[:2000], now) for e in entries]
     meta = file_metadata(model_info, ref.run_id, metadata)
     return commit_shard(ref, out_root, make_table([], PREDICTIONS_SCHEMA, meta), make_table(errors, ERRORS_SCHEMA, meta),
                         ShardResult(shard_id=ref.shard_id, state="failed", images=len(entries), fingerprint=ref.fingerprint,

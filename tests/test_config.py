@@ -71,3 +71,36 @@ def test_shipped_configs_validate():
     nightly = load_config("configs/nightly.yaml")
     assert demo.model.arch == "resnet18" and demo.preprocess.crop == 64
     assert nightly.run.skip_scored is True
+
+
+def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
+    """`imgscore config` is generated from the models: every field of every section, with its
+    default and a description; the README's key table names every key too (alone, or in a row of
+    its section such as `preprocess.resize`, `crop`, …)."""
+    import re
+    from pathlib import Path
+
+    from imgscore.flows.cli import main as cli_main
+    from imgscore.tasks.config import Config, config_reference
+
+    rows = config_reference()
+    keys = [r["key"] for r in rows]
+    assert keys == [f"{sec}.{name}" for sec, f in Config.model_fields.items() for name in f.annotation.model_fields]
+    assert all(r["meaning"] for r in rows), [r["key"] for r in rows if not r["meaning"]]
+    by_key = {r["key"]: r for r in rows}
+    assert (by_key["run.min_errors"]["default"], by_key["run.retry_failed"]["default"], by_key["input.root"]["default"]) == ("5", "false", "–")
+    assert cli_main(["config"]) == 0
+    printed = capsys.readouterr().out
+    assert all(k in printed for k in keys)
+    assert cli_main(["config", "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.count("\n| `") == len(keys)
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Configuration", 1)[1].split("### Outputs", 1)[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    missing = []
+    for key in keys:
+        section, name = key.split(".", 1)
+        if not any(f"`{key}`" in cell or (f"`{section}." in cell and re.search(rf"`{name}`|\b{name}\b", cell)) for cell in first_cells):
+            missing.append(key)
+    assert not missing, f"README config table lacks {missing} (imgscore config --format markdown lists them)"

@@ -169,7 +169,7 @@ def test_pillow_stub_handler_contract():
 
 
 def read_rows(out: Path, table: str, run_id: str) -> list[dict]:
-    files = sorted((out / table).glob(f"run_date=*/run_id={run_id}/part-*.parquet"))
+    files = sorted((out / table).glob(f"run_date=*/{run_id}/part-*.parquet"))
     return pads.dataset([str(f) for f in files], format="parquet").to_table().to_pylist() if files else []
 
 

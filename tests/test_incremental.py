@@ -33,7 +33,7 @@ def nightly(root: Path, ckpt: Path, out: Path, **extra) -> dict:
 
 
 def run_rows(out: Path, run_id: str) -> list[str]:
-    d = list((out / "predictions").glob(f"run_date=*/run_id={run_id}"))
+    d = list((out / "predictions").glob(f"run_date=*/{run_id}"))
     return ds.dataset(d[0], format="parquet").to_table(columns=["image_path"])["image_path"].to_pylist() if d else []
 
 
@@ -131,7 +131,7 @@ def test_corrupt_prior_part_counts_as_not_scored(photos, tmp_path):
     _fake_prior_run(out, root, idx, MODEL, run_id="r0")
     _fake_prior_run(out, root, scan_images(root), MODEL, run_id="r1", failed={"n_000.jpg", "n_001.jpg"})
     assert split_already_scored(scan_images(root), out, MODEL).already_scored == 4
-    p = next((out / "predictions").glob("run_date=*/run_id=r0/part-00000.parquet"))
+    p = next((out / "predictions").glob("run_date=*/r0/part-00000.parquet"))
     p.write_bytes(p.read_bytes()[:100])  # r0 truncated: only r1's two rows count
     r = split_already_scored(scan_images(root), out, MODEL)
     assert r.already_scored == 2 and sorted(e.image_path for e in r.index.entries) == ["n_000.jpg", "n_001.jpg"]
@@ -141,8 +141,8 @@ def test_abandoned_temp_files_are_cleaned_but_live_runs_left_alone(tmp_path):
     from imgscore.tasks import lock
 
     out = tmp_path / "out"
-    dead = out / "predictions" / "run_date=2026-01-01" / "run_id=dead"
-    live = out / "predictions" / "run_date=2026-01-01" / "run_id=live"
+    dead = out / "predictions" / "run_date=2026-01-01" / "dead"
+    live = out / "predictions" / "run_date=2026-01-01" / "live"
     for d in (dead, live, out / "runs" / "dead", out / "runs" / "live"):
         d.mkdir(parents=True)
     (dead / ".part-00000.parquet.123.tmp").write_bytes(b"x")

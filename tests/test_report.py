@@ -118,7 +118,7 @@ def fake_run(tmp_path, fake_images) -> Path:
 
 def test_build_report_numbers(fake_run):
     r = rp.build_report(fake_run, RUN)
-    assert r["counts"] == {"scanned": 9, "scored": 6, "failed": 3, "skipped": 1, "already_scored": 4, "pending": 0}
+    assert r["counts"] == {"scanned": 9, "scored": 6, "failed": 3, "skipped": 1, "already_scored": 4, "already_failed": 0, "pending": 0}
     assert r["error_rate"] == pytest.approx(3 / 9, abs=1e-6)
     assert r["rows"] == {"predictions": 6, "errors": 3}
     assert r["timing"]["wall_s"] == 3.0 and r["timing"]["images_per_s"] == 2.0
@@ -366,6 +366,63 @@ def test_cli_report_table_json_html(fake_run, capsys):
     assert cli_main(["report", RUN, "--format", "html", "--set", f"output.root={fake_run}"]) == 0
     printed = capsys.readouterr().out.strip()
     assert Path(printed) == fake_run / "runs" / RUN / "report.html" and Path(printed).stat().st_size > 10_000
+
+
+def test_per_class_cells_have_numbers_when_classes_match_by_index(tmp_path, capsys):
+    """Model classes "0", "1", "2" and folder classes cat, dog, fox pair by index: the per-class
+    table's "in folder" and "recall" cells show folder class i's numbers on model class i's row
+    (they showed "–" while the JSON had them)."""
+    out = write_fake_run(tmp_path / "out", model_classes=["0", "1", "2"])
+    acc = rp.build_report(out, RUN)["accuracy"]
+    lookup = rp.per_class_lookup(acc)
+    for i, name in enumerate(["0", "1", "2"]):
+        assert lookup(name) == acc["per_class"][i] and lookup(name)["support"] > 0
+    assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
+    table = capsys.readouterr().out
+    for i, name in enumerate(["0", "1", "2"]):
+        p = acc["per_class"][i]
+        row = next(line for line in table.splitlines() if re.match(rf"\W*{name}\s", line))
+        assert re.search(rf"\b{p['support']}\s+\W*{p['recall']:.3f}", row), row
+    md = rp.markdown_summary(rp.build_report(out, RUN), None)
+    assert "– | – |" not in md and "| 0 | " in md
+
+
+def test_report_piped_to_a_file_never_wraps_a_path(tmp_path, fake_images, capsys):
+    """Not a terminal (capsys, `> file`, `| less`): paths longer than 80 columns stay on one line."""
+    out = write_fake_run(tmp_path / ("a_long_output_folder_name_" * 6) / "out", fake_images)
+    assert cli_main(["report", RUN, "--format", "html", "--set", f"output.root={out}"]) == 0
+    capsys.readouterr()
+    assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
+    text = capsys.readouterr().out
+    path = str(out / "runs" / RUN / "report.html")
+    assert len(path) > 200 and any(path in line for line in text.splitlines())
+
+
+def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(tmp_path, fake_images, capsys):
+    """A manifest left ``running`` with no live lock owner (kill -9, OOM, reboot) reads as
+    ``abandoned`` with the rerun command; images carried by the failure ledger are counted with
+    the file that lists them, in every rendering."""
+    out = write_fake_run(tmp_path / "out", fake_images)
+    mpath = out / "runs" / RUN / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["status"] = "running"
+    m["counts"]["already_failed"] = 2
+    m["incremental"] = {"skip_scored": True, "carried": {"file": "already_failed.parquet", "by_error_type": {"DecodeError.corrupt": 2},
+                                                         "by_run": {"r0": 2}}}
+    mpath.write_text(json.dumps(m))
+    (out / "runs" / RUN / ".lock").write_text(json.dumps({"pid": 999_999_999, "host": "gone", "started_s": 0}))  # owner gone
+    r = rp.build_report(out, RUN)
+    assert r["status"] == "abandoned" and r["rerun"] == f"imgscore rerun {RUN} --set output.root={out}"
+    assert r["known_bad"] == {"count": 2, "file": str(out / "runs" / RUN / "already_failed.parquet"),
+                              "by_error_type": {"DecodeError.corrupt": 2}, "by_run": {"r0": 2}}
+    assert r["outputs"]["report"] is None  # never written
+    assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "abandoned" in text and r["rerun"] in text and re.search(r"already_failed\s+2", text)
+    assert "2 image(s) failed before with the same bytes" in text and "already_failed.parquet" in text
+    page = rp.render_html(r)
+    assert "st-abandoned" in page and "2 image(s) failed before" in page
+    assert "already failed" in rp.markdown_summary(r, None) and "Known bad" in rp.markdown_summary(r, None)
 
 
 def test_cli_report_unknown_run_exits_2(fake_run, capsys):
