@@ -21,7 +21,12 @@ def print_report(report: dict, console) -> None:
     """
     from rich.table import Table
 
-    from imgscore.tasks.report import normalization_note, per_class_lookup
+    from imgscore.tasks.report import (
+        ending_lines,
+        known_bad_line,
+        normalization_note,
+        per_class_lookup,
+    )
 
     r = report
     c = r["counts"]
@@ -32,7 +37,9 @@ def print_report(report: dict, console) -> None:
     head.add_column(overflow="fold")
     rows = [
         ("status", r["status"]),
-        *((k, c[k]) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "pending")),
+        *(("", line) for line in ending_lines(r)),
+        *((k, c[k]) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")),
+        *((("known_bad", known_bad_line(r)),) if r.get("known_bad") else ()),
         ("error_rate", f"{r['error_rate']:.4%}"),
         ("wall_s", t.get("wall_s")),
         ("images_per_s", t.get("images_per_s")),
@@ -48,7 +55,7 @@ def print_report(report: dict, console) -> None:
         rows.append(("accuracy", f"{acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']}, matched by {acc['matched_by']})"))
         if normalization_note(acc):
             rows.append(("note", normalization_note(acc)))
-    rows.append(("report", r["outputs"].get("report")))
+    rows.append(("report", r["outputs"].get("report") or f"not written yet: imgscore report {r['run_id']} --format html writes it"))
     for k, v in rows:
         head.add_row(k, "-" if v is None else str(v))
     console.print(head)
@@ -99,8 +106,6 @@ def print_report(report: dict, console) -> None:
 
 def main(args) -> int:
     """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides)."""
-    from rich.console import Console
-
     from imgscore.tasks.config import load_config
     from imgscore.tasks.report import build_report, dumps, write_html_report
 
@@ -113,5 +118,17 @@ def main(args) -> int:
         path = write_html_report(report, out_root)
         print(path)
     else:
-        print_report(report, Console())
+        print_report(report, report_console())
     return 0
+
+
+def report_console():
+    """A rich Console for the report: the terminal's width on a terminal; piped to a file or a
+    pager, wide enough that no path or message is wrapped mid-word (rich's default is 80 columns)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPED_WIDTH)
+
+
+PIPED_WIDTH = 400  # columns when not a terminal: tables are as wide as their content, at most this

@@ -28,8 +28,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
 
-from imgscore.flows import progress
+from imgscore.flows import notify, progress
 from imgscore.flows.artifacts import RunProgressArtifact
+from imgscore.flows.ending import recorded_ending
 from imgscore.flows.runner import ConfiguredTaskRunner
 from imgscore.flows.score_images import (
     effective_config,
@@ -38,14 +39,18 @@ from imgscore.flows.score_images import (
     record_failed_shard,
     workers_on_host,
 )
+from imgscore.flows.startup import quiet_unless_verbose
+from imgscore.tasks import layout
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.config import Config
-from imgscore.tasks.errors import ErrorBudgetExceeded
+from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.tasks.index import refresh_shards
 from imgscore.tasks.plan import RunPlan, load_plan, run_dir_of, shard_refs
 from imgscore.tasks.rerun import archive_errors, rescore_shard
 from imgscore.tasks.runstate import ShardRef, ShardResult, now_iso
+
+quiet_unless_verbose()  # expected failures are one line in a deployment worker's log too
 
 
 @task(name="prepare_rerun", cache_policy=NO_CACHE, persist_result=False)
@@ -53,6 +58,7 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.Shard
     """Clean leftovers, adopt committed shards, decide the work, refresh the index (the caller
     holds the run's lock)."""
     out = Path(cfg.output.root)
+    layout.migrate_output_root(out, held_run=run_id)  # runs of earlier versions (this one included): today's layout
     plan = load_plan(run_dir_of(out, run_id))
     m = plan.manifest
     removed = run_lock.clean_run_temp_files(mf.run_folders(out, plan.run_date, run_id))
@@ -62,8 +68,8 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.Shard
         for sid, fp in refresh_shards(plan.run_dir, m.index, m.input["root"], [w.shard_id for w in work]).items():
             m.shards[sid].fingerprint = fp  # the images as they are now (a fixed file has a new size and mtime)
         plan.shards = shard_refs(m, plan.run_dir)
-    m.status = "running"
-    m.config = cfg.to_dict()
+    m.status, m.reason = "running", None
+    m.config = cfg.recorded()
     m.outputs = {t: str(mf.shard_files(out, m.run_date, run_id, 0)[i].parent) for i, t in enumerate(("predictions", "errors"))}
     m.reruns.append(
         {
@@ -101,7 +107,7 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[Sh
     logger = get_run_logger()
     shard_task = rescore_shard_task.with_options(retries=cfg.run.shard_retries, retry_delay_seconds=1)
     n_on_host = workers_on_host(cfg)
-    meta = json.dumps({"config": cfg.to_dict(), "inference": inference_metadata(plan)})
+    meta = json.dumps({"config": cfg.recorded(), "inference": inference_metadata(plan)})
     sizes = {w.shard_id: len(w.only) if w.only is not None else plan.shards[w.shard_id].stop - plan.shards[w.shard_id].start for w in work}
     artifact = RunProgressArtifact.start(  # Prefect UI: percent of this rerun's images done
         plan.manifest.to_progress(), total=sum(sizes.values()), title=f"imgscore rerun of {plan.run_id}"
@@ -117,6 +123,8 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[Sh
         ref, w, base = futures[fut]
         try:
             result = fut.result()
+        except OutputWriteError:
+            raise  # the disk (or quota, or file system) failed: every other shard would too
         except Exception as exc:  # retries exhausted
             reason = f"{type(exc).__name__}: {exc}"
             attempts = base + cfg.run.shard_retries + 1
@@ -151,7 +159,7 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
         summary.update({"rescored": rescored, "rescored_shards": [r.shard_id for r in results]})
 
     try:
-        summary = finish_run(plan, cfg.run.max_error_rate, wall_s, cfg.output.root)
+        summary = finish_run(plan, cfg.run, wall_s, cfg.output.root, scored_now=rescored)
     except ErrorBudgetExceeded as exc:
         note(exc.summary)
         raise
@@ -159,7 +167,7 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
     return summary
 
 
-@flow(name="rerun-failed", log_prints=False, task_runner=ConfiguredTaskRunner())
+@flow(name="rerun-failed", log_prints=False, task_runner=ConfiguredTaskRunner(), **notify.HOOKS)
 def rerun_failed(run_id: str, config: dict) -> dict:
     """Rescore a run's unfinished shards and failed images, committing replacement part files.
 
@@ -174,16 +182,19 @@ def rerun_failed(run_id: str, config: dict) -> dict:
         ``rescored_shards``.
 
     Raises:
-        ErrorBudgetExceeded: still over ``run.max_error_rate`` or a shard failed (flow run Failed).
+        ErrorBudgetExceeded: still over the error budget or a shard failed (flow run Failed).
+        OutputWriteError: a write under output.root failed (disk full, …): the run is ``crashed``.
         RunLockedError: another live process is writing this run.
     """
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
+    notify.remember_run(run_id, cfg.output.root)
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore rerun"):
         plan, work = prepare_rerun_task(run_id, cfg)
         cfg = effective_config(cfg, plan)  # the precision the run's start settled on (canary)
         try:
-            results = rescore_all(plan, work, cfg)
-            return finish_rerun(plan, cfg, results, time.perf_counter() - t0)
+            with recorded_ending(plan, cfg.output.root, t0):
+                results = rescore_all(plan, work, cfg)
+                return finish_rerun(plan, cfg, results, time.perf_counter() - t0)
         finally:
             plan.state.close()

@@ -8,8 +8,10 @@ ledger line, not a manifest rewrite); docs/architecture.md draws the whole run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from pathlib import Path
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -18,15 +20,18 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
 from prefect.states import Completed
 
-from imgscore.flows import progress
+from imgscore.flows import notify, progress
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
+from imgscore.flows.ending import recorded_ending
 from imgscore.flows.runner import ConfiguredTaskRunner
+from imgscore.flows.startup import quiet_unless_verbose
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.backends import start_inference
-from imgscore.tasks.config import Config
+from imgscore.tasks.config import Config, RunConfig
 from imgscore.tasks.device import configure_threads, resolve_device
-from imgscore.tasks.errors import ErrorBudgetExceeded
+from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
+from imgscore.tasks.incremental import CARRIED_FILE
 from imgscore.tasks.model import load_model
 from imgscore.tasks.plan import (
     RunPlan,
@@ -37,9 +42,11 @@ from imgscore.tasks.plan import (
     run_dir_of,
 )
 from imgscore.tasks.preprocess import DecodeOptions
-from imgscore.tasks.runstate import ShardRef, ShardResult
+from imgscore.tasks.runstate import ShardRef, ShardResult, now_iso
 from imgscore.tasks.scan import first_entries
 from imgscore.tasks.score import commit_failed_shard, read_shard_entries, score_shard
+
+quiet_unless_verbose()  # expected failures are one line in a deployment worker's log too
 
 
 def workers_on_host(cfg: Config) -> int:
@@ -108,7 +115,7 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_
     done = mf.committed(ref, cfg.output.root)
     if done is not None:
         return Completed(name="Cached", message=f"shard {ref.shard_id} committed by attempt {done.attempt}; part files checked", data=done)
-    metadata = {"config": cfg.to_dict(), "inference": json.loads(inference_json)}  # on every part file
+    metadata = {"config": cfg.recorded(), "inference": json.loads(inference_json)}  # on every part file
     result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata)
     get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
         "shard %d: %s scored, %s failed in %s s on %s by %s (%s %s, %s threads, %s DataLoader workers, batch %s)",
@@ -121,7 +128,7 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_
 def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> ShardResult:
     """A shard that could not run after its retries: one errors row per image, state ``failed``."""
     return commit_failed_shard(ref, read_shard_entries(ref), cfg.output.root, plan.manifest.model, reason, attempts,
-                               metadata={"config": cfg.to_dict(), "inference": inference_metadata(plan)})  # as score_shard's parts
+                               metadata={"config": cfg.recorded(), "inference": inference_metadata(plan)})  # as score_shard's parts
 
 
 def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
@@ -138,6 +145,8 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
         ref = futures[fut]
         try:
             result = fut.result()
+        except OutputWriteError:
+            raise  # the disk (or quota, or file system) failed: every other shard would too
         except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
@@ -149,13 +158,29 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
     return results
 
 
-def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float, out_root) -> dict:
+def over_budget(failed: int, scanned: int, budget: RunConfig) -> str | None:
+    """Why ``failed`` of ``scanned`` images this run took on is over the error budget, or None.
+
+    Over means the rate exceeds ``run.max_error_rate`` *and* at least ``run.min_errors`` images
+    failed: 1 corrupt image of 1 new is a ``partial`` night, not a failed one; 300 of 1,000 fails.
+    Images carried as ``already_scored`` or ``already_failed`` are not part of either number.
+    """
+    rate = failed / scanned if scanned else 0.0
+    if rate > budget.max_error_rate and failed >= budget.min_errors:
+        return f"error rate {rate:.2%} > run.max_error_rate {budget.max_error_rate:.2%} ({failed} failed, run.min_errors {budget.min_errors})"
+    return None
+
+
+def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored_now: int | None = None) -> dict:
     """Final counts, status and timings into the manifest; the summary the CLI prints.
     ``out_root``: the flow run's ``output.root`` (report.html goes under it, never where the
     manifest's recorded config says).
 
+    ``scored_now``: images this flow run scored (a rerun's), for ``images_per_s``; default
+    every scored image of the run.
+
     Raises:
-        ErrorBudgetExceeded: failed/scanned > ``max_error_rate`` or a shard failed; everything
+        ErrorBudgetExceeded: over the budget (:func:`over_budget`) or a shard failed; everything
             that could be scored is already written.
     """
     m = plan.manifest.recount()
@@ -165,20 +190,24 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float, out_root) ->
     score_s = sum(s.seconds or 0 for s in m.shards)
     rate = c.failed / c.scanned if c.scanned else 0.0
     failed_shards = [s.shard_id for s in m.shards if s.state == "failed"]
-    over = rate > max_error_rate or bool(failed_shards)
-    m.status = "failed" if over else ("partial" if c.failed else "complete")
+    why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else over_budget(c.failed, c.scanned, budget)
+    m.status = "failed" if why else ("partial" if c.failed else "complete")
+    m.reason = why
     used = sorted({(s.backend, s.precision) for s in m.shards if s.backend})
     m.inference["used"] = [{"backend": b, "precision": p} for b, p in used]  # per worker (auto resolves per machine)
+    scored = c.scored if scored_now is None else scored_now
     m.timings.update(
-        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3), "images_per_s": round(c.scored / wall_s, 2) if wall_s else None}
+        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3), "images_per_s": round(scored / wall_s, 2) if wall_s else None,
+         "ended_at": now_iso()}
     )
     plan.state.save()
     summary = {
         "run_id": plan.run_id,
         "status": m.status,
-        **{k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored")},
+        **{k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed")},
         "error_rate": round(rate, 6),
-        "max_error_rate": max_error_rate,
+        "max_error_rate": budget.max_error_rate,
+        "min_errors": budget.min_errors,
         "failed_shards": failed_shards,
         "warnings": sum(sum(s.warnings.values()) for s in m.shards),  # Pillow warnings, counted per shard
         "images_per_s": m.timings["images_per_s"],
@@ -186,17 +215,29 @@ def finish_run(plan: RunPlan, max_error_rate: float, wall_s: float, out_root) ->
         "devices": devices,
         "workers": workers,
         "manifest": str(plan.run_dir / "manifest.json"),
-        **m.outputs,
+        **{k: v for k, v in m.outputs.items() if Path(v).is_dir()},  # a night with nothing new writes no part files
     }
+    if c.already_failed:
+        summary["known_bad"] = str(plan.run_dir / CARRIED_FILE)
     # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
     summary["report"] = publish_run_report(out_root, plan.run_id)
-    if over:
-        why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else f"error rate {rate:.2%} > run.max_error_rate {max_error_rate:.2%}"
+    if why:
         raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary)
     return summary
 
 
-@flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner())
+def skip_scored_guard(cfg: Config, run_id: str):
+    """With ``run.skip_scored``, hold the lock of (input folder, model) for the run: a second run
+    on the same folder with the same model at the same time would plan before the first wrote
+    anything and score everything again, so it is refused (exit 2) naming the first
+    (``imgscore.tasks.lock.folder_held``). Without it, nothing is held."""
+    if not cfg.run.skip_scored or cfg.input.root is None:
+        return contextlib.nullcontext()
+    return run_lock.folder_held(cfg.output.root, cfg.input.root, cfg.model.model_dump_json() + cfg.preprocess.model_dump_json(),
+                                f"imgscore run {run_id}")
+
+
+@flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner(), **notify.HOOKS)
 def score_images(config: dict) -> dict:
     """Score every image under ``config['input']['root']`` and write Parquet part files.
 
@@ -209,18 +250,26 @@ def score_images(config: dict) -> dict:
     Returns:
         The run summary (run_id, counts, throughput, output folders).
 
+    The manifest ends ``complete``, ``partial`` or ``failed``; ``interrupted`` after SIGINT or
+    SIGTERM and ``crashed`` after anything unexpected (``imgscore.flows.ending``). The flow
+    run's state hooks send ``notify.*`` notifications (``imgscore.flows.notify``).
+
     Raises:
-        ErrorBudgetExceeded: over ``run.max_error_rate`` or a shard failed (flow run Failed).
+        ErrorBudgetExceeded: over the error budget or a shard failed (flow run Failed).
+        OutputWriteError: a write under output.root failed (disk full, …): the run is ``crashed``.
         UsageError: bad config, input root or model, or the run id is taken (nothing is scored).
-        RunLockedError: another live process is writing this run.
+        RunLockedError: another live process is writing this run, or (``run.skip_scored``)
+            scoring this folder with this model.
     """
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
     run_id = choose_run_id(cfg)
-    with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore run"):
+    notify.remember_run(run_id, cfg.output.root)
+    with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore run"), skip_scored_guard(cfg, run_id):
         plan = plan_task(cfg, run_id)
         try:
-            score_all(plan, effective_config(cfg, plan))
-            return finish_run(plan, cfg.run.max_error_rate, time.perf_counter() - t0, cfg.output.root)
+            with recorded_ending(plan, cfg.output.root, t0):
+                score_all(plan, effective_config(cfg, plan))
+                return finish_run(plan, cfg.run, time.perf_counter() - t0, cfg.output.root)
         finally:
             plan.state.close()

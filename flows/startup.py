@@ -41,6 +41,8 @@ STARTUP_TIMEOUT_S = 180.0
 ENV_DEFAULTS = {
     # offline, the temporary server's telemetry only prints "Failed to send telemetry"
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's client-side telemetry: its first-run notice on the terminal and ~/.prefect/.sdk_telemetry/
+    "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(int(STARTUP_TIMEOUT_S)),
 }
 # Our CLI prints its own progress and summary; run logs still reach the Prefect API (and the UI).
@@ -80,6 +82,16 @@ class ExpectedFailureFilter(logging.Filter):
                 record.exc_info, record.exc_text = None, None
                 record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+VERBOSE_ENV = "IMGSCORE_VERBOSE"  # set by `--verbose`; read where no session exists (a deployment's flow run)
+
+
+def quiet_unless_verbose() -> None:
+    """Install :class:`ExpectedFailureFilter` unless ``--verbose`` asked for tracebacks. Called
+    when the flow modules are imported, so a deployment's flow run (``python -m prefect.engine``
+    under a worker, no ``imgscore`` session) logs an expected failure as one line too."""
+    quiet_expected_failures(on=os.environ.get(VERBOSE_ENV) != "1")
 
 
 def quiet_expected_failures(on: bool = True) -> None:
@@ -171,6 +183,9 @@ def session(verbose: bool = False) -> Iterator[Session]:
     """The command's start-up and teardown, in order (module docstring)."""
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    was_verbose = os.environ.get(VERBOSE_ENV)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the flow modules keep their tracebacks (quiet_unless_verbose)
     if not verbose:
         for k, v in QUIET_ENV.items():
             os.environ.setdefault(k, v)
@@ -186,3 +201,7 @@ def session(verbose: bool = False) -> Iterator[Session]:
         yield s
     finally:
         s.close()
+        if was_verbose is None:
+            os.environ.pop(VERBOSE_ENV, None)
+        else:
+            os.environ[VERBOSE_ENV] = was_verbose

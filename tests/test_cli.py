@@ -157,12 +157,20 @@ def test_ctrl_c_to_the_process_group_exits_130_with_the_rerun_command(tmp_path, 
     assert "Crash detected" not in stdout + stderr and "Traceback" not in stdout + stderr
     gone, alive = psutil.wait_procs(servers, timeout=20)
     assert not alive, "temporary Prefect server outlived the interrupted run"
-    rerun = run_cli("rerun", run_dir.name, "--set", f"output.root={out}", prefect_home=tmp_path / "prefect")
-    assert rerun.returncode == 0, rerun.stderr
     import json
 
+    # the run says so (issue 13): manifest status, reason, report.html of what was done so far
     m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["status"] == "complete" and m["counts"]["scored"] == 72
+    assert m["status"] == "interrupted" and m["reason"].startswith("SIGINT")
+    assert 0 < m["counts"]["scored"] < 72 and m["counts"]["pending"] > 0
+    assert "interrupted</span>" in (run_dir / "report.html").read_text()
+    report = run_cli("report", run_dir.name, "--set", f"output.root={out}", prefect_home=tmp_path / "prefect")
+    assert report.returncode == 0 and "interrupted: SIGINT" in report.stdout
+    assert f"imgscore rerun {run_dir.name} --set output.root={out}" in report.stdout
+    rerun = run_cli("rerun", run_dir.name, "--set", f"output.root={out}", prefect_home=tmp_path / "prefect")
+    assert rerun.returncode == 0, rerun.stderr
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["counts"]["scored"] == 72 and m["reason"] is None
 
 
 @pytest.mark.slow

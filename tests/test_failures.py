@@ -209,7 +209,7 @@ def messy_folder(tmp_path_factory, photos) -> Path:
 
 
 def read_table(out: Path, table: str, run_id: str):
-    files = sorted((out / table).glob(f"run_date=*/run_id={run_id}/part-*.parquet"))
+    files = sorted((out / table).glob(f"run_date=*/{run_id}/part-*.parquet"))
     return pads.dataset([str(f) for f in files], format="parquet").to_table().to_pylist()
 
 
@@ -382,7 +382,7 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
     for p in VALID:  # other batch composition: equal up to float summation order
         assert_same_answers(by_a[p], by_b[p], atol=1e-5, what=p)
     term = capfd.readouterr()
-    assert f"imgscore: run accept-b over its error budget: error rate 24.24% > run.max_error_rate 20.00%; errors are in {out_b / 'errors'}" in term.err
+    assert f"imgscore: run accept-b over its error budget: error rate 24.24% > run.max_error_rate 20.00% (8 failed, run.min_errors 5); errors are in {out_b / 'errors'}" in term.err
     assert "warnings        2" in term.out  # the summary counts Pillow's warnings (no ResourceWarning from multi-frame files) …
     for noise in ("Tag data larger than file", "UserWarning", "DecompressionBomb"):
         assert noise not in term.out + term.err, noise  # … and the terminal shows none of them

@@ -49,12 +49,12 @@ def manifest(out: Path, run_id: str) -> dict:
 
 
 def predictions(out: Path, run_id: str):
-    d = next((out / "predictions").glob(f"run_date=*/run_id={run_id}"))
+    d = next((out / "predictions").glob(f"run_date=*/{run_id}"))
     return ds.dataset(d, format="parquet").to_table()
 
 
 def errors(out: Path, run_id: str, table: str = "errors"):
-    d = next((out / table).glob(f"run_date=*/run_id={run_id}"), None)
+    d = next((out / table).glob(f"run_date=*/{run_id}"), None)
     return None if d is None else ds.dataset(d, format="parquet").to_table()
 
 
@@ -73,7 +73,7 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     deadline = time.time() + 90
     n_parts = 0
     while time.time() < deadline and proc.poll() is None:
-        n_parts = len(list(pred_dir.glob("run_date=*/run_id=killed/part-*.parquet")))
+        n_parts = len(list(pred_dir.glob("run_date=*/killed/part-*.parquet")))
         if n_parts >= 3:
             break
         time.sleep(0.02)
@@ -85,9 +85,17 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     assert before["status"] == "running"
     assert sum(s["state"] == "complete" for s in before["shards"]) < 20
     # a temp file as a killed writer leaves it, and the dead run's lock
-    leftover = next(pred_dir.glob("run_date=*/run_id=killed")) / ".part-00019.parquet.99999.tmp"
+    leftover = next(pred_dir.glob("run_date=*/killed")) / ".part-00019.parquet.99999.tmp"
     leftover.write_bytes(b"PAR1 half a file")
     assert run_lock.read_lock(out / "runs" / "killed")["pid"] == proc.pid
+    # issue 13: nothing could write an ending, so readers report the run abandoned, with the fix
+    from imgscore.flows import notify
+    from imgscore.tasks.report import build_report
+
+    r = build_report(out, "killed")
+    assert (r["status"], r["rerun"], r["outputs"]["report"]) == ("abandoned", f"imgscore rerun killed --set output.root={out}", None)
+    assert "its process is gone" in r["reason"]
+    assert notify.run_payload(out, "killed", "Crashed", "score-images", None, None)["status"] == "abandoned"
 
     assert run_cli("rerun", "killed", "--set", f"output.root={out}", "--set", "inference.num_threads=2", "--quiet") == 0
 
@@ -207,7 +215,7 @@ def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_c
     out = tmp_path / "out"
     assert run_cli("run", *sum((["--set", s] for s in base_overrides(root, tiny_checkpoint, out)), []), "--quiet") == 0
     rid = only_run(out)
-    part = next((out / "predictions").glob(f"run_date=*/run_id={rid}")) / "part-00001.parquet"
+    part = next((out / "predictions").glob(f"run_date=*/{rid}")) / "part-00001.parquet"
     other = part.with_name("part-00000.parquet")
     other_bytes = other.read_bytes()
     good = pq.read_table(part)
@@ -234,7 +242,7 @@ def test_rerun_refuses_other_config_and_unknown_run(prefect_server, photos, tiny
     rid = only_run(out)
     capsys.readouterr()
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--set", "run.shard_size=2") == 2
-    assert "only output.root, runner.* and inference.*" in capsys.readouterr().err
+    assert "only output.root, runner.*, inference.* and notify.*" in capsys.readouterr().err
     assert run_cli("rerun", "no-such-run", "--set", f"output.root={out}") == 2
     assert "not found" in capsys.readouterr().err
     # allowed overrides, nothing to do: exit 0 and the files are unchanged
