@@ -107,7 +107,7 @@ def test_every_part_file_has_identical_schema_and_run_metadata(two_runs):
     by_run: dict[str, set[bytes]] = {}
     for p in preds + errs:
         raw = pq.read_schema(p).metadata[b"imgscore"]
-        run_id = re.search(r"run_id=([^/]+)", str(p)).group(1)
+        run_id = p.parent.name  # OUT/<table>/run_date=D/RUN_ID/part-…
         by_run.setdefault(run_id, set()).add(raw)
     assert set(by_run) == set(two_runs["runs"])
     # within a run, every file (scored, empty, failed-shard, errors) carries the same metadata
@@ -171,3 +171,143 @@ def test_readme_examples_run_and_agree_on_latest_prediction(two_runs):
             assert n is None or int(n) == 20
         if "table" in ns:
             assert ns["table"].num_rows == 20 and ns["meta"]["arch"] == "mobilenet_v3_small"
+
+
+def _run_date(out: Path, run_id: str) -> str:
+    return json.loads((out / "runs" / run_id / "manifest.json").read_text())["run_date"]
+
+
+def _open_with_every_reader(folder: Path) -> dict[str, dict[str, tuple[int, set[str]]]]:
+    """Open ``folder`` with each installed reader exactly as an analyst types it (no options
+    beyond the defaults, except DuckDB's glob and hive flag and ``dataset``'s hive partitioning);
+    return reader → run_id → (rows, run_date values as text), checking run_id is a plain string."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    def tally(run_ids, run_dates):
+        got: dict[str, tuple[int, set[str]]] = {}
+        for rid, d in zip(run_ids, run_dates, strict=True):
+            n, dates = got.get(rid, (0, set()))
+            got[rid] = (n + 1, dates | {str(d)})
+        return got
+
+    seen = {}
+    df = pd.read_parquet(folder)
+    assert not isinstance(df["run_id"].dtype, pd.CategoricalDtype)
+    seen["pandas.read_parquet"] = tally(df["run_id"], df["run_date"])
+    for name, t in (("pyarrow.parquet.read_table", pq.read_table(folder)),
+                    ("pyarrow.dataset", pads.dataset(folder, format="parquet", partitioning="hive").to_table())):
+        assert t.schema.field("run_id").type in (pa.string(), pa.large_string()), name
+        seen[name] = tally(t["run_id"].to_pylist(), t["run_date"].to_pylist())
+    try:
+        import polars as pl
+    except ImportError:
+        pl = None
+    if pl is not None:
+        for name, f in (("polars.read_parquet", pl.read_parquet(folder)), ("polars.scan_parquet", pl.scan_parquet(folder).collect())):
+            assert f.schema["run_id"] == pl.String, name
+            seen[name] = tally(f["run_id"].to_list(), f["run_date"].to_list())
+    rows = duckdb.sql(f"SELECT run_id, run_date FROM read_parquet('{folder}/**/*.parquet', hive_partitioning = true)").fetchall()
+    seen["duckdb"] = tally([r[0] for r in rows], [r[1] for r in rows])
+    return seen
+
+
+def test_each_installed_reader_opens_the_folders_untouched(two_runs):
+    """Acceptance (issue 13, part 5): pandas, pyarrow (read_table and dataset), polars and DuckDB
+    open predictions/ and errors/ of a two-run output root as they are, with run_id a string
+    column and run_date from the path; every reader sees every row of both runs. Spark follows by
+    construction: its partition discovery takes only key=value folders (run_date), and run_id is
+    a plain column in every file."""
+    out = two_runs["out"]
+    r1, r2 = two_runs["runs"]
+    d1, d2 = _run_date(out, r1), _run_date(out, r2)
+    want = {"predictions": {r1: (12, {d1}), r2: (8, {d2})}, "errors": {r1: (4, {d1}), r2: (8, {d2})}}
+    for table in ("predictions", "errors"):
+        seen = _open_with_every_reader(out / table)
+        assert {"pandas.read_parquet", "pyarrow.parquet.read_table", "pyarrow.dataset", "duckdb"} <= set(seen)
+        for reader, got in seen.items():
+            assert got == want[table], f"{reader} on {table}/"
+
+
+def test_rows_name_their_input_folder(two_runs):
+    """Acceptance (issue 13, part 4): input_root on every row of both tables, the absolute input.root."""
+    out, root = two_runs["out"], two_runs["root"]
+    for table in ("predictions", "errors"):
+        t = pq.read_table(out / table, columns=["input_root"])
+        assert t.num_rows > 0 and set(t["input_root"].to_pylist()) == {str(root)}
+
+
+def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, tiny_checkpoint, tmp_path):
+    """Acceptance (issue 13, part 4): A/x.jpg and B/x.jpg scored into one output root; every README
+    "latest prediction per image" query (DuckDB, pandas, polars) returns both images, one per
+    folder — they partition by (input_root, image_path)."""
+    out = tmp_path / "out"
+    roots = []
+    for name, photo in (("A", "chelsea"), ("B", "coffee")):
+        root = tmp_path / name
+        root.mkdir()
+        photos[photo].convert("RGB").resize((96, 96)).save(root / "x.jpg")
+        roots.append(root)
+        assert execute(build_config({}, base_overrides(root, tiny_checkpoint, out)), quiet=True)[0] == 0
+    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _readme_blocks()]
+    n_latest = 0
+    for lang, code in blocks:
+        if lang == "sql":
+            for stmt in code.split(";"):
+                if "QUALIFY" in stmt:
+                    res = duckdb.sql(stmt)
+                    cols = res.columns
+                    got = sorted((r[cols.index("input_root")], r[cols.index("image_path")]) for r in res.fetchall())
+                    assert got == [(str(roots[0]), "x.jpg"), (str(roots[1]), "x.jpg")]
+                    n_latest += 1
+        else:
+            ns: dict = {}
+            exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README examples
+            if "latest" in ns:
+                latest = ns["latest"]
+                latest = latest.to_pandas() if hasattr(latest, "to_pandas") and not hasattr(latest, "iterrows") else latest
+                assert sorted(zip(latest["input_root"], latest["image_path"], strict=True)) == [(str(roots[0]), "x.jpg"), (str(roots[1]), "x.jpg")]
+                n_latest += 1
+    assert n_latest == 3  # DuckDB, pandas, polars
+
+
+def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_untouched(two_runs, tmp_path):
+    """Output roots written before this layout (``run_date=D/run_id=RUN/``, files without
+    input_root, errors without file_size/file_mtime_ns) do not read in pandas or read_table; the
+    next imgscore run or rerun moves them (tasks/layout.py). Built here from a copy of the two
+    runs, written back in the old layout and old schema; after the move every reader gets the same
+    rows as from the original, input_root filled from each run's manifest, and the report reads."""
+    import shutil
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from imgscore.tasks import layout
+    from imgscore.tasks.report import build_report
+
+    out = tmp_path / "old"
+    shutil.copytree(two_runs["out"], out, ignore=shutil.ignore_patterns("_prefect"))
+    old_columns = {"predictions": [f.name for f in PREDICTIONS_SCHEMA if f.name != "input_root"],
+                   "errors": [f.name for f in ERRORS_SCHEMA if f.name not in ("input_root", "file_size", "file_mtime_ns")]}
+    for table, cols in old_columns.items():
+        for d in sorted((out / table).glob("run_date=*/*")):
+            legacy = d.with_name(f"run_id={d.name}")
+            legacy.mkdir()
+            for f in sorted(d.glob("part-*.parquet")):
+                t = pq.read_table(f)
+                pq.write_table(t.select(cols).replace_schema_metadata(t.schema.metadata), legacy / f.name)
+            shutil.rmtree(d)
+    with pytest.raises((pa.ArrowTypeError, pa.ArrowInvalid), match="run_id"):
+        pd.read_parquet(out / "predictions")  # why the layout changed
+
+    moved = layout.migrate_output_root(out)
+    assert sorted(moved.runs) == sorted(two_runs["runs"]) and moved.files == 16 and not moved.held
+    assert not list(out.glob("*/run_date=*/run_id=*"))
+    r1, r2 = two_runs["runs"]
+    for table in ("predictions", "errors"):
+        assert _open_with_every_reader(out / table) == _open_with_every_reader(two_runs["out"] / table)
+        assert set(pq.read_table(out / table, columns=["input_root"])["input_root"].to_pylist()) == {str(two_runs["root"])}
+    assert pq.read_table(out / "errors", columns=["file_size"])["file_size"].null_count == 12  # unknown for old rows
+    assert build_report(out, r1)["rows"] == {"predictions": 12, "errors": 4}
+    assert layout.migrate_output_root(out).runs == []  # idempotent
