@@ -211,3 +211,19 @@ def test_prefect_deploy_then_a_deployment_run_scores_on_dask(prefect_server, tmp
     assert len({r["worker"] for r in rows}) == 2  # the Dask runner that config.runner selected
     (run_date_dir,) = (tmp_path / "out" / "predictions").iterdir()
     assert run_date_dir.name == f"run_date={fr.start_time:%Y-%m-%d}"
+
+    # An expected failure (over the error budget) in a deployment run: one line in the worker's
+    # log, no traceback (issue 13) — the flow modules install the filter when a worker imports them.
+    bad = make_image_folder(tmp_path / "bad", photos, per_class=1)
+    (bad / "zzz").mkdir()
+    for i in range(6):
+        (bad / "zzz" / f"broken_{i}.jpg").write_bytes(b"not a jpeg")
+    cfg.input.root, cfg.output.root, cfg.runner.type = bad, tmp_path / "out_bad", "thread"
+    flow_run = run_deployment("score-images/nightly-scoring", parameters={"config": cfg.to_dict()}, timeout=0)
+    worker_env = {k: v for k, v in env.items() if not k.startswith("PREFECT_LOGGING_")}  # a worker's default log levels
+    run = subprocess.run([sys.executable, "-m", "prefect.engine"], cwd=tmp_path,
+                         env={**worker_env, "PREFECT__FLOW_RUN_ID": str(flow_run.id)}, capture_output=True, text=True, timeout=300)
+    logs = run.stdout + run.stderr
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run.id).state.is_failed()
+    assert "over its error budget: error rate 66.67%" in logs and "Traceback" not in logs, logs[-3000:]

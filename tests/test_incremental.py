@@ -166,3 +166,43 @@ def test_unknown_or_valid_skip_key(key, photos, tmp_path):
     assert split_already_scored(scan_images(root), tmp_path / "o", MODEL, key).already_scored == 0
     with pytest.raises(ValueError, match="stat or sha256"):
         split_already_scored(scan_images(root), tmp_path / "o", MODEL, "md5")
+
+
+@pytest.mark.slow
+def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_plans_and_scores(
+        prefect_server, photos, tiny_checkpoint, tmp_path, capsys):
+    """Two skip_scored runs at once on one folder with one model would each plan before the other
+    wrote anything and both score everything. The first holds the (folder, model) lock for its
+    whole run — here held by another live process exactly as the flow takes it — so the second
+    exits 2 naming it and writes no run; another folder, or the same folder once the holder is
+    gone, runs."""
+    import subprocess
+    import sys
+
+    from imgscore.tasks.config import build_config
+
+    root = folder(tmp_path / "images", photos, range(6))
+    other_root = folder(tmp_path / "other", photos, range(3))
+    out = tmp_path / "out"
+    sets = base_overrides(root, tiny_checkpoint, out, **{"run.skip_scored": "true"})
+    cfg = build_config({}, sets)
+    holder = (
+        "import sys, time; from imgscore.tasks import lock; "
+        f"cm = lock.folder_held({str(out)!r}, {str(root)!r}, sys.argv[1], 'imgscore run first-night'); cm.__enter__(); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    identity = cfg.model.model_dump_json() + cfg.preprocess.model_dump_json()
+    other = subprocess.Popen([sys.executable, "-c", holder, identity], stdout=subprocess.PIPE)
+    try:
+        assert other.stdout.readline().strip() == b"held"
+        capsys.readouterr()
+        assert cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{root} is being scored with this model by imgscore run first-night (pid {other.pid}" in err
+        assert "concurrency_limit: 1" in err
+        assert not list((out / "runs").glob("*/manifest.json")) if (out / "runs").exists() else True
+        assert nightly(other_root, tiny_checkpoint, out)["counts"]["scored"] == 3  # another folder is not held
+    finally:
+        other.kill()
+        other.wait()
+    assert nightly(root, tiny_checkpoint, out)["counts"]["scored"] == 6  # the holder is gone: stale, taken over

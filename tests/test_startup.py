@@ -101,3 +101,34 @@ def test_both_flows_choose_their_runner_from_their_config(module):
     name = {"imgscore.flows.score_images": "score_images", "imgscore.flows.rerun": "rerun_failed"}[module]
     flow = load_flow_from_entrypoint(f"{module}:{name}")
     assert isinstance(flow.task_runner, ConfiguredTaskRunner)
+
+
+@pytest.mark.parametrize("through_the_cli", [False, True])
+def test_the_cli_sets_prefects_telemetry_default_itself(tmp_path, through_the_cli):
+    """On a terminal, importing Prefect prints its anonymous-usage notice and creates
+    PREFECT_HOME/.sdk_telemetry/ (shown here without imgscore's session, as the control); inside
+    the session (every imgscore command) DO_NOT_TRACK=1 is the default and neither happens."""
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "CI", "GITHUB_ACTIONS")}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    body = "import prefect"
+    if through_the_cli:
+        body = "from imgscore.flows import startup\nwith startup.session(verbose=False):\n    import prefect"
+    primary, secondary = pty.openpty()
+    proc = subprocess.run([sys.executable, "-c", body], env=env, stdout=secondary, stderr=secondary, timeout=120)
+    os.close(secondary)
+    printed = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        printed += chunk
+    os.close(primary)
+    assert proc.returncode == 0, printed
+    made = (tmp_path / "home" / ".sdk_telemetry").exists()
+    noticed = b"anonymous usage data" in printed
+    assert (made, noticed) == ((False, False) if through_the_cli else (True, True))
