@@ -53,6 +53,7 @@ def build(out: Path, root: Path, rows: int, runs: int, shard_size: int) -> list[
             t = pa.table(
                 {
                     "run_id": pa.array([run_id] * n),
+                    "input_root": pa.array([str(root)] * n),
                     "image_path": pa.array([e.image_path for e in part]),
                     "label": pa.array([e.label for e in part], pa.int32()),
                     "label_name": pa.array([e.label_name for e in part]),

@@ -7,7 +7,7 @@ the same steps as a first run (:func:`imgscore.tasks.score.score_entries`), give
 directly, and the shard is committed into the run's real part files:
 
 1. the shard's current errors part, if it has rows, is copied to the errors history,
-   ``OUT/errors_history/run_date=…/run_id=…/part-SSSSS-attempt-NNN.parquet`` (same schema, the
+   ``OUT/errors_history/run_date=…/RUN_ID/part-SSSSS-attempt-NNN.parquet`` (same schema, the
    rows keep their ``attempt``), so earlier attempts stay visible but are never counted twice;
 2. the predictions part is replaced: for a partial shard, its kept rows (images that were scored
    before) plus the new rows, in index order — those kept rows are byte-for-byte the old values;
