@@ -208,9 +208,10 @@ def test_rerun_publishes_and_updates_its_own_progress_artifact(prefect_server, p
     assert float(Artifact.get("score-images-progress").data) == 100.0 and Artifact.get("score-images-progress").id == first_progress.id
 
 
-def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_checkpoint, tmp_path):
+def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_checkpoint, tmp_path, capsys):
     """The rewritten part holds the same images with the same answers: compared as probabilities
-    within 1e-5 (a rerun may batch differently: rounding apart), near-ties may swap."""
+    within 1e-5 (a rerun may batch differently: rounding apart), near-ties may swap. The rerun's
+    images_per_s is its own 5 images over its own wall time (not all 10 of the run)."""
     root = flat_folder(tmp_path / "images", photos, 10, size=48)
     out = tmp_path / "out"
     assert run_cli("run", *sum((["--set", s] for s in base_overrides(root, tiny_checkpoint, out)), []), "--quiet") == 0
@@ -223,7 +224,10 @@ def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_c
     with pytest.raises(Exception, match="(?i)magic|footer|parquet"):
         pq.read_table(part)
 
+    capsys.readouterr()
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
+    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.startswith(("images_per_s ", "wall_s ")))
+    assert abs(float(printed["images_per_s"]) * float(printed["wall_s"]) - 5) < 0.1
     fixed = pq.read_table(part)
     assert sorted(fixed["image_path"].to_pylist()) == sorted(good["image_path"].to_pylist())
     for a, b in zip(good.to_pylist(), fixed.to_pylist(), strict=True):  # same model, same images
