@@ -290,11 +290,12 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def recorded(self) -> dict[str, Any]:
-        """:meth:`to_dict` as manifests and part files record it: ``notify.webhook_url`` (a URL
-        often holds a token) is left out."""
+        """:meth:`to_dict` as manifests and part files record it: ``notify`` at its defaults. The
+        webhook URL often holds a token, and a rerun (whose config is read back from the output
+        root, which others may write) must not send the run's summary where a manifest says: it
+        notifies only as its own command says."""
         d = self.to_dict()
-        if d["notify"].get("webhook_url"):
-            d["notify"]["webhook_url"] = None
+        d["notify"] = NotifyConfig().model_dump(mode="json")
         return d
 
 
@@ -478,7 +479,7 @@ def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str])
     again). The recorded config comes from the run's manifest: a non-default value of a
     :data:`CONFIRM_ON_RERUN` key (``model.factory``, ``model.trust_checkpoint``,
     ``runner.address``, ``inference.cache_dir``) is used only when ``--set`` or ``--config``
-    gives it too. ``notify.webhook_url`` is never recorded: pass it again to be notified.
+    gives it too. ``notify.*`` is never recorded: pass it again to be notified of the rerun.
 
     Raises:
         ConfigError: a forbidden override (named, with the recorded value), an unconfirmed

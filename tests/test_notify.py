@@ -130,6 +130,8 @@ def test_notify_config_refuses_non_http_urls_and_keeps_the_url_out_of_records():
     cfg = build_config({}, ["notify.webhook_url=https://hooks.example/T0/secret"])
     assert cfg.to_dict()["notify"]["webhook_url"] == "https://hooks.example/T0/secret"  # the flow's parameter
     assert cfg.recorded()["notify"]["webhook_url"] is None
+    blocked = build_config({}, ["notify.block=slack-webhook/nightly", "notify.on_success=true"])
+    assert blocked.recorded()["notify"] == NotifyConfig().model_dump(mode="json")  # a rerun notifies only as its command says
 
 
 def test_payload_of_a_run_that_never_planned_still_names_the_state(tmp_path):

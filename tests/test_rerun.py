@@ -226,8 +226,9 @@ def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_c
 
     capsys.readouterr()
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
-    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.startswith(("images_per_s ", "wall_s ")))
-    assert abs(float(printed["images_per_s"]) * float(printed["wall_s"]) - 5) < 0.1
+    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.startswith("images_per_s "))
+    wall_s = manifest(out, rid)["reruns"][0]["wall_s"]  # the rerun's own, seconds to the ms
+    assert abs(float(printed["images_per_s"]) * wall_s - 5) < 0.05
     fixed = pq.read_table(part)
     assert sorted(fixed["image_path"].to_pylist()) == sorted(good["image_path"].to_pylist())
     for a, b in zip(good.to_pylist(), fixed.to_pylist(), strict=True):  # same model, same images

@@ -98,7 +98,7 @@ def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_se
         results.mkdir(parents=True, exist_ok=True)
         for name in {*_legacy_cache_keys(m), *(p.name for p in results.iterdir())}:
             (results / name).write_bytes(_pickle_record(marker, results / name))
-        next((out / "predictions").glob("run_date=*/run_id=planted/part-00002.parquet")).unlink()
+        next((out / "predictions").glob("run_date=*/planted/part-00002.parquet")).unlink()
         return real_resume(*a, **kw)
 
     monkeypatch.setattr(si, "score_shard", flaky)
@@ -152,7 +152,7 @@ def _tamper(out: Path, rid: str, outside: Path, how: str) -> str:
     run_dir = out / "runs" / rid
     mpath = run_dir / "manifest.json"
     m = json.loads(mpath.read_text())
-    part_dir = next((out / "predictions").glob(f"run_date=*/run_id={rid}"))
+    part_dir = next((out / "predictions").glob(f"run_date=*/{rid}"))
     if how == "files-relative":
         m["shards"][1]["files"] = ["../../outside/sentinel.txt", m["shards"][1]["files"][1]]
         entry = "shards[1].files[0]"
@@ -209,16 +209,16 @@ def test_rerun_refuses_run_state_that_leaves_the_output_root(finished_run, tmp_p
 def test_a_copied_output_root_still_reruns(finished_run, tmp_path):
     """Recorded part-file paths are absolute paths under the root where the run was written. An
     output root copied elsewhere keeps them; they name the shard's own part files (same
-    ``predictions/run_date=…/run_id=…/part-….parquet`` tail), so the rerun accepts them and works
+    ``predictions/run_date=…/RUN/part-….parquet`` tail), so the rerun accepts them and works
     on the copy only — the original run is untouched."""
     _, src, rid = finished_run
     out = tmp_path / "moved"
     shutil.copytree(src, out)
-    original = _stat(next((src / "errors").glob(f"run_date=*/run_id={rid}")))
+    original = _stat(next((src / "errors").glob(f"run_date=*/{rid}")))
     assert str(src) in manifest(out, rid)["shards"][0]["files"][0]
     assert cli_main(["rerun", rid, "--set", f"output.root={out}", "--quiet"]) == 0  # the truncated JPEG still fails, within budget
-    assert _stat(next((src / "errors").glob(f"run_date=*/run_id={rid}"))) == original
-    assert list((out / "errors_history").glob(f"run_date=*/run_id={rid}/part-00001-attempt-001.parquet"))
+    assert _stat(next((src / "errors").glob(f"run_date=*/{rid}"))) == original
+    assert list((out / "errors_history").glob(f"run_date=*/{rid}/part-00001-attempt-001.parquet"))
 
 
 def test_rerun_refuses_a_run_id_that_is_not_a_folder_name(finished_run, capsys):
@@ -240,7 +240,7 @@ def test_cleanup_removes_a_planted_tmp_symlink_not_its_target(finished_run, tmp_
     out = tmp_path / "out"
     shutil.copytree(src, out)
     outside, before = _outside(tmp_path)
-    link = next((out / "predictions").glob(f"run_date=*/run_id={rid}")) / ".part-00003.parquet.4242.tmp"
+    link = next((out / "predictions").glob(f"run_date=*/{rid}")) / ".part-00003.parquet.4242.tmp"
     link.symlink_to(outside / "sentinel.txt")
     cli_main(["rerun", rid, "--set", f"output.root={out}", "--quiet"])
     assert not link.is_symlink() and not link.exists()
@@ -261,7 +261,7 @@ def test_abandoned_cleanup_does_not_enter_a_symlinked_folder(tmp_path):
     (outside / "run_id=x" / ".part-00000.parquet.1.tmp").write_bytes(b"keep")
     (out / "runs").mkdir()
     (out / "runs" / "linked").symlink_to(outside, target_is_directory=True)
-    own = out / "predictions" / "run_date=2026-01-01" / "run_id=y"
+    own = out / "predictions" / "run_date=2026-01-01" / "y"
     own.mkdir()
     (own / ".part-00000.parquet.2.tmp").symlink_to(outside / "sentinel.txt")
     assert clean_abandoned_temp_files(out) == 1
