@@ -8,6 +8,8 @@ shows each one's history night over night:
 
 - ``<flow>-summary``: table artifact, one row of counts for the run;
 - ``<flow>-report``: markdown artifact, per-class table, error summary, the report's path;
+- ``<flow>-drift``: table artifact, the run against recent nights (PSI, largest class shift,
+  confidence, error rate, embedding distance, warnings), when there were earlier nights to compare;
 - ``<flow>-progress``: progress artifact (percent of images done), updated as shards finish;
   for ``score-images`` the run's images, for ``rerun-failed`` the images that rerun rescores.
 """
@@ -78,6 +80,11 @@ def publish_run_report(out_root: str | Path, run_id: str, flow_name: str | None 
             create_markdown_artifact(
                 rp.markdown_summary(report, path), key=rp.artifact_key(flow_name, "report"), description=f"imgscore run {run_id}"
             )
+            drift_row = rp.drift_row(report)
+            if drift_row:
+                warned = len(report["drift"]["warnings"])
+                create_table_artifact(drift_row, key=rp.artifact_key(flow_name, "drift"),
+                                      description=f"imgscore run {run_id} against recent nights: {warned} warning(s)")
         except Exception as exc:
             log.warning("Prefect artifacts for %s not created: %s", run_id, rp.one_line(exc))
     return path

@@ -146,6 +146,7 @@ def _print_summary(summary: dict, console) -> None:
     rows += [("devices", devices or ("none: nothing new to score" if not summary.get("scanned") else "-")),
              ("workers", len(summary.get("workers", [])))]
     rows += [(k, summary[k]) for k in ("predictions", "errors", "manifest", "report") if summary.get(k)]
+    rows += [("drift", f"warning: {w}") for w in summary.get("drift") or []]  # against recent nights (imgscore.tasks.drift)
     for k, v in rows:
         console.print(f"{k:<15} {v}", soft_wrap=True, highlight=False, markup=False)
 

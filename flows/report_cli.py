@@ -55,6 +55,11 @@ def print_report(report: dict, console) -> None:
         rows.append(("accuracy", f"{acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']}, matched by {acc['matched_by']})"))
         if normalization_note(acc):
             rows.append(("note", normalization_note(acc)))
+    d = r.get("drift")
+    if d and d.get("baseline", {}).get("runs"):
+        rows.append(("drift", f"PSI {d['classes']['psi']} against {len(d['baseline']['runs'])} recent run(s); "
+                              f"mean confidence {d['confidence']['current']['mean']} (was {d['confidence']['baseline']['mean']})"))
+        rows += [("drift", f"warning: {w}") for w in d["warnings"]]
     rows.append(("report", r["outputs"].get("report") or f"not written yet: imgscore report {r['run_id']} --format html writes it"))
     for k, v in rows:
         head.add_row(k, "-" if v is None else str(v))

@@ -159,7 +159,7 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
         summary.update({"rescored": rescored, "rescored_shards": [r.shard_id for r in results]})
 
     try:
-        summary = finish_run(plan, cfg.run, wall_s, cfg.output.root, scored_now=rescored)
+        summary = finish_run(plan, cfg.run, wall_s, cfg.output.root, scored_now=rescored, drift_cfg=cfg.drift)
     except ErrorBudgetExceeded as exc:
         note(exc.summary)
         raise

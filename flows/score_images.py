@@ -19,18 +19,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run, task_run
 from prefect.states import Completed
+from pyarrow import ArrowException
 
 from imgscore.flows import notify, progress
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.ending import recorded_ending
 from imgscore.flows.runner import ConfiguredTaskRunner
 from imgscore.flows.startup import quiet_unless_verbose
+from imgscore.tasks import drift
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.backends import start_inference
-from imgscore.tasks.config import Config, RunConfig
+from imgscore.tasks.config import Config, DriftConfig, RunConfig
 from imgscore.tasks.device import configure_threads, resolve_device
-from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
+from imgscore.tasks.embeddings import choose_layer
+from imgscore.tasks.errors import DriftExceeded, ErrorBudgetExceeded, OutputWriteError
 from imgscore.tasks.incremental import CARRIED_FILE
 from imgscore.tasks.model import load_model
 from imgscore.tasks.plan import (
@@ -71,6 +74,8 @@ def plan_task(cfg: Config, run_id: str) -> RunPlan:
     lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
     if cfg.inference.fold_bn:
         lm = lm.folded()
+    if cfg.output.embeddings:  # no embedding layer: refused before anything is written (exit 2)
+        choose_layer(lm.module, cfg.output.embedding_layer, lm.num_classes)
     # reduced precision: the canary on the folder's first images, before anything is written
     first = first_entries(cfg.input.root, cfg.inference.canary_images * 4, cfg.input.layout, cfg.input.follow_symlinks) \
         if cfg.inference.precision != "fp32" else []
@@ -171,10 +176,13 @@ def over_budget(failed: int, scanned: int, budget: RunConfig) -> str | None:
     return None
 
 
-def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored_now: int | None = None) -> dict:
+def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored_now: int | None = None,
+               drift_cfg: DriftConfig | None = None) -> dict:
     """Final counts, status and timings into the manifest; the summary the CLI prints.
     ``out_root``: the flow run's ``output.root`` (report.html goes under it, never where the
-    manifest's recorded config says).
+    manifest's recorded config says). ``drift_cfg``: the run compared with recent nights
+    (``imgscore.tasks.drift``); its warnings go into the summary (``drift``), the artifacts and
+    the log, and fail the run only with ``drift.fail``.
 
     ``scored_now``: images this flow run scored (a rerun's), for ``images_per_s``; default
     every scored image of the run.
@@ -182,6 +190,7 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     Raises:
         ErrorBudgetExceeded: over the budget (:func:`over_budget`) or a shard failed; everything
             that could be scored is already written.
+        DriftExceeded: a drift threshold was crossed and ``drift.fail`` is on.
     """
     m = plan.manifest.recount()
     c = m.counts
@@ -191,8 +200,10 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     rate = c.failed / c.scanned if c.scanned else 0.0
     failed_shards = [s.shard_id for s in m.shards if s.state == "failed"]
     why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else over_budget(c.failed, c.scanned, budget)
-    m.status = "failed" if why else ("partial" if c.failed else "complete")
-    m.reason = why
+    m.drift = compare_drift(out_root, m, drift_cfg)
+    drifted = m.drift.get("warnings") or []
+    m.status = "failed" if why or (drifted and drift_cfg.fail) else ("partial" if c.failed else "complete")
+    m.reason = why or (f"drift: {drifted[0]}" if drifted and drift_cfg.fail else None)
     used = sorted({(s.backend, s.precision) for s in m.shards if s.backend})
     m.inference["used"] = [{"backend": b, "precision": p} for b, p in used]  # per worker (auto resolves per machine)
     scored = c.scored if scored_now is None else scored_now
@@ -215,6 +226,7 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
         "devices": devices,
         "workers": workers,
         "manifest": str(plan.run_dir / "manifest.json"),
+        "drift": drifted,
         **{k: v for k, v in m.outputs.items() if Path(v).is_dir()},  # a night with nothing new writes no part files
     }
     if c.already_failed:
@@ -223,7 +235,28 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     summary["report"] = publish_run_report(out_root, plan.run_id)
     if why:
         raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary)
+    if drifted and drift_cfg.fail:
+        raise DriftExceeded(f"run {plan.run_id} drifted from recent nights (drift.fail is on): {drifted[0]}", summary)
     return summary
+
+
+def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
+    """The run against recent nights (``imgscore.tasks.drift.compare``), as the manifest keeps it:
+    ``baseline_runs``, ``psi`` and ``warnings`` (each also logged as a warning on the flow run);
+    {} when off. A comparison that cannot be made is logged, never raised (it must not cost the
+    night's results)."""
+    if drift_cfg is None or not drift_cfg.enabled:
+        return {}
+    try:
+        d = drift.compare(out_root, m.to_dict(), drift_cfg)
+    except (OSError, ValueError, ArrowException) as exc:
+        get_run_logger().warning("drift: not compared with recent nights (%s: %s)", type(exc).__name__, exc)
+        return {}
+    for w in d["warnings"]:
+        get_run_logger().warning("drift: %s", w)
+    return {"baseline_runs": d["baseline"]["runs"], "psi": (d.get("classes") or {}).get("psi"), "warnings": d["warnings"]}
+
+
 
 
 def skip_scored_guard(cfg: Config, run_id: str):
@@ -270,6 +303,6 @@ def score_images(config: dict) -> dict:
         try:
             with recorded_ending(plan, cfg.output.root, t0):
                 score_all(plan, effective_config(cfg, plan))
-                return finish_run(plan, cfg.run, time.perf_counter() - t0, cfg.output.root)
+                return finish_run(plan, cfg.run, time.perf_counter() - t0, cfg.output.root, drift_cfg=cfg.drift)
         finally:
             plan.state.close()

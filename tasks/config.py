@@ -247,6 +247,46 @@ class OutputConfig(_Section):
 
     root: Path = Field(Path("outputs"), description="holds predictions/, errors/ and runs/")
     topk: int = Field(5, gt=0, description="how many classes topk_indices/topk_scores keep")
+    embeddings: bool = Field(
+        False,
+        description="also write each image's penultimate-layer features (the classifier head's input) to the "
+        "embeddings/ table, one fixed-size vector per image (README, 'Analytics recipes')",
+    )
+    embedding_layer: str | None = Field(
+        None,
+        description="module whose output (flattened from dimension 1) is the embedding, as named in "
+        "model.named_modules(), e.g. 'avgpool'; default: the input of the classifier head (fc, classifier[-1], heads.head, …)",
+    )
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="element type of the embedding column; float16 halves the table (about 1e-3 relative rounding)"
+    )
+
+
+class DriftConfig(_Section):
+    """Night-over-night drift: each run compared with the previous complete runs of the same
+    input folder and model (``imgscore.tasks.drift``). Thresholds left unset are not checked;
+    a threshold crossed is a warning (summary, Prefect artifact, notification), a failed run only
+    with ``fail: true``."""
+
+    enabled: bool = Field(True, description="compare each run with recent nights (report, summary)")
+    baseline_runs: int = Field(7, gt=0, description="how many previous complete runs of the same input root and model to compare with")
+    min_images: int = Field(
+        50, gt=0, description="fewer predictions than this tonight or in the baseline: numbers shown, no warning (too few to judge)"
+    )
+    low_confidence: float = Field(0.5, gt=0.0, lt=1.0, description="top-1 probability below this counts as low confidence")
+    max_psi: float | None = Field(
+        0.25, ge=0.0, description="warn when the predicted-class PSI exceeds this (0.1-0.25: moderate shift, above 0.25: major)"
+    )
+    max_class_shift: float | None = Field(None, gt=0.0, le=1.0, description="warn when one class's share moves by more than this (0.1 = 10 points)")
+    max_mean_confidence_drop: float | None = Field(None, gt=0.0, le=1.0, description="warn when mean top-1 probability falls by more than this")
+    max_low_confidence_increase: float | None = Field(
+        None, gt=0.0, le=1.0, description="warn when the share of images below low_confidence rises by more than this"
+    )
+    max_error_rate_increase: float | None = Field(None, gt=0.0, le=1.0, description="warn when the error rate rises by more than this")
+    max_embedding_shift: float | None = Field(
+        None, gt=0.0, le=2.0, description="warn when the cosine distance between tonight's and the baseline's mean embedding exceeds this"
+    )
+    fail: bool = Field(False, description="a drift warning fails the run (exit 1) instead of only warning")
 
 
 class NotifyConfig(_Section):
@@ -284,6 +324,16 @@ class Config(_Section):
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()
     notify: NotifyConfig = NotifyConfig()
+    drift: DriftConfig = DriftConfig()
+
+    @model_validator(mode="after")
+    def _embeddings_backend(self) -> Config:
+        if self.output.embeddings and self.inference.backend in ("onnxruntime", "openvino"):
+            raise ValueError(
+                f"output.embeddings reads the torch module's layers, but inference.backend is {self.inference.backend}; "
+                "set inference.backend=torch (or auto, which then scores with torch), or output.embeddings=false"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings) — what flows receive as their parameter."""

@@ -62,6 +62,11 @@ class OutputWriteError(ImgscoreError):
         return (type(self), (str(self), self.path, self.errno))
 
 
+class DriftExceeded(ErrorBudgetExceeded):
+    """The run finished, but its night-over-night drift crossed a threshold and ``drift.fail``
+    is on (exit 1; everything is written, the summary and report say which threshold)."""
+
+
 class RunLockedError(UsageError):
     """Another process holds the run's lock (a rerun of the same run is already going)."""
 

@@ -80,6 +80,18 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+# The embeddings table's key columns (the same keys as a predictions row); its ``embedding``
+# column's length depends on the model: imgscore.tasks.embeddings.embeddings_schema.
+EMBEDDING_KEYS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("shard_id", pa.int32(), nullable=False),
+        pa.field("batch_id", pa.int32(), nullable=False),
+    ]
+)
+
 STAGES = ("scan", "decode", "preprocess", "inference", "write")
 
 

@@ -258,7 +258,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
             ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, fingerprint=s.fingerprint)
             for s in index.shards
         ],
-        outputs={t: str(part_dir(out, t, run_date, run_id)) for t in ("predictions", "errors")},
+        outputs={t: str(part_dir(out, t, run_date, run_id)) for t in ("predictions", "errors", *(("embeddings",) if cfg.output.embeddings else ()))},
         timings={**timings, "planned_at_s": round(time.time(), 3)},
     )
     state = RunState.create(run_dir, manifest)

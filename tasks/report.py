@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from imgscore.tasks import drift as drift_mod
 from imgscore.tasks.containment import UnsafePathError, check_relative, check_relative_column
 from imgscore.tasks.errors import UsageError
 from imgscore.tasks.evaluate import confusion, nfc, read_run
@@ -187,6 +188,19 @@ def lowest_confidence(preds: pa.Table, n: int = LOWEST_N) -> list[dict]:
     return out
 
 
+def run_drift(out_root: Path, m: dict) -> dict | None:
+    """The run compared with recent nights (:func:`imgscore.tasks.drift.compare`, with the
+    ``drift`` settings the run recorded); None when ``drift.enabled`` is off. A comparison that
+    cannot be made (an unreadable earlier run) is ``{"error": one line}``, never an exception."""
+    cfg = drift_mod.drift_config(m)
+    if not cfg.enabled:
+        return None
+    try:
+        return drift_mod.compare(out_root, m, cfg)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return {"error": one_line(exc), "warnings": []}
+
+
 def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) -> dict:
     """Everything the report shows, computed from ``runs/RUN_ID/manifest.json`` and the Parquet.
 
@@ -196,7 +210,8 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
     dict, or None for a flat (unlabelled) folder; when the folder's classes cannot be paired with
     the model's (names differ and counts differ) it is still a dict, with ``accuracy`` None,
     ``matched_by`` ``"none"`` and a ``reason``, and every renderer shows "n/a" with that reason.
-    Times are seconds, throughput images per second, scores probabilities in [0, 1].
+    Times are seconds, throughput images per second, scores probabilities in [0, 1]. ``drift``
+    compares the run with recent nights (:func:`run_drift`).
 
     ``status`` is the manifest's, except ``abandoned`` for a ``running`` run whose lock owner is
     gone (kill -9, OOM, reboot); ``reason`` says why a run ended ``failed``, ``interrupted`` or
@@ -267,6 +282,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
         "errors": error_summary(errs),
         "skipped": skipped_summary(m.get("skipped") or []),
         "lowest_confidence": lowest_confidence(preds, lowest_n),
+        "drift": run_drift(out_root, m),
         "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
                     "report": str(report_file) if report_file.is_file() else None},
     }
@@ -364,6 +380,53 @@ def plot_confidence_histogram(scores: dict) -> str | None:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Confidence", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg_data_uri(fig)
+
+
+@_literal_text
+def plot_class_shift(drift: dict | None) -> str | None:
+    """Paired bars of each class's share, baseline vs tonight (classes that moved most first);
+    SVG data URI, None without a comparison."""
+    if not drift or not (drift.get("classes") or {}).get("shifts"):
+        return None
+    from matplotlib.figure import Figure
+
+    rows = drift["classes"]["shifts"][::-1]
+    y = np.arange(len(rows))
+    fig = Figure(figsize=(6.4, max(1.8, 0.42 * len(rows) + 0.9)))
+    ax = fig.add_subplot()
+    ax.barh(y + 0.2, [r["baseline_share"] for r in rows], height=0.4, color="#9aa5b1", label="recent nights")
+    ax.barh(y - 0.2, [r["share"] for r in rows], height=0.4, color="#3b6ea8", label="this run")
+    ax.set_yticks(y, [str(r["class"])[:28] for r in rows], fontsize=8)
+    ax.xaxis.set_major_formatter(lambda v, _pos: f"{v:.0%}")
+    ax.set_xlabel("share of predictions")
+    ax.set_title(f"Classes that moved most (PSI {_fmt(drift['classes']['psi'])})", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg_data_uri(fig)
+
+
+@_literal_text
+def plot_nights(drift: dict | None) -> str | None:
+    """Mean confidence, share below the low-confidence threshold and error rate per night,
+    oldest first, this run last; SVG data URI, None without a comparison."""
+    nights = (drift or {}).get("nights") or []
+    if len(nights) < 2:
+        return None
+    from matplotlib.figure import Figure
+
+    x = np.arange(len(nights))
+    fig = Figure(figsize=(6.4, 2.8))
+    ax = fig.add_subplot()
+    for key, label, color in (("mean_confidence", "mean confidence", "#5a9e6f"), ("low_share", "share below threshold", "#c0392b"),
+                              ("error_rate", "error rate", "#7f8c8d")):
+        ax.plot(x, [np.nan if n[key] is None else n[key] for n in nights], marker="o", color=color, label=label)
+    ax.set_xticks(x, [("this run" if i == len(nights) - 1 else str(n["created_at"] or n["run_id"])[:10]) for i, n in enumerate(nights)],
+                  fontsize=7, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title("Recent nights", fontsize=10)
+    ax.legend(fontsize=7, frameon=False, loc="best")
     ax.spines[["top", "right"]].set_visible(False)
     return _svg_data_uri(fig)
 
@@ -649,6 +712,7 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
         parts.append(f"<p>Accuracy {_fmt(acc['accuracy'], 4)} ({acc['correct']}/{acc['labelled']} labelled images); labels matched {_e(how)}.</p>")
         if normalization_note(acc):
             parts.append(f"<p>Note: {_e(normalization_note(acc))}.</p>")
+    parts += drift_html(r.get("drift"))
     # lowest confidence
     parts.append(f"<h2>Least confident predictions ({len(r['lowest_confidence'])})</h2>")
     if r["lowest_confidence"]:
@@ -684,6 +748,41 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
         ], numeric={1}))
     parts.append(f"<p class=\"muted\">imgscore report · model_id <span class=\"mono\">{_e(r['model']['model_id'])}</span></p></body></html>")
     return "\n".join(parts)
+
+
+def drift_html(d: dict | None) -> list[str]:
+    """The "Compared with recent nights" section: warnings, the numbers, two plots."""
+    if d is None:
+        return []
+    out = ["<h2>Compared with recent nights</h2>"]
+    if d.get("error"):
+        return [*out, f'<p class="muted">Not compared: {_e(d["error"])}</p>']
+    if not d["baseline"]["runs"]:
+        return [*out, f'<p class="muted">Nothing to compare with: {_e(d.get("reason"))}.</p>']
+    n = len(d["baseline"]["runs"])
+    out.append(f"<p>{d['current']['images']} predictions against {d['baseline']['images']} from the previous {n} complete "
+               f"run{'s' if n != 1 else ''} of this folder and model (<span class=\"mono\">{_e(', '.join(d['baseline']['runs']))}</span>).</p>")
+    if d["warnings"]:
+        out.append('<ul class="wrong">' + "".join(f"<li>{_e(w)}</li>" for w in d["warnings"]) + "</ul>")
+    elif not d["judged"]:
+        out.append(f'<p class="muted">Too few images to judge (drift.min_images = {d["thresholds"]["min_images"]}); numbers only.</p>')
+    else:
+        out.append('<p class="ok">No drift threshold crossed.</p>')
+    c, er, emb = d["confidence"], d["error_rate"], d.get("embedding")
+    pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    out.append(_table(["measure", "this run", "recent nights", "change"], [
+        ["predicted-class PSI", _fmt(d["classes"]["psi"]), "", ""],
+        ["mean confidence", _fmt(c["current"]["mean"]), _fmt(c["baseline"]["mean"]), _fmt(c["mean_change"])],
+        *[[f"confidence {q}", _fmt(c["current"][q]), _fmt(c["baseline"][q]), ""] for q in ("p10", "p50", "p90")],
+        [f"share below {d['thresholds']['low_confidence']}", pct(c["current"]["low_share"]), pct(c["baseline"]["low_share"]), pct(c["low_share_change"])],
+        ["error rate", pct(er["current"]), pct(er["baseline"]), pct(er["change"])],
+        *([["mean embedding, cosine distance", _fmt(emb["cosine_distance"], 4), "", ""]] if emb else []),
+    ], numeric={1, 2, 3}))
+    drawn = [_plot_or_reason(plot_class_shift, d), _plot_or_reason(plot_nights, d)]
+    alts = ["class shares against recent nights", "recent nights"]
+    out.append('<div class="plots">' + "".join(f'<img alt="{a}" class="plot" src="{p}">' for (p, _), a in zip(drawn, alts, strict=True) if p) + "</div>")
+    out += [f'<p class="muted">{_e(a)} not drawn: {_e(why)}</p>' for (_, why), a in zip(drawn, alts, strict=True) if why]
+    return out
 
 
 def write_html_report(report: dict, out_root: str | Path, path: str | Path | None = None) -> Path:
@@ -731,6 +830,27 @@ def summary_row(report: dict) -> list[dict]:
     }]
 
 
+def drift_row(report: dict) -> list[dict]:
+    """One-row table of the run against recent nights, for a Prefect table artifact (shares and
+    rates as fractions); empty when there was nothing to compare with."""
+    d = report.get("drift")
+    if not d or not (d.get("baseline") or {}).get("runs"):
+        return []
+    top = (d["classes"]["shifts"] or [None])[0]
+    return [{
+        "run_id": report["run_id"],
+        "baseline_runs": len(d["baseline"]["runs"]),
+        "psi": d["classes"]["psi"],
+        "largest_shift": f"{top['class']} {top['change']:+.3f}" if top else None,
+        "mean_confidence": d["confidence"]["current"]["mean"],
+        "baseline_mean_confidence": d["confidence"]["baseline"]["mean"],
+        "low_confidence_share": d["confidence"]["current"]["low_share"],
+        "error_rate": d["error_rate"]["current"],
+        "embedding_cosine_distance": (d.get("embedding") or {}).get("cosine_distance"),
+        "warnings": " | ".join(d["warnings"]),
+    }]
+
+
 def _md(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
@@ -766,6 +886,12 @@ def markdown_summary(report: dict, report_path: str | Path | None) -> str:
         p = per_class(row["name"])
         extra = (f" {p['support']} | {_fmt(p['recall'])} |" if p else " – | – |") if acc else ""
         lines.append(f"| {_md(row['name'])} | {row['predicted']} | {row['share']:.1%} |{extra}")
+    d = r.get("drift")
+    if d and d.get("baseline", {}).get("runs"):
+        lines += ["", f"## Compared with recent nights ({len(d['baseline']['runs'])} runs)", "",
+                  f"PSI {_fmt(d['classes']['psi'])} · mean confidence {_fmt(d['confidence']['current']['mean'])} "
+                  f"(was {_fmt(d['confidence']['baseline']['mean'])})", ""]
+        lines += [f"- **warning**: {_md(w)}" for w in d["warnings"]] or ["No drift threshold crossed."]
     er = r["errors"]
     lines += ["", f"## Errors ({er['total']})", ""]
     if er["groups"]:

@@ -43,6 +43,8 @@ from imgscore.tasks.parquet_io import (
 from imgscore.tasks.runstate import ShardRef, ShardResult
 from imgscore.tasks.score import (
     commit_shard,
+    embeddings_of,
+    embeddings_part,
     load_scorer,
     read_shard_entries,
     row_context,
@@ -104,6 +106,19 @@ def merge_partial(old_pred: pa.Table, old_err: pa.Table | None, new_pred: pa.Tab
     return merged, pa.concat_tables([carry.replace_schema_metadata(None), new_err.replace_schema_metadata(None)])
 
 
+def merge_embeddings(old_path: Path, new: pa.Table, predictions: pa.Table, order: pa.Array) -> pa.Table:
+    """A partial shard's embeddings after a rerun: the old part's vectors of images whose
+    predictions were kept, plus ``new``'s, in index order — one row per predictions row."""
+    try:
+        old = pq.read_table(old_path, schema=new.schema)
+    except (OSError, pa.ArrowException):  # missing or unreadable: only the new vectors
+        return new
+    fresh = pc.is_in(old["image_path"], value_set=new["image_path"].combine_chunks())
+    kept = old.filter(pc.and_(pc.invert(fresh), pc.is_in(old["image_path"], value_set=predictions["image_path"].combine_chunks())))
+    return _in_index_order(pa.concat_tables([kept.replace_schema_metadata(None), new.replace_schema_metadata(None)]), order) \
+        .replace_schema_metadata(new.schema.metadata)
+
+
 def rescore_shard(
     ref: ShardRef,
     only: list[str] | None,
@@ -133,10 +148,11 @@ def rescore_shard(
     out_root = cfg.output.root
     shard = read_shard_entries(ref)
     chosen = shard if only is None else [e for e in shard if e.image_path in set(only)]
-    scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host)
+    scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host, out_cfg=cfg.output)
     rows = score_entries(chosen, ref.input_root, scorer, cfg.input, row_context(ref, scorer, attempt, cfg.output.topk), t0)
     meta = file_metadata(scorer.lm.info(), ref.run_id, metadata)
     new_pred, new_err = make_table(rows.predictions, PREDICTIONS_SCHEMA), make_table(rows.errors, ERRORS_SCHEMA)
+    embeddings = embeddings_of(rows, scorer, cfg.output, meta)
 
     pred_path, err_path = shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)
     if only is not None:
@@ -145,6 +161,8 @@ def rescore_shard(
             raise RuntimeError(f"shard {ref.shard_id}: {pred_path} became unreadable during the rerun; run it again")
         order = pa.array([e.image_path for e in shard], pa.string())
         predictions, errors = merge_partial(old, _read_ok(err_path, ERRORS_SCHEMA), new_pred, new_err, only, order)
+        if embeddings is not None:
+            embeddings = merge_embeddings(embeddings_part(out_root, ref), embeddings, predictions, order)
     else:
         predictions, errors = new_pred, new_err
 
@@ -155,4 +173,4 @@ def rescore_shard(
         warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, rescored=len(chosen),
         seconds=round(time.perf_counter() - t0, 4), **rows.facts(),
     )
-    return commit_shard(ref, out_root, predictions.replace_schema_metadata(meta), errors.replace_schema_metadata(meta), result)
+    return commit_shard(ref, out_root, predictions.replace_schema_metadata(meta), errors.replace_schema_metadata(meta), result, embeddings)

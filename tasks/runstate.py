@@ -204,6 +204,7 @@ class Manifest(_Model):
     timings: dict[str, Any] = Field(default_factory=dict)
     reruns: list[dict[str, Any]] = Field(default_factory=list)
     inference: dict[str, Any] = Field(default_factory=dict)  # backend, precision, canary (imgscore.tasks.backends.start_inference)
+    drift: dict[str, Any] = Field(default_factory=dict)  # against recent nights: baseline_runs, psi, warnings (imgscore.tasks.drift)
     ledger: dict[str, Any] = Field(default_factory=lambda: {"dir": LEDGER_DIR, "from_segment": 0})
 
     def apply(self, result: ShardResult) -> ShardRecord:

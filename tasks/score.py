@@ -31,12 +31,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from imgscore.tasks import autotune
+from imgscore.tasks import embeddings as emb
 from imgscore.tasks.backends import Forward, forward_probs, make_forward, resolve_backend
 from imgscore.tasks.config import (
     Config,
     InferenceConfig,
     InputConfig,
     ModelConfig,
+    OutputConfig,
     PreprocessConfig,
 )
 from imgscore.tasks.containment import inside
@@ -96,6 +98,8 @@ class Scorer:
     threads: int  # this worker's core share: torch intra-op threads unless the split says fewer
     worker: str  # host:pid
     backend: str = "torch"  # inference.backend, with auto resolved on this machine
+    tap: emb.Tap | None = None  # output.embeddings: the hook that reads each image's features
+    embedding_dim: int | None = None  # D, the length of those features
 
     def forward(self, threads: int) -> Forward:
         """The backend's forward pass with ``threads`` threads (one session per process and count)."""
@@ -104,12 +108,15 @@ class Scorer:
 
 
 def load_scorer(model_cfg: ModelConfig, pre_cfg: PreprocessConfig, inf_cfg: InferenceConfig,
-                workers_on_host: int = 1, rank: int | None = None) -> Scorer:
+                workers_on_host: int = 1, rank: int | None = None, out_cfg: OutputConfig | None = None) -> Scorer:
     """Resolve this worker's device, thread share and backend, and load (or reuse) the model.
+
+    With ``out_cfg.embeddings`` the scorer also carries the hook on the embedding layer
+    (``imgscore.tasks.embeddings``) and scores with torch (``auto`` is not measured then).
 
     Raises:
         ModelError: the model cannot be built or loaded (or exported) on this worker (Prefect
-            retries the shard); ConfigError: the backend cannot run here.
+            retries the shard); ConfigError: the backend cannot run here, or no embedding layer.
     """
     device = resolve_device(inf_cfg.device, rank)
     threads = configure_threads(inf_cfg.num_threads, workers_on_host)
@@ -118,6 +125,10 @@ def load_scorer(model_cfg: ModelConfig, pre_cfg: PreprocessConfig, inf_cfg: Infe
         lm = lm.folded()  # cached per loaded model: folded once per process, not per shard
     batch = inf_cfg.batch_size if isinstance(inf_cfg.batch_size, int) else autotune.MIN_BATCH
     # torch, or ONNX Runtime / OpenVINO (export cached on disk); auto: measured once per machine
+    if out_cfg is not None and out_cfg.embeddings:
+        layer = emb.choose_layer(lm.module, out_cfg.embedding_layer, lm.num_classes)
+        dim = emb.embedding_dim(lm.module, layer, lm.preprocess.crop, device)
+        return Scorer(lm, device, inf_cfg, threads, worker_name(), "torch", emb.tap_for(lm.module, layer), dim)
     backend = resolve_backend(lm, inf_cfg.backend, inf_cfg.precision, threads, batch, inf_cfg.cache_dir, inf_cfg.channels_last)
     return Scorer(lm, device, inf_cfg, threads, worker_name(), backend)
 
@@ -203,6 +214,7 @@ class ShardRows:
 
     predictions: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
+    embeddings: list = field(default_factory=list)  # float32 [D] per predictions row, same order (output.embeddings)
     warnings: collections.Counter[str] = field(default_factory=collections.Counter)  # Pillow warning → count
     oom_events: int = 0
     loader_workers: int = 0
@@ -356,6 +368,8 @@ def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: S
     """
     device = scorer.device
     fn = forward or scorer.forward(scorer.threads)
+    run_fn = emb.with_embeddings(fn, scorer.tap) if scorer.tap is not None else fn  # probs, then features
+    n_classes = len(ctx.classes)
     rows = ShardRows(forward=fn)
     iso = _Isolation(max_batch=max_batch or (scorer.inference.batch_size if isinstance(scorer.inference.batch_size, int) else autotune.MIN_BATCH))
     k = ctx.topk
@@ -372,12 +386,15 @@ def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: S
             mf = torch.channels_last if (fn.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
             x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
             n_before = len(iso.failures)
-            scored = score_isolated(fn, x, batch.positions, iso)
+            scored = score_isolated(run_fn, x, batch.positions, iso)
             for pos, etype, msg in iso.failures[n_before:]:
                 rows.errors.append(error_row(ctx, entries[pos], batch_id, "inference", etype, msg))
             if not scored:
                 continue
-            probs = torch.stack([p for _, p in scored])
+            out = torch.stack([p for _, p in scored])
+            probs = out[:, :n_classes]
+            if scorer.tap is not None:
+                rows.embeddings.extend(out[:, n_classes:].numpy())
             top_s, top_i = torch.topk(probs, k, dim=1)
             now = datetime.now(UTC)
             for row, (pos, _) in enumerate(scored):
@@ -410,8 +427,13 @@ def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer, in
     return rows
 
 
-def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, errors: pa.Table, result: ShardResult) -> ShardResult:
+def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, errors: pa.Table, result: ShardResult,
+                 embeddings: pa.Table | None = None) -> ShardResult:
     """Write the shard's predictions and errors part files (empty ones too), then its commit record.
+
+    ``embeddings`` (``output.embeddings``): the shard's embeddings part file, written first, one
+    row per predictions row; a shard is done only once its commit record exists, so a reader
+    that joins on the predictions never sees vectors without their predictions.
 
     ``result`` is completed from the tables: ``state`` (``complete`` when there are no error
     rows, else ``partial``; ``failed`` stays), ``scored``/``failed`` (their row counts), ``failed_images``,
@@ -426,6 +448,8 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
     """
     pred_dir, err_dir = (inside(out_root, part_dir(out_root, t, ref.run_date, ref.run_id), "part-file folder") for t in ("predictions", "errors"))
     inside(out_root, commit_record_path(ref.run_dir, ref.shard_id).parent, "commit-record folder")  # no planted link out
+    if embeddings is not None:
+        write_table_atomic(embeddings, embeddings_part(out_root, ref))
     pred_file = write_table_atomic(predictions, pred_dir / part_name(ref.shard_id))
     err_file = write_table_atomic(errors, err_dir / part_name(ref.shard_id))
     failed_images = sorted({p for p in errors["image_path"].to_pylist() if p is not None})
@@ -439,6 +463,18 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
     })
     write_commit_record(ref.run_dir, result)
     return result
+
+
+def embeddings_part(out_root: str | Path, ref: ShardRef) -> Path:
+    """``OUT/embeddings/<the run's partition>/part-SSSSS.parquet``, checked to stay inside ``out_root``."""
+    return inside(out_root, part_dir(out_root, "embeddings", ref.run_date, ref.run_id), "part-file folder") / part_name(ref.shard_id)
+
+
+def embeddings_of(rows: ShardRows, scorer: Scorer, out_cfg: OutputConfig, metadata: dict[str, str]) -> pa.Table | None:
+    """The embeddings part for ``rows`` (keys from their predictions rows), or None when off."""
+    if scorer.tap is None or not out_cfg.embeddings:
+        return None
+    return emb.embeddings_table(rows.predictions, rows.embeddings, scorer.embedding_dim, out_cfg.embedding_dtype, metadata)
 
 
 def row_context(ref: ShardRef, scorer: Scorer, attempt: int, topk: int) -> RowContext:
@@ -461,7 +497,7 @@ def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: i
         ModelError: the model cannot be loaded on this worker; Prefect retries the shard.
     """
     t0 = time.perf_counter()
-    scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host, rank)
+    scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host, rank, cfg.output)
     entries = read_shard_entries(ref)
     ctx = row_context(ref, scorer, attempt, cfg.output.topk)
     rows = score_entries(entries, ref.input_root, scorer, cfg.input, ctx, t0)
@@ -472,7 +508,8 @@ def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: i
         warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, **rows.facts(),
     )
     result.seconds = round(time.perf_counter() - t0, 4)
-    return commit_shard(ref, cfg.output.root, make_table(rows.predictions, PREDICTIONS_SCHEMA, meta), make_table(rows.errors, ERRORS_SCHEMA, meta), result)
+    return commit_shard(ref, cfg.output.root, make_table(rows.predictions, PREDICTIONS_SCHEMA, meta), make_table(rows.errors, ERRORS_SCHEMA, meta), result,
+                        embeddings_of(rows, scorer, cfg.output, meta))
 
 
 def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: str | Path, model_info: dict, reason: str,
@@ -484,6 +521,7 @@ def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: str 
     now = datetime.now(UTC)
     errors = [error_row(ctx, e, None, "inference", "ShardFailed", reason[:2000], now) for e in entries]
     meta = file_metadata(model_info, ref.run_id, metadata)
+    embeddings_part(out_root, ref).unlink(missing_ok=True)  # an earlier attempt's vectors: no predictions stand beside them
     return commit_shard(ref, out_root, make_table([], PREDICTIONS_SCHEMA, meta), make_table(errors, ERRORS_SCHEMA, meta),
                         ShardResult(shard_id=ref.shard_id, state="failed", images=len(entries), fingerprint=ref.fingerprint,
                                     attempt=attempts, reason=reason))
