@@ -3,7 +3,8 @@
 Both flows are decorated with :data:`HOOKS`: Prefect calls :func:`notify_hook` when the flow run
 enters Failed (``on_failure``: over the error budget, a write that failed, bad input), Crashed
 (``on_crashed``: Ctrl-C, SIGTERM, an infrastructure failure) or Completed (``on_completion``; it
-notifies only with ``notify.on_success``). The hook runs in the flow-run process — ``imgscore
+notifies only with ``notify.on_success``, or when the run drifted from recent nights — a
+``drift.max_*`` threshold crossed, ``imgscore.tasks.drift``). The hook runs in the flow-run process — ``imgscore
 run``, ``imgscore serve`` and a work pool's process worker alike — and reads the run's manifest:
 
 - ``notify.webhook_url``: POST :func:`run_payload` as JSON (``Content-Type: application/json``);
@@ -82,15 +83,16 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
     planned), ``prefect_state``, ``flow_name``, ``flow_run_id``, ``message`` (one line), ``reason``,
     ``counts`` (scanned, scored, failed, skipped, already_scored, already_failed, pending),
     ``error_rate`` (failed / scanned), ``max_error_rate``, ``min_errors``, ``top_error_types``,
-    ``input_root``, ``output_root``, ``manifest``, ``report`` and ``known_bad`` (paths, null when
-    absent)."""
+    ``input_root``, ``output_root``, ``manifest``, ``report``, ``known_bad`` (paths, null when
+    absent) and ``drift`` (the run against recent nights: ``baseline_runs``, ``psi``, ``warnings``;
+    null when not compared)."""
     out = Path(out_root)
     run_dir = out / "runs" / run_id if run_id else None
     payload: dict[str, Any] = {
         "run_id": run_id, "status": prefect_state.lower(), "prefect_state": prefect_state, "flow_name": flow_name,
         "flow_run_id": flow_run_id, "message": message, "reason": None, "counts": None, "error_rate": None,
         "max_error_rate": None, "min_errors": None, "top_error_types": [], "input_root": None, "output_root": str(out),
-        "manifest": None, "report": None, "known_bad": None,
+        "manifest": None, "report": None, "known_bad": None, "drift": None,
     }
     if run_dir is None or not (run_dir / MANIFEST).is_file():
         return payload
@@ -109,6 +111,7 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
         "manifest": str(run_dir / MANIFEST),
         "report": str(run_dir / REPORT_FILE) if (run_dir / REPORT_FILE).is_file() else None,
         "known_bad": str(run_dir / "already_failed.parquet") if c.already_failed else None,
+        "drift": m.drift or None,
     })
     return payload
 
@@ -124,6 +127,7 @@ def run_text(p: dict[str, Any]) -> tuple[str, str]:
                      f"already scored {c['already_scored']}, already failed {c['already_failed']}")
     if p.get("reason") or p.get("message"):
         lines.append(f"why: {p.get('reason') or p.get('message')}")
+    lines += [f"drift: {w}" for w in (p.get("drift") or {}).get("warnings") or []]
     if p.get("top_error_types"):
         lines.append("top errors: " + ", ".join(f"{e['stage']}/{e['error_type']} {e['count']}" for e in p["top_error_types"]))
     lines += [f"{k}: {p[k]}" for k in ("report", "manifest", "known_bad") if p.get(k)]
@@ -174,7 +178,7 @@ def notify_hook(flow, flow_run, state) -> None:
         params = flow_run.parameters or {}
         raw = params.get("config") or {}
         cfg = NotifyConfig.model_validate(raw.get("notify") or {})  # a config that failed elsewhere still notifies
-        if not (cfg.webhook_url or cfg.block) or (state.is_completed() and not cfg.on_success):
+        if not (cfg.webhook_url or cfg.block):
             return
         with _RUNS_LOCK:
             run_id, out_root = _RUNS.get(str(flow_run.id), (params.get("run_id"), str((raw.get("output") or {}).get("root") or "outputs")))
@@ -187,6 +191,8 @@ def notify_hook(flow, flow_run, state) -> None:
     except Exception as exc:
         log.warning("notification not sent: %s", one_line(exc))
         return
+    if state.is_completed() and not cfg.on_success and not (payload.get("drift") or {}).get("warnings"):
+        return  # a quiet night: completed, nothing drifted
     send(cfg, payload, log)
 
 

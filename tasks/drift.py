@@ -35,9 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from imgscore.tasks.config import DriftConfig
-from imgscore.tasks.containment import UnsafePathError, inside
-from imgscore.tasks.incremental import prior_runs
-from imgscore.tasks.parquet_io import part_dir
+from imgscore.tasks.incremental import part_files, prior_runs
 
 log = logging.getLogger("imgscore")
 
@@ -80,16 +78,8 @@ def confidence(scores: np.ndarray, low: float) -> dict:
 
 
 def _files(out_root: str | Path, table: str, m: dict) -> list[str]:
-    """The part files of ``table`` of the run ``m`` (a manifest dict); none when its folder is
-    missing or resolves outside ``out_root``."""
-    if not m.get("run_date"):
-        return []
-    try:
-        folder = inside(out_root, part_dir(out_root, table, m["run_date"], m["run_id"]), "part-file folder")
-    except UnsafePathError as exc:
-        log.warning("drift: ignoring run %s (%s)", m.get("run_id"), exc)
-        return []
-    return [str(p) for p in sorted(folder.glob("part-*.parquet"))] if folder.is_dir() else []
+    """The part files of ``table`` of the run ``m`` (a manifest dict), checked to stay inside ``out_root``."""
+    return part_files(out_root, [m], table, "drift")
 
 
 def _predictions(out_root: str | Path, m: dict) -> pa.Table:

@@ -124,9 +124,9 @@ def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, e
     return found
 
 
-def _part_files(out_root: str | Path, runs: list[dict], table: str) -> list[str]:
-    """The part files of ``table`` of ``runs``; a run whose folder resolves outside ``out_root``
-    (a symlink planted there) is skipped with a warning."""
+def part_files(out_root: str | Path, runs: list[dict], table: str, reader: str = "skip_scored") -> list[str]:
+    """The part files of ``table`` of ``runs`` (manifest dicts); a run whose folder resolves
+    outside ``out_root`` (a symlink planted there) is skipped with a warning naming ``reader``."""
     files = []
     for m in runs:
         try:
@@ -134,7 +134,7 @@ def _part_files(out_root: str | Path, runs: list[dict], table: str) -> list[str]
             if found:
                 inside(out_root, found[0].parent, "part-file folder")
         except UnsafePathError as exc:
-            log.warning("skip_scored: ignoring run %s (%s)", m["run_id"], exc)
+            log.warning("%s: ignoring run %s (%s)", reader, m["run_id"], exc)
             continue
         files += [str(f) for f in found]
     return files
@@ -171,7 +171,7 @@ def read_scored(out_root: str | Path, runs: list[dict], model_id: str) -> pa.Tab
     file_mtime_ns int64), one row per prediction row with ``model_id`` from their input folder.
     An unreadable part file is skipped (its images count as not scored)."""
     flt = (pc.field("model_id") == model_id) & _root_filter(runs)
-    return _read_columns(_part_files(out_root, runs, "predictions"), PREDICTIONS_SCHEMA, _STAT, flt, "skip_scored")
+    return _read_columns(part_files(out_root, runs, "predictions"), PREDICTIONS_SCHEMA, _STAT, flt, "skip_scored")
 
 
 def read_failed(out_root: str | Path, runs: list[dict]) -> pa.Table:
@@ -179,7 +179,7 @@ def read_failed(out_root: str | Path, runs: list[dict]) -> pa.Table:
     input folder, except :data:`RETRIED_ERRORS`, newest run first — columns image_path,
     file_size, file_mtime_ns (as scanned when it failed), run_id, stage, error_type, message."""
     flt = pc.field("image_path").is_valid() & ~pc.field("error_type").isin(list(RETRIED_ERRORS)) & _root_filter(runs)
-    t = _read_columns(_part_files(out_root, runs, "errors"), ERRORS_SCHEMA, _FAILED_COLUMNS, flt, "failure ledger")
+    t = _read_columns(part_files(out_root, runs, "errors"), ERRORS_SCHEMA, _FAILED_COLUMNS, flt, "failure ledger")
     return t.sort_by([("run_id", "descending")]) if t.num_rows else t
 
 

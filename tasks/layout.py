@@ -42,7 +42,6 @@ from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
     METADATA_KEY,
     PREDICTIONS_SCHEMA,
-    TABLES,
     clean_temp_files,
     input_root_name,
     part_dir,
@@ -74,7 +73,7 @@ class Migration:
 def legacy_folders(out_root: str | Path) -> dict[str, list[tuple[str, str, Path]]]:
     """Folders of the old layout under ``out_root``: run id → [(table, run_date, folder)]."""
     found: dict[str, list[tuple[str, str, Path]]] = {}
-    for table in TABLES:
+    for table in SCHEMAS:  # the tables the layout before could hold (embeddings came after it)
         for d in sorted(Path(out_root).glob(f"{table}/run_date=*/run_id=*")):
             if d.is_dir() and not d.is_symlink():
                 found.setdefault(d.name.split("=", 1)[1], []).append((table, d.parent.name.split("=", 1)[1], d))

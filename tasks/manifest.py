@@ -24,7 +24,7 @@ from imgscore.tasks.containment import (
     inside,
     safe_name,
 )
-from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, part_dir, part_name
+from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, TABLES, part_dir, part_name
 from imgscore.tasks.runstate import (
     COMMITS_DIR,
     LEDGER_DIR,
@@ -91,7 +91,7 @@ def shard_files(out_root: str | Path, run_date: str, run_id: str, shard_id: int)
 
 def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
     """Every folder a run writes into — its part-file partitions (predictions, errors,
-    errors_history), its run folder and the run folder's index, ledger and commit-record
+    errors_history, embeddings), its run folder and the run folder's index, ledger and commit-record
     folders — each checked to resolve inside ``out_root``.
 
     Raises:
@@ -99,7 +99,7 @@ def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
             ``out_root`` (a symlink planted in its place); the message names it.
     """
     run_dir = run_dir_of(out_root, run_id)
-    folders = [part_dir(out_root, t, run_date, run_id) for t in ("predictions", "errors", "errors_history")]
+    folders = [part_dir(out_root, t, run_date, run_id) for t in TABLES]
     folders += [run_dir] + [run_dir / sub for sub in RUN_SUBFOLDERS]
     return [inside(out_root, f, "run folder") for f in folders]
 

@@ -85,6 +85,7 @@ ERRORS_SCHEMA = pa.schema(
 EMBEDDING_KEYS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
+        pa.field("input_root", pa.string()),
         pa.field("image_path", pa.string(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("shard_id", pa.int32(), nullable=False),
@@ -95,7 +96,7 @@ EMBEDDING_KEYS = pa.schema(
 STAGES = ("scan", "decode", "preprocess", "inference", "write")
 
 
-TABLES = ("predictions", "errors", "errors_history")  # the tables of part files under output.root
+TABLES = ("predictions", "errors", "errors_history", "embeddings")  # the tables of part files under output.root
 
 
 def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Path:

@@ -23,6 +23,7 @@ from imgscore.tasks.drift import psi, shares
 from imgscore.tasks.report import build_report, render_html
 from tests import colour_model
 from tests.conftest import make_variants
+from tests.test_notify import Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +54,11 @@ def nights(prefect_server, photos, tmp_path_factory):
         return execute(build_config({}, [f"{k}={v}" for k, v in items.items()]), quiet=True)
 
     even, red_heavy = {"red": 4, "green": 4, "blue": 4}, {"red": 10, "green": 1, "blue": 1}
-    runs = [night(even), night(red_heavy), night(red_heavy, **{"drift.baseline_runs": 1}),
-            night(even, **{"drift.baseline_runs": 1, "drift.fail": "true"})]
-    return {"out": out, "runs": runs, "root": root}
+    with Receiver() as hook:  # a real HTTP server: nights 2 and 3 complete, only night 2 drifted
+        runs = [night(even), night(red_heavy, **{"notify.webhook_url": hook.url}),
+                night(red_heavy, **{"drift.baseline_runs": 1, "notify.webhook_url": hook.url}),
+                night(even, **{"drift.baseline_runs": 1, "drift.fail": "true"})]
+    return {"out": out, "runs": runs, "root": root, "posts": hook.posts}
 
 
 def test_first_night_has_nothing_to_compare_with(nights):
@@ -91,6 +94,9 @@ def test_class_mix_change_is_a_warning_not_a_failure(nights):
     assert s2["drift"] == d["warnings"]
     recorded = json.loads((nights["out"] / "runs" / s2["run_id"] / "manifest.json").read_text())["drift"]
     assert recorded == {"baseline_runs": [s1["run_id"]], "psi": d["classes"]["psi"], "warnings": d["warnings"]}
+    # the webhook hears about a completed run only because it drifted (notify.on_success is off)
+    (post,) = nights["posts"]
+    assert post["body"]["run_id"] == s2["run_id"] and post["body"]["status"] == "complete" and post["body"]["drift"] == recorded
     page = render_html(report)
     assert "Compared with recent nights" in page and 'alt="class shares against recent nights"' in page and "drift.max_psi" in page
 

@@ -23,7 +23,7 @@ from imgscore.tasks.config import NotifyConfig, build_config
 from tests.conftest import base_overrides, make_image_folder
 
 FIELDS = {"run_id", "status", "prefect_state", "flow_name", "flow_run_id", "message", "reason", "counts", "error_rate",
-          "max_error_rate", "min_errors", "top_error_types", "input_root", "output_root", "manifest", "report", "known_bad"}
+          "max_error_rate", "min_errors", "top_error_types", "input_root", "output_root", "manifest", "report", "known_bad", "drift"}
 
 
 class Receiver:
