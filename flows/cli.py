@@ -87,8 +87,8 @@ def _console(console=None):
 
 
 def load_model_here(cfg: Config):
-    """Load the run's model in this process (the device the thread runner would use; CPU when
-    shards run elsewhere), so a bad checkpoint is refused before anything is planned."""
+    """Load the run's models in this process (the device the thread runner would use; CPU when
+    shards run elsewhere), so a bad checkpoint is refused before anything is planned; returns them in order."""
     import torch
 
     from imgscore.tasks.backends import preflight
@@ -96,9 +96,9 @@ def load_model_here(cfg: Config):
     from imgscore.tasks.model import load_model
 
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
-    lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
+    lms = [load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last) for m in cfg.scored_models()]
     preflight(cfg.inference.backend, cfg.inference.precision, device)  # the runtime is installed, the combination runs
-    return lm
+    return lms
 
 
 def start_dask_early(cfg: Config, session: startup.Session):
@@ -163,7 +163,8 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
     console = _console(console)
     if cfg.run.run_id is None:
         cfg.run.run_id = new_run_id()
-    console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {cfg.model.arch} ({cfg.runner.type} runner) …", soft_wrap=True)
+    names = ", ".join(m.resolved_name for m in cfg.scored_models())
+    console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {names} ({cfg.runner.type} runner) …", soft_wrap=True)
     try:
         with progress_for(console, enabled=not quiet):
             state = flows.score_images(cfg.to_dict(), return_state=True)
@@ -258,13 +259,13 @@ def check_rerun(cfg: Config, manifest, run_dir: Path) -> None:
     root = manifest.input["root"]
     if not Path(root).is_dir():
         raise InputError(f"run {manifest.run_id} scored {root!r}, which is no longer a folder; restore it to rerun the run")
-    lm = load_model_here(cfg)
-    was = manifest.model["model_id"]
-    if lm.model_id != was:
-        raise ModelError(
-            f"model.checkpoint {cfg.model.checkpoint} changed since run {manifest.run_id} (model_id {was[:12]}… → {lm.model_id[:12]}…); "
-            "a rerun must use the run's model: restore the checkpoint, or start a new run with `imgscore run`"
-        )
+    for mcfg, lm, was_info in zip(cfg.scored_models(), load_model_here(cfg), manifest.scored_models, strict=False):
+        was = was_info["model_id"]
+        if lm.model_id != was:
+            raise ModelError(
+                f"model.checkpoint {mcfg.checkpoint} changed since run {manifest.run_id} (model_id {was[:12]}… → {lm.model_id[:12]}…); "
+                "a rerun must use the run's model: restore the checkpoint, or start a new run with `imgscore run`"
+            )
 
 
 def cmd_rerun(args, session: startup.Session) -> int:

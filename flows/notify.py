@@ -103,7 +103,7 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
         "status": observed_status(m.status, run_dir),
         "reason": m.reason,
         "counts": {k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")},
-        "error_rate": round(c.failed / c.scanned, 6) if c.scanned else 0.0,
+        "error_rate": round(c.failed / m.total_pairs, 6) if m.total_pairs else 0.0,  # of (image, model) pairs
         "max_error_rate": run_cfg.get("max_error_rate"),
         "min_errors": run_cfg.get("min_errors"),
         "top_error_types": top_error_types(out, m.run_date, m.run_id),

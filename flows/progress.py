@@ -48,13 +48,13 @@ def progress_fields(manifest: Manifest, now: float | None = None) -> dict:
     """What the bar shows after a shard finished, from the run's manifest — O(1).
 
     Returns:
-        ``{total, done, errors, rate}``: images in the run's shards, images finished (scored +
-        failed), failed images so far, and images per second since the run was planned
+        ``{total, done, errors, rate}``: (image, model) pairs in the run's shards (with one model,
+        images), pairs finished (scored + failed), failed pairs so far, and images per second since the run was planned
         (``manifest.timings["planned_at_s"]``, wall-clock seconds), as text (``-`` before any
         time has passed).
     """
     c = manifest.counts
-    total = manifest.total_images
+    total = manifest.total_pairs  # (image, model) pairs: with one model, images
     done = min(c.scored + c.failed, total) if total else c.scored + c.failed
     started = manifest.timings.get("planned_at_s")
     elapsed = (now if now is not None else time.time()) - started if started else None

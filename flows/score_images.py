@@ -32,8 +32,8 @@ from imgscore.tasks import manifest as mf
 from imgscore.tasks.backends import start_inference
 from imgscore.tasks.config import Config, DriftConfig, RunConfig
 from imgscore.tasks.device import configure_threads, resolve_device
-from imgscore.tasks.embeddings import choose_layer
-from imgscore.tasks.errors import DriftExceeded, ErrorBudgetExceeded, OutputWriteError
+from imgscore.tasks.embeddings import choose_layer, embedding_dim
+from imgscore.tasks.errors import ConfigError, DriftExceeded, ErrorBudgetExceeded, OutputWriteError
 from imgscore.tasks.incremental import CARRIED_FILE
 from imgscore.tasks.model import load_model
 from imgscore.tasks.plan import (
@@ -71,20 +71,40 @@ def plan_task(cfg: Config, run_id: str) -> RunPlan:
     if resumed is not None:
         return resumed
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
-    lm = load_model(cfg.model, cfg.preprocess, device, channels_last=cfg.inference.channels_last)
+    lms = [load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last) for m in cfg.scored_models()]
     if cfg.inference.fold_bn:
-        lm = lm.folded()
-    if cfg.output.embeddings:  # no embedding layer: refused before anything is written (exit 2)
-        choose_layer(lm.module, cfg.output.embedding_layer, lm.num_classes)
+        lms = [lm.folded() for lm in lms]
+    if cfg.output.embeddings:  # no embedding layer, or lengths that one table cannot hold: refused before anything is written (exit 2)
+        check_embedding_layers(lms, [m.resolved_name for m in cfg.scored_models()], cfg.output.embedding_layer, device)
     # reduced precision: the canary on the folder's first images, before anything is written
     first = first_entries(cfg.input.root, cfg.inference.canary_images * 4, cfg.input.layout, cfg.input.follow_symlinks) \
         if cfg.inference.precision != "fp32" else []
-    inference = start_inference(cfg.inference, lm, str(cfg.input.root), first, DecodeOptions.from_input(cfg.input),
-                                configure_threads(cfg.inference.num_threads, 1))
-    plan = plan_new_run(cfg, run_id, lm.info(), flow_run_id=flow_run.get_id())
+    starts = [start_inference(cfg.inference, lm, str(cfg.input.root), first, DecodeOptions.from_input(cfg.input),
+                              configure_threads(cfg.inference.num_threads, 1)) for lm in lms]
+    # several models: one precision for the run; a canary that fell back to fp32 sets it for all
+    inference = next((s for s in starts if s.get("precision") != cfg.inference.precision), starts[0])
+    infos = [{"name": m.resolved_name, **lm.info()} for m, lm in zip(cfg.scored_models(), lms, strict=True)]
+    plan = plan_new_run(cfg, run_id, infos[0], flow_run_id=flow_run.get_id(), models=infos)
     plan.manifest.inference = inference
     plan.state.save()
     return plan
+
+
+def check_embedding_layers(lms: list, names: list[str], layer: str | None, device) -> None:
+    """``output.embeddings`` with these models: each has the embedding layer, and all vectors
+    have one length (one ``fixed_size_list`` column per embeddings part file).
+
+    Raises:
+        ConfigError: a model has no such layer, or two models' vectors differ in length (named).
+    """
+    dims = []
+    for lm in lms:
+        found = choose_layer(lm.module, layer, lm.num_classes)
+        dims.append(embedding_dim(lm.module, found, lm.preprocess.crop, device) if len(lms) > 1 else None)
+    if len(set(dims)) > 1:
+        shown = ", ".join(f"{n} {d}" for n, d in zip(names, dims, strict=True))
+        raise ConfigError(f"output.embeddings with models of different embedding lengths ({shown}); one embeddings table holds one "
+                          "length: set output.embedding_layer to a layer of equal width in each, or score them in separate runs")
 
 
 def effective_config(cfg: Config, plan: RunPlan) -> Config:
@@ -133,7 +153,8 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_
 def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> ShardResult:
     """A shard that could not run after its retries: one errors row per image, state ``failed``."""
     return commit_failed_shard(ref, read_shard_entries(ref), cfg.output.root, plan.manifest.model, reason, attempts,
-                               metadata={"config": cfg.recorded(), "inference": inference_metadata(plan)})  # as score_shard's parts
+                               metadata={"config": cfg.recorded(), "inference": inference_metadata(plan)},  # as score_shard's parts
+                               models=plan.manifest.scored_models)
 
 
 def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
@@ -144,7 +165,7 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
     config_json = cfg.model_dump_json()
     inference_json = json.dumps(inference_metadata(plan))
     futures = {shard_task.submit(ref, config_json, n_on_host, inference_json): ref for ref in plan.shards}
-    artifact = RunProgressArtifact.start(plan.manifest.to_progress(), total=plan.manifest.total_images)  # Prefect UI
+    artifact = RunProgressArtifact.start(plan.manifest.to_progress(), total=plan.manifest.total_pairs)  # Prefect UI
     results = []
     for fut in as_completed(list(futures)):
         ref = futures[fut]
@@ -164,7 +185,9 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
 
 
 def over_budget(failed: int, scanned: int, budget: RunConfig) -> str | None:
-    """Why ``failed`` of ``scanned`` images this run took on is over the error budget, or None.
+    """Why ``failed`` of ``scanned`` (image, model) pairs this run took on is over the error
+    budget, or None (with one model, pairs are images; with two, an image that fails to
+    decode is two failed pairs of two).
 
     Over means the rate exceeds ``run.max_error_rate`` *and* at least ``run.min_errors`` images
     failed: 1 corrupt image of 1 new is a ``partial`` night, not a failed one; 300 of 1,000 fails.
@@ -197,9 +220,10 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     devices = sorted({s.device for s in m.shards if s.device})
     workers = sorted({s.worker for s in m.shards if s.worker})
     score_s = sum(s.seconds or 0 for s in m.shards)
-    rate = c.failed / c.scanned if c.scanned else 0.0
+    pairs = m.total_pairs  # (image, model) pairs: the budget's denominator (images with one model)
+    rate = c.failed / pairs if pairs else 0.0
     failed_shards = [s.shard_id for s in m.shards if s.state == "failed"]
-    why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else over_budget(c.failed, c.scanned, budget)
+    why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else over_budget(c.failed, pairs, budget)
     m.drift = compare_drift(out_root, m, drift_cfg)
     drifted = m.drift.get("warnings") or []
     m.status = "failed" if why or (drifted and drift_cfg.fail) else ("partial" if c.failed else "complete")
@@ -216,6 +240,8 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
         "run_id": plan.run_id,
         "status": m.status,
         **{k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed")},
+        "models": [x.get("name") or x.get("arch") for x in m.scored_models],
+        "pairs": pairs,
         "error_rate": round(rate, 6),
         "max_error_rate": budget.max_error_rate,
         "min_errors": budget.min_errors,
@@ -266,7 +292,8 @@ def skip_scored_guard(cfg: Config, run_id: str):
     (``imgscore.tasks.lock.folder_held``). Without it, nothing is held."""
     if not cfg.run.skip_scored or cfg.input.root is None:
         return contextlib.nullcontext()
-    return run_lock.folder_held(cfg.output.root, cfg.input.root, cfg.model.model_dump_json() + cfg.preprocess.model_dump_json(),
+    return run_lock.folder_held(cfg.output.root, cfg.input.root,
+                                "".join(m.model_dump_json() for m in cfg.scored_models()) + cfg.preprocess.model_dump_json(),
                                 f"imgscore run {run_id}")
 
 

@@ -55,9 +55,25 @@ class InputConfig(_Section):
     )
 
 
+class TransformConfig(_Section):
+    """One model's own eval transform over ``preprocess.*`` (several models, each its recipe);
+    unset fields come from ``preprocess.*``, then the model's weights."""
+
+    resize: int | None = Field(None, gt=0, description="shorter side after resizing, pixels")
+    crop: int | None = Field(None, gt=0, description="center crop side, pixels")
+    mean: list[float] | None = Field(None, min_length=3, max_length=3, description="per-channel mean (RGB, 0–1 scale)")
+    std: list[float] | None = Field(None, min_length=3, max_length=3, description="per-channel std (RGB, 0–1 scale)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(None, description="resize interpolation (antialiased)")
+
+
 class ModelConfig(_Section):
     """Which network and weights; see ``imgscore.tasks.model.load_model``."""
 
+    name: str | None = Field(
+        None,
+        description="what rows call this model (the model_name column; one word, unique in models:); "
+        "default: model.arch, or the function name of model.factory",
+    )
     arch: str = Field("resnet50", description="torchvision.models builder name")
     checkpoint: Path | None = Field(None, description="state_dict, training checkpoint dict, or TorchScript")
     weights: str | None = Field(None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) from the local hub cache")
@@ -72,6 +88,27 @@ class ModelConfig(_Section):
         "model.checkpoint's state_dict loads into (architectures torchvision does not build); "
         "replaces model.arch",
     )
+    transform: TransformConfig | None = Field(
+        None,
+        description="this model's resize, crop, mean, std, interpolation over preprocess.* (models: each its own recipe; "
+        "decoding is shared, the draft sized for the largest resize)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not is_plain_name(v) or v != v.strip()):
+            raise ValueError(f"model name {v!r} must be one word without '/', '\\', '..', spaces at its ends or control characters")
+        return v
+
+    @property
+    def resolved_name(self) -> str:
+        """``name``, else ``arch`` (or the function of ``factory``): the ``model_name`` of its rows."""
+        if self.name is not None:
+            return self.name
+        if self.factory is not None:
+            return self.factory.partition(":")[2].strip()
+        return self.arch
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -318,6 +355,11 @@ class Config(_Section):
 
     input: InputConfig = InputConfig()
     model: ModelConfig = ModelConfig()
+    models: list[ModelConfig] | None = Field(
+        None,
+        description="several model blocks (each as model.*, with a name) scored in one pass: each image is decoded once "
+        "and every model scores it; replaces model (README, 'Several models')",
+    )
     preprocess: PreprocessConfig = PreprocessConfig()
     inference: InferenceConfig = InferenceConfig()
     run: RunConfig = RunConfig()
@@ -325,6 +367,31 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     notify: NotifyConfig = NotifyConfig()
     drift: DriftConfig = DriftConfig()
+
+    @model_validator(mode="after")
+    def _one_model_form(self) -> Config:
+        if self.models is None:
+            return self
+        if "model" in self.model_fields_set and self.model != ModelConfig():
+            raise ValueError("both model and models are set; put the model block into the models list (with a name), or use model alone")
+        if not self.models:
+            raise ValueError("models is empty; list at least one model block, or use model")
+        names = [m.resolved_name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"models: the name {dup[0]!r} is used by {names.count(dup[0])} models; give each a distinct models[i].name")
+        return self
+
+    def preprocess_for(self, model: ModelConfig) -> PreprocessConfig:
+        """``preprocess`` with ``model.transform``'s set fields over it: what ``model`` is loaded with."""
+        if model.transform is None:
+            return self.preprocess
+        return self.preprocess.model_copy(update=model.transform.model_dump(exclude_none=True))
+
+    def scored_models(self) -> list[ModelConfig]:
+        """The models a run scores, in order: ``models``, else ``[model]``. Each one's rows carry
+        its :attr:`ModelConfig.resolved_name` as ``model_name``."""
+        return list(self.models) if self.models is not None else [self.model]
 
     @model_validator(mode="after")
     def _embeddings_backend(self) -> Config:
@@ -371,6 +438,9 @@ def config_reference() -> list[dict[str, str]]:
     rows = []
     for section, sf in Config.model_fields.items():
         model = sf.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):  # models: a list of model blocks
+            rows.append({"key": section, "default": _default_text(sf), "meaning": sf.description or ""})
+            continue
         for name, field in model.model_fields.items():
             rows.append({"key": f"{section}.{name}", "default": _default_text(field), "meaning": field.description or ""})
     return rows

@@ -10,7 +10,7 @@ of a broken image.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.utils.data import Dataset
@@ -73,45 +73,83 @@ class Batch:
         return self
 
 
+def decode_spec(specs: list[PreprocessSpec]) -> PreprocessSpec:
+    """The spec one shared decode of ``specs`` runs with: their decode settings (equal by
+    :func:`decode_key`) and the largest ``resize``, so a JPEG's draft (DCT-domain downscale,
+    ``preprocess.jpeg_draft``) keeps enough pixels for the model that resizes least. Each
+    model's own resize, crop and normalisation then run on that one decoded image."""
+    return replace(specs[0], resize=max(s.resize for s in specs))
+
+
+def decode_key(spec: PreprocessSpec) -> PreprocessSpec:
+    """What decoding depends on besides the draft size: ``spec`` with the transform's fields
+    (resize, crop, mean, std, interpolation) at their defaults. Specs with equal keys share one decode."""
+    return replace(spec, resize=PreprocessSpec.resize, crop=PreprocessSpec.crop, mean=PreprocessSpec.mean,
+                   std=PreprocessSpec.std, interpolation=PreprocessSpec.interpolation)
+
+
 class ShardDataset(Dataset):
     """Map-style dataset over one shard's :class:`ImageEntry` list.
 
     Args:
         root: ``input.root``; entries' ``rel`` paths are relative to it.
         entries: the shard's images, in order.
-        spec: the model's eval transform.
+        spec: the model's eval transform; or a list of distinct transforms (several models):
+            each image is then decoded once per distinct :func:`decode_key` (drafted for the
+            largest resize, :func:`decode_spec`) and transformed once per spec.
         opts: decode policy (pixel limit, EXIF).
+
+    ``ds[i]`` is a :class:`Sample` or a :class:`Failure` for one spec; for a list, a tuple of
+    them in the list's order (collate with :func:`collate_lanes`).
     """
 
-    def __init__(self, root: str, entries: list[ImageEntry], spec: PreprocessSpec, opts: DecodeOptions):
+    def __init__(self, root: str, entries: list[ImageEntry], spec: PreprocessSpec | list[PreprocessSpec], opts: DecodeOptions):
         self.root = root
         self.entries = entries
-        self.spec = spec
+        self.multi = isinstance(spec, list)
+        self.specs = list(spec) if self.multi else [spec]
+        self.spec = self.specs[0]
         self.opts = opts
-        self._transform = None  # built lazily, once per worker process
+        groups: dict[PreprocessSpec, list[int]] = {}
+        for i, s in enumerate(self.specs):
+            groups.setdefault(decode_key(s), []).append(i)
+        self._decodes = [(decode_spec([self.specs[i] for i in idx]), idx) for idx in groups.values()]
+        self._transforms: list | None = None  # built lazily, once per worker process
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, pos: int) -> Sample | Failure:
+    def __getitem__(self, pos: int):
         entry = self.entries[pos]
+        out: list = [None] * len(self.specs)
         if entry.scan_error:
-            return Failure(pos, entry.image_path, "scan", "ScanError", entry.scan_error)
-        warned: list[str] = []
+            out = [Failure(pos, entry.image_path, "scan", "ScanError", entry.scan_error) for _ in self.specs]
+            return tuple(out) if self.multi else out[0]
+        if self._transforms is None:
+            self._transforms = [None] * len(self.specs)
         path = os.path.join(self.root, entry.rel)
-        try:
-            decoded = decode_file(path, self.spec, self.opts, warned)
-        except DecodeError as exc:
-            return Failure(pos, entry.image_path, "decode", f"DecodeError.{exc.kind}", str(exc), warned)
-        except Exception as exc:  # anything else Pillow raises for a hostile file: recorded, not raised
-            return Failure(pos, entry.image_path, "decode", type(exc).__name__, str(exc) or repr(exc), warned)
-        try:
-            if self._transform is None:
-                self._transform = build_transform(self.spec)
-            tensor = self._transform(decoded.image)
-        except Exception as exc:
-            return Failure(pos, entry.image_path, "preprocess", type(exc).__name__, str(exc) or repr(exc), warned)
-        return Sample(pos, tensor, warned, decoded.file_size, decoded.file_mtime_ns)
+        for dspec, idx in self._decodes:
+            warned: list[str] = []
+            try:
+                decoded = decode_file(path, dspec, self.opts, warned)
+            except DecodeError as exc:
+                fail = ("decode", f"DecodeError.{exc.kind}", str(exc))
+            except Exception as exc:  # anything else Pillow raises for a hostile file: recorded, not raised
+                fail = ("decode", type(exc).__name__, str(exc) or repr(exc))
+            else:
+                fail = None
+            for n, i in enumerate(idx):
+                w = warned if n == 0 else []  # a decode's warnings are counted once, with its first spec
+                if fail is not None:
+                    out[i] = Failure(pos, entry.image_path, *fail, w)
+                    continue
+                try:
+                    if self._transforms[i] is None:
+                        self._transforms[i] = build_transform(self.specs[i])
+                    out[i] = Sample(pos, self._transforms[i](decoded.image), w, decoded.file_size, decoded.file_mtime_ns)
+                except Exception as exc:
+                    out[i] = Failure(pos, entry.image_path, "preprocess", type(exc).__name__, str(exc) or repr(exc), w)
+        return tuple(out) if self.multi else out[0]
 
 
 def collate_samples(items: list[Sample | Failure]) -> Batch:
@@ -121,3 +159,9 @@ def collate_samples(items: list[Sample | Failure]) -> Batch:
     warnings = [w for s in items for w in s.warnings]
     tensor = torch.stack([s.tensor for s in samples]) if samples else None
     return Batch(tensor, [s.pos for s in samples], failures, warnings, {s.pos: (s.file_size, s.file_mtime_ns) for s in samples})
+
+
+def collate_lanes(items: list[tuple]) -> list[Batch]:
+    """A batch of :class:`ShardDataset` items for several specs (tuples) → one :class:`Batch`
+    per spec, in the specs' order, each as :func:`collate_samples` makes it."""
+    return [collate_samples([item[i] for item in items]) for i in range(len(items[0]))] if items else []

@@ -52,6 +52,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("topk_indices", pa.list_(pa.int32()), nullable=False),
         pa.field("topk_scores", pa.list_(pa.float32()), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),  # the config's model name (models[i].name; model.arch by default)
         pa.field("device", pa.string(), nullable=False),
         pa.field("worker", pa.string(), nullable=False),
         pa.field("shard_id", pa.int32(), nullable=False),
@@ -75,6 +76,8 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("attempt", pa.int32(), nullable=False),
         pa.field("occurred_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("worker", pa.string()),
+        pa.field("model_id", pa.string(), nullable=False),  # the model this (image, model) pair failed for
+        pa.field("model_name", pa.string(), nullable=False),
         pa.field("file_size", pa.int64()),  # bytes, as scanned: the failure ledger's key (run.skip_scored)
         pa.field("file_mtime_ns", pa.int64()),
     ]
@@ -88,6 +91,7 @@ EMBEDDING_KEYS = pa.schema(
         pa.field("input_root", pa.string()),
         pa.field("image_path", pa.string(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
         pa.field("shard_id", pa.int32(), nullable=False),
         pa.field("batch_id", pa.int32(), nullable=False),
     ]

@@ -48,6 +48,7 @@ from imgscore.tasks.runstate import (
     ShardRecord,
     ShardRef,
     load_manifest,
+    models_id,
     now_iso,
 )
 from imgscore.tasks.scan import Scan, no_images_message, open_scan, scan_threads_for
@@ -78,7 +79,7 @@ def shard_refs(manifest: Manifest, run_dir: str | Path) -> list[ShardRef]:
     """The task-run references of a manifest's shards, pointing at ``run_dir`` (where the run
     lives now: ``output.root`` may have moved since planning)."""
     mkey = manifest.model.get("model_key") or model_key(manifest.model)
-    model_id = manifest.model.get("model_id") or ""
+    model_id = models_id([m.get("model_id") or "" for m in manifest.scored_models])
     refs = []
     for s in manifest.shards:
         index_file, group = shard_location(manifest.index, s.shard_id)
@@ -171,7 +172,7 @@ def resume_plan(out_root: str | Path, run_id: str, flow_run_id: str | None, inpu
 
 
 def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | None = None, flow_run_id: str | None = None,
-                 scan: Scan | None = None) -> RunPlan:
+                 scan: Scan | None = None, models: list[dict] | None = None) -> RunPlan:
     """Scan ``input.root`` into the index, cut shards, write the first manifest.
 
     Temp files that killed writers left in ``output.root`` (of runs no live process holds) are
@@ -182,6 +183,8 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     a given folder state. ``flow_run_id`` lets a Prefect retry of the same flow run find and
     resume this run (:func:`find_retried_run`). ``scan``: an already opened scan (default:
     ``open_scan`` of ``input.root``; benchmarks/scale_plan.py passes synthetic ones).
+    ``models``: every model the run scores (``name`` + ``LoadedModel.info()``), default
+    ``[model_info]``; each shard then holds images × models (image, model) pairs.
 
     Raises:
         UsageError: a run with this id already exists; InputError: bad root or no images.
@@ -225,6 +228,8 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     listings.close()
 
     mkey = model_key(model_info)
+    models = [{**m, "model_key": model_key(m)} for m in (models or [model_info])]
+    per_image = len(models)
     incremental = {"skip_scored": False}
     if skip is not None:
         incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
@@ -247,15 +252,17 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         created_at=started.isoformat(),
         updated_at=now_iso(),
         input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes},
-        counts=Counts(scanned=n, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
-                      already_failed=skip.already_failed if skip else 0, pending=n),
+        counts=Counts(scanned=n, pairs=n * per_image, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
+                      already_failed=skip.already_failed if skip else 0, pending=n * per_image),
         skipped=scan.skipped,
         model={**model_info, "model_key": mkey},
+        models=models if len(models) > 1 or "name" in models[0] else [],
         config=cfg.recorded(),
         incremental=incremental,
         index=index.info(),
         shards=[
-            ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, fingerprint=s.fingerprint)
+            ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, pairs=(s.stop - s.start) * per_image,
+                        fingerprint=s.fingerprint)
             for s in index.shards
         ],
         outputs={t: str(part_dir(out, t, run_date, run_id)) for t in ("predictions", "errors", *(("embeddings",) if cfg.output.embeddings else ()))},

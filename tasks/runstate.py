@@ -64,6 +64,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
+def models_id(model_ids: list[str]) -> str:
+    """What a shard's ``model_id`` is: the one model's ``model_id``; with several models their
+    ids joined with ``+`` in the config's order (a commit record of another set is not this shard's)."""
+    return "+".join(model_ids)
+
+
 class ShardRef(BaseModel):
     """What a ``score_shard`` task run is given: where the run lives and which rows are its own.
 
@@ -131,6 +137,7 @@ class ShardRecord(_Model):
     start: int = 0
     stop: int = 0
     images: int = 0
+    pairs: int = 0  # (image, model) pairs to score: images × models, less those run.skip_scored found done; 0: images
     fingerprint: str | None = None
     state: ShardState = "pending"
     attempts: int = Field(0, validation_alias=AliasChoices("attempts", "attempt"))
@@ -157,9 +164,13 @@ class ShardRecord(_Model):
 
 
 class Counts(_Model):
-    """Image counts of a run. ``scanned`` = scored + failed + pending (images in its shards)."""
+    """Counts of a run. ``scanned`` counts images in its shards; ``scored``, ``failed``,
+    ``pending``, ``already_scored`` and ``already_failed`` count (image, model) pairs — with one
+    model, images — and ``pairs`` = scored + failed + pending (0 in manifests written before
+    several models: ``scanned``)."""
 
     scanned: int = 0
+    pairs: int = 0
     scored: int = 0
     failed: int = 0
     skipped: int = 0  # files the scan listed but could not score (unsupported formats, …)
@@ -169,12 +180,13 @@ class Counts(_Model):
 
 
 def _contribution(rec: ShardRecord) -> tuple[int, int, int]:
-    """(scored, failed, pending) images that ``rec`` adds to the run's counts."""
+    """(scored, failed, pending) (image, model) pairs that ``rec`` adds to the run's counts."""
+    pairs = rec.pairs or rec.images
     if rec.state == "failed":
-        return rec.scored, rec.images, 0
+        return rec.scored, max(pairs, rec.failed), 0
     if rec.state in ("complete", "partial"):
         return rec.scored, rec.failed, 0
-    return rec.scored, 0, rec.images
+    return rec.scored, 0, pairs
 
 
 class Manifest(_Model):
@@ -195,7 +207,8 @@ class Manifest(_Model):
     input: dict[str, Any] = Field(default_factory=dict)  # root, layout, classes
     counts: Counts = Field(default_factory=Counts)
     skipped: list[dict[str, str]] = Field(default_factory=list)  # {image_path, reason}
-    model: dict[str, Any] = Field(default_factory=dict)  # LoadedModel.info() + model_key
+    model: dict[str, Any] = Field(default_factory=dict)  # LoadedModel.info() + model_key (+ name); with several models, the first
+    models: list[dict[str, Any]] = Field(default_factory=list)  # every model scored: name + LoadedModel.info() + model_key ([] before)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved config
     incremental: dict[str, Any] = Field(default_factory=lambda: {"skip_scored": False})
     index: dict[str, Any] = Field(default_factory=dict)  # imgscore.tasks.index.IndexWriter.info()
@@ -240,6 +253,16 @@ class Manifest(_Model):
             scored, failed, pending = scored + s, failed + f, pending + p
         self.counts.scored, self.counts.failed, self.counts.pending = scored, failed, pending
         return self
+
+    @property
+    def scored_models(self) -> list[dict[str, Any]]:
+        """The run's models (``models``; a manifest written before several models: ``[model]``)."""
+        return self.models or ([self.model] if self.model else [])
+
+    @property
+    def total_pairs(self) -> int:
+        """(image, model) pairs the run's shards hold (fixed at planning): the error budget's denominator."""
+        return self.counts.pairs or self.counts.scanned
 
     @property
     def total_images(self) -> int:

@@ -42,7 +42,7 @@ from imgscore.tasks.config import (
     PreprocessConfig,
 )
 from imgscore.tasks.containment import inside
-from imgscore.tasks.dataset import Batch, ShardDataset, collate_samples
+from imgscore.tasks.dataset import Batch, ShardDataset, collate_lanes, collate_samples
 from imgscore.tasks.device import (
     configure_threads,
     loader_context,
@@ -62,8 +62,14 @@ from imgscore.tasks.parquet_io import (
     part_name,
     write_table_atomic,
 )
-from imgscore.tasks.preprocess import DecodeOptions
-from imgscore.tasks.runstate import ShardRef, ShardResult, commit_record_path, write_commit_record
+from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
+from imgscore.tasks.runstate import (
+    ShardRef,
+    ShardResult,
+    commit_record_path,
+    models_id,
+    write_commit_record,
+)
 from imgscore.tasks.scan import ImageEntry
 
 __all__ = ["ShardError", "ShardRef", "score_shard", "score_entries", "commit_shard", "build_loader", "score_batches", "forward_probs"]
@@ -100,6 +106,7 @@ class Scorer:
     backend: str = "torch"  # inference.backend, with auto resolved on this machine
     tap: emb.Tap | None = None  # output.embeddings: the hook that reads each image's features
     embedding_dim: int | None = None  # D, the length of those features
+    name: str = ""  # the model's name in the config: every row's model_name
 
     def forward(self, threads: int) -> Forward:
         """The backend's forward pass with ``threads`` threads (one session per process and count)."""
@@ -128,9 +135,18 @@ def load_scorer(model_cfg: ModelConfig, pre_cfg: PreprocessConfig, inf_cfg: Infe
     if out_cfg is not None and out_cfg.embeddings:
         layer = emb.choose_layer(lm.module, out_cfg.embedding_layer, lm.num_classes)
         dim = emb.embedding_dim(lm.module, layer, lm.preprocess.crop, device)
-        return Scorer(lm, device, inf_cfg, threads, worker_name(), "torch", emb.tap_for(lm.module, layer), dim)
+        return Scorer(lm, device, inf_cfg, threads, worker_name(), "torch", emb.tap_for(lm.module, layer), dim, model_cfg.resolved_name)
     backend = resolve_backend(lm, inf_cfg.backend, inf_cfg.precision, threads, batch, inf_cfg.cache_dir, inf_cfg.channels_last)
-    return Scorer(lm, device, inf_cfg, threads, worker_name(), backend)
+    return Scorer(lm, device, inf_cfg, threads, worker_name(), backend, name=model_cfg.resolved_name)
+
+
+def load_scorers(cfg: Config, workers_on_host: int = 1, rank: int | None = None) -> list[Scorer]:
+    """One :class:`Scorer` per model the run scores (``cfg.scored_models()``), in the config's order.
+
+    Raises:
+        ModelError, ConfigError: as :func:`load_scorer`, for any of the models.
+    """
+    return [load_scorer(m, cfg.preprocess_for(m), cfg.inference, workers_on_host, rank, cfg.output) for m in cfg.scored_models()]
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -149,6 +165,7 @@ class RowContext:
     device: str
     worker: str | None
     topk: int
+    model_name: str = ""  # the config's name of the model (models[i].name; model.arch by default)
 
 
 def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indices: list[int], top_scores: list[float],
@@ -172,6 +189,7 @@ def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indice
         "topk_indices": top_indices,
         "topk_scores": top_scores,
         "model_id": ctx.model_id,
+        "model_name": ctx.model_name,
         "device": ctx.device,
         "worker": ctx.worker,
         "shard_id": ctx.shard_id,
@@ -203,6 +221,8 @@ def error_row(ctx: RowContext, entry: ImageEntry | None, batch_id: int | None, s
         "attempt": ctx.attempt,
         "occurred_at": occurred_at or datetime.now(UTC),
         "worker": ctx.worker,
+        "model_id": ctx.model_id,
+        "model_name": ctx.model_name,
         "file_size": entry.size if entry is not None else None,
         "file_mtime_ns": entry.mtime_ns if entry is not None else None,
     }
@@ -295,29 +315,80 @@ def score_isolated(fn, x: torch.Tensor, positions: list[int], state: _Isolation)
     return out
 
 
-def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorer: Scorer) -> autotune.Split:
+def transform_specs(scorers: list[Scorer]) -> tuple[list[PreprocessSpec], list[int]]:
+    """The distinct eval transforms of ``scorers`` and, per scorer, the index of its own: models
+    with the same preprocessing share one tensor, the others one decode (``ShardDataset``)."""
+    specs: list[PreprocessSpec] = []
+    for sc in scorers:
+        if sc.lm.preprocess not in specs:
+            specs.append(sc.lm.preprocess)
+    return specs, [specs.index(sc.lm.preprocess) for sc in scorers]
+
+
+class _JointForward(Forward):
+    """For the split's measurement only: every model's forward on one probe batch, resized to
+    each model's crop (float32 [B, 3, H, W] in, the first model's probabilities out)."""
+
+    def __init__(self, scorers: list[Scorer], threads: int):
+        self.fns = [(sc.forward(threads), sc.lm.preprocess.crop) for sc in scorers]
+        self.channels_last, self.device = self.fns[0][0].channels_last, self.fns[0][0].device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [f(x if x.shape[-1] == crop else torch.nn.functional.interpolate(x, size=(crop, crop), mode="bilinear"))
+                for f, crop in self.fns]
+        return outs[0]
+
+
+def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorers: Scorer | list[Scorer]) -> autotune.Split:
     """DataLoader workers, forward threads and batch size for these images: the configured
     numbers, or ``auto`` from costs measured once per process (``imgscore.tasks.autotune``),
-    keyed by model, backend, thread share, input size and the images' typical file size."""
-    inf, lm = scorer.inference, scorer.lm
+    keyed by the models, backend, thread share, input size and the images' typical file size.
+    With several models the decode measured is the shared one (all of its transforms) and the
+    forward is every model's, one after another."""
+    scorers = scorers if isinstance(scorers, list) else [scorers]
+    scorer = scorers[0]
+    inf = scorer.inference
     sizes = sorted(e.size or 0 for e in entries[:8])
-    key = (lm.model_id[:12], lm.arch, scorer.backend, inf.precision, scorer.threads, lm.preprocess.crop,
-           int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0)
-    return autotune.shard_split(ds, scorer.forward, scorer.threads, inf.num_workers, inf.batch_size, key, scorer.device,
+    key = (*(sc.lm.model_id[:12] for sc in scorers), *(sc.lm.arch for sc in scorers), scorer.backend, inf.precision, scorer.threads,
+           *(sc.lm.preprocess.crop for sc in scorers), int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0)
+    probe, forward_for = ds, scorer.forward
+    if len(scorers) > 1:
+        probe = _FirstLane(ds)
+        forward_for = lambda t: _JointForward(scorers, t)  # noqa: E731
+    return autotune.shard_split(probe, forward_for, scorer.threads, inf.num_workers, inf.batch_size, key, scorer.device,
                                 can_fork=loader_workers(1) > 0)
 
 
-def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig,
+class _FirstLane:
+    """A several-model ``ShardDataset`` seen as one model's, for the split's measurement: item
+    ``i`` decoded and transformed for every model (the cost), the first model's sample returned."""
+
+    def __init__(self, ds: ShardDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i][0]
+
+
+def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer | list[Scorer], input_cfg: InputConfig,
                  split: autotune.Split | None = None) -> tuple[DataLoader, autotune.Split]:
     """A DataLoader over ``entries`` (files under ``input_root``) yielding
-    :class:`~imgscore.tasks.dataset.Batch`, and the split it uses (:func:`loader_split` unless given).
+    :class:`~imgscore.tasks.dataset.Batch` — for a list of scorers, a list of them, one per
+    distinct transform (:func:`transform_specs`): each image decoded once — and the split it
+    uses (:func:`loader_split` unless given).
 
     The split's decode processes (0 inside a daemonic Dask worker), forked also inside spawned
     Dask workers (``loader_context``); ``inference.timeout_s`` per batch when there are
     workers; pinned memory for CUDA.
     """
-    inf = scorer.inference
-    ds = ShardDataset(input_root, entries, scorer.lm.preprocess, DecodeOptions.from_input(input_cfg))
+    scorers = scorer if isinstance(scorer, list) else [scorer]
+    inf = scorers[0].inference
+    opts = DecodeOptions.from_input(input_cfg)
+    ds = ShardDataset(input_root, entries, transform_specs(scorers)[0], opts) if isinstance(scorer, list) \
+        else ShardDataset(input_root, entries, scorer.lm.preprocess, opts)
     split = split or loader_split(ds, entries, scorer)
     nw = loader_workers(split.workers)
     loader = DataLoader(
@@ -325,8 +396,8 @@ def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer, inp
         batch_size=split.batch,
         shuffle=False,
         num_workers=nw,
-        collate_fn=collate_samples,
-        pin_memory=scorer.device.type == "cuda",
+        collate_fn=collate_lanes if isinstance(scorer, list) else collate_samples,
+        pin_memory=scorers[0].device.type == "cuda",
         timeout=inf.timeout_s if nw > 0 else 0,
         multiprocessing_context=loader_context(nw),
     )
@@ -356,74 +427,110 @@ def loader_batches(loader: DataLoader, shard_id: int) -> Iterator[Batch]:
         yield batch
 
 
+@dataclass
+class Lane:
+    """One model's share of a several-model pass: its scorer, its rows' context, which of the
+    loader's batches (one per distinct transform) it reads, its forward and its isolation state."""
+
+    scorer: Scorer
+    ctx: RowContext
+    spec: int = 0
+    fn: Forward | None = None
+    iso: _Isolation | None = None
+
+
 def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: Scorer, ctx: RowContext,
                   forward: Forward | None = None, max_batch: int | None = None) -> ShardRows:
-    """Forward every batch with per-image isolation and turn each image into one row.
+    """Forward every batch with per-image isolation and turn each image into one row: one
+    model's :func:`score_lanes`. ``forward``: the backend's forward (default: the scorer's with
+    its thread share); ``max_batch``: the largest forward (default ``inference.batch_size``)."""
+    return score_lanes(([b] for b in batches), entries, [Lane(scorer, ctx, 0, forward)], max_batch)
 
-    ``forward``: the backend's forward (default: the scorer's with its thread share);
-    ``max_batch``: the largest forward (default ``inference.batch_size``). Decode failures from
-    the dataset, inference failures isolated by :func:`score_isolated` and non-finite outputs
-    become errors rows; every other image a predictions row with its top-k — the same code for
-    every backend. Rows come out in image order within each batch, batches in order.
+
+def score_lanes(batches: Iterator[list[Batch]], entries: list[ImageEntry], lanes: list[Lane], max_batch: int | None = None) -> ShardRows:
+    """Forward every batch through every model (lane) with per-image isolation; each (image,
+    model) pair becomes one row.
+
+    ``batches`` yields, per DataLoader batch, one :class:`Batch` per distinct transform;
+    ``lane.spec`` picks a lane's. Decode failures (per image, recorded once per model: each
+    pair failed), inference failures isolated by :func:`score_isolated` and non-finite outputs
+    become errors rows; every other pair a predictions row with its model's top-k — the same
+    code for every backend. Rows come out batch by batch, model by model within a batch, in
+    image order within each; Pillow warnings are counted once per decoded image.
     """
-    device = scorer.device
-    fn = forward or scorer.forward(scorer.threads)
-    run_fn = emb.with_embeddings(fn, scorer.tap) if scorer.tap is not None else fn  # probs, then features
-    n_classes = len(ctx.classes)
-    rows = ShardRows(forward=fn)
-    iso = _Isolation(max_batch=max_batch or (scorer.inference.batch_size if isinstance(scorer.inference.batch_size, int) else autotune.MIN_BATCH))
-    k = ctx.topk
+    for lane in lanes:
+        inf = lane.scorer.inference
+        lane.fn = lane.fn or lane.scorer.forward(lane.scorer.threads)
+        lane.iso = _Isolation(max_batch=max_batch or (inf.batch_size if isinstance(inf.batch_size, int) else autotune.MIN_BATCH))
+    rows = ShardRows(forward=lanes[0].fn)
 
     with torch.inference_mode():
-        for batch_id, batch in enumerate(batches):
+        for batch_id, group in enumerate(batches):
             if batch_id == 0:
                 rows.setup_s = time.perf_counter()  # made relative to the shard's start by score_entries
-            rows.warnings.update(batch.warnings)
-            for f in batch.failures:
-                rows.errors.append(error_row(ctx, entries[f.pos], batch_id, f.stage, f.error_type, f.message))
-            if batch.tensor is None:
-                continue
-            mf = torch.channels_last if (fn.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
-            x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
-            n_before = len(iso.failures)
-            scored = score_isolated(run_fn, x, batch.positions, iso)
-            for pos, etype, msg in iso.failures[n_before:]:
-                rows.errors.append(error_row(ctx, entries[pos], batch_id, "inference", etype, msg))
-            if not scored:
-                continue
-            out = torch.stack([p for _, p in scored])
-            probs = out[:, :n_classes]
-            if scorer.tap is not None:
-                rows.embeddings.extend(out[:, n_classes:].numpy())
-            top_s, top_i = torch.topk(probs, k, dim=1)
-            now = datetime.now(UTC)
-            for row, (pos, _) in enumerate(scored):
-                rows.predictions.append(
-                    prediction_row(ctx, entries[pos], batch_id, [int(v) for v in top_i[row]], [float(v) for v in top_s[row]], now,
-                                   batch.file_stats.get(pos))
-                )
-    rows.oom_events = iso.oom_events
+            for b in group:
+                rows.warnings.update(b.warnings)
+            for lane in lanes:
+                _score_lane_batch(rows, lane, group[lane.spec], batch_id, entries)
+    rows.oom_events = sum(lane.iso.oom_events for lane in lanes)
     return rows
 
 
-def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer, input_cfg: InputConfig, ctx: RowContext,
-                  t0: float | None = None) -> ShardRows:
+def _score_lane_batch(rows: ShardRows, lane: Lane, batch: Batch, batch_id: int, entries: list[ImageEntry]) -> None:
+    """One model's rows for one batch, appended to ``rows``."""
+    scorer, ctx, fn, iso = lane.scorer, lane.ctx, lane.fn, lane.iso
+    for f in batch.failures:
+        rows.errors.append(error_row(ctx, entries[f.pos], batch_id, f.stage, f.error_type, f.message))
+    if batch.tensor is None:
+        return
+    device = scorer.device
+    run_fn = emb.with_embeddings(fn, scorer.tap) if scorer.tap is not None else fn  # probs, then features
+    n_classes = len(ctx.classes)
+    mf = torch.channels_last if (fn.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
+    x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
+    n_before = len(iso.failures)
+    scored = score_isolated(run_fn, x, batch.positions, iso)
+    for pos, etype, msg in iso.failures[n_before:]:
+        rows.errors.append(error_row(ctx, entries[pos], batch_id, "inference", etype, msg))
+    if not scored:
+        return
+    out = torch.stack([p for _, p in scored])
+    probs = out[:, :n_classes]
+    if scorer.tap is not None:
+        rows.embeddings.extend(out[:, n_classes:].numpy())
+    top_s, top_i = torch.topk(probs, ctx.topk, dim=1)
+    now = datetime.now(UTC)
+    for row, (pos, _) in enumerate(scored):
+        rows.predictions.append(
+            prediction_row(ctx, entries[pos], batch_id, [int(v) for v in top_i[row]], [float(v) for v in top_s[row]], now,
+                           batch.file_stats.get(pos))
+        )
+
+
+def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer | list[Scorer], input_cfg: InputConfig,
+                  ctx: RowContext | list[RowContext], t0: float | None = None) -> ShardRows:
     """Steps 1 and 2 for any list of images: loader, then rows (the rerun's entry point too).
 
-    ``t0``: ``time.perf_counter()`` when the shard started; the time until the first batch is
-    recorded as ``setup_s``.
+    ``scorer``/``ctx``: one model, or one per model (same order): each image is then decoded
+    once and scored by every model (:func:`score_lanes`). ``t0``: ``time.perf_counter()`` when
+    the shard started; the time until the first batch is recorded as ``setup_s``.
 
     Raises:
         ShardError: the DataLoader failed (:func:`loader_batches`).
     """
     t0 = time.perf_counter() if t0 is None else t0
-    loader, split = build_loader(entries, input_root, scorer, input_cfg)
-    threads = configure_threads(split.threads, 1) if split.threads != scorer.threads else scorer.threads
-    rows = score_batches(loader_batches(loader, ctx.shard_id), entries, scorer, ctx, scorer.forward(threads), split.batch)
+    scorers = scorer if isinstance(scorer, list) else [scorer]
+    ctxs = ctx if isinstance(ctx, list) else [ctx]
+    loader, split = build_loader(entries, input_root, scorers, input_cfg)
+    first = scorers[0]
+    threads = configure_threads(split.threads, 1) if split.threads != first.threads else first.threads
+    _, spec_of = transform_specs(scorers)
+    lanes = [Lane(sc, cx, spec_of[i], sc.forward(threads)) for i, (sc, cx) in enumerate(zip(scorers, ctxs, strict=True))]
+    rows = score_lanes(loader_batches(loader, ctxs[0].shard_id), entries, lanes, split.batch)
     rows.loader_workers, rows.split = loader.num_workers, split
     rows.setup_s = round(rows.setup_s - t0, 4) if rows.setup_s else None
     if rows.warnings:
-        log.debug("shard %d: Pillow warnings (counted, not printed per image): %s", ctx.shard_id, dict(rows.warnings))
+        log.debug("shard %d: Pillow warnings (counted, not printed per image): %s", ctxs[0].shard_id, dict(rows.warnings))
     return rows
 
 
@@ -470,8 +577,10 @@ def embeddings_part(out_root: str | Path, ref: ShardRef) -> Path:
     return inside(out_root, part_dir(out_root, "embeddings", ref.run_date, ref.run_id), "part-file folder") / part_name(ref.shard_id)
 
 
-def embeddings_of(rows: ShardRows, scorer: Scorer, out_cfg: OutputConfig, metadata: dict[str, str]) -> pa.Table | None:
-    """The embeddings part for ``rows`` (keys from their predictions rows), or None when off."""
+def embeddings_of(rows: ShardRows, scorer: Scorer | list[Scorer], out_cfg: OutputConfig, metadata: dict[str, str]) -> pa.Table | None:
+    """The embeddings part for ``rows`` (keys from their predictions rows), or None when off.
+    Several models write one table: their vectors have one length (checked when the run is planned)."""
+    scorer = scorer[0] if isinstance(scorer, list) else scorer
     if scorer.tap is None or not out_cfg.embeddings:
         return None
     return emb.embeddings_table(rows.predictions, rows.embeddings, scorer.embedding_dim, out_cfg.embedding_dtype, metadata)
@@ -480,46 +589,62 @@ def embeddings_of(rows: ShardRows, scorer: Scorer, out_cfg: OutputConfig, metada
 def row_context(ref: ShardRef, scorer: Scorer, attempt: int, topk: int) -> RowContext:
     lm = scorer.lm
     return RowContext(ref.run_id, ref.input_root, ref.shard_id, attempt, lm.model_id, list(lm.classes), str(scorer.device), scorer.worker,
-                      min(topk, lm.num_classes))
+                      min(topk, lm.num_classes), scorer.name or lm.arch)
+
+
+def models_metadata(scorers: list[Scorer], metadata: dict | None) -> dict:
+    """``metadata`` plus, with several models, ``models``: each one's name and description
+    (``LoadedModel.info()``), for every part file of the shard."""
+    if len(scorers) == 1:
+        return dict(metadata or {})
+    return {**(metadata or {}), "models": [{"name": sc.name, **sc.lm.info()} for sc in scorers]}
 
 
 def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: int = 1, rank: int | None = None,
                 metadata: dict | None = None) -> ShardResult:
-    """Score one shard of a run's index and commit it; return its commit record.
+    """Score one shard of a run's index with every model of ``cfg`` and commit it; return its commit record.
 
-    Every image of the shard ends in exactly one place: a predictions row, or an errors row with
-    its stage (scan, decode, preprocess, inference). Uses ``cfg``'s input, model, preprocess,
-    inference and output sections; ``metadata`` goes on both part files (the flow passes the
-    resolved config).
+    Each image is decoded once (per distinct decode setting) and scored by every model; every
+    (image, model) pair ends in exactly one place: a predictions row, or an errors row with its
+    stage (scan, decode, preprocess, inference), each carrying ``model_name`` and ``model_id``.
+    One part file per table holds all models' rows. Uses ``cfg``'s input, model(s),
+    preprocess, inference and output sections; ``metadata`` goes on every part file (the flow
+    passes the resolved config).
 
     Raises:
         ShardError: the DataLoader failed (worker crash, timeout); Prefect retries the shard.
-        ModelError: the model cannot be loaded on this worker; Prefect retries the shard.
+        ModelError: a model cannot be loaded on this worker; Prefect retries the shard.
     """
     t0 = time.perf_counter()
-    scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host, rank, cfg.output)
+    scorers = load_scorers(cfg, workers_on_host, rank)
     entries = read_shard_entries(ref)
-    ctx = row_context(ref, scorer, attempt, cfg.output.topk)
-    rows = score_entries(entries, ref.input_root, scorer, cfg.input, ctx, t0)
-    meta = file_metadata(scorer.lm.info(), ref.run_id, metadata)
+    ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]
+    rows = score_entries(entries, ref.input_root, scorers, cfg.input, ctxs, t0)
+    meta = file_metadata(scorers[0].lm.info(), ref.run_id, models_metadata(scorers, metadata))
     result = ShardResult(
-        shard_id=ref.shard_id, state="complete", images=len(entries), fingerprint=ref.fingerprint, model_id=scorer.lm.model_id,
-        device=ctx.device, worker=scorer.worker, loader_workers=rows.loader_workers, attempt=attempt,
-        warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, **rows.facts(),
+        shard_id=ref.shard_id, state="complete", images=len(entries), fingerprint=ref.fingerprint,
+        model_id=models_id([sc.lm.model_id for sc in scorers]), device=ctxs[0].device, worker=scorers[0].worker,
+        loader_workers=rows.loader_workers, attempt=attempt, warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events,
+        **rows.facts(),
     )
     result.seconds = round(time.perf_counter() - t0, 4)
     return commit_shard(ref, cfg.output.root, make_table(rows.predictions, PREDICTIONS_SCHEMA, meta), make_table(rows.errors, ERRORS_SCHEMA, meta), result,
-                        embeddings_of(rows, scorer, cfg.output, meta))
+                        embeddings_of(rows, scorers, cfg.output, meta))
 
 
 def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: str | Path, model_info: dict, reason: str,
-                        attempts: int, metadata: dict | None = None) -> ShardResult:
-    """A shard that could not run after its retries: one errors row per image (stage
+                        attempts: int, metadata: dict | None = None, models: list[dict] | None = None) -> ShardResult:
+    """A shard that could not run after its retries: one errors row per (image, model) (stage
     ``inference``, type ``ShardFailed``, the reason as message), an empty predictions part, and
-    state ``failed`` with the reason."""
-    ctx = RowContext(ref.run_id, ref.input_root, ref.shard_id, attempts, model_info.get("model_id") or "", [], "", None, 1)
+    state ``failed`` with the reason. ``models``: the run's models (manifest ``models``: ``name``,
+    ``model_id``), default the one ``model_info`` describes."""
+    models = models or [{"name": model_info.get("name") or model_info.get("arch") or "", "model_id": model_info.get("model_id") or ""}]
     now = datetime.now(UTC)
-    errors = [error_row(ctx, e, None, "inference", "ShardFailed", reason[:2000], now) for e in entries]
+    errors = []
+    for e in entries:
+        for m in models:
+            ctx = RowContext(ref.run_id, ref.input_root, ref.shard_id, attempts, m.get("model_id") or "", [], "", None, 1, m.get("name") or "")
+            errors.append(error_row(ctx, e, None, "inference", "ShardFailed", reason[:2000], now))
     meta = file_metadata(model_info, ref.run_id, metadata)
     embeddings_part(out_root, ref).unlink(missing_ok=True)  # an earlier attempt's vectors: no predictions stand beside them
     return commit_shard(ref, out_root, make_table([], PREDICTIONS_SCHEMA, meta), make_table(errors, ERRORS_SCHEMA, meta),

@@ -1,0 +1,164 @@
+"""Several models, one decode (``models:``): each image decoded once, every model scores it.
+
+Two tiny models with different preprocessing (mobilenet_v3_small at the default 256/224 and a
+resnet18 with its own ``transform``) score a real photo folder in one run, and each alone in its
+own run; the answers must agree, rows carry ``model_name``/``model_id``, counts are in (image,
+model) pairs, and one part file per shard holds both models' rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+
+from imgscore.flows.cli import execute
+from imgscore.tasks import dataset as dataset_mod
+from imgscore.tasks.config import build_config
+from imgscore.tasks.dataset import ShardDataset, collate_lanes, decode_spec
+from imgscore.tasks.errors import ConfigError
+from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
+from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
+from imgscore.tasks.runstate import load_manifest
+from imgscore.tasks.scan import scan_images
+from tests.conftest import assert_same_answers, make_image_folder
+
+ATOL = 1e-4  # the same tensors through the same module: only batch composition differs
+
+
+def test_models_config_names_and_refusals():
+    """``models`` takes model blocks with distinct names; ``model``'s name defaults to its arch."""
+    cfg = build_config({"models": [{"name": "prod", "arch": "resnet18"}, {"arch": "mobilenet_v3_small"}]})
+    assert [m.resolved_name for m in cfg.scored_models()] == ["prod", "mobilenet_v3_small"]
+    assert [m.resolved_name for m in build_config({}).scored_models()] == ["resnet50"]
+    assert build_config({"model": {"factory": "pkg.mod:build_net"}}).model.resolved_name == "build_net"
+    with pytest.raises(ConfigError, match="the name 'resnet18' is used by 2 models"):
+        build_config({"models": [{"arch": "resnet18"}, {"arch": "resnet18", "checkpoint": "/m/b.pt"}]})
+    with pytest.raises(ConfigError, match="both model and models are set"):
+        build_config({"model": {"arch": "resnet18"}, "models": [{"arch": "resnet50"}]})
+    with pytest.raises(ConfigError, match="models is empty"):
+        build_config({"models": []})
+    with pytest.raises(ConfigError, match="must be one word"):
+        build_config({"models": [{"name": "a/b"}]})
+    cfg = build_config({"preprocess": {"jpeg_draft": False}, "models": [{"name": "x", "transform": {"resize": 160, "crop": 128}}]})
+    pre = cfg.preprocess_for(cfg.models[0])
+    assert (pre.resize, pre.crop, pre.jpeg_draft) == (160, 128, False)
+
+
+def test_each_image_is_decoded_once_for_every_transform(tmp_path, photos, monkeypatch):
+    """Two transforms with the same decode settings: one ``decode_file`` call per image (counted
+    on the real function), drafted for the larger resize, and each transform's tensor is exactly
+    what that transform alone gives on the same decoded image."""
+    root = make_image_folder(tmp_path / "images", photos, per_class=2)
+    entries = scan_images(root).entries
+    a, b = PreprocessSpec(resize=64, crop=56), PreprocessSpec(resize=96, crop=80)
+    assert decode_spec([a, b]).resize == 96
+    calls = []
+    real = dataset_mod.decode_file
+
+    def counted(path, spec, opts, warned=None):
+        calls.append((path, spec.resize))
+        return real(path, spec, opts, warned)
+
+    monkeypatch.setattr(dataset_mod, "decode_file", counted)
+    opts = DecodeOptions(10**8)
+    ds_two = ShardDataset(str(root), entries, [a, b], opts)
+    batches = collate_lanes([ds_two[i] for i in range(len(entries))])
+    assert len(calls) == len(entries) and {r for _, r in calls} == {96}
+    assert [tuple(bt.tensor.shape) for bt in batches] == [(len(entries), 3, 56, 56), (len(entries), 3, 80, 80)]
+    alone = ShardDataset(str(root), entries, b, opts)  # b alone: the same decode (resize 96), its transform
+    for i in range(len(entries)):
+        decoded = real(str(root / entries[i].rel), decode_spec([a, b]), opts)
+        assert torch.equal(batches[0].tensor[i], dataset_mod.build_transform(a)(decoded.image))
+        assert torch.equal(batches[1].tensor[i], alone[i].tensor)
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tmp_path_factory) -> Path:
+    """resnet18 with 3 classes, seeded random weights (another model than ``tiny_model``)."""
+    torch.manual_seed(1)
+    p = tmp_path_factory.mktemp("ckpt2") / "resnet18_3.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).eval().state_dict(), p)
+    return p
+
+
+def _model_blocks(tiny_checkpoint: Path, second_checkpoint: Path) -> list[dict]:
+    return [
+        {"name": "small", "arch": "mobilenet_v3_small", "checkpoint": str(tiny_checkpoint)},
+        {"name": "r18", "arch": "resnet18", "checkpoint": str(second_checkpoint), "transform": {"resize": 160, "crop": 128}},
+    ]
+
+
+def _run(root: Path, out: Path, models: list[dict], run_id: str, **extra) -> tuple[int, dict]:
+    raw = {"input": {"root": str(root)}, "output": {"root": str(out)}, "models": models,
+           "inference": {"device": "cpu", "batch_size": 4}, "run": {"shard_size": 5, "run_id": run_id, "min_errors": 100}}
+    for k, v in extra.items():
+        sec, key = k.split(".")
+        raw.setdefault(sec, {})[key] = v
+    return execute(build_config(raw), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path_factory):
+    """A 12-photo folder plus one corrupt JPEG, scored by both models in one run and by each alone."""
+    base = tmp_path_factory.mktemp("several")
+    root = make_image_folder(base / "images", photos)
+    (root / "rocket" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    blocks = _model_blocks(tiny_checkpoint, second_checkpoint)
+    out = base / "out"
+    both = _run(root, out, blocks, "both")
+    alone = [_run(root, base / f"out_{b['name']}", [b], f"alone-{b['name']}") for b in blocks]
+    return {"root": root, "out": out, "both": both, "alone": alone, "base": base, "blocks": blocks}
+
+
+def _rows(out: Path, table: str, run_id: str) -> list[dict]:
+    folder = next((out / table).glob(f"run_date=*/{run_id}"))
+    return ds.dataset(str(folder), format="parquet").to_table().to_pylist()
+
+
+def test_two_models_in_one_run_answer_as_each_alone(runs):
+    """By construction each model sees the same decoded pixels (the images are smaller than four
+    times any resize, so no draft) through its own transform in both runs; only the batches'
+    make-up differs, so every probability agrees within float rounding."""
+    code, summary = runs["both"]
+    assert code == 0, summary
+    both = {(r["model_name"], r["image_path"]): r for r in _rows(runs["out"], "predictions", "both")}
+    assert len(both) == 2 * 12
+    for block, (acode, _) in zip(runs["blocks"], runs["alone"], strict=True):
+        assert acode == 0
+        alone = _rows(runs["base"] / f"out_{block['name']}", "predictions", f"alone-{block['name']}")
+        assert len(alone) == 12 and {r["model_name"] for r in alone} == {block["name"]}
+        for r in alone:
+            mine = both[(block["name"], r["image_path"])]
+            assert mine["model_id"] == r["model_id"]
+            assert_same_answers(r, mine, ATOL, f"{block['name']} {r['image_path']}")
+    ids = {name: {r["model_id"] for (n, _), r in both.items() if n == name} for name in ("small", "r18")}
+    assert all(len(v) == 1 for v in ids.values()) and ids["small"] != ids["r18"]
+
+
+def test_pairs_are_counted_and_errors_name_their_model(runs):
+    """The corrupt JPEG is one decode failure, recorded once per model (two failed pairs);
+    counts and the error budget are in (image, model) pairs; one part file per shard per table,
+    each in the one schema."""
+    _, summary = runs["both"]
+    assert (summary["scanned"], summary["pairs"], summary["scored"], summary["failed"]) == (13, 26, 24, 2)
+    assert summary["models"] == ["small", "r18"]
+    errors = _rows(runs["out"], "errors", "both")
+    assert sorted((e["model_name"], e["image_path"], e["stage"]) for e in errors) == [
+        ("r18", "rocket/broken.jpg", "decode"), ("small", "rocket/broken.jpg", "decode")]
+    assert all(e["model_id"] for e in errors)
+    m = load_manifest(runs["out"] / "runs" / "both")
+    assert [x["name"] for x in m.models] == ["small", "r18"] and m.counts.pairs == 26 and m.counts.pending == 0
+    assert m.status == "partial"
+    for table, schema in (("predictions", PREDICTIONS_SCHEMA), ("errors", ERRORS_SCHEMA)):
+        files = sorted(next((runs["out"] / table).glob("run_date=*/both")).glob("part-*.parquet"))
+        assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(3)]  # 13 images, 5 a shard
+        for f in files:
+            assert pq.read_schema(f).remove_metadata() == schema
+        meta = json.loads(pq.read_schema(files[0]).metadata[b"imgscore"])
+        assert [x["name"] for x in meta["models"]] == ["small", "r18"]
