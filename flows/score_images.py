@@ -269,20 +269,32 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
 def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
     """The run against recent nights (``imgscore.tasks.drift.compare``), as the manifest keeps it:
     ``baseline_runs``, ``psi`` and ``warnings`` (each also logged as a warning on the flow run);
-    {} when off. A comparison that cannot be made is logged, never raised (it must not cost the
+    {} when off. With several models each is compared with its own recent nights (its rows
+    only): ``models`` holds each one's, the top-level numbers are the first model's, and
+    ``warnings`` all of them, each prefixed with its model's name. A comparison that cannot be made is logged, never raised (it must not cost the
     night's results)."""
     if drift_cfg is None or not drift_cfg.enabled:
         return {}
-    try:
-        d = drift.compare(out_root, m.to_dict(), drift_cfg)
-    except (OSError, ValueError, ArrowException) as exc:
-        get_run_logger().warning("drift: not compared with recent nights (%s: %s)", type(exc).__name__, exc)
-        return {}
-    for w in d["warnings"]:
-        get_run_logger().warning("drift: %s", w)
-    return {"baseline_runs": d["baseline"]["runs"], "psi": (d.get("classes") or {}).get("psi"), "warnings": d["warnings"]}
-
-
+    models = m.scored_models
+    out: dict = {}
+    for model in models:
+        try:
+            d = drift.compare(out_root, m.to_dict(), drift_cfg, model)
+        except (OSError, ValueError, ArrowException) as exc:
+            get_run_logger().warning("drift: not compared with recent nights (%s: %s)", type(exc).__name__, exc)
+            return {}
+        name = model.get("name") or model.get("arch")
+        warnings = [f"{name}: {w}" for w in d["warnings"]] if len(models) > 1 else d["warnings"]
+        for w in warnings:
+            get_run_logger().warning("drift: %s", w)
+        one = {"baseline_runs": d["baseline"]["runs"], "psi": (d.get("classes") or {}).get("psi"), "warnings": warnings}
+        if not out:
+            out = dict(one)
+        else:
+            out["warnings"] = out["warnings"] + warnings
+        if len(models) > 1:
+            out.setdefault("models", {})[name] = one  # each model against its own recent nights
+    return out
 
 
 def skip_scored_guard(cfg: Config, run_id: str):

@@ -36,6 +36,7 @@ import pyarrow.dataset as ds
 
 from imgscore.tasks.config import DriftConfig
 from imgscore.tasks.incremental import part_files, prior_runs
+from imgscore.tasks.parquet_io import ERRORS_SCHEMA
 
 log = logging.getLogger("imgscore")
 
@@ -82,22 +83,37 @@ def _files(out_root: str | Path, table: str, m: dict) -> list[str]:
     return part_files(out_root, [m], table, "drift")
 
 
-def _predictions(out_root: str | Path, m: dict) -> pa.Table:
+def _predictions(out_root: str | Path, m: dict, model_id: str | None = None) -> pa.Table:
+    """``pred_label`` and ``score`` of the run ``m``'s rows of the model ``model_id`` (a run of
+    several models holds each one's rows; None: every row)."""
     files = _files(out_root, "predictions", m)
     if not files:
         return pa.table({"pred_label": pa.array([], pa.string()), "score": pa.array([], pa.float32())})
-    return ds.dataset(files, format="parquet").to_table(columns=["pred_label", "score"])
+    flt = None if model_id is None else pc.field("model_id") == model_id
+    return ds.dataset(files, format="parquet").to_table(columns=["pred_label", "score"], filter=flt)
 
 
-def mean_embedding(out_root: str | Path, runs: list[dict]) -> tuple[np.ndarray | None, int]:
-    """The mean of the ``runs``' embeddings (float64 [D]) and how many vectors it averages;
-    (None, 0) when they wrote none or their vector lengths differ. Streamed batch by batch."""
+def _failed(out_root: str | Path, m: dict, model_id: str) -> int:
+    """Errors rows of the run ``m`` for ``model_id`` (files written before errors carried a
+    ``model_id`` hold one model's rows: all of them count)."""
+    files = _files(out_root, "errors", m)
+    if not files:
+        return 0
+    t = ds.dataset(files, format="parquet", schema=ERRORS_SCHEMA).to_table(columns=["model_id"])
+    return int(pc.sum(pc.fill_null(pc.equal(t["model_id"], model_id), True)).as_py() or 0) if t.num_rows else 0
+
+
+def mean_embedding(out_root: str | Path, runs: list[dict], model_id: str | None = None) -> tuple[np.ndarray | None, int]:
+    """The mean of the ``runs``' embeddings (float64 [D]) of the model ``model_id`` (None:
+    every row) and how many vectors it averages; (None, 0) when they wrote none or their vector
+    lengths differ. Streamed batch by batch."""
     total, n, dim = None, 0, None
+    flt = None if model_id is None else pc.field("model_id") == model_id
     for m in runs:
         files = _files(out_root, "embeddings", m)
         if not files:
             continue
-        for batch in ds.dataset(files, format="parquet").to_batches(columns=["embedding"]):
+        for batch in ds.dataset(files, format="parquet").to_batches(columns=["embedding"], filter=flt):
             col = batch.column(0)
             if not len(col):
                 continue
@@ -119,31 +135,40 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(1.0 - np.dot(a, b) / (na * nb))
 
 
-def _error_rate(m: dict) -> float | None:
+def _error_rate(m: dict, out_root: str | Path | None = None, model_id: str | None = None) -> float | None:
+    """Failed / scanned of the run ``m``; for a run of several models, the errors rows of
+    ``model_id`` over the images (its own failed pairs; the counts mix the models)."""
     c = m.get("counts") or {}
-    return round(c.get("failed", 0) / c["scanned"], 6) if c.get("scanned") else None
+    if not c.get("scanned"):
+        return None
+    if len(m.get("models") or []) > 1 and out_root is not None and model_id is not None:
+        return round(_failed(out_root, m, model_id) / c["scanned"], 6)
+    return round(c.get("failed", 0) / c["scanned"], 6)
 
 
-def baseline_runs(out_root: str | Path, m: dict, n: int) -> list[dict]:
-    """The previous ``n`` complete runs of ``m``'s input root and model key, newest first."""
+def baseline_runs(out_root: str | Path, m: dict, n: int, model: dict | None = None) -> list[dict]:
+    """The previous ``n`` complete runs of ``m``'s input root that scored ``model`` (default
+    the run's first model; the same model key, alone or among several), newest first."""
     root = (m.get("input") or {}).get("root")
     if not root:
         return []
     created = m.get("created_at") or ""
-    earlier = [p for p in prior_runs(out_root, m.get("model") or {}, root, exclude=m["run_id"])
+    earlier = [p for p in prior_runs(out_root, model or m.get("model") or {}, root, exclude=m["run_id"])
                if p.get("status") == "complete" and (p.get("created_at") or "") < created]
     return sorted(earlier, key=lambda p: (p.get("created_at") or "", p["run_id"]), reverse=True)[:n]
 
 
-def _night(m: dict, preds: pa.Table, low: float) -> dict:
+def _night(m: dict, preds: pa.Table, low: float, out_root: str | Path, model_id: str) -> dict:
     """One night's point for the plots: run, time, images, confidence, error rate, class shares."""
     conf = confidence(preds["score"].to_numpy(zero_copy_only=False) if preds.num_rows else np.zeros(0), low)
     return {"run_id": m["run_id"], "created_at": m.get("created_at"), "images": preds.num_rows, "mean_confidence": conf["mean"],
-            "low_share": conf["low_share"], "error_rate": _error_rate(m), "class_shares": shares(preds["pred_label"])}
+            "low_share": conf["low_share"], "error_rate": _error_rate(m, out_root, model_id), "class_shares": shares(preds["pred_label"])}
 
 
-def compare(out_root: str | Path, m: dict, cfg: DriftConfig | None = None) -> dict:
-    """The run ``m`` (a manifest dict) compared with its baseline (module docstring).
+def compare(out_root: str | Path, m: dict, cfg: DriftConfig | None = None, model: dict | None = None) -> dict:
+    """The run ``m`` (a manifest dict) compared with its baseline (module docstring), for one
+    of its models: ``model`` (an entry of the manifest's ``models``; default its first model).
+    Only that model's rows are read, tonight and in the baseline (filtered by ``model_id``).
 
     Returns a JSON-ready dict: ``baseline`` (run ids, images), ``current`` (images), ``classes``
     (``psi`` and the :data:`TOP_SHIFTS` largest ``shifts``: class, tonight's share, the
@@ -158,15 +183,17 @@ def compare(out_root: str | Path, m: dict, cfg: DriftConfig | None = None) -> di
     cfg = cfg or DriftConfig()
     thresholds = {k: getattr(cfg, k) for k in ("max_psi", "max_class_shift", "max_mean_confidence_drop",
                                                "max_low_confidence_increase", "max_error_rate_increase", "max_embedding_shift")}
-    base = baseline_runs(out_root, m, cfg.baseline_runs)
-    cur = _predictions(out_root, m)
+    model = model or m.get("model") or {}
+    mid = model.get("model_id")
+    base = baseline_runs(out_root, m, cfg.baseline_runs, model)
+    cur = _predictions(out_root, m, mid)
     out: dict = {"baseline": {"runs": [b["run_id"] for b in base], "images": 0}, "current": {"images": cur.num_rows},
                  "thresholds": {**thresholds, "low_confidence": cfg.low_confidence, "min_images": cfg.min_images, "fail": cfg.fail},
                  "warnings": [], "judged": False}
     if not base:
         out["reason"] = "no earlier complete run of this input root with this model and preprocessing"
         return out
-    base_preds = [_predictions(out_root, b) for b in base]
+    base_preds = [_predictions(out_root, b, mid) for b in base]
     pooled = pa.concat_tables(base_preds)
     out["baseline"]["images"] = pooled.num_rows
     a, e = shares(cur["pred_label"]), shares(pooled["pred_label"])
@@ -179,17 +206,17 @@ def compare(out_root: str | Path, m: dict, cfg: DriftConfig | None = None) -> di
     diff = lambda k: round(now[k] - then[k], 6) if now[k] is not None and then[k] is not None else None  # noqa: E731
     out["confidence"] = {"current": now, "baseline": then, "mean_change": diff("mean"), "low_share_change": diff("low_share")}
     scanned = sum((b.get("counts") or {}).get("scanned", 0) for b in base)
-    failed = sum((b.get("counts") or {}).get("failed", 0) for b in base)
-    er_now, er_then = _error_rate(m), (round(failed / scanned, 6) if scanned else None)
+    failed = sum(round((_error_rate(b, out_root, mid) or 0.0) * (b.get("counts") or {}).get("scanned", 0)) for b in base)
+    er_now, er_then = _error_rate(m, out_root, mid), (round(failed / scanned, 6) if scanned else None)
     out["error_rate"] = {"current": er_now, "baseline": er_then,
                          "change": round(er_now - er_then, 6) if er_now is not None and er_then is not None else None}
-    v_now, n_now = mean_embedding(out_root, [m])
-    v_then, n_then = mean_embedding(out_root, base)
+    v_now, n_now = mean_embedding(out_root, [m], mid)
+    v_then, n_then = mean_embedding(out_root, base, mid)
     dist = cosine_distance(v_now, v_then) if v_now is not None and v_then is not None and v_now.shape == v_then.shape else None
     out["embedding"] = None if dist is None else {"cosine_distance": round(dist, 6), "dim": int(v_now.shape[0]),
                                                   "images": n_now, "baseline_images": n_then}
-    out["nights"] = [_night(b, p, cfg.low_confidence) for b, p in reversed(list(zip(base, base_preds, strict=True)))] + \
-        [_night(m, cur, cfg.low_confidence)]
+    out["nights"] = [_night(b, p, cfg.low_confidence, out_root, mid) for b, p in reversed(list(zip(base, base_preds, strict=True)))] + \
+        [_night(m, cur, cfg.low_confidence, out_root, mid)]
     out["judged"] = cur.num_rows >= cfg.min_images and pooled.num_rows >= cfg.min_images
     if out["judged"]:
         out["warnings"] = _warnings(out, cfg)

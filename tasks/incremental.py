@@ -78,6 +78,7 @@ CARRIED_SCHEMA = pa.schema(
         pa.field("stage", pa.string()),
         pa.field("error_type", pa.string()),
         pa.field("message", pa.string()),  # the failure's message, first 300 characters
+        pa.field("model_name", pa.string()),  # the model whose failure it is (several models: each its own ledger)
     ]
 )
 # Failures that say nothing about the file's bytes: tried again every night (module docstring).
@@ -99,7 +100,7 @@ def _same_root(a: str | Path | None, b: str | Path) -> bool:
 
 def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, exclude: str | None = None) -> list[dict]:
     """Manifests of earlier runs in ``out_root`` over ``input_root`` (the same folder, by real
-    path) with the same model key.
+    path) that scored a model with the same model key (alone, or as one of their ``models``).
 
     Unreadable manifests are skipped (logged), and so are manifests whose run id or date could
     not name their own folders, or that are reached through a link out of ``out_root``
@@ -119,7 +120,8 @@ def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, e
         except (OSError, ValueError, UnsafePathError) as exc:
             log.warning("skip_scored: ignoring unreadable manifest %s (%s)", path, exc)
             continue
-        if model_key(m.get("model") or {}) == want and _same_root((m.get("input") or {}).get("root"), input_root):
+        keys = {model_key(x) for x in (m.get("models") or [m.get("model") or {}])}
+        if want in keys and _same_root((m.get("input") or {}).get("root"), input_root):
             found.append(m)
     return found
 
@@ -174,13 +176,62 @@ def read_scored(out_root: str | Path, runs: list[dict], model_id: str) -> pa.Tab
     return _read_columns(part_files(out_root, runs, "predictions"), PREDICTIONS_SCHEMA, _STAT, flt, "skip_scored")
 
 
-def read_failed(out_root: str | Path, runs: list[dict]) -> pa.Table:
+def read_failed(out_root: str | Path, runs: list[dict], model_id: str | None = None) -> pa.Table:
     """The failure ledger of ``runs``: their committed errors rows for single images of their
-    input folder, except :data:`RETRIED_ERRORS`, newest run first — columns image_path,
-    file_size, file_mtime_ns (as scanned when it failed), run_id, stage, error_type, message."""
+    input folder (and of ``model_id``: a run of several models failed each pair on its own;
+    rows written before errors carried a model count for it), except :data:`RETRIED_ERRORS`,
+    newest run first — columns image_path, file_size, file_mtime_ns (as scanned when it
+    failed), run_id, stage, error_type, message."""
     flt = pc.field("image_path").is_valid() & ~pc.field("error_type").isin(list(RETRIED_ERRORS)) & _root_filter(runs)
+    if model_id is not None:
+        flt = flt & ((pc.field("model_id") == model_id) | pc.field("model_id").is_null())
     t = _read_columns(part_files(out_root, runs, "errors"), ERRORS_SCHEMA, _FAILED_COLUMNS, flt, "failure ledger")
     return t.sort_by([("run_id", "descending")]) if t.num_rows else t
+
+
+class AlreadyScoredEach:
+    """``run.skip_scored`` with several models: one :class:`AlreadyScored` per model, each with
+    its own earlier predictions and failure ledger. An image is left out when no model needs it;
+    a kept image's index row lists the models that still score it (``models``; null when every
+    one does), so adding a model to ``models:`` scores only that model on old images. The
+    counts are (image, model) pairs, summed over the models."""
+
+    def __init__(self, skips: list[AlreadyScored], names: list[str]):
+        self.skips, self.names = skips, names
+        self.prior_runs = list(dict.fromkeys(r for sk in skips for r in sk.prior_runs))
+
+    already_scored = property(lambda self: sum(sk.already_scored for sk in self.skips))
+    already_failed = property(lambda self: sum(sk.already_failed for sk in self.skips))
+    hashed = property(lambda self: sum(sk.hashed for sk in self.skips))
+
+    def filter(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The rows of ``batch`` some model still scores, each with the names of those models."""
+        masks = [sk.keep_mask(batch).to_pylist() for sk in self.skips]
+        keep = [any(m[i] for m in masks) for i in range(batch.num_rows)]
+        wanted = [None if all(m[i] for m in masks) else [n for n, m in zip(self.names, masks, strict=True) if m[i]]
+                  for i in range(batch.num_rows) if keep[i]]
+        kept = batch.filter(pa.array(keep, pa.bool_()))
+        i = kept.schema.get_field_index("models")
+        return kept.set_column(i, kept.schema.field(i), pa.array(wanted, pa.list_(pa.string())))
+
+    def take_hashes(self) -> pa.Table:
+        """Content-hash rows of the kept images, once per image."""
+        t = pa.concat_tables([sk.take_hashes() for sk in self.skips])
+        if not t.num_rows:
+            return t
+        return t.take(_first_rows(t["image_path"]))
+
+    def take_carried(self) -> pa.Table:
+        """Every model's carried rows (``model_name`` says whose)."""
+        return pa.concat_tables([sk.take_carried() for sk in self.skips])
+
+
+def _first_rows(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Positions of the first row of each distinct value of ``col``."""
+    seen: dict = {}
+    for i, v in enumerate(col.to_pylist()):
+        seen.setdefault(v, i)
+    return pa.array(sorted(seen.values()), pa.int64())
 
 
 def read_hashes(out_root: str | Path, runs: list[dict]) -> pa.Table:
@@ -233,6 +284,7 @@ class AlreadyScored:
 
     def __init__(self, out_root: str | Path, model_info: dict, input_root: str | Path, skip_key: str = "stat",
                  exclude_run: str | None = None, retry_failed: bool = False):
+        self.model_name = model_info.get("name")
         if skip_key not in ("stat", "sha256"):
             raise ValueError(f"run.skip_key must be stat or sha256, got {skip_key!r}")
         self.out_root, self.root, self.skip_key = Path(out_root), Path(input_root), skip_key
@@ -248,7 +300,7 @@ class AlreadyScored:
         self._keys = None
         if self._scored is not None:
             self._keys = pc.unique(_flat(_stat_keys(self._scored["image_path"], self._scored["file_size"], self._scored["file_mtime_ns"])))
-        self._failed = read_failed(out_root, self.runs) if self.runs and not retry_failed else None
+        self._failed = read_failed(out_root, self.runs, model_info.get("model_id")) if self.runs and not retry_failed else None
         self._failed_keys = None
         if self._failed is not None and self._failed.num_rows:
             self._failed_keys = _flat(_stat_keys(self._failed["image_path"], self._failed["file_size"], self._failed["file_mtime_ns"]))
@@ -275,6 +327,11 @@ class AlreadyScored:
         (``already_scored``) and, unless ``retry_failed``, those with a matching failure and no
         prediction (``already_failed``) are dropped. Rows that could not be stat'ed are kept
         unless the same path failed unstat'ed before (they become scan errors)."""
+        return batch.filter(self.keep_mask(batch))
+
+    def keep_mask(self, batch: pa.RecordBatch) -> pa.Array:
+        """Which rows of ``batch`` this model still scores (bool [N]); counts and records the
+        others as :meth:`filter` does."""
         n = batch.num_rows
         keys = _stat_keys(batch["image_path"], batch["size"], batch["mtime_ns"])
         scored = pa.array([False] * n)
@@ -287,11 +344,11 @@ class AlreadyScored:
         if self.skip_key == "sha256":
             keep, scored, failed_at = self._filter_by_content(batch, keep, scored, failed_at)
         self._carry(batch, failed_at)
-        kept = batch.filter(keep)
+        n_kept = int(pc.sum(pc.cast(keep, pa.int64())).as_py() or 0) if n else 0
         n_failed = n - pc.sum(pc.is_null(failed_at)).as_py() if n else 0
         self.already_failed += n_failed
-        self.already_scored += n - kept.num_rows - n_failed
-        return kept
+        self.already_scored += n - n_kept - n_failed
+        return keep
 
     def _carry(self, batch: pa.RecordBatch, failed_at: pa.Array) -> None:
         """Record the carried rows of ``batch``: the image as scanned, and the failure it carries."""
@@ -314,6 +371,7 @@ class AlreadyScored:
             "stage": failure["stage"],
             "error_type": failure["error_type"],
             "message": pc.utf8_slice_codeunits(failure["message"], 0, 300),
+            "model_name": pa.array([self.model_name] * rows.num_rows, pa.string()),
         }, schema=CARRIED_SCHEMA))
 
     def _filter_by_content(self, batch: pa.RecordBatch, keep: pa.Array, scored: pa.Array,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class ShardSpan:
     fingerprint: str
     index_file: str
     row_group: int
+    pairs: int = 0  # (image, model) pairs: each row's models (null: every one of the run's n_models)
 
 
 class IndexWriter:
@@ -79,8 +80,9 @@ class IndexWriter:
     dataset skip temp names). Use as a context manager; :attr:`shards` lists what was cut.
     """
 
-    def __init__(self, run_dir: str | Path, shard_size: int, shards_per_file: int = SHARDS_PER_FILE):
+    def __init__(self, run_dir: str | Path, shard_size: int, shards_per_file: int = SHARDS_PER_FILE, n_models: int = 1):
         self.run_dir = Path(run_dir)
+        self.n_models = n_models
         self.shard_size = shard_size
         self.shards_per_file = shards_per_file
         self.shards: list[ShardSpan] = []
@@ -121,7 +123,9 @@ class IndexWriter:
         self._writer.write_table(table, row_group_size=table.num_rows)
         start = self.rows
         self.rows += table.num_rows
-        self.shards.append(ShardSpan(sid, start, self.rows, table_fingerprint(table), index_file_name(file_no), group))
+        wanted = pc.list_value_length(table["models"]).cast(pa.int64())
+        pairs = int(pc.sum(pc.fill_null(wanted, self.n_models)).as_py() or 0)
+        self.shards.append(ShardSpan(sid, start, self.rows, table_fingerprint(table), index_file_name(file_no), group, pairs))
 
     def _close_file(self) -> None:
         if self._writer is not None:
@@ -204,6 +208,8 @@ def refresh_shards(run_dir: str | Path, index: dict[str, Any], input_root: str |
         with os.fdopen(create_new(tmp), "wb") as f, pq.ParquetWriter(f, INDEX_SCHEMA, compression="zstd") as w:
             for g in range(pf.num_row_groups):
                 t = pf.read_row_group(g)
+                if "models" not in t.column_names:  # an index written before several models
+                    t = t.append_column(INDEX_SCHEMA.field("models"), pa.nulls(t.num_rows, pa.list_(pa.string())))
                 if g in groups:
                     check_relative_column(t["fs_path"], f"{path} fs_path")
                     t = _restat(root, t)
@@ -217,5 +223,7 @@ def _restat(root: str, t: pa.Table) -> pa.Table:
     """``t``'s rows stat'ed again (same paths, labels and order), as the scan stats them."""
     labels, names = t["label"].to_pylist(), t["label_name"].to_pylist()
     rels = [os.fsdecode(b) for b in t["fs_path"].to_pylist()]
-    fresh = [_entry(os.path.join(root, rel), root, labels[i], names[i]) for i, rel in enumerate(rels)]
+    models = t["models"].to_pylist() if "models" in t.column_names else [None] * t.num_rows
+    fresh = [replace(_entry(os.path.join(root, rel), root, labels[i], names[i]), models=tuple(models[i]) if models[i] is not None else None)
+             for i, rel in enumerate(rels)]
     return pa.Table.from_batches([entries_batch(fresh)], schema=INDEX_SCHEMA)

@@ -35,6 +35,7 @@ from imgscore.tasks.incremental import (
     HASHES_FILE,
     HASHES_SCHEMA,
     AlreadyScored,
+    AlreadyScoredEach,
     model_key,
 )
 from imgscore.tasks.index import INDEX_NAME, IndexWriter, shard_location
@@ -200,12 +201,15 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
     scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
     threads = scan_threads_for(scan.root, cfg.input.scan_threads)
-    skip = AlreadyScored(out, model_info, scan.root, cfg.run.skip_key, exclude_run=run_id, retry_failed=cfg.run.retry_failed) \
-        if cfg.run.skip_scored else None
+    infos = models or [model_info]
+    skip = None
+    if cfg.run.skip_scored:
+        each = [AlreadyScored(out, m, scan.root, cfg.run.skip_key, exclude_run=run_id, retry_failed=cfg.run.retry_failed) for m in infos]
+        skip = each[0] if len(each) == 1 else AlreadyScoredEach(each, [m.get("name") or "" for m in infos])
     listings = _Listings(run_dir, skip, cfg.run.skip_key)
     scan_s = lookup_s = 0.0
     try:
-        with IndexWriter(run_dir, cfg.run.shard_size) as index:
+        with IndexWriter(run_dir, cfg.run.shard_size, n_models=len(infos)) as index:
             batches = scan.batches(threads)
             while True:
                 t = time.perf_counter()
@@ -228,8 +232,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     listings.close()
 
     mkey = model_key(model_info)
-    models = [{**m, "model_key": model_key(m)} for m in (models or [model_info])]
-    per_image = len(models)
+    models = [{**m, "model_key": model_key(m)} for m in infos]
     incremental = {"skip_scored": False}
     if skip is not None:
         incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
@@ -239,6 +242,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
             incremental["carried"] = {"file": CARRIED_FILE, **listings.carried_summary}
     run_date = started.strftime("%Y-%m-%d")
     n = index.rows
+    pairs = sum(s.pairs for s in index.shards)  # (image, model) pairs to score
     timings = {**(timings or {}), "scan_s": round(scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3), "scan_threads": threads}
     if removed:
         timings["temp_files_removed"] = removed
@@ -252,8 +256,8 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         created_at=started.isoformat(),
         updated_at=now_iso(),
         input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes},
-        counts=Counts(scanned=n, pairs=n * per_image, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
-                      already_failed=skip.already_failed if skip else 0, pending=n * per_image),
+        counts=Counts(scanned=n, pairs=pairs, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
+                      already_failed=skip.already_failed if skip else 0, pending=pairs),
         skipped=scan.skipped,
         model={**model_info, "model_key": mkey},
         models=models if len(models) > 1 or "name" in models[0] else [],
@@ -261,8 +265,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         incremental=incremental,
         index=index.info(),
         shards=[
-            ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, pairs=(s.stop - s.start) * per_image,
-                        fingerprint=s.fingerprint)
+            ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, pairs=s.pairs, fingerprint=s.fingerprint)
             for s in index.shards
         ],
         outputs={t: str(part_dir(out, t, run_date, run_id)) for t in ("predictions", "errors", *(("embeddings",) if cfg.output.embeddings else ()))},
@@ -278,7 +281,7 @@ class _Listings:
     carried by the failure ledger), each temp-then-rename at the end; and what was carried,
     counted per error type and per run that recorded the failure (for the manifest)."""
 
-    def __init__(self, run_dir: Path, skip: AlreadyScored | None, skip_key: str):
+    def __init__(self, run_dir: Path, skip: AlreadyScored | AlreadyScoredEach | None, skip_key: str):
         self.run_dir, self.skip = run_dir, skip
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.files: dict[str, object] = {}

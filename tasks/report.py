@@ -51,8 +51,9 @@ THUMB_PX = 112
 REPORT_FILE = "report.html"
 NA = "n/a"  # shown for accuracy when folder labels cannot be paired with model classes
 
-_PRED_COLS = ["image_path", "label", "label_name", "pred_index", "pred_label", "score", "topk_indices", "topk_scores", "device", "worker"]
-_ERR_COLS = ["image_path", "shard_id", "batch_id", "stage", "error_type", "message", "attempt"]
+_PRED_COLS = ["image_path", "label", "label_name", "pred_index", "pred_label", "score", "topk_indices", "topk_scores", "device", "worker",
+              "model_id"]
+_ERR_COLS = ["image_path", "shard_id", "batch_id", "stage", "error_type", "message", "attempt", "model_id"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +189,16 @@ def lowest_confidence(preds: pa.Table, n: int = LOWEST_N) -> list[dict]:
     return out
 
 
-def run_drift(out_root: Path, m: dict) -> dict | None:
+def _models_html(r: dict) -> list[str]:
+    """A several-model run: its models, and which one the per-image sections describe."""
+    if not r.get("models"):
+        return []
+    each = " · ".join(f"{x['name']} ({x['arch']}, {x['scored']} scored, {x['failed']} failed)" for x in r["models"])
+    return [f"<p class=\"sub\">models: {_e(each)} — counts are (image, model) pairs; the sections below describe "
+            f"<b>{_e(r['model'].get('name'))}</b></p>"]
+
+
+def run_drift(out_root: Path, m: dict, model: dict | None = None) -> dict | None:
     """The run compared with recent nights (:func:`imgscore.tasks.drift.compare`, with the
     ``drift`` settings the run recorded); None when ``drift.enabled`` is off. A comparison that
     cannot be made (an unreadable earlier run) is ``{"error": one line}``, never an exception."""
@@ -196,12 +206,30 @@ def run_drift(out_root: Path, m: dict) -> dict | None:
     if not cfg.enabled:
         return None
     try:
-        return drift_mod.compare(out_root, m, cfg)
+        return drift_mod.compare(out_root, m, cfg, model)
     except (OSError, ValueError, pa.ArrowException) as exc:
         return {"error": one_line(exc), "warnings": []}
 
 
-def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) -> dict:
+def _of_model(t: pa.Table, model_id: str | None) -> pa.Table:
+    """Rows of ``model_id`` (rows of files written before errors carried one count as its)."""
+    if model_id is None or not t.num_rows:
+        return t
+    return t.filter(pc.fill_null(pc.equal(t["model_id"], model_id), True))
+
+
+def models_summary(m: dict, preds: pa.Table, errs: pa.Table) -> list[dict]:
+    """Each model of a several-model run: name, arch, model_id, its predictions and errors rows
+    (its (image, model) pairs); [] for a run of one model."""
+    models = m.get("models") or []
+    if len(models) < 2:
+        return []
+    return [{"name": x.get("name"), "arch": x.get("arch"), "model_id": x.get("model_id"),
+             "scored": _of_model(preds, x.get("model_id")).num_rows, "failed": _of_model(errs, x.get("model_id")).num_rows}
+            for x in models]
+
+
+def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, model_name: str | None = None) -> dict:
     """Everything the report shows, computed from ``runs/RUN_ID/manifest.json`` and the Parquet.
 
     Counts come from the manifest (``scanned``, ``scored``, ``failed``, ``skipped``,
@@ -220,14 +248,27 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
     lists them, and counts by error type and by the run that recorded the failure.
     ``outputs.report`` is None when report.html was never written (an abandoned run).
 
+    A run of several models (``models``): ``models`` lists each with its scored and failed
+    pairs; the counts are (image, model) pairs; the per-image sections (classes, scores,
+    accuracy, errors, lowest confidence, drift) describe one model, ``model_name`` (default the
+    first), named in ``model``.
+
     Raises:
-        UsageError: the run is not under ``out_root``.
+        UsageError: the run is not under ``out_root``, or ``model_name`` is not one of its models.
     """
     out_root = Path(out_root)
     m = load_run_manifest(out_root, run_id)
-    preds = _read(out_root, m.get("run_date"), run_id, "predictions", _PRED_COLS, PREDICTIONS_SCHEMA)
-    errs = _read(out_root, m.get("run_date"), run_id, "errors", _ERR_COLS, ERRORS_SCHEMA)
+    all_preds = _read(out_root, m.get("run_date"), run_id, "predictions", _PRED_COLS, PREDICTIONS_SCHEMA)
+    all_errs = _read(out_root, m.get("run_date"), run_id, "errors", _ERR_COLS, ERRORS_SCHEMA)
     model = m.get("model") or {}
+    several = m.get("models") or []
+    if len(several) > 1 or model_name is not None:
+        names = [x.get("name") for x in several] or [model.get("name") or model.get("arch")]
+        if model_name is not None and model_name not in names:
+            raise UsageError(f"run {run_id} scored no model named {model_name!r}; its models: {', '.join(map(str, names))}")
+        model = next((x for x in several if x.get("name") == model_name), several[0] if several else model)
+    preds, errs = (_of_model(all_preds, model.get("model_id")), _of_model(all_errs, model.get("model_id"))) if len(several) > 1 \
+        else (all_preds, all_errs)
     model_classes = list(model.get("classes") or [])
     folder_classes = (m.get("input") or {}).get("classes") or None
     shards = m.get("shards") or []
@@ -242,7 +283,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
     pred_index = preds["pred_index"].to_numpy() if preds.num_rows else np.zeros(0, np.int64)
     conf = confusion(preds, folder_classes, model_classes) if preds.num_rows and pc.any(pc.is_valid(preds["label"])).as_py() else None
     wall = timings.get("wall_s")
-    scanned = c.get("scanned", 0)
+    pairs = c.get("pairs") or c.get("scanned", 0)
     run_dir = run_dir_of(out_root, run_id)
     status = observed_status(m.get("status"), run_dir)
     reason = m.get("reason")
@@ -260,13 +301,14 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
         "updated_at": m.get("updated_at"),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "input": {"root": (m.get("input") or {}).get("root"), "layout": (m.get("input") or {}).get("layout"), "classes": folder_classes},
-        "model": {k: model.get(k) for k in ("arch", "model_id", "source", "num_classes")},
+        "model": {k: model.get(k) for k in ("name", "arch", "model_id", "source", "num_classes")},
+        "models": models_summary(m, all_preds, all_errs),
         "counts": {k: c.get(k, 0) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")},
         "known_bad": {"count": c.get("already_failed", 0), "file": str(run_dir / carried.get("file", "already_failed.parquet")),
                       "by_error_type": carried.get("by_error_type") or {}, "by_run": carried.get("by_run") or {}}
         if c.get("already_failed") else None,
-        "error_rate": round(c.get("failed", 0) / scanned, 6) if scanned else 0.0,
-        "rows": {"predictions": preds.num_rows, "errors": errs.num_rows},
+        "error_rate": round(c.get("failed", 0) / pairs, 6) if pairs else 0.0,  # of (image, model) pairs
+        "rows": {"predictions": all_preds.num_rows, "errors": all_errs.num_rows},
         "timing": {
             "wall_s": wall,
             "images_per_s": timings.get("images_per_s"),
@@ -282,7 +324,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N) ->
         "errors": error_summary(errs),
         "skipped": skipped_summary(m.get("skipped") or []),
         "lowest_confidence": lowest_confidence(preds, lowest_n),
-        "drift": run_drift(out_root, m),
+        "drift": run_drift(out_root, m, model),
         "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
                     "report": str(report_file) if report_file.is_file() else None},
     }
@@ -670,6 +712,7 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
         f"<span class=\"mono\">{_e((r['model']['model_id'] or '')[:12])}</span> · started {_e(r.get('created_at'))} · "
         f"report generated {_e(r.get('generated_at'))}</p>",
         *_ending_html(r),
+        *_models_html(r),
         '<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards) + "</div>",
         "<h2>Run</h2>",
         _table(None, [

@@ -40,12 +40,13 @@ from imgscore.tasks.parquet_io import (
     part_dir,
     write_table_atomic,
 )
-from imgscore.tasks.runstate import ShardRef, ShardResult
+from imgscore.tasks.runstate import ShardRef, ShardResult, models_id
 from imgscore.tasks.score import (
     commit_shard,
     embeddings_of,
     embeddings_part,
-    load_scorer,
+    load_scorers,
+    models_metadata,
     read_shard_entries,
     row_context,
     score_entries,
@@ -148,11 +149,12 @@ def rescore_shard(
     out_root = cfg.output.root
     shard = read_shard_entries(ref)
     chosen = shard if only is None else [e for e in shard if e.image_path in set(only)]
-    scorer = load_scorer(cfg.model, cfg.preprocess, cfg.inference, workers_on_host, out_cfg=cfg.output)
-    rows = score_entries(chosen, ref.input_root, scorer, cfg.input, row_context(ref, scorer, attempt, cfg.output.topk), t0)
-    meta = file_metadata(scorer.lm.info(), ref.run_id, metadata)
+    scorers = load_scorers(cfg, workers_on_host)  # every model of the run: a failed image is rescored by each (one decode)
+    ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]
+    rows = score_entries(chosen, ref.input_root, scorers, cfg.input, ctxs, t0)
+    meta = file_metadata(scorers[0].lm.info(), ref.run_id, models_metadata(scorers, metadata))
     new_pred, new_err = make_table(rows.predictions, PREDICTIONS_SCHEMA), make_table(rows.errors, ERRORS_SCHEMA)
-    embeddings = embeddings_of(rows, scorer, cfg.output, meta)
+    embeddings = embeddings_of(rows, scorers, cfg.output, meta)
 
     pred_path, err_path = shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)
     if only is not None:
@@ -168,8 +170,8 @@ def rescore_shard(
 
     archive_errors(out_root, ref, attempt - 1)
     result = ShardResult(
-        shard_id=ref.shard_id, state="complete", images=ref.stop - ref.start, fingerprint=ref.fingerprint, model_id=scorer.lm.model_id,
-        device=str(scorer.device), worker=scorer.worker, loader_workers=rows.loader_workers, attempt=attempt,
+        shard_id=ref.shard_id, state="complete", images=ref.stop - ref.start, fingerprint=ref.fingerprint,
+        model_id=models_id([sc.lm.model_id for sc in scorers]), device=str(scorers[0].device), worker=scorers[0].worker, loader_workers=rows.loader_workers, attempt=attempt,
         warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, rescored=len(chosen),
         seconds=round(time.perf_counter() - t0, 4), **rows.facts(),
     )

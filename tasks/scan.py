@@ -144,6 +144,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("size", pa.int64()),  # bytes
         pa.field("mtime_ns", pa.int64()),
         pa.field("scan_error", pa.string()),  # set when the entry could not be stat'ed
+        pa.field("models", pa.list_(pa.string())),  # names of the models still to score it (run.skip_scored, several models); null: every model
     ]
 )
 
@@ -170,6 +171,11 @@ class ImageEntry:
     size: int | None
     mtime_ns: int | None
     scan_error: str | None = None
+    models: tuple[str, ...] | None = None  # the models still to score it (run.skip_scored); None: every model of the run
+
+    def wants(self, model_name: str) -> bool:
+        """Whether the model named ``model_name`` scores this image in this run."""
+        return self.models is None or model_name in self.models
 
     @property
     def image_path(self) -> str:
@@ -207,6 +213,7 @@ def entries_batch(entries: list[ImageEntry]) -> pa.RecordBatch:
             pa.array([e.size for e in entries], pa.int64()),
             pa.array([e.mtime_ns for e in entries], pa.int64()),
             pa.array([e.scan_error for e in entries], pa.string()),
+            pa.array([list(e.models) if e.models is not None else None for e in entries], pa.list_(pa.string())),
         ],
         schema=INDEX_SCHEMA,
     )
@@ -215,6 +222,7 @@ def entries_batch(entries: list[ImageEntry]) -> pa.RecordBatch:
 def entries_from_table(table: pa.Table) -> list[ImageEntry]:
     """Inverse of :meth:`ImageIndex.to_table` for a slice of the index."""
     cols = table.to_pydict()
+    models = cols.get("models") or [None] * table.num_rows  # index files written before several models lack it
     return [
         ImageEntry(
             rel=os.fsdecode(cols["fs_path"][i]),
@@ -223,6 +231,7 @@ def entries_from_table(table: pa.Table) -> list[ImageEntry]:
             size=cols["size"][i],
             mtime_ns=cols["mtime_ns"][i],
             scan_error=cols["scan_error"][i],
+            models=tuple(models[i]) if models[i] is not None else None,
         )
         for i in range(table.num_rows)
     ]

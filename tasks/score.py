@@ -480,9 +480,15 @@ def _score_lane_batch(rows: ShardRows, lane: Lane, batch: Batch, batch_id: int, 
     """One model's rows for one batch, appended to ``rows``."""
     scorer, ctx, fn, iso = lane.scorer, lane.ctx, lane.fn, lane.iso
     for f in batch.failures:
-        rows.errors.append(error_row(ctx, entries[f.pos], batch_id, f.stage, f.error_type, f.message))
+        if entries[f.pos].wants(ctx.model_name):
+            rows.errors.append(error_row(ctx, entries[f.pos], batch_id, f.stage, f.error_type, f.message))
     if batch.tensor is None:
         return
+    mine = [i for i, p in enumerate(batch.positions) if entries[p].wants(ctx.model_name)]  # run.skip_scored: images it scored before are not its
+    if not mine:
+        return
+    if len(mine) < len(batch.positions):
+        batch = Batch(batch.tensor[mine], [batch.positions[i] for i in mine], [], [], batch.file_stats)
     device = scorer.device
     run_fn = emb.with_embeddings(fn, scorer.tap) if scorer.tap is not None else fn  # probs, then features
     n_classes = len(ctx.classes)
@@ -643,6 +649,8 @@ def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: str 
     errors = []
     for e in entries:
         for m in models:
+            if not e.wants(m.get("name") or ""):
+                continue
             ctx = RowContext(ref.run_id, ref.input_root, ref.shard_id, attempts, m.get("model_id") or "", [], "", None, 1, m.get("name") or "")
             errors.append(error_row(ctx, e, None, "inference", "ShardFailed", reason[:2000], now))
     meta = file_metadata(model_info, ref.run_id, metadata)

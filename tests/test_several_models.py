@@ -162,3 +162,48 @@ def test_pairs_are_counted_and_errors_name_their_model(runs):
             assert pq.read_schema(f).remove_metadata() == schema
         meta = json.loads(pq.read_schema(files[0]).metadata[b"imgscore"])
         assert [x["name"] for x in meta["models"]] == ["small", "r18"]
+
+
+def test_report_and_drift_describe_each_model_on_its_own(runs, photos):
+    """Two complete two-model nights over one folder: each model's drift baseline is the first
+    night and its PSI comes from its own rows (the same answers: 0 by construction); the report
+    lists both models and describes the one it is asked for."""
+    from imgscore.tasks.report import build_report
+
+    root = make_image_folder(runs["base"] / "clean", photos)
+    for run_id in ("clean1", "clean2"):
+        code, summary = _run(root, runs["out"], runs["blocks"], run_id)
+        assert code == 0 and summary["status"] == "complete", summary
+    m = load_manifest(runs["out"] / "runs" / "clean2")
+    assert set(m.drift["models"]) == {"small", "r18"}
+    for d in m.drift["models"].values():
+        assert d["baseline_runs"] == ["clean1"] and d["psi"] == pytest.approx(0.0, abs=1e-9)
+    r = build_report(runs["out"], "both", model_name="r18")
+    assert [(x["name"], x["scored"], x["failed"]) for x in r["models"]] == [("small", 12, 1), ("r18", 12, 1)]
+    assert r["model"]["name"] == "r18" and sum(c["predicted"] for c in r["classes"]) == 12
+    assert r["error_rate"] == pytest.approx(2 / 26)
+    with pytest.raises(Exception, match="no model named 'nope'"):
+        build_report(runs["out"], "both", model_name="nope")
+
+
+def test_adding_a_model_scores_only_that_model_on_old_images(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path):
+    """``run.skip_scored``: a night with one model, then a night with that model and a new one.
+    The second night scores only the new model (12 predictions, all its), carries the first
+    model's 12 images as already scored and its corrupt image as already failed (its own
+    ledger), and records the new model's own failure of that image."""
+    root = make_image_folder(tmp_path / "images", photos)
+    jpeg = (root / "coffee" / "coffee_0.jpg").read_bytes()
+    (root / "rocket" / "broken.jpg").write_bytes(jpeg[: len(jpeg) * 6 // 10])  # truncated: the same bytes fail every night
+    blocks = _model_blocks(tiny_checkpoint, second_checkpoint)
+    out = tmp_path / "out"
+    code, first = _run(root, out, blocks[:1], "night1", **{"run.skip_scored": True})
+    assert code == 0 and (first["scored"], first["failed"]) == (12, 1)
+    code, second = _run(root, out, blocks, "night2", **{"run.skip_scored": True})
+    assert code == 0, second
+    assert (second["scanned"], second["pairs"], second["scored"], second["failed"]) == (13, 13, 12, 1)
+    assert (second["already_scored"], second["already_failed"]) == (12, 1)
+    preds = _rows(out, "predictions", "night2")
+    assert {r["model_name"] for r in preds} == {"r18"} and len(preds) == 12
+    assert [(e["model_name"], e["image_path"]) for e in _rows(out, "errors", "night2")] == [("r18", "rocket/broken.jpg")]
+    code, third = _run(root, out, blocks, "night3", **{"run.skip_scored": True})
+    assert code == 0 and (third["scanned"], third["scored"], third["already_scored"], third["already_failed"]) == (0, 0, 24, 2)
