@@ -111,6 +111,16 @@ def _recorded_root(run_dir: Path, sample: Path | None) -> str | None:
     return None
 
 
+def _recorded_model(part_file: Path) -> dict[str, str]:
+    """``model_id`` and ``model_name`` for rows written before they were columns: the one model
+    the part file's metadata names (its arch is the name a run of one model gives it)."""
+    try:
+        meta = json.loads(pq.read_schema(part_file).metadata[METADATA_KEY.encode()])
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
+        return {"model_id": "", "model_name": ""}
+    return {"model_id": meta.get("model_id") or "", "model_name": meta.get("arch") or ""}
+
+
 def migrate_run(out_root: str | Path, run_id: str, folders: list[tuple[str, str, Path]]) -> int:
     """Move one run's old-layout ``folders`` into the current layout (module docstring); the
     caller holds the run's lock. Returns the part files rewritten.
@@ -127,7 +137,7 @@ def migrate_run(out_root: str | Path, run_id: str, folders: list[tuple[str, str,
              if not f.name.startswith((".", "_")) and not f.is_symlink()]
     root = _recorded_root(run_dir, files[0][2] if files else None)
     for table, run_date, f in files:
-        new = conform(pq.read_table(f), SCHEMAS[table], {"input_root": root})
+        new = conform(pq.read_table(f), SCHEMAS[table], {"input_root": root, **_recorded_model(f)})
         write_table_atomic(new, part_dir(out, table, run_date, run_id) / f.name)
         f.unlink()
     for _, _, d in folders:

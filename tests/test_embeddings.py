@@ -56,7 +56,7 @@ def test_no_linear_head_and_unknown_layer_are_refused_with_the_fix():
 
 def test_float16_column_reads_back_in_duckdb(tmp_path):
     """The float16 column is a fixed-size list of halves in Arrow, and DuckDB reads it as FLOAT[]."""
-    keys = [{"run_id": "r", "input_root": "/data", "image_path": f"{i}.jpg", "model_id": "m", "shard_id": 0, "batch_id": 0} for i in range(3)]
+    keys = [{"run_id": "r", "input_root": "/data", "image_path": f"{i}.jpg", "model_id": "m", "model_name": "m", "shard_id": 0, "batch_id": 0} for i in range(3)]
     vecs = [np.array([1.0, 0.0, 0.5], np.float32), np.array([1.0, 0.0, 0.5], np.float32), np.array([0.0, 1.0, 0.0], np.float32)]
     t = embeddings_table(keys, vecs, 3, "float16")
     assert t.schema.field("embedding").type == pa.list_(pa.float16(), 3)

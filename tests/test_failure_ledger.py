@@ -116,10 +116,10 @@ def _prior_run(out: Path, root: Path, run_id: str, scored: list, failed: list[tu
     (``failed``: (entry, error_type)), and optionally its content hashes."""
     now = datetime.now(UTC)
     preds = [{"run_id": run_id, "input_root": str(root), "image_path": e.image_path, "pred_index": 0, "pred_label": "a", "score": 0.5,
-              "topk_indices": [0], "topk_scores": [0.5], "model_id": MODEL["model_id"], "device": "cpu", "worker": "h:1", "shard_id": 0,
+              "topk_indices": [0], "topk_scores": [0.5], "model_id": MODEL["model_id"], "model_name": "m", "device": "cpu", "worker": "h:1", "shard_id": 0,
               "batch_id": 0, "scored_at": now, "file_size": e.size, "file_mtime_ns": e.mtime_ns} for e in scored]
     errs = [{"run_id": run_id, "input_root": str(root), "image_path": e.image_path, "shard_id": 0, "batch_id": 0, "stage": "decode",
-             "error_type": t, "message": f"{t} here", "attempt": 1, "occurred_at": now, "file_size": e.size, "file_mtime_ns": e.mtime_ns}
+             "error_type": t, "message": f"{t} here", "attempt": 1, "occurred_at": now, "model_id": MODEL["model_id"], "model_name": "m", "file_size": e.size, "file_mtime_ns": e.mtime_ns}
             for e, t in failed]
     for table, rows, schema in (("predictions", preds, PREDICTIONS_SCHEMA), ("errors", errs, ERRORS_SCHEMA)):
         d = part_dir(out, table, "2026-01-01", run_id)

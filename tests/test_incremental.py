@@ -73,7 +73,7 @@ def _fake_prior_run(out: Path, root: Path, index, model_info: dict, run_id: str 
 
     rows = [
         {"run_id": run_id, "image_path": e.image_path, "label": None, "label_name": None, "pred_index": 0, "pred_label": "a",
-         "score": 0.5, "topk_indices": [0], "topk_scores": [0.5], "model_id": model_info["model_id"], "device": "cpu",
+         "score": 0.5, "topk_indices": [0], "topk_scores": [0.5], "model_id": model_info["model_id"], "model_name": "m", "device": "cpu",
          "worker": "h:1", "shard_id": 0, "batch_id": 0, "scored_at": __import__("datetime").datetime.now(__import__("datetime").UTC),
          "file_size": e.size, "file_mtime_ns": e.mtime_ns}
         for e in index.entries if e.image_path not in failed

@@ -48,7 +48,7 @@ def write_run(out: Path, folder_classes: list[str], model_classes: list[str], ro
     now = datetime(2026, 1, 2, tzinfo=UTC)
     preds = [
         {"run_id": RUN, "image_path": path, "label": lab, "label_name": folder_classes[lab], "pred_index": p,
-         "pred_label": model_classes[p], "score": 0.9, "topk_indices": [p], "topk_scores": [0.9], "model_id": "e" * 64,
+         "pred_label": model_classes[p], "score": 0.9, "topk_indices": [p], "topk_scores": [0.9], "model_id": "e" * 64, "model_name": "resnet18",
          "device": "cpu", "worker": "h:1", "shard_id": 0, "batch_id": 0, "scored_at": now, "file_size": 1, "file_mtime_ns": 1}
         for lab, p, path in rows
     ]

@@ -65,12 +65,12 @@ def write_fake_run(out: Path, images: Path | None = None, model_classes=CLASSES,
         preds.append({
             "run_id": run_id, "image_path": path, "label": CLASSES.index(cls), "label_name": cls, "pred_index": p,
             "pred_label": model_classes[p], "score": s, "topk_indices": [p, *other], "topk_scores": [s, (1 - s) * 0.6, (1 - s) * 0.4],
-            "model_id": "f" * 64, "device": "cpu" if i < 3 else "cuda:0", "worker": f"host:{100 + i % 2}", "shard_id": i // 3,
+            "model_id": "f" * 64, "model_name": "resnet18", "device": "cpu" if i < 3 else "cuda:0", "worker": f"host:{100 + i % 2}", "shard_id": i // 3,
             "batch_id": 0, "scored_at": now, "file_size": 10, "file_mtime_ns": 1,
         })
     errors = [
         {"run_id": run_id, "image_path": path, "shard_id": 1, "batch_id": 0, "stage": stage, "error_type": et, "message": msg,
-         "attempt": 1, "occurred_at": now, "worker": "host:101"}
+         "attempt": 1, "occurred_at": now, "worker": "host:101", "model_id": "f" * 64, "model_name": "resnet18"}
         for path, stage, et, msg in ERROR_ROWS
     ]
     write_table_atomic(make_table(preds, PREDICTIONS_SCHEMA), part_dir(out, "predictions", "2026-01-01", run_id) / part_name(0))
