@@ -56,17 +56,19 @@ def warm_process(config_json: str, workers_on_host: int = 1) -> dict:
         inf = cfg.inference
         device = resolve_device(inf.device, 0)
         if device.type == "cpu":
-            lm = load_model(cfg.model, cfg.preprocess, device, channels_last=inf.channels_last)
-            if inf.fold_bn:
-                lm = lm.folded()
-            share = inf.num_threads or max(1, usable_cores() // max(1, workers_on_host))
-            batch = inf.batch_size if isinstance(inf.batch_size, int) else 32
-            backend = resolve_backend(lm, inf.backend, inf.precision, share, batch, inf.cache_dir, inf.channels_last)
-            fwd = make_forward(lm, backend, inf.precision, share, inf.cache_dir, inf.channels_last)
-            with torch.inference_mode():  # first call: kernels/primitives for the input size
-                x = torch.zeros(2, 3, lm.preprocess.crop, lm.preprocess.crop)
-                fwd(x.contiguous(memory_format=torch.channels_last) if fwd.channels_last else x)
-            WARM_STATE.update({"model_id": lm.model_id, "backend": backend})
+            for i, mcfg in enumerate(cfg.scored_models()):  # several models: each is loaded and warmed
+                lm = load_model(mcfg, cfg.preprocess_for(mcfg), device, channels_last=inf.channels_last)
+                if inf.fold_bn:
+                    lm = lm.folded()
+                share = inf.num_threads or max(1, usable_cores() // max(1, workers_on_host))
+                batch = inf.batch_size if isinstance(inf.batch_size, int) else 32
+                backend = resolve_backend(lm, inf.backend, inf.precision, share, batch, inf.cache_dir, inf.channels_last)
+                fwd = make_forward(lm, backend, inf.precision, share, inf.cache_dir, inf.channels_last)
+                with torch.inference_mode():  # first call: kernels/primitives for the input size
+                    x = torch.zeros(2, 3, lm.preprocess.crop, lm.preprocess.crop)
+                    fwd(x.contiguous(memory_format=torch.channels_last) if fwd.channels_last else x)
+                if i == 0:
+                    WARM_STATE.update({"model_id": lm.model_id, "backend": backend})
     except Exception as exc:  # the shard will meet (and report) the same problem itself
         WARM_STATE["error"] = f"{type(exc).__name__}: {exc}"
     WARM_STATE["finished"] = time.time()

@@ -66,7 +66,7 @@ def build_deployment(cfg: Config, cron: str, timezone: str, name: str = "nightly
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
         parameters={"config": cfg.to_dict()},
-        description=f"imgscore: score {cfg.input.root} with {cfg.model.arch} on '{cron}' ({timezone})",
+        description=f"imgscore: score {cfg.input.root} with {', '.join(m.resolved_name for m in cfg.scored_models())} on '{cron}' ({timezone})",
         tags=["imgscore", "served"],
         # The runner loads the flow by module path, so any working directory with the package installed works.
         entrypoint_type=EntrypointType.MODULE_PATH,

@@ -195,12 +195,21 @@ def adopt_committed(manifest: Manifest, run_dir: str | Path, out_root: str | Pat
     return adopted
 
 
+def _every_error_named(out_root: str | Path, run_date: str, run_id: str, shard_id: int) -> bool:
+    """Whether every errors row of the shard names its image (several models fail an image once
+    per model, so its rows outnumber its failed images; a whole-batch failure names none)."""
+    try:
+        return pq.read_table(shard_files(out_root, run_date, run_id, shard_id)[1], columns=["image_path"])["image_path"].null_count == 0
+    except (pa.ArrowException, OSError):
+        return False
+
+
 def plan_rerun(manifest: Manifest, out_root: str | Path) -> list[ShardWork]:
     """Which shards a rerun rescores, and how.
 
     - ``complete`` with good part files: nothing.
-    - ``partial`` with good part files and every failed image named: only those images; the
-      shard's other prediction rows are kept as they are.
+    - ``partial`` with good part files and every failed image named: only those images (with
+      every model of the run); the shard's other prediction rows are kept as they are.
     - anything else — ``pending``, ``running``, ``failed``, or a part file missing, corrupt
       (footer unreadable), of another schema or with the wrong row count: the whole shard.
     """
@@ -211,7 +220,7 @@ def plan_rerun(manifest: Manifest, out_root: str | Path) -> list[ShardWork]:
             continue
         if e.state == "partial" and bad is None:
             names = e.failed_images
-            if names and len(names) == e.failed:
+            if names and (len(names) == e.failed or _every_error_named(out_root, manifest.run_date, manifest.run_id, e.shard_id)):
                 work.append(ShardWork(e.shard_id, list(names), f"{len(names)} failed image(s)"))
                 continue
         work.append(ShardWork(e.shard_id, None, bad or f"state {e.state}"))

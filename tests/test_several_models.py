@@ -207,3 +207,49 @@ def test_adding_a_model_scores_only_that_model_on_old_images(prefect_server, pho
     assert [(e["model_name"], e["image_path"]) for e in _rows(out, "errors", "night2")] == [("r18", "rocket/broken.jpg")]
     code, third = _run(root, out, blocks, "night3", **{"run.skip_scored": True})
     assert code == 0 and (third["scanned"], third["scored"], third["already_scored"], third["already_failed"]) == (0, 0, 24, 2)
+
+
+def test_rerun_of_a_fixed_image_rescores_it_with_every_model(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path):
+    """A truncated JPEG fails for both models; once fixed, ``imgscore rerun`` scores it with
+    both, keeps every other row as it was, and ends with one row per (image, model) pair."""
+    from imgscore.flows.cli import main as cli_main
+
+    root = make_image_folder(tmp_path / "images", photos)
+    jpeg = (root / "coffee" / "coffee_0.jpg").read_bytes()
+    bad = root / "rocket" / "broken.jpg"
+    bad.write_bytes(jpeg[: len(jpeg) * 6 // 10])
+    out = tmp_path / "out"
+    code, first = _run(root, out, _model_blocks(tiny_checkpoint, second_checkpoint), "fixme")
+    assert code == 0 and (first["scored"], first["failed"]) == (24, 2)
+    before = {(r["model_name"], r["image_path"]): r["scored_at"] for r in _rows(out, "predictions", "fixme")}
+    bad.write_bytes(jpeg)
+    assert cli_main(["rerun", "fixme", "--set", f"output.root={out}", "--quiet"]) == 0
+    after = _rows(out, "predictions", "fixme")
+    keys = [(r["model_name"], r["image_path"]) for r in after]
+    assert len(keys) == len(set(keys)) == 26
+    assert {k for k in keys if k[1] == "rocket/broken.jpg"} == {("small", "rocket/broken.jpg"), ("r18", "rocket/broken.jpg")}
+    changed = sorted(k for k, r in zip(keys, after, strict=True) if k[1] != "rocket/broken.jpg" and r["scored_at"] != before[k])
+    assert not changed
+    m = load_manifest(out / "runs" / "fixme")
+    assert (m.counts.scored, m.counts.failed, m.status) == (26, 0, "complete")
+
+
+def test_embeddings_of_several_models_share_one_table_or_are_refused(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path,
+                                                                    capfd):
+    """Two models with equal vector lengths: one embeddings row per predictions row, keyed by
+    model_name; lengths that differ (mobilenet_v3_small's 1024, resnet18's 512) are refused at
+    start with exit 2, naming both, and nothing is written."""
+    root = make_image_folder(tmp_path / "images", photos)
+    small = {"name": "small", "arch": "mobilenet_v3_small", "checkpoint": str(tiny_checkpoint)}
+    twin = {**small, "name": "twin", "transform": {"resize": 160, "crop": 128}}
+    code, _ = _run(root, tmp_path / "out", [small, twin], "emb", **{"output.embeddings": True})
+    assert code == 0
+    preds = {(r["model_name"], r["image_path"]) for r in _rows(tmp_path / "out", "predictions", "emb")}
+    embs = _rows(tmp_path / "out", "embeddings", "emb")
+    assert {(r["model_name"], r["image_path"]) for r in embs} == preds and len(embs) == 24
+    blocks = _model_blocks(tiny_checkpoint, second_checkpoint)
+    capfd.readouterr()
+    code, _ = _run(root, tmp_path / "out2", blocks, "emb2", **{"output.embeddings": True})
+    printed = capfd.readouterr()
+    assert code == 2 and "small 1024, r18 512" in printed.out + printed.err
+    assert not (tmp_path / "out2" / "predictions").exists()
