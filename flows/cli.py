@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="summarise a finished run")
     rep.add_argument("run_id")
     rep.add_argument("--format", choices=["table", "json", "html"], default="table")
+    rep.add_argument("--model", dest="model_name", default=None, metavar="NAME",
+                     help="a run of several models: the model whose images the report describes (default: the first)")
     common(rep)
     conf = sub.add_parser("config", help="list every config key with its default and meaning (from the config models)")
     conf.add_argument("--format", choices=["table", "markdown"], default="table")

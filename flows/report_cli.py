@@ -49,6 +49,9 @@ def print_report(report: dict, console) -> None:
         ("model", f"{r['model']['arch']} {(r['model']['model_id'] or '')[:12]}"),
         ("input", r["input"]["root"]),
     ]
+    if r.get("models"):  # several models: counts are pairs; the rest describes one model
+        rows.append(("models", "; ".join(f"{x['name']}: {x['scored']} scored, {x['failed']} failed" for x in r["models"])
+                     + f" (below: {r['model'].get('name')})"))
     if acc and acc["accuracy"] is None:  # labels cannot be paired with the model's classes
         rows.append(("accuracy", f"n/a: {acc['reason']} ({acc['labelled']} labelled)"))
     elif acc:
@@ -110,13 +113,13 @@ def print_report(report: dict, console) -> None:
 
 
 def main(args) -> int:
-    """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides)."""
+    """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides, model_name)."""
     from imgscore.tasks.config import load_config
     from imgscore.tasks.report import build_report, dumps, write_html_report
 
     cfg = load_config(args.config, args.overrides)
     out_root = cfg.output.root
-    report = build_report(out_root, args.run_id)
+    report = build_report(out_root, args.run_id, model_name=getattr(args, "model_name", None))
     if args.format == "json":
         sys.stdout.write(dumps(report) + "\n")
     elif args.format == "html":

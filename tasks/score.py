@@ -351,17 +351,15 @@ def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorers: Scorer | 
     sizes = sorted(e.size or 0 for e in entries[:8])
     key = (*(sc.lm.model_id[:12] for sc in scorers), *(sc.lm.arch for sc in scorers), scorer.backend, inf.precision, scorer.threads,
            *(sc.lm.preprocess.crop for sc in scorers), int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0)
-    probe, forward_for = ds, scorer.forward
-    if len(scorers) > 1:
-        probe = _FirstLane(ds)
-        forward_for = lambda t: _JointForward(scorers, t)  # noqa: E731
+    probe = _FirstLane(ds) if ds.multi else ds  # a ShardDataset of a list of transforms yields one item per transform
+    forward_for = scorer.forward if len(scorers) == 1 else (lambda t: _JointForward(scorers, t))
     return autotune.shard_split(probe, forward_for, scorer.threads, inf.num_workers, inf.batch_size, key, scorer.device,
                                 can_fork=loader_workers(1) > 0)
 
 
 class _FirstLane:
-    """A several-model ``ShardDataset`` seen as one model's, for the split's measurement: item
-    ``i`` decoded and transformed for every model (the cost), the first model's sample returned."""
+    """A ``ShardDataset`` of several transforms seen as one model's, for the split's measurement:
+    item ``i`` decoded and transformed for every model (the cost), the first transform's sample returned."""
 
     def __init__(self, ds: ShardDataset):
         self.ds = ds

@@ -164,6 +164,14 @@ def test_pairs_are_counted_and_errors_name_their_model(runs):
         assert [x["name"] for x in meta["models"]] == ["small", "r18"]
 
 
+def test_the_auto_split_is_measured_with_one_model_and_with_two(runs):
+    """``inference.num_workers: auto`` measures decode and forward costs on the shard's images
+    for a one-model run and a two-model run alike (each commit record holds the predictions)."""
+    for out, run_id in [(runs["out"], "both"), *((runs["base"] / f"out_{b['name']}", f"alone-{b['name']}") for b in runs["blocks"])]:
+        record = json.loads((out / "runs" / run_id / "shards" / "00000.json").read_text())
+        assert record["split_predicted"], (run_id, record)
+
+
 def test_report_and_drift_describe_each_model_on_its_own(runs, photos):
     """Two complete two-model nights over one folder: each model's drift baseline is the first
     night and its PSI comes from its own rows (the same answers: 0 by construction); the report
@@ -184,6 +192,10 @@ def test_report_and_drift_describe_each_model_on_its_own(runs, photos):
     assert r["error_rate"] == pytest.approx(2 / 26)
     with pytest.raises(Exception, match="no model named 'nope'"):
         build_report(runs["out"], "both", model_name="nope")
+    from imgscore.flows.cli import main as cli_main
+
+    assert cli_main(["report", "both", "--set", f"output.root={runs['out']}", "--format", "json", "--model", "small"]) == 0
+    assert cli_main(["report", "both", "--set", f"output.root={runs['out']}", "--model", "nope"]) == 2
 
 
 def test_adding_a_model_scores_only_that_model_on_old_images(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path):
