@@ -1,0 +1,136 @@
+"""The filesystem layer (``imgscore.tasks.storage``) against a real S3 server (SeaweedFS on
+loopback) and a real fault-injecting HTTP proxy: roots and URLs, conditional creates, listings,
+object reads with retries and timeouts, and the refusal of secrets in ``storage.options``."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+
+from imgscore.tasks import storage
+from tests.s3_server import FaultProxy
+
+
+def test_roots_normalize_and_join():
+    """URLs keep one spelling (lower-case scheme, no trailing slash); file:// is a local path;
+    unknown schemes and bucket-less URLs are refused with the fix."""
+    assert storage.normalize_root("S3://bucket/images/") == "s3://bucket/images"
+    assert storage.normalize_root("file:///data/images") == "/data/images"
+    assert storage.normalize_root("outputs") == "outputs"
+    assert storage.join("s3://b/out", "runs", "R1/manifest.json") == "s3://b/out/runs/R1/manifest.json"
+    assert storage.join("/o", "runs", "R1") == "/o/runs/R1"
+    assert storage.is_remote("gs://b/x") and storage.is_remote("abfs://c/x") and not storage.is_remote("file:///x")
+    assert storage.parent_of("s3://b/out/runs/R1") == "s3://b/out/runs" and storage.name_of("s3://b/out/runs/R1") == "R1"
+    with pytest.raises(ValueError, match=r"unknown storage scheme http://"):
+        storage.normalize_root("http://example/x")
+    with pytest.raises(ValueError, match=r"names no bucket; write s3://BUCKET/PREFIX"):
+        storage.normalize_root("s3://")
+
+
+def test_secrets_in_options_are_refused_and_env_references_expand(monkeypatch):
+    """A credential can only be named (``${VAR}``), never written; the name is resolved on the
+    machine that opens the store, and an unset variable is named in the error."""
+    storage.check_options({"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"}, "anon": False})
+    for bad in ({"secret": "hunter2"}, {"key": "AKIA123"}, {"client_kwargs": {"aws_secret_access_key": "x"}},
+                {"sas_token": "sv=2020"}, {"connection_string": "DefaultEndpoints..."}, {"account_key": "abc"}):
+        with pytest.raises(ValueError, match="looks like a credential.*SOME_ENV_VAR"):
+            storage.check_options(bad)
+    storage.check_options({"secret": "${MY_SECRET}", "token": "anon"})
+    monkeypatch.setenv("MY_SECRET", "s3cr3t")
+    assert storage._expand({"a": {"secret": "${MY_SECRET}"}}, "storage.options") == {"a": {"secret": "s3cr3t"}}
+    monkeypatch.delenv("MY_SECRET")
+    with pytest.raises(ValueError, match=r"storage.options.secret refers to \$\{MY_SECRET\}, which is not set"):
+        storage._expand({"secret": "${MY_SECRET}"}, "storage.options")
+
+
+def test_seaweedfs_listens_only_on_the_ports_it_was_given(s3_server):
+    """Every port of master, volume, filer and S3 gateway (HTTP and gRPC) was chosen free by the
+    fixture and bound to loopback; the server opened no other listening socket."""
+    proc = psutil.Process(s3_server.proc.pid)
+    listening = {(c.laddr.ip, c.laddr.port) for p in [proc, *proc.children(recursive=True)]
+                 for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", port) for port in s3_server.ports.values()}, (listening, s3_server.ports)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_new_lets_exactly_one_of_racing_writers_win(where, tmp_path, request):
+    """Eight threads create the same name at once: one gets True, the others False, and the
+    content is the winner's whole payload (a PUT with If-None-Match: * on S3; O_EXCL + link locally)."""
+    url = str(tmp_path / "shards" / "00003.json") if where == "local" else request.getfixturevalue("s3").url("out/shards/00003.json")
+    results: dict[int, bool] = {}
+    barrier = threading.Barrier(8)
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        results[i] = storage.create_new(url, f"writer {i} ".encode() * 1000)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, ok in results.items() if ok]
+    assert len(winners) == 1, results
+    assert storage.read_bytes(url) == f"writer {winners[0]} ".encode() * 1000
+    assert storage.create_new(url, b"late") is False
+    if where == "local":
+        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00003.json"]  # no temp file left
+
+
+def test_whole_file_io_listing_and_delete_on_s3(s3):
+    """write/read/list/glob/delete on a bucket as on a folder; a missing object is FileNotFoundError."""
+    base = s3.url("out")
+    storage.write_bytes(storage.join(base, "runs/R1/manifest.json"), b"{}")
+    storage.write_bytes(storage.join(base, "runs/R1/ledger/000001.jsonl"), b"a\n")
+    storage.write_bytes(storage.join(base, "runs/R2/manifest.json"), b"{}")
+    assert storage.read_bytes(storage.join(base, "runs/R1/manifest.json")) == b"{}"
+    assert storage.list_names(storage.join(base, "runs")) == ["R1", "R2"]
+    assert storage.list_names(storage.join(base, "nothing")) == []
+    assert storage.glob(storage.join(base, "runs/*/manifest.json")) == [s3.url("out/runs/R1/manifest.json"), s3.url("out/runs/R2/manifest.json")]
+    assert storage.is_file(storage.join(base, "runs/R1/manifest.json")) and not storage.is_file(storage.join(base, "runs/R1"))
+    storage.delete(storage.join(base, "runs/R2/manifest.json"))
+    storage.delete(storage.join(base, "runs/R2/manifest.json"))  # already gone: fine
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(base, "runs/R2/manifest.json"))
+    storage.delete_tree(storage.join(base, "runs/R1"))
+    assert s3.keys("out/") == []
+
+
+def test_listing_reports_size_last_modified_and_etag(s3):
+    """Each listed object carries its size, last-modified time (ns) and ETag; keys are relative
+    to the listed prefix; a non-recursive listing gives the sub-prefixes ("folders")."""
+    s3.put("img/a/one.jpg", b"12345")
+    s3.put("img/b/sub/two.png", b"xy")
+    s3.put("img/top.jpg", b"z")
+    objs, prefixes = storage.list_objects(s3.url("img"))
+    assert [o.key for o in objs] == ["a/one.jpg", "b/sub/two.png", "top.jpg"] and prefixes == []
+    head = s3.client.head_object(Bucket=s3.bucket, Key=s3.key("img/a/one.jpg"))
+    assert objs[0].size == 5 and objs[0].version == head["ETag"].strip('"')
+    assert abs(objs[0].mtime_ns / 1e9 - head["LastModified"].timestamp()) < 1.0 and abs(objs[0].mtime_ns / 1e9 - time.time()) < 600
+    top, prefixes = storage.list_objects(s3.url("img"), recursive=False)
+    assert [o.key for o in top] == ["top.jpg"] and prefixes == ["a", "b"]
+
+
+def test_object_reads_retry_throttling_and_time_out_slow_objects(s3, s3_server, monkeypatch):
+    """Through a real proxy: an object answered 503 SlowDown every time fails after exactly
+    retries + 1 GETs (botocore's standard retry mode, with backoff); an object that does not
+    answer within the read timeout fails with a timeout; the other objects of the same batch
+    are read. By construction: the proxy decides per key, whatever the timing of the batch."""
+    for name in ("ok.jpg", "throttled.jpg", "slow.jpg"):
+        s3.put(f"img/{name}", name.encode())
+    with FaultProxy(s3_server.endpoint, slow_s=4.0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        proxy.fail_keys.add(f"/{s3.bucket}/{s3.prefix}/img/throttled.jpg")
+        proxy.slow_keys.add(f"/{s3.bucket}/{s3.prefix}/img/slow.jpg")
+        storage.configure(storage.Settings.of(retries=2, read_timeout_s=0.5, connect_timeout_s=2))
+        t0 = time.monotonic()
+        ok, throttled, slow = storage.read_objects([s3.url("img", n) for n in ("ok.jpg", "throttled.jpg", "slow.jpg")])
+        took = time.monotonic() - t0
+    assert ok == b"ok.jpg"
+    assert isinstance(throttled, OSError) and "SlowDown" in storage.describe_error(throttled), storage.describe_error(throttled)
+    assert proxy.gets[f"/{s3.bucket}/{s3.prefix}/img/throttled.jpg"] == 3  # 1 + storage retries
+    assert isinstance(slow, TimeoutError | OSError) and not isinstance(slow, bytes)
+    assert took < storage.current_settings().object_timeout_s + 5, took
