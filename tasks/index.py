@@ -47,11 +47,14 @@ def shard_location(index: dict[str, Any], shard_id: int) -> tuple[str, int]:
 
 
 def table_fingerprint(table: pa.Table | pa.RecordBatch) -> str:
-    """sha256 over the rows' ``"image_path\\tsize\\tmtime_ns\\n"`` (``None`` for a missing stat):
-    changes when any file of the shard changes. Computed with pyarrow kernels, no per-row Python."""
+    """sha256 over the rows' ``"image_path\\tsize\\tmtime_ns\\n"`` (``None`` for a missing stat),
+    with ``\\tversion`` added on rows whose object has one (object stores: the ETag): changes
+    when any file or object of the shard changes. Computed with pyarrow kernels, no per-row Python."""
     if table.num_rows == 0:
         return hashlib.sha256(b"").hexdigest()
     as_text = [pc.fill_null(pc.cast(table[c], pa.string()), "None") for c in ("size", "mtime_ns")]
+    if "version" in table.column_names and table["version"].null_count < table.num_rows:
+        as_text.append(pc.fill_null(table["version"], "None"))
     lines = pc.binary_join_element_wise(table["image_path"], *as_text, "\t")
     if isinstance(lines, pa.ChunkedArray):
         lines = lines.combine_chunks()

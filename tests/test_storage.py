@@ -134,3 +134,62 @@ def test_object_reads_retry_throttling_and_time_out_slow_objects(s3, s3_server, 
     assert proxy.gets[f"/{s3.bucket}/{s3.prefix}/img/throttled.jpg"] == 3  # 1 + storage retries
     assert isinstance(slow, TimeoutError | OSError) and not isinstance(slow, bytes)
     assert took < storage.current_settings().object_timeout_s + 5, took
+
+
+def _messy_tree(root, photos):
+    """A folder with what the scan must get right: classes, nested folders, hidden and junk
+    names, a non-image, a format Pillow cannot read here, a non-ASCII name, an image outside
+    any class."""
+    from tests.conftest import make_image_folder
+
+    make_image_folder(root, photos, per_class=3)
+    (root / "chelsea" / "nested" / "deeper").mkdir(parents=True)
+    photos["chelsea"].resize((40, 30)).save(root / "chelsea" / "nested" / "a.jpg")
+    photos["chelsea"].resize((30, 40)).save(root / "chelsea" / "nested" / "deeper" / "b.png")
+    photos["coffee"].resize((40, 30)).save(root / "coffee" / "Ünïcode café.JPG")
+    (root / "coffee" / "notes.txt").write_text("not an image")
+    (root / "coffee" / "raw.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (root / "coffee" / ".DS_Store").write_bytes(b"junk")
+    (root / "coffee" / "._coffee_0.jpg").write_bytes(b"appledouble")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "x.jpg").write_bytes(b"hidden")
+    (root / "__MACOSX" / "rocket").mkdir(parents=True)
+    (root / "__MACOSX" / "rocket" / "._r.jpg").write_bytes(b"junk")
+    photos["rocket"].resize((20, 20)).save(root / "stray.jpg")
+    return root
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_object_scan_lists_like_the_folder_scan(threads, s3, photos, tmp_path):
+    """The same tree on disk and in a bucket gives the same layout, classes, image list in the
+    same order (so the same shards and labels), sizes and skipped list; objects also carry
+    their ETag and last-modified. By construction: both scans classify with skip_reason and
+    order with torchvision's rule, whatever the number of listing threads."""
+    import pyarrow as pa
+
+    from imgscore.tasks.scan import entries_from_table, open_scan
+
+    local = _messy_tree(tmp_path / "images", photos)
+    url = s3.upload(local, "images")
+    disk, bucket = open_scan(local, "imagefolder"), open_scan(url, "imagefolder")  # auto: flat (stray.jpg)
+    assert (bucket.layout, bucket.classes) == (disk.layout, disk.classes) == ("imagefolder", ["chelsea", "coffee", "rocket"])
+    on_disk = [e for b in disk.batches(1) for e in entries_from_table(pa.Table.from_batches([b]))]
+    listed = [e for b in bucket.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))]
+    assert [(e.image_path, e.label, e.label_name, e.size) for e in listed] == [(e.image_path, e.label, e.label_name, e.size) for e in on_disk]
+    assert len(listed) == 12 and listed[3].image_path == "chelsea/nested/a.jpg" and listed[4].image_path == "chelsea/nested/deeper/b.png"
+    assert all(e.version and len(e.version) >= 32 and e.mtime_ns for e in listed)
+    assert sorted(map(tuple, (d.items() for d in bucket.skipped))) == sorted(map(tuple, (d.items() for d in disk.skipped)))
+    assert {d["image_path"] for d in bucket.skipped} == {"coffee/notes.txt", "coffee/raw.heic", "stray.jpg"}
+    flat_disk, flat_bucket = open_scan(local), open_scan(url)
+    assert flat_disk.layout == flat_bucket.layout == "flat"
+    assert [e.image_path for b in flat_bucket.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))] == \
+        [e.image_path for b in flat_disk.batches(1) for e in entries_from_table(pa.Table.from_batches([b]))]
+
+
+def test_object_scan_refuses_an_empty_prefix_and_names_it(s3):
+    """A prefix with no objects is a wrong URL, refused before anything is written (exit 2)."""
+    from imgscore.tasks.errors import InputError
+    from imgscore.tasks.scan import open_scan
+
+    with pytest.raises(InputError, match=r"holds no objects; check the bucket and prefix"):
+        open_scan(s3.url("nothing-here"))
