@@ -5,21 +5,32 @@
 path and the message survive the DataLoader worker-process boundary. :func:`collate_samples`
 stacks the samples and passes the failures along; no substitute sample is ever scored in place
 of a broken image.
+
+With an object-store ``input.root`` the bytes are read here too, inside the DataLoader worker
+processes (each has its own client: :func:`imgscore.tasks.storage.read_objects`), a batch's GETs
+at once (:meth:`ShardDataset.__getitems__`, which the DataLoader calls with a whole batch of
+positions). A GET that still fails after the client's retries, or does not finish within the
+storage timeout, is a :class:`Failure` of that image (``ObjectReadError``; a missing object is
+``DecodeError.unreadable``, as a missing file) — the batch and the shard go on.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
 
+from imgscore.tasks import storage
 from imgscore.tasks.preprocess import (
+    DecodedImage,
     DecodeError,
     DecodeOptions,
     PreprocessSpec,
     build_transform,
+    decode_bytes,
     decode_file,
 )
 from imgscore.tasks.scan import ImageEntry
@@ -77,30 +88,65 @@ class ShardDataset(Dataset):
     """Map-style dataset over one shard's :class:`ImageEntry` list.
 
     Args:
-        root: ``input.root``; entries' ``rel`` paths are relative to it.
+        root: ``input.root`` (a folder or an object-store URL); entries' ``rel`` paths are relative to it.
         entries: the shard's images, in order.
         spec: the model's eval transform.
         opts: decode policy (pixel limit, EXIF).
+        settings: the object-store settings (retries, timeouts, options) the worker processes
+            read with; default: those in force in the process that builds the dataset.
     """
 
-    def __init__(self, root: str, entries: list[ImageEntry], spec: PreprocessSpec, opts: DecodeOptions):
-        self.root = root
+    def __init__(self, root: str, entries: list[ImageEntry], spec: PreprocessSpec, opts: DecodeOptions,
+                 settings: storage.Settings | None = None):
+        self.root = str(root)
         self.entries = entries
         self.spec = spec
         self.opts = opts
+        self.remote = storage.is_remote(self.root)
+        self.settings = settings or storage.current_settings()
         self._transform = None  # built lazily, once per worker process
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, pos: int) -> Sample | Failure:
+        return self.__getitems__([pos])[0]
+
+    def __getitems__(self, positions: Sequence[int]) -> list[Sample | Failure]:
+        """The samples of a batch, in order. An object store's images are fetched all at once
+        first (their GETs overlap), then decoded one by one; local files are opened one by one."""
+        if not self.remote:
+            return [self._prepare(p, None) for p in positions]
+        if storage.current_settings() != self.settings:  # a worker process started by spawn
+            storage.configure(self.settings)
+        wanted = [p for p in positions if not self.entries[p].scan_error]
+        fetched = dict(zip(wanted, storage.read_objects([storage.join(self.root, self.entries[p].rel) for p in wanted]), strict=True))
+        return [self._prepare(p, fetched.get(p)) for p in positions]
+
+    def _read_failure(self, pos: int, exc: BaseException) -> Failure:
+        entry = self.entries[pos]
+        url = storage.join(self.root, entry.rel)
+        if isinstance(exc, FileNotFoundError):
+            return Failure(pos, entry.image_path, "decode", "DecodeError.unreadable", f"cannot read object {url}: it no longer exists")
+        return Failure(pos, entry.image_path, "decode", "ObjectReadError", f"GET {url} failed: {storage.describe_error(exc)}")
+
+    def _decode(self, pos: int, data: bytes | None, warned: list[str]) -> DecodedImage:
+        entry = self.entries[pos]
+        if data is None:
+            return decode_file(os.path.join(self.root, entry.rel), self.spec, self.opts, warned)
+        return decode_bytes(data, entry.image_path, self.spec, self.opts, warned)
+
+    def _prepare(self, pos: int, data: bytes | BaseException | None) -> Sample | Failure:
+        """One image: scan error, read failure, decode failure, preprocess failure, or a sample.
+        ``data``: the object's bytes (or its read's exception) for a store; None for a file."""
         entry = self.entries[pos]
         if entry.scan_error:
             return Failure(pos, entry.image_path, "scan", "ScanError", entry.scan_error)
+        if isinstance(data, BaseException):
+            return self._read_failure(pos, data)
         warned: list[str] = []
-        path = os.path.join(self.root, entry.rel)
         try:
-            decoded = decode_file(path, self.spec, self.opts, warned)
+            decoded = self._decode(pos, data, warned)
         except DecodeError as exc:
             return Failure(pos, entry.image_path, "decode", f"DecodeError.{exc.kind}", str(exc), warned)
         except Exception as exc:  # anything else Pillow raises for a hostile file: recorded, not raised
@@ -111,7 +157,12 @@ class ShardDataset(Dataset):
             tensor = self._transform(decoded.image)
         except Exception as exc:
             return Failure(pos, entry.image_path, "preprocess", type(exc).__name__, str(exc) or repr(exc), warned)
-        return Sample(pos, tensor, warned, decoded.file_size, decoded.file_mtime_ns)
+        if data is None:
+            return Sample(pos, tensor, warned, decoded.file_size, decoded.file_mtime_ns)
+        # an object: the scan's last-modified (and version) describe the bytes when the size agrees;
+        # otherwise the object was replaced since the scan, and its row must not match it later
+        same = decoded.file_size == entry.size
+        return Sample(pos, tensor, warned, decoded.file_size, entry.mtime_ns if same else None)
 
 
 def collate_samples(items: list[Sample | Failure]) -> Batch:

@@ -193,3 +193,47 @@ def test_object_scan_refuses_an_empty_prefix_and_names_it(s3):
 
     with pytest.raises(InputError, match=r"holds no objects; check the bucket and prefix"):
         open_scan(s3.url("nothing-here"))
+
+
+def test_dataloader_workers_read_objects_and_record_what_fails(s3, s3_server, photos, tmp_path, monkeypatch):
+    """Two DataLoader worker processes read a shard straight from the bucket: each good image
+    gives the very tensor the same file gives on disk (same bytes, same decode); an object
+    answered 503 every time, one deleted after the scan and a corrupt one are failures of
+    their own image (ObjectReadError after the retries; DecodeError.unreadable; DecodeError.*),
+    and the rest of their batch is scored. By construction: the proxy fails by key."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from imgscore.tasks.dataset import ShardDataset, collate_samples
+    from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
+    from imgscore.tasks.scan import scan_images
+
+    local = tmp_path / "flat"
+    local.mkdir()
+    for i, name in enumerate(("astronaut", "coffee", "chelsea", "rocket", "cat", "colorwheel")):
+        photos[name].resize((64 + 8 * i, 64)).save(local / f"{i}_{name}.{'png' if i % 2 else 'jpg'}")
+    (local / "9_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    url = s3.upload(local, "flat")
+    index = scan_images(url)
+    assert [e.image_path for e in index.entries][-1] == "9_corrupt.jpg" and len(index.entries) == 7
+    s3.client.delete_object(Bucket=s3.bucket, Key=s3.key("flat/2_chelsea.jpg"))  # gone between scan and decode
+    spec, opts = PreprocessSpec(resize=48, crop=32), DecodeOptions(10**8)
+    with FaultProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        proxy.fail_keys.add(f"/{s3.bucket}/{s3.key('flat/1_coffee.png')}")
+        storage.configure(storage.Settings.of(retries=1, read_timeout_s=5))
+        ds = ShardDataset(url, index.entries, spec, opts)
+        batches = list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_samples,
+                                  multiprocessing_context="fork"))
+    failures = {f.image_path: (f.stage, f.error_type, f.message) for b in batches for f in b.failures}
+    assert failures["1_coffee.png"][:2] == ("decode", "ObjectReadError") and "SlowDown (503)" in failures["1_coffee.png"][2]
+    assert failures["2_chelsea.jpg"][:2] == ("decode", "DecodeError.unreadable") and "no longer exists" in failures["2_chelsea.jpg"][2]
+    assert failures["9_corrupt.jpg"][1].startswith("DecodeError.")
+    assert len(failures) == 3
+    assert proxy.gets[f"/{s3.bucket}/{s3.key('flat/1_coffee.png')}"] == 2  # read in a worker: 1 + 1 retry
+    on_disk = ShardDataset(str(local), scan_images(local).entries, spec, opts)
+    got = {index.entries[p].image_path: b.tensor[i] for b in batches for i, p in enumerate(b.positions)}
+    assert sorted(got) == ["0_astronaut.jpg", "3_rocket.png", "4_cat.jpg", "5_colorwheel.png"]
+    for pos, entry in enumerate(on_disk.entries):
+        if entry.image_path in got:
+            assert torch.equal(got[entry.image_path], on_disk[pos].tensor), entry.image_path
