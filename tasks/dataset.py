@@ -113,15 +113,16 @@ class ShardDataset(Dataset):
         return self.__getitems__([pos])[0]
 
     def __getitems__(self, positions: Sequence[int]) -> list[Sample | Failure]:
-        """The samples of a batch, in order. An object store's images are fetched all at once
-        first (their GETs overlap), then decoded one by one; local files are opened one by one."""
+        """The samples of a batch, in order. An object store's images are all requested at once
+        (their GETs overlap) and decoded one by one as they arrive; local files are opened one by one."""
         if not self.remote:
             return [self._prepare(p, None) for p in positions]
         if storage.current_settings() != self.settings:  # a worker process started by spawn
             storage.configure(self.settings)
         wanted = [p for p in positions if not self.entries[p].scan_error]
-        fetched = dict(zip(wanted, storage.read_objects([storage.join(self.root, self.entries[p].rel) for p in wanted]), strict=True))
-        return [self._prepare(p, fetched.get(p)) for p in positions]
+        fetching = dict(zip(wanted, storage.fetch_objects([storage.join(self.root, self.entries[p].rel) for p in wanted]), strict=True))
+        # decoded in order as they arrive: the later GETs go on while the first images decode
+        return [self._prepare(p, fetching[p].result() if p in fetching else None) for p in positions]
 
     def _read_failure(self, pos: int, exc: BaseException) -> Failure:
         entry = self.entries[pos]

@@ -34,6 +34,7 @@ environment, or from ``${VAR}`` references that are expanded on the machine that
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -614,22 +615,22 @@ def stat_object(url: str | os.PathLike) -> ObjectInfo | None:
     return ObjectInfo(name_of(url), info.get("size"), _mtime_ns(info), object_version(info))
 
 
-def read_objects(urls: list[str]) -> list[bytes | BaseException]:
-    """GET several objects of one store at once (their requests overlap on the client's event
-    loop): each entry is the object's bytes, or the exception its read ended with — after the
+def fetch_objects(urls: list[str]) -> list[concurrent.futures.Future]:
+    """Start GETs of several objects of one store at once; one future per URL, in order.
+
+    Each future's result is the object's bytes, or the exception its read ended with — after the
     client's retries with backoff, and cut at :attr:`Settings.object_timeout_s` in all
-    (``TimeoutError``). Never raises for a single object's failure.
+    (``TimeoutError``); a future never raises. The requests run on the client's event loop
+    thread, so the caller can decode the first objects while the later ones arrive.
 
     This is how DataLoader workers read images: each worker process has its own client (fsspec
     builds one per process), and a batch's GETs overlap, so a slow object delays only itself.
     """
     if not urls:
         return []
-    from fsspec.asyn import sync
-
     fs, _ = filesystem(urls[0])
-    paths = [u.split("://", 1)[1] for u in urls]
     limit = _settings.object_timeout_s
+    attempts = _settings.retries + 1
     # s3fs: one GET per object (with max_concurrency > 1 it first HEADs the object to split it into ranges)
     kwargs = {"max_concurrency": 1} if SCHEMES[scheme_of(urls[0])][0] == "s3" else {}
 
@@ -637,14 +638,16 @@ def read_objects(urls: list[str]) -> list[bytes | BaseException]:
         try:
             return await asyncio.wait_for(fs._cat_file(path, **kwargs), timeout=limit)
         except TimeoutError:
-            return TimeoutError(f"no complete answer within {limit:g} s ({_settings.retries + 1} attempts)")
+            return TimeoutError(f"no complete answer within {limit:g} s ({attempts} attempts)")
         except BaseException as exc:  # handed back per object: one failure never fails the batch
             return exc
 
-    async def gather():
-        return await asyncio.gather(*(one(p) for p in paths))
+    return [asyncio.run_coroutine_threadsafe(one(u.split("://", 1)[1]), fs.loop) for u in urls]
 
-    return list(sync(fs.loop, gather))
+
+def read_objects(urls: list[str]) -> list[bytes | BaseException]:
+    """:func:`fetch_objects`, waited for: each object's bytes or the exception its read ended with."""
+    return [f.result() for f in fetch_objects(urls)]
 
 
 def describe_error(exc: BaseException) -> str:
