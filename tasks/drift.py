@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from imgscore.tasks import storage
 from imgscore.tasks.config import DriftConfig
 from imgscore.tasks.incremental import part_files, prior_runs
 
@@ -86,7 +87,8 @@ def _predictions(out_root: str | Path, m: dict) -> pa.Table:
     files = _files(out_root, "predictions", m)
     if not files:
         return pa.table({"pred_label": pa.array([], pa.string()), "score": pa.array([], pa.float32())})
-    return ds.dataset(files, format="parquet").to_table(columns=["pred_label", "score"])
+    fs, paths = storage.arrow_files(files)
+    return ds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["pred_label", "score"])
 
 
 def mean_embedding(out_root: str | Path, runs: list[dict]) -> tuple[np.ndarray | None, int]:
@@ -97,7 +99,8 @@ def mean_embedding(out_root: str | Path, runs: list[dict]) -> tuple[np.ndarray |
         files = _files(out_root, "embeddings", m)
         if not files:
             continue
-        for batch in ds.dataset(files, format="parquet").to_batches(columns=["embedding"]):
+        fs, paths = storage.arrow_files(files)
+        for batch in ds.dataset(paths, format="parquet", filesystem=fs).to_batches(columns=["embedding"]):
             col = batch.column(0)
             if not len(col):
                 continue

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, check_run_date, inside, safe_name, within
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -94,7 +95,7 @@ def model_key(model_info: dict) -> str:
 
 
 def _same_root(a: str | Path | None, b: str | Path) -> bool:
-    return a is not None and os.path.realpath(a) == os.path.realpath(b)
+    return a is not None and storage.same_root(a, b)
 
 
 def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, exclude: str | None = None) -> list[dict]:
@@ -107,13 +108,14 @@ def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, e
     """
     want = model_key(model_info)
     found = []
-    for path in sorted(Path(out_root).glob("runs/*/manifest.json")):
-        if path.parent.name == exclude:
+    for path in storage.glob(storage.join(out_root, "runs", "*", "manifest.json")):
+        folder = storage.name_of(storage.parent_of(path))
+        if folder == exclude:
             continue
         try:
             inside(out_root, path, "manifest")
-            m = json.loads(path.read_text(encoding="utf-8"))
-            if safe_name(m.get("run_id"), "run_id") != path.parent.name:
+            m = json.loads(storage.read_bytes(path))
+            if safe_name(m.get("run_id"), "run_id") != folder:
                 raise UnsafePathError(f"run_id {m.get('run_id')!r} is not its folder's name")
             check_run_date(m.get("run_date"), "run_date")
         except (OSError, ValueError, UnsafePathError) as exc:
@@ -132,7 +134,7 @@ def part_files(out_root: str | Path, runs: list[dict], table: str, reader: str =
         try:
             found = run_part_files(out_root, table, m.get("run_date"), m["run_id"])
             if found:
-                inside(out_root, found[0].parent, "part-file folder")
+                inside(out_root, storage.parent_of(found[0]), "part-file folder")
         except UnsafePathError as exc:
             log.warning("%s: ignoring run %s (%s)", reader, m["run_id"], exc)
             continue
@@ -154,13 +156,14 @@ def _read_columns(files: list[str], schema: pa.Schema, columns: list[str], flt: 
     empty = schema.empty_table().select(columns)
     if not files:
         return empty
+    fs, paths = storage.arrow_files(files)
     try:
-        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns, filter=flt)
+        return ds.dataset(paths, format="parquet", schema=schema, filesystem=fs).to_table(columns=columns, filter=flt)
     except (pa.ArrowException, OSError):
         parts = []
-        for f in files:
+        for f in paths:
             try:
-                parts.append(ds.dataset([f], format="parquet", schema=schema).to_table(columns=columns, filter=flt))
+                parts.append(ds.dataset([f], format="parquet", schema=schema, filesystem=fs).to_table(columns=columns, filter=flt))
             except (pa.ArrowException, OSError) as exc:
                 log.warning("%s: ignoring unreadable part file %s (%s)", what, f, exc)
         return pa.concat_tables(parts) if parts else empty
@@ -187,10 +190,11 @@ def read_hashes(out_root: str | Path, runs: list[dict]) -> pa.Table:
     """Content hashes recorded by earlier sha256-mode ``runs`` (``HASHES_SCHEMA``)."""
     parts = []
     for m in runs:
-        p = Path(out_root) / "runs" / m["run_id"] / HASHES_FILE  # run ids checked by prior_runs
-        if p.is_file() and within(os.path.realpath(p), os.path.realpath(out_root)):
+        p = storage.path(out_root, "runs", m["run_id"], HASHES_FILE)  # run ids checked by prior_runs
+        if storage.is_file(p) and (storage.is_remote(p) or within(os.path.realpath(p), os.path.realpath(out_root))):
             try:
-                parts.append(pq.read_table(p, schema=HASHES_SCHEMA))
+                fs, (where,) = storage.arrow_files([str(p)])
+                parts.append(pq.read_table(where, schema=HASHES_SCHEMA, filesystem=fs))
             except (pa.ArrowException, OSError) as exc:
                 log.warning("skip_scored: ignoring unreadable %s (%s)", p, exc)
     return pa.concat_tables(parts) if parts else HASHES_SCHEMA.empty_table()
@@ -235,7 +239,7 @@ class AlreadyScored:
                  exclude_run: str | None = None, retry_failed: bool = False):
         if skip_key not in ("stat", "sha256"):
             raise ValueError(f"run.skip_key must be stat or sha256, got {skip_key!r}")
-        self.out_root, self.root, self.skip_key = Path(out_root), Path(input_root), skip_key
+        self.out_root, self.root, self.skip_key = storage.path(out_root), storage.path(input_root), skip_key
         self.root_name = input_root_name(input_root)
         self.runs = prior_runs(out_root, model_info, input_root, exclude=exclude_run)
         self.prior_runs = [m["run_id"] for m in self.runs]
@@ -328,7 +332,7 @@ class AlreadyScored:
         for i in range(batch.num_rows):
             if flags[i] and errs[i] is None:
                 try:
-                    shas[i] = sha256_of_file(self.root / os.fsdecode(rels[i]))
+                    shas[i] = sha256_of_file(storage.path(self.root, os.fsdecode(rels[i])))
                     self.hashed += 1
                 except OSError:
                     pass  # unreadable now: scored (and recorded) as an error by the shard

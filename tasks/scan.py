@@ -632,7 +632,10 @@ def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
 
 
 def sha256_of_file(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (no caching)."""
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (no caching); an object-store
+    URL is read whole (one GET)."""
+    if storage.is_remote(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import io
 import os
 import re
 import threading
@@ -121,6 +120,22 @@ def join(root: str | os.PathLike, *parts: str) -> str:
         if p:
             out = f"{out}/{p}"
     return out
+
+
+def path(root: str | os.PathLike, *parts: str) -> Path | str:
+    """``root`` joined with ``parts``: a ``Path`` for a local root (what local code works with),
+    the URL string for an object store (a ``Path`` would fold ``s3://`` into ``s3:/``)."""
+    if is_remote(root):
+        return join(root, *parts)
+    return Path(root, *parts)
+
+
+def same_root(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two roots are the same place: the same URL (normalized), or the same folder once
+    symlinks are resolved."""
+    if is_remote(a) or is_remote(b):
+        return normalize_root(a) == normalize_root(b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def name_of(url: str | os.PathLike) -> str:
@@ -346,23 +361,17 @@ def read_bytes(url: str | os.PathLike) -> bytes:
     return fs.cat_file(path)
 
 
-def write_bytes(url: str | os.PathLike, data: bytes, fsync: bool = True) -> str:
+def write_bytes(url: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` at ``url`` so that a reader sees the old content or the new, never part.
 
-    Local: a ``.NAME.PID.tmp`` file in the same folder (created), fsynced (``fsync``), renamed.
-    Object store: one PUT. Returns ``url``.
+    Local: ``imgscore.tasks.parquet_io.write_bytes_atomic`` (a new ``.NAME.PID.tmp`` file,
+    fsynced, renamed). Object store: one PUT. Returns ``url``.
     """
     text = os.fspath(url)
     if not is_remote(text):
-        path = Path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from imgscore.tasks.parquet_io import write_bytes_atomic
+
+        write_bytes_atomic(data, text)
         return text
     fs, path = filesystem(text)
     fs.pipe_file(path, data)
@@ -470,26 +479,6 @@ def glob(pattern: str) -> list[str]:
 # ---------------------------------------------------------------------------------- Parquet
 
 
-def write_parquet(table, url: str | os.PathLike, **kwargs) -> str:
-    """Write a pyarrow Table as zstd Parquet at ``url`` with :func:`write_bytes`'s guarantee
-    (``kwargs`` go to ``pyarrow.parquet.write_table``). Returns ``url``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    text = os.fspath(url)
-    kwargs.setdefault("compression", "zstd")
-    if not is_remote(text):
-        path = Path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-        pq.write_table(table, tmp, **kwargs)
-        os.replace(tmp, path)
-        return text
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **kwargs)
-    return write_bytes(text, sink.getvalue().to_pybytes())
-
-
 def open_input(url: str | os.PathLike):
     """A seekable binary file for reading (Parquet footers, row groups): a local file, or an
     fsspec file that reads the object in ranged GETs. Use as a context manager."""
@@ -498,16 +487,6 @@ def open_input(url: str | os.PathLike):
         return open(text, "rb")
     fs, path = filesystem(text)
     return fs.open(path, "rb")
-
-
-def parquet_file(url: str | os.PathLike):
-    """``pyarrow.parquet.ParquetFile`` at ``url`` (reads the footer now, row groups on demand)."""
-    import pyarrow.parquet as pq
-
-    text = os.fspath(url)
-    if not is_remote(text):
-        return pq.ParquetFile(text)
-    return pq.ParquetFile(io.BytesIO(read_bytes(text)))
 
 
 def arrow_filesystem(url: str | os.PathLike):
@@ -520,6 +499,16 @@ def arrow_filesystem(url: str | os.PathLike):
         return pafs.LocalFileSystem(), text
     fs, path = filesystem(text)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def arrow_files(files: list[str]):
+    """``(pyarrow FileSystem or None, paths)`` for ``pyarrow.dataset.dataset(paths, filesystem=…)``
+    over files of one root: local paths as they are (filesystem None), object URLs without their
+    scheme on the wrapped fsspec store."""
+    if not files or not is_remote(files[0]):
+        return None, [os.fspath(f) for f in files]
+    fs, _ = arrow_filesystem(files[0])
+    return fs, [f.split("://", 1)[1] for f in files]
 
 
 # --------------------------------------------------------------------------------- objects

@@ -237,10 +237,12 @@ class FaultProxy:
                 finally:
                     conn.close()
                 self.send_response(resp.status)
+                head = self.command == "HEAD"  # a HEAD answer's Content-Length is the object's size
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    if k.lower() not in ("transfer-encoding", "connection") and (head or k.lower() != "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

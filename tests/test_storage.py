@@ -237,3 +237,26 @@ def test_dataloader_workers_read_objects_and_record_what_fails(s3, s3_server, ph
     for pos, entry in enumerate(on_disk.entries):
         if entry.image_path in got:
             assert torch.equal(got[entry.image_path], on_disk[pos].tensor), entry.image_path
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_writers_of_one_shard_commit_once(where, tmp_path, request):
+    """Two attempts at the same shard (a Dask task run again after its worker was lost): both
+    write the whole shard's part files to the same keys, only the first creates the commit
+    record, and the second gets the first's record back (the files agree with its counts); a
+    rerun (``replace=True``) replaces it. By construction: the record is an exclusive create."""
+    from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
+    from imgscore.tasks.runstate import ShardRef, ShardResult, read_commit_record
+    from imgscore.tasks.score import commit_shard
+
+    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3").url("out")
+    ref = ShardRef(run_id="r1", run_date="2026-12-01", run_dir=storage.join(out, "runs", "r1"), input_root="/x", shard_id=0,
+                   start=0, stop=0, fingerprint="fp")
+    empty_p, empty_e = PREDICTIONS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table()
+    first = commit_shard(ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:1"))
+    second = commit_shard(ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:2"))
+    assert first.worker == second.worker == "host:1"
+    assert read_commit_record(ref.run_dir, 0).worker == "host:1"
+    again = commit_shard(ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:3"),
+                         replace=True)
+    assert again.worker == read_commit_record(ref.run_dir, 0).worker == "host:3"
