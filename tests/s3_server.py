@@ -96,7 +96,8 @@ class SeaweedS3:
         cmd = [
             binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}", "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64", "-volume.max=32",
+            # small volumes; a shared test machine's disk may be nearly full (SeaweedFS's default refuses below 1 % free)
+            "-master.volumeSizeLimitMB=64", "-volume.max=32", "-volume.minFreeSpace=64MiB",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}", f"-filer.localSocket={self.workdir / 'filer.sock'}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={identities}",
