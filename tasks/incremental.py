@@ -82,8 +82,8 @@ CARRIED_SCHEMA = pa.schema(
     ]
 )
 # Failures that say nothing about the file's bytes: tried again every night (module docstring).
-RETRIED_ERRORS = ("ShardFailed", "OutOfMemoryError", "DecodeError.unreadable")
-_STAT = ["image_path", "file_size", "file_mtime_ns"]
+RETRIED_ERRORS = ("ShardFailed", "OutOfMemoryError", "DecodeError.unreadable", "ObjectReadError")
+_STAT = ["image_path", "file_size", "file_mtime_ns", "file_version"]
 _FAILED_COLUMNS = [*_STAT, "run_id", "stage", "error_type", "message"]
 
 
@@ -200,14 +200,23 @@ def read_hashes(out_root: str | Path, runs: list[dict]) -> pa.Table:
     return pa.concat_tables(parts) if parts else HASHES_SCHEMA.empty_table()
 
 
-def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array) -> pa.Array:
-    """``path\tsize\tmtime`` per row, the path in Unicode NFC (a name macOS wrote in NFD matches the
-    same name written in NFC elsewhere); a size or mtime that could not be read is empty (a file
-    the scan could not stat matches an earlier failure of the same kind)."""
+def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array, version: pa.Array) -> pa.Array:
+    """``path\tsize\tmtime\tversion`` per row, the path in Unicode NFC (a name macOS wrote in NFD
+    matches the same name written in NFC elsewhere); a size or mtime that could not be read is
+    empty (a file the scan could not stat matches an earlier failure of the same kind), and so is
+    the version of a file (objects: their ETag, so a replaced object never matches, even within
+    the second its last-modified time keeps; part files written before the column read it null)."""
     def text(a):
         return pc.fill_null(pc.cast(a, pa.string()), "")
 
-    return pc.binary_join_element_wise(pc.utf8_normalize(path, "NFC"), text(size), text(mtime), "\t")
+    return pc.binary_join_element_wise(pc.utf8_normalize(path, "NFC"), text(size), text(mtime), text(version), "\t")
+
+
+def _versions(batch: pa.RecordBatch) -> pa.Array:
+    """The index rows' ``version`` column (null for files, and for an index written before it)."""
+    if "version" in batch.schema.names:
+        return batch["version"]
+    return pa.nulls(batch.num_rows, pa.string())
 
 
 def _content_keys(path: pa.Array, sha: pa.Array) -> pa.Array:
@@ -251,16 +260,16 @@ class AlreadyScored:
         self._scored = read_scored(out_root, self.runs, model_info["model_id"]) if self.runs else None
         self._keys = None
         if self._scored is not None:
-            self._keys = pc.unique(_flat(_stat_keys(self._scored["image_path"], self._scored["file_size"], self._scored["file_mtime_ns"])))
+            self._keys = pc.unique(_flat(_stat_keys(self._scored["image_path"], self._scored["file_size"], self._scored["file_mtime_ns"], self._scored["file_version"])))
         self._failed = read_failed(out_root, self.runs) if self.runs and not retry_failed else None
         self._failed_keys = None
         if self._failed is not None and self._failed.num_rows:
-            self._failed_keys = _flat(_stat_keys(self._failed["image_path"], self._failed["file_size"], self._failed["file_mtime_ns"]))
+            self._failed_keys = _flat(_stat_keys(self._failed["image_path"], self._failed["file_size"], self._failed["file_mtime_ns"], self._failed["file_version"]))
         self._content_keys = None  # path\tsha256 of earlier sha256-mode runs, read on first need
         self._failed_content = None  # (keys, failed rows) by content
 
     def _hashes_of(self, keys: pa.Table) -> pa.Table:
-        return keys.join(read_hashes(self.out_root, self.runs), keys=_STAT, right_keys=["image_path", "size", "mtime_ns"], join_type="inner")
+        return keys.join(read_hashes(self.out_root, self.runs), keys=_STAT[:3], right_keys=["image_path", "size", "mtime_ns"], join_type="inner")
 
     def _content(self) -> pa.Array:
         if self._content_keys is None:
@@ -280,7 +289,7 @@ class AlreadyScored:
         prediction (``already_failed``) are dropped. Rows that could not be stat'ed are kept
         unless the same path failed unstat'ed before (they become scan errors)."""
         n = batch.num_rows
-        keys = _stat_keys(batch["image_path"], batch["size"], batch["mtime_ns"])
+        keys = _stat_keys(batch["image_path"], batch["size"], batch["mtime_ns"], _versions(batch))
         scored = pa.array([False] * n)
         if self._keys is not None:
             scored = pc.fill_null(pc.is_in(keys, value_set=self._keys), False)

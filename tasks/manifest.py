@@ -63,7 +63,8 @@ def check_part(path: str | Path, schema: pa.Schema, rows: int | None = None) -> 
     """Why the part file at ``path`` is not a good commit, or None when it is.
 
     Reads only the footer: a missing file, a corrupt or truncated footer ("magic bytes not found"),
-    a schema other than ``schema`` (names and types), or a row count other than ``rows`` (when
+    a schema other than ``schema`` (names and types; a file that lacks only nullable columns
+    added at the end since it was written is fine), or a row count other than ``rows`` (when
     given) are reported.
     """
     if not storage.is_file(path):
@@ -74,7 +75,9 @@ def check_part(path: str | Path, schema: pa.Schema, rows: int | None = None) -> 
         got = meta.schema.to_arrow_schema()
     except (pa.ArrowException, OSError) as exc:
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    if [(f.name, f.type) for f in got] != [(f.name, f.type) for f in schema]:
+    have, want = [(f.name, f.type) for f in got], [(f.name, f.type) for f in schema]
+    # a file written before a nullable column was added at the end (file_version) is still good
+    if have != want[: len(have)] or not all(f.nullable for f in schema[len(have):]):
         return "schema differs from the current one"
     if rows is not None and meta.num_rows != rows:
         return f"holds {meta.num_rows} rows, the shard record says {rows}"

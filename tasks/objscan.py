@@ -18,8 +18,9 @@ scans a folder: the same ImageFolder semantics, the same order, the same index r
   (``.DS_Store``, ``._x.jpg``, anything under a ``.``-folder) and ``__MACOSX`` appear nowhere, as
   on disk; directory markers (``key/``, zero bytes) are no objects.
 - **Index rows** keep the object's size, last-modified time (as ``mtime_ns``) and its ``version``
-  (ETag, ``ETag@VersionId`` with S3 versioning, GCS generation): ``run.skip_scored`` and the
-  failure ledger key on them, so a replaced object is scored again even within the same second.
+  (ETag, ``ETag@VersionId`` with S3 versioning, GCS generation), which every prediction and
+  errors row carries as ``file_version``: ``run.skip_scored`` and the failure ledger key on all
+  three, so a replaced object is scored again even within the same second.
 """
 
 from __future__ import annotations

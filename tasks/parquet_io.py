@@ -60,6 +60,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("file_size", pa.int64()),  # bytes, for incremental runs
         pa.field("file_mtime_ns", pa.int64()),
+        pa.field("file_version", pa.string()),  # object stores: the ETag (ETag@VersionId) scored; null for files
     ]
 )
 
@@ -78,6 +79,7 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("worker", pa.string()),
         pa.field("file_size", pa.int64()),  # bytes, as scanned: the failure ledger's key (run.skip_scored)
         pa.field("file_mtime_ns", pa.int64()),
+        pa.field("file_version", pa.string()),  # object stores: the ETag as listed; null for files
     ]
 )
 

@@ -187,6 +187,8 @@ def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indice
         "scored_at": scored_at,
         "file_size": size,
         "file_mtime_ns": mtime,
+        # the object's ETag when the bytes read are the ones listed (an object replaced since has none)
+        "file_version": entry.version if mtime == entry.mtime_ns else None,
     }
 
 
@@ -213,6 +215,7 @@ def error_row(ctx: RowContext, entry: ImageEntry | None, batch_id: int | None, s
         "worker": ctx.worker,
         "file_size": entry.size if entry is not None else None,
         "file_mtime_ns": entry.mtime_ns if entry is not None else None,
+        "file_version": entry.version if entry is not None else None,
     }
 
 

@@ -142,25 +142,36 @@ def test_kill9_then_rerun_leaves_exactly_one_row_per_image_on_s3(prefect_server,
 
 
 def test_skip_scored_on_s3_skips_unchanged_objects_and_rescores_a_replaced_one(prefect_server, s3, photos, tiny_checkpoint, tmp_path):
-    """Night 1 scores 12 objects; night 2 skips them all; an object replaced with other bytes is
-    scored again on night 3, alone. By construction: the skip key is path + size + last-modified
-    + ETag of the listing, and a new upload has another ETag (its MD5) and time."""
+    """Night 1 scores 12 objects and records one corrupt object as an error; night 2 skips the
+    12 and carries the corrupt one (failure ledger); after one object is replaced with other
+    bytes and the corrupt one is fixed, night 3 scores exactly those two. By construction: the
+    keys are path + size + last-modified + ETag of the listing, and an upload of other bytes has
+    another ETag (its MD5)."""
     local = make_image_folder(tmp_path / "images", photos, per_class=4)
+    (local / "rocket" / "zz_bad.jpg").write_text("not a jpeg at all")
     url, out = s3.upload(local, "images"), s3.url("out")
     items = [o for o in base_overrides(local, tiny_checkpoint, tmp_path / "x") if not o.startswith(("input.root=", "output.root="))]
-    items += [f"input.root={url}", f"output.root={out}", "run.skip_scored=true", "inference.num_workers=0"]
+    items += [f"input.root={url}", f"output.root={out}", "run.skip_scored=true", "inference.num_workers=0", "run.max_error_rate=1"]
     assert cli("run", "-q", *sets([*items, "run.run_id=night1"])) == 0
+    (bad,) = read_table(out, "errors", run_id="night1").to_pylist()
+    assert bad["image_path"] == "rocket/zz_bad.jpg" and bad["file_version"] and bad["error_type"].startswith("DecodeError.")
+    etags = {r["image_path"]: r["file_version"] for r in read_table(out, run_id="night1").to_pylist()}
+    head = s3.client.head_object(Bucket=s3.bucket, Key=s3.key("images/coffee/coffee_0.jpg"))
+    assert etags["coffee/coffee_0.jpg"] == head["ETag"].strip('"') and len(etags) == 12
     assert cli("run", "-q", *sets([*items, "run.run_id=night2"])) == 0
-    m2 = manifest_of(out, "night2")
-    assert m2["counts"]["already_scored"] == 12 and m2["counts"]["scanned"] == 0
-    replaced = make_variants(photos["rocket"], 9)[-1]
-    replaced.save(tmp_path / "new.jpg", quality=80)
+    c2 = manifest_of(out, "night2")["counts"]
+    assert (c2["already_scored"], c2["already_failed"], c2["scanned"]) == (12, 1, 0)
+    make_variants(photos["rocket"], 9)[-1].save(tmp_path / "new.jpg", quality=80)
     s3.put("images/coffee/coffee_0.jpg", (tmp_path / "new.jpg").read_bytes())
+    make_variants(photos["rocket"], 3)[-1].save(tmp_path / "fixed.jpg", quality=80)
+    s3.put("images/rocket/zz_bad.jpg", (tmp_path / "fixed.jpg").read_bytes())
     assert cli("run", "-q", *sets([*items, "run.run_id=night3"])) == 0
-    m3 = manifest_of(out, "night3")
-    assert (m3["counts"]["already_scored"], m3["counts"]["scanned"], m3["counts"]["scored"]) == (11, 1, 1)
-    (row,) = read_table(out, run_id="night3").to_pylist()
-    assert row["image_path"] == "coffee/coffee_0.jpg" and row["file_size"] == (tmp_path / "new.jpg").stat().st_size
+    c3 = manifest_of(out, "night3")["counts"]
+    assert (c3["already_scored"], c3["already_failed"], c3["scanned"], c3["scored"]) == (11, 0, 2, 2)
+    rows = {r["image_path"]: r for r in read_table(out, run_id="night3").to_pylist()}
+    assert sorted(rows) == ["coffee/coffee_0.jpg", "rocket/zz_bad.jpg"]
+    assert rows["coffee/coffee_0.jpg"]["file_size"] == (tmp_path / "new.jpg").stat().st_size
+    assert rows["coffee/coffee_0.jpg"]["file_version"] != etags["coffee/coffee_0.jpg"]
 
 
 def test_a_throttled_get_becomes_an_errors_row_after_retries(prefect_server, s3, s3_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
