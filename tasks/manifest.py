@@ -77,7 +77,7 @@ def check_part(path: str | Path, schema: pa.Schema, rows: int | None = None) -> 
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     have, want = [(f.name, f.type) for f in got], [(f.name, f.type) for f in schema]
     # a file written before a nullable column was added at the end (file_version) is still good
-    if have != want[: len(have)] or not all(f.nullable for f in schema[len(have):]):
+    if have != want[: len(have)] or not all(schema.field(i).nullable for i in range(len(have), len(want))):
         return "schema differs from the current one"
     if rows is not None and meta.num_rows != rows:
         return f"holds {meta.num_rows} rows, the shard record says {rows}"
