@@ -220,34 +220,27 @@ def refresh_shards(run_dir: str | Path, index: dict[str, Any], input_root: str |
         f, g = shard_location(index, sid)
         by_file.setdefault(f, {})[g] = sid
     fps: dict[int, str] = {}
-    if storage.is_remote(run_dir):
-        for rel, groups in by_file.items():
-            url = storage.join(run_dir, check_relative(rel, "index file"))
-            pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(url)))
-            sink = pa.BufferOutputStream()
-            with pq.ParquetWriter(sink, INDEX_SCHEMA, compression="zstd") as w:
-                for g in range(pf.num_row_groups):
-                    t = conform(pf.read_row_group(g))
-                    if g in groups:
-                        check_relative_column(t["fs_path"], f"{url} fs_path")
-                        t = _restat(root, t)
-                        fps[groups[g]] = table_fingerprint(t)
-                    w.write_table(t, row_group_size=max(1, t.num_rows))
-            storage.write_bytes(url, sink.getvalue().to_pybytes())
-        return fps
-    run_dir = Path(run_dir)
-    for rel, groups in by_file.items():
-        path = run_dir / check_relative(rel, "index file")
-        pf = pq.ParquetFile(path)
-        tmp = temp_path(path)
-        with os.fdopen(create_new(tmp), "wb") as f, pq.ParquetWriter(f, INDEX_SCHEMA, compression="zstd") as w:
+
+    def rewrite(pf: pq.ParquetFile, sink, where: str, groups: dict[int, int]) -> None:
+        with pq.ParquetWriter(sink, INDEX_SCHEMA, compression="zstd") as w:
             for g in range(pf.num_row_groups):
                 t = conform(pf.read_row_group(g))
                 if g in groups:
-                    check_relative_column(t["fs_path"], f"{path} fs_path")
+                    check_relative_column(t["fs_path"], f"{where} fs_path")
                     t = _restat(root, t)
                     fps[groups[g]] = table_fingerprint(t)
                 w.write_table(t, row_group_size=max(1, t.num_rows))
+
+    for rel, groups in by_file.items():
+        path = storage.path(run_dir, check_relative(rel, "index file"))
+        if storage.is_remote(path):  # built in memory, one PUT
+            sink = pa.BufferOutputStream()
+            rewrite(pq.ParquetFile(io.BytesIO(storage.read_bytes(path))), sink, path, groups)
+            storage.write_bytes(path, sink.getvalue().to_pybytes())
+            continue
+        tmp = temp_path(path)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            rewrite(pq.ParquetFile(path), f, str(path), groups)
         os.replace(tmp, path)
     return fps
 

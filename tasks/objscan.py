@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from imgscore.tasks import storage
 from imgscore.tasks.errors import InputError
 from imgscore.tasks.scan import (
-    SCAN_BATCH_ROWS,
     ImageEntry,
     Scan,
     _is_hidden,
     _skip,
     _Unit,
-    entries_batch,
+    batched,
     skip_reason,
 )
 
@@ -62,20 +61,17 @@ class ObjectScan(Scan):
         else:
             base = unit.top[len(root):].strip("/") + "/"
             objects, _ = storage.list_objects(unit.top, recursive=True)
-        chunk: list[ImageEntry] = []
-        for obj in sorted((o for o in objects if not _hidden_key(o.key)), key=lambda o: storage.walk_order_key(o.key)):
-            rel = base + obj.key
-            why = skip_reason(rel)
-            if why is not None:
-                _skip(skipped, rel, why)
-                continue
-            chunk.append(ImageEntry(rel, unit.label, unit.label_name, obj.size, obj.mtime_ns, version=obj.version))
-            if len(chunk) >= SCAN_BATCH_ROWS:
-                yield entries_batch(chunk)
-                chunk = []
-        if chunk:
-            yield entries_batch(chunk)
-        yield ("skipped", skipped)
+
+        def images():
+            for obj in sorted((o for o in objects if not _hidden_key(o.key)), key=lambda o: storage.walk_order_key(o.key)):
+                rel = base + obj.key
+                why = skip_reason(rel)
+                if why is not None:
+                    _skip(skipped, rel, why)
+                    continue
+                yield ImageEntry(rel, unit.label, unit.label_name, obj.size, obj.mtime_ns, version=obj.version)
+
+        yield from batched(images(), skipped)
 
 
 def _refuse_listing(root: str, exc: BaseException) -> InputError:

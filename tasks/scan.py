@@ -413,6 +413,20 @@ class _Unit:
     chain: frozenset[str] = frozenset()
 
 
+def batched(entries: Iterator[ImageEntry], skipped: list[dict[str, str]]) -> Iterator:
+    """A unit's ``entries`` as record batches of at most :data:`SCAN_BATCH_ROWS` rows, then
+    ``("skipped", skipped)`` — filled while ``entries`` was consumed."""
+    chunk: list[ImageEntry] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) >= SCAN_BATCH_ROWS:
+            yield entries_batch(chunk)
+            chunk = []
+    if chunk:
+        yield entries_batch(chunk)
+    yield ("skipped", skipped)
+
+
 @dataclass
 class Scan:
     """A scan of ``input.root`` that yields its image list in order, without holding it.
@@ -440,17 +454,8 @@ class Scan:
         root = str(self.root)
         skipped: list[dict[str, str]] = []
         walk = unit.files if unit.files is not None else _walk_files(unit.top, self.follow_symlinks, skipped, root, unit.chain)
-        chunk: list[ImageEntry] = []
-        for path in walk:
-            entry = _classify(path, root, unit.label, unit.label_name, skipped)
-            if entry is not None:
-                chunk.append(entry)
-                if len(chunk) >= SCAN_BATCH_ROWS:
-                    yield entries_batch(chunk)
-                    chunk = []
-        if chunk:
-            yield entries_batch(chunk)
-        yield ("skipped", skipped)
+        entries = (_classify(path, root, unit.label, unit.label_name, skipped) for path in walk)
+        yield from batched((e for e in entries if e is not None), skipped)
 
     def batches(self, threads: int = 1) -> Iterator[pa.RecordBatch]:
         """Yield the image list as record batches of at most :data:`SCAN_BATCH_ROWS` rows, in
