@@ -97,7 +97,7 @@ def scoring_rate(root: str, workers: int, checkpoint: Path) -> float:
     entries = scan_images(root).entries
     scorer = load_scorer(ModelConfig(arch="mobilenet_v3_small", checkpoint=checkpoint, num_classes=len(CLASSES)), PreprocessConfig(),
                          InferenceConfig(device="cpu", num_workers=workers, batch_size=32))
-    ctx = RowContext("bench", 0, 1, scorer.lm.model_id, list(scorer.lm.classes), "cpu", scorer.worker, 3)
+    ctx = RowContext("bench", root, 0, 1, scorer.lm.model_id, list(scorer.lm.classes), "cpu", scorer.worker, 3)
     t0 = time.perf_counter()
     rows = score_entries(entries, root, scorer, InputConfig(), ctx)
     took = time.perf_counter() - t0
