@@ -24,6 +24,7 @@ from pathlib import Path
 from imgscore.flows import startup
 from imgscore.flows.compat import run_exit_handlers
 from imgscore.flows.progress import progress_for
+from imgscore.tasks import storage
 from imgscore.tasks.config import Config, load_config, out_root_of, rerun_config
 from imgscore.tasks.errors import (
     ConfigError,
@@ -116,16 +117,34 @@ def start_dask_early(cfg: Config, session: startup.Session):
 
 
 def check_paths(cfg: Config) -> None:
-    """Refuse a bad input root or output root (exit 2, nothing written), before torch or Prefect."""
+    """Refuse a bad input root or output root (exit 2, nothing written), before torch or Prefect.
+    An object-store root is listed (input) or written and deleted once (output) with this
+    machine's credentials; a missing client package is named with its pip line."""
+    storage.configure(cfg.storage.settings())
     root = cfg.input.root
     if root is None:
         raise InputError("input.root is not set; pass --set input.root=/path/to/images or set it in the config")
-    if not Path(root).exists():
+    for r in (root, cfg.output.root):
+        if (need := storage.missing_package(r)) is not None:
+            raise ConfigError(need)
+    if storage.is_remote(root):
+        if not has_images(root):
+            raise InputError(no_images_message(root))
+    elif not Path(root).exists():
         raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
-    if not Path(root).is_dir():
+    elif not Path(root).is_dir():
         raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
-    if not has_images(root, cfg.input.follow_symlinks):
+    elif not has_images(root, cfg.input.follow_symlinks):
         raise InputError(no_images_message(root))
+    if storage.is_remote(cfg.output.root):
+        probe = storage.join(cfg.output.root, f".imgscore-write-check-{os.getpid()}")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.delete(probe)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"output.root {cfg.output.root!r} is not writable here ({storage.describe_error(exc)}); check the bucket "
+                              "and the credentials this machine finds (AWS_*, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)") from None
+        return
     out = Path(cfg.output.root)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +208,7 @@ def interrupted(run_id: str, out_root, exc: BaseException | None = None) -> int:
     """Ctrl-C: exit 130 (128 + SIGINT), SIGTERM: 143, with the command that finishes the run — or,
     when the run had not written its plan yet, the fact that there is nothing to finish."""
     what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-    if not (Path(out_root) / "runs" / run_id / "manifest.json").is_file():
+    if not storage.is_file(storage.path(out_root, "runs", run_id, "manifest.json")):
         return _fail(f"{what} before run {run_id} was planned; nothing was written, run the command again", code)
     from imgscore.tasks.report import rerun_command
 
@@ -251,6 +270,13 @@ def cmd_demo(args, session: startup.Session) -> int:
     return code
 
 
+def configure_storage(args) -> None:
+    """Object-store settings for a command that reads a run before its recorded config is known
+    (rerun, report): ``storage.*`` from ``--config`` and ``--set``; credentials from the environment."""
+    items = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith("storage.")]
+    storage.configure(load_config(args.config, items).storage.settings())
+
+
 def check_rerun(cfg: Config, manifest, run_dir: Path) -> None:
     """Refuse a rerun before Prefect starts: run locked, input folder gone, or a model other than the run's."""
     from imgscore.tasks import lock as run_lock
@@ -259,7 +285,7 @@ def check_rerun(cfg: Config, manifest, run_dir: Path) -> None:
     if held is not None and not run_lock.is_stale(held):
         raise run_lock.RunLockedError(f"run {manifest.run_id} is locked by {run_lock.describe(held, run_dir)}")
     root = manifest.input["root"]
-    if not Path(root).is_dir():
+    if not storage.is_remote(root) and not Path(root).is_dir():
         raise InputError(f"run {manifest.run_id} scored {root!r}, which is no longer a folder; restore it to rerun the run")
     for mcfg, lm, was_info in zip(cfg.scored_models(), load_model_here(cfg), manifest.scored_models, strict=False):
         was = was_info["model_id"]
@@ -278,12 +304,13 @@ def cmd_rerun(args, session: startup.Session) -> int:
     from imgscore.tasks import layout
     from imgscore.tasks import lock as run_lock
 
+    configure_storage(args)
     out = out_root_of(args.config, args.overrides)
     run_dir = run_dir_of(out, args.run_id)  # one folder name, not a link out of the output root
-    if not (run_dir / "manifest.json").is_file():
-        runs = sorted(p.name for p in (out / "runs").glob("*"))
+    if not storage.is_file(storage.path(run_dir, "manifest.json")):
+        runs = storage.list_names(storage.path(out, "runs"))
         raise UsageError(
-            f"run {args.run_id!r} not found: no {run_dir / 'manifest.json'}; pass the output root it was written to "
+            f"run {args.run_id!r} not found: no {storage.path(run_dir, 'manifest.json')}; pass the output root it was written to "
             "with --set output.root=PATH (" + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}") + ")"
         )
     layout.migrate_output_root(out)  # runs of earlier versions: today's part-file layout (each under its lock)

@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from imgscore.tasks import storage
 from imgscore.tasks.config import NotifyConfig
 from imgscore.tasks.parquet_io import ERRORS_SCHEMA, run_part_files
 from imgscore.tasks.report import REPORT_FILE, one_line
@@ -86,15 +87,15 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
     ``input_root``, ``output_root``, ``manifest``, ``report``, ``known_bad`` (paths, null when
     absent) and ``drift`` (the run against recent nights: ``baseline_runs``, ``psi``, ``warnings``;
     null when not compared)."""
-    out = Path(out_root)
-    run_dir = out / "runs" / run_id if run_id else None
+    out = storage.path(out_root)
+    run_dir = storage.path(out, "runs", run_id) if run_id else None
     payload: dict[str, Any] = {
         "run_id": run_id, "status": prefect_state.lower(), "prefect_state": prefect_state, "flow_name": flow_name,
         "flow_run_id": flow_run_id, "message": message, "reason": None, "counts": None, "error_rate": None,
         "max_error_rate": None, "min_errors": None, "top_error_types": [], "input_root": None, "output_root": str(out),
         "manifest": None, "report": None, "known_bad": None, "drift": None,
     }
-    if run_dir is None or not (run_dir / MANIFEST).is_file():
+    if run_dir is None or not storage.is_file(storage.path(run_dir, MANIFEST)):
         return payload
     m = load_manifest(run_dir)
     c = m.counts
@@ -108,9 +109,9 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
         "min_errors": run_cfg.get("min_errors"),
         "top_error_types": top_error_types(out, m.run_date, m.run_id),
         "input_root": (m.input or {}).get("root"),
-        "manifest": str(run_dir / MANIFEST),
-        "report": str(run_dir / REPORT_FILE) if (run_dir / REPORT_FILE).is_file() else None,
-        "known_bad": str(run_dir / "already_failed.parquet") if c.already_failed else None,
+        "manifest": str(storage.path(run_dir, MANIFEST)),
+        "report": str(storage.path(run_dir, REPORT_FILE)) if storage.is_file(storage.path(run_dir, REPORT_FILE)) else None,
+        "known_bad": str(storage.path(run_dir, "already_failed.parquet")) if c.already_failed else None,
         "drift": m.drift or None,
     })
     return payload

@@ -114,10 +114,12 @@ def print_report(report: dict, console) -> None:
 
 def main(args) -> int:
     """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides, model_name)."""
+    from imgscore.tasks import storage
     from imgscore.tasks.config import load_config
     from imgscore.tasks.report import build_report, dumps, write_html_report
 
     cfg = load_config(args.config, args.overrides)
+    storage.configure(cfg.storage.settings())
     out_root = cfg.output.root
     report = build_report(out_root, args.run_id, model_name=getattr(args, "model_name", None))
     if args.format == "json":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -40,7 +39,7 @@ from imgscore.flows.score_images import (
     workers_on_host,
 )
 from imgscore.flows.startup import quiet_unless_verbose
-from imgscore.tasks import layout
+from imgscore.tasks import layout, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.config import Config
@@ -57,7 +56,7 @@ quiet_unless_verbose()  # expected failures are one line in a deployment worker'
 def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.ShardWork]]:
     """Clean leftovers, adopt committed shards, decide the work, refresh the index (the caller
     holds the run's lock)."""
-    out = Path(cfg.output.root)
+    out = cfg.output.root
     layout.migrate_output_root(out, held_run=run_id)  # runs of earlier versions (this one included): today's layout
     plan = load_plan(run_dir_of(out, run_id))
     m = plan.manifest
@@ -70,7 +69,7 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.Shard
         plan.shards = shard_refs(m, plan.run_dir)
     m.status, m.reason = "running", None
     m.config = cfg.recorded()
-    m.outputs = {t: str(mf.shard_files(out, m.run_date, run_id, 0)[i].parent) for i, t in enumerate(("predictions", "errors"))}
+    m.outputs = {t: str(storage.parent_of(mf.shard_files(out, m.run_date, run_id, 0)[i])) for i, t in enumerate(("predictions", "errors"))}
     m.reruns.append(
         {
             "started_at": now_iso(),
@@ -188,6 +187,7 @@ def rerun_failed(run_id: str, config: dict) -> dict:
     """
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
+    storage.configure(cfg.storage.settings())
     notify.remember_run(run_id, cfg.output.root)
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore rerun"):
         plan, work = prepare_rerun_task(run_id, cfg)

@@ -26,7 +26,7 @@ from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.ending import recorded_ending
 from imgscore.flows.runner import ConfiguredTaskRunner
 from imgscore.flows.startup import quiet_unless_verbose
-from imgscore.tasks import drift
+from imgscore.tasks import drift, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.backends import start_inference
@@ -251,12 +251,12 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
         "wall_s": round(wall_s, 2),
         "devices": devices,
         "workers": workers,
-        "manifest": str(plan.run_dir / "manifest.json"),
+        "manifest": str(storage.path(plan.run_dir, "manifest.json")),
         "drift": drifted,
-        **{k: v for k, v in m.outputs.items() if Path(v).is_dir()},  # a night with nothing new writes no part files
+        **{k: v for k, v in m.outputs.items() if storage.is_remote(v) or Path(v).is_dir()},  # a night with nothing new writes no part files
     }
     if c.already_failed:
-        summary["known_bad"] = str(plan.run_dir / CARRIED_FILE)
+        summary["known_bad"] = str(storage.path(plan.run_dir, CARRIED_FILE))
     # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
     summary["report"] = publish_run_report(out_root, plan.run_id)
     if why:
@@ -335,6 +335,7 @@ def score_images(config: dict) -> dict:
     """
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
+    storage.configure(cfg.storage.settings())  # object-store roots: options, retries, timeouts of this run
     run_id = choose_run_id(cfg)
     notify.remember_run(run_id, cfg.output.root)
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore run"), skip_scored_guard(cfg, run_id):

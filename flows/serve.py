@@ -8,6 +8,7 @@ this one. With a work pool, use ``prefect.yaml`` and ``prefect deploy`` instead 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgscore.tasks.config import Config, load_config
@@ -112,7 +113,8 @@ def main(args, temporary_url: str | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     deployment = build_deployment(cfg, args.cron, args.timezone, args.name)
-    if cfg.input.root is not None and not cfg.input.root.is_dir():  # may be a share mounted later: warn, serve
+    root = cfg.input.root  # an object-store URL is listed when each run starts
+    if root is not None and isinstance(root, Path) and not root.is_dir():  # may be a share mounted later: warn, serve
         print(f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
               "scheduled runs will exit 2 until it is", file=sys.stderr)
     api = PREFECT_API_URL.value()

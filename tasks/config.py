@@ -13,13 +13,39 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import is_plain_name
 from imgscore.tasks.errors import ConfigError
 
 # Pillow's default decompression-bomb limit (about 89.5 megapixels). Read once; never changed.
 PILLOW_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 178956970 // 2)
+
+
+def _root_value(value: Any) -> Any:
+    """A root as configured → a ``Path`` (local path, ``file://`` URL) or the normalized URL
+    string (``s3://``, ``gs://``, ``az://``: a ``Path`` would fold ``//``). Raises ValueError for
+    an unknown scheme (pydantic reports it against the key)."""
+    if value is None or isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path or a URL, got {type(value).__name__}")
+    text = storage.normalize_root(value)
+    return text if storage.is_remote(text) else Path(text)
+
+
+# input.root / output.root: a local folder, or an object-store URL (imgscore.tasks.storage)
+Root = Annotated[Path | str, PlainValidator(_root_value, json_schema_input_type=str), PlainSerializer(str, return_type=str, when_used="json")]
 
 
 class _Section(BaseModel):
@@ -29,7 +55,9 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     """What to score and how to read it."""
 
-    root: Path | None = Field(None, description="folder to score: ImageFolder layout or flat")
+    root: Root | None = Field(
+        None, description="folder to score (ImageFolder layout or flat): a path, or s3://, gs://, az:// URL of a prefix"
+    )
     layout: Literal["auto", "imagefolder", "flat"] = Field(
         "auto",
         description="auto: class subfolders and no top-level images → imagefolder, else flat",
@@ -282,7 +310,7 @@ class RunnerConfig(_Section):
 class OutputConfig(_Section):
     """Where results go."""
 
-    root: Path = Field(Path("outputs"), description="holds predictions/, errors/ and runs/")
+    root: Root = Field(Path("outputs"), description="holds predictions/, errors/ and runs/: a path, or s3://, gs://, az:// URL")
     topk: int = Field(5, gt=0, description="how many classes topk_indices/topk_scores keep")
     embeddings: bool = Field(
         False,
@@ -350,6 +378,33 @@ class NotifyConfig(_Section):
         return v
 
 
+class StorageConfig(_Section):
+    """How object-store roots are opened (``imgscore.tasks.storage``). Credentials and endpoints
+    come from each machine's standard chain (``AWS_*``, ``AWS_PROFILE``, instance roles;
+    ``GOOGLE_APPLICATION_CREDENTIALS``; ``AZURE_STORAGE_*``); these keys add what the chain cannot say."""
+
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for s3fs/gcsfs/adlfs (endpoint_url, client_kwargs, anon, …); "
+        "a credential only as a ${ENV_VAR} reference, never its value",
+    )
+    retries: int = Field(4, ge=0, description="retries of a request after throttling (503 SlowDown), 5xx or a timeout, with backoff")
+    read_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a read may stall; one object read, all attempts, is cut at read_timeout_s × (retries + 1)"
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="seconds to open a connection to the store")
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        storage.check_options(v)
+        return v
+
+    def settings(self) -> storage.Settings:
+        """What :func:`imgscore.tasks.storage.configure` takes."""
+        return storage.Settings.of(self.options, self.retries, self.read_timeout_s, self.connect_timeout_s)
+
+
 class Config(_Section):
     """The whole resolved configuration of a run."""
 
@@ -367,6 +422,7 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     notify: NotifyConfig = NotifyConfig()
     drift: DriftConfig = DriftConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _one_model_form(self) -> Config:
@@ -491,7 +547,8 @@ def _explain(exc: ValidationError) -> str:
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
             lines.append(f"unknown config key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
         else:
-            lines.append(f"config {dotted}: {err['msg']} (got {err.get('input')!r})")
+            got = "" if loc[:2] == ("storage", "options") else f" (got {err.get('input')!r})"  # never echo a credential
+            lines.append(f"config {dotted}: {err['msg']}{got}")
     return "; ".join(lines)
 
 
@@ -546,7 +603,7 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- a rerun's config
 
-ALLOWED_RERUN_OVERRIDES = ("output.root", "runner.", "inference.", "notify.")
+ALLOWED_RERUN_OVERRIDES = ("output.root", "runner.", "inference.", "notify.", "storage.")
 
 # Recorded keys that run code, or send the run or its files somewhere: a rerun reads its config
 # back from the manifest under output.root, which others may be able to write (README,
@@ -579,15 +636,22 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def out_root_of(config_file: Path | None, overrides: list[str]) -> Path:
+def out_root_of(config_file: Path | None, overrides: list[str]) -> Path | str:
     """The output root to look for the run in: ``--set output.root``, else the config file's,
-    else the default (``outputs``)."""
+    else the default (``outputs``); a ``Path``, or an object-store URL string.
+
+    Raises:
+        ConfigError: an output root with an unknown URL scheme.
+    """
     root = load_config(config_file).output.root if config_file else Config().output.root
     for item in overrides:
         parts, value = parse_override(item)
         if parts == ["output", "root"]:
-            root = Path(str(value))
-    return Path(root)
+            try:
+                root = _root_value(str(value))
+            except ValueError as exc:
+                raise ConfigError(f"output.root: {exc}") from None
+    return root
 
 
 def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str]) -> Config:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgscore.tasks.errors import UsageError
+from imgscore.tasks.storage import is_remote
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -81,14 +82,21 @@ def within(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def inside(root: str | Path, path: str | Path, what: str) -> Path:
+def inside(root: str | Path, path: str | Path, what: str) -> Path | str:
     """``path`` when, with every symlink resolved (``os.path.realpath``), it is ``root`` itself
     or below it. ``path`` is a path on disk as given (e.g. ``root / "runs" / run_id``); it need
-    not exist. ``root`` may itself be a symlink.
+    not exist. ``root`` may itself be a symlink. For an object-store root (no links there) the
+    check is lexical: ``path`` is the root URL or below it, with no ``..`` component; the URL is
+    returned as given.
 
     Raises:
         UnsafePathError: it resolves outside ``root`` (the message names ``what`` and the target).
     """
+    if is_remote(root) or is_remote(path):
+        base, text = str(root).rstrip("/"), str(path)
+        if not (text == base or (text.startswith(base + "/") and not re.search(_ESCAPES, text[len(base) + 1:]))):
+            raise UnsafePathError(f"{what} {text!r} is not under {base!r}; {_FIX}")
+        return text
     real = os.path.realpath(path)
     if not within(real, os.path.realpath(root)):
         raise UnsafePathError(f"{what} {str(path)!r} resolves to {real!r}, outside {str(root)!r}; {_FIX}")
@@ -134,6 +142,15 @@ def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_roo
     Raises:
         UnsafePathError: naming the entry (``what[i]``) and its value.
     """
+    if is_remote(out_root):
+        base = str(out_root).rstrip("/")
+        tails = {str(p): tuple(str(p)[len(base) + 1:].split("/")) for p in expected}
+        for i, entry in enumerate(files):
+            parts = tuple(str(entry).split("/"))
+            if str(entry) in tails or (".." not in parts and any(parts[-len(t):] == t for t in tails.values())):
+                continue
+            raise UnsafePathError(f"{what}[{i}] {entry!r} is not one of this shard's part files under {base!r}; {_FIX}")
+        return
     root = Path(out_root)
     tails = {}
     for p in expected:

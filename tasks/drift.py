@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from imgscore.tasks import storage
 from imgscore.tasks.config import DriftConfig
 from imgscore.tasks.incremental import part_files, prior_runs
 from imgscore.tasks.parquet_io import ERRORS_SCHEMA
@@ -90,7 +91,8 @@ def _predictions(out_root: str | Path, m: dict, model_id: str | None = None) -> 
     if not files:
         return pa.table({"pred_label": pa.array([], pa.string()), "score": pa.array([], pa.float32())})
     flt = None if model_id is None else pc.field("model_id") == model_id
-    return ds.dataset(files, format="parquet").to_table(columns=["pred_label", "score"], filter=flt)
+    fs, paths = storage.arrow_files(files)
+    return ds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["pred_label", "score"], filter=flt)
 
 
 def _failed(out_root: str | Path, m: dict, model_id: str) -> int:
@@ -99,7 +101,8 @@ def _failed(out_root: str | Path, m: dict, model_id: str) -> int:
     files = _files(out_root, "errors", m)
     if not files:
         return 0
-    t = ds.dataset(files, format="parquet", schema=ERRORS_SCHEMA).to_table(columns=["model_id"])
+    fs, paths = storage.arrow_files(files)
+    t = ds.dataset(paths, format="parquet", schema=ERRORS_SCHEMA, filesystem=fs).to_table(columns=["model_id"])
     return int(pc.sum(pc.fill_null(pc.equal(t["model_id"], model_id), True)).as_py() or 0) if t.num_rows else 0
 
 
@@ -113,7 +116,8 @@ def mean_embedding(out_root: str | Path, runs: list[dict], model_id: str | None 
         files = _files(out_root, "embeddings", m)
         if not files:
             continue
-        for batch in ds.dataset(files, format="parquet").to_batches(columns=["embedding"], filter=flt):
+        fs, paths = storage.arrow_files(files)
+        for batch in ds.dataset(paths, format="parquet", filesystem=fs).to_batches(columns=["embedding"], filter=flt):
             col = batch.column(0)
             if not len(col):
                 continue

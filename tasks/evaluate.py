@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from imgscore.tasks import storage
 from imgscore.tasks.manifest import manifest_path
 
 MAX_EXTRA_COLUMNS = 20  # confusion matrix: predicted classes outside the folder classes kept by name
@@ -41,7 +42,8 @@ def read_run(out_root: str | Path, run_id: str, table: str = "predictions", colu
 
     Returns an empty table with the dataset's schema when the run has no rows.
     """
-    dset = ds.dataset(Path(out_root) / table, format="parquet", partitioning="hive")
+    fs, where = storage.arrow_filesystem(storage.join(out_root, table))
+    dset = ds.dataset(where, format="parquet", partitioning="hive", filesystem=fs)
     return dset.to_table(columns=columns, filter=pc.field("run_id") == run_id)
 
 
@@ -108,9 +110,9 @@ def correct_mask(t: pa.Table, matched_by: str) -> pa.ChunkedArray:
 
 def _run_classes(out_root: str | Path, run_id: str) -> tuple[list[str] | None, list[str] | None]:
     path = manifest_path(out_root, run_id)
-    if not path.is_file():
+    if not storage.is_file(path):
         return None, None
-    m = json.loads(path.read_text(encoding="utf-8"))
+    m = json.loads(storage.read_bytes(path))
     return (m.get("input") or {}).get("classes"), (m.get("model") or {}).get("classes")
 
 

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, check_run_date, inside, safe_name, within
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -82,8 +83,8 @@ CARRIED_SCHEMA = pa.schema(
     ]
 )
 # Failures that say nothing about the file's bytes: tried again every night (module docstring).
-RETRIED_ERRORS = ("ShardFailed", "OutOfMemoryError", "DecodeError.unreadable")
-_STAT = ["image_path", "file_size", "file_mtime_ns"]
+RETRIED_ERRORS = ("ShardFailed", "OutOfMemoryError", "DecodeError.unreadable", "ObjectReadError")
+_STAT = ["image_path", "file_size", "file_mtime_ns", "file_version"]
 _FAILED_COLUMNS = [*_STAT, "run_id", "stage", "error_type", "message"]
 
 
@@ -95,7 +96,7 @@ def model_key(model_info: dict) -> str:
 
 
 def _same_root(a: str | Path | None, b: str | Path) -> bool:
-    return a is not None and os.path.realpath(a) == os.path.realpath(b)
+    return a is not None and storage.same_root(a, b)
 
 
 def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, exclude: str | None = None) -> list[dict]:
@@ -108,13 +109,14 @@ def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, e
     """
     want = model_key(model_info)
     found = []
-    for path in sorted(Path(out_root).glob("runs/*/manifest.json")):
-        if path.parent.name == exclude:
+    for path in storage.glob(storage.join(out_root, "runs", "*", "manifest.json")):
+        folder = storage.name_of(storage.parent_of(path))
+        if folder == exclude:
             continue
         try:
             inside(out_root, path, "manifest")
-            m = json.loads(path.read_text(encoding="utf-8"))
-            if safe_name(m.get("run_id"), "run_id") != path.parent.name:
+            m = json.loads(storage.read_bytes(path))
+            if safe_name(m.get("run_id"), "run_id") != folder:
                 raise UnsafePathError(f"run_id {m.get('run_id')!r} is not its folder's name")
             check_run_date(m.get("run_date"), "run_date")
         except (OSError, ValueError, UnsafePathError) as exc:
@@ -134,7 +136,7 @@ def part_files(out_root: str | Path, runs: list[dict], table: str, reader: str =
         try:
             found = run_part_files(out_root, table, m.get("run_date"), m["run_id"])
             if found:
-                inside(out_root, found[0].parent, "part-file folder")
+                inside(out_root, storage.parent_of(found[0]), "part-file folder")
         except UnsafePathError as exc:
             log.warning("%s: ignoring run %s (%s)", reader, m["run_id"], exc)
             continue
@@ -156,13 +158,14 @@ def _read_columns(files: list[str], schema: pa.Schema, columns: list[str], flt: 
     empty = schema.empty_table().select(columns)
     if not files:
         return empty
+    fs, paths = storage.arrow_files(files)
     try:
-        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns, filter=flt)
+        return ds.dataset(paths, format="parquet", schema=schema, filesystem=fs).to_table(columns=columns, filter=flt)
     except (pa.ArrowException, OSError):
         parts = []
-        for f in files:
+        for f in paths:
             try:
-                parts.append(ds.dataset([f], format="parquet", schema=schema).to_table(columns=columns, filter=flt))
+                parts.append(ds.dataset([f], format="parquet", schema=schema, filesystem=fs).to_table(columns=columns, filter=flt))
             except (pa.ArrowException, OSError) as exc:
                 log.warning("%s: ignoring unreadable part file %s (%s)", what, f, exc)
         return pa.concat_tables(parts) if parts else empty
@@ -238,23 +241,33 @@ def read_hashes(out_root: str | Path, runs: list[dict]) -> pa.Table:
     """Content hashes recorded by earlier sha256-mode ``runs`` (``HASHES_SCHEMA``)."""
     parts = []
     for m in runs:
-        p = Path(out_root) / "runs" / m["run_id"] / HASHES_FILE  # run ids checked by prior_runs
-        if p.is_file() and within(os.path.realpath(p), os.path.realpath(out_root)):
+        p = storage.path(out_root, "runs", m["run_id"], HASHES_FILE)  # run ids checked by prior_runs
+        if storage.is_file(p) and (storage.is_remote(p) or within(os.path.realpath(p), os.path.realpath(out_root))):
             try:
-                parts.append(pq.read_table(p, schema=HASHES_SCHEMA))
+                fs, (where,) = storage.arrow_files([str(p)])
+                parts.append(pq.read_table(where, schema=HASHES_SCHEMA, filesystem=fs))
             except (pa.ArrowException, OSError) as exc:
                 log.warning("skip_scored: ignoring unreadable %s (%s)", p, exc)
     return pa.concat_tables(parts) if parts else HASHES_SCHEMA.empty_table()
 
 
-def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array) -> pa.Array:
-    """``path\tsize\tmtime`` per row, the path in Unicode NFC (a name macOS wrote in NFD matches the
-    same name written in NFC elsewhere); a size or mtime that could not be read is empty (a file
-    the scan could not stat matches an earlier failure of the same kind)."""
+def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array, version: pa.Array) -> pa.Array:
+    """``path\tsize\tmtime\tversion`` per row, the path in Unicode NFC (a name macOS wrote in NFD
+    matches the same name written in NFC elsewhere); a size or mtime that could not be read is
+    empty (a file the scan could not stat matches an earlier failure of the same kind), and so is
+    the version of a file (objects: their ETag, so a replaced object never matches, even within
+    the second its last-modified time keeps; part files written before the column read it null)."""
     def text(a):
         return pc.fill_null(pc.cast(a, pa.string()), "")
 
-    return pc.binary_join_element_wise(pc.utf8_normalize(path, "NFC"), text(size), text(mtime), "\t")
+    return pc.binary_join_element_wise(pc.utf8_normalize(path, "NFC"), text(size), text(mtime), text(version), "\t")
+
+
+def _versions(batch: pa.RecordBatch) -> pa.Array:
+    """The index rows' ``version`` column (null for files, and for an index written before it)."""
+    if "version" in batch.schema.names:
+        return batch["version"]
+    return pa.nulls(batch.num_rows, pa.string())
 
 
 def _content_keys(path: pa.Array, sha: pa.Array) -> pa.Array:
@@ -287,7 +300,7 @@ class AlreadyScored:
         self.model_name = model_info.get("name")
         if skip_key not in ("stat", "sha256"):
             raise ValueError(f"run.skip_key must be stat or sha256, got {skip_key!r}")
-        self.out_root, self.root, self.skip_key = Path(out_root), Path(input_root), skip_key
+        self.out_root, self.root, self.skip_key = storage.path(out_root), storage.path(input_root), skip_key
         self.root_name = input_root_name(input_root)
         self.runs = prior_runs(out_root, model_info, input_root, exclude=exclude_run)
         self.prior_runs = [m["run_id"] for m in self.runs]
@@ -299,16 +312,16 @@ class AlreadyScored:
         self._scored = read_scored(out_root, self.runs, model_info["model_id"]) if self.runs else None
         self._keys = None
         if self._scored is not None:
-            self._keys = pc.unique(_flat(_stat_keys(self._scored["image_path"], self._scored["file_size"], self._scored["file_mtime_ns"])))
+            self._keys = pc.unique(_flat(_stat_keys(self._scored["image_path"], self._scored["file_size"], self._scored["file_mtime_ns"], self._scored["file_version"])))
         self._failed = read_failed(out_root, self.runs, model_info.get("model_id")) if self.runs and not retry_failed else None
         self._failed_keys = None
         if self._failed is not None and self._failed.num_rows:
-            self._failed_keys = _flat(_stat_keys(self._failed["image_path"], self._failed["file_size"], self._failed["file_mtime_ns"]))
+            self._failed_keys = _flat(_stat_keys(self._failed["image_path"], self._failed["file_size"], self._failed["file_mtime_ns"], self._failed["file_version"]))
         self._content_keys = None  # path\tsha256 of earlier sha256-mode runs, read on first need
         self._failed_content = None  # (keys, failed rows) by content
 
     def _hashes_of(self, keys: pa.Table) -> pa.Table:
-        return keys.join(read_hashes(self.out_root, self.runs), keys=_STAT, right_keys=["image_path", "size", "mtime_ns"], join_type="inner")
+        return keys.join(read_hashes(self.out_root, self.runs), keys=_STAT[:3], right_keys=["image_path", "size", "mtime_ns"], join_type="inner")
 
     def _content(self) -> pa.Array:
         if self._content_keys is None:
@@ -333,7 +346,7 @@ class AlreadyScored:
         """Which rows of ``batch`` this model still scores (bool [N]); counts and records the
         others as :meth:`filter` does."""
         n = batch.num_rows
-        keys = _stat_keys(batch["image_path"], batch["size"], batch["mtime_ns"])
+        keys = _stat_keys(batch["image_path"], batch["size"], batch["mtime_ns"], _versions(batch))
         scored = pa.array([False] * n)
         if self._keys is not None:
             scored = pc.fill_null(pc.is_in(keys, value_set=self._keys), False)
@@ -386,7 +399,7 @@ class AlreadyScored:
         for i in range(batch.num_rows):
             if flags[i] and errs[i] is None:
                 try:
-                    shas[i] = sha256_of_file(self.root / os.fsdecode(rels[i]))
+                    shas[i] = sha256_of_file(storage.path(self.root, os.fsdecode(rels[i])))
                     self.hashed += 1
                 except OSError:
                     pass  # unreadable now: scored (and recorded) as an error by the shard

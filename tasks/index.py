@@ -17,6 +17,7 @@ are read as before.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import check_relative, check_relative_column, create_new
 from imgscore.tasks.parquet_io import temp_path
 from imgscore.tasks.scan import INDEX_SCHEMA, ImageEntry, _entry, entries_batch, entries_from_table
@@ -47,11 +49,14 @@ def shard_location(index: dict[str, Any], shard_id: int) -> tuple[str, int]:
 
 
 def table_fingerprint(table: pa.Table | pa.RecordBatch) -> str:
-    """sha256 over the rows' ``"image_path\\tsize\\tmtime_ns\\n"`` (``None`` for a missing stat):
-    changes when any file of the shard changes. Computed with pyarrow kernels, no per-row Python."""
+    """sha256 over the rows' ``"image_path\\tsize\\tmtime_ns\\n"`` (``None`` for a missing stat),
+    with ``\\tversion`` added on rows whose object has one (object stores: the ETag): changes
+    when any file or object of the shard changes. Computed with pyarrow kernels, no per-row Python."""
     if table.num_rows == 0:
         return hashlib.sha256(b"").hexdigest()
     as_text = [pc.fill_null(pc.cast(table[c], pa.string()), "None") for c in ("size", "mtime_ns")]
+    if "version" in table.column_names and table["version"].null_count < table.num_rows:
+        as_text.append(pc.fill_null(table["version"], "None"))
     lines = pc.binary_join_element_wise(table["image_path"], *as_text, "\t")
     if isinstance(lines, pa.ChunkedArray):
         lines = lines.combine_chunks()
@@ -77,11 +82,14 @@ class IndexWriter:
 
     Memory: the rows of one unfinished shard plus the current file's writer. Each file is written
     under a ``.``-prefixed temp name and renamed when its last shard is in (readers and the index
-    dataset skip temp names). Use as a context manager; :attr:`shards` lists what was cut.
+    dataset skip temp names); in an object store it is built in memory (64 shards of index rows:
+    a few MB) and PUT whole when its last shard is in. Use as a context manager; :attr:`shards`
+    lists what was cut.
     """
 
     def __init__(self, run_dir: str | Path, shard_size: int, shards_per_file: int = SHARDS_PER_FILE, n_models: int = 1):
-        self.run_dir = Path(run_dir)
+        self.remote = storage.is_remote(run_dir)
+        self.run_dir = str(run_dir) if self.remote else Path(run_dir)
         self.n_models = n_models
         self.shard_size = shard_size
         self.shards_per_file = shards_per_file
@@ -92,8 +100,10 @@ class IndexWriter:
         self._writer: pq.ParquetWriter | None = None
         self._file = None  # the temp file the writer writes into (created new: containment.create_new)
         self._tmp: Path | None = None
-        self._final: Path | None = None
-        (self.run_dir / INDEX_NAME).mkdir(parents=True, exist_ok=True)
+        self._final: Path | str | None = None
+        self._sink: pa.BufferOutputStream | None = None  # object stores: the file being built
+        if not self.remote:
+            (self.run_dir / INDEX_NAME).mkdir(parents=True, exist_ok=True)
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         """Add rows (:data:`INDEX_SCHEMA`, in index order); full shards are written at once."""
@@ -114,10 +124,15 @@ class IndexWriter:
         if group == 0:
             self._close_file()
             rel = index_file_name(file_no)
-            self._final = self.run_dir / rel
-            self._tmp = temp_path(self._final)
-            self._file = os.fdopen(create_new(self._tmp), "wb")
-            self._writer = pq.ParquetWriter(self._file, INDEX_SCHEMA, compression="zstd")
+            if self.remote:
+                self._final = storage.join(self.run_dir, rel)
+                self._sink = pa.BufferOutputStream()
+                self._writer = pq.ParquetWriter(self._sink, INDEX_SCHEMA, compression="zstd")
+            else:
+                self._final = self.run_dir / rel
+                self._tmp = temp_path(self._final)
+                self._file = os.fdopen(create_new(self._tmp), "wb")
+                self._writer = pq.ParquetWriter(self._file, INDEX_SCHEMA, compression="zstd")
         assert self._writer is not None
         table = table.combine_chunks()
         self._writer.write_table(table, row_group_size=table.num_rows)
@@ -130,6 +145,10 @@ class IndexWriter:
     def _close_file(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            if self.remote:
+                storage.write_bytes(self._final, self._sink.getvalue().to_pybytes())
+                self._writer = self._sink = None
+                return
             self._file.close()
             os.replace(self._tmp, self._final)
             self._writer = self._file = None
@@ -146,6 +165,9 @@ class IndexWriter:
         """Drop the file being written (planning failed)."""
         if self._writer is not None:
             self._writer.close()
+            if self.remote:  # nothing was PUT for this file
+                self._writer = self._sink = None
+                return
             self._file.close()
             self._writer = self._file = None
             if self._tmp is not None:
@@ -173,8 +195,10 @@ def read_shard_table(run_dir: str | Path, index_file: str, row_group: int) -> pa
         UnsafePathError: ``index_file`` leaves ``run_dir``, or an ``fs_path`` leaves the input
             root (absolute, or a ``..`` component): the index is run state, read back as data.
     """
-    t = pq.ParquetFile(Path(run_dir) / check_relative(index_file, "index file")).read_row_group(row_group)
-    check_relative_column(t["fs_path"], f"{Path(run_dir) / index_file} fs_path")
+    url = storage.join(run_dir, check_relative(index_file, "index file"))
+    with storage.open_input(url) as f:  # an object: ranged GETs of the footer and the one row group
+        t = pq.ParquetFile(f).read_row_group(row_group)
+    check_relative_column(t["fs_path"], f"{url} fs_path")
     return t
 
 
@@ -194,36 +218,61 @@ def refresh_shards(run_dir: str | Path, index: dict[str, Any], input_root: str |
     Returns:
         shard id → its new fingerprint (:func:`table_fingerprint`), for the given shards.
     """
-    run_dir = Path(run_dir)
     root = str(input_root)
     by_file: dict[str, dict[int, int]] = {}
     for sid in shard_ids:
         f, g = shard_location(index, sid)
         by_file.setdefault(f, {})[g] = sid
     fps: dict[int, str] = {}
-    for rel, groups in by_file.items():
-        path = run_dir / check_relative(rel, "index file")
-        pf = pq.ParquetFile(path)
-        tmp = temp_path(path)
-        with os.fdopen(create_new(tmp), "wb") as f, pq.ParquetWriter(f, INDEX_SCHEMA, compression="zstd") as w:
+
+    def rewrite(pf: pq.ParquetFile, sink, where: str, groups: dict[int, int]) -> None:
+        with pq.ParquetWriter(sink, INDEX_SCHEMA, compression="zstd") as w:
             for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g)
-                if "models" not in t.column_names:  # an index written before several models
-                    t = t.append_column(INDEX_SCHEMA.field("models"), pa.nulls(t.num_rows, pa.list_(pa.string())))
+                t = conform(pf.read_row_group(g))
                 if g in groups:
-                    check_relative_column(t["fs_path"], f"{path} fs_path")
+                    check_relative_column(t["fs_path"], f"{where} fs_path")
                     t = _restat(root, t)
                     fps[groups[g]] = table_fingerprint(t)
                 w.write_table(t, row_group_size=max(1, t.num_rows))
+
+    for rel, groups in by_file.items():
+        path = storage.path(run_dir, check_relative(rel, "index file"))
+        if storage.is_remote(path):  # built in memory, one PUT
+            sink = pa.BufferOutputStream()
+            rewrite(pq.ParquetFile(io.BytesIO(storage.read_bytes(path))), sink, path, groups)
+            storage.write_bytes(path, sink.getvalue().to_pybytes())
+            continue
+        tmp = temp_path(path)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            rewrite(pq.ParquetFile(path), f, str(path), groups)
         os.replace(tmp, path)
     return fps
 
 
+def conform(t: pa.Table) -> pa.Table:
+    """Index rows in the current :data:`INDEX_SCHEMA` (an index written before the ``version``
+    or ``models`` column gets it, null)."""
+    if "version" not in t.column_names:
+        t = t.append_column(INDEX_SCHEMA.field("version"), pa.nulls(t.num_rows, pa.string()))
+    if "models" not in t.column_names:  # an index written before several models: every model scores every row
+        t = t.append_column(INDEX_SCHEMA.field("models"), pa.nulls(t.num_rows, pa.list_(pa.string())))
+    return t.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+
+
 def _restat(root: str, t: pa.Table) -> pa.Table:
-    """``t``'s rows stat'ed again (same paths, labels and order), as the scan stats them."""
+    """``t``'s rows stat'ed again (same paths, labels and order), as the scan stats them; an
+    object-store root HEADs each object (size, last-modified, ETag), and one that is gone gets a
+    ``scan_error``."""
     labels, names = t["label"].to_pylist(), t["label_name"].to_pylist()
     rels = [os.fsdecode(b) for b in t["fs_path"].to_pylist()]
     models = t["models"].to_pylist() if "models" in t.column_names else [None] * t.num_rows
-    fresh = [replace(_entry(os.path.join(root, rel), root, labels[i], names[i]), models=tuple(models[i]) if models[i] is not None else None)
-             for i, rel in enumerate(rels)]
+    if storage.is_remote(root):
+        fresh = []
+        for i, rel in enumerate(rels):
+            info = storage.stat_object(storage.join(root, rel))
+            fresh.append(ImageEntry(rel, labels[i], names[i], info.size, info.mtime_ns, version=info.version) if info is not None
+                         else ImageEntry(rel, labels[i], names[i], None, None, scan_error="object not found: deleted since the scan"))
+    else:
+        fresh = [_entry(os.path.join(root, rel), root, labels[i], names[i]) for i, rel in enumerate(rels)]
+    fresh = [replace(e, models=tuple(models[i]) if models[i] is not None else None) for i, e in enumerate(fresh)]
     return pa.Table.from_batches([entries_batch(fresh)], schema=INDEX_SCHEMA)

@@ -180,7 +180,9 @@ def _rewrite_recorded_paths(out: Path, run_dir: Path, root: str | None) -> None:
 
 
 def migrate_output_root(out_root: str | Path, held_run: str | None = None) -> Migration:
-    """Move every run of ``out_root`` still in the old layout into the current one (module
+    """
+    if storage.is_remote(out_root):  # object-store roots were only ever written in today's layout
+        return Migration()Move every run of ``out_root`` still in the old layout into the current one (module
     docstring). Each run is moved under its own lock; a run a live process holds is left for a
     later start and named in the result. ``held_run``: a run whose lock this process already
     holds (``imgscore rerun``), moved without taking it again. Never raises for a run that cannot

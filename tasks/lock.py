@@ -40,6 +40,7 @@ from pathlib import Path
 
 import psutil
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, inside, read_small
 from imgscore.tasks.errors import RunLockedError
 from imgscore.tasks.parquet_io import TABLES, clean_temp_files
@@ -61,9 +62,9 @@ def pid_alive(pid: int) -> bool:
     return pid > 0 and psutil.pid_exists(pid)
 
 
-def lock_path(run_dir: str | Path) -> Path:
-    """``run_dir/.lock``: the run's lock file (JSON owner record)."""
-    return Path(run_dir) / LOCK_NAME
+def lock_path(run_dir: str | Path) -> Path | str:
+    """``run_dir/.lock``: the run's lock file (JSON owner record); an object in an object store."""
+    return storage.path(run_dir, LOCK_NAME)
 
 
 def read_lock(run_dir: str | Path) -> dict | None:
@@ -72,7 +73,7 @@ def read_lock(run_dir: str | Path) -> dict | None:
     A lock file that cannot be parsed (its writer was killed mid-write) reads as ``{}``: stale.
     """
     try:
-        text = read_small(lock_path(run_dir))
+        text = storage.read_bytes(lock_path(run_dir)) if storage.is_remote(run_dir) else read_small(lock_path(run_dir))
     except FileNotFoundError:
         return None
     except OSError:  # a symlink or a special file planted as .lock: not a lock (stale; taking it renames it away)
@@ -129,17 +130,25 @@ def acquire(run_dir: str | Path, purpose: str) -> dict:
         "acquired_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "acquired_s": time.time(),
     }
+    remote = storage.is_remote(run_dir)
     for _ in range(3):
         try:
+            if remote:  # create-if-absent: a PUT with If-None-Match: *
+                if not storage.create_new(path, json.dumps(rec).encode()):
+                    raise FileExistsError(path)
+                return rec
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             held = read_lock(run_dir)
             if held is None:
                 continue  # released between our open and read: try again
             if not is_stale(held):
-                run_id = Path(run_dir).name
+                run_id = storage.name_of(run_dir)
                 raise RunLockedError(f"run {run_id} is locked by {describe(held, run_dir)}") from None
-            _break(path, held)
+            if remote:  # no rename in an object store: delete the stale lock, then create again
+                storage.delete(path)
+            else:
+                _break(path, held)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(rec, f)
@@ -172,7 +181,7 @@ def release(run_dir: str | Path) -> bool:
     """Remove the lock if this process owns it; return whether it did."""
     rec = read_lock(run_dir)
     if rec and rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname():
-        lock_path(run_dir).unlink(missing_ok=True)
+        storage.delete(lock_path(run_dir))
         return True
     return False
 
@@ -186,15 +195,16 @@ def held(run_dir: str | Path, purpose: str) -> Iterator[dict]:
     Raises:
         RunLockedError: a live process holds the lock (the message names it).
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = storage.path(run_dir)
+    storage.make_dirs(run_dir)
     rec = acquire(run_dir, purpose)
     try:
         yield rec
     finally:
         release(run_dir)
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # only when empty
+        if not storage.is_remote(run_dir):
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty
 
 
 def is_locked(run_dir: str | Path) -> bool:
@@ -213,7 +223,7 @@ def clean_run_temp_files(folders: list[str | Path]) -> int:
     run's lock, or for runs whose lock is not live: a live writer's temp file must not be
     removed under it.
     """
-    return sum(clean_temp_files(f) for f in folders if Path(f).is_dir())
+    return sum(clean_temp_files(f) for f in folders if not storage.is_remote(f) and Path(f).is_dir())
 
 
 def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None) -> int:
@@ -223,6 +233,8 @@ def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None
     Looks in every run's part-file folders (``OUT/{predictions,errors,errors_history}/run_date=*/RUN_ID/``,
     and ``run_id=RUN_ID/`` folders of the layout before) and in ``OUT/runs/*/``.
     """
+    if storage.is_remote(out_root):
+        return 0  # object stores hold no temp files: every write is one PUT
     out = Path(out_root)
     live: dict[str, bool] = {}
 
@@ -257,8 +269,9 @@ FOLDER_LOCKS = "_locks"  # under output.root; "_" keeps it out of every reader's
 def folder_lock_dir(out_root: str | Path, input_root: str | Path, model_identity: str) -> Path:
     """``OUT/_locks/folder-<sha256[:16]>``: the lock folder of one (input folder, model) pair,
     the folder compared by its real path and the model by ``model_identity`` (its config)."""
-    blob = json.dumps([os.path.realpath(input_root), model_identity])
-    return Path(out_root) / FOLDER_LOCKS / f"folder-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    where = storage.normalize_root(input_root) if storage.is_remote(input_root) else os.path.realpath(input_root)
+    blob = json.dumps([where, model_identity])
+    return storage.path(out_root, FOLDER_LOCKS, f"folder-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import (
     UnsafePathError,
     check_recorded_files,
@@ -50,30 +51,33 @@ def run_dir_of(out_root: str | Path, run_id: str) -> Path:
         UnsafePathError: ``run_id`` is not one folder name, or ``runs/RUN_ID`` resolves outside
             ``out_root`` (a symlink planted there).
     """
-    return inside(out_root, Path(out_root) / "runs" / safe_name(run_id, "run id"), "run folder")
+    return inside(out_root, storage.path(out_root, "runs", safe_name(run_id, "run id")), "run folder")
 
 
 def manifest_path(out_root: str | Path, run_id: str) -> Path:
     """``OUT/runs/RUN_ID/manifest.json`` (:func:`run_dir_of`'s checks)."""
-    return run_dir_of(out_root, run_id) / "manifest.json"
+    return storage.path(run_dir_of(out_root, run_id), "manifest.json")
 
 
 def check_part(path: str | Path, schema: pa.Schema, rows: int | None = None) -> str | None:
     """Why the part file at ``path`` is not a good commit, or None when it is.
 
     Reads only the footer: a missing file, a corrupt or truncated footer ("magic bytes not found"),
-    a schema other than ``schema`` (names and types), or a row count other than ``rows`` (when
+    a schema other than ``schema`` (names and types; a file that lacks only nullable columns
+    added at the end since it was written is fine), or a row count other than ``rows`` (when
     given) are reported.
     """
-    p = Path(path)
-    if not p.is_file():
+    if not storage.is_file(path):
         return "missing"
     try:
-        meta = pq.read_metadata(p)
+        with storage.open_input(path) as f:  # an object: ranged GETs of the footer only
+            meta = pq.read_metadata(f)
         got = meta.schema.to_arrow_schema()
     except (pa.ArrowException, OSError) as exc:
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    if [(f.name, f.type) for f in got] != [(f.name, f.type) for f in schema]:
+    have, want = [(f.name, f.type) for f in got], [(f.name, f.type) for f in schema]
+    # a file written before a nullable column was added at the end (file_version) is still good
+    if have != want[: len(have)] or not all(schema.field(i).nullable for i in range(len(have), len(want))):
         return "schema differs from the current one"
     if rows is not None and meta.num_rows != rows:
         return f"holds {meta.num_rows} rows, the shard record says {rows}"
@@ -84,8 +88,8 @@ def shard_files(out_root: str | Path, run_date: str, run_id: str, shard_id: int)
     """(predictions part, errors part) paths of a shard under ``out_root``."""
     name = part_name(shard_id)
     return (
-        part_dir(out_root, "predictions", run_date, run_id) / name,
-        part_dir(out_root, "errors", run_date, run_id) / name,
+        storage.path(part_dir(out_root, "predictions", run_date, run_id), name),
+        storage.path(part_dir(out_root, "errors", run_date, run_id), name),
     )
 
 
@@ -100,7 +104,7 @@ def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
     """
     run_dir = run_dir_of(out_root, run_id)
     folders = [part_dir(out_root, t, run_date, run_id) for t in TABLES]
-    folders += [run_dir] + [run_dir / sub for sub in RUN_SUBFOLDERS]
+    folders += [run_dir] + [storage.path(run_dir, sub) for sub in RUN_SUBFOLDERS]
     return [inside(out_root, f, "run folder") for f in folders]
 
 
@@ -116,10 +120,10 @@ def check_run_state(m: Manifest, out_root: str | Path, run_dir: str | Path) -> N
     Raises:
         UnsafePathError: one line naming the entry (``shards[3].files[0]``, ``run_date``, a folder).
     """
-    run_dir = Path(run_dir)
-    where = f"run {run_dir.name}: manifest.json"
-    if safe_name(m.run_id, f"{where} run_id") != run_dir.name:
-        raise UnsafePathError(f"{where} run_id {m.run_id!r} is not its folder's name {run_dir.name!r}; the run state was edited")
+    folder = storage.name_of(run_dir)
+    where = f"run {folder}: manifest.json"
+    if safe_name(m.run_id, f"{where} run_id") != folder:
+        raise UnsafePathError(f"{where} run_id {m.run_id!r} is not its folder's name {folder!r}; the run state was edited")
     if m.run_date is None:
         for i, s in enumerate(m.shards):  # an old manifest without run_date: at least nothing climbs out
             for j, entry in enumerate(s.files):
@@ -156,10 +160,10 @@ def check_shard(out_root: str | Path, run_date: str, run_id: str, record: ShardR
     pred, err = shard_files(out_root, run_date, run_id, record.shard_id)
     why = check_part(pred, PREDICTIONS_SCHEMA, record.scored)
     if why:
-        return f"predictions {pred.name}: {why}"
+        return f"predictions {storage.name_of(pred)}: {why}"
     why = check_part(err, ERRORS_SCHEMA, record.failed)
     if why:
-        return f"errors {err.name}: {why}"
+        return f"errors {storage.name_of(err)}: {why}"
     return None
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import check_run_date, create_new, remove_temp_files, safe_name
 from imgscore.tasks.errors import OutputWriteError
 
@@ -60,6 +61,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("file_size", pa.int64()),  # bytes, for incremental runs
         pa.field("file_mtime_ns", pa.int64()),
+        pa.field("file_version", pa.string()),  # object stores: the ETag (ETag@VersionId) scored; null for files
     ]
 )
 
@@ -80,6 +82,7 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("model_name", pa.string(), nullable=False),
         pa.field("file_size", pa.int64()),  # bytes, as scanned: the failure ledger's key (run.skip_scored)
         pa.field("file_mtime_ns", pa.int64()),
+        pa.field("file_version", pa.string()),  # object stores: the ETag as listed; null for files
     ]
 )
 
@@ -112,7 +115,7 @@ def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Pa
             (both come from run state: ``imgscore.tasks.containment``).
     """
     check_run_date(run_date, "run_date")
-    return Path(out_root) / table / f"run_date={run_date}" / safe_name(run_id, "run_id")
+    return storage.path(out_root, table, f"run_date={run_date}", safe_name(run_id, "run_id"))
 
 
 def input_root_name(root: str | Path) -> str:
@@ -120,7 +123,9 @@ def input_root_name(root: str | Path) -> str:
     ``input_root`` column, and part of the skip and failure-ledger keys: ``input.root`` as
     configured, made absolute (``os.path.abspath``: normalised, symlinks kept as written), so
     rows of ``/data/a`` and ``/data/b`` never merge and a relative root does not depend on
-    where a reader stands."""
+    where a reader stands. An object-store URL is recorded as configured (normalized)."""
+    if storage.is_remote(root):
+        return storage.normalize_root(root)
     return os.path.abspath(os.fspath(root))
 
 
@@ -132,15 +137,17 @@ def legacy_part_dir(out_root: str | Path, table: str, run_date: str, run_id: str
         UnsafePathError: as :func:`part_dir`.
     """
     check_run_date(run_date, "run_date")
-    return Path(out_root) / table / f"run_date={run_date}" / f"run_id={safe_name(run_id, 'run_id')}"
+    return storage.path(out_root, table, f"run_date={run_date}", f"run_id={safe_name(run_id, 'run_id')}")
 
 
-def run_part_files(out_root: str | Path, table: str, run_date: str | None, run_id: str, pattern: str = "part-*.parquet") -> list[Path]:
+def run_part_files(out_root: str | Path, table: str, run_date: str | None, run_id: str, pattern: str = "part-*.parquet") -> list[Path | str]:
     """A run's part files of ``table``, sorted: from :func:`part_dir`, or from the legacy folder
     when a run written before the layout change has not been moved yet. Empty when ``run_date``
     is None (a manifest that never planned) or the run wrote none."""
     if not run_date:
         return []
+    if storage.is_remote(out_root):  # object stores have only today's layout
+        return storage.glob(storage.join(part_dir(out_root, table, run_date, run_id), pattern))
     for folder in (part_dir(out_root, table, run_date, run_id), legacy_part_dir(out_root, table, run_date, run_id)):
         if folder.is_dir():
             return sorted(folder.glob(pattern))
@@ -240,8 +247,13 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
     """Write ``table`` as zstd Parquet to ``path`` via a ``.``-prefixed temp file and rename.
 
     Returns the final path. The rename is atomic on POSIX file systems; a killed writer leaves
-    only a hidden temp file that readers skip and :func:`clean_temp_files` removes.
+    only a hidden temp file that readers skip and :func:`clean_temp_files` removes. An
+    object-store URL gets one PUT of the finished file (atomic there; no temp object).
     """
+    if storage.is_remote(path):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        return storage.write_bytes(path, sink.getvalue().to_pybytes())
     path = Path(path)
     tmp = temp_path(path)
     with writing(path, tmp):
@@ -258,7 +270,10 @@ def write_json_atomic(obj, path: str | Path) -> Path:
 
 
 def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
-    """Write ``data`` to ``path`` via a ``.``-prefixed temp file, fsync, and rename."""
+    """Write ``data`` to ``path`` via a ``.``-prefixed temp file, fsync, and rename (an
+    object-store URL: one PUT)."""
+    if storage.is_remote(path):
+        return storage.write_bytes(path, data)
     path = Path(path)
     tmp = temp_path(path)
     with writing(path, tmp):
@@ -279,5 +294,8 @@ def temp_path(path: str | Path) -> Path:
 
 def clean_temp_files(folder: str | Path) -> int:
     """Delete leftover ``.*.tmp`` names under ``folder`` (from killed writers); return how many.
-    Symlinks are removed, not followed (:func:`imgscore.tasks.containment.remove_temp_files`)."""
+    Symlinks are removed, not followed (:func:`imgscore.tasks.containment.remove_temp_files`).
+    An object store has none: its writes are single PUTs."""
+    if storage.is_remote(folder):
+        return 0
     return remove_temp_files(folder)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgscore.tasks import layout
+from imgscore.tasks import layout, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks.config import Config
 from imgscore.tasks.containment import UnsafePathError, create_new, within
@@ -103,10 +102,10 @@ def load_plan(run_dir: str | Path) -> RunPlan:
         FileNotFoundError: no manifest.json in ``run_dir``.
         UnsafePathError: the run state names a path outside ``OUT`` (exit 2).
     """
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     state = RunState.open(run_dir)
     m = state.manifest
-    check_run_state(m, run_dir.parent.parent, run_dir)
+    check_run_state(m, storage.parent_of(storage.parent_of(run_dir)), run_dir)
     return RunPlan(m.run_id, m.run_date or "", run_dir, shard_refs(m, run_dir), state)
 
 
@@ -127,6 +126,16 @@ def find_retried_run(out_root: str | Path, flow_run_id: str | None, run_id: str 
     only when ``run_count`` (Prefect's count of this flow run's attempts) says this is a retry.
     """
     if not flow_run_id or (run_id is None and run_count <= 1):
+        return None
+    if storage.is_remote(out_root):
+        runs_url = storage.join(out_root, "runs")
+        urls = [storage.join(runs_url, run_id, MANIFEST)] if run_id else sorted(storage.glob(storage.join(runs_url, "*", MANIFEST)), reverse=True)
+        for url in urls:
+            try:
+                if json.loads(storage.read_bytes(url)).get("flow_run_id") == str(flow_run_id):
+                    return storage.name_of(storage.parent_of(url))
+            except (OSError, ValueError):
+                continue
         return None
     runs = Path(out_root) / "runs"
     candidates = [runs / run_id / MANIFEST] if run_id else sorted(runs.glob(f"*/{MANIFEST}"), reverse=True)
@@ -157,13 +166,13 @@ def resume_plan(out_root: str | Path, run_id: str, flow_run_id: str | None, inpu
             ``out_root``.
     """
     run_dir = run_dir_of(out_root, run_id)
-    if not (run_dir / MANIFEST).exists():
+    if not storage.exists(storage.path(run_dir, MANIFEST)):
         return None
     m = load_manifest(run_dir)
     if not flow_run_id or m.flow_run_id != str(flow_run_id):
         raise UsageError(f"run {run_id!r} already exists in {out_root}; use `imgscore rerun {run_id}` or another run.run_id")
     recorded = m.input.get("root")
-    if input_root is not None and (not recorded or os.path.realpath(recorded) != os.path.realpath(input_root)):
+    if input_root is not None and (not recorded or not storage.same_root(recorded, input_root)):
         raise UnsafePathError(f"run {run_id}: manifest.json input.root {recorded!r} is not the flow run's input.root "
                               f"{str(input_root)!r}; the run state was edited — restore it, or start a new run")
     plan = load_plan(run_dir)
@@ -192,11 +201,11 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    out = Path(cfg.output.root)
+    out = cfg.output.root
     run_dir = run_dir_of(out, run_id)
-    if (run_dir / MANIFEST).exists():
+    if storage.exists(storage.path(run_dir, MANIFEST)):
         raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(run_dir)
     moved = layout.migrate_output_root(out)  # runs of earlier versions: into today's part-file layout
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
     scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
@@ -227,7 +236,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
                 raise InputError(no_images_message(scan.root))
     except BaseException:
         listings.abort()
-        shutil.rmtree(run_dir / INDEX_NAME, ignore_errors=True)  # nothing of a run that was not planned
+        storage.delete_tree(storage.path(run_dir, INDEX_NAME))  # nothing of a run that was not planned
         raise
     listings.close()
 
@@ -281,8 +290,9 @@ class _Listings:
     carried by the failure ledger), each temp-then-rename at the end; and what was carried,
     counted per error type and per run that recorded the failure (for the manifest)."""
 
-    def __init__(self, run_dir: Path, skip: AlreadyScored | AlreadyScoredEach | None, skip_key: str):
+    def __init__(self, run_dir: Path | str, skip: AlreadyScored | AlreadyScoredEach | None, skip_key: str):
         self.run_dir, self.skip = run_dir, skip
+        self.remote = storage.is_remote(run_dir)  # an object store: each file built in memory, one PUT at the end
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.files: dict[str, object] = {}
         self.schemas = {}
@@ -297,7 +307,8 @@ class _Listings:
         return temp_path(self.run_dir / name)
 
     def _open(self, name: str) -> None:
-        f = os.fdopen(create_new(self._tmp(name)), "wb")  # created new: a symlink planted at the name is not written through
+        # created new: a symlink planted at the name is not written through
+        f = pa.BufferOutputStream() if self.remote else os.fdopen(create_new(self._tmp(name)), "wb")
         self.files[name] = f
         self.writers[name] = pq.ParquetWriter(f, self.schemas[name], compression="zstd")
 
@@ -328,6 +339,9 @@ class _Listings:
             self._open(HASHES_FILE)
         for name, w in self.writers.items():
             w.close()
+            if self.remote:
+                storage.write_bytes(storage.join(self.run_dir, name), self.files[name].getvalue().to_pybytes())
+                continue
             self.files[name].close()
             self._tmp(name).replace(self.run_dir / name)
         self.writers, self.files = {}, {}
@@ -335,7 +349,8 @@ class _Listings:
     def abort(self) -> None:
         for name, w in self.writers.items():
             w.close()
-            self.files[name].close()
-            self._tmp(name).unlink(missing_ok=True)
+            if not self.remote:
+                self.files[name].close()
+                self._tmp(name).unlink(missing_ok=True)
         self.writers, self.files = {}, {}
 

@@ -148,11 +148,12 @@ class DecodeOptions:
 class DecodedImage:
     """An RGB image ready for :func:`build_transform` and the file it came from: ``file_size``
     (bytes) and ``file_mtime_ns`` are ``fstat`` of the very file object that was decoded, so a
-    file replaced after the scan is described by what was actually read."""
+    file replaced after the scan is described by what was actually read (bytes read from an
+    object store: their length, and None — the scan's last-modified and ETag describe them)."""
 
     image: Image.Image
     file_size: int
-    file_mtime_ns: int
+    file_mtime_ns: int | None
 
 
 def build_transform(spec: PreprocessSpec) -> T.Compose:
@@ -378,6 +379,18 @@ def decode_file(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: li
             raise DecodeError("empty", "zero-byte file")
         rgb = _decode_open_file(f, path, spec, opts, warned)
     return DecodedImage(rgb, st.st_size, st.st_mtime_ns)
+
+
+def decode_bytes(data: bytes, name: str, spec: PreprocessSpec, opts: DecodeOptions, warned: list[str] | None = None) -> DecodedImage:
+    """Decode an image already read into memory (an object GET), exactly as :func:`decode_file`
+    decodes a file; ``name`` (the key) is only used in messages.
+
+    Raises:
+        DecodeError: as :func:`decode_file`.
+    """
+    if not data:
+        raise DecodeError("empty", "zero-byte object")
+    return DecodedImage(_decode_open_file(io.BytesIO(data), name, spec, opts, warned), len(data), None)
 
 
 def _decode_open_file(f, path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: list[str] | None) -> Image.Image:

@@ -30,6 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from imgscore.tasks import drift as drift_mod
+from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, check_relative, check_relative_column
 from imgscore.tasks.errors import UsageError
 from imgscore.tasks.evaluate import confusion, nfc, read_run
@@ -68,13 +69,13 @@ def load_run_manifest(out_root: str | Path, run_id: str) -> dict:
             UnsafePathError: the run state names a path outside ``out_root``.
     """
     path = manifest_path(out_root, run_id)
-    if not path.is_file():
-        runs_dir = Path(out_root) / "runs"
-        known = sorted((p.name for p in runs_dir.iterdir() if (p / "manifest.json").is_file()), reverse=True) if runs_dir.is_dir() else []
+    if not storage.is_file(path):
+        runs_dir = storage.path(out_root, "runs")
+        known = sorted((n for n in storage.list_names(runs_dir) if storage.is_file(storage.path(runs_dir, n, "manifest.json"))), reverse=True)
         hint = f"latest runs there: {', '.join(known[:5])}" if known else "no runs there yet"
         raise UsageError(f"run {run_id!r} not found in {str(runs_dir)!r} ({hint}); check RUN_ID or set output.root (--set output.root=DIR)")
-    m = load_manifest(path.parent)
-    check_run_state(m, out_root, path.parent)
+    m = load_manifest(storage.parent_of(path))
+    check_run_state(m, out_root, storage.parent_of(path))
     return m.to_dict()
 
 
@@ -83,10 +84,11 @@ def _read(out_root: Path, run_date: str | None, run_id: str, table: str, columns
     a run not yet moved from the layout before is read where it is)."""
     files = [str(f) for f in run_part_files(out_root, table, run_date, run_id)]
     if not files:
-        if run_date is None and (out_root / table).is_dir():  # old manifest without run_date
+        if run_date is None and not storage.is_remote(out_root) and (out_root / table).is_dir():  # old manifest without run_date
             return read_run(out_root, run_id, table, columns=columns)
         return schema.empty_table().select(columns)
-    return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
+    fs, paths = storage.arrow_files(files)
+    return ds.dataset(paths, format="parquet", schema=schema, filesystem=fs).to_table(columns=columns)
 
 
 def score_stats(scores: np.ndarray) -> dict:
@@ -256,7 +258,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
     Raises:
         UsageError: the run is not under ``out_root``, or ``model_name`` is not one of its models.
     """
-    out_root = Path(out_root)
+    out_root = storage.path(out_root)
     m = load_run_manifest(out_root, run_id)
     all_preds = _read(out_root, m.get("run_date"), run_id, "predictions", _PRED_COLS, PREDICTIONS_SCHEMA)
     all_errs = _read(out_root, m.get("run_date"), run_id, "errors", _ERR_COLS, ERRORS_SCHEMA)
@@ -290,7 +292,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
     if status == ABANDONED:
         reason = "its process is gone (killed, out of memory, or the machine restarted) without recording an ending"
     carried = (m.get("incremental") or {}).get("carried") or {}
-    report_file = run_dir / REPORT_FILE
+    report_file = storage.path(run_dir, REPORT_FILE)
     return {
         "run_id": m["run_id"],
         "run_date": m.get("run_date"),
@@ -326,7 +328,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
         "lowest_confidence": lowest_confidence(preds, lowest_n),
         "drift": run_drift(out_root, m, model),
         "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
-                    "report": str(report_file) if report_file.is_file() else None},
+                    "report": str(report_file) if storage.is_file(report_file) else None},
     }
 
 
@@ -514,8 +516,9 @@ def plot_confusion_matrix(conf: dict | None) -> str | None:
 # thumbnails
 
 
-def thumbnail_data_uri(path: str | Path | bytes, size: int = THUMB_PX) -> tuple[str | None, str | None]:
+def thumbnail_data_uri(path: str | Path | bytes | io.BytesIO, size: int = THUMB_PX) -> tuple[str | None, str | None]:
     """A small JPEG of an image file as a ``data:`` URI: (uri, None), or (None, reason).
+    ``path``: a path (``bytes`` for names that are not UTF-8) or the image's bytes in a ``BytesIO``.
 
     EXIF orientation is applied and transparency composited on white, like scoring does. Never
     raises for a bad or missing file: the reason is returned for the page to show.
@@ -543,16 +546,25 @@ def thumbnail_data_uri(path: str | Path | bytes, size: int = THUMB_PX) -> tuple[
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
 
 
-def _fs_paths(out_root: Path, run_id: str, wanted: set[str]) -> dict[str, bytes]:
+def _fs_paths(out_root: Path | str, run_id: str, wanted: set[str]) -> dict[str, bytes]:
     """image_path → fs_path (bytes, opens names that are not UTF-8) from the run's index.parquet
     (a folder of part files; a single file for runs planned before that)."""
-    index = out_root / "runs" / run_id / "index.parquet"
-    if not wanted or not index.exists():
+    index = storage.path(out_root, "runs", run_id, "index.parquet")
+    if not wanted or not storage.exists(index):
         return {}
-    t = pq.read_table(index, columns=["image_path", "fs_path"])
+    fs, where = storage.arrow_filesystem(index)
+    t = pq.read_table(where, columns=["image_path", "fs_path"], filesystem=fs)
     t = t.filter(pc.is_in(t["image_path"], value_set=pa.array(sorted(wanted), pa.string())))
     check_relative_column(t["fs_path"], f"{index} fs_path")  # thumbnails are read under the input root only
     return dict(zip(t["image_path"].to_pylist(), t["fs_path"].to_pylist(), strict=True))
+
+
+def _below(rel: str) -> bool:
+    try:
+        check_relative(rel, "image_path")
+        return True
+    except UnsafePathError:
+        return False
 
 
 def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None, str | None]]:
@@ -568,7 +580,15 @@ def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None
     items = report["lowest_confidence"]
     if root is None or not items:
         return {}
-    fs = _fs_paths(Path(out_root), report["run_id"], {r["image_path"] for r in items})
+    fs = _fs_paths(storage.path(out_root), report["run_id"], {r["image_path"] for r in items})
+    if storage.is_remote(root):  # objects: one batch of GETs (retries and timeouts as scoring has them)
+        wanted = [(r["image_path"], os.fsdecode(fs.get(r["image_path"]) or r["image_path"].encode())) for r in items]
+        safe = [(p, rel) for p, rel in wanted if _below(rel)]
+        got = storage.read_objects([storage.join(root, rel) for _, rel in safe])
+        out = {p: (None, "not read: the path leaves the input root") for p, rel in wanted if not _below(rel)}
+        for (p, _), data in zip(safe, got, strict=True):
+            out[p] = thumbnail_data_uri(io.BytesIO(data)) if isinstance(data, bytes) else (None, storage.describe_error(data)[:120])
+        return out
     out = {}
     for r in items:
         p = r["image_path"]
@@ -833,7 +853,7 @@ def write_html_report(report: dict, out_root: str | Path, path: str | Path | Non
 
     Default path: ``OUT/runs/RUN_ID/report.html`` (``report["outputs"]["report"]``).
     """
-    target = Path(path or run_dir_of(out_root, report["run_id"]) / REPORT_FILE)
+    target = path or storage.path(run_dir_of(out_root, report["run_id"]), REPORT_FILE)
     page = render_html(report, thumbnails(report, out_root))
     return write_bytes_atomic(page.encode("utf-8"), target)
 

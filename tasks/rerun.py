@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from imgscore.tasks import storage
 from imgscore.tasks.config import Config
 from imgscore.tasks.containment import inside
 from imgscore.tasks.manifest import check_part, shard_files
@@ -55,13 +56,14 @@ from imgscore.tasks.score import (
 
 def history_path(out_root: str | Path, run_date: str, run_id: str, shard_id: int, attempt: int) -> Path:
     """Where superseded error rows of a shard's ``attempt`` are kept."""
-    return part_dir(out_root, "errors_history", run_date, run_id) / f"part-{shard_id:05d}-attempt-{attempt:03d}.parquet"
+    return storage.path(part_dir(out_root, "errors_history", run_date, run_id), f"part-{shard_id:05d}-attempt-{attempt:03d}.parquet")
 
 
-def _read_ok(path: Path, schema: pa.Schema) -> pa.Table | None:
+def _read_ok(path: Path | str, schema: pa.Schema) -> pa.Table | None:
     if check_part(path, schema) is not None:
         return None
-    return pq.read_table(path, schema=schema)
+    with storage.open_input(path) as f:
+        return pq.read_table(f, schema=schema)
 
 
 def archive_errors(out_root: str | Path, ref: ShardRef, fallback_attempt: int) -> Path | None:
@@ -78,7 +80,7 @@ def archive_errors(out_root: str | Path, ref: ShardRef, fallback_attempt: int) -
         return None
     attempt = pc.max(old["attempt"]).as_py() or fallback_attempt
     dest = inside(out_root, history_path(out_root, ref.run_date, ref.run_id, ref.shard_id, int(attempt)), "errors history file")
-    if not dest.exists():
+    if not storage.exists(dest):
         write_table_atomic(old, dest)
     return dest
 
@@ -146,6 +148,7 @@ def rescore_shard(
         ModelError: the model cannot be loaded on this worker; nothing is changed.
     """
     t0 = time.perf_counter()
+    storage.configure(cfg.storage.settings())
     out_root = cfg.output.root
     shard = read_shard_entries(ref)
     chosen = shard if only is None else [e for e in shard if e.image_path in set(only)]
@@ -175,4 +178,5 @@ def rescore_shard(
         warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, rescored=len(chosen),
         seconds=round(time.perf_counter() - t0, 4), **rows.facts(),
     )
-    return commit_shard(ref, out_root, predictions.replace_schema_metadata(meta), errors.replace_schema_metadata(meta), result, embeddings)
+    return commit_shard(ref, out_root, predictions.replace_schema_metadata(meta), errors.replace_schema_metadata(meta), result, embeddings,
+                        replace=True)

@@ -37,6 +37,7 @@ from typing import Any, Literal, get_args
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from imgscore.tasks import lock as run_lock
+from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, create_new, inside
 from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic, writing
 
@@ -281,29 +282,24 @@ class Manifest(_Model):
 # ----------------------------------------------------------------------------------- ledger
 
 
-def _segment_path(run_dir: Path, n: int) -> Path:
-    return run_dir / LEDGER_DIR / f"{n:06d}.jsonl"
+def _segment_path(run_dir: Path | str, n: int) -> Path | str:
+    return storage.path(run_dir, LEDGER_DIR, f"{n:06d}.jsonl")
 
 
 def ledger_segments(run_dir: str | Path, from_segment: int = 0) -> list[int]:
     """Numbers of the ledger segments of ``run_dir`` at or after ``from_segment``, ascending."""
-    d = Path(run_dir) / LEDGER_DIR
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return []
+    names = storage.list_names(storage.path(run_dir, LEDGER_DIR))
     return sorted(n for n in (int(x[:-6]) for x in names if x.endswith(".jsonl") and x[:-6].isdigit()) if n >= from_segment)
 
 
-def read_segment(path: Path) -> Iterator[ShardResult]:
+def read_segment(path: Path | str) -> Iterator[ShardResult]:
     """The results in one ledger segment, in order. A last line without its newline (a writer
     killed mid-append) is skipped; so is a line that does not parse.
 
     Raises:
         FileNotFoundError: the segment is gone (compacted away meanwhile).
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
         try:
             yield ShardResult.model_validate_json(line)
@@ -312,12 +308,20 @@ def read_segment(path: Path) -> Iterator[ShardResult]:
 
 
 class ShardLedger:
-    """The flow process's append handle on a run's ledger: one new segment per writer process."""
+    """The flow process's append handle on a run's ledger: one new segment per writer process.
+
+    In an object store (no appends) the current segment's lines are kept in memory and the
+    segment is written as one object when it is closed (:meth:`rotate`, at every compaction and
+    at the end); a writer killed before loses only those lines, and the next ``imgscore rerun``
+    adopts their shards from the commit records, which were written first.
+    """
 
     def __init__(self, run_dir: str | Path, segment: int):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.path(run_dir)
+        self.remote = storage.is_remote(run_dir)
         self.segment = segment
         self._file = None
+        self._lines: list[bytes] = []  # object stores: the open segment's lines
         self._lock = threading.Lock()
 
     def append(self, result: ShardResult) -> None:
@@ -329,18 +333,26 @@ class ShardLedger:
                 skipped by readers, and the commit record it repeats is adopted by a rerun.
         """
         line = (result.to_json() + "\n").encode()
-        with self._lock, writing(_segment_path(self.run_dir, self.segment)):
-            if self._file is None:
-                path = _segment_path(self.run_dir, self.segment)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # a new segment, created new: a symlink planted at its name is removed, never appended through
-                self._file = os.fdopen(create_new(path), "wb", buffering=0)
-            self._file.write(line)
+        with self._lock:
+            if self.remote:
+                self._lines.append(line)
+                return
+            with writing(_segment_path(self.run_dir, self.segment)):
+                if self._file is None:
+                    path = _segment_path(self.run_dir, self.segment)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    # a new segment, created new: a symlink planted at its name is removed, never appended through
+                    self._file = os.fdopen(create_new(path), "wb", buffering=0)
+                self._file.write(line)
 
     def rotate(self) -> int:
         """Close the current segment; later appends go to the next one. Returns the next
         segment's number: every segment before it is complete."""
         with self._lock:
+            if self._lines:
+                storage.write_bytes(_segment_path(self.run_dir, self.segment), b"".join(self._lines))
+                self._lines = []
+                self.segment += 1
             if self._file is not None:
                 self._file.close()
                 self._file = None
@@ -351,9 +363,11 @@ class ShardLedger:
         """Delete the segments numbered below ``below`` (folded into the summary)."""
         for n in ledger_segments(self.run_dir):
             if n < below:
-                _segment_path(self.run_dir, n).unlink(missing_ok=True)
+                storage.delete(_segment_path(self.run_dir, n))
 
     def close(self) -> None:
+        if self._lines:
+            self.rotate()
         with self._lock:
             if self._file is not None:
                 self._file.close()
@@ -363,9 +377,9 @@ class ShardLedger:
 # ---------------------------------------------------------------------------------- loading
 
 
-def _read_summary(run_dir: Path) -> Manifest:
+def _read_summary(run_dir: Path | str) -> Manifest:
     # not through a link out of the run folder: a parse error would quote the file it points at
-    return Manifest.model_validate_json(inside(run_dir, run_dir / MANIFEST, "manifest.json").read_bytes())
+    return Manifest.model_validate_json(storage.read_bytes(inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json")))
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:
@@ -379,7 +393,7 @@ def load_manifest(run_dir: str | Path) -> Manifest:
         ValueError: manifest.json is not a manifest (pydantic's ValidationError is a ValueError).
         UnsafePathError: manifest.json or a ledger segment is a link out of ``run_dir``.
     """
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     for _ in range(3):
         m = _read_summary(run_dir)
         try:
@@ -408,7 +422,7 @@ def observed_status(status: str, run_dir: str | Path) -> str:
 def read_manifest(path: str | Path) -> dict:
     """The run's current state as a dict shaped like ``manifest.json`` (summary + ledger), for
     readers that want plain data (``report``, tests). ``path`` is the manifest.json path."""
-    return load_manifest(Path(path).parent).to_dict()
+    return load_manifest(storage.parent_of(path)).to_dict()
 
 
 def now_iso() -> str:
@@ -424,7 +438,7 @@ class RunState:
     """
 
     def __init__(self, run_dir: str | Path, manifest: Manifest, compact_every_s: float = COMPACT_EVERY_S):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.path(run_dir)
         self.manifest = manifest
         self.compact_every_s = compact_every_s
         start = max(ledger_segments(self.run_dir, 0), default=int(manifest.ledger.get("from_segment", 0)) - 1) + 1
@@ -464,7 +478,7 @@ class RunState:
         nxt = self.ledger.rotate()
         self.manifest.ledger = {"dir": LEDGER_DIR, "from_segment": nxt}
         self.manifest.updated_at = now_iso()
-        write_bytes_atomic(self.manifest.model_dump_json(indent=2).encode(), self.run_dir / MANIFEST)
+        write_bytes_atomic(self.manifest.model_dump_json(indent=2).encode(), storage.path(self.run_dir, MANIFEST))
         self.ledger.prune(nxt)
         self._last_compact = time.monotonic()
         self._dirty = False
@@ -477,20 +491,31 @@ class RunState:
             self.ledger.close()
 
 
-def commit_record_path(run_dir: str | Path, shard_id: int) -> Path:
+def commit_record_path(run_dir: str | Path, shard_id: int) -> Path | str:
     """``run_dir/shards/SSSSS.json``: the shard's commit record."""
-    return Path(run_dir) / COMMITS_DIR / f"{shard_id:05d}.json"
+    return storage.path(run_dir, COMMITS_DIR, f"{shard_id:05d}.json")
 
 
 def read_commit_record(run_dir: str | Path, shard_id: int) -> ShardResult | None:
     """The shard's commit record, or None when there is none, it does not parse, or it is a link
     out of ``run_dir``. Parsed as JSON into :class:`ShardResult` (nothing else is constructed)."""
     try:
-        return ShardResult.model_validate_json(inside(run_dir, commit_record_path(run_dir, shard_id), "commit record").read_bytes())
+        return ShardResult.model_validate_json(storage.read_bytes(inside(run_dir, commit_record_path(run_dir, shard_id), "commit record")))
     except (OSError, ValueError, UnsafePathError):
         return None
 
 
-def write_commit_record(run_dir: str | Path, result: ShardResult) -> Path:
-    """Write the shard's commit record (after its part files: this is what makes it done)."""
+def write_commit_record(run_dir: str | Path, result: ShardResult) -> Path | str:
+    """Write the shard's commit record (after its part files: this is what makes it done),
+    replacing one that is there (``imgscore rerun``, which holds the run's lock)."""
     return write_json_atomic(json.loads(result.to_json()), commit_record_path(run_dir, result.shard_id))
+
+
+def create_commit_record(run_dir: str | Path, result: ShardResult) -> bool:
+    """Write the shard's commit record only if the shard has none yet — an exclusive create (a
+    PUT with ``If-None-Match: *`` in an object store, ``O_EXCL`` + link on disk), so of two
+    writers of one shard (a Dask task run again after its worker was lost, a retry racing a
+    slow attempt) exactly one commits. Returns whether this call created it; the loser reads the
+    winner's record (:func:`read_commit_record`)."""
+    data = json.dumps(json.loads(result.to_json()), indent=2).encode()
+    return storage.create_new(inside(run_dir, commit_record_path(run_dir, result.shard_id), "commit record"), data)

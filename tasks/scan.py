@@ -35,6 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import EpsImagePlugin, Image, ImageFile, features
 
+from imgscore.tasks import storage
 from imgscore.tasks.containment import within
 from imgscore.tasks.errors import InputError
 
@@ -144,6 +145,8 @@ INDEX_SCHEMA = pa.schema(
         pa.field("size", pa.int64()),  # bytes
         pa.field("mtime_ns", pa.int64()),
         pa.field("scan_error", pa.string()),  # set when the entry could not be stat'ed
+        # object stores: the store's identity of the bytes (ETag, ETag@VersionId, GCS generation); null for files
+        pa.field("version", pa.string()),
         pa.field("models", pa.list_(pa.string())),  # names of the models still to score it (run.skip_scored, several models); null: every model
     ]
 )
@@ -163,7 +166,9 @@ def display_path(rel: str) -> str:
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One image file found by the scan. ``rel`` is the OS path relative to the root."""
+    """One image found by the scan. ``rel`` is the OS path relative to the root (for an object
+    store, the key relative to the root URL); ``mtime_ns`` the file's mtime or the object's
+    last-modified time; ``version`` the object's ETag/generation (None for files)."""
 
     rel: str
     label: int | None
@@ -171,6 +176,7 @@ class ImageEntry:
     size: int | None
     mtime_ns: int | None
     scan_error: str | None = None
+    version: str | None = None
     models: tuple[str, ...] | None = None  # the models still to score it (run.skip_scored); None: every model of the run
 
     def wants(self, model_name: str) -> bool:
@@ -213,6 +219,7 @@ def entries_batch(entries: list[ImageEntry]) -> pa.RecordBatch:
             pa.array([e.size for e in entries], pa.int64()),
             pa.array([e.mtime_ns for e in entries], pa.int64()),
             pa.array([e.scan_error for e in entries], pa.string()),
+            pa.array([e.version for e in entries], pa.string()),
             pa.array([list(e.models) if e.models is not None else None for e in entries], pa.list_(pa.string())),
         ],
         schema=INDEX_SCHEMA,
@@ -220,8 +227,10 @@ def entries_batch(entries: list[ImageEntry]) -> pa.RecordBatch:
 
 
 def entries_from_table(table: pa.Table) -> list[ImageEntry]:
-    """Inverse of :meth:`ImageIndex.to_table` for a slice of the index."""
+    """Inverse of :meth:`ImageIndex.to_table` for a slice of the index (an index written before
+    the ``version`` column reads with versions None)."""
     cols = table.to_pydict()
+    versions = cols.get("version") or [None] * table.num_rows
     models = cols.get("models") or [None] * table.num_rows  # index files written before several models lack it
     return [
         ImageEntry(
@@ -231,6 +240,7 @@ def entries_from_table(table: pa.Table) -> list[ImageEntry]:
             size=cols["size"][i],
             mtime_ns=cols["mtime_ns"][i],
             scan_error=cols["scan_error"][i],
+            version=versions[i],
             models=tuple(models[i]) if models[i] is not None else None,
         )
         for i in range(table.num_rows)
@@ -368,8 +378,12 @@ SCAN_BATCH_ROWS = 4096  # rows per RecordBatch the scan yields (its memory is a 
 
 def filesystem_type(path: str | Path) -> str | None:
     """The mount type (``ext4``, ``nfs4``, ``cifs``, …) of the file system holding ``path``, or
-    None when it cannot be told (psutil lists no mount for it)."""
+    None when it cannot be told (psutil lists no mount for it); an object-store URL's scheme
+    (``s3``, ``gs``, ``az``)."""
     import psutil
+
+    if storage.is_remote(path):
+        return storage.scheme_of(path)
 
     real = os.path.realpath(path)
     best, fstype = "", None
@@ -386,10 +400,13 @@ def filesystem_type(path: str | Path) -> str | None:
 
 def scan_threads_for(root: str | Path, setting: int | str = "auto") -> int:
     """Threads :meth:`Scan.batches` uses: ``setting`` when it is a number, else (``auto``)
-    :data:`NETWORK_SCAN_THREADS` on a network file system (:data:`NETWORK_FILESYSTEMS`) and 1 on
-    local disks, where threads only contend for the GIL (docs/scaling.md, scan)."""
+    :data:`NETWORK_SCAN_THREADS` on a network file system (:data:`NETWORK_FILESYSTEMS`) or an
+    object store (prefixes listed at once), and 1 on local disks, where threads only contend for
+    the GIL (docs/scaling.md, scan)."""
     if setting != "auto":
         return max(1, int(setting))
+    if storage.is_remote(root):
+        return NETWORK_SCAN_THREADS
     return NETWORK_SCAN_THREADS if filesystem_type(root) in NETWORK_FILESYSTEMS else 1
 
 
@@ -405,6 +422,20 @@ class _Unit:
     chain: frozenset[str] = frozenset()
 
 
+def batched(entries: Iterator[ImageEntry], skipped: list[dict[str, str]]) -> Iterator:
+    """A unit's ``entries`` as record batches of at most :data:`SCAN_BATCH_ROWS` rows, then
+    ``("skipped", skipped)`` — filled while ``entries`` was consumed."""
+    chunk: list[ImageEntry] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) >= SCAN_BATCH_ROWS:
+            yield entries_batch(chunk)
+            chunk = []
+    if chunk:
+        yield entries_batch(chunk)
+    yield ("skipped", skipped)
+
+
 @dataclass
 class Scan:
     """A scan of ``input.root`` that yields its image list in order, without holding it.
@@ -418,7 +449,7 @@ class Scan:
     the count yielded so far.
     """
 
-    root: Path
+    root: Path | str  # a folder, or an object-store URL (imgscore.tasks.objscan.ObjectScan)
     layout: str
     classes: list[str]  # display names (valid UTF-8)
     follow_symlinks: bool = True
@@ -432,17 +463,8 @@ class Scan:
         root = str(self.root)
         skipped: list[dict[str, str]] = []
         walk = unit.files if unit.files is not None else _walk_files(unit.top, self.follow_symlinks, skipped, root, unit.chain)
-        chunk: list[ImageEntry] = []
-        for path in walk:
-            entry = _classify(path, root, unit.label, unit.label_name, skipped)
-            if entry is not None:
-                chunk.append(entry)
-                if len(chunk) >= SCAN_BATCH_ROWS:
-                    yield entries_batch(chunk)
-                    chunk = []
-        if chunk:
-            yield entries_batch(chunk)
-        yield ("skipped", skipped)
+        entries = (_classify(path, root, unit.label, unit.label_name, skipped) for path in walk)
+        yield from batched((e for e in entries if e is not None), skipped)
 
     def batches(self, threads: int = 1) -> Iterator[pa.RecordBatch]:
         """Yield the image list as record batches of at most :data:`SCAN_BATCH_ROWS` rows, in
@@ -470,9 +492,16 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
             and no images directly in ``root``).
         follow_symlinks: follow symlinked files and folders; cycles are cut.
 
+    An object-store URL (``s3://``, ``gs://``, ``az://``) is listed instead of walked
+    (:func:`imgscore.tasks.objscan.open_object_scan`; ``follow_symlinks`` does not apply).
+
     Raises:
-        InputError: root missing or not a folder.
+        InputError: root missing or not a folder (an empty or unlistable prefix).
     """
+    if storage.is_remote(root):
+        from imgscore.tasks.objscan import open_object_scan
+
+        return open_object_scan(str(root), layout)
     root_p = Path(root)
     if not root_p.exists():
         raise InputError(f"input.root {str(root_p)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
@@ -602,7 +631,14 @@ def ordered_map(work, units: list, threads: int, depth: int = 4) -> Iterator:
 
 def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
     """True as soon as one scorable file is found under ``root`` (a cheap check before a run
-    starts; the full scan happens in the flow)."""
+    starts; the full scan happens in the flow). An object-store root lists its prefixes in
+    index order until one holds an image.
+
+    Raises:
+        InputError: an object-store root that is empty or cannot be listed.
+    """
+    if storage.is_remote(root):
+        return bool(first_entries(root, 1))
     for path in _walk_files(str(root), follow_symlinks, [], str(root)):
         if skip_reason(path) is None:
             return True
@@ -610,7 +646,10 @@ def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
 
 
 def sha256_of_file(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (no caching)."""
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (no caching); an object-store
+    URL is read whole (one GET)."""
+    if storage.is_remote(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

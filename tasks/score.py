@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from imgscore.tasks import autotune
+from imgscore.tasks import autotune, storage
 from imgscore.tasks import embeddings as emb
 from imgscore.tasks.backends import Forward, forward_probs, make_forward, resolve_backend
 from imgscore.tasks.config import (
@@ -52,6 +52,7 @@ from imgscore.tasks.device import (
 )
 from imgscore.tasks.errors import ShardError
 from imgscore.tasks.index import read_shard_entries as _read_index_entries
+from imgscore.tasks.manifest import check_shard
 from imgscore.tasks.model import LoadedModel, load_model
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -67,7 +68,9 @@ from imgscore.tasks.runstate import (
     ShardRef,
     ShardResult,
     commit_record_path,
+    create_commit_record,
     models_id,
+    read_commit_record,
     write_commit_record,
 )
 from imgscore.tasks.scan import ImageEntry
@@ -197,6 +200,8 @@ def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indice
         "scored_at": scored_at,
         "file_size": size,
         "file_mtime_ns": mtime,
+        # the object's ETag when the bytes read are the ones listed (an object replaced since has none)
+        "file_version": entry.version if mtime == entry.mtime_ns else None,
     }
 
 
@@ -225,6 +230,7 @@ def error_row(ctx: RowContext, entry: ImageEntry | None, batch_id: int | None, s
         "model_name": ctx.model_name,
         "file_size": entry.size if entry is not None else None,
         "file_mtime_ns": entry.mtime_ns if entry is not None else None,
+        "file_version": entry.version if entry is not None else None,
     }
 
 
@@ -539,7 +545,7 @@ def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer | l
 
 
 def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, errors: pa.Table, result: ShardResult,
-                 embeddings: pa.Table | None = None) -> ShardResult:
+                 embeddings: pa.Table | None = None, replace: bool = False) -> ShardResult:
     """Write the shard's predictions and errors part files (empty ones too), then its commit record.
 
     ``embeddings`` (``output.embeddings``): the shard's embeddings part file, written first, one
@@ -551,18 +557,25 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
     ``files`` and ``finished_at``. A writer killed before the commit record leaves the shard
     not done (a rerun redoes it); killed after, the record is adopted.
 
+    Exactly once without a rename (object stores have none): the part files go to their final,
+    deterministic keys (a rewrite replaces them, never adds a file), and the commit record is
+    created last and exclusively (:func:`~imgscore.tasks.runstate.create_commit_record`). When
+    another writer of the same shard committed first, its record is returned as long as the part
+    files now there match its counts (both writers wrote the whole shard); otherwise, or with
+    ``replace`` (``imgscore rerun``, which holds the run's lock), this writer's record replaces it.
+
     Returns:
-        The commit record as written.
+        The shard's commit record.
 
     Raises:
         UnsafePathError: a folder it writes into resolves outside ``out_root`` (a planted symlink).
     """
     pred_dir, err_dir = (inside(out_root, part_dir(out_root, t, ref.run_date, ref.run_id), "part-file folder") for t in ("predictions", "errors"))
-    inside(out_root, commit_record_path(ref.run_dir, ref.shard_id).parent, "commit-record folder")  # no planted link out
+    inside(out_root, storage.parent_of(commit_record_path(ref.run_dir, ref.shard_id)), "commit-record folder")  # no planted link out
     if embeddings is not None:
         write_table_atomic(embeddings, embeddings_part(out_root, ref))
-    pred_file = write_table_atomic(predictions, pred_dir / part_name(ref.shard_id))
-    err_file = write_table_atomic(errors, err_dir / part_name(ref.shard_id))
+    pred_file = write_table_atomic(predictions, storage.path(pred_dir, part_name(ref.shard_id)))
+    err_file = write_table_atomic(errors, storage.path(err_dir, part_name(ref.shard_id)))
     failed_images = sorted({p for p in errors["image_path"].to_pylist() if p is not None})
     result = result.model_copy(update={
         "state": "failed" if result.state == "failed" else ("complete" if errors.num_rows == 0 else "partial"),
@@ -572,13 +585,19 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
         "files": [str(pred_file), str(err_file)],
         "finished_at": datetime.now(UTC).isoformat(),
     })
-    write_commit_record(ref.run_dir, result)
+    if replace or not create_commit_record(ref.run_dir, result):
+        winner = None if replace else read_commit_record(ref.run_dir, ref.shard_id)
+        if winner is not None and winner.fingerprint == result.fingerprint and winner.state in ("complete", "partial", "failed") \
+                and check_shard(out_root, ref.run_date, ref.run_id, winner) is None:
+            log.info("shard %d: another writer committed it first; its record stands", ref.shard_id)
+            return winner.model_copy(update={"files": result.files})
+        write_commit_record(ref.run_dir, result)
     return result
 
 
-def embeddings_part(out_root: str | Path, ref: ShardRef) -> Path:
+def embeddings_part(out_root: str | Path, ref: ShardRef) -> Path | str:
     """``OUT/embeddings/<the run's partition>/part-SSSSS.parquet``, checked to stay inside ``out_root``."""
-    return inside(out_root, part_dir(out_root, "embeddings", ref.run_date, ref.run_id), "part-file folder") / part_name(ref.shard_id)
+    return storage.path(inside(out_root, part_dir(out_root, "embeddings", ref.run_date, ref.run_id), "part-file folder"), part_name(ref.shard_id))
 
 
 def embeddings_of(rows: ShardRows, scorer: Scorer | list[Scorer], out_cfg: OutputConfig, metadata: dict[str, str]) -> pa.Table | None:
@@ -620,6 +639,7 @@ def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: i
         ModelError: a model cannot be loaded on this worker; Prefect retries the shard.
     """
     t0 = time.perf_counter()
+    storage.configure(cfg.storage.settings())  # this worker (and its DataLoader processes) open stores with the run's settings
     scorers = load_scorers(cfg, workers_on_host, rank)
     entries = read_shard_entries(ref)
     ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]

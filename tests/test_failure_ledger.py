@@ -134,13 +134,15 @@ def _prior_run(out: Path, root: Path, run_id: str, scored: list, failed: list[tu
 
 def test_ledger_carries_failures_of_the_bytes_not_of_the_infrastructure(photos, tmp_path):
     """Only failures that say something about the file are carried: a corrupt decode is; a shard
-    that could not run, an out-of-memory and an unreadable file (RETRIED_ERRORS) are retried."""
+    that could not run, an out-of-memory, an unreadable file and an object read that failed after
+    its retries (RETRIED_ERRORS) are retried."""
     root = folder(tmp_path / "images", photos, range(6))
     out = tmp_path / "out"
     e = {x.image_path: x for x in scan_images(root).entries}
     _prior_run(out, root, "r1", [e["n_000.jpg"]], [(e["n_001.jpg"], "DecodeError.corrupt"), (e["n_002.jpg"], "ShardFailed"),
-                                                   (e["n_003.jpg"], "OutOfMemoryError"), (e["n_004.jpg"], "DecodeError.unreadable")])
-    assert set(RETRIED_ERRORS) == {"ShardFailed", "OutOfMemoryError", "DecodeError.unreadable"}
+                                                   (e["n_003.jpg"], "OutOfMemoryError"), (e["n_004.jpg"], "DecodeError.unreadable"),
+                                                   (e["n_005.jpg"], "ObjectReadError")])
+    assert set(RETRIED_ERRORS) == {"ShardFailed", "OutOfMemoryError", "DecodeError.unreadable", "ObjectReadError"}
     r = split_already_scored(scan_images(root), out, MODEL)
     assert (r.already_scored, r.already_failed) == (1, 1)
     assert sorted(x.image_path for x in r.index.entries) == ["n_002.jpg", "n_003.jpg", "n_004.jpg", "n_005.jpg"]
