@@ -203,7 +203,8 @@ def _every_error_named(out_root: str | Path, run_date: str, run_id: str, shard_i
     """Whether every errors row of the shard names its image (several models fail an image once
     per model, so its rows outnumber its failed images; a whole-batch failure names none)."""
     try:
-        return pq.read_table(shard_files(out_root, run_date, run_id, shard_id)[1], columns=["image_path"])["image_path"].null_count == 0
+        with storage.open_input(shard_files(out_root, run_date, run_id, shard_id)[1]) as f:  # a file, or an object
+            return pq.read_table(f, columns=["image_path"])["image_path"].null_count == 0
     except (pa.ArrowException, OSError):
         return False
 
