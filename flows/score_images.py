@@ -34,7 +34,7 @@ from imgscore.tasks.config import Config, DriftConfig, RunConfig
 from imgscore.tasks.device import configure_threads, resolve_device
 from imgscore.tasks.embeddings import choose_layer, embedding_dim
 from imgscore.tasks.errors import ConfigError, DriftExceeded, ErrorBudgetExceeded, OutputWriteError
-from imgscore.tasks.incremental import CARRIED_FILE
+from imgscore.tasks.incremental import CARRIED_FILE, decode_settings
 from imgscore.tasks.model import load_model
 from imgscore.tasks.plan import (
     RunPlan,
@@ -304,9 +304,14 @@ def skip_scored_guard(cfg: Config, run_id: str):
     (``imgscore.tasks.lock.folder_held``). Without it, nothing is held."""
     if not cfg.run.skip_scored or cfg.input.root is None:
         return contextlib.nullcontext()
-    return run_lock.folder_held(cfg.output.root, cfg.input.root,
-                                "".join(m.model_dump_json() for m in cfg.scored_models()) + cfg.preprocess.model_dump_json(),
-                                f"imgscore run {run_id}")
+    return run_lock.folder_held(cfg.output.root, cfg.input.root, scoring_identity(cfg), f"imgscore run {run_id}")
+
+
+def scoring_identity(cfg: Config) -> str:
+    """What the folder lock is keyed on besides the folder: the models, preprocessing and decode
+    settings (the ``skip_scored`` key's parts, as configured)."""
+    return ("".join(m.model_dump_json() for m in cfg.scored_models()) + cfg.preprocess.model_dump_json()
+            + json.dumps(decode_settings(cfg.input), sort_keys=True))
 
 
 @flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner(), **notify.HOOKS)

@@ -1,8 +1,9 @@
 """Incremental nightly scoring: skip images already scored, carry images known to be bad.
 
 With ``run.skip_scored``, an image is *already scored* when some earlier run into the same
-``output.root``, over the same input folder, with the same ``model_id`` (checkpoint sha256) and the
-same resolved preprocessing, committed a prediction row for it whose key matches the file as
+``output.root``, over the same input folder, with the same ``model_id`` (checkpoint sha256), the
+same resolved preprocessing and the same decode settings (``input.max_pixels``,
+``input.exif_orientation``, ``input.max_metadata_bytes``: :func:`model_key`), committed a prediction row for it whose key matches the file as
 scanned now — and *already failed* (the **failure ledger**) when such a run committed an errors row
 for it whose key matches, and no prediction does. Already-failed images are not tried again
 (``run.retry_failed: true`` tries them all); a changed file is. The key:
@@ -39,7 +40,7 @@ import json
 import logging
 import os
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,6 +49,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from imgscore.tasks import storage
+from imgscore.tasks.config import InputConfig
 from imgscore.tasks.containment import UnsafePathError, check_run_date, inside, safe_name, within
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -55,6 +57,7 @@ from imgscore.tasks.parquet_io import (
     input_root_name,
     run_part_files,
 )
+from imgscore.tasks.preprocess import DecodeOptions
 from imgscore.tasks.scan import ImageIndex, entries_from_table, sha256_of_file
 
 log = logging.getLogger("imgscore")
@@ -88,11 +91,34 @@ _STAT = ["image_path", "file_size", "file_mtime_ns", "file_version"]
 _FAILED_COLUMNS = [*_STAT, "run_id", "stage", "error_type", "message"]
 
 
+def decode_settings(input_cfg: InputConfig | dict | None) -> dict:
+    """The ``input.*`` settings that change the pixels a file decodes to, or whether it decodes at
+    all (the fields of :class:`~imgscore.tasks.preprocess.DecodeOptions`: ``max_pixels``,
+    ``exif_orientation``, ``max_metadata_bytes``), from an ``InputConfig`` or the ``input`` section
+    of a recorded config; a key it lacks (a manifest of an older version) takes its default."""
+    given = input_cfg.model_dump() if isinstance(input_cfg, InputConfig) else dict(input_cfg or {})
+    return {f.name: given.get(f.name, InputConfig.model_fields[f.name].default) for f in fields(DecodeOptions)}
+
+
 def model_key(model_info: dict) -> str:
-    """sha256 hex over ``model_id`` and the resolved preprocessing (``LoadedModel.info()``):
-    what a prediction depends on besides the image bytes."""
-    blob = json.dumps({"model_id": model_info.get("model_id"), "preprocess": model_info.get("preprocess")}, sort_keys=True)
+    """sha256 hex over ``model_id``, the resolved preprocessing (``LoadedModel.info()``) and the
+    decode settings (``model_info['decode']``, :func:`decode_settings`; defaults when absent):
+    what a prediction, or a failure, depends on besides the image bytes. A run with another
+    ``input.max_pixels`` or ``input.exif_orientation`` matches no earlier run, so it scores every
+    image and retries every earlier failure."""
+    decode = model_info.get("decode") or decode_settings(None)
+    blob = json.dumps({"model_id": model_info.get("model_id"), "preprocess": model_info.get("preprocess"), "decode": decode},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def recorded_model(manifest: dict, model: dict | None = None) -> dict:
+    """A manifest's ``model`` (or ``model``, one of its ``models``) with its decode settings:
+    recorded there since they joined the key, else taken from the run's recorded ``config.input``."""
+    model = dict(model if model is not None else manifest.get("model") or {})
+    if not model.get("decode"):
+        model["decode"] = decode_settings((manifest.get("config") or {}).get("input"))
+    return model
 
 
 def _same_root(a: str | Path | None, b: str | Path) -> bool:
@@ -122,7 +148,7 @@ def prior_runs(out_root: str | Path, model_info: dict, input_root: str | Path, e
         except (OSError, ValueError, UnsafePathError) as exc:
             log.warning("skip_scored: ignoring unreadable manifest %s (%s)", path, exc)
             continue
-        keys = {model_key(x) for x in (m.get("models") or [m.get("model") or {}])}
+        keys = {model_key(recorded_model(m, x)) for x in (m.get("models") or [m.get("model") or {}])}
         if want in keys and _same_root((m.get("input") or {}).get("root"), input_root):
             found.append(m)
     return found

@@ -35,6 +35,7 @@ from imgscore.tasks.incremental import (
     HASHES_SCHEMA,
     AlreadyScored,
     AlreadyScoredEach,
+    decode_settings,
     model_key,
 )
 from imgscore.tasks.index import INDEX_NAME, IndexWriter, shard_location
@@ -201,6 +202,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
+    model_info = {**model_info, "decode": decode_settings(cfg.input)}  # part of the skip_scored key
     out = cfg.output.root
     run_dir = run_dir_of(out, run_id)
     if storage.exists(storage.path(run_dir, MANIFEST)):
@@ -210,7 +212,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
     scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
     threads = scan_threads_for(scan.root, cfg.input.scan_threads)
-    infos = models or [model_info]
+    infos = [{**m, "decode": model_info["decode"]} for m in models] if models else [model_info]
     skip = None
     if cfg.run.skip_scored:
         each = [AlreadyScored(out, m, scan.root, cfg.run.skip_key, exclude_run=run_id, retry_failed=cfg.run.retry_failed) for m in infos]

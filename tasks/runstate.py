@@ -87,7 +87,7 @@ class ShardRef(BaseModel):
     start: int  # first row of the run's image list (inclusive)
     stop: int  # last row (exclusive)
     fingerprint: str  # sha256 of the shard's (path, size, mtime) rows
-    model_key: str = ""  # sha256 of model_id + resolved preprocessing (imgscore.tasks.incremental.model_key)
+    model_key: str = ""  # sha256 of model_id + resolved preprocessing + decode settings (imgscore.tasks.incremental.model_key)
     model_id: str = ""  # the run's model (a commit record of another model is not this shard's)
     index_file: str = "index.parquet"
     row_group: int = -1  # -1: the shard id (runs planned before the index was split into files)
@@ -208,8 +208,8 @@ class Manifest(_Model):
     input: dict[str, Any] = Field(default_factory=dict)  # root, layout, classes
     counts: Counts = Field(default_factory=Counts)
     skipped: list[dict[str, str]] = Field(default_factory=list)  # {image_path, reason}
-    model: dict[str, Any] = Field(default_factory=dict)  # LoadedModel.info() + model_key (+ name); with several models, the first
-    models: list[dict[str, Any]] = Field(default_factory=list)  # every model scored: name + LoadedModel.info() + model_key ([] before)
+    model: dict[str, Any] = Field(default_factory=dict)  # LoadedModel.info() + decode (input.* decode settings) + model_key (+ name); with several models, the first
+    models: list[dict[str, Any]] = Field(default_factory=list)  # every model scored: name + LoadedModel.info() + decode + model_key ([] before)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved config
     incremental: dict[str, Any] = Field(default_factory=lambda: {"skip_scored": False})
     index: dict[str, Any] = Field(default_factory=dict)  # imgscore.tasks.index.IndexWriter.info()

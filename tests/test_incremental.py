@@ -10,7 +10,12 @@ import pyarrow.dataset as ds
 import pytest
 
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks.incremental import model_key, split_already_scored
+from imgscore.tasks.incremental import (
+    decode_settings,
+    model_key,
+    recorded_model,
+    split_already_scored,
+)
 from imgscore.tasks.lock import clean_abandoned_temp_files
 from imgscore.tasks.scan import scan_images
 from tests.conftest import base_overrides, make_variants
@@ -155,9 +160,39 @@ def test_abandoned_temp_files_are_cleaned_but_live_runs_left_alone(tmp_path):
         lock.release(out / "runs" / "live")
 
 
-def test_model_key_depends_on_model_and_preprocessing_only():
+def test_model_key_depends_on_model_preprocessing_and_decode_settings_only():
+    """The key changes with what a prediction depends on (model_id, preprocessing, the input.*
+    decode settings) and nothing else; a manifest of an older version, without ``decode``,
+    counts with the decode settings of its recorded config (defaults for keys it lacks)."""
     assert model_key(MODEL) == model_key({**MODEL, "arch": "x", "classes": ["a"]})
     assert model_key(MODEL) != model_key({**MODEL, "preprocess": {"resize": 256, "crop": 192}})
+    default = decode_settings(None)
+    assert set(default) == {"max_pixels", "exif_orientation", "max_metadata_bytes"}
+    assert model_key(MODEL) == model_key({**MODEL, "decode": default})
+    assert model_key(MODEL) != model_key({**MODEL, "decode": {**default, "max_pixels": 5000}})
+    assert model_key(MODEL) != model_key({**MODEL, "decode": {**default, "exif_orientation": False}})
+    assert model_key(MODEL) != model_key({**MODEL, "decode": {**default, "max_metadata_bytes": 2**20}})
+    old = {"model": MODEL, "config": {"input": {"root": "/x", "max_pixels": 5000}}}
+    assert recorded_model(old)["decode"] == {**default, "max_pixels": 5000}
+    assert model_key(recorded_model({"model": MODEL})) == model_key(MODEL)
+
+
+def test_a_changed_decode_setting_rescores_and_retries(prefect_server, photos, tiny_checkpoint, tmp_path):
+    """Images refused because of input.max_pixels are retried, and scored, once the setting is
+    raised (they are not carried by the failure ledger); changing input.exif_orientation scores
+    every image again; the same settings again skip them all. By construction: 48x48 images are
+    2304 pixels, so input.max_pixels=100 refuses every one and the default accepts every one."""
+    root = folder(tmp_path / "images", photos, range(3))
+    out = tmp_path / "out"
+    m1 = nightly(root, tiny_checkpoint, out, **{"input.max_pixels": 100})
+    assert (m1["counts"]["scored"], m1["counts"]["failed"]) == (0, 3)
+    m2 = nightly(root, tiny_checkpoint, out)
+    assert (m2["counts"]["scored"], m2["counts"]["already_failed"], m2["counts"]["already_scored"]) == (3, 0, 0)
+    m3 = nightly(root, tiny_checkpoint, out, **{"input.exif_orientation": "false"})
+    assert (m3["counts"]["scored"], m3["counts"]["already_scored"]) == (3, 0)
+    m4 = nightly(root, tiny_checkpoint, out, **{"input.exif_orientation": "false"})
+    assert (m4["counts"]["scored"], m4["counts"]["already_scored"]) == (0, 3) and m4["incremental"]["prior_runs"] == [m3["run_id"]]
+    assert m1["model"]["decode"]["max_pixels"] == 100 and m4["model"]["decode"]["exif_orientation"] is False
 
 
 @pytest.mark.parametrize("key", ["stat", "sha256"])
@@ -179,6 +214,7 @@ def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_
     import subprocess
     import sys
 
+    from imgscore.flows.score_images import scoring_identity
     from imgscore.tasks.config import build_config
 
     root = folder(tmp_path / "images", photos, range(6))
@@ -191,7 +227,7 @@ def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_
         f"cm = lock.folder_held({str(out)!r}, {str(root)!r}, sys.argv[1], 'imgscore run first-night'); cm.__enter__(); "
         "print('held', flush=True); time.sleep(120)"
     )
-    identity = cfg.model.model_dump_json() + cfg.preprocess.model_dump_json()
+    identity = scoring_identity(cfg)
     other = subprocess.Popen([sys.executable, "-c", holder, identity], stdout=subprocess.PIPE)
     try:
         assert other.stdout.readline().strip() == b"held"
