@@ -8,25 +8,33 @@ one-line ``reason``, the counts of what was done, and ``report.html`` of that. A
 with ``-9`` writes nothing; readers report it ``abandoned`` because its lock owner is gone
 (:func:`imgscore.tasks.runstate.observed_status`).
 
+On SIGINT or SIGTERM the flows stop their shards first (:func:`stop_shards`): the run is marked
+stopping, shards not started never start, shards in flight are abandoned at their next batch
+(nothing of them is committed), and once they have let go the manifest adopts every commit record
+on disk — so its counts, report.html and the notification are the rows on disk.
+
 A failing write becomes one :class:`~imgscore.tasks.errors.OutputWriteError` line that names the
 file, the OS error and the ``imgscore rerun`` command (no traceback without ``--verbose``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from prefect.states import Cancelled, State
 
 from imgscore.flows.artifacts import publish_run_report
 from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.tasks.manifest import adopt_committed
 from imgscore.tasks.plan import RunPlan
 from imgscore.tasks.report import one_line, rerun_command
-from imgscore.tasks.runstate import now_iso
+from imgscore.tasks.runstate import now_iso, request_stop, stop_requested
 
 log = logging.getLogger("imgscore")
 
@@ -70,6 +78,51 @@ def _is_interrupt(exc: BaseException) -> bool:
     from prefect.exceptions import TerminationSignal
 
     return isinstance(exc, KeyboardInterrupt | TerminationSignal)
+
+
+STOP_WAIT_S = 60.0  # longest wait for shards in flight to let go after a signal (one batch each, normally)
+
+
+def stop_shards(run_dir: str | Path, futures: Iterable, wait_s: float = STOP_WAIT_S) -> None:
+    """After SIGINT/SIGTERM: mark the run stopping (``imgscore.tasks.runstate.request_stop``),
+    cancel the shard task runs that have not started (thread runner: they never start; on Dask
+    they start, see the mark and end ``Cancelled``), and wait up to ``wait_s`` seconds for the
+    ones in flight, which are abandoned at their next batch or before their commit. A second
+    Ctrl-C ends the wait. Never raises."""
+    try:
+        request_stop(run_dir)
+    except OSError as exc:  # the disk that failed: shards may still commit; a rerun adopts them
+        log.warning("run at %s: could not mark it stopping (%s)", run_dir, one_line(exc))
+    futures = list(futures)
+    for fut in futures:
+        wrapped = getattr(fut, "wrapped_future", None)
+        if isinstance(wrapped, concurrent.futures.Future):
+            wrapped.cancel()  # False for a running one: it stops at its next batch
+    deadline = time.monotonic() + wait_s
+    for fut in futures:
+        try:
+            fut.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # a cancelled future, a failed task run: it has let go
+            continue
+        except BaseException:  # a second Ctrl-C: stop waiting
+            return
+
+
+@contextlib.contextmanager
+def shards_stop_on_signal(run_dir: str | Path, futures: Iterable) -> Iterator[None]:
+    """Around a flow's loop over its shard futures: on SIGINT/SIGTERM, :func:`stop_shards`, then
+    let the signal propagate to :func:`recorded_ending`, which adopts what was committed."""
+    try:
+        yield
+    except BaseException as exc:
+        if _is_interrupt(exc):
+            stop_shards(run_dir, futures)
+        raise
+
+
+def stopped(run_dir: str | Path) -> State | None:
+    """For a shard task run: a ``Cancelled`` state when the run is stopping, else None."""
+    return Cancelled(message="the run is stopping (SIGINT/SIGTERM); not scored") if stop_requested(run_dir) else None
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from prefect.runtime import task_run
 
 from imgscore.flows import notify, progress
 from imgscore.flows.artifacts import RunProgressArtifact
-from imgscore.flows.ending import recorded_ending
+from imgscore.flows.ending import recorded_ending, shards_stop_on_signal, stopped
 from imgscore.flows.runner import ConfiguredTaskRunner
 from imgscore.flows.score_images import (
     effective_config,
@@ -43,7 +43,7 @@ from imgscore.tasks import layout, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.config import Config
-from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
+from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError, ShardStopped
 from imgscore.tasks.index import refresh_shards
 from imgscore.tasks.plan import RunPlan, load_plan, run_dir_of, shard_refs
 from imgscore.tasks.rerun import archive_errors, rescore_shard
@@ -87,9 +87,15 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.Shard
 def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int, metadata_json: str) -> ShardResult:
     """One shard (or its failed images) on this worker; see ``imgscore.tasks.rerun.rescore_shard``.
     Config and part-file metadata travel as JSON text, as in ``score_shard_task``."""
+    halt = stopped(ref.run_dir)  # SIGINT/SIGTERM reached the flow: no shard starts
+    if halt is not None:
+        return halt
     cfg, metadata = Config.model_validate_json(config_json), json.loads(metadata_json)
     attempt = base_attempt + int(task_run.run_count or 1)
-    return rescore_shard(ref, only, cfg, attempt, workers_on_host=n_on_host, metadata=metadata)
+    try:
+        return rescore_shard(ref, only, cfg, attempt, workers_on_host=n_on_host, metadata=metadata)
+    except ShardStopped:
+        return stopped(ref.run_dir)  # abandoned between batches, nothing committed
 
 
 def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[ShardResult]:
@@ -118,26 +124,27 @@ def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[Sh
         base = plan.manifest.shards[w.shard_id].attempts
         futures[shard_task.submit(ref, w.only, cfg.model_dump_json(), base, n_on_host, meta)] = (ref, w, base)
     results = []
-    for fut in as_completed(list(futures)):
-        ref, w, base = futures[fut]
-        try:
-            result = fut.result()
-        except OutputWriteError:
-            raise  # the disk (or quota, or file system) failed: every other shard would too
-        except Exception as exc:  # retries exhausted
-            reason = f"{type(exc).__name__}: {exc}"
-            attempts = base + cfg.run.shard_retries + 1
-            logger.warning("rerun: shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
-            if w.only is None:
-                archive_errors(cfg.output.root, ref, base)
-                result = record_failed_shard(plan, cfg, ref, reason, attempts)
-            else:  # its earlier rows stand; the attempts and the reason are recorded
-                result = plan.manifest.shards[ref.shard_id].unchanged(attempts, reason)
-        record = plan.state.commit(result)
-        progress.notify(plan.manifest, record)
-        done += sizes[w.shard_id]
-        artifact.update(plan.manifest.to_progress(), done=done)
-        results.append(result)
+    with shards_stop_on_signal(plan.run_dir, futures):  # SIGINT/SIGTERM: no shard starts or commits after it
+        for fut in as_completed(list(futures)):
+            ref, w, base = futures[fut]
+            try:
+                result = fut.result()
+            except OutputWriteError:
+                raise  # the disk (or quota, or file system) failed: every other shard would too
+            except Exception as exc:  # retries exhausted
+                reason = f"{type(exc).__name__}: {exc}"
+                attempts = base + cfg.run.shard_retries + 1
+                logger.warning("rerun: shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
+                if w.only is None:
+                    archive_errors(cfg.output.root, ref, base)
+                    result = record_failed_shard(plan, cfg, ref, reason, attempts)
+                else:  # its earlier rows stand; the attempts and the reason are recorded
+                    result = plan.manifest.shards[ref.shard_id].unchanged(attempts, reason)
+            record = plan.state.commit(result)
+            progress.notify(plan.manifest, record)
+            done += sizes[w.shard_id]
+            artifact.update(plan.manifest.to_progress(), done=done)
+            results.append(result)
     return results
 
 

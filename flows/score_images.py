@@ -23,7 +23,7 @@ from pyarrow import ArrowException
 
 from imgscore.flows import notify, progress
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
-from imgscore.flows.ending import recorded_ending
+from imgscore.flows.ending import recorded_ending, shards_stop_on_signal, stopped
 from imgscore.flows.runner import ConfiguredTaskRunner
 from imgscore.flows.startup import quiet_unless_verbose
 from imgscore.tasks import drift, storage
@@ -33,7 +33,13 @@ from imgscore.tasks.backends import start_inference
 from imgscore.tasks.config import Config, DriftConfig, RunConfig
 from imgscore.tasks.device import configure_threads, resolve_device
 from imgscore.tasks.embeddings import choose_layer, embedding_dim
-from imgscore.tasks.errors import ConfigError, DriftExceeded, ErrorBudgetExceeded, OutputWriteError
+from imgscore.tasks.errors import (
+    ConfigError,
+    DriftExceeded,
+    ErrorBudgetExceeded,
+    OutputWriteError,
+    ShardStopped,
+)
 from imgscore.tasks.incremental import CARRIED_FILE, decode_settings
 from imgscore.tasks.model import load_model
 from imgscore.tasks.plan import (
@@ -136,12 +142,18 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_
     looking for futures, for every task run — 8 of the 25 ms a shard cost outside
     ``score_shard`` (py-spy, benchmarks/NOTES.md); a string is one leaf.
     """
+    halt = stopped(ref.run_dir)  # SIGINT/SIGTERM reached the flow: no shard starts
+    if halt is not None:
+        return halt
     cfg = Config.model_validate_json(config_json)
     done = mf.committed(ref, cfg.output.root)
     if done is not None:
         return Completed(name="Cached", message=f"shard {ref.shard_id} committed by attempt {done.attempt}; part files checked", data=done)
     metadata = {"config": cfg.recorded(), "inference": json.loads(inference_json)}  # on every part file
-    result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata)
+    try:
+        result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata)
+    except ShardStopped:
+        return stopped(ref.run_dir)  # abandoned between batches, nothing committed
     get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
         "shard %d: %s scored, %s failed in %s s on %s by %s (%s %s, %s threads, %s DataLoader workers, batch %s)",
         ref.shard_id, result.scored, result.failed, result.seconds, result.device, result.worker, result.backend, result.precision,
@@ -167,20 +179,21 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
     futures = {shard_task.submit(ref, config_json, n_on_host, inference_json): ref for ref in plan.shards}
     artifact = RunProgressArtifact.start(plan.manifest.to_progress(), total=plan.manifest.total_pairs)  # Prefect UI
     results = []
-    for fut in as_completed(list(futures)):
-        ref = futures[fut]
-        try:
-            result = fut.result()
-        except OutputWriteError:
-            raise  # the disk (or quota, or file system) failed: every other shard would too
-        except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
-            reason = f"{type(exc).__name__}: {exc}"
-            logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
-            result = record_failed_shard(plan, cfg, ref, reason, cfg.run.shard_retries + 1)
-        record = plan.state.commit(result)
-        progress.notify(plan.manifest, record)
-        artifact.update(plan.manifest.to_progress())
-        results.append(result)
+    with shards_stop_on_signal(plan.run_dir, futures):  # SIGINT/SIGTERM: no shard starts or commits after it
+        for fut in as_completed(list(futures)):
+            ref = futures[fut]
+            try:
+                result = fut.result()
+            except OutputWriteError:
+                raise  # the disk (or quota, or file system) failed: every other shard would too
+            except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
+                reason = f"{type(exc).__name__}: {exc}"
+                logger.warning("shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
+                result = record_failed_shard(plan, cfg, ref, reason, cfg.run.shard_retries + 1)
+            record = plan.state.commit(result)
+            progress.notify(plan.manifest, record)
+            artifact.update(plan.manifest.to_progress())
+            results.append(result)
     return results
 
 

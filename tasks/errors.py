@@ -71,6 +71,11 @@ class RunLockedError(UsageError):
     """Another process holds the run's lock (a rerun of the same run is already going)."""
 
 
+class ShardStopped(RuntimeError):
+    """The run is stopping (SIGINT or SIGTERM reached the flow, :func:`imgscore.tasks.runstate.request_stop`):
+    the shard is abandoned before its commit — nothing of it is written, a rerun scores it."""
+
+
 class ShardError(RuntimeError):
     """A shard could not run at all (model load on its worker, DataLoader worker crash or
     timeout). Not an :class:`ImgscoreError`: Prefect retries the shard's task run, and after the

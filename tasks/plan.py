@@ -48,6 +48,7 @@ from imgscore.tasks.runstate import (
     RunState,
     ShardRecord,
     ShardRef,
+    clear_stop,
     load_manifest,
     models_id,
     now_iso,
@@ -104,6 +105,7 @@ def load_plan(run_dir: str | Path) -> RunPlan:
         UnsafePathError: the run state names a path outside ``OUT`` (exit 2).
     """
     run_dir = storage.path(run_dir)
+    clear_stop(run_dir)  # an interrupted run taken up again: its shards may start and commit
     state = RunState.open(run_dir)
     m = state.manifest
     check_run_state(m, storage.parent_of(storage.parent_of(run_dir)), run_dir)

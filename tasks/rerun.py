@@ -41,7 +41,7 @@ from imgscore.tasks.parquet_io import (
     part_dir,
     write_table_atomic,
 )
-from imgscore.tasks.runstate import ShardRef, ShardResult, models_id
+from imgscore.tasks.runstate import ShardRef, ShardResult, models_id, stop_check
 from imgscore.tasks.score import (
     commit_shard,
     embeddings_of,
@@ -154,7 +154,7 @@ def rescore_shard(
     chosen = shard if only is None else [e for e in shard if e.image_path in set(only)]
     scorers = load_scorers(cfg, workers_on_host)  # every model of the run: a failed image is rescored by each (one decode)
     ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]
-    rows = score_entries(chosen, ref.input_root, scorers, cfg.input, ctxs, t0)
+    rows = score_entries(chosen, ref.input_root, scorers, cfg.input, ctxs, t0, stop=stop_check(ref.run_dir))
     meta = file_metadata(scorers[0].lm.info(), ref.run_id, models_metadata(scorers, metadata))
     new_pred, new_err = make_table(rows.predictions, PREDICTIONS_SCHEMA), make_table(rows.errors, ERRORS_SCHEMA)
     embeddings = embeddings_of(rows, scorers, cfg.output, meta)

@@ -58,6 +58,7 @@ FINISHED: tuple[str, ...] = ("complete", "partial", "failed")  # shard states th
 MANIFEST = "manifest.json"
 LEDGER_DIR = "ledger"
 COMMITS_DIR = "shards"
+STOP_FILE = ".stopping"  # the run was interrupted: no shard starts or commits (request_stop)
 COMPACT_EVERY_S = 5.0  # the summary is rewritten at most this often while shards finish
 
 
@@ -489,6 +490,43 @@ class RunState:
             if self._dirty:
                 self._compact()
             self.ledger.close()
+
+
+def request_stop(run_dir: str | Path) -> None:
+    """Mark the run as stopping (SIGINT or SIGTERM reached its flow): from now on no shard of it
+    starts, and none commits (:func:`stop_requested`; ``imgscore.tasks.score``). A file (an
+    object on a store), so shards on Dask workers in other processes see it too;
+    :func:`clear_stop` removes it when the run is taken up again (a retry or ``imgscore rerun``)."""
+    mark = storage.path(run_dir, STOP_FILE)
+    if storage.is_remote(mark):
+        storage.write_bytes(mark, b"")
+    else:
+        Path(mark).touch()  # no data block: works on the disk that just filled up too
+
+
+def stop_requested(run_dir: str | Path) -> bool:
+    """True while the run's stop mark exists (:func:`request_stop`): one ``stat`` (a HEAD request
+    on an object store)."""
+    return storage.exists(storage.path(run_dir, STOP_FILE))
+
+
+def stop_check(run_dir: str | Path, every_s: float = 1.0):
+    """A callable for a shard's batch loop: :func:`stop_requested`, asked at most every
+    ``every_s`` seconds (on an object store each ask is a request); once True, always True."""
+    last, stopped = [float("-inf")], [False]
+
+    def check() -> bool:
+        now = time.monotonic()
+        if not stopped[0] and now - last[0] >= every_s:
+            last[0], stopped[0] = now, stop_requested(run_dir)
+        return stopped[0]
+
+    return check
+
+
+def clear_stop(run_dir: str | Path) -> None:
+    """Remove the run's stop mark, if any (the run is being resumed or rerun)."""
+    storage.delete(storage.path(run_dir, STOP_FILE))
 
 
 def commit_record_path(run_dir: str | Path, shard_id: int) -> Path | str:

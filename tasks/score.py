@@ -21,7 +21,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ from imgscore.tasks.device import (
     resolve_device,
     worker_name,
 )
-from imgscore.tasks.errors import ShardError
+from imgscore.tasks.errors import ShardError, ShardStopped
 from imgscore.tasks.index import read_shard_entries as _read_index_entries
 from imgscore.tasks.manifest import check_shard
 from imgscore.tasks.model import LoadedModel, load_model
@@ -71,6 +71,8 @@ from imgscore.tasks.runstate import (
     create_commit_record,
     models_id,
     read_commit_record,
+    stop_check,
+    stop_requested,
     write_commit_record,
 )
 from imgscore.tasks.scan import ImageEntry
@@ -408,8 +410,9 @@ def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer | li
     return loader, split
 
 
-def loader_batches(loader: DataLoader, shard_id: int) -> Iterator[Batch]:
+def loader_batches(loader: DataLoader, shard_id: int, stop: Callable[[], bool] | None = None) -> Iterator[Batch]:
     """The loader's batches; what the DataLoader itself raises becomes :class:`ShardError`.
+    ``stop``: asked before each batch; when it says True the shard is abandoned (:class:`ShardStopped`).
 
     A DataLoader raises ``RuntimeError`` when a worker process is killed (bus error from too
     little shared memory) or exits, when a batch times out, or when its pin-memory thread dies,
@@ -422,6 +425,8 @@ def loader_batches(loader: DataLoader, shard_id: int) -> Iterator[Batch]:
     except (RuntimeError, OSError) as exc:
         raise ShardError(f"shard {shard_id}: DataLoader failed to start: {exc}") from exc
     while True:
+        if stop is not None and stop():
+            raise ShardStopped(f"shard {shard_id}: abandoned, the run is stopping")
         try:
             batch = next(it)
         except StopIteration:
@@ -518,15 +523,17 @@ def _score_lane_batch(rows: ShardRows, lane: Lane, batch: Batch, batch_id: int, 
 
 
 def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer | list[Scorer], input_cfg: InputConfig,
-                  ctx: RowContext | list[RowContext], t0: float | None = None) -> ShardRows:
+                  ctx: RowContext | list[RowContext], t0: float | None = None, stop: Callable[[], bool] | None = None) -> ShardRows:
     """Steps 1 and 2 for any list of images: loader, then rows (the rerun's entry point too).
 
     ``scorer``/``ctx``: one model, or one per model (same order): each image is then decoded
     once and scored by every model (:func:`score_lanes`). ``t0``: ``time.perf_counter()`` when
-    the shard started; the time until the first batch is recorded as ``setup_s``.
+    the shard started; the time until the first batch is recorded as ``setup_s``. ``stop``: asked
+    before each batch (:func:`loader_batches`).
 
     Raises:
         ShardError: the DataLoader failed (:func:`loader_batches`).
+        ShardStopped: ``stop`` said the run is stopping.
     """
     t0 = time.perf_counter() if t0 is None else t0
     scorers = scorer if isinstance(scorer, list) else [scorer]
@@ -536,7 +543,7 @@ def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer | l
     threads = configure_threads(split.threads, 1) if split.threads != first.threads else first.threads
     _, spec_of = transform_specs(scorers)
     lanes = [Lane(sc, cx, spec_of[i], sc.forward(threads)) for i, (sc, cx) in enumerate(zip(scorers, ctxs, strict=True))]
-    rows = score_lanes(loader_batches(loader, ctxs[0].shard_id), entries, lanes, split.batch)
+    rows = score_lanes(loader_batches(loader, ctxs[0].shard_id, stop), entries, lanes, split.batch)
     rows.loader_workers, rows.split = loader.num_workers, split
     rows.setup_s = round(rows.setup_s - t0, 4) if rows.setup_s else None
     if rows.warnings:
@@ -569,7 +576,11 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
 
     Raises:
         UnsafePathError: a folder it writes into resolves outside ``out_root`` (a planted symlink).
+        ShardStopped: the run is stopping (``runstate.request_stop``): nothing is written, so the
+            manifest the interrupted run ends with counts every shard on disk.
     """
+    if stop_requested(ref.run_dir):
+        raise ShardStopped(f"shard {ref.shard_id}: not committed, the run is stopping")
     pred_dir, err_dir = (inside(out_root, part_dir(out_root, t, ref.run_date, ref.run_id), "part-file folder") for t in ("predictions", "errors"))
     inside(out_root, storage.parent_of(commit_record_path(ref.run_dir, ref.shard_id)), "commit-record folder")  # no planted link out
     if embeddings is not None:
@@ -637,13 +648,14 @@ def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: i
     Raises:
         ShardError: the DataLoader failed (worker crash, timeout); Prefect retries the shard.
         ModelError: a model cannot be loaded on this worker; Prefect retries the shard.
+        ShardStopped: the run is stopping (SIGINT/SIGTERM): abandoned between batches, nothing committed.
     """
     t0 = time.perf_counter()
     storage.configure(cfg.storage.settings())  # this worker (and its DataLoader processes) open stores with the run's settings
     scorers = load_scorers(cfg, workers_on_host, rank)
     entries = read_shard_entries(ref)
     ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]
-    rows = score_entries(entries, ref.input_root, scorers, cfg.input, ctxs, t0)
+    rows = score_entries(entries, ref.input_root, scorers, cfg.input, ctxs, t0, stop=stop_check(ref.run_dir))
     meta = file_metadata(scorers[0].lm.info(), ref.run_id, models_metadata(scorers, metadata))
     result = ShardResult(
         shard_id=ref.shard_id, state="complete", images=len(entries), fingerprint=ref.fingerprint,

@@ -91,25 +91,44 @@ def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(pre
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_run_interrupted_with_exit_143(prefect_server, photos, tiny_checkpoint, tmp_path):
-    """SIGTERM (systemd, a container stop, `kill`) to the scorer alone: exit 143, the manifest says
-    ``interrupted`` with the signal, and the last line names the rerun command."""
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_rows_on_disk(
+        sig, code, prefect_server, photos, tiny_checkpoint, tmp_path):
+    """SIGTERM (systemd, a container stop, `kill`) or SIGINT (Ctrl-C) to the scorer alone: exit
+    143 / 130, the manifest says ``interrupted`` with the signal, the last line names the rerun
+    command — and scoring stops: no shard commits after the run's end is written, so the
+    manifest's counts, the webhook's and the commit records equal the rows in the part files.
+    By construction: 36 shards of 2 images, batch size 1, the signal sent once the first shard
+    committed; the ones in flight are abandoned at their next batch, so shards are left pending."""
+    import pyarrow.dataset as ds
     from prefect.settings import PREFECT_API_URL
+
+    from tests.test_notify import Receiver
 
     root = make_image_folder(tmp_path / "images", photos, per_class=24)
     out = tmp_path / "out"
-    sets = base_overrides(root, tiny_checkpoint, out, **{"run.shard_size": 2, "inference.batch_size": 1, "run.run_id": "termed"})
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
-    proc = subprocess.Popen([sys.executable, "-m", "imgscore.flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 180
-    while not list(out.glob("runs/termed/shards/*.json")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be terminated"
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    with Receiver() as rx:
+        sets = base_overrides(root, tiny_checkpoint, out, **{"run.shard_size": 2, "inference.batch_size": 1, "run.run_id": "termed",
+                                                             "notify.webhook_url": rx.url})
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
+        proc = subprocess.Popen([sys.executable, "-m", "imgscore.flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 180
+        while not list(out.glob("runs/termed/shards/*.json")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be terminated"
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
     assert f"imgscore rerun termed --set output.root={out}" in stderr.strip().splitlines()[-1]
     m = json.loads((out / "runs" / "termed" / "manifest.json").read_text())
-    assert m["status"] == "interrupted" and m["reason"].startswith("SIGTERM")
+    assert m["status"] == "interrupted" and m["reason"].startswith("SIGTERM" if sig == signal.SIGTERM else "SIGINT")
+    rows = {t: ds.dataset(out / t, format="parquet", partitioning="hive").count_rows() for t in ("predictions", "errors")}
+    assert (m["counts"]["scored"], m["counts"]["failed"]) == (rows["predictions"], rows["errors"])
+    done = [s for s in m["shards"] if s["state"] in ("complete", "partial")]
+    assert len(list(out.glob("runs/termed/shards/*.json"))) == len(done) and m["counts"]["pending"] > 0
+    time.sleep(1)  # nothing of the run goes on after its process ended
+    assert ds.dataset(out / "predictions", format="parquet", partitioning="hive").count_rows() == rows["predictions"]
+    (post,) = rx.posts
+    assert post["body"]["status"] == "interrupted" and post["body"]["counts"] == m["counts"]
