@@ -29,6 +29,7 @@ from pathlib import Path
 
 from prefect.states import Cancelled, State
 
+from imgscore.flows import notify
 from imgscore.flows.artifacts import publish_run_report
 from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.tasks.manifest import adopt_committed
@@ -49,12 +50,20 @@ def _signal_name(exc: BaseException) -> str:
         return f"signal {sig}"
 
 
-def end_abnormally(plan: RunPlan, status: str, reason: str, t0: float, out_root: str | Path) -> None:
+def end_abnormally(plan: RunPlan, status: str, reason: str, t0: float, out_root: str | Path) -> str | None:
     """Write ``status`` (``interrupted`` or ``crashed``) and ``reason`` into the run's manifest,
     then report.html of what was done so far. Shards whose commit record was written but whose
     result had not reached the flow yet are adopted first (as ``imgscore rerun`` would), so the
-    counts are what is on disk. Never raises: a manifest that cannot be written (the disk that
-    failed) is one warning line, and readers then see the run ``abandoned``."""
+    counts are what is on disk. The ending is also handed to this process's notifications
+    (``notify.remember_ending``). Never raises.
+
+    Returns:
+        None when the manifest was written; else what became of the status, one clause: when
+        manifest.json cannot be rewritten (the disk that failed), the ending is appended to the
+        run's ledger (``RunState.record_ending``), which readers replay; only when that fails too
+        do readers see the run ``abandoned``.
+    """
+    notify.remember_ending(plan.run_id, status, reason)
     try:
         adopt_committed(plan.manifest, plan.run_dir, out_root)
     except Exception as exc:  # a record or part file that cannot be read: the rerun sorts it out
@@ -69,9 +78,11 @@ def end_abnormally(plan: RunPlan, status: str, reason: str, t0: float, out_root:
     try:
         plan.state.save()
     except Exception as exc:
-        log.warning("run %s: the %s status could not be written to its manifest (%s)", plan.run_id, status, one_line(exc))
-        return
+        if plan.state.record_ending(status, reason):
+            return f"the {status} status is recorded in the run's ledger (manifest.json could not be rewritten)"
+        return f"the {status} status could not be written to its manifest ({one_line(exc)})"
     publish_run_report(out_root, plan.run_id, artifacts=False)  # never raises
+    return None
 
 
 def _is_interrupt(exc: BaseException) -> bool:
@@ -141,14 +152,18 @@ def recorded_ending(plan: RunPlan, out_root: str | Path, t0: float) -> Iterator[
         raise
     except BaseException as exc:
         if _is_interrupt(exc):
-            end_abnormally(plan, "interrupted", f"{_signal_name(exc)} at {now_iso()}", t0, out_root)
+            note = end_abnormally(plan, "interrupted", f"{_signal_name(exc)} at {now_iso()}", t0, out_root)
+            if note:
+                log.warning("run %s: %s", plan.run_id, note)
             raise
         reason = str(exc) if isinstance(exc, OutputWriteError) else one_line(exc)
-        end_abnormally(plan, "crashed", reason, t0, out_root)
-        if isinstance(exc, OutputWriteError):
+        note = end_abnormally(plan, "crashed", reason, t0, out_root)
+        if isinstance(exc, OutputWriteError):  # the note joins the one line (no warning printed beside it)
             raise OutputWriteError(
-                f"run {plan.run_id} crashed: {exc}; nothing is half-written (temp files removed, committed shards kept); "
-                f"fix it (free space), then finish the run with `{rerun_command(plan.run_id, out_root)}`",
+                f"run {plan.run_id} crashed: {exc}; nothing is half-written (temp files removed, committed shards kept)"
+                f"{'; ' + note if note else ''}; fix it (free space), then finish the run with `{rerun_command(plan.run_id, out_root)}`",
                 exc.path, exc.errno,
             ) from None
+        if note:
+            log.warning("run %s: %s", plan.run_id, note)
         raise

@@ -35,6 +35,15 @@ from imgscore.tasks.runstate import MANIFEST, load_manifest, observed_status
 TOP_ERRORS = 5  # error types listed in a notification
 _RUNS: dict[str, tuple[str, str]] = {}  # flow run id → (imgscore run id, output root): the hook's lookup
 _RUNS_LOCK = threading.Lock()
+_ENDINGS: dict[str, tuple[str, str | None]] = {}  # imgscore run id → (status, reason) this process ended it with
+
+
+def remember_ending(run_id: str, status: str, reason: str | None) -> None:
+    """Note how this process ended run ``run_id`` (``interrupted``, ``crashed``) — the hook's
+    answer when the manifest could not say so (the disk that failed the run), instead of the
+    ``abandoned`` that a reader infers once the lock is released."""
+    with _RUNS_LOCK:
+        _ENDINGS[run_id] = (status, reason)
 
 
 def remember_run(run_id: str, out_root: str | Path) -> None:
@@ -100,9 +109,13 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
     m = load_manifest(run_dir)
     c = m.counts
     run_cfg = (m.config or {}).get("run") or {}
+    status, reason = observed_status(m.status, run_dir), m.reason
+    if m.status in ("running", "planned"):  # not written: how this process ended it, if it did
+        with _RUNS_LOCK:
+            status, reason = _ENDINGS.get(run_id, (status, reason))
     payload.update({
-        "status": observed_status(m.status, run_dir),
-        "reason": m.reason,
+        "status": status,
+        "reason": reason,
         "counts": {k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")},
         "error_rate": round(c.failed / m.total_pairs, 6) if m.total_pairs else 0.0,  # of (image, model) pairs
         "max_error_rate": run_cfg.get("max_error_rate"),

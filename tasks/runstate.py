@@ -25,6 +25,7 @@ no append) can keep each segment as one object written when it is closed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -39,6 +40,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, create_new, inside
+from imgscore.tasks.errors import OutputWriteError
 from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic, writing
 
 # The one place run and shard statuses are named. A run is ``running`` while its writer holds the
@@ -126,6 +128,15 @@ class ShardResult(_Model):
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
+
+
+class RunEnding(_Model):
+    """A ledger line that ends the run when manifest.json could not be rewritten (the disk is
+    full): :meth:`RunState.record_ending`. Readers replay it after the shard results before it."""
+
+    ending: RunStatus
+    reason: str | None = None
+    at: str
 
 
 class ShardRecord(_Model):
@@ -293,9 +304,10 @@ def ledger_segments(run_dir: str | Path, from_segment: int = 0) -> list[int]:
     return sorted(n for n in (int(x[:-6]) for x in names if x.endswith(".jsonl") and x[:-6].isdigit()) if n >= from_segment)
 
 
-def read_segment(path: Path | str) -> Iterator[ShardResult]:
-    """The results in one ledger segment, in order. A last line without its newline (a writer
-    killed mid-append) is skipped; so is a line that does not parse.
+def read_segment(path: Path | str) -> Iterator[ShardResult | RunEnding]:
+    """The results in one ledger segment, in order, and a :class:`RunEnding` where the run's
+    ending was recorded there. A last line without its newline (a writer killed mid-append) is
+    skipped; so is a line that does not parse.
 
     Raises:
         FileNotFoundError: the segment is gone (compacted away meanwhile).
@@ -305,7 +317,10 @@ def read_segment(path: Path | str) -> Iterator[ShardResult]:
         try:
             yield ShardResult.model_validate_json(line)
         except ValueError:
-            continue
+            try:
+                yield RunEnding.model_validate_json(line)
+            except ValueError:
+                continue
 
 
 class ShardLedger:
@@ -401,7 +416,10 @@ def load_manifest(run_dir: str | Path) -> Manifest:
             replayed = False
             for n in ledger_segments(run_dir, int(m.ledger.get("from_segment", 0))):
                 for result in read_segment(inside(run_dir, _segment_path(run_dir, n), "ledger segment")):
-                    if 0 <= result.shard_id < len(m.shards):
+                    if isinstance(result, RunEnding):
+                        m.status, m.reason = result.ending, result.reason
+                        replayed = True
+                    elif 0 <= result.shard_id < len(m.shards):
                         m.apply(result)
                         replayed = True
         except FileNotFoundError:
@@ -484,11 +502,42 @@ class RunState:
         self._last_compact = time.monotonic()
         self._dirty = False
 
-    def close(self) -> None:
-        """Compact if anything is unsaved, and close the ledger."""
+    def record_ending(self, status: str, reason: str | None) -> bool:
+        """When manifest.json cannot be rewritten (disk full): append the run's ending as one
+        :class:`RunEnding` line to its newest ledger segment, which readers replay after the
+        results before it. A few hundred bytes appended to a file often fit in its last block
+        where a new copy of the manifest does not. Returns whether it was written; never raises."""
+        line = (RunEnding(ending=status, reason=reason, at=now_iso()).model_dump_json() + "\n").encode()
         with self._lock:
-            if self._dirty:
-                self._compact()
+            try:
+                self.ledger.close()
+                if self.ledger.remote:  # an object store cannot append: the line is a segment of its own
+                    storage.write_bytes(_segment_path(self.run_dir, self.ledger.segment), line)
+                    self.ledger.segment += 1
+                    return True
+                segments = ledger_segments(self.run_dir)
+                if segments:  # appended in place, never through a link planted at its name
+                    fd = os.open(_segment_path(self.run_dir, segments[-1]), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+                else:
+                    path = _segment_path(self.run_dir, self.ledger.segment)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = create_new(path)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return True
+            except (OSError, OutputWriteError):
+                return False
+
+    def close(self) -> None:
+        """Compact if anything is unsaved, and close the ledger. A compaction that fails here
+        (the disk that already failed the run) loses nothing — the ledger holds every result —
+        and does not replace the error that ended the run."""
+        with self._lock:
+            with contextlib.suppress(OutputWriteError):
+                if self._dirty:
+                    self._compact()
             self.ledger.close()
 
 

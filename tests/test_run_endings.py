@@ -29,24 +29,36 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def full_disk(folder: Path):
-    """Mount a 64 KiB tmpfs on ``folder`` and fill it: no space is left for any write."""
+def small_tmpfs(folder: Path):
+    """Mount a 64 KiB tmpfs on ``folder`` (skipped where mounting is not allowed)."""
     folder.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True)
     if mounted.returncode:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode}); needs root or CAP_SYS_ADMIN")
     try:
-        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == 28
-        finally:
-            os.close(fd)
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Write ``folder/filler`` until the file system has no page left (ENOSPC)."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == 28
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path):
+    """Mount a 64 KiB tmpfs on ``folder`` and fill it: no space is left for any write."""
+    with small_tmpfs(folder):
+        fill(folder)
+        yield folder
 
 
 def test_a_failed_write_names_the_file_and_errno_and_leaves_nothing_half_written(tmp_path):
@@ -56,6 +68,47 @@ def test_a_failed_write_names_the_file_and_errno_and_leaves_nothing_half_written
             write_bytes_atomic(b"{}" * 10000, target)
         assert (err.value.path, err.value.errno) == (str(target), 28)
         assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no temp file, no half a manifest
+
+
+def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_the_notification(tmp_path):
+    """The disk fills after a shard committed: manifest.json cannot be rewritten (a new copy
+    needs new pages), but the ending appended to the ledger segment fits in that segment's last
+    page (by construction: tmpfs allocates 4 KiB pages and the segment holds one short line), so
+    readers see ``crashed`` with its reason, not ``abandoned``. Where nothing at all can be
+    written, the notification of the process that ended the run still says ``crashed``."""
+    from imgscore.flows import notify
+    from imgscore.tasks.runstate import (
+        Counts,
+        Manifest,
+        RunState,
+        ShardRecord,
+        ShardResult,
+        load_manifest,
+    )
+
+    with small_tmpfs(tmp_path / "full") as full:
+        run_dir = full / "runs" / "r1"
+        shards = [ShardRecord(shard_id=i, start=i * 2, stop=i * 2 + 2, images=2) for i in range(2)]
+        state = RunState.create(run_dir, Manifest(run_id="r1", run_date="2026-01-01", status="running",
+                                                  counts=Counts(scanned=4, pending=4), shards=shards))
+        state.commit(ShardResult(shard_id=0, state="complete", images=2, scored=2))
+        fill(full)
+        state.manifest.status, state.manifest.reason = "crashed", "cannot write X: [Errno 28] No space left on device"
+        with pytest.raises(OutputWriteError, match="Errno 28"):
+            state.save()
+        assert state.record_ending("crashed", "cannot write X: [Errno 28] No space left on device")
+        state.close()  # the compaction that fails again is not raised over the run's own error
+        m = load_manifest(run_dir)
+        assert (m.status, m.reason, m.counts.scored, m.counts.pending) == ("crashed", "cannot write X: [Errno 28] No space left on device", 2, 2)
+        assert notify.run_payload(full, "r1", "Failed", "score-images", None, None)["status"] == "crashed"
+    # nothing written at all: the manifest says running and no one holds the lock, yet the
+    # process that ended the run notifies what it knows
+    run_dir = tmp_path / "out" / "runs" / "r2"
+    RunState.create(run_dir, Manifest(run_id="r2", run_date="2026-01-01", status="running"))
+    assert notify.run_payload(tmp_path / "out", "r2", "Failed", "score-images", None, None)["status"] == "abandoned"
+    notify.remember_ending("r2", "crashed", "disk full")
+    p = notify.run_payload(tmp_path / "out", "r2", "Failed", "score-images", None, None)
+    assert (p["status"], p["reason"]) == ("crashed", "disk full")
 
 
 @pytest.mark.slow
