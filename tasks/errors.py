@@ -33,6 +33,11 @@ class ModelError(UsageError):
     """The model cannot be built or its checkpoint cannot be loaded."""
 
 
+class RunStateError(UsageError, ValueError):
+    """A run's ``manifest.json`` is not a manifest (truncated, overwritten, not JSON): refused
+    with one line naming the file (exit 2). A ``ValueError`` too, for readers that skip bad runs."""
+
+
 class ErrorBudgetExceeded(ImgscoreError):
     """The run finished, but more images failed than ``run.max_error_rate`` allows (exit 1)."""
 

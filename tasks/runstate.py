@@ -35,12 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, create_new, inside
-from imgscore.tasks.errors import OutputWriteError
+from imgscore.tasks.errors import OutputWriteError, RunStateError
 from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic, writing
 
 # The one place run and shard statuses are named. A run is ``running`` while its writer holds the
@@ -395,7 +395,15 @@ class ShardLedger:
 
 def _read_summary(run_dir: Path | str) -> Manifest:
     # not through a link out of the run folder: a parse error would quote the file it points at
-    return Manifest.model_validate_json(storage.read_bytes(inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json")))
+    path = inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json")
+    try:
+        return Manifest.model_validate_json(storage.read_bytes(path))
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        why = f"{first.get('msg', 'not a manifest')}{f' at {where}' if where else ''}"
+        raise RunStateError(f"{storage.display(path)} is not a readable imgscore manifest ({why}); the run state was damaged — "
+                            "restore the file from a backup, or score the folder again with a new run") from None
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:
@@ -406,7 +414,7 @@ def load_manifest(run_dir: str | Path) -> Manifest:
 
     Raises:
         FileNotFoundError: no manifest.json in ``run_dir``.
-        ValueError: manifest.json is not a manifest (pydantic's ValidationError is a ValueError).
+        RunStateError: manifest.json is not a manifest (exit 2; also a ValueError).
         UnsafePathError: manifest.json or a ledger segment is a link out of ``run_dir``.
     """
     run_dir = storage.path(run_dir)

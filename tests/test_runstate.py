@@ -162,3 +162,22 @@ def test_a_reused_pid_does_not_keep_a_lock_alive(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.mark.parametrize("content", [b'{"run_id": ', b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s.", b"[1, 2]"])
+def test_a_damaged_manifest_is_one_line_naming_the_file_and_exit_2(content, tmp_path, capsys):
+    """A truncated manifest, pickle bytes, JSON that is not a manifest: ``imgscore rerun`` and
+    ``imgscore report`` exit 2 with one line naming the file — not pydantic's multi-line text."""
+    from imgscore.flows.cli import main as cli_main
+    from imgscore.tasks.errors import RunStateError
+
+    run_dir = tmp_path / "out" / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_bytes(content)
+    with pytest.raises(RunStateError, match="manifest.json is not a readable imgscore manifest"):
+        load_manifest(run_dir)
+    for cmd in ("rerun", "report"):
+        capsys.readouterr()
+        assert cli_main([cmd, "r1", "--set", f"output.root={tmp_path / 'out'}"]) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(lines) == 1 and str(run_dir / "manifest.json") in lines[0] and "pydantic" not in lines[0], lines
