@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgscore.flows import startup
@@ -233,12 +234,31 @@ def flow_outcome(state, console, what: str) -> tuple[int, dict]:
 
 def cmd_run(args, session: startup.Session) -> int:
     cfg = load_config(args.config, args.overrides)
-    check_paths(cfg)
+    with notify_refusal(cfg):
+        check_paths(cfg)
     session.start_server()  # boots beside torch's import and the model load
     with start_dask_early(cfg, session):  # a Dask cluster warms up beside them too
-        load_model_here(cfg)
+        with notify_refusal(cfg):
+            load_model_here(cfg)
         code, _ = execute(cfg, quiet=args.quiet, session=session)
     return code
+
+
+@contextlib.contextmanager
+def notify_refusal(cfg: Config) -> Iterator[None]:
+    """A run refused before its flow run starts (exit 2: bad input root, model or checkpoint)
+    still notifies ``notify.webhook_url``: the payload has ``status`` ``refused``, ``run_id``,
+    ``counts``, ``prefect_state`` and ``flow_run_id`` null, and the refusal in ``message``
+    (``imgscore.flows.notify.refusal_payload``). ``notify.block`` is not used here: loading a
+    block needs the Prefect API, which a refused run never starts."""
+    try:
+        yield
+    except UsageError as exc:
+        if cfg.notify.webhook_url:
+            from imgscore.flows import notify
+
+            notify.send(cfg.notify.model_copy(update={"block": None}), notify.refusal_payload(cfg.output.root, str(exc)))
+        raise
 
 
 def cmd_demo(args, session: startup.Session) -> int:

@@ -130,6 +130,14 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
     return payload
 
 
+def refusal_payload(out_root: str | Path, message: str, flow_name: str = "score-images") -> dict[str, Any]:
+    """The payload of a run refused before it planned (no flow run, nothing written): the fields
+    of :func:`run_payload`, ``status`` ``refused``, ``message`` the refusal's first line."""
+    p = run_payload(out_root, None, "refused", flow_name, None, (message or "").splitlines()[0][:500] if message else None)
+    p["prefect_state"] = None
+    return p
+
+
 def run_text(p: dict[str, Any]) -> tuple[str, str]:
     """(subject, body) for a notification block: one line of outcome, then the numbers and paths."""
     subject = f"imgscore {p['flow_name']} {p['run_id'] or '(not planned)'}: {p['status']}"

@@ -139,3 +139,30 @@ def test_payload_of_a_run_that_never_planned_still_names_the_state(tmp_path):
     assert set(p) == FIELDS and (p["status"], p["message"], p["counts"]) == ("failed", "bad config", None)
     subject, body = notify.run_text(p)
     assert subject == "imgscore score-images (not planned): failed" and "why: bad config" in body
+
+
+def test_a_run_refused_before_it_planned_notifies_the_webhook(image_folder, tiny_checkpoint, tmp_path, capsys):
+    """Exit 2 before any flow run (no input folder, an empty one, a missing checkpoint, a
+    checkpoint of another architecture): one POST each, ``status`` refused, ``run_id``, ``counts``
+    and the Prefect fields null, the refusal's line in ``message`` — what the terminal printed."""
+    from imgscore.flows.cli import main as cli_main
+
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "no input folder": {"input.root": str(tmp_path / "nowhere")},
+        "empty folder": {"input.root": str(tmp_path / "empty")},
+        "missing checkpoint": {"model.checkpoint": str(tmp_path / "gone.pt")},
+        "another architecture": {"model.arch": "resnet18"},
+    }
+    with Receiver() as rx:
+        for i, extra in enumerate(cases.values()):
+            sets = base_overrides(image_folder, tiny_checkpoint, tmp_path / "out", **{"notify.webhook_url": rx.url, **extra})
+            capsys.readouterr()
+            assert cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(rx.posts) == i + 1
+            p = rx.posts[-1]["body"]
+            assert set(p) == FIELDS
+            assert (p["status"], p["run_id"], p["counts"], p["prefect_state"], p["flow_run_id"]) == ("refused", None, None, None, None)
+            assert p["message"] and p["message"] in err and p["output_root"] == str(tmp_path / "out")
+    assert not (tmp_path / "out" / "runs").exists()
