@@ -170,6 +170,8 @@ def _torch_load(path: Path, trust: bool):
                     f"model.checkpoint {str(path)!r} could not be unpickled even with model.trust_checkpoint=true: "
                     f"{type(exc2).__name__}: {exc2}"
                 ) from None
+        allowed = {f"{t.__module__}.{t.__qualname__}" for t in _safe_globals()}
+        names = [n for n in names if n not in allowed]  # only what is refused: the allowed ones load
         names = sorted(names, key=lambda n: (n.startswith(("torch.", "collections.", "builtins.")), n))
         what = _names(names, 5) if names else str(exc).splitlines()[0][:200]
         raise ModelError(
@@ -271,6 +273,9 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
             weights; a class list that cannot be used.
     """
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ModelError(f"model.checkpoint {str(path)!r} is empty (0 bytes): the copy or download that wrote it did not "
+                         "finish; point model.checkpoint at the complete file")
     if is_safetensors(path):
         return _read_safetensors(path)
     if is_torchscript(path):

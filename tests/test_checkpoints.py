@@ -347,3 +347,26 @@ def test_torchscript_loads_without_the_deprecation_warning(tiny_model, x, tmp_pa
         lm = _load(p)
     assert lm.source == "torchscript"
     assert not [str(w.message) for w in ours if "deprecated" in str(w.message)]
+
+
+def test_a_refused_checkpoint_names_only_the_refused_types_and_an_empty_one_says_empty(tiny_model, tmp_path):
+    """numpy scalars and argparse.Namespace are allowed (a checkpoint holding only them loads), so
+    a refusal caused by a numpy array names the array's globals and not them; a zero-byte file
+    is called empty, not an EOFError."""
+    import argparse
+
+    import numpy as np
+
+    sd = tiny_model.state_dict()
+    ok, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
+    torch.save({"state_dict": sd, "np_scalar": np.float32(1.0), "args": argparse.Namespace(a=1)}, ok)
+    torch.save({"state_dict": sd, "best": np.array([0.5]), "np_scalar": np.float32(1.0), "args": argparse.Namespace(a=1)}, bad)
+    assert read_checkpoint(ok).kind == "training_checkpoint"
+    with pytest.raises(ModelError, match=r"holds pickled Python objects \(([^)]*)\)") as err:
+        read_checkpoint(bad)
+    listed = err.value.args[0].split("(", 1)[1].split(")", 1)[0]
+    assert "numpy.ndarray" in listed and "Namespace" not in listed and "scalar" not in listed and "numpy.dtype" not in listed
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match=r"is empty \(0 bytes\)"):
+        read_checkpoint(empty)
