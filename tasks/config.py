@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -377,6 +378,15 @@ class NotifyConfig(_Section):
             raise ValueError(f"notify.webhook_url must be an http:// or https:// URL, got {v!r}")
         return v
 
+    @field_validator("block")
+    @classmethod
+    def _block_name(cls, v: str | None) -> str | None:
+        # Prefect's block-type slugs and block names: lowercase letters, digits and dashes
+        if v is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*/[a-z0-9][a-z0-9-]*", v):
+            raise ValueError(f"notify.block must be 'block-type-slug/block-name' (lowercase letters, digits, dashes), "
+                             f"e.g. slack-webhook/nightly-alerts; got {v!r}")
+        return v
+
 
 class StorageConfig(_Section):
     """How object-store roots are opened (``imgscore.tasks.storage``). Credentials and endpoints
@@ -547,8 +557,10 @@ def _explain(exc: ValidationError) -> str:
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
             lines.append(f"unknown config key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
         else:
-            got = "" if loc[:2] == ("storage", "options") else f" (got {err.get('input')!r})"  # never echo a credential
-            lines.append(f"config {dotted}: {err['msg']}{got}")
+            msg = err["msg"].removeprefix("Value error, ")  # our validators' messages name the value already
+            got = repr(err.get("input"))
+            never = loc[:2] == ("storage", "options")  # never echo a credential
+            lines.append(f"config {dotted}: {msg}" + ("" if never or got in msg else f" (got {got})"))
     return "; ".join(lines)
 
 

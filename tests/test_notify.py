@@ -134,6 +134,20 @@ def test_notify_config_refuses_non_http_urls_and_keeps_the_url_out_of_records():
     assert blocked.recorded()["notify"] == NotifyConfig().model_dump(mode="json")  # a rerun notifies only as its command says
 
 
+def test_notify_settings_are_refused_at_config_time_in_one_clean_line():
+    """A block that is not 'type-slug/name' is refused when the config is read (not at the run's
+    end as a ValueError from unpacking), and the bad value is quoted once."""
+    from imgscore.tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"notify.block must be 'block-type-slug/block-name'.*got 'foo'") as err:
+        build_config({}, ["notify.block=foo"])
+    assert str(err.value).count("'foo'") == 1
+    with pytest.raises(ConfigError, match="http:// or https://") as err:
+        build_config({}, ["notify.webhook_url=ftp://x"])
+    assert str(err.value).count("ftp://x") == 1 and "Value error" not in str(err.value)
+    assert build_config({}, ["notify.block=ms-teams-webhook/night-2"]).notify.block == "ms-teams-webhook/night-2"
+
+
 def test_payload_of_a_run_that_never_planned_still_names_the_state(tmp_path):
     p = notify.run_payload(tmp_path, None, "Failed", "score-images", "f-1", "bad config")
     assert set(p) == FIELDS and (p["status"], p["message"], p["counts"]) == ("failed", "bad config", None)
