@@ -324,6 +324,7 @@ def cmd_rerun(args, session: startup.Session) -> int:
     from imgscore.tasks import layout
     from imgscore.tasks import lock as run_lock
 
+    check_run_id_arg(args.run_id)
     configure_storage(args)
     out = out_root_of(args.config, args.overrides)
     run_dir = run_dir_of(out, args.run_id)  # one folder name, not a link out of the output root
@@ -381,7 +382,18 @@ def cmd_config(args, session: startup.Session) -> int:
 def cmd_report(args, session: startup.Session) -> int:
     from imgscore.flows import report_cli
 
+    check_run_id_arg(args.run_id)
     return report_cli.main(args)
+
+
+def check_run_id_arg(run_id: str | None) -> None:
+    """Refuse a RUN_ID argument that cannot be a run's folder name (a path, ``..``) as what it is:
+    a bad command line (exit 2) — not as tampered run state."""
+    from imgscore.tasks.containment import is_plain_name
+
+    if run_id is not None and not is_plain_name(run_id):
+        raise UsageError(f"RUN_ID {run_id!r} is not a run id: pass the name of a folder under OUT/runs (e.g. "
+                         "20260301T020000Z-a1b2c3, as `imgscore run` printed it), not a path")
 
 
 def cmd_serve(args, session: startup.Session) -> int:

@@ -222,9 +222,13 @@ def test_a_copied_output_root_still_reruns(finished_run, tmp_path):
 
 
 def test_rerun_refuses_a_run_id_that_is_not_a_folder_name(finished_run, capsys):
+    """The id came from the command line: the refusal says so, and does not blame run state."""
     _, out, _ = finished_run
-    assert cli_main(["rerun", "../..", "--set", f"output.root={out}", "--quiet"]) == 2
-    assert "run id '../..' is not a plain folder name" in capsys.readouterr().err
+    for cmd in ("rerun", "report"):
+        for bad in ("../..", "../../etc"):
+            assert cli_main([cmd, bad, "--set", f"output.root={out}", "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert f"RUN_ID {bad!r} is not a run id" in err and "planted" not in err and "edited" not in err
 
 
 # --------------------------------------------------------------------------------------------
