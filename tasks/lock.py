@@ -100,12 +100,23 @@ def is_stale(rec: dict, now: float | None = None) -> bool:
     return started is not None and now_started is not None and abs(now_started - float(started)) > 1.0
 
 
+def owner(rec: dict) -> str:
+    """The lock's owner in a few words: purpose, pid, host and since when."""
+    return f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')})"
+
+
+def advice(rec: dict, run_dir: str | Path) -> str:
+    """What to do about a live lock: wait, or stop the owner. Deleting the lock file is suggested
+    only for an owner on another host, whose process this host cannot see (on this host a gone
+    owner's lock is taken over by itself)."""
+    if rec.get("host") == socket.gethostname():
+        return f"wait for it to finish, or stop it (kill {rec.get('pid')})"
+    return f"wait for it to finish; if that process is gone, delete {lock_path(run_dir)} (it is taken over after {REMOTE_STALE_S // 3600:.0f} h)"
+
+
 def describe(rec: dict, run_dir: str | Path) -> str:
     """One line naming the lock's owner and what to do about it (for refusal messages)."""
-    return (
-        f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')}); "
-        f"wait for it to finish, or if that process is gone delete {lock_path(run_dir)}"
-    )
+    return f"{owner(rec)}; {advice(rec, run_dir)}"
 
 
 def acquire(run_dir: str | Path, purpose: str) -> dict:
@@ -290,8 +301,8 @@ def folder_held(out_root: str | Path, input_root: str | Path, model_identity: st
         except RunLockedError:
             other = read_lock(d) or {}
             raise RunLockedError(
-                f"{input_root} is being scored with this model by {describe(other, d)}; with run.skip_scored a second run at the "
-                "same time would score the same images again — wait for it to finish (a deployment's concurrency_limit: 1 queues "
+                f"{input_root} is being scored with this model by {owner(other)}; with run.skip_scored a second run at the "
+                f"same time would score the same images again — {advice(other, d)} (a deployment's concurrency_limit: 1 queues "
                 "the next run instead)"
             ) from None
         yield rec

@@ -236,6 +236,7 @@ def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_
         err = capsys.readouterr().err
         assert f"{root} is being scored with this model by imgscore run first-night (pid {other.pid}" in err
         assert "concurrency_limit: 1" in err
+        assert err.count("wait for it to finish") == 1 and f"kill {other.pid}" in err and "delete" not in err  # a live owner here
         assert not list((out / "runs").glob("*/manifest.json")) if (out / "runs").exists() else True
         assert nightly(other_root, tiny_checkpoint, out)["counts"]["scored"] == 3  # another folder is not held
     finally:

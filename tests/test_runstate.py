@@ -181,3 +181,16 @@ def test_a_damaged_manifest_is_one_line_naming_the_file_and_exit_2(content, tmp_
         assert cli_main([cmd, "r1", "--set", f"output.root={tmp_path / 'out'}"]) == 2
         lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert len(lines) == 1 and str(run_dir / "manifest.json") in lines[0] and "pydantic" not in lines[0], lines
+
+
+def test_a_lock_refusal_suggests_deleting_the_file_only_for_an_owner_on_another_host(tmp_path):
+    """On this host a live owner is to be waited for or stopped (its lock is taken over by itself
+    once it is gone); only a lock from another host, whose process cannot be seen from here,
+    comes with the file to delete."""
+    import socket
+
+    here = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": "imgscore run", "acquired_at": "t"}
+    there = {**here, "host": "elsewhere.example"}
+    assert "delete" not in run_lock.describe(here, tmp_path) and f"kill {os.getpid()}" in run_lock.describe(here, tmp_path)
+    assert f"delete {run_lock.lock_path(tmp_path)}" in run_lock.describe(there, tmp_path)
+    assert run_lock.describe(here, tmp_path).count("wait for it to finish") == 1
