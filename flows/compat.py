@@ -70,13 +70,17 @@ def drain_prefect_services(timeout: float = 30.0) -> None:
 
 # ------------------------------------------------------------------ log messages filtered by text
 
-#: Prefect's messages for a run ended by Ctrl-C: the flow run's state message
+#: Prefect's messages for a run ended by Ctrl-C or SIGTERM: the flow run's state messages
 #: (``prefect/states.py``) and a task run cancelled with it (``prefect/task_engine.py``).
-PREFECT_INTERRUPT_MESSAGES = ("aborted by an interrupt signal", "cancelled by the task runner")
+PREFECT_INTERRUPT_MESSAGES = ("aborted by an interrupt signal", "cancelled by the task runner", "aborted by a termination signal")
 
 #: Prefect's state message for a task run that raised (``prefect/task_engine.py``), followed by
 #: `` ExceptionType: message`` in the ERROR record "Finished in state Failed('…')".
 PREFECT_TASK_EXCEPTION_MESSAGE = "Task run encountered an exception"
+
+#: Prefect's state message for a flow run that raised (``prefect/flow_engine.py``), followed by
+#: `` ExceptionType: message``; the notification's ``message`` starts after it.
+PREFECT_FLOW_EXCEPTION_MESSAGE = "Flow run encountered an exception:"
 
 #: distributed's nanny, when a worker process outlives its close (``distributed/nanny.py``).
 NANNY_KILL_MESSAGE = "still alive after"

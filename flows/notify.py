@@ -192,6 +192,23 @@ def send(cfg: NotifyConfig, payload: dict[str, Any], log=None) -> list[str]:
     return sent
 
 
+def state_message(text: str | None) -> str | None:
+    """A flow run's state message as a notification's one-line ``message``: Prefect's
+    "Flow run encountered an exception: " and the type name of one of imgscore's own errors are
+    dropped (``run … over its error budget: …``); another exception keeps its type. At most 500
+    characters."""
+    from imgscore.flows.compat import PREFECT_FLOW_EXCEPTION_MESSAGE
+    from imgscore.tasks.errors import ImgscoreError, type_names
+
+    if not text:
+        return None
+    line = text.splitlines()[0].removeprefix(PREFECT_FLOW_EXCEPTION_MESSAGE).strip()
+    name, sep, rest = line.partition(": ")
+    if sep and name in type_names(ImgscoreError):
+        line = rest
+    return line[:500]
+
+
 def notify_hook(flow, flow_run, state) -> None:
     """Prefect state hook (``on_failure``, ``on_crashed``, ``on_completion``) of both flows: send
     the run's summary as ``notify.*`` says. Never raises (a failure is one warning line)."""
@@ -204,7 +221,7 @@ def notify_hook(flow, flow_run, state) -> None:
             return
         with _RUNS_LOCK:
             run_id, out_root = _RUNS.get(str(flow_run.id), (params.get("run_id"), str((raw.get("output") or {}).get("root") or "outputs")))
-        message = (state.message or "").splitlines()[0][:500] if state.message else None
+        message = state_message(state.message)
         try:
             payload = run_payload(out_root, run_id, state.name, flow.name, str(flow_run.id), message)
         except Exception as exc:  # the manifest cannot be read: still say that the run ended so

@@ -66,7 +66,7 @@ class ExpectedFailureFilter(logging.Filter):
     For the failures imgscore expects and reports itself — an ``ImgscoreError`` (error budget, bad
     input or model) or a ``ShardError`` (a shard that cannot run; its reason goes to the manifest)
     — the record drops to INFO without the traceback: it still reaches the Prefect API (the run's
-    logs in the UI), not the terminal. So do Prefect's "Crash detected!" records after Ctrl-C
+    logs in the UI), not the terminal. So do Prefect's "Crash detected!" records after Ctrl-C or SIGTERM
     (matched by their text, :data:`imgscore.flows.compat.PREFECT_INTERRUPT_MESSAGES`), and a task
     run's "Finished in state Failed('Task run encountered an exception OutputWriteError: …')" for
     those same expected errors (:func:`_expected_task_failure`): a full disk is then one line, not
@@ -93,12 +93,9 @@ def _expected_task_failure(message: str) -> bool:
     head, sep, rest = message.partition(PREFECT_TASK_EXCEPTION_MESSAGE + " ")
     if not sep:
         return False
-    from imgscore.tasks.errors import ImgscoreError, ShardError
+    from imgscore.tasks.errors import ImgscoreError, ShardError, type_names
 
-    def names(cls) -> set[str]:
-        return {cls.__name__}.union(*(names(sub) for sub in cls.__subclasses__()))
-
-    return rest.split(":", 1)[0] in names(ImgscoreError) | names(ShardError)
+    return rest.split(":", 1)[0] in type_names(ImgscoreError, ShardError)
 
 
 VERBOSE_ENV = "IMGSCORE_VERBOSE"  # set by `--verbose`; read where no session exists (a deployment's flow run)

@@ -76,6 +76,12 @@ class RunLockedError(UsageError):
     """Another process holds the run's lock (a rerun of the same run is already going)."""
 
 
+def type_names(*classes: type) -> set[str]:
+    """The names of ``classes`` and of all their subclasses (to recognise our own errors in text
+    that only carries the type's name, such as Prefect's state messages)."""
+    return set().union(*({c.__name__} | type_names(*c.__subclasses__()) for c in classes)) if classes else set()
+
+
 class ShardStopped(RuntimeError):
     """The run is stopping (SIGINT or SIGTERM reached the flow, :func:`imgscore.tasks.runstate.request_stop`):
     the shard is abandoned before its commit — nothing of it is written, a rerun scores it."""

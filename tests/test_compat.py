@@ -63,10 +63,14 @@ def test_the_log_messages_we_filter_are_still_the_libraries_own():
     import prefect.states
     import prefect.task_engine
 
-    interrupt, cancelled = compat.PREFECT_INTERRUPT_MESSAGES
-    assert interrupt in inspect.getsource(prefect.states) or interrupt in inspect.getsource(prefect._internal.states)
+    interrupt, cancelled, terminated = compat.PREFECT_INTERRUPT_MESSAGES
+    for m in (interrupt, terminated):
+        assert m in inspect.getsource(prefect.states) or m in inspect.getsource(prefect._internal.states)
     assert cancelled in inspect.getsource(prefect.task_engine)
     assert compat.PREFECT_TASK_EXCEPTION_MESSAGE in inspect.getsource(prefect.task_engine)
+    import prefect.flow_engine
+
+    assert compat.PREFECT_FLOW_EXCEPTION_MESSAGE in inspect.getsource(prefect.flow_engine)
     assert compat.NANNY_KILL_MESSAGE in inspect.getsource(distributed.nanny)
 
 
