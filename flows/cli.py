@@ -35,7 +35,13 @@ from imgscore.tasks.errors import (
     ModelError,
     UsageError,
 )
-from imgscore.tasks.manifest import check_run_state, load_manifest, plan_rerun, run_dir_of
+from imgscore.tasks.manifest import (
+    adopt_committed,
+    check_run_state,
+    load_manifest,
+    plan_rerun,
+    run_dir_of,
+)
 from imgscore.tasks.scan import has_images, no_images_message
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -339,6 +345,7 @@ def cmd_rerun(args, session: startup.Session) -> int:
         manifest = load_manifest(run_dir)
         check_run_state(manifest, out, run_dir)  # before anything is read, written or deleted by what it names
         cfg = rerun_config(manifest.config, args.config, [*args.overrides, f"output.root={out}"])
+        adopt_committed(manifest, run_dir, out)  # in memory, as the flow will: the count printed is what it rescores
         todo = plan_rerun(manifest, out)
     console = _console()
     if not todo and manifest.status == "complete":

@@ -121,7 +121,7 @@ def truncate_jpeg(path: Path, keep: float = 0.6) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, tmp_path):
+def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, tmp_path, capsys):
     root = flat_folder(tmp_path / "images", photos, 12, size=64)
     bad = root / "img_005.jpg"
     truncate_jpeg(bad)
@@ -166,7 +166,10 @@ def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, 
     stale["shards"][1].update(state="partial", attempts=1, scored=4, failed=1, failed_images=["img_005.jpg"])
     stale["status"] = "running"
     (out / "runs" / rid / "manifest.json").write_text(json.dumps(stale))
+    capsys.readouterr()
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
+    said = capsys.readouterr().out
+    assert "0 shard(s) to rescore" in said and "rescored 0 image(s) in 0 shard(s)" in said  # the adopted shard is not announced
     m = manifest(out, rid)
     assert m["reruns"][-1]["adopted_shards"] == [1] and m["reruns"][-1]["shards"] == [] and m["reruns"][-1]["images_rescored"] == 0
     assert m["status"] == "complete" and m["shards"][1]["attempts"] == 2 and m["counts"]["scored"] == 12
