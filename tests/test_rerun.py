@@ -265,8 +265,9 @@ def test_run_lock_refuses_live_owner_and_breaks_stale(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         run_lock.lock_path(run_dir).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "purpose": "imgscore rerun", "acquired_at": "t"}))
-        with pytest.raises(RunLockedError, match=rf"pid {sleeper.pid}.*delete .*\.lock"):
+        with pytest.raises(RunLockedError, match=rf"pid {sleeper.pid}.*stop it \(kill {sleeper.pid}\)") as err:
             run_lock.acquire(run_dir, "imgscore rerun")
+        assert "delete" not in str(err.value)  # alive on this host: deleting its lock would let a second writer in
     finally:
         sleeper.kill()
         sleeper.wait()
