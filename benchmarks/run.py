@@ -677,7 +677,7 @@ def _collect(out: Path, wall: float, t_launch: float, rss: Rss) -> dict:
         "planned_at": planned,
         "finished_at": finished,
         "inference": m.get("inference"),
-        "splits": sorted({f"{s.get('loader_workers')}x{s.get('threads')} batch {s.get('batch_size')}" for s in states}),
+        "splits": sorted({(f"{s.get('loader_workers')} lanes" if s.get("lanes") else f"{s.get('loader_workers')}x{s.get('threads')}") + f" batch {s.get('batch_size')}" for s in states}),
         "first_shard_setup_s": max((s.get("setup_s") or 0) for s in states[: max(1, len(states))]) if states else None,
         "images": m["counts"]["scored"],
         "failed": m["counts"]["failed"],
@@ -855,10 +855,12 @@ def scoring_rate(runs: list[dict]) -> dict:
     return {"images": n, "seconds": round(end - start, 3), "img_per_s": round(n / (end - start), 1)}
 
 
-def run_small(spec: SmallSpec) -> dict:
+def run_small(spec: SmallSpec, repeats: int = 1) -> dict:
     """Small images (issue 16): one ``imgscore run`` against two concurrent ones on the same
     folder — with ``inference.num_workers: auto`` (the measured split) and with the former fixed
-    default (0 workers, all threads); the first shard's set-up and the splits chosen."""
+    default (0 workers, all threads); the splits chosen. Each figure is the best of ``repeats``.
+    ``one_vs_best_two``: one ``auto`` run against the better of the two configs' two-run
+    figures (two runs at once may do better with a split one run would not choose)."""
     print(f"[small] {spec.arch} on {spec.size[0]}x{spec.size[1]} JPEGs: one run vs two at once", flush=True)
     folder = DATA / f"small-{spec.size[0]}x{spec.size[1]}"
     rels = make_images(folder, spec.images, spec.size, seed=4)
@@ -869,12 +871,18 @@ def run_small(spec: SmallSpec) -> dict:
     for name, extra in (("auto", ["inference.num_workers=auto", "inference.batch_size=auto"]),
                         ("fixed_0_workers", ["inference.num_workers=0", "inference.batch_size=32"])):
         sets = [*base, *extra]
-        one = imgscore_run(root, spec.arch, ckpt, DATA / "out" / f"small-one-{name}", sets)
-        two = imgscore_runs([(root, spec.arch, ckpt, DATA / "out" / f"small-two-{name}-{k}", sets) for k in "ab"])
-        r1, r2 = scoring_rate([one]), scoring_rate(two)
-        res[name] = {"one": r1, "two": r2, "one_vs_two": round(r1["img_per_s"] / r2["img_per_s"], 3),
-                     "splits": one["splits"], "load": loadavg()}
-        print(f"    {name}: one run {r1['img_per_s']} img/s, two at once {r2['img_per_s']} img/s; split {one['splits']}", flush=True)
+        ones, twos = [], []
+        for rep in range(max(1, repeats)):
+            one = imgscore_run(root, spec.arch, ckpt, DATA / "out" / f"small-one-{name}-{rep}", sets)
+            two = imgscore_runs([(root, spec.arch, ckpt, DATA / "out" / f"small-two-{name}-{rep}-{k}", sets) for k in "ab"])
+            ones.append((scoring_rate([one]), one["splits"]))
+            twos.append(scoring_rate(two))
+        (r1, splits), r2 = max(ones, key=lambda o: o[0]["img_per_s"]), max(twos, key=lambda t: t["img_per_s"])
+        res[name] = {"one": r1, "two": r2, "one_vs_two": round(r1["img_per_s"] / r2["img_per_s"], 3), "splits": splits,
+                     "one_all": [o[0]["img_per_s"] for o in ones], "two_all": [t["img_per_s"] for t in twos], "load": loadavg()}
+        print(f"    {name}: one run {res[name]['one_all']} img/s, two at once {res[name]['two_all']} img/s; split {splits}", flush=True)
+    best_two = max(res[n]["two"]["img_per_s"] for n in ("auto", "fixed_0_workers"))
+    res["one_vs_best_two"] = round(res["auto"]["one"]["img_per_s"] / best_two, 3)
     return res
 
 
@@ -1022,11 +1030,14 @@ def render_backends(r: dict) -> list[str]:
         sp = sm["spec"]
         L.append(f"Small images ({sp['arch']}, {sp['images']} JPEGs of {sp['size'][0]}×{sp['size'][1]}, resize = crop = {sp['size'][1]}, "
                  f"{sp['shard']} per shard): scoring-phase img/s (first plan written → last shard committed).\n")
-        L.append("| inference.num_workers | one run | two runs at once, together | one ÷ two | split chosen |")
-        L.append("| --- | ---: | ---: | ---: | --- |")
+        L.append("| inference.num_workers | one run | two runs at once, together | one ÷ two | every repeat, one / two | split chosen |")
+        L.append("| --- | ---: | ---: | ---: | --- | --- |")
         for name in ("auto", "fixed_0_workers"):
             v = sm[name]
-            L.append(f"| {name} | {v['one']['img_per_s']} | {v['two']['img_per_s']} | {v['one_vs_two']:.2f} | {', '.join(v['splits'])} |")
+            L.append(f"| {name} | {v['one']['img_per_s']} | {v['two']['img_per_s']} | {v['one_vs_two']:.2f} | "
+                     f"{v.get('one_all')} / {v.get('two_all')} | {', '.join(v['splits'])} |")
+        if "one_vs_best_two" in sm:
+            L.append(f"\nOne `auto` run ÷ the best two-runs-at-once figure of either setting: **{sm['one_vs_best_two']:.2f}**.")
         L.append("")
     dk = r.get("dask_cold_start")
     if dk:
@@ -1078,8 +1089,9 @@ def targets_backends(r: dict) -> list[dict]:
     x = best / d["plain_loop"]["img_per_s"]
     out.append({"target": "decode-bound: best `imgscore run` marginal ≥ 8 × plain batch-1 loop", "measured": f"{x:.1f} ×", "met": x >= 8})
     if sm:
-        v = sm["auto"]["one_vs_two"]
-        out.append({"target": "small images: one run ≥ 0.9 × two concurrent runs", "measured": f"{v:.2f} ×", "met": v >= 0.9})
+        v = sm.get("one_vs_best_two", sm["auto"]["one_vs_two"])
+        out.append({"target": "small images: one run ≥ 0.9 × two concurrent runs (the better of auto and 0 workers)",
+                    "measured": f"{v:.2f} × (vs two `auto` runs: {sm['auto']['one_vs_two']:.2f} ×)", "met": v >= 0.9})
     return out
 
 
@@ -1328,7 +1340,7 @@ def main(argv=None) -> int:
     if "memory" in only:
         r["memory"] = {"spec": asdict(sizes["memory"]), **run_memory(sizes["memory"], sizes)}
     if "small" in only:
-        r["small"] = run_small(sizes["small"])
+        r["small"] = run_small(sizes["small"], sizes["repeats"])
     if "dask" in only:
         r["dask_cold_start"] = run_dask_cold_start(sizes["small"])
     r["load_after"] = loadavg()

@@ -19,17 +19,24 @@ first thing to suffer when the machine is shared — inline with 2 threads fell 
 - decode-heavy, ``(w, 1)`` for ``w >= S``: more decode processes than spare cores beside a
   single-threaded forward; the cores are shared, so also bounded by the core time:
   ``min(w / d, 1 / f(1), S / (d + f(1)))``;
+- lanes, ``S`` DataLoader processes that each decode *and* run the forward with one thread
+  (the forward moves into the DataLoader's ``collate_fn``; only probabilities come back):
+  ``S / (d + f(1))`` — every core busy with the whole pipeline, as ``S`` separate runs would
+  be. Offered only where the forward can run in a forked process: torch on the CPU, one
+  model, no embeddings (:func:`choose_split`'s ``lanes``), and for at most :data:`MAX_LANES`
+  cores (each lane holds a batch's activations);
 
 and every DataLoader process costs :data:`WORKER_START_S` per shard (a DataLoader per shard),
-spread over the shard's images.
+spread over the shard's images; a lane also pays :data:`FORWARD_START_S` once for its first
+forward in the fresh process.
 
 Never more torch threads than cores left beside the workers when ``t > 1``: an idle OpenMP
 team spins, and decode processes beside a spinning 2-thread forward ran 10× slower here (1,199
 → 118 img/s on 32-px images, benchmarks/NOTES.md). Measured on this 2-core machine, the rule
 picks inline for resnet50 on 1600×1200 photos (forward-bound), one decode worker beside one
-thread for 32-px images in long shards (inline in shards of a few thousand: starting the
-process costs more than it gives), and two decode workers beside one thread for 12-megapixel
-photos.
+thread or two lanes for 32-px images (whichever the measured costs favour), and two decode
+workers beside one thread for 12-megapixel photos. Lanes hold one model forward's activations
+per process: the memory of ``S`` batches at once instead of one.
 
 ``inference.batch_size: auto`` starts at 32 and doubles (to at most 256) while one batch's
 forward at the chosen thread count takes under 50 ms, so per-batch costs (collate, DataLoader
@@ -43,14 +50,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
 log = logging.getLogger("imgscore")
 
-# Starting one forked DataLoader process and its first batch, per shard: 0.2-0.3 s measured here
-# (a shard's fixed cost with 2 workers was 660 ms, part files and the Prefect task included).
-WORKER_START_S = 0.25
+# Starting one forked DataLoader process, per shard: a one-worker shard reached its first batch
+# 0.07-0.11 s after it started against 0.02 s inline (`setup_s` in the commit records of
+# `make bench`'s 32-px runs, 2-core Xeon, 2026-12-01).
+WORKER_START_S = 0.08
+# A lane's first forward in its fresh process (oneDNN primitives, allocator): its first batch
+# came 0.05-0.07 s later than a decode-only worker's (resnet18, 32 px, same machine and day).
+FORWARD_START_S = 0.06
+# Lanes hold one batch's activations each: at most this many (a 64-core worker runs its forward
+# threaded instead of holding 64 batches at once).
+MAX_LANES = 8
 TIE = 0.03  # predicted rates within 3 % count as equal: fewer processes win
 MIN_BATCH, MAX_BATCH, BATCH_TARGET_S = 32, 256, 0.05
 
@@ -70,13 +85,31 @@ class Costs:
 @dataclass(frozen=True)
 class Split:
     """What a shard runs with: DataLoader ``workers``, forward ``threads``, ``batch`` size, the
-    predicted img/s of every candidate (``"w×t"`` → img/s) and the costs they came from."""
+    predicted img/s of every candidate (``"w×t"`` → img/s, ``"wxL"`` for ``w`` lanes) and the
+    costs they came from. ``lanes``: the forward runs inside the ``workers`` DataLoader
+    processes (one thread each), not in this process."""
 
     workers: int
     threads: int
     batch: int
     predicted: dict[str, float]
-    costs: Costs
+    costs: Costs | None
+    lanes: bool = False
+
+    @property
+    def label(self) -> str:
+        """``"2x1 batch 32"``, ``"2 lanes batch 64"``: how logs and the bench name it."""
+        return f"{self.workers} lanes batch {self.batch}" if self.lanes else f"{self.workers}x{self.threads} batch {self.batch}"
+
+
+class Choice(NamedTuple):
+    """:func:`choose_split`'s answer: DataLoader ``workers``, forward ``threads`` (1 for lanes),
+    ``predicted`` img/s per candidate, and whether the forward runs in the workers (``lanes``)."""
+
+    workers: int
+    threads: int
+    predicted: dict[str, float]
+    lanes: bool
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,27 +127,33 @@ def fwd_at(c: Costs, t: int) -> float:
 
 
 def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None,
-                 images: int | None = None) -> tuple[int, int, dict[str, float]]:
-    """``(workers, threads, predicted img/s per candidate)`` by the rule in the module doc.
+                 images: int | None = None, lanes: bool = False) -> Choice:
+    """The :class:`Choice` by the rule in the module doc.
 
-    ``can_fork`` False (a daemonic Dask worker) leaves only inline decoding. ``images``: the
-    shard's length; each DataLoader process then also costs :data:`WORKER_START_S` per shard
-    (one DataLoader per shard), spread over its images.
+    ``can_fork`` False (a daemonic Dask worker) leaves only inline decoding. ``lanes``: the
+    forward may run inside the DataLoader processes (torch on the CPU, one model), which adds
+    the ``S`` lanes candidate. ``images``: the shard's length; each DataLoader process then
+    also costs :data:`WORKER_START_S` per shard (one DataLoader per shard), and each lane
+    :data:`FORWARD_START_S` more, spread over its images.
     """
     s = max(1, c.share)
     d = max(c.decode, 1e-9)
-    pred: dict[tuple[int, int], float] = {(0, s): 1.0 / (d + c.fwd_share)}
+    pred: dict[tuple[int, int, bool], float] = {(0, s, False): 1.0 / (d + c.fwd_share)}
     if can_fork:
         top = max_workers if max_workers is not None else s
         for w in range(1, s):
-            pred[(w, s - w)] = min(w / d, 1.0 / fwd_at(c, s - w))
+            pred[(w, s - w, False)] = min(w / d, 1.0 / fwd_at(c, s - w))
         for w in range(s, max(s, top) + 1):
-            pred[(w, 1)] = min(w / d, 1.0 / c.fwd_1, s / (d + c.fwd_1))
+            pred[(w, 1, False)] = min(w / d, 1.0 / c.fwd_1, s / (d + c.fwd_1))
+        if lanes and 1 < s <= MAX_LANES:
+            pred[(s, 1, True)] = s / (d + c.fwd_1)
     if images:
-        pred = {k: images / (images / v + k[0] * WORKER_START_S) for k, v in pred.items()}
+        pred = {k: images / (images / v + k[0] * WORKER_START_S + (FORWARD_START_S if k[2] else 0.0))
+                for k, v in pred.items()}
     best = max(pred.values())
-    w, t = min((k for k, v in pred.items() if v >= best * (1 - TIE)), key=lambda k: (k[1], k[0]))
-    return w, t, {f"{a}x{b}": round(v, 2) for (a, b), v in sorted(pred.items())}
+    # ties: fewer forward threads, then fewer processes, then the forward in this process
+    w, t, ln = min((k for k, v in pred.items() if v >= best * (1 - TIE)), key=lambda k: (k[1], k[0], k[2]))
+    return Choice(w, t, {(f"{a}xL" if lane else f"{a}x{b}"): round(v, 2) for (a, b, lane), v in sorted(pred.items())}, ln)
 
 
 def choose_batch(fwd_s_per_image: float, configured: int | str) -> int:
@@ -183,7 +222,7 @@ GPU_WORKERS = 4  # decode processes per GPU worker under `auto` (the forward run
 
 
 def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cfg: int | str, batch_cfg: int | str,
-                key: tuple, device: torch.device, can_fork: bool, probe: int = 8) -> Split:
+                key: tuple, device: torch.device, can_fork: bool, probe: int = 8, lanes: bool = False) -> Split:
     """The :class:`Split` a shard runs with.
 
     Numbers in ``inference.num_workers`` / ``inference.batch_size`` are kept as given (torch
@@ -191,7 +230,8 @@ def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cf
     :func:`measure` on the shard's first ``probe`` images (``ds[i]`` returns an object with a
     ``tensor`` for a decoded image) and :func:`choose_split`. On a GPU the forward does not
     compete for cores: ``auto`` decodes with ``min(4, share)`` processes (0 when ``can_fork``
-    is False) and batch ``auto`` is 32.
+    is False) and batch ``auto`` is 32. ``lanes``: whether the forward may run inside the
+    DataLoader processes (:func:`choose_split`); only ``num_workers: auto`` ever picks lanes.
     """
     fixed_w = None if workers_cfg == "auto" else int(workers_cfg)
     fixed_b = None if batch_cfg == "auto" else int(batch_cfg)
@@ -209,11 +249,14 @@ def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cf
         costs = measure(sample, min(probe, len(ds)), forward_for, share)
         if costs is None:  # nothing decodes in the probe: the shard records its failures anyway
             return Split(fixed_w if fixed_w is not None else 0, share, fixed_b or MIN_BATCH, {}, None)
-        w, t, pred = choose_split(costs, can_fork, images=len(ds))
-        split = remember_split(key, Split(w, t, choose_batch(fwd_at(costs, t), "auto"), pred, costs))
-        log.info("worker split for %s: %d DataLoader workers × %d threads, batch %d (decode %.2f ms, forward "
-                 "%.2f ms/img at 1 thread, %.2f at %d; predicted img/s %s)", key[0], split.workers, split.threads,
-                 split.batch, costs.decode * 1e3, costs.fwd_1 * 1e3, costs.fwd_share * 1e3, share, pred)
-    w, t = (split.workers, split.threads) if fixed_w is None else (fixed_w, share)
-    b = fixed_b if fixed_b is not None else (split.batch if fixed_w is None else choose_batch(fwd_at(split.costs, t), "auto"))
-    return Split(w, t, b, split.predicted, split.costs)
+        ch = choose_split(costs, can_fork, images=len(ds), lanes=lanes)
+        split = remember_split(key, Split(ch.workers, ch.threads, choose_batch(fwd_at(costs, ch.threads), "auto"),
+                                          ch.predicted, costs, ch.lanes))
+        log.info("worker split for %s: %s (decode %.2f ms, forward %.2f ms/img at 1 thread, %.2f at %d; "
+                 "predicted img/s %s)", key[0], split.label, costs.decode * 1e3, costs.fwd_1 * 1e3,
+                 costs.fwd_share * 1e3, share, ch.predicted)
+    if fixed_w is None:
+        return Split(split.workers, split.threads, fixed_b if fixed_b is not None else split.batch, split.predicted,
+                     split.costs, split.lanes)
+    b = fixed_b if fixed_b is not None else choose_batch(fwd_at(split.costs, share), "auto")
+    return Split(fixed_w, share, b, split.predicted, split.costs)

@@ -217,10 +217,12 @@ class InferenceConfig(_Section):
     num_workers: int | Literal["auto"] = Field(
         "auto",
         description="DataLoader decode processes per shard; auto: chosen with the torch thread count from the "
-        "measured decode and forward cost of this model on these images (README, Performance)",
+        "measured decode and forward cost of this model on these images, or lanes that also run the forward "
+        "(README, Preprocessing and devices)",
     )
     timeout_s: float = Field(
-        300.0, gt=0, description="DataLoader timeout per batch when num_workers > 0, seconds"
+        300.0, gt=0, description="DataLoader timeout per batch when num_workers > 0, seconds (with lanes, plus four "
+        "times the batch's measured one-thread forward)"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",

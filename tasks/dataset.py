@@ -76,6 +76,11 @@ class Batch:
     failures: list[Failure]
     warnings: list[str]
     file_stats: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
+    # Set when the forward already ran in the DataLoader process (a lane; ``tensor`` is None then):
+    # the scored positions and their probabilities float32 [n, C], and the images whose forward
+    # failed as (position, error type, message).
+    scored: tuple[list[int], torch.Tensor] | None = None
+    forward_failures: list[tuple[int, str, str]] = field(default_factory=list)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) so CUDA copies can be non-blocking."""

@@ -114,7 +114,8 @@ class ShardResult(_Model):
     threads: int | None = None
     loader_workers: int | None = None  # DataLoader processes actually used (0: decoded in-process)
     batch_size: int | None = None  # images per forward (inference.batch_size, or what `auto` chose)
-    split_predicted: dict[str, float] = Field(default_factory=dict)  # num_workers auto: img/s per "workers x threads"
+    split_predicted: dict[str, float] = Field(default_factory=dict)  # num_workers auto: img/s per "workers x threads" ("wxL": w lanes)
+    lanes: bool | None = None  # True: the forward ran inside the DataLoader processes (num_workers auto's lanes)
     setup_s: float | None = None  # device, model, backend and split before the first batch (a warm worker skips most)
     backend: str | None = None  # torch | onnxruntime | openvino: what scored (auto resolves per worker)
     precision: str | None = None  # what the backend reports it ran (fp32, bf16, fp16)

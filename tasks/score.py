@@ -3,7 +3,8 @@
 This is the body of the ``score_shard`` task run, split the way a Beam ``DoFn`` pipeline is:
 
 1. :func:`build_loader`: a DataLoader over the shard's images (decode in worker processes,
-   failures as records, never as exceptions);
+   failures as records, never as exceptions; with lanes the forward runs there too,
+   :class:`LaneCollate`);
 2. :func:`score_batches`: forward passes with per-image isolation, every image turned into one
    predictions row or one errors row (:func:`prediction_row`, :func:`error_row` — the only
    places rows are built);
@@ -23,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -258,6 +260,8 @@ class ShardRows:
             out.update(self.forward.describe())
         if self.split is not None:
             out.update(threads=self.split.threads, batch_size=self.split.batch, split_predicted=self.split.predicted)
+            if self.split.lanes:
+                out["lanes"] = True
         return out
 
 
@@ -361,8 +365,11 @@ def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorers: Scorer | 
            *(sc.lm.preprocess.crop for sc in scorers), int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0)
     probe = _FirstLane(ds) if ds.multi else ds  # a ShardDataset of a list of transforms yields one item per transform
     forward_for = scorer.forward if len(scorers) == 1 else (lambda t: _JointForward(scorers, t))
+    # lanes (the forward inside forked DataLoader processes): eager torch on the CPU, one model,
+    # no embeddings hook; ONNX Runtime / OpenVINO sessions hold thread pools a fork does not copy
+    lanes = len(scorers) == 1 and scorer.backend == "torch" and scorer.device.type == "cpu" and scorer.tap is None
     return autotune.shard_split(probe, forward_for, scorer.threads, inf.num_workers, inf.batch_size, key, scorer.device,
-                                can_fork=loader_workers(1) > 0)
+                                can_fork=loader_workers(1) > 0, lanes=lanes)
 
 
 class _FirstLane:
@@ -377,6 +384,53 @@ class _FirstLane:
 
     def __getitem__(self, i: int):
         return self.ds[i][0]
+
+
+class LaneCollate:
+    """The DataLoader's ``collate_fn`` when the split runs lanes (``inference.num_workers: auto``,
+    :mod:`imgscore.tasks.autotune`): collate the batch (:func:`collate_samples`), then run the
+    forward here, in the DataLoader process, with its one torch thread, under the same per-image
+    isolation and non-finite check as in the scoring process (:func:`score_isolated`). The
+    batch goes back with ``tensor`` None, ``scored`` = (positions, probabilities float32
+    [n, C]) and ``forward_failures``; top-k and rows are made in the scoring process, as for
+    every other split.
+
+    ``fn``: the model's forward, built before the fork (the forked process shares its weights
+    copy-on-write); ``max_batch``: the largest forward; ``wanted``: the positions this model
+    scores (``run.skip_scored``), None for all.
+    """
+
+    def __init__(self, fn: Forward, max_batch: int, wanted: frozenset[int] | None = None, in_list: bool = False):
+        self.fn, self.max_batch, self.wanted, self.in_list = fn, max_batch, wanted, in_list
+
+    def __call__(self, items: list) -> Batch | list[Batch]:
+        if self.in_list:  # a one-model list of scorers: items are 1-tuples, the batch a 1-list (collate_lanes)
+            return [self.scored_batch([item[0] for item in items])] if items else []
+        return self.scored_batch(items)
+
+    def scored_batch(self, items: list) -> Batch:
+        """One spec's items → their :class:`Batch`, forwarded here."""
+        b = collate_samples(items)
+        if b.tensor is None:
+            return b
+        keep = [i for i, p in enumerate(b.positions) if self.wanted is None or p in self.wanted]
+        x = b.tensor if len(keep) == len(b.positions) else b.tensor[keep]
+        if self.fn.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        iso = _Isolation(max_batch=self.max_batch)
+        with torch.inference_mode():
+            scored = score_isolated(self.fn, x, [b.positions[i] for i in keep], iso) if keep else []
+        b.scored = ([p for p, _ in scored], torch.stack([t for _, t in scored]) if scored else torch.empty(0, 0))
+        b.forward_failures, b.tensor = iso.failures, None
+        return b
+
+
+def loader_timeout(timeout_s: float, split: autotune.Split) -> float:
+    """Seconds the DataLoader waits for one batch: ``inference.timeout_s``, plus, for lanes (the
+    batch's forward runs in the worker, one thread), four times that forward as measured."""
+    if split.lanes and split.costs is not None:
+        return timeout_s + 4 * split.batch * split.costs.fwd_1
+    return timeout_s
 
 
 def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer | list[Scorer], input_cfg: InputConfig,
@@ -397,14 +451,21 @@ def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer | li
         else ShardDataset(input_root, entries, scorer.lm.preprocess, opts)
     split = split or loader_split(ds, entries, scorer)
     nw = loader_workers(split.workers)
+    collate = collate_lanes if isinstance(scorer, list) else collate_samples
+    if split.lanes and nw > 0 and len(scorers) == 1:
+        name = scorers[0].name
+        wanted = None if all(e.wants(name) for e in entries) else frozenset(i for i, e in enumerate(entries) if e.wants(name))
+        collate = LaneCollate(scorers[0].forward(1), split.batch, wanted, in_list=isinstance(scorer, list))
+    elif split.lanes:
+        split = dc_replace(split, lanes=False)  # no DataLoader processes here: the forward stays in this one
     loader = DataLoader(
         ds,
         batch_size=split.batch,
         shuffle=False,
         num_workers=nw,
-        collate_fn=collate_lanes if isinstance(scorer, list) else collate_samples,
+        collate_fn=collate,
         pin_memory=scorers[0].device.type == "cuda",
-        timeout=inf.timeout_s if nw > 0 else 0,
+        timeout=loader_timeout(inf.timeout_s, split) if nw > 0 else 0,
         multiprocessing_context=loader_context(nw),
     )
     return loader, split
@@ -491,31 +552,38 @@ def _score_lane_batch(rows: ShardRows, lane: Lane, batch: Batch, batch_id: int, 
     for f in batch.failures:
         if entries[f.pos].wants(ctx.model_name):
             rows.errors.append(error_row(ctx, entries[f.pos], batch_id, f.stage, f.error_type, f.message))
-    if batch.tensor is None:
-        return
-    mine = [i for i, p in enumerate(batch.positions) if entries[p].wants(ctx.model_name)]  # run.skip_scored: images it scored before are not its
-    if not mine:
-        return
-    if len(mine) < len(batch.positions):
-        batch = Batch(batch.tensor[mine], [batch.positions[i] for i in mine], [], [], batch.file_stats)
-    device = scorer.device
-    run_fn = emb.with_embeddings(fn, scorer.tap) if scorer.tap is not None else fn  # probs, then features
     n_classes = len(ctx.classes)
-    mf = torch.channels_last if (fn.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
-    x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
-    n_before = len(iso.failures)
-    scored = score_isolated(run_fn, x, batch.positions, iso)
-    for pos, etype, msg in iso.failures[n_before:]:
-        rows.errors.append(error_row(ctx, entries[pos], batch_id, "inference", etype, msg))
-    if not scored:
-        return
-    out = torch.stack([p for _, p in scored])
+    if batch.scored is not None:  # a lane: the forward ran in the DataLoader process (LaneCollate)
+        for pos, etype, msg in batch.forward_failures:
+            rows.errors.append(error_row(ctx, entries[pos], batch_id, "inference", etype, msg))
+        positions, out = batch.scored
+        if not positions:
+            return
+    else:
+        if batch.tensor is None:
+            return
+        mine = [i for i, p in enumerate(batch.positions) if entries[p].wants(ctx.model_name)]  # run.skip_scored: images it scored before are not its
+        if not mine:
+            return
+        if len(mine) < len(batch.positions):
+            batch = Batch(batch.tensor[mine], [batch.positions[i] for i in mine], [], [], batch.file_stats)
+        device = scorer.device
+        run_fn = emb.with_embeddings(fn, scorer.tap) if scorer.tap is not None else fn  # probs, then features
+        mf = torch.channels_last if (fn.channels_last and batch.tensor.ndim == 4) else torch.contiguous_format
+        x = batch.tensor.to(device, non_blocking=device.type == "cuda", memory_format=mf)
+        n_before = len(iso.failures)
+        scored = score_isolated(run_fn, x, batch.positions, iso)
+        for pos, etype, msg in iso.failures[n_before:]:
+            rows.errors.append(error_row(ctx, entries[pos], batch_id, "inference", etype, msg))
+        if not scored:
+            return
+        positions, out = [p for p, _ in scored], torch.stack([p for _, p in scored])
     probs = out[:, :n_classes]
     if scorer.tap is not None:
         rows.embeddings.extend(out[:, n_classes:].numpy())
     top_s, top_i = torch.topk(probs, ctx.topk, dim=1)
     now = datetime.now(UTC)
-    for row, (pos, _) in enumerate(scored):
+    for row, pos in enumerate(positions):
         rows.predictions.append(
             prediction_row(ctx, entries[pos], batch_id, [int(v) for v in top_i[row]], [float(v) for v in top_s[row]], now,
                            batch.file_stats.get(pos))

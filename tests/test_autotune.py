@@ -21,29 +21,49 @@ SMALL = A.Costs(decode=0.00037, fwd_1=0.00072, fwd_share=0.00037, share=2, image
     ids=["forward-bound: inline", "decode-bound: two decoders beside one thread", "small: one decoder, one thread"],
 )
 def test_rule_picks_the_split_with_the_best_predicted_rate(costs, want):
-    w, t, pred = A.choose_split(costs)
-    assert (w, t) == want, pred
+    w, t, pred, lanes = A.choose_split(costs)
+    assert (w, t) == want and not lanes, pred
     assert pred[f"{w}x{t}"] >= max(pred.values()) * (1 - A.TIE)
-    assert set(pred) == {"0x2", "1x1", "2x1"}
+    assert set(pred) == {"0x2", "1x1", "2x1"}  # no lanes unless the forward can run in the workers
+
+
+def test_lanes_when_every_core_running_the_whole_pipeline_beats_the_split():
+    """Lanes: S processes that each decode and forward with one thread, ``S / (d + f(1))``.
+    For 32-px images and for resnet50 that beats every split (a 2-thread forward is far from
+    2× one thread); for 12-megapixel photos two decoders beside one forward thread already
+    keep both cores busy, and the tie goes to the forward in this process."""
+    for costs in (SMALL, COMPUTE):
+        ch = A.choose_split(costs, lanes=True)
+        assert ch.lanes and (ch.workers, ch.threads) == (2, 1), ch.predicted
+        assert ch.predicted["2xL"] == pytest.approx(2 / (costs.decode + costs.fwd_1), rel=1e-3)
+    ch = A.choose_split(DECODE, lanes=True)
+    assert not ch.lanes and (ch.workers, ch.threads) == (2, 1), ch.predicted
+    # a lane pays its process start and its first forward per shard: never for a handful of images
+    assert not A.choose_split(SMALL, images=50, lanes=True).lanes
+    # one core, a daemonic worker, or more cores than lanes may hold batches: no lanes candidate
+    one = A.Costs(decode=0.001, fwd_1=0.002, fwd_share=0.002, share=1, images=8)
+    big = A.Costs(decode=0.001, fwd_1=0.002, fwd_share=0.002 / 8, share=A.MAX_LANES + 1, images=8)
+    for c, fork in ((one, True), (SMALL, False), (big, True)):
+        assert not any(k.endswith("xL") for k in A.choose_split(c, can_fork=fork, lanes=True).predicted)
 
 
 def test_starting_decoders_must_pay_for_itself_within_the_shard():
     """Each DataLoader process costs its start per shard: for cheap 32-px images the decoder that
-    pays in a long shard does not in a shard of 500; for 12-megapixel photos it always does."""
-    assert A.choose_split(SMALL, images=500)[:2] == (0, 2)
+    pays in a long shard does not in a shard of 100; for 12-megapixel photos it always does."""
+    assert A.choose_split(SMALL, images=100)[:2] == (0, 2)
     assert A.choose_split(SMALL, images=10**7)[:2] == (1, 1)
     assert A.choose_split(DECODE, images=100)[:2] == (2, 1)
 
 
 def test_never_a_multithreaded_forward_beside_more_decoders_than_spare_cores():
     """Spinning OpenMP teams beside decode processes collapsed throughput 10× (module doc):
-    every candidate with t > 1 leaves w + t <= cores."""
+    every candidate with t > 1 leaves w + t <= cores; lanes run one thread each."""
     for share in (2, 4, 8):
         c = A.Costs(decode=0.01, fwd_1=0.02, fwd_share=0.02 / share, share=share, images=8)
-        _, _, pred = A.choose_split(c)
+        _, _, pred, _ = A.choose_split(c, lanes=True)
         for key in pred:
-            w, t = map(int, key.split("x"))
-            assert t == 1 or w + t <= share, key
+            w, t = key.split("x")
+            assert t == "L" and int(w) == share or int(t) == 1 or int(w) + int(t) <= share, key
 
 
 def test_a_daemonic_worker_decodes_inline():
@@ -84,6 +104,7 @@ def test_shard_split_measures_once_and_keeps_what_is_configured():
     a = A.shard_split(_DS(), lambda t: _Fwd(), 2, "auto", "auto", key, torch.device("cpu"), can_fork=True)
     assert a.costs is not None and a.costs.images == 8 and a.costs.decode > 0 and a.costs.fwd_1 > 0
     assert (a.workers, a.threads) == A.choose_split(a.costs, images=16)[:2] and a.batch in (32, 64, 128, 256)
+    assert not a.lanes  # not offered by the caller
     n = calls["decode"]
     b = A.shard_split(_DS(), lambda t: _Fwd(), 2, "auto", 16, key, torch.device("cpu"), can_fork=True)
     assert calls["decode"] == n and (b.workers, b.threads, b.batch) == (a.workers, a.threads, 16)
