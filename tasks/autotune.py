@@ -22,8 +22,8 @@ first thing to suffer when the machine is shared — inline with 2 threads fell 
 - lanes, ``S`` DataLoader processes that each decode *and* run the forward with one thread
   (the forward moves into the DataLoader's ``collate_fn``; only probabilities come back):
   ``S / (d + f(1))`` — every core busy with the whole pipeline, as ``S`` separate runs would
-  be. Offered only where the forward can run in a forked process: torch on the CPU, one
-  model, no embeddings (:func:`choose_split`'s ``lanes``), and for at most :data:`MAX_LANES`
+  be. Offered only where the forward can run in a forked process: torch or ONNX Runtime on
+  the CPU, one model, no embeddings (:func:`choose_split`'s ``lanes``), and for at most :data:`MAX_LANES`
   cores (each lane holds a batch's activations);
 
 and every DataLoader process costs :data:`WORKER_START_S` per shard (a DataLoader per shard),

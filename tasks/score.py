@@ -365,9 +365,10 @@ def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorers: Scorer | 
            *(sc.lm.preprocess.crop for sc in scorers), int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0)
     probe = _FirstLane(ds) if ds.multi else ds  # a ShardDataset of a list of transforms yields one item per transform
     forward_for = scorer.forward if len(scorers) == 1 else (lambda t: _JointForward(scorers, t))
-    # lanes (the forward inside forked DataLoader processes): eager torch on the CPU, one model,
-    # no embeddings hook; ONNX Runtime / OpenVINO sessions hold thread pools a fork does not copy
-    lanes = len(scorers) == 1 and scorer.backend == "torch" and scorer.device.type == "cpu" and scorer.tap is None
+    # lanes (the forward inside forked DataLoader processes): on the CPU, one model, no embeddings
+    # hook, eager torch or ONNX Runtime (a one-thread ORT session starts no threads of its own, so
+    # the forked copy runs as the parent's would); OpenVINO's runtime keeps threads a fork does not copy
+    lanes = len(scorers) == 1 and scorer.backend in LANE_BACKENDS and scorer.device.type == "cpu" and scorer.tap is None
     return autotune.shard_split(probe, forward_for, scorer.threads, inf.num_workers, inf.batch_size, key, scorer.device,
                                 can_fork=loader_workers(1) > 0, lanes=lanes)
 
@@ -384,6 +385,9 @@ class _FirstLane:
 
     def __getitem__(self, i: int):
         return self.ds[i][0]
+
+
+LANE_BACKENDS = ("torch", "onnxruntime")  # backends whose one-thread forward runs in a forked DataLoader process
 
 
 class LaneCollate:

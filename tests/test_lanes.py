@@ -24,8 +24,9 @@ from imgscore.tasks.score import (
 from tests.conftest import base_overrides
 
 
-def _rows(folder, ckpt, tmp_path, split: A.Split):
-    cfg = build_config({}, base_overrides(folder, ckpt, tmp_path / "out"))
+def _rows(folder, ckpt, tmp_path, split: A.Split, backend: str = "torch"):
+    extra = {} if backend == "torch" else {"inference.backend": backend, "inference.cache_dir": str(tmp_path.parent / "cache")}
+    cfg = build_config({}, base_overrides(folder, ckpt, tmp_path / "out", **extra))
     scorer = load_scorer(cfg.model, cfg.preprocess_for(cfg.model), cfg.inference)
     entries = list(scan_images(folder).entries)
     loader, used = build_loader(entries, str(folder), scorer, cfg.input, split)
@@ -36,14 +37,19 @@ def _rows(folder, ckpt, tmp_path, split: A.Split):
     return rows, used, loader.num_workers
 
 
-def test_lanes_score_like_the_forward_in_this_process(image_folder, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_lanes_score_like_the_forward_in_this_process(backend, image_folder, tiny_checkpoint, tmp_path):
     """Two forked lanes against the inline forward on the same 12 photos plus one broken file:
     every image gets the same top-k (scores to 1e-5), the broken file is one decode error row in
-    both, and the commit facts say lanes ran."""
+    both, and the commit facts say lanes ran — for eager torch and for an ONNX Runtime session
+    built before the fork."""
+    if backend != "torch":
+        pytest.importorskip(backend, reason=f"{backend} has no wheel for this platform")
     (image_folder / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    inline, _, nw0 = _rows(image_folder, tiny_checkpoint, tmp_path / "a", A.Split(0, 1, 4, {}, None))
-    lanes, used, nw2 = _rows(image_folder, tiny_checkpoint, tmp_path / "b", A.Split(2, 1, 4, {}, None, lanes=True))
+    inline, _, nw0 = _rows(image_folder, tiny_checkpoint, tmp_path / "a", A.Split(0, 1, 4, {}, None), backend)
+    lanes, used, nw2 = _rows(image_folder, tiny_checkpoint, tmp_path / "b", A.Split(2, 1, 4, {}, None, lanes=True), backend)
     assert (nw0, nw2) == (0, 2) and used.lanes and lanes.facts()["lanes"] is True and "lanes" not in inline.facts()
+    assert lanes.facts()["backend"] == inline.facts()["backend"] == backend
     a = {r["image_path"]: r for r in inline.predictions}
     b = {r["image_path"]: r for r in lanes.predictions}
     assert len(a) == 12 and a.keys() == b.keys()
