@@ -825,10 +825,12 @@ def run_memory(ms: MemorySpec, sizes: dict) -> dict:
     rels = make_images(folder, ms.n_many, ms.size, seed=3)
     ckpt = make_checkpoint(ms.arch, [folder / "all" / r for r in _spread(rels, 16)], DATA / "ckpt" / f"{ms.arch}-memory-v{GENERATOR_VERSION}.pt")
     few, many = subset(folder, rels, ms.n_few), subset(folder, rels, ms.n_many)
-    sets = [f"run.shard_size={ms.shard}", f"inference.batch_size={min(sizes['batch'], ms.shard)}"]
+    # one process layout for both sizes (auto may pick a different split for each, and the tree's
+    # RSS would then measure the layout, not growth with the number of images)
+    sets = [f"run.shard_size={ms.shard}", f"inference.batch_size={min(sizes['batch'], ms.shard)}", "inference.num_workers=2"]
     r_few = imgscore_run(few, ms.arch, ckpt, DATA / "out" / "mem-few", sets)
     r_many = imgscore_run(many, ms.arch, ckpt, DATA / "out" / "mem-many", sets)
-    one = [f"run.shard_size={ms.n_many}", f"inference.batch_size={min(sizes['batch'], ms.shard)}"]
+    one = [f"run.shard_size={ms.n_many}", f"inference.batch_size={min(sizes['batch'], ms.shard)}", "inference.num_workers=2"]
     r_one = imgscore_run(many, ms.arch, ckpt, DATA / "out" / "mem-one-shard", one)
     extra = r_many["shards"] - r_one["shards"]
     return {
@@ -927,8 +929,9 @@ def render(r: dict) -> str:
     L.append(f"{r['cores']} cores ({r['cpu']}), {r['ram_gib']} GiB RAM, torch {r['torch']}, Pillow {r['pillow']}, "
              f"Python {r['python']}; load average (1/5/15 min) {r['load_before']} before, {r['load_after']} after; "
              f"sizes `{r['sizes']}`; `make bench` took {r['total_s'] / 60:.1f} min. `imgscore run` uses "
-             f"configs/nightly.yaml (batch 32, {r['pipeline_split']['dataloader_workers']} DataLoader workers, "
-             f"torch threads = cores, channels_last, folded BN, JPEG draft, fp32) under a temporary Prefect server.\n")
+             f"configs/nightly.yaml (batch 32, `inference.num_workers: auto`, channels_last, folded BN, JPEG draft, "
+             f"fp32) under a temporary Prefect server; the tuned loop uses {r['pipeline_split']['dataloader_workers']} "
+             f"DataLoader workers beside torch threads = cores.\n")
     L.append("| workload | path | images | img/s | × plain loop | × forward-only | peak memory MiB |")
     L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 
@@ -992,6 +995,11 @@ def render(r: dict) -> str:
     L.append(f"| of which Prefect, outside `score_shard` | {mem['prefect_overhead_per_shard_s'] * 1e3:.0f} ms |")
     L.append(f"| importing torch + torchvision + Prefect + imgscore in a fresh interpreter | {r['imports']['seconds']} s |")
     L.append("")
+    splits = [f"{w['workload']} {b}: {', '.join(run['splits'])}" for w in (c, d)
+              for b, run in (("torch", w["imgscore_large"]), *((k, v["large"]) for k, v in w.get("backend_runs", {}).items()))
+              if run.get("splits")]
+    if splits:
+        L.append("Splits `auto` chose in the large runs (DataLoader processes × forward threads, or lanes): " + "; ".join(splits) + ".\n")
     L.extend(render_backends(r))
     L.append("| target | measured | met |")
     L.append("| --- | ---: | --- |")

@@ -46,6 +46,7 @@ hand-over, Python per batch) stay small next to the forward of small inputs.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -127,14 +128,17 @@ def fwd_at(c: Costs, t: int) -> float:
 
 
 def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None,
-                 images: int | None = None, lanes: bool = False) -> Choice:
+                 images: int | None = None, lanes: bool = False, batch: int | None = None) -> Choice:
     """The :class:`Choice` by the rule in the module doc.
 
     ``can_fork`` False (a daemonic Dask worker) leaves only inline decoding. ``lanes``: the
     forward may run inside the DataLoader processes (torch on the CPU, one model), which adds
     the ``S`` lanes candidate. ``images``: the shard's length; each DataLoader process then
     also costs :data:`WORKER_START_S` per shard (one DataLoader per shard), and each lane
-    :data:`FORWARD_START_S` more, spread over its images.
+    :data:`FORWARD_START_S` more, spread over its images; and lanes take whole batches in
+    turn (``batch``, default what ``batch_size: auto`` would pick for a one-thread forward), so
+    a shard of ``n`` batches keeps only ``min(n, S)`` lanes busy: ``ceil(n / S)`` rounds of one
+    batch's decode and forward each.
     """
     s = max(1, c.share)
     d = max(c.decode, 1e-9)
@@ -148,8 +152,15 @@ def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None
         if lanes and 1 < s <= MAX_LANES:
             pred[(s, 1, True)] = s / (d + c.fwd_1)
     if images:
-        pred = {k: images / (images / v + k[0] * WORKER_START_S + (FORWARD_START_S if k[2] else 0.0))
-                for k, v in pred.items()}
+        def seconds(k: tuple[int, int, bool], v: float) -> float:
+            w, _, lane = k
+            if not lane:
+                return images / v + w * WORKER_START_S
+            b = batch or choose_batch(c.fwd_1, "auto")
+            rounds = math.ceil(math.ceil(images / b) / w)  # the DataLoader hands batches to lanes in turn
+            return rounds * b * (d + c.fwd_1) + w * WORKER_START_S + FORWARD_START_S
+
+        pred = {k: images / seconds(k, v) for k, v in pred.items()}
     best = max(pred.values())
     # ties: fewer forward threads, then fewer processes, then the forward in this process
     w, t, ln = min((k for k, v in pred.items() if v >= best * (1 - TIE)), key=lambda k: (k[1], k[0], k[2]))
@@ -249,7 +260,7 @@ def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cf
         costs = measure(sample, min(probe, len(ds)), forward_for, share)
         if costs is None:  # nothing decodes in the probe: the shard records its failures anyway
             return Split(fixed_w if fixed_w is not None else 0, share, fixed_b or MIN_BATCH, {}, None)
-        ch = choose_split(costs, can_fork, images=len(ds), lanes=lanes)
+        ch = choose_split(costs, can_fork, images=len(ds), lanes=lanes, batch=fixed_b)
         split = remember_split(key, Split(ch.workers, ch.threads, choose_batch(fwd_at(costs, ch.threads), "auto"),
                                           ch.predicted, costs, ch.lanes))
         log.info("worker split for %s: %s (decode %.2f ms, forward %.2f ms/img at 1 thread, %.2f at %d; "

@@ -40,6 +40,9 @@ def test_lanes_when_every_core_running_the_whole_pipeline_beats_the_split():
     assert not ch.lanes and (ch.workers, ch.threads) == (2, 1), ch.predicted
     # a lane pays its process start and its first forward per shard: never for a handful of images
     assert not A.choose_split(SMALL, images=50, lanes=True).lanes
+    # lanes take whole batches in turn: one batch keeps one lane busy (a one-thread forward)
+    assert not A.choose_split(COMPUTE, images=32, batch=32, lanes=True).lanes
+    assert A.choose_split(COMPUTE, images=1000, batch=32, lanes=True).lanes
     # one core, a daemonic worker, or more cores than lanes may hold batches: no lanes candidate
     one = A.Costs(decode=0.001, fwd_1=0.002, fwd_share=0.002, share=1, images=8)
     big = A.Costs(decode=0.001, fwd_1=0.002, fwd_share=0.002 / 8, share=A.MAX_LANES + 1, images=8)
