@@ -108,10 +108,12 @@ class SmallSpec:
 
 
 SIZES = {
-    # 9.8 minutes on 2 cores with the images cached (2026-11-29; + about 3 minutes unloaded to
-    # make them once); repeats=2 would add about 2 minutes
+    # about 12 minutes on 2 cores with --repeats 2 and the images cached (2026-12-01; a few more
+    # to make them once). compute: 160 and 800 images (5 and 25 batches, one shard each), so both
+    # sizes run the same split — with lanes a one-batch shard keeps one lane busy and a 32-image
+    # small size would not (benchmarks/NOTES.md, issue 16)
     "full": {
-        "compute": Workload("compute", "resnet50", (1600, 1200), 32, 224, 24, 96, 4, 24),
+        "compute": Workload("compute", "resnet50", (1600, 1200), 160, 800, 24, 96, 4, 24),
         "decode": Workload("decode", "mobilenet_v3_large", (4000, 3000), 48, 432, 16, 160, 6, 24),
         "memory": MemorySpec("mobilenet_v3_large", (400, 300), 64, 640, 32),
         "small": SmallSpec("resnet18", (32, 32), 2000, 500),
