@@ -3,8 +3,9 @@
 This is the body of the ``score_shard`` task run, split the way a Beam ``DoFn`` pipeline is:
 
 1. :func:`build_loader`: a DataLoader over the shard's images (decode in worker processes,
-   failures as records, never as exceptions; with lanes the forward runs there too,
-   :class:`LaneCollate`);
+   failures as records, never as exceptions; when the split chose lanes the forward runs
+   there too, :class:`LaneCollate` — not to be confused with a model's :class:`Lane` of a
+   several-model pass);
 2. :func:`score_batches`: forward passes with per-image isolation, every image turned into one
    predictions row or one errors row (:func:`prediction_row`, :func:`error_row` — the only
    places rows are built);
