@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -383,3 +384,20 @@ def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photo
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     names = [r.state.name for r in runs if "score_shard" in r.name]
     assert names.count("Cached") == 2, names
+
+
+def test_a_relative_output_root_reads_its_own_run_state_back(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """``make demo`` writes to the relative ``outputs``: the run's recorded part files are then
+    relative to the working directory. The report must be written (it checks them against the
+    derived paths) and a rerun of a fixed image must accept the run state."""
+    root = flat_folder(tmp_path / "images", photos, 5, size=48)
+    truncate_jpeg(root / "img_002.jpg")
+    monkeypatch.chdir(tmp_path)
+    sets = sum((["--set", s] for s in base_overrides(root, tiny_checkpoint, Path("outputs"))), [])
+    run_cli("run", *sets, "--quiet")
+    out = tmp_path / "outputs"
+    rid = only_run(out)
+    assert (out / "runs" / rid / "report.html").stat().st_size > 1000
+    shutil.copy(root / "img_001.jpg", root / "img_002.jpg")  # fixed
+    assert run_cli("rerun", rid, "--set", "output.root=outputs", "--quiet") == 0, capsys.readouterr().err
+    assert sorted(predictions(out, rid).column("image_path").to_pylist()) == [f"img_{i:03d}.jpg" for i in range(5)]

@@ -329,6 +329,13 @@ def test_containment_checks(tmp_path):
     parts = [root / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00003.parquet"]
     check_recorded_files([str(parts[0]), "predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], parts, root, "f")
     check_recorded_files(["/old/place/predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], parts, root, "f")  # root moved
+    # a relative output.root (make demo's `outputs`): the writer records root/part relative to the cwd
+    rel = Path("outputs")
+    rel_parts = [rel / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00003.parquet"]
+    check_recorded_files([str(rel_parts[0]), "predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], rel_parts, rel, "f")
+    for bad in ("outputs/predictions/run_date=2026-01-01/run_id=r/part-00004.parquet", "outputs/../x", "other/" + str(rel_parts[0])):
+        with pytest.raises(UnsafePathError, match=r"f\[0\]"):
+            check_recorded_files([bad], rel_parts, rel, "f")
     for bad in ("/etc/passwd", "../../x", "/old/../predictions/run_date=2026-01-01/run_id=r/part-00003.parquet",
                 str(root / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00004.parquet")):
         with pytest.raises(UnsafePathError, match=r"f\[0\]"):
