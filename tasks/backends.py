@@ -284,16 +284,7 @@ def _cpu_fp32_copy(lm: LoadedModel) -> torch.nn.Module:
     module = lm.module
     if isinstance(module, torch.jit.ScriptModule):
         return module.cpu().float().eval() if lm.device.type != "cpu" else module.eval()
-    # forward hooks are not the model (output.embeddings' hook keeps per-thread state that cannot
-    # be copied): the copy gets none, so a process that scored with embeddings can still export
-    memo: dict[int, object] = {}
-    for m in module.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                     "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
-            d = getattr(m, attr, None)
-            if d is not None:
-                memo[id(d)] = type(d)()
-    return copy.deepcopy(module, memo).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
+    return copy.deepcopy(module).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
 
 
 def _export(module: torch.nn.Module, crop: int, path: Path) -> str:

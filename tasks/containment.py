@@ -134,9 +134,9 @@ def check_relative_column(paths: pa.Array | pa.ChunkedArray, what: str) -> None:
 
 def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_root: str | Path, what: str) -> None:
     """Each recorded ``files`` entry names one of the shard's own part files (``expected``, as
-    derived under ``out_root``): that path itself (relative to ``out_root``, or, when ``out_root``
-    is itself relative, to the working directory as the writer recorded it), or — written before ``output.root`` moved — an
-    absolute path without ``..`` whose tail is the same ``TABLE/run_date=…/RUN/part-….parquet``.
+    derived under ``out_root``): that path itself (or relative to ``out_root``), or — written
+    under another spelling of the root: one that moved, or a relative one as the writer recorded
+    it — a path without ``..`` whose tail is the same ``TABLE/run_date=…/RUN/part-….parquet``.
     imgscore never opens a recorded entry; it uses the derived path. An entry that is neither is
     an edit.
 
@@ -157,12 +157,12 @@ def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_roo
     for p in expected:
         tails[os.path.normpath(p)] = Path(p).relative_to(root).parts
     for i, entry in enumerate(files):
-        # relative entries are under the root; with a relative output.root (the demo's `outputs`)
-        # the writer recorded them as the root joined with the part's path, relative to the cwd
-        if os.path.normpath(root / entry) in tails or (not root.is_absolute() and os.path.normpath(entry) in tails):
+        if os.path.normpath(root / entry) in tails:
             continue
         parts = Path(entry).parts
-        moved = os.path.isabs(entry) and ".." not in parts and any(parts[-len(t):] == t for t in tails.values())
+        # written under another spelling of the root: an output.root that moved, or a relative one
+        # (the writer records root/part, so `outputs/predictions/…` for the demo's `outputs`)
+        moved = ".." not in parts and any(parts[-len(t):] == t for t in tails.values())
         if not moved:
             raise UnsafePathError(f"{what}[{i}] {entry!r} is not one of this shard's part files under {str(root)!r}; {_FIX}")
 

@@ -125,6 +125,19 @@ class Tap:
         else:
             target.register_forward_hook(self._keep_output)
 
+    def __deepcopy__(self, memo: dict) -> Tap:
+        """A copied module (``copy.deepcopy``, e.g. for the ONNX export) gets its own tap, with
+        empty per-thread state: a ``threading.local`` cannot be copied, and features seen by the
+        original are not the copy's."""
+        import copy
+
+        new = object.__new__(Tap)
+        memo[id(self)] = new
+        new.layer = self.layer
+        new.module_ref = copy.deepcopy(self.module_ref, memo)
+        new._local = threading.local()
+        return new
+
     def _keep_input(self, _mod, args) -> None:
         self._local.value = args[0]
 

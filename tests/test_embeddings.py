@@ -21,7 +21,7 @@ import torchvision
 
 from imgscore.flows.cli import execute
 from imgscore.tasks.config import build_config
-from imgscore.tasks.embeddings import choose_layer, embeddings_table, find_head
+from imgscore.tasks.embeddings import Tap, choose_layer, embeddings_table, find_head
 from imgscore.tasks.errors import ConfigError
 from imgscore.tasks.model import load_model
 from imgscore.tasks.preprocess import DecodeOptions, build_transform, decode_file
@@ -172,3 +172,23 @@ def test_rerun_of_a_fixed_image_keeps_one_vector_per_prediction(prefect_server, 
     for kept in ("img_3.jpg", "img_5.jpg"):
         assert np.array_equal(np.asarray(new[kept]), np.asarray(old[kept]))
     assert len(new["img_4.jpg"]) == 1024 and np.isfinite(np.asarray(new["img_4.jpg"])).all()
+
+
+def test_a_tapped_model_can_still_be_copied(tiny_model):
+    """A process that scored with embeddings keeps the hook on its cached module; the ONNX export
+    deep-copies that module. The copy gets its own tap: it sees its own forwards, the original's
+    features are untouched."""
+    import copy
+
+    module = copy.deepcopy(tiny_model)
+    tap = Tap(module, choose_layer(module, None, 3))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        module(x)  # the original's features: 2 images, not taken yet
+        clone = copy.deepcopy(module)
+        (new_tap,) = {h.__self__ for h in clone.classifier[-1]._forward_pre_hooks.values()}
+        assert new_tap is not tap and new_tap.module_ref is clone
+        with pytest.raises(RuntimeError, match="was not called"):
+            new_tap.take()  # starts empty
+        clone(x[:1])
+        assert new_tap.take().shape[0] == 1 and tap.take().shape[0] == 2

@@ -21,7 +21,7 @@ from imgscore.tasks.score import (
     loader_timeout,
     score_batches,
 )
-from tests.conftest import base_overrides
+from tests.conftest import assert_same_answers, base_overrides
 
 
 def _rows(folder, ckpt, tmp_path, split: A.Split, backend: str = "torch"):
@@ -40,7 +40,7 @@ def _rows(folder, ckpt, tmp_path, split: A.Split, backend: str = "torch"):
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_lanes_score_like_the_forward_in_this_process(backend, image_folder, tiny_checkpoint, tmp_path):
     """Two forked lanes against the inline forward on the same 12 photos plus one broken file:
-    every image gets the same top-k (scores to 1e-5), the broken file is one decode error row in
+    every image gets the same probabilities (to 1e-5), the broken file is one decode error row in
     both, and the commit facts say lanes ran — for eager torch and for an ONNX Runtime session
     built before the fork."""
     if backend != "torch":
@@ -53,9 +53,8 @@ def test_lanes_score_like_the_forward_in_this_process(backend, image_folder, tin
     a = {r["image_path"]: r for r in inline.predictions}
     b = {r["image_path"]: r for r in lanes.predictions}
     assert len(a) == 12 and a.keys() == b.keys()
-    for k in a:
-        assert a[k]["topk_indices"] == b[k]["topk_indices"], k
-        assert max(abs(x - y) for x, y in zip(a[k]["topk_scores"], b[k]["topk_scores"], strict=True)) < 1e-5, k
+    for k in a:  # same function, other thread count: near-ties within the tolerance may swap
+        assert_same_answers(a[k], b[k], atol=1e-5, what=k)
     for rows in (inline, lanes):
         assert [(e["image_path"], e["stage"]) for e in rows.errors] == [("coffee/broken.jpg", "decode")]
 

@@ -333,7 +333,9 @@ def test_containment_checks(tmp_path):
     rel = Path("outputs")
     rel_parts = [rel / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00003.parquet"]
     check_recorded_files([str(rel_parts[0]), "predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], rel_parts, rel, "f")
-    for bad in ("outputs/predictions/run_date=2026-01-01/run_id=r/part-00004.parquet", "outputs/../x", "other/" + str(rel_parts[0])):
+    check_recorded_files(["elsewhere/" + str(rel_parts[0])], rel_parts, rel, "f")  # run from another working directory
+    for bad in ("outputs/predictions/run_date=2026-01-01/run_id=r/part-00004.parquet", "outputs/../x",
+                "../predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"):
         with pytest.raises(UnsafePathError, match=r"f\[0\]"):
             check_recorded_files([bad], rel_parts, rel, "f")
     for bad in ("/etc/passwd", "../../x", "/old/../predictions/run_date=2026-01-01/run_id=r/part-00003.parquet",
