@@ -28,6 +28,7 @@ from pydantic import (
 from imgscore.tasks import storage
 from imgscore.tasks.containment import is_plain_name
 from imgscore.tasks.errors import ConfigError
+from imgscore.tasks.formats import DEFAULT_FORMATS, check_formats
 
 # Pillow's default decompression-bomb limit (about 89.5 megapixels). Read once; never changed.
 PILLOW_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 178956970 // 2)
@@ -82,6 +83,26 @@ class InputConfig(_Section):
         description="largest PNG text/ICC chunk (decompressed) and PNG text in all read per image, bytes; "
         "Pillow's own limits (1 MiB a chunk, 64 MiB in all) are raised to it for each decode only",
     )
+    formats: list[str] = Field(
+        list(DEFAULT_FORMATS),
+        description="image formats decoded (Pillow names; Image.open(formats=...)): the formats photos arrive in, "
+        "AVIF and HEIF where their plugins are installed; others (FITS, TGA, JPEG2000, ...) only when listed here, as "
+        "Pillow's 2026 advisories advise; a file of another format is an error (format_not_allowed) or, by its "
+        "extension, skipped; EPS/PostScript can never be listed (Pillow runs Ghostscript on it)",
+    )
+    decode_timeout_s: float = Field(
+        30.0, gt=0, description="seconds one image's decode may take, in worker processes and inline "
+        "(inference.num_workers=0); a slower one is an error (DecodeError.timeout), the rest of the batch is scored",
+    )
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _allowed_formats(cls, v):
+        if isinstance(v, str):  # --set input.formats=JPEG or "JPEG, PNG"
+            v = [p for p in v.replace(",", " ").split()]
+        if not isinstance(v, list | tuple):
+            raise ValueError(f"input.formats must be a list of format names such as [JPEG, PNG], got {v!r}")
+        return list(check_formats(v))
 
 
 class TransformConfig(_Section):

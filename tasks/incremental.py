@@ -91,13 +91,27 @@ _STAT = ["image_path", "file_size", "file_mtime_ns", "file_version"]
 _FAILED_COLUMNS = [*_STAT, "run_id", "stage", "error_type", "message"]
 
 
+# Decode settings that joined the key later: in it only when they differ from their defaults, so
+# the key of runs made before they existed stays the same.
+_LATER_DECODE_SETTINGS = ("formats", "decode_timeout_s")
+
+
 def decode_settings(input_cfg: InputConfig | dict | None) -> dict:
     """The ``input.*`` settings that change the pixels a file decodes to, or whether it decodes at
     all (the fields of :class:`~imgscore.tasks.preprocess.DecodeOptions`: ``max_pixels``,
-    ``exif_orientation``, ``max_metadata_bytes``), from an ``InputConfig`` or the ``input`` section
-    of a recorded config; a key it lacks (a manifest of an older version) takes its default."""
+    ``exif_orientation``, ``max_metadata_bytes``, and ``formats`` and ``decode_timeout_s`` when
+    they differ from their defaults), from an ``InputConfig`` or the ``input`` section of a
+    recorded config; a key it lacks (a manifest of an older version) takes its default.
+    ``formats`` is compared as a set: listing the same formats in another order is the same key;
+    allowing another format makes the images it refused eligible again."""
     given = input_cfg.model_dump() if isinstance(input_cfg, InputConfig) else dict(input_cfg or {})
-    return {f.name: given.get(f.name, InputConfig.model_fields[f.name].default) for f in fields(DecodeOptions)}
+    out = {f.name: given.get(f.name, InputConfig.model_fields[f.name].default) for f in fields(DecodeOptions)}
+    out["formats"] = sorted(out["formats"])
+    for name in _LATER_DECODE_SETTINGS:
+        default = InputConfig.model_fields[name].default
+        if out[name] == (sorted(default) if name == "formats" else default):
+            del out[name]
+    return out
 
 
 def model_key(model_info: dict) -> str:

@@ -65,7 +65,7 @@ class ObjectScan(Scan):
         def images():
             for obj in sorted((o for o in objects if not _hidden_key(o.key)), key=lambda o: storage.walk_order_key(o.key)):
                 rel = base + obj.key
-                why = skip_reason(rel)
+                why = skip_reason(rel, self.formats)
                 if why is not None:
                     _skip(skipped, rel, why)
                     continue
@@ -81,7 +81,7 @@ def _refuse_listing(root: str, exc: BaseException) -> InputError:
     )
 
 
-def open_object_scan(root: str, layout: str = "auto") -> ObjectScan:
+def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] | list[str] | None = None) -> ObjectScan:
     """Check the prefix ``root`` and decide the layout and classes; keys are listed in
     :meth:`ObjectScan.batches`.
 
@@ -99,15 +99,16 @@ def open_object_scan(root: str, layout: str = "auto") -> ObjectScan:
         raise InputError(
             f"input.root {root!r} holds no objects; check the bucket and prefix (keys are listed under {root.rstrip('/')}/)"
         )
+    formats = tuple(formats) if formats is not None else None
     if layout == "auto":
-        layout = "imagefolder" if classes and all(skip_reason(o.key) is not None for o in top_files) else "flat"
-    scan = ObjectScan(root=root, layout=layout, classes=[])
+        layout = "imagefolder" if classes and all(skip_reason(o.key, formats) is not None for o in top_files) else "flat"
+    scan = ObjectScan(root=root, layout=layout, classes=[], formats=formats)
     if layout == "imagefolder":
         scan.classes = list(classes)
         scan._units = [_Unit(storage.join(root, c), i, c) for i, c in enumerate(classes)]
         tail: list[dict[str, str]] = []
         for o in top_files:
-            _skip(tail, o.key, skip_reason(o.key) or "image outside any class folder (layout=imagefolder)")
+            _skip(tail, o.key, skip_reason(o.key, formats) or "image outside any class folder (layout=imagefolder)")
         scan._tail_skipped = tail
     else:
         scan._units = [_Unit(None, None, None, files=top_files)] + [_Unit(storage.join(root, d), None, None) for d in classes]

@@ -212,7 +212,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     storage.make_dirs(run_dir)
     moved = layout.migrate_output_root(out)  # runs of earlier versions: into today's part-file layout
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
-    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
+    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks, cfg.input.formats)
     threads = scan_threads_for(scan.root, cfg.input.scan_threads)
     infos = [{**m, "decode": model_info["decode"]} for m in models] if models else [model_info]
     skip = None

@@ -1,6 +1,11 @@
 """Decode one image file fully and turn it into the model's input tensor.
 
 Decoding policy (documented in the README):
+- only the formats of ``input.formats`` are opened (:func:`imgscore.tasks.formats.open_image`);
+  a file whose bytes are another format is a ``format_not_allowed`` error, and no plugin outside
+  the list ever sees it (Pillow's EPS plugin would run Ghostscript on it);
+- one image's decode may take ``input.decode_timeout_s`` seconds (:class:`_Deadline`), and a
+  TIFF's tiles may not be bigger than its image (:func:`_check_decoder_buffers`);
 - the whole file is decoded inside the caller's per-image guard (Pillow opens lazily, so a
   truncated JPEG only fails on ``load()``); Pillow's global flags are never changed;
 - images that declare more than ``max_pixels`` pixels are refused from the header, before any
@@ -28,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import struct
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +44,8 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+
+from imgscore.tasks.formats import DEFAULT_FORMATS, FormatNotAllowed, open_image
 
 # torchvision's classification reference recipe (references/classification/presets.py,
 # ClassificationPresetEval): resize 256, center crop 224, ImageNet mean/std, bilinear.
@@ -129,19 +138,31 @@ PILLOW_PNG_TEXT_LIMITS = (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024 * 1024
 
 
+DEFAULT_DECODE_TIMEOUT_S = 30.0
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Per-run decode settings from ``input.*``. ``max_metadata_bytes``: largest PNG text or ICC
-    chunk (decompressed) and total PNG text read per image, bytes; never below Pillow's own limits."""
+    """Per-run decode settings from ``input.*``. Frozen and picklable: they travel to Dask workers
+    and DataLoader worker processes with the dataset.
+
+    ``max_metadata_bytes``: largest PNG text or ICC chunk (decompressed) and total PNG text read
+    per image, bytes; never below Pillow's own limits. ``formats``: the Pillow format names
+    decoded (``input.formats``, checked by :func:`imgscore.tasks.formats.check_formats`).
+    ``decode_timeout_s``: seconds one image's decode may take (``input.decode_timeout_s``).
+    """
 
     max_pixels: int
     exif_orientation: bool = True
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
 
     @classmethod
     def from_input(cls, input_cfg) -> DecodeOptions:
         """The options of an ``InputConfig`` (``input.*``)."""
-        return cls(input_cfg.max_pixels, input_cfg.exif_orientation, input_cfg.max_metadata_bytes)
+        return cls(input_cfg.max_pixels, input_cfg.exif_orientation, input_cfg.max_metadata_bytes,
+                   tuple(input_cfg.formats), input_cfg.decode_timeout_s)
 
 
 @dataclass
@@ -366,8 +387,11 @@ def decode_file(path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: li
         applied) and the size (bytes) and mtime (ns) of the file object it was read from.
 
     Raises:
-        DecodeError: with ``kind`` one of ``empty``, ``unidentified``, ``too_large``,
-            ``truncated``, ``corrupt``, ``unreadable``, ``non_finite``, ``metadata_too_large``.
+        DecodeError: with ``kind`` one of ``empty``, ``unidentified``, ``format_not_allowed``
+            (the bytes are a format outside ``opts.formats``, named in the message),
+            ``too_large`` (declared pixels, or TIFF tiles bigger than the image), ``truncated``,
+            ``corrupt``, ``unreadable``, ``non_finite``, ``metadata_too_large``, ``timeout``
+            (over ``opts.decode_timeout_s``).
     """
     try:
         f = open(path, "rb")
@@ -393,51 +417,165 @@ def decode_bytes(data: bytes, name: str, spec: PreprocessSpec, opts: DecodeOptio
     return DecodedImage(_decode_open_file(io.BytesIO(data), name, spec, opts, warned), len(data), None)
 
 
-def _decode_open_file(f, path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: list[str] | None) -> Image.Image:
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught, _png_metadata_limits(opts.max_metadata_bytes):
-        warnings.simplefilter("always")
-        try:
-            img = Image.open(f)
-        except Image.DecompressionBombError as exc:
+class _Deadline:
+    """A read-only view of an image file whose reads fail once ``budget_s`` seconds have passed
+    since it was made: the per-image decode time budget (``input.decode_timeout_s``).
+
+    Why reads: the budget must hold in every decode mode — DataLoader worker processes, and
+    inline (``inference.num_workers: 0``) in whatever thread a shard runs. ``SIGALRM`` works only
+    in the main thread; a thread with a deadline cannot be stopped and would keep the decode lock
+    and the memory; a process per image costs more than most decodes. Pillow's decoders pull the
+    file through ``read()`` chunk by chunk (``ImageFile.load``: 64 KiB at a time), so checking the
+    clock there stops a slow decode within one chunk's work, in any thread, with nothing left
+    running. Not covered: a decoder that does all its work in one C call after reading the file
+    (WebP, AVIF, libtiff); their work is bounded by ``input.max_pixels`` and the tile check
+    (:func:`_check_decoder_buffers`) instead, and decoders that decompress a whole file in one
+    call without such bounds (FITS GZIP) are off the default ``input.formats``.
+    ``fileno`` is deliberately absent, so libtiff reads through here too rather than the descriptor.
+    """
+
+    def __init__(self, f, budget_s: float):
+        self._f = f
+        self.budget_s = budget_s
+        self._start = time.monotonic()
+
+    def check(self, doing: str) -> None:
+        """Raise ``DecodeError("timeout")`` when the budget is spent (``doing``: for the message)."""
+        spent = time.monotonic() - self._start
+        if spent > self.budget_s:
+            raise DecodeError(
+                "timeout",
+                f"decoding stopped after {spent:.1f} s while {doing}: over input.decode_timeout_s={self.budget_s:g} s "
+                "(a slow or hostile file); raise input.decode_timeout_s if such images are genuine",
+            )
+
+    def read(self, n: int = -1) -> bytes:
+        self.check("reading pixels")
+        return self._f.read(n)
+
+    def readline(self, n: int = -1) -> bytes:
+        self.check("reading pixels")
+        return self._f.readline(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+# A tile or strip may hold up to the whole image, or this many pixels (a 2048x2048 tile; 16 MiB
+# at 4 bytes a pixel) for images smaller than one ordinary tile.
+MIN_TILE_PIXELS = 1 << 22
+
+
+def _check_decoder_buffers(img: Image.Image, opts: DecodeOptions) -> None:
+    """Refuse a TIFF whose tiles are bigger than its image: libtiff allocates a whole tile
+    (TileWidth x TileLength from the tags) per read, whatever the declared size, so a 16x16
+    image with one 16384x16384 tile made memory peak near 2 GB. Strips need no check: libtiff
+    clamps RowsPerStrip to the image height.
+
+    Raises:
+        DecodeError: ``too_large``, naming the tile, the image and the limit.
+    """
+    if img.format != "TIFF":
+        return
+    tags = getattr(img, "tag_v2", {})
+    try:
+        tw, th = int(tags[322]), int(tags[323])  # TileWidth, TileLength
+    except (KeyError, TypeError, ValueError):
+        return
+    w, h = img.size
+    tile, pixels = tw * th, w * h
+    if tile > max(pixels, MIN_TILE_PIXELS) or pixels + tile > opts.max_pixels:
+        raise DecodeError(
+            "too_large",
+            f"TIFF tile {tw}x{th} = {tile} pixels for a {w}x{h} image: the decoder would allocate a whole tile, "
+            f"and a tile may hold at most max(image pixels, {MIN_TILE_PIXELS}) = {max(pixels, MIN_TILE_PIXELS)} pixels, "
+            f"image and tile together at most input.max_pixels={opts.max_pixels} (possible decompression bomb; "
+            "re-save the file with ordinary tiles, e.g. tiffcp -t -w 256 -l 256 IN OUT)",
+        )
+
+
+def _open_checked(f: _Deadline, path: str, opts: DecodeOptions) -> Image.Image:
+    """Open ``f`` with only ``opts.formats`` (:func:`imgscore.tasks.formats.open_image`) and map
+    what opening raises to :class:`DecodeError`."""
+    try:
+        return open_image(f, opts.formats)
+    except DecodeError:
+        raise
+    except FormatNotAllowed as exc:
+        raise DecodeError("format_not_allowed", str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(
+            "too_large",
+            f"decompression bomb refused by Pillow itself: {exc} Pillow refuses images above twice "
+            "PIL.Image.MAX_IMAGE_PIXELS whatever input.max_pixels says; such a file cannot be scored here",
+        ) from None
+    except UnidentifiedImageError:
+        raise DecodeError("unidentified", _sniff(path, f)) from None
+    except ValueError as exc:
+        raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
+    except OSError as exc:
+        raise DecodeError("unreadable", f"cannot open: {exc}") from None
+    except (SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error, ZeroDivisionError, MemoryError) as exc:
+        raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
+
+
+def _load_checked(img: Image.Image, spec: PreprocessSpec, opts: DecodeOptions) -> None:
+    """Check the declared size and the decoder's buffers, then read the first frame's pixels.
+
+    Raises:
+        DecodeError: ``too_large``, ``truncated``, ``corrupt``, ``metadata_too_large``, ``timeout``
+            (the image is closed first).
+    """
+    try:
+        w, h = img.size
+        if w * h > opts.max_pixels:
             raise DecodeError(
                 "too_large",
-                f"decompression bomb refused by Pillow itself: {exc} Pillow refuses images above twice "
-                "PIL.Image.MAX_IMAGE_PIXELS whatever input.max_pixels says; such a file cannot be scored here",
-            ) from None
-        except UnidentifiedImageError:
-            raise DecodeError("unidentified", _sniff(path, f)) from None
-        except ValueError as exc:
-            raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
-        except OSError as exc:
-            raise DecodeError("unreadable", f"cannot open: {exc}") from None
+                f"{w}x{h} = {w * h} pixels exceeds input.max_pixels={opts.max_pixels} "
+                "(possible decompression bomb; raise input.max_pixels if the image is genuine)",
+            )
+        _check_decoder_buffers(img, opts)
+        # policy: first frame of animations and multi-page files. is_animated looks one frame
+        # ahead only; n_frames would walk every frame (or IFD) of the file first.
+        if getattr(img, "is_animated", False) and img.tell() != 0:
+            img.seek(0)
+        if spec.jpeg_draft and img.format == "JPEG" and min(w, h) >= 4 * spec.resize:
+            # libjpeg DCT-domain downscale by 1/2, 1/4 or 1/8, keeping both sides >= twice the
+            # resize target, so the antialiased resize always does the last halving. Drafting
+            # straight to the target flipped 3 of 432 top-1s against a full decode; this
+            # flips fewer, for about 1 ms more per 12 MP photo (benchmarks/NOTES.md, fidelity).
+            img.draft(img.mode, (2 * spec.resize, 2 * spec.resize))
+        img.load()
+    except DecodeError:
+        img.close()
+        raise
+    except ValueError as exc:
+        img.close()
+        raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
+    except (OSError, SyntaxError, EOFError) as exc:
+        img.close()
+        text = str(exc)
+        kind = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
+        raise DecodeError(kind, f"{type(exc).__name__}: {text}") from None
+    except (IndexError, KeyError, TypeError, struct.error, ZeroDivisionError, MemoryError) as exc:
+        img.close()
+        raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode_open_file(f, path: str, spec: PreprocessSpec, opts: DecodeOptions, warned: list[str] | None) -> Image.Image:
+    f = _Deadline(f, opts.decode_timeout_s)
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught, _png_metadata_limits(opts.max_metadata_bytes):
+        warnings.simplefilter("always")
+        img = _open_checked(f, path, opts)
+        _load_checked(img, spec, opts)
         try:
-            w, h = img.size
-            if w * h > opts.max_pixels:
-                raise DecodeError(
-                    "too_large",
-                    f"{w}x{h} = {w * h} pixels exceeds input.max_pixels={opts.max_pixels} "
-                    "(possible decompression bomb; raise input.max_pixels if the image is genuine)",
-                )
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # policy: first frame of animations and multi-page files
-            if spec.jpeg_draft and img.format == "JPEG" and min(w, h) >= 4 * spec.resize:
-                # libjpeg DCT-domain downscale by 1/2, 1/4 or 1/8, keeping both sides >= twice the
-                # resize target, so the antialiased resize always does the last halving. Drafting
-                # straight to the target flipped 3 of 432 top-1s against a full decode; this
-                # flips fewer, for about 1 ms more per 12 MP photo (benchmarks/NOTES.md, fidelity).
-                img.draft(img.mode, (2 * spec.resize, 2 * spec.resize))
-            img.load()
+            f.check("reading pixels")
         except DecodeError:
             img.close()
             raise
-        except ValueError as exc:
-            img.close()
-            raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
-        except (OSError, SyntaxError, EOFError) as exc:
-            img.close()
-            text = str(exc)
-            kind = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
-            raise DecodeError(kind, f"{type(exc).__name__}: {text}") from None
         src = img
         if opts.exif_orientation:
             try:
@@ -453,7 +591,7 @@ def _decode_open_file(f, path: str, spec: PreprocessSpec, opts: DecodeOptions, w
             src.close()
             raise
         # Multi-frame files (GIF, TIFF) keep reading from the file until closed: copy, then close.
-        if rgb is src and getattr(src, "n_frames", 1) > 1:
+        if rgb is src and getattr(src, "is_animated", False):
             rgb = src.copy()
         if rgb is not src:
             src.close()

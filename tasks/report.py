@@ -34,6 +34,7 @@ from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, check_relative, check_relative_column
 from imgscore.tasks.errors import UsageError
 from imgscore.tasks.evaluate import confusion, nfc, read_run
+from imgscore.tasks.formats import DEFAULT_FORMATS, open_image
 from imgscore.tasks.manifest import check_run_state, load_manifest, manifest_path, run_dir_of
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -302,7 +303,8 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
         "created_at": m.get("created_at"),
         "updated_at": m.get("updated_at"),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "input": {"root": (m.get("input") or {}).get("root"), "layout": (m.get("input") or {}).get("layout"), "classes": folder_classes},
+        "input": {"root": (m.get("input") or {}).get("root"), "layout": (m.get("input") or {}).get("layout"), "classes": folder_classes,
+                  "formats": (((m.get("config") or {}).get("input") or {}).get("formats"))},
         "model": {k: model.get(k) for k in ("name", "arch", "model_id", "source", "num_classes")},
         "models": models_summary(m, all_preds, all_errs),
         "counts": {k: c.get(k, 0) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")},
@@ -516,9 +518,11 @@ def plot_confusion_matrix(conf: dict | None) -> str | None:
 # thumbnails
 
 
-def thumbnail_data_uri(path: str | Path | bytes | io.BytesIO, size: int = THUMB_PX) -> tuple[str | None, str | None]:
+def thumbnail_data_uri(path: str | Path | bytes | io.BytesIO, size: int = THUMB_PX,
+                       formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> tuple[str | None, str | None]:
     """A small JPEG of an image file as a ``data:`` URI: (uri, None), or (None, reason).
-    ``path``: a path (``bytes`` for names that are not UTF-8) or the image's bytes in a ``BytesIO``.
+    ``path``: a path (``bytes`` for names that are not UTF-8) or the image's bytes in a ``BytesIO``;
+    only the run's ``formats`` (``input.formats``) are opened, as scoring opens them.
 
     EXIF orientation is applied and transparency composited on white, like scoring does. Never
     raises for a bad or missing file: the reason is returned for the page to show.
@@ -528,7 +532,7 @@ def thumbnail_data_uri(path: str | Path | bytes | io.BytesIO, size: int = THUMB_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with open_image(path, formats) as im:
                 im.draft("RGB", (size * 2, size * 2))
                 im = ImageOps.exif_transpose(im)
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -577,6 +581,7 @@ def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None
         UnsafePathError: the run's index names a file outside the input root.
     """
     root = report["input"]["root"]
+    formats = report["input"].get("formats") or DEFAULT_FORMATS
     items = report["lowest_confidence"]
     if root is None or not items:
         return {}
@@ -587,7 +592,7 @@ def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None
         got = storage.read_objects([storage.join(root, rel) for _, rel in safe])
         out = {p: (None, "not read: the path leaves the input root") for p, rel in wanted if not _below(rel)}
         for (p, _), data in zip(safe, got, strict=True):
-            out[p] = thumbnail_data_uri(io.BytesIO(data)) if isinstance(data, bytes) else (None, storage.describe_error(data)[:120])
+            out[p] = thumbnail_data_uri(io.BytesIO(data), formats=formats) if isinstance(data, bytes) else (None, storage.describe_error(data)[:120])
         return out
     out = {}
     for r in items:
@@ -600,7 +605,7 @@ def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None
                 out[p] = (None, "not read: the path leaves the input root")
                 continue
         full = os.path.join(os.fsencode(root), rel) if rel is not None else os.path.join(root, p)
-        out[p] = thumbnail_data_uri(full)
+        out[p] = thumbnail_data_uri(full, formats=formats)
     return out
 
 

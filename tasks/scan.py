@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-from PIL import EpsImagePlugin, Image, ImageFile, features
+from PIL import Image, ImageFile, features
 
 from imgscore.tasks import storage
 from imgscore.tasks.containment import within
 from imgscore.tasks.errors import InputError
+from imgscore.tasks.formats import DEFAULT_FORMATS, NEVER, refused_message
 
 NOT_AN_IMAGE = "not an image format this Pillow reads"
 
@@ -81,8 +82,8 @@ def _why_not_decodable(fmt: str) -> str | None:
         ok = features.check_codec(name) if kind == "codec" else features.check_module(name)
         if not ok:
             return f"{fmt} needs {lib}, which this Pillow build lacks"
-    if fmt == "EPS" and not EpsImagePlugin.has_ghostscript():
-        return "EPS/PostScript needs Ghostscript (gs on PATH), which is not installed"
+    if fmt in NEVER:
+        return refused_message(fmt, ())
     return None
 
 
@@ -92,7 +93,8 @@ def pillow_extensions() -> tuple[dict[str, str], dict[str, str]]:
     Reads ``PIL.Image.registered_extensions()`` after ``Image.init()`` (which imports every plugin
     that can be imported), then drops the formats this build cannot decode: write-only formats
     (PDF, PALM), stub plugins without a handler (BUFR, GRIB, HDF5, WMF off Windows), codecs the
-    build lacks (JPEG 2000 without OpenJPEG, WebP, AVIF), EPS without Ghostscript, MPEG (header only).
+    build lacks (JPEG 2000 without OpenJPEG, WebP, AVIF), EPS (never: it runs Ghostscript), MPEG (header only).
+    Which of the decodable ones a run decodes is ``input.formats`` (:func:`skip_reason`).
 
     Returns:
         (decodable, not_decodable): lower-case extensions with the dot → Pillow format name, and
@@ -312,12 +314,16 @@ def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
 _FILE_KINDS = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
 
 
-def skip_reason(name: str) -> str | None:
-    """None when a file called ``name`` is an image to score (its extension is one this Pillow
-    decodes, case-insensitive); otherwise the reason it is listed in ``skipped``."""
+def skip_reason(name: str, formats: tuple[str, ...] | list[str] | None = None) -> str | None:
+    """None when a file called ``name`` is an image to score: its extension (case-insensitive) is
+    one this Pillow decodes, as a format of ``formats`` (``input.formats``; None: the default);
+    otherwise the reason it is listed in ``skipped``. The bytes decide in the end: a ``.jpg`` that
+    holds another format becomes an errors row (``DecodeError.format_not_allowed``)."""
     ext = os.path.splitext(name)[1].lower()
     if ext in SCORABLE_EXTENSIONS:
-        return None
+        allowed = DEFAULT_FORMATS if formats is None else tuple(formats)
+        fmt = _DECODABLE[ext]
+        return None if fmt in allowed else refused_message(fmt, allowed)
     return UNSUPPORTED_EXTENSIONS.get(ext, NOT_AN_IMAGE)
 
 
@@ -325,10 +331,11 @@ def _skip(skipped: list[dict[str, str]], rel: str, reason: str) -> None:
     skipped.append({"image_path": display_path(rel), "reason": reason})
 
 
-def _classify(path: str, root: str, label: int | None, label_name: str | None, skipped: list[dict[str, str]]) -> ImageEntry | None:
+def _classify(path: str, root: str, label: int | None, label_name: str | None, skipped: list[dict[str, str]],
+              formats: tuple[str, ...] | None = None) -> ImageEntry | None:
     """The index entry for ``path`` (:func:`_entry`), or None after recording in ``skipped`` why it
-    is not an image to score (:func:`skip_reason`)."""
-    why = skip_reason(path)
+    is not an image to score (:func:`skip_reason` with ``formats``)."""
+    why = skip_reason(path, formats)
     if why is not None:
         _skip(skipped, os.path.relpath(path, root), why)
         return None
@@ -453,6 +460,7 @@ class Scan:
     layout: str
     classes: list[str]  # display names (valid UTF-8)
     follow_symlinks: bool = True
+    formats: tuple[str, ...] | None = None  # input.formats (None: the default): which extensions are images
     skipped: list[dict[str, str]] = field(default_factory=list)
     images: int = 0
     _units: list[_Unit] = field(default_factory=list, repr=False)
@@ -463,7 +471,7 @@ class Scan:
         root = str(self.root)
         skipped: list[dict[str, str]] = []
         walk = unit.files if unit.files is not None else _walk_files(unit.top, self.follow_symlinks, skipped, root, unit.chain)
-        entries = (_classify(path, root, unit.label, unit.label_name, skipped) for path in walk)
+        entries = (_classify(path, root, unit.label, unit.label_name, skipped, self.formats) for path in walk)
         yield from batched((e for e in entries if e is not None), skipped)
 
     def batches(self, threads: int = 1) -> Iterator[pa.RecordBatch]:
@@ -482,7 +490,7 @@ class Scan:
         self._tail_skipped = []
 
 
-def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = True) -> Scan:
+def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = True, formats: tuple[str, ...] | list[str] | None = None) -> Scan:
     """Check ``root`` and decide the layout and classes; the walk happens in :meth:`Scan.batches`.
 
     Args:
@@ -491,6 +499,8 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
             (recursive, labels None) or ``auto`` (imagefolder when there are class subfolders
             and no images directly in ``root``).
         follow_symlinks: follow symlinked files and folders; cycles are cut.
+        formats: ``input.formats`` (None: the default); files whose extension names another
+            format are listed in ``skipped`` (:func:`skip_reason`).
 
     An object-store URL (``s3://``, ``gs://``, ``az://``) is listed instead of walked
     (:func:`imgscore.tasks.objscan.open_object_scan`; ``follow_symlinks`` does not apply).
@@ -501,25 +511,26 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
     if storage.is_remote(root):
         from imgscore.tasks.objscan import open_object_scan
 
-        return open_object_scan(str(root), layout)
+        return open_object_scan(str(root), layout, formats)
     root_p = Path(root)
     if not root_p.exists():
         raise InputError(f"input.root {str(root_p)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
     if not root_p.is_dir():
         raise InputError(f"input.root {str(root_p)!r} is not a folder; point input.root at the folder that holds the images")
     root_s = str(root_p)
+    formats = tuple(formats) if formats is not None else None
     classes = find_classes(root_s)
     with os.scandir(root_s) as it:
         top_files = sorted(e.name for e in it if not _is_hidden(e.name) and not e.is_dir())
     if layout == "auto":
-        layout = "imagefolder" if classes and all(skip_reason(n) is not None for n in top_files) else "flat"
-    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks)
+        layout = "imagefolder" if classes and all(skip_reason(n, formats) is not None for n in top_files) else "flat"
+    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks, formats=formats)
     if layout == "imagefolder":
         scan.classes = [display_path(c) for c in classes]  # a Latin-1 folder name is a class too, named in valid UTF-8
         scan._units = [_Unit(os.path.join(root_s, c), i, scan.classes[i]) for i, c in enumerate(classes)]
         tail: list[dict[str, str]] = []
         for n in top_files:  # files directly in root have no class: say so
-            _skip(tail, n, skip_reason(n) or "image outside any class folder (layout=imagefolder)")
+            _skip(tail, n, skip_reason(n, formats) or "image outside any class folder (layout=imagefolder)")
         scan._tail_skipped = tail
     else:
         listed = _list_folder(root_s, follow_symlinks, scan.skipped, root_s, frozenset())
@@ -529,18 +540,20 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
     return scan
 
 
-def first_entries(root: str | Path, n: int, layout: str = "auto", follow_symlinks: bool = True) -> list[ImageEntry]:
+def first_entries(root: str | Path, n: int, layout: str = "auto", follow_symlinks: bool = True,
+                  formats: tuple[str, ...] | list[str] | None = None) -> list[ImageEntry]:
     """The first ``n`` images of ``root`` in index order (what a run's first shard starts with),
     walking only as far as needed. Raises as :func:`open_scan`."""
     out: list[ImageEntry] = []
-    for batch in open_scan(root, layout, follow_symlinks).batches(1):
+    for batch in open_scan(root, layout, follow_symlinks, formats).batches(1):
         out.extend(entries_from_table(pa.Table.from_batches([batch])))
         if len(out) >= n:
             break
     return out[:n]
 
 
-def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = True, threads: int = 1) -> ImageIndex:
+def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = True, threads: int = 1,
+                formats: tuple[str, ...] | list[str] | None = None) -> ImageIndex:
     """List every image under ``root`` in a deterministic order, in memory (:func:`open_scan`
     and :meth:`Scan.batches` stream the same list; planning a run uses those).
 
@@ -555,7 +568,7 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
     Raises:
         InputError: root missing or not a folder, or no image files under it.
     """
-    scan = open_scan(root, layout, follow_symlinks)
+    scan = open_scan(root, layout, follow_symlinks, formats)
     entries = [e for b in scan.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))]
     if not entries:
         raise InputError(no_images_message(scan.root))
@@ -629,7 +642,7 @@ def ordered_map(work, units: list, threads: int, depth: int = 4) -> Iterator:
             stop.set()
 
 
-def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
+def has_images(root: str | Path, follow_symlinks: bool = True, formats: tuple[str, ...] | list[str] | None = None) -> bool:
     """True as soon as one scorable file is found under ``root`` (a cheap check before a run
     starts; the full scan happens in the flow). An object-store root lists its prefixes in
     index order until one holds an image.
@@ -638,9 +651,9 @@ def has_images(root: str | Path, follow_symlinks: bool = True) -> bool:
         InputError: an object-store root that is empty or cannot be listed.
     """
     if storage.is_remote(root):
-        return bool(first_entries(root, 1))
+        return bool(first_entries(root, 1, formats=formats))
     for path in _walk_files(str(root), follow_symlinks, [], str(root)):
-        if skip_reason(path) is None:
+        if skip_reason(path, formats) is None:
             return True
     return False
 

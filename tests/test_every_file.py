@@ -20,6 +20,7 @@ from PIL import Image
 
 from imgscore.flows.cli import execute, main
 from imgscore.tasks.config import build_config
+from imgscore.tasks.formats import known_formats
 from imgscore.tasks.manifest import read_manifest
 from imgscore.tasks.report import build_report
 from imgscore.tasks.scan import (
@@ -112,9 +113,13 @@ def every_ext_folder(tmp_path_factory, photos) -> tuple[Path, dict[str, str]]:
     return root, build_every_extension_folder(root, photos["astronaut"])
 
 
+ALL_FORMATS = [f for f in known_formats() if f not in ("AVIF", "HEIF") or f in Image.OPEN]  # every format decodable here
+
+
 def test_scan_accounts_for_every_file(every_ext_folder):
+    """With every format this Pillow decodes allowed in input.formats (EPS never is)."""
     root, made = every_ext_folder
-    index = scan_images(root)
+    index = scan_images(root, formats=ALL_FORMATS)
     entries = [e.image_path for e in index.entries]
     skipped = [s["image_path"] for s in index.skipped]
     assert len(entries) == len(set(entries)) and len(skipped) == len(set(skipped)) and not set(entries) & set(skipped)
@@ -125,11 +130,30 @@ def test_scan_accounts_for_every_file(every_ext_folder):
         assert reasons[name] == NOT_AN_IMAGE
     assert reasons["photo.heic"].startswith("HEIC/HEIF needs the pillow-heif plugin")
     assert reasons["img.pdf"] == "Pillow writes PDF files but cannot read them"
+    assert reasons["img.eps"].startswith("EPS (PostScript) file, never decoded: Pillow's EPS plugin runs Ghostscript")
     assert reasons["img.mpg"].startswith("Pillow reads only the MPEG video header")
     assert "register_handler" in reasons["img.h5"]
     # JPEG under its other names, JPEG 2000, and every other format this Pillow decodes: scanned
     for name in ("img.jfif", "img.jpe", "img.jp2", "img.j2k", "img.apng", "img.qoi", "img.fits", "img.pfm", "sub/nested.jfif"):
         assert name in entries, name
+
+
+def test_default_formats_skip_the_rarer_formats_by_extension(every_ext_folder):
+    """By default only the photo formats are images; the files of the rarer formats are listed in
+    ``skipped`` with the format and the key that allows it, and the photo formats are scanned."""
+    root, _ = every_ext_folder
+    index = scan_images(root)
+    entries = {e.image_path for e in index.entries}
+    reasons = {s["image_path"]: s["reason"] for s in index.skipped}
+    assert entries | set(reasons) == all_files(root)
+    for name, fmt in (("img.jp2", "JPEG2000"), ("img.fits", "FITS"), ("img.tga", "TGA"), ("img.mpo", None)):
+        if fmt is not None:
+            assert reasons[name].startswith(f"{fmt} file, and {fmt} is not in input.formats (JPEG, PNG,"), reasons[name]
+            assert reasons[name].endswith(f"add {fmt} to input.formats to decode such files")
+    for name in ("img.jpg", "img.jfif", "img.png", "img.webp", "img.tif", "img.bmp", "img.gif", "img.mpo", "sub/nested.jfif"):
+        assert name in entries, name
+    narrow = scan_images(root, formats=["PNG"])
+    assert {e.image_path for e in narrow.entries} == {"img.png", "img.apng", "fake.png"}
 
 
 def test_extension_lists_come_from_pillow():
@@ -178,6 +202,7 @@ def test_every_file_ends_in_exactly_one_place_through_the_flow(prefect_server, e
     root, made = every_ext_folder
     out = tmp_path / "out"
     cfg = build_config({}, base_overrides(root, tiny_checkpoint, out, **{"run.max_error_rate": 1.0, "run.shard_size": 16, "run.run_id": "every"}))
+    cfg.input.formats = ALL_FORMATS
     code, summary = execute(cfg, quiet=True)
     assert code == 0, summary
     preds = [r["image_path"] for r in read_rows(out, "predictions", "every")]

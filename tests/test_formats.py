@@ -1,0 +1,183 @@
+"""Images reach only the decoders of ``input.formats``; no program ever runs on input content.
+
+Pillow's ``Image.open`` tries every plugin whatever a file is called, and its EPS plugin runs
+Ghostscript: PostScript named ``holiday.jpg`` made a run execute ``gs``. These tests put a
+recording ``gs`` first on ``PATH`` (the real hazard path), hide PostScript under photo
+extensions, and check the allow-list in config, scan, decode and report.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgscore.tasks.config import build_config
+from imgscore.tasks.errors import ConfigError
+from imgscore.tasks.formats import DEFAULT_FORMATS, check_formats, detect_format, known_formats
+from imgscore.tasks.incremental import decode_settings, model_key
+from imgscore.tasks.manifest import read_manifest
+from imgscore.tasks.preprocess import (
+    DecodeError,
+    DecodeOptions,
+    PreprocessSpec,
+    decode_bytes,
+    decode_file,
+)
+from imgscore.tasks.report import thumbnail_data_uri
+from tests.conftest import base_overrides
+from tests.test_every_file import fits_bytes, read_rows
+
+IMGSCORE = str(Path(sys.executable).parent / "imgscore")
+POSTSCRIPT = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+    b"0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+)
+OPTS = DecodeOptions(max_pixels=10**8)
+SPEC = PreprocessSpec()
+
+
+@pytest.fixture
+def recording_gs(tmp_path) -> tuple[Path, dict]:
+    """A ``gs`` that appends its arguments to a file, first on ``PATH``: (record file, env)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "gs-calls.txt"
+    gs = bindir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\n')
+    gs.chmod(gs.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "",
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    assert subprocess.run(["gs", "--version"], env=env).returncode == 0 and record.exists()  # the recorder works
+    record.unlink()
+    return record, env
+
+
+@pytest.mark.slow
+def test_postscript_under_photo_names_never_runs_ghostscript(tmp_path, photos, tiny_checkpoint, recording_gs):
+    """End to end through ``imgscore run``: PostScript named .jpg, .png and .tif is an errors row
+    naming EPS, the .eps file is skipped with the reason, the real photos are scored, and the
+    recording gs on PATH was never called."""
+    record, env = recording_gs
+    root = tmp_path / "images"
+    root.mkdir()
+    photos["astronaut"].resize((96, 96)).save(root / "real.jpg", format="JPEG")
+    photos["chelsea"].resize((96, 64)).save(root / "real.png", format="PNG")
+    for name in ("holiday.jpg", "scan.png", "page.tif", "figure.eps"):
+        (root / name).write_bytes(POSTSCRIPT)
+    out = tmp_path / "out"
+    sets = [a for kv in base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "ps", "run.max_error_rate": 1.0}) for a in ("--set", kv)]
+    proc = subprocess.run([IMGSCORE, "run", "-q", *sets], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not record.exists(), f"gs was run: {record.read_text()}"
+    preds = sorted(r["image_path"] for r in read_rows(out, "predictions", "ps"))
+    errs = {r["image_path"]: r for r in read_rows(out, "errors", "ps")}
+    skipped = {s["image_path"]: s["reason"] for s in read_manifest(out / "runs" / "ps" / "manifest.json")["skipped"]}
+    assert preds == ["real.jpg", "real.png"]
+    assert sorted(errs) == ["holiday.jpg", "page.tif", "scan.png"]
+    for row in errs.values():
+        assert (row["stage"], row["error_type"]) == ("decode", "DecodeError.format_not_allowed")
+        assert row["message"].startswith("EPS (PostScript) file, never decoded: Pillow's EPS plugin runs Ghostscript")
+    assert list(skipped) == ["figure.eps"] and "never decoded" in skipped["figure.eps"]
+
+
+def test_eps_cannot_be_enabled_and_unknown_names_get_a_suggestion(tmp_path, image_folder, tiny_checkpoint):
+    for value in ("[JPEG, EPS]", "[ps]"):
+        with pytest.raises(ConfigError, match=r"config input.formats: input.formats names '(EPS|ps)', which is never decoded here: "
+                                              r"Pillow's EPS plugin runs Ghostscript .* remove it from input.formats"):
+            build_config({}, [f"input.formats={value}"])
+    with pytest.raises(ConfigError, match=r"input.formats names 'JPG', which is not an image format Pillow reads here; "
+                                          r"did you mean JPEG\? valid names: AVIF, BLP, BMP, .*TIFF"):
+        build_config({}, ["input.formats=[PNG, JPG]"])
+    with pytest.raises(ConfigError, match=r"input.formats is empty"):
+        build_config({}, ["input.formats=[]"])
+    assert build_config({}, ["input.formats=[png, Tiff, PNG]"]).input.formats == ["PNG", "TIFF"]
+    assert build_config({}, ["input.formats=JPEG,FITS"]).input.formats == ["JPEG", "FITS"]
+    # through the CLI: exit 2, one line, nothing written
+    out = tmp_path / "out"
+    sets = [a for kv in base_overrides(image_folder, tiny_checkpoint, out, **{"input.formats": "[JPEG, EPS]"}) for a in ("--set", kv)]
+    proc = subprocess.run([IMGSCORE, "run", *sets], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "input.formats names 'EPS', which is never decoded here" in proc.stderr
+    assert not out.exists() or not (out / "runs").exists()
+
+
+def test_default_formats_are_photo_formats_and_valid():
+    assert check_formats(list(DEFAULT_FORMATS)) == DEFAULT_FORMATS
+    assert "EPS" not in known_formats() and {"MPO", "HEIF", "FITS", "TGA"} <= set(known_formats())
+
+
+def test_detect_format_names_the_format_from_magic_bytes_only():
+    assert detect_format(POSTSCRIPT[:16], DEFAULT_FORMATS) == "EPS"
+    assert detect_format(b"SIMPLE  =      T", DEFAULT_FORMATS) == "FITS"
+    assert detect_format(b"\x89PNG\r\n\x1a\n" + bytes(8), DEFAULT_FORMATS) is None  # a corrupt PNG is PNG's
+    assert detect_format(b"just some text..", DEFAULT_FORMATS) is None
+
+
+@pytest.mark.parametrize("name", ["holiday.jpg", "scan.png", "page.tif"])
+def test_postscript_bytes_are_refused_by_name_of_format(tmp_path, name, recording_gs):
+    record, env = recording_gs
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = env["PATH"]  # the hazard in this process too: a gs first on PATH
+    try:
+        p = tmp_path / name
+        p.write_bytes(POSTSCRIPT)
+        with pytest.raises(DecodeError, match=r"^EPS \(PostScript\) file, never decoded") as exc:
+            decode_file(str(p), SPEC, OPTS)
+        assert exc.value.kind == "format_not_allowed"
+        uri, why = thumbnail_data_uri(str(p))
+        assert uri is None and "EPS (PostScript) file, never decoded" in why
+    finally:
+        os.environ["PATH"] = old_path
+    assert not record.exists()
+
+
+def test_a_format_outside_the_list_names_itself_and_the_key():
+    ramp = np.tile(np.linspace(0, 1000, 64), (48, 1)).astype(np.float32)
+    data = fits_bytes(ramp)
+    with pytest.raises(DecodeError, match=r"^FITS file, and FITS is not in input.formats \(JPEG, PNG, WEBP, TIFF, BMP, GIF, MPO, AVIF, HEIF\); "
+                                          r"add FITS to input.formats to decode such files$") as exc:
+        decode_bytes(data, "stars.png", SPEC, OPTS)
+    assert exc.value.kind == "format_not_allowed"
+    img = decode_bytes(data, "stars.png", SPEC, DecodeOptions(max_pixels=10**8, formats=("PNG", "FITS"))).image
+    assert img.size == (64, 48) and img.getpixel((0, 0))[0] < img.getpixel((63, 0))[0]  # the ramp, decoded
+
+
+def test_mpo_is_its_own_format(photos):
+    """MPO files come from the JPEG plugin: allowing JPEG alone does not let them through."""
+    buf = io.BytesIO()
+    a = photos["astronaut"].resize((64, 64))
+    a.save(buf, format="MPO", save_all=True, append_images=[a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    data = buf.getvalue()
+    assert decode_bytes(data, "pair.mpo", SPEC, OPTS).image.size == (64, 64)
+    with pytest.raises(DecodeError, match=r"^MPO file, and MPO is not in input.formats \(JPEG\)") as exc:
+        decode_bytes(data, "pair.jpg", SPEC, DecodeOptions(max_pixels=10**8, formats=("JPEG",)))
+    assert exc.value.kind == "format_not_allowed"
+    jpeg = io.BytesIO()
+    a.save(jpeg, format="JPEG")
+    with pytest.raises(DecodeError, match=r"^JPEG file, and JPEG is not in input.formats \(MPO\)"):
+        decode_bytes(jpeg.getvalue(), "one.jpg", SPEC, DecodeOptions(max_pixels=10**8, formats=("MPO",)))
+
+
+def test_allowing_a_format_changes_the_skip_key():
+    """Images refused under one allow-list are eligible again under another (run.skip_scored and
+    the failure ledger key on the decode settings); the default list keeps the key runs made
+    before it existed had, and the order of the list does not matter."""
+    default = build_config().input
+    wider = build_config({}, ["input.formats=[JPEG, PNG, WEBP, TIFF, BMP, GIF, MPO, AVIF, HEIF, FITS]"]).input
+    reordered = build_config({}, [f"input.formats=[{', '.join(reversed(DEFAULT_FORMATS))}]"]).input
+    assert decode_settings(default) == decode_settings(None) == {"max_pixels": default.max_pixels, "exif_orientation": True,
+                                                                  "max_metadata_bytes": default.max_metadata_bytes}
+    assert decode_settings(reordered) == decode_settings(default)
+    assert decode_settings(wider)["formats"] == sorted([*DEFAULT_FORMATS, "FITS"])
+    info = {"model_id": "m", "preprocess": {}}
+    assert model_key({**info, "decode": decode_settings(wider)}) != model_key({**info, "decode": decode_settings(default)})
+    assert DecodeOptions.from_input(wider).formats == (*DEFAULT_FORMATS, "FITS")
