@@ -463,6 +463,9 @@ class _Deadline:
     def tell(self) -> int:
         return self._f.tell()
 
+    def close(self) -> None:  # Image.close() closes the file it read, as it did the bare file
+        self._f.close()
+
 
 # A tile or strip may hold up to the whole image, or this many pixels (a 2048x2048 tile; 16 MiB
 # at 4 bytes a pixel) for images smaller than one ordinary tile.

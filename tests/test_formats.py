@@ -181,3 +181,126 @@ def test_allowing_a_format_changes_the_skip_key():
     info = {"model_id": "m", "preprocess": {}}
     assert model_key({**info, "decode": decode_settings(wider)}) != model_key({**info, "decode": decode_settings(default)})
     assert DecodeOptions.from_input(wider).formats == (*DEFAULT_FORMATS, "FITS")
+
+
+# ------------------------------------------------------------------ budgets beyond the pixel count
+
+
+def tiff_with_tile(side: int) -> bytes:
+    """A 16x16 RGB deflate TIFF whose one tile's TileWidth/TileLength tags say ``side``: the
+    decoder allocates a whole tile (``side``² pixels) whatever the image size says."""
+    import struct
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((16, 16, 3), np.uint8), tile=(16, 16), compression="zlib", photometric="rgb")
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tf:
+        for name in ("TileWidth", "TileLength"):
+            tag = tf.pages[0].tags[name]
+            struct.pack_into(tf.byteorder + {3: "H", 4: "I"}[int(tag.dtype)], data, tag.valueoffset, side)
+    return bytes(data)
+
+
+def test_a_tiff_tile_bigger_than_its_image_is_refused_before_any_allocation():
+    """303 bytes that made libtiff allocate 805 MB for one 16384x16384 tile (peak RSS 809 MB here
+    before the check) are refused from the tags, naming the numbers and the setting."""
+    data = tiff_with_tile(16384)
+    assert len(data) < 1000 and Image.open(io.BytesIO(data)).size == (16, 16)
+    with pytest.raises(DecodeError, match=r"^TIFF tile 16384x16384 = 268435456 pixels for a 16x16 image: .*at most "
+                                          r"max\(image pixels, 4194304\) = 4194304 pixels, image and tile together at most "
+                                          r"input.max_pixels=100000000 ") as exc:
+        decode_bytes(data, "tiny.tif", SPEC, OPTS)
+    assert exc.value.kind == "too_large"
+    with pytest.raises(DecodeError, match=r"image and tile together at most input.max_pixels=1000 "):
+        decode_bytes(tiff_with_tile(256), "tiny.tif", SPEC, DecodeOptions(max_pixels=1000))
+
+
+def test_ordinary_tiled_tiffs_still_decode(photos):
+    import tifffile
+
+    a = np.asarray(photos["astronaut"].resize((300, 200)))
+    for tile, shape in (((256, 256), (200, 300, 3)), ((16, 16), (200, 300, 3))):
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, a[: shape[0], : shape[1]], tile=tile, compression="zlib", photometric="rgb")
+        img = decode_bytes(buf.getvalue(), "tiled.tif", SPEC, OPTS).image
+        assert img.size == (300, 200) and np.abs(np.asarray(img).astype(int) - a).max() == 0
+    buf = io.BytesIO()  # a tile larger than a small image, as tiled writers make them
+    tifffile.imwrite(buf, a[:16, :16], tile=(256, 256), compression="zlib", photometric="rgb")
+    assert decode_bytes(buf.getvalue(), "small.tif", SPEC, OPTS).image.size == (16, 16)
+
+
+
+
+@pytest.fixture
+def slow_format():
+    """A Pillow plugin ``SLOWTEST`` (files starting ``SLOWTEST``, 8x8 grey) registered through
+    Pillow's plugin API — as third-party plugins such as pillow-heif register — whose decoder
+    sleeps 50 ms per 16-byte chunk, so decoding its 1 KiB takes over 3 s on any CPU;
+    unregistered afterwards. Yields the bytes of one such file."""
+    import time
+
+    from PIL import ImageFile
+
+    class Decoder(ImageFile.PyDecoder):
+        _pulls_fd = False
+
+        def init(self, args):
+            self.seen = 0
+
+        def decode(self, buffer):
+            time.sleep(0.05)
+            self.seen += len(buffer)
+            if self.seen < 1024:
+                return len(buffer), 0
+            self.set_as_raw(bytes(64))
+            return -1, 0
+
+    class SlowImageFile(ImageFile.ImageFile):
+        format, format_description = "SLOWTEST", "test format with a slow decoder"
+
+        def _open(self):
+            if self.fp.read(8) != b"SLOWTEST":
+                raise SyntaxError("not SLOWTEST")
+            self.decodermaxblock = 16  # 16-byte reads: 64 decode calls of 50 ms for the file
+            self._mode, self._size = "L", (8, 8)
+            self.tile = [ImageFile._Tile("slowtest", (0, 0, 8, 8), 8, None)]
+
+    Image.register_open("SLOWTEST", SlowImageFile, lambda prefix: prefix[:8] == b"SLOWTEST")
+    Image.register_decoder("slowtest", Decoder)
+    try:
+        yield b"SLOWTEST" + bytes(1024)
+    finally:
+        Image.OPEN.pop("SLOWTEST", None)
+        Image.DECODERS.pop("slowtest", None)
+        if "SLOWTEST" in Image.ID:
+            Image.ID.remove("SLOWTEST")
+
+
+def test_a_slow_decode_inline_is_a_timeout_row_and_the_batch_goes_on(tmp_path, photos, slow_format):
+    """``inference.num_workers: 0``: the DataLoader decodes in this process and thread; the slow
+    image stops at ``input.decode_timeout_s`` and the other images of its batch are scored."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from imgscore.tasks.dataset import ShardDataset, collate_samples
+    from imgscore.tasks.scan import ImageEntry
+
+    photos["astronaut"].resize((64, 64)).save(tmp_path / "a.jpg", format="JPEG")
+    (tmp_path / "slow.png").write_bytes(slow_format)
+    photos["chelsea"].resize((64, 48)).save(tmp_path / "c.png", format="PNG")
+    entries = [ImageEntry(n, None, None, None, None) for n in ("a.jpg", "slow.png", "c.png")]
+    opts = DecodeOptions(max_pixels=10**8, formats=(*DEFAULT_FORMATS, "SLOWTEST"), decode_timeout_s=0.3)
+    loader = DataLoader(ShardDataset(str(tmp_path), entries, SPEC, opts), batch_size=3, num_workers=0, collate_fn=collate_samples)
+    t0 = time.monotonic()
+    (batch,) = list(loader)
+    elapsed = time.monotonic() - t0
+    assert batch.positions == [0, 2] and tuple(batch.tensor.shape) == (2, 3, 224, 224)
+    (fail,) = batch.failures
+    assert (fail.pos, fail.image_path, fail.stage, fail.error_type) == (1, "slow.png", "decode", "DecodeError.timeout")
+    assert "over input.decode_timeout_s=0.3 s" in fail.message and "raise input.decode_timeout_s" in fail.message
+    assert elapsed < 2.0  # stopped near 0.3 s, not after the 3.2 s the whole decode takes
+    img = decode_bytes(slow_format, "slow.png", SPEC, DecodeOptions(max_pixels=10**8, formats=("SLOWTEST",), decode_timeout_s=30)).image
+    assert img.size == (8, 8)  # with time enough, the same file decodes
