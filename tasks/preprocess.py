@@ -521,7 +521,7 @@ def _open_checked(f: _Deadline, path: str, opts: DecodeOptions) -> Image.Image:
         raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
     except OSError as exc:
         raise DecodeError("unreadable", f"cannot open: {exc}") from None
-    except (SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error, ZeroDivisionError, MemoryError) as exc:
+    except (SyntaxError, EOFError, IndexError, KeyError, TypeError, RuntimeError, struct.error, ZeroDivisionError, MemoryError) as exc:
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
 
 
@@ -563,7 +563,7 @@ def _load_checked(img: Image.Image, spec: PreprocessSpec, opts: DecodeOptions) -
         text = str(exc)
         kind = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
         raise DecodeError(kind, f"{type(exc).__name__}: {text}") from None
-    except (IndexError, KeyError, TypeError, struct.error, ZeroDivisionError, MemoryError) as exc:
+    except (IndexError, KeyError, TypeError, RuntimeError, struct.error, ZeroDivisionError, MemoryError) as exc:
         img.close()
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
 
