@@ -136,13 +136,13 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(need)
     if storage.is_remote(root):
         if not has_images(root, formats=cfg.input.formats):
-            raise InputError(no_images_message(root))
+            raise InputError(no_images_message(root, cfg.input.formats))
     elif not Path(root).exists():
         raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
     elif not Path(root).is_dir():
         raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
     elif not has_images(root, cfg.input.follow_symlinks, cfg.input.formats):
-        raise InputError(no_images_message(root))
+        raise InputError(no_images_message(root, cfg.input.formats))
     if storage.is_remote(cfg.output.root):
         probe = storage.join(cfg.output.root, f".imgscore-write-check-{os.getpid()}")
         try:

@@ -237,7 +237,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
                     lookup_s += time.perf_counter() - t
                 index.write(batch)
             if scan.images == 0:
-                raise InputError(no_images_message(scan.root))
+                raise InputError(no_images_message(scan.root, cfg.input.formats))
     except BaseException:
         listings.abort()
         storage.delete_tree(storage.path(run_dir, INDEX_NAME))  # nothing of a run that was not planned

@@ -358,12 +358,15 @@ def _entry(path: str, root: str, label: int | None, label_name: str | None) -> I
     return ImageEntry(rel, label, label_name, st.st_size, st.st_mtime_ns)
 
 
-def no_images_message(root: str | Path) -> str:
-    """The refusal for a root without a single file to score (scan and CLI preflight say the same)."""
-    common = [e for e in (".jpg", ".jpeg", ".jfif", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2") if e in SCORABLE_EXTENSIONS]
+def no_images_message(root: str | Path, formats: tuple[str, ...] | list[str] | None = None) -> str:
+    """The refusal for a root without a single file to score (scan and CLI preflight say the same);
+    ``formats``: ``input.formats`` (None: the default), whose extensions the message lists."""
+    scorable = [e for e in sorted(SCORABLE_EXTENSIONS) if skip_reason("f" + e, formats) is None]
+    common = [e for e in (".jpg", ".jpeg", ".jfif", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2") if e in scorable]
+    narrowed = "" if formats is None or set(formats) == set(DEFAULT_FORMATS) else f", or that input.formats ({', '.join(formats)}) lists their format"
     return (
         f"input.root {str(root)!r} holds no image files that this Pillow reads ({', '.join(common)} and "
-        f"{len(SCORABLE_EXTENSIONS) - len(common)} more extensions); check the path, or that the images are not in hidden folders"
+        f"{len(scorable) - len(common)} more extensions); check the path, or that the images are not in hidden folders{narrowed}"
     )
 
 
@@ -571,7 +574,7 @@ def scan_images(root: str | Path, layout: str = "auto", follow_symlinks: bool = 
     scan = open_scan(root, layout, follow_symlinks, formats)
     entries = [e for b in scan.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))]
     if not entries:
-        raise InputError(no_images_message(scan.root))
+        raise InputError(no_images_message(scan.root, formats))
     return ImageIndex(root=scan.root, layout=scan.layout, classes=scan.classes, entries=entries, skipped=scan.skipped)
 
 

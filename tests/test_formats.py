@@ -304,3 +304,14 @@ def test_a_slow_decode_inline_is_a_timeout_row_and_the_batch_goes_on(tmp_path, p
     assert elapsed < 2.0  # stopped near 0.3 s, not after the 3.2 s the whole decode takes
     img = decode_bytes(slow_format, "slow.png", SPEC, DecodeOptions(max_pixels=10**8, formats=("SLOWTEST",), decode_timeout_s=30)).image
     assert img.size == (8, 8)  # with time enough, the same file decodes
+
+
+def test_a_folder_with_no_file_of_the_listed_formats_is_refused_naming_the_key(tmp_path, photos):
+    from imgscore.tasks.errors import InputError
+    from imgscore.tasks.scan import has_images, scan_images
+
+    photos["astronaut"].resize((32, 32)).save(tmp_path / "a.jpg", format="JPEG")
+    assert has_images(tmp_path) and not has_images(tmp_path, formats=["PNG"])
+    with pytest.raises(InputError, match=r"holds no image files that this Pillow reads \(\.png and 1 more extensions\); .*"
+                                         r"or that input.formats \(PNG\) lists their format$"):
+        scan_images(tmp_path, formats=["PNG"])
