@@ -180,7 +180,11 @@ def test_allowing_a_format_changes_the_skip_key():
     assert decode_settings(wider)["formats"] == sorted([*DEFAULT_FORMATS, "FITS"])
     info = {"model_id": "m", "preprocess": {}}
     assert model_key({**info, "decode": decode_settings(wider)}) != model_key({**info, "decode": decode_settings(default)})
-    assert DecodeOptions.from_input(wider).formats == (*DEFAULT_FORMATS, "FITS")
+    opts = DecodeOptions.from_input(wider)
+    assert opts.formats == (*DEFAULT_FORMATS, "FITS")
+    import pickle
+
+    assert pickle.loads(pickle.dumps(opts)) == opts  # as DataLoader and Dask worker processes receive it
 
 
 # ------------------------------------------------------------------ budgets beyond the pixel count
