@@ -467,8 +467,8 @@ class _Deadline:
         self._f.close()
 
 
-# A tile or strip may hold up to the whole image, or this many pixels (a 2048x2048 tile; 16 MiB
-# at 4 bytes a pixel) for images smaller than one ordinary tile.
+# A TIFF tile may hold up to the whole image, or this many pixels (a 2048x2048 tile; 16 MiB at 4
+# bytes a pixel) for images smaller than one ordinary tile.
 MIN_TILE_PIXELS = 1 << 22
 
 
@@ -476,7 +476,9 @@ def _check_decoder_buffers(img: Image.Image, opts: DecodeOptions) -> None:
     """Refuse a TIFF whose tiles are bigger than its image: libtiff allocates a whole tile
     (TileWidth x TileLength from the tags) per read, whatever the declared size, so a 16x16
     image with one 16384x16384 tile made memory peak near 2 GB. Strips need no check: libtiff
-    clamps RowsPerStrip to the image height.
+    clamps RowsPerStrip to the image height. Frames allocate nothing: only the first frame is
+    read, and nothing walks the others (``is_animated`` looks one frame ahead, ``n_frames`` is
+    never asked), so a file declaring a million frames costs what its first one costs.
 
     Raises:
         DecodeError: ``too_large``, naming the tile, the image and the limit.
