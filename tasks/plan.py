@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -60,6 +61,24 @@ def new_run_id(now: datetime | None = None) -> str:
     """``YYYYMMDDTHHMMSSZ-xxxxxx``: sortable by start time, unique across concurrent runs."""
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+_STAMPED = re.compile(r"(\d{8})T\d{6}Z-")
+
+
+def run_date_of(run_id: str, now: datetime) -> str:
+    """The ``run_date`` partition (``YYYY-MM-DD``, UTC) of a run: the date in the stamp of a
+    :func:`new_run_id` id, so the id and the partition come from one instant — the CLI stamps the
+    id, the flow plans seconds later, and a run started at 23:59:59 UTC must not land in the next
+    day's partition. ``now`` (aware, UTC) gives the date of a run id chosen by hand (``run.run_id``).
+    """
+    m = _STAMPED.match(run_id)
+    if m is not None:
+        try:
+            return datetime.strptime(m.group(1), "%Y%m%d").strftime("%Y-%m-%d")
+        except ValueError:
+            pass  # digits that are no date: a hand-made id
+    return now.astimezone(UTC).strftime("%Y-%m-%d")
 
 
 @dataclass
@@ -253,7 +272,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
                        "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed, "lookup_s": round(lookup_s, 4)}
         if skip.already_failed:
             incremental["carried"] = {"file": CARRIED_FILE, **listings.carried_summary}
-    run_date = started.strftime("%Y-%m-%d")
+    run_date = run_date_of(run_id, started)
     n = index.rows
     pairs = sum(s.pairs for s in index.shards)  # (image, model) pairs to score
     timings = {**(timings or {}), "scan_s": round(scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3), "scan_threads": threads}
