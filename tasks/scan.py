@@ -27,7 +27,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,21 +251,27 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_DIRS
 
 
-def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str]):
-    """One folder of the walk: (its files, its subfolders, the chain for them), both sorted by
-    name; None when the folder is not entered (a cycle, or unreadable: listed in ``skipped``).
+def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: Container[str],
+                 real: str | None = None, root_real: str | None = None):
+    """One folder of the walk: (its files, its subfolders as ``(path, real path)``, its own real
+    path), both sorted by name; None when the folder is not entered (a cycle, or unreadable:
+    listed in ``skipped``). ``chain``: the real paths of the folders above it in the walk;
+    ``real``/``root_real``: the real paths of ``top`` and ``root`` when the caller knows them.
 
     Symlinked folders that point inside ``input.root`` are not followed (their images are scanned
     at their own path, under their own class — following them would score them twice, under
     another class's label); symlinks to folders outside it are followed. A folder that is its own
     ancestor (a cycle) is not entered again. Both are listed in ``skipped`` with the reason.
+
+    A subfolder that is no symlink has its parent's real path plus its name as its own: the
+    real path is resolved (one ``lstat`` per level, each walking the whole path) only for
+    symlinks and the walk's top, so a tree 1,000 folders deep is not 1,000² path resolutions.
     """
-    real = os.path.realpath(top)
+    real = real or os.path.realpath(top)
     if real in chain:
         skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": "symlink cycle: folder is its own ancestor"})
         return None
-    chain = chain | {real}
-    root_real = os.path.realpath(root)
+    root_real = root_real or os.path.realpath(root)
     try:
         with os.scandir(top) as it:
             items = sorted(it, key=lambda e: e.name)
@@ -285,7 +291,9 @@ def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]],
             continue
         if not is_dir:
             files.append(e.path)
-        elif e.is_symlink() and within(os.path.realpath(e.path), root_real):
+        elif not e.is_symlink():
+            dirs.append((e.path, os.path.join(real, e.name)))
+        elif within(target := os.path.realpath(e.path), root_real):
             skipped.append(
                 {
                     "image_path": display_path(os.path.relpath(e.path, root)),
@@ -293,20 +301,40 @@ def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]],
                 }
             )
         else:
-            dirs.append(e.path)
-    return files, dirs, chain
+            dirs.append((e.path, target))
+    return files, dirs, real
 
 
 def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str] = frozenset()):
     """Yield file paths under ``top`` in torchvision's order: this folder's files, then its
-    subfolders, each sorted by name (:func:`_list_folder` says which folders are entered)."""
-    listed = _list_folder(top, follow_symlinks, skipped, root, chain)
+    subfolders, each sorted by name (:func:`_list_folder` says which folders are entered).
+    ``chain``: the real paths of the folders above ``top`` (a unit of a flat tree: the root's).
+
+    Depth-first with a stack of the folders still to enter, not recursion: a tree thousands of
+    folders deep (still under PATH_MAX) is walked like a shallow one instead of overflowing
+    Python's stack. Memory is one listing per level, and one set of the real paths above."""
+    root_real = os.path.realpath(root)
+    listed = _list_folder(top, follow_symlinks, skipped, root, chain, root_real=root_real)
     if listed is None:
         return
-    files, dirs, chain = listed
+    files, dirs, real = listed
     yield from files
-    for d in dirs:
-        yield from _walk_files(d, follow_symlinks, skipped, root, chain)
+    above = set(chain) | {real}  # the real paths of the folders on the stack: a cycle's way back
+    pending: list[tuple[Iterator[tuple[str, str]], str]] = [(iter(dirs), real)]
+    while pending:
+        subfolders, owner = pending[-1]
+        d = next(subfolders, None)
+        if d is None:
+            pending.pop()
+            above.discard(owner)
+            continue
+        listed = _list_folder(d[0], follow_symlinks, skipped, root, above, real=d[1], root_real=root_real)
+        if listed is None:
+            continue
+        files, dirs, real = listed
+        yield from files
+        above.add(real)
+        pending.append((iter(dirs), real))
 
 
 _FILE_KINDS = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
@@ -524,8 +552,8 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
     else:
         listed = _list_folder(root_s, follow_symlinks, scan.skipped, root_s, frozenset())
         if listed is not None:
-            files, dirs, chain = listed
-            scan._units = [_Unit(None, None, None, files=files)] + [_Unit(d, None, None, chain=chain) for d in dirs]
+            files, dirs, real = listed
+            scan._units = [_Unit(None, None, None, files=files)] + [_Unit(d, None, None, chain=frozenset({real})) for d, _ in dirs]
     return scan
 
 

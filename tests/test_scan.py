@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from imgscore.tasks.errors import InputError
-from imgscore.tasks.scan import scan_images
+from imgscore.tasks.scan import has_images, scan_images
 
 
 def _img(path, color=(200, 10, 10), fmt=None):
@@ -87,3 +87,50 @@ def test_symlinks_never_move_images_into_another_class(tmp_path):
     assert reasons["aa/up"].startswith("symlink to a folder inside input.root")
     assert reasons["zz/ext/loop"].startswith("symlink cycle")
     assert idx.classes == ["aa", "bb", "zz"]
+
+
+def _deep_tree(root, depth: int):
+    """``root/cls/a/a/…/deep.png`` ``depth`` folders below the class, plus a shallow image; the
+    path stays under PATH_MAX (2 characters a level)."""
+    deep = os.path.join(str(root), "cls")
+    for made in range(0, depth, 100):  # os.makedirs recurses once per missing level: 100 at a time
+        deep = os.path.join(deep, *(["a"] * min(100, depth - made)))
+        os.makedirs(deep)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(os.path.join(deep, "deep.png"))
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(root / "cls" / "top.png")
+    Image.new("RGB", (8, 8), (10, 10, 200)).save(root / "other.png")  # flat layout: a file in the root
+    return "/".join(["a"] * depth) + "/deep.png"
+
+
+def _remove_deep_tree(top: str) -> None:
+    """Delete a tree without recursion: ``shutil.rmtree`` and ``os.walk`` (and pytest's clean-up of
+    old temporary folders) overflow the stack on it."""
+    stack = [top]
+    while stack:
+        subfolders = []
+        with os.scandir(stack[-1]) as it:
+            for e in it:
+                (subfolders.append if e.is_dir(follow_symlinks=False) else os.unlink)(e.path)
+        if subfolders:
+            stack.extend(subfolders)
+        else:
+            os.rmdir(stack.pop())
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_scanned_whole(tmp_path, request):
+    import sys
+
+    depth = 1400
+    assert depth > sys.getrecursionlimit() // 2  # deep enough that a recursive walk (two frames a level) overflows
+    rel = _deep_tree(tmp_path, depth)
+    request.addfinalizer(lambda: _remove_deep_tree(str(tmp_path / "cls")))
+    assert len(os.path.join(str(tmp_path), "cls", rel)) < os.pathconf(str(tmp_path), "PC_PATH_MAX")
+    idx = scan_images(tmp_path, layout="flat")
+    assert [e.image_path for e in idx.entries] == ["other.png", "cls/top.png", f"cls/{rel}"]  # torchvision's order: files, then folders
+    assert idx.entries[2].size == os.path.getsize(os.path.join(str(tmp_path), "cls", rel)) and not idx.skipped
+    (tmp_path / "other.png").unlink()
+    (tmp_path / "cls" / "top.png").unlink()
+    assert has_images(tmp_path)  # the run's preflight walks the same way, to the deep image
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(tmp_path / "cls" / "top.png")
+    idx = scan_images(tmp_path)  # imagefolder: the deep image is in class cls
+    assert [(e.image_path, e.label_name) for e in idx.entries] == [("cls/top.png", "cls"), (f"cls/{rel}", "cls")]
