@@ -42,7 +42,12 @@ from imgscore.tasks.manifest import (
     plan_rerun,
     run_dir_of,
 )
-from imgscore.tasks.scan import has_images, no_images_message
+from imgscore.tasks.scan import (
+    check_roots_apart,
+    has_images,
+    no_images_message,
+    output_within_input,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -134,6 +139,7 @@ def check_paths(cfg: Config) -> None:
     for r in (root, cfg.output.root):
         if (need := storage.missing_package(r)) is not None:
             raise ConfigError(need)
+    check_roots_apart(root, cfg.output.root)  # the same folder: refused; output.root inside input.root: left out of the scan
     if storage.is_remote(root):
         if not has_images(root):
             raise InputError(no_images_message(root))
@@ -193,6 +199,8 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
         cfg.run.run_id = new_run_id()
     names = ", ".join(m.resolved_name for m in cfg.scored_models())
     console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {names} ({cfg.runner.type} runner) …", soft_wrap=True)
+    if cfg.input.root is not None and output_within_input(cfg.input.root, cfg.output.root):
+        console.print(f"output.root {cfg.output.root} is inside input.root: it is left out of the scan", soft_wrap=True, highlight=False, markup=False)
     try:
         with progress_for(console, enabled=not quiet):
             state = flows.score_images(cfg.to_dict(), return_state=True)

@@ -54,7 +54,13 @@ from imgscore.tasks.runstate import (
     models_id,
     now_iso,
 )
-from imgscore.tasks.scan import Scan, no_images_message, open_scan, scan_threads_for
+from imgscore.tasks.scan import (
+    Scan,
+    check_roots_apart,
+    no_images_message,
+    open_scan,
+    scan_threads_for,
+)
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -218,8 +224,12 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     ``models``: every model the run scores (``name`` + ``LoadedModel.info()``), default
     ``[model_info]``; each shard then holds images × models (image, model) pairs.
 
+    ``output.root`` inside ``input.root`` is left out of the scan (recorded in the manifest's
+    ``input.output_root_left_out``); the two the same folder is refused.
+
     Raises:
-        UsageError: a run with this id already exists; InputError: bad root or no images.
+        UsageError: a run with this id already exists; InputError: bad root or no images;
+            ConfigError: output.root is input.root.
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -228,10 +238,11 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     run_dir = run_dir_of(out, run_id)
     if storage.exists(storage.path(run_dir, MANIFEST)):
         raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
+    left_out = check_roots_apart(cfg.input.root, out) if scan is None else None  # output.root inside input.root: not scanned
     storage.make_dirs(run_dir)
     moved = layout.migrate_output_root(out)  # runs of earlier versions: into today's part-file layout
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
-    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks)
+    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks, exclude=out if left_out else None)
     threads = scan_threads_for(scan.root, cfg.input.scan_threads)
     infos = [{**m, "decode": model_info["decode"]} for m in models] if models else [model_info]
     skip = None
@@ -287,7 +298,8 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         status="running",
         created_at=started.isoformat(),
         updated_at=now_iso(),
-        input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes},
+        input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes,
+               **({"output_root_left_out": left_out} if left_out else {})},
         counts=Counts(scanned=n, pairs=pairs, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
                       already_failed=skip.already_failed if skip else 0, pending=pairs),
         skipped=scan.skipped,

@@ -115,3 +115,19 @@ def test_other_checkpoint_forms_give_the_same_predictions(prefect_server, image_
         assert results[name].keys() == base.keys()
         for k, row in base.items():
             assert_same_answers(row, results[name][k], atol=1e-5, what=f"{name} {k}")
+
+
+def test_an_output_root_inside_the_input_root_stays_out_of_every_night(prefect_server, image_folder, tiny_checkpoint, tmp_path):
+    """input.root=/data, output.root=/data/Scores: the first night's outputs never become a class
+    (which shifted every later label) nor grow the next nights' skipped list."""
+    out = image_folder / "Scores"
+    nights = [_run(image_folder, tiny_checkpoint, out) for _ in range(2)]
+    assert [code for code, _ in nights] == [0, 0]
+    for _, summary in nights:
+        assert (summary["scanned"], summary["scored"], summary["skipped"]) == (12, 12, 0)
+        m = read_manifest(summary["manifest"])
+        assert m["input"]["classes"] == ["chelsea", "coffee", "rocket"] and m["skipped"] == []
+        assert m["input"]["output_root_left_out"] == "Scores"
+        rows = _preds(out, summary["run_id"])
+        assert {(r["label_name"], r["label"]) for r in rows} == {("chelsea", 0), ("coffee", 1), ("rocket", 2)}
+    assert len(list((out / "runs").iterdir())) == 2

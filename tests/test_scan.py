@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from imgscore.tasks.errors import InputError
+from imgscore.tasks.errors import ConfigError, InputError
 from imgscore.tasks.scan import has_images, scan_images
 
 
@@ -134,3 +134,36 @@ def test_a_tree_deeper_than_the_recursion_limit_is_scanned_whole(tmp_path, reque
     Image.new("RGB", (8, 8), (10, 200, 10)).save(tmp_path / "cls" / "top.png")
     idx = scan_images(tmp_path)  # imagefolder: the deep image is in class cls
     assert [(e.image_path, e.label_name) for e in idx.entries] == [("cls/top.png", "cls"), (f"cls/{rel}", "cls")]
+
+
+def test_output_root_inside_input_root_is_left_out_of_the_scan(tmp_path):
+    from imgscore.tasks.scan import check_roots_apart, open_scan, output_within_input
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / f"{cls}.png")
+    out = tmp_path / "Scores"  # sorts before every class: as a class it would shift every label
+    (out / "runs" / "r1").mkdir(parents=True)
+    (out / "runs" / "r1" / "manifest.json").write_text("{}")
+    Image.new("RGB", (8, 8)).save(out / "runs" / "r1" / "thumb.png")  # even an image there is not the input's
+    scan = open_scan(tmp_path, exclude=out)
+    entries = [b for b in scan.batches()]
+    assert scan.layout == "imagefolder" and scan.classes == ["cat", "dog"]
+    assert [r for b in entries for r in b.column("image_path").to_pylist()] == ["cat/cat.png", "dog/dog.png"] and scan.skipped == []
+    assert open_scan(tmp_path).classes == ["Scores", "cat", "dog"]  # what the run used to see
+
+    deep_out = tmp_path / "dog" / "scores"  # inside a class folder, flat layout too
+    (deep_out / "predictions").mkdir(parents=True)
+    (deep_out / "predictions" / "part-00000.parquet").write_bytes(b"PAR1")
+    flat = open_scan(tmp_path, layout="flat", exclude=deep_out)
+    rows = [r for b in flat.batches() for r in b.column("image_path").to_pylist()]
+    assert "dog/dog.png" in rows and not any("scores" in r for r in rows)
+    assert not any("scores" in s["image_path"] for s in flat.skipped)
+
+    assert output_within_input(tmp_path, deep_out) == "dog/scores" and output_within_input(tmp_path / "cat", out) is None
+    assert output_within_input("s3://b/data", "S3://b/data/Scores/") == "Scores" and output_within_input("s3://b/data", "s3://b/database") is None
+    assert output_within_input("s3://b/data", tmp_path) is None
+    with pytest.raises(ConfigError, match=r"output.root '.*' is input.root: .*set output.root to a folder outside"):
+        check_roots_apart(tmp_path, str(tmp_path) + "/")
+    with pytest.raises(ConfigError, match="is input.root"):
+        check_roots_apart("s3://b/data", "s3://b/data/")
