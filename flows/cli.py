@@ -26,7 +26,7 @@ from imgscore.flows import startup
 from imgscore.flows.compat import run_exit_handlers
 from imgscore.flows.progress import progress_for
 from imgscore.tasks import storage
-from imgscore.tasks.config import Config, load_config, out_root_of, rerun_config
+from imgscore.tasks.config import Config, load_config, out_root_of, rerun_config, shipped_config
 from imgscore.tasks.errors import (
     ConfigError,
     ErrorBudgetExceeded,
@@ -49,8 +49,7 @@ from imgscore.tasks.scan import (
     output_within_input,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = shipped_config("demo.yaml")  # package data: a wheel install finds it from any folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -283,7 +282,11 @@ def cmd_demo(args, session: startup.Session) -> int:
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     demo_dir = Path(cfg.model.checkpoint).parent
     console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
-    _, held = build_digits_folder(demo_dir / "digits")
+    try:
+        _, held = build_digits_folder(demo_dir / "digits")
+    except ImportError as exc:
+        raise UsageError(f"imgscore demo reads the digit scans that ship inside scikit-learn, which is not installed ({exc}); "
+                         "pip install scikit-learn (or the dev extra: pip install 'imgscore[dev]')") from None
     if not Path(cfg.model.checkpoint).exists():
         console.print("training resnet18 on the digits (CPU, cached for next time) …")
     train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)

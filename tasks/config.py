@@ -644,6 +644,22 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
         raise ConfigError(_explain(exc)) from None
 
 
+def shipped_config(name: str) -> Path:
+    """A config file shipped with imgscore (``demo.yaml``, ``nightly.yaml``): package data of
+    ``imgscore.configs`` (the source tree's ``configs/``), found wherever imgscore is installed
+    and whatever the working directory.
+
+    An editable install made before ``configs/`` became a package maps no ``imgscore.configs``;
+    there the source tree's folder, beside this package's, is the same file.
+    """
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("imgscore.configs") / name))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "configs" / name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file (optional) and apply ``--set`` overrides.
 
