@@ -26,7 +26,14 @@ from imgscore.flows import startup
 from imgscore.flows.compat import run_exit_handlers
 from imgscore.flows.progress import progress_for
 from imgscore.tasks import storage
-from imgscore.tasks.config import Config, load_config, out_root_of, rerun_config, shipped_config
+from imgscore.tasks.config import (
+    Config,
+    flow_parameters,
+    load_config,
+    out_root_of,
+    rerun_config,
+    shipped_config,
+)
 from imgscore.tasks.errors import (
     ConfigError,
     ErrorBudgetExceeded,
@@ -89,7 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+ECHO_CHARS = 2000  # an unexpected error's text is cut here: it can hold a whole config (a 1.4 MB class list)
+
+
 def _fail(msg: str, code: int) -> int:
+    if len(msg) > ECHO_CHARS:
+        msg = f"{msg[:ECHO_CHARS]}… ({len(msg) - ECHO_CHARS:,} more characters left out)"
     print(f"imgscore: error: {msg}", file=sys.stderr)
     return code
 
@@ -201,8 +213,8 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
     if cfg.input.root is not None and output_within_input(cfg.input.root, cfg.output.root):
         console.print(f"output.root {cfg.output.root} is inside input.root: it is left out of the scan", soft_wrap=True, highlight=False, markup=False)
     try:
-        with progress_for(console, enabled=not quiet):
-            state = flows.score_images(cfg.to_dict(), return_state=True)
+        with progress_for(console, enabled=not quiet), flow_parameters(cfg) as params:  # a large config: as a file
+            state = flows.score_images(**params, return_state=True)
     except (KeyboardInterrupt, Terminated) as exc:
         return interrupted(cfg.run.run_id, cfg.output.root, exc), {}
     return flow_outcome(state, console, f"run {cfg.run.run_id}")
@@ -367,8 +379,8 @@ def cmd_rerun(args, session: startup.Session) -> int:
     console.print(f"[bold]rerun {args.run_id}[/]: {len(todo)} shard(s) to rescore ({cfg.runner.type} runner) …")
     rerun = session.import_prefect("imgscore.flows.rerun")
     try:
-        with progress_for(console, enabled=not args.quiet):
-            state = rerun.rerun_failed(args.run_id, cfg.to_dict(), return_state=True)
+        with progress_for(console, enabled=not args.quiet), flow_parameters(cfg) as params:
+            state = rerun.rerun_failed(args.run_id, **params, return_state=True)
     except (KeyboardInterrupt, Terminated) as exc:
         return interrupted(args.run_id, out, exc)
     code, summary = flow_outcome(state, console, f"rerun of {args.run_id}")
