@@ -167,3 +167,30 @@ def test_output_root_inside_input_root_is_left_out_of_the_scan(tmp_path):
         check_roots_apart(tmp_path, str(tmp_path) + "/")
     with pytest.raises(ConfigError, match="is input.root"):
         check_roots_apart("s3://b/data", "s3://b/data/")
+
+
+def test_an_object_store_output_prefix_inside_the_input_prefix_is_left_out(monkeypatch):
+    """The same rule on a bucket, compared as normalized URLs (the storage layer's listing faked)."""
+    from imgscore.tasks import storage
+    from imgscore.tasks.scan import open_scan
+
+    keys = ["cat/c1.png", "dog/d1.png", "dog/scores/predictions/part-00000.parquet", "Scores/runs/r1/manifest.json",
+            "Scores/predictions/run_date=2026-03-01/r1/part-00000.parquet"]
+
+    def list_objects(url, recursive=True):
+        rel = storage.normalize_root(url).removeprefix("s3://b/data").strip("/")
+        under = [k[len(rel) + 1:] if rel else k for k in keys if not rel or k.startswith(rel + "/")]
+        if recursive:
+            return [storage.ObjectInfo(k, 1, 0, "e") for k in sorted(under)], []
+        return ([storage.ObjectInfo(k, 1, 0, "e") for k in under if "/" not in k],
+                sorted({k.split("/")[0] for k in under if "/" in k}))
+
+    monkeypatch.setattr(storage, "list_objects", list_objects)
+    scan = open_scan("s3://b/data", exclude="S3://b/data/Scores/")
+    rows = [r for b in scan.batches() for r in b.column("image_path").to_pylist()]
+    assert scan.classes == ["cat", "dog"] and rows == ["cat/c1.png", "dog/d1.png"]
+    assert [s["image_path"] for s in scan.skipped] == ["dog/scores/predictions/part-00000.parquet"]  # another folder's: listed
+    deep = open_scan("s3://b/data", exclude="s3://b/data/dog/scores")
+    deep_rows = [r for b in deep.batches() for r in b.column("image_path").to_pylist()]
+    assert deep.classes == ["Scores", "cat", "dog"] and deep_rows == ["cat/c1.png", "dog/d1.png"]
+    assert not any(s["image_path"].startswith("dog/scores/") for s in deep.skipped) and len(deep.skipped) == 2  # Scores/: not this run's
