@@ -666,8 +666,10 @@ def _explain(exc: ValidationError) -> str:
         # a union's member names ("list[str]", "lax-or-strict[…]") are not keys: left out
         loc = tuple(p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "(" not in p))
         dotted = ".".join(str(p) for p in loc) or "config"
-        if err["type"] == "string_type" and isinstance(err.get("input"), bool):
-            lines.append(f"config {yaml_boolean_message(dotted, err['input'])}")
+        if isinstance(err.get("input"), bool) and (err["type"] in ("string_type", "path_type", "list_type") or loc[-1:] == ("root",)):
+            said = f"config {yaml_boolean_message(dotted, err['input'])}"  # a name or a path that YAML read as a boolean
+            if said not in lines:  # a union (Path | list[str]) reports it once per member
+                lines.append(said)
             continue
         if err["type"] == "extra_forbidden":
             valid = _section_fields(loc[:-1])

@@ -198,3 +198,10 @@ def test_tilde_is_the_home_folder_in_path_keys_and_dollar_is_kept(monkeypatch, t
     assert str(build_config({}, ["output.root=$SCORES/x"]).output.root) == "$SCORES/x"  # never the environment's
     assert build_config({}, ["output.root=s3://b/~x"]).output.root == "s3://b/~x"
     assert build_config({}, ["model.classes=[~a, b]"]).model.classes == ["~a", "b"]  # names, not paths
+
+
+def test_a_path_that_yaml_read_as_a_boolean_is_explained_once():
+    for key, word in (("input.root", "no"), ("output.root", "off"), ("model.checkpoint", "yes"), ("model.classes", "no")):
+        with pytest.raises(ConfigError) as e:
+            build_config({}, [f"{key}={word}"])
+        assert str(e.value).count("YAML reads unquoted") == 1 and str(e.value).startswith(f"config {key} is the boolean"), str(e.value)
