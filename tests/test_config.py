@@ -205,3 +205,32 @@ def test_a_path_that_yaml_read_as_a_boolean_is_explained_once():
         with pytest.raises(ConfigError) as e:
             build_config({}, [f"{key}={word}"])
         assert str(e.value).count("YAML reads unquoted") == 1 and str(e.value).startswith(f"config {key} is the boolean"), str(e.value)
+
+
+def test_flow_parameters_carry_a_small_config_inline_and_a_large_one_by_reference():
+    import json
+    from pathlib import Path
+
+    from imgscore.tasks.config import (
+        MAX_PARAMETER_BYTES,
+        flow_config,
+        flow_parameters,
+        raw_flow_config,
+    )
+
+    small = build_config({}, ["input.root=/data", "runner.n_workers=3"])
+    with flow_parameters(small) as params:
+        assert params == {"config": small.to_dict()}
+    large = build_config({"model": {"classes": [f"name {i:05d} " + "y" * 40 for i in range(5000)]}}, ["runner.n_workers=3"])
+    with flow_parameters(large) as params:
+        path = Path(params["config_file"])
+        assert list(params) == ["config_file"] and path.stat().st_size > MAX_PARAMETER_BYTES
+        assert path.stat().st_mode & 0o077 == 0  # private: the config may name internal paths
+        assert flow_config(None, str(path)) == large  # what the flow reads back
+        assert raw_flow_config(params)["runner"]["n_workers"] == 3  # what the task runner and the hook read
+        assert json.loads(path.read_text())["model"]["classes"][4999].startswith("name 04999 ")
+    assert not path.exists()
+    with pytest.raises(ConfigError, match="exactly one of them"):
+        flow_config(None, None)
+    with pytest.raises(ConfigError, match=r"config_file '/nonexistent.json' cannot be read"):
+        raw_flow_config({"config_file": "/nonexistent.json"})
