@@ -37,7 +37,7 @@ from PIL import EpsImagePlugin, Image, ImageFile, features
 
 from imgscore.tasks import storage
 from imgscore.tasks.containment import within
-from imgscore.tasks.errors import InputError
+from imgscore.tasks.errors import ConfigError, InputError
 
 NOT_AN_IMAGE = "not an image format this Pillow reads"
 
@@ -551,8 +551,6 @@ def check_roots_apart(input_root: str | Path, output_root: str | Path) -> str | 
     """
     rel = output_within_input(input_root, output_root)
     if rel == "":
-        from imgscore.tasks.errors import ConfigError
-
         raise ConfigError(
             f"output.root {str(output_root)!r} is input.root: the run's predictions/, errors/ and runs/ folders would sit among "
             "the images and become classes; set output.root to a folder outside input.root (or a subfolder of it, which the scan leaves out)"
