@@ -61,7 +61,7 @@ def _user_path(value: Any) -> Any:
     return value
 
 
-# What the docs of every path key say about ~ and $VAR (the README's config table repeats it).
+# What the docs of every path key say about ~ and $VAR (the README's Configuration section says it too).
 PATH_NOTE = "; ~ is your home folder, $VAR is not expanded"
 
 
