@@ -26,7 +26,14 @@ from imgscore.flows import startup
 from imgscore.flows.compat import run_exit_handlers
 from imgscore.flows.progress import progress_for
 from imgscore.tasks import storage
-from imgscore.tasks.config import Config, load_config, out_root_of, rerun_config
+from imgscore.tasks.config import (
+    Config,
+    flow_parameters,
+    load_config,
+    out_root_of,
+    rerun_config,
+    shipped_config,
+)
 from imgscore.tasks.errors import (
     ConfigError,
     ErrorBudgetExceeded,
@@ -42,10 +49,14 @@ from imgscore.tasks.manifest import (
     plan_rerun,
     run_dir_of,
 )
-from imgscore.tasks.scan import has_images, no_images_message
+from imgscore.tasks.scan import (
+    check_roots_apart,
+    has_images,
+    no_images_message,
+    output_within_input,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = shipped_config("demo.yaml")  # package data: a wheel install finds it from any folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+ECHO_CHARS = 2000  # an unexpected error's text is cut here: it can hold a whole config (a 1.4 MB class list)
+
+
 def _fail(msg: str, code: int) -> int:
+    if len(msg) > ECHO_CHARS:
+        msg = f"{msg[:ECHO_CHARS]}… ({len(msg) - ECHO_CHARS:,} more characters left out)"
     print(f"imgscore: error: {msg}", file=sys.stderr)
     return code
 
@@ -134,6 +150,7 @@ def check_paths(cfg: Config) -> None:
     for r in (root, cfg.output.root):
         if (need := storage.missing_package(r)) is not None:
             raise ConfigError(need)
+    check_roots_apart(root, cfg.output.root)  # the same folder: refused; output.root inside input.root: left out of the scan
     if storage.is_remote(root):
         if not has_images(root, formats=cfg.input.formats):
             raise InputError(no_images_message(root, cfg.input.formats))
@@ -193,9 +210,11 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
         cfg.run.run_id = new_run_id()
     names = ", ".join(m.resolved_name for m in cfg.scored_models())
     console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {names} ({cfg.runner.type} runner) …", soft_wrap=True)
+    if cfg.input.root is not None and output_within_input(cfg.input.root, cfg.output.root):
+        console.print(f"output.root {cfg.output.root} is inside input.root: it is left out of the scan", soft_wrap=True, highlight=False, markup=False)
     try:
-        with progress_for(console, enabled=not quiet):
-            state = flows.score_images(cfg.to_dict(), return_state=True)
+        with progress_for(console, enabled=not quiet), flow_parameters(cfg) as params:  # a large config: as a file
+            state = flows.score_images(**params, return_state=True)
     except (KeyboardInterrupt, Terminated) as exc:
         return interrupted(cfg.run.run_id, cfg.output.root, exc), {}
     return flow_outcome(state, console, f"run {cfg.run.run_id}")
@@ -275,7 +294,11 @@ def cmd_demo(args, session: startup.Session) -> int:
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     demo_dir = Path(cfg.model.checkpoint).parent
     console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
-    _, held = build_digits_folder(demo_dir / "digits")
+    try:
+        _, held = build_digits_folder(demo_dir / "digits")
+    except ImportError as exc:
+        raise UsageError(f"imgscore demo reads the digit scans that ship inside scikit-learn, which is not installed ({exc}); "
+                         "pip install scikit-learn (or the dev extra: pip install 'imgscore[dev]')") from None
     if not Path(cfg.model.checkpoint).exists():
         console.print("training resnet18 on the digits (CPU, cached for next time) …")
     train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)
@@ -356,8 +379,8 @@ def cmd_rerun(args, session: startup.Session) -> int:
     console.print(f"[bold]rerun {args.run_id}[/]: {len(todo)} shard(s) to rescore ({cfg.runner.type} runner) …")
     rerun = session.import_prefect("imgscore.flows.rerun")
     try:
-        with progress_for(console, enabled=not args.quiet):
-            state = rerun.rerun_failed(args.run_id, cfg.to_dict(), return_state=True)
+        with progress_for(console, enabled=not args.quiet), flow_parameters(cfg) as params:
+            state = rerun.rerun_failed(args.run_id, **params, return_state=True)
     except (KeyboardInterrupt, Terminated) as exc:
         return interrupted(args.run_id, out, exc)
     code, summary = flow_outcome(state, console, f"rerun of {args.run_id}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imgscore.tasks import storage
-from imgscore.tasks.config import NotifyConfig
+from imgscore.tasks.config import NotifyConfig, raw_flow_config
 from imgscore.tasks.parquet_io import ERRORS_SCHEMA, run_part_files
 from imgscore.tasks.report import REPORT_FILE, one_line
 from imgscore.tasks.runstate import MANIFEST, load_manifest, observed_status
@@ -215,7 +215,7 @@ def notify_hook(flow, flow_run, state) -> None:
     log = _logger(flow_run, flow)
     try:
         params = flow_run.parameters or {}
-        raw = params.get("config") or {}
+        raw = raw_flow_config(params) if params.get("config_file") else (params.get("config") or {})
         cfg = NotifyConfig.model_validate(raw.get("notify") or {})  # a config that failed elsewhere still notifies
         if not (cfg.webhook_url or cfg.block):
             return

@@ -42,7 +42,7 @@ from imgscore.flows.startup import quiet_unless_verbose
 from imgscore.tasks import layout, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
-from imgscore.tasks.config import Config
+from imgscore.tasks.config import Config, flow_config
 from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError, ShardStopped
 from imgscore.tasks.index import refresh_shards
 from imgscore.tasks.plan import RunPlan, load_plan, run_dir_of, shard_refs
@@ -174,7 +174,7 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
 
 
 @flow(name="rerun-failed", log_prints=False, task_runner=ConfiguredTaskRunner(), **notify.HOOKS)
-def rerun_failed(run_id: str, config: dict) -> dict:
+def rerun_failed(run_id: str, config: dict | None = None, config_file: str | None = None) -> dict:
     """Rescore a run's unfinished shards and failed images, committing replacement part files.
 
     The task runner is the one ``config['runner']`` names (``imgscore.flows.runner``).
@@ -182,6 +182,7 @@ def rerun_failed(run_id: str, config: dict) -> dict:
     Args:
         run_id: the run to finish, under ``config['output']['root']/runs/``.
         config: the run's recorded config with allowed overrides (``imgscore.tasks.config.rerun_config``).
+        config_file: instead of ``config``, a JSON file holding it (``imgscore.tasks.config.flow_parameters``).
 
     Returns:
         The run summary (as ``score-images`` returns) plus ``rescored`` (images scored now) and
@@ -193,7 +194,7 @@ def rerun_failed(run_id: str, config: dict) -> dict:
         RunLockedError: another live process is writing this run.
     """
     t0 = time.perf_counter()
-    cfg = Config.model_validate(config)
+    cfg = flow_config(config, config_file)
     storage.configure(cfg.storage.settings())
     notify.remember_run(run_id, cfg.output.root)
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore rerun"):

@@ -24,7 +24,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from imgscore.flows.compat import PREFECT_IN_PROCESS_API_HOST
-from imgscore.tasks.config import RunnerConfig
+from imgscore.tasks.config import RunnerConfig, raw_flow_config
 from imgscore.tasks.errors import ConfigError
 
 
@@ -80,7 +80,8 @@ class ConfiguredTaskRunner(TaskRunner):
     """A task runner chosen by the flow run's own ``config.runner`` parameter.
 
     A flow's task runner is fixed when the flow is decorated, but a deployment's runs carry
-    their configuration as parameters. This runner reads ``parameters["config"]["runner"]`` of
+    their configuration as parameters. This runner reads ``parameters["config"]["runner"]`` (or
+    the file ``parameters["config_file"]`` names: ``imgscore.tasks.config.flow_parameters``) of
     the current flow run when the first task is submitted, builds the runner
     :func:`make_task_runner` would, and hands every submission to it; it stops that runner
     (and any ``LocalCluster``) when the flow run ends. Outside a flow run, or with no ``config``
@@ -104,7 +105,8 @@ class ConfiguredTaskRunner(TaskRunner):
     def _resolve(self) -> TaskRunner:
         if self._inner is None:
             ctx = FlowRunContext.get()
-            raw: Any = (getattr(ctx, "parameters", None) or {}).get("config") or {}
+            params = getattr(ctx, "parameters", None) or {}
+            raw: Any = raw_flow_config(params) if params.get("config_file") else (params.get("config") or {})
             runner_raw = raw.get("runner", {}) if isinstance(raw, dict) else {}
             rc = RunnerConfig.model_validate(runner_raw)
             warm = json.dumps(raw) if isinstance(raw, dict) and raw.get("model") and rc.warm_workers else None

@@ -30,7 +30,7 @@ from imgscore.tasks import drift, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
 from imgscore.tasks.backends import start_inference
-from imgscore.tasks.config import Config, DriftConfig, RunConfig
+from imgscore.tasks.config import Config, DriftConfig, RunConfig, flow_config
 from imgscore.tasks.device import configure_threads, resolve_device
 from imgscore.tasks.embeddings import choose_layer, embedding_dim
 from imgscore.tasks.errors import (
@@ -329,7 +329,7 @@ def scoring_identity(cfg: Config) -> str:
 
 
 @flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner(), **notify.HOOKS)
-def score_images(config: dict) -> dict:
+def score_images(config: dict | None = None, config_file: str | None = None) -> dict:
     """Score every image under ``config['input']['root']`` and write Parquet part files.
 
     The task runner is the one ``config['runner']`` names (``imgscore.flows.runner``), however
@@ -337,6 +337,8 @@ def score_images(config: dict) -> dict:
 
     Args:
         config: a resolved config (``Config.to_dict()``), e.g. from ``configs/nightly.yaml``.
+        config_file: instead of ``config``, a JSON file holding it: how ``imgscore run`` passes a
+            config too large for a flow-run parameter (``imgscore.tasks.config.flow_parameters``).
 
     Returns:
         The run summary (run_id, counts, throughput, output folders).
@@ -353,7 +355,7 @@ def score_images(config: dict) -> dict:
             scoring this folder with this model.
     """
     t0 = time.perf_counter()
-    cfg = Config.model_validate(config)
+    cfg = flow_config(config, config_file)
     storage.configure(cfg.storage.settings())  # object-store roots: options, retries, timeouts of this run
     run_id = choose_run_id(cfg)
     notify.remember_run(run_id, cfg.output.root)

@@ -6,9 +6,13 @@ instead of being ignored. Functions elsewhere receive only the section they use.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import os
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,7 +47,23 @@ def _root_value(value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"expected a path or a URL, got {type(value).__name__}")
     text = storage.normalize_root(value)
-    return text if storage.is_remote(text) else Path(text)
+    return text if storage.is_remote(text) else Path(os.path.expanduser(text))
+
+
+def _user_path(value: Any) -> Any:
+    """A local path key's value with a leading ``~`` / ``~user`` made the home folder
+    (``os.path.expanduser``); other values unchanged. ``$VAR`` is not expanded: ``$`` is a legal
+    character in file names, and a path must not change with the environment of the process
+    that reads the config (a Prefect worker's differs from the shell's)."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, Path) and str(value).startswith("~"):
+        return value.expanduser()
+    return value
+
+
+# What the docs of every path key say about ~ and $VAR (the README's Configuration section says it too).
+PATH_NOTE = "; ~ is your home folder, $VAR is not expanded"
 
 
 # input.root / output.root: a local folder, or an object-store URL (imgscore.tasks.storage)
@@ -58,7 +78,7 @@ class InputConfig(_Section):
     """What to score and how to read it."""
 
     root: Root | None = Field(
-        None, description="folder to score (ImageFolder layout or flat): a path, or s3://, gs://, az:// URL of a prefix"
+        None, description="folder to score (ImageFolder layout or flat): a path, or s3://, gs://, az:// URL of a prefix" + PATH_NOTE
     )
     layout: Literal["auto", "imagefolder", "flat"] = Field(
         "auto",
@@ -125,9 +145,11 @@ class ModelConfig(_Section):
         "default: model.arch, or the function name of model.factory",
     )
     arch: str = Field("resnet50", description="torchvision.models builder name")
-    checkpoint: Path | None = Field(None, description="state_dict, training checkpoint dict, or TorchScript")
+    checkpoint: Path | None = Field(None, description="state_dict, training checkpoint dict, or TorchScript" + PATH_NOTE)
     weights: str | None = Field(None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) from the local hub cache")
-    classes: Path | list[str] | None = Field(None, description="file with one class name a line, or a list")
+    classes: Path | list[str] | None = Field(
+        None, description="file with one class name a line, or a list (quote names YAML reads as booleans: 'no', 'yes', 'on', 'off')" + PATH_NOTE
+    )
     num_classes: int | None = Field(None, gt=0, description="head size; inferred from the checkpoint when unset")
     trust_checkpoint: bool = Field(
         False, description="allow whole pickled modules (unpickling runs code from the file)"
@@ -143,6 +165,18 @@ class ModelConfig(_Section):
         description="this model's resize, crop, mean, std, interpolation over preprocess.* (models: each its own recipe; "
         "decoding is shared, the draft sized for the largest resize)",
     )
+
+    _home = field_validator("checkpoint", mode="before")(_user_path)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_names(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for i, c in enumerate(v):
+                if isinstance(c, bool):
+                    raise ValueError(yaml_boolean_message(f"model.classes item {i}", c))
+            return v
+        return _user_path(v)
 
     @field_validator("name")
     @classmethod
@@ -257,7 +291,7 @@ class InferenceConfig(_Section):
         "fastest installed fp32 backend, measured once per machine and model",
     )
     cache_dir: Path | None = Field(
-        None, description="where ONNX exports and auto's measurements are cached (default ~/.cache/imgscore)"
+        None, description="where ONNX exports and auto's measurements are cached (default ~/.cache/imgscore)" + PATH_NOTE
     )
     canary_images: int = Field(
         64, gt=0, description="reduced precision: the run's first N images scored with fp32 torch and "
@@ -271,6 +305,8 @@ class InferenceConfig(_Section):
         True, description="fold each Conv→BatchNorm pair into one conv before scoring (torch.fx; see benchmarks/NOTES.md)"
     )
     num_threads: int | None = Field(None, gt=0, description="torch threads per worker; default: its share of the cores")
+
+    _home = field_validator("cache_dir", mode="before")(_user_path)
 
     @field_validator("batch_size", "num_workers")
     @classmethod
@@ -334,7 +370,7 @@ class RunnerConfig(_Section):
 class OutputConfig(_Section):
     """Where results go."""
 
-    root: Root = Field(Path("outputs"), description="holds predictions/, errors/ and runs/: a path, or s3://, gs://, az:// URL")
+    root: Root = Field(Path("outputs"), description="holds predictions/, errors/ and runs/: a path, or s3://, gs://, az:// URL" + PATH_NOTE)
     topk: int = Field(5, gt=0, description="how many classes topk_indices/topk_scores keep")
     embeddings: bool = Field(
         False,
@@ -505,6 +541,64 @@ class Config(_Section):
         return d
 
 
+# ---------------------------------------------------------------------------- flow-run parameters
+
+# A config whose JSON is larger than this reaches its flow run as a file reference (``config_file``)
+# instead of the ``config`` mapping: Prefect's API refuses flow-run parameters over 512 KB
+# (PREFECT_SERVER_API_MAX_PARAMETER_SIZE), and an inline model.classes of 10,000 names is 1.4 MB.
+MAX_PARAMETER_BYTES = 128 * 1024
+
+
+@contextlib.contextmanager
+def flow_parameters(cfg: Config) -> Iterator[dict[str, Any]]:
+    """The parameters a flow run of ``cfg`` is started with: ``{"config": cfg.to_dict()}``, or,
+    when that is over :data:`MAX_PARAMETER_BYTES` as JSON, ``{"config_file": PATH}`` — the config
+    written to a private temporary file (mode 0600) that exists while the context is open (the
+    flow runs in this process and reads it at its start: :func:`flow_config`). The manifest
+    records the whole config either way."""
+    text = cfg.model_dump_json()
+    if len(text.encode("utf-8")) <= MAX_PARAMETER_BYTES:
+        yield {"config": cfg.to_dict()}
+        return
+    fd, name = tempfile.mkstemp(prefix="imgscore-config-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        yield {"config_file": name}
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def flow_config(config: dict[str, Any] | None, config_file: str | None) -> Config:
+    """A flow's config from its parameters (:func:`flow_parameters`): the ``config`` mapping, or
+    the JSON file ``config_file`` names.
+
+    Raises:
+        ConfigError: neither or both given, or the file cannot be read.
+    """
+    return Config.model_validate(raw_flow_config({"config": config, "config_file": config_file}))
+
+
+def raw_flow_config(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The config mapping of a flow run's ``parameters``, unvalidated: ``config``, or the JSON
+    that ``config_file`` holds (the task runner and the notification hook read it before, or
+    without, validating).
+
+    Raises:
+        ConfigError: neither or both given, or the file cannot be read.
+    """
+    config, config_file = parameters.get("config"), parameters.get("config_file")
+    if (config is None) == (config_file is None):
+        raise ConfigError("a flow run takes its config as config (a mapping) or as config_file (a JSON file), exactly one of them")
+    if config is not None:
+        return config
+    try:
+        return json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config_file {config_file!r} cannot be read ({exc}); start the run again") from None
+
+
 def _default_text(field) -> str:
     """A field's default as the YAML one would write (``–`` for none)."""
     if field.default_factory is not None:
@@ -551,7 +645,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise ConfigError(f"--set {item!r} has an empty key; example: --set run.shard_size=500")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if not isinstance(value, str | int | float | bool | list | dict | type(None)):
@@ -569,11 +663,35 @@ def _section_fields(path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+ECHO_LIMIT = 200  # characters of a bad value an error message shows (a 10,000-name list is 1.4 MB)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`ECHO_LIMIT` characters with the size of what was left out."""
+    text = repr(value)
+    if len(text) <= ECHO_LIMIT:
+        return text
+    return f"{text[:ECHO_LIMIT]}… ({len(text):,} characters)"
+
+
+def yaml_boolean_message(what: str, value: bool) -> str:
+    """The refusal for a YAML boolean where a name was meant (``classes: [no, yes]``)."""
+    word = "yes" if value else "no"
+    return (f"{what} is the boolean {str(value).lower()}: YAML reads unquoted no/yes/on/off/false/true as booleans; "
+            f"quote it: '{word}' (or whichever of those words you wrote)")
+
+
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        # a union's member names ("list[str]", "lax-or-strict[…]") are not keys: left out
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "(" not in p))
         dotted = ".".join(str(p) for p in loc) or "config"
+        if isinstance(err.get("input"), bool) and (err["type"] in ("string_type", "path_type", "list_type") or loc[-1:] == ("root",)):
+            said = f"config {yaml_boolean_message(dotted, err['input'])}"  # a name or a path that YAML read as a boolean
+            if said not in lines:  # a union (Path | list[str]) reports it once per member
+                lines.append(said)
+            continue
         if err["type"] == "extra_forbidden":
             valid = _section_fields(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
@@ -581,9 +699,10 @@ def _explain(exc: ValidationError) -> str:
             lines.append(f"unknown config key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
         else:
             msg = err["msg"].removeprefix("Value error, ")  # our validators' messages name the value already
-            got = repr(err.get("input"))
+            got = _shown(err.get("input"))
             never = loc[:2] == ("storage", "options")  # never echo a credential
-            lines.append(f"config {dotted}: {msg}" + ("" if never or got in msg else f" (got {got})"))
+            said = got in msg or "YAML reads unquoted" in msg  # the value is named already
+            lines.append(f"config {dotted}: {msg}" + ("" if never or said else f" (got {got})"))
     return "; ".join(lines)
 
 
@@ -609,27 +728,158 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
         raise ConfigError(_explain(exc)) from None
 
 
+def shipped_config(name: str) -> Path:
+    """A config file shipped with imgscore (``demo.yaml``, ``nightly.yaml``): package data of
+    ``imgscore.configs`` (the source tree's ``configs/``), found wherever imgscore is installed
+    and whatever the working directory.
+
+    An editable install made before ``configs/`` became a package maps no ``imgscore.configs``;
+    there the source tree's folder, beside this package's, is the same file.
+    """
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("imgscore.configs") / name))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "configs" / name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file (optional) and apply ``--set`` overrides.
 
     Raises:
-        ConfigError: the file is missing or not a YAML mapping, or validation fails.
+        ConfigError: the file is missing, not a YAML mapping or refused by :func:`read_yaml`,
+            or validation fails.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config configs/nightly.yaml or omit it")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
-    return build_config(raw, overrides)
+    return build_config(read_config_file(path) if path is not None else {}, overrides)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping of sections (:func:`read_yaml`); {} for an empty file.
+
+    Raises:
+        ConfigError: the file is missing, not valid YAML, not a mapping, or refused by :func:`read_yaml`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config configs/nightly.yaml or omit it")
+    where = f"config file {str(p)!r}"
+    try:
+        loaded = read_yaml(p.read_text(encoding="utf-8"), where)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+# Values that YAML aliases (*name) may add beyond the document's own: a config never needs more,
+# and a "billion laughs" document (9 levels of 10 aliases: 10⁹ strings from 1 KB) is refused
+# before anything is built from it.
+MAX_ALIAS_VALUES = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def read_yaml(text: str, where: str = "the YAML") -> Any:
+    """``yaml.safe_load`` for configs, stricter where it is silent.
+
+    The document is composed into nodes first (aliases are references there, so this is linear in
+    the text), then checked: a key given twice in one mapping is refused (YAML keeps the last, so a
+    second ``output:`` block silently dropped the first one's keys); aliases that expand to more
+    than :data:`MAX_ALIAS_VALUES` values beyond the document's own, or refer to themselves, are
+    refused; only then is the document built. ``<<`` merge keys keep their meaning (a key given
+    beside a merge overrides the merged one).
+
+    Raises:
+        ConfigError: a duplicate key (named, with both lines), an alias bomb or recursive alias,
+            or nesting deeper than the parser can follow.
+        yaml.YAMLError: not valid YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, where)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where} nests mappings or lists too deeply to read; a config is a few levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_nodes(root: yaml.Node, where: str) -> None:
+    """Duplicate keys and alias expansion of a composed document (:func:`read_yaml`), without
+    recursion (a deep document must not overflow the stack here) and without expanding anything."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if key.tag == _MERGE_TAG or not isinstance(key, yaml.ScalarNode):
+                    stack.append((value, path))
+                    continue
+                dotted = f"{path}.{key.value}" if path else key.value
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
+                    raise ConfigError(
+                        f"{where} line {line}: key {dotted!r} is given twice (first at line {first[key.tag, key.value]}); YAML would keep "
+                        "only the second and drop the first silently — merge the two into one"
+                    )
+                first[key.tag, key.value] = line
+                stack.append((value, dotted))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(node.value))
+    expanded = _expanded_count(root, where)
+    if expanded - len(seen) > MAX_ALIAS_VALUES:
+        raise ConfigError(
+            f"{where}: its aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values beyond the file's own "
+            f"{len(seen):,} (an alias bomb?); write the values out, or use fewer aliases"
+        )
+
+
+def _expanded_count(root: yaml.Node, where: str) -> int:
+    """How many nodes the document has with every alias expanded, counted once per node (post-order,
+    memoised); stops counting at :data:`MAX_ALIAS_VALUES` above the distinct nodes' count."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()
+    cap = 1 << 62
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = min(cap, 1 + sum(size[id(k)] for k in _children(node)))
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_:
+            raise ConfigError(f"{where} line {node.start_mark.line + 1}: an alias refers to the value that holds it (a recursive "
+                              "structure); a config cannot hold one — write the value out")
+        open_.add(id(node))
+        stack.append((node, True))
+        for k in _children(node):
+            if id(k) in open_:
+                raise ConfigError(f"{where} line {k.start_mark.line + 1}: an alias refers to the value that holds it (a recursive "
+                                  "structure); a config cannot hold one — write the value out")
+            if id(k) not in size:
+                stack.append((k, False))
+    return size[id(root)]
 
 
 def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
@@ -707,8 +957,8 @@ def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str])
     base = build_config(recorded)
     file_items: list[str] = []
     if config_file is not None:
-        load_config(config_file)  # validates the file and gives its usual errors
-        raw = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        raw = read_config_file(config_file)
+        build_config(raw)  # validates the file and gives its usual errors
         for key, value in _leaves(raw):
             item = f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
             if _allowed(key):
@@ -731,7 +981,7 @@ def rerun_config(recorded: dict, config_file: Path | None, overrides: list[str])
                 f"may be overridden (recorded {key} = {_get(base.to_dict(), key)!r}); start a new run to change {key}"
             )
     if config_file is not None:
-        given |= {key for key, _ in _leaves(yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {})}
+        given |= {key for key, _ in _leaves(read_config_file(config_file))}
     _confirmed(base, given, recorded)
     return build_config(recorded, [*file_items, *overrides])
 

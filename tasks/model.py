@@ -151,14 +151,40 @@ def check_arch(arch: str) -> None:
 
 
 def _read_classes(spec: Path | list[str] | None) -> list[str] | None:
+    """``model.classes``: the inline list, or the file's non-blank lines (stripped).
+
+    Raises:
+        ModelError: the file is missing, or a name is given twice (two outputs one label: the
+            report would count them as one class); named with both items or lines.
+    """
     if spec is None:
         return None
     if isinstance(spec, list):
-        return [str(c) for c in spec]
+        names = [str(c) for c in spec]
+        if (dup := first_duplicate(names)) is not None:
+            name, i, j = dup
+            raise ModelError(f"model.classes names {name!r} twice (items {i} and {j} of the list); "
+                             "give each output its own name, in output order")
+        return names
     p = Path(spec)
     if not p.is_file():
         raise ModelError(f"model.classes file {str(p)!r} does not exist; give a file with one class name a line, or an inline list")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    numbered = [(n, line.strip()) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if (dup := first_duplicate([name for _, name in numbered])) is not None:
+        name, i, j = dup
+        raise ModelError(f"model.classes file {str(p)!r} names {name!r} twice (lines {numbered[i][0]} and {numbered[j][0]}); "
+                         "give each output its own name, one a line in output order")
+    return [name for _, name in numbered]
+
+
+def first_duplicate(names: list[str]) -> tuple[str, int, int] | None:
+    """The first name given twice in ``names``, with the positions of both, or None."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            return name, first[name], i
+        first[name] = i
+    return None
 
 
 def _build_arch(arch: str, num_classes: int | None = None, meta: bool = True) -> nn.Module:
@@ -467,6 +493,9 @@ def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
     else:
         module, n = _build_from_state_dict(cfg.arch, cfg.num_classes, ck)
 
+    if cfg_classes is None and ck.classes and (dup := first_duplicate(ck.classes)) is not None:
+        raise ck.refuse(f"its class list names {dup[0]!r} twice (outputs {dup[1]} and {dup[2]})",
+                        "Set model.classes to the names in output order, each once")
     classes = cfg_classes or ck.classes or [str(i) for i in range(n)]
     if len(classes) != n:
         if cfg_classes is None:

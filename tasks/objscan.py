@@ -61,10 +61,13 @@ class ObjectScan(Scan):
         else:
             base = unit.top[len(root):].strip("/") + "/"
             objects, _ = storage.list_objects(unit.top, recursive=True)
+        left_out = self.exclude + "/" if self.exclude else None  # output.root's prefix under the root
 
         def images():
             for obj in sorted((o for o in objects if not _hidden_key(o.key)), key=lambda o: storage.walk_order_key(o.key)):
                 rel = base + obj.key
+                if left_out is not None and rel.startswith(left_out):
+                    continue
                 why = skip_reason(rel, self.formats)
                 if why is not None:
                     _skip(skipped, rel, why)
@@ -81,9 +84,11 @@ def _refuse_listing(root: str, exc: BaseException) -> InputError:
     )
 
 
-def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] | list[str] | None = None) -> ObjectScan:
+def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] | list[str] | None = None,
+                     exclude: str | None = None) -> ObjectScan:
     """Check the prefix ``root`` and decide the layout and classes; keys are listed in
-    :meth:`ObjectScan.batches`.
+    :meth:`ObjectScan.batches`. ``exclude``: the key prefix (relative to ``root``) of
+    ``output.root`` inside it, never scanned (:func:`imgscore.tasks.scan.output_within_input`).
 
     Raises:
         InputError: the prefix holds no object (the URL is wrong or empty), or cannot be listed
@@ -93,7 +98,7 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
         top, prefixes = storage.list_objects(root, recursive=False)
     except (OSError, ValueError) as exc:
         raise _refuse_listing(root, exc) from None
-    classes = [p for p in prefixes if not _is_hidden(p)]
+    classes = [p for p in prefixes if not _is_hidden(p) and p != exclude]
     top_files = [o for o in top if not _is_hidden(o.key)]
     if not classes and not top_files and not prefixes and not top:
         raise InputError(
@@ -102,7 +107,7 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
     formats = tuple(formats) if formats is not None else None
     if layout == "auto":
         layout = "imagefolder" if classes and all(skip_reason(o.key, formats) is not None for o in top_files) else "flat"
-    scan = ObjectScan(root=root, layout=layout, classes=[], formats=formats)
+    scan = ObjectScan(root=root, layout=layout, classes=[], formats=formats, exclude=exclude)
     if layout == "imagefolder":
         scan.classes = list(classes)
         scan._units = [_Unit(storage.join(root, c), i, c) for i, c in enumerate(classes)]

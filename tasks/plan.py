@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -53,13 +54,37 @@ from imgscore.tasks.runstate import (
     models_id,
     now_iso,
 )
-from imgscore.tasks.scan import Scan, no_images_message, open_scan, scan_threads_for
+from imgscore.tasks.scan import (
+    Scan,
+    check_roots_apart,
+    no_images_message,
+    open_scan,
+    scan_threads_for,
+)
 
 
 def new_run_id(now: datetime | None = None) -> str:
     """``YYYYMMDDTHHMMSSZ-xxxxxx``: sortable by start time, unique across concurrent runs."""
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+_STAMPED = re.compile(r"(\d{8})T\d{6}Z-")
+
+
+def run_date_of(run_id: str, now: datetime) -> str:
+    """The ``run_date`` partition (``YYYY-MM-DD``, UTC) of a run: the date in the stamp of a
+    :func:`new_run_id` id, so the id and the partition come from one instant — the CLI stamps the
+    id, the flow plans seconds later, and a run started at 23:59:59 UTC must not land in the next
+    day's partition. ``now`` (aware, UTC) gives the date of a run id chosen by hand (``run.run_id``).
+    """
+    m = _STAMPED.match(run_id)
+    if m is not None:
+        try:
+            return datetime.strptime(m.group(1), "%Y%m%d").strftime("%Y-%m-%d")
+        except ValueError:
+            pass  # digits that are no date: a hand-made id
+    return now.astimezone(UTC).strftime("%Y-%m-%d")
 
 
 @dataclass
@@ -199,8 +224,12 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     ``models``: every model the run scores (``name`` + ``LoadedModel.info()``), default
     ``[model_info]``; each shard then holds images × models (image, model) pairs.
 
+    ``output.root`` inside ``input.root`` is left out of the scan (recorded in the manifest's
+    ``input.output_root_left_out``); the two the same folder is refused.
+
     Raises:
-        UsageError: a run with this id already exists; InputError: bad root or no images.
+        UsageError: a run with this id already exists; InputError: bad root or no images;
+            ConfigError: output.root is input.root.
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -209,10 +238,12 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     run_dir = run_dir_of(out, run_id)
     if storage.exists(storage.path(run_dir, MANIFEST)):
         raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
+    left_out = check_roots_apart(cfg.input.root, out) if scan is None else None  # output.root inside input.root: not scanned
     storage.make_dirs(run_dir)
     moved = layout.migrate_output_root(out)  # runs of earlier versions: into today's part-file layout
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
-    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks, cfg.input.formats)
+    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks, cfg.input.formats,
+                             exclude=out if left_out else None)
     threads = scan_threads_for(scan.root, cfg.input.scan_threads)
     infos = [{**m, "decode": model_info["decode"]} for m in models] if models else [model_info]
     skip = None
@@ -253,7 +284,7 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
                        "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed, "lookup_s": round(lookup_s, 4)}
         if skip.already_failed:
             incremental["carried"] = {"file": CARRIED_FILE, **listings.carried_summary}
-    run_date = started.strftime("%Y-%m-%d")
+    run_date = run_date_of(run_id, started)
     n = index.rows
     pairs = sum(s.pairs for s in index.shards)  # (image, model) pairs to score
     timings = {**(timings or {}), "scan_s": round(scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3), "scan_threads": threads}
@@ -268,7 +299,8 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         status="running",
         created_at=started.isoformat(),
         updated_at=now_iso(),
-        input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes},
+        input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes,
+               **({"output_root_left_out": left_out} if left_out else {})},
         counts=Counts(scanned=n, pairs=pairs, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
                       already_failed=skip.already_failed if skip else 0, pending=pairs),
         skipped=scan.skipped,

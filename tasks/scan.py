@@ -27,7 +27,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from PIL import Image, ImageFile, features
 
 from imgscore.tasks import storage
 from imgscore.tasks.containment import within
-from imgscore.tasks.errors import InputError
+from imgscore.tasks.errors import ConfigError, InputError
 from imgscore.tasks.formats import DEFAULT_FORMATS, NEVER, refused_message
 
 NOT_AN_IMAGE = "not an image format this Pillow reads"
@@ -253,21 +253,29 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_DIRS
 
 
-def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str]):
-    """One folder of the walk: (its files, its subfolders, the chain for them), both sorted by
-    name; None when the folder is not entered (a cycle, or unreadable: listed in ``skipped``).
+def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: Container[str],
+                 real: str | None = None, root_real: str | None = None, exclude: str | None = None):
+    """One folder of the walk: (its files, its subfolders as ``(path, real path)``, its own real
+    path), both sorted by name; None when the folder is not entered (a cycle, or unreadable:
+    listed in ``skipped``). ``chain``: the real paths of the folders above it in the walk;
+    ``real``/``root_real``: the real paths of ``top`` and ``root`` when the caller knows them.
+    ``exclude``: the real path of a folder never entered nor listed (``output.root`` inside
+    ``input.root``: :func:`output_within_input`).
 
     Symlinked folders that point inside ``input.root`` are not followed (their images are scanned
     at their own path, under their own class — following them would score them twice, under
     another class's label); symlinks to folders outside it are followed. A folder that is its own
     ancestor (a cycle) is not entered again. Both are listed in ``skipped`` with the reason.
+
+    A subfolder that is no symlink has its parent's real path plus its name as its own: the
+    real path is resolved (one ``lstat`` per level, each walking the whole path) only for
+    symlinks and the walk's top, so a tree 1,000 folders deep is not 1,000² path resolutions.
     """
-    real = os.path.realpath(top)
+    real = real or os.path.realpath(top)
     if real in chain:
         skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": "symlink cycle: folder is its own ancestor"})
         return None
-    chain = chain | {real}
-    root_real = os.path.realpath(root)
+    root_real = root_real or os.path.realpath(root)
     try:
         with os.scandir(top) as it:
             items = sorted(it, key=lambda e: e.name)
@@ -287,7 +295,13 @@ def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]],
             continue
         if not is_dir:
             files.append(e.path)
-        elif e.is_symlink() and within(os.path.realpath(e.path), root_real):
+            continue
+        target = os.path.join(real, e.name) if not e.is_symlink() else os.path.realpath(e.path)
+        if target == exclude:
+            continue
+        if not e.is_symlink():
+            dirs.append((e.path, target))
+        elif within(target, root_real):
             skipped.append(
                 {
                     "image_path": display_path(os.path.relpath(e.path, root)),
@@ -295,20 +309,42 @@ def _list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]],
                 }
             )
         else:
-            dirs.append(e.path)
-    return files, dirs, chain
+            dirs.append((e.path, target))
+    return files, dirs, real
 
 
-def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str] = frozenset()):
+def _walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str] = frozenset(),
+                exclude: str | None = None):
     """Yield file paths under ``top`` in torchvision's order: this folder's files, then its
-    subfolders, each sorted by name (:func:`_list_folder` says which folders are entered)."""
-    listed = _list_folder(top, follow_symlinks, skipped, root, chain)
+    subfolders, each sorted by name (:func:`_list_folder` says which folders are entered).
+    ``chain``: the real paths of the folders above ``top`` (a unit of a flat tree: the root's);
+    ``exclude``: the real path of a folder left out (:func:`_list_folder`).
+
+    Depth-first with a stack of the folders still to enter, not recursion: a tree thousands of
+    folders deep (still under PATH_MAX) is walked like a shallow one instead of overflowing
+    Python's stack. Memory is one listing per level, and one set of the real paths above."""
+    root_real = os.path.realpath(root)
+    listed = _list_folder(top, follow_symlinks, skipped, root, chain, root_real=root_real, exclude=exclude)
     if listed is None:
         return
-    files, dirs, chain = listed
+    files, dirs, real = listed
     yield from files
-    for d in dirs:
-        yield from _walk_files(d, follow_symlinks, skipped, root, chain)
+    above = set(chain) | {real}  # the real paths of the folders on the stack: a cycle's way back
+    pending: list[tuple[Iterator[tuple[str, str]], str]] = [(iter(dirs), real)]
+    while pending:
+        subfolders, owner = pending[-1]
+        d = next(subfolders, None)
+        if d is None:
+            pending.pop()
+            above.discard(owner)
+            continue
+        listed = _list_folder(d[0], follow_symlinks, skipped, root, above, real=d[1], root_real=root_real, exclude=exclude)
+        if listed is None:
+            continue
+        files, dirs, real = listed
+        yield from files
+        above.add(real)
+        pending.append((iter(dirs), real))
 
 
 _FILE_KINDS = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
@@ -466,6 +502,9 @@ class Scan:
     formats: tuple[str, ...] | None = None  # input.formats (None: the default): which extensions are images
     skipped: list[dict[str, str]] = field(default_factory=list)
     images: int = 0
+    # output.root inside input.root: a local folder's real path, or (object store) its key prefix
+    # relative to the root; never scanned (:func:`output_within_input`)
+    exclude: str | None = None
     _units: list[_Unit] = field(default_factory=list, repr=False)
     _tail_skipped: list[dict[str, str]] = field(default_factory=list, repr=False)
 
@@ -473,7 +512,7 @@ class Scan:
         """Yield the unit's record batches, then ``("skipped", list)``."""
         root = str(self.root)
         skipped: list[dict[str, str]] = []
-        walk = unit.files if unit.files is not None else _walk_files(unit.top, self.follow_symlinks, skipped, root, unit.chain)
+        walk = unit.files if unit.files is not None else _walk_files(unit.top, self.follow_symlinks, skipped, root, unit.chain, self.exclude)
         entries = (_classify(path, root, unit.label, unit.label_name, skipped, self.formats) for path in walk)
         yield from batched((e for e in entries if e is not None), skipped)
 
@@ -493,7 +532,45 @@ class Scan:
         self._tail_skipped = []
 
 
-def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = True, formats: tuple[str, ...] | list[str] | None = None) -> Scan:
+def output_within_input(input_root: str | Path, output_root: str | Path) -> str | None:
+    """Where ``output_root`` sits inside ``input_root``: its path relative to it (``/``
+    separators; ``""`` when the two are the same place), or None when it is outside.
+
+    Local roots are compared with symlinks resolved; object-store roots as normalized URLs
+    (:func:`imgscore.tasks.storage.normalize_root`); a local root and a URL never nest.
+    """
+    if storage.is_remote(input_root) != storage.is_remote(output_root):
+        return None
+    if storage.is_remote(input_root):
+        inner, outer = storage.normalize_root(output_root), storage.normalize_root(input_root)
+        if inner == outer:
+            return ""
+        return inner[len(outer) + 1:] if inner.startswith(outer + "/") else None
+    inner, outer = os.path.realpath(output_root), os.path.realpath(input_root)
+    if not within(inner, outer):
+        return None
+    return "" if inner == outer else os.path.relpath(inner, outer).replace(os.sep, "/")
+
+
+def check_roots_apart(input_root: str | Path, output_root: str | Path) -> str | None:
+    """``output.root`` inside ``input.root``: its path relative to the input root (the scan leaves
+    it out, :func:`open_scan`'s ``exclude``); None when it is outside.
+
+    Raises:
+        ConfigError: the two roots are the same place: the run's ``predictions/``, ``errors/`` and
+            ``runs/`` would sit among the input's class folders.
+    """
+    rel = output_within_input(input_root, output_root)
+    if rel == "":
+        raise ConfigError(
+            f"output.root {str(output_root)!r} is input.root: the run's predictions/, errors/ and runs/ folders would sit among "
+            "the images and become classes; set output.root to a folder outside input.root (or a subfolder of it, which the scan leaves out)"
+        )
+    return rel
+
+
+def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = True,
+              formats: tuple[str, ...] | list[str] | None = None, exclude: str | Path | None = None) -> Scan:
     """Check ``root`` and decide the layout and classes; the walk happens in :meth:`Scan.batches`.
 
     Args:
@@ -504,6 +581,9 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
         follow_symlinks: follow symlinked files and folders; cycles are cut.
         formats: ``input.formats`` (None: the default); files whose extension names another
             format are listed in ``skipped`` (:func:`skip_reason`).
+        exclude: ``output.root``: when it is inside ``root`` (:func:`output_within_input`), that
+            folder is not scanned — not a class, no images, nothing of it in ``skipped`` — so
+            a run's own part files and manifests never enter the next night's scan.
 
     An object-store URL (``s3://``, ``gs://``, ``az://``) is listed instead of walked
     (:func:`imgscore.tasks.objscan.open_object_scan`; ``follow_symlinks`` does not apply).
@@ -514,7 +594,8 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
     if storage.is_remote(root):
         from imgscore.tasks.objscan import open_object_scan
 
-        return open_object_scan(str(root), layout, formats)
+        rel = output_within_input(root, exclude) if exclude is not None else None
+        return open_object_scan(str(root), layout, formats, exclude=rel or None)
     root_p = Path(root)
     if not root_p.exists():
         raise InputError(f"input.root {str(root_p)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
@@ -522,12 +603,13 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
         raise InputError(f"input.root {str(root_p)!r} is not a folder; point input.root at the folder that holds the images")
     root_s = str(root_p)
     formats = tuple(formats) if formats is not None else None
-    classes = find_classes(root_s)
+    left_out = os.path.realpath(exclude) if exclude is not None and output_within_input(root_s, exclude) else None
+    classes = [c for c in find_classes(root_s) if left_out is None or os.path.realpath(os.path.join(root_s, c)) != left_out]
     with os.scandir(root_s) as it:
         top_files = sorted(e.name for e in it if not _is_hidden(e.name) and not e.is_dir())
     if layout == "auto":
         layout = "imagefolder" if classes and all(skip_reason(n, formats) is not None for n in top_files) else "flat"
-    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks, formats=formats)
+    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks, formats=formats, exclude=left_out)
     if layout == "imagefolder":
         scan.classes = [display_path(c) for c in classes]  # a Latin-1 folder name is a class too, named in valid UTF-8
         scan._units = [_Unit(os.path.join(root_s, c), i, scan.classes[i]) for i, c in enumerate(classes)]
@@ -536,10 +618,10 @@ def open_scan(root: str | Path, layout: str = "auto", follow_symlinks: bool = Tr
             _skip(tail, n, skip_reason(n, formats) or "image outside any class folder (layout=imagefolder)")
         scan._tail_skipped = tail
     else:
-        listed = _list_folder(root_s, follow_symlinks, scan.skipped, root_s, frozenset())
+        listed = _list_folder(root_s, follow_symlinks, scan.skipped, root_s, frozenset(), exclude=left_out)
         if listed is not None:
-            files, dirs, chain = listed
-            scan._units = [_Unit(None, None, None, files=files)] + [_Unit(d, None, None, chain=chain) for d in dirs]
+            files, dirs, real = listed
+            scan._units = [_Unit(None, None, None, files=files)] + [_Unit(d, None, None, chain=frozenset({real})) for d, _ in dirs]
     return scan
 
 

@@ -189,3 +189,18 @@ def test_a_temporary_server_that_cannot_start_is_one_line_with_its_reason(tmp_pa
     assert "temporary API server did not start" in lines[0] and "unable to open database file" in lines[0]
     assert "prefect server start" in lines[0] and "PREFECT_API_URL" in lines[0]
     assert not list((tmp_path / "out").glob("runs/*")), "nothing is planned without a Prefect API"
+
+
+def test_output_root_that_is_the_input_root_is_refused(tmp_path, image_folder, tiny_checkpoint):
+    proc = run_cli("run", *_sets(base_overrides(image_folder, tiny_checkpoint, image_folder)))
+    _assert_refused(proc, r"output.root '.*images' is input.root: .*set output.root to a folder outside input.root", image_folder)
+
+
+def test_a_config_file_with_a_key_given_twice_is_refused(tmp_path, image_folder, tiny_checkpoint):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output:\n  root: {out}\ninference:\n  device: cpu\noutput:\n  topk: 3\n")
+    proc = run_cli("run", "--config", str(cfg), "--set", f"input.root={image_folder}", "--set", f"model.checkpoint={tiny_checkpoint}",
+                   "--set", "model.arch=mobilenet_v3_small", cwd=tmp_path)
+    _assert_refused(proc, r"c.yaml' line 5: key 'output' is given twice \(first at line 1\)", out)
+    assert not (tmp_path / "outputs").exists()  # the run did not go to ./outputs instead

@@ -107,3 +107,130 @@ def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
         if not any(f"`{key}`" in cell or (f"`{section}." in cell and re.search(rf"`{name}`|\b{name}\b", cell)) for cell in first_cells):
             missing.append(key)
     assert not missing, f"README config table lacks {missing} (imgscore config --format markdown lists them)"
+
+
+# ------------------------------------------------------------------ config files as input
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    p = tmp_path / "c.yaml"
+    # the second output block would silently drop output.root (the run wrote into ./outputs)
+    p.write_text("input:\n  root: /data\noutput:\n  root: /scores\nmodel:\n  arch: resnet18\noutput:\n  topk: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml' line 7: key 'output' is given twice \(first at line 3\).*merge the two"):
+        load_config(p)
+    p.write_text("model:\n  arch: resnet18\n  classes: [a, b]\n  arch: resnet50\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'model.arch' is given twice \(first at line 2\)"):
+        load_config(p)
+
+
+def test_merge_keys_and_one_alias_still_read(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("x-pre: &pre {resize: 64, crop: 56}\n"
+                 "preprocess:\n  <<: *pre\n  crop: 48\n")  # a key beside a merge overrides the merged one
+    from imgscore.tasks.config import read_yaml
+
+    assert read_yaml(p.read_text())["preprocess"] == {"resize": 64, "crop": 48}
+    assert read_yaml("a: &n [x, y]\nb: *n\n") == {"a": ["x", "y"], "b": ["x", "y"]}
+
+
+def test_a_billion_laughs_config_is_refused_quickly_and_small(tmp_path):
+    import time
+    import tracemalloc
+
+    # 9 levels of 9 aliases: 9**9 (387 million) strings from a 400-byte file
+    levels = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, 9):
+        name, prev = chr(ord("a") + i), chr(ord("a") + i - 1)
+        levels.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    p = tmp_path / "bomb.yaml"
+    p.write_text("storage:\n  options:\n" + "".join(f"    {line}\n" for line in levels))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match=r"bomb.yaml': its aliases \(\*name\) expand to more than 100,000 values"):
+            load_config(p)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seconds < 2.0 and peak < 20 * 2**20, (seconds, peak)
+    with pytest.raises(ConfigError, match="alias bomb"):  # --set values are YAML too
+        parse_override("storage.options=" + "{" + ", ".join(levels).replace(": &", ": &") + "}")
+
+
+def test_a_recursive_alias_and_absurd_nesting_are_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("storage:\n  options: &o {x: *o}\n")
+    with pytest.raises(ConfigError, match=r"line 2: an alias refers to the value that holds it"):
+        load_config(p)
+    p.write_text("storage:\n  options: {x: " + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(ConfigError, match="nests mappings or lists too deeply"):
+        load_config(p)
+
+
+def test_yaml_booleans_where_names_were_meant_are_explained(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  classes: [no, yes, maybe]\n")
+    with pytest.raises(ConfigError, match=r"model.classes item 0 is the boolean false: YAML reads unquoted no/yes/on/off.*quote it: 'no'") as e:
+        load_config(p)
+    assert "lax-or-strict" not in str(e.value) and "pydantic" not in str(e.value)
+    p.write_text("model:\n  classes: ['no', 'yes', maybe]\n")
+    assert load_config(p).model.classes == ["no", "yes", "maybe"]
+    with pytest.raises(ConfigError, match=r"^config run.run_id is the boolean true: YAML reads .* quote it: 'yes'"):
+        build_config({}, ["run.run_id=on"])
+    assert build_config({}, ["run.skip_scored=yes"]).run.skip_scored is True  # a boolean key still takes yes
+
+
+def test_a_long_bad_value_is_not_echoed_whole():
+    with pytest.raises(ConfigError) as e:
+        build_config({"model": {"classes": [f"class_{i:05d}" for i in range(10_000)] + [1.5j]}})
+    assert len(str(e.value)) < 1500 and "characters)" in str(e.value)
+
+
+def test_tilde_is_the_home_folder_in_path_keys_and_dollar_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SCORES", "/elsewhere")
+    cfg = build_config({"model": {"checkpoint": "~/m.pt", "classes": "~/classes.txt"}, "inference": {"cache_dir": "~/cache"}},
+                       ["input.root=~/images", "output.root=~/scores"])
+    assert cfg.input.root == tmp_path / "images" and cfg.output.root == tmp_path / "scores"
+    assert (cfg.model.checkpoint, cfg.model.classes, cfg.inference.cache_dir) == (tmp_path / "m.pt", tmp_path / "classes.txt", tmp_path / "cache")
+    assert build_config({"models": [{"name": "a", "checkpoint": "~/a.pt"}]}).models[0].checkpoint == tmp_path / "a.pt"
+    assert str(build_config({}, ["output.root=$SCORES/x"]).output.root) == "$SCORES/x"  # never the environment's
+    assert build_config({}, ["output.root=s3://b/~x"]).output.root == "s3://b/~x"
+    assert build_config({}, ["model.classes=[~a, b]"]).model.classes == ["~a", "b"]  # names, not paths
+
+
+def test_a_path_that_yaml_read_as_a_boolean_is_explained_once():
+    for key, word in (("input.root", "no"), ("output.root", "off"), ("model.checkpoint", "yes"), ("model.classes", "no")):
+        with pytest.raises(ConfigError) as e:
+            build_config({}, [f"{key}={word}"])
+        assert str(e.value).count("YAML reads unquoted") == 1 and str(e.value).startswith(f"config {key} is the boolean"), str(e.value)
+
+
+def test_flow_parameters_carry_a_small_config_inline_and_a_large_one_by_reference():
+    import json
+    from pathlib import Path
+
+    from imgscore.tasks.config import (
+        MAX_PARAMETER_BYTES,
+        flow_config,
+        flow_parameters,
+        raw_flow_config,
+    )
+
+    small = build_config({}, ["input.root=/data", "runner.n_workers=3"])
+    with flow_parameters(small) as params:
+        assert params == {"config": small.to_dict()}
+    large = build_config({"model": {"classes": [f"name {i:05d} " + "y" * 40 for i in range(5000)]}}, ["runner.n_workers=3"])
+    with flow_parameters(large) as params:
+        path = Path(params["config_file"])
+        assert list(params) == ["config_file"] and path.stat().st_size > MAX_PARAMETER_BYTES
+        assert path.stat().st_mode & 0o077 == 0  # private: the config may name internal paths
+        assert flow_config(None, str(path)) == large  # what the flow reads back
+        assert raw_flow_config(params)["runner"]["n_workers"] == 3  # what the task runner and the hook read
+        assert json.loads(path.read_text())["model"]["classes"][4999].startswith("name 04999 ")
+    assert not path.exists()
+    with pytest.raises(ConfigError, match="exactly one of them"):
+        flow_config(None, None)
+    with pytest.raises(ConfigError, match=r"config_file '/nonexistent.json' cannot be read"):
+        raw_flow_config({"config_file": "/nonexistent.json"})

@@ -1,7 +1,9 @@
 """End to end: the Prefect flow over a real-photo ImageFolder, Parquet read back and checked
 against the plain PyTorch loop people write first."""
 
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -115,3 +117,45 @@ def test_other_checkpoint_forms_give_the_same_predictions(prefect_server, image_
         assert results[name].keys() == base.keys()
         for k, row in base.items():
             assert_same_answers(row, results[name][k], atol=1e-5, what=f"{name} {k}")
+
+
+def test_an_output_root_inside_the_input_root_stays_out_of_every_night(prefect_server, image_folder, tiny_checkpoint, tmp_path):
+    """input.root=/data, output.root=/data/Scores: the first night's outputs never become a class
+    (which shifted every later label) nor grow the next nights' skipped list."""
+    out = image_folder / "Scores"
+    nights = [_run(image_folder, tiny_checkpoint, out) for _ in range(2)]
+    assert [code for code, _ in nights] == [0, 0]
+    for _, summary in nights:
+        assert (summary["scanned"], summary["scored"], summary["skipped"]) == (12, 12, 0)
+        m = read_manifest(summary["manifest"])
+        assert m["input"]["classes"] == ["chelsea", "coffee", "rocket"] and m["skipped"] == []
+        assert m["input"]["output_root_left_out"] == "Scores"
+        rows = _preds(out, summary["run_id"])
+        assert {(r["label_name"], r["label"]) for r in rows} == {("chelsea", 0), ("coffee", 1), ("rocket", 2)}
+    assert len(list((out / "runs").iterdir())) == 2
+
+
+def test_ten_thousand_inline_class_names_reach_the_model(prefect_server, image_folder, tmp_path):
+    """An inline model.classes of 10,000 names is a 1.4 MB config, over Prefect's 512 KB limit for
+    flow-run parameters: the run passes it by reference and every name still reaches the rows."""
+    import torchvision
+
+    from imgscore.tasks.config import MAX_PARAMETER_BYTES, flow_parameters
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "wide_head.pt"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=10_000).state_dict(), ckpt)
+    names = [f"species_{i:05d}_" + "x" * 120 for i in range(10_000)]
+    cfg = build_config({"model": {"classes": names}}, base_overrides(image_folder, ckpt, tmp_path / "out"))
+    assert len(cfg.model_dump_json()) > 1_300_000
+    with flow_parameters(cfg) as params:
+        assert list(params) == ["config_file"] and len(json.dumps(params)) < 1000
+        assert Path(params["config_file"]).stat().st_size > MAX_PARAMETER_BYTES
+    assert not Path(params["config_file"]).exists()  # removed when the run ends
+
+    code, summary = execute(cfg, quiet=True)
+    assert code == 0 and summary["scored"] == 12
+    rows = _preds(tmp_path / "out", summary["run_id"])
+    assert len(rows) == 12 and all(r["pred_label"] == names[r["pred_index"]] for r in rows)
+    assert all(names[i] for r in rows for i in r["topk_indices"])
+    assert read_manifest(summary["manifest"])["model"]["classes"] == names

@@ -205,3 +205,21 @@ def test_half_precision_state_dict_loads_as_float32_like_a_copy_into_an_initiali
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.equal(lm.module(x), ref.eval()(x))
+
+
+def test_a_class_name_given_twice_is_refused_with_where_it_came_from(tiny_model, tmp_path):
+    """Two outputs with one label: the report would count them as one class and contradict itself."""
+    p = tmp_path / "dup.pt"
+    torch.save({"model": tiny_model.state_dict(), "classes": ["cat", "dog", "cat"]}, p)
+    with pytest.raises(ModelError, match=r"dup.pt' \(.*\): its class list names 'cat' twice \(outputs 0 and 2\)\. Set model.classes"):
+        _load(p)
+    torch.save({"model": tiny_model.state_dict(), "idx_to_class": {0: "a", 1: "b", 2: "b"}}, p)
+    with pytest.raises(ModelError, match=r"names 'b' twice \(outputs 1 and 2\)"):
+        _load(p)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\n\ndog\ndog \n")
+    with pytest.raises(ModelError, match=r"model.classes file '.*classes.txt' names 'dog' twice \(lines 3 and 4\)"):
+        _load(p, classes=classes)
+    with pytest.raises(ModelError, match=r"model.classes names 'x' twice \(items 0 and 1 of the list\)"):
+        _load(p, classes=["x", "x", "y"])
+    assert _load(p, classes=["x", "y", "z"]).classes == ["x", "y", "z"]  # the fix the message names works
