@@ -33,8 +33,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from upath import UPath
+
+from imgscore.tasks import storage
 from imgscore.tasks.errors import UsageError
-from imgscore.tasks.storage import is_remote
+from imgscore.tasks.storage import AnyPath, is_remote
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -82,12 +85,12 @@ def within(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def inside(root: str | Path, path: str | Path, what: str) -> Path | str:
-    """``path`` when, with every symlink resolved (``os.path.realpath``), it is ``root`` itself
-    or below it. ``path`` is a path on disk as given (e.g. ``root / "runs" / run_id``); it need
-    not exist. ``root`` may itself be a symlink. For an object-store root (no links there) the
-    check is lexical: ``path`` is the root URL or below it, with no ``..`` component; the URL is
-    returned as given.
+def inside(root: AnyPath, path: AnyPath, what: str) -> UPath:
+    """``path`` (as :func:`imgscore.tasks.storage.path` gives it) when, with every symlink
+    resolved (``os.path.realpath``), it is ``root`` itself or below it. ``root`` and ``path`` are
+    config strings or paths; ``path`` is a path as given (e.g. ``root / "runs" / run_id``); it
+    need not exist. ``root`` may itself be a symlink. For an object-store root (no links there)
+    the check is lexical: ``path`` is the root URL or below it, with no ``..`` component.
 
     Raises:
         UnsafePathError: it resolves outside ``root`` (the message names ``what`` and the target).
@@ -96,11 +99,11 @@ def inside(root: str | Path, path: str | Path, what: str) -> Path | str:
         base, text = str(root).rstrip("/"), str(path)
         if not (text == base or (text.startswith(base + "/") and not re.search(_ESCAPES, text[len(base) + 1:]))):
             raise UnsafePathError(f"{what} {text!r} is not under {base!r}; {_FIX}")
-        return text
+        return storage.path(text)
     real = os.path.realpath(path)
     if not within(real, os.path.realpath(root)):
         raise UnsafePathError(f"{what} {str(path)!r} resolves to {real!r}, outside {str(root)!r}; {_FIX}")
-    return Path(path)
+    return storage.path(path)
 
 
 def check_relative(rel: str, what: str) -> str:

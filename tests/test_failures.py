@@ -496,6 +496,48 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     print(f"shard-failure run: {elapsed:.1f} s")
 
 
+
+def read_back(out_root, table: str, run_date: str, run_id: str, shard_id: int) -> list[dict]:
+    """One part file of a local or object-store root, read through the storage layer."""
+    import pyarrow.parquet as pq
+
+    from imgscore.tasks import storage
+    from imgscore.tasks.parquet_io import part_dir, part_name
+
+    with storage.open_input(storage.join(str(part_dir(out_root, table, run_date, run_id)), part_name(shard_id))) as f:
+        return pq.read_table(f).to_pylist()
+
+
+def test_a_shard_failed_after_its_retries_is_committed_on_either_root(out_root):
+    """What the flow does when a shard fails after its retries (``commit_failed_shard``), given
+    ``output.root`` as the config holds it (a string): an earlier attempt's embeddings part is
+    removed, one errors row per image (stage inference, ShardFailed, the reason), an empty
+    predictions part, and a ``failed`` commit record — on a bucket as on disk."""
+    from imgscore.tasks import storage
+    from imgscore.tasks.parquet_io import part_dir, part_name
+    from imgscore.tasks.runstate import ShardRef, read_commit_record
+    from imgscore.tasks.scan import ImageEntry
+    from imgscore.tasks.score import commit_failed_shard
+
+    root = str(out_root)
+    run_dir = storage.join(root, "runs", "failed-shard")
+    ref = ShardRef(run_id="failed-shard", run_date="2026-01-02", run_dir=run_dir, input_root="/data/in", shard_id=3, start=6, stop=8,
+                   fingerprint="f" * 64)
+    entries = [ImageEntry("a/1.jpg", 0, "a", 10, 1), ImageEntry("b/2.jpg", 1, "b", 20, 2)]
+    stale = storage.join(str(part_dir(root, "embeddings", "2026-01-02", "failed-shard")), part_name(3))
+    storage.write_bytes(stale, b"an earlier attempt's vectors")
+    result = commit_failed_shard(ref, entries, root, {"arch": "resnet18", "model_id": "m" * 64}, "DataLoader timed out after 1 s", attempts=2)
+    assert (result.state, result.scored, result.failed, result.failed_images) == ("failed", 0, 2, ["a/1.jpg", "b/2.jpg"])
+    assert not storage.exists(stale)
+    errs = read_back(root, "errors", "2026-01-02", "failed-shard", 3)
+    assert [(r["image_path"], r["stage"], r["error_type"], r["attempt"], r["message"], r["shard_id"]) for r in errs] == [
+        ("a/1.jpg", "inference", "ShardFailed", 2, "DataLoader timed out after 1 s", 3),
+        ("b/2.jpg", "inference", "ShardFailed", 2, "DataLoader timed out after 1 s", 3),
+    ]
+    assert read_back(root, "predictions", "2026-01-02", "failed-shard", 3) == []
+    record = read_commit_record(run_dir, 3)
+    assert (record.state, record.failed, record.attempt, record.reason) == ("failed", 2, 2, "DataLoader timed out after 1 s")
+
 @pytest.mark.slow
 def test_verbose_shows_per_image_detail_quiet_does_not(prefect_server, photos, probe_checkpoint, tmp_path, capfd):
     root = tmp_path / "images"
