@@ -161,11 +161,13 @@ def path(root: AnyPath, *parts: str) -> UPath:
     Raises:
         ValueError: an unknown URL scheme (:func:`normalize_root`), or a ``${VAR}`` option whose
             variable is unset.
+        ModuleNotFoundError: the store's package is not installed (message: the pip line).
     """
     text = _text(root)
     if not is_remote(text):
         return UPath(normalize_root(text), *parts)
     url = join(normalize_root(text), *parts)
+    filesystem(url)  # opened (or reopened after the environment changed) first: the UPath's .fs is that instance
     return UPath(url, **_options_for(url))
 
 
@@ -374,6 +376,42 @@ def missing_package(root: str | os.PathLike | None) -> str | None:
         __import__(package)
     except ModuleNotFoundError:
         return f"{_text(root)!r} needs {package}: pip install 'imgscore[{extra}]'"
+    return None
+
+
+def bucket_of(url: AnyPath) -> str:
+    """The bucket (S3, GCS) or container (Azure) an object-store URL names: ``s3://b/p`` → ``b``."""
+    return normalize_root(_text(url)).split("://", 1)[1].split("/", 1)[0]
+
+
+def endpoint_of(url: AnyPath) -> str:
+    """Where this process sends the requests for ``url``'s store: the S3 endpoint the client
+    resolved (``AWS_ENDPOINT_URL``, ``storage.options.endpoint_url``, or AWS's regional one), else
+    the scheme (``gs://``, ``az://``: their clients have one service address per account)."""
+    fs, _ = filesystem(url)
+    client = getattr(fs, "s3", None)  # s3fs's botocore client, made on the first request
+    return getattr(getattr(client, "meta", None), "endpoint_url", None) or f"{scheme_of(url)}://"
+
+
+def missing_bucket(url: AnyPath, key: str) -> str | None:
+    """The refusal for a root whose bucket does not exist (one request: the bucket's HEAD), or
+    None: a local root, a bucket that exists, or a store that did not say it is missing (access
+    denied, a network error: left to the caller's own check, whose message carries the store's
+    answer). ``key`` names the setting in the message (``input.root``, ``output.root``).
+
+    Why it is asked: a listing of a missing bucket answers nothing, which reads as an empty
+    prefix ("holds no objects"), and some stores create a bucket on the first PUT into it.
+    """
+    if not is_remote(url):
+        return None
+    fs, _ = filesystem(url)
+    bucket = bucket_of(url)
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        return f"bucket {bucket!r} does not exist at {endpoint_of(url)}; create it or fix {key}"
+    except (OSError, ValueError):
+        return None
     return None
 
 
