@@ -135,7 +135,7 @@ def check_relative_column(paths: pa.Array | pa.ChunkedArray, what: str) -> None:
         raise UnsafePathError(f"{what} row {i}: {shown!r} is absolute or climbs out with '..'; {_FIX}")
 
 
-def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_root: str | Path, what: str) -> None:
+def check_recorded_files(files: Iterable[str], expected: Iterable[UPath], out_root: AnyPath, what: str) -> None:
     """Each recorded ``files`` entry names one of the shard's own part files (``expected``, as
     derived under ``out_root``): that path itself (or relative to ``out_root``), or — written
     under another spelling of the root: one that moved, or a relative one as the writer recorded
@@ -170,7 +170,7 @@ def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_roo
             raise UnsafePathError(f"{what}[{i}] {entry!r} is not one of this shard's part files under {str(root)!r}; {_FIX}")
 
 
-def create_new(path: str | Path, mode: int = 0o666) -> int:
+def create_new(path: str | os.PathLike, mode: int = 0o666) -> int:
     """Open ``path`` for writing as a new regular file and return its descriptor.
 
     A leftover at that name (a killed writer's temp file, or a symlink planted there) is
@@ -189,7 +189,7 @@ def create_new(path: str | Path, mode: int = 0o666) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
 
 
-def read_small(path: str | Path, limit: int = 1 << 20) -> bytes:
+def read_small(path: str | os.PathLike, limit: int = 1 << 20) -> bytes:
     """The first ``limit`` bytes of the regular file at ``path``, opened without following a
     symlink at its name (a small record such as a lock file).
 
@@ -203,7 +203,7 @@ def read_small(path: str | Path, limit: int = 1 << 20) -> bytes:
         return f.read(limit)
 
 
-def remove_temp_files(folder: str | Path, pattern: str = ".*.tmp") -> int:
+def remove_temp_files(folder: str | os.PathLike, pattern: str = ".*.tmp") -> int:
     """Delete names matching ``pattern`` under ``folder`` (killed writers' temp files); return how
     many. A symlink matching it is removed itself (its target is untouched); symlinked folders
     are not descended into, and ``folder`` itself is skipped when it is a symlink."""

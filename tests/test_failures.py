@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from imgscore.flows.cli import execute, main
+from imgscore.tasks import storage
 from imgscore.tasks.config import PILLOW_MAX_PIXELS, build_config
 from imgscore.tasks.manifest import read_manifest
 from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
@@ -208,9 +209,10 @@ def messy_folder(tmp_path_factory, photos) -> Path:
     return build_messy_folder(tmp_path_factory.mktemp("messy") / "images", photos)
 
 
-def read_table(out: Path, table: str, run_id: str):
-    files = sorted((out / table).glob(f"run_date=*/{run_id}/part-*.parquet"))
-    return pads.dataset([str(f) for f in files], format="parquet").to_table().to_pylist()
+def read_table(out, table: str, run_id: str):
+    """A run's rows of ``table`` under ``out`` (a local folder or an object-store root)."""
+    fs, paths = storage.arrow_files(storage.glob(storage.join(out, table, "run_date=*", run_id, "part-*.parquet")))
+    return pads.dataset(paths, format="parquet", filesystem=fs).to_table().to_pylist()
 
 
 # ---------------------------------------------------------------- scan: names, junk, skipped
@@ -449,10 +451,12 @@ def test_expected_failures_lose_their_traceback_others_keep_it():
     ("fault", "reason"),
     [("hang", "DataLoader timed out after 1"), ("die", "exited unexpectedly")],
 )
-def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd, fault, reason):
+def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd, fault, reason,
+                                                     out_root):
     """A DataLoader that times out (a decode that hangs) or whose worker process dies (a decoder
     crash) fails its shard after run.shard_retries; the manifest says so with the reason, and the
-    other shards are scored."""
+    other shards are scored — into a local folder or a bucket (the failed shard's commit there
+    too: errors rows, an empty predictions part, its record)."""
     root = tmp_path / "images"
     root.mkdir()
     names = ["astronaut", "coffee", "chelsea", "rocket", "colorwheel", "immunohistochemistry"]
@@ -474,19 +478,19 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     t0 = time.perf_counter()
     with engine_records() as records:
         code = _cli(
-            root, probe_checkpoint, tmp_path / "out",
+            root, probe_checkpoint, out_root,
             **{"run.shard_size": 2, "inference.num_workers": 1, "inference.timeout_s": 1, "run.shard_retries": 1, "run.max_error_rate": 0.9, "run.run_id": "hang"},
         )
     elapsed = time.perf_counter() - t0
     assert code == 1
-    m = read_manifest(tmp_path / "out/runs/hang/manifest.json")
+    m = read_manifest(storage.path(out_root, "runs/hang/manifest.json"))
     states = [(s["shard_id"], s["state"], s["attempts"]) for s in m["shards"]]
     assert states == [(0, "complete", 1), (1, "failed", 2), (2, "complete", 1)]
     assert reason in m["shards"][1]["reason"]
     assert (m["counts"]["scanned"], m["counts"]["scored"], m["counts"]["failed"]) == (6, 4, 2)
-    errs = read_table(tmp_path / "out", "errors", "hang")
+    errs = read_table(out_root, "errors", "hang")
     assert sorted((r["image_path"], r["error_type"], r["attempt"]) for r in errs) == [("2_hang.jpg", "ShardFailed", 2), ("3_rocket.jpg", "ShardFailed", 2)]
-    preds = read_table(tmp_path / "out", "predictions", "hang")
+    preds = read_table(out_root, "predictions", "hang")
     assert sorted(r["image_path"] for r in preds) == ["0_astronaut.jpg", "1_coffee.jpg", "4_colorwheel.jpg", "5_immunohistochemistry.jpg"]
     err = capfd.readouterr().err
     assert "imgscore: run hang over its error budget: 1 shard(s) failed (error rate 33.33%)" in err
@@ -501,7 +505,6 @@ def read_back(out_root, table: str, run_date: str, run_id: str, shard_id: int) -
     """One part file of a local or object-store root, read through the storage layer."""
     import pyarrow.parquet as pq
 
-    from imgscore.tasks import storage
     from imgscore.tasks.parquet_io import part_dir, part_name
 
     with storage.open_input(storage.join(str(part_dir(out_root, table, run_date, run_id)), part_name(shard_id))) as f:
@@ -513,7 +516,6 @@ def test_a_shard_failed_after_its_retries_is_committed_on_either_root(out_root):
     ``output.root`` as the config holds it (a string): an earlier attempt's embeddings part is
     removed, one errors row per image (stage inference, ShardFailed, the reason), an empty
     predictions part, and a ``failed`` commit record — on a bucket as on disk."""
-    from imgscore.tasks import storage
     from imgscore.tasks.parquet_io import part_dir, part_name
     from imgscore.tasks.runstate import ShardRef, read_commit_record
     from imgscore.tasks.scan import ImageEntry

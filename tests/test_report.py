@@ -469,6 +469,12 @@ def test_report_failure_is_logged_not_raised(fake_run, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         assert publish_run_report(fake_run, "no-such-run") is None
     assert "run report for no-such-run not written" in caplog.text
+    monkeypatch.setattr(rp, "build_report", lambda *a, **k: 1 / 0)  # a bug in the report, not a bad run
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imgscore"):
+        assert publish_run_report(fake_run, RUN) is None
+    (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.getMessage() == f"run report for {RUN} not written: ZeroDivisionError: division by zero" and line.exc_info is None
 
 
 def test_progress_artifact_outside_a_run_is_inert():
