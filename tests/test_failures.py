@@ -569,9 +569,10 @@ def test_latin1_class_folder_is_a_class_with_a_utf8_name(tmp_path, photos):
 
 
 @pytest.mark.slow
-def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch):
+def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, out_root):
     """The model loads in the flow's preflight but fails once inside the shard (a worker whose
-    disk hiccups): Prefect retries the shard and the rows say attempt 2."""
+    disk hiccups): Prefect retries the shard and the rows say attempt 2 — into a local folder or
+    a bucket."""
     import imgscore.tasks.score
     from imgscore.tasks.errors import ModelError
 
@@ -589,9 +590,9 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
         return real(*a, **k)
 
     monkeypatch.setattr(imgscore.tasks.score, "load_model", flaky)
-    code, summary = _run(root, probe_checkpoint, tmp_path / "out", **{"run.shard_size": 10, "run.max_error_rate": 0.5})
+    code, summary = _run(root, probe_checkpoint, out_root, **{"run.shard_size": 10, "run.max_error_rate": 0.5})
     assert code == 0 and len(calls) == 2
     m = read_manifest(summary["manifest"])
     assert [(s["state"], s["attempts"], s["scored"], s["failed"]) for s in m["shards"]] == [("partial", 2, 3, 1)]
-    errs = read_table(tmp_path / "out", "errors", summary["run_id"])
+    errs = read_table(out_root, "errors", summary["run_id"])
     assert [(r["image_path"], r["stage"], r["error_type"], r["attempt"]) for r in errs] == [("zero.jpg", "decode", "DecodeError.empty", 2)]
