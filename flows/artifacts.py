@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from imgscore.tasks import report as rp
+from imgscore.tasks.storage import AnyPath
 
 DEFAULT_FLOW = "score-images"
 
@@ -49,7 +49,7 @@ def _in_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
-def publish_run_report(out_root: str | Path, run_id: str, flow_name: str | None = None, artifacts: bool = True) -> str | None:
+def publish_run_report(out_root: AnyPath, run_id: str, flow_name: str | None = None, artifacts: bool = True) -> str | None:
     """Write ``runs/RUN_ID/report.html`` and, inside a flow run, the summary and markdown artifacts.
 
     Returns:

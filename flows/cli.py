@@ -161,6 +161,8 @@ def check_paths(cfg: Config) -> None:
     elif not has_images(root, cfg.input.follow_symlinks, cfg.input.formats):
         raise InputError(no_images_message(root, cfg.input.formats))
     if storage.is_remote(cfg.output.root):
+        if (why := storage.missing_bucket(cfg.output.root, "output.root")) is not None:
+            raise ConfigError(why)  # asked first: some stores create a bucket on the probe's PUT
         probe = storage.join(cfg.output.root, f".imgscore-write-check-{os.getpid()}")
         try:
             storage.write_bytes(probe, b"")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from pathlib import Path
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -267,7 +266,8 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
         "workers": workers,
         "manifest": str(storage.path(plan.run_dir, "manifest.json")),
         "drift": drifted,
-        **{k: v for k, v in m.outputs.items() if storage.is_remote(v) or Path(v).is_dir()},  # a night with nothing new writes no part files
+        # a night with nothing new writes no part files (on a bucket: no object under the prefix)
+        **{k: v for k, v in m.outputs.items() if storage.path(v).is_dir()},
     }
     if c.already_failed:
         summary["known_bad"] = str(storage.path(plan.run_dir, CARRIED_FILE))

@@ -33,8 +33,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from upath import UPath
+
+from imgscore.tasks import storage
 from imgscore.tasks.errors import UsageError
-from imgscore.tasks.storage import is_remote
+from imgscore.tasks.storage import AnyPath, is_remote
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -82,12 +85,12 @@ def within(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def inside(root: str | Path, path: str | Path, what: str) -> Path | str:
-    """``path`` when, with every symlink resolved (``os.path.realpath``), it is ``root`` itself
-    or below it. ``path`` is a path on disk as given (e.g. ``root / "runs" / run_id``); it need
-    not exist. ``root`` may itself be a symlink. For an object-store root (no links there) the
-    check is lexical: ``path`` is the root URL or below it, with no ``..`` component; the URL is
-    returned as given.
+def inside(root: AnyPath, path: AnyPath, what: str) -> UPath:
+    """``path`` (as :func:`imgscore.tasks.storage.path` gives it) when, with every symlink
+    resolved (``os.path.realpath``), it is ``root`` itself or below it. ``root`` and ``path`` are
+    config strings or paths; ``path`` is a path as given (e.g. ``root / "runs" / run_id``); it
+    need not exist. ``root`` may itself be a symlink. For an object-store root (no links there)
+    the check is lexical: ``path`` is the root URL or below it, with no ``..`` component.
 
     Raises:
         UnsafePathError: it resolves outside ``root`` (the message names ``what`` and the target).
@@ -96,11 +99,11 @@ def inside(root: str | Path, path: str | Path, what: str) -> Path | str:
         base, text = str(root).rstrip("/"), str(path)
         if not (text == base or (text.startswith(base + "/") and not re.search(_ESCAPES, text[len(base) + 1:]))):
             raise UnsafePathError(f"{what} {text!r} is not under {base!r}; {_FIX}")
-        return text
+        return storage.path(text)
     real = os.path.realpath(path)
     if not within(real, os.path.realpath(root)):
         raise UnsafePathError(f"{what} {str(path)!r} resolves to {real!r}, outside {str(root)!r}; {_FIX}")
-    return Path(path)
+    return storage.path(path)
 
 
 def check_relative(rel: str, what: str) -> str:
@@ -132,7 +135,7 @@ def check_relative_column(paths: pa.Array | pa.ChunkedArray, what: str) -> None:
         raise UnsafePathError(f"{what} row {i}: {shown!r} is absolute or climbs out with '..'; {_FIX}")
 
 
-def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_root: str | Path, what: str) -> None:
+def check_recorded_files(files: Iterable[str], expected: Iterable[UPath], out_root: AnyPath, what: str) -> None:
     """Each recorded ``files`` entry names one of the shard's own part files (``expected``, as
     derived under ``out_root``): that path itself (or relative to ``out_root``), or — written
     under another spelling of the root: one that moved, or a relative one as the writer recorded
@@ -167,7 +170,7 @@ def check_recorded_files(files: Iterable[str], expected: Iterable[Path], out_roo
             raise UnsafePathError(f"{what}[{i}] {entry!r} is not one of this shard's part files under {str(root)!r}; {_FIX}")
 
 
-def create_new(path: str | Path, mode: int = 0o666) -> int:
+def create_new(path: str | os.PathLike, mode: int = 0o666) -> int:
     """Open ``path`` for writing as a new regular file and return its descriptor.
 
     A leftover at that name (a killed writer's temp file, or a symlink planted there) is
@@ -186,7 +189,7 @@ def create_new(path: str | Path, mode: int = 0o666) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
 
 
-def read_small(path: str | Path, limit: int = 1 << 20) -> bytes:
+def read_small(path: str | os.PathLike, limit: int = 1 << 20) -> bytes:
     """The first ``limit`` bytes of the regular file at ``path``, opened without following a
     symlink at its name (a small record such as a lock file).
 
@@ -200,7 +203,7 @@ def read_small(path: str | Path, limit: int = 1 << 20) -> bytes:
         return f.read(limit)
 
 
-def remove_temp_files(folder: str | Path, pattern: str = ".*.tmp") -> int:
+def remove_temp_files(folder: str | os.PathLike, pattern: str = ".*.tmp") -> int:
     """Delete names matching ``pattern`` under ``folder`` (killed writers' temp files); return how
     many. A symlink matching it is removed itself (its target is untouched); symlinked folders
     are not descended into, and ``folder`` itself is skipped when it is a symlink."""

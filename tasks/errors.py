@@ -61,7 +61,8 @@ class OutputWriteError(ImgscoreError):
     def of(cls, path: str | os.PathLike, exc: OSError) -> OutputWriteError:
         """One line naming ``path`` and the OS error (pyarrow's messages carry the errno but not the path)."""
         why = f"[Errno {exc.errno}] {os.strerror(exc.errno)}" if exc.errno else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        return cls(f"cannot write {os.fspath(path)}: {why}", os.fspath(path), exc.errno)
+        where = path if isinstance(path, str) else str(path)  # a remote UPath has no fspath; str() is its URL
+        return cls(f"cannot write {where}: {why}", where, exc.errno)
 
     def __reduce__(self):  # crosses process boundaries (Dask workers) with its fields
         return (type(self), (str(self), self.path, self.errno))

@@ -39,11 +39,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+from upath import UPath
 
 from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, inside, read_small
 from imgscore.tasks.errors import RunLockedError
 from imgscore.tasks.parquet_io import TABLES, clean_temp_files
+from imgscore.tasks.storage import AnyPath
 
 LOCK_NAME = ".lock"
 REMOTE_STALE_S = 24 * 3600.0  # a lock held by another host counts as stale after a day
@@ -62,12 +64,12 @@ def pid_alive(pid: int) -> bool:
     return pid > 0 and psutil.pid_exists(pid)
 
 
-def lock_path(run_dir: str | Path) -> Path | str:
+def lock_path(run_dir: AnyPath) -> UPath:
     """``run_dir/.lock``: the run's lock file (JSON owner record); an object in an object store."""
     return storage.path(run_dir, LOCK_NAME)
 
 
-def read_lock(run_dir: str | Path) -> dict | None:
+def read_lock(run_dir: AnyPath) -> dict | None:
     """The lock's owner record (pid, host, started_s, purpose, acquired_at), or None when unlocked.
 
     A lock file that cannot be parsed (its writer was killed mid-write) reads as ``{}``: stale.
@@ -105,7 +107,7 @@ def owner(rec: dict) -> str:
     return f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')})"
 
 
-def advice(rec: dict, run_dir: str | Path) -> str:
+def advice(rec: dict, run_dir: AnyPath) -> str:
     """What to do about a live lock: wait, or stop the owner. Deleting the lock file is suggested
     only for an owner on another host, whose process this host cannot see (on this host a gone
     owner's lock is taken over by itself)."""
@@ -114,12 +116,12 @@ def advice(rec: dict, run_dir: str | Path) -> str:
     return f"wait for it to finish; if that process is gone, delete {lock_path(run_dir)} (it is taken over after {REMOTE_STALE_S // 3600:.0f} h)"
 
 
-def describe(rec: dict, run_dir: str | Path) -> str:
+def describe(rec: dict, run_dir: AnyPath) -> str:
     """One line naming the lock's owner and what to do about it (for refusal messages)."""
     return f"{owner(rec)}; {advice(rec, run_dir)}"
 
 
-def acquire(run_dir: str | Path, purpose: str) -> dict:
+def acquire(run_dir: AnyPath, purpose: str) -> dict:
     """Take the run's lock for this process; break it first when it is stale.
 
     Args:
@@ -188,7 +190,7 @@ def _break(path: Path, held: dict) -> None:
     victim.unlink(missing_ok=True)
 
 
-def release(run_dir: str | Path) -> bool:
+def release(run_dir: AnyPath) -> bool:
     """Remove the lock if this process owns it; return whether it did."""
     rec = read_lock(run_dir)
     if rec and rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname():
@@ -198,7 +200,7 @@ def release(run_dir: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def held(run_dir: str | Path, purpose: str) -> Iterator[dict]:
+def held(run_dir: AnyPath, purpose: str) -> Iterator[dict]:
     """Hold the run's lock for the ``with`` block: taken on entry, released on exit (an
     exception or Ctrl-C included). Creates ``run_dir``; removes it again when the block leaves
     it empty (a run refused before it wrote anything leaves no trace).
@@ -218,13 +220,13 @@ def held(run_dir: str | Path, purpose: str) -> Iterator[dict]:
                 run_dir.rmdir()  # only when empty
 
 
-def is_locked(run_dir: str | Path) -> bool:
+def is_locked(run_dir: AnyPath) -> bool:
     """True when a live owner holds the run's lock."""
     rec = read_lock(run_dir)
     return rec is not None and not is_stale(rec)
 
 
-def clean_run_temp_files(folders: list[str | Path]) -> int:
+def clean_run_temp_files(folders: list[AnyPath]) -> int:
     """Delete leftover ``.*.tmp`` names (killed writers) under ``folders``; return how many.
 
     The folders are derived from the run folder and the run's id and date
@@ -234,10 +236,10 @@ def clean_run_temp_files(folders: list[str | Path]) -> int:
     run's lock, or for runs whose lock is not live: a live writer's temp file must not be
     removed under it.
     """
-    return sum(clean_temp_files(f) for f in folders if not storage.is_remote(f) and Path(f).is_dir())
+    return sum(clean_temp_files(f) for f in folders)  # 0 for an object store; a missing folder or a link: 0 (remove_temp_files)
 
 
-def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None) -> int:
+def clean_abandoned_temp_files(out_root: AnyPath, skip_run: str | None = None) -> int:
     """Remove temp files left by killed writers of any run under ``out_root`` that no live process
     holds (its lock absent or stale); return how many. Runs that are being written are left alone.
 
@@ -277,7 +279,7 @@ def clean_abandoned_temp_files(out_root: str | Path, skip_run: str | None = None
 FOLDER_LOCKS = "_locks"  # under output.root; "_" keeps it out of every reader's glob
 
 
-def folder_lock_dir(out_root: str | Path, input_root: str | Path, model_identity: str) -> Path:
+def folder_lock_dir(out_root: AnyPath, input_root: AnyPath, model_identity: str) -> UPath:
     """``OUT/_locks/folder-<sha256[:16]>``: the lock folder of one (input folder, model) pair,
     the folder compared by its real path and the model by ``model_identity`` (its config)."""
     where = storage.normalize_root(input_root) if storage.is_remote(input_root) else os.path.realpath(input_root)
@@ -286,7 +288,7 @@ def folder_lock_dir(out_root: str | Path, input_root: str | Path, model_identity
 
 
 @contextlib.contextmanager
-def folder_held(out_root: str | Path, input_root: str | Path, model_identity: str, purpose: str) -> Iterator[dict]:
+def folder_held(out_root: AnyPath, input_root: AnyPath, model_identity: str, purpose: str) -> Iterator[dict]:
     """Hold the lock of (``input_root``, model) for the ``with`` block — ``run.skip_scored`` runs
     only: two incremental runs of one folder with one model at once would each plan before the
     other wrote anything, and both would score every new image.

@@ -11,10 +11,10 @@ name only paths inside the output root (:func:`check_run_state`, :func:`run_fold
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 from imgscore.tasks import storage
 from imgscore.tasks.containment import (
@@ -37,6 +37,7 @@ from imgscore.tasks.runstate import (
     read_commit_record,
     read_manifest,
 )
+from imgscore.tasks.storage import AnyPath
 
 __all__ = ["ShardWork", "adopt_committed", "check_part", "check_run_state", "check_shard", "committed", "load_manifest",
            "manifest_path", "plan_rerun", "read_manifest", "run_dir_of", "run_folders", "shard_files"]
@@ -44,7 +45,7 @@ __all__ = ["ShardWork", "adopt_committed", "check_part", "check_run_state", "che
 RUN_SUBFOLDERS = ("index.parquet", LEDGER_DIR, COMMITS_DIR)  # what a run writes inside runs/RUN/
 
 
-def run_dir_of(out_root: str | Path, run_id: str) -> Path:
+def run_dir_of(out_root: AnyPath, run_id: str) -> UPath:
     """``OUT/runs/RUN_ID``: the run's manifest, index, ledger, commit records and lock.
 
     Raises:
@@ -54,12 +55,12 @@ def run_dir_of(out_root: str | Path, run_id: str) -> Path:
     return inside(out_root, storage.path(out_root, "runs", safe_name(run_id, "run id")), "run folder")
 
 
-def manifest_path(out_root: str | Path, run_id: str) -> Path:
+def manifest_path(out_root: AnyPath, run_id: str) -> UPath:
     """``OUT/runs/RUN_ID/manifest.json`` (:func:`run_dir_of`'s checks)."""
     return storage.path(run_dir_of(out_root, run_id), "manifest.json")
 
 
-def check_part(path: str | Path, schema: pa.Schema, rows: int | None = None) -> str | None:
+def check_part(path: AnyPath, schema: pa.Schema, rows: int | None = None) -> str | None:
     """Why the part file at ``path`` is not a good commit, or None when it is.
 
     Reads only the footer: a missing file, a corrupt or truncated footer ("magic bytes not found"),
@@ -84,7 +85,7 @@ def check_part(path: str | Path, schema: pa.Schema, rows: int | None = None) -> 
     return None
 
 
-def shard_files(out_root: str | Path, run_date: str, run_id: str, shard_id: int) -> tuple[Path, Path]:
+def shard_files(out_root: AnyPath, run_date: str, run_id: str, shard_id: int) -> tuple[UPath, UPath]:
     """(predictions part, errors part) paths of a shard under ``out_root``."""
     name = part_name(shard_id)
     return (
@@ -93,7 +94,7 @@ def shard_files(out_root: str | Path, run_date: str, run_id: str, shard_id: int)
     )
 
 
-def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
+def run_folders(out_root: AnyPath, run_date: str, run_id: str) -> list[UPath]:
     """Every folder a run writes into — its part-file partitions (predictions, errors,
     errors_history, embeddings), its run folder and the run folder's index, ledger and commit-record
     folders — each checked to resolve inside ``out_root``.
@@ -108,7 +109,7 @@ def run_folders(out_root: str | Path, run_date: str, run_id: str) -> list[Path]:
     return [inside(out_root, f, "run folder") for f in folders]
 
 
-def check_run_state(m: Manifest, out_root: str | Path, run_dir: str | Path) -> None:
+def check_run_state(m: Manifest, out_root: AnyPath, run_dir: AnyPath) -> None:
     """Refuse run state that would make imgscore touch anything outside ``out_root``.
 
     ``m`` is the run's state as read back (summary + ledger, :func:`load_manifest`) from
@@ -136,7 +137,7 @@ def check_run_state(m: Manifest, out_root: str | Path, run_dir: str | Path) -> N
     run_folders(out_root, m.run_date, m.run_id)
 
 
-def committed(ref: ShardRef, out_root: str | Path) -> ShardResult | None:
+def committed(ref: ShardRef, out_root: AnyPath) -> ShardResult | None:
     """The shard's commit record when an earlier attempt finished it: the record parses (JSON,
     validated into :class:`ShardResult` — nothing else is constructed), is ``complete`` or
     ``partial``, was made from the same rows (fingerprint) with the same model (``model_id``)
@@ -154,7 +155,7 @@ def committed(ref: ShardRef, out_root: str | Path) -> ShardResult | None:
     return rec.model_copy(update={"files": [str(f) for f in shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)]})
 
 
-def check_shard(out_root: str | Path, run_date: str, run_id: str, record: ShardRecord | ShardResult) -> str | None:
+def check_shard(out_root: AnyPath, run_date: str, run_id: str, record: ShardRecord | ShardResult) -> str | None:
     """Why a shard record (manifest entry or ``score_shard`` result) is not backed by good part
     files under ``out_root``, or None when both files match its ``scored``/``failed`` counts."""
     pred, err = shard_files(out_root, run_date, run_id, record.shard_id)
@@ -177,7 +178,7 @@ class ShardWork:
     reason: str
 
 
-def adopt_committed(manifest: Manifest, run_dir: str | Path, out_root: str | Path) -> list[int]:
+def adopt_committed(manifest: Manifest, run_dir: AnyPath, out_root: AnyPath) -> list[int]:
     """Apply to ``manifest`` the shards whose commit record ``shards/SSSSS.json`` exists and whose
     part files match it, but which the manifest does not show as finished — or, for a ``partial``
     shard, whose record is from a later attempt (a run or rerun was killed between the shard's
@@ -199,7 +200,7 @@ def adopt_committed(manifest: Manifest, run_dir: str | Path, out_root: str | Pat
     return adopted
 
 
-def _every_error_named(out_root: str | Path, run_date: str, run_id: str, shard_id: int) -> bool:
+def _every_error_named(out_root: AnyPath, run_date: str, run_id: str, shard_id: int) -> bool:
     """Whether every errors row of the shard names its image (several models fail an image once
     per model, so its rows outnumber its failed images; a whole-batch failure names none)."""
     try:
@@ -209,7 +210,7 @@ def _every_error_named(out_root: str | Path, run_date: str, run_id: str, shard_i
         return False
 
 
-def plan_rerun(manifest: Manifest, out_root: str | Path) -> list[ShardWork]:
+def plan_rerun(manifest: Manifest, out_root: AnyPath) -> list[ShardWork]:
     """Which shards a rerun rescores, and how.
 
     - ``complete`` with good part files: nothing.

@@ -91,8 +91,9 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
     ``output.root`` inside it, never scanned (:func:`imgscore.tasks.scan.output_within_input`).
 
     Raises:
-        InputError: the prefix holds no object (the URL is wrong or empty), or cannot be listed
-            (no such bucket, access denied: the store's answer is in the message).
+        InputError: the bucket does not exist (named, with the endpoint), the prefix holds no
+            object (the URL is wrong or empty), or cannot be listed (access denied: the store's
+            answer is in the message).
     """
     try:
         top, prefixes = storage.list_objects(root, recursive=False)
@@ -101,6 +102,8 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
     classes = [p for p in prefixes if not _is_hidden(p) and p != exclude]
     top_files = [o for o in top if not _is_hidden(o.key)]
     if not classes and not top_files and not prefixes and not top:
+        if (why := storage.missing_bucket(root, "input.root")) is not None:
+            raise InputError(why)
         raise InputError(
             f"input.root {root!r} holds no objects; check the bucket and prefix (keys are listed under {root.rstrip('/')}/)"
         )

@@ -31,14 +31,15 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 from imgscore.tasks import storage
 from imgscore.tasks.containment import check_run_date, create_new, remove_temp_files, safe_name
 from imgscore.tasks.errors import OutputWriteError
+from imgscore.tasks.storage import AnyPath
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -106,7 +107,7 @@ STAGES = ("scan", "decode", "preprocess", "inference", "write")
 TABLES = ("predictions", "errors", "errors_history", "embeddings")  # the tables of part files under output.root
 
 
-def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Path:
+def part_dir(out_root: AnyPath, table: str, run_date: str, run_id: str) -> UPath:
     """``OUT/<table>/run_date=YYYY-MM-DD/RUN_ID``: the folder of a run's part files of ``table``
     (one of :data:`TABLES`). Every path to a part file is built from this.
 
@@ -118,7 +119,7 @@ def part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Pa
     return storage.path(out_root, table, f"run_date={run_date}", safe_name(run_id, "run_id"))
 
 
-def input_root_name(root: str | Path) -> str:
+def input_root_name(root: AnyPath) -> str:
     """What a run records as its input folder — the manifest's ``input.root``, every row's
     ``input_root`` column, and part of the skip and failure-ledger keys: ``input.root`` as
     configured, made absolute (``os.path.abspath``: normalised, symlinks kept as written), so
@@ -129,7 +130,7 @@ def input_root_name(root: str | Path) -> str:
     return os.path.abspath(os.fspath(root))
 
 
-def legacy_part_dir(out_root: str | Path, table: str, run_date: str, run_id: str) -> Path:
+def legacy_part_dir(out_root: AnyPath, table: str, run_date: str, run_id: str) -> UPath:
     """``OUT/<table>/run_date=…/run_id=RUN_ID``: where versions before this layout wrote the
     folder (:mod:`imgscore.tasks.layout` moves it to :func:`part_dir`); checked as :func:`part_dir` is.
 
@@ -140,17 +141,17 @@ def legacy_part_dir(out_root: str | Path, table: str, run_date: str, run_id: str
     return storage.path(out_root, table, f"run_date={run_date}", f"run_id={safe_name(run_id, 'run_id')}")
 
 
-def run_part_files(out_root: str | Path, table: str, run_date: str | None, run_id: str, pattern: str = "part-*.parquet") -> list[Path | str]:
+def run_part_files(out_root: AnyPath, table: str, run_date: str | None, run_id: str, pattern: str = "part-*.parquet") -> list[UPath]:
     """A run's part files of ``table``, sorted: from :func:`part_dir`, or from the legacy folder
-    when a run written before the layout change has not been moved yet. Empty when ``run_date``
-    is None (a manifest that never planned) or the run wrote none."""
+    when a run written before the layout change has not been moved yet (object stores have only
+    today's layout: the legacy folder is never there). Empty when ``run_date`` is None (a
+    manifest that never planned) or the run wrote none."""
     if not run_date:
         return []
-    if storage.is_remote(out_root):  # object stores have only today's layout
-        return storage.glob(storage.join(part_dir(out_root, table, run_date, run_id), pattern))
     for folder in (part_dir(out_root, table, run_date, run_id), legacy_part_dir(out_root, table, run_date, run_id)):
-        if folder.is_dir():
-            return sorted(folder.glob(pattern))
+        found = storage.glob(storage.join(folder, pattern))
+        if found:
+            return [storage.path(f) for f in found]
     return []
 
 
@@ -230,7 +231,7 @@ def make_table(rows: list[dict], schema: pa.Schema, metadata: dict[str, str] | N
 
 
 @contextlib.contextmanager
-def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
+def writing(path: AnyPath, tmp: AnyPath | None = None) -> Iterator[None]:
     """Turn an ``OSError`` of the block (disk full, quota, read-only, file too large) into
     :class:`~imgscore.tasks.errors.OutputWriteError` naming ``path``, after removing ``tmp`` (the
     half-written temp file), so nothing half-written stays behind."""
@@ -243,18 +244,24 @@ def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
         raise OutputWriteError.of(path, exc) from exc
 
 
-def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
+def write_table_atomic(table: pa.Table, path: AnyPath) -> UPath:
     """Write ``table`` as zstd Parquet to ``path`` via a ``.``-prefixed temp file and rename.
 
     Returns the final path. The rename is atomic on POSIX file systems; a killed writer leaves
     only a hidden temp file that readers skip and :func:`clean_temp_files` removes. An
     object-store URL gets one PUT of the finished file (atomic there; no temp object).
+
+    Raises:
+        OutputWriteError: the write failed (disk full, quota, a store that refused the PUT after
+            its retries), naming ``path``; nothing half-written is left.
     """
+    path = storage.path(path)
     if storage.is_remote(path):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        return storage.write_bytes(path, sink.getvalue().to_pybytes())
-    path = Path(path)
+        with writing(path):
+            storage.write_bytes(path, sink.getvalue().to_pybytes())
+        return path
     tmp = temp_path(path)
     with writing(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,17 +271,23 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
     return path
 
 
-def write_json_atomic(obj, path: str | Path) -> Path:
+def write_json_atomic(obj, path: AnyPath) -> UPath:
     """JSON with the same temp-then-rename guarantee as part files."""
     return write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), path)
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
+def write_bytes_atomic(data: bytes, path: AnyPath) -> UPath:
     """Write ``data`` to ``path`` via a ``.``-prefixed temp file, fsync, and rename (an
-    object-store URL: one PUT)."""
+    object-store URL: one PUT); return the path.
+
+    Raises:
+        OutputWriteError: as :func:`write_table_atomic`.
+    """
+    path = storage.path(path)
     if storage.is_remote(path):
-        return storage.write_bytes(path, data)
-    path = Path(path)
+        with writing(path):
+            storage.write_bytes(path, data)
+        return path
     tmp = temp_path(path)
     with writing(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,13 +299,13 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
     return path
 
 
-def temp_path(path: str | Path) -> Path:
-    """``.NAME.PID.tmp`` beside ``path``: where this process writes ``path`` before renaming it."""
-    path = Path(path)
+def temp_path(path: AnyPath) -> UPath:
+    """``.NAME.PID.tmp`` beside the local file ``path``: where this process writes it before renaming it."""
+    path = storage.path(path)
     return path.parent / f".{path.name}.{os.getpid()}.tmp"
 
 
-def clean_temp_files(folder: str | Path) -> int:
+def clean_temp_files(folder: AnyPath) -> int:
     """Delete leftover ``.*.tmp`` names under ``folder`` (from killed writers); return how many.
     Symlinks are removed, not followed (:func:`imgscore.tasks.containment.remove_temp_files`).
     An object store has none: its writes are single PUTs."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from upath import UPath
 
 from imgscore.tasks import layout, storage
 from imgscore.tasks import lock as run_lock
@@ -61,6 +62,7 @@ from imgscore.tasks.scan import (
     open_scan,
     scan_threads_for,
 )
+from imgscore.tasks.storage import AnyPath
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -93,7 +95,7 @@ class RunPlan:
 
     run_id: str
     run_date: str
-    run_dir: Path
+    run_dir: UPath  # OUT/runs/RUN_ID (run_dir_of): a pathlib.Path locally
     shards: list[ShardRef]
     state: RunState
 
@@ -102,7 +104,7 @@ class RunPlan:
         return self.state.manifest
 
 
-def shard_refs(manifest: Manifest, run_dir: str | Path) -> list[ShardRef]:
+def shard_refs(manifest: Manifest, run_dir: AnyPath) -> list[ShardRef]:
     """The task-run references of a manifest's shards, pointing at ``run_dir`` (where the run
     lives now: ``output.root`` may have moved since planning)."""
     mkey = manifest.model.get("model_key") or model_key(manifest.model)
@@ -120,7 +122,7 @@ def shard_refs(manifest: Manifest, run_dir: str | Path) -> list[ShardRef]:
     return refs
 
 
-def load_plan(run_dir: str | Path) -> RunPlan:
+def load_plan(run_dir: AnyPath) -> RunPlan:
     """An existing run's plan and state (summary + ledger), to write on: a retry or a rerun.
     ``run_dir`` is ``OUT/runs/RUN_ID`` (:func:`run_dir_of`); every path the run state names is
     checked to stay inside ``OUT`` first (``imgscore.tasks.manifest.check_run_state``).
@@ -145,7 +147,7 @@ def _manifest_head(path: Path, limit: int = 65536) -> str:
         return ""
 
 
-def find_retried_run(out_root: str | Path, flow_run_id: str | None, run_id: str | None, run_count: int) -> str | None:
+def find_retried_run(out_root: AnyPath, flow_run_id: str | None, run_id: str | None, run_count: int) -> str | None:
     """The run id an earlier attempt of this same Prefect flow run planned, or None.
 
     A retry of a flow run (Prefect UI "Retry", ``prefect flow-run retry``, ``retries=``) calls
@@ -180,7 +182,7 @@ def find_retried_run(out_root: str | Path, flow_run_id: str | None, run_id: str 
     return None
 
 
-def resume_plan(out_root: str | Path, run_id: str, flow_run_id: str | None, input_root: str | Path | None = None) -> RunPlan | None:
+def resume_plan(out_root: AnyPath, run_id: str, flow_run_id: str | None, input_root: AnyPath | None = None) -> RunPlan | None:
     """The plan of ``run_id`` when this same flow run wrote it (a retry), with the temp files its
     killed attempt left removed; None when the run does not exist yet. Shards whose commit
     records match their part files are not scored again (``imgscore.tasks.manifest.committed``).
@@ -326,7 +328,7 @@ class _Listings:
     carried by the failure ledger), each temp-then-rename at the end; and what was carried,
     counted per error type and per run that recorded the failure (for the manifest)."""
 
-    def __init__(self, run_dir: Path | str, skip: AlreadyScored | AlreadyScoredEach | None, skip_key: str):
+    def __init__(self, run_dir: AnyPath, skip: AlreadyScored | AlreadyScoredEach | None, skip_key: str):
         self.run_dir, self.skip = run_dir, skip
         self.remote = storage.is_remote(run_dir)  # an object store: each file built in memory, one PUT at the end
         self.writers: dict[str, pq.ParquetWriter] = {}
@@ -339,8 +341,8 @@ class _Listings:
         self.by_type: dict[str, int] = {}
         self.by_run: dict[str, int] = {}
 
-    def _tmp(self, name: str) -> Path:
-        return temp_path(self.run_dir / name)
+    def _tmp(self, name: str) -> UPath:
+        return temp_path(storage.path(self.run_dir, name))
 
     def _open(self, name: str) -> None:
         # created new: a symlink planted at the name is not written through

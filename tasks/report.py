@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from upath import UPath
 
 from imgscore.tasks import drift as drift_mod
 from imgscore.tasks import storage
@@ -43,6 +44,7 @@ from imgscore.tasks.parquet_io import (
     write_bytes_atomic,
 )
 from imgscore.tasks.runstate import ABANDONED, observed_status
+from imgscore.tasks.storage import AnyPath
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 HIST_BINS = 20  # confidence histogram: equal bins over [0, 1]
@@ -62,7 +64,7 @@ _ERR_COLS = ["image_path", "shard_id", "batch_id", "stage", "error_type", "messa
 # numbers
 
 
-def load_run_manifest(out_root: str | Path, run_id: str) -> dict:
+def load_run_manifest(out_root: AnyPath, run_id: str) -> dict:
     """The run's state (summary + ledger) as a dict shaped like ``manifest.json``.
 
     Raises:
@@ -232,7 +234,7 @@ def models_summary(m: dict, preds: pa.Table, errs: pa.Table) -> list[dict]:
             for x in models]
 
 
-def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, model_name: str | None = None) -> dict:
+def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model_name: str | None = None) -> dict:
     """Everything the report shows, computed from ``runs/RUN_ID/manifest.json`` and the Parquet.
 
     Counts come from the manifest (``scanned``, ``scored``, ``failed``, ``skipped``,
@@ -334,7 +336,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
     }
 
 
-def rerun_command(run_id: str, out_root: str | Path) -> str:
+def rerun_command(run_id: str, out_root: AnyPath) -> str:
     """The command that finishes a run: ``imgscore rerun RUN --set output.root=OUT``."""
     return f"imgscore rerun {run_id} --set output.root={out_root}"
 
@@ -518,7 +520,7 @@ def plot_confusion_matrix(conf: dict | None) -> str | None:
 # thumbnails
 
 
-def thumbnail_data_uri(path: str | Path | bytes | io.BytesIO, size: int = THUMB_PX,
+def thumbnail_data_uri(path: str | os.PathLike | bytes | io.BytesIO, size: int = THUMB_PX,
                        formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> tuple[str | None, str | None]:
     """A small JPEG of an image file as a ``data:`` URI: (uri, None), or (None, reason).
     ``path``: a path (``bytes`` for names that are not UTF-8) or the image's bytes in a ``BytesIO``;
@@ -550,7 +552,7 @@ def thumbnail_data_uri(path: str | Path | bytes | io.BytesIO, size: int = THUMB_
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
 
 
-def _fs_paths(out_root: Path | str, run_id: str, wanted: set[str]) -> dict[str, bytes]:
+def _fs_paths(out_root: AnyPath, run_id: str, wanted: set[str]) -> dict[str, bytes]:
     """image_path → fs_path (bytes, opens names that are not UTF-8) from the run's index.parquet
     (a folder of part files; a single file for runs planned before that)."""
     index = storage.path(out_root, "runs", run_id, "index.parquet")
@@ -571,7 +573,7 @@ def _below(rel: str) -> bool:
         return False
 
 
-def thumbnails(report: dict, out_root: str | Path) -> dict[str, tuple[str | None, str | None]]:
+def thumbnails(report: dict, out_root: AnyPath) -> dict[str, tuple[str | None, str | None]]:
     """Thumbnails of the report's lowest-confidence images, read from the run's input root.
 
     Only paths below the input root are opened: an ``image_path`` (from the predictions, which
@@ -853,7 +855,7 @@ def drift_html(d: dict | None) -> list[str]:
     return out
 
 
-def write_html_report(report: dict, out_root: str | Path, path: str | Path | None = None) -> Path:
+def write_html_report(report: dict, out_root: AnyPath, path: AnyPath | None = None) -> UPath:
     """Render ``report`` with thumbnails and write it atomically; return the path.
 
     Default path: ``OUT/runs/RUN_ID/report.html`` (``report["outputs"]["report"]``).
@@ -923,7 +925,7 @@ def _md(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_summary(report: dict, report_path: str | Path | None) -> str:
+def markdown_summary(report: dict, report_path: AnyPath | None) -> str:
     """Markdown for a Prefect markdown artifact: counts, per-class table, error summary, report path."""
     r = report
     c = r["counts"]

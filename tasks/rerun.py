@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from upath import UPath
 
 from imgscore.tasks import storage
 from imgscore.tasks.config import Config
@@ -52,21 +53,22 @@ from imgscore.tasks.score import (
     row_context,
     score_entries,
 )
+from imgscore.tasks.storage import AnyPath
 
 
-def history_path(out_root: str | Path, run_date: str, run_id: str, shard_id: int, attempt: int) -> Path:
+def history_path(out_root: AnyPath, run_date: str, run_id: str, shard_id: int, attempt: int) -> UPath:
     """Where superseded error rows of a shard's ``attempt`` are kept."""
     return storage.path(part_dir(out_root, "errors_history", run_date, run_id), f"part-{shard_id:05d}-attempt-{attempt:03d}.parquet")
 
 
-def _read_ok(path: Path | str, schema: pa.Schema) -> pa.Table | None:
+def _read_ok(path: AnyPath, schema: pa.Schema) -> pa.Table | None:
     if check_part(path, schema) is not None:
         return None
     with storage.open_input(path) as f:
         return pq.read_table(f, schema=schema)
 
 
-def archive_errors(out_root: str | Path, ref: ShardRef, fallback_attempt: int) -> Path | None:
+def archive_errors(out_root: AnyPath, ref: ShardRef, fallback_attempt: int) -> UPath | None:
     """Copy the shard's current error rows (if any, and readable) to the errors history; return
     the history file, or None when there was nothing to keep. An existing history file for the
     same attempt is left as it is (a replay after a crash).

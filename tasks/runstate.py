@@ -32,16 +32,17 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from upath import UPath
 
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, create_new, inside
 from imgscore.tasks.errors import OutputWriteError, RunStateError
 from imgscore.tasks.parquet_io import write_bytes_atomic, write_json_atomic, writing
+from imgscore.tasks.storage import AnyPath
 
 # The one place run and shard statuses are named. A run is ``running`` while its writer holds the
 # lock; it ends ``complete``, ``partial`` (some images failed, within the error budget), ``failed``
@@ -295,17 +296,17 @@ class Manifest(_Model):
 # ----------------------------------------------------------------------------------- ledger
 
 
-def _segment_path(run_dir: Path | str, n: int) -> Path | str:
+def _segment_path(run_dir: AnyPath, n: int) -> UPath:
     return storage.path(run_dir, LEDGER_DIR, f"{n:06d}.jsonl")
 
 
-def ledger_segments(run_dir: str | Path, from_segment: int = 0) -> list[int]:
+def ledger_segments(run_dir: AnyPath, from_segment: int = 0) -> list[int]:
     """Numbers of the ledger segments of ``run_dir`` at or after ``from_segment``, ascending."""
     names = storage.list_names(storage.path(run_dir, LEDGER_DIR))
     return sorted(n for n in (int(x[:-6]) for x in names if x.endswith(".jsonl") and x[:-6].isdigit()) if n >= from_segment)
 
 
-def read_segment(path: Path | str) -> Iterator[ShardResult | RunEnding]:
+def read_segment(path: AnyPath) -> Iterator[ShardResult | RunEnding]:
     """The results in one ledger segment, in order, and a :class:`RunEnding` where the run's
     ending was recorded there. A last line without its newline (a writer killed mid-append) is
     skipped; so is a line that does not parse.
@@ -333,7 +334,7 @@ class ShardLedger:
     adopts their shards from the commit records, which were written first.
     """
 
-    def __init__(self, run_dir: str | Path, segment: int):
+    def __init__(self, run_dir: AnyPath, segment: int):
         self.run_dir = storage.path(run_dir)
         self.remote = storage.is_remote(run_dir)
         self.segment = segment
@@ -394,7 +395,7 @@ class ShardLedger:
 # ---------------------------------------------------------------------------------- loading
 
 
-def _read_summary(run_dir: Path | str) -> Manifest:
+def _read_summary(run_dir: AnyPath) -> Manifest:
     # not through a link out of the run folder: a parse error would quote the file it points at
     path = inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json")
     try:
@@ -407,7 +408,7 @@ def _read_summary(run_dir: Path | str) -> Manifest:
                             "restore the file from a backup, or score the folder again with a new run") from None
 
 
-def load_manifest(run_dir: str | Path) -> Manifest:
+def load_manifest(run_dir: AnyPath) -> Manifest:
     """The run's current state: ``manifest.json`` plus the ledger segments it has not folded in.
 
     Old manifests (no ledger, ``attempt`` instead of ``attempts``, missing fields) load too.
@@ -439,7 +440,7 @@ def load_manifest(run_dir: str | Path) -> Manifest:
     return _read_summary(run_dir)
 
 
-def observed_status(status: str, run_dir: str | Path) -> str:
+def observed_status(status: str, run_dir: AnyPath) -> str:
     """The status a reader reports: ``abandoned`` for a ``running`` (or ``planned``) run whose
     lock owner is gone (kill -9, OOM, reboot: nothing could write the ending), else ``status``."""
     if status in ("running", "planned") and not run_lock.is_locked(run_dir):
@@ -447,7 +448,7 @@ def observed_status(status: str, run_dir: str | Path) -> str:
     return status
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: AnyPath) -> dict:
     """The run's current state as a dict shaped like ``manifest.json`` (summary + ledger), for
     readers that want plain data (``report``, tests). ``path`` is the manifest.json path."""
     return load_manifest(storage.parent_of(path)).to_dict()
@@ -465,7 +466,7 @@ class RunState:
     compacts now (plan, status changes, end of run).
     """
 
-    def __init__(self, run_dir: str | Path, manifest: Manifest, compact_every_s: float = COMPACT_EVERY_S):
+    def __init__(self, run_dir: AnyPath, manifest: Manifest, compact_every_s: float = COMPACT_EVERY_S):
         self.run_dir = storage.path(run_dir)
         self.manifest = manifest
         self.compact_every_s = compact_every_s
@@ -476,14 +477,14 @@ class RunState:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, run_dir: str | Path, manifest: Manifest) -> RunState:
+    def create(cls, run_dir: AnyPath, manifest: Manifest) -> RunState:
         """A new run's state: writes its first manifest.json."""
         state = cls(run_dir, manifest)
         state.save()
         return state
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> RunState:
+    def open(cls, run_dir: AnyPath) -> RunState:
         """An existing run's state (summary + ledger), to write on (a retry or a rerun)."""
         return cls(run_dir, load_manifest(run_dir))
 
@@ -550,25 +551,21 @@ class RunState:
             self.ledger.close()
 
 
-def request_stop(run_dir: str | Path) -> None:
+def request_stop(run_dir: AnyPath) -> None:
     """Mark the run as stopping (SIGINT or SIGTERM reached its flow): from now on no shard of it
     starts, and none commits (:func:`stop_requested`; ``imgscore.tasks.score``). A file (an
     object on a store), so shards on Dask workers in other processes see it too;
     :func:`clear_stop` removes it when the run is taken up again (a retry or ``imgscore rerun``)."""
-    mark = storage.path(run_dir, STOP_FILE)
-    if storage.is_remote(mark):
-        storage.write_bytes(mark, b"")
-    else:
-        Path(mark).touch()  # no data block: works on the disk that just filled up too
+    storage.path(run_dir, STOP_FILE).touch()  # on disk no data block (works on the disk that just filled up); an object: one empty PUT
 
 
-def stop_requested(run_dir: str | Path) -> bool:
+def stop_requested(run_dir: AnyPath) -> bool:
     """True while the run's stop mark exists (:func:`request_stop`): one ``stat`` (a HEAD request
     on an object store)."""
     return storage.exists(storage.path(run_dir, STOP_FILE))
 
 
-def stop_check(run_dir: str | Path, every_s: float = 1.0):
+def stop_check(run_dir: AnyPath, every_s: float = 1.0):
     """A callable for a shard's batch loop: :func:`stop_requested`, asked at most every
     ``every_s`` seconds (on an object store each ask is a request); once True, always True."""
     last, stopped = [float("-inf")], [False]
@@ -582,17 +579,17 @@ def stop_check(run_dir: str | Path, every_s: float = 1.0):
     return check
 
 
-def clear_stop(run_dir: str | Path) -> None:
+def clear_stop(run_dir: AnyPath) -> None:
     """Remove the run's stop mark, if any (the run is being resumed or rerun)."""
     storage.delete(storage.path(run_dir, STOP_FILE))
 
 
-def commit_record_path(run_dir: str | Path, shard_id: int) -> Path | str:
+def commit_record_path(run_dir: AnyPath, shard_id: int) -> UPath:
     """``run_dir/shards/SSSSS.json``: the shard's commit record."""
     return storage.path(run_dir, COMMITS_DIR, f"{shard_id:05d}.json")
 
 
-def read_commit_record(run_dir: str | Path, shard_id: int) -> ShardResult | None:
+def read_commit_record(run_dir: AnyPath, shard_id: int) -> ShardResult | None:
     """The shard's commit record, or None when there is none, it does not parse, or it is a link
     out of ``run_dir``. Parsed as JSON into :class:`ShardResult` (nothing else is constructed)."""
     try:
@@ -601,13 +598,13 @@ def read_commit_record(run_dir: str | Path, shard_id: int) -> ShardResult | None
         return None
 
 
-def write_commit_record(run_dir: str | Path, result: ShardResult) -> Path | str:
+def write_commit_record(run_dir: AnyPath, result: ShardResult) -> UPath:
     """Write the shard's commit record (after its part files: this is what makes it done),
     replacing one that is there (``imgscore rerun``, which holds the run's lock)."""
     return write_json_atomic(json.loads(result.to_json()), commit_record_path(run_dir, result.shard_id))
 
 
-def create_commit_record(run_dir: str | Path, result: ShardResult) -> bool:
+def create_commit_record(run_dir: AnyPath, result: ShardResult) -> bool:
     """Write the shard's commit record only if the shard has none yet — an exclusive create (a
     PUT with ``If-None-Match: *`` in an object store, ``O_EXCL`` + link on disk), so of two
     writers of one shard (a Dask task run again after its worker was lost, a retry racing a

@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
+from upath import UPath
 
 from imgscore.tasks import autotune, storage
 from imgscore.tasks import embeddings as emb
@@ -79,13 +79,14 @@ from imgscore.tasks.runstate import (
     write_commit_record,
 )
 from imgscore.tasks.scan import ImageEntry
+from imgscore.tasks.storage import AnyPath
 
 __all__ = ["ShardError", "ShardRef", "score_shard", "score_entries", "commit_shard", "build_loader", "score_batches", "forward_probs"]
 
 log = logging.getLogger("imgscore")
 
 
-def shard_state_path(run_dir: str | Path, shard_id: int) -> Path:
+def shard_state_path(run_dir: AnyPath, shard_id: int) -> UPath:
     """``run_dir/shards/SSSSS.json``: the shard's commit record."""
     return commit_record_path(run_dir, shard_id)
 
@@ -624,7 +625,7 @@ def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer | l
     return rows
 
 
-def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, errors: pa.Table, result: ShardResult,
+def commit_shard(ref: ShardRef, out_root: AnyPath, predictions: pa.Table, errors: pa.Table, result: ShardResult,
                  embeddings: pa.Table | None = None, replace: bool = False) -> ShardResult:
     """Write the shard's predictions and errors part files (empty ones too), then its commit record.
 
@@ -679,7 +680,7 @@ def commit_shard(ref: ShardRef, out_root: str | Path, predictions: pa.Table, err
     return result
 
 
-def embeddings_part(out_root: str | Path, ref: ShardRef) -> Path | str:
+def embeddings_part(out_root: AnyPath, ref: ShardRef) -> UPath:
     """``OUT/embeddings/<the run's partition>/part-SSSSS.parquet``, checked to stay inside ``out_root``."""
     return storage.path(inside(out_root, part_dir(out_root, "embeddings", ref.run_date, ref.run_id), "part-file folder"), part_name(ref.shard_id))
 
@@ -741,7 +742,7 @@ def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: i
                         embeddings_of(rows, scorers, cfg.output, meta))
 
 
-def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: str | Path, model_info: dict, reason: str,
+def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: AnyPath, model_info: dict, reason: str,
                         attempts: int, metadata: dict | None = None, models: list[dict] | None = None) -> ShardResult:
     """A shard that could not run after its retries: one errors row per (image, model) (stage
     ``inference``, type ``ShardFailed``, the reason as message), an empty predictions part, and

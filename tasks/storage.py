@@ -26,6 +26,17 @@ hard link. Object stores have no rename, and need none: one PUT is atomic (the o
 whole or not at all), so each write is one PUT of the finished bytes, and an exclusive create is
 a PUT with ``If-None-Match: *`` (:func:`create_new`).
 
+One path type, :class:`upath.UPath` (universal-pathlib), for everything under an output root:
+:func:`path` and every function that names a file of a run (part files, commit records, the
+manifest, the lock, report.html) return one. Why: with one object for local and remote places, a
+failure path (removing a stale part file, naming a known-bad list in the report) cannot work on
+disk and crash on a bucket, as it did when a local path was a ``Path`` and a URL a ``str``. A
+local root gives a ``PosixUPath``, a real ``pathlib.Path`` subclass, so local code keeps its
+semantics (temp-then-rename, ``O_EXCL``, fsync, symlink checks, ``os.open`` of the path); a
+remote one rides on the same fsspec filesystem this module opens (the same storage options, the
+same instance: :func:`path`), where a wrapper of fsspec objects of our own would be one more thing
+to write and keep. Prefect parameters and records keep plain strings (``str(path)``).
+
 Settings (``storage.*`` in the config) are put in force for a process by :func:`configure`;
 options never hold secrets (:func:`check_options`): credentials come from each machine's own
 environment, or from ``${VAR}`` references that are expanded on the machine that opens the store.
@@ -43,7 +54,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
+
+from upath import UPath
+
+# What a function that takes a root or a path under one accepts: a string from the config (a
+# local path or a URL), or a path (``pathlib.Path``, or the ``UPath`` that :func:`path` returns).
+AnyPath: TypeAlias = str | os.PathLike | UPath
 
 # URL scheme → (fsspec protocol, the package that implements it, the pip extra that installs it)
 SCHEMES: dict[str, tuple[str, str, str]] = {
@@ -70,6 +87,12 @@ class StorageError(OSError):
 # ------------------------------------------------------------------------------------ roots
 
 
+def _text(p: AnyPath) -> str:
+    """A path or URL as a string: a remote ``UPath``'s URL (``os.fspath`` refuses one), a local
+    path's text."""
+    return str(p) if isinstance(p, UPath) else os.fspath(p)
+
+
 def scheme_of(root: str | os.PathLike) -> str | None:
     """The URL scheme of ``root`` (``s3``, ``gs``, ``az``, …), or None for a local path
     (a ``file://`` URL included)."""
@@ -92,7 +115,7 @@ def normalize_root(value: str | os.PathLike) -> str:
     Raises:
         ValueError: an unknown scheme (``http://``, ``hdfs://``), or a URL without a bucket.
     """
-    text = os.fspath(value)
+    text = _text(value)
     m = _URL.match(text)
     if m is None:
         return text
@@ -111,7 +134,7 @@ def normalize_root(value: str | os.PathLike) -> str:
 def join(root: str | os.PathLike, *parts: str) -> str:
     """``root`` joined with relative ``parts``: ``/``-separated for URLs, ``os.path.join`` for
     local paths. ``parts`` may themselves hold ``/``."""
-    base = os.fspath(root)
+    base = _text(root)
     if not is_remote(base):
         return os.path.join(base, *parts)
     out = base.rstrip("/")
@@ -122,12 +145,37 @@ def join(root: str | os.PathLike, *parts: str) -> str:
     return out
 
 
-def path(root: str | os.PathLike, *parts: str) -> Path | str:
-    """``root`` joined with ``parts``: a ``Path`` for a local root (what local code works with),
-    the URL string for an object store (a ``Path`` would fold ``s3://`` into ``s3:/``)."""
-    if is_remote(root):
-        return join(root, *parts)
-    return Path(root, *parts)
+def path(root: AnyPath, *parts: str) -> UPath:
+    """``root`` joined with relative ``parts`` (which may hold ``/``), as the one path type.
+
+    A local root gives a ``PosixUPath`` (a ``pathlib.Path``: every local operation keeps its
+    POSIX meaning); a ``file://`` URL gives the same as its path. An object-store URL gives the
+    store's ``UPath`` (``S3Path``, ``GCSPath``, ``AzurePath``) opened with the settings in force
+    (:func:`configure`): its ``.fs`` is the instance :func:`filesystem` returns, so a ``Path``
+    method called on it (``unlink``, ``exists``, ``read_bytes``, ``/``) talks to the same
+    endpoint, with the same retries and timeouts, as the rest of this module. ``str()`` of a
+    remote path is its URL (the one form recorded or shown); it holds no credentials, but its
+    ``storage_options`` may (expanded ``${VAR}`` references): never pass a remote ``UPath`` as a
+    Prefect parameter or pickle it into a record — pass ``str(path)``.
+
+    Raises:
+        ValueError: an unknown URL scheme (:func:`normalize_root`), or a ``${VAR}`` option whose
+            variable is unset.
+        ModuleNotFoundError: the store's package is not installed (message: the pip line).
+    """
+    text = _text(root)
+    if not is_remote(text):
+        return UPath(normalize_root(text), *parts)
+    url = join(normalize_root(text), *parts)
+    filesystem(url)  # opened (or reopened after the environment changed) first: the UPath's .fs is that instance
+    return UPath(url, **_options_for(url))
+
+
+def _options_for(url: AnyPath) -> dict[str, Any]:
+    """The fsspec storage options an object-store URL is opened with (client defaults, then
+    ``storage.options`` expanded): what :func:`filesystem` passes to the filesystem class."""
+    protocol = SCHEMES[scheme_of(url)][0]
+    return _deep_merge(_client_defaults(protocol, _settings), _expand(dict(_settings.options), "storage.options"))
 
 
 def same_root(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -140,18 +188,18 @@ def same_root(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def name_of(url: str | os.PathLike) -> str:
     """The last component of a path or URL."""
-    return os.fspath(url).rstrip("/").rsplit("/", 1)[-1] if is_remote(url) else os.path.basename(os.fspath(url))
+    return _text(url).rstrip("/").rsplit("/", 1)[-1] if is_remote(url) else os.path.basename(_text(url))
 
 
 def parent_of(url: str | os.PathLike) -> str:
     """The path or URL one level up."""
-    text = os.fspath(url)
+    text = _text(url)
     return text.rstrip("/").rsplit("/", 1)[0] if is_remote(text) else os.path.dirname(text)
 
 
 def display(url: str | os.PathLike) -> str:
     """How a root is shown and recorded (no credentials can be in it: they are never in URLs here)."""
-    return os.fspath(url)
+    return _text(url)
 
 
 # --------------------------------------------------------------------------------- settings
@@ -267,6 +315,7 @@ def _client_defaults(protocol: str, s: Settings) -> dict[str, Any]:
 
 
 _filesystems: dict[tuple, Any] = {}
+_client_env: dict[str, int] = {}  # protocol -> the environment fingerprint its cached clients were made with
 # Environment variables a client reads when it is created: a store is reopened when they change.
 _CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_REGION",
                "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_CONNECTION_STRING")
@@ -283,13 +332,14 @@ def filesystem(root: str | os.PathLike):
     """
     import fsspec
 
-    text = os.fspath(root)
+    text = _text(root)
     scheme = scheme_of(text)
     if scheme is None:
         raise ValueError(f"{text!r} is a local path, not an object-store URL")
     protocol, package, extra = SCHEMES[scheme]
     s = _settings
-    key = (protocol, s, os.getpid(), hash(tuple(os.environ.get(v) for v in _CLIENT_ENV)))
+    env = hash(tuple(os.environ.get(v) for v in _CLIENT_ENV))
+    key = (protocol, s, os.getpid(), env)
     fs = _filesystems.get(key)
     if fs is None:
         try:
@@ -298,11 +348,21 @@ def filesystem(root: str | os.PathLike):
             raise ModuleNotFoundError(
                 f"{text!r} needs {package}, which is not installed: pip install 'imgscore[{extra}]'"
             ) from None
-        opts = _deep_merge(_client_defaults(protocol, s), _expand(dict(s.options), "storage.options"))
-        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)  # cached here, keyed as above
-        if protocol == "s3":
-            fs.retries = 1  # s3fs's own retry loop off: botocore's standard mode retries (above)
-        _filesystems[key] = fs
+        cls = fsspec.get_filesystem_class(protocol)
+        with _lock:
+            if _client_env.get(protocol, env) != env:
+                # the environment a client reads when it is made changed: fsspec's cache (keyed by
+                # options only) would hand out clients made before, here and to every UPath
+                cls.clear_instance_cache()
+                for k in [k for k in _filesystems if k[0] == protocol]:
+                    del _filesystems[k]
+            _client_env[protocol] = env
+            # through fsspec's instance cache (keyed by class, pid and options): the UPath that
+            # :func:`path` builds with the same options gets this very instance as its ``.fs``
+            fs = cls(**_options_for(text))
+            if protocol == "s3":
+                fs.retries = 1  # s3fs's own retry loop off: botocore's standard mode retries (above)
+            _filesystems[key] = fs
     return fs, text.split("://", 1)[1]
 
 
@@ -315,7 +375,43 @@ def missing_package(root: str | os.PathLike | None) -> str | None:
     try:
         __import__(package)
     except ModuleNotFoundError:
-        return f"{os.fspath(root)!r} needs {package}: pip install 'imgscore[{extra}]'"
+        return f"{_text(root)!r} needs {package}: pip install 'imgscore[{extra}]'"
+    return None
+
+
+def bucket_of(url: AnyPath) -> str:
+    """The bucket (S3, GCS) or container (Azure) an object-store URL names: ``s3://b/p`` → ``b``."""
+    return normalize_root(_text(url)).split("://", 1)[1].split("/", 1)[0]
+
+
+def endpoint_of(url: AnyPath) -> str:
+    """Where this process sends the requests for ``url``'s store: the S3 endpoint the client
+    resolved (``AWS_ENDPOINT_URL``, ``storage.options.endpoint_url``, or AWS's regional one), else
+    the scheme (``gs://``, ``az://``: their clients have one service address per account)."""
+    fs, _ = filesystem(url)
+    client = getattr(fs, "s3", None)  # s3fs's botocore client, made on the first request
+    return getattr(getattr(client, "meta", None), "endpoint_url", None) or f"{scheme_of(url)}://"
+
+
+def missing_bucket(url: AnyPath, key: str) -> str | None:
+    """The refusal for a root whose bucket does not exist (one request: the bucket's HEAD), or
+    None: a local root, a bucket that exists, or a store that did not say it is missing (access
+    denied, a network error: left to the caller's own check, whose message carries the store's
+    answer). ``key`` names the setting in the message (``input.root``, ``output.root``).
+
+    Why it is asked: a listing of a missing bucket answers nothing, which reads as an empty
+    prefix ("holds no objects"), and some stores create a bucket on the first PUT into it.
+    """
+    if not is_remote(url):
+        return None
+    fs, _ = filesystem(url)
+    bucket = bucket_of(url)
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        return f"bucket {bucket!r} does not exist at {endpoint_of(url)}; create it or fix {key}"
+    except (OSError, ValueError):
+        return None
     return None
 
 
@@ -367,7 +463,7 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> str:
     Local: ``imgscore.tasks.parquet_io.write_bytes_atomic`` (a new ``.NAME.PID.tmp`` file,
     fsynced, renamed). Object store: one PUT. Returns ``url``.
     """
-    text = os.fspath(url)
+    text = _text(url)
     if not is_remote(text):
         from imgscore.tasks.parquet_io import write_bytes_atomic
 
@@ -389,7 +485,7 @@ def create_new(url: str | os.PathLike, data: bytes) -> bool:
     Raises:
         OSError: the store failed for another reason (after its retries).
     """
-    text = os.fspath(url)
+    text = _text(url)
     if not is_remote(text):
         path = Path(text)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -420,7 +516,7 @@ def create_new(url: str | os.PathLike, data: bytes) -> bool:
 def delete(url: str | os.PathLike) -> None:
     """Delete one file or object; nothing there is fine (S3 answers a DELETE of a missing key
     with success too)."""
-    text = os.fspath(url)
+    text = _text(url)
     if not is_remote(text):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(text)
@@ -432,7 +528,7 @@ def delete(url: str | os.PathLike) -> None:
 
 def delete_tree(url: str | os.PathLike) -> None:
     """Delete everything under ``url`` (a local folder, or every object with the prefix)."""
-    text = os.fspath(url)
+    text = _text(url)
     if not is_remote(text):
         import shutil
 
@@ -452,7 +548,7 @@ def make_dirs(url: str | os.PathLike) -> None:
 def list_names(url: str | os.PathLike) -> list[str]:
     """Names directly under ``url`` (files and folders, or objects and common prefixes), sorted;
     ``[]`` when there is nothing (no folder, no object with the prefix)."""
-    text = os.fspath(url)
+    text = _text(url)
     if not is_remote(text):
         try:
             return sorted(os.listdir(text))
@@ -482,7 +578,7 @@ def glob(pattern: str) -> list[str]:
 def open_input(url: str | os.PathLike):
     """A seekable binary file for reading (Parquet footers, row groups): a local file, or an
     fsspec file that reads the object in ranged GETs. Use as a context manager."""
-    text = os.fspath(url)
+    text = _text(url)
     if not is_remote(text):
         return open(text, "rb")
     fs, path = filesystem(text)
@@ -494,7 +590,7 @@ def arrow_filesystem(url: str | os.PathLike):
     the local file system, or the fsspec store wrapped (``pyarrow.fs.FSSpecHandler``)."""
     import pyarrow.fs as pafs
 
-    text = os.fspath(url)
+    text = _text(url)
     if not is_remote(text):
         return pafs.LocalFileSystem(), text
     fs, path = filesystem(text)
@@ -506,7 +602,7 @@ def arrow_files(files: list[str]):
     over files of one root: local paths as they are (filesystem None), object URLs without their
     scheme on the wrapped fsspec store."""
     if not files or not is_remote(files[0]):
-        return None, [os.fspath(f) for f in files]
+        return None, [_text(f) for f in files]
     fs, _ = arrow_filesystem(files[0])
     return fs, [f.split("://", 1)[1] for f in files]
 

@@ -219,3 +219,22 @@ def s3(s3_server, s3_bucket_name, monkeypatch, request) -> S3Bucket:
     storage.configure(storage.Settings())
     yield S3Bucket(s3_server, s3_bucket_name, "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16])
     storage.configure(storage.Settings())
+
+
+@pytest.fixture(params=["local", "s3"])
+def root_kind(request) -> str:
+    """Which kind of ``output.root`` a failure-path test writes to: a local folder, or a prefix on
+    the session's SeaweedFS bucket (what works on disk must work on a bucket when things fail)."""
+    return request.param
+
+
+@pytest.fixture
+def out_root(root_kind, tmp_path, request):
+    """``output.root`` of the kind :func:`root_kind` names, as the path type the code works
+    with (``imgscore.tasks.storage.path``): ``tmp_path/out``, or ``s3://bucket/TEST/out`` with the
+    ``AWS_*`` variables of this process pointing at the session's SeaweedFS (the :func:`s3` fixture)."""
+    from imgscore.tasks import storage
+
+    if root_kind == "local":
+        return storage.path(tmp_path / "out")
+    return storage.path(request.getfixturevalue("s3").url("out"))

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -173,21 +174,26 @@ def upload_folder(client, local: Path, bucket: str, prefix: str) -> int:
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
             b"<Message>Please reduce your request rate.</Message></Error>")
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                 b"<Message>Access Denied</Message></Error>")
 
 
 class FaultProxy:
     """A real HTTP proxy in front of the S3 port that fails chosen object GETs.
 
     Every request is forwarded unchanged (headers included, so SigV4 signatures still verify),
-    except GETs of keys in ``fail_keys`` (answered ``503 SlowDown``, every time) and in
-    ``slow_keys`` (held ``slow_s`` seconds before forwarding). ``gets`` counts the GETs seen per
-    key (``/bucket/key``), so a test can check how often the client retried.
+    except GETs of keys in ``fail_keys`` (answered ``503 SlowDown``, every time), GETs of keys in
+    ``slow_keys`` (held ``slow_s`` seconds before forwarding), and PUTs of keys that start with one
+    of ``deny_put_prefixes`` (answered ``403 AccessDenied``, as a bucket policy or a full quota
+    refuses a write; the body is read first). ``gets`` counts the GETs seen per key
+    (``/bucket/key``), so a test can check how often the client retried.
     """
 
     def __init__(self, upstream: str, slow_s: float = 5.0):
         self.upstream = upstream.removeprefix("http://")
         self.fail_keys: set[str] = set()
         self.slow_keys: set[str] = set()
+        self.deny_put_prefixes: set[str] = set()
         self.slow_s = slow_s
         self.gets: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -227,6 +233,13 @@ class FaultProxy:
                     if key in proxy.slow_keys:
                         time.sleep(proxy.slow_s)
                 body = self._body()
+                if self.command == "PUT" and any(urllib.parse.unquote(key).startswith(p) for p in proxy.deny_put_prefixes):
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(ACCESS_DENIED)))
+                    self.end_headers()
+                    self.wfile.write(ACCESS_DENIED)
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
                 if body is not None:
                     headers["Content-Length"] = str(len(body))

@@ -17,6 +17,7 @@ import pytest
 
 from imgscore.flows.cli import main as cli_main
 from imgscore.flows.score_images import over_budget
+from imgscore.tasks import storage
 from imgscore.tasks.config import RunConfig
 from imgscore.tasks.incremental import (
     CARRIED_FILE,
@@ -37,29 +38,37 @@ from tests.conftest import base_overrides
 from tests.test_incremental import folder
 
 
-def night(root: Path, ckpt: Path, out: Path, capsys, **extra) -> tuple[int, dict, str]:
-    """One nightly `imgscore run` (skip_scored); returns (exit code, its manifest, stdout)."""
+def night(root: Path, ckpt: Path, out, capsys, **extra) -> tuple[int, dict, str]:
+    """One nightly `imgscore run` (skip_scored) into ``out`` (a local folder or an object-store
+    root); returns (exit code, its manifest, stdout)."""
     sets = base_overrides(root, ckpt, out, **{"run.skip_scored": "true", "run.shard_size": 8, **extra})
-    before = {p.name for p in (out / "runs").glob("*")} if (out / "runs").exists() else set()
+    before = set(storage.list_names(storage.path(out, "runs")))
     code = cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"])
-    (rid,) = {p.name for p in (out / "runs").glob("*")} - before
-    return code, json.loads((out / "runs" / rid / "manifest.json").read_text()), capsys.readouterr().out
+    (rid,) = set(storage.list_names(storage.path(out, "runs"))) - before
+    return code, json.loads(storage.read_bytes(storage.path(out, "runs", rid, "manifest.json"))), capsys.readouterr().out
 
 
-def errors_of(out: Path, m: dict):
+def read_parquet(path) -> list[dict]:
+    with storage.open_input(path) as f:
+        return pq.read_table(f).to_pylist()
+
+
+def errors_of(out, m: dict):
     files = run_part_files(out, "errors", m["run_date"], m["run_id"])
-    return pq.read_table(files[0]).to_pylist() if files else []
+    return read_parquet(files[0]) if files else []
 
 
 @pytest.mark.slow
-def test_a_corrupt_upload_fails_one_night_and_is_carried_until_it_changes(prefect_server, photos, tiny_checkpoint, tmp_path, capsys):
+def test_a_corrupt_upload_fails_one_night_and_is_carried_until_it_changes(prefect_server, photos, tiny_checkpoint, tmp_path, capsys,
+                                                                        out_root):
     """Acceptance (issue 13, part 1). Night 1 is clean. Night 2 takes on one new file, a text
     file named .jpg: 1 of 1 failed is 100 % but under run.min_errors (5), so the night is
     ``partial``, exit 0. Night 3, nothing new: exit 0, the bad file carried as already_failed 1
-    (not retried: no errors rows, nothing scanned), listed with the run that recorded it.
-    ``run.retry_failed`` tries it again (still bad). Fixing the file makes night 5 score it."""
+    (not retried: no errors rows, nothing scanned), listed with the run that recorded it, and its
+    report.html says so. ``run.retry_failed`` tries it again (still bad). Fixing the file makes
+    night 5 score it. Into a local folder or a bucket."""
     root = folder(tmp_path / "images", photos, range(10))
-    out = tmp_path / "out"
+    out = out_root
     code, m1, _ = night(root, tiny_checkpoint, out, capsys)
     assert (code, m1["status"], m1["counts"]["scored"]) == (0, "complete", 10)
 
@@ -77,12 +86,14 @@ def test_a_corrupt_upload_fails_one_night_and_is_carried_until_it_changes(prefec
     assert code == 0 and m3["status"] == "complete"
     assert (c["scanned"], c["failed"], c["already_scored"], c["already_failed"]) == (0, 0, 10, 1)
     assert errors_of(out, m3) == [] and m3["shards"] == []
-    carried = pq.read_table(out / "runs" / m3["run_id"] / CARRIED_FILE).to_pylist()
+    carried = read_parquet(out / "runs" / m3["run_id"] / CARRIED_FILE)
     assert [(r["image_path"], r["failed_run_id"], r["error_type"]) for r in carried] == [("bad.jpg", m2["run_id"], "DecodeError.unidentified")]
     assert m3["incremental"]["carried"] == {"file": CARRIED_FILE, "by_error_type": {"DecodeError.unidentified": 1},
                                             "by_run": {m2["run_id"]: 1}}
     assert "already_failed  1" in printed and "known_bad       1 image(s) failed before" in printed
     assert str(out / "runs" / m3["run_id"] / CARRIED_FILE) in printed
+    page = (out / "runs" / m3["run_id"] / "report.html").read_text()  # the night's report, with its known-bad line
+    assert "1 image(s) failed before with the same bytes" in page and str(out / "runs" / m3["run_id"] / CARRIED_FILE) in page
     assert "devices         none: nothing new to score" in printed and "predictions " not in printed
 
     code, m4, _ = night(root, tiny_checkpoint, out, capsys, **{"run.retry_failed": "true"})

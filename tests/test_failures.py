@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from imgscore.flows.cli import execute, main
+from imgscore.tasks import storage
 from imgscore.tasks.config import PILLOW_MAX_PIXELS, build_config
 from imgscore.tasks.manifest import read_manifest
 from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
@@ -208,9 +209,10 @@ def messy_folder(tmp_path_factory, photos) -> Path:
     return build_messy_folder(tmp_path_factory.mktemp("messy") / "images", photos)
 
 
-def read_table(out: Path, table: str, run_id: str):
-    files = sorted((out / table).glob(f"run_date=*/{run_id}/part-*.parquet"))
-    return pads.dataset([str(f) for f in files], format="parquet").to_table().to_pylist()
+def read_table(out, table: str, run_id: str):
+    """A run's rows of ``table`` under ``out`` (a local folder or an object-store root)."""
+    fs, paths = storage.arrow_files(storage.glob(storage.join(out, table, "run_date=*", run_id, "part-*.parquet")))
+    return pads.dataset(paths, format="parquet", filesystem=fs).to_table().to_pylist()
 
 
 # ---------------------------------------------------------------- scan: names, junk, skipped
@@ -449,10 +451,12 @@ def test_expected_failures_lose_their_traceback_others_keep_it():
     ("fault", "reason"),
     [("hang", "DataLoader timed out after 1"), ("die", "exited unexpectedly")],
 )
-def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd, fault, reason):
+def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd, fault, reason,
+                                                     out_root):
     """A DataLoader that times out (a decode that hangs) or whose worker process dies (a decoder
     crash) fails its shard after run.shard_retries; the manifest says so with the reason, and the
-    other shards are scored."""
+    other shards are scored — into a local folder or a bucket (the failed shard's commit there
+    too: errors rows, an empty predictions part, its record)."""
     root = tmp_path / "images"
     root.mkdir()
     names = ["astronaut", "coffee", "chelsea", "rocket", "colorwheel", "immunohistochemistry"]
@@ -474,19 +478,19 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     t0 = time.perf_counter()
     with engine_records() as records:
         code = _cli(
-            root, probe_checkpoint, tmp_path / "out",
+            root, probe_checkpoint, out_root,
             **{"run.shard_size": 2, "inference.num_workers": 1, "inference.timeout_s": 1, "run.shard_retries": 1, "run.max_error_rate": 0.9, "run.run_id": "hang"},
         )
     elapsed = time.perf_counter() - t0
     assert code == 1
-    m = read_manifest(tmp_path / "out/runs/hang/manifest.json")
+    m = read_manifest(storage.path(out_root, "runs/hang/manifest.json"))
     states = [(s["shard_id"], s["state"], s["attempts"]) for s in m["shards"]]
     assert states == [(0, "complete", 1), (1, "failed", 2), (2, "complete", 1)]
     assert reason in m["shards"][1]["reason"]
     assert (m["counts"]["scanned"], m["counts"]["scored"], m["counts"]["failed"]) == (6, 4, 2)
-    errs = read_table(tmp_path / "out", "errors", "hang")
+    errs = read_table(out_root, "errors", "hang")
     assert sorted((r["image_path"], r["error_type"], r["attempt"]) for r in errs) == [("2_hang.jpg", "ShardFailed", 2), ("3_rocket.jpg", "ShardFailed", 2)]
-    preds = read_table(tmp_path / "out", "predictions", "hang")
+    preds = read_table(out_root, "predictions", "hang")
     assert sorted(r["image_path"] for r in preds) == ["0_astronaut.jpg", "1_coffee.jpg", "4_colorwheel.jpg", "5_immunohistochemistry.jpg"]
     err = capfd.readouterr().err
     assert "imgscore: run hang over its error budget: 1 shard(s) failed (error rate 33.33%)" in err
@@ -495,6 +499,46 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     assert len(retried) == 1 and reason in retried[0]
     print(f"shard-failure run: {elapsed:.1f} s")
 
+
+
+def read_back(out_root, table: str, run_date: str, run_id: str, shard_id: int) -> list[dict]:
+    """One part file of a local or object-store root, read through the storage layer."""
+    import pyarrow.parquet as pq
+
+    from imgscore.tasks.parquet_io import part_dir, part_name
+
+    with storage.open_input(storage.join(str(part_dir(out_root, table, run_date, run_id)), part_name(shard_id))) as f:
+        return pq.read_table(f).to_pylist()
+
+
+def test_a_shard_failed_after_its_retries_is_committed_on_either_root(out_root):
+    """What the flow does when a shard fails after its retries (``commit_failed_shard``), given
+    ``output.root`` as the config holds it (a string): an earlier attempt's embeddings part is
+    removed, one errors row per image (stage inference, ShardFailed, the reason), an empty
+    predictions part, and a ``failed`` commit record — on a bucket as on disk."""
+    from imgscore.tasks.parquet_io import part_dir, part_name
+    from imgscore.tasks.runstate import ShardRef, read_commit_record
+    from imgscore.tasks.scan import ImageEntry
+    from imgscore.tasks.score import commit_failed_shard
+
+    root = str(out_root)
+    run_dir = storage.join(root, "runs", "failed-shard")
+    ref = ShardRef(run_id="failed-shard", run_date="2026-01-02", run_dir=run_dir, input_root="/data/in", shard_id=3, start=6, stop=8,
+                   fingerprint="f" * 64)
+    entries = [ImageEntry("a/1.jpg", 0, "a", 10, 1), ImageEntry("b/2.jpg", 1, "b", 20, 2)]
+    stale = storage.join(str(part_dir(root, "embeddings", "2026-01-02", "failed-shard")), part_name(3))
+    storage.write_bytes(stale, b"an earlier attempt's vectors")
+    result = commit_failed_shard(ref, entries, root, {"arch": "resnet18", "model_id": "m" * 64}, "DataLoader timed out after 1 s", attempts=2)
+    assert (result.state, result.scored, result.failed, result.failed_images) == ("failed", 0, 2, ["a/1.jpg", "b/2.jpg"])
+    assert not storage.exists(stale)
+    errs = read_back(root, "errors", "2026-01-02", "failed-shard", 3)
+    assert [(r["image_path"], r["stage"], r["error_type"], r["attempt"], r["message"], r["shard_id"]) for r in errs] == [
+        ("a/1.jpg", "inference", "ShardFailed", 2, "DataLoader timed out after 1 s", 3),
+        ("b/2.jpg", "inference", "ShardFailed", 2, "DataLoader timed out after 1 s", 3),
+    ]
+    assert read_back(root, "predictions", "2026-01-02", "failed-shard", 3) == []
+    record = read_commit_record(run_dir, 3)
+    assert (record.state, record.failed, record.attempt, record.reason) == ("failed", 2, 2, "DataLoader timed out after 1 s")
 
 @pytest.mark.slow
 def test_verbose_shows_per_image_detail_quiet_does_not(prefect_server, photos, probe_checkpoint, tmp_path, capfd):
@@ -525,9 +569,10 @@ def test_latin1_class_folder_is_a_class_with_a_utf8_name(tmp_path, photos):
 
 
 @pytest.mark.slow
-def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch):
+def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, out_root):
     """The model loads in the flow's preflight but fails once inside the shard (a worker whose
-    disk hiccups): Prefect retries the shard and the rows say attempt 2."""
+    disk hiccups): Prefect retries the shard and the rows say attempt 2 — into a local folder or
+    a bucket."""
     import imgscore.tasks.score
     from imgscore.tasks.errors import ModelError
 
@@ -545,9 +590,9 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
         return real(*a, **k)
 
     monkeypatch.setattr(imgscore.tasks.score, "load_model", flaky)
-    code, summary = _run(root, probe_checkpoint, tmp_path / "out", **{"run.shard_size": 10, "run.max_error_rate": 0.5})
+    code, summary = _run(root, probe_checkpoint, out_root, **{"run.shard_size": 10, "run.max_error_rate": 0.5})
     assert code == 0 and len(calls) == 2
     m = read_manifest(summary["manifest"])
     assert [(s["state"], s["attempts"], s["scored"], s["failed"]) for s in m["shards"]] == [("partial", 2, 3, 1)]
-    errs = read_table(tmp_path / "out", "errors", summary["run_id"])
+    errs = read_table(out_root, "errors", summary["run_id"])
     assert [(r["image_path"], r["stage"], r["error_type"], r["attempt"]) for r in errs] == [("zero.jpg", "decode", "DecodeError.empty", 2)]

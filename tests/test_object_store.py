@@ -251,3 +251,19 @@ def test_no_secret_in_any_output(prefect_server, s3, s3_server, photos, tiny_che
 
     assert cli("run", *sets([*items[:-2], "storage.options.secret=plain-text-secret"])) == 2
     assert "looks like a credential" in capfd.readouterr().err
+
+
+def test_a_missing_bucket_is_refused_by_name_as_input_or_output_root(s3, s3_server, image_folder, tiny_checkpoint, tmp_path, capsys):
+    """``input.root`` or ``output.root`` in a bucket that does not exist: exit 2 before anything
+    runs, one line naming the bucket, the endpoint and the fix — not "holds no objects" (what a
+    listing of a missing bucket looks like), and no bucket made by the write check's PUT."""
+    items = [o for o in base_overrides(image_folder, tiny_checkpoint, tmp_path / "x") if not o.startswith(("input.root=", "output.root="))]
+    assert cli("run", "-q", *sets([*items, "input.root=s3://nosuch/images", f"output.root={s3.url('out')}"])) == 2
+    err = capsys.readouterr().err
+    assert f"bucket 'nosuch' does not exist at {s3_server.endpoint}; create it or fix input.root" in err, err
+    assert "holds no objects" not in err and "Traceback" not in err
+    assert cli("run", "-q", *sets([*items, f"input.root={image_folder}", "output.root=s3://nosuch/out"])) == 2
+    err = capsys.readouterr().err
+    assert f"bucket 'nosuch' does not exist at {s3_server.endpoint}; create it or fix output.root" in err, err
+    assert "nosuch" not in {b["Name"] for b in s3.client.list_buckets()["Buckets"]}
+    assert s3.keys() == []  # nothing written anywhere

@@ -26,6 +26,7 @@ from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.cli import execute
 from imgscore.flows.cli import main as cli_main
 from imgscore.tasks import report as rp
+from imgscore.tasks import storage
 from imgscore.tasks.config import build_config
 from imgscore.tasks.evaluate import accuracy_of_run, confusion
 from imgscore.tasks.parquet_io import (
@@ -56,8 +57,9 @@ ERROR_ROWS = [
 ]
 
 
-def write_fake_run(out: Path, images: Path | None = None, model_classes=CLASSES, run_id: str = RUN) -> Path:
-    """A finished run by hand: manifest.json plus one predictions and one errors part file."""
+def write_fake_run(out, images: Path | None = None, model_classes=CLASSES, run_id: str = RUN):
+    """A finished run by hand: manifest.json plus one predictions and one errors part file, under
+    ``out`` (a local folder or an object-store root); returns ``out``."""
     now = datetime(2026, 1, 1, tzinfo=UTC)
     preds = []
     for i, (cls, path, p, s) in enumerate(PRED_ROWS):
@@ -73,8 +75,8 @@ def write_fake_run(out: Path, images: Path | None = None, model_classes=CLASSES,
          "attempt": 1, "occurred_at": now, "worker": "host:101", "model_id": "f" * 64, "model_name": "resnet18"}
         for path, stage, et, msg in ERROR_ROWS
     ]
-    write_table_atomic(make_table(preds, PREDICTIONS_SCHEMA), part_dir(out, "predictions", "2026-01-01", run_id) / part_name(0))
-    write_table_atomic(make_table(errors, ERRORS_SCHEMA), part_dir(out, "errors", "2026-01-01", run_id) / part_name(0))
+    for table, rows, schema in (("predictions", preds, PREDICTIONS_SCHEMA), ("errors", errors, ERRORS_SCHEMA)):
+        write_table_atomic(make_table(rows, schema), storage.join(str(part_dir(out, table, "2026-01-01", run_id)), part_name(0)))
     shards = [
         {"shard_id": 0, "images": 3, "state": "complete", "scored": 3, "failed": 0, "device": "cpu", "worker": "host:100", "seconds": 1.0},
         {"shard_id": 1, "images": 6, "state": "partial", "scored": 3, "failed": 3, "device": "cuda:0", "worker": "host:101", "seconds": 2.0},
@@ -90,8 +92,7 @@ def write_fake_run(out: Path, images: Path | None = None, model_classes=CLASSES,
         "outputs": {"predictions": str(part_dir(out, "predictions", "2026-01-01", run_id))},
         "timings": {"wall_s": 3.0, "images_per_s": 2.0, "shard_seconds": 3.0, "scan_s": 0.1},
     }
-    (out / "runs" / run_id).mkdir(parents=True, exist_ok=True)
-    (out / "runs" / run_id / "manifest.json").write_text(json.dumps(manifest))
+    storage.write_bytes(storage.join(str(out), "runs", run_id, "manifest.json"), json.dumps(manifest).encode())
     return out
 
 
@@ -398,24 +399,30 @@ def test_report_piped_to_a_file_never_wraps_a_path(tmp_path, fake_images, capsys
     assert len(path) > 200 and any(path in line for line in text.splitlines())
 
 
-def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(tmp_path, fake_images, capsys):
+def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(out_root, fake_images, capsys, caplog):
     """A manifest left ``running`` with no live lock owner (kill -9, OOM, reboot) reads as
     ``abandoned`` with the rerun command; images carried by the failure ledger are counted with
-    the file that lists them, in every rendering."""
-    out = write_fake_run(tmp_path / "out", fake_images)
-    mpath = out / "runs" / RUN / "manifest.json"
-    m = json.loads(mpath.read_text())
+    the file that lists them, in every rendering — and the page is written, on a bucket as on disk."""
+    out = write_fake_run(str(out_root), fake_images)
+    mpath = storage.join(out, "runs", RUN, "manifest.json")
+    m = json.loads(storage.read_bytes(mpath))
     m["status"] = "running"
     m["counts"]["already_failed"] = 2
     m["incremental"] = {"skip_scored": True, "carried": {"file": "already_failed.parquet", "by_error_type": {"DecodeError.corrupt": 2},
                                                          "by_run": {"r0": 2}}}
-    mpath.write_text(json.dumps(m))
-    (out / "runs" / RUN / ".lock").write_text(json.dumps({"pid": 999_999_999, "host": "gone", "started_s": 0}))  # owner gone
+    storage.write_bytes(mpath, json.dumps(m).encode())
+    lock = json.dumps({"pid": 999_999_999, "host": "gone", "started_s": 0}).encode()  # owner gone
+    storage.write_bytes(storage.join(out, "runs", RUN, ".lock"), lock)
     r = rp.build_report(out, RUN)
     assert r["status"] == "abandoned" and r["rerun"] == f"imgscore rerun {RUN} --set output.root={out}"
-    assert r["known_bad"] == {"count": 2, "file": str(out / "runs" / RUN / "already_failed.parquet"),
-                              "by_error_type": {"DecodeError.corrupt": 2}, "by_run": {"r0": 2}}
+    known_bad_file = storage.join(out, "runs", RUN, "already_failed.parquet")
+    assert r["known_bad"] == {"count": 2, "file": known_bad_file, "by_error_type": {"DecodeError.corrupt": 2}, "by_run": {"r0": 2}}
     assert r["outputs"]["report"] is None  # never written
+    with caplog.at_level(logging.WARNING, logger="imgscore"):
+        written = publish_run_report(out, RUN)  # what the flow's last step does
+    assert written == storage.join(out, "runs", RUN, "report.html") and "not written" not in caplog.text
+    page = storage.read_bytes(written).decode()
+    assert "2 image(s) failed before with the same bytes" in page and known_bad_file in page and "st-abandoned" in page
     assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
     text = capsys.readouterr().out
     assert "abandoned" in text and r["rerun"] in text and re.search(r"already_failed\s+2", text)
@@ -462,6 +469,12 @@ def test_report_failure_is_logged_not_raised(fake_run, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         assert publish_run_report(fake_run, "no-such-run") is None
     assert "run report for no-such-run not written" in caplog.text
+    monkeypatch.setattr(rp, "build_report", lambda *a, **k: 1 / 0)  # a bug in the report, not a bad run
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imgscore"):
+        assert publish_run_report(fake_run, RUN) is None
+    (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.getMessage() == f"run report for {RUN} not written: ZeroDivisionError: division by zero" and line.exc_info is None
 
 
 def test_progress_artifact_outside_a_run_is_inert():

@@ -19,6 +19,7 @@ import pytest
 
 from imgscore.flows.cli import main as cli_main
 from imgscore.tasks import lock as run_lock
+from imgscore.tasks import storage
 from imgscore.tasks.errors import RunLockedError
 from tests.conftest import assert_same_answers, base_overrides, make_variants
 
@@ -39,24 +40,35 @@ def run_cli(*argv: str) -> int:
     return cli_main(list(argv))
 
 
-def only_run(out: Path) -> str:
-    runs = [p.name for p in (out / "runs").iterdir() if p.is_dir()]
+# Readers of an output root, local or on an object store (``out`` is a path or a URL).
+
+
+def only_run(out) -> str:
+    runs = storage.list_names(storage.path(out, "runs"))
     assert len(runs) == 1, runs
     return runs[0]
 
 
-def manifest(out: Path, run_id: str) -> dict:
-    return json.loads((out / "runs" / run_id / "manifest.json").read_text())
+def manifest(out, run_id: str) -> dict:
+    return json.loads(storage.read_bytes(storage.path(out, "runs", run_id, "manifest.json")))
 
 
-def predictions(out: Path, run_id: str):
-    d = next((out / "predictions").glob(f"run_date=*/{run_id}"))
-    return ds.dataset(d, format="parquet").to_table()
+def _table(out, table: str, run_id: str):
+    files = storage.glob(storage.join(out, table, "run_date=*", run_id, "*.parquet"))
+    if not files:
+        return None
+    fs, paths = storage.arrow_files(files)
+    return ds.dataset(paths, format="parquet", filesystem=fs).to_table()
 
 
-def errors(out: Path, run_id: str, table: str = "errors"):
-    d = next((out / table).glob(f"run_date=*/{run_id}"), None)
-    return None if d is None else ds.dataset(d, format="parquet").to_table()
+def predictions(out, run_id: str):
+    t = _table(out, "predictions", run_id)
+    assert t is not None, f"no predictions of {run_id} under {out}"
+    return t
+
+
+def errors(out, run_id: str, table: str = "errors"):
+    return _table(out, table, run_id)
 
 
 @pytest.mark.slow
@@ -122,11 +134,14 @@ def truncate_jpeg(path: Path, keep: float = 0.6) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, tmp_path, capsys):
+def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, tmp_path, capsys, out_root):
+    """A run with one truncated image, then ``imgscore rerun`` once it is fixed: that image alone
+    is rescored, its old error row kept in errors_history; a rerun killed after its commit is
+    adopted by the next. Into a local folder or a bucket."""
     root = flat_folder(tmp_path / "images", photos, 12, size=64)
     bad = root / "img_005.jpg"
     truncate_jpeg(bad)
-    out = tmp_path / "out"
+    out = out_root
     sets = base_overrides(root, tiny_checkpoint, out, **{"run.max_error_rate": 0.5})
     assert run_cli("run", *sum((["--set", s] for s in sets), []), "--quiet") == 0
     rid = only_run(out)
@@ -157,7 +172,8 @@ def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, 
     assert m["shards"][1]["state"] == "complete" and m["shards"][1]["attempts"] == 2
     assert m["reruns"][0]["shards"] == [{"shard_id": 1, "images": 1, "reason": "1 failed image(s)"}]
     # only the one shard's predictions file was rewritten
-    idx = pq.read_table(out / "runs" / rid / "index.parquet").to_pandas().set_index("image_path")
+    fs, where = storage.arrow_filesystem(storage.path(out, "runs", rid, "index.parquet"))
+    idx = pq.read_table(where, filesystem=fs).to_pandas().set_index("image_path")
     assert idx.loc["img_005.jpg", "size"] == bad.stat().st_size
 
     # as if that rerun had been killed after its commit, before the manifest update: the next
@@ -166,7 +182,7 @@ def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, 
     stale = json.loads(json.dumps(done))
     stale["shards"][1].update(state="partial", attempts=1, scored=4, failed=1, failed_images=["img_005.jpg"])
     stale["status"] = "running"
-    (out / "runs" / rid / "manifest.json").write_text(json.dumps(stale))
+    storage.path(out, "runs", rid, "manifest.json").write_text(json.dumps(stale))
     capsys.readouterr()
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
     said = capsys.readouterr().out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from imgscore.flows.cli import main as cli_main
+from imgscore.tasks import storage
 from imgscore.tasks.errors import OutputWriteError
 from imgscore.tasks.parquet_io import part_dir, write_bytes_atomic
 from tests.conftest import base_overrides, make_image_folder
@@ -61,13 +63,39 @@ def full_disk(folder: Path):
         yield folder
 
 
-def test_a_failed_write_names_the_file_and_errno_and_leaves_nothing_half_written(tmp_path):
-    with full_disk(tmp_path / "full") as full:
-        target = full / "manifest.json"
-        with pytest.raises(OutputWriteError, match=r"cannot write .*manifest\.json: \[Errno 28\] No space left on device") as err:
+# What a refused write says: the OS error of a full disk, the store's answer to a refused PUT.
+REFUSED = {"local": "[Errno 28] No space left on device", "s3": "PermissionError: Access Denied"}
+
+
+@contextlib.contextmanager
+def refusing_writes(root_kind: str, folder, request):
+    """``folder`` (a path under the test's output root) where every write fails for real: on
+    disk a full 64 KiB tmpfs mounted there; on the S3 server a real proxy in front of it that
+    answers every PUT under that prefix ``403 AccessDenied`` (a bucket policy, a quota), with
+    this process's ``AWS_ENDPOINT_URL`` pointing at the proxy until the block ends."""
+    if root_kind == "local":
+        with full_disk(folder):
+            yield folder
+        return
+    from tests.s3_server import FaultProxy
+
+    server, monkeypatch = request.getfixturevalue("s3_server"), request.getfixturevalue("monkeypatch")
+    with FaultProxy(server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        proxy.deny_put_prefixes.add("/" + str(folder).split("://", 1)[1].rstrip("/") + "/")
+        try:
+            yield folder
+        finally:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+
+
+def test_a_failed_write_names_the_file_and_errno_and_leaves_nothing_half_written(out_root, root_kind, request):
+    with refusing_writes(root_kind, storage.path(out_root, "full"), request) as full:
+        target = storage.path(full, "manifest.json")
+        with pytest.raises(OutputWriteError, match=rf"cannot write .*manifest\.json: {re.escape(REFUSED[root_kind])}") as err:
             write_bytes_atomic(b"{}" * 10000, target)
-        assert (err.value.path, err.value.errno) == (str(target), 28)
-        assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no temp file, no half a manifest
+        assert (err.value.path, err.value.errno) == (str(target), 28 if root_kind == "local" else None)
+        assert [n for n in storage.list_names(full) if n != "filler"] == []  # no temp file, no half a manifest
 
 
 def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_the_notification(tmp_path):
@@ -112,30 +140,32 @@ def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_
 
 
 @pytest.mark.slow
-def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(prefect_server, photos, tiny_checkpoint, tmp_path, capfd):
-    """Acceptance (issue 13, part 2): the run's predictions folder is a full disk. Exit 1 with
-    one line on stderr (the path, errno 28, the rerun command) and no traceback; the manifest
-    says ``crashed`` with that reason, no shard is marked done, no temp file is left,
-    report.html shows what was done. Once there is space, ``imgscore rerun`` completes the run."""
+def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(prefect_server, photos, tiny_checkpoint, tmp_path, capfd,
+                                                                           out_root, root_kind, request):
+    """Acceptance (issue 13, part 2): the run's predictions folder is a full disk (on a bucket:
+    a prefix whose PUTs are refused). Exit 1 with one line on stderr (the path, the error, the
+    rerun command) and no traceback; the manifest says ``crashed`` with that reason, no shard is
+    marked done, no temp file is left, report.html shows what was done. Once writes succeed
+    again, ``imgscore rerun`` completes the run."""
     root = make_image_folder(tmp_path / "images", photos)  # 12 images, 3 shards of 4
-    out = tmp_path / "out"
+    out = out_root
     folder = part_dir(out, "predictions", datetime.now(UTC).strftime("%Y-%m-%d"), "diskfull")
     sets = base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "diskfull", "run.shard_size": 4, "run.shard_retries": 0})
-    with full_disk(folder):
+    with refusing_writes(root_kind, folder, request):
         capfd.readouterr()
         code = cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"])
         err = capfd.readouterr().err
-        assert sorted(p.name for p in folder.iterdir()) == ["filler"]  # no temp file, no half a part file
+        assert [n for n in storage.list_names(folder) if n != "filler"] == []  # no temp file, no half a part file
     assert code == 1
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, err
-    assert f"cannot write {folder / 'part-00000.parquet'}: [Errno 28] No space left on device" in lines[0]
+    assert re.search(rf"cannot write {re.escape(str(folder))}/part-0000\d\.parquet: {re.escape(REFUSED[root_kind])}", lines[0]), lines[0]
     assert "nothing is half-written" in lines[0] and f"imgscore rerun diskfull --set output.root={out}" in lines[0]
     run_dir = out / "runs" / "diskfull"
     m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["status"] == "crashed" and "[Errno 28]" in m["reason"] and m["counts"]["scored"] == 0
+    assert m["status"] == "crashed" and REFUSED[root_kind] in m["reason"] and m["counts"]["scored"] == 0
     assert all(s["state"] != "complete" for s in m["shards"])
-    assert not [p for p in out.rglob(".*.tmp")]
+    assert not list(out.rglob(".*.tmp"))
     assert "crashed</span>" in (run_dir / "report.html").read_text()
 
     assert cli_main(["rerun", "diskfull", "--set", f"output.root={out}", "--quiet"]) == 0
@@ -146,7 +176,7 @@ def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(pre
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_rows_on_disk(
-        sig, code, prefect_server, photos, tiny_checkpoint, tmp_path):
+        sig, code, prefect_server, photos, tiny_checkpoint, tmp_path, out_root):
     """SIGTERM (systemd, a container stop, `kill`) or SIGINT (Ctrl-C) to the scorer alone: exit
     143 / 130, the manifest says ``interrupted`` with the signal, the last line names the rerun
     command — and scoring stops: no shard commits after the run's end is written, so the
@@ -159,7 +189,15 @@ def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_ro
     from tests.test_notify import Receiver
 
     root = make_image_folder(tmp_path / "images", photos, per_class=24)
-    out = tmp_path / "out"
+    out = out_root  # a local folder or a bucket (the scorer process finds the same AWS_* variables)
+
+    def commit_records() -> list[str]:
+        return storage.glob(storage.join(out, "runs/termed/shards/*.json"))
+
+    def rows_of(table: str) -> int:
+        fs, where = storage.arrow_filesystem(storage.path(out, table))
+        return ds.dataset(where, filesystem=fs, format="parquet", partitioning="hive").count_rows()
+
     with Receiver() as rx:
         sets = base_overrides(root, tiny_checkpoint, out, **{"run.shard_size": 2, "inference.batch_size": 1, "run.run_id": "termed",
                                                              "notify.webhook_url": rx.url})
@@ -167,7 +205,7 @@ def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_ro
         proc = subprocess.Popen([sys.executable, "-m", "imgscore.flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.time() + 180
-        while not list(out.glob("runs/termed/shards/*.json")) and time.time() < deadline and proc.poll() is None:
+        while not commit_records() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be terminated"
         proc.send_signal(sig)
@@ -177,12 +215,12 @@ def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_ro
     assert f"imgscore rerun termed --set output.root={out}" in stderr.strip().splitlines()[-1]
     m = json.loads((out / "runs" / "termed" / "manifest.json").read_text())
     assert m["status"] == "interrupted" and m["reason"].startswith("SIGTERM" if sig == signal.SIGTERM else "SIGINT")
-    rows = {t: ds.dataset(out / t, format="parquet", partitioning="hive").count_rows() for t in ("predictions", "errors")}
+    rows = {t: rows_of(t) for t in ("predictions", "errors")}
     assert (m["counts"]["scored"], m["counts"]["failed"]) == (rows["predictions"], rows["errors"])
     done = [s for s in m["shards"] if s["state"] in ("complete", "partial")]
-    assert len(list(out.glob("runs/termed/shards/*.json"))) == len(done) and m["counts"]["pending"] > 0
+    assert len(commit_records()) == len(done) and m["counts"]["pending"] > 0
     time.sleep(1)  # nothing of the run goes on after its process ended
-    assert ds.dataset(out / "predictions", format="parquet", partitioning="hive").count_rows() == rows["predictions"]
+    assert rows_of("predictions") == rows["predictions"]
     (post,) = rx.posts
     sent = post["body"]["counts"]
     assert post["body"]["status"] == "interrupted" and sent == {k: m["counts"][k] for k in sent} and sent["scored"] == rows["predictions"]

@@ -260,3 +260,28 @@ def test_two_writers_of_one_shard_commit_once(where, tmp_path, request):
     again = commit_shard(ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:3"),
                          replace=True)
     assert again.worker == read_commit_record(ref.run_dir, 0).worker == "host:3"
+
+
+def test_the_path_type_is_a_pathlib_path_locally_and_rides_on_the_configured_store_remotely(s3, tmp_path, monkeypatch):
+    """What ``storage.path`` promises (and the minor pin of universal-pathlib protects): a local
+    root gives a real ``pathlib.Path``; a remote one a UPath whose ``.fs`` is the very instance
+    ``storage.filesystem`` opened with the settings in force (so a ``Path`` method on it reaches
+    the same endpoint with the same retries), also after the settings or the endpoint change."""
+    from pathlib import Path
+
+    local = storage.path(tmp_path, "runs", "R1")
+    assert isinstance(local, Path) and local == tmp_path / "runs" / "R1" and storage.path(f"file://{tmp_path}", "x") == tmp_path / "x"
+    p = storage.path(s3.url("out"), "runs/R1", "manifest.json")
+    assert str(p) == s3.url("out/runs/R1/manifest.json") and str(p / "x") == str(p) + "/x"
+    assert p.fs is storage.filesystem(str(p))[0] and p.fs.retries == 1
+    p.write_bytes(b"{}")
+    assert storage.read_bytes(str(p)) == b"{}" and p.exists()
+    p.unlink(missing_ok=True)
+    assert not p.exists() and s3.keys("out/") == []
+    p.unlink(missing_ok=True)  # nothing there is fine, as on disk
+    storage.configure(storage.Settings.of(retries=1))
+    q = storage.path(s3.url("out"))
+    assert q.fs is storage.filesystem(str(q))[0] and q.fs is not p.fs
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # a client reads it when it is made
+    r = storage.path(s3.url("out"))
+    assert r.fs is storage.filesystem(str(r))[0] and r.fs is not q.fs
