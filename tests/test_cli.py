@@ -189,3 +189,14 @@ def test_a_temporary_server_that_cannot_start_is_one_line_with_its_reason(tmp_pa
     assert "temporary API server did not start" in lines[0] and "unable to open database file" in lines[0]
     assert "prefect server start" in lines[0] and "PREFECT_API_URL" in lines[0]
     assert not list((tmp_path / "out").glob("runs/*")), "nothing is planned without a Prefect API"
+
+
+def test_nan_weights_model_refused_before_scoring_not_blamed_on_each_image(tmp_path, image_folder, tiny_model):
+    out = tmp_path / "out"
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    sd["classifier.3.bias"].fill_(float("nan"))
+    ckpt = tmp_path / "diverged.pt"
+    torch.save(sd, ckpt)
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
+    _assert_refused(proc, r"model mobilenet_v3_small \(model.checkpoint '.*diverged.pt'\) has non-finite weights: 1 of its \d+ "
+                          r"weight tensors hold NaN or Inf \(e.g. classifier.3.bias: 3 NaN of 3\)", out)
