@@ -288,6 +288,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
     pairs = c.get("pairs") or c.get("scanned", 0)
     run_dir = run_dir_of(out_root, run_id)
     status = observed_status(m.get("status"), run_dir)
+    writer = live_writer(run_dir)  # a live run (or rerun): `imgscore rerun` would be refused, so it is not offered
     reason = m.get("reason")
     if status == ABANDONED:
         reason = "its process is gone (killed, out of memory, or the machine restarted) without recording an ending"
@@ -298,7 +299,8 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
         "run_date": m.get("run_date"),
         "status": status,
         "reason": reason,
-        "rerun": rerun_command(run_id, out_root) if status not in ("complete", "planned") else None,
+        "rerun": rerun_command(run_id, out_root) if status not in ("complete", "planned") and writer is None else None,
+        "writer": writer,
         "created_at": m.get("created_at"),
         "updated_at": m.get("updated_at"),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -330,6 +332,20 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
         "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
                     "report": str(report_file) if storage.is_file(report_file) else None},
     }
+
+
+def live_writer(run_dir: str | Path) -> str | None:
+    """The live process writing the run (its lock's owner: purpose, pid, host, since when), or
+    None when no live process holds the run's lock, or this process does (a run writing its own
+    report.html at its end)."""
+    import socket
+
+    from imgscore.tasks import lock as run_lock
+
+    rec = run_lock.read_lock(run_dir)
+    if rec is None or run_lock.is_stale(rec) or (rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname()):
+        return None
+    return run_lock.owner(rec)
 
 
 def rerun_command(run_id: str, out_root: str | Path) -> str:
@@ -692,8 +708,12 @@ def _table(headers: list[str] | None, rows: list[list], numeric: set[int] = froz
 
 def ending_lines(report: dict) -> list[str]:
     """Why a run did not complete and how to finish it: ``reason`` and the ``imgscore rerun``
-    command, for every status but ``complete`` (empty then)."""
+    command, for every status but ``complete`` (empty then); for a run a live process is still
+    writing (``writer``), that it is still running and by whom, and no rerun command."""
     lines = []
+    if report.get("writer"):  # nothing to finish yet: the run is being written now
+        lines.append(f"still running: {report['writer']}; this report shows the shards committed so far, "
+                     f"run `imgscore report {report['run_id']}` again once it ends")
     if report.get("reason"):
         lines.append(f"{report['status']}: {report['reason']}")
     if report.get("rerun") and report.get("status") in ("interrupted", "crashed", ABANDONED, "running", "failed", "partial"):

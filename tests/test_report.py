@@ -425,6 +425,41 @@ def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(tmp_path, fak
     assert "already failed" in rp.markdown_summary(r, None) and "Known bad" in rp.markdown_summary(r, None)
 
 
+def test_report_of_a_live_run_says_it_is_running_and_offers_no_rerun(tmp_path, fake_images, capsys):
+    """A run whose lock a live process holds: `imgscore rerun` would be refused (locked), so the
+    report names the writer (pid, host) instead of offering it — in every rendering."""
+    import socket
+    import sys
+    import time
+
+    from imgscore.tasks import lock as run_lock
+
+    out = write_fake_run(tmp_path / "out", fake_images)
+    mpath = out / "runs" / RUN / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["status"] = "running"
+    mpath.write_text(json.dumps(m))
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "runs" / RUN / ".lock").write_text(json.dumps(
+            {"pid": writer.pid, "host": socket.gethostname(), "started_s": run_lock._start_time(writer.pid), "purpose": "imgscore run",
+             "acquired_at": "2026-03-01T02:00:00+00:00", "acquired_s": time.time()}))
+        r = rp.build_report(out, RUN)
+        assert r["status"] == "running" and r["rerun"] is None
+        assert r["writer"] == f"imgscore run (pid {writer.pid} on {socket.gethostname()}, since 2026-03-01T02:00:00+00:00)"
+        assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
+        text = capsys.readouterr().out
+        assert f"still running: imgscore run (pid {writer.pid} on {socket.gethostname()}" in text
+        assert "imgscore rerun" not in text and "finish it with" not in text
+        page = rp.render_html(r)
+        assert f"still running: imgscore run (pid {writer.pid}" in page and "imgscore rerun" not in page
+    finally:
+        writer.kill()
+        writer.wait()
+    r = rp.build_report(out, RUN)  # its writer gone without an ending: abandoned, and now the rerun finishes it
+    assert r["status"] == "abandoned" and r["writer"] is None and r["rerun"] == f"imgscore rerun {RUN} --set output.root={out}"
+
+
 def test_cli_report_unknown_run_exits_2(fake_run, capsys):
     assert cli_main(["report", "nope", "--set", f"output.root={fake_run}"]) == 2
     assert "run 'nope' not found" in capsys.readouterr().err
