@@ -22,6 +22,7 @@ def print_report(report: dict, console) -> None:
     from rich.table import Table
 
     from imgscore.tasks.report import (
+        classes_left_out_line,
         ending_lines,
         known_bad_line,
         normalization_note,
@@ -83,6 +84,8 @@ def print_report(report: dict, console) -> None:
             cells += [str(p["support"]), "-" if p["recall"] is None else f"{p['recall']:.3f}"] if p else ["-", "-"]
         ct.add_row(*cells)
     console.print(ct)
+    if classes_left_out_line(r):
+        console.print(classes_left_out_line(r), highlight=False, markup=False)
 
     s = r["scores"]
     st = Table(title="top-1 score (probability)", title_justify="left", box=None, pad_edge=False)
