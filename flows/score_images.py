@@ -25,7 +25,7 @@ from imgscore.flows import notify, progress
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.ending import recorded_ending, shards_stop_on_signal, stopped
 from imgscore.flows.runner import ConfiguredTaskRunner
-from imgscore.flows.startup import quiet_unless_verbose
+from imgscore.flows.startup import IN_SUMMARY, quiet_unless_verbose
 from imgscore.tasks import drift, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
@@ -308,8 +308,8 @@ def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
             return {}
         name = model.get("name") or model.get("arch")
         warnings = [f"{name}: {w}" for w in d["warnings"]] if len(models) > 1 else d["warnings"]
-        for w in warnings:
-            get_run_logger().warning("drift: %s", w)
+        for w in warnings:  # the CLI's summary prints them: on the terminal only with --verbose
+            get_run_logger().warning("drift: %s", w, extra=IN_SUMMARY)
         one = {"baseline_runs": d["baseline"]["runs"], "psi": (d.get("classes") or {}).get("psi"), "warnings": warnings}
         if not out:
             out = dict(one)
