@@ -44,6 +44,7 @@ def print_report(report: dict, console) -> None:
         ("error_rate", f"{r['error_rate']:.4%}"),
         ("wall_s", t.get("wall_s")),
         ("images_per_s", t.get("images_per_s")),
+        *((("pairs_per_s", t.get("pairs_per_s")),) if r.get("models") and t.get("pairs_per_s") is not None else ()),
         ("devices", ", ".join(r["devices"]) or "-"),
         ("workers", f"{len(r['workers'])} ({', '.join(r['workers'][:4])}{' …' if len(r['workers']) > 4 else ''})"),
         ("shards", ", ".join(f"{k} {v}" for k, v in r["shards"].items())),

@@ -335,6 +335,7 @@ def build_report(out_root: str | Path, run_id: str, lowest_n: int = LOWEST_N, mo
         "timing": {
             "wall_s": wall,
             "images_per_s": timings.get("images_per_s"),
+            "pairs_per_s": timings.get("pairs_per_s"),  # (image, model) pairs; None in older manifests
             "shard_seconds": timings.get("shard_seconds"),
             "scan_s": timings.get("scan_s"),
         },

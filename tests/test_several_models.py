@@ -183,6 +183,9 @@ def test_the_summary_keeps_images_and_pairs_apart_and_ends_with_the_rerun_line(r
     assert printed["rerun"] == f"imgscore rerun both --set output.root={runs['out']}" == summary["rerun"]
     m = load_manifest(runs["out"] / "runs" / "both")
     assert m.timings["pairs_per_s"] == pairs_rate and m.timings["images_per_s"] == images_rate
+    from imgscore.tasks.report import build_report
+
+    assert build_report(runs["out"], "both")["timing"]["pairs_per_s"] == pairs_rate
     _, alone = runs["alone"][0]  # one model: the summary as before, no pairs line
     assert alone["images_per_s"] == alone["pairs_per_s"]
 
