@@ -183,9 +183,19 @@ def check_paths(cfg: Config) -> None:
 
 def _print_summary(summary: dict, console) -> None:
     """One ``key  value`` line each; never wrapped, so paths stay copyable in logs and cron mail.
-    A night with nothing new says so instead of listing devices and folders it never used."""
-    keys = ("run_id", "status", "scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "warnings", "images_per_s", "wall_s")
-    rows = [(k, summary[k]) for k in keys if k in summary]
+    A night with nothing new says so instead of listing devices and folders it never used. With
+    several models ``scanned`` is images, ``scored``/``failed`` are (image, model) pairs, and a
+    ``pairs`` line and ``pairs_per_s`` say so. A run that did not end ``complete`` ends with the
+    ``rerun`` line: the command that finishes it."""
+    several = len(summary.get("models") or []) > 1
+    keys = ("run_id", "status", "scanned", "pairs", "scored", "failed", "skipped", "already_scored", "already_failed", "warnings",
+            "images_per_s", "pairs_per_s", "wall_s")
+    pair_keys = ("scored", "failed") if several else ()
+    rows = [(k, f"{summary[k]} (image, model) pairs" if k in pair_keys else summary[k]) for k in keys
+            if k in summary and (several or k not in ("pairs", "pairs_per_s"))]
+    if several:  # scanned counts images; the pairs line says how they became pairs
+        at = next(i for i, (k, _) in enumerate(rows) if k == "pairs")
+        rows[at] = ("pairs", f"{summary['pairs']} (image, model) pairs; models: {', '.join(summary['models'])}")
     if summary.get("known_bad"):
         rows.append(("known_bad", f"{summary['already_failed']} image(s) failed before with the same bytes, not retried "
                                   f"(run.retry_failed=true retries them): {summary['known_bad']}"))
@@ -194,6 +204,8 @@ def _print_summary(summary: dict, console) -> None:
              ("workers", len(summary.get("workers", [])))]
     rows += [(k, summary[k]) for k in ("predictions", "errors", "manifest", "report") if summary.get(k)]
     rows += [("drift", f"warning: {w}") for w in summary.get("drift") or []]  # against recent nights (imgscore.tasks.drift)
+    if summary.get("rerun"):  # every status but complete: the command that finishes the run
+        rows.append(("rerun", summary["rerun"]))
     for k, v in rows:
         console.print(f"{k:<15} {v}", soft_wrap=True, highlight=False, markup=False)
 
@@ -210,8 +222,7 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
     console = _console(console)
     if cfg.run.run_id is None:
         cfg.run.run_id = new_run_id()
-    names = ", ".join(m.resolved_name for m in cfg.scored_models())
-    console.print(f"[bold]run {cfg.run.run_id}[/]: scoring {cfg.input.root} with {names} ({cfg.runner.type} runner) …", soft_wrap=True)
+    console.print(banner(cfg), soft_wrap=True)
     if cfg.input.root is not None and output_within_input(cfg.input.root, cfg.output.root):
         console.print(f"output.root {cfg.output.root} is inside input.root: it is left out of the scan", soft_wrap=True, highlight=False, markup=False)
     try:
@@ -220,6 +231,20 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
     except (KeyboardInterrupt, Terminated) as exc:
         return interrupted(cfg.run.run_id, cfg.output.root, exc), {}
     return flow_outcome(state, console, f"run {cfg.run.run_id}")
+
+
+def display_path(root) -> str:
+    """``root`` as the terminal shows it: a local path absolute and normalised
+    (``/data/imgscore/../scratch/big`` → ``/data/scratch/big``), a URL unchanged."""
+    return str(root) if storage.is_remote(root) else os.path.abspath(root)
+
+
+def banner(cfg: Config) -> str:
+    """The run's first line (rich markup): run id, the folder (:func:`display_path`), models, runner."""
+    from rich.markup import escape
+
+    names = ", ".join(m.resolved_name for m in cfg.scored_models())
+    return f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(display_path(cfg.input.root))} with {escape(names)} ({cfg.runner.type} runner) …"
 
 
 class Terminated(Exception):

@@ -85,6 +85,11 @@ PREFECT_FLOW_EXCEPTION_MESSAGE = "Flow run encountered an exception:"
 #: distributed's nanny, when a worker process outlives its close (``distributed/nanny.py``).
 NANNY_KILL_MESSAGE = "still alive after"
 
+#: distributed's worker when one heartbeat to the scheduler times out (``Worker.heartbeat`` in
+#: ``distributed/worker.py``, logged with ``logger.exception``: ERROR and a traceback). The next
+#: heartbeat normally gets through; on a busy machine the run still ends well.
+HEARTBEAT_FAILED_MESSAGE = "Failed to communicate with scheduler during heartbeat"
+
 
 # ---------------------------------------------------------------------------- interpreter exit
 

@@ -15,18 +15,8 @@ from typing import Any
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
-from imgscore.flows.compat import NANNY_KILL_MESSAGE, drain_prefect_services
-from imgscore.flows.dask_warm import WarmWorkers
-
-
-class _NannyKillToDebug(logging.Filter):
-    """Turns the nanny's "Worker process still alive after N seconds, killing" into DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and NANNY_KILL_MESSAGE in record.getMessage():
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
+from imgscore.flows.compat import drain_prefect_services
+from imgscore.flows.dask_warm import NannyKillToDebug, WarmWorkers, local_cluster_config
 
 
 class ScoringDaskTaskRunner(DaskTaskRunner):
@@ -41,7 +31,8 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
     - Worker processes are daemonic, so ``DataLoader(num_workers>0)`` inside them failed
       ("daemonic processes are not allowed to have children"). A ``LocalCluster`` started
       here runs non-daemonic workers (``distributed.worker.daemon=False`` for the runner's
-      lifetime, so a restarted worker is non-daemonic too). Workers of a cluster we do not
+      lifetime, so a restarted worker is non-daemonic too), with the longer comm timeouts and
+      the quiet heartbeat of ``imgscore.flows.dask_warm.local_cluster_config``. Workers of a cluster we do not
       control fall back to decoding in-process (``imgscore.tasks.device.loader_workers``).
     """
 
@@ -79,7 +70,7 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
         if self.owns_cluster:
             import dask
 
-            self._scoring_stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+            self._scoring_stack.enter_context(dask.config.set(local_cluster_config()))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -93,7 +84,7 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
         if self._used and self.owns_cluster:
             try:
                 self.client.run(drain_prefect_services)
-                quiet = _NannyKillToDebug()
+                quiet = NannyKillToDebug()
                 logging.getLogger("distributed.nanny").addFilter(quiet)
             except Exception as err:  # shutting down anyway; the nanny's kill is the fallback
                 self.logger.debug("could not drain Prefect services on the workers: %s", err)

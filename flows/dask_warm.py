@@ -121,7 +121,7 @@ class EarlyCluster:
             kwargs = dict(self._kwargs)
             if url:
                 kwargs["env"] = {**kwargs.get("env", {}), "PREFECT_API_URL": url}
-            with dask.config.set({"distributed.worker.daemon": False}):
+            with dask.config.set(local_cluster_config()):
                 self._cluster = LocalCluster(**kwargs)
             self._client = Client(self._cluster, set_as_default=False)  # never found by distributed.get_client()
             self._client.register_plugin(WarmWorkers(self._config_json, int(kwargs.get("n_workers") or 1)))
@@ -151,9 +151,74 @@ class EarlyCluster:
             with contextlib.suppress(Exception):
                 self._client.close()
         if self._cluster is not None:
-            with contextlib.suppress(Exception):
-                self._cluster.close()
+            quiet = NannyKillToDebug()  # the workers' Prefect logs and events are sent: a slow exit loses nothing
+            logging.getLogger("distributed.nanny").addFilter(quiet)
+            try:
+                with contextlib.suppress(Exception):
+                    self._cluster.close()
+            finally:
+                logging.getLogger("distributed.nanny").removeFilter(quiet)
         self._client = self._cluster = None
+
+
+#: Comm timeouts for a cluster imgscore starts on this machine (distributed's default is 30 s).
+#: Every process of it shares this machine's cores with the scoring: under a load of 4-10 on 2
+#: cores one heartbeat of a worker timed out and printed a traceback, in a run that ended well.
+LOCAL_COMM_TIMEOUT = "120s"
+
+
+def local_cluster_config() -> dict:
+    """Dask config for a ``LocalCluster`` imgscore starts (the Nanny hands it to every worker
+    process, restarted ones too): non-daemonic workers (their DataLoader may fork), longer comm
+    timeouts (:data:`LOCAL_COMM_TIMEOUT`), and this module as a worker preload, whose
+    :func:`dask_setup` keeps a failed heartbeat off the terminal."""
+    import dask
+
+    preload = [p for p in dask.config.get("distributed.worker.preload", []) or [] if p != __name__]
+    return {"distributed.worker.daemon": False, "distributed.comm.timeouts.connect": LOCAL_COMM_TIMEOUT,
+            "distributed.comm.timeouts.tcp": LOCAL_COMM_TIMEOUT, "distributed.worker.preload": [*preload, __name__]}
+
+
+class UnderLoadToDebug(logging.Filter):
+    """Turns distributed's worker "Failed to communicate with scheduler during heartbeat" (ERROR
+    with a traceback, :data:`imgscore.flows.compat.HEARTBEAT_FAILED_MESSAGE`) into a DEBUG line
+    without the traceback: a late heartbeat on a busy machine, which the next one makes good;
+    a worker that is really lost fails its shard, and the run says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from imgscore.flows.compat import HEARTBEAT_FAILED_MESSAGE
+
+        if record.levelno > logging.DEBUG and record.getMessage().startswith(HEARTBEAT_FAILED_MESSAGE):
+            cause = record.exc_info[1] if record.exc_info else None
+            record.msg, record.args = f"{HEARTBEAT_FAILED_MESSAGE} ({type(cause).__name__ if cause else 'no cause'}); the next one retries", None
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+class NannyKillToDebug(logging.Filter):
+    """Turns the nanny's "Worker process still alive after N seconds, killing" into DEBUG: at the
+    end of a run, once the workers' Prefect logs and events are sent, a worker slow to exit
+    (interpreter teardown on a busy machine) loses nothing when it is killed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from imgscore.flows.compat import NANNY_KILL_MESSAGE
+
+        if record.levelno == logging.WARNING and NANNY_KILL_MESSAGE in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def dask_setup(worker) -> None:
+    """Worker preload (:func:`local_cluster_config`): install :class:`UnderLoadToDebug` on the
+    worker's logger, unless ``--verbose`` (``IMGSCORE_VERBOSE=1``, inherited from the command)."""
+    if os.environ.get("IMGSCORE_VERBOSE") == "1":
+        return
+    lg = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, UnderLoadToDebug) for f in lg.filters):
+        lg.addFilter(UnderLoadToDebug())
 
 
 def local_cluster_kwargs(runner_cfg) -> dict:

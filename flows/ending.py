@@ -31,6 +31,7 @@ from prefect.states import Cancelled, State
 
 from imgscore.flows import notify
 from imgscore.flows.artifacts import publish_run_report
+from imgscore.flows.startup import SHARD_STOPPED_MESSAGE
 from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.tasks.manifest import adopt_committed
 from imgscore.tasks.plan import RunPlan
@@ -133,7 +134,7 @@ def shards_stop_on_signal(run_dir: str | Path, futures: Iterable) -> Iterator[No
 
 def stopped(run_dir: str | Path) -> State | None:
     """For a shard task run: a ``Cancelled`` state when the run is stopping, else None."""
-    return Cancelled(message="the run is stopping (SIGINT/SIGTERM); not scored") if stop_requested(run_dir) else None
+    return Cancelled(message=SHARD_STOPPED_MESSAGE) if stop_requested(run_dir) else None
 
 
 @contextlib.contextmanager

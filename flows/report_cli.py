@@ -22,6 +22,7 @@ def print_report(report: dict, console) -> None:
     from rich.table import Table
 
     from imgscore.tasks.report import (
+        classes_left_out_line,
         ending_lines,
         known_bad_line,
         normalization_note,
@@ -43,6 +44,7 @@ def print_report(report: dict, console) -> None:
         ("error_rate", f"{r['error_rate']:.4%}"),
         ("wall_s", t.get("wall_s")),
         ("images_per_s", t.get("images_per_s")),
+        *((("pairs_per_s", t.get("pairs_per_s")),) if r.get("models") and t.get("pairs_per_s") is not None else ()),
         ("devices", ", ".join(r["devices"]) or "-"),
         ("workers", f"{len(r['workers'])} ({', '.join(r['workers'][:4])}{' …' if len(r['workers']) > 4 else ''})"),
         ("shards", ", ".join(f"{k} {v}" for k, v in r["shards"].items())),
@@ -83,6 +85,8 @@ def print_report(report: dict, console) -> None:
             cells += [str(p["support"]), "-" if p["recall"] is None else f"{p['recall']:.3f}"] if p else ["-", "-"]
         ct.add_row(*cells)
     console.print(ct)
+    if classes_left_out_line(r):
+        console.print(classes_left_out_line(r), highlight=False, markup=False)
 
     s = r["scores"]
     st = Table(title="top-1 score (probability)", title_justify="left", box=None, pad_edge=False)

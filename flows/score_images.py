@@ -24,7 +24,7 @@ from imgscore.flows import notify, progress
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.ending import recorded_ending, shards_stop_on_signal, stopped
 from imgscore.flows.runner import ConfiguredTaskRunner
-from imgscore.flows.startup import quiet_unless_verbose
+from imgscore.flows.startup import IN_SUMMARY, quiet_unless_verbose
 from imgscore.tasks import drift, storage
 from imgscore.tasks import lock as run_lock
 from imgscore.tasks import manifest as mf
@@ -50,6 +50,7 @@ from imgscore.tasks.plan import (
     run_dir_of,
 )
 from imgscore.tasks.preprocess import DecodeOptions
+from imgscore.tasks.report import rerun_command
 from imgscore.tasks.runstate import ShardRef, ShardResult, now_iso
 from imgscore.tasks.scan import first_entries
 from imgscore.tasks.score import commit_failed_shard, read_shard_entries, score_shard
@@ -220,8 +221,11 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     (``imgscore.tasks.drift``); its warnings go into the summary (``drift``), the artifacts and
     the log, and fail the run only with ``drift.fail``.
 
-    ``scored_now``: images this flow run scored (a rerun's), for ``images_per_s``; default
-    every scored image of the run.
+    ``scored_now``: (image, model) pairs this flow run scored (a rerun's), for the rates; default
+    every scored pair of the run. ``scanned`` counts images; ``pairs``, ``scored`` and ``failed``
+    count (image, model) pairs (the same numbers with one model). ``pairs_per_s`` is scored pairs
+    per wall-clock second; ``images_per_s`` is that in images (pairs × images / pairs: with two
+    models on every image, half of it).
 
     Raises:
         ErrorBudgetExceeded: over the budget (:func:`over_budget`) or a shard failed; everything
@@ -244,8 +248,11 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     used = sorted({(s.backend, s.precision) for s in m.shards if s.backend})
     m.inference["used"] = [{"backend": b, "precision": p} for b, p in used]  # per worker (auto resolves per machine)
     scored = c.scored if scored_now is None else scored_now
+    per_image = m.total_images / pairs if pairs else 1.0  # several models: a pair is 1/n of an image's work
     m.timings.update(
-        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3), "images_per_s": round(scored / wall_s, 2) if wall_s else None,
+        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3),
+         "images_per_s": round(scored * per_image / wall_s, 2) if wall_s else None,
+         "pairs_per_s": round(scored / wall_s, 2) if wall_s else None,
          "ended_at": now_iso()}
     )
     plan.state.save()
@@ -261,6 +268,7 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
         "failed_shards": failed_shards,
         "warnings": sum(sum(s.warnings.values()) for s in m.shards),  # Pillow warnings, counted per shard
         "images_per_s": m.timings["images_per_s"],
+        "pairs_per_s": m.timings["pairs_per_s"],
         "wall_s": round(wall_s, 2),
         "devices": devices,
         "workers": workers,
@@ -269,6 +277,8 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
         # a night with nothing new writes no part files (on a bucket: no object under the prefix)
         **{k: v for k, v in m.outputs.items() if storage.path(v).is_dir()},
     }
+    if m.status != "complete":  # every other status comes with the command that finishes the run
+        summary["rerun"] = rerun_command(plan.run_id, out_root)
     if c.already_failed:
         summary["known_bad"] = str(storage.path(plan.run_dir, CARRIED_FILE))
     # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
@@ -299,8 +309,8 @@ def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
             return {}
         name = model.get("name") or model.get("arch")
         warnings = [f"{name}: {w}" for w in d["warnings"]] if len(models) > 1 else d["warnings"]
-        for w in warnings:
-            get_run_logger().warning("drift: %s", w)
+        for w in warnings:  # the CLI's summary prints them: on the terminal only with --verbose
+            get_run_logger().warning("drift: %s", w, extra=IN_SUMMARY)
         one = {"baseline_runs": d["baseline"]["runs"], "psi": (d.get("classes") or {}).get("psi"), "warnings": warnings}
         if not out:
             out = dict(one)

@@ -61,6 +61,15 @@ def startup_timeout() -> float:
         return STARTUP_TIMEOUT_S
 
 
+#: The state message of a shard task run that a SIGINT/SIGTERM stopped (``imgscore.flows.ending.stopped``):
+#: Prefect logs its "Finished in state Cancelled(…)" at ERROR; the CLI's own line says the run was interrupted.
+SHARD_STOPPED_MESSAGE = "the run is stopping (SIGINT/SIGTERM); not scored"
+
+#: ``extra=`` for a flow-run log record that the CLI's summary repeats (a drift warning): it goes
+#: to the Prefect API, not to the terminal, unless ``--verbose``.
+IN_SUMMARY = {"imgscore_in_summary": True}
+
+
 class ExpectedFailureFilter(logging.Filter):
     """Prefect's engines log the exception that ends a flow or task run at ERROR with its traceback.
     For the failures imgscore expects and reports itself — an ``ImgscoreError`` (error budget, bad
@@ -70,11 +79,16 @@ class ExpectedFailureFilter(logging.Filter):
     (matched by their text, :data:`imgscore.flows.compat.PREFECT_INTERRUPT_MESSAGES`), and a task
     run's "Finished in state Failed('Task run encountered an exception OutputWriteError: …')" for
     those same expected errors (:func:`_expected_task_failure`): a full disk is then one line, not
-    one per shard. Anything else keeps its traceback. Not installed with ``--verbose``."""
+    one per shard. So do a shard's "Finished in state Cancelled('…')" after Ctrl-C or SIGTERM
+    (:data:`SHARD_STOPPED_MESSAGE`) and warnings the CLI's summary repeats (logged with
+    :data:`IN_SUMMARY`, e.g. drift). Anything else keeps its traceback. Not installed with ``--verbose``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and (any(m in record.getMessage() for m in PREFECT_INTERRUPT_MESSAGES)
+        if record.levelno >= logging.ERROR and (any(m in record.getMessage() for m in (*PREFECT_INTERRUPT_MESSAGES, SHARD_STOPPED_MESSAGE))
                                                 or _expected_task_failure(record.getMessage())):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return True
+        if record.levelno >= logging.WARNING and getattr(record, "imgscore_in_summary", False):
             record.levelno, record.levelname = logging.INFO, "INFO"
             return True
         exc = record.exc_info[1] if record.exc_info else None

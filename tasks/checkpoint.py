@@ -145,7 +145,9 @@ def jit_load(path: str | Path) -> torch.jit.ScriptModule:
 def _torch_load(path: Path, trust: bool):
     """``torch.load`` with weights_only=True and the allow-list; full unpickling only if trusted."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        # quantized tensors are rebuilt through TypedStorage, whose deprecation warning users cannot act on
+        with torch.serialization.safe_globals(_safe_globals()), warnings_lock(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         try:
@@ -184,6 +186,44 @@ def _torch_load(path: Path, trust: bool):
             f"model.checkpoint {str(path)!r} is not a readable PyTorch file: {type(exc).__name__}: {exc}. "
             "Point model.checkpoint at a file written by torch.save, torch.jit.save or safetensors.torch.save_file"
         ) from None
+
+
+# ------------------------------------------------------------------------------------ quantized state dicts
+
+
+def quantized_keys(sd: Mapping) -> list[str]:
+    """Keys of ``sd`` that only a quantized module holds: ``torch.ao.quantization``'s packed
+    Linear/Conv params (``quantize_dynamic``: ``fc._packed_params._packed_params``, a tuple of a
+    qint8 weight and a float bias, and ``fc._packed_params.dtype``) and quantized tensors
+    (static quantization: ``weight`` as ``torch.qint8`` with ``scale``/``zero_point``)."""
+    return [str(k) for k, v in sd.items()
+            if "_packed_params" in str(k) or (isinstance(v, torch.Tensor) and v.is_quantized)]
+
+
+def refuse_quantized(path: Path, fmt: str, obj: Mapping) -> None:
+    """Refuse a quantized state_dict (the file itself, or under one of :data:`STATE_DICT_KEYS`):
+    its packed int8 params fit no float module, and ``torch.save(model.state_dict())`` is exactly
+    how it was made, so that advice would not help.
+
+    Raises:
+        ModelError: naming the file, what it is (the quantized layers) and the fix.
+    """
+    for where, sd in ((None, obj), *((k, obj[k]) for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping))):
+        keys = quantized_keys(sd)
+        if not keys:
+            continue
+        layers = sorted({k.split("._packed_params", 1)[0] if "._packed_params" in k else k.rsplit(".", 1)[0] for k in keys})
+        packed = any("_packed_params" in k for k in keys)
+        kind = ("packed int8 Linear params, as torch.ao.quantization.quantize_dynamic writes them" if packed
+                else "quantized int8 tensors, as torch.ao.quantization.convert writes them")
+        inside = f" under {where!r}" if where else ""
+        raise ModelError(
+            f"model.checkpoint {str(path)!r} (a {fmt}) is a quantized state_dict{inside} ({kind}: {len(layers)} quantized "
+            f"layer(s), e.g. {_names(layers, 4)}); imgscore scores float models: save the float model's state_dict before "
+            "quantizing (torch.save(model.state_dict(), path) on the model you passed to quantize_dynamic) and point "
+            "model.checkpoint at it (with model.arch), or, to score the quantized model itself, save it as TorchScript "
+            "(torch.jit.script(qmodel).save(path)), which carries its own module"
+        )
 
 
 # ------------------------------------------------------------------------------------ class names
@@ -288,6 +328,8 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     fmt = "PyTorch zip archive" if zipfile.is_zipfile(path) else "legacy PyTorch pickle"
     if isinstance(obj, nn.Module):  # only reachable when trusted
         return Checkpoint(path, fmt, "pickled_module", module=obj)
+    if isinstance(obj, Mapping):
+        refuse_quantized(path, fmt, obj)
     if not isinstance(obj, Mapping):
         raise ModelError(
             f"model.checkpoint {str(path)!r} (a {fmt}) holds a {type(obj).__name__}, not weights. "

@@ -148,7 +148,9 @@ def accuracy_of_run(out_root: str | Path, run_id: str) -> dict:
 def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list[str]) -> dict:
     """Confusion matrix of the labelled rows of ``t`` (label, label_name, pred_index, pred_label).
 
-    Rows are the folder classes (in label order); columns start with the model class each folder
+    Rows are the folder classes that hold labelled rows (in label order; ``empty_classes`` counts
+    the folder classes left out for having none, so 10,000 empty class folders cost nothing);
+    columns start with the model class each folder
     class should be predicted as (so the diagonal is "correct"), followed by the other predicted
     classes in model-index order, at most :data:`MAX_EXTRA_COLUMNS` of them; the rest are summed
     into a last ``(other)`` column. When labels cannot be paired with model classes
@@ -157,7 +159,7 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
 
     Returns:
         ``{rows: [names], columns: [names], matrix: [[int]], matched_by, reason, normalized,
-        correct, labelled, accuracy, per_class: [{name, support, correct, recall}]}``, or None when no row
+        correct, labelled, accuracy, per_class: [{name, support, correct, recall}], empty_classes}``, or None when no row
         is labelled. ``accuracy`` is a fraction in [0, 1] and ``reason`` None when matched by
         name or index; with ``matched_by == "none"``, ``accuracy``, ``correct`` and every
         ``per_class`` ``correct``/``recall`` are None and ``reason`` says why
@@ -187,7 +189,11 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
             return model_index[nfc(rows[i])]
         return i if i < n_model else None
 
-    diag = [diag_col(i) for i in range(len(rows))] if paired else []
+    present = sorted(set(labels))  # folder classes with images in this run; empty class folders get no row
+    empty = len(rows) - len(present)
+    row_of = {lab: k for k, lab in enumerate(present)}
+    diag = [diag_col(i) for i in present] if paired else []
+    rows = [rows[i] for i in present]
     in_diag = {c for c in diag if c is not None}
     extra_counts: dict[int, int] = {}
     for p in pred_idx:
@@ -208,7 +214,7 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
         columns.append("(other)")
     matrix = [[0] * len(columns) for _ in rows]
     for lab, p in zip(labels, pred_idx, strict=True):
-        matrix[lab][col_of.get(p, other)] += 1
+        matrix[row_of[lab]][col_of.get(p, other)] += 1
     per_class = []
     for i, name in enumerate(rows):
         support = sum(matrix[i])
@@ -230,4 +236,5 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
         "labelled": n,
         "accuracy": correct / n if paired else None,
         "per_class": per_class,
+        "empty_classes": empty,
     }

@@ -27,6 +27,7 @@ import importlib
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 from collections import OrderedDict
@@ -427,6 +428,35 @@ def _weights_file(arch: str, name: str):
     return weights, folder / fname
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_file(path: Path) -> str:
+    """Why ``path`` (not a regular file) cannot be a checkpoint, and the fix: a clause that
+    follows the quoted path. Looks at the path with ``stat`` only, never opens it (opening a FIFO
+    for reading blocks until a writer comes)."""
+    fix = "point it at a local checkpoint file (.pt, .pth, .ckpt, .safetensors)"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)!r}, which does not exist; {fix}"
+        return f"does not exist; {fix}"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror}); {fix}"
+    if stat.S_ISDIR(mode):
+        return f"is a folder, not a file; {fix}"
+    kind = next((what for test, what in _SPECIAL_FILES if test(mode)), f"a special file (mode {stat.filemode(mode)})")
+    via = f" (a process substitution or an inherited file descriptor: {os.path.realpath(path)})" if str(path).startswith(("/dev/fd/", "/proc/")) else ""
+    return (f"is not a regular file: it is {kind}{via}, which can be read only once and not seeked, while the checkpoint is "
+            "read by every scoring process; copy it to a file first (e.g. cat PATH > model.pt) and point model.checkpoint at that file")
+
+
 def _probe_num_classes(module: nn.Module, crop: int) -> int:
     """Output size of ``module`` (put in eval mode) for one zero image of ``crop`` pixels."""
     module.eval()
@@ -472,8 +502,7 @@ def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
         raise ModelError("set model.checkpoint (a local checkpoint file) or model.weights (e.g. IMAGENET1K_V2)")
     path = Path(cfg.checkpoint)
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ModelError(f"model.checkpoint {str(path)!r} {what}; point it at a local checkpoint file (.pt, .pth, .ckpt, .safetensors)")
+        raise ModelError(f"model.checkpoint {str(path)!r} {not_a_file(path)}")
     model_id = file_sha256(path)
     spec = _resolve_preprocess(pre, None)
     ck = read_checkpoint(path, cfg.trust_checkpoint)
@@ -507,6 +536,78 @@ def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
     return LoadedModel(module, cfg.factory or cfg.arch, classes, model_id, spec, torch.device("cpu"), ck.kind)
 
 
+PROBE_IMAGES = 2  # random images in the output probe: a model refused must fail on every one of them
+PROBE_SEED = 0
+
+
+def _model_source(cfg: ModelConfig) -> str:
+    """Where the model's weights come from, as the config names it (for refusals)."""
+    if cfg.weights is not None:
+        return f"model.weights {cfg.weights}"
+    if cfg.checkpoint is not None:
+        return f"model.checkpoint {str(cfg.checkpoint)!r}"
+    return f"model.factory {cfg.factory!r}"
+
+
+def check_finite_weights(module: nn.Module, name: str, source: str) -> None:
+    """Refuse a module any of whose floating parameters or buffers holds NaN or Inf: every
+    image it scored would be an error row (a checkpoint saved after training diverged).
+
+    Raises:
+        ModelError: naming the model, how many tensors are non-finite and the first few.
+    """
+    tensors = [(k, t) for k, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    bad = []
+    for k, t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            bad.append(f"{k}: " + ", ".join(f"{n} {w}" for n, w in ((nan, "NaN"), (inf, "Inf")) if n) + f" of {t.numel()}")
+    if bad:
+        raise ModelError(
+            f"model {name} ({source}) has non-finite weights: {len(bad)} of its {len(tensors)} weight tensors hold NaN or Inf "
+            f"(e.g. {'; '.join(bad[:3])}), so every image would be recorded as an error; refused before scoring. "
+            "Point the config at a checkpoint saved before training diverged (a NaN loss), or retrain the model"
+        )
+
+
+def check_finite_outputs(lm: LoadedModel, name: str, source: str) -> None:
+    """Refuse a model whose probabilities are NaN or Inf for every one of :data:`PROBE_IMAGES`
+    seeded random images (pixels uniform in [0, 1], normalised with the model's mean/std, float32
+    [N, 3, crop, crop] on its device): such a model would blame each image. One forward pass at
+    load; a model that is finite on any probe image is accepted (per-image non-finite outputs
+    stay per-image error rows).
+
+    Raises:
+        ModelError: naming the model and what its outputs were.
+    """
+    from imgscore.tasks.backends import forward_probs
+
+    crop = lm.preprocess.crop
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    x = torch.rand(PROBE_IMAGES, 3, crop, crop, generator=g)
+    x = (x - torch.tensor(lm.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(lm.preprocess.std).view(1, 3, 1, 1)
+    x = x.to(lm.device)
+    if any(p.is_contiguous(memory_format=torch.channels_last) and p.ndim == 4 and not p.is_contiguous() for p in lm.module.parameters()):
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            probs = forward_probs(lm, x, "fp32")
+    except Exception:  # a module that cannot take this input: scoring will say so per batch
+        return
+    if probs.ndim != 2 or bool(torch.isfinite(probs).all(dim=1).any()):
+        return
+    with torch.inference_mode():
+        raw = lm.module(x)
+    raw = raw[0] if isinstance(raw, (tuple, list)) else raw
+    what = ", ".join(w for w, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)) if bool(f(raw).any()))
+    raise ModelError(
+        f"model {name} ({source}) gives non-finite outputs for every input: its logits hold {what or 'values whose softmax is NaN'} "
+        f"for all {PROBE_IMAGES} probe images ({crop}x{crop} random pixels), so every image would be recorded as an error; "
+        "refused before scoring. Its weights are finite: look for an overflow in its forward (a layer whose activations exceed "
+        "float32, a division by zero), or point the config at another checkpoint"
+    )
+
+
 def load_model(cfg: ModelConfig, pre: PreprocessConfig, device: torch.device, channels_last: bool = True) -> LoadedModel:
     """Build the configured model in eval mode on ``device``, once per process.
 
@@ -515,10 +616,14 @@ def load_model(cfg: ModelConfig, pre: PreprocessConfig, device: torch.device, ch
     calls with the same config and device return the cached object (one load per worker process,
     never per shard or batch).
 
+    A model that is wrong as a whole is refused here, before anything is scored: NaN or Inf in
+    its weights (:func:`check_finite_weights`), or non-finite outputs for every probe image
+    (:func:`check_finite_outputs`).
+
     Raises:
         ModelError: unknown arch, missing file, pickled module without trust, key/shape
             mismatch, head size disagreeing with ``num_classes`` or ``classes``, weights not in the
-            local hub cache.
+            local hub cache, non-finite weights or outputs.
     """
     ck = cfg.checkpoint
     stamp = None
@@ -536,6 +641,9 @@ def load_model(cfg: ModelConfig, pre: PreprocessConfig, device: torch.device, ch
             module = module.to(memory_format=torch.channels_last)
         lm.module = module
         lm.device = device
+        name, source = cfg.resolved_name, _model_source(cfg)
+        check_finite_weights(module, name, source)
+        check_finite_outputs(lm, name, source)
         _MODEL_CACHE[key] = lm
         return lm
 

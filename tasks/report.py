@@ -34,7 +34,7 @@ from imgscore.tasks import drift as drift_mod
 from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, check_relative, check_relative_column
 from imgscore.tasks.errors import UsageError
-from imgscore.tasks.evaluate import confusion, nfc, read_run
+from imgscore.tasks.evaluate import MAX_EXTRA_COLUMNS, confusion, nfc, read_run
 from imgscore.tasks.formats import DEFAULT_FORMATS, open_image
 from imgscore.tasks.manifest import check_run_state, load_manifest, manifest_path, run_dir_of
 from imgscore.tasks.parquet_io import (
@@ -122,19 +122,38 @@ def class_counts(pred_index: np.ndarray, model_classes: list[str]) -> list[dict]
     """Predictions per model class: ``[{index, name, predicted, share}]`` in class-index order.
 
     Every class is listed when the model has at most :data:`MAX_CLASS_ROWS` classes; otherwise
-    only the :data:`MAX_CLASS_ROWS` most predicted ones. ``share`` is a fraction of all
+    only the :data:`MAX_CLASS_ROWS` most predicted ones, and never one that nothing was predicted
+    as (:func:`classes_left_out` says how many are not listed). ``share`` is a fraction of all
     predictions in [0, 1].
     """
     n = int(pred_index.size)
     counts = np.bincount(pred_index, minlength=len(model_classes)) if n else np.zeros(len(model_classes), dtype=np.int64)
     idx = list(range(len(counts)))
     if len(idx) > MAX_CLASS_ROWS:
-        idx = sorted(sorted(idx, key=lambda i: (-counts[i], i))[:MAX_CLASS_ROWS])
+        idx = sorted(sorted((i for i in idx if counts[i]), key=lambda i: (-counts[i], i))[:MAX_CLASS_ROWS])
     return [
         {"index": i, "name": model_classes[i] if i < len(model_classes) else str(i), "predicted": int(counts[i]),
          "share": round(float(counts[i]) / n, 6) if n else 0.0}
         for i in idx
     ]
+
+
+def classes_left_out(classes: list[dict], pred_index: np.ndarray, model_classes: list[str]) -> dict | None:
+    """The model classes :func:`class_counts` did not list: ``{count, never_predicted}``, or None
+    when every class is listed."""
+    left = len(model_classes) - len(classes)
+    if left <= 0:
+        return None
+    predicted = int(np.unique(pred_index).size) if pred_index.size else 0
+    return {"count": left, "never_predicted": len(model_classes) - predicted}
+
+
+def classes_left_out_line(report: dict) -> str | None:
+    """``and N more classes …`` under the per-class table, or None when every class is listed."""
+    left = report.get("classes_left_out")
+    if not left:
+        return None
+    return f"and {left['count']} more classes, not listed: {left['never_predicted']} of the model's classes were never predicted"
 
 
 def error_summary(errors: pa.Table, examples: int = EXAMPLES_PER_ERROR) -> dict:
@@ -291,6 +310,7 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
     pairs = c.get("pairs") or c.get("scanned", 0)
     run_dir = run_dir_of(out_root, run_id)
     status = observed_status(m.get("status"), run_dir)
+    writer = live_writer(run_dir)  # a live run (or rerun): `imgscore rerun` would be refused, so it is not offered
     reason = m.get("reason")
     if status == ABANDONED:
         reason = "its process is gone (killed, out of memory, or the machine restarted) without recording an ending"
@@ -301,7 +321,8 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
         "run_date": m.get("run_date"),
         "status": status,
         "reason": reason,
-        "rerun": rerun_command(run_id, out_root) if status not in ("complete", "planned") else None,
+        "rerun": rerun_command(run_id, out_root) if status not in ("complete", "planned") and writer is None else None,
+        "writer": writer,
         "created_at": m.get("created_at"),
         "updated_at": m.get("updated_at"),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -318,13 +339,15 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
         "timing": {
             "wall_s": wall,
             "images_per_s": timings.get("images_per_s"),
+            "pairs_per_s": timings.get("pairs_per_s"),  # (image, model) pairs; None in older manifests
             "shard_seconds": timings.get("shard_seconds"),
             "scan_s": timings.get("scan_s"),
         },
         "devices": devices,
         "workers": workers,
         "shards": {"total": len(shards), **dict(sorted(states.items()))},
-        "classes": class_counts(pred_index, model_classes),
+        "classes": (listed := class_counts(pred_index, model_classes)),
+        "classes_left_out": classes_left_out(listed, pred_index, model_classes),
         "scores": score_stats(scores),
         "accuracy": conf,
         "errors": error_summary(errs),
@@ -334,6 +357,20 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
         "outputs": {**(m.get("outputs") or {}), "manifest": str(manifest_path(out_root, run_id)),
                     "report": str(report_file) if storage.is_file(report_file) else None},
     }
+
+
+def live_writer(run_dir: AnyPath) -> str | None:
+    """The live process writing the run (its lock's owner: purpose, pid, host, since when), or
+    None when no live process holds the run's lock, or this process does (a run writing its own
+    report.html at its end)."""
+    import socket
+
+    from imgscore.tasks import lock as run_lock
+
+    rec = run_lock.read_lock(run_dir)
+    if rec is None or run_lock.is_stale(rec) or (rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname()):
+        return None
+    return run_lock.owner(rec)
 
 
 def rerun_command(run_id: str, out_root: AnyPath) -> str:
@@ -479,6 +516,30 @@ def plot_nights(drift: dict | None) -> str | None:
     return _svg_data_uri(fig)
 
 
+def _bounded_matrix(conf: dict, max_rows: int = MAX_CLASS_ROWS) -> tuple[list[str], list[str], np.ndarray, int]:
+    """The confusion matrix as drawn: at most ``max_rows`` rows (the folder classes with the most
+    images, in label order) and the columns those rows use (their own class first when labels
+    are paired), the rest summed into ``(other)``. Returns (rows, columns, matrix float [R, C],
+    rows left out). Drawing cost grows with rows × columns: 10,000 classes took minutes."""
+    mat = np.array(conf["matrix"], dtype=float).reshape(len(conf["rows"]), len(conf["columns"]))
+    rows, cols = list(conf["rows"]), list(conf["columns"])
+    if len(rows) <= max_rows and len(cols) <= max_rows + MAX_EXTRA_COLUMNS:
+        return rows, cols, mat, 0
+    keep = np.sort(np.argsort(-mat.sum(axis=1), kind="stable")[:max_rows])
+    sub = mat[keep]
+    used = sub.sum(axis=0)
+    own = list(keep) if conf["matched_by"] != "none" else []  # paired: row i's own class is column i
+    others = [j for j in np.argsort(-used, kind="stable") if used[j] and j not in set(own)][:MAX_EXTRA_COLUMNS]
+    kept_cols = own + sorted(others)
+    out = sub[:, kept_cols]
+    names = [cols[j] for j in kept_cols]
+    rest = used.sum() - out.sum()
+    if rest:
+        out = np.concatenate([out, (sub.sum(axis=1) - out.sum(axis=1))[:, None]], axis=1)
+        names.append("(other)")
+    return [rows[i] for i in keep], names, out, len(rows) - len(keep)
+
+
 @_literal_text
 def plot_confusion_matrix(conf: dict | None) -> str | None:
     """Heat map of the confusion matrix (rows: folder labels, columns: predictions); SVG data URI.
@@ -490,8 +551,7 @@ def plot_confusion_matrix(conf: dict | None) -> str | None:
         return None
     from matplotlib.figure import Figure
 
-    mat = np.array(conf["matrix"], dtype=float)
-    rows, cols = conf["rows"], conf["columns"]
+    rows, cols, mat, left_out = _bounded_matrix(conf)
     norm = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)  # row-normalised: recall on the diagonal
     w = min(11.0, 1.6 + 0.42 * len(cols))
     h = min(11.0, 1.4 + 0.42 * len(rows))
@@ -502,10 +562,11 @@ def plot_confusion_matrix(conf: dict | None) -> str | None:
     ax.set_yticks(range(len(rows)), [r[:20] for r in rows], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("folder label")
+    more = f"; the {len(rows)} largest of {len(rows) + left_out} classes" if left_out else ""
     if conf["accuracy"] is None:
-        ax.set_title("Folder label vs prediction (accuracy n/a: classes do not match)", fontsize=10)
+        ax.set_title(f"Folder label vs prediction (accuracy n/a: classes do not match{more})", fontsize=10)
     else:
-        ax.set_title(f"Confusion matrix (accuracy {conf['accuracy']:.3f}, matched by {conf['matched_by']})", fontsize=10)
+        ax.set_title(f"Confusion matrix (accuracy {conf['accuracy']:.3f}, matched by {conf['matched_by']}{more})", fontsize=10)
     if len(rows) * len(cols) <= 400:
         for i in range(len(rows)):
             for j in range(len(cols)):
@@ -699,8 +760,12 @@ def _table(headers: list[str] | None, rows: list[list], numeric: set[int] = froz
 
 def ending_lines(report: dict) -> list[str]:
     """Why a run did not complete and how to finish it: ``reason`` and the ``imgscore rerun``
-    command, for every status but ``complete`` (empty then)."""
+    command, for every status but ``complete`` (empty then); for a run a live process is still
+    writing (``writer``), that it is still running and by whom, and no rerun command."""
     lines = []
+    if report.get("writer"):  # nothing to finish yet: the run is being written now
+        lines.append(f"still running: {report['writer']}; this report shows the shards committed so far, "
+                     f"run `imgscore report {report['run_id']}` again once it ends")
     if report.get("reason"):
         lines.append(f"{report['status']}: {report['reason']}")
     if report.get("rerun") and report.get("status") in ("interrupted", "crashed", ABANDONED, "running", "failed", "partial"):
@@ -775,6 +840,8 @@ def render_html(report: dict, thumbs: dict[str, tuple[str | None, str | None]] |
         cls_rows.append([_e(row["name"]), row["predicted"], f"{row['share']:.1%}"] + ([pcl["support"] if pcl else "–", _fmt(pcl["recall"]) if pcl else "–"] if acc else []))
     parts.append("<h3>Per class</h3>")
     parts.append(_table(["class", "predicted", "share"] + (["in folder", "recall"] if acc else []), cls_rows, numeric={1, 2, 3, 4}))
+    if classes_left_out_line(r):
+        parts.append(f'<p class="muted">{_e(classes_left_out_line(r))}.</p>')
     if acc and acc["accuracy"] is None:
         parts.append(f"<p>Accuracy {NA}: {_e(acc['reason'])} ({acc['labelled']} labelled images).</p>")
     elif acc:

@@ -204,3 +204,37 @@ def test_a_config_file_with_a_key_given_twice_is_refused(tmp_path, image_folder,
                    "--set", "model.arch=mobilenet_v3_small", cwd=tmp_path)
     _assert_refused(proc, r"c.yaml' line 5: key 'output' is given twice \(first at line 1\)", out)
     assert not (tmp_path / "outputs").exists()  # the run did not go to ./outputs instead
+
+
+def test_nan_weights_model_refused_before_scoring_not_blamed_on_each_image(tmp_path, image_folder, tiny_model):
+    out = tmp_path / "out"
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    sd["classifier.3.bias"].fill_(float("nan"))
+    ckpt = tmp_path / "diverged.pt"
+    torch.save(sd, ckpt)
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
+    _assert_refused(proc, r"model mobilenet_v3_small \(model.checkpoint '.*diverged.pt'\) has non-finite weights: 1 of its \d+ "
+                          r"weight tensors hold NaN or Inf \(e.g. classifier.3.bias: 3 NaN of 3\)", out)
+
+
+def test_the_run_banner_shows_the_input_root_normalised_and_urls_unchanged(tmp_path, tiny_checkpoint, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from imgscore.flows.cli import banner
+    from imgscore.tasks.config import build_config
+
+    def shown(root: str) -> str:
+        cfg = build_config({"input": {"root": root}, "model": {"arch": "mobilenet_v3_small", "checkpoint": str(tiny_checkpoint)},
+                            "run": {"run_id": "r1"}})
+        buf = io.StringIO()
+        Console(file=buf, width=400).print(banner(cfg), soft_wrap=True)
+        return buf.getvalue().strip()
+
+    (tmp_path / "imgscore").mkdir()
+    monkeypatch.chdir(tmp_path / "imgscore")
+    assert shown("../scratch/big") == f"run r1: scoring {tmp_path}/scratch/big with mobilenet_v3_small (thread runner) …"
+    assert shown(f"{tmp_path}/imgscore/../scratch/./big/") == f"run r1: scoring {tmp_path}/scratch/big with mobilenet_v3_small (thread runner) …"
+    assert shown("s3://bucket/a/../b") == "run r1: scoring s3://bucket/a/../b with mobilenet_v3_small (thread runner) …"
+    assert shown(f"{tmp_path}/[red]x") == f"run r1: scoring {tmp_path}/[red]x with mobilenet_v3_small (thread runner) …"  # no markup

@@ -72,6 +72,9 @@ def test_the_log_messages_we_filter_are_still_the_libraries_own():
 
     assert compat.PREFECT_FLOW_EXCEPTION_MESSAGE in inspect.getsource(prefect.flow_engine)
     assert compat.NANNY_KILL_MESSAGE in inspect.getsource(distributed.nanny)
+    import distributed.worker
+
+    assert compat.HEARTBEAT_FAILED_MESSAGE in inspect.getsource(distributed.worker.Worker.heartbeat)
 
 
 def test_run_exit_handlers_runs_each_handler_once():

@@ -3,9 +3,12 @@ Prefect API for every worker, and each worker's own device and thread share."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -30,6 +33,49 @@ def _shard_states(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("*.json"))]
 
 
+@contextlib.contextmanager
+def busy_cores(n: int):
+    """``n`` busy-loop processes (``yes`` into /dev/null) for the block's duration, killed after it."""
+    procs = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_late_heartbeat_in_a_cluster_we_start_is_not_a_traceback(capfd, monkeypatch):
+    """Workers of a cluster imgscore starts have distributed's comm timeouts raised and log a
+    failed heartbeat (``Worker.heartbeat``'s own record, with its TimeoutError) at DEBUG, without
+    a traceback, unless --verbose; the worker processes get both from the cluster's config."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from imgscore.flows.compat import HEARTBEAT_FAILED_MESSAGE
+    from imgscore.flows.dask_warm import LOCAL_COMM_TIMEOUT, local_cluster_config
+
+    monkeypatch.delenv("IMGSCORE_VERBOSE", raising=False)
+
+    def fail_a_heartbeat() -> tuple:
+        import logging
+
+        try:
+            raise TimeoutError("Timed out during handshake while connecting to tcp://127.0.0.1:1 after 30 s")
+        except TimeoutError:  # what Worker.heartbeat does with it
+            logging.getLogger("distributed.worker").exception(HEARTBEAT_FAILED_MESSAGE + ".")
+        return dask.config.get("distributed.comm.timeouts.connect"), dask.config.get("distributed.comm.timeouts.tcp")
+
+    with dask.config.set(local_cluster_config()), LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                               dashboard_address=None) as cluster, Client(cluster) as client:
+        capfd.readouterr()
+        (timeouts,) = client.run(fail_a_heartbeat).values()
+        time.sleep(0.5)  # the worker's stderr reaches the fd
+        err = capfd.readouterr().err
+    assert timeouts == (LOCAL_COMM_TIMEOUT, LOCAL_COMM_TIMEOUT)
+    assert "Traceback" not in err and HEARTBEAT_FAILED_MESSAGE not in err, err
+
+
 def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, prefect_server, capfd):
     """The acceptance run: dask, 2 worker processes, 2 DataLoader workers each → exit 0, the
     thread runner's predictions, at least two workers, each with its share of the cores.
@@ -50,7 +96,8 @@ def test_dask_runner_matches_thread_runner(tmp_path, photos, tiny_checkpoint, pr
 
     out_t = run("thread")
     capfd.readouterr()
-    out_d = run("dask", "runner.type=dask", "runner.n_workers=2")
+    with busy_cores(2):  # a loaded machine: a late worker heartbeat once printed a traceback here
+        out_d = run("dask", "runner.type=dask", "runner.n_workers=2")
     err = capfd.readouterr().err  # the workers' stderr too (fd level)
     assert "Traceback" not in err and "distributed." not in err and "daemonic" not in err, err[-2000:]
 

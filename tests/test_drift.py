@@ -8,6 +8,7 @@ image counts alone — on any CPU.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -54,11 +55,37 @@ def nights(prefect_server, photos, tmp_path_factory):
         return execute(build_config({}, [f"{k}={v}" for k, v in items.items()]), quiet=True)
 
     even, red_heavy = {"red": 4, "green": 4, "blue": 4}, {"red": 10, "green": 1, "blue": 1}
-    with Receiver() as hook:  # a real HTTP server: nights 2 and 3 complete, only night 2 drifted
-        runs = [night(even), night(red_heavy, **{"notify.webhook_url": hook.url}),
-                night(red_heavy, **{"drift.baseline_runs": 1, "notify.webhook_url": hook.url}),
-                night(even, **{"drift.baseline_runs": 1, "drift.fail": "true"})]
-    return {"out": out, "runs": runs, "root": root, "posts": hook.posts}
+    import imgscore.flows.score_images  # noqa: F401  (Prefect configures its loggers when imported)
+
+    logged = Records()  # what reaches a handler of Prefect's flow-run logger, at the level it arrives with
+    logging.getLogger("prefect.flow_runs").addHandler(logged)
+    try:
+        with Receiver() as hook:  # a real HTTP server: nights 2 and 3 complete, only night 2 drifted
+            runs = [night(even), night(red_heavy, **{"notify.webhook_url": hook.url}),
+                    night(red_heavy, **{"drift.baseline_runs": 1, "notify.webhook_url": hook.url}),
+                    night(even, **{"drift.baseline_runs": 1, "drift.fail": "true"})]
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(logged)
+    return {"out": out, "runs": runs, "root": root, "posts": hook.posts, "logged": logged.records}
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.getMessage()))
+
+
+def test_drift_warnings_reach_prefect_but_not_the_terminal(nights):
+    """The summary prints each drift warning; Prefect's console handler (WARNING without
+    --verbose) must not print it a second time as "Flow run '…' - drift: …". The record still
+    goes to the flow run's logs (the API handler takes INFO)."""
+    drift = [(level, msg) for level, msg in nights["logged"] if msg.startswith("drift: ")]
+    _, s2 = nights["runs"][1]
+    assert {msg for _, msg in drift} >= {f"drift: {w}" for w in s2["drift"]} and s2["drift"]
+    assert all(level == logging.INFO for level, _ in drift), drift
 
 
 def test_first_night_has_nothing_to_compare_with(nights):

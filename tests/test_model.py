@@ -223,3 +223,76 @@ def test_a_class_name_given_twice_is_refused_with_where_it_came_from(tiny_model,
     with pytest.raises(ModelError, match=r"model.classes names 'x' twice \(items 0 and 1 of the list\)"):
         _load(p, classes=["x", "x", "y"])
     assert _load(p, classes=["x", "y", "z"]).classes == ["x", "y", "z"]  # the fix the message names works
+
+
+# ------------------------------------------------------------------------------------ models wrong as a whole
+
+
+def test_nan_weights_are_refused_at_load_naming_the_tensors(tiny_model, tmp_path):
+    """A checkpoint saved after training diverged: every image would be a NonFiniteOutput row."""
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    sd["classifier.3.weight"][0, :10] = float("nan")
+    sd["features.0.1.running_var"][0] = float("inf")
+    p = tmp_path / "diverged.pt"
+    torch.save(sd, p)
+    with pytest.raises(ModelError) as info:
+        _load(p)
+    msg = str(info.value)
+    assert f"model mobilenet_v3_small (model.checkpoint '{p}') has non-finite weights: 2 of its" in msg
+    assert "classifier.3.weight: 10 NaN of 3072" in msg and "features.0.1.running_var: 1 Inf of 16" in msg
+    assert "checkpoint saved before training diverged" in msg
+
+
+def test_finite_weights_whose_forward_overflows_on_every_input_are_refused(tiny_model, tmp_path):
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    sd["features.0.1.weight"].fill_(3e38)  # finite (float32 max 3.4e38): the first activations overflow to Inf, then NaN
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    p = tmp_path / "overflow.pt"
+    torch.save(sd, p)
+    with pytest.raises(ModelError, match=r"model mobilenet_v3_small .* gives non-finite outputs for every input: its logits hold "
+                                         r"[^;]*NaN[^;]* for all 2 probe images.*Its weights are finite"):
+        _load(p)
+
+
+def test_a_model_finite_on_the_probe_is_accepted(tiny_model, tmp_path):
+    p = tmp_path / "ok.pt"
+    torch.save(tiny_model.state_dict(), p)
+    assert _load(p).num_classes == 3
+
+
+def test_dynamically_quantized_state_dict_is_named_as_such(tiny_model, tmp_path):
+    """quantize_dynamic, then torch.save(qmodel.state_dict()): the advice must not be to do exactly that."""
+    from torch import nn
+
+    q = torch.ao.quantization.quantize_dynamic(tiny_model, {nn.Linear}, dtype=torch.qint8)
+    p = tmp_path / "int8.pt"
+    torch.save(q.state_dict(), p)
+    with pytest.raises(ModelError) as info:
+        _load(p)
+    msg = str(info.value)
+    assert "is a quantized state_dict (packed int8 Linear params, as torch.ao.quantization.quantize_dynamic writes them" in msg
+    assert "2 quantized layer(s), e.g. classifier.0, classifier.3" in msg
+    assert "save the float model's state_dict before quantizing" in msg and "no weights under any of" not in msg
+    torch.save({"epoch": 3, "state_dict": q.state_dict()}, p)  # inside a training checkpoint too
+    with pytest.raises(ModelError, match=r"is a quantized state_dict under 'state_dict' \(packed int8"):
+        _load(p)
+
+
+def test_checkpoint_that_is_a_fifo_is_named_without_blocking(tmp_path):
+    """`model.checkpoint=<(cat model.pt)` or a named pipe: not 'does not exist', and never opened
+    (a FIFO opened for reading blocks until a writer comes; here none ever does)."""
+    import os
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelError, match=r"model.checkpoint '.*model.pt' is not a regular file: it is a FIFO \(named pipe\), .*"
+                                         r"copy it to a file first \(e.g. cat PATH > model.pt\)"):
+        _load(fifo)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ModelError, match=rf"'/dev/fd/{r}' is not a regular file: it is a FIFO \(named pipe\) \(a process "
+                                             r"substitution or an inherited file descriptor: .*pipe:"):
+            _load(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+        os.close(w)

@@ -432,6 +432,101 @@ def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(out_root, fak
     assert "already failed" in rp.markdown_summary(r, None) and "Known bad" in rp.markdown_summary(r, None)
 
 
+def test_report_of_a_live_run_says_it_is_running_and_offers_no_rerun(tmp_path, fake_images, capsys):
+    """A run whose lock a live process holds: `imgscore rerun` would be refused (locked), so the
+    report names the writer (pid, host) instead of offering it — in every rendering."""
+    import socket
+    import sys
+    import time
+
+    from imgscore.tasks import lock as run_lock
+
+    out = write_fake_run(tmp_path / "out", fake_images)
+    mpath = out / "runs" / RUN / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["status"] = "running"
+    mpath.write_text(json.dumps(m))
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "runs" / RUN / ".lock").write_text(json.dumps(
+            {"pid": writer.pid, "host": socket.gethostname(), "started_s": run_lock._start_time(writer.pid), "purpose": "imgscore run",
+             "acquired_at": "2026-03-01T02:00:00+00:00", "acquired_s": time.time()}))
+        r = rp.build_report(out, RUN)
+        assert r["status"] == "running" and r["rerun"] is None
+        assert r["writer"] == f"imgscore run (pid {writer.pid} on {socket.gethostname()}, since 2026-03-01T02:00:00+00:00)"
+        assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
+        text = capsys.readouterr().out
+        assert f"still running: imgscore run (pid {writer.pid} on {socket.gethostname()}" in text
+        assert "imgscore rerun" not in text and "finish it with" not in text
+        page = rp.render_html(r)
+        assert f"still running: imgscore run (pid {writer.pid}" in page and "imgscore rerun" not in page
+    finally:
+        writer.kill()
+        writer.wait()
+    r = rp.build_report(out, RUN)  # its writer gone without an ending: abandoned, and now the rerun finishes it
+    assert r["status"] == "abandoned" and r["writer"] is None and r["rerun"] == f"imgscore rerun {RUN} --set output.root={out}"
+
+
+@pytest.mark.parametrize("model_has", ["every folder class", "three classes"])
+def test_ten_thousand_empty_class_folders_give_a_small_report_quickly(model_has, tmp_path, fake_images, capsys):
+    """10,000 empty class folders beside the 3 that hold images: report.html was 9.4 MB and took
+    minutes (a 10,003-row confusion matrix, drawn, and 40 bars of never-predicted classes). Only
+    classes that appear are tabled and drawn; the rest is one "and N more" line."""
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = sorted(CLASSES + [f"empty_{i:05d}" for i in range(10_000)])
+    model_classes = folder if model_has == "every folder class" else CLASSES
+    out = write_fake_run(tmp_path / "out", fake_images, model_classes=CLASSES)
+    mpath = out / "runs" / RUN / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["input"]["classes"] = folder
+    m["model"].update(classes=model_classes, num_classes=len(model_classes))
+    mpath.write_text(json.dumps(m))
+    part = next((out / "predictions").rglob("part-*.parquet"))
+    t = pq.read_table(part)
+    labels = [folder.index(n) for n in t["label_name"].to_pylist()]
+    preds = [model_classes.index(CLASSES[p]) for p in t["pred_index"].to_pylist()]
+    t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+    t = t.set_column(t.schema.get_field_index("pred_index"), "pred_index", pa.array(preds, pa.int32()))
+    pq.write_table(t, part)
+
+    t0 = time.perf_counter()
+    r = rp.build_report(out, RUN)
+    path = rp.write_html_report(r, out)
+    took = time.perf_counter() - t0
+    assert took < 20, f"report took {took:.1f} s"  # was 75-235 s on a 2-core machine
+    assert path.stat().st_size < 500_000, path.stat().st_size  # was 15-31 MB
+    assert [c["name"] for c in r["classes"]] == CLASSES  # only predicted classes, never the empty ones
+    acc = r["accuracy"]
+    assert acc["rows"] == CLASSES and acc["empty_classes"] == 10_000 and acc["labelled"] == 6
+    page = path.read_text()
+    assert page.count("empty_") <= 12  # at most the few examples of why accuracy is n/a, not 10,000 rows
+    if model_has == "every folder class":
+        assert acc["accuracy"] == pytest.approx(4 / 6) and acc["columns"] == CLASSES  # paired by name, as before
+        assert r["classes_left_out"] == {"count": 10_000, "never_predicted": 10_000}
+        assert "and 10000 more classes, not listed: 10000 of the model&#x27;s classes were never predicted" in page
+        assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
+        assert "and 10000 more classes, not listed" in capsys.readouterr().out
+    else:
+        assert acc["accuracy"] is None and r["classes_left_out"] is None
+
+
+def test_the_drawn_confusion_matrix_keeps_the_largest_classes():
+    rows = [f"c{i}" for i in range(100)]
+    matrix = [[0] * 101 for _ in rows]
+    for i in range(100):
+        matrix[i][i] = i + 1  # class c99 has the most images
+        matrix[i][100] = 1
+    conf = {"rows": rows, "columns": [*rows, "(other)"], "matrix": matrix, "matched_by": "name"}
+    names, cols, mat, left = rp._bounded_matrix(conf)
+    assert names == [f"c{i}" for i in range(60, 100)] and left == 60
+    assert cols[:40] == names and cols[-1] == "(other)"
+    assert mat.sum() == sum(i + 2 for i in range(60, 100))  # every image of the kept rows is in a drawn cell
+
+
 def test_cli_report_unknown_run_exits_2(fake_run, capsys):
     assert cli_main(["report", "nope", "--set", f"output.root={fake_run}"]) == 2
     assert "run 'nope' not found" in capsys.readouterr().err

@@ -8,6 +8,7 @@ model) pairs, and one part file per shard holds both models' rows.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
+from rich.console import Console
 
 from imgscore.flows.cli import execute
 from imgscore.tasks import dataset as dataset_mod
@@ -94,13 +96,13 @@ def _model_blocks(tiny_checkpoint: Path, second_checkpoint: Path) -> list[dict]:
     ]
 
 
-def _run(root: Path, out: Path, models: list[dict], run_id: str, **extra) -> tuple[int, dict]:
+def _run(root: Path, out: Path, models: list[dict], run_id: str, console=None, **extra) -> tuple[int, dict]:
     raw = {"input": {"root": str(root)}, "output": {"root": str(out)}, "models": models,
            "inference": {"device": "cpu", "batch_size": 4}, "run": {"shard_size": 5, "run_id": run_id, "min_errors": 100}}
     for k, v in extra.items():
         sec, key = k.split(".")
         raw.setdefault(sec, {})[key] = v
-    return execute(build_config(raw), quiet=True)
+    return execute(build_config(raw), quiet=True, console=console)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +113,10 @@ def runs(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path_fa
     (root / "rocket" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     blocks = _model_blocks(tiny_checkpoint, second_checkpoint)
     out = base / "out"
-    both = _run(root, out, blocks, "both")
+    printed = io.StringIO()
+    both = _run(root, out, blocks, "both", console=Console(file=printed, width=400))
     alone = [_run(root, base / f"out_{b['name']}", [b], f"alone-{b['name']}") for b in blocks]
-    return {"root": root, "out": out, "both": both, "alone": alone, "base": base, "blocks": blocks}
+    return {"root": root, "out": out, "both": both, "alone": alone, "base": base, "blocks": blocks, "printed": printed.getvalue()}
 
 
 def _rows(out: Path, table: str, run_id: str) -> list[dict]:
@@ -162,6 +165,29 @@ def test_pairs_are_counted_and_errors_name_their_model(runs):
             assert pq.read_schema(f).remove_metadata() == schema
         meta = json.loads(pq.read_schema(files[0]).metadata[b"imgscore"])
         assert [x["name"] for x in meta["models"]] == ["small", "r18"]
+
+
+def test_the_summary_keeps_images_and_pairs_apart_and_ends_with_the_rerun_line(runs):
+    """13 images, 2 models: the terminal shows 13 scanned images, 26 pairs, scored and failed as
+    pairs, and two rates whose ratio is the images-to-pairs ratio (not a pairs rate called
+    images_per_s). The run is partial (the corrupt JPEG), so it ends with the rerun command."""
+    _, summary = runs["both"]
+    printed = dict(line.split(None, 1) for line in runs["printed"].splitlines()[1:] if line.strip())
+    assert printed["scanned"] == "13"
+    assert printed["pairs"] == "26 (image, model) pairs; models: small, r18"
+    assert printed["scored"] == "24 (image, model) pairs" and printed["failed"] == "2 (image, model) pairs"
+    pairs_rate, images_rate = float(printed["pairs_per_s"]), float(printed["images_per_s"])
+    assert summary["pairs_per_s"] == pairs_rate and summary["images_per_s"] == images_rate
+    assert abs(pairs_rate * summary["wall_s"] - 24) < 0.1 * 24 and abs(images_rate / pairs_rate - 0.5) < 0.02
+    assert summary["status"] == "partial"
+    assert printed["rerun"] == f"imgscore rerun both --set output.root={runs['out']}" == summary["rerun"]
+    m = load_manifest(runs["out"] / "runs" / "both")
+    assert m.timings["pairs_per_s"] == pairs_rate and m.timings["images_per_s"] == images_rate
+    from imgscore.tasks.report import build_report
+
+    assert build_report(runs["out"], "both")["timing"]["pairs_per_s"] == pairs_rate
+    _, alone = runs["alone"][0]  # one model: the summary as before, no pairs line
+    assert alone["images_per_s"] == alone["pairs_per_s"]
 
 
 def test_the_auto_split_is_measured_with_one_model_and_with_two(runs):
