@@ -325,7 +325,7 @@ def cmd_demo(args, session: startup.Session) -> int:
         _, held = build_digits_folder(demo_dir / "digits")
     except ImportError as exc:
         raise UsageError(f"imgscore demo reads the digit scans that ship inside scikit-learn, which is not installed ({exc}); "
-                         "pip install scikit-learn (or the dev extra: pip install 'imgscore[dev]')") from None
+                         "it is one of imgscore's dependencies: pip install scikit-learn") from None
     if not Path(cfg.model.checkpoint).exists():
         console.print("training resnet18 on the digits (CPU, cached for next time) …")
     train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)
