@@ -898,6 +898,8 @@ CONFIRM_ON_RERUN: dict[str, str] = {
     "model.trust_checkpoint": "unpickles whole modules from the checkpoint (runs code from the file)",
     "runner.address": "sends the run to that Dask scheduler (which exchanges pickled data with this process)",
     "inference.cache_dir": "loads and writes model exports in that folder",
+    "input.formats": "opens the images with those decoders (the formats outside the default list include decoders "
+    "with published vulnerabilities)",
 }
 
 

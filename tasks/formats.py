@@ -12,7 +12,9 @@ GIF, MPO (multi-picture JPEG from phones and stereo cameras), AVIF (Pillow 11.3+
 its files are skipped by extension with the reason. Out by default: Pillow's rarer decoders
 (FITS, McIdas, Spider, TGA, DCX, JPEG 2000, …), where Pillow's 2026 advisories found
 decompression bombs, bomb-check bypasses and out-of-bounds reads; they can be added by name.
-:data:`NEVER` (PostScript/EPS) cannot be added: decoding it runs an external program.
+:data:`NEVER` cannot be added: PostScript/EPS, whose decoding runs an external program, and IPTC,
+whose decoder hands the image data embedded in the file to ``Image.open`` with every plugin
+(PostScript included).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF",
 NEVER: dict[str, str] = {
     "EPS": "Pillow's EPS plugin runs Ghostscript (gs) on the file, and Ghostscript's -dSAFER has had "
     "code-execution escapes; rasterize PostScript/EPS files to PNG yourself, in a sandbox, if you need them scored",
+    # IptcImagePlugin has no magic-byte test (so it is tried on every file), and its load() opens the
+    # embedded data with Image.open and no formats= list: PostScript inside reaches Ghostscript.
+    "IPTC": "Pillow's IPTC plugin opens the image data embedded in the file with every Pillow plugin, EPS included, "
+    "so Ghostscript could run on it; convert IPTC/NAA files to TIFF or PNG first",
 }
 _NEVER_ALIASES = {"PS": "EPS", "POSTSCRIPT": "EPS", "EPSF": "EPS"}
 
@@ -105,10 +111,22 @@ def detect_format(prefix: bytes, allowed: tuple[str, ...] | list[str]) -> str | 
     return found
 
 
+def recorded_formats(names) -> tuple[str, ...]:
+    """The formats to open a finished run's images with (report thumbnails), from the
+    ``input.formats`` its manifest recorded. The manifest lies under ``output.root``, which others
+    may write: only names that are also in :data:`DEFAULT_FORMATS` are kept (never one of
+    :data:`NEVER`, never a rarer decoder a planted manifest could switch on); the defaults when
+    nothing is left or ``names`` is not a list."""
+    if not isinstance(names, list | tuple):
+        return DEFAULT_FORMATS
+    kept = tuple(dict.fromkeys(str(n).strip().upper() for n in names if str(n).strip().upper() in DEFAULT_FORMATS))
+    return kept or DEFAULT_FORMATS
+
+
 def refused_message(fmt: str, allowed: tuple[str, ...] | list[str]) -> str:
     """Why a file of format ``fmt`` is not decoded, and the fix (for errors rows and ``skipped``)."""
     if fmt in NEVER:
-        return f"{fmt} (PostScript) file, never decoded: {NEVER[fmt]}"
+        return f"{'EPS (PostScript)' if fmt == 'EPS' else fmt} file, never decoded: {NEVER[fmt]}"
     return f"{fmt} file, and {fmt} is not in input.formats ({', '.join(allowed)}); add {fmt} to input.formats to decode such files"
 
 

@@ -35,7 +35,7 @@ from imgscore.tasks import storage
 from imgscore.tasks.containment import UnsafePathError, check_relative, check_relative_column
 from imgscore.tasks.errors import UsageError
 from imgscore.tasks.evaluate import MAX_EXTRA_COLUMNS, confusion, nfc, read_run
-from imgscore.tasks.formats import DEFAULT_FORMATS, open_image
+from imgscore.tasks.formats import DEFAULT_FORMATS, open_image, recorded_formats
 from imgscore.tasks.manifest import check_run_state, load_manifest, manifest_path, run_dir_of
 from imgscore.tasks.parquet_io import (
     ERRORS_SCHEMA,
@@ -644,7 +644,7 @@ def thumbnails(report: dict, out_root: AnyPath) -> dict[str, tuple[str | None, s
         UnsafePathError: the run's index names a file outside the input root.
     """
     root = report["input"]["root"]
-    formats = report["input"].get("formats") or DEFAULT_FORMATS
+    formats = recorded_formats(report["input"].get("formats"))  # read back from output.root: not trusted
     items = report["lowest_confidence"]
     if root is None or not items:
         return {}

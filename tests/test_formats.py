@@ -319,3 +319,84 @@ def test_a_folder_with_no_file_of_the_listed_formats_is_refused_naming_the_key(t
     with pytest.raises(InputError, match=r"holds no image files that this Pillow reads \(\.png and 1 more extensions\); .*"
                                          r"or that input.formats \(PNG\) lists their format$"):
         scan_images(tmp_path, formats=["PNG"])
+
+
+def _iptc_wrapping(payload: bytes) -> bytes:
+    """An IPTC/NAA record (Pillow's IPTC plugin) whose image data, compression 5, is ``payload``."""
+    import struct
+
+    def field(rec: int, ds: int, data: bytes) -> bytes:
+        return bytes([0x1C, rec, ds]) + struct.pack(">H", len(data)) + data
+
+    return (field(3, 60, b"\x01\x00") + field(3, 20, b"\x00\x0a") + field(3, 30, b"\x00\x0a")
+            + field(3, 120, b"\x05") + field(8, 10, payload))
+
+
+def test_iptc_cannot_be_enabled_since_it_opens_embedded_data_with_every_plugin(tmp_path, recording_gs):
+    """IptcImagePlugin has no magic-byte test and its load() calls Image.open on the embedded
+    data with no formats= list: with IPTC allowed, PostScript wrapped in IPTC reached gs."""
+    with pytest.raises(ConfigError, match=r"input.formats names 'IPTC', which is never decoded here: Pillow's IPTC plugin opens "
+                                          r"the image data embedded in the file with every Pillow plugin, EPS included"):
+        build_config({}, ["input.formats=[JPEG, PNG, IPTC]"])
+    assert "IPTC" not in known_formats()
+    record, env = recording_gs
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = env["PATH"]
+    try:
+        p = tmp_path / "holiday.png"
+        p.write_bytes(_iptc_wrapping(POSTSCRIPT))
+        with pytest.raises(DecodeError) as exc:  # every known format allowed: still a DecodeError, no program
+            decode_file(str(p), SPEC, DecodeOptions(max_pixels=10**8, formats=tuple(known_formats())))
+        assert exc.value.kind in ("unidentified", "format_not_allowed")
+    finally:
+        os.environ["PATH"] = old_path
+    assert not record.exists(), f"gs was run: {record.read_text()}"
+
+
+def _opens_nested_images(image_class) -> bool:
+    """Whether the methods Pillow runs to open and load ``image_class`` call ``Image.open`` or a
+    subprocess themselves (comments left out)."""
+    import inspect
+    import re
+
+    for name in ("_open", "load", "load_prepare", "load_end", "load_read", "load_seek", "seek", "_seek"):
+        method = getattr(image_class, name, None)
+        if method is None or getattr(method, "__qualname__", "").split(".")[0] != image_class.__name__:
+            continue
+        code = "\n".join(line.split("#")[0] for line in inspect.getsource(method).splitlines())
+        if re.search(r"\bImage\.open\(|\bsubprocess\.", code):
+            return True
+    return False
+
+
+def test_no_allowed_plugin_opens_nested_data_with_every_plugin():
+    """A contract on the installed Pillow: the plugin of every format input.formats accepts never
+    opens embedded data with Image.open (which tries every plugin: how IPTC reached EPS) or runs a
+    program while opening or loading; a new Pillow whose plugin does fails here, not in a night."""
+    from PIL import IptcImagePlugin
+
+    assert _opens_nested_images(IptcImagePlugin.IptcImageFile)  # the check sees the case it is for
+    Image.init()
+    offenders = [fmt for fmt in known_formats() if fmt in Image.OPEN and _opens_nested_images(Image.OPEN[fmt][0])]
+    assert offenders == []
+
+
+def test_a_report_opens_only_default_formats_whatever_the_manifest_says():
+    """The manifest lies under output.root: a planted input.formats must not switch decoders on."""
+    from imgscore.tasks.formats import recorded_formats
+
+    assert recorded_formats(["PNG", "IPTC", "EPS", "FITS", "jpeg"]) == ("PNG", "JPEG")
+    assert recorded_formats(["FITS"]) == DEFAULT_FORMATS
+    assert recorded_formats("PNG") == DEFAULT_FORMATS
+    assert recorded_formats(None) == DEFAULT_FORMATS
+
+
+def test_a_rerun_takes_recorded_non_default_formats_only_when_repeated(tmp_path):
+    from imgscore.tasks.config import rerun_config
+
+    recorded = build_config({"run": {"run_id": "r1"}}, ["input.formats=[JPEG, FITS]"]).to_dict()
+    with pytest.raises(ConfigError, match=r"recorded input.formats = \['JPEG', 'FITS'\], which opens the images with those decoders"):
+        rerun_config(recorded, None, [])
+    assert rerun_config(recorded, None, ["input.formats=[JPEG, FITS]"]).input.formats == ["JPEG", "FITS"]
+    default = build_config({"run": {"run_id": "r2"}}).to_dict()
+    assert rerun_config(default, None, []).input.formats == list(DEFAULT_FORMATS)
