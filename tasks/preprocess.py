@@ -430,7 +430,10 @@ class _Deadline:
     running. Not covered: a decoder that does all its work in one C call after reading the file
     (WebP, AVIF, libtiff); their work is bounded by ``input.max_pixels`` and the tile check
     (:func:`_check_decoder_buffers`) instead, and decoders that decompress a whole file in one
-    call without such bounds (FITS GZIP) are off the default ``input.formats``.
+    call without such bounds (FITS GZIP) are off the default ``input.formats``. The conversion
+    after the load (EXIF orientation, colour management, wide modes to RGB: Pillow and numpy
+    calls that read nothing) is checked between its steps: a budget spent there ends the image
+    as a ``timeout`` row too, though the step that overran is not interrupted.
     ``fileno`` is deliberately absent, so libtiff reads through here too rather than the descriptor.
     """
 
@@ -591,7 +594,9 @@ def _decode_open_file(f, path: str, spec: PreprocessSpec, opts: DecodeOptions, w
         if spec.color_manage:
             img = _to_srgb(img, warned)
         try:
+            f.check("orienting and colour-managing")
             rgb = _to_rgb(img, spec)
+            f.check("converting to RGB")  # a wide float or 16-bit image: numpy work the reads do not see
         except DecodeError:
             src.close()
             raise

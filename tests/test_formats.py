@@ -400,3 +400,27 @@ def test_a_rerun_takes_recorded_non_default_formats_only_when_repeated(tmp_path)
     assert rerun_config(recorded, None, ["input.formats=[JPEG, FITS]"]).input.formats == ["JPEG", "FITS"]
     default = build_config({"run": {"run_id": "r2"}}).to_dict()
     assert rerun_config(default, None, []).input.formats == list(DEFAULT_FORMATS)
+
+
+def test_the_decode_budget_also_covers_the_conversion_after_the_load(tmp_path, monkeypatch):
+    """A wide float image's conversion to RGB is numpy work that reads nothing: the budget is
+    checked after it, so an image whose decode overran is a timeout, not a slow success."""
+    import time
+
+    from imgscore.tasks import preprocess
+
+    p = tmp_path / "float.tif"
+    Image.fromarray(np.full((64, 64), 2.0, dtype=np.float32)).save(p)
+    real = preprocess._to_rgb
+
+    def slow_to_rgb(img, spec):
+        time.sleep(0.6)  # stands for numpy over tens of megapixels of float32
+        return real(img, spec)
+
+    monkeypatch.setattr(preprocess, "_to_rgb", slow_to_rgb)
+    opts = DecodeOptions(max_pixels=10**8, decode_timeout_s=0.5)
+    with pytest.raises(DecodeError, match=r"decoding stopped after .* s while converting to RGB: over input.decode_timeout_s=0.5 s") as exc:
+        decode_file(str(p), SPEC, opts)
+    assert exc.value.kind == "timeout"
+    monkeypatch.setattr(preprocess, "_to_rgb", real)
+    assert decode_file(str(p), SPEC, opts).image.size == (64, 64)  # within the budget: decoded
