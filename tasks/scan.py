@@ -400,9 +400,11 @@ def no_images_message(root: str | Path, formats: tuple[str, ...] | list[str] | N
     scorable = [e for e in sorted(SCORABLE_EXTENSIONS) if skip_reason("f" + e, formats) is None]
     common = [e for e in (".jpg", ".jpeg", ".jfif", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2") if e in scorable]
     narrowed = "" if formats is None or set(formats) == set(DEFAULT_FORMATS) else f", or that input.formats ({', '.join(formats)}) lists their format"
+    shown = common or scorable[:10]  # formats without a common extension (FITS alone): its own
+    more = f" and {len(scorable) - len(shown)} more extensions" if len(scorable) > len(shown) else ""
     return (
-        f"input.root {str(root)!r} holds no image files that this Pillow reads ({', '.join(common)} and "
-        f"{len(scorable) - len(common)} more extensions); check the path, or that the images are not in hidden folders{narrowed}"
+        f"input.root {str(root)!r} holds no image files that this Pillow reads ({', '.join(shown)}{more}); "
+        f"check the path, or that the images are not in hidden folders{narrowed}"
     )
 
 
