@@ -525,7 +525,11 @@ def _open_checked(f: _Deadline, path: str, opts: DecodeOptions) -> Image.Image:
     except ValueError as exc:
         raise (_metadata_error(exc, opts) or DecodeError("corrupt", f"ValueError: {exc}")) from None
     except OSError as exc:
-        raise DecodeError("unreadable", f"cannot open: {exc}") from None
+        if exc.errno is not None:  # the operating system's answer (permission, gone, I/O error)
+            raise DecodeError("unreadable", f"cannot open: {exc}") from None
+        # Pillow's own OSError while parsing headers ("Truncated File Read"): the bytes are bad
+        kind = "truncated" if "runcated" in str(exc) else "corrupt"
+        raise DecodeError(kind, f"cannot open: {exc}") from None
     except (SyntaxError, EOFError, IndexError, KeyError, TypeError, RuntimeError, struct.error, ZeroDivisionError, MemoryError) as exc:
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
 

@@ -424,3 +424,17 @@ def test_the_decode_budget_also_covers_the_conversion_after_the_load(tmp_path, m
     assert exc.value.kind == "timeout"
     monkeypatch.setattr(preprocess, "_to_rgb", real)
     assert decode_file(str(p), SPEC, opts).image.size == (64, 64)  # within the budget: decoded
+
+
+def test_a_jpeg_header_followed_by_garbage_is_corrupt_not_unreadable(tmp_path):
+    """Pillow raises OSError('Truncated File Read') while parsing the headers: bad bytes, which
+    the errors table calls truncated/corrupt; unreadable is kept for the OS refusing the read."""
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 5)
+    with pytest.raises(DecodeError, match=r"cannot open: Truncated File Read") as exc:
+        decode_file(str(p), SPEC, OPTS)
+    assert exc.value.kind == "truncated"
+    q = tmp_path / "gone.jpg"
+    with pytest.raises(DecodeError) as exc:
+        decode_file(str(q), SPEC, OPTS)
+    assert exc.value.kind == "unreadable"
