@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from imgscore.tasks.errors import ModelError
+from imgscore.tasks.evaluate import nfc
 from imgscore.tasks.preprocess import warnings_lock
 
 # Keys under which common training scripts (torchvision references, PyTorch Lightning, timm,
@@ -237,7 +238,8 @@ def classes_from_mapping(container: Mapping, where: str) -> list[str] | None:
     (torchvision ImageFolder's name → index). Indices must be exactly 0..N-1.
 
     Returns:
-        The names in output order, or None when none of the keys is there.
+        The names in output order, each in Unicode NFC (so two spellings of ``café`` are one name to
+        the duplicate check), or None when none of the keys is there.
 
     Raises:
         ModelError: a key is there but is not a usable class list, or two of them disagree.
@@ -267,11 +269,11 @@ def classes_from_mapping(container: Mapping, where: str) -> list[str] | None:
 def _as_class_list(key: str, value, where: str) -> list[str]:
     if key in ("classes", "class_names") or (key == "idx_to_class" and isinstance(value, (list, tuple))):
         if isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value):
-            return list(value)
+            return [nfc(c) for c in value]
     elif isinstance(value, Mapping):
         pairs = [(v, k) for k, v in value.items()] if key == "class_to_idx" else list(value.items())
         try:
-            by_index = {int(i): str(name) for i, name in pairs}
+            by_index = {int(i): nfc(str(name)) for i, name in pairs}
         except (TypeError, ValueError):
             by_index = {}
         if by_index and sorted(by_index) == list(range(len(by_index))) and len(by_index) == len(pairs):

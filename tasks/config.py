@@ -70,8 +70,43 @@ PATH_NOTE = "; ~ is your home folder, $VAR is not expanded"
 Root = Annotated[Path | str, PlainValidator(_root_value, json_schema_input_type=str), PlainSerializer(str, return_type=str, when_used="json")]
 
 
+def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's annotation (through ``|``, ``Optional``, ``Annotated``, ``list[...]``,
+    ``tuple[...]``) takes a value of one of ``kinds``."""
+    if annotation in kinds:
+        return True
+    return any(_admits(a, kinds) for a in getattr(annotation, "__args__", ()) if not isinstance(a, str))
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """A field of numbers (``float``, ``int | None``, ``list[float]``, ``tuple[int, int, int]``) that takes no
+    booleans or text of its own: pydantic's lax mode would read ``true`` there as 1."""
+    return _admits(annotation, (int, float)) and not _admits(annotation, (bool, str, Path))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True)
+    # allow_inf_nan=False: inf and nan are refused here, not by each shard (JSON writes them as null,
+    # so a config that passed this check would fail to load in every shard task).
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: Any, info) -> Any:
+        """Refuse a boolean where a number is meant (``decode_timeout_s: true`` would be 1.0 seconds)."""
+        items = v if isinstance(v, list | tuple) else [v]
+        if any(isinstance(x, bool) for x in items) and _numeric_only(cls.model_fields[info.field_name].annotation):
+            b = next(x for x in items if isinstance(x, bool))
+            raise ValueError(f"is the boolean {str(b).lower()}, not a number: YAML reads unquoted true/false/yes/no/on/off "
+                             "as booleans; give a number")
+        return v
+
+
+def _not_a_number(v: Any, info) -> Any:
+    """Refuse a number where a name is meant: YAML reads ``0123`` (octal) and ``12:30`` (base 60)
+    text as numbers, and coercing one back to text would not give what was written (``0123`` → ``'83'``)."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        raise ValueError(number_message("", v))
+    return v
 
 
 class InputConfig(_Section):
@@ -148,7 +183,8 @@ class ModelConfig(_Section):
     checkpoint: Path | None = Field(None, description="state_dict, training checkpoint dict, or TorchScript" + PATH_NOTE)
     weights: str | None = Field(None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) from the local hub cache")
     classes: Path | list[str] | None = Field(
-        None, description="file with one class name a line, or a list (quote names YAML reads as booleans: 'no', 'yes', 'on', 'off')" + PATH_NOTE
+        None, description="file with one class name a line (UTF-8), or a list in output order (quote names YAML reads as booleans "
+        "or numbers: 'no', 'yes', 'on', 'off', '001', '12:30')" + PATH_NOTE
     )
     num_classes: int | None = Field(None, gt=0, description="head size; inferred from the checkpoint when unset")
     trust_checkpoint: bool = Field(
@@ -167,6 +203,7 @@ class ModelConfig(_Section):
     )
 
     _home = field_validator("checkpoint", mode="before")(_user_path)
+    _names_are_text = field_validator("name", "arch", "weights", "factory", mode="before")(_not_a_number)
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -175,7 +212,17 @@ class ModelConfig(_Section):
             for i, c in enumerate(v):
                 if isinstance(c, bool):
                     raise ValueError(yaml_boolean_message(f"model.classes item {i}", c))
+                if isinstance(c, int | float):
+                    raise ValueError(number_message(f"model.classes item {i}", c))
+                if not isinstance(c, str):
+                    raise ValueError(f"model.classes item {i} is a {type(c).__name__}, not a name; write each class name as text")
             return v
+        if isinstance(v, set | frozenset | dict | tuple):  # YAML !!set, !!omap, a mapping
+            kind = "set" if isinstance(v, set | frozenset) else type(v).__name__
+            raise ValueError(f"model.classes must be a list (a YAML sequence, in order), got a {kind}; "
+                             "a set has no order and a mapping is not a list of names: write [first, second, ...] in output order")
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            raise ValueError(number_message("model.classes", v))
         return _user_path(v)
 
     @field_validator("name")
@@ -360,6 +407,7 @@ class RunnerConfig(_Section):
     n_workers: int = Field(1, gt=0, description="threads (thread) or worker processes (dask LocalCluster)")
     threads_per_worker: int = Field(1, gt=0, description="dask: shards each worker scores at once")
     address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    _address_is_text = field_validator("address", mode="before")(_not_a_number)
     warm_workers: bool = Field(
         True,
         description="dask: start the cluster with the run (imgscore run: before the model loads) and have each "
@@ -681,6 +729,12 @@ def yaml_boolean_message(what: str, value: bool) -> str:
             f"quote it: '{word}' (or whichever of those words you wrote)")
 
 
+def number_message(what: str, value: float) -> str:
+    """The refusal for a YAML number where a name was meant (``classes: [001, 010]`` reads as 1 and 8)."""
+    return (f"{what} is the number {value!r}: YAML reads unquoted 001/010/12:30/1_000 as numbers (010 is octal 8, 12:30 is "
+            f"750), so the text you wrote is lost; quote the names: '001'").lstrip()
+
+
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -692,6 +746,10 @@ def _explain(exc: ValidationError) -> str:
             if said not in lines:  # a union (Path | list[str]) reports it once per member
                 lines.append(said)
             continue
+        if err["type"] == "finite_number":  # inf/nan: JSON cannot carry them to the shards
+            unit = " of seconds" if str(loc[-1]).endswith("_s") else ""
+            lines.append(f"config {dotted} must be a finite number{unit}, got {_shown(err.get('input'))}")
+            continue
         if err["type"] == "extra_forbidden":
             valid = _section_fields(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
@@ -699,6 +757,9 @@ def _explain(exc: ValidationError) -> str:
             lines.append(f"unknown config key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
         else:
             msg = err["msg"].removeprefix("Value error, ")  # our validators' messages name the value already
+            if msg.startswith("is the "):  # a boolean or a number where the key's kind was meant: the key leads
+                lines.append(f"config {dotted} {msg}")
+                continue
             got = _shown(err.get("input"))
             never = loc[:2] == ("storage", "options")  # never echo a credential
             said = got in msg or "YAML reads unquoted" in msg  # the value is named already

@@ -47,6 +47,7 @@ from imgscore.tasks.checkpoint import (
 )
 from imgscore.tasks.config import ModelConfig, PreprocessConfig
 from imgscore.tasks.errors import ModelError
+from imgscore.tasks.evaluate import nfc
 from imgscore.tasks.preprocess import (
     DEFAULT_CROP,
     DEFAULT_RESIZE,
@@ -152,7 +153,9 @@ def check_arch(arch: str) -> None:
 
 
 def _read_classes(spec: Path | list[str] | None) -> list[str] | None:
-    """``model.classes``: the inline list, or the file's non-blank lines (stripped).
+    """``model.classes``: the inline list, or the file's non-blank lines (stripped; a UTF-8 byte order mark
+    is not part of the first name), each in Unicode NFC: ``café`` typed with a combining accent is the
+    same class as with a precomposed one, and the duplicate check sees it.
 
     Raises:
         ModelError: the file is missing, or a name is given twice (two outputs one label: the
@@ -161,7 +164,7 @@ def _read_classes(spec: Path | list[str] | None) -> list[str] | None:
     if spec is None:
         return None
     if isinstance(spec, list):
-        names = [str(c) for c in spec]
+        names = [nfc(str(c)) for c in spec]
         if (dup := first_duplicate(names)) is not None:
             name, i, j = dup
             raise ModelError(f"model.classes names {name!r} twice (items {i} and {j} of the list); "
@@ -170,7 +173,7 @@ def _read_classes(spec: Path | list[str] | None) -> list[str] | None:
     p = Path(spec)
     if not p.is_file():
         raise ModelError(f"model.classes file {str(p)!r} does not exist; give a file with one class name a line, or an inline list")
-    numbered = [(n, line.strip()) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    numbered = [(n, nfc(line.strip())) for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
     if (dup := first_duplicate([name for _, name in numbered])) is not None:
         name, i, j = dup
         raise ModelError(f"model.classes file {str(p)!r} names {name!r} twice (lines {numbered[i][0]} and {numbered[j][0]}); "

@@ -238,3 +238,10 @@ def test_the_run_banner_shows_the_input_root_normalised_and_urls_unchanged(tmp_p
     assert shown(f"{tmp_path}/imgscore/../scratch/./big/") == f"run r1: scoring {tmp_path}/scratch/big with mobilenet_v3_small (thread runner) …"
     assert shown("s3://bucket/a/../b") == "run r1: scoring s3://bucket/a/../b with mobilenet_v3_small (thread runner) …"
     assert shown(f"{tmp_path}/[red]x") == f"run r1: scoring {tmp_path}/[red]x with mobilenet_v3_small (thread runner) …"  # no markup
+
+
+def test_an_infinite_timeout_is_refused_before_any_shard_runs(tmp_path, image_folder, tiny_checkpoint):
+    """inf passed the check once and then failed every shard (JSON writes it as null): exit 1 and a traceback."""
+    out = tmp_path / "out"
+    proc = run_cli("run", *_sets(base_overrides(image_folder, tiny_checkpoint, out)), "--set", "input.decode_timeout_s=.inf")
+    _assert_refused(proc, r"config input.decode_timeout_s must be a finite number of seconds, got inf", out)

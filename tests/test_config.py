@@ -234,3 +234,46 @@ def test_flow_parameters_carry_a_small_config_inline_and_a_large_one_by_referenc
         flow_config(None, None)
     with pytest.raises(ConfigError, match=r"config_file '/nonexistent.json' cannot be read"):
         raw_flow_config({"config_file": "/nonexistent.json"})
+
+
+def test_numbers_and_sets_where_class_names_were_meant_are_refused(tmp_path):
+    """YAML 1.1 reads 001, 010 and 12:30 as 1, 8 and 750: recorded as class names they mislabel every prediction."""
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  classes: [001, 010, 12:30]\n")
+    with pytest.raises(ConfigError, match=r"model.classes item 0 is the number 1: YAML reads unquoted 001/010/12:30.*quote the names"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"model.classes item 0 is the number 7: .*quote the names"):
+        build_config({}, ["model.classes=[007, 010, x]"])
+    p.write_text("model:\n  classes: !!set {a, b, c}\n")
+    with pytest.raises(ConfigError, match=r"model.classes must be a list \(a YAML sequence, in order\), got a set; a set has no order"):
+        load_config(p)
+    p.write_text("model:\n  classes: ['001', '010', '12:30']\n")
+    assert load_config(p).model.classes == ["001", "010", "12:30"]  # the fix the message names works
+    with pytest.raises(ConfigError, match=r"^config model.arch is the number 83: .*quote"):
+        build_config({}, ["model.arch=0123"])
+    with pytest.raises(ConfigError, match=r"^config model.name is the number 750: "):
+        build_config({}, ["model.name=12:30"])
+    assert build_config({}, ["run.run_id=20260101"]).run.run_id == "20260101"  # a numeric run id is a folder name
+
+
+def test_booleans_where_numbers_were_meant_are_refused():
+    for key in ("input.decode_timeout_s", "inference.timeout_s", "run.shard_size", "inference.batch_size", "input.max_pixels"):
+        with pytest.raises(ConfigError, match=rf"^config {key} is the boolean true, not a number: YAML reads unquoted"):
+            build_config({}, [f"{key}=true"])
+    with pytest.raises(ConfigError, match=r"^config preprocess.background is the boolean false, not a number"):
+        build_config({}, ["preprocess.background=[false, 0, 0]"])
+    cfg = build_config({}, ["input.decode_timeout_s=30", "inference.timeout_s='45'"])
+    assert (cfg.input.decode_timeout_s, cfg.inference.timeout_s) == (30.0, 45.0)  # ints and text numbers still do
+    assert build_config({}, ["output.embeddings=true"]).output.embeddings is True
+
+
+def test_non_finite_numbers_are_refused_at_config_time():
+    """inf is written to JSON as null: a config that took it would fail in every shard instead."""
+    for item in ("input.decode_timeout_s=inf", "input.decode_timeout_s=.inf", "inference.timeout_s=inf", "storage.read_timeout_s=nan"):
+        key = item.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^config {key} must be a finite number of seconds, got"):
+            build_config({}, [item])
+    with pytest.raises(ConfigError, match=r"config preprocess.mean.1 must be a finite number, got inf"):
+        build_config({}, ["preprocess.mean=[0.5, .inf, 0.5]"])
+    with pytest.raises(ConfigError, match=r"input.decode_timeout_s: Input should be greater than 0"):
+        build_config({}, ["input.decode_timeout_s=0"])

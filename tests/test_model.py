@@ -296,3 +296,23 @@ def test_checkpoint_that_is_a_fifo_is_named_without_blocking(tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_class_names_are_compared_in_nfc_and_a_byte_order_mark_is_not_a_name(tiny_model, tmp_path):
+    """'café' typed with a combining accent is the same class as with a precomposed one."""
+    nfc_cafe, nfd_cafe = "caf\u00e9", "cafe\u0301"
+    p = tmp_path / "m.pt"
+    torch.save({"model": tiny_model.state_dict(), "classes": [nfc_cafe, "tea", nfd_cafe]}, p)
+    with pytest.raises(ModelError, match=r"its class list names 'café' twice \(outputs 0 and 2\)"):
+        _load(p)
+    with pytest.raises(ModelError, match=r"model.classes names 'café' twice \(items 0 and 2 of the list\)"):
+        _load(p, classes=[nfc_cafe, "tea", nfd_cafe])
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(f"{nfd_cafe}\ntea\n{nfc_cafe}\n".encode())
+    with pytest.raises(ModelError, match=r"names 'café' twice \(lines 1 and 3\)"):
+        _load(p, classes=classes)
+    classes.write_bytes("\ufeffcat\ndog\ncat\n".encode())
+    with pytest.raises(ModelError, match=r"names 'cat' twice \(lines 1 and 3\)"):
+        _load(p, classes=classes)
+    classes.write_bytes(f"\ufeff{nfd_cafe}\ndog\ncat\n".encode())
+    assert _load(p, classes=classes).classes == [nfc_cafe, "dog", "cat"]
