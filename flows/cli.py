@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", type=Path, help="YAML config (see configs/nightly.yaml)")
+        sp.add_argument("--config", type=Path, help="YAML config: a file, or a config shipped with imgscore by name (demo, nightly)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set input.root=/data/images (repeatable)")
         sp.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and per-image detail")
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -46,6 +46,8 @@ def _root_value(value: Any) -> Any:
         return value
     if not isinstance(value, str):
         raise ValueError(f"expected a path or a URL, got {type(value).__name__}")
+    if not value.strip():  # Path("") is the working directory: `--set output.root=$OUT` with OUT unset
+        raise ValueError("is empty; set it to a folder or a URL (an unset shell variable in --set KEY=$VAR gives an empty value)")
     text = storage.normalize_root(value)
     return text if storage.is_remote(text) else Path(os.path.expanduser(text))
 
@@ -789,6 +791,10 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
         raise ConfigError(_explain(exc)) from None
 
 
+# Configs shipped with imgscore, that --config takes by name (`--config nightly`) from any folder.
+SHIPPED_CONFIGS = ("demo", "nightly")
+
+
 def shipped_config(name: str) -> Path:
     """A config file shipped with imgscore (``demo.yaml``, ``nightly.yaml``): package data of
     ``imgscore.configs`` (the source tree's ``configs/``), found wherever imgscore is installed
@@ -822,8 +828,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         ConfigError: the file is missing, not valid YAML, not a mapping, or refused by :func:`read_yaml`.
     """
     p = Path(path)
+    if not p.is_file() and str(path) in SHIPPED_CONFIGS:
+        p = shipped_config(f"{path}.yaml")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config configs/nightly.yaml or omit it")
+        raise ConfigError(f"config file {str(p)!r} does not exist; give the path of a YAML file, or the name of a config shipped "
+                          f"with imgscore ({', '.join(SHIPPED_CONFIGS)}: --config nightly), or omit --config")
     where = f"config file {str(p)!r}"
     try:
         loaded = read_yaml(p.read_text(encoding="utf-8"), where)

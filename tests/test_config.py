@@ -277,3 +277,28 @@ def test_non_finite_numbers_are_refused_at_config_time():
         build_config({}, ["preprocess.mean=[0.5, .inf, 0.5]"])
     with pytest.raises(ConfigError, match=r"input.decode_timeout_s: Input should be greater than 0"):
         build_config({}, ["input.decode_timeout_s=0"])
+
+
+def test_an_empty_root_is_refused_not_the_working_directory():
+    """`--set output.root=$OUT` with OUT unset wrote predictions/, errors/ and runs/ into the cwd."""
+    from imgscore.tasks.config import build_config
+    from imgscore.tasks.errors import ConfigError
+
+    for key in ("output.root", "input.root"):
+        with pytest.raises(ConfigError, match=rf"{key}.*is empty; set it to a folder or a URL \(an unset shell variable"):
+            build_config({}, [f"{key}="])
+        with pytest.raises(ConfigError, match=rf"{key}.*is empty"):
+            build_config({}, [f"{key}='  '"])
+
+
+def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from imgscore.tasks.config import load_config
+    from imgscore.tasks.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    nightly = load_config("nightly")
+    assert nightly.run.skip_scored is True  # the production template's setting, not the default
+    assert load_config("demo").model.arch == "resnet18"
+    with pytest.raises(ConfigError, match=r"config file 'configs/nightly.yaml' does not exist; give the path of a YAML file, "
+                                          r"or the name of a config shipped with imgscore \(demo, nightly: --config nightly\)"):
+        load_config("configs/nightly.yaml")
