@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,8 +342,11 @@ def cmd_demo(args, session: startup.Session) -> int:
         console.print(f"accuracy vs folder labels: n/a ({acc.get('reason')})")
     else:
         console.print(f"[bold]accuracy vs folder labels: {acc['accuracy']:.4f}[/] ({acc['correct']}/{acc['labelled']} held-out digits)")
-    query = f"SELECT pred_label, count(*) AS n FROM read_parquet('{cfg.output.root}/predictions/**/*.parquet', hive_partitioning=true) WHERE run_id = '{summary['run_id']}' GROUP BY 1 ORDER BY 1"
-    console.print(f'read it back: .venv/bin/python -c "import duckdb; duckdb.sql(\\"{query}\\").show()"', soft_wrap=True, highlight=False, markup=False)
+    # pandas (a dependency, unlike duckdb) and this interpreter: the line works from a wheel install too
+    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else sys.executable
+    read = (f"import pandas as pd; df = pd.read_parquet('{cfg.output.root}/predictions', filters=[('run_id', '==', '{summary['run_id']}')]); "
+            "print(df.pred_label.value_counts().sort_index())")
+    console.print(f'read it back: {shlex.quote(python)} -c "{read}"', soft_wrap=True, highlight=False, markup=False)
     return code
 
 
