@@ -19,6 +19,25 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def doc_text(page: str) -> str:
+    """The text of ``docs/<page>``: the docs site's pages hold the commands, queries and tables
+    that tests execute or check (the README links to them)."""
+    return (DOCS / page).read_text(encoding="utf-8")
+
+
+def doc_section(page: str, heading: str) -> str:
+    """The ``## heading`` section of ``docs/<page>``, up to the next ``## `` heading; raises
+    ValueError when the page has no such heading (a test must not pass on an empty section)."""
+    text = doc_text(page)
+    marker = f"\n## {heading}\n"
+    if marker not in text:
+        raise ValueError(f"docs/{page} has no '## {heading}' section")
+    return text.split(marker, 1)[1].split("\n## ", 1)[0]
+
+
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel", "cat")
 
 

@@ -1,5 +1,5 @@
 """Analytics-ready Parquet: two runs into one output root, read by DuckDB, pandas, pyarrow and
-polars exactly as the README shows; one schema (and per-run metadata) on every part file.
+polars exactly as docs/results.md shows; one schema (and per-run metadata) on every part file.
 
 Run 1 scores a 3-class folder of 12 photos plus a class of 4 broken files (so one shard has an
 empty predictions file). Run 2 scores the same folder with the same settings, but its shard 1
@@ -23,11 +23,10 @@ from imgscore.tasks.config import build_config
 from imgscore.tasks.model import file_sha256
 from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, config_hash
 from imgscore.tasks.score import ShardError
-from tests.conftest import base_overrides, make_image_folder
+from tests.conftest import base_overrides, doc_section, make_image_folder
 
 pytestmark = pytest.mark.slow
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 SETTINGS = {"run.shard_size": 4, "run.max_error_rate": 0.5, "run.shard_retries": 0}
 
 
@@ -125,16 +124,15 @@ def test_every_part_file_has_identical_schema_and_run_metadata(two_runs):
     assert config_hash(other) != h1
 
 
-def _readme_blocks() -> list[tuple[str, str]]:
-    text = README.read_text(encoding="utf-8")
-    section = text.split("## Reading the results", 1)[1].split("\n## ", 1)[0]
+def _documented_blocks() -> list[tuple[str, str]]:
+    section = doc_section("results.md", "Reading the results")
     return re.findall(r"```(sql|python)\n(.*?)```", section, re.S)
 
 
-def test_readme_examples_run_and_agree_on_latest_prediction(two_runs):
+def test_documented_examples_run_and_agree_on_latest_prediction(two_runs):
     out = two_runs["out"]
     r1, r2 = two_runs["runs"]
-    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _readme_blocks()]
+    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _documented_blocks()]
     assert {lang for lang, _ in blocks} == {"sql", "python"}
     assert sum("pandas" in c for _, c in blocks) and sum("polars" in c for _, c in blocks) and sum("pyarrow.dataset" in c for _, c in blocks)
 
@@ -158,7 +156,7 @@ def test_readme_examples_run_and_agree_on_latest_prediction(two_runs):
         if lang != "python":
             continue
         ns: dict = {}
-        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README examples
+        exec(compile(code, "docs/results.md", "exec"), ns)  # noqa: S102 - our own documented examples
         if "latest" in ns:
             latest = ns["latest"]
             if hasattr(latest, "to_pandas") and not hasattr(latest, "iterrows"):
@@ -239,7 +237,7 @@ def test_rows_name_their_input_folder(two_runs):
 
 
 def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, tiny_checkpoint, tmp_path):
-    """Acceptance (issue 13, part 4): A/x.jpg and B/x.jpg scored into one output root; every README
+    """Acceptance (issue 13, part 4): A/x.jpg and B/x.jpg scored into one output root; every documented
     "latest prediction per image" query (DuckDB, pandas, polars) returns both images, one per
     folder — they partition by (input_root, image_path)."""
     out = tmp_path / "out"
@@ -250,7 +248,7 @@ def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, ti
         photos[photo].convert("RGB").resize((96, 96)).save(root / "x.jpg")
         roots.append(root)
         assert execute(build_config({}, base_overrides(root, tiny_checkpoint, out)), quiet=True)[0] == 0
-    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _readme_blocks()]
+    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _documented_blocks()]
     n_latest = 0
     for lang, code in blocks:
         if lang == "sql":
@@ -263,7 +261,7 @@ def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, ti
                     n_latest += 1
         else:
             ns: dict = {}
-            exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README examples
+            exec(compile(code, "docs/results.md", "exec"), ns)  # noqa: S102 - our own documented examples
             if "latest" in ns:
                 latest = ns["latest"]
                 latest = latest.to_pandas() if hasattr(latest, "to_pandas") and not hasattr(latest, "iterrows") else latest

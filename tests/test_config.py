@@ -75,10 +75,9 @@ def test_shipped_configs_validate():
 
 def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
     """`imgscore config` is generated from the models: every field of every section, with its
-    default and a description; the README's key table names every key too (alone, or in a row of
+    default and a description; the key table of docs/configuration.md names every key too (alone, or in a row of
     its section such as `preprocess.resize`, `crop`, …)."""
     import re
-    from pathlib import Path
 
     from imgscore.flows.cli import main as cli_main
     from imgscore.tasks.config import Config, config_reference
@@ -98,15 +97,17 @@ def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
     assert cli_main(["config", "--format", "markdown"]) == 0
     assert capsys.readouterr().out.count("\n| `") == len(keys)
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    table = readme.split("### Configuration", 1)[1].split("### Outputs", 1)[0]
+    from tests.conftest import doc_text
+
+    page = doc_text("configuration.md")
+    table = page.split("\n## ", 1)[0]  # the reference table comes before the page's first section
     first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     missing = []
     for key in keys:
         section, _, name = key.partition(".")
         if not any(f"`{key}`" in cell or (f"`{section}." in cell and re.search(rf"`{name}`|\b{name}\b", cell)) for cell in first_cells):
             missing.append(key)
-    assert not missing, f"README config table lacks {missing} (imgscore config --format markdown lists them)"
+    assert not missing, f"docs/configuration.md config table lacks {missing} (imgscore config --format markdown lists them)"
 
 
 # ------------------------------------------------------------------ config files as input

@@ -1,14 +1,13 @@
 """Embeddings (``output.embeddings``): the head's input as a fixed-size vector per image, in its own table.
 
 The vectors are checked against a forward hook on the plain torchvision model fed the same
-preprocessed tensors; the README's analytics recipes run on a real run's tables.
+preprocessed tensors; the analytics recipes (docs/results.md) run on a real run's tables.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -25,9 +24,7 @@ from imgscore.tasks.embeddings import Tap, choose_layer, embeddings_table, find_
 from imgscore.tasks.errors import ConfigError
 from imgscore.tasks.model import load_model
 from imgscore.tasks.preprocess import DecodeOptions, build_transform, decode_file
-from tests.conftest import base_overrides
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+from tests.conftest import base_overrides, doc_section
 
 
 @pytest.mark.parametrize(("arch", "head"), [
@@ -112,13 +109,13 @@ def test_vectors_are_the_plain_models_head_input(embedded_run, tiny_model):
 
 
 def _recipes() -> list[str]:
-    section = README.read_text(encoding="utf-8").split("## Analytics recipes", 1)[1].split("\n## ", 1)[0]
+    section = doc_section("results.md", "Analytics recipes")
     return [c for lang, c in re.findall(r"```(sql|python)\n(.*?)```", section, re.S) if lang == "sql"]
 
 
 @pytest.mark.slow
-def test_readme_recipes_find_neighbours_and_the_duplicate(embedded_run):
-    """The README's nearest-neighbour and near-duplicate queries, run as printed on this run:
+def test_documented_recipes_find_neighbours_and_the_duplicate(embedded_run):
+    """The documented (docs/results.md) nearest-neighbour and near-duplicate queries, run as printed on this run:
     the exact copy of coffee_0.jpg is its nearest neighbour (cosine 1 up to float rounding) and
     the one near-duplicate pair of the night."""
     out = embedded_run["out"]
