@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Prefect's temporary server: no telemetry (it only prints errors offline).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test bench lint clean install
+.PHONY: demo test bench lint docs clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,9 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check imgscore flows tasks tests benchmarks
 
+# The docs site (mkdocs.yml, pages under docs/): --strict fails on a broken link or a page missing from the nav.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) outputs/demo outputs/predictions outputs/errors outputs/errors_history outputs/runs outputs/_prefect
+	rm -rf $(VENV) site outputs/demo outputs/predictions outputs/errors outputs/errors_history outputs/runs outputs/_prefect
