@@ -1,6 +1,6 @@
 """``imgscore``: run, rerun, report, config, demo, serve.
 
-Exit codes (README, "Score your own folder"): 0 finished within the error budget; 1 over budget, a shard failed
+Exit codes (docs/getting-started.md, "Score your own folder"): 0 finished within the error budget; 1 over budget, a shard failed
 or a write failed (everything that could be scored is written); 2 bad usage, config, input root
 or model — refused before any scoring, one line naming the bad value and the fix, no traceback;
 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM) — the manifest says

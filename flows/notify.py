@@ -15,7 +15,7 @@ run``, ``imgscore serve`` and a work pool's process worker alike — and reads t
 A notification that cannot be sent (the endpoint is down, answers 4xx/5xx, times out after
 ``notify.timeout_s``, the block is missing) is one warning line in the flow run's log; the run's
 status and exit code stand. Prefect Automations (UI: Automations → flow run state Failed or
-Crashed → "Send a notification") are the alternative that needs no config here (README).
+Crashed → "Send a notification") are the alternative that needs no config here (docs/deployments.md).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def top_error_types(out_root: str | Path, run_date: str | None, run_id: str, n: 
 
 def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, flow_name: str, flow_run_id: str | None,
                 message: str | None) -> dict[str, Any]:
-    """The JSON a webhook receives (README, "Failure notifications"): ``run_id``, ``status`` (the
+    """The JSON a webhook receives (docs/deployments.md, "Failure notifications"): ``run_id``, ``status`` (the
     manifest's, or ``abandoned``; the Prefect state's name lowercased when the run never
     planned), ``prefect_state``, ``flow_name``, ``flow_run_id``, ``message`` (one line), ``reason``,
     ``counts`` (scanned, scored, failed, skipped, already_scored, already_failed, pending),

@@ -132,7 +132,7 @@ def inference_metadata(plan: RunPlan) -> dict:
 
 # A retry of the flow run skips the shards an earlier attempt committed: their commit records
 # (JSON, checked against the part files) are the cache. Prefect persists no task result, so
-# nothing under output.root is ever unpickled (README, "Security").
+# nothing under output.root is ever unpickled (docs/security.md).
 @task(name="score_shard", cache_policy=NO_CACHE, persist_result=False)
 def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}"):
     """One shard on this worker's device; see ``imgscore.tasks.score.score_shard``. Returns its

@@ -2,7 +2,7 @@
 
 For teams without a work pool: ``flow.serve`` machinery (``prefect.serve``) registers a
 deployment with its schedule on the Prefect API and runs each scheduled run in a subprocess of
-this one. With a work pool, use ``prefect.yaml`` and ``prefect deploy`` instead (README.md).
+this one. With a work pool, use ``prefect.yaml`` and ``prefect deploy`` instead (docs/deployments.md).
 """
 
 from __future__ import annotations

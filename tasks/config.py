@@ -64,7 +64,7 @@ def _user_path(value: Any) -> Any:
     return value
 
 
-# What the docs of every path key say about ~ and $VAR (the README's Configuration section says it too).
+# What the docs of every path key say about ~ and $VAR (docs/configuration.md says it too).
 PATH_NOTE = "; ~ is your home folder, $VAR is not expanded"
 
 
@@ -285,7 +285,7 @@ class PreprocessConfig(_Section):
     value_range: tuple[float, float] | None = Field(
         None,
         description="[low, high] pixel values of float and 16/32-bit images that become black and white; "
-        "default: from the data type and each image's finite min/max (README, decode policies)",
+        "default: from the data type and each image's finite min/max (docs/images.md, decode policies)",
     )
     non_finite: Literal["error", "fill"] = Field(
         "error",
@@ -322,7 +322,7 @@ class InferenceConfig(_Section):
         "auto",
         description="DataLoader decode processes per shard; auto: chosen with the torch thread count from the "
         "measured decode and forward cost of this model on these images, or lanes that also run the forward "
-        "(README, Preprocessing and devices)",
+        "(docs/configuration.md, Preprocessing and devices)",
     )
     timeout_s: float = Field(
         300.0, gt=0, description="DataLoader timeout per batch when num_workers > 0, seconds (with lanes, plus four "
@@ -425,7 +425,7 @@ class OutputConfig(_Section):
     embeddings: bool = Field(
         False,
         description="also write each image's penultimate-layer features (the classifier head's input) to the "
-        "embeddings/ table, one fixed-size vector per image (README, 'Analytics recipes')",
+        "embeddings/ table, one fixed-size vector per image (docs/results.md, 'Analytics recipes')",
     )
     embedding_layer: str | None = Field(
         None,
@@ -465,7 +465,7 @@ class DriftConfig(_Section):
 
 
 class NotifyConfig(_Section):
-    """Who hears about a run's end (Prefect flow-run state hooks; README, "Failure notifications")."""
+    """Who hears about a run's end (Prefect flow-run state hooks; docs/deployments.md, "Failure notifications")."""
 
     webhook_url: str | None = Field(
         None,
@@ -532,7 +532,7 @@ class Config(_Section):
     models: list[ModelConfig] | None = Field(
         None,
         description="several model blocks (each as model.*, with a name) scored in one pass: each image is decoded once "
-        "and every model scores it; replaces model (README, 'Several models')",
+        "and every model scores it; replaces model (docs/checkpoints.md, 'Several models')",
     )
     preprocess: PreprocessConfig = PreprocessConfig()
     inference: InferenceConfig = InferenceConfig()
@@ -666,8 +666,8 @@ def _default_text(field) -> str:
 
 def config_reference() -> list[dict[str, str]]:
     """Every config key as ``{key, default, meaning}``, section by section in :class:`Config`'s
-    order, generated from the models' fields and descriptions (``imgscore config``; the README's
-    key table is checked against it)."""
+    order, generated from the models' fields and descriptions (``imgscore config``; the key table of
+    docs/configuration.md is checked against it)."""
     rows = []
     for section, sf in Config.model_fields.items():
         model = sf.annotation
@@ -961,8 +961,7 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 ALLOWED_RERUN_OVERRIDES = ("output.root", "runner.", "inference.", "notify.", "storage.")
 
 # Recorded keys that run code, or send the run or its files somewhere: a rerun reads its config
-# back from the manifest under output.root, which others may be able to write (README,
-# "Security"), so it takes a non-default value of these only when the command repeats it.
+# back from the manifest under output.root, which others may be able to write (docs/security.md), so it takes a non-default value of these only when the command repeats it.
 CONFIRM_ON_RERUN: dict[str, str] = {
     "model.factory": "imports that module and runs that function",
     "model.trust_checkpoint": "unpickles whole modules from the checkpoint (runs code from the file)",

@@ -1,4 +1,4 @@
-"""Paths that come from run state stay inside ``output.root`` (README, "Security").
+"""Paths that come from run state stay inside ``output.root`` (docs/security.md).
 
 Everything under ``output.root`` may have been written by someone other than this tool: output
 roots are shared (a team bucket, a file share), and whoever can write there can edit a manifest,
@@ -21,7 +21,7 @@ A refusal is :class:`UnsafePathError` (exit 2), one line naming the entry, what 
 and what to do. The checks are made where the path is used, so a layout change (a new part-file
 folder) passes through them by using the same path builders (``part_dir``, ``run_dir_of``).
 They stop edited run state; they do not stop a process that swaps folders for symlinks while a
-run is writing — that is what the output root's permissions are for (README, "Security").
+run is writing — that is what the output root's permissions are for (docs/security.md).
 """
 
 from __future__ import annotations

@@ -314,7 +314,7 @@ def _mismatch_error(ck: Checkpoint, sd, expected: set[str], target: str, arch: s
         return ck.refuse(
             f"its classifier head ({head}) is not {arch}'s: {arch} has {', '.join(missing[:4]) or '-'}, the checkpoint has "
             f"{', '.join(unexpected[:4])} (a replaced head, such as nn.Sequential(nn.Dropout(p), nn.Linear(...)))",
-            "Build that module in code and set model.factory: 'package.module:function' to it (README, 'Custom "
+            "Build that module in code and set model.factory: 'package.module:function' to it (docs/checkpoints.md, 'Custom "
             "architectures'), or save the model as TorchScript (torch.jit.script(model).save(path)) and point "
             "model.checkpoint at that file",
         )

@@ -1,6 +1,6 @@
 """Decode one image file fully and turn it into the model's input tensor.
 
-Decoding policy (documented in the README):
+Decoding policy (documented in docs/images.md):
 - only the formats of ``input.formats`` are opened (:func:`imgscore.tasks.formats.open_image`);
   a file whose bytes are another format is a ``format_not_allowed`` error, and no plugin outside
   the list ever sees it (Pillow's EPS plugin would run Ghostscript on it);

@@ -1,5 +1,5 @@
 """Unit cases for ``imgscore.tasks.preprocess.decode_image`` and the shard dataset/collate: the
-field cases of broken and unusual image files (README, "What happens to broken and unusual images").
+field cases of broken and unusual image files (docs/images.md, "What happens to broken and unusual images").
 
 Every input is made here from the real photos of the ``photos`` fixture; every test asserts the
 exact outcome (error kind, pixels, shape), so a wrong decode policy fails it.

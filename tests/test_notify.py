@@ -86,7 +86,7 @@ def test_webhook_receives_the_run_summary_when_a_night_fails(prefect_server, bro
     assert p["error_rate"] == round(6 / 18, 6) and (p["max_error_rate"], p["min_errors"]) == (0.01, 5)
     assert sum(e["count"] for e in p["top_error_types"]) == 6 and {e["stage"] for e in p["top_error_types"]} == {"decode"}
     assert "error rate 33.33%" in p["reason"]
-    assert p["message"].startswith(f"run {run_dir.name} over its error budget: ")  # as the README's example: no Prefect prefix
+    assert p["message"].startswith(f"run {run_dir.name} over its error budget: ")  # as docs/deployments.md's example: no Prefect prefix
     assert p["report"] == str(run_dir / "report.html") and Path(p["report"]).is_file()
     assert (p["manifest"], p["input_root"], p["output_root"]) == (str(run_dir / "manifest.json"), str(broken_folder), str(out))
     assert rx.url not in (run_dir / "manifest.json").read_text()

@@ -360,7 +360,7 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
 
 @pytest.mark.slow
 def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
-    """The README's `prefect flow-run retry ID --entrypoint imgscore.flows.score_images:score_images`
+    """The documented (docs/reruns.md) `prefect flow-run retry ID --entrypoint imgscore.flows.score_images:score_images`
     on a failed `imgscore run`-style flow run: the completed shards are Cached (from their commit
     records), the run completes."""
     from prefect.client.orchestration import get_client

@@ -1,4 +1,4 @@
-"""Nothing read back from the output root runs code or reaches outside it (README, "Security").
+"""Nothing read back from the output root runs code or reaches outside it (docs/security.md).
 
 Output roots are shared: whoever can write there can replace a file, edit run state or plant a
 symlink. These tests plant exactly that and check what imgscore does next: a pickle where a
