@@ -344,7 +344,7 @@ class InferenceConfig(_Section):
     )
     canary_images: int = Field(
         64, gt=0, description="reduced precision: the run's first N images scored with fp32 torch and "
-        "the fast path; refused below 99.5 % top-1 agreement or above 0.01 mean |Δscore|",
+        "the fast path; refused below 99.5 % top-1 agreement or above 0.01 mean absolute Δscore",
     )
     on_canary_fail: Literal["refuse", "fp32"] = Field(
         "refuse", description="refuse: exit 2 before scoring; fp32: warn and score in fp32 with the same backend"

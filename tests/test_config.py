@@ -75,8 +75,8 @@ def test_shipped_configs_validate():
 
 def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
     """`imgscore config` is generated from the models: every field of every section, with its
-    default and a description; the key table of docs/configuration.md names every key too (alone, or in a row of
-    its section such as `preprocess.resize`, `crop`, …)."""
+    default and a description; docs/configuration.md holds exactly that table (its generated
+    block), so it names every key too."""
     import re
 
     from imgscore.flows.cli import main as cli_main
@@ -95,12 +95,15 @@ def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
     printed = capsys.readouterr().out
     assert all(k in printed for k in keys)
     assert cli_main(["config", "--format", "markdown"]) == 0
-    assert capsys.readouterr().out.count("\n| `") == len(keys)
+    markdown = capsys.readouterr().out
+    assert markdown.count("\n| `") == len(keys)
 
-    from tests.conftest import doc_text
+    from tests.conftest import doc_section
 
-    page = doc_text("configuration.md")
-    table = page.split("\n## ", 1)[0]  # the reference table comes before the page's first section
+    section = doc_section("configuration.md", "Every key")
+    begin, end = "<!-- generated: imgscore config --format markdown -->\n", "<!-- end generated -->"
+    table = section.split(begin, 1)[1].split(end, 1)[0]
+    assert table == markdown, "docs/configuration.md: paste `imgscore config --format markdown` between its markers"
     first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     missing = []
     for key in keys:
