@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 from pathlib import Path
 
+import duckdb
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +31,7 @@ from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
 from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
 from imgscore.tasks.runstate import load_manifest
 from imgscore.tasks.scan import scan_images
-from tests.conftest import assert_same_answers, make_image_folder
+from tests.conftest import assert_same_answers, doc_section, make_image_folder
 
 ATOL = 1e-4  # the same tensors through the same module: only batch composition differs
 
@@ -291,3 +294,26 @@ def test_embeddings_of_several_models_share_one_table_or_are_refused(prefect_ser
     printed = capfd.readouterr()
     assert code == 2 and "small 1024, r18 512" in printed.out + printed.err
     assert not (tmp_path / "out2" / "predictions").exists()
+
+
+def test_the_documented_near_duplicate_query_gives_each_pair_once_per_model(prefect_server, photos, tiny_checkpoint, tmp_path):
+    """docs/results.md's near-duplicate query, as printed, on a two-model run whose models share
+    one checkpoint (one model_id) under two transforms: the exact copy of coffee_0.jpg is found
+    once for each model, named by model_name, and no row pairs one model's vector with the other's.
+    By construction: a copy decodes to the same pixels, so each model gives it the same vector
+    (cosine 1); the query keeps only pairs above 0.999."""
+    root = make_image_folder(tmp_path / "images", photos)
+    shutil.copy(root / "coffee" / "coffee_0.jpg", root / "coffee" / "coffee_copy.jpg")
+    out = tmp_path / "out"
+    small = {"name": "small", "arch": "mobilenet_v3_small", "checkpoint": str(tiny_checkpoint)}
+    twin = {**small, "name": "twin", "transform": {"resize": 160, "crop": 128}}
+    code, _ = _run(root, out, [small, twin], "dupes", **{"output.embeddings": True})
+    assert code == 0
+    sql = "\n".join(c for lang, c in re.findall(r"```(sql|python)\n(.*?)```", doc_section("results.md", "Analytics recipes"), re.S) if lang == "sql")
+    stmt = next(s for s in sql.split(";") if "near-duplicates" in s)
+    res = duckdb.sql(stmt.replace("'outputs/", f"'{out}/"))
+    cols, rows = res.columns, res.fetchall()
+    got = [(r[cols.index("model_name")], r[cols.index("image_a")], r[cols.index("image_b")]) for r in rows]
+    assert len(got) == len(set(got))
+    assert {g for g in got if g[1:] == ("coffee/coffee_0.jpg", "coffee/coffee_copy.jpg")} == {
+        ("small", "coffee/coffee_0.jpg", "coffee/coffee_copy.jpg"), ("twin", "coffee/coffee_0.jpg", "coffee/coffee_copy.jpg")}
