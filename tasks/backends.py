@@ -57,7 +57,7 @@ EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
 EXPORT_FORMAT = 1  # bump when the export recipe changes (invalidates every cached export)
 OPSET = 18  # ONNX opset of exports; ONNX Runtime >= 1.14 and OpenVINO >= 2023.0 read it
 
-# Canary thresholds (issue 16): refuse reduced precision below this top-1 agreement with fp32
+# Canary thresholds: refuse reduced precision below this top-1 agreement with fp32
 # torch, or above this mean |Δscore| (the reference top-1 class's probability).
 CANARY_MIN_AGREEMENT = 0.995
 CANARY_MAX_MEAN_DSCORE = 0.01

@@ -212,7 +212,7 @@ def _open_with_every_reader(folder: Path) -> dict[str, dict[str, tuple[int, set[
 
 
 def test_each_installed_reader_opens_the_folders_untouched(two_runs):
-    """Acceptance (issue 13, part 5): pandas, pyarrow (read_table and dataset), polars and DuckDB
+    """Acceptance: pandas, pyarrow (read_table and dataset), polars and DuckDB
     open predictions/ and errors/ of a two-run output root as they are, with run_id a string
     column and run_date from the path; every reader sees every row of both runs. Spark follows by
     construction: its partition discovery takes only key=value folders (run_date), and run_id is
@@ -229,7 +229,7 @@ def test_each_installed_reader_opens_the_folders_untouched(two_runs):
 
 
 def test_rows_name_their_input_folder(two_runs):
-    """Acceptance (issue 13, part 4): input_root on every row of both tables, the absolute input.root."""
+    """Acceptance: input_root on every row of both tables, the absolute input.root."""
     out, root = two_runs["out"], two_runs["root"]
     for table in ("predictions", "errors"):
         t = pq.read_table(out / table, columns=["input_root"])
@@ -237,7 +237,7 @@ def test_rows_name_their_input_folder(two_runs):
 
 
 def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, tiny_checkpoint, tmp_path):
-    """Acceptance (issue 13, part 4): A/x.jpg and B/x.jpg scored into one output root; every documented
+    """Acceptance: A/x.jpg and B/x.jpg scored into one output root; every documented
     "latest prediction per image" query (DuckDB, pandas, polars) returns both images, one per
     folder — they partition by (input_root, image_path)."""
     out = tmp_path / "out"

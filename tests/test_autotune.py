@@ -8,7 +8,7 @@ import torch
 
 from imgscore.tasks import autotune as A
 
-# Per-image costs measured here (benchmarks/NOTES.md, issue 16), seconds: decode core time,
+# Per-image costs measured here (benchmarks/NOTES.md), seconds: decode core time,
 # forward with 1 thread, forward with both cores.
 COMPUTE = A.Costs(decode=0.0117, fwd_1=0.150, fwd_share=0.081, share=2, images=8)  # resnet50, 1600×1200
 DECODE = A.Costs(decode=0.0341, fwd_1=0.0139, fwd_share=0.0106, share=2, images=8)  # mobilenet_v3_large, 4000×3000

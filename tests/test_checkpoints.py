@@ -1,4 +1,4 @@
-"""Checkpoints people actually have (issue 12): PyTorch Lightning, any uniform key prefix, pre-0.4
+"""Checkpoints people actually have: PyTorch Lightning, any uniform key prefix, pre-0.4
 state dicts, safetensors (by content), class names as class_to_idx/idx_to_class, replaced heads
 with ``model.factory`` — each loads to the same function as the model it was saved from, or is
 refused with the file described and the one fix that applies.

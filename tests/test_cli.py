@@ -159,7 +159,7 @@ def test_ctrl_c_to_the_process_group_exits_130_with_the_rerun_command(tmp_path, 
     assert not alive, "temporary Prefect server outlived the interrupted run"
     import json
 
-    # the run says so (issue 13): manifest status, reason, report.html of what was done so far
+    # the run says so: manifest status, reason, report.html of what was done so far
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["status"] == "interrupted" and m["reason"].startswith("SIGINT")
     assert 0 < m["counts"]["scored"] < 72 and m["counts"]["pending"] > 0

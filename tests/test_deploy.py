@@ -213,7 +213,7 @@ def test_prefect_deploy_then_a_deployment_run_scores_on_dask(prefect_server, tmp
     assert run_date_dir.name == f"run_date={fr.start_time:%Y-%m-%d}"
 
     # An expected failure (over the error budget) in a deployment run: one line in the worker's
-    # log, no traceback (issue 13) — the flow modules install the filter when a worker imports them.
+    # log, no traceback — the flow modules install the filter when a worker imports them.
     bad = make_image_folder(tmp_path / "bad", photos, per_class=1)
     (bad / "zzz").mkdir()
     for i in range(6):

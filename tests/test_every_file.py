@@ -1,4 +1,4 @@
-"""Every file under input.root ends in exactly one place (issue 12): a prediction, an errors row,
+"""Every file under input.root ends in exactly one place: a prediction, an errors row,
 or ``skipped`` with a reason — except hidden names and ``__MACOSX``, which appear nowhere.
 
 The acceptance folder holds one file for every extension Pillow registers — written by Pillow in

@@ -61,7 +61,7 @@ def errors_of(out, m: dict):
 @pytest.mark.slow
 def test_a_corrupt_upload_fails_one_night_and_is_carried_until_it_changes(prefect_server, photos, tiny_checkpoint, tmp_path, capsys,
                                                                         out_root):
-    """Acceptance (issue 13, part 1). Night 1 is clean. Night 2 takes on one new file, a text
+    """Acceptance. Night 1 is clean. Night 2 takes on one new file, a text
     file named .jpg: 1 of 1 failed is 100 % but under run.min_errors (5), so the night is
     ``partial``, exit 0. Night 3, nothing new: exit 0, the bad file carried as already_failed 1
     (not retried: no errors rows, nothing scanned), listed with the run that recorded it, and its

@@ -1,4 +1,4 @@
-"""One bad file never costs the rest (issue 3): per-image and per-batch failure capture, junk and
+"""One bad file never costs the rest: per-image and per-batch failure capture, junk and
 names in the scan, accounting, error budget, shard retries, quiet terminal.
 
 The acceptance folder mixes real photos (scikit-image) in awkward-but-valid encodings with broken

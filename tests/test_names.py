@@ -1,4 +1,4 @@
-"""Names from the wild (issue 12): Unicode NFD folder names (macOS) against NFC class lists, and
+"""Names from the wild: Unicode NFD folder names (macOS) against NFC class lists, and
 ``$``, ``\\``, ``^``, ``_`` in class and file names, which matplotlib would read as math text.
 
 Class names are compared after NFC normalization everywhere they are compared (folder vs model

@@ -68,7 +68,7 @@ def broken_folder(tmp_path, photos) -> Path:
 
 @pytest.mark.slow
 def test_webhook_receives_the_run_summary_when_a_night_fails(prefect_server, broken_folder, tiny_checkpoint, tmp_path):
-    """Acceptance (issue 13, part 3): over the error budget → flow run Failed → on_failure hook →
+    """Acceptance: over the error budget → flow run Failed → on_failure hook →
     one POST with the documented fields and the run's real numbers. The URL is not recorded in
     the manifest or the part files (it often holds a token)."""
     out = tmp_path / "out"

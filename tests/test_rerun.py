@@ -101,7 +101,7 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     leftover = next(pred_dir.glob("run_date=*/killed")) / ".part-00019.parquet.99999.tmp"
     leftover.write_bytes(b"PAR1 half a file")
     assert run_lock.read_lock(out / "runs" / "killed")["pid"] == proc.pid
-    # issue 13: nothing could write an ending, so readers report the run abandoned, with the fix
+    # nothing could write an ending, so readers report the run abandoned, with the fix
     from imgscore.flows import notify
     from imgscore.tasks.report import build_report
 

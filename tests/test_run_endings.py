@@ -142,7 +142,7 @@ def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_
 @pytest.mark.slow
 def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(prefect_server, photos, tiny_checkpoint, tmp_path, capfd,
                                                                            out_root, root_kind, request):
-    """Acceptance (issue 13, part 2): the run's predictions folder is a full disk (on a bucket:
+    """Acceptance: the run's predictions folder is a full disk (on a bucket:
     a prefix whose PUTs are refused). Exit 1 with one line on stderr (the path, the error, the
     rerun command) and no traceback; the manifest says ``crashed`` with that reason, no shard is
     marked done, no temp file is left, report.html shows what was done. Once writes succeed

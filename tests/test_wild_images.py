@@ -1,4 +1,4 @@
-"""Pixels that must not be silently wrong (issue 12): float and wide-integer images, NaN/Inf
+"""Pixels that must not be silently wrong: float and wide-integer images, NaN/Inf
 no-data, PNGs with large text or ICC chunks, embedded ICC profiles, and a file replaced between
 the scan and the decode. Every image is written in the test with Pillow.
 
