@@ -218,27 +218,27 @@ class FaultProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else None
 
+            def _answer(self, status: int, xml: bytes) -> None:
+                """An S3 error answer of the proxy's own (the request never reaches the server)."""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(xml)))
+                self.end_headers()
+                self.wfile.write(xml)
+
             def _forward(self) -> None:
                 key = self.path.split("?", 1)[0]
                 if self.command == "GET" and "?" not in self.path:
                     with proxy._lock:
                         proxy.gets[key] += 1
                     if key in proxy.fail_keys:
-                        self.send_response(503)
-                        self.send_header("Content-Type", "application/xml")
-                        self.send_header("Content-Length", str(len(SLOWDOWN)))
-                        self.end_headers()
-                        self.wfile.write(SLOWDOWN)
+                        self._answer(503, SLOWDOWN)
                         return
                     if key in proxy.slow_keys:
                         time.sleep(proxy.slow_s)
                 body = self._body()
                 if self.command == "PUT" and any(urllib.parse.unquote(key).startswith(p) for p in proxy.deny_put_prefixes):
-                    self.send_response(403)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(ACCESS_DENIED)))
-                    self.end_headers()
-                    self.wfile.write(ACCESS_DENIED)
+                    self._answer(403, ACCESS_DENIED)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
                 if body is not None:
