@@ -583,8 +583,6 @@ def check_finite_outputs(lm: LoadedModel, name: str, source: str) -> None:
     Raises:
         ModelError: naming the model and what its outputs were.
     """
-    from imgscore.tasks.backends import forward_probs
-
     crop = lm.preprocess.crop
     g = torch.Generator().manual_seed(PROBE_SEED)
     x = torch.rand(PROBE_IMAGES, 3, crop, crop, generator=g)
@@ -594,14 +592,13 @@ def check_finite_outputs(lm: LoadedModel, name: str, source: str) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
-            probs = forward_probs(lm, x, "fp32")
+            raw = lm.module(x)
     except Exception:  # a module that cannot take this input: scoring will say so per batch
         return
+    raw = raw[0] if isinstance(raw, (tuple, list)) else raw
+    probs = torch.softmax(raw.float(), dim=1) if raw.ndim == 2 else raw  # as scoring turns logits into probabilities
     if probs.ndim != 2 or bool(torch.isfinite(probs).all(dim=1).any()):
         return
-    with torch.inference_mode():
-        raw = lm.module(x)
-    raw = raw[0] if isinstance(raw, (tuple, list)) else raw
     what = ", ".join(w for w, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)) if bool(f(raw).any()))
     raise ModelError(
         f"model {name} ({source}) gives non-finite outputs for every input: its logits hold {what or 'values whose softmax is NaN'} "

@@ -18,7 +18,6 @@ PACKAGES = {"imgscore": "imgscore", "imgscore.flows": "flows", "imgscore.tasks":
 KNOWN = [
     {"imgscore.tasks.containment", "imgscore.tasks.parquet_io", "imgscore.tasks.storage"},
     {"imgscore.tasks.objscan", "imgscore.tasks.scan"},
-    {"imgscore.tasks.backends", "imgscore.tasks.model"},
     {"imgscore.flows.dask_runner", "imgscore.flows.dask_warm", "imgscore.flows.runner", "imgscore.flows.score_images"},
 ]
 
