@@ -30,8 +30,8 @@ import torchvision
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgscore.tasks.demo import DEMO_SPEC  # noqa: E402
-from imgscore.tasks.preprocess import DecodeOptions, build_transform, decode_image  # noqa: E402
+from imgscore.demo import DEMO_SPEC  # noqa: E402
+from imgscore.images.preprocess import DecodeOptions, build_transform, decode_image  # noqa: E402
 from tests.conftest import save_as_if_cuda  # noqa: E402
 
 DEMO = REPO / "outputs" / "demo"

@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imgscore.tasks.incremental import split_already_scored  # noqa: E402
-from imgscore.tasks.parquet_io import PREDICTIONS_SCHEMA, part_dir  # noqa: E402
-from imgscore.tasks.scan import ImageEntry, ImageIndex  # noqa: E402
+from imgscore.images.scan import ImageEntry, ImageIndex  # noqa: E402
+from imgscore.io.parquet import PREDICTIONS_SCHEMA, part_dir  # noqa: E402
+from imgscore.runstate.incremental import split_already_scored  # noqa: E402
 
 MODEL = {"model_id": "c" * 64, "preprocess": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
 

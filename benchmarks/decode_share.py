@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from run import DATA, cores, cpu_model, make_images  # noqa: E402
 
-from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image  # noqa: E402
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO / "benchmarks" / "data"
 
-from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image  # noqa: E402
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     ckpt = DATA / "ckpt" / "digits_resnet18.pt"
     model = None
     if ckpt.exists():
-        from imgscore.tasks.config import ModelConfig, PreprocessConfig
-        from imgscore.tasks.model import load_model
+        from imgscore.config.schema import ModelConfig, PreprocessConfig
+        from imgscore.inference.model import load_model
 
         model = load_model(ModelConfig(arch="resnet18", checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=False)
     for name, x in tensors.items():

@@ -1,8 +1,8 @@
 """GPU check: CPU/GPU agreement on one checkpoint, and throughput at two batch sizes.
 
 One script to run on a machine with CUDA (it exits 2 without it). It uses the project's own
-loading, dataset and forward code (``imgscore.tasks.model.load_model``, ``imgscore.tasks.dataset.ShardDataset``,
-``imgscore.tasks.score.forward_probs``), so what it measures is what ``score_shard`` does:
+loading, dataset and forward code (``imgscore.inference.model.load_model``, ``imgscore.images.dataset.ShardDataset``,
+``imgscore.inference.score.forward_probs``), so what it measures is what ``score_shard`` does:
 
 1. agreement: the same images through the same checkpoint on CPU (fp32) and GPU (fp32, bf16,
    fp16): top-1 agreement and the largest top-1 probability difference;
@@ -34,12 +34,12 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgscore.tasks.config import ModelConfig, PreprocessConfig  # noqa: E402
-from imgscore.tasks.dataset import ShardDataset, collate_samples  # noqa: E402
-from imgscore.tasks.model import load_model  # noqa: E402
-from imgscore.tasks.preprocess import DecodeOptions  # noqa: E402
-from imgscore.tasks.scan import scan_images  # noqa: E402
-from imgscore.tasks.score import forward_probs  # noqa: E402
+from imgscore.config.schema import ModelConfig, PreprocessConfig  # noqa: E402
+from imgscore.images.dataset import ShardDataset, collate_samples  # noqa: E402
+from imgscore.images.preprocess import DecodeOptions  # noqa: E402
+from imgscore.images.scan import scan_images  # noqa: E402
+from imgscore.inference.model import load_model  # noqa: E402
+from imgscore.inference.score import forward_probs  # noqa: E402
 
 
 def make_images(folder: Path, n: int) -> Path:

@@ -64,7 +64,7 @@ def make_images(root: Path, n: int) -> Path:
 
 
 def listing_rate(root: str) -> float:
-    from imgscore.tasks.scan import open_scan, scan_threads_for
+    from imgscore.images.scan import open_scan, scan_threads_for
 
     t0 = time.perf_counter()
     scan = open_scan(root)
@@ -75,9 +75,9 @@ def listing_rate(root: str) -> float:
 def decode_rate(root: str, workers: int) -> float:
     from torch.utils.data import DataLoader
 
-    from imgscore.tasks.dataset import ShardDataset, collate_samples
-    from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
-    from imgscore.tasks.scan import scan_images
+    from imgscore.images.dataset import ShardDataset, collate_samples
+    from imgscore.images.preprocess import DecodeOptions, PreprocessSpec
+    from imgscore.images.scan import scan_images
 
     entries = scan_images(root).entries
     ds = ShardDataset(root, entries, PreprocessSpec(), DecodeOptions(10**8))
@@ -90,9 +90,9 @@ def decode_rate(root: str, workers: int) -> float:
 
 
 def scoring_rate(root: str, workers: int, checkpoint: Path) -> float:
-    from imgscore.tasks.config import InferenceConfig, InputConfig, ModelConfig, PreprocessConfig
-    from imgscore.tasks.scan import scan_images
-    from imgscore.tasks.score import RowContext, load_scorer, score_entries
+    from imgscore.config.schema import InferenceConfig, InputConfig, ModelConfig, PreprocessConfig
+    from imgscore.images.scan import scan_images
+    from imgscore.inference.score import RowContext, load_scorer, score_entries
 
     entries = scan_images(root).entries
     scorer = load_scorer(ModelConfig(arch="mobilenet_v3_small", checkpoint=checkpoint, num_classes=len(CLASSES)), PreprocessConfig(),
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import torch
     import torchvision
 
-    from imgscore.tasks import storage
+    from imgscore.io import storage
     from tests.s3_server import SeaweedS3, upload_folder
 
     local = make_images(DATA / "images", args.images)

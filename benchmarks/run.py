@@ -61,7 +61,7 @@ from torchvision.datasets import ImageFolder
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgscore.tasks.model import fold_conv_bn  # noqa: E402
+from imgscore.inference.model import fold_conv_bn  # noqa: E402
 
 DATA = REPO / "benchmarks" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -280,8 +280,8 @@ def plain_module(arch: str, ckpt: Path) -> nn.Module:
 
 
 def trained_checkpoint() -> Path:
-    """The demo's resnet18, trained here on scikit-learn's digit scans (imgscore.tasks.demo; cached)."""
-    from imgscore.tasks.demo import build_digits_folder, train_demo_model
+    """The demo's resnet18, trained here on scikit-learn's digit scans (imgscore.demo; cached)."""
+    from imgscore.demo import build_digits_folder, train_demo_model
 
     ckpt = DATA / "ckpt" / "digits_resnet18.pt"
     if not ckpt.exists():
@@ -454,12 +454,12 @@ def reference_predictions(root: Path, arch: str, ckpt: Path, batch: int, noise: 
 def pipeline_predictions(root: Path, arch: str, ckpt: Path, batch: int, workers: int) -> dict[str, tuple[int, float]]:
     """Top-1 through imgscore's own scoring path, in process: scan, ShardDataset (JPEG draft),
     collate, load_model(channels_last).folded(), forward_probs — what score_shard runs."""
-    from imgscore.tasks.config import ModelConfig, PreprocessConfig
-    from imgscore.tasks.dataset import ShardDataset, collate_samples
-    from imgscore.tasks.model import load_model
-    from imgscore.tasks.preprocess import DecodeOptions
-    from imgscore.tasks.scan import scan_images
-    from imgscore.tasks.score import forward_probs
+    from imgscore.config.schema import ModelConfig, PreprocessConfig
+    from imgscore.images.dataset import ShardDataset, collate_samples
+    from imgscore.images.preprocess import DecodeOptions
+    from imgscore.images.scan import scan_images
+    from imgscore.inference.model import load_model
+    from imgscore.inference.score import forward_probs
 
     torch.set_num_threads(cores())
     lm = load_model(ModelConfig(arch=arch, checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=True).folded()
@@ -494,7 +494,7 @@ def forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: int, thr
 
 def cpu_flags() -> list[str]:
     """The CPU's SIMD flags that matter here (``lscpu``/``/proc/cpuinfo``): AVX*, AMX, FMA, F16C."""
-    from imgscore.tasks.backends import cpu_signature
+    from imgscore.inference.backends import cpu_signature
 
     sig = cpu_signature()
     return sig[sig.index("[") + 1 : -1].split() if "[" in sig else []
@@ -507,11 +507,11 @@ def has_bf16() -> bool:
 
 def backend_forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: int, threads: int) -> dict:
     """Forward-only img/s of every backend on the same pre-decoded batch, through imgscore's own
-    backends (tasks/backends.py: folded torch module, ONNX export from the bench cache), and each
+    backends (imgscore/inference/backends.py: folded torch module, ONNX export from the bench cache), and each
     one's agreement with torch fp32 on that batch (top-1, mean and max |Δscore|, as the canary)."""
-    from imgscore.tasks import backends as B
-    from imgscore.tasks.config import ModelConfig, PreprocessConfig
-    from imgscore.tasks.model import load_model
+    from imgscore.config.schema import ModelConfig, PreprocessConfig
+    from imgscore.inference import backends as B
+    from imgscore.inference.model import load_model
 
     torch.set_num_threads(threads)
     lm = load_model(ModelConfig(arch=arch, checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=True).folded()
@@ -545,9 +545,9 @@ def backend_forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: 
 def decode_core_time(paths: list[Path], draft: bool) -> dict:
     """Seconds of one core per image for decode + eval transform (what a DataLoader worker does),
     through imgscore's own dataset code (EXIF, mode handling, transform)."""
-    from imgscore.tasks.dataset import ShardDataset
-    from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
-    from imgscore.tasks.scan import ImageEntry
+    from imgscore.images.dataset import ShardDataset
+    from imgscore.images.preprocess import DecodeOptions, PreprocessSpec
+    from imgscore.images.scan import ImageEntry
 
     torch.set_num_threads(1)
     root = os.path.commonpath([str(p) for p in paths])
@@ -912,7 +912,7 @@ def run_dask_cold_start(spec: SmallSpec) -> dict:
 
 def import_cost() -> dict:
     """Seconds for a fresh interpreter to import what ``imgscore run`` imports (no server)."""
-    code = "import torch, torchvision, prefect, imgscore.flows.cli, imgscore.flows.score_images, imgscore.tasks.score"
+    code = "import torch, torchvision, prefect, imgscore.flows.cli, imgscore.flows.score_images, imgscore.inference.score"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(), cwd=REPO)
     return {"seconds": round(time.perf_counter() - t0, 2)}
@@ -1114,20 +1114,20 @@ def pipeline_throughput(root: Path, arch: str, ckpt: Path, batch: int, workers: 
     everything score_shard does except writing Parquet; model load and warm-up not timed."""
     import dataclasses
 
-    from imgscore.tasks.config import ModelConfig, PreprocessConfig
-    from imgscore.tasks.dataset import ShardDataset, collate_samples
-    from imgscore.tasks.model import load_model
-    from imgscore.tasks.preprocess import DecodeOptions
-    from imgscore.tasks.scan import scan_images
-    from imgscore.tasks.score import forward_probs
+    from imgscore.config.schema import ModelConfig, PreprocessConfig
+    from imgscore.images.dataset import ShardDataset, collate_samples
+    from imgscore.images.preprocess import DecodeOptions
+    from imgscore.images.scan import scan_images
+    from imgscore.inference.model import load_model
+    from imgscore.inference.score import forward_probs
 
     torch.set_num_threads(threads)
     lm = load_model(ModelConfig(arch=arch, checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=channels_last)
     if fold:
         lm = lm.folded()
-    mf = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with torch.inference_mode():
-        forward_probs(lm, torch.zeros(2, 3, 224, 224).contiguous(memory_format=mf), "fp32")
+        forward_probs(lm, torch.zeros(2, 3, 224, 224).contiguous(memory_format=memory_format), "fp32")
     index = scan_images(root, "auto", True)
     spec = dataclasses.replace(lm.preprocess, jpeg_draft=draft)
     t0 = time.perf_counter()
@@ -1137,7 +1137,7 @@ def pipeline_throughput(root: Path, arch: str, ckpt: Path, batch: int, workers: 
     n = 0
     with torch.inference_mode():
         for b in loader:
-            forward_probs(lm, b.tensor.contiguous(memory_format=mf), "fp32")
+            forward_probs(lm, b.tensor.contiguous(memory_format=memory_format), "fp32")
             n += len(b.positions)
     dt_ = time.perf_counter() - t0
     torch.set_num_threads(cores())
@@ -1329,7 +1329,7 @@ def main(argv=None) -> int:
         "cpu_flags": cpu_flags(),
         "bf16_native": has_bf16(),
     }
-    from imgscore.tasks.backends import runtime_versions
+    from imgscore.inference.backends import runtime_versions
 
     r["runtimes"] = runtime_versions()
     print(f"imgscore bench ({args.sizes}): {r['cores']} cores, load {r['load_before']}", flush=True)

@@ -43,16 +43,16 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgscore.tasks.config import Config  # noqa: E402
-from imgscore.tasks.index import read_shard_entries as read_index_rows  # noqa: E402
-from imgscore.tasks.manifest import check_shard  # noqa: E402
-from imgscore.tasks.parquet_io import PREDICTIONS_SCHEMA, make_table, write_table_atomic  # noqa: E402
-from imgscore.tasks.plan import load_plan, plan_new_run  # noqa: E402
-from imgscore.tasks.runstate import COMPACT_EVERY_S, ShardResult  # noqa: E402
-from imgscore.tasks.scan import INDEX_SCHEMA, Scan, open_scan  # noqa: E402
+from imgscore.config.schema import Config  # noqa: E402
+from imgscore.images.scan import INDEX_SCHEMA, Scan, open_scan  # noqa: E402
+from imgscore.io.parquet import PREDICTIONS_SCHEMA, make_table, write_table_atomic  # noqa: E402
+from imgscore.runstate.commits import check_shard  # noqa: E402
+from imgscore.runstate.index import read_shard_entries as read_index_rows  # noqa: E402
+from imgscore.runstate.manifest import COMPACT_EVERY_S, ShardResult  # noqa: E402
+from imgscore.runstate.plan import load_plan, plan_new_run  # noqa: E402
 
 
-def read_shard_entries(ref):  # what a shard task reads first (imgscore.tasks.score.read_shard_entries, without torch)
+def read_shard_entries(ref):  # what a shard task reads first (imgscore.inference.score.read_shard_entries, without torch)
     return read_index_rows(ref.run_dir, ref.index_file, ref.row_group)
 
 CLASSES = [f"class_{c:03d}" for c in range(100)]
@@ -189,8 +189,8 @@ def measure_shards(run_dir: Path, shard_size: int, commits: int, tmp: Path) -> d
          "scored_at": now, "file_size": e.size, "file_mtime_ns": e.mtime_ns}
         for i, e in enumerate(entries)
     ]
-    from imgscore.tasks.manifest import shard_files
-    from imgscore.tasks.parquet_io import ERRORS_SCHEMA
+    from imgscore.io.parquet import ERRORS_SCHEMA
+    from imgscore.runstate.commits import shard_files
 
     pred, err = shard_files(plan.manifest.config["output"]["root"], plan.run_date, plan.run_id, 0)
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Called from the flow's finish step. Nothing here may fail a run: a report or artifact that
 cannot be written is logged as a warning (with the reason) and the run's status stands.
 
-Artifact keys are stable per flow (``imgscore.tasks.report.artifact_key``), so Prefect's Artifacts page
+Artifact keys are stable per flow (``imgscore.report.build.artifact_key``), so Prefect's Artifacts page
 shows each one's history night over night:
 
 - ``<flow>-summary``: table artifact, one row of counts for the run;
@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import time
 
-from imgscore.tasks import report as rp
-from imgscore.tasks.storage import AnyPath
+from imgscore.io.storage import AnyPath
+from imgscore.report import build as rp
 
 DEFAULT_FLOW = "score-images"
 

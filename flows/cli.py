@@ -6,7 +6,7 @@ or model — refused before any scoring, one line naming the bad value and the f
 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM) — the manifest says
 ``interrupted`` and the line printed names the ``imgscore rerun`` command that finishes the run.
 
-:func:`main` enters :func:`imgscore.flows.startup.session` once; each command then does its cheap
+:func:`main` enters :func:`imgscore.runtime.startup.session` once; each command then does its cheap
 checks first (a typo fails in well under a second, before torch or Prefect is imported), starts
 the temporary Prefect server, loads the model while the server boots, and imports its Prefect
 side through the session. Importing this module imports neither Prefect nor torch
@@ -23,11 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgscore.flows import startup
-from imgscore.flows.compat import run_exit_handlers
-from imgscore.flows.progress import progress_for
-from imgscore.tasks import storage
-from imgscore.tasks.config import (
+from imgscore.config.schema import (
     Config,
     flow_parameters,
     load_config,
@@ -35,7 +31,7 @@ from imgscore.tasks.config import (
     rerun_config,
     shipped_config,
 )
-from imgscore.tasks.errors import (
+from imgscore.errors import (
     ConfigError,
     ErrorBudgetExceeded,
     ImgscoreError,
@@ -43,19 +39,23 @@ from imgscore.tasks.errors import (
     ModelError,
     UsageError,
 )
-from imgscore.tasks.manifest import (
+from imgscore.images.scan import (
+    check_roots_apart,
+    has_images,
+    no_images_message,
+    output_within_input,
+)
+from imgscore.io import storage
+from imgscore.runstate.commits import (
     adopt_committed,
     check_run_state,
     load_manifest,
     plan_rerun,
     run_dir_of,
 )
-from imgscore.tasks.scan import (
-    check_roots_apart,
-    has_images,
-    no_images_message,
-    output_within_input,
-)
+from imgscore.runtime import startup
+from imgscore.runtime.compat import run_exit_handlers
+from imgscore.runtime.progress import progress_for
 
 DEMO_CONFIG = shipped_config("demo.yaml")  # package data: a wheel install finds it from any folder
 
@@ -118,9 +118,9 @@ def load_model_here(cfg: Config):
     shards run elsewhere), so a bad checkpoint is refused before anything is planned; returns them in order."""
     import torch
 
-    from imgscore.tasks.backends import preflight
-    from imgscore.tasks.device import resolve_device
-    from imgscore.tasks.model import load_model
+    from imgscore.inference.backends import preflight
+    from imgscore.inference.device import resolve_device
+    from imgscore.inference.model import load_model
 
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
     lms = [load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last) for m in cfg.scored_models()]
@@ -131,11 +131,11 @@ def load_model_here(cfg: Config):
 def start_dask_early(cfg: Config, session: startup.Session):
     """``runner.type=dask`` without ``runner.address`` (and ``runner.warm_workers``): start the
     run's ``LocalCluster`` now, in the background, its workers warming up for the model while
-    this process imports torch and loads it (:mod:`imgscore.flows.dask_warm`); the flow's task
+    this process imports torch and loads it (:mod:`imgscore.runtime.dask_warm`); the flow's task
     runner connects to it. Returns a context manager that stops it (a null one otherwise)."""
     if cfg.runner.type != "dask" or cfg.runner.address or not cfg.runner.warm_workers:
         return contextlib.nullcontext()
-    from imgscore.flows import dask_warm
+    from imgscore.runtime import dask_warm
 
     return dask_warm.early_cluster(cfg, session.export_api_url)
 
@@ -204,7 +204,7 @@ def _print_summary(summary: dict, console) -> None:
     rows += [("devices", devices or ("none: nothing new to score" if not summary.get("scanned") else "-")),
              ("workers", len(summary.get("workers", [])))]
     rows += [(k, summary[k]) for k in ("predictions", "errors", "manifest", "report") if summary.get(k)]
-    rows += [("drift", f"warning: {w}") for w in summary.get("drift") or []]  # against recent nights (imgscore.tasks.drift)
+    rows += [("drift", f"warning: {w}") for w in summary.get("drift") or []]  # against recent nights (imgscore.report.drift)
     if summary.get("rerun"):  # every status but complete: the command that finishes the run
         rows.append(("rerun", summary["rerun"]))
     for k, v in rows:
@@ -217,7 +217,7 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
     ``session``: the command's (it waits for its temporary server); None from Python code and
     tests, where Prefect finds its API as usual.
     """
-    from imgscore.tasks.plan import new_run_id
+    from imgscore.runstate.plan import new_run_id
 
     flows = (session or startup.Session(manage_server=False)).import_prefect("imgscore.flows.score_images")
     console = _console(console)
@@ -264,7 +264,7 @@ def interrupted(run_id: str, out_root, exc: BaseException | None = None) -> int:
     what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
     if not storage.is_file(storage.path(out_root, "runs", run_id, "manifest.json")):
         return _fail(f"{what} before run {run_id} was planned; nothing was written, run the command again", code)
-    from imgscore.tasks.report import rerun_command
+    from imgscore.report.build import rerun_command
 
     return _fail(f"{what}; run {run_id} is recorded as interrupted; finish it with `{rerun_command(run_id, out_root)}`", code)
 
@@ -315,8 +315,8 @@ def notify_refusal(cfg: Config) -> Iterator[None]:
 
 
 def cmd_demo(args, session: startup.Session) -> int:
-    from imgscore.tasks.demo import build_digits_folder, train_demo_model
-    from imgscore.tasks.evaluate import accuracy_of_run
+    from imgscore.demo import build_digits_folder, train_demo_model
+    from imgscore.report.evaluate import accuracy_of_run
 
     console = _console()
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
@@ -359,7 +359,7 @@ def configure_storage(args) -> None:
 
 def check_rerun(cfg: Config, manifest, run_dir: Path) -> None:
     """Refuse a rerun before Prefect starts: run locked, input folder gone, or a model other than the run's."""
-    from imgscore.tasks import lock as run_lock
+    from imgscore.runstate import lock as run_lock
 
     held = run_lock.read_lock(run_dir)
     if held is not None and not run_lock.is_stale(held):
@@ -381,8 +381,8 @@ def cmd_rerun(args, session: startup.Session) -> int:
 
     A complete run is answered from its manifest and part-file footers alone, before the Prefect
     server starts or the model loads (about 0.5 s instead of 10)."""
-    from imgscore.tasks import layout
-    from imgscore.tasks import lock as run_lock
+    from imgscore.runstate import lock as run_lock
+    from imgscore.runstate import migrate
 
     check_run_id_arg(args.run_id)
     configure_storage(args)
@@ -394,7 +394,7 @@ def cmd_rerun(args, session: startup.Session) -> int:
             f"run {args.run_id!r} not found: no {storage.path(run_dir, 'manifest.json')}; pass the output root it was written to "
             "with --set output.root=PATH (" + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}") + ")"
         )
-    layout.migrate_output_root(out)  # runs of earlier versions: today's part-file layout (each under its lock)
+    migrate.migrate_output_root(out)  # runs of earlier versions: today's part-file layout (each under its lock)
     with run_lock.held(run_dir, "imgscore rerun"):  # a live writer of this run is refused, even when nothing is left to do
         manifest = load_manifest(run_dir)
         check_run_state(manifest, out, run_dir)  # before anything is read, written or deleted by what it names
@@ -422,7 +422,7 @@ def cmd_rerun(args, session: startup.Session) -> int:
 
 def cmd_config(args, session: startup.Session) -> int:
     """``imgscore config [--format table|markdown]``: every key, its default and meaning."""
-    from imgscore.tasks.config import config_reference
+    from imgscore.config.schema import config_reference
 
     rows = config_reference()
     if args.format == "markdown":
@@ -450,7 +450,7 @@ def cmd_report(args, session: startup.Session) -> int:
 def check_run_id_arg(run_id: str | None) -> None:
     """Refuse a RUN_ID argument that cannot be a run's folder name (a path, ``..``) as what it is:
     a bad command line (exit 2) — not as tampered run state."""
-    from imgscore.tasks.containment import is_plain_name
+    from imgscore.io.containment import is_plain_name
 
     if run_id is not None and not is_plain_name(run_id):
         raise UsageError(f"RUN_ID {run_id!r} is not a run id: pass the name of a folder under OUT/runs (e.g. "

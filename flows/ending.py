@@ -6,14 +6,14 @@ a worker sends to cancel a flow run), a write that fails (disk full), any unexpe
 is written into the manifest before it propagates: status ``interrupted`` or ``crashed``, a
 one-line ``reason``, the counts of what was done, and ``report.html`` of that. A run killed
 with ``-9`` writes nothing; readers report it ``abandoned`` because its lock owner is gone
-(:func:`imgscore.tasks.runstate.observed_status`).
+(:func:`imgscore.runstate.manifest.observed_status`).
 
 On SIGINT or SIGTERM the flows stop their shards first (:func:`stop_shards`): the run is marked
 stopping, shards not started never start, shards in flight are abandoned at their next batch
 (nothing of them is committed), and once they have let go the manifest adopts every commit record
 on disk — so its counts, report.html and the notification are the rows on disk.
 
-A failing write becomes one :class:`~imgscore.tasks.errors.OutputWriteError` line that names the
+A failing write becomes one :class:`~imgscore.errors.OutputWriteError` line that names the
 file, the OS error and the ``imgscore rerun`` command (no traceback without ``--verbose``).
 """
 
@@ -27,16 +27,13 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prefect.states import Cancelled, State
-
+from imgscore.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.flows import notify
 from imgscore.flows.artifacts import publish_run_report
-from imgscore.flows.startup import SHARD_STOPPED_MESSAGE
-from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError
-from imgscore.tasks.manifest import adopt_committed
-from imgscore.tasks.plan import RunPlan
-from imgscore.tasks.report import one_line, rerun_command
-from imgscore.tasks.runstate import now_iso, request_stop, stop_requested
+from imgscore.report.build import one_line, rerun_command
+from imgscore.runstate.commits import adopt_committed
+from imgscore.runstate.manifest import now_iso, request_stop
+from imgscore.runstate.plan import RunPlan
 
 log = logging.getLogger("imgscore")
 
@@ -96,7 +93,7 @@ STOP_WAIT_S = 60.0  # longest wait for shards in flight to let go after a signal
 
 
 def stop_shards(run_dir: str | Path, futures: Iterable, wait_s: float = STOP_WAIT_S) -> None:
-    """After SIGINT/SIGTERM: mark the run stopping (``imgscore.tasks.runstate.request_stop``),
+    """After SIGINT/SIGTERM: mark the run stopping (``imgscore.runstate.manifest.request_stop``),
     cancel the shard task runs that have not started (thread runner: they never start; on Dask
     they start, see the mark and end ``Cancelled``), and wait up to ``wait_s`` seconds for the
     ones in flight, which are abandoned at their next batch or before their commit. A second
@@ -131,10 +128,6 @@ def shards_stop_on_signal(run_dir: str | Path, futures: Iterable) -> Iterator[No
             stop_shards(run_dir, futures)
         raise
 
-
-def stopped(run_dir: str | Path) -> State | None:
-    """For a shard task run: a ``Cancelled`` state when the run is stopping, else None."""
-    return Cancelled(message=SHARD_STOPPED_MESSAGE) if stop_requested(run_dir) else None
 
 
 @contextlib.contextmanager

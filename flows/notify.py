@@ -4,7 +4,7 @@ Both flows are decorated with :data:`HOOKS`: Prefect calls :func:`notify_hook` w
 enters Failed (``on_failure``: over the error budget, a write that failed, bad input), Crashed
 (``on_crashed``: Ctrl-C, SIGTERM, an infrastructure failure) or Completed (``on_completion``; it
 notifies only with ``notify.on_success``, or when the run drifted from recent nights — a
-``drift.max_*`` threshold crossed, ``imgscore.tasks.drift``). The hook runs in the flow-run process — ``imgscore
+``drift.max_*`` threshold crossed, ``imgscore.report.drift``). The hook runs in the flow-run process — ``imgscore
 run``, ``imgscore serve`` and a work pool's process worker alike — and reads the run's manifest:
 
 - ``notify.webhook_url``: POST :func:`run_payload` as JSON (``Content-Type: application/json``);
@@ -26,11 +26,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from imgscore.tasks import storage
-from imgscore.tasks.config import NotifyConfig, raw_flow_config
-from imgscore.tasks.parquet_io import ERRORS_SCHEMA, run_part_files
-from imgscore.tasks.report import REPORT_FILE, one_line
-from imgscore.tasks.runstate import MANIFEST, load_manifest, observed_status
+from imgscore.config.schema import NotifyConfig, raw_flow_config
+from imgscore.io import storage
+from imgscore.io.parquet import ERRORS_SCHEMA, run_part_files
+from imgscore.report.build import REPORT_FILE, one_line
+from imgscore.runstate.manifest import MANIFEST, load_manifest, observed_status
 
 TOP_ERRORS = 5  # error types listed in a notification
 _RUNS: dict[str, tuple[str, str]] = {}  # flow run id → (imgscore run id, output root): the hook's lookup
@@ -197,8 +197,8 @@ def state_message(text: str | None) -> str | None:
     "Flow run encountered an exception: " and the type name of one of imgscore's own errors are
     dropped (``run … over its error budget: …``); another exception keeps its type. At most 500
     characters."""
-    from imgscore.flows.compat import PREFECT_FLOW_EXCEPTION_MESSAGE
-    from imgscore.tasks.errors import ImgscoreError, type_names
+    from imgscore.errors import ImgscoreError, type_names
+    from imgscore.runtime.compat import PREFECT_FLOW_EXCEPTION_MESSAGE
 
     if not text:
         return None

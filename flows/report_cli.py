@@ -1,7 +1,7 @@
 """``imgscore report RUN_ID [--config FILE] [--set K=V]... [--format table|json|html]``.
 
 ``table`` prints rich tables on the terminal, ``json`` prints the report dict
-(``imgscore.tasks.report.build_report``) on stdout, ``html`` (re)writes ``OUT/runs/RUN_ID/report.html``
+(``imgscore.report.build.build_report``) on stdout, ``html`` (re)writes ``OUT/runs/RUN_ID/report.html``
 and prints its path. ``OUT`` is ``output.root`` from the config and overrides (default
 ``outputs``). Exit 0 when the report was produced, whatever the run's own status; 2 when the
 run is not there (one line naming the run and the runs that are).
@@ -16,12 +16,12 @@ def print_report(report: dict, console) -> None:
     """The report as rich tables: counts, run facts, per-class counts, scores, errors.
 
     Accuracy shows as ``n/a: <reason>`` when the folder's classes cannot be paired with the
-    model's (``report["accuracy"]["accuracy"] is None``; see ``imgscore.tasks.evaluate``), and is left
+    model's (``report["accuracy"]["accuracy"] is None``; see ``imgscore.report.evaluate``), and is left
     out for an unlabelled folder.
     """
     from rich.table import Table
 
-    from imgscore.tasks.report import (
+    from imgscore.report.build import (
         classes_left_out_line,
         ending_lines,
         known_bad_line,
@@ -118,9 +118,9 @@ def print_report(report: dict, console) -> None:
 
 def main(args) -> int:
     """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides, model_name)."""
-    from imgscore.tasks import storage
-    from imgscore.tasks.config import load_config
-    from imgscore.tasks.report import build_report, dumps, write_html_report
+    from imgscore.config.schema import load_config
+    from imgscore.io import storage
+    from imgscore.report.build import build_report, dumps, write_html_report
 
     cfg = load_config(args.config, args.overrides)
     storage.configure(cfg.storage.settings())

@@ -10,8 +10,8 @@ that were committed but never recorded, and then rescores, on the runner the con
 - every image recorded as failed in a ``partial`` shard — only those images; the shard's other
   prediction rows are kept unchanged.
 
-Choosing, scoring and merging are ``imgscore.tasks.manifest.plan_rerun`` and
-``imgscore.tasks.rerun.rescore_shard``; superseded error rows go to ``OUT/errors_history/`` with
+Choosing, scoring and merging are ``imgscore.runstate.commits.plan_rerun`` and
+``imgscore.runstate.rerun_plan.rescore_shard``; superseded error rows go to ``OUT/errors_history/`` with
 their ``attempt`` numbers, so ``errors/`` holds only the images that still fail. Exit codes as
 for ``imgscore run``: 0 within the error budget, 1 over it or a shard failed, 2 refused (unknown
 run, forbidden override, changed model, input folder gone, run locked).
@@ -22,83 +22,36 @@ from __future__ import annotations
 import json
 import time
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.futures import as_completed
-from prefect.runtime import task_run
 
-from imgscore.flows import notify, progress
+from imgscore.config.schema import Config, flow_config
+from imgscore.errors import ErrorBudgetExceeded, OutputWriteError
+from imgscore.flows import notify
 from imgscore.flows.artifacts import RunProgressArtifact
-from imgscore.flows.ending import recorded_ending, shards_stop_on_signal, stopped
-from imgscore.flows.runner import ConfiguredTaskRunner
+from imgscore.flows.ending import recorded_ending, shards_stop_on_signal
 from imgscore.flows.score_images import (
     effective_config,
     finish_run,
     inference_metadata,
     record_failed_shard,
-    workers_on_host,
 )
-from imgscore.flows.startup import quiet_unless_verbose
-from imgscore.tasks import layout, storage
-from imgscore.tasks import lock as run_lock
-from imgscore.tasks import manifest as mf
-from imgscore.tasks.config import Config, flow_config
-from imgscore.tasks.errors import ErrorBudgetExceeded, OutputWriteError, ShardStopped
-from imgscore.tasks.index import refresh_shards
-from imgscore.tasks.plan import RunPlan, load_plan, run_dir_of, shard_refs
-from imgscore.tasks.rerun import archive_errors, rescore_shard
-from imgscore.tasks.runstate import ShardRef, ShardResult, now_iso
+from imgscore.io import storage
+from imgscore.runstate import commits
+from imgscore.runstate import lock as run_lock
+from imgscore.runstate.manifest import ShardResult, now_iso
+from imgscore.runstate.plan import RunPlan, run_dir_of
+from imgscore.runstate.rerun_plan import archive_errors
+from imgscore.runtime import progress
+from imgscore.runtime.runner import ConfiguredTaskRunner, workers_on_host
+from imgscore.runtime.startup import quiet_unless_verbose
+from imgscore.tasks.rerun import prepare_rerun_task, rescore_shard_task
 
 quiet_unless_verbose()  # expected failures are one line in a deployment worker's log too
 
 
-@task(name="prepare_rerun", cache_policy=NO_CACHE, persist_result=False)
-def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[mf.ShardWork]]:
-    """Clean leftovers, adopt committed shards, decide the work, refresh the index (the caller
-    holds the run's lock)."""
-    out = cfg.output.root
-    layout.migrate_output_root(out, held_run=run_id)  # runs of earlier versions (this one included): today's layout
-    plan = load_plan(run_dir_of(out, run_id))
-    m = plan.manifest
-    removed = run_lock.clean_run_temp_files(mf.run_folders(out, plan.run_date, run_id))
-    adopted = mf.adopt_committed(m, plan.run_dir, out)
-    work = mf.plan_rerun(m, out)
-    if work:
-        for sid, fp in refresh_shards(plan.run_dir, m.index, m.input["root"], [w.shard_id for w in work]).items():
-            m.shards[sid].fingerprint = fp  # the images as they are now (a fixed file has a new size and mtime)
-        plan.shards = shard_refs(m, plan.run_dir)
-    m.status, m.reason = "running", None
-    m.config = cfg.recorded()
-    m.outputs = {t: str(storage.parent_of(mf.shard_files(out, m.run_date, run_id, 0)[i])) for i, t in enumerate(("predictions", "errors"))}
-    m.reruns.append(
-        {
-            "started_at": now_iso(),
-            "temp_files_removed": removed,
-            "adopted_shards": adopted,
-            "shards": [{"shard_id": w.shard_id, "images": len(w.only) if w.only is not None else None, "reason": w.reason} for w in work],
-        }
-    )
-    m.recount()
-    plan.state.save()
-    return plan, work
 
-
-@task(name="rescore_shard", cache_policy=NO_CACHE, persist_result=False)
-def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int, metadata_json: str) -> ShardResult:
-    """One shard (or its failed images) on this worker; see ``imgscore.tasks.rerun.rescore_shard``.
-    Config and part-file metadata travel as JSON text, as in ``score_shard_task``."""
-    halt = stopped(ref.run_dir)  # SIGINT/SIGTERM reached the flow: no shard starts
-    if halt is not None:
-        return halt
-    cfg, metadata = Config.model_validate_json(config_json), json.loads(metadata_json)
-    attempt = base_attempt + int(task_run.run_count or 1)
-    try:
-        return rescore_shard(ref, only, cfg, attempt, workers_on_host=n_on_host, metadata=metadata)
-    except ShardStopped:
-        return stopped(ref.run_dir)  # abandoned between batches, nothing committed
-
-
-def rescore_all(plan: RunPlan, work: list[mf.ShardWork], cfg: Config) -> list[ShardResult]:
+def rescore_all(plan: RunPlan, work: list[commits.ShardWork], cfg: Config) -> list[ShardResult]:
     """Submit one task run per shard of ``work``; commit results into the run state as they finish.
 
     A shard that still cannot run after ``run.shard_retries`` retries is recorded as ``failed``
@@ -177,12 +130,12 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
 def rerun_failed(run_id: str, config: dict | None = None, config_file: str | None = None) -> dict:
     """Rescore a run's unfinished shards and failed images, committing replacement part files.
 
-    The task runner is the one ``config['runner']`` names (``imgscore.flows.runner``).
+    The task runner is the one ``config['runner']`` names (``imgscore.runtime.runner``).
 
     Args:
         run_id: the run to finish, under ``config['output']['root']/runs/``.
-        config: the run's recorded config with allowed overrides (``imgscore.tasks.config.rerun_config``).
-        config_file: instead of ``config``, a JSON file holding it (``imgscore.tasks.config.flow_parameters``).
+        config: the run's recorded config with allowed overrides (``imgscore.config.schema.rerun_config``).
+        config_file: instead of ``config``, a JSON file holding it (``imgscore.config.schema.flow_parameters``).
 
     Returns:
         The run summary (as ``score-images`` returns) plus ``rescored`` (images scored now) and

@@ -2,7 +2,7 @@
 
 The flow reads like a table of contents; the work is in ``tasks/``. Tasks pass references
 (shard refs, config as JSON text, counts), never images, tensors or models. Each finished shard
-is committed into the run state by :meth:`imgscore.tasks.runstate.RunState.commit` (O(1): a
+is committed into the run state by :meth:`imgscore.runstate.manifest.RunState.commit` (O(1): a
 ledger line, not a manifest rewrite); docs/architecture.md draws the whole run.
 """
 
@@ -12,55 +12,41 @@ import contextlib
 import json
 import time
 
-import torch
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.futures import as_completed
-from prefect.runtime import flow_run, task_run
-from prefect.states import Completed
+from prefect.runtime import flow_run
 from pyarrow import ArrowException
 
-from imgscore.flows import notify, progress
-from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
-from imgscore.flows.ending import recorded_ending, shards_stop_on_signal, stopped
-from imgscore.flows.runner import ConfiguredTaskRunner
-from imgscore.flows.startup import IN_SUMMARY, quiet_unless_verbose
-from imgscore.tasks import drift, storage
-from imgscore.tasks import lock as run_lock
-from imgscore.tasks import manifest as mf
-from imgscore.tasks.backends import start_inference
-from imgscore.tasks.config import Config, DriftConfig, RunConfig, flow_config
-from imgscore.tasks.device import configure_threads, resolve_device
-from imgscore.tasks.embeddings import choose_layer, embedding_dim
-from imgscore.tasks.errors import (
-    ConfigError,
+from imgscore.config.schema import Config, DriftConfig, RunConfig, flow_config
+from imgscore.errors import (
     DriftExceeded,
     ErrorBudgetExceeded,
     OutputWriteError,
-    ShardStopped,
 )
-from imgscore.tasks.incremental import CARRIED_FILE, decode_settings
-from imgscore.tasks.model import load_model
-from imgscore.tasks.plan import (
+from imgscore.flows import notify
+from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
+from imgscore.flows.ending import recorded_ending, shards_stop_on_signal
+from imgscore.inference.score import commit_failed_shard, read_shard_entries
+from imgscore.io import storage
+from imgscore.report import drift
+from imgscore.report.build import rerun_command
+from imgscore.runstate import lock as run_lock
+from imgscore.runstate.incremental import CARRIED_FILE, decode_settings
+from imgscore.runstate.manifest import ShardRef, ShardResult, now_iso
+from imgscore.runstate.plan import (
     RunPlan,
     find_retried_run,
     new_run_id,
-    plan_new_run,
-    resume_plan,
     run_dir_of,
 )
-from imgscore.tasks.preprocess import DecodeOptions
-from imgscore.tasks.report import rerun_command
-from imgscore.tasks.runstate import ShardRef, ShardResult, now_iso
-from imgscore.tasks.scan import first_entries
-from imgscore.tasks.score import commit_failed_shard, read_shard_entries, score_shard
+from imgscore.runtime import progress
+from imgscore.runtime.runner import ConfiguredTaskRunner, workers_on_host
+from imgscore.runtime.startup import IN_SUMMARY, quiet_unless_verbose
+from imgscore.tasks.plan import effective_config, inference_metadata, plan_task
+from imgscore.tasks.score_shard import score_shard_task
 
 quiet_unless_verbose()  # expected failures are one line in a deployment worker's log too
 
-
-def workers_on_host(cfg: Config) -> int:
-    """How many scoring processes share this machine's cores (for torch thread counts)."""
-    return cfg.runner.n_workers if cfg.runner.type == "dask" and not cfg.runner.address else 1
 
 
 def choose_run_id(cfg: Config) -> str:
@@ -69,98 +55,6 @@ def choose_run_id(cfg: Config) -> str:
     return found or cfg.run.run_id or new_run_id()
 
 
-@task(name="plan", cache_policy=NO_CACHE, persist_result=False)
-def plan_task(cfg: Config, run_id: str) -> RunPlan:
-    """Resume the plan this flow run's first attempt wrote, or check the model loads and plan
-    the run: scan streamed into the index, shards cut, manifest written (tasks/plan.py)."""
-    resumed = resume_plan(cfg.output.root, run_id, flow_run.get_id(), cfg.input.root)
-    if resumed is not None:
-        return resumed
-    device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
-    lms = [load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last) for m in cfg.scored_models()]
-    if cfg.inference.fold_bn:
-        lms = [lm.folded() for lm in lms]
-    if cfg.output.embeddings:  # no embedding layer, or lengths that one table cannot hold: refused before anything is written (exit 2)
-        check_embedding_layers(lms, [m.resolved_name for m in cfg.scored_models()], cfg.output.embedding_layer, device)
-    # reduced precision: the canary on the folder's first images, before anything is written
-    first = first_entries(cfg.input.root, cfg.inference.canary_images * 4, cfg.input.layout, cfg.input.follow_symlinks,
-                          cfg.input.formats) \
-        if cfg.inference.precision != "fp32" else []
-    starts = [start_inference(cfg.inference, lm, str(cfg.input.root), first, DecodeOptions.from_input(cfg.input),
-                              configure_threads(cfg.inference.num_threads, 1)) for lm in lms]
-    # several models: one precision for the run; a canary that fell back to fp32 sets it for all
-    inference = next((s for s in starts if s.get("precision") != cfg.inference.precision), starts[0])
-    infos = [{"name": m.resolved_name, **lm.info()} for m, lm in zip(cfg.scored_models(), lms, strict=True)]
-    plan = plan_new_run(cfg, run_id, infos[0], flow_run_id=flow_run.get_id(), models=infos)
-    plan.manifest.inference = inference
-    plan.state.save()
-    return plan
-
-
-def check_embedding_layers(lms: list, names: list[str], layer: str | None, device) -> None:
-    """``output.embeddings`` with these models: each has the embedding layer, and all vectors
-    have one length (one ``fixed_size_list`` column per embeddings part file).
-
-    Raises:
-        ConfigError: a model has no such layer, or two models' vectors differ in length (named).
-    """
-    dims = []
-    for lm in lms:
-        found = choose_layer(lm.module, layer, lm.num_classes)
-        dims.append(embedding_dim(lm.module, found, lm.preprocess.crop, device) if len(lms) > 1 else None)
-    if len(set(dims)) > 1:
-        shown = ", ".join(f"{n} {d}" for n, d in zip(names, dims, strict=True))
-        raise ConfigError(f"output.embeddings with models of different embedding lengths ({shown}); one embeddings table holds one "
-                          "length: set output.embedding_layer to a layer of equal width in each, or score them in separate runs")
-
-
-def effective_config(cfg: Config, plan: RunPlan) -> Config:
-    """``cfg`` with the precision the run start settled on (fp32 after a failed canary with
-    ``inference.on_canary_fail=fp32``); the shards score with this."""
-    precision = plan.manifest.inference.get("precision") or cfg.inference.precision
-    if precision == cfg.inference.precision:
-        return cfg
-    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"precision": precision})})
-
-
-def inference_metadata(plan: RunPlan) -> dict:
-    """Every part file's ``inference`` metadata, the same for the whole run: the configured
-    backend (``auto`` resolves per worker: the manifest's shards say which ran), the precision
-    the shards run after the canary, the one requested, and the canary's result (or None)."""
-    return {k: plan.manifest.inference.get(k) for k in ("backend", "precision", "precision_requested", "canary")}
-
-
-# A retry of the flow run skips the shards an earlier attempt committed: their commit records
-# (JSON, checked against the part files) are the cache. Prefect persists no task result, so
-# nothing under output.root is ever unpickled (docs/security.md).
-@task(name="score_shard", cache_policy=NO_CACHE, persist_result=False)
-def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}"):
-    """One shard on this worker's device; see ``imgscore.tasks.score.score_shard``. Returns its
-    :class:`ShardResult` — in a ``Cached`` state, without scoring, when an earlier attempt of
-    the run committed the shard and its part files match (``imgscore.tasks.manifest.committed``).
-
-    The config travels as its JSON text: Prefect walks every field of a structured parameter
-    looking for futures, for every task run — 8 of the 25 ms a shard cost outside
-    ``score_shard`` (py-spy, benchmarks/NOTES.md); a string is one leaf.
-    """
-    halt = stopped(ref.run_dir)  # SIGINT/SIGTERM reached the flow: no shard starts
-    if halt is not None:
-        return halt
-    cfg = Config.model_validate_json(config_json)
-    done = mf.committed(ref, cfg.output.root)
-    if done is not None:
-        return Completed(name="Cached", message=f"shard {ref.shard_id} committed by attempt {done.attempt}; part files checked", data=done)
-    metadata = {"config": cfg.recorded(), "inference": json.loads(inference_json)}  # on every part file
-    try:
-        result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata)
-    except ShardStopped:
-        return stopped(ref.run_dir)  # abandoned between batches, nothing committed
-    get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
-        "shard %d: %s scored, %s failed in %s s on %s by %s (%s %s, %s threads, %s DataLoader workers, batch %s)",
-        ref.shard_id, result.scored, result.failed, result.seconds, result.device, result.worker, result.backend, result.precision,
-        result.threads, result.loader_workers, result.batch_size,
-    )
-    return result
 
 
 def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> ShardResult:
@@ -218,7 +112,7 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     """Final counts, status and timings into the manifest; the summary the CLI prints.
     ``out_root``: the flow run's ``output.root`` (report.html goes under it, never where the
     manifest's recorded config says). ``drift_cfg``: the run compared with recent nights
-    (``imgscore.tasks.drift``); its warnings go into the summary (``drift``), the artifacts and
+    (``imgscore.report.drift``); its warnings go into the summary (``drift``), the artifacts and
     the log, and fail the run only with ``drift.fail``.
 
     ``scored_now``: (image, model) pairs this flow run scored (a rerun's), for the rates; default
@@ -291,7 +185,7 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
 
 
 def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
-    """The run against recent nights (``imgscore.tasks.drift.compare``), as the manifest keeps it:
+    """The run against recent nights (``imgscore.report.drift.compare``), as the manifest keeps it:
     ``baseline_runs``, ``psi`` and ``warnings`` (each also logged as a warning on the flow run);
     {} when off. With several models each is compared with its own recent nights (its rows
     only): ``models`` holds each one's, the top-level numbers are the first model's, and
@@ -325,7 +219,7 @@ def skip_scored_guard(cfg: Config, run_id: str):
     """With ``run.skip_scored``, hold the lock of (input folder, model) for the run: a second run
     on the same folder with the same model at the same time would plan before the first wrote
     anything and score everything again, so it is refused (exit 2) naming the first
-    (``imgscore.tasks.lock.folder_held``). Without it, nothing is held."""
+    (``imgscore.runstate.lock.folder_held``). Without it, nothing is held."""
     if not cfg.run.skip_scored or cfg.input.root is None:
         return contextlib.nullcontext()
     return run_lock.folder_held(cfg.output.root, cfg.input.root, scoring_identity(cfg), f"imgscore run {run_id}")
@@ -342,13 +236,13 @@ def scoring_identity(cfg: Config) -> str:
 def score_images(config: dict | None = None, config_file: str | None = None) -> dict:
     """Score every image under ``config['input']['root']`` and write Parquet part files.
 
-    The task runner is the one ``config['runner']`` names (``imgscore.flows.runner``), however
+    The task runner is the one ``config['runner']`` names (``imgscore.runtime.runner``), however
     the flow run was started.
 
     Args:
         config: a resolved config (``Config.to_dict()``), e.g. from ``configs/nightly.yaml``.
         config_file: instead of ``config``, a JSON file holding it: how ``imgscore run`` passes a
-            config too large for a flow-run parameter (``imgscore.tasks.config.flow_parameters``).
+            config too large for a flow-run parameter (``imgscore.config.schema.flow_parameters``).
 
     Returns:
         The run summary (run_id, counts, throughput, output folders).

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgscore.tasks.config import Config, load_config
-from imgscore.tasks.errors import ConfigError
+from imgscore.config.schema import Config, load_config
+from imgscore.errors import ConfigError
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -104,7 +104,7 @@ def main(args, temporary_url: str | None = None) -> int:
     Returns 0 after Ctrl-C (the schedule is paused while nothing serves it); raises
     :class:`ConfigError` (exit 2) for a bad config or schedule before anything is registered.
     ``temporary_url``: the API URL of the temporary server the CLI started for this process
-    (``imgscore.flows.startup.Session.temporary_api_url``), which counts as no server. Without
+    (``imgscore.runtime.startup.Session.temporary_api_url``), which counts as no server. Without
     ``PREFECT_API_URL`` Prefect's start message is replaced by :func:`temporary_server_hint`
     (its ``prefect deployment run`` could not reach this process's temporary server); with it,
     Prefect's message is printed as usual.

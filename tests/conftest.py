@@ -231,7 +231,7 @@ def s3(s3_server, s3_bucket_name, monkeypatch, request) -> S3Bucket:
     process (inherited by Dask workers, DataLoader workers and CLI subprocesses) pointing at it."""
     import hashlib
 
-    from imgscore.tasks import storage
+    from imgscore.io import storage
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
@@ -250,9 +250,9 @@ def root_kind(request) -> str:
 @pytest.fixture
 def out_root(root_kind, tmp_path, request):
     """``output.root`` of the kind :func:`root_kind` names, as the path type the code works
-    with (``imgscore.tasks.storage.path``): ``tmp_path/out``, or ``s3://bucket/TEST/out`` with the
+    with (``imgscore.io.storage.path``): ``tmp_path/out``, or ``s3://bucket/TEST/out`` with the
     ``AWS_*`` variables of this process pointing at the session's SeaweedFS (the :func:`s3` fixture)."""
-    from imgscore.tasks import storage
+    from imgscore.io import storage
 
     if root_kind == "local":
         return storage.path(tmp_path / "out")

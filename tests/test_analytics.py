@@ -17,12 +17,12 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-import imgscore.flows.score_images as flow_mod
+import imgscore.tasks.score_shard as shard_tasks
+from imgscore.config.schema import build_config
 from imgscore.flows.cli import execute
-from imgscore.tasks.config import build_config
-from imgscore.tasks.model import file_sha256
-from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, config_hash
-from imgscore.tasks.score import ShardError
+from imgscore.inference.model import file_sha256
+from imgscore.inference.score import ShardError
+from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, config_hash
 from tests.conftest import base_overrides, doc_section, make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def two_runs(prefect_server, photos, tiny_checkpoint, tmp_path_factory):
         return execute(build_config({}, base_overrides(root, tiny_checkpoint, out, **SETTINGS)), quiet=True)
 
     code1, s1 = run()
-    real = flow_mod.score_shard
+    real = shard_tasks.score_shard
 
     def shard_1_breaks(ref, *args, **kwargs):
         if ref.shard_id == 1:
@@ -51,7 +51,7 @@ def two_runs(prefect_server, photos, tiny_checkpoint, tmp_path_factory):
         return real(ref, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flow_mod, "score_shard", shard_1_breaks)
+        mp.setattr(shard_tasks, "score_shard", shard_1_breaks)
         code2, s2 = run()
     return {"out": out, "root": root, "ckpt": tiny_checkpoint, "codes": (code1, code2), "runs": (s1["run_id"], s2["run_id"]), "summaries": (s1, s2)}
 
@@ -273,7 +273,7 @@ def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, ti
 def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_untouched(two_runs, tmp_path):
     """Output roots written before this layout (``run_date=D/run_id=RUN/``, files without
     input_root, errors without file_size/file_mtime_ns) do not read in pandas or read_table; the
-    next imgscore run or rerun moves them (tasks/layout.py). Built here from a copy of the two
+    next imgscore run or rerun moves them (imgscore/runstate/migrate.py). Built here from a copy of the two
     runs, written back in the old layout and old schema; after the move every reader gets the same
     rows as from the original, input_root filled from each run's manifest, and the report reads."""
     import shutil
@@ -281,8 +281,8 @@ def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_un
     import pandas as pd
     import pyarrow as pa
 
-    from imgscore.tasks import layout
-    from imgscore.tasks.report import build_report
+    from imgscore.report.build import build_report
+    from imgscore.runstate import migrate
 
     out = tmp_path / "old"
     shutil.copytree(two_runs["out"], out, ignore=shutil.ignore_patterns("_prefect"))
@@ -299,7 +299,7 @@ def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_un
     with pytest.raises((pa.ArrowTypeError, pa.ArrowInvalid), match="run_id"):
         pd.read_parquet(out / "predictions")  # why the layout changed
 
-    moved = layout.migrate_output_root(out)
+    moved = migrate.migrate_output_root(out)
     assert sorted(moved.runs) == sorted(two_runs["runs"]) and moved.files == 16 and not moved.held
     assert not list(out.glob("*/run_date=*/run_id=*"))
     r1, r2 = two_runs["runs"]
@@ -308,4 +308,4 @@ def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_un
         assert set(pq.read_table(out / table, columns=["input_root"])["input_root"].to_pylist()) == {str(two_runs["root"])}
     assert pq.read_table(out / "errors", columns=["file_size"])["file_size"].null_count == 12  # unknown for old rows
     assert build_report(out, r1)["rows"] == {"predictions": 12, "errors": 4}
-    assert layout.migrate_output_root(out).runs == []  # idempotent
+    assert migrate.migrate_output_root(out).runs == []  # idempotent

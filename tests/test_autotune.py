@@ -1,4 +1,4 @@
-"""``inference.num_workers: auto`` / ``batch_size: auto``: the rule (tasks/autotune.py) on costs
+"""``inference.num_workers: auto`` / ``batch_size: auto``: the rule (imgscore/inference/autotune.py) on costs
 measured on this machine's three benchmark workloads, and the measurement itself."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgscore.tasks import autotune as A
+from imgscore.inference import autotune as A
 
 # Per-image costs measured here (benchmarks/NOTES.md), seconds: decode core time,
 # forward with 1 thread, forward with both cores.

@@ -1,4 +1,4 @@
-"""Backends (tasks/backends.py): the ONNX export cache, runtimes that are missing or asked for
+"""Backends (imgscore/inference/backends.py): the ONNX export cache, runtimes that are missing or asked for
 what they cannot do, TorchScript exports, thread shares and ``auto``'s once-per-machine choice.
 
 Answers of the fp32 backends against torch, and the reduced-precision canary, are checked in
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgscore.tasks import backends as B
-from imgscore.tasks.config import ModelConfig, PreprocessConfig
-from imgscore.tasks.errors import ConfigError
-from imgscore.tasks.model import clear_model_cache, load_model
+from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.errors import ConfigError
+from imgscore.inference import backends as B
+from imgscore.inference.model import clear_model_cache, load_model
 from tests.conftest import base_overrides
 
 CPU = torch.device("cpu")
@@ -92,7 +92,7 @@ def test_torchscript_checkpoint_exports_and_scores_like_torch(tmp_path, tiny_mod
     assert lm.source == "torchscript"
     fwd = B.make_forward(lm, "onnxruntime", "fp32", threads=1, cache_dir=cache)
     assert json.loads((B.export_onnx(lm, cache).parent / "meta.json").read_text())["exporter"] == "torchscript"
-    from imgscore.tasks.preprocess import build_transform
+    from imgscore.images.preprocess import build_transform
 
     tf = build_transform(lm.preprocess)
     x = torch.stack([tf(img) for img in photos.values()])

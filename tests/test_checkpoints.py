@@ -20,10 +20,10 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from imgscore.tasks.checkpoint import is_safetensors, read_checkpoint
-from imgscore.tasks.config import ModelConfig, PreprocessConfig
-from imgscore.tasks.errors import ModelError
-from imgscore.tasks.model import clear_model_cache, load_model
+from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.errors import ModelError
+from imgscore.inference.checkpoint import is_safetensors, read_checkpoint
+from imgscore.inference.model import clear_model_cache, load_model
 
 CPU = torch.device("cpu")
 
@@ -306,8 +306,8 @@ def test_factory_refusals_name_the_fix(factory_module, tiny_model, tmp_path):
 
 
 def test_factory_setting_is_checked(tmp_path):
-    from imgscore.tasks.config import build_config
-    from imgscore.tasks.errors import ConfigError
+    from imgscore.config.schema import build_config
+    from imgscore.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.factory 'heads.build' is not 'package.module:function'"):
         build_config({"model": {"factory": "heads.build"}})

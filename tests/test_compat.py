@@ -1,4 +1,4 @@
-"""Contract tests of ``imgscore.flows.compat``: each private part of another library we rely on
+"""Contract tests of ``imgscore.runtime.compat``: each private part of another library we rely on
 still behaves as the adapter assumes. A failure here names the adapter to fix when a pinned
 version is raised in pyproject.toml; nothing else in the suite should be the first to notice."""
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from imgscore.flows import compat
+from imgscore.runtime import compat
 
 
 def test_prefect_starts_its_temporary_server_as_we_do(monkeypatch):
@@ -80,7 +80,7 @@ def test_the_log_messages_we_filter_are_still_the_libraries_own():
 def test_run_exit_handlers_runs_each_handler_once():
     code = (
         "import atexit, os\n"
-        "from imgscore.flows.compat import run_exit_handlers\n"
+        "from imgscore.runtime.compat import run_exit_handlers\n"
         "atexit.register(lambda: print('handler', flush=True))\n"
         "run_exit_handlers()\n"
         "os._exit(0)\n"
@@ -95,7 +95,7 @@ def test_prefect_dask_public_surface_we_build_on():
     manager; a duplicate keeps our API URL and the workers' environment."""
     from prefect_dask import DaskTaskRunner
 
-    from imgscore.flows.dask_runner import ScoringDaskTaskRunner
+    from imgscore.runtime.dask_runner import ScoringDaskTaskRunner
 
     for name in ("client", "submit", "duplicate", "__enter__", "__exit__"):
         assert hasattr(DaskTaskRunner, name)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from imgscore.tasks.config import build_config, load_config, parse_override
-from imgscore.tasks.errors import ConfigError
+from imgscore.config.schema import build_config, load_config, parse_override
+from imgscore.errors import ConfigError
 
 
 def test_set_values_are_parsed_to_field_types():
@@ -79,8 +79,8 @@ def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
     block), so it names every key too."""
     import re
 
+    from imgscore.config.schema import Config, config_reference
     from imgscore.flows.cli import main as cli_main
-    from imgscore.tasks.config import Config, config_reference
 
     rows = config_reference()
     keys = [r["key"] for r in rows]
@@ -131,7 +131,7 @@ def test_merge_keys_and_one_alias_still_read(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("x-pre: &pre {resize: 64, crop: 56}\n"
                  "preprocess:\n  <<: *pre\n  crop: 48\n")  # a key beside a merge overrides the merged one
-    from imgscore.tasks.config import read_yaml
+    from imgscore.config.schema import read_yaml
 
     assert read_yaml(p.read_text())["preprocess"] == {"resize": 64, "crop": 48}
     assert read_yaml("a: &n [x, y]\nb: *n\n") == {"a": ["x", "y"], "b": ["x", "y"]}
@@ -215,7 +215,7 @@ def test_flow_parameters_carry_a_small_config_inline_and_a_large_one_by_referenc
     import json
     from pathlib import Path
 
-    from imgscore.tasks.config import (
+    from imgscore.config.schema import (
         MAX_PARAMETER_BYTES,
         flow_config,
         flow_parameters,
@@ -285,8 +285,8 @@ def test_non_finite_numbers_are_refused_at_config_time():
 
 def test_an_empty_root_is_refused_not_the_working_directory():
     """`--set output.root=$OUT` with OUT unset wrote predictions/, errors/ and runs/ into the cwd."""
-    from imgscore.tasks.config import build_config
-    from imgscore.tasks.errors import ConfigError
+    from imgscore.config.schema import build_config
+    from imgscore.errors import ConfigError
 
     for key in ("output.root", "input.root"):
         with pytest.raises(ConfigError, match=rf"{key}.*is empty; set it to a folder or a URL \(an unset shell variable"):
@@ -296,8 +296,8 @@ def test_an_empty_root_is_refused_not_the_working_directory():
 
 
 def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
-    from imgscore.tasks.config import load_config
-    from imgscore.tasks.errors import ConfigError
+    from imgscore.config.schema import load_config
+    from imgscore.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)  # no configs/ here
     nightly = load_config("nightly")

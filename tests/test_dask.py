@@ -15,9 +15,9 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
+from imgscore.errors import ConfigError
 from imgscore.flows.cli import main
-from imgscore.tasks import device as dev
-from imgscore.tasks.errors import ConfigError
+from imgscore.inference import device as dev
 from tests.conftest import assert_same_answers, base_overrides, make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -52,8 +52,8 @@ def test_a_late_heartbeat_in_a_cluster_we_start_is_not_a_traceback(capfd, monkey
     import dask
     from distributed import Client, LocalCluster
 
-    from imgscore.flows.compat import HEARTBEAT_FAILED_MESSAGE
-    from imgscore.flows.dask_warm import LOCAL_COMM_TIMEOUT, local_cluster_config
+    from imgscore.runtime.compat import HEARTBEAT_FAILED_MESSAGE
+    from imgscore.runtime.dask_warm import LOCAL_COMM_TIMEOUT, local_cluster_config
 
     monkeypatch.delenv("IMGSCORE_VERBOSE", raising=False)
 
@@ -162,8 +162,8 @@ def test_workers_report_to_the_flows_api_instead_of_starting_servers(prefect_ser
     from prefect import flow, task
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from imgscore.flows.runner import make_task_runner
-    from imgscore.tasks.config import RunnerConfig
+    from imgscore.config.schema import RunnerConfig
+    from imgscore.runtime.runner import make_task_runner
 
     @task
     def where() -> tuple[str | None, str | None, int]:
@@ -226,13 +226,13 @@ def test_threads_are_the_workers_share_of_the_cores(monkeypatch):
 
 
 def _warm_state() -> dict:
-    from imgscore.flows.dask_warm import WARM_STATE
+    from imgscore.runtime.dask_warm import WARM_STATE
 
     return dict(WARM_STATE)
 
 
 def _cached_model_ids() -> list[str]:
-    from imgscore.tasks.model import _MODEL_CACHE
+    from imgscore.inference.model import _MODEL_CACHE
 
     return [lm.model_id for lm in _MODEL_CACHE.values()]
 
@@ -246,9 +246,9 @@ def test_workers_are_warmed_before_their_first_shard(tmp_path, tiny_checkpoint):
 
     from distributed import Client, LocalCluster
 
-    from imgscore.flows.dask_warm import WarmWorkers
-    from imgscore.tasks.config import build_config
-    from imgscore.tasks.model import file_sha256
+    from imgscore.config.schema import build_config
+    from imgscore.inference.model import file_sha256
+    from imgscore.runtime.dask_warm import WarmWorkers
 
     cfg = build_config({}, base_overrides(tmp_path, tiny_checkpoint, tmp_path / "out"))
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \

@@ -1,4 +1,4 @@
-"""Unit cases for ``imgscore.tasks.preprocess.decode_image`` and the shard dataset/collate: the
+"""Unit cases for ``imgscore.images.preprocess.decode_image`` and the shard dataset/collate: the
 field cases of broken and unusual image files (docs/images.md, "What happens to broken and unusual images").
 
 Every input is made here from the real photos of the ``photos`` fixture; every test asserts the
@@ -20,16 +20,16 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from imgscore.tasks.config import PILLOW_MAX_PIXELS
-from imgscore.tasks.dataset import Failure, Sample, ShardDataset, collate_samples
-from imgscore.tasks.preprocess import (
+from imgscore.config.schema import PILLOW_MAX_PIXELS
+from imgscore.images.dataset import Failure, Sample, ShardDataset, collate_samples
+from imgscore.images.preprocess import (
     DecodeError,
     DecodeOptions,
     PreprocessSpec,
     build_transform,
     decode_image,
 )
-from imgscore.tasks.scan import ImageEntry, display_path
+from imgscore.images.scan import ImageEntry, display_path
 
 SPEC = PreprocessSpec()
 OPTS = DecodeOptions(max_pixels=PILLOW_MAX_PIXELS)
@@ -355,7 +355,7 @@ def test_scan_error_and_unexpected_exception_become_failures(tmp_path, photos, m
     def boom(*a, **k):
         raise MemoryError("cannot allocate")
 
-    monkeypatch.setattr("imgscore.tasks.dataset.decode_file", boom)
+    monkeypatch.setattr("imgscore.images.dataset.decode_file", boom)
     f = ds[1]
     assert isinstance(f, Failure) and (f.stage, f.error_type, f.message) == ("decode", "MemoryError", "cannot allocate")
 

@@ -12,8 +12,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
+from imgscore.config.schema import Config, load_config
 from imgscore.flows.cli import main
-from imgscore.tasks.config import Config, load_config
 from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_serve_refuses_a_bad_schedule_before_registering_anything(capsys, monkey
     assert message in err and "Traceback" not in err
 
 
-class _LaunchedServer:  # stands in for the imgscore.flows.server.TemporaryServer a session launches
+class _LaunchedServer:  # stands in for the imgscore.runtime.server.TemporaryServer a session launches
     url = "http://127.0.0.1:45678/api"
 
     def read_url(self, timeout: float) -> str:
@@ -91,13 +91,13 @@ class _LaunchedServer:  # stands in for the imgscore.flows.server.TemporaryServe
 def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, monkeypatch, tmp_path, api_url):
     """Prefect's start message says "prefect deployment run", which cannot reach the temporary
     server living inside `imgscore serve`; without PREFECT_API_URL our one line replaces it. The
-    console script exports its own temporary server's URL as PREFECT_API_URL (imgscore.flows.startup):
+    console script exports its own temporary server's URL as PREFECT_API_URL (imgscore.runtime.startup):
     that URL counts as no server. The real ``prefect.serve`` runs, with a Runner that registers
     nothing and returns at once."""
     import prefect.runner
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from imgscore.flows import startup
+    from imgscore.runtime import startup
 
     monkeypatch.setattr(startup.Session, "start_server", lambda self: setattr(self, "server", self.server or _LaunchedServer()))
     monkeypatch.setenv("PREFECT_API_URL", "")  # restored afterwards: the session exports the URL

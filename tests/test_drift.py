@@ -17,11 +17,11 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
+from imgscore.config.schema import build_config
 from imgscore.flows.cli import execute
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks.config import build_config
-from imgscore.tasks.drift import psi, shares
-from imgscore.tasks.report import build_report, render_html
+from imgscore.report.build import build_report, render_html
+from imgscore.report.drift import psi, shares
 from tests import colour_model
 from tests.conftest import make_variants
 from tests.test_notify import Receiver

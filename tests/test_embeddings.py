@@ -18,12 +18,12 @@ import pytest
 import torch
 import torchvision
 
+from imgscore.config.schema import build_config
+from imgscore.errors import ConfigError
 from imgscore.flows.cli import execute
-from imgscore.tasks.config import build_config
-from imgscore.tasks.embeddings import Tap, choose_layer, embeddings_table, find_head
-from imgscore.tasks.errors import ConfigError
-from imgscore.tasks.model import load_model
-from imgscore.tasks.preprocess import DecodeOptions, build_transform, decode_file
+from imgscore.images.preprocess import DecodeOptions, build_transform, decode_file
+from imgscore.inference.embeddings import Tap, choose_layer, embeddings_table, find_head
+from imgscore.inference.model import load_model
 from tests.conftest import base_overrides, doc_section
 
 

@@ -18,18 +18,18 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+from imgscore.config.schema import build_config
 from imgscore.flows.cli import execute, main
-from imgscore.tasks.config import build_config
-from imgscore.tasks.formats import known_formats
-from imgscore.tasks.manifest import read_manifest
-from imgscore.tasks.report import build_report
-from imgscore.tasks.scan import (
+from imgscore.images.formats import known_formats
+from imgscore.images.scan import (
     NOT_AN_IMAGE,
     SCORABLE_EXTENSIONS,
     UNSUPPORTED_EXTENSIONS,
     _stub_has_handler,
     scan_images,
 )
+from imgscore.report.build import build_report
+from imgscore.runstate.commits import read_manifest
 from tests.conftest import base_overrides
 
 HIDDEN = {".DS_Store", "._img.jpg", ".ipynb_checkpoints/img-checkpoint.jpg", "__MACOSX/._img.jpg", ".hidden/img.png"}

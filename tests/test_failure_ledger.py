@@ -15,25 +15,25 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from imgscore.config.schema import RunConfig
 from imgscore.flows.cli import main as cli_main
 from imgscore.flows.score_images import over_budget
-from imgscore.tasks import storage
-from imgscore.tasks.config import RunConfig
-from imgscore.tasks.incremental import (
-    CARRIED_FILE,
-    HASHES_FILE,
-    HASHES_SCHEMA,
-    RETRIED_ERRORS,
-    split_already_scored,
-)
-from imgscore.tasks.parquet_io import (
+from imgscore.images.scan import scan_images, sha256_of_file
+from imgscore.io import storage
+from imgscore.io.parquet import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     make_table,
     part_dir,
     run_part_files,
 )
-from imgscore.tasks.scan import scan_images, sha256_of_file
+from imgscore.runstate.incremental import (
+    CARRIED_FILE,
+    HASHES_FILE,
+    HASHES_SCHEMA,
+    RETRIED_ERRORS,
+    split_already_scored,
+)
 from tests.conftest import base_overrides
 from tests.test_incremental import folder
 

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from imgscore.config.schema import PILLOW_MAX_PIXELS, build_config
 from imgscore.flows.cli import execute, main
-from imgscore.tasks import storage
-from imgscore.tasks.config import PILLOW_MAX_PIXELS, build_config
-from imgscore.tasks.manifest import read_manifest
-from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
-from imgscore.tasks.scan import scan_images
-from imgscore.tasks.score import _Isolation, score_isolated
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.images.scan import scan_images
+from imgscore.inference.score import _Isolation, score_isolated
+from imgscore.io import storage
+from imgscore.runstate.commits import read_manifest
 from tests.conftest import assert_same_answers, base_overrides
 from tests.test_decode import (
     corrupt_exif,
@@ -397,9 +397,9 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
 @contextlib.contextmanager
 def engine_records(names=("prefect.flow_runs", "prefect.task_runs")):
     """Records of the named loggers (default: Prefect's flow-run and task-run loggers) as their
-    handlers receive them (after ``imgscore.flows.startup``'s filter), gathered by a logger filter: Prefect's
+    handlers receive them (after ``imgscore.runtime.startup``'s filter), gathered by a logger filter: Prefect's
     logging setup may replace handlers mid-session (pytest's ``caplog`` among them), never filters."""
-    from imgscore.flows import startup
+    from imgscore.runtime import startup
 
     startup.quiet_expected_failures()
     seen: list[logging.LogRecord] = []
@@ -426,9 +426,9 @@ def tracebacks_for_the_terminal(records: list[logging.LogRecord]) -> list[str]:
 
 
 def test_expected_failures_lose_their_traceback_others_keep_it():
-    from imgscore.flows.startup import ExpectedFailureFilter
-    from imgscore.tasks.errors import ErrorBudgetExceeded
-    from imgscore.tasks.score import ShardError
+    from imgscore.errors import ErrorBudgetExceeded
+    from imgscore.inference.score import ShardError
+    from imgscore.runtime.startup import ExpectedFailureFilter
 
     def record(exc):
         try:
@@ -463,9 +463,9 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     for i, n in enumerate(names):
         photos[n].resize((96, 72)).save(root / f"{i}_{n}.jpg")
     (root / "2_chelsea.jpg").rename(root / "2_hang.jpg")  # shard 1 = images 2..3
-    import imgscore.tasks.dataset
+    import imgscore.images.dataset
 
-    real = imgscore.tasks.dataset.decode_file
+    real = imgscore.images.dataset.decode_file
 
     def faulty_decode(path, *a, **k):  # inherited by the forked DataLoader workers
         if path.endswith("hang.jpg"):
@@ -474,7 +474,7 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
             time.sleep(4)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(imgscore.tasks.dataset, "decode_file", faulty_decode)
+    monkeypatch.setattr(imgscore.images.dataset, "decode_file", faulty_decode)
     t0 = time.perf_counter()
     with engine_records() as records:
         code = _cli(
@@ -505,7 +505,7 @@ def read_back(out_root, table: str, run_date: str, run_id: str, shard_id: int) -
     """One part file of a local or object-store root, read through the storage layer."""
     import pyarrow.parquet as pq
 
-    from imgscore.tasks.parquet_io import part_dir, part_name
+    from imgscore.io.parquet import part_dir, part_name
 
     with storage.open_input(storage.join(str(part_dir(out_root, table, run_date, run_id)), part_name(shard_id))) as f:
         return pq.read_table(f).to_pylist()
@@ -516,10 +516,10 @@ def test_a_shard_failed_after_its_retries_is_committed_on_either_root(out_root):
     ``output.root`` as the config holds it (a string): an earlier attempt's embeddings part is
     removed, one errors row per image (stage inference, ShardFailed, the reason), an empty
     predictions part, and a ``failed`` commit record — on a bucket as on disk."""
-    from imgscore.tasks.parquet_io import part_dir, part_name
-    from imgscore.tasks.runstate import ShardRef, read_commit_record
-    from imgscore.tasks.scan import ImageEntry
-    from imgscore.tasks.score import commit_failed_shard
+    from imgscore.images.scan import ImageEntry
+    from imgscore.inference.score import commit_failed_shard
+    from imgscore.io.parquet import part_dir, part_name
+    from imgscore.runstate.manifest import ShardRef, read_commit_record
 
     root = str(out_root)
     run_dir = storage.join(root, "runs", "failed-shard")
@@ -573,15 +573,15 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
     """The model loads in the flow's preflight but fails once inside the shard (a worker whose
     disk hiccups): Prefect retries the shard and the rows say attempt 2 — into a local folder or
     a bucket."""
-    import imgscore.tasks.score
-    from imgscore.tasks.errors import ModelError
+    import imgscore.inference.score
+    from imgscore.errors import ModelError
 
     root = tmp_path / "images"
     root.mkdir()
     for n in ("astronaut", "coffee", "rocket"):
         photos[n].resize((96, 72)).save(root / f"{n}.jpg")
     (root / "zero.jpg").write_bytes(b"")
-    real, calls = imgscore.tasks.score.load_model, []
+    real, calls = imgscore.inference.score.load_model, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -589,7 +589,7 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
             raise ModelError("model.checkpoint could not be read on this worker (simulated)")
         return real(*a, **k)
 
-    monkeypatch.setattr(imgscore.tasks.score, "load_model", flaky)
+    monkeypatch.setattr(imgscore.inference.score, "load_model", flaky)
     code, summary = _run(root, probe_checkpoint, out_root, **{"run.shard_size": 10, "run.max_error_rate": 0.5})
     assert code == 0 and len(calls) == 2
     m = read_manifest(summary["manifest"])

@@ -30,12 +30,12 @@ import torch
 import torchvision
 from PIL import Image
 
+from imgscore.config.schema import ModelConfig, PreprocessConfig, build_config
 from imgscore.flows.cli import execute
-from imgscore.tasks import backends
-from imgscore.tasks.config import ModelConfig, PreprocessConfig, build_config
-from imgscore.tasks.model import load_model
-from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
-from imgscore.tasks.score import forward_probs
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.inference import backends
+from imgscore.inference.model import load_model
+from imgscore.inference.score import forward_probs
 from tests.conftest import assert_same_answers
 
 pytestmark = pytest.mark.slow

@@ -19,19 +19,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgscore.tasks.config import build_config
-from imgscore.tasks.errors import ConfigError
-from imgscore.tasks.formats import DEFAULT_FORMATS, check_formats, detect_format, known_formats
-from imgscore.tasks.incremental import decode_settings, model_key
-from imgscore.tasks.manifest import read_manifest
-from imgscore.tasks.preprocess import (
+from imgscore.config.schema import build_config
+from imgscore.errors import ConfigError
+from imgscore.images.formats import DEFAULT_FORMATS, check_formats, detect_format, known_formats
+from imgscore.images.preprocess import (
     DecodeError,
     DecodeOptions,
     PreprocessSpec,
     decode_bytes,
     decode_file,
 )
-from imgscore.tasks.report import thumbnail_data_uri
+from imgscore.report.build import thumbnail_data_uri
+from imgscore.runstate.commits import read_manifest
+from imgscore.runstate.incremental import decode_settings, model_key
 from tests.conftest import base_overrides
 from tests.test_every_file import fits_bytes, read_rows
 
@@ -289,8 +289,8 @@ def test_a_slow_decode_inline_is_a_timeout_row_and_the_batch_goes_on(tmp_path, p
 
     from torch.utils.data import DataLoader
 
-    from imgscore.tasks.dataset import ShardDataset, collate_samples
-    from imgscore.tasks.scan import ImageEntry
+    from imgscore.images.dataset import ShardDataset, collate_samples
+    from imgscore.images.scan import ImageEntry
 
     photos["astronaut"].resize((64, 64)).save(tmp_path / "a.jpg", format="JPEG")
     (tmp_path / "slow.png").write_bytes(slow_format)
@@ -311,8 +311,8 @@ def test_a_slow_decode_inline_is_a_timeout_row_and_the_batch_goes_on(tmp_path, p
 
 
 def test_a_folder_with_no_file_of_the_listed_formats_is_refused_naming_the_key(tmp_path, photos):
-    from imgscore.tasks.errors import InputError
-    from imgscore.tasks.scan import has_images, scan_images
+    from imgscore.errors import InputError
+    from imgscore.images.scan import has_images, scan_images
 
     photos["astronaut"].resize((32, 32)).save(tmp_path / "a.jpg", format="JPEG")
     assert has_images(tmp_path) and not has_images(tmp_path, formats=["PNG"])
@@ -383,7 +383,7 @@ def test_no_allowed_plugin_opens_nested_data_with_every_plugin():
 
 def test_a_report_opens_only_default_formats_whatever_the_manifest_says():
     """The manifest lies under output.root: a planted input.formats must not switch decoders on."""
-    from imgscore.tasks.formats import recorded_formats
+    from imgscore.images.formats import recorded_formats
 
     assert recorded_formats(["PNG", "IPTC", "EPS", "FITS", "jpeg"]) == ("PNG", "JPEG")
     assert recorded_formats(["FITS"]) == DEFAULT_FORMATS
@@ -392,7 +392,7 @@ def test_a_report_opens_only_default_formats_whatever_the_manifest_says():
 
 
 def test_a_rerun_takes_recorded_non_default_formats_only_when_repeated(tmp_path):
-    from imgscore.tasks.config import rerun_config
+    from imgscore.config.schema import rerun_config
 
     recorded = build_config({"run": {"run_id": "r1"}}, ["input.formats=[JPEG, FITS]"]).to_dict()
     with pytest.raises(ConfigError, match=r"recorded input.formats = \['JPEG', 'FITS'\], which opens the images with those decoders"):
@@ -407,7 +407,7 @@ def test_the_decode_budget_also_covers_the_conversion_after_the_load(tmp_path, m
     checked after it, so an image whose decode overran is a timeout, not a slow success."""
     import time
 
-    from imgscore.tasks import preprocess
+    from imgscore.images import preprocess
 
     p = tmp_path / "float.tif"
     Image.fromarray(np.full((64, 64), 2.0, dtype=np.float32)).save(p)

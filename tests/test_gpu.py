@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from imgscore.config.schema import ModelConfig, PreprocessConfig
 from imgscore.flows.cli import main
-from imgscore.tasks.config import ModelConfig, PreprocessConfig
-from imgscore.tasks.dataset import ShardDataset, collate_samples
-from imgscore.tasks.model import load_model
-from imgscore.tasks.preprocess import DecodeOptions
-from imgscore.tasks.scan import scan_images
-from imgscore.tasks.score import forward_probs
+from imgscore.images.dataset import ShardDataset, collate_samples
+from imgscore.images.preprocess import DecodeOptions
+from imgscore.images.scan import scan_images
+from imgscore.inference.model import load_model
+from imgscore.inference.score import forward_probs
 from tests.conftest import base_overrides, make_image_folder
 
 pytestmark = pytest.mark.gpu

@@ -10,14 +10,14 @@ import pyarrow.dataset as ds
 import pytest
 
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks.incremental import (
+from imgscore.images.scan import scan_images
+from imgscore.runstate.incremental import (
     decode_settings,
     model_key,
     recorded_model,
     split_already_scored,
 )
-from imgscore.tasks.lock import clean_abandoned_temp_files
-from imgscore.tasks.scan import scan_images
+from imgscore.runstate.lock import clean_abandoned_temp_files
 from tests.conftest import base_overrides, make_variants
 
 
@@ -74,7 +74,7 @@ def _fake_prior_run(out: Path, root: Path, index, model_info: dict, run_id: str 
     """An earlier run as the flow leaves it: a manifest and one predictions part file."""
     import pyarrow.parquet as pq
 
-    from imgscore.tasks.parquet_io import PREDICTIONS_SCHEMA, make_table, part_dir
+    from imgscore.io.parquet import PREDICTIONS_SCHEMA, make_table, part_dir
 
     rows = [
         {"run_id": run_id, "image_path": e.image_path, "label": None, "label_name": None, "pred_index": 0, "pred_label": "a",
@@ -143,7 +143,7 @@ def test_corrupt_prior_part_counts_as_not_scored(photos, tmp_path):
 
 
 def test_abandoned_temp_files_are_cleaned_but_live_runs_left_alone(tmp_path):
-    from imgscore.tasks import lock
+    from imgscore.runstate import lock
 
     out = tmp_path / "out"
     dead = out / "predictions" / "run_date=2026-01-01" / "dead"
@@ -214,8 +214,8 @@ def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_
     import subprocess
     import sys
 
+    from imgscore.config.schema import build_config
     from imgscore.flows.score_images import scoring_identity
-    from imgscore.tasks.config import build_config
 
     root = folder(tmp_path / "images", photos, range(6))
     other_root = folder(tmp_path / "other", photos, range(3))
@@ -223,7 +223,7 @@ def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_
     sets = base_overrides(root, tiny_checkpoint, out, **{"run.skip_scored": "true"})
     cfg = build_config({}, sets)
     holder = (
-        "import sys, time; from imgscore.tasks import lock; "
+        "import sys, time; from imgscore.runstate import lock; "
         f"cm = lock.folder_held({str(out)!r}, {str(root)!r}, sys.argv[1], 'imgscore run first-night'); cm.__enter__(); "
         "print('held', flush=True); time.sleep(120)"
     )

@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from imgscore.tasks import scan as scan_mod
-from imgscore.tasks.index import (
+from imgscore.images import scan as scan_mod
+from imgscore.images.scan import INDEX_SCHEMA, open_scan, ordered_map, scan_images
+from imgscore.runstate.index import (
     IndexWriter,
     read_shard_entries,
     refresh_shards,
     shard_location,
     table_fingerprint,
 )
-from imgscore.tasks.scan import INDEX_SCHEMA, open_scan, ordered_map, scan_images
 
 
 def _tree(root, classes=7, per=9):

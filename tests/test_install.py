@@ -85,7 +85,7 @@ def _clean_env(tmp: Path) -> dict[str, str]:
 
 def test_the_installed_package_is_imported_and_ships_its_configs(installed, tmp_path):
     py = str(installed / "bin" / "python")
-    probe = ("import json, imgscore, imgscore.flows.cli as cli, imgscore.tasks.config as c; "
+    probe = ("import json, imgscore, imgscore.flows.cli as cli, imgscore.config.schema as c; "
              "print(json.dumps([imgscore.__file__, str(cli.DEMO_CONFIG), cli.DEMO_CONFIG.is_file(), "
              "str(c.shipped_config('nightly.yaml')), c.load_config(cli.DEMO_CONFIG).model.arch]))")
     found = json.loads(_run([py, "-c", probe], cwd=tmp_path, env=_clean_env(tmp_path)).stdout)

@@ -1,5 +1,5 @@
 """Lanes (``inference.num_workers: auto``'s split that runs the forward inside the DataLoader
-processes, tasks/autotune.py): the same rows as the forward in the scoring process, failures
+processes, imgscore/inference/autotune.py): the same rows as the forward in the scoring process, failures
 recorded per image inside a lane, and decode failures passed through untouched."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgscore.tasks import autotune as A
-from imgscore.tasks.backends import Forward
-from imgscore.tasks.config import build_config
-from imgscore.tasks.dataset import Sample
-from imgscore.tasks.scan import scan_images
-from imgscore.tasks.score import (
+from imgscore.config.schema import build_config
+from imgscore.images.dataset import Sample
+from imgscore.images.scan import scan_images
+from imgscore.inference import autotune as A
+from imgscore.inference.backends import Forward
+from imgscore.inference.score import (
     LaneCollate,
     RowContext,
     build_loader,

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torchvision
 
-from imgscore.tasks.checkpoint import strip_prefix
-from imgscore.tasks.config import ModelConfig, PreprocessConfig
-from imgscore.tasks.errors import ModelError
-from imgscore.tasks.model import load_model
+from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.errors import ModelError
+from imgscore.inference.checkpoint import strip_prefix
+from imgscore.inference.model import load_model
 from tests.conftest import save_as_if_cuda
 
 CPU = torch.device("cpu")

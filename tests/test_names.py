@@ -25,9 +25,7 @@ from imgscore.flows.artifacts import (
     publish_run_report,  # imports Prefect, which configures logging: before caplog
 )
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks import report as rp
-from imgscore.tasks.evaluate import accuracy_of_run, label_matching, normalized_matches
-from imgscore.tasks.parquet_io import (
+from imgscore.io.parquet import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     make_table,
@@ -35,6 +33,8 @@ from imgscore.tasks.parquet_io import (
     part_name,
     write_table_atomic,
 )
+from imgscore.report import build as rp
+from imgscore.report.evaluate import accuracy_of_run, label_matching, normalized_matches
 from tests.conftest import base_overrides
 
 NFD_ECOLE = unicodedata.normalize("NFD", "école")  # e + U+0301, as macOS writes folder names
@@ -103,8 +103,8 @@ def test_incremental_skip_keys_match_names_in_nfc(photos, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from imgscore.tasks.incremental import HASHES_FILE, HASHES_SCHEMA, split_already_scored
-    from imgscore.tasks.scan import ImageEntry, ImageIndex, scan_images, sha256_of_file
+    from imgscore.images.scan import ImageEntry, ImageIndex, scan_images, sha256_of_file
+    from imgscore.runstate.incremental import HASHES_FILE, HASHES_SCHEMA, split_already_scored
     from tests.test_incremental import MODEL, _fake_prior_run
 
     root = tmp_path / "images"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from imgscore.config.schema import NotifyConfig, build_config
 from imgscore.flows import notify
 from imgscore.flows.cli import execute
-from imgscore.tasks.config import NotifyConfig, build_config
 from tests.conftest import base_overrides, make_image_folder
 
 FIELDS = {"run_id", "status", "prefect_state", "flow_name", "flow_run_id", "message", "reason", "counts", "error_rate",
@@ -138,7 +138,7 @@ def test_notify_config_refuses_non_http_urls_and_keeps_the_url_out_of_records():
 def test_notify_settings_are_refused_at_config_time_in_one_clean_line():
     """A block that is not 'type-slug/name' is refused when the config is read (not at the run's
     end as a ValueError from unpacking), and the bad value is quoted once."""
-    from imgscore.tasks.errors import ConfigError
+    from imgscore.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"notify.block must be 'block-type-slug/block-name'.*got 'foo'") as err:
         build_config({}, ["notify.block=foo"])

@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from imgscore.flows.cli import main
-from imgscore.tasks import storage
+from imgscore.io import storage
 from tests.conftest import assert_same_answers, base_overrides, make_image_folder, make_variants
 from tests.s3_server import FaultProxy
 

@@ -4,9 +4,9 @@ from datetime import UTC, datetime
 
 import torch
 
-from imgscore.tasks.config import build_config
-from imgscore.tasks.model import load_model
-from imgscore.tasks.plan import new_run_id, plan_new_run, run_date_of
+from imgscore.config.schema import build_config
+from imgscore.inference.model import load_model
+from imgscore.runstate.plan import new_run_id, plan_new_run, run_date_of
 from tests.conftest import base_overrides
 
 

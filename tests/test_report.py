@@ -21,15 +21,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgscore.flows import progress as prog
+from imgscore.config.schema import build_config
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.cli import execute
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks import report as rp
-from imgscore.tasks import storage
-from imgscore.tasks.config import build_config
-from imgscore.tasks.evaluate import accuracy_of_run, confusion
-from imgscore.tasks.parquet_io import (
+from imgscore.io import storage
+from imgscore.io.parquet import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     make_table,
@@ -37,6 +34,9 @@ from imgscore.tasks.parquet_io import (
     part_name,
     write_table_atomic,
 )
+from imgscore.report import build as rp
+from imgscore.report.evaluate import accuracy_of_run, confusion
+from imgscore.runtime import progress as prog
 from tests.conftest import base_overrides
 
 RUN = "20260101T000000Z-abc123"
@@ -188,7 +188,7 @@ def test_labels_matched_by_index_when_model_has_no_class_names(tmp_path):
     ],
 )
 def test_label_matching_modes(folder, model, expected):
-    from imgscore.tasks.evaluate import label_matching, unmatched_reason
+    from imgscore.report.evaluate import label_matching, unmatched_reason
 
     assert label_matching(folder, model) == expected
     assert (unmatched_reason(folder, model) is None) == (expected != "none")
@@ -281,7 +281,7 @@ def test_flat_folder_has_no_accuracy(tmp_path):
 
 
 def test_missing_run_names_the_runs_there(fake_run):
-    from imgscore.tasks.errors import UsageError
+    from imgscore.errors import UsageError
 
     with pytest.raises(UsageError, match=r"run 'nope' not found .*20260101T000000Z-abc123.*output\.root"):
         rp.build_report(fake_run, "nope")
@@ -439,7 +439,7 @@ def test_report_of_a_live_run_says_it_is_running_and_offers_no_rerun(tmp_path, f
     import sys
     import time
 
-    from imgscore.tasks import lock as run_lock
+    from imgscore.runstate import lock as run_lock
 
     out = write_fake_run(tmp_path / "out", fake_images)
     mpath = out / "runs" / RUN / "manifest.json"
@@ -606,7 +606,7 @@ def test_progress_artifact_counts_given_total_and_done(monkeypatch):
 def test_progress_fields_and_hook():
     from rich.console import Console
 
-    from imgscore.tasks.runstate import Counts, Manifest, ShardRecord
+    from imgscore.runstate.manifest import Counts, Manifest, ShardRecord
 
     manifest = Manifest(run_id=RUN, counts=Counts(scanned=80, scored=30, failed=2, pending=48),
                         shards=[ShardRecord(shard_id=0, images=40), ShardRecord(shard_id=1, images=40)], timings={"planned_at_s": 1000.0})

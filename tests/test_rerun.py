@@ -17,10 +17,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from imgscore.errors import RunLockedError
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks import lock as run_lock
-from imgscore.tasks import storage
-from imgscore.tasks.errors import RunLockedError
+from imgscore.io import storage
+from imgscore.runstate import lock as run_lock
 from tests.conftest import assert_same_answers, base_overrides, make_variants
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     assert run_lock.read_lock(out / "runs" / "killed")["pid"] == proc.pid
     # nothing could write an ending, so readers report the run abandoned, with the fix
     from imgscore.flows import notify
-    from imgscore.tasks.report import build_report
+    from imgscore.report.build import build_report
 
     r = build_report(out, "killed")
     assert (r["status"], r["rerun"], r["outputs"]["report"]) == ("abandoned", f"imgscore rerun killed --set output.root={out}", None)
@@ -302,7 +302,7 @@ def test_concurrent_rerun_is_refused(prefect_server, photos, tiny_checkpoint, tm
     rid = only_run(out)
     # another `imgscore rerun` of the same run, alive in another process
     other = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from imgscore.tasks import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore rerun'); print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"import time; from imgscore.runstate import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore rerun'); print('held', flush=True); time.sleep(60)"],
         cwd=REPO, stdout=subprocess.PIPE,
     )
     try:
@@ -326,14 +326,15 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     import imgscore.flows.score_images as si
-    from imgscore.tasks.config import load_config
-    from imgscore.tasks.score import ShardError
+    import imgscore.tasks.score_shard as shard_tasks
+    from imgscore.config.schema import load_config
+    from imgscore.inference.score import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
     cfg = load_config(None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "retried"}))
     calls: list[int] = []
-    real = si.score_shard
+    real = shard_tasks.score_shard
 
     def flaky(ref, *a, **kw):
         calls.append(ref.shard_id)
@@ -341,7 +342,7 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
             raise ShardError("shard 1: DataLoader failed: bus error (simulated)")
         return real(ref, *a, **kw)
 
-    monkeypatch.setattr(si, "score_shard", flaky)
+    monkeypatch.setattr(shard_tasks, "score_shard", flaky)
     state = si.score_images.with_options(retries=1, retry_delay_seconds=0)(cfg.to_dict(), return_state=True)
     assert state.is_completed(), state
     assert sorted(calls) == [0, 1, 1, 2]  # shards 0 and 2 scored once; shard 1 failed, then scored on the retry
@@ -368,20 +369,21 @@ def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photo
     from prefect.settings import PREFECT_API_URL
 
     import imgscore.flows.score_images as si
-    from imgscore.tasks.config import load_config
-    from imgscore.tasks.score import ShardError
+    import imgscore.tasks.score_shard as shard_tasks
+    from imgscore.config.schema import load_config
+    from imgscore.inference.score import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
     cfg = load_config(None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "cli-retry"}))
-    real = si.score_shard
+    real = shard_tasks.score_shard
 
     def broken(ref, *a, **kw):
         if ref.shard_id == 2:
             raise ShardError("shard 2: DataLoader failed: bus error (simulated)")
         return real(ref, *a, **kw)
 
-    monkeypatch.setattr(si, "score_shard", broken)
+    monkeypatch.setattr(shard_tasks, "score_shard", broken)
     state = si.score_images(cfg.to_dict(), return_state=True)
     assert state.is_failed()
     assert manifest(out, "cli-retry")["shards"][2]["state"] == "failed"

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from imgscore.errors import OutputWriteError
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks import storage
-from imgscore.tasks.errors import OutputWriteError
-from imgscore.tasks.parquet_io import part_dir, write_bytes_atomic
+from imgscore.io import storage
+from imgscore.io.parquet import part_dir, write_bytes_atomic
 from tests.conftest import base_overrides, make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_
     readers see ``crashed`` with its reason, not ``abandoned``. Where nothing at all can be
     written, the notification of the process that ended the run still says ``crashed``."""
     from imgscore.flows import notify
-    from imgscore.tasks.runstate import (
+    from imgscore.runstate.manifest import (
         Counts,
         Manifest,
         RunState,

@@ -1,4 +1,4 @@
-"""Run state (imgscore.tasks.runstate): the typed manifest, the one place a result is applied,
+"""Run state (imgscore.runstate.manifest): the typed manifest, the one place a result is applied,
 the ledger between summaries, old manifests, and the run lock as a context manager."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from imgscore.tasks import lock as run_lock
-from imgscore.tasks.errors import RunLockedError
-from imgscore.tasks.runstate import (
+from imgscore.errors import RunLockedError
+from imgscore.runstate import lock as run_lock
+from imgscore.runstate.manifest import (
     Counts,
     Manifest,
     RunState,
@@ -130,7 +130,7 @@ def test_a_manifest_of_the_previous_version_loads(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(old))
     m = load_manifest(tmp_path)
     assert m.shards[1].attempts == 2 and m.counts.failed == 1 and m.reruns == [{"shards": []}]
-    from imgscore.tasks.index import shard_location
+    from imgscore.runstate.index import shard_location
 
     assert shard_location(m.index, 1) == ("index.parquet", 1)  # the single-file index of that version
     assert m.to_dict()["extra_key"] == 1  # unknown keys survive a rewrite
@@ -168,8 +168,8 @@ def test_a_reused_pid_does_not_keep_a_lock_alive(tmp_path):
 def test_a_damaged_manifest_is_one_line_naming_the_file_and_exit_2(content, tmp_path, capsys):
     """A truncated manifest, pickle bytes, JSON that is not a manifest: ``imgscore rerun`` and
     ``imgscore report`` exit 2 with one line naming the file — not pydantic's multi-line text."""
+    from imgscore.errors import RunStateError
     from imgscore.flows.cli import main as cli_main
-    from imgscore.tasks.errors import RunStateError
 
     run_dir = tmp_path / "out" / "runs" / "r1"
     run_dir.mkdir(parents=True)

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from imgscore.tasks.errors import ConfigError, InputError
-from imgscore.tasks.scan import has_images, scan_images
+from imgscore.errors import ConfigError, InputError
+from imgscore.images.scan import has_images, scan_images
 
 
 def _img(path, color=(200, 10, 10), fmt=None):
@@ -137,7 +137,7 @@ def test_a_tree_deeper_than_the_recursion_limit_is_scanned_whole(tmp_path, reque
 
 
 def test_output_root_inside_input_root_is_left_out_of_the_scan(tmp_path):
-    from imgscore.tasks.scan import check_roots_apart, open_scan, output_within_input
+    from imgscore.images.scan import check_roots_apart, open_scan, output_within_input
 
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
@@ -171,8 +171,8 @@ def test_output_root_inside_input_root_is_left_out_of_the_scan(tmp_path):
 
 def test_an_object_store_output_prefix_inside_the_input_prefix_is_left_out(monkeypatch):
     """The same rule on a bucket, compared as normalized URLs (the storage layer's listing faked)."""
-    from imgscore.tasks import storage
-    from imgscore.tasks.scan import open_scan
+    from imgscore.images.scan import open_scan
+    from imgscore.io import storage
 
     keys = ["cat/c1.png", "dog/d1.png", "dog/scores/predictions/part-00000.parquet", "Scores/runs/r1/manifest.json",
             "Scores/predictions/run_date=2026-03-01/r1/part-00000.parquet"]

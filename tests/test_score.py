@@ -1,4 +1,4 @@
-"""The shard's three steps (imgscore.tasks.score): only the DataLoader's own failures become a
+"""The shard's three steps (imgscore.inference.score): only the DataLoader's own failures become a
 ShardError, the steps compose for any list of images, and a rerun's merge keeps index order."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from imgscore.tasks.errors import ShardError
-from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
-from imgscore.tasks.rerun import merge_partial
-from imgscore.tasks.score import loader_batches
+from imgscore.errors import ShardError
+from imgscore.inference.score import loader_batches
+from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
+from imgscore.runstate.rerun_plan import merge_partial
 
 
 class _Loader:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from imgscore.flows.cli import main as cli_main
-from imgscore.tasks.containment import (
+from imgscore.io.containment import (
     UnsafePathError,
     check_recorded_files,
     check_relative_column,
@@ -74,15 +74,17 @@ def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_se
     By construction: the marker can only appear if some code unpickles a planted record (the
     first attempt and the retry run in this process, so Prefect's own reads would create it)."""
     import imgscore.flows.score_images as si
-    from imgscore.tasks.config import load_config
-    from imgscore.tasks.score import ShardError
+    import imgscore.tasks.plan as plan_tasks
+    import imgscore.tasks.score_shard as shard_tasks
+    from imgscore.config.schema import load_config
+    from imgscore.inference.score import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
     marker = tmp_path / "UNPICKLED"
     cfg = load_config(None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "planted"}))
     calls: list[int] = []
-    real_score, real_resume = si.score_shard, si.resume_plan
+    real_score, real_resume = shard_tasks.score_shard, plan_tasks.resume_plan
 
     def flaky(ref, *a, **kw):
         calls.append(ref.shard_id)
@@ -101,8 +103,8 @@ def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_se
         next((out / "predictions").glob("run_date=*/planted/part-00002.parquet")).unlink()
         return real_resume(*a, **kw)
 
-    monkeypatch.setattr(si, "score_shard", flaky)
-    monkeypatch.setattr(si, "resume_plan", plant_then_resume)
+    monkeypatch.setattr(shard_tasks, "score_shard", flaky)
+    monkeypatch.setattr(plan_tasks, "resume_plan", plant_then_resume)
     state = si.score_images.with_options(retries=1, retry_delay_seconds=0)(cfg.to_dict(), return_state=True)
 
     assert not marker.exists(), "a planted pickle was unpickled"
@@ -255,7 +257,7 @@ def test_cleanup_removes_a_planted_tmp_symlink_not_its_target(finished_run, tmp_
 def test_abandoned_cleanup_does_not_enter_a_symlinked_folder(tmp_path):
     """`imgscore run` removes other runs' temp files; a run folder that is a symlink out of the
     output root (or sits below one) is not entered, and a temp-named link is removed itself."""
-    from imgscore.tasks.lock import clean_abandoned_temp_files
+    from imgscore.runstate.lock import clean_abandoned_temp_files
 
     out = tmp_path / "out"
     outside, before = _outside(tmp_path)
@@ -279,13 +281,13 @@ def test_writers_never_write_through_a_symlink_at_their_temp_name(tmp_path, writ
     """Part files, manifests and commit records are written to `.NAME.PID.tmp` and renamed; a
     symlink planted at that name (PIDs are easy to guess) is replaced, never written through.
     A ledger segment is created the same way."""
-    from imgscore.tasks.parquet_io import (
+    from imgscore.io.parquet import (
         ERRORS_SCHEMA,
         temp_path,
         write_bytes_atomic,
         write_table_atomic,
     )
-    from imgscore.tasks.runstate import ShardLedger, ShardResult, _segment_path
+    from imgscore.runstate.manifest import ShardLedger, ShardResult, _segment_path
 
     outside, before = _outside(tmp_path)
     folder = tmp_path / "out" / "x"
@@ -359,7 +361,7 @@ def test_index_rows_that_leave_the_input_root_are_refused(finished_run, tmp_path
     reading that shard refuse (exit 2) instead of opening a file outside the input root."""
     import pyarrow.parquet as pq
 
-    from imgscore.tasks.index import read_shard_table
+    from imgscore.runstate.index import read_shard_table
 
     _, src, rid = finished_run
     run_dir = tmp_path / "run"
@@ -379,7 +381,7 @@ def test_index_rows_that_leave_the_input_root_are_refused(finished_run, tmp_path
 def test_a_retry_refuses_a_manifest_that_names_another_input_root(finished_run, tmp_path):
     """A retried flow run reads its plan back from the output root; its own parameters are the
     flow run's. A manifest whose input.root was changed is refused, not scored from there."""
-    from imgscore.tasks.plan import resume_plan
+    from imgscore.runstate.plan import resume_plan
 
     root, src, rid = finished_run
     out = tmp_path / "out"
@@ -404,8 +406,8 @@ def test_rerun_takes_code_running_keys_from_the_manifest_only_when_repeated(key,
     """A rerun's config is the one recorded in the manifest, which is read back from the output
     root. A recorded value that would run code or send the run elsewhere is refused (exit 2,
     naming the key and the flag that confirms it) unless the command line repeats it."""
-    from imgscore.tasks.config import Config, rerun_config
-    from imgscore.tasks.errors import ConfigError
+    from imgscore.config.schema import Config, rerun_config
+    from imgscore.errors import ConfigError
 
     recorded = Config().to_dict()
     section, name = key.split(".")
@@ -422,8 +424,8 @@ def test_rerun_takes_code_running_keys_from_the_manifest_only_when_repeated(key,
 
 
 def test_run_id_in_the_config_must_be_a_folder_name():
-    from imgscore.tasks.config import load_config
-    from imgscore.tasks.errors import ConfigError
+    from imgscore.config.schema import load_config
+    from imgscore.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"run.run_id '../x' must be one folder name"):
         load_config(None, ["run.run_id=../x"])

@@ -22,15 +22,15 @@ import torch
 import torchvision
 from rich.console import Console
 
+from imgscore.config.schema import build_config
+from imgscore.errors import ConfigError
 from imgscore.flows.cli import execute
-from imgscore.tasks import dataset as dataset_mod
-from imgscore.tasks.config import build_config
-from imgscore.tasks.dataset import ShardDataset, collate_lanes, decode_spec
-from imgscore.tasks.errors import ConfigError
-from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
-from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
-from imgscore.tasks.runstate import load_manifest
-from imgscore.tasks.scan import scan_images
+from imgscore.images import dataset as dataset_mod
+from imgscore.images.dataset import ShardDataset, collate_lanes, decode_spec
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec
+from imgscore.images.scan import scan_images
+from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
+from imgscore.runstate.manifest import load_manifest
 from tests.conftest import assert_same_answers, doc_section, make_image_folder
 
 ATOL = 1e-4  # the same tensors through the same module: only batch composition differs
@@ -186,7 +186,7 @@ def test_the_summary_keeps_images_and_pairs_apart_and_ends_with_the_rerun_line(r
     assert printed["rerun"] == f"imgscore rerun both --set output.root={runs['out']}" == summary["rerun"]
     m = load_manifest(runs["out"] / "runs" / "both")
     assert m.timings["pairs_per_s"] == pairs_rate and m.timings["images_per_s"] == images_rate
-    from imgscore.tasks.report import build_report
+    from imgscore.report.build import build_report
 
     assert build_report(runs["out"], "both")["timing"]["pairs_per_s"] == pairs_rate
     _, alone = runs["alone"][0]  # one model: the summary as before, no pairs line
@@ -205,7 +205,7 @@ def test_report_and_drift_describe_each_model_on_its_own(runs, photos):
     """Two complete two-model nights over one folder: each model's drift baseline is the first
     night and its PSI comes from its own rows (the same answers: 0 by construction); the report
     lists both models and describes the one it is asked for."""
-    from imgscore.tasks.report import build_report
+    from imgscore.report.build import build_report
 
     root = make_image_folder(runs["base"] / "clean", photos)
     for run_id in ("clean1", "clean2"):

@@ -1,4 +1,4 @@
-"""Start-up in one place (imgscore.flows.startup): what importing the CLI costs, the server's
+"""Start-up in one place (imgscore.runtime.startup): what importing the CLI costs, the server's
 launcher and watchdog as real processes, and the session's order."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from imgscore.flows import server_watchdog, startup
+from imgscore.runtime import server_watchdog, startup
 
 
 def test_importing_the_cli_imports_neither_prefect_nor_torch():
@@ -25,7 +25,7 @@ def test_importing_the_cli_imports_neither_prefect_nor_torch():
 
 def test_launcher_says_no_server_when_an_api_is_configured():
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:4200/api"}
-    out = subprocess.run([sys.executable, "-m", "imgscore.flows.server_launcher", "-"], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-m", "imgscore.runtime.server_launcher", "-"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "-", out.stderr
 
 
@@ -33,7 +33,7 @@ PARENT = """
 import subprocess, sys, time
 server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "prefect.server.api.server:create_app"])
 other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-subprocess.Popen([sys.executable, "-m", "imgscore.flows.server_watchdog", str(__import__("os").getpid())], start_new_session=True)
+subprocess.Popen([sys.executable, "-m", "imgscore.runtime.server_watchdog", str(__import__("os").getpid())], start_new_session=True)
 print(server.pid, other.pid, flush=True)
 time.sleep(120)
 """
@@ -96,7 +96,7 @@ def test_both_flows_choose_their_runner_from_their_config(module):
     flow run (``ConfiguredTaskRunner``), whoever starts the run (CLI, deployment, retry)."""
     from prefect.flows import load_flow_from_entrypoint
 
-    from imgscore.flows.runner import ConfiguredTaskRunner
+    from imgscore.runtime.runner import ConfiguredTaskRunner
 
     name = {"imgscore.flows.score_images": "score_images", "imgscore.flows.rerun": "rerun_failed"}[module]
     flow = load_flow_from_entrypoint(f"{module}:{name}")
@@ -114,7 +114,7 @@ def test_the_cli_sets_prefects_telemetry_default_itself(tmp_path, through_the_cl
     env["PREFECT_HOME"] = str(tmp_path / "home")
     body = "import prefect"
     if through_the_cli:
-        body = "from imgscore.flows import startup\nwith startup.session(verbose=False):\n    import prefect"
+        body = "from imgscore.runtime import startup\nwith startup.session(verbose=False):\n    import prefect"
     primary, secondary = pty.openpty()
     proc = subprocess.run([sys.executable, "-c", body], env=env, stdout=secondary, stderr=secondary, timeout=120)
     os.close(secondary)

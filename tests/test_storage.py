@@ -1,4 +1,4 @@
-"""The filesystem layer (``imgscore.tasks.storage``) against a real S3 server (SeaweedFS on
+"""The filesystem layer (``imgscore.io.storage``) against a real S3 server (SeaweedFS on
 loopback) and a real fault-injecting HTTP proxy: roots and URLs, conditional creates, listings,
 object reads with retries and timeouts, and the refusal of secrets in ``storage.options``."""
 
@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from imgscore.tasks import storage
+from imgscore.io import storage
 from tests.s3_server import FaultProxy
 
 
@@ -167,7 +167,7 @@ def test_object_scan_lists_like_the_folder_scan(threads, s3, photos, tmp_path):
     order with torchvision's rule, whatever the number of listing threads."""
     import pyarrow as pa
 
-    from imgscore.tasks.scan import entries_from_table, open_scan
+    from imgscore.images.scan import entries_from_table, open_scan
 
     local = _messy_tree(tmp_path / "images", photos)
     url = s3.upload(local, "images")
@@ -188,8 +188,8 @@ def test_object_scan_lists_like_the_folder_scan(threads, s3, photos, tmp_path):
 
 def test_object_scan_refuses_an_empty_prefix_and_names_it(s3):
     """A prefix with no objects is a wrong URL, refused before anything is written (exit 2)."""
-    from imgscore.tasks.errors import InputError
-    from imgscore.tasks.scan import open_scan
+    from imgscore.errors import InputError
+    from imgscore.images.scan import open_scan
 
     with pytest.raises(InputError, match=r"holds no objects; check the bucket and prefix"):
         open_scan(s3.url("nothing-here"))
@@ -204,9 +204,9 @@ def test_dataloader_workers_read_objects_and_record_what_fails(s3, s3_server, ph
     import torch
     from torch.utils.data import DataLoader
 
-    from imgscore.tasks.dataset import ShardDataset, collate_samples
-    from imgscore.tasks.preprocess import DecodeOptions, PreprocessSpec
-    from imgscore.tasks.scan import scan_images
+    from imgscore.images.dataset import ShardDataset, collate_samples
+    from imgscore.images.preprocess import DecodeOptions, PreprocessSpec
+    from imgscore.images.scan import scan_images
 
     local = tmp_path / "flat"
     local.mkdir()
@@ -245,9 +245,9 @@ def test_two_writers_of_one_shard_commit_once(where, tmp_path, request):
     write the whole shard's part files to the same keys, only the first creates the commit
     record, and the second gets the first's record back (the files agree with its counts); a
     rerun (``replace=True``) replaces it. By construction: the record is an exclusive create."""
-    from imgscore.tasks.parquet_io import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
-    from imgscore.tasks.runstate import ShardRef, ShardResult, read_commit_record
-    from imgscore.tasks.score import commit_shard
+    from imgscore.inference.score import commit_shard
+    from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
+    from imgscore.runstate.manifest import ShardRef, ShardResult, read_commit_record
 
     out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3").url("out")
     ref = ShardRef(run_id="r1", run_date="2026-12-01", run_dir=storage.join(out, "runs", "r1"), input_root="/x", shard_id=0,

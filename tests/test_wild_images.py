@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
-from imgscore.tasks.config import PILLOW_MAX_PIXELS, PreprocessConfig
-from imgscore.tasks.dataset import Failure, Sample, ShardDataset, collate_samples
-from imgscore.tasks.preprocess import (
+from imgscore.config.schema import PILLOW_MAX_PIXELS, PreprocessConfig
+from imgscore.images.dataset import Failure, Sample, ShardDataset, collate_samples
+from imgscore.images.preprocess import (
     DecodeError,
     DecodeOptions,
     PreprocessSpec,
@@ -27,7 +27,7 @@ from imgscore.tasks.preprocess import (
     decode_image,
     value_range,
 )
-from imgscore.tasks.scan import ImageEntry
+from imgscore.images.scan import ImageEntry
 
 SPEC = PreprocessSpec(max_aspect_ratio=100.0)
 OPTS = DecodeOptions(PILLOW_MAX_PIXELS)
@@ -264,16 +264,16 @@ def test_flow_row_records_the_replacement_not_the_scan(prefect_server, photos, t
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    import imgscore.tasks.dataset
+    import imgscore.images.dataset
+    from imgscore.config.schema import build_config
     from imgscore.flows.cli import execute
-    from imgscore.tasks.config import build_config
     from tests.conftest import base_overrides
 
     root = tmp_path / "images"
     root.mkdir()
     for name, photo in (("a.jpg", "coffee"), ("b.jpg", "rocket")):
         photos[photo].resize((64, 48)).save(root / name, quality=60)
-    real = imgscore.tasks.dataset.decode_file
+    real = imgscore.images.dataset.decode_file
     replaced = {}
 
     def replace_then_decode(path, *a, **k):  # runs in this process: inference.num_workers=0
@@ -283,7 +283,7 @@ def test_flow_row_records_the_replacement_not_the_scan(prefect_server, photos, t
             replaced["b.jpg"] = (st.st_size, st.st_mtime_ns)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(imgscore.tasks.dataset, "decode_file", replace_then_decode)
+    monkeypatch.setattr(imgscore.images.dataset, "decode_file", replace_then_decode)
     out = tmp_path / "out"
     code, _ = execute(build_config({}, base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "swap", "inference.num_workers": 0})), quiet=True)
     assert code == 0

@@ -1,0 +1,1 @@
+"""Models and scoring: checkpoints, model loading, devices, backends (eager, ONNX Runtime, OpenVINO), the loader split, one shard scored."""
