@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 # mypy reads modules by folder, so it checks a link tree that lays flows/, tasks/ and configs/ out
 # as installed (imgscore.flows, imgscore.tasks, imgscore.configs; pyproject.toml's package-dir).

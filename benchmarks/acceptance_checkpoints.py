@@ -10,14 +10,13 @@ Uses the demo's resnet18 trained on scikit-learn's digit scans (run `make demo` 
 runs `imgscore run` on each with CUDA_VISIBLE_DEVICES="", and compares top-1 and scores with a
 plain PyTorch loop using the same transform.
 
-    .venv/bin/python benchmarks/acceptance_checkpoints.py
+    .venv/bin/python -m benchmarks.acceptance_checkpoints
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -27,12 +26,10 @@ import pyarrow.dataset as ds
 import torch
 import torchvision
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from imgscore.demo import DEMO_SPEC  # noqa: E402
-from imgscore.images.preprocess import DecodeOptions, build_transform, decode_image  # noqa: E402
-from tests.conftest import save_as_if_cuda  # noqa: E402
+from benchmarks.common.paths import IMGSCORE, REPO
+from imgscore.demo import DEMO_SPEC
+from imgscore.images.preprocess import DecodeOptions, build_transform, decode_image
+from tests.conftest import save_as_if_cuda
 
 DEMO = REPO / "outputs" / "demo"
 HELD = DEMO / "digits" / "heldout"
@@ -69,7 +66,7 @@ def main() -> int:
     torch.save(model, forms["pickled_module"])
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp / "prefect")}
-    imgscore = str(Path(sys.executable).parent / "imgscore")
+    imgscore = str(IMGSCORE)
     print("| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) |\n|---|---|---|---|---|---|")
     for name, path in forms.items():
         out = tmp / f"out_{name}"

@@ -12,7 +12,7 @@ extra images, and times:
 
 No images and no model are needed (stat mode compares recorded sizes and mtimes). Run:
 
-    .venv/bin/python benchmarks/bench_skip_scored.py [--rows 100000] [--runs 10] [--repeat 5]
+    .venv/bin/python -m benchmarks.bench_skip_scored [--rows 100000] [--runs 10] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -29,11 +28,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from imgscore.images.scan import ImageEntry, ImageIndex  # noqa: E402
-from imgscore.io.parquet import PREDICTIONS_SCHEMA, part_dir  # noqa: E402
-from imgscore.runstate.incremental import split_already_scored  # noqa: E402
+from imgscore.images.scan import ImageEntry, ImageIndex
+from imgscore.io.parquet import PREDICTIONS_SCHEMA, part_dir
+from imgscore.runstate.incremental import split_already_scored
 
 MODEL = {"model_id": "c" * 64, "preprocess": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
 

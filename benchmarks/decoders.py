@@ -1,12 +1,12 @@
 """Decode-bound path: libvips shrink-on-load against Pillow's JPEG draft decode.
 
-On the benchmark's 4000×3000 JPEGs (``benchmarks/run.py --prepare`` makes them), per image and
+On the benchmark's 4000×3000 JPEGs (``python -m benchmarks.run --prepare`` makes them), per image and
 one core (VIPS_CONCURRENCY=1, torch 1 thread): decode + resize 256 + center crop 224 + normalise
 into the float32 [3, 224, 224] tensor the model gets, as
 
 - ``pillow_full``: Pillow full decode, then imgscore's transform — the fidelity reference;
 - ``pillow_draft``: imgscore's decode (``preprocess.jpeg_draft``: libjpeg DCT scaling to no less
-  than twice the resize target), then the same transform — what runs today;
+  than twice the resize target), then the same transform — what imgscore runs;
 - ``vips_shrink``: pyvips ``new_from_file(shrink=k)`` with the same k as the draft (libjpeg
   shrink-on-load), then the same transform;
 - ``vips_thumbnail``: pyvips ``thumbnail`` (shrink-on-load, then libvips' own resize to the
@@ -15,7 +15,7 @@ into the float32 [3, 224, 224] tensor the model gets, as
 Fidelity: mean |Δ| of each tensor against the reference (normalised units; about 0.02 is one
 grey level on average) and top-1 agreement of the demo's trained resnet18 with the reference.
 
-    .venv/bin/python benchmarks/decoders.py [--images 48]
+    .venv/bin/python -m benchmarks.decoders [--images 48]
 """
 
 from __future__ import annotations
@@ -23,45 +23,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
-os.environ.setdefault("VIPS_CONCURRENCY", "1")  # one core, like one DataLoader worker
+import torch
+from PIL import Image
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from benchmarks.common.machine import loadavg
+from benchmarks.common.paths import DATA
+from benchmarks.common.results import write_json
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-DATA = REPO / "benchmarks" / "data"
-
-from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image  # noqa: E402
+Way = Callable[[Path], torch.Tensor]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=48)
-    args = ap.parse_args(argv)
-    import pyvips
-
-    pyvips.cache_set_max(0)
-    torch.set_num_threads(1)
-    paths = sorted((DATA / "decode-4000x3000" / "all").rglob("*.jpg"))[: args.images]
-    if not paths:
-        raise SystemExit("no benchmark images: run `.venv/bin/python benchmarks/run.py --prepare` first")
+def ways(pyvips: ModuleType) -> dict[str, Way]:
+    """The four ways from a JPEG path to the model's tensor (module docstring)."""
     full, draft = PreprocessSpec(jpeg_draft=False), PreprocessSpec(jpeg_draft=True)
     opts = DecodeOptions(max_pixels=10**9)
     tf = build_transform(full)
     crop_norm = build_transform(PreprocessSpec())  # resize 256 is a no-op on a 256 shorter side
 
-    def pil_full(p):
+    def pil_full(p: Path) -> torch.Tensor:
         return tf(decode_image(str(p), full, opts))
 
-    def pil_draft(p):
+    def pil_draft(p: Path) -> torch.Tensor:
         return tf(decode_image(str(p), draft, opts))
 
-    def vips_shrink(p):
+    def vips_shrink(p: Path) -> torch.Tensor:
         w, h = Image.open(p).size
         k = 1
         while k < 8 and min(w, h) // (2 * k) >= 2 * draft.resize:
@@ -69,25 +60,19 @@ def main(argv=None) -> int:
         v = pyvips.Image.new_from_file(str(p), shrink=k, access="sequential")
         return tf(Image.fromarray(v.numpy()))
 
-    def vips_thumb(p):
+    def vips_thumb(p: Path) -> torch.Tensor:
         w, h = Image.open(p).size  # header only
         scale = draft.resize / min(w, h)
         v = pyvips.Image.thumbnail(str(p), round(w * scale), height=round(h * scale), size="force")
         return crop_norm(Image.fromarray(v.numpy()))
 
-    ways = {"pillow_full": pil_full, "pillow_draft": pil_draft, "vips_shrink": vips_shrink, "vips_thumbnail": vips_thumb}
-    out: dict = {"images": len(paths), "load_before": [round(x, 2) for x in os.getloadavg()], "pyvips": pyvips.__version__,
-                 "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"}
-    tensors: dict = {}
-    for name, fn in ways.items():
-        fn(paths[0])  # warm-up
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.process_time()
-            xs = [fn(p) for p in paths]
-            best = min(best, (time.process_time() - t0) / len(paths))
-        tensors[name] = torch.stack(xs)
-        out[name] = {"core_ms_per_image": round(best * 1e3, 2)}
+    return {"pillow_full": pil_full, "pillow_draft": pil_draft, "vips_shrink": vips_shrink,
+            "vips_thumbnail": vips_thumb}
+
+
+def fidelity(tensors: dict[str, torch.Tensor], out: dict) -> None:
+    """Each way's difference from ``pillow_full``, and the trained model's top-1 agreement when
+    its checkpoint is cached (``make bench`` trains it), into ``out[way]``."""
     ref = tensors["pillow_full"]
     ckpt = DATA / "ckpt" / "digits_resnet18.pt"
     model = None
@@ -103,10 +88,36 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 a, b = model.module(ref).argmax(1), model.module(x).argmax(1)
             out[name]["top1_agreement_trained"] = round(float((a == b).float().mean()), 4)
-    out["load_after"] = [round(x, 2) for x in os.getloadavg()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=48)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VIPS_CONCURRENCY", "1")  # one core, like one DataLoader worker; read when libvips starts
+    import pyvips
+
+    pyvips.cache_set_max(0)
+    torch.set_num_threads(1)
+    paths = sorted((DATA / "decode-4000x3000" / "all").rglob("*.jpg"))[: args.images]
+    if not paths:
+        raise SystemExit("no benchmark images: run `.venv/bin/python -m benchmarks.run --prepare` first")
+    out: dict = {"images": len(paths), "load_before": loadavg(), "pyvips": pyvips.__version__,
+                 "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"}
+    tensors: dict = {}
+    for name, fn in ways(pyvips).items():
+        fn(paths[0])  # warm-up
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.process_time()
+            xs = [fn(p) for p in paths]
+            best = min(best, (time.process_time() - t0) / len(paths))
+        tensors[name] = torch.stack(xs)
+        out[name] = {"core_ms_per_image": round(best * 1e3, 2)}
+    fidelity(tensors, out)
+    out["load_after"] = loadavg()
     print(json.dumps(out, indent=1))
-    dest = REPO / "benchmarks" / "results" / "decoders.json"
-    dest.write_text(json.dumps(out, indent=2) + "\n")
+    dest = write_json(out, "decoders.json")
     print(f"wrote {dest}")
     return 0
 

@@ -7,7 +7,7 @@ decodes it as a shard does and checks that it ends as a float32 [3, 224, 224] te
 bound. Prints the cases run, the outcomes by kind, the slowest case and peak memory, and every
 crasher; with ``--save DIR`` the crashers' bytes are written there to become regression fixtures.
 
-    nice -n 19 .venv/bin/python benchmarks/fuzz_decode.py --cases 5000 [--seed 0] [--save /tmp/crashers]
+    nice -n 19 .venv/bin/python -m benchmarks.fuzz_decode --cases 5000 [--seed 0] [--save /tmp/crashers]
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.fuzz_cases import CASE_MEMORY_MIB, EDITS, PeakMemory, mutate, run_case, seed_files  # noqa: E402
+from tests.fuzz_cases import CASE_MEMORY_MIB, EDITS, PeakMemory, mutate, run_case, seed_files
 
 
 def random_edits(rng: random.Random) -> list[tuple[str, int, int]]:

@@ -16,8 +16,9 @@ photos shipped with scikit-image written to a temporary folder. Model: ``--check
 state_dict. Speed does not depend on the weights; agreement does (a random model's small logits
 hide precision differences), so give the production checkpoint for the agreement figures.
 
-    python benchmarks/gpu_check.py                      # resnet50, 512 images, batches 64/256
-    python benchmarks/gpu_check.py --arch resnet18 --batch-sizes 32 128 --workers 8
+    python -m benchmarks.gpu_check                      # resnet50, 512 images, batches 64/256
+    python -m benchmarks.gpu_check --arch resnet18 --batch-sizes 32 128 --workers 8
+    python -m benchmarks.gpu_check --device cpu --n-images 16 --cpu-images 8 --batch-sizes 4 8 --workers 0  # smoke test
 """
 
 from __future__ import annotations
@@ -31,15 +32,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from imgscore.config.schema import ModelConfig, PreprocessConfig  # noqa: E402
-from imgscore.images.dataset import ShardDataset, collate_samples  # noqa: E402
-from imgscore.images.preprocess import DecodeOptions  # noqa: E402
-from imgscore.images.scan import scan_images  # noqa: E402
-from imgscore.inference.model import load_model  # noqa: E402
-from imgscore.inference.score import forward_probs  # noqa: E402
+from benchmarks.common.models import seeded_checkpoint
+from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.images.dataset import ShardDataset, collate_samples
+from imgscore.images.preprocess import DecodeOptions
+from imgscore.images.scan import scan_images
+from imgscore.inference.model import load_model
+from imgscore.inference.score import forward_probs
 
 
 def make_images(folder: Path, n: int) -> Path:
@@ -107,7 +106,7 @@ def end_to_end(root: Path, lm, batch_size: int, workers: int, precision: str) ->
     return n / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--checkpoint", type=Path)
@@ -119,33 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8, help="DataLoader decode processes for the end-to-end figures")
     p.add_argument("--cpu-images", type=int, default=128, help="images scored on the CPU for agreement (CPU is slow)")
     p.add_argument("--device", default="cuda:0", help="the accelerator; 'cpu' only smoke-tests this script")
-    args = p.parse_args(argv)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run it on a GPU machine (--device cpu smoke-tests the script)", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="imgscore_gpu_check_"))
-    root = args.images or make_images(tmp / "images", args.n_images)
-    ckpt = args.checkpoint
-    if ckpt is None and args.weights is None:
-        import torchvision
 
-        torch.manual_seed(0)
-        ckpt = tmp / f"{args.arch}_random.pt"
-        torch.save(torchvision.models.get_model(args.arch, num_classes=args.num_classes).state_dict(), ckpt)
-    mcfg, pcfg = ModelConfig(arch=args.arch, checkpoint=ckpt, weights=args.weights), PreprocessConfig()
-    gpu = load_model(mcfg, pcfg, dev, channels_last=True)
-    cpu = load_model(mcfg, pcfg, torch.device("cpu"), channels_last=True)
-    n_img = len(scan_images(root).entries)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU smoke test"
-    print(f"{name} · torch {torch.__version__} · {args.arch} ({gpu.num_classes} classes) · "
-          f"{n_img} images · cpu threads {torch.get_num_threads()}")
-
-    # 1. agreement on the first --cpu-images images (the CPU pass is the slow part)
+def agreement(root: Path, tmp: Path, cpu, gpu, cpu_images: int) -> None:
+    """Print each GPU precision's top-1 agreement and probability differences against CPU fp32 on
+    the first ``cpu_images`` images of ``root`` (the CPU pass is the slow part)."""
+    dev = gpu.device
     sub = tmp / "agree"
     sub.mkdir(exist_ok=True)
-    for e in scan_images(root).entries[: args.cpu_images]:
+    for e in scan_images(root).entries[:cpu_images]:
         (sub / e.image_path.replace("/", "__")).symlink_to(Path(root) / e.rel)
     t0 = time.perf_counter()
     ref = probs_for(sub, cpu, "fp32", batch_size=32)
@@ -155,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
           "hide precision differences — pass --checkpoint or --weights for a real one):")
     print(f"{'gpu precision':<14}{'top-1 agree':>12}{'max |Δp(top-1)|':>18}{'max |Δp| any class':>20}")
     for precision in ("fp32", "bf16", "fp16"):
-        if (precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported()) or (precision == "fp16" and dev.type != "cuda"):
+        no_bf16 = precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported()
+        if no_bf16 or (precision == "fp16" and dev.type != "cuda"):
             continue
         got = probs_for(sub, gpu, precision)
         top_ref = ref.argmax(1)
@@ -163,18 +146,44 @@ def main(argv: list[str] | None = None) -> int:
         d_top = (got.gather(1, top_ref[:, None]) - ref.gather(1, top_ref[:, None])).abs().max().item()
         print(f"{precision:<14}{agree:>12.4f}{d_top:>18.2e}{(got - ref).abs().max().item():>20.2e}")
 
-    # 2. throughput at two batch sizes
-    first = next(iter(loader(root, gpu, max(args.batch_sizes), 0))).tensor
-    while len(first) < max(args.batch_sizes):
+
+def throughput(root: Path, cpu, gpu, batch_sizes: list[int], workers: int) -> None:
+    """Print images/s at each batch size: GPU model-only and end to end (fp32, bf16), CPU model-only."""
+    first = next(iter(loader(root, gpu, max(batch_sizes), 0))).tensor
+    while len(first) < max(batch_sizes):
         first = torch.cat([first, first])
-    print(f"\nthroughput, images/s (end to end: {args.workers} DataLoader workers decoding JPEGs):")
+    print(f"\nthroughput, images/s (end to end: {workers} DataLoader workers decoding JPEGs):")
     print(f"{'batch':>6}{'precision':>10}{'gpu model-only':>16}{'gpu end-to-end':>16}{'cpu model-only':>16}")
-    for bs in args.batch_sizes:
+    for bs in batch_sizes:
         cpu_rate = model_only(cpu, first, min(bs, 32), "fp32", seconds=3.0)
         for precision in ("fp32", "bf16"):
             g = model_only(gpu, first, bs, precision)
-            e2e = end_to_end(root, gpu, bs, args.workers, precision)
+            e2e = end_to_end(root, gpu, bs, workers, precision)
             print(f"{bs:>6}{precision:>10}{g:>16.0f}{e2e:>16.0f}{(cpu_rate if precision == 'fp32' else float('nan')):>16.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; run it on a GPU machine (--device cpu smoke-tests the script)",
+              file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="imgscore_gpu_check_"))
+    root = args.images or make_images(tmp / "images", args.n_images)
+    ckpt = args.checkpoint
+    if ckpt is None and args.weights is None:
+        ckpt = seeded_checkpoint(args.arch, tmp / f"{args.arch}_random.pt", num_classes=args.num_classes)
+    mcfg, pcfg = ModelConfig(arch=args.arch, checkpoint=ckpt, weights=args.weights), PreprocessConfig()
+    gpu = load_model(mcfg, pcfg, dev, channels_last=True)
+    cpu = load_model(mcfg, pcfg, torch.device("cpu"), channels_last=True)
+    n_img = len(scan_images(root).entries)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU smoke test"
+    print(f"{name} · torch {torch.__version__} · {args.arch} ({gpu.num_classes} classes) · "
+          f"{n_img} images · cpu threads {torch.get_num_threads()}")
+    agreement(root, tmp, cpu, gpu, args.cpu_images)
+    throughput(root, cpu, gpu, args.batch_sizes, args.workers)
     peak = f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB; " if dev.type == "cuda" else ""
     print(f"\n{peak}images and checkpoint in {tmp}")
     return 0

@@ -14,29 +14,30 @@ files to ``s3://bench/images``, and then measures, local and S3 alternately, ``-
 - **scoring**: ``score_entries`` (decode in ``--workers`` DataLoader processes + forward of
   mobilenet_v3_small at 224 px, the torch thread share of the cores) — images/s.
 
-The ratio S3/local of the medians is what the issue's target is about (S3 within 0.8× of local
+The ratio S3/local of the medians is what the target is about (S3 within 0.8× of local
 for decode-bound work). Results go to ``benchmarks/results/object_store.json``; quote them with
 the date, the machine and its load (printed, ``uptime``).
 
-    .venv/bin/python benchmarks/object_store.py [--images 800] [--repeats 3] [--workers 2]
+    .venv/bin/python -m benchmarks.object_store [--images 800] [--repeats 3] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-DATA = REPO / "benchmarks" / "data" / "object-store"
-RESULTS = REPO / "benchmarks" / "results" / "object_store.json"
+from benchmarks.common import paths
+from benchmarks.common.machine import loadavg, machine_line
+from benchmarks.common.models import seeded_checkpoint
+from benchmarks.common.results import write_json
+
+DATA = paths.DATA / "object-store"
+RESULTS = paths.RESULTS / "object_store.json"
 CLASSES = ("astronaut", "coffee", "chelsea", "rocket")
 
 
@@ -105,25 +106,16 @@ def scoring_rate(root: str, workers: int, checkpoint: Path) -> float:
     return len(rows.predictions) / took
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=800)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader processes for decode and scoring")
-    args = ap.parse_args(argv)
+Rates = dict[str, dict[str, list[float]]]  # measure → "local" | "s3" → img/s of each repeat
 
-    import torch
-    import torchvision
 
+def measure(local: Path, checkpoint: Path, repeats: int, workers: int) -> tuple[int, float, Rates]:
+    """Start SeaweedFS, upload ``local`` to ``s3://bench/images`` and measure listing, decode and
+    scoring there and on disk, alternately. Returns the objects uploaded, the upload's seconds and
+    the rates."""
     from imgscore.io import storage
     from tests.s3_server import SeaweedS3, upload_folder
 
-    local = make_images(DATA / "images", args.images)
-    checkpoint = DATA / "mobilenet_v3_small-4.pt"
-    if not checkpoint.exists():
-        torch.manual_seed(0)
-        torch.save(torchvision.models.mobilenet_v3_small(num_classes=len(CLASSES)).state_dict(), checkpoint)
-    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="imgscore-bench-s3-") as tmp:
         server = SeaweedS3(Path(tmp)).start()
         try:
@@ -135,23 +127,37 @@ def main(argv=None) -> int:
             upload_s = time.perf_counter() - t0
             storage.configure(storage.Settings())
             roots = {"local": str(local), "s3": "s3://bench/images"}
-            measures = {"listing": lambda r: listing_rate(r), "decode": lambda r: decode_rate(r, args.workers),
-                        "scoring": lambda r: scoring_rate(r, args.workers, checkpoint)}
-            got: dict[str, dict[str, list[float]]] = {m: {k: [] for k in roots} for m in measures}
+            measures: dict[str, Callable[[str], float]] = {
+                "listing": listing_rate, "decode": lambda r: decode_rate(r, workers),
+                "scoring": lambda r: scoring_rate(r, workers, checkpoint)}
+            got: Rates = {m: {k: [] for k in roots} for m in measures}
             for m, fn in measures.items():
                 fn(roots["local"]), fn(roots["s3"])  # warm: page cache, model, autotune, connections
-                for i in range(args.repeats):
-                    order = list(roots) if i % 2 == 0 else list(reversed(roots))
-                    for kind in order:
+                for i in range(repeats):
+                    for kind in list(roots) if i % 2 == 0 else list(reversed(roots)):
                         got[m][kind].append(round(fn(roots[kind]), 1))
                     print(f"{m} repeat {i + 1}: " + ", ".join(f"{k} {got[m][k][-1]:.1f} img/s" for k in roots), flush=True)
         finally:
             server.stop()
+    return uploaded, upload_s, got
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=800)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader processes for decode and scoring")
+    args = ap.parse_args(argv)
+
+    local = make_images(DATA / "images", args.images)
+    checkpoint = seeded_checkpoint("mobilenet_v3_small", DATA / "mobilenet_v3_small-4.pt", num_classes=len(CLASSES))
+    load_before = loadavg()
+    uploaded, upload_s, got = measure(local, checkpoint, args.repeats, args.workers)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-        "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_line(),
+        "load_before": load_before,
+        "load_after": loadavg(),
         "images": uploaded,
         "image": "640x480 JPEG q90",
         "workers": args.workers,
@@ -159,8 +165,7 @@ def main(argv=None) -> int:
         "results": {m: {k: {"runs": v, "median": statistics.median(v)} for k, v in by.items()} for m, by in got.items()},
         "s3_over_local": {m: round(statistics.median(by["s3"]) / statistics.median(by["local"]), 3) for m, by in got.items()},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, RESULTS)
     print(f"\n{result['date']}, {result['machine']}, load {result['load_before']} → {result['load_after']}")
     print("| measure | local img/s | S3 img/s | S3/local |\n| --- | --- | --- | --- |")
     for m, by in result["results"].items():

@@ -18,9 +18,9 @@ Everything runs on a laptop-class CPU without a GPU and without 10 M files:
   footer check the flow also runs per result) separately;
 - part file: one predictions part of ``--shard-size`` rows with realistic values.
 
-    python benchmarks/scale_plan.py --entries 10000000 --shard-size 1000     # 10,000 shards
-    python benchmarks/scale_plan.py --entries 10000000 --shard-size 10000    # 1,000 shards
-    python benchmarks/scale_plan.py --entries 1000000 --shard-size 100       # 1 M, 10,000 shards
+    python -m benchmarks.scale_plan --entries 10000000 --shard-size 1000     # 10,000 shards
+    python -m benchmarks.scale_plan --entries 10000000 --shard-size 10000    # 1,000 shards
+    python -m benchmarks.scale_plan --entries 1000000 --shard-size 100       # 1 M, 10,000 shards
 """
 
 from __future__ import annotations
@@ -40,20 +40,19 @@ from pathlib import Path
 
 import pyarrow as pa
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from imgscore.config.schema import Config  # noqa: E402
-from imgscore.images.scan import INDEX_SCHEMA, Scan, open_scan  # noqa: E402
-from imgscore.io.parquet import PREDICTIONS_SCHEMA, make_table, write_table_atomic  # noqa: E402
-from imgscore.runstate.commits import check_shard  # noqa: E402
-from imgscore.runstate.index import read_shard_entries as read_index_rows  # noqa: E402
-from imgscore.runstate.manifest import COMPACT_EVERY_S, ShardResult  # noqa: E402
-from imgscore.runstate.plan import load_plan, plan_new_run  # noqa: E402
+from benchmarks.common.machine import loadavg
+from imgscore.config.schema import Config
+from imgscore.images.scan import INDEX_SCHEMA, Scan, open_scan
+from imgscore.io.parquet import PREDICTIONS_SCHEMA, make_table, write_table_atomic
+from imgscore.runstate.commits import check_shard
+from imgscore.runstate.index import read_shard_entries as read_index_rows
+from imgscore.runstate.manifest import COMPACT_EVERY_S, ShardResult
+from imgscore.runstate.plan import load_plan, plan_new_run
 
 
 def read_shard_entries(ref):  # what a shard task reads first (imgscore.inference.score.read_shard_entries, without torch)
     return read_index_rows(ref.run_dir, ref.index_file, ref.row_group)
+
 
 CLASSES = [f"class_{c:03d}" for c in range(100)]
 MODEL = {"arch": "resnet50", "model_id": "0" * 64, "classes": CLASSES, "num_classes": 100, "source": "state_dict", "preprocess": {}}
@@ -166,21 +165,13 @@ def measure_scan(n_files: int, latency_ms: float, latency_files: int, tmp: Path)
     return res
 
 
-def measure_shards(run_dir: Path, shard_size: int, commits: int, tmp: Path) -> dict:
-    res = {}
-    plan = load_plan(run_dir)
-    n = len(plan.shards)
-    rnd = random.Random(0)
-    times = []
-    for sid in rnd.sample(range(n), min(25, n)):
-        t0 = time.perf_counter()
-        read_shard_entries(plan.shards[sid])
-        times.append(time.perf_counter() - t0)
-    res["read_shard_ms"] = statistics.median(times) * 1000
+def _part_file_and_check(plan, entries: list, rnd: random.Random, now: datetime) -> tuple[dict, ShardResult]:
+    """Write one real pair of part files for shard 0 and time the footer check the flow runs per
+    result; returns the timings and that shard's result."""
+    from imgscore.io.parquet import ERRORS_SCHEMA
+    from imgscore.runstate.commits import shard_files
 
-    # one real pair of part files, to time the footer check the flow runs per result
-    entries = read_shard_entries(plan.shards[0])
-    now = datetime.now(UTC)
+    res: dict = {}
     rows = [
         {"run_id": plan.run_id, "image_path": e.image_path, "label": e.label, "label_name": e.label_name,
          "pred_index": (c := rnd.randrange(100)), "pred_label": CLASSES[c], "score": rnd.random(),
@@ -189,10 +180,8 @@ def measure_shards(run_dir: Path, shard_size: int, commits: int, tmp: Path) -> d
          "scored_at": now, "file_size": e.size, "file_mtime_ns": e.mtime_ns}
         for i, e in enumerate(entries)
     ]
-    from imgscore.io.parquet import ERRORS_SCHEMA
-    from imgscore.runstate.commits import shard_files
-
-    pred, err = shard_files(plan.manifest.config["output"]["root"], plan.run_date, plan.run_id, 0)
+    out_root = plan.manifest.config["output"]["root"]
+    pred, err = shard_files(out_root, plan.run_date, plan.run_id, 0)
     t0 = time.perf_counter()
     write_table_atomic(make_table(rows, PREDICTIONS_SCHEMA), pred)
     res["part_write_ms"] = (time.perf_counter() - t0) * 1000
@@ -205,24 +194,29 @@ def measure_shards(run_dir: Path, shard_size: int, commits: int, tmp: Path) -> d
     checks = []
     for _ in range(25):
         t0 = time.perf_counter()
-        check_shard(plan.manifest.config["output"]["root"], plan.run_date, plan.run_id, result)
+        check_shard(out_root, plan.run_date, plan.run_id, result)
         checks.append(time.perf_counter() - t0)
     res["check_shard_ms"] = statistics.median(checks) * 1000
+    return res, result
 
-    state = plan.state
+
+def _commits(state, result: ShardResult, n_shards: int, commits: int, rnd: random.Random) -> dict:
+    """Time one compaction alone, then ``commits`` commits of ``result`` under random shard ids
+    with a compaction every as many commits as ``COMPACT_EVERY_S`` gives at 10 shards/s."""
+    res: dict = {}
     t0 = time.perf_counter()
     state.save()
     res["compaction_ms"] = (time.perf_counter() - t0) * 1000
-    # Commits as the flow makes them. Compaction is due every COMPACT_EVERY_S (5 s) of wall time;
+    # Commits as the flow makes them. Compaction is due every COMPACT_EVERY_S of wall time;
     # here commits come faster than any real run, so one in every `every` compacts, as at
     # `rate` shards/s (10/s: faster than the 100-image shards of docs/scaling.md's end-to-end run).
     rate = 10.0
     every = max(1, int(rate * COMPACT_EVERY_S))
     state.compact_every_s = float("inf")
     times = []
-    k = min(commits, n)
+    k = min(commits, n_shards)
     t_all = time.perf_counter()
-    for i, sid in enumerate(rnd.sample(range(n), k)):
+    for i, sid in enumerate(rnd.sample(range(n_shards), k)):
         t0 = time.perf_counter()
         state.commit(result.model_copy(update={"shard_id": sid}))
         if (i + 1) % every == 0:
@@ -237,6 +231,25 @@ def measure_shards(run_dir: Path, shard_size: int, commits: int, tmp: Path) -> d
     res["commit_ms_max"] = times[-1] * 1000  # a commit that compacted
     res[f"commit_ms_mean_at_{rate:g}_per_s"] = total / k * 1000
     res["compaction_share_of_flow_time"] = res["compaction_ms"] / (COMPACT_EVERY_S * 1000)
+    return res
+
+
+def measure_shards(run_dir: Path, commits: int) -> dict:
+    """Per shard: reading its index rows (median of 25), writing and checking its part files,
+    committing its result (``_commits``)."""
+    res = {}
+    plan = load_plan(run_dir)
+    n = len(plan.shards)
+    rnd = random.Random(0)
+    times = []
+    for sid in rnd.sample(range(n), min(25, n)):
+        t0 = time.perf_counter()
+        read_shard_entries(plan.shards[sid])
+        times.append(time.perf_counter() - t0)
+    res["read_shard_ms"] = statistics.median(times) * 1000
+    part, result = _part_file_and_check(plan, read_shard_entries(plan.shards[0]), rnd, datetime.now(UTC))
+    res.update(part)
+    res.update(_commits(plan.state, result, n, commits, rnd))
     return res
 
 
@@ -259,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scan", action="store_true")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="imgscore_scale_"))
-    res: dict = {"date": datetime.now(UTC).date().isoformat(), "cpu_cores": os.cpu_count(), "load_before": [round(v, 2) for v in os.getloadavg()],
+    res: dict = {"date": datetime.now(UTC).date().isoformat(), "cpu_cores": os.cpu_count(), "load_before": loadavg(),
                  "entries": args.entries, "shard_size": args.shard_size}
     if not args.skip_scan:
         res.update(measure_scan(args.scan_files, args.latency_ms, args.latency_files, tmp))
     plan = measure_plan(args.entries, args.shard_size, tmp / "out")
     res.update({k: v for k, v in plan.items() if k != "run_dir"})
-    res.update(measure_shards(Path(plan["run_dir"]), args.shard_size, args.commits, tmp))
-    res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    res.update(measure_shards(Path(plan["run_dir"]), args.commits))
+    res["load_after"] = loadavg()
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}, indent=1))
     print("\ntargets (docs/scaling.md):")
     for key, limit, unit, what in TARGETS:

@@ -15,9 +15,9 @@ tree (scorer, its DataLoader workers, the temporary server) every 0.2 s and repo
   the next shard on the thread runner);
 - ``wall_s``, ``plan_s`` (launch to the manifest's ``planned_at_s``), ``images_per_s``.
 
-    python benchmarks/scale_run.py --files 100000 --shard-size 1000
-    python benchmarks/scale_run.py --files 1000000 --shard-size 100    # 10,000 shards
-    python benchmarks/scale_run.py --files 20000 --shard-size 100      # the 200-shard reference
+    python -m benchmarks.scale_run --files 100000 --shard-size 1000
+    python -m benchmarks.scale_run --files 1000000 --shard-size 100    # 10,000 shards
+    python -m benchmarks.scale_run --files 20000 --shard-size 100      # the 200-shard reference
 
 The image folder is cached under ``benchmarks/data/scale-<files>/`` (git-ignored); ``--clean``
 removes it afterwards. Load average before and after is printed: the machine may be shared.
@@ -32,15 +32,17 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("IMGSCORE_BENCH_DATA", REPO / "benchmarks" / "data"))
-BIN = Path(sys.executable).parent
+from benchmarks.common import paths
+from benchmarks.common.machine import loadavg
+from benchmarks.common.memory import TreeRss
+from benchmarks.common.models import seeded_checkpoint
+
+DATA = Path(os.environ.get("IMGSCORE_BENCH_DATA", paths.DATA))
 SOURCES = 64  # distinct JPEGs; ext4 allows 65,000 links per inode, so 64 cover 4 M files
 CLASSES = 100
 
@@ -81,64 +83,6 @@ def make_folder(n: int, classes: int = CLASSES) -> Path:
     return root
 
 
-def make_checkpoint(classes: int = CLASSES) -> Path:
-    import torch
-    import torchvision
-
-    p = DATA / f"scale-mobilenet_v3_small-{classes}.pt"
-    if not p.is_file():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        torch.save(torchvision.models.mobilenet_v3_small(num_classes=classes).state_dict(), p)
-    return p
-
-
-class TreeRss:
-    """Peak RSS of a process and its descendants, sampled every ``every`` seconds; also the peak
-    before ``mark`` was set (the planning phase)."""
-
-    def __init__(self, pid: int, every: float = 0.2):
-        self.pid, self.every = pid, every
-        self.peak = self.peak_before_mark = 0
-        self.peak_server = self.peak_scorer = 0  # Prefect's temporary server; the scoring process itself
-        self.marked = False
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-
-    def sample(self) -> None:
-        try:
-            root = psutil.Process(self.pid)
-            total = server = 0
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    rss = p.memory_info().rss
-                    total += rss
-                    if p.pid == self.pid:
-                        self.peak_scorer = max(self.peak_scorer, rss)
-                    elif "create_app" in " ".join(p.cmdline()):
-                        server += rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            return
-        self.peak = max(self.peak, total)
-        self.peak_server = max(self.peak_server, server)
-        if not self.marked:
-            self.peak_before_mark = max(self.peak_before_mark, total)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self.sample()
-
-    def __enter__(self) -> TreeRss:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-
 def run_once(root: Path, ckpt: Path, out: Path, shard_size: int, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -148,7 +92,7 @@ def run_once(root: Path, ckpt: Path, out: Path, shard_size: int, extra: list[str
         "preprocess.resize": 32, "preprocess.crop": 32, "run.shard_size": shard_size, "run.skip_scored": "false",
         "run.max_error_rate": 0.0,
     }
-    cmd = [str(BIN / "imgscore"), "run", "-q", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    cmd = [str(paths.IMGSCORE), "run", "-q", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     for s in extra:
         cmd += ["--set", s]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(DATA / "prefect-home-scale")}
@@ -157,11 +101,11 @@ def run_once(root: Path, ckpt: Path, out: Path, shard_size: int, extra: list[str
     log = out.parent / f"{out.name}.log"
     t_launch = time.time()
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        with TreeRss(proc.pid) as rss:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=paths.REPO)
+        with TreeRss(proc.pid, every=0.2) as rss:
             while proc.poll() is None:
                 if not rss.marked and any(out.glob("runs/*/shards/*.json")):
-                    rss.marked = True
+                    rss.mark()  # the first shard committed: planning is over
                 time.sleep(0.2)
     wall = time.time() - t_launch
     if proc.returncode != 0:
@@ -181,8 +125,8 @@ def run_once(root: Path, ckpt: Path, out: Path, shard_size: int, extra: list[str
         "shards_per_s": round((n_shards - 1) / span, 2) if span else None,
         "images_per_s": round(m["counts"]["scored"] / wall, 1),
         "peak_rss_tree_planning_mib": round(rss.peak_before_mark / 2**20),
-        "peak_rss_tree_mib": round(rss.peak / 2**20),
-        "peak_rss_scorer_mib": round(rss.peak_scorer / 2**20),
+        "peak_rss_tree_mib": round(rss.peak_tree / 2**20),
+        "peak_rss_scorer_mib": round(rss.peak_root / 2**20),
         "peak_rss_server_mib": round(rss.peak_server / 2**20),
     }
 
@@ -198,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     root = make_folder(args.files)
     print(f"folder of {args.files} files ready in {time.time() - t0:.0f} s", flush=True)
-    ckpt = make_checkpoint()
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    ckpt = seeded_checkpoint("mobilenet_v3_small", DATA / f"scale-mobilenet_v3_small-{CLASSES}.pt", num_classes=CLASSES)
+    load_before = loadavg()
     runs = []
     for _ in range(args.repeats):
         res = run_once(root, ckpt, DATA / f"scale-out-{args.files}-{args.shard_size}", args.shard_size, args.extra)
@@ -210,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": f"{psutil.cpu_count()} cores",
         "ram_gib": round(psutil.virtual_memory().total / 2**30),
         "load_before": load_before,
-        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "load_after": loadavg(),
         "runs": runs,
     }
     print(json.dumps(summary, indent=1))

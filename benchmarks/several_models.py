@@ -1,11 +1,11 @@
 """Two models, one decode, through real ``imgscore run`` commands: one run with ``models:`` vs two runs.
 
-The workload is the benchmark's 4000×3000 JPEGs (``benchmarks/run.py``'s generator, cached in
+The workload is the benchmark's 4000×3000 JPEGs (``benchmarks.common.images``, cached in
 ``benchmarks/data``), scored by two mobilenet_v3_large checkpoints (production + candidate:
 seeded random weights, the same preprocessing; the cost does not depend on the values):
 
 - ``two_runs``: ``imgscore run`` with ``model:`` = the first, then again with the second — what a
-  night costs today without ``models:`` (each run decodes every image);
+  night costs without ``models:`` (each run decodes every image);
 - ``one_run``: one ``imgscore run`` with ``models: [first, second]`` (each image decoded once).
 
 Each command is timed from start to exit (``command_s``: Python and Prefect start-up included) and
@@ -13,30 +13,26 @@ by its flow (``flow_s``: the manifest's ``timings.wall_s``, scan to summary). Th
 in turn ``--repeats`` times and the best of each is kept (a load change hits both alike); the
 load average before and after is recorded, since the machine may be shared.
 
-    .venv/bin/python benchmarks/several_models.py [--images 96] [--repeats 2]
+    .venv/bin/python -m benchmarks.several_models [--images 96] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-import torchvision
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from run import DATA, cores, cpu_model, make_images, subset  # noqa: E402
+from benchmarks.common.images import make_images, subset
+from benchmarks.common.machine import cores, cpu_model, loadavg, utc_now
+from benchmarks.common.models import seeded_checkpoint
+from benchmarks.common.paths import DATA, IMGSCORE
+from benchmarks.common.results import write_json
 
 
 def _run(config: dict, work: Path, run_id: str) -> dict:
@@ -44,7 +40,7 @@ def _run(config: dict, work: Path, run_id: str) -> dict:
     cfg_file = work / f"{run_id}.yaml"
     cfg_file.write_text(yaml.safe_dump({**config, "run": {**config.get("run", {}), "run_id": run_id}}))
     t0 = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).parent / "imgscore"), "run", "--config", str(cfg_file)],
+    proc = subprocess.run([str(IMGSCORE), "run", "--config", str(cfg_file)],
                           capture_output=True, text=True, check=False)
     command_s = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -66,14 +62,12 @@ def main(argv=None) -> int:
     try:
         blocks = []
         for seed, name in ((0, "prod"), (1, "candidate")):
-            torch.manual_seed(seed)
-            ck = work / f"{name}.pt"
-            torch.save(torchvision.models.mobilenet_v3_large().state_dict(), ck)
+            ck = seeded_checkpoint("mobilenet_v3_large", work / f"{name}.pt", seed=seed)
             blocks.append({"name": name, "arch": "mobilenet_v3_large", "checkpoint": str(ck)})
         base = {"input": {"root": str(root), "max_pixels": 10**9}, "inference": {"device": "cpu"},
                 "run": {"shard_size": args.shard_size, "min_errors": 10**9}, "drift": {"enabled": False}}
         times: dict[str, list[dict]] = {"two_runs": [], "one_run": []}
-        load_before = [round(x, 2) for x in os.getloadavg()]
+        load_before = loadavg()
         for r in range(args.repeats):
             out = work / f"out{r}"
             t = [_run({**base, "model": b, "output": {"root": str(out / b["name"])}}, work, f"alone-{b['name']}-{r}") for b in blocks]
@@ -81,7 +75,7 @@ def main(argv=None) -> int:
             times["one_run"].append(_run({**base, "models": blocks, "output": {"root": str(out / "both")}}, work, f"both-{r}"))
         best = {way: {k: round(min(x[k] for x in runs), 3) for k in ("command_s", "flow_s")} for way, runs in times.items()}
         result = {
-            "date": datetime.now(UTC).isoformat(timespec="minutes"),
+            "date": utc_now("%Y-%m-%dT%H:%M+00:00"),
             "cpu": cpu_model(),
             "cores": cores(),
             "images": args.images,
@@ -90,7 +84,7 @@ def main(argv=None) -> int:
             "shard_size": args.shard_size,
             "repeats": args.repeats,
             "load_before": load_before,
-            "load_after": [round(x, 2) for x in os.getloadavg()],
+            "load_after": loadavg(),
             "all": times,
             "best": best,
             "speedup_command": round(best["two_runs"]["command_s"] / best["one_run"]["command_s"], 3),
@@ -99,7 +93,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
-    (REPO / "benchmarks" / "results" / "several_models.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, "several_models.json")
     return 0
 
 
