@@ -60,6 +60,7 @@ def build(out: Path, root: Path, rows: int, runs: int, shard_size: int) -> list[
                     "topk_indices": pa.array([[1, 2, 3, 4, 5]] * n, pa.list_(pa.int32())),
                     "topk_scores": pa.array([[0.9, 0.05, 0.02, 0.02, 0.01]] * n, pa.list_(pa.float32())),
                     "model_id": pa.array([MODEL["model_id"]] * n),
+                    "model_name": pa.array(["resnet50"] * n),
                     "device": pa.array(["cuda:0"] * n),
                     "worker": pa.array(["host:1"] * n),
                     "shard_id": pa.array([s] * n, pa.int32()),
@@ -67,6 +68,7 @@ def build(out: Path, root: Path, rows: int, runs: int, shard_size: int) -> list[
                     "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
                     "file_size": pa.array([e.size for e in part], pa.int64()),
                     "file_mtime_ns": pa.array([e.mtime_ns for e in part], pa.int64()),
+                    "file_version": pa.nulls(n, pa.string()),
                 },
                 schema=PREDICTIONS_SCHEMA,
             )

@@ -81,7 +81,8 @@ class SyntheticScan(Scan):
             yield pa.RecordBatch.from_arrays(
                 [pa.array(paths, pa.string()), pa.array([p.encode() for p in paths], pa.binary()), pa.array(labels, pa.int32()),
                  pa.array([CLASSES[c] for c in labels], pa.string()), pa.array([180_000 + i % 9973 for i in idx], pa.int64()),
-                 pa.array([1_795_000_000_000_000_000 + i for i in idx], pa.int64()), pa.nulls(len(paths), pa.string())],
+                 pa.array([1_795_000_000_000_000_000 + i for i in idx], pa.int64()), pa.nulls(len(paths), pa.string()),
+                 pa.nulls(len(paths), pa.string()), pa.nulls(len(paths), pa.list_(pa.string()))],
                 schema=INDEX_SCHEMA,
             )
 
@@ -106,6 +107,9 @@ def measure_plan(n: int, shard_size: int, out: Path) -> dict:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_plan_child, args=(n, shard_size, str(out), child))
     p.start()
+    while not parent.poll(1.0):
+        if not p.is_alive():
+            raise SystemExit(f"the planning process exited {p.exitcode} without a result (its traceback is above)")
     res = parent.recv()
     p.join()
     run_dir = Path(res["run_dir"])
@@ -176,7 +180,7 @@ def _part_file_and_check(plan, entries: list, rnd: random.Random, now: datetime)
         {"run_id": plan.run_id, "image_path": e.image_path, "label": e.label, "label_name": e.label_name,
          "pred_index": (c := rnd.randrange(100)), "pred_label": CLASSES[c], "score": rnd.random(),
          "topk_indices": [c, *rnd.sample(range(100), 4)], "topk_scores": sorted((rnd.random() for _ in range(5)), reverse=True),
-         "model_id": "0" * 64, "device": "cuda:0", "worker": "gpu-07:12345", "shard_id": 0, "batch_id": i // 64,
+         "model_id": "0" * 64, "model_name": "resnet50", "device": "cuda:0", "worker": "gpu-07:12345", "shard_id": 0, "batch_id": i // 64,
          "scored_at": now, "file_size": e.size, "file_mtime_ns": e.mtime_ns}
         for i, e in enumerate(entries)
     ]
