@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
+from prefect_dask.client import PrefectDaskClient
 
 from imgscore.runtime.compat import drain_prefect_services
 from imgscore.runtime.dask_warm import NannyKillToDebug, WarmWorkers, local_cluster_config
@@ -36,7 +37,7 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
       control fall back to decoding in-process (``imgscore.inference.device.loader_workers``).
     """
 
-    def __init__(self, *args: Any, api_url: str | None = None, warm_config: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, api_url: str | None = None, warm_config: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.api_url = api_url
         self.warm_config = warm_config  # the run's config JSON: workers warm up for its model (WarmWorkers)
@@ -55,7 +56,7 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
                           warm_config=self.warm_config)
 
     @property
-    def client(self):  # noqa: D401 - property of the parent class
+    def client(self) -> PrefectDaskClient:
         """The Dask client (prefect-dask creates it, and the cluster, on first use); when it is new
         and ``warm_config`` is set, every worker is warmed for the run's model (:class:`WarmWorkers`)."""
         client = super().client
@@ -95,7 +96,7 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
             if quiet is not None:
                 logging.getLogger("distributed.nanny").removeFilter(quiet)
 
-    def submit(self, task, parameters, wait_for=None, dependencies=None):
+    def submit(self, task, parameters, wait_for=None, dependencies=None):  # untyped: TaskRunner.submit is overloaded
         """Submit one task run; its serialized settings carry the flow's API URL."""
         self._used = True
         url = None if PREFECT_API_URL.value() else self.api_url

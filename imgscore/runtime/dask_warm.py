@@ -26,15 +26,22 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster, Worker
+
+    from imgscore.config.schema import Config, RunnerConfig
+
 log = logging.getLogger("imgscore")
 
-WARM_STATE: dict = {}  # in a worker process: {"started": t, "finished": t, "error": str} of its warm-up
+WARM_STATE: dict[str, Any] = {}  # in a worker process: {"started": t, "finished": t, "error": str} of its warm-up
 
 
-def warm_process(config_json: str, workers_on_host: int = 1) -> dict:
+def warm_process(config_json: str, workers_on_host: int = 1) -> dict[str, Any]:
     """Do in this process what a shard does before its first batch, for ``config_json``'s model.
 
     Imports torch, torchvision, Prefect's task engine and imgscore's scoring modules; on a CPU
@@ -44,9 +51,8 @@ def warm_process(config_json: str, workers_on_host: int = 1) -> dict:
     """
     WARM_STATE.update({"started": time.time(), "pid": os.getpid()})
     try:
-        import torch
-
         import prefect.task_engine  # noqa: F401 - what the first shard task run imports
+        import torch
 
         import imgscore.inference.score  # noqa: F401
         from imgscore.config.schema import Config
@@ -84,11 +90,11 @@ class WarmWorkers(WorkerPlugin):
 
     name = "imgscore-warm"
 
-    def __init__(self, config_json: str, workers_on_host: int = 1):
+    def __init__(self, config_json: str, workers_on_host: int = 1) -> None:
         self.config_json = config_json
         self.workers_on_host = workers_on_host
 
-    def setup(self, worker) -> None:
+    def setup(self, worker: Worker) -> None:
         WARM_STATE.clear()
         WARM_STATE["registered"] = time.time()
         threading.Thread(target=warm_process, args=(self.config_json, self.workers_on_host),
@@ -105,9 +111,10 @@ class EarlyCluster:
     events, then stops the cluster.
     """
 
-    def __init__(self, cluster_kwargs: dict, config_json: str, api_url) -> None:
+    def __init__(self, cluster_kwargs: dict[str, Any], config_json: str, api_url: Callable[[], str | None]) -> None:
         self._kwargs, self._config_json, self._api_url = cluster_kwargs, config_json, api_url
-        self._cluster = self._client = None
+        self._cluster: LocalCluster | None = None
+        self._client: Client | None = None
         self._error: BaseException | None = None
         self.started_at = time.perf_counter()
         self.ready_s: float | None = None
@@ -169,7 +176,7 @@ class EarlyCluster:
 LOCAL_COMM_TIMEOUT = "120s"
 
 
-def local_cluster_config() -> dict:
+def local_cluster_config() -> dict[str, Any]:
     """Dask config for a ``LocalCluster`` imgscore starts (the Nanny hands it to every worker
     process, restarted ones too): non-daemonic workers (their DataLoader may fork), longer comm
     timeouts (:data:`LOCAL_COMM_TIMEOUT`), and this module as a worker preload, whose
@@ -213,7 +220,7 @@ class NannyKillToDebug(logging.Filter):
         return True
 
 
-def dask_setup(worker) -> None:
+def dask_setup(worker: Worker) -> None:
     """Worker preload (:func:`local_cluster_config`): install :class:`UnderLoadToDebug` on the
     worker's logger, unless ``--verbose`` (``IMGSCORE_VERBOSE=1``, inherited from the command)."""
     if os.environ.get("IMGSCORE_VERBOSE") == "1":
@@ -223,7 +230,7 @@ def dask_setup(worker) -> None:
         lg.addFilter(UnderLoadToDebug())
 
 
-def local_cluster_kwargs(runner_cfg) -> dict:
+def local_cluster_kwargs(runner_cfg: RunnerConfig) -> dict[str, Any]:
     """``LocalCluster`` arguments for ``runner`` config (as ``imgscore.runtime.runner`` makes them)."""
     return {"n_workers": runner_cfg.n_workers, "threads_per_worker": runner_cfg.threads_per_worker,
             "processes": True, "dashboard_address": None}
@@ -238,7 +245,7 @@ def current() -> EarlyCluster | None:
 
 
 @contextlib.contextmanager
-def early_cluster(cfg, api_url):
+def early_cluster(cfg: Config, api_url: Callable[[], str | None]) -> Iterator[EarlyCluster]:
     """Start the run's ``LocalCluster`` now (:class:`EarlyCluster`, warmed for ``cfg``), make it
     :func:`current` for the flow's task runner, and stop it when the block ends."""
     global _CURRENT

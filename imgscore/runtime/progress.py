@@ -12,8 +12,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from imgscore.runstate.manifest import Manifest, ShardRecord
+
+if TYPE_CHECKING:  # rich is imported when a bar is shown, not with this module
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 Listener = Callable[[Manifest, ShardRecord], None]
 _LISTENERS: list[Listener] = []
@@ -62,21 +67,21 @@ def progress_fields(manifest: Manifest, now: float | None = None) -> dict:
     return {"total": total, "done": done, "errors": c.failed, "rate": rate}
 
 
-def make_hook(bar) -> Listener:
+def make_hook(bar: Progress) -> Listener:
     """A listener that drives ``bar`` (a rich ``Progress``); adds its task lazily."""
-    state = {"task": None}
+    task: TaskID | None = None
 
     def hook(manifest: Manifest, record: ShardRecord | None) -> None:
+        nonlocal task
         f = progress_fields(manifest)
-        if state["task"] is None:
-            state["task"] = bar.add_task("scoring", total=f["total"], rate="-", errors=0)
-        bar.update(state["task"], total=f["total"], completed=f["done"], rate=f["rate"], errors=f["errors"])
+        if task is None:
+            task = bar.add_task("scoring", total=f["total"], rate="-", errors=0)
+        bar.update(task, total=f["total"], completed=f["done"], rate=f["rate"], errors=f["errors"])
 
-    hook.state = state
     return hook
 
 
-def _bar(console):
+def _bar(console: Console) -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -86,7 +91,7 @@ def _bar(console):
 
 
 @contextlib.contextmanager
-def progress_for(console, enabled: bool = True):
+def progress_for(console: Console, enabled: bool = True) -> Iterator[None]:
     """Show a rich progress bar (images done of total, images/s, errors so far) while the flow runs.
 
     Off when ``enabled`` is false (``--quiet``) or stdout is not a terminal (pipes, cron, CI), so

@@ -113,7 +113,7 @@ class ConfiguredTaskRunner(TaskRunner):
             self._inner = self._stack.enter_context(make_task_runner(rc, warm_config=warm))
         return self._inner
 
-    def submit(self, task, parameters, wait_for=None, dependencies=None):
+    def submit(self, task, parameters, wait_for=None, dependencies=None):  # untyped: TaskRunner.submit is overloaded
         """Submit to the runner that ``config.runner`` names (built on first use)."""
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")

@@ -56,7 +56,7 @@ class TemporaryServer:
     ``url`` is None when Prefect's settings name a server (nothing was started).
     """
 
-    def __init__(self, verbose: bool):
+    def __init__(self, verbose: bool) -> None:
         self.log = "-"  # --verbose: the server writes to this terminal
         if not verbose:
             fd, self.log = tempfile.mkstemp(prefix="imgscore-prefect-server-", suffix=".log")

@@ -29,9 +29,13 @@ import os
 import sys
 from collections.abc import Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from imgscore.runtime.compat import PREFECT_INTERRUPT_MESSAGES, PREFECT_TASK_EXCEPTION_MESSAGE
 from imgscore.runtime.server import ServerStartError, TemporaryServer, start_watchdog
+
+if TYPE_CHECKING:  # Prefect is imported by Session.import_prefect, never with this module
+    from prefect.server.api.server import SubprocessASGIServer
 
 __all__ = ["ExpectedFailureFilter", "ServerStartError", "Session", "session", "startup_timeout"]
 
@@ -138,11 +142,11 @@ class Session:
     Prefect is imported, and the teardown. ``manage_server=False`` (library use, tests) leaves
     the server to Prefect: :meth:`import_prefect` then only imports."""
 
-    def __init__(self, verbose: bool = False, manage_server: bool = True):
+    def __init__(self, verbose: bool = False, manage_server: bool = True) -> None:
         self.verbose = verbose
         self.manage_server = manage_server
         self.server: TemporaryServer | None = None
-        self._fallback = None  # Prefect's own SubprocessASGIServer, when Prefect was imported first
+        self._fallback: SubprocessASGIServer | None = None  # Prefect's own server, when Prefect was imported first
 
     @property
     def temporary_api_url(self) -> str | None:
@@ -181,7 +185,7 @@ class Session:
         self.start_server()
         url = self.export_api_url()
         mod = importlib.import_module(module)  # overlaps the server's last seconds of booting
-        if url:
+        if url and self.server is not None:  # a URL comes only from a server this session launched
             self.server.wait_ready(startup_timeout())
         elif self.manage_server and self.server is None:
             self._use_prefects_own_server()
@@ -197,8 +201,9 @@ class Session:
         from prefect.server.api.server import SubprocessASGIServer
 
         start_watchdog()
-        self._fallback = SubprocessASGIServer()  # the per-process instance that get_client() reuses
-        self._fallback.start()
+        fallback = SubprocessASGIServer()  # the per-process instance that get_client() reuses
+        fallback.start()
+        self._fallback = fallback
 
     def close(self) -> None:
         """Send queued Prefect logs and events, stop the temporary server (idempotent)."""
