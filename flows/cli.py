@@ -380,7 +380,7 @@ def cmd_rerun(args, session: startup.Session) -> int:
     """``imgscore rerun RUN_ID [--config FILE] [--set K=V]...`` (flow ``rerun-failed``).
 
     A complete run is answered from its manifest and part-file footers alone, before the Prefect
-    server starts or the model loads (about 0.5 s instead of 10)."""
+    server starts or the model loads (a fraction of the time: benchmarks/NOTES.md, "Start-up and exit")."""
     from imgscore.runstate import lock as run_lock
     from imgscore.runstate import migrate
 
@@ -517,8 +517,8 @@ def entrypoint() -> None:
 
     The exit handlers (stopping the temporary Prefect server, closing a Dask cluster, joining
     multiprocessing children) run as on a normal exit; what is skipped is the interpreter's own
-    teardown of torch, torchvision and Prefect modules, which took 1.6 s here and does nothing
-    for a process that is about to end (benchmarks/NOTES.md, start-up).
+    teardown of torch, torchvision and Prefect modules, which takes seconds and does nothing
+    for a process that is about to end (benchmarks/NOTES.md, "Start-up and exit").
     """
     code = main()
     try:

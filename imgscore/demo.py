@@ -86,7 +86,7 @@ def _warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int = 5, seed: int = 0, log=print) -> Path:
-    """Train resnet18 on ``train_dir`` (CPU, about 40 s on 2 idle cores) and save a checkpoint dict.
+    """Train resnet18 on ``train_dir`` (CPU; under a minute: benchmarks/NOTES.md) and save a checkpoint dict.
 
     Recipe, chosen to converge the same way whatever the CPU's float rounding: AdamW (lr 1e-3,
     weight decay 0.05), batch 64, one epoch of linear warm-up then cosine decay to zero, gradient

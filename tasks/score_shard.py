@@ -35,8 +35,8 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_
     the run committed the shard and its part files match (``imgscore.runstate.commits.committed``).
 
     The config travels as its JSON text: Prefect walks every field of a structured parameter
-    looking for futures, for every task run — 8 of the 25 ms a shard cost outside
-    ``score_shard`` (py-spy, benchmarks/NOTES.md); a string is one leaf.
+    looking for futures, for every task run — a third of what a shard cost outside
+    ``score_shard`` (benchmarks/NOTES.md, "Run state"); a string is one leaf.
     """
     halt = stopped(ref.run_dir)  # SIGINT/SIGTERM reached the flow: no shard starts
     if halt is not None:

@@ -10,8 +10,8 @@ once per process on the shard's first few images (:func:`measure`):
 
 :func:`choose_split` then predicts images per second for each candidate and keeps the best
 (on a tie within 3 %, fewer forward threads, then fewer workers: a spinning OpenMP team is the
-first thing to suffer when the machine is shared — inline with 2 threads fell from about 1,200 to
-122 img/s on 32-px images while another job held a core, one decoder beside one thread kept 590):
+first thing to suffer when the machine is shared — inline with 2 threads lost most of its speed
+while another job held a core, one decoder beside one thread kept half; benchmarks/NOTES.md, "Autotune"):
 
 - inline, ``(0, S)``: decode and forward take turns in this process: ``1 / (d + f(S))``;
 - pipelined, ``(w, S - w)`` for ``1 <= w < S``: workers decode while ``S - w`` threads run the
@@ -31,8 +31,8 @@ spread over the shard's images; a lane also pays :data:`FORWARD_START_S` once fo
 forward in the fresh process.
 
 Never more torch threads than cores left beside the workers when ``t > 1``: an idle OpenMP
-team spins, and decode processes beside a spinning 2-thread forward ran 10× slower here (1,199
-→ 118 img/s on 32-px images, benchmarks/NOTES.md). Measured on this 2-core machine, the rule
+team spins, and decode processes beside a spinning 2-thread forward ran about 10× slower
+(benchmarks/NOTES.md, "Autotune"). On a 2-core machine the rule
 picks inline for resnet50 on 1600×1200 photos (forward-bound), one decode worker beside one
 thread or two lanes for 32-px images (whichever the measured costs favour), and two decode
 workers beside one thread for 12-megapixel photos. Lanes hold one model forward's activations
@@ -57,12 +57,11 @@ import torch
 
 log = logging.getLogger("imgscore")
 
-# Starting one forked DataLoader process, per shard: a one-worker shard reached its first batch
-# 0.07-0.11 s after it started against 0.02 s inline (`setup_s` in the commit records of
-# `make bench`'s 32-px runs, 2-core Xeon, 2026-12-01).
+# Starting one forked DataLoader process, per shard: the time a one-worker shard takes to reach
+# its first batch beyond an inline shard's (`setup_s` in commit records; benchmarks/NOTES.md, "Autotune").
 WORKER_START_S = 0.08
-# A lane's first forward in its fresh process (oneDNN primitives, allocator): its first batch
-# came 0.05-0.07 s later than a decode-only worker's (resnet18, 32 px, same machine and day).
+# A lane's first forward in its fresh process (oneDNN primitives, allocator), beyond a
+# decode-only worker's first batch (benchmarks/NOTES.md, "Autotune").
 FORWARD_START_S = 0.06
 # Lanes hold one batch's activations each: at most this many (a 64-core worker runs its forward
 # threaded instead of holding 64 batches at once).

@@ -158,8 +158,8 @@ def loader_context(num_workers: int) -> str | None:
     """Start method for DataLoader worker processes: ``fork`` where the platform has it.
 
     Inside a Dask worker the inherited default is ``spawn`` (Dask spawns its workers), and a
-    spawned DataLoader worker re-imports torch for every shard — 15-19 s per DataLoader on this
-    2-core machine against 0.3 s forked (docs/scaling.md). Forked workers never touch CUDA:
+    spawned DataLoader worker re-imports torch for every shard — seconds per DataLoader where a
+    fork takes a fraction of one (benchmarks/NOTES.md, "Dask workers"). Forked workers never touch CUDA:
     they decode and transform on the CPU, and the batch reaches the device in the parent.
     ``None`` (torch's default) for ``num_workers=0`` or where fork does not exist.
     """

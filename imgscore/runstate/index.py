@@ -4,8 +4,8 @@ The index is a Parquet dataset folder (as Spark and Dask write them; ``pyarrow``
 and polars read ``index.parquet`` whole). Each file holds :data:`SHARDS_PER_FILE` shards, one
 row group per shard, in shard order: shard ``s`` is row group ``s % SHARDS_PER_FILE`` of file
 ``s // SHARDS_PER_FILE``. A shard task reads one small footer and one row group — with one
-file for the whole run, every task parsed a footer of every shard's row group (121 ms at 10,000
-shards, docs/scaling.md).
+file for the whole run, every task would parse a footer of every shard's row group, a cost that
+grows with the number of shards (benchmarks/NOTES.md, "Run state"; docs/scaling.md).
 
 :class:`IndexWriter` takes the scan's record batches as they come and cuts shards of
 ``run.shard_size`` rows in order, so shard ``i`` covers rows ``[i*size, (i+1)*size)`` of the
@@ -33,7 +33,7 @@ from imgscore.io.containment import check_relative, check_relative_column, creat
 from imgscore.io.parquet import temp_path
 
 INDEX_NAME = "index.parquet"
-SHARDS_PER_FILE = 64  # row groups per index file: a footer of 64 groups parses in well under 1 ms
+SHARDS_PER_FILE = 64  # row groups per index file: a footer this small parses fast (benchmarks/NOTES.md, "Run state")
 
 
 def index_file_name(file_no: int) -> str:

@@ -97,8 +97,9 @@ HEARTBEAT_FAILED_MESSAGE = "Failed to communicate with scheduler during heartbea
 def run_exit_handlers() -> None:
     """Run the ``atexit`` handlers now, once (``atexit._run_exitfuncs``, private but present
     since Python 3.0), so the caller can ``os._exit`` without the interpreter's teardown of
-    torch and Prefect modules (1.6 s here, benchmarks/NOTES.md) and still stop the temporary
-    server, close a Dask cluster and join multiprocessing children."""
+    torch and Prefect modules (seconds of work for nothing: benchmarks/NOTES.md, "Start-up and
+    exit") and still stop the temporary server, close a Dask cluster and join multiprocessing
+    children."""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

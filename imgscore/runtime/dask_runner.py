@@ -1,7 +1,8 @@
 """``runner.type=dask``: prefect-dask's ``DaskTaskRunner`` made fit for scoring.
 
-Imported only when a run asks for Dask (``imgscore.runtime.runner.make_task_runner``): prefect-dask and
-distributed take about 0.35 s to import, which every thread-runner run paid at start-up. Uses
+Imported only when a run asks for Dask (``imgscore.runtime.runner.make_task_runner``): importing
+prefect-dask and distributed is start-up time a thread-runner run has no use for
+(benchmarks/NOTES.md, "Start-up and exit"). Uses
 only prefect-dask's public surface (constructor arguments, ``client``, ``submit``,
 ``duplicate``, the context manager); ``tests/test_compat.py`` pins it.
 """

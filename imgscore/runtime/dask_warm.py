@@ -1,9 +1,9 @@
 """Dask workers that are ready before the first shard: an early cluster and a warm-up plugin.
 
 A Dask worker process starts bare: on its first shard it imported torch, torchvision, Prefect's
-task engine and imgscore, loaded the model and built the backend — 12.5 s of a 15 s flow on
-2,000 small images, while the flow process had done all of that already. Two pieces move that
-work off the critical path:
+task engine and imgscore, loaded the model and built the backend — most of a short flow's time
+on small images (benchmarks/NOTES.md, "Dask workers"), while the flow process had done all of
+that already. Two pieces move that work off the critical path:
 
 - :class:`WarmWorkers`, a ``distributed.WorkerPlugin``: on each worker (those there now and any
   that join or restart) a background thread imports what a shard imports, loads the run's model
@@ -171,8 +171,9 @@ class EarlyCluster:
 
 
 #: Comm timeouts for a cluster imgscore starts on this machine (distributed's default is 30 s).
-#: Every process of it shares this machine's cores with the scoring: under a load of 4-10 on 2
-#: cores one heartbeat of a worker timed out and printed a traceback, in a run that ended well.
+#: Every process of it shares this machine's cores with the scoring, so on a busy machine a
+#: worker's heartbeat can outlast the default and print a traceback in a run that ends well
+#: (benchmarks/NOTES.md, "Dask workers").
 LOCAL_COMM_TIMEOUT = "120s"
 
 

@@ -61,7 +61,7 @@ def make_task_runner(cfg: RunnerConfig, warm_config: str | None = None) -> TaskR
     """
     if cfg.type == "thread":
         return ThreadPoolTaskRunner(max_workers=cfg.n_workers)
-    try:  # prefect-dask and distributed take 0.35 s to import: only for Dask runs
+    try:  # importing prefect-dask and distributed costs start-up time: only for Dask runs (benchmarks/NOTES.md)
         from imgscore.runtime.dask_runner import ScoringDaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a dependency
         raise ConfigError(f"runner.type=dask needs prefect-dask and distributed ({exc}); pip install prefect-dask") from None

@@ -5,10 +5,11 @@ process the first time a flow runs, waits for it, and stops it from an ``atexit`
 things about that did not suit a command-line tool:
 
 - **Start-up time.** Prefect starts it only when the flow starts, after the scorer has imported
-  torch, torchvision and Prefect and loaded the model; the server then needs about 8 s of its own
-  (importing Prefect's server, opening SQLite) on a 2-core machine while the scorer waits.
+  torch, torchvision and Prefect and loaded the model; the server then needs seconds of its own
+  (importing Prefect's server, opening SQLite) while the scorer waits.
   :meth:`TemporaryServer.launch` starts it at the top of the command instead, so the two run side
-  by side; by the time the model is loaded the server is usually up (benchmarks/NOTES.md, start-up).
+  by side; by the time the model is loaded the server is usually up (benchmarks/NOTES.md,
+  "Start-up and exit").
 - **kill -9.** A process killed with SIGKILL never runs its exit handlers, and the server lived
   on. A watchdog process (:mod:`imgscore.runtime.server_watchdog`) stops this process's servers as
   soon as this process is gone.
@@ -52,7 +53,7 @@ class TemporaryServer:
     """A launched temporary server: its helper process, URL, health check and stop.
 
     ``launch`` returns at once; ``read_url`` blocks until the launcher has read Prefect's
-    settings (about 2 s, usually long past by then); ``wait_ready`` until ``/health`` answers.
+    settings (usually done by then); ``wait_ready`` until ``/health`` answers.
     ``url`` is None when Prefect's settings name a server (nothing was started).
     """
 
@@ -67,8 +68,9 @@ class TemporaryServer:
             stdout=subprocess.PIPE,
             close_fds=True,
             # Its own session: a terminal's Ctrl-C signals the whole foreground process group, and
-            # a server killed by it left the interrupted flow unable to report its crash (70 s of
-            # retries, exit 1, no rerun hint). This process stops it at exit; the watchdog after kill -9.
+            # a server killed by it would leave the interrupted flow unable to report its crash
+            # (Prefect retries, then exit 1 without a rerun hint). This process stops it at exit;
+            # the watchdog after kill -9.
             start_new_session=True,
         )
         self.url: str | None = None
@@ -137,7 +139,7 @@ class TemporaryServer:
     def stop(self) -> None:
         """Drain this process's Prefect logs and events, then SIGTERM the server and wait at most
         1 s: uvicorn sometimes waits out its graceful-shutdown timeout for this process's own
-        open connections (measured: 0.3 s or 5 s at random). Whatever is still running when this
+        open connections (benchmarks/NOTES.md, "Start-up and exit"). Whatever is still running when this
         process is gone gets SIGTERM and then SIGKILL from the watchdog. Idempotent."""
         if self.proc.poll() is None:
             if "prefect.logging.handlers" in sys.modules:

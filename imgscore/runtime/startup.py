@@ -39,8 +39,8 @@ if TYPE_CHECKING:  # Prefect is imported by Session.import_prefect, never with t
 
 __all__ = ["ExpectedFailureFilter", "ServerStartError", "Session", "session", "startup_timeout"]
 
-# The temporary server's first start migrates a new SQLite file: Prefect's 20 s default timed
-# out on a busy 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API").
+# The temporary server's first start migrates a new SQLite file, which on a busy machine can take
+# longer than Prefect's 20 s default (benchmarks/NOTES.md, "Start-up and exit").
 STARTUP_TIMEOUT_S = 180.0
 ENV_DEFAULTS = {
     # offline, the temporary server's telemetry only prints "Failed to send telemetry"
