@@ -65,7 +65,7 @@ def startup_timeout() -> float:
         return STARTUP_TIMEOUT_S
 
 
-#: The state message of a shard task run that a SIGINT/SIGTERM stopped (``imgscore.flows.ending.stopped``):
+#: The state message of a shard task run that a SIGINT/SIGTERM stopped (``imgscore.tasks.score_shard.stopped``):
 #: Prefect logs its "Finished in state Cancelled(…)" at ERROR; the CLI's own line says the run was interrupted.
 SHARD_STOPPED_MESSAGE = "the run is stopping (SIGINT/SIGTERM); not scored"
 
