@@ -77,7 +77,7 @@ def fidelity(tensors: dict[str, torch.Tensor], out: dict) -> None:
     ckpt = DATA / "ckpt" / "digits_resnet18.pt"
     model = None
     if ckpt.exists():
-        from imgscore.config.schema import ModelConfig, PreprocessConfig
+        from imgscore.config.scoring import ModelConfig, PreprocessConfig
         from imgscore.inference.model import load_model
 
         model = load_model(ModelConfig(arch="resnet18", checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=False)

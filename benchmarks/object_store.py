@@ -91,7 +91,7 @@ def decode_rate(root: str, workers: int) -> float:
 
 
 def scoring_rate(root: str, workers: int, checkpoint: Path) -> float:
-    from imgscore.config.schema import InferenceConfig, InputConfig, ModelConfig, PreprocessConfig
+    from imgscore.config.scoring import InferenceConfig, InputConfig, ModelConfig, PreprocessConfig
     from imgscore.images.scan import scan_images
     from imgscore.inference.score import RowContext, load_scorer, score_entries
 

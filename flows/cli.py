@@ -23,14 +23,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgscore.config.schema import (
-    Config,
-    flow_parameters,
-    load_config,
-    out_root_of,
-    rerun_config,
-    shipped_config,
-)
+from imgscore.config.flow_params import flow_parameters
+from imgscore.config.loading import load_config, shipped_config
+from imgscore.config.rerun import out_root_of, rerun_config
+from imgscore.config.schema import Config
 from imgscore.errors import (
     ConfigError,
     ErrorBudgetExceeded,

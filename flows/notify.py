@@ -26,7 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from imgscore.config.schema import NotifyConfig, raw_flow_config
+from imgscore.config.flow_params import raw_flow_config
+from imgscore.config.running import NotifyConfig
 from imgscore.io import storage
 from imgscore.io.parquet import ERRORS_SCHEMA, run_part_files
 from imgscore.report.build import REPORT_FILE, one_line

@@ -118,7 +118,7 @@ def print_report(report: dict, console) -> None:
 
 def main(args) -> int:
     """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides, model_name)."""
-    from imgscore.config.schema import load_config
+    from imgscore.config.loading import load_config
     from imgscore.io import storage
     from imgscore.report.build import build_report, dumps, write_html_report
 

@@ -25,7 +25,8 @@ import time
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
-from imgscore.config.schema import Config, flow_config
+from imgscore.config.flow_params import flow_config
+from imgscore.config.schema import Config
 from imgscore.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.flows import notify
 from imgscore.flows.artifacts import RunProgressArtifact
@@ -134,8 +135,8 @@ def rerun_failed(run_id: str, config: dict | None = None, config_file: str | Non
 
     Args:
         run_id: the run to finish, under ``config['output']['root']/runs/``.
-        config: the run's recorded config with allowed overrides (``imgscore.config.schema.rerun_config``).
-        config_file: instead of ``config``, a JSON file holding it (``imgscore.config.schema.flow_parameters``).
+        config: the run's recorded config with allowed overrides (``imgscore.config.rerun.rerun_config``).
+        config_file: instead of ``config``, a JSON file holding it (``imgscore.config.flow_params.flow_parameters``).
 
     Returns:
         The run summary (as ``score-images`` returns) plus ``rescored`` (images scored now) and

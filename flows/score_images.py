@@ -17,7 +17,9 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from pyarrow import ArrowException
 
-from imgscore.config.schema import Config, DriftConfig, RunConfig, flow_config
+from imgscore.config.flow_params import flow_config
+from imgscore.config.running import DriftConfig, RunConfig
+from imgscore.config.schema import Config
 from imgscore.errors import (
     DriftExceeded,
     ErrorBudgetExceeded,
@@ -242,7 +244,7 @@ def score_images(config: dict | None = None, config_file: str | None = None) -> 
     Args:
         config: a resolved config (``Config.to_dict()``), e.g. from ``configs/nightly.yaml``.
         config_file: instead of ``config``, a JSON file holding it: how ``imgscore run`` passes a
-            config too large for a flow-run parameter (``imgscore.config.schema.flow_parameters``).
+            config too large for a flow-run parameter (``imgscore.config.flow_params.flow_parameters``).
 
     Returns:
         The run summary (run_id, counts, throughput, output folders).

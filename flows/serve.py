@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgscore.config.schema import Config, load_config
+from imgscore.config.loading import load_config
+from imgscore.config.schema import Config
 from imgscore.errors import ConfigError
 
 if TYPE_CHECKING:

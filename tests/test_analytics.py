@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import imgscore.tasks.score_shard as shard_tasks
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.flows.cli import execute
 from imgscore.inference.model import file_sha256
 from imgscore.inference.score import ShardError

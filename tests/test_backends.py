@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.errors import ConfigError
 from imgscore.inference import backends as B
 from imgscore.inference.model import clear_model_cache, load_model

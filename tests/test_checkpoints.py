@@ -20,7 +20,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.errors import ModelError
 from imgscore.inference.checkpoint import is_safetensors, read_checkpoint
 from imgscore.inference.model import clear_model_cache, load_model
@@ -306,7 +306,7 @@ def test_factory_refusals_name_the_fix(factory_module, tiny_model, tmp_path):
 
 
 def test_factory_setting_is_checked(tmp_path):
-    from imgscore.config.schema import build_config
+    from imgscore.config.loading import build_config
     from imgscore.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.factory 'heads.build' is not 'package.module:function'"):

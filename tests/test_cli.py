@@ -222,7 +222,7 @@ def test_the_run_banner_shows_the_input_root_normalised_and_urls_unchanged(tmp_p
 
     from rich.console import Console
 
-    from imgscore.config.schema import build_config
+    from imgscore.config.loading import build_config
     from imgscore.flows.cli import banner
 
     def shown(root: str) -> str:

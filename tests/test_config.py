@@ -2,7 +2,7 @@
 
 import pytest
 
-from imgscore.config.schema import build_config, load_config, parse_override
+from imgscore.config.loading import build_config, load_config, parse_override
 from imgscore.errors import ConfigError
 
 
@@ -131,7 +131,7 @@ def test_merge_keys_and_one_alias_still_read(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("x-pre: &pre {resize: 64, crop: 56}\n"
                  "preprocess:\n  <<: *pre\n  crop: 48\n")  # a key beside a merge overrides the merged one
-    from imgscore.config.schema import read_yaml
+    from imgscore.config.strict_yaml import read_yaml
 
     assert read_yaml(p.read_text())["preprocess"] == {"resize": 64, "crop": 48}
     assert read_yaml("a: &n [x, y]\nb: *n\n") == {"a": ["x", "y"], "b": ["x", "y"]}
@@ -215,7 +215,7 @@ def test_flow_parameters_carry_a_small_config_inline_and_a_large_one_by_referenc
     import json
     from pathlib import Path
 
-    from imgscore.config.schema import (
+    from imgscore.config.flow_params import (
         MAX_PARAMETER_BYTES,
         flow_config,
         flow_parameters,
@@ -285,7 +285,7 @@ def test_non_finite_numbers_are_refused_at_config_time():
 
 def test_an_empty_root_is_refused_not_the_working_directory():
     """`--set output.root=$OUT` with OUT unset wrote predictions/, errors/ and runs/ into the cwd."""
-    from imgscore.config.schema import build_config
+    from imgscore.config.loading import build_config
     from imgscore.errors import ConfigError
 
     for key in ("output.root", "input.root"):
@@ -296,7 +296,7 @@ def test_an_empty_root_is_refused_not_the_working_directory():
 
 
 def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
-    from imgscore.config.schema import load_config
+    from imgscore.config.loading import load_config
     from imgscore.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)  # no configs/ here

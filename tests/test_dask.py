@@ -162,7 +162,7 @@ def test_workers_report_to_the_flows_api_instead_of_starting_servers(prefect_ser
     from prefect import flow, task
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from imgscore.config.schema import RunnerConfig
+    from imgscore.config.running import RunnerConfig
     from imgscore.runtime.runner import make_task_runner
 
     @task
@@ -246,7 +246,7 @@ def test_workers_are_warmed_before_their_first_shard(tmp_path, tiny_checkpoint):
 
     from distributed import Client, LocalCluster
 
-    from imgscore.config.schema import build_config
+    from imgscore.config.loading import build_config
     from imgscore.inference.model import file_sha256
     from imgscore.runtime.dask_warm import WarmWorkers
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from imgscore.config.schema import PILLOW_MAX_PIXELS
+from imgscore.config.scoring import PILLOW_MAX_PIXELS
 from imgscore.images.dataset import Failure, Sample, ShardDataset, collate_samples
 from imgscore.images.preprocess import (
     DecodeError,

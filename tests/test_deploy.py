@@ -12,7 +12,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from imgscore.config.schema import Config, load_config
+from imgscore.config.loading import load_config
+from imgscore.config.schema import Config
 from imgscore.flows.cli import main
 from tests.conftest import make_image_folder
 

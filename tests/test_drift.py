@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.flows.cli import execute
 from imgscore.flows.cli import main as cli_main
 from imgscore.report.build import build_report, render_html

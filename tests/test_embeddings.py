@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.errors import ConfigError
 from imgscore.flows.cli import execute
 from imgscore.images.preprocess import DecodeOptions, build_transform, decode_file

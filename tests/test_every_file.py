@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.flows.cli import execute, main
 from imgscore.images.formats import known_formats
 from imgscore.images.scan import (

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from imgscore.config.schema import RunConfig
+from imgscore.config.running import RunConfig
 from imgscore.flows.cli import main as cli_main
 from imgscore.flows.score_images import over_budget
 from imgscore.images.scan import scan_images, sha256_of_file

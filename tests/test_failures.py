@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from imgscore.config.schema import PILLOW_MAX_PIXELS, build_config
+from imgscore.config.loading import build_config
+from imgscore.config.scoring import PILLOW_MAX_PIXELS
 from imgscore.flows.cli import execute, main
 from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
 from imgscore.images.scan import scan_images

@@ -30,7 +30,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from imgscore.config.schema import ModelConfig, PreprocessConfig, build_config
+from imgscore.config.loading import build_config
+from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.flows.cli import execute
 from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
 from imgscore.inference import backends

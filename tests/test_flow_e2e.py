@@ -11,7 +11,7 @@ import torch
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.flows.cli import execute
 from imgscore.inference.model import file_sha256
 from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
@@ -140,7 +140,7 @@ def test_ten_thousand_inline_class_names_reach_the_model(prefect_server, image_f
     flow-run parameters: the run passes it by reference and every name still reaches the rows."""
     import torchvision
 
-    from imgscore.config.schema import MAX_PARAMETER_BYTES, flow_parameters
+    from imgscore.config.flow_params import MAX_PARAMETER_BYTES, flow_parameters
 
     torch.manual_seed(0)
     ckpt = tmp_path / "wide_head.pt"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.errors import ConfigError
 from imgscore.images.formats import DEFAULT_FORMATS, check_formats, detect_format, known_formats
 from imgscore.images.preprocess import (
@@ -392,7 +392,7 @@ def test_a_report_opens_only_default_formats_whatever_the_manifest_says():
 
 
 def test_a_rerun_takes_recorded_non_default_formats_only_when_repeated(tmp_path):
-    from imgscore.config.schema import rerun_config
+    from imgscore.config.rerun import rerun_config
 
     recorded = build_config({"run": {"run_id": "r1"}}, ["input.formats=[JPEG, FITS]"]).to_dict()
     with pytest.raises(ConfigError, match=r"recorded input.formats = \['JPEG', 'FITS'\], which opens the images with those decoders"):

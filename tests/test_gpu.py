@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.flows.cli import main
 from imgscore.images.dataset import ShardDataset, collate_samples
 from imgscore.images.preprocess import DecodeOptions

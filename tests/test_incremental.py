@@ -214,7 +214,7 @@ def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_
     import subprocess
     import sys
 
-    from imgscore.config.schema import build_config
+    from imgscore.config.loading import build_config
     from imgscore.flows.score_images import scoring_identity
 
     root = folder(tmp_path / "images", photos, range(6))

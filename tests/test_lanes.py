@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.images.dataset import Sample
 from imgscore.images.scan import scan_images
 from imgscore.inference import autotune as A

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.errors import ModelError
 from imgscore.inference.checkpoint import strip_prefix
 from imgscore.inference.model import load_model

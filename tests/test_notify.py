@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from imgscore.config.schema import NotifyConfig, build_config
+from imgscore.config.loading import build_config
+from imgscore.config.running import NotifyConfig
 from imgscore.flows import notify
 from imgscore.flows.cli import execute
 from tests.conftest import base_overrides, make_image_folder

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.inference.model import load_model
 from imgscore.runstate.plan import new_run_id, plan_new_run, run_date_of
 from tests.conftest import base_overrides

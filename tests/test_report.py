@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.cli import execute
 from imgscore.flows.cli import main as cli_main

@@ -76,7 +76,7 @@ def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_se
     import imgscore.flows.score_images as si
     import imgscore.tasks.plan as plan_tasks
     import imgscore.tasks.score_shard as shard_tasks
-    from imgscore.config.schema import load_config
+    from imgscore.config.loading import load_config
     from imgscore.inference.score import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
@@ -406,7 +406,8 @@ def test_rerun_takes_code_running_keys_from_the_manifest_only_when_repeated(key,
     """A rerun's config is the one recorded in the manifest, which is read back from the output
     root. A recorded value that would run code or send the run elsewhere is refused (exit 2,
     naming the key and the flag that confirms it) unless the command line repeats it."""
-    from imgscore.config.schema import Config, rerun_config
+    from imgscore.config.rerun import rerun_config
+    from imgscore.config.schema import Config
     from imgscore.errors import ConfigError
 
     recorded = Config().to_dict()
@@ -424,7 +425,7 @@ def test_rerun_takes_code_running_keys_from_the_manifest_only_when_repeated(key,
 
 
 def test_run_id_in_the_config_must_be_a_folder_name():
-    from imgscore.config.schema import load_config
+    from imgscore.config.loading import load_config
     from imgscore.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"run.run_id '../x' must be one folder name"):

@@ -22,7 +22,7 @@ import torch
 import torchvision
 from rich.console import Console
 
-from imgscore.config.schema import build_config
+from imgscore.config.loading import build_config
 from imgscore.errors import ConfigError
 from imgscore.flows.cli import execute
 from imgscore.images import dataset as dataset_mod

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
-from imgscore.config.schema import PILLOW_MAX_PIXELS, PreprocessConfig
+from imgscore.config.scoring import PILLOW_MAX_PIXELS, PreprocessConfig
 from imgscore.images.dataset import Failure, Sample, ShardDataset, collate_samples
 from imgscore.images.preprocess import (
     DecodeError,
@@ -265,7 +265,7 @@ def test_flow_row_records_the_replacement_not_the_scan(prefect_server, photos, t
     import pyarrow.parquet as pq
 
     import imgscore.images.dataset
-    from imgscore.config.schema import build_config
+    from imgscore.config.loading import build_config
     from imgscore.flows.cli import execute
     from tests.conftest import base_overrides
 

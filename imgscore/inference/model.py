@@ -38,7 +38,7 @@ import torch
 import torchvision
 from torch import nn
 
-from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.errors import ModelError
 from imgscore.images.preprocess import (
     DEFAULT_CROP,

@@ -33,14 +33,9 @@ import torch
 from torch.utils.data import DataLoader
 from upath import UPath
 
-from imgscore.config.schema import (
-    Config,
-    InferenceConfig,
-    InputConfig,
-    ModelConfig,
-    OutputConfig,
-    PreprocessConfig,
-)
+from imgscore.config.running import OutputConfig
+from imgscore.config.schema import Config
+from imgscore.config.scoring import InferenceConfig, InputConfig, ModelConfig, PreprocessConfig
 from imgscore.errors import ShardError, ShardStopped
 from imgscore.images.dataset import Batch, ShardDataset, collate_lanes, collate_samples
 from imgscore.images.preprocess import DecodeOptions, PreprocessSpec

@@ -755,3 +755,11 @@ def walk_order_key(key: str) -> tuple:
     return tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
 
 
+
+
+def local_path(root: AnyPath) -> str | None:
+    """The operating-system path of a local root, or of a path under one (a ``file://`` URL as its
+    path), for code that opens files itself (``open``, ``os.stat``, Pillow); None for an
+    object-store URL, which only the functions here read."""
+    text = _text(root)
+    return None if is_remote(text) else normalize_root(text)

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from imgscore.config.schema import DriftConfig
+from imgscore.config.running import DriftConfig
 from imgscore.io import storage
 from imgscore.io.parquet import ERRORS_SCHEMA
 from imgscore.runstate.incremental import part_files, prior_runs

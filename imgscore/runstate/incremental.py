@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from imgscore.config.schema import InputConfig
+from imgscore.config.scoring import InputConfig
 from imgscore.images.preprocess import DecodeOptions
 from imgscore.images.scan import ImageIndex, entries_from_table, sha256_of_file
 from imgscore.io import storage

@@ -1,7 +1,7 @@
 """Finish a run (``imgscore rerun``): choose what to rescore, score it, merge, commit.
 
 A rerun uses the run's recorded config; only ``output.root``, ``runner.*`` and ``inference.*``
-may differ (``imgscore.config.schema.rerun_config``). What it rescores is :func:`imgscore.runstate.commits.plan_rerun`'s
+may differ (``imgscore.config.rerun.rerun_config``). What it rescores is :func:`imgscore.runstate.commits.plan_rerun`'s
 choice: whole shards, or only the failed images of a partial shard. Those images are scored by
 the same steps as a first run (:func:`imgscore.inference.score.score_entries`), given the images
 directly, and the shard is committed into the run's real part files:

@@ -23,7 +23,9 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from imgscore.config.schema import Config, RunnerConfig, raw_flow_config
+from imgscore.config.flow_params import raw_flow_config
+from imgscore.config.running import RunnerConfig
+from imgscore.config.schema import Config
 from imgscore.errors import ConfigError
 from imgscore.runtime.compat import PREFECT_IN_PROCESS_API_HOST
 
@@ -81,7 +83,7 @@ class ConfiguredTaskRunner(TaskRunner):
 
     A flow's task runner is fixed when the flow is decorated, but a deployment's runs carry
     their configuration as parameters. This runner reads ``parameters["config"]["runner"]`` (or
-    the file ``parameters["config_file"]`` names: ``imgscore.config.schema.flow_parameters``) of
+    the file ``parameters["config_file"]`` names: ``imgscore.config.flow_params.flow_parameters``) of
     the current flow run when the first task is submitted, builds the runner
     :func:`make_task_runner` would, and hands every submission to it; it stops that runner
     (and any ``LocalCluster``) when the flow run ends. Outside a flow run, or with no ``config``
