@@ -114,7 +114,7 @@ def load_model_here(cfg: Config):
     shards run elsewhere), so a bad checkpoint is refused before anything is planned; returns them in order."""
     import torch
 
-    from imgscore.inference.backends import preflight
+    from imgscore.inference.backends.factory import preflight
     from imgscore.inference.device import resolve_device
     from imgscore.inference.model import load_model
 

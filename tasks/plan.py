@@ -13,7 +13,7 @@ from imgscore.errors import (
 )
 from imgscore.images.preprocess import DecodeOptions
 from imgscore.images.scan import first_entries
-from imgscore.inference.backends import start_inference
+from imgscore.inference.backends.canary import start_inference
 from imgscore.inference.device import configure_threads, resolve_device
 from imgscore.inference.embeddings import choose_layer, embedding_dim
 from imgscore.inference.model import load_model

@@ -1,4 +1,4 @@
-"""Backends (imgscore/inference/backends.py): the ONNX export cache, runtimes that are missing or asked for
+"""Backends (imgscore/inference/backends/): the ONNX export cache, runtimes that are missing or asked for
 what they cannot do, TorchScript exports, thread shares and ``auto``'s once-per-machine choice.
 
 Answers of the fp32 backends against torch, and the reduced-precision canary, are checked in
@@ -19,7 +19,11 @@ import torch
 
 from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.errors import ConfigError
-from imgscore.inference import backends as B
+from imgscore.inference.backends.auto import choose_backend, resolve_forward
+from imgscore.inference.backends.eager import forward_probs
+from imgscore.inference.backends.export import export_key, export_onnx
+from imgscore.inference.backends.factory import check_backend, make_forward, preflight
+from imgscore.inference.backends.installed import BackendUnavailable, installed_backends
 from imgscore.inference.model import clear_model_cache, load_model
 from tests.conftest import base_overrides
 
@@ -42,19 +46,19 @@ def test_export_is_made_once_and_keyed_by_checkpoint_and_input_size(tmp_path, ti
     """A second request reuses the file; a checkpoint with other bytes (one weight changed) or
     another crop gets its own export, so a stale export is never scored."""
     lm = _load(tiny_checkpoint)
-    path = B.export_onnx(lm, cache)
+    path = export_onnx(lm, cache)
     meta = json.loads((path.parent / "meta.json").read_text())
     assert path.name == "model.onnx" and meta["model_id"] == lm.model_id and meta["exporter"] == "torch.export"
     stamp = path.stat().st_mtime_ns
-    assert B.export_onnx(lm, cache) == path and path.stat().st_mtime_ns == stamp
+    assert export_onnx(lm, cache) == path and path.stat().st_mtime_ns == stamp
 
     sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     next(v for k, v in sd.items() if k.endswith("weight")).add_(0.5)
     changed = tmp_path / "changed.pt"
     torch.save(sd, changed)
-    other = B.export_onnx(_load(changed), cache)
+    other = export_onnx(_load(changed), cache)
     assert other != path and other.is_file()
-    bigger = B.export_onnx(_load(tiny_checkpoint, crop=96), cache)
+    bigger = export_onnx(_load(tiny_checkpoint, crop=96), cache)
     assert bigger not in (path, other)
     assert not [p for p in (cache / "onnx").iterdir() if p.name.startswith(".")]  # no temp folders left
 
@@ -66,7 +70,7 @@ def test_export_is_made_once_and_keyed_by_checkpoint_and_input_size(tmp_path, ti
 def _export_in_child(args) -> str:
     ckpt, cache = args
     clear_model_cache()
-    return str(B.export_onnx(_load(ckpt), cache))
+    return str(export_onnx(_load(ckpt), cache))
 
 
 def test_concurrent_workers_make_one_export(tmp_path, tiny_checkpoint):
@@ -90,14 +94,14 @@ def test_torchscript_checkpoint_exports_and_scores_like_torch(tmp_path, tiny_mod
     torch.jit.save(torch.jit.script(tiny_model), ts)
     lm = _load(ts)
     assert lm.source == "torchscript"
-    fwd = B.make_forward(lm, "onnxruntime", "fp32", threads=1, cache_dir=cache)
-    assert json.loads((B.export_onnx(lm, cache).parent / "meta.json").read_text())["exporter"] == "torchscript"
+    fwd = make_forward(lm, "onnxruntime", "fp32", threads=1, cache_dir=cache)
+    assert json.loads((export_onnx(lm, cache).parent / "meta.json").read_text())["exporter"] == "torchscript"
     from imgscore.images.preprocess import build_transform
 
     tf = build_transform(lm.preprocess)
     x = torch.stack([tf(img) for img in photos.values()])
     with torch.inference_mode():
-        ref = B.forward_probs(lm, x, "fp32")
+        ref = forward_probs(lm, x, "fp32")
     got = fwd(x)
     assert got.dtype == torch.float32 and got.shape == ref.shape == (len(photos), 3)
     assert (got - ref).abs().max() < 1e-4
@@ -106,17 +110,17 @@ def test_torchscript_checkpoint_exports_and_scores_like_torch(tmp_path, tiny_mod
 def test_each_runtime_gets_the_worker_thread_share(tiny_checkpoint, cache):
     """The thread count handed over (the worker's core share) is what each runtime is set to."""
     lm = _load(tiny_checkpoint)
-    fo = B.make_forward(lm, "onnxruntime", "fp32", threads=1, cache_dir=cache)
+    fo = make_forward(lm, "onnxruntime", "fp32", threads=1, cache_dir=cache)
     assert fo.session.get_session_options().intra_op_num_threads == 1
-    fv = B.make_forward(lm, "openvino", "fp32", threads=1, cache_dir=cache)
+    fv = make_forward(lm, "openvino", "fp32", threads=1, cache_dir=cache)
     assert int(fv.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
-    assert B.make_forward(lm, "openvino", "fp32", threads=1, cache_dir=cache) is fv  # one session per process
+    assert make_forward(lm, "openvino", "fp32", threads=1, cache_dir=cache) is fv  # one session per process
 
 
 def test_openvino_fp32_is_asked_for_explicitly(tiny_checkpoint, cache):
     """OpenVINO's default precision is bf16 on CPUs that have it; imgscore's fp32 is an explicit
     f32 hint, so the compiled model reports fp32 on every CPU."""
-    fv = B.make_forward(_load(tiny_checkpoint), "openvino", "fp32", threads=1, cache_dir=cache)
+    fv = make_forward(_load(tiny_checkpoint), "openvino", "fp32", threads=1, cache_dir=cache)
     assert fv.precision == "fp32" and fv.describe() == {"backend": "openvino", "precision": "fp32"}
 
 
@@ -131,19 +135,19 @@ def test_openvino_fp32_is_asked_for_explicitly(tiny_checkpoint, cache):
 )
 def test_impossible_combinations_are_refused(backend, precision, device, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        B.check_backend(backend, precision, torch.device(device))
+        check_backend(backend, precision, torch.device(device))
 
 
 def test_missing_runtime_names_the_install_line(monkeypatch):
     """A runtime that does not import is a usage error (exit 2) with the pip line of its extra."""
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     monkeypatch.setitem(sys.modules, "openvino", None)
-    with pytest.raises(B.BackendUnavailable, match=r"pip install 'imgscore\[onnx\]'") as exc:
-        B.preflight("onnxruntime", "fp32", CPU)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'imgscore\[onnx\]'") as exc:
+        preflight("onnxruntime", "fp32", CPU)
     assert exc.value.exit_code == 2
-    with pytest.raises(B.BackendUnavailable, match=r"pip install 'imgscore\[openvino\]'"):
-        B.preflight("openvino", "fp32", CPU)
-    assert B.installed_backends() == ["torch"]
+    with pytest.raises(BackendUnavailable, match=r"pip install 'imgscore\[openvino\]'"):
+        preflight("openvino", "fp32", CPU)
+    assert installed_backends() == ["torch"]
 
 
 def test_cli_refuses_a_missing_runtime_before_scoring(tmp_path, image_folder, tiny_checkpoint):
@@ -168,13 +172,13 @@ def test_auto_measures_once_per_machine_and_picks_a_measured_backend(tiny_checkp
     """``auto`` times the candidates, keeps the fastest it measured and caches the choice, so a
     second process (here: a second call) does not measure again."""
     lm = _load(tiny_checkpoint)
-    first = B.choose_backend(lm, threads=1, batch=4, cache_dir=tmp_path)
+    first = choose_backend(lm, threads=1, batch=4, cache_dir=tmp_path)
     assert set(first.img_per_s) == {"torch", "onnxruntime", "openvino"}
     assert first.backend == max(first.img_per_s, key=first.img_per_s.get)
-    assert B.choose_backend(lm, threads=1, batch=4, cache_dir=tmp_path) == first  # read back, not re-measured
-    only = B.choose_backend(lm, threads=1, batch=4, cache_dir=tmp_path, candidates=["torch"])
+    assert choose_backend(lm, threads=1, batch=4, cache_dir=tmp_path) == first  # read back, not re-measured
+    only = choose_backend(lm, threads=1, batch=4, cache_dir=tmp_path, candidates=["torch"])
     assert only.backend == "torch"
-    fwd = B.resolve_forward(lm, "auto", "fp32", threads=1, batch=4, cache_dir=tmp_path)
+    fwd = resolve_forward(lm, "auto", "fp32", threads=1, batch=4, cache_dir=tmp_path)
     assert fwd.backend == first.backend
 
 
@@ -189,9 +193,9 @@ def test_a_factory_models_export_follows_its_code(tmp_path, monkeypatch, tiny_mo
     torch.save(tiny_model.state_dict(), ckpt)
     cfg = ModelConfig(arch="mobilenet_v3_small", checkpoint=ckpt, factory="factory_for_backends:build")
     lm = load_model(cfg, PreprocessConfig(resize=64, crop=64), CPU)
-    before = B.export_key(lm)
+    before = export_key(lm)
     (tmp_path / "factory_for_backends.py").write_text(
         "import torchvision\n\n\ndef build():  # edited\n    return torchvision.models.mobilenet_v3_small(num_classes=3)\n"
     )
-    assert B.export_key(lm) != before
+    assert export_key(lm) != before
     sys.modules.pop("factory_for_backends", None)

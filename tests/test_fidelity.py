@@ -34,9 +34,12 @@ from imgscore.config.loading import build_config
 from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.flows.cli import execute
 from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
-from imgscore.inference import backends
+from imgscore.inference.backends import canary
+from imgscore.inference.backends.canary import run_canary
+from imgscore.inference.backends.eager import TorchForward, forward_probs
+from imgscore.inference.backends.factory import make_forward
+from imgscore.inference.backends.forward import Forward
 from imgscore.inference.model import load_model
-from imgscore.inference.score import forward_probs
 from tests.conftest import assert_same_answers
 
 pytestmark = pytest.mark.slow
@@ -254,12 +257,12 @@ def backend_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("export_cache")
 
 
-class _FastPath(backends.Forward):
+class _FastPath(Forward):
     """A reduced-precision fast path made to order: ``inner`` (an fp32 path) labelled as
     ``precision``, with ``shift`` of each image's top-1 probability moved to its runner-up —
     0 for a faithful path, 0.02 for one broken on purpose (twice the canary's 0.01 bound)."""
 
-    def __init__(self, inner: backends.Forward, precision: str, shift: float = 0.0):
+    def __init__(self, inner: Forward, precision: str, shift: float = 0.0):
         self.inner, self.precision, self.shift = inner, precision, shift
         self.backend, self.channels_last = inner.backend, inner.channels_last
 
@@ -285,16 +288,16 @@ def test_canary_passes_a_faithful_fast_path_and_refuses_a_broken_one(photo_model
     mean |Δscore| of 0.02 (± rounding) whatever the CPU, and one that swaps classes agrees on
     none — both are refused."""
     lm = load_model(ModelConfig(arch="resnet18", checkpoint=photo_model), PreprocessConfig(resize=256, crop=224), CPU).folded()
-    reference = backends.TorchForward(lm, "fp32")
+    reference = TorchForward(lm, "fp32")
     x = _photo_batch(photo_folder)
     batches = [x[:8], x[8:]]
     pytest.importorskip("onnxruntime", reason="onnxruntime has no wheel for this platform")
-    faithful = backends.make_forward(lm, "onnxruntime", "fp32", threads=2, cache_dir=backend_cache)
-    ok = backends.run_canary(reference, faithful, batches)
+    faithful = make_forward(lm, "onnxruntime", "fp32", threads=2, cache_dir=backend_cache)
+    ok = run_canary(reference, faithful, batches)
     assert ok.passed and ok.images == len(x) and ok.top1_agreement == 1.0 and ok.mean_abs_dscore < 1e-3
-    broken = backends.run_canary(reference, _FastPath(faithful, "bf16", shift=0.02), batches)
+    broken = run_canary(reference, _FastPath(faithful, "bf16", shift=0.02), batches)
     assert not broken.passed and broken.mean_abs_dscore == pytest.approx(0.02, abs=1e-3)
-    swapped = backends.run_canary(reference, _FastPath(faithful, "bf16", shift=1.0), batches)
+    swapped = run_canary(reference, _FastPath(faithful, "bf16", shift=1.0), batches)
     assert not swapped.passed and swapped.top1_agreement == 0.0
 
 
@@ -312,7 +315,7 @@ def test_reduced_precision_is_gated_at_run_start(prefect_server, photo_model, ph
     - broken on purpose: exit 2 before any part file or manifest is written;
     - broken, ``inference.on_canary_fail=fp32``: a WARNING, the run scores in fp32, and the
       manifest says the canary failed and what precision ran."""
-    real = backends.make_forward
+    real = canary.make_forward  # what the run-start canary builds its fast path with
     shift = {"value": 0.0}
 
     def fake(lm, backend, precision="fp32", *args, **kwargs):
@@ -320,7 +323,7 @@ def test_reduced_precision_is_gated_at_run_start(prefect_server, photo_model, ph
             return real(lm, backend, precision, *args, **kwargs)
         return _FastPath(real(lm, backend, "fp32", *args, **kwargs), precision, shift["value"])
 
-    monkeypatch.setattr(backends, "make_forward", fake)
+    monkeypatch.setattr(canary, "make_forward", fake)
     bf16 = {"inference.precision": "bf16", "inference.canary_images": 12, "inference.batch_size": 8}
 
     rows = _run(photo_folder, photo_model, tmp_path / "ok", bf16)

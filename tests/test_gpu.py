@@ -14,8 +14,8 @@ from imgscore.flows.cli import main
 from imgscore.images.dataset import ShardDataset, collate_samples
 from imgscore.images.preprocess import DecodeOptions
 from imgscore.images.scan import scan_images
+from imgscore.inference.backends.eager import forward_probs
 from imgscore.inference.model import load_model
-from imgscore.inference.score import forward_probs
 from tests.conftest import base_overrides, make_image_folder
 
 pytestmark = pytest.mark.gpu

@@ -11,7 +11,7 @@ from imgscore.config.loading import build_config
 from imgscore.images.dataset import Sample
 from imgscore.images.scan import scan_images
 from imgscore.inference import autotune as A
-from imgscore.inference.backends import Forward
+from imgscore.inference.backends.forward import Forward
 from imgscore.inference.score import (
     LaneCollate,
     RowContext,

@@ -231,7 +231,8 @@ class Manifest(_Model):
     outputs: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, Any] = Field(default_factory=dict)
     reruns: list[dict[str, Any]] = Field(default_factory=list)
-    inference: dict[str, Any] = Field(default_factory=dict)  # backend, precision, canary (imgscore.inference.backends.start_inference)
+    # backend, precision, canary (imgscore.inference.backends.canary.start_inference)
+    inference: dict[str, Any] = Field(default_factory=dict)
     drift: dict[str, Any] = Field(default_factory=dict)  # against recent nights: baseline_runs, psi, warnings (imgscore.report.drift)
     ledger: dict[str, Any] = Field(default_factory=lambda: {"dir": LEDGER_DIR, "from_segment": 0})
 

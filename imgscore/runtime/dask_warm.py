@@ -56,7 +56,8 @@ def warm_process(config_json: str, workers_on_host: int = 1) -> dict[str, Any]:
 
         import imgscore.inference.score  # noqa: F401
         from imgscore.config.schema import Config
-        from imgscore.inference.backends import make_forward, resolve_backend
+        from imgscore.inference.backends.auto import resolve_backend
+        from imgscore.inference.backends.factory import make_forward
         from imgscore.inference.device import resolve_device, usable_cores
         from imgscore.inference.model import load_model
 
