@@ -2,7 +2,7 @@
 
 One script to run on a machine with CUDA (it exits 2 without it). It uses the project's own
 loading, dataset and forward code (``imgscore.inference.model.load_model``, ``imgscore.images.dataset.ShardDataset``,
-``imgscore.inference.score.forward_probs``), so what it measures is what ``score_shard`` does:
+``imgscore.inference.backends.eager.forward_probs``), so what it measures is what ``score_shard`` does:
 
 1. agreement: the same images through the same checkpoint on CPU (fp32) and GPU (fp32, bf16,
    fp16): top-1 agreement and the largest top-1 probability difference;

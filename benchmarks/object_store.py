@@ -93,7 +93,9 @@ def decode_rate(root: str, workers: int) -> float:
 def scoring_rate(root: str, workers: int, checkpoint: Path) -> float:
     from imgscore.config.scoring import InferenceConfig, InputConfig, ModelConfig, PreprocessConfig
     from imgscore.images.scan import scan_images
-    from imgscore.inference.score import RowContext, load_scorer, score_entries
+    from imgscore.inference.rows import RowContext
+    from imgscore.inference.score import score_entries
+    from imgscore.inference.scorer import load_scorer
 
     entries = scan_images(root).entries
     scorer = load_scorer(ModelConfig(arch="mobilenet_v3_small", checkpoint=checkpoint, num_classes=len(CLASSES)), PreprocessConfig(),

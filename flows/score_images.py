@@ -28,7 +28,8 @@ from imgscore.errors import (
 from imgscore.flows import notify
 from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.ending import recorded_ending, shards_stop_on_signal
-from imgscore.inference.score import commit_failed_shard, read_shard_entries
+from imgscore.inference.commit import commit_failed_shard
+from imgscore.inference.score import read_shard_entries
 from imgscore.io import storage
 from imgscore.report import drift
 from imgscore.report.build import rerun_command

@@ -19,9 +19,9 @@ import pytest
 
 import imgscore.tasks.score_shard as shard_tasks
 from imgscore.config.loading import build_config
+from imgscore.errors import ShardError
 from imgscore.flows.cli import execute
 from imgscore.inference.model import file_sha256
-from imgscore.inference.score import ShardError
 from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, config_hash
 from tests.conftest import base_overrides, doc_section, make_image_folder
 

@@ -30,7 +30,7 @@ from imgscore.config.scoring import PILLOW_MAX_PIXELS
 from imgscore.flows.cli import execute, main
 from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
 from imgscore.images.scan import scan_images
-from imgscore.inference.score import _Isolation, score_isolated
+from imgscore.inference.isolation import Isolation, score_isolated
 from imgscore.io import storage
 from imgscore.runstate.commits import read_manifest
 from tests.conftest import assert_same_answers, base_overrides
@@ -259,7 +259,7 @@ def test_bisection_isolates_the_failing_image():
             raise ValueError("bad input")
         return torch.softmax(xs.flatten(1)[:, :3] + torch.arange(3.0), 1)
 
-    state = _Isolation(max_batch=8)
+    state = Isolation(max_batch=8)
     out = score_isolated(fn, x, list(range(10, 18)), state)
     assert [p for p, _ in out] == [10, 11, 12, 13, 14, 16, 17]
     assert state.failures == [(15, "ValueError", "bad input")]
@@ -273,7 +273,7 @@ def test_cuda_oom_halves_the_batch_for_the_rest_of_the_shard():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return torch.full((len(xs), 3), 1 / 3)
 
-    state = _Isolation(max_batch=8)
+    state = Isolation(max_batch=8)
     out = score_isolated(fn, torch.zeros(8, 3, 2, 2), list(range(8)), state)
     assert [p for p, _ in out] == list(range(8)) and state.failures == []
     assert state.max_batch == 2 and state.oom_events == 2  # 8 → 4 → 2, then every chunk fits
@@ -289,7 +289,7 @@ def test_non_finite_output_is_a_failure_of_that_image():
 
     x = torch.zeros(4, 3, 2, 2)
     x[1] = 1
-    state = _Isolation(max_batch=4)
+    state = Isolation(max_batch=4)
     out = score_isolated(fn, x, [0, 1, 2, 3], state)
     assert [p for p, _ in out] == [0, 2, 3]
     assert [(p, t) for p, t, _ in state.failures] == [(1, "NonFiniteOutput")]
@@ -427,8 +427,7 @@ def tracebacks_for_the_terminal(records: list[logging.LogRecord]) -> list[str]:
 
 
 def test_expected_failures_lose_their_traceback_others_keep_it():
-    from imgscore.errors import ErrorBudgetExceeded
-    from imgscore.inference.score import ShardError
+    from imgscore.errors import ErrorBudgetExceeded, ShardError
     from imgscore.runtime.startup import ExpectedFailureFilter
 
     def record(exc):
@@ -518,7 +517,7 @@ def test_a_shard_failed_after_its_retries_is_committed_on_either_root(out_root):
     removed, one errors row per image (stage inference, ShardFailed, the reason), an empty
     predictions part, and a ``failed`` commit record — on a bucket as on disk."""
     from imgscore.images.scan import ImageEntry
-    from imgscore.inference.score import commit_failed_shard
+    from imgscore.inference.commit import commit_failed_shard
     from imgscore.io.parquet import part_dir, part_name
     from imgscore.runstate.manifest import ShardRef, read_commit_record
 
@@ -574,7 +573,7 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
     """The model loads in the flow's preflight but fails once inside the shard (a worker whose
     disk hiccups): Prefect retries the shard and the rows say attempt 2 — into a local folder or
     a bucket."""
-    import imgscore.inference.score
+    import imgscore.inference.scorer
     from imgscore.errors import ModelError
 
     root = tmp_path / "images"
@@ -582,7 +581,7 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
     for n in ("astronaut", "coffee", "rocket"):
         photos[n].resize((96, 72)).save(root / f"{n}.jpg")
     (root / "zero.jpg").write_bytes(b"")
-    real, calls = imgscore.inference.score.load_model, []
+    real, calls = imgscore.inference.scorer.load_model, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -590,7 +589,7 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
             raise ModelError("model.checkpoint could not be read on this worker (simulated)")
         return real(*a, **k)
 
-    monkeypatch.setattr(imgscore.inference.score, "load_model", flaky)
+    monkeypatch.setattr(imgscore.inference.scorer, "load_model", flaky)
     code, summary = _run(root, probe_checkpoint, out_root, **{"run.shard_size": 10, "run.max_error_rate": 0.5})
     assert code == 0 and len(calls) == 2
     m = read_manifest(summary["manifest"])

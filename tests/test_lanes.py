@@ -12,15 +12,9 @@ from imgscore.images.dataset import Sample
 from imgscore.images.scan import scan_images
 from imgscore.inference import autotune as A
 from imgscore.inference.backends.forward import Forward
-from imgscore.inference.score import (
-    LaneCollate,
-    RowContext,
-    build_loader,
-    load_scorer,
-    loader_batches,
-    loader_timeout,
-    score_batches,
-)
+from imgscore.inference.loader import LaneCollate, build_loader, loader_batches, loader_timeout
+from imgscore.inference.rows import RowContext, score_batches
+from imgscore.inference.scorer import load_scorer
 from tests.conftest import assert_same_answers, base_overrides
 
 

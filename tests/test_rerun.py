@@ -328,7 +328,7 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
     import imgscore.flows.score_images as si
     import imgscore.tasks.score_shard as shard_tasks
     from imgscore.config.loading import load_config
-    from imgscore.inference.score import ShardError
+    from imgscore.errors import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
@@ -371,7 +371,7 @@ def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photo
     import imgscore.flows.score_images as si
     import imgscore.tasks.score_shard as shard_tasks
     from imgscore.config.loading import load_config
-    from imgscore.inference.score import ShardError
+    from imgscore.errors import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"

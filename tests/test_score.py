@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from imgscore.errors import ShardError
-from imgscore.inference.score import loader_batches
+from imgscore.inference.loader import loader_batches
 from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
 from imgscore.runstate.rerun_plan import merge_partial
 

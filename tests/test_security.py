@@ -77,7 +77,7 @@ def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_se
     import imgscore.tasks.plan as plan_tasks
     import imgscore.tasks.score_shard as shard_tasks
     from imgscore.config.loading import load_config
-    from imgscore.inference.score import ShardError
+    from imgscore.errors import ShardError
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"

@@ -26,7 +26,7 @@ from imgscore.config.loading import build_config
 from imgscore.errors import ConfigError
 from imgscore.flows.cli import execute
 from imgscore.images import dataset as dataset_mod
-from imgscore.images.dataset import ShardDataset, collate_lanes, decode_spec
+from imgscore.images.dataset import ShardDataset, collate_per_transform, decode_spec
 from imgscore.images.preprocess import DecodeOptions, PreprocessSpec
 from imgscore.images.scan import scan_images
 from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
@@ -73,7 +73,7 @@ def test_each_image_is_decoded_once_for_every_transform(tmp_path, photos, monkey
     monkeypatch.setattr(dataset_mod, "decode_file", counted)
     opts = DecodeOptions(10**8)
     ds_two = ShardDataset(str(root), entries, [a, b], opts)
-    batches = collate_lanes([ds_two[i] for i in range(len(entries))])
+    batches = collate_per_transform([ds_two[i] for i in range(len(entries))])
     assert len(calls) == len(entries) and {r for _, r in calls} == {96}
     assert [tuple(bt.tensor.shape) for bt in batches] == [(len(entries), 3, 56, 56), (len(entries), 3, 80, 80)]
     alone = ShardDataset(str(root), entries, b, opts)  # b alone: the same decode (resize 96), its transform

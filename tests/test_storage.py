@@ -245,7 +245,7 @@ def test_two_writers_of_one_shard_commit_once(where, tmp_path, request):
     write the whole shard's part files to the same keys, only the first creates the commit
     record, and the second gets the first's record back (the files agree with its counts); a
     rerun (``replace=True``) replaces it. By construction: the record is an exclusive create."""
-    from imgscore.inference.score import commit_shard
+    from imgscore.inference.commit import commit_shard
     from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
     from imgscore.runstate.manifest import ShardRef, ShardResult, read_commit_record
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeAlias, cast
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
 
 from imgscore.images.preprocess import (
     DecodedImage,
@@ -65,6 +67,10 @@ class Failure:
     warnings: list[str] = field(default_factory=list)
 
 
+# What ShardDataset yields for one image and one transform.
+Item: TypeAlias = Sample | Failure
+
+
 @dataclass
 class Batch:
     """What the DataLoader yields: ``tensor`` float32 [B, 3, crop, crop] (None if every image
@@ -76,7 +82,7 @@ class Batch:
     failures: list[Failure]
     warnings: list[str]
     file_stats: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
-    # Set when the forward already ran in the DataLoader process (a lane; ``tensor`` is None then):
+    # Set when the forward already ran in the DataLoader process (lanes; ``tensor`` is None then):
     # the scored positions and their probabilities float32 [n, C], and the images whose forward
     # failed as (position, error type, message).
     scored: tuple[list[int], torch.Tensor] | None = None
@@ -104,7 +110,7 @@ def decode_key(spec: PreprocessSpec) -> PreprocessSpec:
                    std=PreprocessSpec.std, interpolation=PreprocessSpec.interpolation)
 
 
-class ShardDataset(Dataset):
+class ShardDataset(Dataset[Item | tuple[Item, ...]]):
     """Map-style dataset over one shard's :class:`ImageEntry` list.
 
     Args:
@@ -118,35 +124,35 @@ class ShardDataset(Dataset):
             read with; default: those in force in the process that builds the dataset.
 
     ``ds[i]`` is a :class:`Sample` or a :class:`Failure` for one spec; for a list, a tuple of
-    them in the list's order (collate with :func:`collate_lanes`).
+    them in the list's order (collate with :func:`collate_per_transform`).
     """
 
-    def __init__(self, root: str, entries: list[ImageEntry], spec: PreprocessSpec | list[PreprocessSpec], opts: DecodeOptions,
-                 settings: storage.Settings | None = None):
+    def __init__(self, root: str, entries: list[ImageEntry], spec: PreprocessSpec | list[PreprocessSpec],
+                 opts: DecodeOptions, settings: storage.Settings | None = None) -> None:
         self.root = str(root)
         self.entries = entries
         self.multi = isinstance(spec, list)
-        self.specs = list(spec) if self.multi else [spec]
+        self.specs: list[PreprocessSpec] = list(spec) if isinstance(spec, list) else [spec]
         self.spec = self.specs[0]
         self.opts = opts
-        self.remote = storage.is_remote(self.root)
+        self.local_root = storage.local_path(self.root)  # None for an object store: its bytes are fetched here
         self.settings = settings or storage.current_settings()
         groups: dict[PreprocessSpec, list[int]] = {}
         for i, sp in enumerate(self.specs):
             groups.setdefault(decode_key(sp), []).append(i)
         self._decodes = [(decode_spec([self.specs[i] for i in idx]), idx) for idx in groups.values()]
-        self._transforms: list | None = None  # built lazily, once per worker process
+        self._transforms: list[T.Compose | None] | None = None  # built lazily, once per worker process
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, pos: int):
+    def __getitem__(self, pos: int) -> Item | tuple[Item, ...]:
         return self.__getitems__([pos])[0]
 
-    def __getitems__(self, positions: Sequence[int]) -> list:
+    def __getitems__(self, positions: Sequence[int]) -> list[Item | tuple[Item, ...]]:
         """The samples of a batch, in order. An object store's images are all requested at once
         (their GETs overlap) and decoded one by one as they arrive; local files are opened one by one."""
-        if not self.remote:
+        if self.local_root is not None:
             return [self._prepare(p, None) for p in positions]
         if storage.current_settings() != self.settings:  # a worker process started by spawn
             storage.configure(self.settings)
@@ -156,6 +162,7 @@ class ShardDataset(Dataset):
         return [self._prepare(p, fetching[p].result() if p in fetching else None) for p in positions]
 
     def _read_failure(self, pos: int, exc: BaseException) -> Failure:
+        """The record of an object whose GET failed (or that no longer exists)."""
         entry = self.entries[pos]
         url = storage.join(self.root, entry.rel)
         if isinstance(exc, FileNotFoundError):
@@ -163,33 +170,47 @@ class ShardDataset(Dataset):
         return Failure(pos, entry.image_path, "decode", "ObjectReadError", f"GET {url} failed: {storage.describe_error(exc)}")
 
     def _decode(self, pos: int, data: bytes | None, warned: list[str], spec: PreprocessSpec) -> DecodedImage:
+        """Image ``pos`` decoded with ``spec``: from ``data`` (an object's bytes), or from its file
+        under a local root when ``data`` is None."""
         entry = self.entries[pos]
-        if data is None:
-            return decode_file(os.path.join(self.root, entry.rel), spec, self.opts, warned)
-        return decode_bytes(data, entry.image_path, spec, self.opts, warned)
+        if data is not None:
+            return decode_bytes(data, entry.image_path, spec, self.opts, warned)
+        if self.local_root is None:
+            raise ValueError(f"{self.root} is an object store: its images are decoded from the bytes fetched")
+        return decode_file(os.path.join(self.local_root, entry.rel), spec, self.opts, warned)
 
-    def _prepare(self, pos: int, data: bytes | BaseException | None):
+    def _prepare(self, pos: int, data: bytes | BaseException | None) -> Item | tuple[Item, ...]:
         """One image for every spec: scan error, read failure, decode failure, preprocess
         failure, or a sample — a :class:`Sample` or :class:`Failure`, or a tuple of them (one per
         spec) for a list of specs. ``data``: the object's bytes (or its read's exception) for a
         store; None for a file (read once per distinct decode setting)."""
         entry = self.entries[pos]
-        out: list = [None] * len(self.specs)
+        out: list[Item | None] = [None] * len(self.specs)
         if entry.scan_error:
             out = [Failure(pos, entry.image_path, "scan", "ScanError", entry.scan_error) for _ in self.specs]
         elif isinstance(data, BaseException):
             out = [self._read_failure(pos, data) for _ in self.specs]
         else:
-            if self._transforms is None:
-                self._transforms = [None] * len(self.specs)
             for dspec, idx in self._decodes:
                 self._prepare_group(pos, data, dspec, idx, out)
-        return tuple(out) if self.multi else out[0]
+        items = cast(list[Item], out)  # every spec's slot is filled above
+        return tuple(items) if self.multi else items[0]
 
-    def _prepare_group(self, pos: int, data: bytes | None, dspec: PreprocessSpec, idx: list[int], out: list) -> None:
+    def _transform(self, i: int) -> T.Compose:
+        """Spec ``i``'s transform, built once per process (a DataLoader worker builds its own)."""
+        if self._transforms is None:
+            self._transforms = [None] * len(self.specs)
+        tf = self._transforms[i]
+        if tf is None:
+            tf = self._transforms[i] = build_transform(self.specs[i])
+        return tf
+
+    def _prepare_group(self, pos: int, data: bytes | None, dspec: PreprocessSpec, idx: list[int],
+                       out: list[Item | None]) -> None:
         """Decode the image once with ``dspec`` and fill ``out[i]`` for each spec ``i`` of ``idx``."""
         entry = self.entries[pos]
         warned: list[str] = []
+        fail: tuple[str, str, str] | None
         try:
             decoded = self._decode(pos, data, warned, dspec)
         except DecodeError as exc:
@@ -204,9 +225,7 @@ class ShardDataset(Dataset):
                 out[i] = Failure(pos, entry.image_path, *fail, w)
                 continue
             try:
-                if self._transforms[i] is None:
-                    self._transforms[i] = build_transform(self.specs[i])
-                tensor = self._transforms[i](decoded.image)
+                tensor = self._transform(i)(decoded.image)
             except Exception as exc:
                 out[i] = Failure(pos, entry.image_path, "preprocess", type(exc).__name__, str(exc) or repr(exc), w)
                 continue
@@ -228,7 +247,7 @@ def collate_samples(items: list[Sample | Failure]) -> Batch:
     return Batch(tensor, [s.pos for s in samples], failures, warnings, {s.pos: (s.file_size, s.file_mtime_ns) for s in samples})
 
 
-def collate_lanes(items: list[tuple]) -> list[Batch]:
+def collate_per_transform(items: list[tuple[Item, ...]]) -> list[Batch]:
     """A batch of :class:`ShardDataset` items for several specs (tuples) → one :class:`Batch`
     per spec, in the specs' order, each as :func:`collate_samples` makes it."""
     return [collate_samples([item[i] for item in items]) for i in range(len(items[0]))] if items else []

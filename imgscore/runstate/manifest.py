@@ -554,7 +554,7 @@ class RunState:
 
 def request_stop(run_dir: AnyPath) -> None:
     """Mark the run as stopping (SIGINT or SIGTERM reached its flow): from now on no shard of it
-    starts, and none commits (:func:`stop_requested`; ``imgscore.inference.score``). A file (an
+    starts, and none commits (:func:`stop_requested`; ``imgscore.inference.commit``). A file (an
     object on a store), so shards on Dask workers in other processes see it too;
     :func:`clear_stop` removes it when the run is taken up again (a retry or ``imgscore rerun``)."""
     storage.path(run_dir, STOP_FILE).touch()  # on disk no data block (works on the disk that just filled up); an object: one empty PUT

@@ -13,7 +13,7 @@ directly, and the shard is committed into the run's real part files:
    before) plus the new rows, in index order — those kept rows are byte-for-byte the old values;
    for a whole shard, the new rows only;
 3. the errors part is replaced by the errors of this attempt (images that still fail);
-4. the commit record ``runs/RUN/shards/SSSSS.json`` is rewritten (:func:`imgscore.inference.score.commit_shard`).
+4. the commit record ``runs/RUN/shards/SSSSS.json`` is rewritten (:func:`imgscore.inference.commit.commit_shard`).
 
 Every write is temp-then-rename, and every step is idempotent: a rerun killed at any moment is
 finished by the next one (rows of the rescored images are dropped before the new ones are
@@ -31,16 +31,15 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from imgscore.config.schema import Config
+from imgscore.inference.commit import commit_shard, embeddings_part
 from imgscore.inference.score import (
-    commit_shard,
     embeddings_of,
-    embeddings_part,
-    load_scorers,
     models_metadata,
     read_shard_entries,
     row_context,
     score_entries,
 )
+from imgscore.inference.scorer import load_scorers
 from imgscore.io import storage
 from imgscore.io.containment import inside
 from imgscore.io.parquet import (
