@@ -10,8 +10,8 @@ import torchvision
 
 from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.errors import ModelError
-from imgscore.inference.checkpoint import strip_prefix
 from imgscore.inference.model import load_model
+from imgscore.inference.state_dict import strip_prefix
 from tests.conftest import save_as_if_cuda
 
 CPU = torch.device("cpu")

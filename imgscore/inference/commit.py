@@ -40,8 +40,15 @@ from imgscore.runstate.manifest import (
 log = logging.getLogger("imgscore")
 
 
-def commit_shard(ref: ShardRef, out_root: AnyPath, predictions: pa.Table, errors: pa.Table, result: ShardResult,
-                 embeddings: pa.Table | None = None, replace: bool = False) -> ShardResult:
+def commit_shard(
+    ref: ShardRef,
+    out_root: AnyPath,
+    predictions: pa.Table,
+    errors: pa.Table,
+    result: ShardResult,
+    embeddings: pa.Table | None = None,
+    replace: bool = False,
+) -> ShardResult:
     """Write the shard's predictions and errors part files (empty ones too), then its commit record.
 
     ``embeddings`` (``output.embeddings``): the shard's embeddings part file, written first, one
@@ -70,7 +77,10 @@ def commit_shard(ref: ShardRef, out_root: AnyPath, predictions: pa.Table, errors
     """
     if stop_requested(ref.run_dir):
         raise ShardStopped(f"shard {ref.shard_id}: not committed, the run is stopping")
-    pred_dir, err_dir = (inside(out_root, part_dir(out_root, t, ref.run_date, ref.run_id), "part-file folder") for t in ("predictions", "errors"))
+    pred_dir, err_dir = (
+        inside(out_root, part_dir(out_root, t, ref.run_date, ref.run_id), "part-file folder")
+        for t in ("predictions", "errors")
+    )
     record_folder = storage.parent_of(str(commit_record_path(ref.run_dir, ref.shard_id)))
     inside(out_root, record_folder, "commit-record folder")  # no planted link out
     if embeddings is not None:
@@ -78,18 +88,24 @@ def commit_shard(ref: ShardRef, out_root: AnyPath, predictions: pa.Table, errors
     pred_file = write_table_atomic(predictions, storage.path(pred_dir, part_name(ref.shard_id)))
     err_file = write_table_atomic(errors, storage.path(err_dir, part_name(ref.shard_id)))
     failed_images = sorted({p for p in errors["image_path"].to_pylist() if p is not None})
-    result = result.model_copy(update={
-        "state": "failed" if result.state == "failed" else ("complete" if errors.num_rows == 0 else "partial"),
-        "scored": predictions.num_rows,
-        "failed": errors.num_rows,
-        "failed_images": failed_images,
-        "files": [str(pred_file), str(err_file)],
-        "finished_at": datetime.now(UTC).isoformat(),
-    })
+    result = result.model_copy(
+        update={
+            "state": "failed" if result.state == "failed" else ("complete" if errors.num_rows == 0 else "partial"),
+            "scored": predictions.num_rows,
+            "failed": errors.num_rows,
+            "failed_images": failed_images,
+            "files": [str(pred_file), str(err_file)],
+            "finished_at": datetime.now(UTC).isoformat(),
+        }
+    )
     if replace or not create_commit_record(ref.run_dir, result):
         winner = None if replace else read_commit_record(ref.run_dir, ref.shard_id)
-        if winner is not None and winner.fingerprint == result.fingerprint and winner.state in ("complete", "partial", "failed") \
-                and check_shard(out_root, ref.run_date, ref.run_id, winner) is None:
+        if (
+            winner is not None
+            and winner.fingerprint == result.fingerprint
+            and winner.state in ("complete", "partial", "failed")
+            and check_shard(out_root, ref.run_date, ref.run_id, winner) is None
+        ):
             log.info("shard %d: another writer committed it first; its record stands", ref.shard_id)
             return winner.model_copy(update={"files": result.files})
         write_commit_record(ref.run_dir, result)
@@ -98,28 +114,63 @@ def commit_shard(ref: ShardRef, out_root: AnyPath, predictions: pa.Table, errors
 
 def embeddings_part(out_root: AnyPath, ref: ShardRef) -> UPath:
     """``OUT/embeddings/<the run's partition>/part-SSSSS.parquet``, checked to stay inside ``out_root``."""
-    return storage.path(inside(out_root, part_dir(out_root, "embeddings", ref.run_date, ref.run_id), "part-file folder"), part_name(ref.shard_id))
+    return storage.path(
+        inside(out_root, part_dir(out_root, "embeddings", ref.run_date, ref.run_id), "part-file folder"),
+        part_name(ref.shard_id),
+    )
 
 
-
-def commit_failed_shard(ref: ShardRef, entries: list[ImageEntry], out_root: AnyPath, model_info: dict[str, Any],
-                        reason: str, attempts: int, metadata: dict[str, Any] | None = None,
-                        models: list[dict[str, Any]] | None = None) -> ShardResult:
+def commit_failed_shard(
+    ref: ShardRef,
+    entries: list[ImageEntry],
+    out_root: AnyPath,
+    model_info: dict[str, Any],
+    reason: str,
+    attempts: int,
+    metadata: dict[str, Any] | None = None,
+    models: list[dict[str, Any]] | None = None,
+) -> ShardResult:
     """A shard that could not run after its retries: one errors row per (image, model) (stage
     ``inference``, type ``ShardFailed``, the reason as message), an empty predictions part, and
     state ``failed`` with the reason. ``models``: the run's models (manifest ``models``: ``name``,
     ``model_id``), default the one ``model_info`` describes."""
-    models = models or [{"name": model_info.get("name") or model_info.get("arch") or "", "model_id": model_info.get("model_id") or ""}]
+    models = models or [
+        {"name": model_info.get("name") or model_info.get("arch") or "", "model_id": model_info.get("model_id") or ""}
+    ]
     now = datetime.now(UTC)
     errors: list[dict[str, Any]] = []
     for e in entries:
         for m in models:
             if not e.wants(m.get("name") or ""):
                 continue
-            ctx = RowContext(ref.run_id, ref.input_root, ref.shard_id, attempts, m.get("model_id") or "", [], "", None, 1, m.get("name") or "")
+            ctx = RowContext(
+                ref.run_id,
+                ref.input_root,
+                ref.shard_id,
+                attempts,
+                m.get("model_id") or "",
+                [],
+                "",
+                None,
+                1,
+                m.get("name") or "",
+            )
             errors.append(error_row(ctx, e, None, "inference", "ShardFailed", reason[:2000], now))
     meta = file_metadata(model_info, ref.run_id, metadata)
-    embeddings_part(out_root, ref).unlink(missing_ok=True)  # an earlier attempt's vectors: no predictions stand beside them
-    return commit_shard(ref, out_root, make_table([], PREDICTIONS_SCHEMA, meta), make_table(errors, ERRORS_SCHEMA, meta),
-                        ShardResult(shard_id=ref.shard_id, state="failed", images=len(entries), fingerprint=ref.fingerprint,
-                                    attempt=attempts, reason=reason))
+    embeddings_part(out_root, ref).unlink(
+        missing_ok=True
+    )  # an earlier attempt's vectors: no predictions stand beside them
+    return commit_shard(
+        ref,
+        out_root,
+        make_table([], PREDICTIONS_SCHEMA, meta),
+        make_table(errors, ERRORS_SCHEMA, meta),
+        ShardResult(
+            shard_id=ref.shard_id,
+            state="failed",
+            images=len(entries),
+            fingerprint=ref.fingerprint,
+            attempt=attempts,
+            reason=reason,
+        ),
+    )

@@ -21,8 +21,9 @@ class Isolation:
     failures: list[tuple[int, str, str]] = field(default_factory=list)  # (pos, error_type, message)
 
 
-def score_isolated(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, positions: list[int],
-                   state: Isolation) -> list[tuple[int, torch.Tensor]]:
+def score_isolated(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, positions: list[int], state: Isolation
+) -> list[tuple[int, torch.Tensor]]:
     """Run ``fn`` on ``x`` in chunks of ``state.max_batch``; isolate failures to single images.
 
     A chunk whose forward raises is split in halves recursively until the failing images are
@@ -73,4 +74,3 @@ def score_isolated(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         run(x[start : start + step], positions[start : start + step])
         start += step
     return out
-

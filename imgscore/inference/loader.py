@@ -46,8 +46,10 @@ class _JointForward(Forward):
         self.channels_last, self.device = self.fns[0][0].channels_last, self.fns[0][0].device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [f(x if x.shape[-1] == crop else torch.nn.functional.interpolate(x, size=(crop, crop), mode="bilinear"))
-                for f, crop in self.fns]
+        outs = [
+            f(x if x.shape[-1] == crop else torch.nn.functional.interpolate(x, size=(crop, crop), mode="bilinear"))
+            for f, crop in self.fns
+        ]
         return outs[0]
 
 
@@ -61,16 +63,34 @@ def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorers: Scorer | 
     scorer = scorers[0]
     inf = scorer.inference
     sizes = sorted(e.size or 0 for e in entries[:8])
-    key = (*(sc.lm.model_id[:12] for sc in scorers), *(sc.lm.arch for sc in scorers), scorer.backend, inf.precision, scorer.threads,
-           *(sc.lm.preprocess.crop for sc in scorers), int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0)
-    probe = _FirstTransform(ds) if ds.multi else ds  # a ShardDataset of a list of transforms yields one item per transform
+    key = (
+        *(sc.lm.model_id[:12] for sc in scorers),
+        *(sc.lm.arch for sc in scorers),
+        scorer.backend,
+        inf.precision,
+        scorer.threads,
+        *(sc.lm.preprocess.crop for sc in scorers),
+        int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0,
+    )
+    probe = (
+        _FirstTransform(ds) if ds.multi else ds
+    )  # a ShardDataset of a list of transforms yields one item per transform
     forward_for = scorer.forward if len(scorers) == 1 else (lambda t: _JointForward(scorers, t))
     # lanes (the forward inside forked DataLoader processes): on the CPU, one model, no embeddings
     # hook, eager torch or ONNX Runtime (a one-thread ORT session starts no threads of its own, so
     # the forked copy runs as the parent's would); OpenVINO's runtime keeps threads a fork does not copy
     lanes = len(scorers) == 1 and scorer.backend in LANE_BACKENDS and scorer.device.type == "cpu" and scorer.tap is None
-    return autotune.shard_split(probe, forward_for, scorer.threads, inf.num_workers, inf.batch_size, key, scorer.device,
-                                can_fork=loader_workers(1) > 0, lanes=lanes)
+    return autotune.shard_split(
+        probe,
+        forward_for,
+        scorer.threads,
+        inf.num_workers,
+        inf.batch_size,
+        key,
+        scorer.device,
+        can_fork=loader_workers(1) > 0,
+        lanes=lanes,
+    )
 
 
 class _FirstTransform:
@@ -105,7 +125,9 @@ class LaneCollate:
     scores (``run.skip_scored``), None for all.
     """
 
-    def __init__(self, fn: Forward, max_batch: int, wanted: frozenset[int] | None = None, in_list: bool = False) -> None:
+    def __init__(
+        self, fn: Forward, max_batch: int, wanted: frozenset[int] | None = None, in_list: bool = False
+    ) -> None:
         self.fn, self.max_batch, self.wanted, self.in_list = fn, max_batch, wanted, in_list
 
     def __call__(self, items: list[Any]) -> Batch | list[Batch]:
@@ -139,8 +161,13 @@ def loader_timeout(timeout_s: float, split: autotune.Split) -> float:
     return timeout_s
 
 
-def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer | list[Scorer], input_cfg: InputConfig,
-                 split: autotune.Split | None = None) -> tuple[DataLoader[Any], autotune.Split]:
+def build_loader(
+    entries: list[ImageEntry],
+    input_root: str,
+    scorer: Scorer | list[Scorer],
+    input_cfg: InputConfig,
+    split: autotune.Split | None = None,
+) -> tuple[DataLoader[Any], autotune.Split]:
     """A DataLoader over ``entries`` (files under ``input_root``) yielding
     :class:`~imgscore.images.dataset.Batch` — for a list of scorers, a list of them, one per
     distinct transform (:func:`transform_specs`): each image decoded once — and the split it
@@ -153,15 +180,23 @@ def build_loader(entries: list[ImageEntry], input_root: str, scorer: Scorer | li
     scorers = scorer if isinstance(scorer, list) else [scorer]
     inf = scorers[0].inference
     opts = DecodeOptions.from_input(input_cfg)
-    ds = ShardDataset(input_root, entries, transform_specs(scorers)[0], opts) if isinstance(scorer, list) \
+    ds = (
+        ShardDataset(input_root, entries, transform_specs(scorers)[0], opts)
+        if isinstance(scorer, list)
         else ShardDataset(input_root, entries, scorer.lm.preprocess, opts)
+    )
     split = split or loader_split(ds, entries, scorer)
     nw = loader_workers(split.workers)
-    collate: Callable[[list[Any]], Batch | list[Batch]] = collate_per_transform if isinstance(scorer, list) \
-        else collate_samples
+    collate: Callable[[list[Any]], Batch | list[Batch]] = (
+        collate_per_transform if isinstance(scorer, list) else collate_samples
+    )
     if split.lanes and nw > 0 and len(scorers) == 1:
         name = scorers[0].name
-        wanted = None if all(e.wants(name) for e in entries) else frozenset(i for i, e in enumerate(entries) if e.wants(name))
+        wanted = (
+            None
+            if all(e.wants(name) for e in entries)
+            else frozenset(i for i, e in enumerate(entries) if e.wants(name))
+        )
         collate = LaneCollate(scorers[0].forward(1), split.batch, wanted, in_list=isinstance(scorer, list))
     elif split.lanes:
         split = dc_replace(split, lanes=False)  # no DataLoader processes here: the forward stays in this one

@@ -29,6 +29,7 @@ from imgscore.inference.scorer import Scorer
 
 log = logging.getLogger("imgscore")
 
+
 @dataclass(frozen=True)
 class RowContext:
     """What every row of one shard attempt shares."""
@@ -45,8 +46,15 @@ class RowContext:
     model_name: str = ""  # the config's name of the model (models[i].name; model.arch by default)
 
 
-def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indices: list[int], top_scores: list[float],
-                   scored_at: datetime, file_stat: tuple[int | None, int | None] | None = None) -> dict[str, Any]:
+def prediction_row(
+    ctx: RowContext,
+    entry: ImageEntry,
+    batch_id: int,
+    top_indices: list[int],
+    top_scores: list[float],
+    scored_at: datetime,
+    file_stat: tuple[int | None, int | None] | None = None,
+) -> dict[str, Any]:
     """One predictions row (``PREDICTIONS_SCHEMA``) for an image scored in ``batch_id``.
 
     ``top_indices``/``top_scores``: the k best classes and their softmax probabilities in [0, 1],
@@ -79,15 +87,29 @@ def prediction_row(ctx: RowContext, entry: ImageEntry, batch_id: int, top_indice
     }
 
 
-def error_row(ctx: RowContext, entry: ImageEntry | None, batch_id: int | None, stage: str, error_type: str, message: str,
-              occurred_at: datetime | None = None) -> dict[str, Any]:
+def error_row(
+    ctx: RowContext,
+    entry: ImageEntry | None,
+    batch_id: int | None,
+    stage: str,
+    error_type: str,
+    message: str,
+    occurred_at: datetime | None = None,
+) -> dict[str, Any]:
     """One errors row (``ERRORS_SCHEMA``) for ``entry``'s image — None for a whole-batch failure
     (``image_path`` null) — with the file's size (bytes) and mtime (ns) as scanned, the key the
     failure ledger matches later nights against (:mod:`imgscore.runstate.incremental`).
     ``batch_id`` None outside any batch; ``stage`` one of scan, decode, preprocess, inference."""
     image_path = entry.image_path if entry is not None else None
-    log.debug("shard %d batch %s: %s failed at %s: %s: %s", ctx.shard_id, batch_id, image_path, stage, error_type,
-              message.splitlines()[0] if message else "")
+    log.debug(
+        "shard %d batch %s: %s failed at %s: %s: %s",
+        ctx.shard_id,
+        batch_id,
+        image_path,
+        stage,
+        error_type,
+        message.splitlines()[0] if message else "",
+    )
     return {
         "run_id": ctx.run_id,
         "input_root": ctx.input_root,
@@ -149,8 +171,14 @@ class ModelPass:
     iso: Isolation
 
     @classmethod
-    def start(cls, scorer: Scorer, ctx: RowContext, spec: int = 0, forward: Forward | None = None,
-              max_batch: int | None = None) -> ModelPass:
+    def start(
+        cls,
+        scorer: Scorer,
+        ctx: RowContext,
+        spec: int = 0,
+        forward: Forward | None = None,
+        max_batch: int | None = None,
+    ) -> ModelPass:
         """A pass with ``forward`` (default: the scorer's with its thread share) and a largest
         forward of ``max_batch`` images (default ``inference.batch_size``; ``auto`` starts at
         :data:`imgscore.inference.autotune.MIN_BATCH`)."""
@@ -159,8 +187,14 @@ class ModelPass:
         return cls(scorer, ctx, spec, forward or scorer.forward(scorer.threads), Isolation(max_batch=batch))
 
 
-def score_batches(batches: Iterator[Batch], entries: list[ImageEntry], scorer: Scorer, ctx: RowContext,
-                  forward: Forward | None = None, max_batch: int | None = None) -> ShardRows:
+def score_batches(
+    batches: Iterator[Batch],
+    entries: list[ImageEntry],
+    scorer: Scorer,
+    ctx: RowContext,
+    forward: Forward | None = None,
+    max_batch: int | None = None,
+) -> ShardRows:
     """Forward every batch with per-image isolation and turn each image into one row: one
     model's :func:`score_passes`. ``forward``: the backend's forward (default: the scorer's with
     its thread share); ``max_batch``: the largest forward (default ``inference.batch_size``)."""
@@ -216,13 +250,21 @@ def _score_pass_batch(rows: ShardRows, mp: ModelPass, batch: Batch, batch_id: in
     now = datetime.now(UTC)
     for row, pos in enumerate(positions):
         rows.predictions.append(
-            prediction_row(ctx, entries[pos], batch_id, [int(v) for v in top_i[row]], [float(v) for v in top_s[row]],
-                           now, batch.file_stats.get(pos))
+            prediction_row(
+                ctx,
+                entries[pos],
+                batch_id,
+                [int(v) for v in top_i[row]],
+                [float(v) for v in top_s[row]],
+                now,
+                batch.file_stats.get(pos),
+            )
         )
 
 
-def _forward_here(rows: ShardRows, mp: ModelPass, batch: Batch, batch_id: int,
-                  entries: list[ImageEntry]) -> tuple[list[int], torch.Tensor] | None:
+def _forward_here(
+    rows: ShardRows, mp: ModelPass, batch: Batch, batch_id: int, entries: list[ImageEntry]
+) -> tuple[list[int], torch.Tensor] | None:
     """The forward of the batch's images this model scores, in this process, with per-image
     isolation (its failures appended to ``rows``): (positions, outputs float32 [n, C] — with the
     embedding after the probabilities when the scorer taps one), or None when none was scored."""

@@ -49,9 +49,15 @@ def read_shard_entries(ref: ShardRef) -> list[ImageEntry]:
     return _read_index_entries(ref.run_dir, ref.index_file, ref.row_group if ref.row_group >= 0 else ref.shard_id)
 
 
-
-def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer | list[Scorer], input_cfg: InputConfig,
-                  ctx: RowContext | list[RowContext], t0: float | None = None, stop: Callable[[], bool] | None = None) -> ShardRows:
+def score_entries(
+    entries: list[ImageEntry],
+    input_root: str,
+    scorer: Scorer | list[Scorer],
+    input_cfg: InputConfig,
+    ctx: RowContext | list[RowContext],
+    t0: float | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> ShardRows:
     """Steps 1 and 2 for any list of images: loader, then rows (the rerun's entry point too).
 
     ``scorer``/``ctx``: one model, or one per model (same order): each image is then decoded
@@ -70,32 +76,49 @@ def score_entries(entries: list[ImageEntry], input_root: str, scorer: Scorer | l
     first = scorers[0]
     threads = configure_threads(split.threads, 1) if split.threads != first.threads else first.threads
     _, spec_of = transform_specs(scorers)
-    passes = [ModelPass.start(sc, cx, spec_of[i], sc.forward(threads), split.batch)
-              for i, (sc, cx) in enumerate(zip(scorers, ctxs, strict=True))]
+    passes = [
+        ModelPass.start(sc, cx, spec_of[i], sc.forward(threads), split.batch)
+        for i, (sc, cx) in enumerate(zip(scorers, ctxs, strict=True))
+    ]
     rows = score_passes(loader_batches(loader, ctxs[0].shard_id, stop), entries, passes)
     rows.loader_workers, rows.split = loader.num_workers, split
     rows.setup_s = round(rows.setup_s - t0, 4) if rows.setup_s else None
     if rows.warnings:
-        log.debug("shard %d: Pillow warnings (counted, not printed per image): %s", ctxs[0].shard_id, dict(rows.warnings))
+        log.debug(
+            "shard %d: Pillow warnings (counted, not printed per image): %s", ctxs[0].shard_id, dict(rows.warnings)
+        )
     return rows
 
 
-
-def embeddings_of(rows: ShardRows, scorer: Scorer | list[Scorer], out_cfg: OutputConfig, metadata: dict[str, str]) -> pa.Table | None:
+def embeddings_of(
+    rows: ShardRows, scorer: Scorer | list[Scorer], out_cfg: OutputConfig, metadata: dict[str, str]
+) -> pa.Table | None:
     """The embeddings part for ``rows`` (keys from their predictions rows), or None when off.
     Several models write one table: their vectors have one length (checked when the run is planned)."""
     scorer = scorer[0] if isinstance(scorer, list) else scorer
     if scorer.tap is None or scorer.embedding_dim is None or not out_cfg.embeddings:  # tap and dim go together
         return None
-    return emb.embeddings_table(rows.predictions, rows.embeddings, scorer.embedding_dim, out_cfg.embedding_dtype, metadata)
+    return emb.embeddings_table(
+        rows.predictions, rows.embeddings, scorer.embedding_dim, out_cfg.embedding_dtype, metadata
+    )
 
 
 def row_context(ref: ShardRef, scorer: Scorer, attempt: int, topk: int) -> RowContext:
     """What every row of ``scorer``'s model shares in this attempt at the shard (``topk``:
     ``output.topk``, at most the model's classes)."""
     lm = scorer.lm
-    return RowContext(ref.run_id, ref.input_root, ref.shard_id, attempt, lm.model_id, list(lm.classes), str(scorer.device), scorer.worker,
-                      min(topk, lm.num_classes), scorer.name or lm.arch)
+    return RowContext(
+        ref.run_id,
+        ref.input_root,
+        ref.shard_id,
+        attempt,
+        lm.model_id,
+        list(lm.classes),
+        str(scorer.device),
+        scorer.worker,
+        min(topk, lm.num_classes),
+        scorer.name or lm.arch,
+    )
 
 
 def models_metadata(scorers: list[Scorer], metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -106,8 +129,14 @@ def models_metadata(scorers: list[Scorer], metadata: dict[str, Any] | None) -> d
     return {**(metadata or {}), "models": [{"name": sc.name, **sc.lm.info()} for sc in scorers]}
 
 
-def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: int = 1, rank: int | None = None,
-                metadata: dict[str, Any] | None = None) -> ShardResult:
+def score_shard(
+    ref: ShardRef,
+    cfg: Config,
+    attempt: int = 1,
+    workers_on_host: int = 1,
+    rank: int | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> ShardResult:
     """Score one shard of a run's index with every model of ``cfg`` and commit it; return its commit record.
 
     Each image is decoded once (per distinct decode setting) and scored by every model; every
@@ -123,19 +152,33 @@ def score_shard(ref: ShardRef, cfg: Config, attempt: int = 1, workers_on_host: i
         ShardStopped: the run is stopping (SIGINT/SIGTERM): abandoned between batches, nothing committed.
     """
     t0 = time.perf_counter()
-    storage.configure(cfg.storage.settings())  # this worker (and its DataLoader processes) open stores with the run's settings
+    storage.configure(
+        cfg.storage.settings()
+    )  # this worker (and its DataLoader processes) open stores with the run's settings
     scorers = load_scorers(cfg, workers_on_host, rank)
     entries = read_shard_entries(ref)
     ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]
     rows = score_entries(entries, ref.input_root, scorers, cfg.input, ctxs, t0, stop=stop_check(ref.run_dir))
     meta = file_metadata(scorers[0].lm.info(), ref.run_id, models_metadata(scorers, metadata))
     result = ShardResult(
-        shard_id=ref.shard_id, state="complete", images=len(entries), fingerprint=ref.fingerprint,
-        model_id=models_id([sc.lm.model_id for sc in scorers]), device=ctxs[0].device, worker=scorers[0].worker,
-        loader_workers=rows.loader_workers, attempt=attempt, warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events,
+        shard_id=ref.shard_id,
+        state="complete",
+        images=len(entries),
+        fingerprint=ref.fingerprint,
+        model_id=models_id([sc.lm.model_id for sc in scorers]),
+        device=ctxs[0].device,
+        worker=scorers[0].worker,
+        loader_workers=rows.loader_workers,
+        attempt=attempt,
+        warnings=dict(rows.warnings.most_common(20)),
+        oom_events=rows.oom_events,
         **rows.facts(),
     )
     result.seconds = round(time.perf_counter() - t0, 4)
-    predictions, errors = make_table(rows.predictions, PREDICTIONS_SCHEMA, meta), make_table(rows.errors, ERRORS_SCHEMA, meta)
-    return commit_shard(ref, cfg.output.root, predictions, errors, result, embeddings_of(rows, scorers, cfg.output, meta))
-
+    predictions, errors = (
+        make_table(rows.predictions, PREDICTIONS_SCHEMA, meta),
+        make_table(rows.errors, ERRORS_SCHEMA, meta),
+    )
+    return commit_shard(
+        ref, cfg.output.root, predictions, errors, result, embeddings_of(rows, scorers, cfg.output, meta)
+    )

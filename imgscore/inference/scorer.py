@@ -45,8 +45,14 @@ class Scorer:
         return make_forward(self.lm, self.backend, inf.precision, threads, inf.cache_dir, inf.channels_last)
 
 
-def load_scorer(model_cfg: ModelConfig, pre_cfg: PreprocessConfig, inf_cfg: InferenceConfig,
-                workers_on_host: int = 1, rank: int | None = None, out_cfg: OutputConfig | None = None) -> Scorer:
+def load_scorer(
+    model_cfg: ModelConfig,
+    pre_cfg: PreprocessConfig,
+    inf_cfg: InferenceConfig,
+    workers_on_host: int = 1,
+    rank: int | None = None,
+    out_cfg: OutputConfig | None = None,
+) -> Scorer:
     """Resolve this worker's device, thread share and backend, and load (or reuse) the model.
 
     With ``out_cfg.embeddings`` the scorer also carries the hook on the embedding layer
@@ -66,8 +72,20 @@ def load_scorer(model_cfg: ModelConfig, pre_cfg: PreprocessConfig, inf_cfg: Infe
     if out_cfg is not None and out_cfg.embeddings:
         layer = emb.choose_layer(lm.module, out_cfg.embedding_layer, lm.num_classes)
         dim = emb.embedding_dim(lm.module, layer, lm.preprocess.crop, device)
-        return Scorer(lm, device, inf_cfg, threads, worker_name(), "torch", emb.tap_for(lm.module, layer), dim, model_cfg.resolved_name)
-    backend = resolve_backend(lm, inf_cfg.backend, inf_cfg.precision, threads, batch, inf_cfg.cache_dir, inf_cfg.channels_last)
+        return Scorer(
+            lm,
+            device,
+            inf_cfg,
+            threads,
+            worker_name(),
+            "torch",
+            emb.tap_for(lm.module, layer),
+            dim,
+            model_cfg.resolved_name,
+        )
+    backend = resolve_backend(
+        lm, inf_cfg.backend, inf_cfg.precision, threads, batch, inf_cfg.cache_dir, inf_cfg.channels_last
+    )
     return Scorer(lm, device, inf_cfg, threads, worker_name(), backend, name=model_cfg.resolved_name)
 
 
@@ -77,8 +95,10 @@ def load_scorers(cfg: Config, workers_on_host: int = 1, rank: int | None = None)
     Raises:
         ModelError, ConfigError: as :func:`load_scorer`, for any of the models.
     """
-    return [load_scorer(m, cfg.preprocess_for(m), cfg.inference, workers_on_host, rank, cfg.output) for m in cfg.scored_models()]
-
+    return [
+        load_scorer(m, cfg.preprocess_for(m), cfg.inference, workers_on_host, rank, cfg.output)
+        for m in cfg.scored_models()
+    ]
 
 
 def transform_specs(scorers: list[Scorer]) -> tuple[list[PreprocessSpec], list[int]]:
@@ -89,4 +109,3 @@ def transform_specs(scorers: list[Scorer]) -> tuple[list[PreprocessSpec], list[i
         if sc.lm.preprocess not in specs:
             specs.append(sc.lm.preprocess)
     return specs, [specs.index(sc.lm.preprocess) for sc in scorers]
-
