@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.images.decode import decode_image
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform
 
 CLASSES = [str(d) for d in range(10)]
 IMAGE_SIZE = 64  # pixels; the 8×8 scans are upscaled with bicubic interpolation

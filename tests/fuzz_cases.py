@@ -4,7 +4,7 @@ number of cases with hypothesis; ``benchmarks/fuzz_decode.py`` runs many more fr
 A case is a seed file — a scikit-image photo saved in one of the default ``input.formats`` (and
 a few variants: progressive JPEG, palette PNG with transparency, 16-bit PNG, animated GIF,
 uncompressed and deflate TIFF) — and a short list of byte edits. :func:`run_case` feeds the
-result to :func:`imgscore.images.preprocess.decode_bytes` and the model's transform, as a shard
+result to :func:`imgscore.images.decode.decode_bytes` and the model's transform, as a shard
 does, and says whether the outcome keeps the contract: a float32 [3, 224, 224] tensor, or a
 ``DecodeError``; anything else, or a decode slower than :data:`CASE_BUDGET_S`, is a crasher.
 """
@@ -19,14 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from imgscore.images.decode import decode_bytes
 from imgscore.images.formats import DEFAULT_FORMATS
-from imgscore.images.preprocess import (
-    DecodeError,
-    DecodeOptions,
-    PreprocessSpec,
-    build_transform,
-    decode_bytes,
-)
+from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec, build_transform
 
 # 4 MP: a mutated header may declare any size up to this, so one case allocates at most about
 # 16 MB of pixels (RGBA) — the memory bound of a run is then a small multiple of that.

@@ -1,4 +1,4 @@
-"""Unit cases for ``imgscore.images.preprocess.decode_image`` and the shard dataset/collate: the
+"""Unit cases for ``imgscore.images.decode.decode_image`` and the shard dataset/collate: the
 field cases of broken and unusual image files (docs/images.md, "What happens to broken and unusual images").
 
 Every input is made here from the real photos of the ``photos`` fixture; every test asserts the
@@ -22,13 +22,8 @@ from torch.utils.data import DataLoader
 
 from imgscore.config.scoring import PILLOW_MAX_PIXELS
 from imgscore.images.dataset import Failure, Sample, ShardDataset, collate_samples
-from imgscore.images.preprocess import (
-    DecodeError,
-    DecodeOptions,
-    PreprocessSpec,
-    build_transform,
-    decode_image,
-)
+from imgscore.images.decode import decode_image
+from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec, build_transform
 from imgscore.images.scan import ImageEntry, display_path
 
 SPEC = PreprocessSpec()

@@ -21,7 +21,8 @@ import torchvision
 from imgscore.config.loading import build_config
 from imgscore.errors import ConfigError
 from imgscore.flows.cli import execute
-from imgscore.images.preprocess import DecodeOptions, build_transform, decode_file
+from imgscore.images.decode import decode_file
+from imgscore.images.preprocess import DecodeOptions, build_transform
 from imgscore.inference.embeddings import Tap, choose_layer, embeddings_table, find_head
 from imgscore.inference.model import load_model
 from tests.conftest import base_overrides, doc_section

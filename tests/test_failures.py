@@ -28,7 +28,8 @@ from torch import nn
 from imgscore.config.loading import build_config
 from imgscore.config.scoring import PILLOW_MAX_PIXELS
 from imgscore.flows.cli import execute, main
-from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.images.decode import decode_image
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform
 from imgscore.images.scan import scan_images
 from imgscore.inference.isolation import Isolation, score_isolated
 from imgscore.io import storage

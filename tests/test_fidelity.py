@@ -33,7 +33,8 @@ from PIL import Image
 from imgscore.config.loading import build_config
 from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.flows.cli import execute
-from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.images.decode import decode_image
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform
 from imgscore.inference.backends import canary
 from imgscore.inference.backends.canary import run_canary
 from imgscore.inference.backends.eager import TorchForward, forward_probs

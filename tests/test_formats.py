@@ -21,14 +21,9 @@ from PIL import Image
 
 from imgscore.config.loading import build_config
 from imgscore.errors import ConfigError
+from imgscore.images.decode import decode_bytes, decode_file
 from imgscore.images.formats import DEFAULT_FORMATS, check_formats, detect_format, known_formats
-from imgscore.images.preprocess import (
-    DecodeError,
-    DecodeOptions,
-    PreprocessSpec,
-    decode_bytes,
-    decode_file,
-)
+from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec
 from imgscore.report.build import thumbnail_data_uri
 from imgscore.runstate.commits import read_manifest
 from imgscore.runstate.incremental import decode_settings, model_key
@@ -407,22 +402,22 @@ def test_the_decode_budget_also_covers_the_conversion_after_the_load(tmp_path, m
     checked after it, so an image whose decode overran is a timeout, not a slow success."""
     import time
 
-    from imgscore.images import preprocess
+    from imgscore.images import decode
 
     p = tmp_path / "float.tif"
     Image.fromarray(np.full((64, 64), 2.0, dtype=np.float32)).save(p)
-    real = preprocess._to_rgb
+    real = decode.to_rgb  # the conversion as the decode looks it up
 
     def slow_to_rgb(img, spec):
         time.sleep(0.6)  # stands for numpy over tens of megapixels of float32
         return real(img, spec)
 
-    monkeypatch.setattr(preprocess, "_to_rgb", slow_to_rgb)
+    monkeypatch.setattr(decode, "to_rgb", slow_to_rgb)
     opts = DecodeOptions(max_pixels=10**8, decode_timeout_s=0.5)
     with pytest.raises(DecodeError, match=r"decoding stopped after .* s while converting to RGB: over input.decode_timeout_s=0.5 s") as exc:
         decode_file(str(p), SPEC, opts)
     assert exc.value.kind == "timeout"
-    monkeypatch.setattr(preprocess, "_to_rgb", real)
+    monkeypatch.setattr(decode, "to_rgb", real)
     assert decode_file(str(p), SPEC, opts).image.size == (64, 64)  # within the budget: decoded
 
 

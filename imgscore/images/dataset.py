@@ -25,15 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from imgscore.images.preprocess import (
-    DecodedImage,
-    DecodeError,
-    DecodeOptions,
-    PreprocessSpec,
-    build_transform,
-    decode_bytes,
-    decode_file,
-)
+from imgscore.images.decode import DecodedImage, decode_bytes, decode_file
+from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec, build_transform
 from imgscore.images.scan import ImageEntry
 from imgscore.io import storage
 
@@ -106,8 +99,14 @@ def decode_spec(specs: list[PreprocessSpec]) -> PreprocessSpec:
 def decode_key(spec: PreprocessSpec) -> PreprocessSpec:
     """What decoding depends on besides the draft size: ``spec`` with the transform's fields
     (resize, crop, mean, std, interpolation) at their defaults. Specs with equal keys share one decode."""
-    return replace(spec, resize=PreprocessSpec.resize, crop=PreprocessSpec.crop, mean=PreprocessSpec.mean,
-                   std=PreprocessSpec.std, interpolation=PreprocessSpec.interpolation)
+    return replace(
+        spec,
+        resize=PreprocessSpec.resize,
+        crop=PreprocessSpec.crop,
+        mean=PreprocessSpec.mean,
+        std=PreprocessSpec.std,
+        interpolation=PreprocessSpec.interpolation,
+    )
 
 
 class ShardDataset(Dataset[Item | tuple[Item, ...]]):
@@ -127,8 +126,14 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
     them in the list's order (collate with :func:`collate_per_transform`).
     """
 
-    def __init__(self, root: str, entries: list[ImageEntry], spec: PreprocessSpec | list[PreprocessSpec],
-                 opts: DecodeOptions, settings: storage.Settings | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        entries: list[ImageEntry],
+        spec: PreprocessSpec | list[PreprocessSpec],
+        opts: DecodeOptions,
+        settings: storage.Settings | None = None,
+    ) -> None:
         self.root = str(root)
         self.entries = entries
         self.multi = isinstance(spec, list)
@@ -157,7 +162,13 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
         if storage.current_settings() != self.settings:  # a worker process started by spawn
             storage.configure(self.settings)
         wanted = [p for p in positions if not self.entries[p].scan_error]
-        fetching = dict(zip(wanted, storage.fetch_objects([storage.join(self.root, self.entries[p].rel) for p in wanted]), strict=True))
+        fetching = dict(
+            zip(
+                wanted,
+                storage.fetch_objects([storage.join(self.root, self.entries[p].rel) for p in wanted]),
+                strict=True,
+            )
+        )
         # decoded in order as they arrive: the later GETs go on while the first images decode
         return [self._prepare(p, fetching[p].result() if p in fetching else None) for p in positions]
 
@@ -166,8 +177,16 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
         entry = self.entries[pos]
         url = storage.join(self.root, entry.rel)
         if isinstance(exc, FileNotFoundError):
-            return Failure(pos, entry.image_path, "decode", "DecodeError.unreadable", f"cannot read object {url}: it no longer exists")
-        return Failure(pos, entry.image_path, "decode", "ObjectReadError", f"GET {url} failed: {storage.describe_error(exc)}")
+            return Failure(
+                pos,
+                entry.image_path,
+                "decode",
+                "DecodeError.unreadable",
+                f"cannot read object {url}: it no longer exists",
+            )
+        return Failure(
+            pos, entry.image_path, "decode", "ObjectReadError", f"GET {url} failed: {storage.describe_error(exc)}"
+        )
 
     def _decode(self, pos: int, data: bytes | None, warned: list[str], spec: PreprocessSpec) -> DecodedImage:
         """Image ``pos`` decoded with ``spec``: from ``data`` (an object's bytes), or from its file
@@ -205,8 +224,9 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
             tf = self._transforms[i] = build_transform(self.specs[i])
         return tf
 
-    def _prepare_group(self, pos: int, data: bytes | None, dspec: PreprocessSpec, idx: list[int],
-                       out: list[Item | None]) -> None:
+    def _prepare_group(
+        self, pos: int, data: bytes | None, dspec: PreprocessSpec, idx: list[int], out: list[Item | None]
+    ) -> None:
         """Decode the image once with ``dspec`` and fill ``out[i]`` for each spec ``i`` of ``idx``."""
         entry = self.entries[pos]
         warned: list[str] = []
@@ -244,7 +264,9 @@ def collate_samples(items: list[Sample | Failure]) -> Batch:
     failures = [s for s in items if isinstance(s, Failure)]
     warnings = [w for s in items for w in s.warnings]
     tensor = torch.stack([s.tensor for s in samples]) if samples else None
-    return Batch(tensor, [s.pos for s in samples], failures, warnings, {s.pos: (s.file_size, s.file_mtime_ns) for s in samples})
+    return Batch(
+        tensor, [s.pos for s in samples], failures, warnings, {s.pos: (s.file_size, s.file_mtime_ns) for s in samples}
+    )
 
 
 def collate_per_transform(items: list[tuple[Item, ...]]) -> list[Batch]:

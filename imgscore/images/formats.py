@@ -2,9 +2,9 @@
 
 ``Image.open`` without ``formats=`` tries every Pillow plugin whatever the file is called, so a
 file named ``holiday.jpg`` holding PostScript reaches the EPS plugin, which runs Ghostscript on
-it. Every open of a file under ``input.root`` therefore passes :func:`open_formats` (see
-``imgscore.images.preprocess.open_image``). Names are Pillow's format names (``Image.ID``), upper
-case.
+it. Every open of a file under ``input.root`` therefore passes :func:`open_formats` (through
+:func:`open_image`, which ``imgscore.images.decode`` calls). Names are Pillow's format names
+(``Image.ID``), upper case.
 
 Default (:data:`DEFAULT_FORMATS`): the formats photos arrive in — JPEG, PNG, WEBP, TIFF, BMP,
 GIF, MPO (multi-picture JPEG from phones and stereo cameras), AVIF (Pillow 11.3+ wheels) and HEIF

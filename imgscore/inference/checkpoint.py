@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from imgscore.errors import ModelError
-from imgscore.images.preprocess import warnings_lock
+from imgscore.images.decode import warnings_lock
 from imgscore.inference.class_names import classes_from_mapping, names_text
 
 # Keys under which common training scripts (torchvision references, PyTorch Lightning, timm,

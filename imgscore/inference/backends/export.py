@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from imgscore.errors import ConfigError, ModelError
-from imgscore.images.preprocess import warnings_lock
+from imgscore.images.decode import warnings_lock
 from imgscore.inference.backends.installed import exporter_modules
 from imgscore.inference.model import LoadedModel
 
