@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ IMAGE_SIZE = 64  # pixels; the 8×8 scans are upscaled with bicubic interpolatio
 DEMO_SPEC = PreprocessSpec(resize=IMAGE_SIZE, crop=IMAGE_SIZE)
 
 
-def build_digits_folder(root: str | Path, test_fraction: float = 0.25, seed: int = 0) -> tuple[Path, Path]:
+def build_digits_folder(root: Path, test_fraction: float = 0.25, seed: int = 0) -> tuple[Path, Path]:
     """Write ``root/train/<digit>/*.png`` and ``root/heldout/<digit>/*.png`` once; return both folders.
 
     Raises:
@@ -65,6 +66,8 @@ def build_digits_folder(root: str | Path, test_fraction: float = 0.25, seed: int
 
 
 def _load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``folder/<digit>/*.png`` through the demo's eval transform: images float32
+    [N, 3, 64, 64] and labels int64 [N]."""
     tf = build_transform(DEMO_SPEC)
     opts = DecodeOptions(max_pixels=10**8)
     xs, ys = [], []
@@ -75,7 +78,7 @@ def _load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys)
 
 
-def _warmup_cosine(warmup_steps: int, total_steps: int):
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier per step: linear warm-up over ``warmup_steps``, then cosine decay to 0."""
 
     def factor(step: int) -> float:
@@ -86,8 +89,9 @@ def _warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int = 5, seed: int = 0, log=print) -> Path:
-    """Train resnet18 on ``train_dir`` (CPU; under a minute: benchmarks/NOTES.md) and save a checkpoint dict.
+def train_demo_model(train_dir: Path, checkpoint: Path, epochs: int = 5, seed: int = 0,
+                     log: Callable[[str], object] = print) -> Path:
+    """Train resnet18 on ``train_dir`` (CPU, about 40 s on 2 idle cores) and save a checkpoint dict.
 
     Recipe, chosen to converge the same way whatever the CPU's float rounding: AdamW (lr 1e-3,
     weight decay 0.05), batch 64, one epoch of linear warm-up then cosine decay to zero, gradient
@@ -97,7 +101,7 @@ def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int 
     another; this one lowered the mean loss every epoch in each of 5 runs (seeds 0, 3, 4, 5; 1 and
     2 torch threads, which changes the float summation order as another CPU would) and reached
     held-out accuracy 0.987–0.996 (benchmarks/NOTES.md, "Demo training").
-    Returns ``checkpoint``; reuses it if it exists.
+    Returns ``checkpoint``; reuses it if it exists. ``log``: one line per epoch.
     """
     import torchvision
 
@@ -109,15 +113,41 @@ def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int 
     model = torchvision.models.get_model("resnet18", num_classes=len(CLASSES))
     model = model.to(memory_format=torch.channels_last)
     args = argparse.Namespace(
-        arch="resnet18", epochs=epochs, opt="adamw", lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1, clip_grad_norm=2.0, seed=seed
+        arch="resnet18", epochs=epochs, opt="adamw", lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1,
+        clip_grad_norm=2.0, seed=seed,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    accuracy = _train(model, opt, x, y, args, log)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.parent / f".{checkpoint.name}.{os.getpid()}.tmp"
+    torch.save(
+        {
+            "epoch": epochs,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "args": args,
+            "best_acc1": np.float64(accuracy),
+            "classes": CLASSES,
+        },
+        tmp,
+    )
+    tmp.replace(checkpoint)
+    return checkpoint
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+           args: argparse.Namespace, log: Callable[[str], object]) -> float:
+    """``args.epochs`` epochs of the recipe (:func:`train_demo_model`) over ``x`` (float32
+    [N, 3, H, W]) and ``y`` (int64 [N]) with deterministic algorithms; returns the last epoch's
+    train accuracy."""
     per_epoch = (len(x) + args.batch_size - 1) // args.batch_size
+    epochs = args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(args.warmup_epochs * per_epoch, epochs * per_epoch))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    correct = 0
     try:
         for epoch in range(epochs):
             model.train()
@@ -138,23 +168,9 @@ def train_demo_model(train_dir: str | Path, checkpoint: str | Path, epochs: int 
                 correct += int((out.argmax(1) == y[b]).sum())
                 loss_sum += loss.item() * len(b)
             log(
-                f"  epoch {epoch + 1}/{epochs}: mean loss {loss_sum / len(x):.3f}, train accuracy {correct / len(x):.3f} "
-                f"({time.perf_counter() - t0:.0f} s elapsed)"
+                f"  epoch {epoch + 1}/{epochs}: mean loss {loss_sum / len(x):.3f}, "
+                f"train accuracy {correct / len(x):.3f} ({time.perf_counter() - t0:.0f} s elapsed)"
             )
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint.parent / f".{checkpoint.name}.{os.getpid()}.tmp"
-    torch.save(
-        {
-            "epoch": epochs,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "args": args,
-            "best_acc1": np.float64(correct / len(x)),
-            "classes": CLASSES,
-        },
-        tmp,
-    )
-    tmp.replace(checkpoint)
-    return checkpoint
+    return correct / len(x)
