@@ -7,6 +7,7 @@ with no traceback.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 class ImgscoreError(Exception):
@@ -41,7 +42,7 @@ class RunStateError(UsageError, ValueError):
 class ErrorBudgetExceeded(ImgscoreError):
     """The run finished, but more images failed than ``run.max_error_rate`` allows (exit 1)."""
 
-    def __init__(self, message: str, summary: dict | None = None):
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.summary = summary or {}
 
@@ -53,7 +54,7 @@ class OutputWriteError(ImgscoreError):
     it once the cause is fixed. ``path`` is the file that could not be written, ``errno`` the OS
     error number."""
 
-    def __init__(self, message: str, path: str | None = None, errno: int | None = None):
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None) -> None:
         super().__init__(message)
         self.path, self.errno = path, errno
 
@@ -64,7 +65,8 @@ class OutputWriteError(ImgscoreError):
         where = path if isinstance(path, str) else str(path)  # a remote UPath has no fspath; str() is its URL
         return cls(f"cannot write {where}: {why}", where, exc.errno)
 
-    def __reduce__(self):  # crosses process boundaries (Dask workers) with its fields
+    def __reduce__(self) -> tuple[type[OutputWriteError], tuple[str, str | None, int | None]]:
+        # crosses process boundaries (Dask workers) with its fields
         return (type(self), (str(self), self.path, self.errno))
 
 

@@ -60,12 +60,12 @@ def raw_flow_config(parameters: dict[str, Any]) -> dict[str, Any]:
         ConfigError: neither or both given, or the file cannot be read.
     """
     config, config_file = parameters.get("config"), parameters.get("config_file")
-    if (config is None) == (config_file is None):
+    if config is not None and config_file is None:
+        return config
+    if config is not None or config_file is None:  # both given, or neither
         raise ConfigError(
             "a flow run takes its config as config (a mapping) or as config_file (a JSON file), exactly one of them"
         )
-    if config_file is None:
-        return config
     try:
         return json.loads(Path(config_file).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -51,7 +51,7 @@ from imgscore.images.decode_bounds import (
     metadata_error,
     png_metadata_limits,
 )
-from imgscore.images.formats import FormatNotAllowed, open_image
+from imgscore.images.formats import BinaryFile, FormatNotAllowed, open_image
 from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec
 from imgscore.images.rgb import to_rgb, to_srgb
 
@@ -153,7 +153,7 @@ _MAGIC = [
 ]
 
 
-def _sniff(path: str, f) -> str:
+def _sniff(path: str, f: BinaryFile) -> str:
     """A specific reason for a file Pillow cannot identify (``f``: the open file, any position)."""
     try:
         f.seek(0)

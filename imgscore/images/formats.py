@@ -20,6 +20,8 @@ whose decoder hands the image data embedded in the file to ``Image.open`` with e
 from __future__ import annotations
 
 import difflib
+import os
+from typing import Protocol, TypeAlias
 
 from PIL import Image, UnidentifiedImageError
 
@@ -111,7 +113,7 @@ def detect_format(prefix: bytes, allowed: tuple[str, ...] | list[str]) -> str | 
     return found
 
 
-def recorded_formats(names) -> tuple[str, ...]:
+def recorded_formats(names: object) -> tuple[str, ...]:
     """The formats to open a finished run's images with (report thumbnails), from the
     ``input.formats`` its manifest recorded. The manifest lies under ``output.root``, which others
     may write: only names that are also in :data:`DEFAULT_FORMATS` are kept (never one of
@@ -135,12 +137,27 @@ class FormatNotAllowed(UnidentifiedImageError):
     or the opening plugin named it). An ``UnidentifiedImageError`` (so an ``OSError``) too, for
     callers that treat any file they cannot open alike."""
 
-    def __init__(self, fmt: str, allowed: tuple[str, ...] | list[str]):
+    def __init__(self, fmt: str, allowed: tuple[str, ...] | list[str]) -> None:
         super().__init__(refused_message(fmt, allowed))
         self.fmt = fmt
 
 
-def open_image(fp, allowed: tuple[str, ...] | list[str]) -> Image.Image:
+class BinaryFile(Protocol):
+    """A readable, seekable binary file: what Pillow reads an image from (an open file, or a
+    wrapper of one such as the decode's time budget)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
+
+
+# What an image is opened from: a binary file, or a path (bytes for names that are not UTF-8).
+ImageSource: TypeAlias = BinaryFile | str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def open_image(fp: ImageSource, allowed: tuple[str, ...] | list[str]) -> Image.Image:
     """``Image.open(fp, formats=...)`` with only the plugins of ``allowed`` (``input.formats``):
     the one way a file under ``input.root`` is opened (decode, report thumbnails, samples).
 
@@ -158,7 +175,8 @@ def open_image(fp, allowed: tuple[str, ...] | list[str]) -> Image.Image:
             raises (``OSError``, ``ValueError``, ``Image.DecompressionBombError``).
     """
     try:
-        img = Image.open(fp, formats=open_formats(allowed))
+        # Pillow annotates fp as IO[bytes]; it reads any object with read/seek/tell (BinaryFile)
+        img = Image.open(fp, formats=open_formats(allowed))  # type: ignore[arg-type]
     except FormatNotAllowed:
         raise
     except UnidentifiedImageError:
@@ -173,10 +191,10 @@ def open_image(fp, allowed: tuple[str, ...] | list[str]) -> Image.Image:
     return img
 
 
-def _detect_file(fp, allowed) -> str | None:
+def _detect_file(fp: ImageSource, allowed: tuple[str, ...] | list[str]) -> str | None:
     """:func:`detect_format` of the first 16 bytes of ``fp`` (a file object or a path)."""
     try:
-        if hasattr(fp, "read"):
+        if not isinstance(fp, str | bytes | os.PathLike):
             fp.seek(0)
             return detect_format(fp.read(16), allowed)
         with open(fp, "rb") as f:

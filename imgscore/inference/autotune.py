@@ -50,10 +50,12 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
+
+from imgscore.inference.backends.forward import Forward
 
 log = logging.getLogger("imgscore")
 
@@ -110,9 +112,6 @@ class Choice(NamedTuple):
     threads: int
     predicted: dict[str, float]
     lanes: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def fwd_at(c: Costs, t: int) -> float:
@@ -176,7 +175,8 @@ def choose_batch(fwd_s_per_image: float, configured: int | str) -> int:
     return b
 
 
-def _forward_s_per_image(fwd, x: torch.Tensor) -> float:
+def _forward_s_per_image(fwd: Forward, x: torch.Tensor) -> float:
+    """Seconds per image of ``fwd`` on ``x`` (float32 [B, 3, H, W]), after two warm-up calls."""
     xin = x.contiguous(memory_format=torch.channels_last) if fwd.channels_last else x.contiguous()
     with torch.inference_mode():
         fwd(xin[:2])  # warm-up: primitives for this shape family, allocator
@@ -186,14 +186,16 @@ def _forward_s_per_image(fwd, x: torch.Tensor) -> float:
         return (time.perf_counter() - t0) / len(x)
 
 
-def measure(samples: Callable[[int], torch.Tensor | None], n: int, forward_for: Callable[[int], object], share: int) -> Costs | None:
+def measure(samples: Callable[[int], torch.Tensor | None], n: int, forward_for: Callable[[int], Forward],
+            share: int) -> Costs | None:
     """Measure :class:`Costs` on up to ``n`` images.
 
     ``samples(i)`` decodes and transforms image ``i`` (float32 [3, H, W]) or returns None for an
     image that fails; its thread CPU time is the decode cost. ``forward_for(t)`` is the forward
     callable with ``t`` threads. None when no image decodes (nothing to measure).
     """
-    tensors, spent = [], 0.0
+    tensors: list[torch.Tensor] = []
+    spent = 0.0
     prev = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker decodes with one torch thread
     try:
@@ -213,17 +215,20 @@ def measure(samples: Callable[[int], torch.Tensor | None], n: int, forward_for: 
     return Costs(decode=spent / len(tensors), fwd_1=f1, fwd_share=fs, share=share, images=len(tensors))
 
 
-_SPLITS: dict[tuple, Split] = {}
+# (models, backend, precision, thread share, input sizes, typical file size) → the split measured for them
+SplitKey = tuple[object, ...]
+_SPLITS: dict[SplitKey, Split] = {}
 _LOCK = threading.Lock()
 
 
-def cached_split(key: tuple) -> Split | None:
+def cached_split(key: SplitKey) -> Split | None:
     """The split this process already measured for ``key`` (model, backend, share, input)."""
     with _LOCK:
         return _SPLITS.get(key)
 
 
-def remember_split(key: tuple, split: Split) -> Split:
+def remember_split(key: SplitKey, split: Split) -> Split:
+    """Keep ``split`` for ``key`` in this process, unless another thread kept one first; the one kept."""
     with _LOCK:
         return _SPLITS.setdefault(key, split)
 
@@ -231,8 +236,17 @@ def remember_split(key: tuple, split: Split) -> Split:
 GPU_WORKERS = 4  # decode processes per GPU worker under `auto` (the forward runs on the GPU)
 
 
-def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cfg: int | str, batch_cfg: int | str,
-                key: tuple, device: torch.device, can_fork: bool, probe: int = 8, lanes: bool = False) -> Split:
+class Probe(Protocol):
+    """What :func:`shard_split` measures on: the shard's images by position (a ``ShardDataset``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> object: ...
+
+
+def shard_split(ds: Probe, forward_for: Callable[[int], Forward], share: int, workers_cfg: int | str,
+                batch_cfg: int | str, key: SplitKey, device: torch.device, can_fork: bool, probe: int = 8,
+                lanes: bool = False) -> Split:
     """The :class:`Split` a shard runs with.
 
     Numbers in ``inference.num_workers`` / ``inference.batch_size`` are kept as given (torch
@@ -252,7 +266,7 @@ def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cf
         return Split(w, share, fixed_b or MIN_BATCH, {}, None)
     split = cached_split(key)
     if split is None:
-        def sample(i: int):
+        def sample(i: int) -> torch.Tensor | None:
             item = ds[i]
             return getattr(item, "tensor", None)
 
@@ -268,5 +282,7 @@ def shard_split(ds, forward_for: Callable[[int], object], share: int, workers_cf
     if fixed_w is None:
         return Split(split.workers, split.threads, fixed_b if fixed_b is not None else split.batch, split.predicted,
                      split.costs, split.lanes)
-    b = fixed_b if fixed_b is not None else choose_batch(fwd_at(split.costs, share), "auto")
+    costs = split.costs
+    assert costs is not None  # a split remember_split keeps was measured
+    b = fixed_b if fixed_b is not None else choose_batch(fwd_at(costs, share), "auto")
     return Split(fixed_w, share, b, split.predicted, split.costs)

@@ -20,6 +20,7 @@ import difflib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,7 @@ class Layer:
 
 def _resolve(module: nn.Module, dotted: str) -> tuple[str, nn.Module] | None:
     """``"classifier.-1"`` → ("classifier.3", that module); None when a step is missing."""
-    cur, names = module, []
+    cur, names = module, list[str]()
     for part in dotted.split("."):
         if part.lstrip("-").isdigit() and isinstance(cur, nn.Sequential | nn.ModuleList):
             i = int(part)
@@ -115,7 +116,7 @@ class Tap:
     thread; ``None`` before any.
     """
 
-    def __init__(self, module: nn.Module, layer: Layer):
+    def __init__(self, module: nn.Module, layer: Layer) -> None:
         self.layer = layer
         self.module_ref = module
         self._local = threading.local()
@@ -138,10 +139,10 @@ class Tap:
         new._local = threading.local()
         return new
 
-    def _keep_input(self, _mod, args) -> None:
+    def _keep_input(self, _mod: nn.Module, args: tuple[Any, ...]) -> None:
         self._local.value = args[0]
 
-    def _keep_output(self, _mod, _args, out) -> None:
+    def _keep_output(self, _mod: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
         self._local.value = out[0] if isinstance(out, tuple | list) else out
 
     def take(self) -> torch.Tensor:

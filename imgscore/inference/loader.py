@@ -97,7 +97,7 @@ class _FirstTransform:
     """A ``ShardDataset`` of several transforms seen as one model's, for the split's measurement:
     item ``i`` decoded and transformed for every model (the cost), the first transform's sample returned."""
 
-    def __init__(self, ds: ShardDataset):
+    def __init__(self, ds: ShardDataset) -> None:
         self.ds = ds
 
     def __len__(self) -> int:
