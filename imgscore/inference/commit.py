@@ -98,6 +98,13 @@ def commit_shard(
             "finished_at": datetime.now(UTC).isoformat(),
         }
     )
+    return _record(ref, out_root, result, replace)
+
+
+def _record(ref: ShardRef, out_root: AnyPath, result: ShardResult, replace: bool) -> ShardResult:
+    """Create the shard's commit record exclusively and return it; when another writer's record
+    is there first and stands (same fingerprint, its part files matching its counts), return
+    that one; with ``replace``, or when it does not stand, write this one over it."""
     if replace or not create_commit_record(ref.run_dir, result):
         winner = None if replace else read_commit_record(ref.run_dir, ref.shard_id)
         if (
