@@ -164,9 +164,8 @@ def commit_failed_shard(
             )
             errors.append(error_row(ctx, e, None, "inference", "ShardFailed", reason[:2000], now))
     meta = file_metadata(model_info, ref.run_id, metadata)
-    embeddings_part(out_root, ref).unlink(
-        missing_ok=True
-    )  # an earlier attempt's vectors: no predictions stand beside them
+    # an earlier attempt's vectors: no predictions stand beside them
+    embeddings_part(out_root, ref).unlink(missing_ok=True)
     return commit_shard(
         ref,
         out_root,

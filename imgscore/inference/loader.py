@@ -72,9 +72,8 @@ def loader_split(ds: ShardDataset, entries: list[ImageEntry], scorers: Scorer | 
         *(sc.lm.preprocess.crop for sc in scorers),
         int(math.log2(sizes[len(sizes) // 2] + 1)) if sizes else 0,
     )
-    probe = (
-        _FirstTransform(ds) if ds.multi else ds
-    )  # a ShardDataset of a list of transforms yields one item per transform
+    # a ShardDataset of a list of transforms yields one item per transform
+    probe = _FirstTransform(ds) if ds.multi else ds
     forward_for = scorer.forward if len(scorers) == 1 else (lambda t: _JointForward(scorers, t))
     # lanes (the forward inside forked DataLoader processes): on the CPU, one model, no embeddings
     # hook, eager torch or ONNX Runtime (a one-thread ORT session starts no threads of its own, so

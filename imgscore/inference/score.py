@@ -61,9 +61,9 @@ def score_entries(
     """Steps 1 and 2 for any list of images: loader, then rows (the rerun's entry point too).
 
     ``scorer``/``ctx``: one model, or one per model (same order): each image is then decoded
-    once and scored by every model (:func:`~imgscore.inference.rows.score_passes`). ``t0``: ``time.perf_counter()`` when
-    the shard started; the time until the first batch is recorded as ``setup_s``. ``stop``: asked
-    before each batch (:func:`~imgscore.inference.loader.loader_batches`).
+    once and scored by every model (:func:`~imgscore.inference.rows.score_passes`). ``t0``:
+    ``time.perf_counter()`` when the shard started; the time until the first batch is recorded
+    as ``setup_s``. ``stop``: asked before each batch (:func:`~imgscore.inference.loader.loader_batches`).
 
     Raises:
         ShardError: the DataLoader failed (:func:`~imgscore.inference.loader.loader_batches`).
@@ -152,9 +152,8 @@ def score_shard(
         ShardStopped: the run is stopping (SIGINT/SIGTERM): abandoned between batches, nothing committed.
     """
     t0 = time.perf_counter()
-    storage.configure(
-        cfg.storage.settings()
-    )  # this worker (and its DataLoader processes) open stores with the run's settings
+    # this worker (and its DataLoader processes) open stores with the run's settings
+    storage.configure(cfg.storage.settings())
     scorers = load_scorers(cfg, workers_on_host, rank)
     entries = read_shard_entries(ref)
     ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]
