@@ -28,7 +28,8 @@ import torchvision
 
 from benchmarks.common.paths import IMGSCORE, REPO
 from imgscore.demo import DEMO_SPEC
-from imgscore.images.preprocess import DecodeOptions, build_transform, decode_image
+from imgscore.images.decode import decode_image
+from imgscore.images.preprocess import DecodeOptions, build_transform
 from tests.conftest import save_as_if_cuda
 
 DEMO = REPO / "outputs" / "demo"

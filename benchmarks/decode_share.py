@@ -31,7 +31,8 @@ from benchmarks.common.machine import cores, cpu_model, loadavg, utc_now
 from benchmarks.common.paths import DATA
 from benchmarks.common.results import write_json
 from benchmarks.common.timing import interleaved
-from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.images.decode import decode_image
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform
 
 
 def ways(paths: list[str], batch: int) -> dict[str, Callable[[], None]]:

@@ -34,7 +34,8 @@ from PIL import Image
 from benchmarks.common.machine import loadavg
 from benchmarks.common.paths import DATA
 from benchmarks.common.results import write_json
-from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform, decode_image
+from imgscore.images.decode import decode_image
+from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_transform
 
 Way = Callable[[Path], torch.Tensor]
 

@@ -33,12 +33,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.common.models import seeded_checkpoint
-from imgscore.config.schema import ModelConfig, PreprocessConfig
+from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.images.dataset import ShardDataset, collate_samples
 from imgscore.images.preprocess import DecodeOptions
 from imgscore.images.scan import scan_images
+from imgscore.inference.backends.eager import forward_probs
 from imgscore.inference.model import load_model
-from imgscore.inference.score import forward_probs
 
 
 def make_images(folder: Path, n: int) -> Path:

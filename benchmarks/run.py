@@ -124,7 +124,7 @@ def ablations(sizes: dict, args: argparse.Namespace) -> None:
 
 def header(sizes_name: str) -> dict:
     """The machine and versions a full run is quoted with."""
-    from imgscore.inference.backends import runtime_versions
+    from imgscore.inference.backends.installed import runtime_versions
 
     return {
         "date": utc_now(),

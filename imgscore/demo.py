@@ -91,7 +91,7 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
 
 def train_demo_model(train_dir: Path, checkpoint: Path, epochs: int = 5, seed: int = 0,
                      log: Callable[[str], object] = print) -> Path:
-    """Train resnet18 on ``train_dir`` (CPU, about 40 s on 2 idle cores) and save a checkpoint dict.
+    """Train resnet18 on ``train_dir`` (CPU; under a minute: benchmarks/NOTES.md) and save a checkpoint dict.
 
     Recipe, chosen to converge the same way whatever the CPU's float rounding: AdamW (lr 1e-3,
     weight decay 0.05), batch 64, one epoch of linear warm-up then cosine decay to zero, gradient

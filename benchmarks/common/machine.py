@@ -35,7 +35,7 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The CPU's SIMD flags that matter here (``lscpu``/``/proc/cpuinfo``): AVX*, AMX, FMA, F16C."""
-    from imgscore.inference.backends import cpu_signature
+    from imgscore.inference.backends.auto import cpu_signature
 
     sig = cpu_signature()
     return sig[sig.index("[") + 1 : -1].split() if "[" in sig else []

@@ -40,7 +40,7 @@ def pipeline_throughput(
     from imgscore.images.dataset import ShardDataset, collate_samples
     from imgscore.images.preprocess import DecodeOptions
     from imgscore.images.scan import scan_images
-    from imgscore.inference.score import forward_probs
+    from imgscore.inference.backends.eager import forward_probs
 
     torch.set_num_threads(threads)
     lm = load_folded(arch, ckpt, channels_last=channels_last, fold=fold)

@@ -121,7 +121,7 @@ def pipeline_predictions(root: Path, arch: str, ckpt: Path, batch: int, workers:
     from imgscore.images.dataset import ShardDataset, collate_samples
     from imgscore.images.preprocess import DecodeOptions
     from imgscore.images.scan import scan_images
-    from imgscore.inference.score import forward_probs
+    from imgscore.inference.backends.eager import forward_probs
 
     torch.set_num_threads(cores())
     lm = load_folded(arch, ckpt)

@@ -235,9 +235,9 @@ def _load_checked(img: Image.Image, spec: PreprocessSpec, opts: DecodeOptions) -
             img.seek(0)
         if spec.jpeg_draft and img.format == "JPEG" and min(w, h) >= 4 * spec.resize:
             # libjpeg DCT-domain downscale by 1/2, 1/4 or 1/8, keeping both sides >= twice the
-            # resize target, so the antialiased resize always does the last halving. Drafting
-            # straight to the target flipped 3 of 432 top-1s against a full decode; this
-            # flips fewer, for about 1 ms more per 12 MP photo (benchmarks/NOTES.md, fidelity).
+            # resize target, so the antialiased resize always does the last halving: drafting
+            # straight to the target flipped top-1s against a full decode, this does not, for
+            # some decode time (benchmarks/NOTES.md, "Decode").
             img.draft(img.mode, (2 * spec.resize, 2 * spec.resize))
         img.load()
     except DecodeError:

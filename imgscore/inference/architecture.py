@@ -94,7 +94,7 @@ def _head_size(ref: dict[str, tuple[int, ...]], sd: Mapping[str, Any]) -> int | 
 def _guess_arch(arch: str, sd: Mapping[str, Any]) -> str | None:
     """A torchvision architecture of ``arch``'s family (same leading letters: resnet18 … resnet152)
     whose keys and shapes, the head's size aside, are exactly ``sd``'s; None when none is.
-    Only families that build on the meta device are tried (no memory, about 0.1 s a build)."""
+    Only families that build on the meta device are tried (no memory, and fast: benchmarks/NOTES.md, "Models")."""
     family = re.match(r"[a-z]+", arch)
     if family is None:
         return None
@@ -215,8 +215,8 @@ def build_from_state_dict(arch: str, num_classes: int | None, ck: Checkpoint) ->
     ``n`` is read from the checkpoint's head (or ``num_classes``, which must agree).
 
     Built on the meta device, so torchvision's random initialisation of weights that the checkpoint
-    replaces anyway is skipped: resnet50's build and load took 0.33-0.38 s, now 0.09-0.11 s on
-    this 2-core machine, with identical logits. A module that would keep any meta tensor after
+    replaces anyway is skipped: most of the build and load time, with identical logits
+    (benchmarks/NOTES.md, "Models"). A module that would keep any meta tensor after
     the load (a buffer the checkpoint does not carry) is built again the ordinary way.
 
     Raises:
