@@ -106,7 +106,7 @@ def reference_predictions(root: Path, arch: str, ckpt: Path, batch: int, noise: 
 def load_folded(arch: str, ckpt: Path, channels_last: bool = True, fold: bool = True):
     """``imgscore.inference.model.load_model`` on the CPU with the default preprocessing, conv-BN
     folded when ``fold``."""
-    from imgscore.config.schema import ModelConfig, PreprocessConfig
+    from imgscore.config.scoring import ModelConfig, PreprocessConfig
     from imgscore.inference.model import load_model
 
     lm = load_model(
