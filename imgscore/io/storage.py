@@ -735,6 +735,21 @@ def read_objects(urls: list[str]) -> list[bytes | BaseException]:
     return [f.result() for f in fetch_objects(urls)]
 
 
+def read_files(urls: list[str]) -> list[bytes | BaseException]:
+    """Whole files or objects under one root: each one's bytes, or the exception its read ended
+    with (never raised). Objects are read in one batch of GETs (:func:`read_objects`), local files
+    one after the other."""
+    if urls and is_remote(urls[0]):
+        return read_objects(urls)
+    out: list[bytes | BaseException] = []
+    for url in urls:
+        try:
+            out.append(Path(url).read_bytes())
+        except OSError as exc:
+            out.append(exc)
+    return out
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for an errors row: what the store said (code and message) or the client error."""
     cause = exc.__cause__ or exc
