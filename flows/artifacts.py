@@ -3,7 +3,7 @@
 Called from the flow's finish step. Nothing here may fail a run: a report or artifact that
 cannot be written is logged as a warning (with the reason) and the run's status stands.
 
-Artifact keys are stable per flow (``imgscore.report.build.artifact_key``), so Prefect's Artifacts page
+Artifact keys are stable per flow (``imgscore.report.markdown.artifact_key``), so Prefect's Artifacts page
 shows each one's history night over night:
 
 - ``<flow>-summary``: table artifact, one row of counts for the run;
@@ -20,7 +20,9 @@ import logging
 import time
 
 from imgscore.io.storage import AnyPath
-from imgscore.report import build as rp
+from imgscore.report import build, html, markdown
+from imgscore.report.drift import DriftComparison
+from imgscore.report.text import one_line
 
 DEFAULT_FLOW = "score-images"
 
@@ -59,34 +61,36 @@ def publish_run_report(out_root: AnyPath, run_id: str, flow_name: str | None = N
     log = _logger()
     flow_name = flow_name or _flow_name()
     try:
-        report = rp.build_report(out_root, run_id)
+        report = build.build_report(out_root, run_id)
     except Exception as exc:
-        log.warning("run report for %s not written: %s", run_id, rp.one_line(exc))
+        log.warning("run report for %s not written: %s", run_id, one_line(exc))
         log.debug("run report for %s", run_id, exc_info=True)
         return None
     path: str | None = None
     try:
-        path = str(rp.write_html_report(report, out_root))
+        path = str(html.write_html_report(report, out_root))
     except Exception as exc:
-        log.warning("report.html for %s not written: %s", run_id, rp.one_line(exc))
+        log.warning("report.html for %s not written: %s", run_id, one_line(exc))
         log.debug("report.html for %s", run_id, exc_info=True)
     if artifacts and _in_run():
         try:
             from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
             create_table_artifact(
-                rp.summary_row(report), key=rp.artifact_key(flow_name, "summary"), description=f"imgscore run {run_id}: counts"
+                markdown.summary_row(report), key=markdown.artifact_key(flow_name, "summary"),
+                description=f"imgscore run {run_id}: counts",
             )
             create_markdown_artifact(
-                rp.markdown_summary(report, path), key=rp.artifact_key(flow_name, "report"), description=f"imgscore run {run_id}"
+                markdown.markdown_summary(report, path), key=markdown.artifact_key(flow_name, "report"),
+                description=f"imgscore run {run_id}",
             )
-            drift_row = rp.drift_row(report)
-            if drift_row:
-                warned = len(report["drift"]["warnings"])
-                create_table_artifact(drift_row, key=rp.artifact_key(flow_name, "drift"),
+            drift_row = markdown.drift_row(report)
+            if drift_row and isinstance(report.drift, DriftComparison):
+                warned = len(report.drift.warnings)
+                create_table_artifact(drift_row, key=markdown.artifact_key(flow_name, "drift"),
                                       description=f"imgscore run {run_id} against recent nights: {warned} warning(s)")
         except Exception as exc:
-            log.warning("Prefect artifacts for %s not created: %s", run_id, rp.one_line(exc))
+            log.warning("Prefect artifacts for %s not created: %s", run_id, one_line(exc))
     return path
 
 
@@ -127,7 +131,7 @@ class RunProgressArtifact:
             from prefect.artifacts import create_progress_artifact
 
             aid = create_progress_artifact(
-                100.0 if total == 0 else 0.0, key=rp.artifact_key(flow_name or _flow_name(), "progress"),
+                100.0 if total == 0 else 0.0, key=markdown.artifact_key(flow_name or _flow_name(), "progress"),
                 description=f"{title}: 0/{total} images",
             )
         except Exception as exc:

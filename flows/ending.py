@@ -30,7 +30,8 @@ from pathlib import Path
 from imgscore.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.flows import notify
 from imgscore.flows.artifacts import publish_run_report
-from imgscore.report.build import one_line, rerun_command
+from imgscore.report.build import rerun_command
+from imgscore.report.text import one_line
 from imgscore.runstate.commits import adopt_committed
 from imgscore.runstate.manifest import now_iso, request_stop
 from imgscore.runstate.plan import RunPlan

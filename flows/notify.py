@@ -30,7 +30,8 @@ from imgscore.config.flow_params import raw_flow_config
 from imgscore.config.running import NotifyConfig
 from imgscore.io import storage
 from imgscore.io.parquet import ERRORS_SCHEMA, run_part_files
-from imgscore.report.build import REPORT_FILE, one_line
+from imgscore.report.model import REPORT_FILE
+from imgscore.report.text import one_line
 from imgscore.runstate.manifest import MANIFEST, load_manifest, observed_status
 
 TOP_ERRORS = 5  # error types listed in a notification

@@ -205,10 +205,11 @@ def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
             get_run_logger().warning("drift: not compared with recent nights (%s: %s)", type(exc).__name__, exc)
             return {}
         name = model.get("name") or model.get("arch")
-        warnings = [f"{name}: {w}" for w in d["warnings"]] if len(models) > 1 else d["warnings"]
+        warnings = [f"{name}: {w}" for w in d.warnings] if len(models) > 1 else d.warnings
         for w in warnings:  # the CLI's summary prints them: on the terminal only with --verbose
             get_run_logger().warning("drift: %s", w, extra=IN_SUMMARY)
-        one = {"baseline_runs": d["baseline"]["runs"], "psi": (d.get("classes") or {}).get("psi"), "warnings": warnings}
+        psi = d.classes.psi if isinstance(d, drift.DriftComparison) else None
+        one = {"baseline_runs": d.baseline.runs, "psi": psi, "warnings": warnings}
         if not out:
             out = dict(one)
         else:

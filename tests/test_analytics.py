@@ -307,5 +307,5 @@ def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_un
         assert _open_with_every_reader(out / table) == _open_with_every_reader(two_runs["out"] / table)
         assert set(pq.read_table(out / table, columns=["input_root"])["input_root"].to_pylist()) == {str(two_runs["root"])}
     assert pq.read_table(out / "errors", columns=["file_size"])["file_size"].null_count == 12  # unknown for old rows
-    assert build_report(out, r1)["rows"] == {"predictions": 12, "errors": 4}
+    assert build_report(out, r1).rows.model_dump() == {"predictions": 12, "errors": 4}
     assert migrate.migrate_output_root(out).runs == []  # idempotent

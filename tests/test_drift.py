@@ -20,8 +20,9 @@ import torch
 from imgscore.config.loading import build_config
 from imgscore.flows.cli import execute
 from imgscore.flows.cli import main as cli_main
-from imgscore.report.build import build_report, render_html
+from imgscore.report.build import build_report
 from imgscore.report.drift import psi, shares
+from imgscore.report.html import render_html
 from tests import colour_model
 from tests.conftest import make_variants
 from tests.test_notify import Receiver
@@ -91,8 +92,8 @@ def test_drift_warnings_reach_prefect_but_not_the_terminal(nights):
 def test_first_night_has_nothing_to_compare_with(nights):
     code, summary = nights["runs"][0]
     assert code == 0 and summary["drift"] == []
-    d = build_report(nights["out"], summary["run_id"])["drift"]
-    assert d["baseline"]["runs"] == [] and "no earlier complete run" in d["reason"]
+    d = build_report(nights["out"], summary["run_id"]).drift
+    assert d.baseline.runs == [] and "no earlier complete run" in d.reason
 
 
 def test_class_mix_change_is_a_warning_not_a_failure(nights):
@@ -109,18 +110,19 @@ def test_class_mix_change_is_a_warning_not_a_failure(nights):
     assert want == pytest.approx(expected, rel=1e-9)
 
     report = build_report(nights["out"], s2["run_id"])
-    d = report["drift"]
-    assert d["baseline"]["runs"] == [s1["run_id"]] and d["judged"]
-    assert d["classes"]["psi"] == pytest.approx(expected, abs=1e-5)
-    top = d["classes"]["shifts"][0]
-    assert (top["class"], top["share"], top["baseline_share"]) == ("red", pytest.approx(10 / 12, abs=1e-5), pytest.approx(4 / 12, abs=1e-5))
-    assert d["error_rate"] == {"current": 0.0, "baseline": 0.0, "change": 0.0}
-    assert d["embedding"]["dim"] == 3 and d["embedding"]["cosine_distance"] > 0.01  # the mean colour moved towards red
+    d = report.drift
+    assert d.baseline.runs == [s1["run_id"]] and d.judged
+    assert d.classes.psi == pytest.approx(expected, abs=1e-5)
+    top = d.classes.shifts[0]
+    assert (top.class_name, top.share, top.baseline_share) == ("red", pytest.approx(10 / 12, abs=1e-5),
+                                                               pytest.approx(4 / 12, abs=1e-5))
+    assert d.error_rate.model_dump() == {"current": 0.0, "baseline": 0.0, "change": 0.0}
+    assert d.embedding.dim == 3 and d.embedding.cosine_distance > 0.01  # the mean colour moved towards red
     kinds = " | ".join(s2["drift"])
     assert "drift.max_psi" in kinds and "drift.max_class_shift" in kinds and "drift.max_embedding_shift" in kinds
-    assert s2["drift"] == d["warnings"]
+    assert s2["drift"] == d.warnings
     recorded = json.loads((nights["out"] / "runs" / s2["run_id"] / "manifest.json").read_text())["drift"]
-    assert recorded == {"baseline_runs": [s1["run_id"]], "psi": d["classes"]["psi"], "warnings": d["warnings"]}
+    assert recorded == {"baseline_runs": [s1["run_id"]], "psi": d.classes.psi, "warnings": d.warnings}
     # the webhook hears about a completed run only because it drifted (notify.on_success is off)
     (post,) = nights["posts"]
     assert post["body"]["run_id"] == s2["run_id"] and post["body"]["status"] == "complete" and post["body"]["drift"] == recorded
@@ -132,8 +134,8 @@ def test_baseline_is_the_previous_n_complete_runs(nights):
     """Night 3 has night 2's mix: against night 2 alone nothing moved (PSI 0, no warning)."""
     (_, s2), (code, s3) = nights["runs"][1:3]
     assert code == 0 and s3["drift"] == []
-    d = build_report(nights["out"], s3["run_id"])["drift"]
-    assert d["baseline"]["runs"] == [s2["run_id"]] and d["classes"]["psi"] == pytest.approx(0.0, abs=1e-9)
+    d = build_report(nights["out"], s3["run_id"]).drift
+    assert d.baseline.runs == [s2["run_id"]] and d.classes.psi == pytest.approx(0.0, abs=1e-9)
 
 
 def test_drift_fail_turns_the_warning_into_exit_1_and_json_carries_the_numbers(nights, capsys):
@@ -147,10 +149,11 @@ def test_drift_fail_turns_the_warning_into_exit_1_and_json_carries_the_numbers(n
     assert cli_main(["report", s4["run_id"], "--format", "json", "--set", f"output.root={nights['out']}"]) == 0
     d = json.loads(capsys.readouterr().out)["drift"]
     expected = (10 / 12 - 4 / 12) * math.log(10 / 4) + 2 * (1 / 12 - 4 / 12) * math.log(1 / 4)
-    assert d["baseline"]["runs"] == [s3["run_id"]] and d["baseline"]["images"] == 12 and d["thresholds"]["fail"] is True
-    assert d["classes"]["psi"] == pytest.approx(expected, abs=1e-5)
-    assert [n["run_id"] for n in d["nights"]] == [s3["run_id"], s4["run_id"]] and d["nights"][0]["class_shares"]["red"] == pytest.approx(10 / 12)
-    assert d["warnings"] == s4["drift"]
+    assert d.baseline.runs == [s3["run_id"]] and d.baseline.images == 12 and d.thresholds.fail is True
+    assert d.classes.psi == pytest.approx(expected, abs=1e-5)
+    assert [n.run_id for n in d.nights] == [s3["run_id"], s4["run_id"]]
+    assert d.nights[0].class_shares["red"] == pytest.approx(10 / 12)
+    assert d.warnings == s4["drift"]
 
     from prefect.artifacts import Artifact
 

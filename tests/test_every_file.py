@@ -218,7 +218,7 @@ def test_every_file_ends_in_exactly_one_place_through_the_flow(prefect_server, e
             assert name in preds, (name, how, errs.get(name))
     assert summary["skipped"] == len(skipped) == manifest["counts"]["skipped"]
     assert summary["scanned"] == len(preds) + len(errs)
-    by_reason = {g["reason"]: g["count"] for g in build_report(out, "every")["skipped"]["by_reason"]}
+    by_reason = {g.reason: g.count for g in build_report(out, "every").skipped.by_reason}
     assert by_reason[NOT_AN_IMAGE] == len(JUNK) - 1  # all but the .heic
 
 

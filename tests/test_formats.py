@@ -24,7 +24,7 @@ from imgscore.errors import ConfigError
 from imgscore.images.decode import decode_bytes, decode_file
 from imgscore.images.formats import DEFAULT_FORMATS, check_formats, detect_format, known_formats
 from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec
-from imgscore.report.build import thumbnail_data_uri
+from imgscore.report.thumbnails import thumbnail_data_uri
 from imgscore.runstate.commits import read_manifest
 from imgscore.runstate.incremental import decode_settings, model_key
 from tests.conftest import base_overrides

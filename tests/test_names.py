@@ -33,8 +33,9 @@ from imgscore.io.parquet import (
     part_name,
     write_table_atomic,
 )
-from imgscore.report import build as rp
-from imgscore.report.evaluate import accuracy_of_run, label_matching, normalized_matches
+from imgscore.report import build, html, markdown, plots, stats
+from imgscore.report.evaluate import Confusion, accuracy_of_run, label_matching, normalized_matches
+from imgscore.report.model import ClassCount
 from tests.conftest import base_overrides
 
 NFD_ECOLE = unicodedata.normalize("NFD", "école")  # e + U+0301, as macOS writes folder names
@@ -77,21 +78,20 @@ def test_nfd_folder_names_match_nfc_model_classes_by_name(tmp_path):
     assert label_matching(folder, model) == "name" and normalized_matches(folder, model) == [NFD_ECOLE]
     acc = accuracy_of_run(out, RUN)
     assert (acc["accuracy"], acc["matched_by"], acc["normalized"]) == (0.75, "name", [NFD_ECOLE])
-    r = rp.build_report(out, RUN)
-    assert r["accuracy"]["accuracy"] == 0.75 and r["accuracy"]["per_class"][1]["recall"] == 1.0
-    note = rp.normalization_note(r["accuracy"])
+    r = build.build_report(out, RUN)
+    assert r.accuracy.accuracy == 0.75 and r.accuracy.per_class[1].recall == 1.0
+    note = r.accuracy.normalization_note()
     assert "only after Unicode NFC normalization" in note and NFD_ECOLE in note
-    assert "Unicode NFC normalization" in rp.markdown_summary(r, None)
-    page = rp.render_html(r)
+    assert "Unicode NFC normalization" in markdown.markdown_summary(r, None)
+    page = html.render_html(r)
     assert "only after Unicode NFC normalization" in page
-    per_class = rp.per_class_lookup(r["accuracy"])
-    assert per_class(NFC_ECOLE)["support"] == 2  # the model's name finds the folder's class
+    assert r.accuracy.per_class_of(NFC_ECOLE).support == 2  # the model's name finds the folder's class
 
 
 def test_raw_names_equal_give_no_normalization_note(tmp_path):
     out = write_run(tmp_path / "out", ["cat", NFC_ECOLE], ["cat", NFC_ECOLE], [(0, 0, "cat/a.jpg"), (1, 1, "é/a.jpg")])
-    r = rp.build_report(out, RUN)
-    assert r["accuracy"]["normalized"] == [] and rp.normalization_note(r["accuracy"]) is None
+    r = build.build_report(out, RUN)
+    assert r.accuracy.normalized == [] and r.accuracy.normalization_note() is None
 
 
 MATH_NAMES = ["price_$5_to_$10", "a\\b^c_d", "$x$", "under_score"]
@@ -131,14 +131,15 @@ def test_plot_labels_render_literally(monkeypatch):
     """Every Text in every plot is made with math-text parsing off (matplotlib then draws the
     string as written); before, ``price_$5_to_$10`` raised ValueError while saving."""
     figs = []
-    real = rp._svg_data_uri
-    monkeypatch.setattr(rp, "_svg_data_uri", lambda fig: figs.append(fig) or real(fig))
-    classes = [{"index": i, "name": n, "predicted": i + 1, "share": 0.25} for i, n in enumerate(MATH_NAMES)]
-    conf = {"matrix": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "rows": MATH_NAMES, "columns": MATH_NAMES,
-            "accuracy": 1.0, "matched_by": "name"}
-    assert rp.plot_class_distribution(classes).startswith("data:image/svg+xml;base64,")
-    assert rp.plot_confusion_matrix(conf).startswith("data:image/svg+xml;base64,")
-    assert rp.plot_confidence_histogram(rp.score_stats(__import__("numpy").array([0.1, 0.5, 0.9]))) is not None
+    real = plots._svg_data_uri
+    monkeypatch.setattr(plots, "_svg_data_uri", lambda fig: figs.append(fig) or real(fig))
+    classes = [ClassCount(index=i, name=n, predicted=i + 1, share=0.25) for i, n in enumerate(MATH_NAMES)]
+    conf = Confusion(matrix=[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], rows=MATH_NAMES,
+                     columns=MATH_NAMES, accuracy=1.0, matched_by="name", reason=None, normalized=[], correct=4,
+                     labelled=4, per_class=[], empty_classes=0)
+    assert plots.plot_class_distribution(classes).startswith("data:image/svg+xml;base64,")
+    assert plots.plot_confusion_matrix(conf).startswith("data:image/svg+xml;base64,")
+    assert plots.plot_confidence_histogram(stats.score_stats(__import__("numpy").array([0.1, 0.5, 0.9]))) is not None
     texts = [t for fig in figs for t in fig.findobj(lambda a: hasattr(a, "get_parse_math"))]
     shown = {t.get_text() for t in texts}
     assert set(MATH_NAMES) <= shown
@@ -151,7 +152,7 @@ def test_report_failure_is_one_line_without_traceback(tmp_path, monkeypatch, cap
     def boom(*a, **k):
         raise ValueError("price_$5_to_$10\n      ^\nParseSyntaxException: Expected end of text")
 
-    monkeypatch.setattr(rp, "write_html_report", boom)
+    monkeypatch.setattr(html, "write_html_report", boom)
     with caplog.at_level(logging.DEBUG, logger="imgscore"):
         assert publish_run_report(out, RUN) is None
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -165,8 +166,8 @@ def test_a_plot_that_cannot_be_drawn_costs_only_itself(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise ValueError("bad glyph\nsecond line")
 
-    monkeypatch.setattr(rp, "plot_confusion_matrix", boom)
-    page = rp.render_html(rp.build_report(out, RUN))
+    monkeypatch.setattr(plots, "plot_confusion_matrix", boom)
+    page = html.render_html(build.build_report(out, RUN))
     assert "confusion matrix not drawn: ValueError: bad glyph" in page and "second line" not in page
     assert page.count("data:image/svg+xml") == 2
 

@@ -34,8 +34,9 @@ from imgscore.io.parquet import (
     part_name,
     write_table_atomic,
 )
-from imgscore.report import build as rp
+from imgscore.report import build, html, markdown, plots, stats, thumbnails
 from imgscore.report.evaluate import accuracy_of_run, confusion
+from imgscore.report.model import dumps
 from imgscore.runtime import progress as prog
 from tests.conftest import base_overrides
 
@@ -118,61 +119,62 @@ def fake_run(tmp_path, fake_images) -> Path:
 
 
 def test_build_report_numbers(fake_run):
-    r = rp.build_report(fake_run, RUN)
-    assert r["counts"] == {"scanned": 9, "scored": 6, "failed": 3, "skipped": 1, "already_scored": 4, "already_failed": 0, "pending": 0}
-    assert r["error_rate"] == pytest.approx(3 / 9, abs=1e-6)
-    assert r["rows"] == {"predictions": 6, "errors": 3}
-    assert r["timing"]["wall_s"] == 3.0 and r["timing"]["images_per_s"] == 2.0
-    assert r["devices"] == ["cpu", "cuda:0"]
-    assert r["workers"] == ["host:100", "host:101"]
-    assert r["shards"] == {"total": 2, "complete": 1, "partial": 1}
-    assert [(c["name"], c["predicted"]) for c in r["classes"]] == [("cat", 2), ("dog", 3), ("fox", 1)]
-    assert r["classes"][1]["share"] == pytest.approx(0.5)
+    r = build.build_report(fake_run, RUN)
+    assert r.counts.model_dump() == {"scanned": 9, "scored": 6, "failed": 3, "skipped": 1, "already_scored": 4,
+                                     "already_failed": 0, "pending": 0}
+    assert r.error_rate == pytest.approx(3 / 9, abs=1e-6)
+    assert r.rows.model_dump() == {"predictions": 6, "errors": 3}
+    assert r.timing.wall_s == 3.0 and r.timing.images_per_s == 2.0
+    assert r.devices == ["cpu", "cuda:0"]
+    assert r.workers == ["host:100", "host:101"]
+    assert r.shards == {"total": 2, "complete": 1, "partial": 1}
+    assert [(c.name, c.predicted) for c in r.classes] == [("cat", 2), ("dog", 3), ("fox", 1)]
+    assert r.classes[1].share == pytest.approx(0.5)
 
     scores = np.array([s for *_, s in PRED_ROWS], dtype=np.float32).astype(np.float64)
-    s = r["scores"]
-    assert s["count"] == 6
-    assert s["min"] == pytest.approx(0.35, abs=1e-6) and s["max"] == pytest.approx(0.95, abs=1e-6)
-    assert s["percentiles"]["p50"] == pytest.approx(np.percentile(scores, 50), abs=1e-6)
-    assert s["percentiles"]["p95"] == pytest.approx(np.percentile(scores, 95), abs=1e-6)
-    assert sum(s["histogram"]["counts"]) == 6
-    assert sum(s["histogram"]["counts"][:6]) == 0 and sum(s["histogram"]["counts"][6:9]) == 2  # 0.35, 0.40
+    s = r.scores
+    assert s.count == 6
+    assert s.min == pytest.approx(0.35, abs=1e-6) and s.max == pytest.approx(0.95, abs=1e-6)
+    assert s.percentiles["p50"] == pytest.approx(np.percentile(scores, 50), abs=1e-6)
+    assert s.percentiles["p95"] == pytest.approx(np.percentile(scores, 95), abs=1e-6)
+    assert sum(s.histogram.counts) == 6
+    assert sum(s.histogram.counts[:6]) == 0 and sum(s.histogram.counts[6:9]) == 2  # 0.35, 0.40
 
-    acc = r["accuracy"]
-    assert (acc["correct"], acc["labelled"], acc["matched_by"]) == (4, 6, "name")
-    assert acc["accuracy"] == pytest.approx(4 / 6)
-    assert acc["rows"] == CLASSES and acc["columns"] == CLASSES
-    assert acc["matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert [p["recall"] for p in acc["per_class"]] == [0.5, 1.0, 0.5]
+    acc = r.accuracy
+    assert (acc.correct, acc.labelled, acc.matched_by) == (4, 6, "name")
+    assert acc.accuracy == pytest.approx(4 / 6)
+    assert acc.rows == CLASSES and acc.columns == CLASSES
+    assert acc.matrix == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert [p.recall for p in acc.per_class] == [0.5, 1.0, 0.5]
 
-    e = r["errors"]
-    assert e["total"] == 3 and e["by_stage"] == {"decode": 3}
-    top = e["groups"][0]
-    assert (top["stage"], top["error_type"], top["count"]) == ("decode", "UnidentifiedImageError", 2)
-    assert sorted(top["examples"]) == ["cat/broken.jpg", "dog/<b>odd</b>.jpg"]
-    assert e["groups"][1]["examples"] == ["dog/empty.jpg"]
+    e = r.errors
+    assert e.total == 3 and e.by_stage == {"decode": 3}
+    top = e.groups[0]
+    assert (top.stage, top.error_type, top.count) == ("decode", "UnidentifiedImageError", 2)
+    assert sorted(top.examples) == ["cat/broken.jpg", "dog/<b>odd</b>.jpg"]
+    assert e.groups[1].examples == ["dog/empty.jpg"]
 
-    low = r["lowest_confidence"]
-    assert [x["image_path"] for x in low] == ["fox/b.png", "cat/b.png", "dog/b.png", "dog/a.png", "cat/a.png", "fox/a.png"]
-    assert low[0]["pred_label"] == "cat" and low[0]["label_name"] == "fox"
-    assert r["skipped"]["count"] == 1
-    json.loads(rp.dumps(r))  # JSON-clean (no NaN)
+    low = r.lowest_confidence
+    assert [x.image_path for x in low] == ["fox/b.png", "cat/b.png", "dog/b.png", "dog/a.png", "cat/a.png", "fox/a.png"]
+    assert low[0].pred_label == "cat" and low[0].label_name == "fox"
+    assert r.skipped.count == 1
+    json.loads(dumps(r))  # JSON-clean (no NaN)
 
 
 def test_histogram_bins_are_exact():
-    s = rp.score_stats(np.array([0.0, 0.049, 0.05, 0.5, 0.999, 1.0], dtype=np.float32))
-    counts = s["histogram"]["counts"]
+    s = stats.score_stats(np.array([0.0, 0.049, 0.05, 0.5, 0.999, 1.0], dtype=np.float32))
+    counts = s.histogram.counts
     assert counts[0] == 2 and counts[1] == 1 and counts[10] == 1 and counts[19] == 2
-    empty = rp.score_stats(np.zeros(0, np.float32))
-    assert empty["count"] == 0 and empty["percentiles"]["p50"] is None and sum(empty["histogram"]["counts"]) == 0
+    empty = stats.score_stats(np.zeros(0, np.float32))
+    assert empty.count == 0 and empty.percentiles["p50"] is None and sum(empty.histogram.counts) == 0
 
 
 def test_labels_matched_by_index_when_model_has_no_class_names(tmp_path):
     out = write_fake_run(tmp_path / "out", model_classes=["0", "1", "2"])
-    r = rp.build_report(out, RUN)
-    assert r["accuracy"]["matched_by"] == "index"
-    assert r["accuracy"]["correct"] == 4
-    assert r["accuracy"]["columns"] == ["0", "1", "2"]
+    r = build.build_report(out, RUN)
+    assert r.accuracy.matched_by == "index"
+    assert r.accuracy.correct == 4
+    assert r.accuracy.columns == ["0", "1", "2"]
     assert accuracy_of_run(out, RUN) == {"accuracy": pytest.approx(4 / 6), "correct": 4, "labelled": 6, "matched_by": "index", "reason": None, "normalized": []}
 
 
@@ -201,40 +203,40 @@ def test_accuracy_is_na_when_labels_cannot_be_paired(tmp_path, capsys):
     """3 folder classes, a 10-class model with other names: index matching would claim 4/6."""
     from rich.console import Console
 
-    from imgscore.flows.report_cli import print_report
+    from imgscore.report.terminal import print_report
 
     out = write_fake_run(tmp_path / "out", model_classes=TEN)
-    r = rp.build_report(out, RUN)
-    acc = r["accuracy"]
-    assert (acc["accuracy"], acc["correct"], acc["labelled"], acc["matched_by"]) == (None, None, 6, "none")
-    assert "counts differ (folder 3, model 10)" in acc["reason"] and "e.g. cat, dog, fox" in acc["reason"]
+    r = build.build_report(out, RUN)
+    acc = r.accuracy
+    assert (acc.accuracy, acc.correct, acc.labelled, acc.matched_by) == (None, None, 6, "none")
+    assert "counts differ (folder 3, model 10)" in acc.reason and "e.g. cat, dog, fox" in acc.reason
     # still a label × prediction count table, without a "correct" diagonal
-    assert acc["rows"] == CLASSES and acc["columns"] == ["class_0", "class_1", "class_2"]
-    assert acc["matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert [(p["support"], p["correct"], p["recall"]) for p in acc["per_class"]] == [(2, None, None)] * 3
+    assert acc.rows == CLASSES and acc.columns == ["class_0", "class_1", "class_2"]
+    assert acc.matrix == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert [(p.support, p.correct, p.recall) for p in acc.per_class] == [(2, None, None)] * 3
     run_acc = accuracy_of_run(out, RUN)
     assert (run_acc["accuracy"], run_acc["correct"], run_acc["matched_by"]) == (None, None, "none")
-    assert run_acc["reason"] == acc["reason"]
+    assert run_acc["reason"] == acc.reason
 
     # json: null + reason
-    data = json.loads(rp.dumps(r))
-    assert data["accuracy"]["accuracy"] is None and data["accuracy"]["reason"] == acc["reason"]
+    data = json.loads(dumps(r))
+    assert data["accuracy"]["accuracy"] is None and data["accuracy"]["reason"] == acc.reason
     assert cli_main(["report", RUN, "--format", "json", "--set", f"output.root={out}"]) == 0
     cli_data = json.loads(capsys.readouterr().out)
-    assert cli_data["accuracy"]["accuracy"] is None and cli_data["accuracy"]["reason"] == acc["reason"]
+    assert cli_data["accuracy"]["accuracy"] is None and cli_data["accuracy"]["reason"] == acc.reason
 
     # html: n/a card and sentence with the reason, no number
-    page = rp.render_html(r)
+    page = html.render_html(r)
     assert '<div class="card"><b>n/a</b><span>accuracy</span></div>' in page
     assert "Accuracy n/a: folder classes are not model class names" in page
     assert "0.6667" not in page and "matched by index" not in page and "by index (folder" not in page
     assert len(_data_uris(page, "image/svg+xml")) == 3  # the count table is still plotted
 
     # Prefect markdown + table artifacts
-    md = rp.markdown_summary(r, "/x/report.html")
+    md = markdown.markdown_summary(r, "/x/report.html")
     assert "Accuracy **n/a**: folder classes are not model class names" in md and "0.6667" not in md
     assert "| class_0 | 2 | 33.3% | – | – |" in md  # per-class rows are model classes; none is a folder class
-    assert rp.summary_row(r)[0]["accuracy"] is None
+    assert markdown.summary_row(r)[0]["accuracy"] is None
 
     # terminal table
     buf = io.StringIO()
@@ -258,12 +260,12 @@ def test_confusion_by_name_with_more_model_classes_and_other_column():
         "pred_label": [model[r[2]] for r in rows],
     })
     conf = confusion(t, ["cat", "dog"], model)
-    assert conf["matched_by"] == "name"
-    assert conf["columns"][:2] == ["cat", "dog"] and conf["columns"][-1] == "(other)"
-    assert len(conf["columns"]) == 2 + 20 + 1
-    assert conf["matrix"][0][0] == 1 and conf["matrix"][1][1] == 1
-    assert sum(conf["matrix"][0]) == 26 and conf["matrix"][0][-1] == 5
-    assert (conf["correct"], conf["labelled"]) == (2, 27)
+    assert conf.matched_by == "name"
+    assert conf.columns[:2] == ["cat", "dog"] and conf.columns[-1] == "(other)"
+    assert len(conf.columns) == 2 + 20 + 1
+    assert conf.matrix[0][0] == 1 and conf.matrix[1][1] == 1
+    assert sum(conf.matrix[0]) == 26 and conf.matrix[0][-1] == 5
+    assert (conf.correct, conf.labelled) == (2, 27)
 
 
 def test_flat_folder_has_no_accuracy(tmp_path):
@@ -275,16 +277,16 @@ def test_flat_folder_has_no_accuracy(tmp_path):
     t = pq.read_table(t_path)
     t = t.set_column(t.schema.get_field_index("label"), "label", __import__("pyarrow").nulls(t.num_rows, "int32"))
     write_table_atomic(t.cast(PREDICTIONS_SCHEMA), t_path)
-    r = rp.build_report(out, RUN)
-    assert r["accuracy"] is None
-    assert "Confusion" not in rp.render_html(r)
+    r = build.build_report(out, RUN)
+    assert r.accuracy is None
+    assert "Confusion" not in html.render_html(r)
 
 
 def test_missing_run_names_the_runs_there(fake_run):
     from imgscore.errors import UsageError
 
     with pytest.raises(UsageError, match=r"run 'nope' not found .*20260101T000000Z-abc123.*output\.root"):
-        rp.build_report(fake_run, "nope")
+        build.build_report(fake_run, "nope")
 
 
 # ---------------------------------------------------------------------------------- HTML
@@ -295,8 +297,8 @@ def _data_uris(page: str, kind: str) -> list[bytes]:
 
 
 def test_html_is_self_contained_with_plots_thumbnails_and_escaping(fake_run):
-    r = rp.build_report(fake_run, RUN)
-    path = rp.write_html_report(r, fake_run)
+    r = build.build_report(fake_run, RUN)
+    path = html.write_html_report(r, fake_run)
     assert path == fake_run / "runs" / RUN / "report.html"
     page = path.read_text(encoding="utf-8")
     assert "<script" not in page.lower() and "<link" not in page.lower()
@@ -307,7 +309,7 @@ def test_html_is_self_contained_with_plots_thumbnails_and_escaping(fake_run):
     jpegs = _data_uris(page, "image/jpeg")
     assert len(jpegs) == 6
     thumbs = [Image.open(io.BytesIO(b)) for b in jpegs]
-    assert all(max(t.size) == rp.THUMB_PX for t in thumbs)  # 300x200 → 112x75
+    assert all(max(t.size) == thumbnails.THUMB_PX for t in thumbs)  # 300x200 → 112x75
     # fox/b.png (least confident, first) is fully transparent: composited on white, not black
     assert np.asarray(thumbs[0].convert("L")).mean() > 245
     # text from files is escaped; numbers are on the page
@@ -317,24 +319,24 @@ def test_html_is_self_contained_with_plots_thumbnails_and_escaping(fake_run):
 
 
 def test_thumbnail_of_missing_or_broken_file_is_a_reason(tmp_path):
-    uri, why = rp.thumbnail_data_uri(tmp_path / "nope.jpg")
+    uri, why = thumbnails.thumbnail_data_uri(tmp_path / "nope.jpg")
     assert uri is None and why == "file not found"
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    uri, why = rp.thumbnail_data_uri(bad)
+    uri, why = thumbnails.thumbnail_data_uri(bad)
     assert uri is None and "UnidentifiedImageError" in why
 
 
 def test_html_shows_placeholder_when_input_root_is_gone(tmp_path):
     out = write_fake_run(tmp_path / "out", tmp_path / "moved-away")
-    page = rp.write_html_report(rp.build_report(out, RUN), out).read_text()
+    page = html.write_html_report(build.build_report(out, RUN), out).read_text()
     assert page.count("file not found") == 6 and not _data_uris(page, "image/jpeg")
 
 
 @pytest.mark.chromium
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (Debian package chromium)")
 def test_report_renders_in_headless_chromium(fake_run, tmp_path):
-    path = rp.write_html_report(rp.build_report(fake_run, RUN), fake_run)
+    path = html.write_html_report(build.build_report(fake_run, RUN), fake_run)
     shot = tmp_path / "report.png"
     cmd = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
            f"--screenshot={shot}", path.resolve().as_uri()]
@@ -374,17 +376,16 @@ def test_per_class_cells_have_numbers_when_classes_match_by_index(tmp_path, caps
     table's "in folder" and "recall" cells show folder class i's numbers on model class i's row
     (they showed "–" while the JSON had them)."""
     out = write_fake_run(tmp_path / "out", model_classes=["0", "1", "2"])
-    acc = rp.build_report(out, RUN)["accuracy"]
-    lookup = rp.per_class_lookup(acc)
+    acc = build.build_report(out, RUN).accuracy
     for i, name in enumerate(["0", "1", "2"]):
-        assert lookup(name) == acc["per_class"][i] and lookup(name)["support"] > 0
+        assert acc.per_class_of(name) == acc.per_class[i] and acc.per_class_of(name).support > 0
     assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
     table = capsys.readouterr().out
     for i, name in enumerate(["0", "1", "2"]):
-        p = acc["per_class"][i]
+        p = acc.per_class[i]
         row = next(line for line in table.splitlines() if re.match(rf"\W*{name}\s", line))
-        assert re.search(rf"\b{p['support']}\s+\W*{p['recall']:.3f}", row), row
-    md = rp.markdown_summary(rp.build_report(out, RUN), None)
+        assert re.search(rf"\b{p.support}\s+\W*{p.recall:.3f}", row), row
+    md = markdown.markdown_summary(build.build_report(out, RUN), None)
     assert "– | – |" not in md and "| 0 | " in md
 
 
@@ -413,11 +414,12 @@ def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(out_root, fak
     storage.write_bytes(mpath, json.dumps(m).encode())
     lock = json.dumps({"pid": 999_999_999, "host": "gone", "started_s": 0}).encode()  # owner gone
     storage.write_bytes(storage.join(out, "runs", RUN, ".lock"), lock)
-    r = rp.build_report(out, RUN)
-    assert r["status"] == "abandoned" and r["rerun"] == f"imgscore rerun {RUN} --set output.root={out}"
+    r = build.build_report(out, RUN)
+    assert r.status == "abandoned" and r.rerun == f"imgscore rerun {RUN} --set output.root={out}"
     known_bad_file = storage.join(out, "runs", RUN, "already_failed.parquet")
-    assert r["known_bad"] == {"count": 2, "file": known_bad_file, "by_error_type": {"DecodeError.corrupt": 2}, "by_run": {"r0": 2}}
-    assert r["outputs"]["report"] is None  # never written
+    assert r.known_bad.model_dump() == {"count": 2, "file": known_bad_file, "by_error_type": {"DecodeError.corrupt": 2},
+                                        "by_run": {"r0": 2}}
+    assert r.outputs["report"] is None  # never written
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         written = publish_run_report(out, RUN)  # what the flow's last step does
     assert written == storage.join(out, "runs", RUN, "report.html") and "not written" not in caplog.text
@@ -425,11 +427,11 @@ def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(out_root, fak
     assert "2 image(s) failed before with the same bytes" in page and known_bad_file in page and "st-abandoned" in page
     assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
     text = capsys.readouterr().out
-    assert "abandoned" in text and r["rerun"] in text and re.search(r"already_failed\s+2", text)
+    assert "abandoned" in text and r.rerun in text and re.search(r"already_failed\s+2", text)
     assert "2 image(s) failed before with the same bytes" in text and "already_failed.parquet" in text
-    page = rp.render_html(r)
+    page = html.render_html(r)
     assert "st-abandoned" in page and "2 image(s) failed before" in page
-    assert "already failed" in rp.markdown_summary(r, None) and "Known bad" in rp.markdown_summary(r, None)
+    assert "already failed" in markdown.markdown_summary(r, None) and "Known bad" in markdown.markdown_summary(r, None)
 
 
 def test_report_of_a_live_run_says_it_is_running_and_offers_no_rerun(tmp_path, fake_images, capsys):
@@ -451,20 +453,20 @@ def test_report_of_a_live_run_says_it_is_running_and_offers_no_rerun(tmp_path, f
         (out / "runs" / RUN / ".lock").write_text(json.dumps(
             {"pid": writer.pid, "host": socket.gethostname(), "started_s": run_lock._start_time(writer.pid), "purpose": "imgscore run",
              "acquired_at": "2026-03-01T02:00:00+00:00", "acquired_s": time.time()}))
-        r = rp.build_report(out, RUN)
-        assert r["status"] == "running" and r["rerun"] is None
-        assert r["writer"] == f"imgscore run (pid {writer.pid} on {socket.gethostname()}, since 2026-03-01T02:00:00+00:00)"
+        r = build.build_report(out, RUN)
+        assert r.status == "running" and r.rerun is None
+        assert r.writer == f"imgscore run (pid {writer.pid} on {socket.gethostname()}, since 2026-03-01T02:00:00+00:00)"
         assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
         text = capsys.readouterr().out
         assert f"still running: imgscore run (pid {writer.pid} on {socket.gethostname()}" in text
         assert "imgscore rerun" not in text and "finish it with" not in text
-        page = rp.render_html(r)
+        page = html.render_html(r)
         assert f"still running: imgscore run (pid {writer.pid}" in page and "imgscore rerun" not in page
     finally:
         writer.kill()
         writer.wait()
-    r = rp.build_report(out, RUN)  # its writer gone without an ending: abandoned, and now the rerun finishes it
-    assert r["status"] == "abandoned" and r["writer"] is None and r["rerun"] == f"imgscore rerun {RUN} --set output.root={out}"
+    r = build.build_report(out, RUN)  # its writer gone without an ending: abandoned, and now the rerun finishes it
+    assert r.status == "abandoned" and r.writer is None and r.rerun == f"imgscore rerun {RUN} --set output.root={out}"
 
 
 @pytest.mark.parametrize("model_has", ["every folder class", "three classes"])
@@ -494,24 +496,24 @@ def test_ten_thousand_empty_class_folders_give_a_small_report_quickly(model_has,
     pq.write_table(t, part)
 
     t0 = time.perf_counter()
-    r = rp.build_report(out, RUN)
-    path = rp.write_html_report(r, out)
+    r = build.build_report(out, RUN)
+    path = html.write_html_report(r, out)
     took = time.perf_counter() - t0
     assert took < 20, f"report took {took:.1f} s"  # was 75-235 s on a 2-core machine
     assert path.stat().st_size < 500_000, path.stat().st_size  # was 15-31 MB
-    assert [c["name"] for c in r["classes"]] == CLASSES  # only predicted classes, never the empty ones
-    acc = r["accuracy"]
-    assert acc["rows"] == CLASSES and acc["empty_classes"] == 10_000 and acc["labelled"] == 6
+    assert [c.name for c in r.classes] == CLASSES  # only predicted classes, never the empty ones
+    acc = r.accuracy
+    assert acc.rows == CLASSES and acc.empty_classes == 10_000 and acc.labelled == 6
     page = path.read_text()
     assert page.count("empty_") <= 12  # at most the few examples of why accuracy is n/a, not 10,000 rows
     if model_has == "every folder class":
-        assert acc["accuracy"] == pytest.approx(4 / 6) and acc["columns"] == CLASSES  # paired by name, as before
-        assert r["classes_left_out"] == {"count": 10_000, "never_predicted": 10_000}
+        assert acc.accuracy == pytest.approx(4 / 6) and acc.columns == CLASSES  # paired by name, as before
+        assert r.classes_left_out.model_dump() == {"count": 10_000, "never_predicted": 10_000}
         assert "and 10000 more classes, not listed: 10000 of the model&#x27;s classes were never predicted" in page
         assert cli_main(["report", RUN, "--set", f"output.root={out}"]) == 0
         assert "and 10000 more classes, not listed" in capsys.readouterr().out
     else:
-        assert acc["accuracy"] is None and r["classes_left_out"] is None
+        assert acc.accuracy is None and r.classes_left_out is None
 
 
 def test_the_drawn_confusion_matrix_keeps_the_largest_classes():
@@ -520,8 +522,7 @@ def test_the_drawn_confusion_matrix_keeps_the_largest_classes():
     for i in range(100):
         matrix[i][i] = i + 1  # class c99 has the most images
         matrix[i][100] = 1
-    conf = {"rows": rows, "columns": [*rows, "(other)"], "matrix": matrix, "matched_by": "name"}
-    names, cols, mat, left = rp._bounded_matrix(conf)
+    names, cols, mat, left = plots._bounded_matrix(rows, [*rows, "(other)"], matrix, paired=True)
     assert names == [f"c{i}" for i in range(60, 100)] and left == 60
     assert cols[:40] == names and cols[-1] == "(other)"
     assert mat.sum() == sum(i + 2 for i in range(60, 100))  # every image of the kept rows is in a drawn cell
@@ -536,18 +537,18 @@ def test_cli_report_unknown_run_exits_2(fake_run, capsys):
 
 
 def test_artifact_keys_are_valid_and_stable():
-    assert rp.artifact_key("score-images", "summary") == "score-images-summary"
-    assert rp.artifact_key("Score Images_v2!", "Progress") == "score-images-v2-progress"
-    for k in (rp.artifact_key("rerun_failed", "report"), rp.artifact_key("--X--", "y")):
+    assert markdown.artifact_key("score-images", "summary") == "score-images-summary"
+    assert markdown.artifact_key("Score Images_v2!", "Progress") == "score-images-v2-progress"
+    for k in (markdown.artifact_key("rerun_failed", "report"), markdown.artifact_key("--X--", "y")):
         assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", k)
 
 
 def test_summary_row_and_markdown(fake_run):
-    r = rp.build_report(fake_run, RUN)
-    (row,) = rp.summary_row(r)
+    r = build.build_report(fake_run, RUN)
+    (row,) = markdown.summary_row(r)
     assert (row["run_id"], row["scored"], row["failed"], row["already_scored"]) == (RUN, 6, 3, 4)
     assert row["accuracy"] == pytest.approx(4 / 6, abs=1e-6)
-    md = rp.markdown_summary(r, "/x/report.html")
+    md = markdown.markdown_summary(r, "/x/report.html")
     assert "| dog | 3 | 50.0% | 2 | 1.000 |" in md
     assert "| decode | UnidentifiedImageError | 2 |" in md
     assert "`/x/report.html`" in md
@@ -557,14 +558,14 @@ def test_report_failure_is_logged_not_raised(fake_run, monkeypatch, caplog):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rp, "write_html_report", boom)
+    monkeypatch.setattr(html, "write_html_report", boom)
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         assert publish_run_report(fake_run, RUN) is None
     assert "report.html for 20260101T000000Z-abc123 not written: OSError: disk full" in caplog.text
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         assert publish_run_report(fake_run, "no-such-run") is None
     assert "run report for no-such-run not written" in caplog.text
-    monkeypatch.setattr(rp, "build_report", lambda *a, **k: 1 / 0)  # a bug in the report, not a bad run
+    monkeypatch.setattr(build, "build_report", lambda *a, **k: 1 / 0)  # a bug in the report, not a bad run
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         assert publish_run_report(fake_run, RUN) is None
@@ -661,10 +662,10 @@ def test_run_writes_report_and_artifacts(prefect_server, image_folder, tiny_chec
     assert len(_data_uris(page, "image/jpeg")) == 12  # real thumbnails read back from input.root
     assert "coffee/notes.jpg" in page and "rocket/zero.jpg" in page
 
-    r = rp.build_report(out, run_id)
-    assert r["accuracy"]["matched_by"] == "index" and r["accuracy"]["labelled"] == 12
-    assert sum(c["predicted"] for c in r["classes"]) == 12
-    assert r["errors"]["by_stage"] == {"decode": 2}
+    r = build.build_report(out, run_id)
+    assert r.accuracy.matched_by == "index" and r.accuracy.labelled == 12
+    assert sum(c.predicted for c in r.classes) == 12
+    assert r.errors.by_stage == {"decode": 2}
 
     summ = Artifact.get("score-images-summary")
     (row,) = json.loads(summ.data)
@@ -682,6 +683,6 @@ def test_run_writes_report_and_artifacts(prefect_server, image_folder, tiny_chec
 def test_report_reads_only_its_own_run(tmp_path):
     out = write_fake_run(tmp_path / "out")
     write_fake_run(out, run_id="20260102T000000Z-def456")
-    r = rp.build_report(out, RUN)
-    assert r["rows"] == {"predictions": 6, "errors": 3}
-    assert sum(c["predicted"] for c in r["classes"]) == 6 and r["accuracy"]["labelled"] == 6
+    r = build.build_report(out, RUN)
+    assert r.rows.model_dump() == {"predictions": 6, "errors": 3}
+    assert sum(c.predicted for c in r.classes) == 6 and r.accuracy.labelled == 6

@@ -106,8 +106,9 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     from imgscore.report.build import build_report
 
     r = build_report(out, "killed")
-    assert (r["status"], r["rerun"], r["outputs"]["report"]) == ("abandoned", f"imgscore rerun killed --set output.root={out}", None)
-    assert "its process is gone" in r["reason"]
+    assert (r.status, r.rerun) == ("abandoned", f"imgscore rerun killed --set output.root={out}")
+    assert r.outputs["report"] is None
+    assert "its process is gone" in r.reason
     assert notify.run_payload(out, "killed", "Crashed", "score-images", None, None)["status"] == "abandoned"
 
     assert run_cli("rerun", "killed", "--set", f"output.root={out}", "--set", "inference.num_threads=2", "--quiet") == 0

@@ -188,7 +188,7 @@ def test_the_summary_keeps_images_and_pairs_apart_and_ends_with_the_rerun_line(r
     assert m.timings["pairs_per_s"] == pairs_rate and m.timings["images_per_s"] == images_rate
     from imgscore.report.build import build_report
 
-    assert build_report(runs["out"], "both")["timing"]["pairs_per_s"] == pairs_rate
+    assert build_report(runs["out"], "both").timing.pairs_per_s == pairs_rate
     _, alone = runs["alone"][0]  # one model: the summary as before, no pairs line
     assert alone["images_per_s"] == alone["pairs_per_s"]
 
@@ -216,9 +216,9 @@ def test_report_and_drift_describe_each_model_on_its_own(runs, photos):
     for d in m.drift["models"].values():
         assert d["baseline_runs"] == ["clean1"] and d["psi"] == pytest.approx(0.0, abs=1e-9)
     r = build_report(runs["out"], "both", model_name="r18")
-    assert [(x["name"], x["scored"], x["failed"]) for x in r["models"]] == [("small", 12, 1), ("r18", 12, 1)]
-    assert r["model"]["name"] == "r18" and sum(c["predicted"] for c in r["classes"]) == 12
-    assert r["error_rate"] == pytest.approx(2 / 26)
+    assert [(x.name, x.scored, x.failed) for x in r.models] == [("small", 12, 1), ("r18", 12, 1)]
+    assert r.model.name == "r18" and sum(c.predicted for c in r.classes) == 12
+    assert r.error_rate == pytest.approx(2 / 26)
     with pytest.raises(Exception, match="no model named 'nope'"):
         build_report(runs["out"], "both", model_name="nope")
     from imgscore.flows.cli import main as cli_main

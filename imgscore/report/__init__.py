@@ -1,1 +1,9 @@
-"""What people read after a run: the report (terminal, HTML, Prefect markdown), night-over-night drift, evaluation against folder labels."""
+"""What people read after a run.
+
+A run's report is one typed value (``model``), built once from its manifest and Parquet
+(``build``, with the numbers of ``stats``, the accuracy against folder labels of ``evaluate`` and
+the night-over-night comparison of ``drift``), and rendered three ways: on the terminal
+(``terminal``), as report.html (``html``: the Jinja2 template in ``templates/``, with ``plots``
+and ``thumbnails``) and as the Prefect artifacts' content (``markdown``). ``text`` holds what the
+renderers share.
+"""

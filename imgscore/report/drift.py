@@ -25,25 +25,134 @@ Everything is a plain function of files under ``output.root``: no Prefect, no mo
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from pydantic import BaseModel, ConfigDict, Field
 
 from imgscore.config.running import DriftConfig
 from imgscore.io import storage
 from imgscore.io.parquet import ERRORS_SCHEMA
+from imgscore.io.storage import AnyPath
 from imgscore.runstate.incremental import part_files, prior_runs
 
-log = logging.getLogger("imgscore")
-
 PSI_FLOOR = 1e-4  # a class share below this counts as this in the PSI (0 would make it infinite)
-QUANTILES = (0.1, 0.5, 0.9)
+QUANTILES = (0.1, 0.5, 0.9)  # ConfidenceStats.p10, p50, p90
 TOP_SHIFTS = 5  # classes listed by how far their share moved
+
+
+# ------------------------- the comparison (shares, rates and probabilities are fractions in [0, 1])
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Baseline(_Part):
+    runs: list[str]  # run ids, newest first
+    images: int  # predictions pooled from them
+
+
+class Current(_Part):
+    images: int
+
+
+class Thresholds(_Part):
+    """The ``drift`` settings the run recorded (None: not checked)."""
+
+    max_psi: float | None
+    max_class_shift: float | None
+    max_mean_confidence_drop: float | None
+    max_low_confidence_increase: float | None
+    max_error_rate_increase: float | None
+    max_embedding_shift: float | None
+    low_confidence: float
+    min_images: int
+    fail: bool
+
+
+class ClassShift(_Part):
+    class_name: str = Field(alias="class")
+    share: float  # tonight
+    baseline_share: float
+    change: float  # share - baseline_share
+
+
+class ClassShares(_Part):
+    psi: float | None  # None when either side has no predictions
+    shifts: list[ClassShift]  # the TOP_SHIFTS classes that moved most
+
+
+class ConfidenceStats(_Part):
+    """Top-1 probabilities: mean, quantiles, and the share below ``low_confidence`` (None: no images)."""
+
+    mean: float | None
+    p10: float | None
+    p50: float | None
+    p90: float | None
+    low_share: float | None
+
+
+class ConfidenceChange(_Part):
+    current: ConfidenceStats
+    baseline: ConfidenceStats
+    mean_change: float | None
+    low_share_change: float | None
+
+
+class ErrorRate(_Part):
+    current: float | None  # failed / scanned
+    baseline: float | None  # pooled over the baseline runs
+    change: float | None
+
+
+class EmbeddingShift(_Part):
+    cosine_distance: float  # between the mean embeddings, in [0, 2]
+    dim: int
+    images: int
+    baseline_images: int
+
+
+class Night(_Part):
+    """One run's point on the "recent nights" plot."""
+
+    run_id: str
+    created_at: str | None
+    images: int
+    mean_confidence: float | None
+    low_share: float | None
+    error_rate: float | None
+    class_shares: dict[str, float]
+
+
+class _Against(_Part):
+    baseline: Baseline
+    current: Current
+    thresholds: Thresholds
+    warnings: list[str]  # one line per threshold crossed
+    judged: bool  # enough images on both sides to warn
+
+
+class NoBaseline(_Against):
+    """No earlier complete run to compare with: ``baseline.runs`` empty, no warnings."""
+
+    reason: str
+
+
+class DriftComparison(_Against):
+    """The run against its baseline (module docstring)."""
+
+    classes: ClassShares
+    confidence: ConfidenceChange
+    error_rate: ErrorRate
+    embedding: EmbeddingShift | None  # None without embeddings on both sides
+    nights: list[Night]  # each baseline run and tonight, oldest first
+
+
+# ------------------------------------------------------------------------------------ numbers
 
 
 def psi(current: dict[str, float], baseline: dict[str, float], floor: float = PSI_FLOOR) -> float:
@@ -68,26 +177,21 @@ def shares(labels: pa.Array | pa.ChunkedArray) -> dict[str, float]:
     return {str(v["values"]): v["counts"] / n for v in counts.to_pylist()}
 
 
-def confidence(scores: np.ndarray, low: float) -> dict:
-    """Top-1 probabilities float [N] → ``{mean, p10, p50, p90, low_share}`` (None for N = 0);
-    ``low_share``: the fraction below ``low``."""
+def confidence(scores: np.ndarray, low: float) -> ConfidenceStats:
+    """Top-1 probabilities float [N] → mean, p10, p50, p90 and ``low_share``, the fraction below
+    ``low`` (all None for N = 0)."""
     if scores.size == 0:
-        return {"mean": None, **{f"p{int(q * 100)}": None for q in QUANTILES}, "low_share": None}
+        return ConfidenceStats(mean=None, p10=None, p50=None, p90=None, low_share=None)
     s = scores.astype(np.float64)
-    qs = np.quantile(s, QUANTILES)
-    return {"mean": round(float(s.mean()), 6), **{f"p{int(q * 100)}": round(float(v), 6) for q, v in zip(QUANTILES, qs, strict=True)},
-            "low_share": round(float((s < low).mean()), 6)}
+    p10, p50, p90 = (round(float(v), 6) for v in np.quantile(s, QUANTILES))
+    low_share = round(float((s < low).mean()), 6)
+    return ConfidenceStats(mean=round(float(s.mean()), 6), p10=p10, p50=p50, p90=p90, low_share=low_share)
 
 
-def _files(out_root: str | Path, table: str, m: dict) -> list[str]:
-    """The part files of ``table`` of the run ``m`` (a manifest dict), checked to stay inside ``out_root``."""
-    return part_files(out_root, [m], table, "drift")
-
-
-def _predictions(out_root: str | Path, m: dict, model_id: str | None = None) -> pa.Table:
+def _predictions(out_root: AnyPath, m: dict, model_id: str | None = None) -> pa.Table:
     """``pred_label`` and ``score`` of the run ``m``'s rows of the model ``model_id`` (a run of
     several models holds each one's rows; None: every row)."""
-    files = _files(out_root, "predictions", m)
+    files = part_files(out_root, [m], "predictions", "drift")
     if not files:
         return pa.table({"pred_label": pa.array([], pa.string()), "score": pa.array([], pa.float32())})
     flt = None if model_id is None else pc.field("model_id") == model_id
@@ -95,10 +199,14 @@ def _predictions(out_root: str | Path, m: dict, model_id: str | None = None) -> 
     return ds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["pred_label", "score"], filter=flt)
 
 
-def _failed(out_root: str | Path, m: dict, model_id: str) -> int:
+def _scores(t: pa.Table) -> np.ndarray:
+    return t["score"].to_numpy(zero_copy_only=False) if t.num_rows else np.zeros(0)
+
+
+def _failed(out_root: AnyPath, m: dict, model_id: str) -> int:
     """Errors rows of the run ``m`` for ``model_id`` (files written before errors carried a
     ``model_id`` hold one model's rows: all of them count)."""
-    files = _files(out_root, "errors", m)
+    files = part_files(out_root, [m], "errors", "drift")
     if not files:
         return 0
     fs, paths = storage.arrow_files(files)
@@ -106,14 +214,15 @@ def _failed(out_root: str | Path, m: dict, model_id: str) -> int:
     return int(pc.sum(pc.fill_null(pc.equal(t["model_id"], model_id), True)).as_py() or 0) if t.num_rows else 0
 
 
-def mean_embedding(out_root: str | Path, runs: list[dict], model_id: str | None = None) -> tuple[np.ndarray | None, int]:
+def mean_embedding(out_root: AnyPath, runs: list[dict], model_id: str | None = None) -> tuple[np.ndarray | None, int]:
     """The mean of the ``runs``' embeddings (float64 [D]) of the model ``model_id`` (None:
     every row) and how many vectors it averages; (None, 0) when they wrote none or their vector
     lengths differ. Streamed batch by batch."""
-    total, n, dim = None, 0, None
+    total: np.ndarray | None = None
+    n, dim = 0, None
     flt = None if model_id is None else pc.field("model_id") == model_id
     for m in runs:
-        files = _files(out_root, "embeddings", m)
+        files = part_files(out_root, [m], "embeddings", "drift")
         if not files:
             continue
         fs, paths = storage.arrow_files(files)
@@ -128,7 +237,7 @@ def mean_embedding(out_root: str | Path, runs: list[dict], model_id: str | None 
             vals = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, d)
             total = vals.sum(0) if total is None else total + vals.sum(0)
             n += vals.shape[0]
-    return (total / n, n) if n else (None, 0)
+    return (total / n, n) if total is not None else (None, 0)
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -139,7 +248,7 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(1.0 - np.dot(a, b) / (na * nb))
 
 
-def _error_rate(m: dict, out_root: str | Path | None = None, model_id: str | None = None) -> float | None:
+def _error_rate(m: dict, out_root: AnyPath | None = None, model_id: str | None = None) -> float | None:
     """Failed / scanned of the run ``m``; for a run of several models, the errors rows of
     ``model_id`` over the images (its own failed pairs; the counts mix the models)."""
     c = m.get("counts") or {}
@@ -150,7 +259,7 @@ def _error_rate(m: dict, out_root: str | Path | None = None, model_id: str | Non
     return round(c.get("failed", 0) / c["scanned"], 6)
 
 
-def baseline_runs(out_root: str | Path, m: dict, n: int, model: dict | None = None) -> list[dict]:
+def baseline_runs(out_root: AnyPath, m: dict, n: int, model: dict | None = None) -> list[dict]:
     """The previous ``n`` complete runs of ``m``'s input root that scored ``model`` (default
     the run's first model; the same model key, alone or among several), newest first."""
     root = (m.get("input") or {}).get("root")
@@ -162,95 +271,125 @@ def baseline_runs(out_root: str | Path, m: dict, n: int, model: dict | None = No
     return sorted(earlier, key=lambda p: (p.get("created_at") or "", p["run_id"]), reverse=True)[:n]
 
 
-def _night(m: dict, preds: pa.Table, low: float, out_root: str | Path, model_id: str) -> dict:
+def _night(m: dict, preds: pa.Table, low: float, out_root: AnyPath, model_id: str | None) -> Night:
     """One night's point for the plots: run, time, images, confidence, error rate, class shares."""
-    conf = confidence(preds["score"].to_numpy(zero_copy_only=False) if preds.num_rows else np.zeros(0), low)
-    return {"run_id": m["run_id"], "created_at": m.get("created_at"), "images": preds.num_rows, "mean_confidence": conf["mean"],
-            "low_share": conf["low_share"], "error_rate": _error_rate(m, out_root, model_id), "class_shares": shares(preds["pred_label"])}
+    conf = confidence(_scores(preds), low)
+    return Night(run_id=m["run_id"], created_at=m.get("created_at"), images=preds.num_rows, mean_confidence=conf.mean,
+                 low_share=conf.low_share, error_rate=_error_rate(m, out_root, model_id),
+                 class_shares=shares(preds["pred_label"]))
 
 
-def compare(out_root: str | Path, m: dict, cfg: DriftConfig | None = None, model: dict | None = None) -> dict:
+def _change(now: float | None, then: float | None) -> float | None:
+    return round(now - then, 6) if now is not None and then is not None else None
+
+
+# -------------------------------------------------------------------------------- comparing
+
+
+def compare(out_root: AnyPath, m: dict, cfg: DriftConfig | None = None,
+            model: dict | None = None) -> DriftComparison | NoBaseline:
     """The run ``m`` (a manifest dict) compared with its baseline (module docstring), for one
     of its models: ``model`` (an entry of the manifest's ``models``; default its first model).
     Only that model's rows are read, tonight and in the baseline (filtered by ``model_id``).
 
-    Returns a JSON-ready dict: ``baseline`` (run ids, images), ``current`` (images), ``classes``
-    (``psi`` and the :data:`TOP_SHIFTS` largest ``shifts``: class, tonight's share, the
-    baseline's, the change — shares in [0, 1]), ``confidence`` (tonight's and the baseline's
-    mean, p10, p50, p90 and share below ``low_confidence``, with the changes), ``error_rate``
-    (tonight, baseline pooled as failed/scanned, change), ``embedding`` (cosine distance of the
-    mean vectors, or None without embeddings), ``nights`` (each baseline run and tonight, oldest
-    first, for the plots), ``judged`` (enough images to warn), ``warnings`` (one line per
-    threshold crossed) and ``thresholds``. With no baseline run: ``baseline.runs`` empty, a
-    ``reason``, no warnings.
+    Returns :class:`NoBaseline` (with a ``reason``) when there is no earlier complete run to
+    compare with, else :class:`DriftComparison`: the predicted-class PSI and the
+    :data:`TOP_SHIFTS` largest class shifts, tonight's and the baseline's confidence, the error
+    rate (the baseline's pooled as failed/scanned), the cosine distance of the mean embeddings,
+    each night for the plots, whether there were enough images to judge (``drift.min_images``)
+    and one warning per threshold crossed.
+
+    Raises:
+        OSError, ValueError, pyarrow.ArrowException: an earlier run's files cannot be read.
     """
     cfg = cfg or DriftConfig()
-    thresholds = {k: getattr(cfg, k) for k in ("max_psi", "max_class_shift", "max_mean_confidence_drop",
-                                               "max_low_confidence_increase", "max_error_rate_increase", "max_embedding_shift")}
     model = model or m.get("model") or {}
     mid = model.get("model_id")
     base = baseline_runs(out_root, m, cfg.baseline_runs, model)
     cur = _predictions(out_root, m, mid)
-    out: dict = {"baseline": {"runs": [b["run_id"] for b in base], "images": 0}, "current": {"images": cur.num_rows},
-                 "thresholds": {**thresholds, "low_confidence": cfg.low_confidence, "min_images": cfg.min_images, "fail": cfg.fail},
-                 "warnings": [], "judged": False}
+    thresholds = Thresholds(**{k: getattr(cfg, k) for k in Thresholds.model_fields})
     if not base:
-        out["reason"] = "no earlier complete run of this input root with this model and preprocessing"
-        return out
+        return NoBaseline(baseline=Baseline(runs=[], images=0), current=Current(images=cur.num_rows),
+                          thresholds=thresholds, warnings=[], judged=False,
+                          reason="no earlier complete run of this input root with this model and preprocessing")
     base_preds = [_predictions(out_root, b, mid) for b in base]
     pooled = pa.concat_tables(base_preds)
-    out["baseline"]["images"] = pooled.num_rows
+    d = DriftComparison(
+        baseline=Baseline(runs=[b["run_id"] for b in base], images=pooled.num_rows),
+        current=Current(images=cur.num_rows),
+        thresholds=thresholds, warnings=[], judged=cur.num_rows >= cfg.min_images and pooled.num_rows >= cfg.min_images,
+        classes=_class_shares(cur, pooled), confidence=_confidence_change(cur, pooled, cfg.low_confidence),
+        error_rate=_error_rates(out_root, m, base, mid), embedding=_embedding_shift(out_root, m, base, mid),
+        nights=[_night(b, p, cfg.low_confidence, out_root, mid)  # oldest first, tonight last
+                for b, p in [*reversed(list(zip(base, base_preds, strict=True))), (m, cur)]],
+    )
+    if d.judged:
+        d.warnings = _warnings(d, cfg)
+    return d
+
+
+def _class_shares(cur: pa.Table, pooled: pa.Table) -> ClassShares:
     a, e = shares(cur["pred_label"]), shares(pooled["pred_label"])
-    moves = sorted(({"class": c, "share": round(a.get(c, 0.0), 6), "baseline_share": round(e.get(c, 0.0), 6),
-                     "change": round(a.get(c, 0.0) - e.get(c, 0.0), 6)} for c in set(a) | set(e)),
-                   key=lambda r: (-abs(r["change"]), r["class"]))
-    out["classes"] = {"psi": round(psi(a, e), 6) if a and e else None, "shifts": moves[:TOP_SHIFTS]}
-    now = confidence(cur["score"].to_numpy(zero_copy_only=False) if cur.num_rows else np.zeros(0), cfg.low_confidence)
-    then = confidence(pooled["score"].to_numpy(zero_copy_only=False) if pooled.num_rows else np.zeros(0), cfg.low_confidence)
-    diff = lambda k: round(now[k] - then[k], 6) if now[k] is not None and then[k] is not None else None  # noqa: E731
-    out["confidence"] = {"current": now, "baseline": then, "mean_change": diff("mean"), "low_share_change": diff("low_share")}
+    moves = sorted((ClassShift(class_name=c, share=round(a.get(c, 0.0), 6), baseline_share=round(e.get(c, 0.0), 6),
+                               change=round(a.get(c, 0.0) - e.get(c, 0.0), 6)) for c in set(a) | set(e)),
+                   key=lambda r: (-abs(r.change), r.class_name))
+    return ClassShares(psi=round(psi(a, e), 6) if a and e else None, shifts=moves[:TOP_SHIFTS])
+
+
+def _confidence_change(cur: pa.Table, pooled: pa.Table, low: float) -> ConfidenceChange:
+    now, then = confidence(_scores(cur), low), confidence(_scores(pooled), low)
+    return ConfidenceChange(current=now, baseline=then, mean_change=_change(now.mean, then.mean),
+                            low_share_change=_change(now.low_share, then.low_share))
+
+
+def _error_rates(out_root: AnyPath, m: dict, base: list[dict], mid: str | None) -> ErrorRate:
     scanned = sum((b.get("counts") or {}).get("scanned", 0) for b in base)
     failed = sum(round((_error_rate(b, out_root, mid) or 0.0) * (b.get("counts") or {}).get("scanned", 0)) for b in base)
-    er_now, er_then = _error_rate(m, out_root, mid), (round(failed / scanned, 6) if scanned else None)
-    out["error_rate"] = {"current": er_now, "baseline": er_then,
-                         "change": round(er_now - er_then, 6) if er_now is not None and er_then is not None else None}
+    now, then = _error_rate(m, out_root, mid), (round(failed / scanned, 6) if scanned else None)
+    return ErrorRate(current=now, baseline=then, change=_change(now, then))
+
+
+def _embedding_shift(out_root: AnyPath, m: dict, base: list[dict], mid: str | None) -> EmbeddingShift | None:
     v_now, n_now = mean_embedding(out_root, [m], mid)
     v_then, n_then = mean_embedding(out_root, base, mid)
-    dist = cosine_distance(v_now, v_then) if v_now is not None and v_then is not None and v_now.shape == v_then.shape else None
-    out["embedding"] = None if dist is None else {"cosine_distance": round(dist, 6), "dim": int(v_now.shape[0]),
-                                                  "images": n_now, "baseline_images": n_then}
-    out["nights"] = [_night(b, p, cfg.low_confidence, out_root, mid) for b, p in reversed(list(zip(base, base_preds, strict=True)))] + \
-        [_night(m, cur, cfg.low_confidence, out_root, mid)]
-    out["judged"] = cur.num_rows >= cfg.min_images and pooled.num_rows >= cfg.min_images
-    if out["judged"]:
-        out["warnings"] = _warnings(out, cfg)
-    return out
+    if v_now is None or v_then is None or v_now.shape != v_then.shape:
+        return None
+    dist = cosine_distance(v_now, v_then)
+    if dist is None:
+        return None
+    return EmbeddingShift(cosine_distance=round(dist, 6), dim=int(v_now.shape[0]), images=n_now, baseline_images=n_then)
 
 
-def _warnings(d: dict, cfg: DriftConfig) -> list[str]:
+def _warnings(d: DriftComparison, cfg: DriftConfig) -> list[str]:
     """One line per threshold of ``cfg`` that ``d`` (from :func:`compare`) crosses."""
-    n = len(d["baseline"]["runs"])
+    n = len(d.baseline.runs)
     vs = f"compared with the previous {n} complete run{'s' if n != 1 else ''}"
     w = []
-    p, top = d["classes"]["psi"], d["classes"]["shifts"][0] if d["classes"]["shifts"] else None
+    p, top = d.classes.psi, d.classes.shifts[0] if d.classes.shifts else None
     if cfg.max_psi is not None and p is not None and p > cfg.max_psi:
-        most = f"; largest shift: {top['class']} {top['baseline_share']:.1%} → {top['share']:.1%}" if top else ""
+        most = f"; largest shift: {top.class_name} {top.baseline_share:.1%} → {top.share:.1%}" if top else ""
         w.append(f"predicted-class PSI {p:.3f} > drift.max_psi {cfg.max_psi} {vs}{most}")
-    if cfg.max_class_shift is not None and top is not None and abs(top["change"]) > cfg.max_class_shift:
-        w.append(f"class {top['class']!r} share moved {top['change']:+.1%} (> drift.max_class_shift {cfg.max_class_shift:.1%}) {vs}")
-    c = d["confidence"]
-    if cfg.max_mean_confidence_drop is not None and c["mean_change"] is not None and -c["mean_change"] > cfg.max_mean_confidence_drop:
-        w.append(f"mean confidence fell {c['baseline']['mean']:.3f} → {c['current']['mean']:.3f} "
+    if cfg.max_class_shift is not None and top is not None and abs(top.change) > cfg.max_class_shift:
+        w.append(f"class {top.class_name!r} share moved {top.change:+.1%} "
+                 f"(> drift.max_class_shift {cfg.max_class_shift:.1%}) {vs}")
+    c = d.confidence
+    if (cfg.max_mean_confidence_drop is not None and c.mean_change is not None
+            and -c.mean_change > cfg.max_mean_confidence_drop):
+        w.append(f"mean confidence fell {c.baseline.mean:.3f} → {c.current.mean:.3f} "
                  f"(> drift.max_mean_confidence_drop {cfg.max_mean_confidence_drop}) {vs}")
-    if cfg.max_low_confidence_increase is not None and c["low_share_change"] is not None and c["low_share_change"] > cfg.max_low_confidence_increase:
-        w.append(f"share below {cfg.low_confidence} confidence rose {c['baseline']['low_share']:.1%} → {c['current']['low_share']:.1%} "
+    if (cfg.max_low_confidence_increase is not None and c.low_share_change is not None
+            and c.low_share_change > cfg.max_low_confidence_increase):
+        w.append(f"share below {cfg.low_confidence} confidence rose "
+                 f"{c.baseline.low_share:.1%} → {c.current.low_share:.1%} "
                  f"(> drift.max_low_confidence_increase {cfg.max_low_confidence_increase:.1%}) {vs}")
-    er = d["error_rate"]
-    if cfg.max_error_rate_increase is not None and er["change"] is not None and er["change"] > cfg.max_error_rate_increase:
-        w.append(f"error rate rose {er['baseline']:.2%} → {er['current']:.2%} (> drift.max_error_rate_increase {cfg.max_error_rate_increase:.2%}) {vs}")
-    e = d["embedding"]
-    if cfg.max_embedding_shift is not None and e is not None and e["cosine_distance"] > cfg.max_embedding_shift:
-        w.append(f"mean embedding moved by cosine distance {e['cosine_distance']:.4f} (> drift.max_embedding_shift {cfg.max_embedding_shift}) {vs}")
+    er = d.error_rate
+    if cfg.max_error_rate_increase is not None and er.change is not None and er.change > cfg.max_error_rate_increase:
+        w.append(f"error rate rose {er.baseline:.2%} → {er.current:.2%} "
+                 f"(> drift.max_error_rate_increase {cfg.max_error_rate_increase:.2%}) {vs}")
+    e = d.embedding
+    if cfg.max_embedding_shift is not None and e is not None and e.cosine_distance > cfg.max_embedding_shift:
+        w.append(f"mean embedding moved by cosine distance {e.cosine_distance:.4f} "
+                 f"(> drift.max_embedding_shift {cfg.max_embedding_shift}) {vs}")
     return w
 
 

@@ -23,21 +23,89 @@ Folder names that matched a model class only after normalization are listed
 
 from __future__ import annotations
 
+import functools
 import json
 import unicodedata
-from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from pydantic import BaseModel, ConfigDict
 
 from imgscore.io import storage
+from imgscore.io.storage import AnyPath
 from imgscore.runstate.commits import manifest_path
 
 MAX_EXTRA_COLUMNS = 20  # confusion matrix: predicted classes outside the folder classes kept by name
 
+MatchedBy = Literal["name", "index", "none"]
 
-def read_run(out_root: str | Path, run_id: str, table: str = "predictions", columns: list[str] | None = None):
+
+class ClassRecall(BaseModel):
+    """One folder class (a row of the confusion matrix): ``support`` labelled images, ``correct``
+    of them predicted as its paired model class, ``recall`` = correct / support in [0, 1].
+    ``correct`` and ``recall`` are None when labels cannot be paired (``matched_by == "none"``),
+    ``recall`` also when ``support`` is 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    support: int
+    correct: int | None
+    recall: float | None
+
+
+class Confusion(BaseModel):
+    """A run's predictions against its folder labels (:func:`confusion`): the report's ``accuracy``.
+
+    ``matrix[i][j]`` counts images of folder class ``rows[i]`` predicted as ``columns[j]``.
+    ``accuracy`` is correct / labelled in [0, 1]; it and ``correct`` are None, and ``reason``
+    says why, when labels cannot be paired with model classes (``matched_by == "none"``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: list[str]
+    columns: list[str]
+    matrix: list[list[int]]
+    matched_by: MatchedBy
+    reason: str | None
+    normalized: list[str]
+    correct: int | None
+    labelled: int
+    accuracy: float | None
+    per_class: list[ClassRecall]
+    empty_classes: int
+
+    def normalization_note(self) -> str | None:
+        """One sentence when folder names matched model classes only after Unicode NFC
+        normalization (same letters, other bytes: macOS writes NFD), else None."""
+        names = self.normalized
+        if not names:
+            return None
+        shown = ", ".join(repr(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
+        return (f"{len(names)} folder name(s) matched the model's class names only after Unicode NFC normalization "
+                f"({shown}): same letters, other bytes (macOS writes names in NFD)")
+
+    def per_class_of(self, model_class: str) -> ClassRecall | None:
+        """The folder class paired with ``model_class`` (names compared in NFC), or None.
+
+        Matched by index, folder class i is paired with model class i (the diagonal column),
+        whatever either is called; matched by name (or not at all) the names are the same.
+        """
+        return self._per_model_class.get(nfc(model_class))
+
+    @functools.cached_property
+    def _per_model_class(self) -> dict[str, ClassRecall]:
+        if self.matched_by == "index":
+            cols = self.columns
+            paired = [(cols[i], p) for i, p in enumerate(self.per_class) if i < len(cols)]
+            return {nfc(c): p for c, p in paired if not c.startswith("(none for ")}
+        return {nfc(p.name): p for p in self.per_class}
+
+
+def read_run(out_root: AnyPath, run_id: str, table: str = "predictions", columns: list[str] | None = None) -> pa.Table:
     """One run's rows as a pyarrow Table, through ``pyarrow.dataset`` with hive partitioning.
 
     Returns an empty table with the dataset's schema when the run has no rows.
@@ -61,7 +129,7 @@ def normalized_matches(folder_classes: list[str] | None, model_classes: list[str
     return [c for c in folder_classes if c not in raw and nfc(c) in norm]
 
 
-def label_matching(folder_classes: list[str] | None, model_classes: list[str] | None) -> str:
+def label_matching(folder_classes: list[str] | None, model_classes: list[str] | None) -> MatchedBy:
     """How folder labels pair with model outputs: ``"name"``, ``"index"`` or ``"none"`` (module doc).
 
     ``"index"`` also when either list is None or empty (unknown: the behaviour before
@@ -83,7 +151,7 @@ def _names(names: list[str], n: int = 3) -> str:
 def unmatched_reason(folder_classes: list[str] | None, model_classes: list[str] | None) -> str | None:
     """Why accuracy is n/a for these class lists (one short sentence), or None when
     :func:`label_matching` pairs them by name or by index."""
-    if label_matching(folder_classes, model_classes) != "none":
+    if not folder_classes or not model_classes or label_matching(folder_classes, model_classes) != "none":
         return None
     norm = {nfc(c) for c in model_classes}
     missing = [c for c in folder_classes if nfc(c) not in norm]
@@ -108,7 +176,7 @@ def correct_mask(t: pa.Table, matched_by: str) -> pa.ChunkedArray:
     raise ValueError(f"matched_by={matched_by!r} has no correct/incorrect; expected 'name' or 'index' (see imgscore.report.evaluate)")
 
 
-def _run_classes(out_root: str | Path, run_id: str) -> tuple[list[str] | None, list[str] | None]:
+def _run_classes(out_root: AnyPath, run_id: str) -> tuple[list[str] | None, list[str] | None]:
     path = manifest_path(out_root, run_id)
     if not storage.is_file(path):
         return None, None
@@ -116,7 +184,7 @@ def _run_classes(out_root: str | Path, run_id: str) -> tuple[list[str] | None, l
     return (m.get("input") or {}).get("classes"), (m.get("model") or {}).get("classes")
 
 
-def accuracy_of_run(out_root: str | Path, run_id: str) -> dict:
+def accuracy_of_run(out_root: AnyPath, run_id: str) -> dict:
     """Top-1 accuracy over the labelled predictions of a run.
 
     Returns:
@@ -145,55 +213,77 @@ def accuracy_of_run(out_root: str | Path, run_id: str) -> dict:
             "normalized": normalized}
 
 
-def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list[str]) -> dict:
+def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list[str]) -> Confusion | None:
     """Confusion matrix of the labelled rows of ``t`` (label, label_name, pred_index, pred_label).
 
     Rows are the folder classes that hold labelled rows (in label order; ``empty_classes`` counts
     the folder classes left out for having none, so 10,000 empty class folders cost nothing);
-    columns start with the model class each folder
-    class should be predicted as (so the diagonal is "correct"), followed by the other predicted
-    classes in model-index order, at most :data:`MAX_EXTRA_COLUMNS` of them; the rest are summed
-    into a last ``(other)`` column. When labels cannot be paired with model classes
-    (``matched_by == "none"``, module doc) there is no diagonal: the columns are only the
-    predicted classes, so the matrix is a plain folder-label × prediction count table.
+    columns start with the model class each folder class should be predicted as (so the diagonal
+    is "correct"), followed by the other predicted classes in model-index order, at most
+    :data:`MAX_EXTRA_COLUMNS` of them; the rest are summed into a last ``(other)`` column. When
+    labels cannot be paired with model classes (``matched_by == "none"``, module doc) there is no
+    diagonal: the columns are only the predicted classes, so the matrix is a plain folder-label ×
+    prediction count table.
 
     Returns:
-        ``{rows: [names], columns: [names], matrix: [[int]], matched_by, reason, normalized,
-        correct, labelled, accuracy, per_class: [{name, support, correct, recall}], empty_classes}``, or None when no row
-        is labelled. ``accuracy`` is a fraction in [0, 1] and ``reason`` None when matched by
-        name or index; with ``matched_by == "none"``, ``accuracy``, ``correct`` and every
-        ``per_class`` ``correct``/``recall`` are None and ``reason`` says why
-        (:func:`unmatched_reason`).
+        The :class:`Confusion`, or None when no row is labelled. ``accuracy`` is a fraction in
+        [0, 1] and ``reason`` None when matched by name or index; with ``matched_by == "none"``,
+        ``accuracy``, ``correct`` and every ``per_class`` ``correct``/``recall`` are None and
+        ``reason`` says why (:func:`unmatched_reason`).
     """
     labelled = t.filter(pc.is_valid(t["label"]))
     if labelled.num_rows == 0:
         return None
     matched_by = label_matching(folder_classes, model_classes)
-    labels = labelled["label"].to_pylist()
-    label_names = labelled["label_name"].to_pylist()
-    pred_idx = labelled["pred_index"].to_pylist()
-    if folder_classes:
-        rows = list(folder_classes)
-    else:  # no class list in the manifest: rebuild it from (label, label_name)
-        pairs = dict(zip(labels, label_names, strict=True))
-        rows = [pairs.get(i, str(i)) for i in range(max(labels) + 1)]
-    n_model = len(model_classes)
-    paired = matched_by != "none"
-
-    model_index = {}
-    for j, c in enumerate(model_classes):
-        model_index.setdefault(nfc(c), j)
-
-    def diag_col(i: int) -> int | None:  # model index that row i should be predicted as
-        if matched_by == "name":
-            return model_index[nfc(rows[i])]
-        return i if i < n_model else None
-
+    labels: list[int] = labelled["label"].to_pylist()
+    pred_idx: list[int] = labelled["pred_index"].to_pylist()
+    names = _folder_names(folder_classes, labels, labelled["label_name"].to_pylist())
     present = sorted(set(labels))  # folder classes with images in this run; empty class folders get no row
-    empty = len(rows) - len(present)
+    rows = [names[i] for i in present]
+    diag = _diagonal(present, names, model_classes, matched_by) if matched_by != "none" else []
+    columns, col_of = _columns(diag, rows, pred_idx, model_classes)
     row_of = {lab: k for k, lab in enumerate(present)}
-    diag = [diag_col(i) for i in present] if paired else []
-    rows = [rows[i] for i in present]
+    matrix = [[0] * len(columns) for _ in rows]
+    for lab, p in zip(labels, pred_idx, strict=True):
+        matrix[row_of[lab]][col_of[p]] += 1
+    per_class = _per_class(rows, matrix, diag, paired=matched_by != "none")
+    correct = sum(p.correct or 0 for p in per_class) if matched_by != "none" else None
+    n = len(labels)
+    return Confusion(
+        rows=rows, columns=columns, matrix=matrix, matched_by=matched_by,
+        reason=unmatched_reason(folder_classes, model_classes),
+        normalized=normalized_matches(folder_classes, model_classes) if matched_by == "name" else [],
+        correct=correct, labelled=n, accuracy=correct / n if correct is not None else None,
+        per_class=per_class, empty_classes=len(names) - len(present),
+    )
+
+
+def _folder_names(folder_classes: list[str] | None, labels: list[int], label_names: list[str]) -> list[str]:
+    """Folder class names by label; without a class list in the manifest, rebuilt from the rows'
+    (label, label_name) pairs."""
+    if folder_classes:
+        return list(folder_classes)
+    pairs = dict(zip(labels, label_names, strict=True))
+    return [pairs.get(i, str(i)) for i in range(max(labels) + 1)]
+
+
+def _diagonal(present: list[int], names: list[str], model_classes: list[str],
+              matched_by: MatchedBy) -> list[int | None]:
+    """For each folder class in ``present``, the model index it should be predicted as (None when
+    matched by index and the model has fewer classes)."""
+    if matched_by == "name":
+        model_index: dict[str, int] = {}
+        for j, c in enumerate(model_classes):
+            model_index.setdefault(nfc(c), j)
+        return [model_index[nfc(names[i])] for i in present]
+    return [i if i < len(model_classes) else None for i in present]
+
+
+def _columns(diag: list[int | None], rows: list[str], pred_idx: list[int],
+             model_classes: list[str]) -> tuple[list[str], dict[int, int]]:
+    """(column names, predicted model index → its column): the diagonal's model classes first,
+    then the :data:`MAX_EXTRA_COLUMNS` most predicted other classes in index order, then
+    ``(other)`` for the rest when there are more."""
     in_diag = {c for c in diag if c is not None}
     extra_counts: dict[int, int] = {}
     for p in pred_idx:
@@ -208,33 +298,21 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
             col_of[c] = i
     for p in kept:
         col_of[p] = len(columns)
-        columns.append(model_classes[p] if 0 <= p < n_model else str(p))
-    other = len(columns) if len(extra_counts) > len(kept) else None
-    if other is not None:
+        columns.append(model_classes[p] if 0 <= p < len(model_classes) else str(p))
+    if len(extra_counts) > len(kept):
+        col_of.update((p, len(columns)) for p in extra_counts if p not in col_of)
         columns.append("(other)")
-    matrix = [[0] * len(columns) for _ in rows]
-    for lab, p in zip(labels, pred_idx, strict=True):
-        matrix[row_of[lab]][col_of.get(p, other)] += 1
-    per_class = []
+    return columns, col_of
+
+
+def _per_class(rows: list[str], matrix: list[list[int]], diag: list[int | None], paired: bool) -> list[ClassRecall]:
+    """Support, correct and recall of each row; correct/recall None when labels are not paired."""
+    out = []
     for i, name in enumerate(rows):
         support = sum(matrix[i])
         if not paired:
-            per_class.append({"name": name, "support": support, "correct": None, "recall": None})
+            out.append(ClassRecall(name=name, support=support, correct=None, recall=None))
             continue
         ok = matrix[i][i] if diag[i] is not None else 0
-        per_class.append({"name": name, "support": support, "correct": ok, "recall": ok / support if support else None})
-    n = len(labels)
-    correct = sum(pc_["correct"] for pc_ in per_class) if paired else None
-    return {
-        "rows": rows,
-        "columns": columns,
-        "matrix": matrix,
-        "matched_by": matched_by,
-        "reason": None if paired else unmatched_reason(folder_classes, model_classes),
-        "normalized": normalized_matches(folder_classes, model_classes) if matched_by == "name" else [],
-        "correct": correct,
-        "labelled": n,
-        "accuracy": correct / n if paired else None,
-        "per_class": per_class,
-        "empty_classes": empty,
-    }
+        out.append(ClassRecall(name=name, support=support, correct=ok, recall=ok / support if support else None))
+    return out
