@@ -318,6 +318,21 @@ def test_html_is_self_contained_with_plots_thumbnails_and_escaping(fake_run):
     assert "cat/x.heic" in page  # skipped files listed
 
 
+HOSTILE = ["<script>alert(1)</script>", '" onmouseover="alert(1)', "it's & <b>bold</b>"]  # model class names
+
+
+def test_hostile_class_names_show_as_text_in_the_page(tmp_path, fake_images):
+    """Class names come from the checkpoint or the folder (untrusted): through the template they
+    are text in every place they appear (per-class table, thumbnail captions), never markup,
+    and an attribute value cannot be closed by a quote in a name."""
+    out = write_fake_run(tmp_path / "out", fake_images, model_classes=HOSTILE)
+    page = html.write_html_report(build.build_report(out, RUN), out).read_text(encoding="utf-8")
+    assert "<script" not in page.lower() and "onmouseover=\"" not in page and "<b>bold" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&quot; onmouseover=&quot;alert(1)" in page and "it&#x27;s &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+    assert page.count("<b>") == page.count("</b>")  # only the page's own markup
+
+
 def test_thumbnail_of_missing_or_broken_file_is_a_reason(tmp_path):
     uri, why = thumbnails.thumbnail_data_uri(tmp_path / "nope.jpg")
     assert uri is None and why == "file not found"
