@@ -26,6 +26,7 @@ from imgscore.report.evaluate import confusion, read_run
 from imgscore.report.model import (
     REPORT_FILE,
     Counts,
+    Drift,
     InputInfo,
     KnownBad,
     ModelInfo,
@@ -143,9 +144,7 @@ def _chosen_model(m: Manifest, model_name: str | None) -> dict[str, Any]:
     return next((x for x in several if x.get("name") == model_name), several[0] if several else model)
 
 
-def run_drift(
-    out_root: UPath, m: dict, model: dict | None = None
-) -> drift_mod.DriftComparison | drift_mod.NoBaseline | NotCompared | None:
+def run_drift(out_root: UPath, m: dict, model: dict | None = None) -> Drift | None:
     """The run compared with recent nights (:func:`imgscore.report.drift.compare`, with the
     ``drift`` settings the run recorded); None when ``drift.enabled`` is off. A comparison that
     cannot be made (an unreadable earlier run) is :class:`NotCompared` (one line), never an exception."""

@@ -48,9 +48,10 @@ def _plot(alt: str, draw: Callable[[T], str | None], data: T) -> Plot:
 
 
 def _escape(value: object) -> Markup:
-    """What ``{{ value }}`` prints: the text HTML-escaped with :func:`html.escape` (quotes as
-    ``&quot;`` and ``&#x27;``, as the page has always written them); None prints nothing. Markup
-    (a macro's output) is already escaped. Autoescape stays on behind this."""
+    """What ``{{ value }}`` prints: the text HTML-escaped with :func:`html.escape`, so quotes are
+    ``&quot;`` and ``&#x27;`` (markupsafe's own escaping writes ``&#34;`` and ``&#39;``): one
+    spelling for every escaped value on the page. None prints nothing; Markup (a macro's output)
+    is already escaped. Autoescape stays on behind this."""
     if isinstance(value, Markup):
         return value
     return Markup(html.escape("" if value is None else str(value), quote=True))

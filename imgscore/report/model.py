@@ -184,6 +184,10 @@ class NotCompared(_Part):
     warnings: list[str] = Field(default_factory=list)
 
 
+# The run against recent nights: compared, nothing to compare with, or not comparable.
+Drift = DriftComparison | NoBaseline | NotCompared
+
+
 class Report(_Part):
     """Everything the report shows, from ``runs/RUN_ID/manifest.json`` and the run's Parquet.
 
@@ -222,7 +226,7 @@ class Report(_Part):
     errors: ErrorSummary
     skipped: SkippedSummary
     lowest_confidence: list[LowConfidence]
-    drift: DriftComparison | NoBaseline | NotCompared | None  # None when drift.enabled is off
+    drift: Drift | None  # None when drift.enabled is off
     outputs: dict[str, str | None]  # the manifest's outputs, plus "manifest" and "report" (None: not written)
 
     def to_dict(self) -> dict[str, Any]:

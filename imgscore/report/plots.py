@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 
-from imgscore.report.drift import DriftComparison, NoBaseline
+from imgscore.report.drift import DriftComparison
 from imgscore.report.evaluate import MAX_EXTRA_COLUMNS, Confusion
-from imgscore.report.model import ClassCount, NotCompared, ScoreStats
+from imgscore.report.model import ClassCount, Drift, ScoreStats
 from imgscore.report.stats import MAX_CLASS_ROWS
 from imgscore.report.text import fmt
 
@@ -105,7 +105,7 @@ def plot_confidence_histogram(scores: ScoreStats) -> str | None:
 
 
 @_literal_text
-def plot_class_shift(drift: DriftComparison | NoBaseline | NotCompared | None) -> str | None:
+def plot_class_shift(drift: Drift | None) -> str | None:
     """Paired bars of each class's share, baseline vs tonight (classes that moved most first);
     SVG data URI, None without a comparison."""
     if not isinstance(drift, DriftComparison) or not drift.classes.shifts:
@@ -128,7 +128,7 @@ def plot_class_shift(drift: DriftComparison | NoBaseline | NotCompared | None) -
 
 
 @_literal_text
-def plot_nights(drift: DriftComparison | NoBaseline | NotCompared | None) -> str | None:
+def plot_nights(drift: Drift | None) -> str | None:
     """Mean confidence, share below the low-confidence threshold and error rate per night,
     oldest first, this run last; SVG data URI, None without a comparison."""
     nights = drift.nights if isinstance(drift, DriftComparison) else []
