@@ -164,7 +164,7 @@ BACKENDS = (("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("
 
 def backend_forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: int, threads: int) -> dict:
     """Forward-only img/s of every backend on the same pre-decoded batch, through imgscore's own
-    backends (imgscore/inference/backends.py: folded torch module, ONNX export from the bench cache), and each
+    backends (imgscore/inference/backends/: folded torch module, ONNX export from the bench cache), and each
     one's agreement with torch fp32 on that batch (top-1, mean and max |Δscore|, as the canary)."""
     from imgscore.inference import backends as B
 
