@@ -28,9 +28,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgscore.images.scan import ImageEntry, ImageIndex
+from imgscore.images.entries import ImageEntry, ImageIndex
 from imgscore.io.parquet import PREDICTIONS_SCHEMA, part_dir
-from imgscore.runstate.incremental import split_already_scored
+from imgscore.runstate.already_scored import split_already_scored
 
 MODEL = {"model_id": "c" * 64, "preprocess": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
 

@@ -115,7 +115,7 @@ def measure(local: Path, checkpoint: Path, repeats: int, workers: int) -> tuple[
     """Start SeaweedFS, upload ``local`` to ``s3://bench/images`` and measure listing, decode and
     scoring there and on disk, alternately. Returns the objects uploaded, the upload's seconds and
     the rates."""
-    from imgscore.io import storage
+    from imgscore.io import object_store
     from tests.s3_server import SeaweedS3, upload_folder
 
     with tempfile.TemporaryDirectory(prefix="imgscore-bench-s3-") as tmp:
@@ -127,7 +127,7 @@ def measure(local: Path, checkpoint: Path, repeats: int, workers: int) -> tuple[
             t0 = time.perf_counter()
             uploaded = upload_folder(client, local, "bench", "images")
             upload_s = time.perf_counter() - t0
-            storage.configure(storage.Settings())
+            object_store.configure(object_store.Settings())
             roots = {"local": str(local), "s3": "s3://bench/images"}
             measures: dict[str, Callable[[str], float]] = {
                 "listing": listing_rate, "decode": lambda r: decode_rate(r, workers),

@@ -42,7 +42,9 @@ import pyarrow as pa
 
 from benchmarks.common.machine import loadavg
 from imgscore.config.schema import Config
-from imgscore.images.scan import INDEX_SCHEMA, Scan, open_scan
+from imgscore.images.entries import INDEX_SCHEMA
+from imgscore.images.scan import open_scan
+from imgscore.images.scan_stream import Scan
 from imgscore.io.parquet import PREDICTIONS_SCHEMA, make_table, write_table_atomic
 from imgscore.runstate.commits import check_shard
 from imgscore.runstate.index import read_shard_entries as read_index_rows

@@ -20,38 +20,41 @@ import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgscore.config.flow_params import flow_parameters
 from imgscore.config.loading import load_config, shipped_config
 from imgscore.config.rerun import out_root_of, rerun_config
 from imgscore.config.schema import Config
 from imgscore.errors import (
-    ConfigError,
-    ErrorBudgetExceeded,
     ImgscoreError,
-    InputError,
-    ModelError,
     UsageError,
 )
-from imgscore.images.scan import (
-    check_roots_apart,
-    has_images,
-    no_images_message,
-    output_within_input,
+from imgscore.flows.outcome import Terminated, fail, flow_outcome, interrupted
+from imgscore.flows.preflight import (
+    check_paths,
+    check_rerun,
+    check_run_id_arg,
+    configure_storage,
+    load_model_here,
+    notify_refusal,
 )
+from imgscore.images.scan import output_within_input
 from imgscore.io import storage
 from imgscore.runstate.commits import (
     adopt_committed,
     check_run_state,
-    load_manifest,
     plan_rerun,
     run_dir_of,
 )
+from imgscore.runstate.state import load_manifest
 from imgscore.runtime import startup
 from imgscore.runtime.compat import run_exit_handlers
 from imgscore.runtime.progress import progress_for
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 DEMO_CONFIG = shipped_config("demo.yaml")  # package data: a wheel install finds it from any folder
 
@@ -93,35 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-ECHO_CHARS = 2000  # an unexpected error's text is cut here: it can hold a whole config (a 1.4 MB class list)
-
-
-def _fail(msg: str, code: int) -> int:
-    if len(msg) > ECHO_CHARS:
-        msg = f"{msg[:ECHO_CHARS]}… ({len(msg) - ECHO_CHARS:,} more characters left out)"
-    print(f"imgscore: error: {msg}", file=sys.stderr)
-    return code
-
-
 def _console(console=None):
     from rich.console import Console
 
     return console or Console()
-
-
-def load_model_here(cfg: Config):
-    """Load the run's models in this process (the device the thread runner would use; CPU when
-    shards run elsewhere), so a bad checkpoint is refused before anything is planned; returns them in order."""
-    import torch
-
-    from imgscore.inference.backends.factory import preflight
-    from imgscore.inference.device import resolve_device
-    from imgscore.inference.model import load_model
-
-    device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
-    lms = [load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last) for m in cfg.scored_models()]
-    preflight(cfg.inference.backend, cfg.inference.precision, device)  # the runtime is installed, the combination runs
-    return lms
 
 
 def start_dask_early(cfg: Config, session: startup.Session):
@@ -134,77 +112,6 @@ def start_dask_early(cfg: Config, session: startup.Session):
     from imgscore.runtime import dask_warm
 
     return dask_warm.early_cluster(cfg, session.export_api_url)
-
-
-def check_paths(cfg: Config) -> None:
-    """Refuse a bad input root or output root (exit 2, nothing written), before torch or Prefect.
-    An object-store root is listed (input) or written and deleted once (output) with this
-    machine's credentials; a missing client package is named with its pip line."""
-    storage.configure(cfg.storage.settings())
-    root = cfg.input.root
-    if root is None:
-        raise InputError("input.root is not set; pass --set input.root=/path/to/images or set it in the config")
-    for r in (root, cfg.output.root):
-        if (need := storage.missing_package(r)) is not None:
-            raise ConfigError(need)
-    check_roots_apart(root, cfg.output.root)  # the same folder: refused; output.root inside input.root: left out of the scan
-    if storage.is_remote(root):
-        if not has_images(root, formats=cfg.input.formats):
-            raise InputError(no_images_message(root, cfg.input.formats))
-    elif not Path(root).exists():
-        raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
-    elif not Path(root).is_dir():
-        raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
-    elif not has_images(root, cfg.input.follow_symlinks, cfg.input.formats):
-        raise InputError(no_images_message(root, cfg.input.formats))
-    if storage.is_remote(cfg.output.root):
-        if (why := storage.missing_bucket(cfg.output.root, "output.root")) is not None:
-            raise ConfigError(why)  # asked first: some stores create a bucket on the probe's PUT
-        probe = storage.join(cfg.output.root, f".imgscore-write-check-{os.getpid()}")
-        try:
-            storage.write_bytes(probe, b"")
-            storage.delete(probe)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"output.root {cfg.output.root!r} is not writable here ({storage.describe_error(exc)}); check the bucket "
-                              "and the credentials this machine finds (AWS_*, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)") from None
-        return
-    out = Path(cfg.output.root)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".imgscore-write-check-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output.root {str(out)!r} is not a writable folder ({exc.strerror}); set output.root to a folder you can write to") from None
-
-
-def _print_summary(summary: dict, console) -> None:
-    """One ``key  value`` line each; never wrapped, so paths stay copyable in logs and cron mail.
-    A night with nothing new says so instead of listing devices and folders it never used. With
-    several models ``scanned`` is images, ``scored``/``failed`` are (image, model) pairs, and a
-    ``pairs`` line and ``pairs_per_s`` say so. A run that did not end ``complete`` ends with the
-    ``rerun`` line: the command that finishes it."""
-    several = len(summary.get("models") or []) > 1
-    keys = ("run_id", "status", "scanned", "pairs", "scored", "failed", "skipped", "already_scored", "already_failed", "warnings",
-            "images_per_s", "pairs_per_s", "wall_s")
-    pair_keys = ("scored", "failed") if several else ()
-    rows = [(k, f"{summary[k]} (image, model) pairs" if k in pair_keys else summary[k]) for k in keys
-            if k in summary and (several or k not in ("pairs", "pairs_per_s"))]
-    if several:  # scanned counts images; the pairs line says how they became pairs
-        at = next(i for i, (k, _) in enumerate(rows) if k == "pairs")
-        rows[at] = ("pairs", f"{summary['pairs']} (image, model) pairs; models: {', '.join(summary['models'])}")
-    if summary.get("known_bad"):
-        rows.append(("known_bad", f"{summary['already_failed']} image(s) failed before with the same bytes, not retried "
-                                  f"(run.retry_failed=true retries them): {summary['known_bad']}"))
-    devices = ", ".join(summary.get("devices", []))
-    rows += [("devices", devices or ("none: nothing new to score" if not summary.get("scanned") else "-")),
-             ("workers", len(summary.get("workers", [])))]
-    rows += [(k, summary[k]) for k in ("predictions", "errors", "manifest", "report") if summary.get(k)]
-    rows += [("drift", f"warning: {w}") for w in summary.get("drift") or []]  # against recent nights (imgscore.report.drift)
-    if summary.get("rerun"):  # every status but complete: the command that finishes the run
-        rows.append(("rerun", summary["rerun"]))
-    for k, v in rows:
-        console.print(f"{k:<15} {v}", soft_wrap=True, highlight=False, markup=False)
 
 
 def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.Session | None = None) -> tuple[int, dict]:
@@ -230,55 +137,18 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
     return flow_outcome(state, console, f"run {cfg.run.run_id}")
 
 
-def display_path(root) -> str:
-    """``root`` as the terminal shows it: a local path absolute and normalised
-    (``/data/imgscore/../scratch/big`` → ``/data/scratch/big``), a URL unchanged."""
-    return str(root) if storage.is_remote(root) else os.path.abspath(root)
-
-
 def banner(cfg: Config) -> str:
-    """The run's first line (rich markup): run id, the folder (:func:`display_path`), models, runner."""
+    """The run's first line (rich markup): run id, the folder (absolute and normalised,
+    ``/data/imgscore/../scratch/big`` → ``/data/scratch/big``; a URL as configured), models, runner."""
     from rich.markup import escape
 
+    root = storage.absolute(cfg.input.root) if cfg.input.root is not None else str(None)
     names = ", ".join(m.resolved_name for m in cfg.scored_models())
-    return f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(display_path(cfg.input.root))} with {escape(names)} ({cfg.runner.type} runner) …"
+    return f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(root)} with {escape(names)} ({cfg.runner.type} runner) …"
 
 
-class Terminated(Exception):
-    """SIGTERM reached the CLI (``kill``, systemd, a container stop): the command ends like Ctrl-C,
-    with exit 143. Inside a flow run Prefect turns SIGTERM into its ``TerminationSignal`` first
-    (the flow records ``interrupted``), then hands the signal back to this handler."""
-
-
-def _on_sigterm(signum, frame) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
-
-
-def interrupted(run_id: str, out_root, exc: BaseException | None = None) -> int:
-    """Ctrl-C: exit 130 (128 + SIGINT), SIGTERM: 143, with the command that finishes the run — or,
-    when the run had not written its plan yet, the fact that there is nothing to finish."""
-    what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-    if not storage.is_file(storage.path(out_root, "runs", run_id, "manifest.json")):
-        return _fail(f"{what} before run {run_id} was planned; nothing was written, run the command again", code)
-    from imgscore.report.build import rerun_command
-
-    return _fail(f"{what}; run {run_id} is recorded as interrupted; finish it with `{rerun_command(run_id, out_root)}`", code)
-
-
-def flow_outcome(state, console, what: str) -> tuple[int, dict]:
-    """Exit code and summary from a finished flow run's state (run and rerun alike)."""
-    if state.is_completed():
-        summary = state.result()
-        _print_summary(summary, console)
-        return 0, summary
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, ErrorBudgetExceeded):
-        _print_summary(exc.summary, console)
-        print(f"imgscore: {exc}", file=sys.stderr)
-        return 1, exc.summary
-    if isinstance(exc, ImgscoreError):
-        return _fail(str(exc), exc.exit_code), {}
-    return _fail(f"{what} failed: {type(exc).__name__}: {exc}", 1), {}
 
 
 def cmd_run(args, session: startup.Session) -> int:
@@ -293,39 +163,25 @@ def cmd_run(args, session: startup.Session) -> int:
     return code
 
 
-@contextlib.contextmanager
-def notify_refusal(cfg: Config) -> Iterator[None]:
-    """A run refused before its flow run starts (exit 2: bad input root, model or checkpoint)
-    still notifies ``notify.webhook_url``: the payload has ``status`` ``refused``, ``run_id``,
-    ``counts``, ``prefect_state`` and ``flow_run_id`` null, and the refusal in ``message``
-    (``imgscore.flows.notify.refusal_payload``). ``notify.block`` is not used here: loading a
-    block needs the Prefect API, which a refused run never starts."""
-    try:
-        yield
-    except UsageError as exc:
-        if cfg.notify.webhook_url:
-            from imgscore.flows import notify
-
-            notify.send(cfg.notify.model_copy(update={"block": None}), notify.refusal_payload(cfg.output.root, str(exc)))
-        raise
-
-
 def cmd_demo(args, session: startup.Session) -> int:
     from imgscore.demo import build_digits_folder, train_demo_model
     from imgscore.report.evaluate import accuracy_of_run
 
     console = _console()
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    demo_dir = Path(cfg.model.checkpoint).parent
+    checkpoint = cfg.model.checkpoint
+    if checkpoint is None:
+        raise UsageError("imgscore demo trains its model into model.checkpoint, which the config leaves unset; set it (demo.yaml does)")
+    demo_dir = Path(checkpoint).parent
     console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
     try:
         _, held = build_digits_folder(demo_dir / "digits")
     except ImportError as exc:
         raise UsageError(f"imgscore demo reads the digit scans that ship inside scikit-learn, which is not installed ({exc}); "
                          "it is one of imgscore's dependencies: pip install scikit-learn") from None
-    if not Path(cfg.model.checkpoint).exists():
+    if not Path(checkpoint).exists():
         console.print("training resnet18 on the digits (CPU, cached for next time) …")
-    train_demo_model(demo_dir / "digits" / "train", cfg.model.checkpoint, log=console.print)
+    train_demo_model(demo_dir / "digits" / "train", checkpoint, log=console.print)
     check_paths(cfg)
     session.start_server()
     with start_dask_early(cfg, session):
@@ -344,32 +200,6 @@ def cmd_demo(args, session: startup.Session) -> int:
             "print(df.pred_label.value_counts().sort_index())")
     console.print(f'read it back: {shlex.quote(python)} -c "{read}"', soft_wrap=True, highlight=False, markup=False)
     return code
-
-
-def configure_storage(args) -> None:
-    """Object-store settings for a command that reads a run before its recorded config is known
-    (rerun, report): ``storage.*`` from ``--config`` and ``--set``; credentials from the environment."""
-    items = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith("storage.")]
-    storage.configure(load_config(args.config, items).storage.settings())
-
-
-def check_rerun(cfg: Config, manifest, run_dir: Path) -> None:
-    """Refuse a rerun before Prefect starts: run locked, input folder gone, or a model other than the run's."""
-    from imgscore.runstate import lock as run_lock
-
-    held = run_lock.read_lock(run_dir)
-    if held is not None and not run_lock.is_stale(held):
-        raise run_lock.RunLockedError(f"run {manifest.run_id} is locked by {run_lock.describe(held, run_dir)}")
-    root = manifest.input["root"]
-    if not storage.is_remote(root) and not Path(root).is_dir():
-        raise InputError(f"run {manifest.run_id} scored {root!r}, which is no longer a folder; restore it to rerun the run")
-    for mcfg, lm, was_info in zip(cfg.scored_models(), load_model_here(cfg), manifest.scored_models, strict=False):
-        was = was_info["model_id"]
-        if lm.model_id != was:
-            raise ModelError(
-                f"model.checkpoint {mcfg.checkpoint} changed since run {manifest.run_id} (model_id {was[:12]}… → {lm.model_id[:12]}…); "
-                "a rerun must use the run's model: restore the checkpoint, or start a new run with `imgscore run`"
-            )
 
 
 def cmd_rerun(args, session: startup.Session) -> int:
@@ -443,16 +273,6 @@ def cmd_report(args, session: startup.Session) -> int:
     return report_cli.main(args)
 
 
-def check_run_id_arg(run_id: str | None) -> None:
-    """Refuse a RUN_ID argument that cannot be a run's folder name (a path, ``..``) as what it is:
-    a bad command line (exit 2) — not as tampered run state."""
-    from imgscore.io.containment import is_plain_name
-
-    if run_id is not None and not is_plain_name(run_id):
-        raise UsageError(f"RUN_ID {run_id!r} is not a run id: pass the name of a folder under OUT/runs (e.g. "
-                         "20260301T020000Z-a1b2c3, as `imgscore run` printed it), not a path")
-
-
 def cmd_serve(args, session: startup.Session) -> int:
     serve = session.import_prefect("imgscore.flows.serve")
     return serve.main(args, temporary_url=session.temporary_api_url)
@@ -469,23 +289,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args, session)
         except ImgscoreError as exc:
-            return _fail(str(exc), exc.exit_code)
+            return fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            return _fail("interrupted", 130)
+            return fail("interrupted", 130)
         except Terminated:
-            return _fail("terminated (SIGTERM)", 143)
+            return fail("terminated (SIGTERM)", 143)
         except startup.ServerStartError as exc:
-            return _fail(str(exc), 1)
+            return fail(str(exc), 1)
         except Exception as exc:
             if getattr(args, "verbose", False):
                 raise
             if "ephemeral Prefect API server" in str(exc):
-                return _fail(
+                return fail(
                     f"{exc} Start a server (`prefect server start`) and export PREFECT_API_URL, or raise "
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                     1,
                 )
-            return _fail(f"{type(exc).__name__}: {exc} (run again with --verbose for the traceback)", 1)
+            return fail(f"{type(exc).__name__}: {exc} (run again with --verbose for the traceback)", 1)
         finally:
             _restore_sigterm(previous)
 

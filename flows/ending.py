@@ -25,15 +25,16 @@ import logging
 import signal
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from typing import Any
 
 from imgscore.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.flows import notify
 from imgscore.flows.artifacts import publish_run_report
+from imgscore.io.storage import AnyPath
 from imgscore.report.build import rerun_command
 from imgscore.report.text import one_line
 from imgscore.runstate.commits import adopt_committed
-from imgscore.runstate.manifest import now_iso, request_stop
+from imgscore.runstate.manifest import RunStatus, now_iso, request_stop
 from imgscore.runstate.plan import RunPlan
 
 log = logging.getLogger("imgscore")
@@ -49,7 +50,7 @@ def _signal_name(exc: BaseException) -> str:
         return f"signal {sig}"
 
 
-def end_abnormally(plan: RunPlan, status: str, reason: str, t0: float, out_root: str | Path) -> str | None:
+def end_abnormally(plan: RunPlan, status: RunStatus, reason: str, t0: float, out_root: AnyPath) -> str | None:
     """Write ``status`` (``interrupted`` or ``crashed``) and ``reason`` into the run's manifest,
     then report.html of what was done so far. Shards whose commit record was written but whose
     result had not reached the flow yet are adopted first (as ``imgscore rerun`` would), so the
@@ -93,7 +94,7 @@ def _is_interrupt(exc: BaseException) -> bool:
 STOP_WAIT_S = 60.0  # longest wait for shards in flight to let go after a signal (one batch each, normally)
 
 
-def stop_shards(run_dir: str | Path, futures: Iterable, wait_s: float = STOP_WAIT_S) -> None:
+def stop_shards(run_dir: AnyPath, futures: Iterable[Any], wait_s: float = STOP_WAIT_S) -> None:
     """After SIGINT/SIGTERM: mark the run stopping (``imgscore.runstate.manifest.request_stop``),
     cancel the shard task runs that have not started (thread runner: they never start; on Dask
     they start, see the mark and end ``Cancelled``), and wait up to ``wait_s`` seconds for the
@@ -119,7 +120,7 @@ def stop_shards(run_dir: str | Path, futures: Iterable, wait_s: float = STOP_WAI
 
 
 @contextlib.contextmanager
-def shards_stop_on_signal(run_dir: str | Path, futures: Iterable) -> Iterator[None]:
+def shards_stop_on_signal(run_dir: AnyPath, futures: Iterable[Any]) -> Iterator[None]:
     """Around a flow's loop over its shard futures: on SIGINT/SIGTERM, :func:`stop_shards`, then
     let the signal propagate to :func:`recorded_ending`, which adopts what was committed."""
     try:
@@ -130,9 +131,8 @@ def shards_stop_on_signal(run_dir: str | Path, futures: Iterable) -> Iterator[No
         raise
 
 
-
 @contextlib.contextmanager
-def recorded_ending(plan: RunPlan, out_root: str | Path, t0: float) -> Iterator[None]:
+def recorded_ending(plan: RunPlan, out_root: AnyPath, t0: float) -> Iterator[None]:
     """Record in the manifest whatever ends the block abnormally, then let it propagate (module
     docstring). The error budget's own ending (``ErrorBudgetExceeded``, status ``failed``) is
     written by the finish step and passes through.

@@ -1,6 +1,6 @@
 """Failure notifications, through Prefect's own flow-run state hooks.
 
-Both flows are decorated with :data:`HOOKS`: Prefect calls :func:`notify_hook` when the flow run
+Both flows name :func:`notify_hook` as their state hooks: Prefect calls it when the flow run
 enters Failed (``on_failure``: over the error budget, a write that failed, bad input), Crashed
 (``on_crashed``: Ctrl-C, SIGTERM, an infrastructure failure) or Completed (``on_completion``; it
 notifies only with ``notify.on_success``, or when the run drifted from recent nights — a
@@ -23,16 +23,22 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgscore.config.flow_params import raw_flow_config
 from imgscore.config.running import NotifyConfig
 from imgscore.io import storage
 from imgscore.io.parquet import ERRORS_SCHEMA, run_part_files
+from imgscore.io.storage import AnyPath
 from imgscore.report.model import REPORT_FILE
 from imgscore.report.text import one_line
-from imgscore.runstate.manifest import MANIFEST, load_manifest, observed_status
+from imgscore.runstate.manifest import MANIFEST, observed_status
+from imgscore.runstate.state import load_manifest
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import State
 
 TOP_ERRORS = 5  # error types listed in a notification
 _RUNS: dict[str, tuple[str, str]] = {}  # flow run id → (imgscore run id, output root): the hook's lookup
@@ -48,7 +54,7 @@ def remember_ending(run_id: str, status: str, reason: str | None) -> None:
         _ENDINGS[run_id] = (status, reason)
 
 
-def remember_run(run_id: str, out_root: str | Path) -> None:
+def remember_run(run_id: str, out_root: AnyPath) -> None:
     """Note which imgscore run the current flow run writes (the flow chooses its run id inside the
     flow run, so a hook cannot read it from the parameters)."""
     from prefect.runtime import flow_run
@@ -68,7 +74,7 @@ def _logger(flow_run=None, flow=None):
         return logging.getLogger("imgscore")
 
 
-def top_error_types(out_root: str | Path, run_date: str | None, run_id: str, n: int = TOP_ERRORS) -> list[dict]:
+def top_error_types(out_root: AnyPath, run_date: str | None, run_id: str, n: int = TOP_ERRORS) -> list[dict[str, Any]]:
     """The run's ``n`` most frequent (stage, error_type) in its errors part files, most first:
     ``[{stage, error_type, count}]``. Empty when it has none or they cannot be read."""
     import pyarrow as pa
@@ -88,7 +94,7 @@ def top_error_types(out_root: str | Path, run_date: str | None, run_id: str, n: 
     return [{"stage": r["stage"], "error_type": r["error_type"], "count": r["count_all"]} for r in g[:n]]
 
 
-def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, flow_name: str, flow_run_id: str | None,
+def run_payload(out_root: AnyPath, run_id: str | None, prefect_state: str, flow_name: str, flow_run_id: str | None,
                 message: str | None) -> dict[str, Any]:
     """The JSON a webhook receives (docs/deployments.md, "Failure notifications"): ``run_id``, ``status`` (the
     manifest's, or ``abandoned``; the Prefect state's name lowercased when the run never
@@ -99,14 +105,16 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
     absent) and ``drift`` (the run against recent nights: ``baseline_runs``, ``psi``, ``warnings``;
     null when not compared)."""
     out = storage.path(out_root)
-    run_dir = storage.path(out, "runs", run_id) if run_id else None
     payload: dict[str, Any] = {
         "run_id": run_id, "status": prefect_state.lower(), "prefect_state": prefect_state, "flow_name": flow_name,
         "flow_run_id": flow_run_id, "message": message, "reason": None, "counts": None, "error_rate": None,
         "max_error_rate": None, "min_errors": None, "top_error_types": [], "input_root": None, "output_root": str(out),
         "manifest": None, "report": None, "known_bad": None, "drift": None,
     }
-    if run_dir is None or not storage.is_file(storage.path(run_dir, MANIFEST)):
+    if not run_id:
+        return payload
+    run_dir = storage.path(out, "runs", run_id)
+    if not storage.is_file(storage.path(run_dir, MANIFEST)):
         return payload
     m = load_manifest(run_dir)
     c = m.counts
@@ -132,7 +140,7 @@ def run_payload(out_root: str | Path, run_id: str | None, prefect_state: str, fl
     return payload
 
 
-def refusal_payload(out_root: str | Path, message: str, flow_name: str = "score-images") -> dict[str, Any]:
+def refusal_payload(out_root: AnyPath, message: str, flow_name: str = "score-images") -> dict[str, Any]:
     """The payload of a run refused before it planned (no flow run, nothing written): the fields
     of :func:`run_payload`, ``status`` ``refused``, ``message`` the refusal's first line."""
     p = run_payload(out_root, None, "refused", flow_name, None, (message or "").splitlines()[0][:500] if message else None)
@@ -187,7 +195,8 @@ def send(cfg: NotifyConfig, payload: dict[str, Any], log=None) -> list[str]:
             from prefect.blocks.core import Block
 
             subject, body = run_text(payload)
-            Block.load(cfg.block).notify(body, subject=subject)
+            # prefect types Block.load as possibly a coroutine (it dispatches on the caller); from sync code it is the block
+            Block.load(cfg.block).notify(body, subject=subject)  # type: ignore[union-attr]
             sent.append("block")
         except Exception as exc:
             log.warning("notification not sent: notify.block %r failed (%s); the run's status stands", cfg.block, one_line(exc))
@@ -211,7 +220,7 @@ def state_message(text: str | None) -> str | None:
     return line[:500]
 
 
-def notify_hook(flow, flow_run, state) -> None:
+def notify_hook(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> None:
     """Prefect state hook (``on_failure``, ``on_crashed``, ``on_completion``) of both flows: send
     the run's summary as ``notify.*`` says. Never raises (a failure is one warning line)."""
     log = _logger(flow_run, flow)
@@ -224,10 +233,12 @@ def notify_hook(flow, flow_run, state) -> None:
         with _RUNS_LOCK:
             run_id, out_root = _RUNS.get(str(flow_run.id), (params.get("run_id"), str((raw.get("output") or {}).get("root") or "outputs")))
         message = state_message(state.message)
+        state_name = state.name or ""  # prefect names every state (by default after its type)
         try:
-            payload = run_payload(out_root, run_id, state.name, flow.name, str(flow_run.id), message)
+            payload = run_payload(out_root, run_id, state_name, flow.name, str(flow_run.id), message)
         except Exception as exc:  # the manifest cannot be read: still say that the run ended so
-            payload = run_payload(out_root, None, state.name, flow.name, str(flow_run.id), f"{message} (manifest unreadable: {one_line(exc)})")
+            payload = run_payload(out_root, None, state_name, flow.name, str(flow_run.id),
+                                  f"{message} (manifest unreadable: {one_line(exc)})")
             payload["run_id"] = run_id
     except Exception as exc:
         log.warning("notification not sent: %s", one_line(exc))
@@ -235,6 +246,3 @@ def notify_hook(flow, flow_run, state) -> None:
     if state.is_completed() and not cfg.on_success and not (payload.get("drift") or {}).get("warnings"):
         return  # a quiet night: completed, nothing drifted
     send(cfg, payload, log)
-
-
-HOOKS = {"on_failure": [notify_hook], "on_crashed": [notify_hook], "on_completion": [notify_hook]}

@@ -20,14 +20,14 @@ PIPED_WIDTH = 400  # columns when not a terminal: tables are as wide as their co
 def main(args: argparse.Namespace) -> int:
     """Entry point for ``imgscore report`` (``args``: run_id, format, config, overrides, model_name)."""
     from imgscore.config.loading import load_config
-    from imgscore.io import storage
+    from imgscore.io import object_store
     from imgscore.report.build import build_report
     from imgscore.report.html import write_html_report
     from imgscore.report.model import dumps
     from imgscore.report.terminal import print_report
 
     cfg = load_config(args.config, args.overrides)
-    storage.configure(cfg.storage.settings())
+    object_store.configure(cfg.storage.settings())
     out_root = cfg.output.root
     report = build_report(out_root, args.run_id, model_name=getattr(args, "model_name", None))
     if args.format == "json":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -31,25 +32,21 @@ from imgscore.errors import ErrorBudgetExceeded, OutputWriteError
 from imgscore.flows import notify
 from imgscore.flows.artifacts import RunProgressArtifact
 from imgscore.flows.ending import recorded_ending, shards_stop_on_signal
-from imgscore.flows.score_images import (
-    effective_config,
-    finish_run,
-    inference_metadata,
-    record_failed_shard,
-)
-from imgscore.io import storage
+from imgscore.flows.score_images import finish_run, record_failed_shard
+from imgscore.io import object_store
 from imgscore.runstate import commits
 from imgscore.runstate import lock as run_lock
+from imgscore.runstate.commits import run_dir_of
 from imgscore.runstate.manifest import ShardResult, now_iso
-from imgscore.runstate.plan import RunPlan, run_dir_of
+from imgscore.runstate.plan import RunPlan
 from imgscore.runstate.rerun_plan import archive_errors
 from imgscore.runtime import progress
 from imgscore.runtime.runner import ConfiguredTaskRunner, workers_on_host
 from imgscore.runtime.startup import quiet_unless_verbose
+from imgscore.tasks.plan import effective_config, inference_metadata
 from imgscore.tasks.rerun import prepare_rerun_task, rescore_shard_task
 
 quiet_unless_verbose()  # expected failures are one line in a deployment worker's log too
-
 
 
 def rescore_all(plan: RunPlan, work: list[commits.ShardWork], cfg: Config) -> list[ShardResult]:
@@ -82,7 +79,8 @@ def rescore_all(plan: RunPlan, work: list[commits.ShardWork], cfg: Config) -> li
         for fut in as_completed(list(futures)):
             ref, w, base = futures[fut]
             try:
-                result = fut.result()
+                # a task run that returned a State ends in it: result() is its data or raises (Cancelled)
+                result = cast(ShardResult, fut.result())
             except OutputWriteError:
                 raise  # the disk (or quota, or file system) failed: every other shard would too
             except Exception as exc:  # retries exhausted
@@ -102,7 +100,7 @@ def rescore_all(plan: RunPlan, work: list[commits.ShardWork], cfg: Config) -> li
     return results
 
 
-def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s: float) -> dict:
+def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s: float) -> dict[str, Any]:
     """Status, counts and the rerun's record into the manifest; the summary (as ``finish_run``).
 
     Raises:
@@ -112,7 +110,7 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
     timings = dict(m.timings)  # the first run's timings stay; this rerun's go in "reruns"
     rescored = sum(r.rescored or 0 for r in results)
 
-    def note(summary: dict) -> None:
+    def note(summary: dict[str, Any]) -> None:
         m.timings = timings
         m.reruns[-1].update({"finished_at": now_iso(), "wall_s": round(wall_s, 3), "images_rescored": rescored, "status": m.status})
         plan.state.save()
@@ -127,8 +125,9 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
     return summary
 
 
-@flow(name="rerun-failed", log_prints=False, task_runner=ConfiguredTaskRunner(), **notify.HOOKS)
-def rerun_failed(run_id: str, config: dict | None = None, config_file: str | None = None) -> dict:
+@flow(name="rerun-failed", log_prints=False, task_runner=ConfiguredTaskRunner(), on_failure=[notify.notify_hook],
+      on_crashed=[notify.notify_hook], on_completion=[notify.notify_hook])
+def rerun_failed(run_id: str, config: dict[str, Any] | None = None, config_file: str | None = None) -> dict[str, Any]:
     """Rescore a run's unfinished shards and failed images, committing replacement part files.
 
     The task runner is the one ``config['runner']`` names (``imgscore.runtime.runner``).
@@ -149,7 +148,7 @@ def rerun_failed(run_id: str, config: dict | None = None, config_file: str | Non
     """
     t0 = time.perf_counter()
     cfg = flow_config(config, config_file)
-    storage.configure(cfg.storage.settings())
+    object_store.configure(cfg.storage.settings())
     notify.remember_run(run_id, cfg.output.root)
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore rerun"):
         plan, work = prepare_rerun_task(run_id, cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from typing import Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -30,18 +31,15 @@ from imgscore.flows.artifacts import RunProgressArtifact, publish_run_report
 from imgscore.flows.ending import recorded_ending, shards_stop_on_signal
 from imgscore.inference.commit import commit_failed_shard
 from imgscore.inference.score import read_shard_entries
-from imgscore.io import storage
+from imgscore.io import object_store, storage
+from imgscore.io.storage import AnyPath
 from imgscore.report import drift
 from imgscore.report.build import rerun_command
 from imgscore.runstate import lock as run_lock
+from imgscore.runstate.commits import run_dir_of
 from imgscore.runstate.incremental import CARRIED_FILE, decode_settings
-from imgscore.runstate.manifest import ShardRef, ShardResult, now_iso
-from imgscore.runstate.plan import (
-    RunPlan,
-    find_retried_run,
-    new_run_id,
-    run_dir_of,
-)
+from imgscore.runstate.manifest import Manifest, ShardRef, ShardResult, now_iso
+from imgscore.runstate.plan import RunPlan, find_retried_run, new_run_id
 from imgscore.runtime import progress
 from imgscore.runtime.runner import ConfiguredTaskRunner, workers_on_host
 from imgscore.runtime.startup import IN_SUMMARY, quiet_unless_verbose
@@ -51,13 +49,10 @@ from imgscore.tasks.score_shard import score_shard_task
 quiet_unless_verbose()  # expected failures are one line in a deployment worker's log too
 
 
-
 def choose_run_id(cfg: Config) -> str:
     """``run.run_id``; on a retry of this flow run, the run its first attempt planned; else new."""
     found = find_retried_run(cfg.output.root, flow_run.get_id(), cfg.run.run_id, flow_run.get_run_count())
     return found or cfg.run.run_id or new_run_id()
-
-
 
 
 def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> ShardResult:
@@ -81,7 +76,8 @@ def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
         for fut in as_completed(list(futures)):
             ref = futures[fut]
             try:
-                result = fut.result()
+                # a task run that returned a State ends in it: result() is its data (a Cached commit record) or raises
+                result = cast(ShardResult, fut.result())
             except OutputWriteError:
                 raise  # the disk (or quota, or file system) failed: every other shard would too
             except Exception as exc:  # retries exhausted: recorded as a failed shard, others go on
@@ -110,8 +106,8 @@ def over_budget(failed: int, scanned: int, budget: RunConfig) -> str | None:
     return None
 
 
-def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored_now: int | None = None,
-               drift_cfg: DriftConfig | None = None) -> dict:
+def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root: AnyPath, scored_now: int | None = None,
+               drift_cfg: DriftConfig | None = None) -> dict[str, Any]:
     """Final counts, status and timings into the manifest; the summary the CLI prints.
     ``out_root``: the flow run's ``output.root`` (report.html goes under it, never where the
     manifest's recorded config says). ``drift_cfg``: the run compared with recent nights
@@ -131,46 +127,70 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
     """
     m = plan.manifest.recount()
     c = m.counts
-    devices = sorted({s.device for s in m.shards if s.device})
-    workers = sorted({s.worker for s in m.shards if s.worker})
-    score_s = sum(s.seconds or 0 for s in m.shards)
     pairs = m.total_pairs  # (image, model) pairs: the budget's denominator (images with one model)
-    rate = c.failed / pairs if pairs else 0.0
     failed_shards = [s.shard_id for s in m.shards if s.state == "failed"]
-    why = f"{len(failed_shards)} shard(s) failed (error rate {rate:.2%})" if failed_shards else over_budget(c.failed, pairs, budget)
+    why = f"{len(failed_shards)} shard(s) failed (error rate {_rate(m):.2%})" if failed_shards else over_budget(c.failed, pairs, budget)
     m.drift = compare_drift(out_root, m, drift_cfg)
     drifted = m.drift.get("warnings") or []
-    m.status = "failed" if why or (drifted and drift_cfg.fail) else ("partial" if c.failed else "complete")
-    m.reason = why or (f"drift: {drifted[0]}" if drifted and drift_cfg.fail else None)
+    fail_on_drift = bool(drifted) and drift_cfg is not None and drift_cfg.fail
+    m.status = "failed" if why or fail_on_drift else ("partial" if c.failed else "complete")
+    m.reason = why or (f"drift: {drifted[0]}" if fail_on_drift else None)
+    _record_timings(m, wall_s, c.scored if scored_now is None else scored_now)
+    plan.state.save()
+    summary = run_summary(plan, budget, wall_s, out_root)
+    # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
+    summary["report"] = publish_run_report(out_root, plan.run_id)
+    if why:
+        raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary)
+    if fail_on_drift:
+        raise DriftExceeded(f"run {plan.run_id} drifted from recent nights (drift.fail is on): {drifted[0]}", summary)
+    return summary
+
+
+def _rate(m: Manifest) -> float:
+    """The run's failed share of its (image, model) pairs."""
+    return m.counts.failed / m.total_pairs if m.total_pairs else 0.0
+
+
+def _record_timings(m: Manifest, wall_s: float, scored: int) -> None:
+    """The run's throughput and end into ``m.timings``, and what each worker's backend ran into
+    ``m.inference["used"]``; ``scored``: the (image, model) pairs the rates count."""
     used = sorted({(s.backend, s.precision) for s in m.shards if s.backend})
     m.inference["used"] = [{"backend": b, "precision": p} for b, p in used]  # per worker (auto resolves per machine)
-    scored = c.scored if scored_now is None else scored_now
+    pairs = m.total_pairs
     per_image = m.total_images / pairs if pairs else 1.0  # several models: a pair is 1/n of an image's work
     m.timings.update(
-        {"wall_s": round(wall_s, 3), "shard_seconds": round(score_s, 3),
+        {"wall_s": round(wall_s, 3), "shard_seconds": round(sum(s.seconds or 0 for s in m.shards), 3),
          "images_per_s": round(scored * per_image / wall_s, 2) if wall_s else None,
          "pairs_per_s": round(scored / wall_s, 2) if wall_s else None,
          "ended_at": now_iso()}
     )
-    plan.state.save()
+
+
+def run_summary(plan: RunPlan, budget: RunConfig, wall_s: float, out_root: AnyPath) -> dict[str, Any]:
+    """The summary of a finished run as the CLI prints it and the flow returns it: status,
+    counts, the budget, throughput, where it ran, its output folders (those that exist), and —
+    unless it is ``complete`` — the ``rerun`` command that finishes it."""
+    m = plan.manifest
+    c = m.counts
     summary = {
         "run_id": plan.run_id,
         "status": m.status,
         **{k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed")},
         "models": [x.get("name") or x.get("arch") for x in m.scored_models],
-        "pairs": pairs,
-        "error_rate": round(rate, 6),
+        "pairs": m.total_pairs,
+        "error_rate": round(_rate(m), 6),
         "max_error_rate": budget.max_error_rate,
         "min_errors": budget.min_errors,
-        "failed_shards": failed_shards,
+        "failed_shards": [s.shard_id for s in m.shards if s.state == "failed"],
         "warnings": sum(sum(s.warnings.values()) for s in m.shards),  # Pillow warnings, counted per shard
         "images_per_s": m.timings["images_per_s"],
         "pairs_per_s": m.timings["pairs_per_s"],
         "wall_s": round(wall_s, 2),
-        "devices": devices,
-        "workers": workers,
+        "devices": sorted({s.device for s in m.shards if s.device}),
+        "workers": sorted({s.worker for s in m.shards if s.worker}),
         "manifest": str(storage.path(plan.run_dir, "manifest.json")),
-        "drift": drifted,
+        "drift": m.drift.get("warnings") or [],
         # a night with nothing new writes no part files (on a bucket: no object under the prefix)
         **{k: v for k, v in m.outputs.items() if storage.path(v).is_dir()},
     }
@@ -178,16 +198,10 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root, scored
         summary["rerun"] = rerun_command(plan.run_id, out_root)
     if c.already_failed:
         summary["known_bad"] = str(storage.path(plan.run_dir, CARRIED_FILE))
-    # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
-    summary["report"] = publish_run_report(out_root, plan.run_id)
-    if why:
-        raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary)
-    if drifted and drift_cfg.fail:
-        raise DriftExceeded(f"run {plan.run_id} drifted from recent nights (drift.fail is on): {drifted[0]}", summary)
     return summary
 
 
-def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
+def compare_drift(out_root: AnyPath, m: Manifest, drift_cfg: DriftConfig | None) -> dict[str, Any]:
     """The run against recent nights (``imgscore.report.drift.compare``), as the manifest keeps it:
     ``baseline_runs``, ``psi`` and ``warnings`` (each also logged as a warning on the flow run);
     {} when off. With several models each is compared with its own recent nights (its rows
@@ -197,10 +211,10 @@ def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
     if drift_cfg is None or not drift_cfg.enabled:
         return {}
     models = m.scored_models
-    out: dict = {}
+    out: dict[str, Any] = {}
     for model in models:
         try:
-            d = drift.compare(out_root, m.to_dict(), drift_cfg, model)
+            d = drift.compare(storage.display(out_root), m.to_dict(), drift_cfg, model)
         except (OSError, ValueError, ArrowException) as exc:
             get_run_logger().warning("drift: not compared with recent nights (%s: %s)", type(exc).__name__, exc)
             return {}
@@ -219,7 +233,7 @@ def compare_drift(out_root, m, drift_cfg: DriftConfig | None) -> dict:
     return out
 
 
-def skip_scored_guard(cfg: Config, run_id: str):
+def skip_scored_guard(cfg: Config, run_id: str) -> contextlib.AbstractContextManager[object]:
     """With ``run.skip_scored``, hold the lock of (input folder, model) for the run: a second run
     on the same folder with the same model at the same time would plan before the first wrote
     anything and score everything again, so it is refused (exit 2) naming the first
@@ -236,12 +250,13 @@ def scoring_identity(cfg: Config) -> str:
             + json.dumps(decode_settings(cfg.input), sort_keys=True))
 
 
-@flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner(), **notify.HOOKS)
-def score_images(config: dict | None = None, config_file: str | None = None) -> dict:
+@flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner(), on_failure=[notify.notify_hook],
+      on_crashed=[notify.notify_hook], on_completion=[notify.notify_hook])
+def score_images(config: dict[str, Any] | None = None, config_file: str | None = None) -> dict[str, Any]:
     """Score every image under ``config['input']['root']`` and write Parquet part files.
 
     The task runner is the one ``config['runner']`` names (``imgscore.runtime.runner``), however
-    the flow run was started.
+    the flow run was started. Its state hooks send ``notify.*`` notifications (``imgscore.flows.notify``).
 
     Args:
         config: a resolved config (``Config.to_dict()``), e.g. from ``configs/nightly.yaml``.
@@ -264,7 +279,7 @@ def score_images(config: dict | None = None, config_file: str | None = None) -> 
     """
     t0 = time.perf_counter()
     cfg = flow_config(config, config_file)
-    storage.configure(cfg.storage.settings())  # object-store roots: options, retries, timeouts of this run
+    object_store.configure(cfg.storage.settings())  # object-store roots: options, retries, timeouts of this run
     run_id = choose_run_id(cfg)
     notify.remember_run(run_id, cfg.output.root)
     with run_lock.held(run_dir_of(cfg.output.root, run_id), "imgscore run"), skip_scored_guard(cfg, run_id):

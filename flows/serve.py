@@ -8,12 +8,12 @@ this one. With a work pool, use ``prefect.yaml`` and ``prefect deploy`` instead 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgscore.config.loading import load_config
 from imgscore.config.schema import Config
 from imgscore.errors import ConfigError
+from imgscore.io import storage
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -64,7 +64,8 @@ def build_deployment(cfg: Config, cron: str, timezone: str, name: str = "nightly
             f"run.run_id={cfg.run.run_id!r} is fixed, so the second night would be refused as a duplicate; "
             "leave run.run_id unset for a schedule (each run gets a new id)"
         )
-    return score_images.to_deployment(
+    # prefect types to_deployment as possibly a coroutine (it dispatches on the caller); from sync code it is the deployment
+    return score_images.to_deployment(  # type: ignore[return-value]
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
         parameters={"config": cfg.to_dict()},
@@ -115,7 +116,8 @@ def main(args, temporary_url: str | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     deployment = build_deployment(cfg, args.cron, args.timezone, args.name)
     root = cfg.input.root  # an object-store URL is listed when each run starts
-    if root is not None and isinstance(root, Path) and not root.is_dir():  # may be a share mounted later: warn, serve
+    local = storage.local_path(root) if root is not None else None
+    if local is not None and not local.is_dir():  # may be a share mounted later: warn, serve
         print(f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
               "scheduled runs will exit 2 until it is", file=sys.stderr)
     api = PREFECT_API_URL.value()

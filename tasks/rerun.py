@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
+from prefect.states import State
 
 from imgscore.config.schema import Config
 from imgscore.errors import ShardStopped
 from imgscore.io import storage
+from imgscore.io.containment import check_run_date
 from imgscore.runstate import commits, migrate
 from imgscore.runstate import lock as run_lock
+from imgscore.runstate.commits import run_dir_of
 from imgscore.runstate.index import refresh_shards
 from imgscore.runstate.manifest import ShardRef, ShardResult, now_iso
-from imgscore.runstate.plan import RunPlan, load_plan, run_dir_of, shard_refs
+from imgscore.runstate.plan import RunPlan, load_plan, shard_refs
 from imgscore.runstate.rerun_plan import rescore_shard
 from imgscore.tasks.score_shard import stopped
 
@@ -37,7 +41,8 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[commits.
         plan.shards = shard_refs(m, plan.run_dir)
     m.status, m.reason = "running", None
     m.config = cfg.recorded()
-    m.outputs = {t: str(storage.parent_of(commits.shard_files(out, m.run_date, run_id, 0)[i])) for i, t in enumerate(("predictions", "errors"))}
+    parts = commits.shard_files(out, check_run_date(m.run_date, "run_date"), run_id, 0)
+    m.outputs = {t: str(storage.parent_of(parts[i])) for i, t in enumerate(("predictions", "errors"))}
     m.reruns.append(
         {
             "started_at": now_iso(),
@@ -52,7 +57,8 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[commits.
 
 
 @task(name="rescore_shard", cache_policy=NO_CACHE, persist_result=False)
-def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int, metadata_json: str) -> ShardResult:
+def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int,
+                       metadata_json: str) -> ShardResult | State[Any] | None:
     """One shard (or its failed images) on this worker; see ``imgscore.runstate.rerun_plan.rescore_shard``.
     Config and part-file metadata travel as JSON text, as in ``score_shard_task``."""
     halt = stopped(ref.run_dir)  # SIGINT/SIGTERM reached the flow: no shard starts

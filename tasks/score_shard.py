@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -15,12 +15,13 @@ from imgscore.errors import (
     ShardStopped,
 )
 from imgscore.inference.score import score_shard
+from imgscore.io.storage import AnyPath
 from imgscore.runstate import commits
-from imgscore.runstate.manifest import ShardRef, stop_requested
+from imgscore.runstate.manifest import ShardRef, ShardResult, stop_requested
 from imgscore.runtime.startup import SHARD_STOPPED_MESSAGE
 
 
-def stopped(run_dir: str | Path) -> State | None:
+def stopped(run_dir: AnyPath) -> State[Any] | None:
     """For a shard task run: a ``Cancelled`` state when the run is stopping, else None."""
     return Cancelled(message=SHARD_STOPPED_MESSAGE) if stop_requested(run_dir) else None
 
@@ -29,7 +30,7 @@ def stopped(run_dir: str | Path) -> State | None:
 # (JSON, checked against the part files) are the cache. Prefect persists no task result, so
 # nothing under output.root is ever unpickled (docs/security.md).
 @task(name="score_shard", cache_policy=NO_CACHE, persist_result=False)
-def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}"):
+def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}") -> ShardResult | State[Any] | None:
     """One shard on this worker's device; see ``imgscore.inference.score.score_shard``. Returns its
     :class:`ShardResult` — in a ``Cached`` state, without scoring, when an earlier attempt of
     the run committed the shard and its part files match (``imgscore.runstate.commits.committed``).

@@ -231,13 +231,13 @@ def s3(s3_server, s3_bucket_name, monkeypatch, request) -> S3Bucket:
     process (inherited by Dask workers, DataLoader workers and CLI subprocesses) pointing at it."""
     import hashlib
 
-    from imgscore.io import storage
+    from imgscore.io import object_store
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
-    storage.configure(storage.Settings())
+    object_store.configure(object_store.Settings())
     yield S3Bucket(s3_server, s3_bucket_name, "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16])
-    storage.configure(storage.Settings())
+    object_store.configure(object_store.Settings())
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from imgscore.config.scoring import PILLOW_MAX_PIXELS
 from imgscore.images.dataset import Failure, Sample, ShardDataset, collate_samples
 from imgscore.images.decode import decode_image
+from imgscore.images.entries import ImageEntry, display_path
 from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec, build_transform
-from imgscore.images.scan import ImageEntry, display_path
 
 SPEC = PreprocessSpec()
 OPTS = DecodeOptions(max_pixels=PILLOW_MAX_PIXELS)

@@ -20,16 +20,16 @@ from PIL import Image
 
 from imgscore.config.loading import build_config
 from imgscore.flows.cli import execute, main
-from imgscore.images.formats import known_formats
-from imgscore.images.scan import (
+from imgscore.images.extensions import (
     NOT_AN_IMAGE,
     SCORABLE_EXTENSIONS,
     UNSUPPORTED_EXTENSIONS,
     _stub_has_handler,
-    scan_images,
 )
+from imgscore.images.formats import known_formats
+from imgscore.images.scan import scan_images
 from imgscore.report.build import build_report
-from imgscore.runstate.commits import read_manifest
+from imgscore.runstate.state import read_manifest
 from tests.conftest import base_overrides
 
 HIDDEN = {".DS_Store", "._img.jpg", ".ipynb_checkpoints/img-checkpoint.jpg", "__MACOSX/._img.jpg", ".hidden/img.png"}

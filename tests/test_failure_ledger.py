@@ -27,13 +27,8 @@ from imgscore.io.parquet import (
     part_dir,
     run_part_files,
 )
-from imgscore.runstate.incremental import (
-    CARRIED_FILE,
-    HASHES_FILE,
-    HASHES_SCHEMA,
-    RETRIED_ERRORS,
-    split_already_scored,
-)
+from imgscore.runstate.already_scored import split_already_scored
+from imgscore.runstate.incremental import CARRIED_FILE, HASHES_FILE, HASHES_SCHEMA, RETRIED_ERRORS
 from tests.conftest import base_overrides
 from tests.test_incremental import folder
 

@@ -33,7 +33,7 @@ from imgscore.images.preprocess import DecodeOptions, PreprocessSpec, build_tran
 from imgscore.images.scan import scan_images
 from imgscore.inference.isolation import Isolation, score_isolated
 from imgscore.io import storage
-from imgscore.runstate.commits import read_manifest
+from imgscore.runstate.state import read_manifest
 from tests.conftest import assert_same_answers, base_overrides
 from tests.test_decode import (
     corrupt_exif,
@@ -517,7 +517,7 @@ def test_a_shard_failed_after_its_retries_is_committed_on_either_root(out_root):
     ``output.root`` as the config holds it (a string): an earlier attempt's embeddings part is
     removed, one errors row per image (stage inference, ShardFailed, the reason), an empty
     predictions part, and a ``failed`` commit record — on a bucket as on disk."""
-    from imgscore.images.scan import ImageEntry
+    from imgscore.images.entries import ImageEntry
     from imgscore.inference.commit import commit_failed_shard
     from imgscore.io.parquet import part_dir, part_name
     from imgscore.runstate.manifest import ShardRef, read_commit_record

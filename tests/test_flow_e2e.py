@@ -15,7 +15,7 @@ from imgscore.config.loading import build_config
 from imgscore.flows.cli import execute
 from imgscore.inference.model import file_sha256
 from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
-from imgscore.runstate.commits import read_manifest
+from imgscore.runstate.state import read_manifest
 from tests.conftest import assert_same_answers, base_overrides, save_as_if_cuda
 
 pytestmark = pytest.mark.slow

@@ -25,8 +25,8 @@ from imgscore.images.decode import decode_bytes, decode_file
 from imgscore.images.formats import DEFAULT_FORMATS, check_formats, detect_format, known_formats
 from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec
 from imgscore.report.thumbnails import thumbnail_data_uri
-from imgscore.runstate.commits import read_manifest
 from imgscore.runstate.incremental import decode_settings, model_key
+from imgscore.runstate.state import read_manifest
 from tests.conftest import base_overrides
 from tests.test_every_file import fits_bytes, read_rows
 
@@ -285,7 +285,7 @@ def test_a_slow_decode_inline_is_a_timeout_row_and_the_batch_goes_on(tmp_path, p
     from torch.utils.data import DataLoader
 
     from imgscore.images.dataset import ShardDataset, collate_samples
-    from imgscore.images.scan import ImageEntry
+    from imgscore.images.entries import ImageEntry
 
     photos["astronaut"].resize((64, 64)).save(tmp_path / "a.jpg", format="JPEG")
     (tmp_path / "slow.png").write_bytes(slow_format)

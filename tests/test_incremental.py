@@ -11,12 +11,8 @@ import pytest
 
 from imgscore.flows.cli import main as cli_main
 from imgscore.images.scan import scan_images
-from imgscore.runstate.incremental import (
-    decode_settings,
-    model_key,
-    recorded_model,
-    split_already_scored,
-)
+from imgscore.runstate.already_scored import split_already_scored
+from imgscore.runstate.incremental import decode_settings, model_key, recorded_model
 from imgscore.runstate.lock import clean_abandoned_temp_files
 from tests.conftest import base_overrides, make_variants
 

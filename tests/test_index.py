@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from imgscore.images import scan as scan_mod
-from imgscore.images.scan import INDEX_SCHEMA, open_scan, ordered_map, scan_images
+from imgscore.images import scan_stream, walk
+from imgscore.images.entries import INDEX_SCHEMA
+from imgscore.images.scan import open_scan, scan_images
+from imgscore.images.scan_stream import ordered_map
 from imgscore.runstate.index import (
     IndexWriter,
     read_shard_entries,
@@ -83,7 +86,7 @@ def _old_fingerprint(entries) -> str:  # the definition before fingerprints were
 def test_index_writer_cuts_the_same_shards_whatever_the_batches(tmp_path, monkeypatch):
     root = _tree(tmp_path / "t")
     full = scan_images(root)
-    monkeypatch.setattr(scan_mod, "SCAN_BATCH_ROWS", 4)  # many small batches, not aligned to shards
+    monkeypatch.setattr(scan_stream, "SCAN_BATCH_ROWS", 4)  # many small batches, not aligned to shards
     spans = []
     for d, per_file in ((tmp_path / "a", 3), (tmp_path / "b", 64)):
         s = open_scan(root)
@@ -122,7 +125,7 @@ def test_refresh_restats_only_the_shards_asked(tmp_path):
 
 
 def test_scan_threads_auto_is_one_on_a_local_disk(tmp_path):
-    assert scan_mod.filesystem_type(tmp_path) is not None
-    assert scan_mod.scan_threads_for(tmp_path, "auto") == (8 if scan_mod.filesystem_type(tmp_path) in scan_mod.NETWORK_FILESYSTEMS else 1)
+    assert walk.filesystem_type(tmp_path) is not None
+    assert scan_mod.scan_threads_for(tmp_path, "auto") == (8 if walk.filesystem_type(tmp_path) in walk.NETWORK_FILESYSTEMS else 1)
     assert scan_mod.scan_threads_for(tmp_path, 3) == 3
     assert INDEX_SCHEMA.names[:2] == ["image_path", "fs_path"]

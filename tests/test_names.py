@@ -103,8 +103,10 @@ def test_incremental_skip_keys_match_names_in_nfc(photos, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from imgscore.images.scan import ImageEntry, ImageIndex, scan_images, sha256_of_file
-    from imgscore.runstate.incremental import HASHES_FILE, HASHES_SCHEMA, split_already_scored
+    from imgscore.images.entries import ImageEntry, ImageIndex
+    from imgscore.images.scan import scan_images, sha256_of_file
+    from imgscore.runstate.already_scored import split_already_scored
+    from imgscore.runstate.incremental import HASHES_FILE, HASHES_SCHEMA
     from tests.test_incremental import MODEL, _fake_prior_run
 
     root = tmp_path / "images"

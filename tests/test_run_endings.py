@@ -105,14 +105,8 @@ def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_
     readers see ``crashed`` with its reason, not ``abandoned``. Where nothing at all can be
     written, the notification of the process that ended the run still says ``crashed``."""
     from imgscore.flows import notify
-    from imgscore.runstate.manifest import (
-        Counts,
-        Manifest,
-        RunState,
-        ShardRecord,
-        ShardResult,
-        load_manifest,
-    )
+    from imgscore.runstate.manifest import Counts, Manifest, ShardRecord, ShardResult
+    from imgscore.runstate.state import RunState, load_manifest
 
     with small_tmpfs(tmp_path / "full") as full:
         run_dir = full / "runs" / "r1"

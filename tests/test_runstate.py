@@ -14,15 +14,8 @@ from pydantic import ValidationError
 
 from imgscore.errors import RunLockedError
 from imgscore.runstate import lock as run_lock
-from imgscore.runstate.manifest import (
-    Counts,
-    Manifest,
-    RunState,
-    ShardRecord,
-    ShardResult,
-    ledger_segments,
-    load_manifest,
-)
+from imgscore.runstate.manifest import Counts, Manifest, ShardRecord, ShardResult
+from imgscore.runstate.state import RunState, ledger_segments, load_manifest
 
 
 def new_manifest(n: int = 6, size: int = 10) -> Manifest:

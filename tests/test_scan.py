@@ -172,7 +172,7 @@ def test_output_root_inside_input_root_is_left_out_of_the_scan(tmp_path):
 def test_an_object_store_output_prefix_inside_the_input_prefix_is_left_out(monkeypatch):
     """The same rule on a bucket, compared as normalized URLs (the storage layer's listing faked)."""
     from imgscore.images.scan import open_scan
-    from imgscore.io import storage
+    from imgscore.io import objects, storage
 
     keys = ["cat/c1.png", "dog/d1.png", "dog/scores/predictions/part-00000.parquet", "Scores/runs/r1/manifest.json",
             "Scores/predictions/run_date=2026-03-01/r1/part-00000.parquet"]
@@ -181,11 +181,11 @@ def test_an_object_store_output_prefix_inside_the_input_prefix_is_left_out(monke
         rel = storage.normalize_root(url).removeprefix("s3://b/data").strip("/")
         under = [k[len(rel) + 1:] if rel else k for k in keys if not rel or k.startswith(rel + "/")]
         if recursive:
-            return [storage.ObjectInfo(k, 1, 0, "e") for k in sorted(under)], []
-        return ([storage.ObjectInfo(k, 1, 0, "e") for k in under if "/" not in k],
+            return [objects.ObjectInfo(k, 1, 0, "e") for k in sorted(under)], []
+        return ([objects.ObjectInfo(k, 1, 0, "e") for k in under if "/" not in k],
                 sorted({k.split("/")[0] for k in under if "/" in k}))
 
-    monkeypatch.setattr(storage, "list_objects", list_objects)
+    monkeypatch.setattr(objects, "list_objects", list_objects)
     scan = open_scan("s3://b/data", exclude="S3://b/data/Scores/")
     rows = [r for b in scan.batches() for r in b.column("image_path").to_pylist()]
     assert scan.classes == ["cat", "dog"] and rows == ["cat/c1.png", "dog/d1.png"]

@@ -26,9 +26,9 @@ from imgscore.io.containment import (
     check_recorded_files,
     check_relative_column,
     inside,
-    remove_temp_files,
     safe_name,
 )
+from imgscore.io.file_ops import remove_temp_files
 from tests.conftest import base_overrides
 from tests.test_rerun import errors, flat_folder, manifest, only_run, predictions, truncate_jpeg
 
@@ -281,13 +281,10 @@ def test_writers_never_write_through_a_symlink_at_their_temp_name(tmp_path, writ
     """Part files, manifests and commit records are written to `.NAME.PID.tmp` and renamed; a
     symlink planted at that name (PIDs are easy to guess) is replaced, never written through.
     A ledger segment is created the same way."""
-    from imgscore.io.parquet import (
-        ERRORS_SCHEMA,
-        temp_path,
-        write_bytes_atomic,
-        write_table_atomic,
-    )
-    from imgscore.runstate.manifest import ShardLedger, ShardResult, _segment_path
+    from imgscore.io.local_files import temp_path
+    from imgscore.io.parquet import ERRORS_SCHEMA, write_bytes_atomic, write_table_atomic
+    from imgscore.runstate.manifest import ShardResult
+    from imgscore.runstate.state import ShardLedger, _segment_path
 
     outside, before = _outside(tmp_path)
     folder = tmp_path / "out" / "x"

@@ -30,7 +30,7 @@ from imgscore.images.dataset import ShardDataset, collate_per_transform, decode_
 from imgscore.images.preprocess import DecodeOptions, PreprocessSpec
 from imgscore.images.scan import scan_images
 from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA
-from imgscore.runstate.manifest import load_manifest
+from imgscore.runstate.state import load_manifest
 from tests.conftest import assert_same_answers, doc_section, make_image_folder
 
 ATOL = 1e-4  # the same tensors through the same module: only batch composition differs

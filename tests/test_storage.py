@@ -1,4 +1,4 @@
-"""The filesystem layer (``imgscore.io.storage``) against a real S3 server (SeaweedFS on
+"""The filesystem layer (``imgscore.io.storage``, ``object_store``, ``objects``) against a real S3 server (SeaweedFS on
 loopback) and a real fault-injecting HTTP proxy: roots and URLs, conditional creates, listings,
 object reads with retries and timeouts, and the refusal of secrets in ``storage.options``."""
 
@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from imgscore.io import storage
+from imgscore.io import object_store, objects, storage
 from tests.s3_server import FaultProxy
 
 
@@ -33,17 +33,17 @@ def test_roots_normalize_and_join():
 def test_secrets_in_options_are_refused_and_env_references_expand(monkeypatch):
     """A credential can only be named (``${VAR}``), never written; the name is resolved on the
     machine that opens the store, and an unset variable is named in the error."""
-    storage.check_options({"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"}, "anon": False})
+    object_store.check_options({"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"}, "anon": False})
     for bad in ({"secret": "hunter2"}, {"key": "AKIA123"}, {"client_kwargs": {"aws_secret_access_key": "x"}},
                 {"sas_token": "sv=2020"}, {"connection_string": "DefaultEndpoints..."}, {"account_key": "abc"}):
         with pytest.raises(ValueError, match="looks like a credential.*SOME_ENV_VAR"):
-            storage.check_options(bad)
-    storage.check_options({"secret": "${MY_SECRET}", "token": "anon"})
+            object_store.check_options(bad)
+    object_store.check_options({"secret": "${MY_SECRET}", "token": "anon"})
     monkeypatch.setenv("MY_SECRET", "s3cr3t")
-    assert storage._expand({"a": {"secret": "${MY_SECRET}"}}, "storage.options") == {"a": {"secret": "s3cr3t"}}
+    assert object_store._expand({"a": {"secret": "${MY_SECRET}"}}, "storage.options") == {"a": {"secret": "s3cr3t"}}
     monkeypatch.delenv("MY_SECRET")
     with pytest.raises(ValueError, match=r"storage.options.secret refers to \$\{MY_SECRET\}, which is not set"):
-        storage._expand({"secret": "${MY_SECRET}"}, "storage.options")
+        object_store._expand({"secret": "${MY_SECRET}"}, "storage.options")
 
 
 def test_seaweedfs_listens_only_on_the_ports_it_was_given(s3_server):
@@ -105,12 +105,12 @@ def test_listing_reports_size_last_modified_and_etag(s3):
     s3.put("img/a/one.jpg", b"12345")
     s3.put("img/b/sub/two.png", b"xy")
     s3.put("img/top.jpg", b"z")
-    objs, prefixes = storage.list_objects(s3.url("img"))
+    objs, prefixes = objects.list_objects(s3.url("img"))
     assert [o.key for o in objs] == ["a/one.jpg", "b/sub/two.png", "top.jpg"] and prefixes == []
     head = s3.client.head_object(Bucket=s3.bucket, Key=s3.key("img/a/one.jpg"))
     assert objs[0].size == 5 and objs[0].version == head["ETag"].strip('"')
     assert abs(objs[0].mtime_ns / 1e9 - head["LastModified"].timestamp()) < 1.0 and abs(objs[0].mtime_ns / 1e9 - time.time()) < 600
-    top, prefixes = storage.list_objects(s3.url("img"), recursive=False)
+    top, prefixes = objects.list_objects(s3.url("img"), recursive=False)
     assert [o.key for o in top] == ["top.jpg"] and prefixes == ["a", "b"]
 
 
@@ -125,15 +125,15 @@ def test_object_reads_retry_throttling_and_time_out_slow_objects(s3, s3_server, 
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         proxy.fail_keys.add(f"/{s3.bucket}/{s3.prefix}/img/throttled.jpg")
         proxy.slow_keys.add(f"/{s3.bucket}/{s3.prefix}/img/slow.jpg")
-        storage.configure(storage.Settings.of(retries=2, read_timeout_s=0.5, connect_timeout_s=2))
+        object_store.configure(object_store.Settings.of(retries=2, read_timeout_s=0.5, connect_timeout_s=2))
         t0 = time.monotonic()
-        ok, throttled, slow = storage.read_objects([s3.url("img", n) for n in ("ok.jpg", "throttled.jpg", "slow.jpg")])
+        ok, throttled, slow = objects.read_objects([s3.url("img", n) for n in ("ok.jpg", "throttled.jpg", "slow.jpg")])
         took = time.monotonic() - t0
     assert ok == b"ok.jpg"
-    assert isinstance(throttled, OSError) and "SlowDown" in storage.describe_error(throttled), storage.describe_error(throttled)
+    assert isinstance(throttled, OSError) and "SlowDown" in objects.describe_error(throttled), objects.describe_error(throttled)
     assert proxy.gets[f"/{s3.bucket}/{s3.prefix}/img/throttled.jpg"] == 3  # 1 + storage retries
     assert isinstance(slow, TimeoutError | OSError) and not isinstance(slow, bytes)
-    assert took < storage.current_settings().object_timeout_s + 5, took
+    assert took < object_store.current_settings().object_timeout_s + 5, took
 
 
 def _messy_tree(root, photos):
@@ -167,7 +167,8 @@ def test_object_scan_lists_like_the_folder_scan(threads, s3, photos, tmp_path):
     order with torchvision's rule, whatever the number of listing threads."""
     import pyarrow as pa
 
-    from imgscore.images.scan import entries_from_table, open_scan
+    from imgscore.images.entries import entries_from_table
+    from imgscore.images.scan import open_scan
 
     local = _messy_tree(tmp_path / "images", photos)
     url = s3.upload(local, "images")
@@ -221,7 +222,7 @@ def test_dataloader_workers_read_objects_and_record_what_fails(s3, s3_server, ph
     with FaultProxy(s3_server.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         proxy.fail_keys.add(f"/{s3.bucket}/{s3.key('flat/1_coffee.png')}")
-        storage.configure(storage.Settings.of(retries=1, read_timeout_s=5))
+        object_store.configure(object_store.Settings.of(retries=1, read_timeout_s=5))
         ds = ShardDataset(url, index.entries, spec, opts)
         batches = list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_samples,
                                   multiprocessing_context="fork"))
@@ -265,7 +266,7 @@ def test_two_writers_of_one_shard_commit_once(where, tmp_path, request):
 def test_the_path_type_is_a_pathlib_path_locally_and_rides_on_the_configured_store_remotely(s3, tmp_path, monkeypatch):
     """What ``storage.path`` promises (and the minor pin of universal-pathlib protects): a local
     root gives a real ``pathlib.Path``; a remote one a UPath whose ``.fs`` is the very instance
-    ``storage.filesystem`` opened with the settings in force (so a ``Path`` method on it reaches
+    ``object_store.filesystem`` opened with the settings in force (so a ``Path`` method on it reaches
     the same endpoint with the same retries), also after the settings or the endpoint change."""
     from pathlib import Path
 
@@ -273,15 +274,15 @@ def test_the_path_type_is_a_pathlib_path_locally_and_rides_on_the_configured_sto
     assert isinstance(local, Path) and local == tmp_path / "runs" / "R1" and storage.path(f"file://{tmp_path}", "x") == tmp_path / "x"
     p = storage.path(s3.url("out"), "runs/R1", "manifest.json")
     assert str(p) == s3.url("out/runs/R1/manifest.json") and str(p / "x") == str(p) + "/x"
-    assert p.fs is storage.filesystem(str(p))[0] and p.fs.retries == 1
+    assert p.fs is object_store.filesystem(str(p))[0] and p.fs.retries == 1
     p.write_bytes(b"{}")
     assert storage.read_bytes(str(p)) == b"{}" and p.exists()
     p.unlink(missing_ok=True)
     assert not p.exists() and s3.keys("out/") == []
     p.unlink(missing_ok=True)  # nothing there is fine, as on disk
-    storage.configure(storage.Settings.of(retries=1))
+    object_store.configure(object_store.Settings.of(retries=1))
     q = storage.path(s3.url("out"))
-    assert q.fs is storage.filesystem(str(q))[0] and q.fs is not p.fs
+    assert q.fs is object_store.filesystem(str(q))[0] and q.fs is not p.fs
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # a client reads it when it is made
     r = storage.path(s3.url("out"))
-    assert r.fs is storage.filesystem(str(r))[0] and r.fs is not q.fs
+    assert r.fs is object_store.filesystem(str(r))[0] and r.fs is not q.fs

@@ -20,9 +20,9 @@ from PIL import Image, ImageCms, PngImagePlugin
 from imgscore.config.scoring import PILLOW_MAX_PIXELS, PreprocessConfig
 from imgscore.images.dataset import Failure, Sample, ShardDataset, collate_samples
 from imgscore.images.decode import decode_file, decode_image
+from imgscore.images.entries import ImageEntry
 from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec
 from imgscore.images.rgb import value_range
-from imgscore.images.scan import ImageEntry
 
 SPEC = PreprocessSpec(max_aspect_ratio=100.0)
 OPTS = DecodeOptions(PILLOW_MAX_PIXELS)

@@ -166,7 +166,8 @@ def backend_forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: 
     """Forward-only img/s of every backend on the same pre-decoded batch, through imgscore's own
     backends (imgscore/inference/backends/: folded torch module, ONNX export from the bench cache), and each
     one's agreement with torch fp32 on that batch (top-1, mean and max |Δscore|, as the canary)."""
-    from imgscore.inference import backends as B
+    from imgscore.inference.backends.canary import compare_probs
+    from imgscore.inference.backends.factory import make_forward
 
     torch.set_num_threads(threads)
     lm = load_folded(arch, ckpt)
@@ -175,7 +176,7 @@ def backend_forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: 
     for name, precision in BACKENDS:
         key = f"{name} {precision}"
         try:
-            fwd = B.make_forward(lm, name, precision, threads, DATA / "cache")
+            fwd = make_forward(lm, name, precision, threads, DATA / "cache")
         except Exception as exc:  # a runtime that is not installed: recorded, not fatal
             out[key] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
@@ -189,7 +190,7 @@ def backend_forward_only(arch: str, ckpt: Path, tensors: torch.Tensor, batches: 
             dt = time.perf_counter() - t0
         if ref is None:
             ref = p
-        agree, mean_d, max_d = B.compare_probs(ref, p)
+        agree, mean_d, max_d = compare_probs(ref, p)
         out[key] = {
             "img_per_s": rate(n * len(x), dt),
             "images": n * len(x),
@@ -207,8 +208,8 @@ def decode_core_time(paths: list[Path], draft: bool) -> dict:
     """Seconds of one core per image for decode + eval transform (what a DataLoader worker does),
     through imgscore's own dataset code (EXIF, mode handling, transform)."""
     from imgscore.images.dataset import ShardDataset
+    from imgscore.images.entries import ImageEntry
     from imgscore.images.preprocess import DecodeOptions, PreprocessSpec
-    from imgscore.images.scan import ImageEntry
 
     torch.set_num_threads(1)
     root = os.path.commonpath([str(p) for p in paths])

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from imgscore.config.fields import PATH_NOTE, Root, Section, not_a_number
-from imgscore.io import storage
+from imgscore.io import object_store
 from imgscore.io.containment import is_plain_name
 
 
@@ -197,9 +197,9 @@ class StorageConfig(Section):
     @field_validator("options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        storage.check_options(v)
+        object_store.check_options(v)
         return v
 
-    def settings(self) -> storage.Settings:
-        """What :func:`imgscore.io.storage.configure` takes."""
-        return storage.Settings.of(self.options, self.retries, self.read_timeout_s, self.connect_timeout_s)
+    def settings(self) -> object_store.Settings:
+        """What :func:`imgscore.io.object_store.configure` takes."""
+        return object_store.Settings.of(self.options, self.retries, self.read_timeout_s, self.connect_timeout_s)

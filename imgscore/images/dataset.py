@@ -7,7 +7,7 @@ stacks the samples and passes the failures along; no substitute sample is ever s
 of a broken image.
 
 With an object-store ``input.root`` the bytes are read here too, inside the DataLoader worker
-processes (each has its own client: :func:`imgscore.io.storage.read_objects`), a batch's GETs
+processes (each has its own client: :func:`imgscore.io.objects.read_objects`), a batch's GETs
 at once (:meth:`ShardDataset.__getitems__`, which the DataLoader calls with a whole batch of
 positions). A GET that still fails after the client's retries, or does not finish within the
 storage timeout, is a :class:`Failure` of that image (``ObjectReadError``; a missing object is
@@ -26,9 +26,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from imgscore.images.decode import DecodedImage, decode_bytes, decode_file
+from imgscore.images.entries import ImageEntry
 from imgscore.images.preprocess import DecodeError, DecodeOptions, PreprocessSpec, build_transform
-from imgscore.images.scan import ImageEntry
-from imgscore.io import storage
+from imgscore.io import object_store, objects, storage
 
 
 @dataclass
@@ -132,7 +132,7 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
         entries: list[ImageEntry],
         spec: PreprocessSpec | list[PreprocessSpec],
         opts: DecodeOptions,
-        settings: storage.Settings | None = None,
+        settings: object_store.Settings | None = None,
     ) -> None:
         self.root = str(root)
         self.entries = entries
@@ -141,7 +141,7 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
         self.spec = self.specs[0]
         self.opts = opts
         self.local_root = storage.local_path(self.root)  # None for an object store: its bytes are fetched here
-        self.settings = settings or storage.current_settings()
+        self.settings = settings or object_store.current_settings()
         groups: dict[PreprocessSpec, list[int]] = {}
         for i, sp in enumerate(self.specs):
             groups.setdefault(decode_key(sp), []).append(i)
@@ -159,13 +159,13 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
         (their GETs overlap) and decoded one by one as they arrive; local files are opened one by one."""
         if self.local_root is not None:
             return [self._prepare(p, None) for p in positions]
-        if storage.current_settings() != self.settings:  # a worker process started by spawn
-            storage.configure(self.settings)
+        if object_store.current_settings() != self.settings:  # a worker process started by spawn
+            object_store.configure(self.settings)
         wanted = [p for p in positions if not self.entries[p].scan_error]
         fetching = dict(
             zip(
                 wanted,
-                storage.fetch_objects([storage.join(self.root, self.entries[p].rel) for p in wanted]),
+                objects.fetch_objects([storage.join(self.root, self.entries[p].rel) for p in wanted]),
                 strict=True,
             )
         )
@@ -185,7 +185,7 @@ class ShardDataset(Dataset[Item | tuple[Item, ...]]):
                 f"cannot read object {url}: it no longer exists",
             )
         return Failure(
-            pos, entry.image_path, "decode", "ObjectReadError", f"GET {url} failed: {storage.describe_error(exc)}"
+            pos, entry.image_path, "decode", "ObjectReadError", f"GET {url} failed: {objects.describe_error(exc)}"
         )
 
     def _decode(self, pos: int, data: bytes | None, warned: list[str], spec: PreprocessSpec) -> DecodedImage:

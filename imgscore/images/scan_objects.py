@@ -11,10 +11,10 @@ scans a folder: the same ImageFolder semantics, the same order, the same index r
   Their batches are yielded prefix by prefix in order (``ordered_map``), so the index and every
   shard are the same with 1 thread or 16.
 - **Order**: keys are put in the local scan's (torchvision's) order — in each "folder" its objects
-  by name, then its sub-folders (:func:`~imgscore.io.storage.walk_order_key`) — so a tree
+  by name, then its sub-folders (:func:`~imgscore.io.objects.walk_order_key`) — so a tree
   copied to a bucket gives the same image list, shards and labels as on disk.
 - **Every object accounted for**: an object under the root is an image to score, or listed in
-  ``skipped`` with its reason (:func:`~imgscore.images.scan.skip_reason`); only hidden names
+  ``skipped`` with its reason (:func:`~imgscore.images.extensions.skip_reason`); only hidden names
   (``.DS_Store``, ``._x.jpg``, anything under a ``.``-folder) and ``__MACOSX`` appear nowhere, as
   on disk; directory markers (``key/``, zero bytes) are no objects.
 - **Index rows** keep the object's size, last-modified time (as ``mtime_ns``) and its ``version``
@@ -25,52 +25,48 @@ scans a folder: the same ImageFolder semantics, the same order, the same index r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from imgscore.errors import InputError
-from imgscore.images.scan import (
-    ImageEntry,
-    Scan,
-    _is_hidden,
-    _skip,
-    _Unit,
-    batched,
-    skip_reason,
-)
-from imgscore.io import storage
+from imgscore.images.entries import ImageEntry, note_skipped
+from imgscore.images.extensions import is_hidden, skip_reason
+from imgscore.images.scan_stream import Scan, ScanItem, ScanUnit, batched
+from imgscore.io import object_store, objects, storage
 
 
 def _hidden_key(key: str) -> bool:
     """A key with any hidden component (``.x``, ``__MACOSX``) is left out, as the local walk
     never enters hidden folders nor lists hidden files."""
-    return any(_is_hidden(part) for part in key.split("/"))
+    return any(is_hidden(part) for part in key.split("/"))
 
 
 @dataclass
 class ObjectScan(Scan):
-    """A :class:`~imgscore.images.scan.Scan` whose units are key prefixes of an object store.
+    """A :class:`~imgscore.images.scan_stream.Scan` whose units are key prefixes of an object store.
     ``root`` is the root URL (a string)."""
 
-    def _scan_unit(self, unit: _Unit):
+    def scan_unit(self, unit: ScanUnit) -> Iterator[ScanItem]:
         """Yield the unit's record batches (index order), then ``("skipped", list)``."""
         skipped: list[dict[str, str]] = []
         root = str(self.root)
-        if unit.files is not None:
-            objects = unit.files  # the root's own objects (flat layout), already listed
+        if unit.objects is not None:
+            listed = unit.objects  # the root's own objects (flat layout), already listed
             base = ""
         else:
-            base = unit.top[len(root):].strip("/") + "/"
-            objects, _ = storage.list_objects(unit.top, recursive=True)
+            top = unit.top or root
+            base = top[len(root):].strip("/") + "/"
+            listed, _ = objects.list_objects(top, recursive=True)
         left_out = self.exclude + "/" if self.exclude else None  # output.root's prefix under the root
 
-        def images():
-            for obj in sorted((o for o in objects if not _hidden_key(o.key)), key=lambda o: storage.walk_order_key(o.key)):
+        def images() -> Iterator[ImageEntry]:
+            for obj in sorted((o for o in listed if not _hidden_key(o.key)), key=lambda o: objects.walk_order_key(o.key)):
                 rel = base + obj.key
                 if left_out is not None and rel.startswith(left_out):
                     continue
                 why = skip_reason(rel, self.formats)
                 if why is not None:
-                    _skip(skipped, rel, why)
+                    note_skipped(skipped, rel, why)
                     continue
                 yield ImageEntry(rel, unit.label, unit.label_name, obj.size, obj.mtime_ns, version=obj.version)
 
@@ -79,7 +75,7 @@ class ObjectScan(Scan):
 
 def _refuse_listing(root: str, exc: BaseException) -> InputError:
     return InputError(
-        f"input.root {root!r} cannot be listed ({storage.describe_error(exc)}); check the bucket name and the credentials "
+        f"input.root {root!r} cannot be listed ({objects.describe_error(exc)}); check the bucket name and the credentials "
         "this machine finds (AWS_ACCESS_KEY_ID/AWS_PROFILE, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)"
     )
 
@@ -96,13 +92,13 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
             answer is in the message).
     """
     try:
-        top, prefixes = storage.list_objects(root, recursive=False)
+        top, prefixes = objects.list_objects(root, recursive=False)
     except (OSError, ValueError) as exc:
         raise _refuse_listing(root, exc) from None
-    classes = [p for p in prefixes if not _is_hidden(p) and p != exclude]
-    top_files = [o for o in top if not _is_hidden(o.key)]
+    classes = [p for p in prefixes if not is_hidden(p) and p != exclude]
+    top_files = [o for o in top if not is_hidden(o.key)]
     if not classes and not top_files and not prefixes and not top:
-        if (why := storage.missing_bucket(root, "input.root")) is not None:
+        if (why := object_store.missing_bucket(root, "input.root")) is not None:
             raise InputError(why)
         raise InputError(
             f"input.root {root!r} holds no objects; check the bucket and prefix (keys are listed under {root.rstrip('/')}/)"
@@ -113,11 +109,20 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
     scan = ObjectScan(root=root, layout=layout, classes=[], formats=formats, exclude=exclude)
     if layout == "imagefolder":
         scan.classes = list(classes)
-        scan._units = [_Unit(storage.join(root, c), i, c) for i, c in enumerate(classes)]
+        scan.units = [ScanUnit(storage.join(root, c), i, c) for i, c in enumerate(classes)]
         tail: list[dict[str, str]] = []
         for o in top_files:
-            _skip(tail, o.key, skip_reason(o.key, formats) or "image outside any class folder (layout=imagefolder)")
-        scan._tail_skipped = tail
+            note_skipped(tail, o.key, skip_reason(o.key, formats) or "image outside any class folder (layout=imagefolder)")
+        scan.tail_skipped = tail
     else:
-        scan._units = [_Unit(None, None, None, files=top_files)] + [_Unit(storage.join(root, d), None, None) for d in classes]
+        scan.units = [ScanUnit(None, None, None, objects=top_files)] + [ScanUnit(storage.join(root, d), None, None) for d in classes]
     return scan
+
+
+def object_entry(root: str, rel: str, label: int | None, label_name: str | None) -> ImageEntry:
+    """The index entry of the object ``rel`` under ``root`` as it is now (a HEAD: size,
+    last-modified, version); one that is gone gets a ``scan_error``."""
+    info = objects.stat_object(storage.join(root, rel))
+    if info is None:
+        return ImageEntry(rel, label, label_name, None, None, scan_error="object not found: deleted since the scan")
+    return ImageEntry(rel, label, label_name, info.size, info.mtime_ns, version=info.version)

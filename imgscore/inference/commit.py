@@ -12,7 +12,7 @@ import pyarrow as pa
 from upath import UPath
 
 from imgscore.errors import ShardStopped
-from imgscore.images.scan import ImageEntry
+from imgscore.images.entries import ImageEntry
 from imgscore.inference.rows import RowContext, error_row
 from imgscore.io import storage
 from imgscore.io.containment import inside

@@ -28,8 +28,8 @@ from imgscore.images.dataset import (
     collate_per_transform,
     collate_samples,
 )
+from imgscore.images.entries import ImageEntry
 from imgscore.images.preprocess import DecodeOptions
-from imgscore.images.scan import ImageEntry
 from imgscore.inference import autotune
 from imgscore.inference.backends.forward import Forward
 from imgscore.inference.device import loader_context, loader_workers

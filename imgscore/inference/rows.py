@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from imgscore.images.dataset import Batch
-from imgscore.images.scan import ImageEntry
+from imgscore.images.entries import ImageEntry
 from imgscore.inference import autotune
 from imgscore.inference import embeddings as emb
 from imgscore.inference.backends.forward import Forward

@@ -29,15 +29,22 @@ import pyarrow as pa
 from imgscore.config.running import OutputConfig
 from imgscore.config.schema import Config
 from imgscore.config.scoring import InputConfig
-from imgscore.images.scan import ImageEntry
+from imgscore.images.entries import ImageEntry
 from imgscore.inference import embeddings as emb
 from imgscore.inference.commit import commit_shard
-from imgscore.inference.device import configure_threads
+from imgscore.inference.device import (
+    configure_threads,
+)
 from imgscore.inference.loader import build_loader, loader_batches
 from imgscore.inference.rows import ModelPass, RowContext, ShardRows, score_passes
 from imgscore.inference.scorer import Scorer, load_scorers, transform_specs
-from imgscore.io import storage
-from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, file_metadata, make_table
+from imgscore.io import object_store
+from imgscore.io.parquet import (
+    ERRORS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    file_metadata,
+    make_table,
+)
 from imgscore.runstate.index import read_shard_entries as _read_index_entries
 from imgscore.runstate.manifest import ShardRef, ShardResult, models_id, stop_check
 
@@ -153,7 +160,7 @@ def score_shard(
     """
     t0 = time.perf_counter()
     # this worker (and its DataLoader processes) open stores with the run's settings
-    storage.configure(cfg.storage.settings())
+    object_store.configure(cfg.storage.settings())
     scorers = load_scorers(cfg, workers_on_host, rank)
     entries = read_shard_entries(ref)
     ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]

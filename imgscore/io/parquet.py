@@ -18,9 +18,9 @@ place a part-file folder is named; :func:`legacy_part_dir` names the old one).
 
 Part files are written to a temp name starting with ``.`` in the same folder and renamed into
 place, so readers (which skip ``.``/``_`` files) never see half a file, and a rewrite of the same
-shard replaces its file instead of adding one. The temp file is always created new
-(:func:`imgscore.io.containment.create_new`): a symlink planted at its name is never written
-through.
+shard replaces its file instead of adding one (:class:`imgscore.io.file_ops.AtomicWrite`; on an
+object store, one PUT). The temp file is always created new: a symlink planted at its name is
+never written through.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
-import os
 from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
 from imgscore.errors import OutputWriteError
-from imgscore.io import storage
-from imgscore.io.containment import check_run_date, create_new, remove_temp_files, safe_name
+from imgscore.io import file_ops, storage
+from imgscore.io.containment import check_run_date, safe_name
 from imgscore.io.storage import AnyPath
 
 PREDICTIONS_SCHEMA = pa.schema(
@@ -125,9 +125,7 @@ def input_root_name(root: AnyPath) -> str:
     configured, made absolute (``os.path.abspath``: normalised, symlinks kept as written), so
     rows of ``/data/a`` and ``/data/b`` never merge and a relative root does not depend on
     where a reader stands. An object-store URL is recorded as configured (normalized)."""
-    if storage.is_remote(root):
-        return storage.normalize_root(root)
-    return os.path.abspath(os.fspath(root))
+    return storage.absolute(root)
 
 
 def legacy_part_dir(out_root: AnyPath, table: str, run_date: str, run_id: str) -> UPath:
@@ -231,47 +229,35 @@ def make_table(rows: list[dict], schema: pa.Schema, metadata: dict[str, str] | N
 
 
 @contextlib.contextmanager
-def writing(path: AnyPath, tmp: AnyPath | None = None) -> Iterator[None]:
+def writing(path: AnyPath) -> Iterator[None]:
     """Turn an ``OSError`` of the block (disk full, quota, read-only, file too large) into
-    :class:`~imgscore.errors.OutputWriteError` naming ``path``, after removing ``tmp`` (the
-    half-written temp file), so nothing half-written stays behind."""
+    :class:`~imgscore.errors.OutputWriteError` naming ``path``. The writes of this layer remove
+    their own half-written temp files first (:class:`imgscore.io.file_ops.AtomicWrite`), so
+    nothing half-written stays behind."""
     try:
         yield
     except OSError as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise OutputWriteError.of(path, exc) from exc
+        raise OutputWriteError.of(storage.display(path), exc) from exc
 
 
 def write_table_atomic(table: pa.Table, path: AnyPath) -> UPath:
     """Write ``table`` as zstd Parquet to ``path`` via a ``.``-prefixed temp file and rename.
 
     Returns the final path. The rename is atomic on POSIX file systems; a killed writer leaves
-    only a hidden temp file that readers skip and :func:`clean_temp_files` removes. An
-    object-store URL gets one PUT of the finished file (atomic there; no temp object).
+    only a hidden temp file that readers skip and :func:`imgscore.io.file_ops.remove_temp_files`
+    removes. An object-store URL gets one PUT of the finished file (atomic there; no temp object).
 
     Raises:
         OutputWriteError: the write failed (disk full, quota, a store that refused the PUT after
             its retries), naming ``path``; nothing half-written is left.
     """
-    path = storage.path(path)
-    if storage.is_remote(path):
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        with writing(path):
-            storage.write_bytes(path, sink.getvalue().to_pybytes())
-        return path
-    tmp = temp_path(path)
-    with writing(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(create_new(tmp), "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        os.replace(tmp, path)
-    return path
+    dest = storage.path(path)
+    with writing(dest), file_ops.AtomicWrite(dest) as f:
+        pq.write_table(table, f, compression="zstd")
+    return dest
 
 
-def write_json_atomic(obj, path: AnyPath) -> UPath:
+def write_json_atomic(obj: Any, path: AnyPath) -> UPath:
     """JSON with the same temp-then-rename guarantee as part files."""
     return write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), path)
 
@@ -283,32 +269,7 @@ def write_bytes_atomic(data: bytes, path: AnyPath) -> UPath:
     Raises:
         OutputWriteError: as :func:`write_table_atomic`.
     """
-    path = storage.path(path)
-    if storage.is_remote(path):
-        with writing(path):
-            storage.write_bytes(path, data)
-        return path
-    tmp = temp_path(path)
-    with writing(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(create_new(tmp), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return path
-
-
-def temp_path(path: AnyPath) -> UPath:
-    """``.NAME.PID.tmp`` beside the local file ``path``: where this process writes it before renaming it."""
-    path = storage.path(path)
-    return path.parent / f".{path.name}.{os.getpid()}.tmp"
-
-
-def clean_temp_files(folder: AnyPath) -> int:
-    """Delete leftover ``.*.tmp`` names under ``folder`` (from killed writers); return how many.
-    Symlinks are removed, not followed (:func:`imgscore.io.containment.remove_temp_files`).
-    An object store has none: its writes are single PUTs."""
-    if storage.is_remote(folder):
-        return 0
-    return remove_temp_files(folder)
+    dest = storage.path(path)
+    with writing(dest):
+        storage.write_bytes(dest, data)
+    return dest

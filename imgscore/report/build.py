@@ -19,7 +19,11 @@ from upath import UPath
 
 from imgscore.errors import UsageError
 from imgscore.io import storage
-from imgscore.io.parquet import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, run_part_files
+from imgscore.io.parquet import (
+    ERRORS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    run_part_files,
+)
 from imgscore.io.storage import AnyPath
 from imgscore.report import drift as drift_mod
 from imgscore.report.evaluate import confusion, read_run
@@ -46,8 +50,9 @@ from imgscore.report.stats import (
     skipped_summary,
 )
 from imgscore.report.text import one_line
-from imgscore.runstate.commits import check_run_state, load_manifest, manifest_path, run_dir_of
+from imgscore.runstate.commits import check_run_state, manifest_path, run_dir_of
 from imgscore.runstate.manifest import ABANDONED, Manifest, observed_status
+from imgscore.runstate.state import load_manifest
 
 _PRED_COLS = [
     "image_path",

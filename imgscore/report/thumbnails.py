@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgscore.images.formats import DEFAULT_FORMATS, open_image, recorded_formats
-from imgscore.io import storage
+from imgscore.io import objects, storage
 from imgscore.io.containment import UnsafePathError, check_relative, check_relative_column
 from imgscore.io.storage import AnyPath
 from imgscore.report.model import Report
@@ -97,7 +97,7 @@ def _from_read(data: bytes | BaseException, formats: tuple[str, ...]) -> Thumbna
         return thumbnail_data_uri(io.BytesIO(data), formats=formats)
     if isinstance(data, FileNotFoundError):
         return Thumbnail(None, "file not found")
-    return Thumbnail(None, storage.describe_error(data)[:120])
+    return Thumbnail(None, objects.describe_error(data)[:120])
 
 
 def thumbnails(report: Report, out_root: AnyPath) -> dict[str, Thumbnail]:
@@ -124,7 +124,7 @@ def thumbnails(report: Report, out_root: AnyPath) -> dict[str, Thumbnail]:
             out[r.image_path] = Thumbnail(None, LEFT_THE_ROOT)
         else:
             wanted.append((r.image_path, os.fsdecode(rel) if rel is not None else r.image_path))
-    read = storage.read_files([storage.join(root, rel) for _, rel in wanted])
+    read = objects.read_files([storage.join(root, rel) for _, rel in wanted])
     for (image_path, _), data in zip(wanted, read, strict=True):
         out[image_path] = _from_read(data, formats)
     return out

@@ -34,13 +34,8 @@ from imgscore.runstate.manifest import (
     ShardRecord,
     ShardRef,
     ShardResult,
-    load_manifest,
     read_commit_record,
-    read_manifest,
 )
-
-__all__ = ["ShardWork", "adopt_committed", "check_part", "check_run_state", "check_shard", "committed", "load_manifest",
-           "manifest_path", "plan_rerun", "read_manifest", "run_dir_of", "run_folders", "shard_files"]
 
 RUN_SUBFOLDERS = ("index.parquet", LEDGER_DIR, COMMITS_DIR)  # what a run writes inside runs/RUN/
 
@@ -112,7 +107,8 @@ def run_folders(out_root: AnyPath, run_date: str, run_id: str) -> list[UPath]:
 def check_run_state(m: Manifest, out_root: AnyPath, run_dir: AnyPath) -> None:
     """Refuse run state that would make imgscore touch anything outside ``out_root``.
 
-    ``m`` is the run's state as read back (summary + ledger, :func:`load_manifest`) from
+    ``m`` is the run's state as read back (summary + ledger,
+    :func:`imgscore.runstate.state.load_manifest`) from
     ``run_dir`` (``OUT/runs/RUN``): its ``run_id`` must be that folder's name and its
     ``run_date`` a date (both become folder names), every shard's ``files`` must name that
     shard's own part files (:func:`imgscore.io.containment.check_recorded_files`), and every
@@ -193,8 +189,9 @@ def adopt_committed(manifest: Manifest, run_dir: AnyPath, out_root: AnyPath) -> 
             continue
         if entry.state == "partial" and rec.attempt <= entry.attempts:
             continue  # the record the manifest already holds; a later attempt's record is adopted
-        if check_shard(out_root, manifest.run_date, manifest.run_id, rec) is None:
-            files = [str(f) for f in shard_files(out_root, manifest.run_date, manifest.run_id, entry.shard_id)]
+        run_date = check_run_date(manifest.run_date, "run_date")  # a manifest without one names no part file
+        if check_shard(out_root, run_date, manifest.run_id, rec) is None:
+            files = [str(f) for f in shard_files(out_root, run_date, manifest.run_id, entry.shard_id)]
             manifest.apply(rec.model_copy(update={"files": files, "reason": None}))
             adopted.append(entry.shard_id)
     return adopted
@@ -221,12 +218,14 @@ def plan_rerun(manifest: Manifest, out_root: AnyPath) -> list[ShardWork]:
     """
     work = []
     for e in manifest.shards:
-        bad = check_shard(out_root, manifest.run_date, manifest.run_id, e) if e.state in ("complete", "partial") else None
+        done = e.state in ("complete", "partial")  # a manifest without a run_date names no part file of it
+        bad = check_shard(out_root, check_run_date(manifest.run_date, "run_date"), manifest.run_id, e) if done else None
         if e.state == "complete" and bad is None:
             continue
         if e.state == "partial" and bad is None:
             names = e.failed_images
-            if names and (len(names) == e.failed or _every_error_named(out_root, manifest.run_date, manifest.run_id, e.shard_id)):
+            run_date = check_run_date(manifest.run_date, "run_date")
+            if names and (len(names) == e.failed or _every_error_named(out_root, run_date, manifest.run_id, e.shard_id)):
                 work.append(ShardWork(e.shard_id, list(names), f"{len(names)} failed image(s)"))
                 continue
         work.append(ShardWork(e.shard_id, None, bad or f"state {e.state}"))

@@ -20,17 +20,18 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgscore.images.scan import INDEX_SCHEMA, ImageEntry, _entry, entries_batch, entries_from_table
-from imgscore.io import storage
-from imgscore.io.containment import check_relative, check_relative_column, create_new
-from imgscore.io.parquet import temp_path
+from imgscore.images.entries import INDEX_SCHEMA, ImageEntry, entries_batch, entries_from_table
+from imgscore.images.scan import stat_entries
+from imgscore.io import file_ops, storage
+from imgscore.io.containment import check_relative, check_relative_column
+from imgscore.io.storage import AnyPath
 
 INDEX_NAME = "index.parquet"
 SHARDS_PER_FILE = 64  # row groups per index file: a footer this small parses fast (benchmarks/NOTES.md, "Run state")
@@ -80,16 +81,15 @@ class ShardSpan:
 class IndexWriter:
     """Write the index as batches arrive; cut a shard every ``shard_size`` rows.
 
-    Memory: the rows of one unfinished shard plus the current file's writer. Each file is written
-    under a ``.``-prefixed temp name and renamed when its last shard is in (readers and the index
-    dataset skip temp names); in an object store it is built in memory (64 shards of index rows:
-    a few MB) and PUT whole when its last shard is in. Use as a context manager; :attr:`shards`
-    lists what was cut.
+    Memory: the rows of one unfinished shard plus the current file's writer. Each file is an
+    :class:`imgscore.io.file_ops.AtomicWrite`: written under a ``.``-prefixed temp name and
+    renamed when its last shard is in (readers and the index dataset skip temp names); in an
+    object store built in memory (64 shards of index rows: a few MB) and PUT whole. Use as a
+    context manager; :attr:`shards` lists what was cut.
     """
 
-    def __init__(self, run_dir: str | Path, shard_size: int, shards_per_file: int = SHARDS_PER_FILE, n_models: int = 1):
-        self.remote = storage.is_remote(run_dir)
-        self.run_dir = str(run_dir) if self.remote else Path(run_dir)
+    def __init__(self, run_dir: AnyPath, shard_size: int, shards_per_file: int = SHARDS_PER_FILE, n_models: int = 1):
+        self.run_dir = storage.path(run_dir)
         self.n_models = n_models
         self.shard_size = shard_size
         self.shards_per_file = shards_per_file
@@ -98,12 +98,8 @@ class IndexWriter:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._writer: pq.ParquetWriter | None = None
-        self._file = None  # the temp file the writer writes into (created new: containment.create_new)
-        self._tmp: Path | None = None
-        self._final: Path | str | None = None
-        self._sink: pa.BufferOutputStream | None = None  # object stores: the file being built
-        if not self.remote:
-            (self.run_dir / INDEX_NAME).mkdir(parents=True, exist_ok=True)
+        self._file: file_ops.AtomicWrite | None = None  # the index file being written
+        storage.make_dirs(storage.path(self.run_dir, INDEX_NAME))
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         """Add rows (:data:`INDEX_SCHEMA`, in index order); full shards are written at once."""
@@ -121,19 +117,10 @@ class IndexWriter:
     def _emit(self, table: pa.Table) -> None:
         sid = len(self.shards)
         file_no, group = divmod(sid, self.shards_per_file)
-        if group == 0:
+        if group == 0 or self._writer is None:
             self._close_file()
-            rel = index_file_name(file_no)
-            if self.remote:
-                self._final = storage.join(self.run_dir, rel)
-                self._sink = pa.BufferOutputStream()
-                self._writer = pq.ParquetWriter(self._sink, INDEX_SCHEMA, compression="zstd")
-            else:
-                self._final = self.run_dir / rel
-                self._tmp = temp_path(self._final)
-                self._file = os.fdopen(create_new(self._tmp), "wb")
-                self._writer = pq.ParquetWriter(self._file, INDEX_SCHEMA, compression="zstd")
-        assert self._writer is not None
+            self._file = file_ops.AtomicWrite(storage.path(self.run_dir, index_file_name(file_no)))
+            self._writer = pq.ParquetWriter(self._file.file, INDEX_SCHEMA, compression="zstd")
         table = table.combine_chunks()
         self._writer.write_table(table, row_group_size=table.num_rows)
         start = self.rows
@@ -143,15 +130,10 @@ class IndexWriter:
         self.shards.append(ShardSpan(sid, start, self.rows, table_fingerprint(table), index_file_name(file_no), group, pairs))
 
     def _close_file(self) -> None:
-        if self._writer is not None:
+        if self._writer is not None and self._file is not None:
             self._writer.close()
-            if self.remote:
-                storage.write_bytes(self._final, self._sink.getvalue().to_pybytes())
-                self._writer = self._sink = None
-                return
-            self._file.close()
-            os.replace(self._tmp, self._final)
-            self._writer = self._file = None
+            self._file.commit()
+        self._writer = self._file = None
 
     def close(self) -> list[ShardSpan]:
         """Write the last (shorter) shard and close the last file; return every shard."""
@@ -163,20 +145,15 @@ class IndexWriter:
 
     def abort(self) -> None:
         """Drop the file being written (planning failed)."""
-        if self._writer is not None:
+        if self._writer is not None and self._file is not None:
             self._writer.close()
-            if self.remote:  # nothing was PUT for this file
-                self._writer = self._sink = None
-                return
-            self._file.close()
-            self._writer = self._file = None
-            if self._tmp is not None:
-                self._tmp.unlink(missing_ok=True)
+            self._file.abort()
+        self._writer = self._file = None
 
     def __enter__(self) -> IndexWriter:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -188,7 +165,7 @@ class IndexWriter:
         return {"file": INDEX_NAME, "shards_per_file": self.shards_per_file, "fingerprint": fp, "images": self.rows, "shard_size": self.shard_size}
 
 
-def read_shard_table(run_dir: str | Path, index_file: str, row_group: int) -> pa.Table:
+def read_shard_table(run_dir: AnyPath, index_file: str, row_group: int) -> pa.Table:
     """The shard's rows (:data:`INDEX_SCHEMA`): one row group of one index file.
 
     Raises:
@@ -202,12 +179,12 @@ def read_shard_table(run_dir: str | Path, index_file: str, row_group: int) -> pa
     return t
 
 
-def read_shard_entries(run_dir: str | Path, index_file: str, row_group: int) -> list[ImageEntry]:
-    """The shard's images as :class:`~imgscore.images.scan.ImageEntry`, in index order."""
+def read_shard_entries(run_dir: AnyPath, index_file: str, row_group: int) -> list[ImageEntry]:
+    """The shard's images as :class:`~imgscore.images.entries.ImageEntry`, in index order."""
     return entries_from_table(read_shard_table(run_dir, index_file, row_group))
 
 
-def refresh_shards(run_dir: str | Path, index: dict[str, Any], input_root: str | Path, shard_ids: list[int]) -> dict[int, str]:
+def refresh_shards(run_dir: AnyPath, index: dict[str, Any], input_root: AnyPath, shard_ids: list[int]) -> dict[int, str]:
     """Re-stat the images of ``shard_ids`` and rewrite the index files that hold them atomically.
 
     A file fixed since the run (a truncated JPEG replaced) then gets a prediction row with its
@@ -218,34 +195,23 @@ def refresh_shards(run_dir: str | Path, index: dict[str, Any], input_root: str |
     Returns:
         shard id → its new fingerprint (:func:`table_fingerprint`), for the given shards.
     """
-    root = str(input_root)
     by_file: dict[str, dict[int, int]] = {}
     for sid in shard_ids:
         f, g = shard_location(index, sid)
         by_file.setdefault(f, {})[g] = sid
     fps: dict[int, str] = {}
 
-    def rewrite(pf: pq.ParquetFile, sink, where: str, groups: dict[int, int]) -> None:
-        with pq.ParquetWriter(sink, INDEX_SCHEMA, compression="zstd") as w:
+    for rel, groups in by_file.items():
+        path = storage.path(run_dir, check_relative(rel, "index file"))
+        pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)))  # a file of 64 shards' rows: a few MB
+        with file_ops.AtomicWrite(path) as sink, pq.ParquetWriter(sink, INDEX_SCHEMA, compression="zstd") as w:
             for g in range(pf.num_row_groups):
                 t = conform(pf.read_row_group(g))
                 if g in groups:
-                    check_relative_column(t["fs_path"], f"{where} fs_path")
-                    t = _restat(root, t)
+                    check_relative_column(t["fs_path"], f"{path} fs_path")
+                    t = _restat(input_root, t)
                     fps[groups[g]] = table_fingerprint(t)
                 w.write_table(t, row_group_size=max(1, t.num_rows))
-
-    for rel, groups in by_file.items():
-        path = storage.path(run_dir, check_relative(rel, "index file"))
-        if storage.is_remote(path):  # built in memory, one PUT
-            sink = pa.BufferOutputStream()
-            rewrite(pq.ParquetFile(io.BytesIO(storage.read_bytes(path))), sink, path, groups)
-            storage.write_bytes(path, sink.getvalue().to_pybytes())
-            continue
-        tmp = temp_path(path)
-        with os.fdopen(create_new(tmp), "wb") as f:
-            rewrite(pq.ParquetFile(path), f, str(path), groups)
-        os.replace(tmp, path)
     return fps
 
 
@@ -259,20 +225,12 @@ def conform(t: pa.Table) -> pa.Table:
     return t.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
 
 
-def _restat(root: str, t: pa.Table) -> pa.Table:
+def _restat(root: AnyPath, t: pa.Table) -> pa.Table:
     """``t``'s rows stat'ed again (same paths, labels and order), as the scan stats them; an
     object-store root HEADs each object (size, last-modified, ETag), and one that is gone gets a
-    ``scan_error``."""
-    labels, names = t["label"].to_pylist(), t["label_name"].to_pylist()
+    ``scan_error`` (:func:`imgscore.images.scan.stat_entries`)."""
     rels = [os.fsdecode(b) for b in t["fs_path"].to_pylist()]
-    models = t["models"].to_pylist() if "models" in t.column_names else [None] * t.num_rows
-    if storage.is_remote(root):
-        fresh = []
-        for i, rel in enumerate(rels):
-            info = storage.stat_object(storage.join(root, rel))
-            fresh.append(ImageEntry(rel, labels[i], names[i], info.size, info.mtime_ns, version=info.version) if info is not None
-                         else ImageEntry(rel, labels[i], names[i], None, None, scan_error="object not found: deleted since the scan"))
-    else:
-        fresh = [_entry(os.path.join(root, rel), root, labels[i], names[i]) for i, rel in enumerate(rels)]
-    fresh = [replace(e, models=tuple(models[i]) if models[i] is not None else None) for i, e in enumerate(fresh)]
+    models: list[list[str] | None] = t["models"].to_pylist() if "models" in t.column_names else [None] * t.num_rows
+    fresh = stat_entries(root, rels, t["label"].to_pylist(), t["label_name"].to_pylist())
+    fresh = [replace(e, models=tuple(m) if m is not None else None) for e, m in zip(fresh, models, strict=True)]
     return pa.Table.from_batches([entries_batch(fresh)], schema=INDEX_SCHEMA)

@@ -22,7 +22,7 @@ must say who holds it for the refusal message, and ``filelock`` truncates the fi
 contender tries it; ``flock`` across NFS clients depends on the lock manager, and object stores
 have no locks at all, only create-if-absent — which is what this lock is made of.
 
-Temp files (``.NAME.PID.tmp``, from :func:`imgscore.io.parquet.write_table_atomic`) of a run whose
+Temp files (``.NAME.PID.tmp``, from :class:`imgscore.io.file_ops.AtomicWrite`) of a run whose
 lock is not live are leftovers of a killed writer: :func:`clean_run_temp_files` removes them.
 """
 
@@ -34,18 +34,22 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 from upath import UPath
 
 from imgscore.errors import RunLockedError
-from imgscore.io import storage
-from imgscore.io.containment import UnsafePathError, inside, read_small
-from imgscore.io.parquet import TABLES, clean_temp_files
+from imgscore.io import file_ops, storage
+from imgscore.io.containment import UnsafePathError, inside
+from imgscore.io.parquet import TABLES
 from imgscore.io.storage import AnyPath
+
+# A lock file's owner record: pid, host, started_s, purpose, acquired_at, acquired_s ({} when unreadable).
+LockRecord = dict[str, Any]
 
 LOCK_NAME = ".lock"
 REMOTE_STALE_S = 24 * 3600.0  # a lock held by another host counts as stale after a day
@@ -69,25 +73,30 @@ def lock_path(run_dir: AnyPath) -> UPath:
     return storage.path(run_dir, LOCK_NAME)
 
 
-def read_lock(run_dir: AnyPath) -> dict | None:
+def read_lock(run_dir: AnyPath) -> LockRecord | None:
     """The lock's owner record (pid, host, started_s, purpose, acquired_at), or None when unlocked.
 
     A lock file that cannot be parsed (its writer was killed mid-write) reads as ``{}``: stale.
     """
     try:
-        text = storage.read_bytes(lock_path(run_dir)) if storage.is_remote(run_dir) else read_small(lock_path(run_dir))
+        text = file_ops.read_small(lock_path(run_dir))  # never through a link planted as .lock
     except FileNotFoundError:
         return None
     except OSError:  # a symlink or a special file planted as .lock: not a lock (stale; taking it renames it away)
         return {}
+    return _parse(text)
+
+
+def _parse(text: bytes) -> LockRecord:
+    """An owner record from a lock file's bytes; ``{}`` when they are no JSON object."""
     try:
-        rec = json.loads(text)
-        return rec if isinstance(rec, dict) else {}
+        rec = json.loads(text or b"{}")
     except ValueError:
         return {}
+    return rec if isinstance(rec, dict) else {}
 
 
-def is_stale(rec: dict, now: float | None = None) -> bool:
+def is_stale(rec: LockRecord, now: float | None = None) -> bool:
     """Whether the owner recorded in ``rec`` is certainly (same host) or presumably (other host,
     older than ``REMOTE_STALE_S`` seconds) gone."""
     if not rec or "pid" not in rec:
@@ -102,12 +111,12 @@ def is_stale(rec: dict, now: float | None = None) -> bool:
     return started is not None and now_started is not None and abs(now_started - float(started)) > 1.0
 
 
-def owner(rec: dict) -> str:
+def owner(rec: LockRecord) -> str:
     """The lock's owner in a few words: purpose, pid, host and since when."""
     return f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')})"
 
 
-def advice(rec: dict, run_dir: AnyPath) -> str:
+def advice(rec: LockRecord, run_dir: AnyPath) -> str:
     """What to do about a live lock: wait, or stop the owner. Deleting the lock file is suggested
     only for an owner on another host, whose process this host cannot see (on this host a gone
     owner's lock is taken over by itself)."""
@@ -116,16 +125,20 @@ def advice(rec: dict, run_dir: AnyPath) -> str:
     return f"wait for it to finish; if that process is gone, delete {lock_path(run_dir)} (it is taken over after {REMOTE_STALE_S // 3600:.0f} h)"
 
 
-def describe(rec: dict, run_dir: AnyPath) -> str:
+def describe(rec: LockRecord, run_dir: AnyPath) -> str:
     """One line naming the lock's owner and what to do about it (for refusal messages)."""
     return f"{owner(rec)}; {advice(rec, run_dir)}"
 
 
-def acquire(run_dir: AnyPath, purpose: str) -> dict:
+def acquire(run_dir: AnyPath, purpose: str) -> LockRecord:
     """Take the run's lock for this process; break it first when it is stale.
 
+    The lock is created only if absent (:func:`imgscore.io.storage.create_new`: a temp file
+    hard-linked to ``.lock`` on disk, a PUT with ``If-None-Match: *`` on an object store), so of
+    two takers exactly one wins, and the file appears whole.
+
     Args:
-        run_dir: ``OUT/runs/RUN`` (must exist).
+        run_dir: ``OUT/runs/RUN``.
         purpose: what holds it, for the refusal message, e.g. ``"imgscore rerun"``.
 
     Returns:
@@ -135,7 +148,7 @@ def acquire(run_dir: AnyPath, purpose: str) -> dict:
         RunLockedError: a live process (this one included) holds the lock.
     """
     path = lock_path(run_dir)
-    rec = {
+    rec: LockRecord = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started_s": _start_time(os.getpid()),
@@ -143,51 +156,27 @@ def acquire(run_dir: AnyPath, purpose: str) -> dict:
         "acquired_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "acquired_s": time.time(),
     }
-    remote = storage.is_remote(run_dir)
     for _ in range(3):
-        try:
-            if remote:  # create-if-absent: a PUT with If-None-Match: *
-                if not storage.create_new(path, json.dumps(rec).encode()):
-                    raise FileExistsError(path)
-                return rec
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            held = read_lock(run_dir)
-            if held is None:
-                continue  # released between our open and read: try again
-            if not is_stale(held):
-                run_id = storage.name_of(run_dir)
-                raise RunLockedError(f"run {run_id} is locked by {describe(held, run_dir)}") from None
-            if remote:  # no rename in an object store: delete the stale lock, then create again
-                storage.delete(path)
-            else:
-                _break(path, held)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rec, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return rec
+        if storage.create_new(path, json.dumps(rec).encode()):
+            return rec
+        held = read_lock(run_dir)
+        if held is None:
+            continue  # released between our create and read: try again
+        if not is_stale(held):
+            raise RunLockedError(f"run {storage.name_of(run_dir)} is locked by {describe(held, run_dir)}")
+        _break(path, held)
     raise RunLockedError(f"could not take the lock {path} after 3 tries (another process keeps taking it)")
 
 
-def _break(path: Path, held: dict) -> None:
-    """Remove a stale lock, but only if it is still the one we judged (rename, then compare)."""
-    victim = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
-    try:
-        os.replace(path, victim)
-    except FileNotFoundError:
-        return
-    try:
-        now_held = json.loads(read_small(victim) or b"{}")
-    except (OSError, ValueError):
-        now_held = {}
-    if now_held != held and not is_stale(now_held):  # someone re-took it in between: give it back
-        try:
-            os.link(victim, path)
-        except FileExistsError:
-            pass
-    victim.unlink(missing_ok=True)
+def _break(path: UPath, held: LockRecord) -> None:
+    """Remove a stale lock, but only if it is still the one we judged: one that another process
+    re-took in between (a live owner's record) is put back (:func:`imgscore.io.file_ops.delete_unless`)."""
+
+    def retaken(data: bytes) -> bool:
+        now_held = _parse(data)
+        return now_held != held and not is_stale(now_held)
+
+    file_ops.delete_unless(path, retaken)
 
 
 def release(run_dir: AnyPath) -> bool:
@@ -200,7 +189,7 @@ def release(run_dir: AnyPath) -> bool:
 
 
 @contextlib.contextmanager
-def held(run_dir: AnyPath, purpose: str) -> Iterator[dict]:
+def held(run_dir: AnyPath, purpose: str) -> Iterator[LockRecord]:
     """Hold the run's lock for the ``with`` block: taken on entry, released on exit (an
     exception or Ctrl-C included). Creates ``run_dir``; removes it again when the block leaves
     it empty (a run refused before it wrote anything leaves no trace).
@@ -215,9 +204,7 @@ def held(run_dir: AnyPath, purpose: str) -> Iterator[dict]:
         yield rec
     finally:
         release(run_dir)
-        if not storage.is_remote(run_dir):
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only when empty
+        file_ops.remove_empty_folder(run_dir)
 
 
 def is_locked(run_dir: AnyPath) -> bool:
@@ -226,17 +213,17 @@ def is_locked(run_dir: AnyPath) -> bool:
     return rec is not None and not is_stale(rec)
 
 
-def clean_run_temp_files(folders: list[AnyPath]) -> int:
+def clean_run_temp_files(folders: Iterable[AnyPath]) -> int:
     """Delete leftover ``.*.tmp`` names (killed writers) under ``folders``; return how many.
 
     The folders are derived from the run folder and the run's id and date
     (``imgscore.runstate.commits.run_folders``), never from file lists in the run state. A
     symlink with a temp name is removed itself, not its target, and symlinked folders are not
-    entered (``imgscore.io.containment.remove_temp_files``). Call it only while holding the
+    entered (:func:`imgscore.io.file_ops.remove_temp_files`). Call it only while holding the
     run's lock, or for runs whose lock is not live: a live writer's temp file must not be
     removed under it.
     """
-    return sum(clean_temp_files(f) for f in folders)  # 0 for an object store; a missing folder or a link: 0 (remove_temp_files)
+    return sum(file_ops.remove_temp_files(f) for f in folders)  # 0 for an object store; a missing folder or a link: 0
 
 
 def clean_abandoned_temp_files(out_root: AnyPath, skip_run: str | None = None) -> int:
@@ -246,9 +233,10 @@ def clean_abandoned_temp_files(out_root: AnyPath, skip_run: str | None = None) -
     Looks in every run's part-file folders (``OUT/{predictions,errors,errors_history}/run_date=*/RUN_ID/``,
     and ``run_id=RUN_ID/`` folders of the layout before) and in ``OUT/runs/*/``.
     """
-    if storage.is_remote(out_root):
+    local = storage.local_path(out_root)
+    if local is None:
         return 0  # object stores hold no temp files: every write is one PUT
-    out = Path(out_root)
+    out: Path = local
     live: dict[str, bool] = {}
 
     def abandoned(run_id: str) -> bool:
@@ -282,13 +270,12 @@ FOLDER_LOCKS = "_locks"  # under output.root; "_" keeps it out of every reader's
 def folder_lock_dir(out_root: AnyPath, input_root: AnyPath, model_identity: str) -> UPath:
     """``OUT/_locks/folder-<sha256[:16]>``: the lock folder of one (input folder, model) pair,
     the folder compared by its real path and the model by ``model_identity`` (its config)."""
-    where = storage.normalize_root(input_root) if storage.is_remote(input_root) else os.path.realpath(input_root)
-    blob = json.dumps([where, model_identity])
+    blob = json.dumps([storage.resolve(input_root), model_identity])
     return storage.path(out_root, FOLDER_LOCKS, f"folder-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
 
 
 @contextlib.contextmanager
-def folder_held(out_root: AnyPath, input_root: AnyPath, model_identity: str, purpose: str) -> Iterator[dict]:
+def folder_held(out_root: AnyPath, input_root: AnyPath, model_identity: str, purpose: str) -> Iterator[LockRecord]:
     """Hold the lock of (``input_root``, model) for the ``with`` block — ``run.skip_scored`` runs
     only: two incremental runs of one folder with one model at once would each plan before the
     other wrote anything, and both would score every new image.

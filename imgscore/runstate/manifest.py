@@ -1,4 +1,4 @@
-"""A run's state: the typed manifest, the shard ledger, and the one place a shard result lands.
+"""A run's state as data: the typed manifest, shard results and records, commit records, the stop mark.
 
 Files of a run, under ``OUT/runs/RUN_ID/`` (docs/architecture.md draws them):
 
@@ -12,35 +12,28 @@ Files of a run, under ``OUT/runs/RUN_ID/`` (docs/architecture.md draws them):
 - ``manifest.json``: the **summary** (:class:`Manifest`): run facts, counts and every shard's
   record, as of the ledger segment it names in ``ledger.from_segment``. It is derived: the flow
   rewrites it at most every :data:`COMPACT_EVERY_S` seconds and at the end of the run
-  (*compaction*), never once per shard. Readers (:func:`load_manifest`) read it plus the ledger
-  segments from ``from_segment`` on.
+  (*compaction*), never once per shard. Readers (:func:`imgscore.runstate.state.load_manifest`)
+  read it plus the ledger segments from ``from_segment`` on.
 
 Every shard result — scored, failed after its retries, rescored, adopted from its commit record,
 replayed from the ledger — changes the manifest through :meth:`Manifest.apply` and nothing else.
-
-File I/O here never needs a rename to be atomic except the summary (``write_json_atomic``): a
-ledger segment is appended, read back by lines and deleted whole, so an object store (no rename,
-no append) can keep each segment as one object written when it is closed.
+The ledger, loading and the writer of a run's state (``RunState``) are :mod:`imgscore.runstate.state`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from upath import UPath
 
-from imgscore.errors import OutputWriteError, RunStateError
 from imgscore.io import storage
-from imgscore.io.containment import UnsafePathError, create_new, inside
-from imgscore.io.parquet import write_bytes_atomic, write_json_atomic, writing
+from imgscore.io.containment import UnsafePathError, inside
+from imgscore.io.parquet import write_json_atomic
 from imgscore.io.storage import AnyPath
 from imgscore.runstate import lock as run_lock
 
@@ -294,153 +287,6 @@ class Manifest(_Model):
         return {"run_id": self.run_id, "counts": self.counts.model_dump()}
 
 
-# ----------------------------------------------------------------------------------- ledger
-
-
-def _segment_path(run_dir: AnyPath, n: int) -> UPath:
-    return storage.path(run_dir, LEDGER_DIR, f"{n:06d}.jsonl")
-
-
-def ledger_segments(run_dir: AnyPath, from_segment: int = 0) -> list[int]:
-    """Numbers of the ledger segments of ``run_dir`` at or after ``from_segment``, ascending."""
-    names = storage.list_names(storage.path(run_dir, LEDGER_DIR))
-    return sorted(n for n in (int(x[:-6]) for x in names if x.endswith(".jsonl") and x[:-6].isdigit()) if n >= from_segment)
-
-
-def read_segment(path: AnyPath) -> Iterator[ShardResult | RunEnding]:
-    """The results in one ledger segment, in order, and a :class:`RunEnding` where the run's
-    ending was recorded there. A last line without its newline (a writer killed mid-append) is
-    skipped; so is a line that does not parse.
-
-    Raises:
-        FileNotFoundError: the segment is gone (compacted away meanwhile).
-    """
-    data = storage.read_bytes(path)
-    for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
-        try:
-            yield ShardResult.model_validate_json(line)
-        except ValueError:
-            try:
-                yield RunEnding.model_validate_json(line)
-            except ValueError:
-                continue
-
-
-class ShardLedger:
-    """The flow process's append handle on a run's ledger: one new segment per writer process.
-
-    In an object store (no appends) the current segment's lines are kept in memory and the
-    segment is written as one object when it is closed (:meth:`rotate`, at every compaction and
-    at the end); a writer killed before loses only those lines, and the next ``imgscore rerun``
-    adopts their shards from the commit records, which were written first.
-    """
-
-    def __init__(self, run_dir: AnyPath, segment: int):
-        self.run_dir = storage.path(run_dir)
-        self.remote = storage.is_remote(run_dir)
-        self.segment = segment
-        self._file = None
-        self._lines: list[bytes] = []  # object stores: the open segment's lines
-        self._lock = threading.Lock()
-
-    def append(self, result: ShardResult) -> None:
-        """Append one result as a line; O(1). Flushed to the OS, not fsynced: a killed process
-        loses nothing, and after a machine crash the commit records (fsynced) are adopted.
-
-        Raises:
-            OutputWriteError: the segment cannot be written (disk full, …); a torn last line is
-                skipped by readers, and the commit record it repeats is adopted by a rerun.
-        """
-        line = (result.to_json() + "\n").encode()
-        with self._lock:
-            if self.remote:
-                self._lines.append(line)
-                return
-            with writing(_segment_path(self.run_dir, self.segment)):
-                if self._file is None:
-                    path = _segment_path(self.run_dir, self.segment)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    # a new segment, created new: a symlink planted at its name is removed, never appended through
-                    self._file = os.fdopen(create_new(path), "wb", buffering=0)
-                self._file.write(line)
-
-    def rotate(self) -> int:
-        """Close the current segment; later appends go to the next one. Returns the next
-        segment's number: every segment before it is complete."""
-        with self._lock:
-            if self._lines:
-                storage.write_bytes(_segment_path(self.run_dir, self.segment), b"".join(self._lines))
-                self._lines = []
-                self.segment += 1
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-                self.segment += 1
-            return self.segment
-
-    def prune(self, below: int) -> None:
-        """Delete the segments numbered below ``below`` (folded into the summary)."""
-        for n in ledger_segments(self.run_dir):
-            if n < below:
-                storage.delete(_segment_path(self.run_dir, n))
-
-    def close(self) -> None:
-        if self._lines:
-            self.rotate()
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-
-# ---------------------------------------------------------------------------------- loading
-
-
-def _read_summary(run_dir: AnyPath) -> Manifest:
-    # not through a link out of the run folder: a parse error would quote the file it points at
-    path = inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json")
-    try:
-        return Manifest.model_validate_json(storage.read_bytes(path))
-    except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        why = f"{first.get('msg', 'not a manifest')}{f' at {where}' if where else ''}"
-        raise RunStateError(f"{storage.display(path)} is not a readable imgscore manifest ({why}); the run state was damaged — "
-                            "restore the file from a backup, or score the folder again with a new run") from None
-
-
-def load_manifest(run_dir: AnyPath) -> Manifest:
-    """The run's current state: ``manifest.json`` plus the ledger segments it has not folded in.
-
-    Old manifests (no ledger, ``attempt`` instead of ``attempts``, missing fields) load too.
-    A segment compacted away while this reads (a live run) makes it start over, at most 3 times.
-
-    Raises:
-        FileNotFoundError: no manifest.json in ``run_dir``.
-        RunStateError: manifest.json is not a manifest (exit 2; also a ValueError).
-        UnsafePathError: manifest.json or a ledger segment is a link out of ``run_dir``.
-    """
-    run_dir = storage.path(run_dir)
-    for _ in range(3):
-        m = _read_summary(run_dir)
-        try:
-            replayed = False
-            for n in ledger_segments(run_dir, int(m.ledger.get("from_segment", 0))):
-                for result in read_segment(inside(run_dir, _segment_path(run_dir, n), "ledger segment")):
-                    if isinstance(result, RunEnding):
-                        m.status, m.reason = result.ending, result.reason
-                        replayed = True
-                    elif 0 <= result.shard_id < len(m.shards):
-                        m.apply(result)
-                        replayed = True
-        except FileNotFoundError:
-            continue
-        if replayed:
-            m.ledger = {**m.ledger, "replayed": True}
-        return m
-    return _read_summary(run_dir)
-
-
 def observed_status(status: str, run_dir: AnyPath) -> str:
     """The status a reader reports: ``abandoned`` for a ``running`` (or ``planned``) run whose
     lock owner is gone (kill -9, OOM, reboot: nothing could write the ending), else ``status``."""
@@ -449,107 +295,9 @@ def observed_status(status: str, run_dir: AnyPath) -> str:
     return status
 
 
-def read_manifest(path: AnyPath) -> dict:
-    """The run's current state as a dict shaped like ``manifest.json`` (summary + ledger), for
-    readers that want plain data (``report``, tests). ``path`` is the manifest.json path."""
-    return load_manifest(storage.parent_of(path)).to_dict()
-
-
 def now_iso() -> str:
+    """Now, in UTC, as ISO 8601 (``2026-03-01T02:00:00.123456+00:00``)."""
     return datetime.now(UTC).isoformat()
-
-
-class RunState:
-    """The writing side of a run's state, held by the one process that holds the run's lock.
-
-    ``commit(result)`` applies a shard result and appends it to the ledger — O(1) — and, at most
-    every ``compact_every_s`` seconds, rewrites ``manifest.json`` (compaction). ``save()``
-    compacts now (plan, status changes, end of run).
-    """
-
-    def __init__(self, run_dir: AnyPath, manifest: Manifest, compact_every_s: float = COMPACT_EVERY_S):
-        self.run_dir = storage.path(run_dir)
-        self.manifest = manifest
-        self.compact_every_s = compact_every_s
-        start = max(ledger_segments(self.run_dir, 0), default=int(manifest.ledger.get("from_segment", 0)) - 1) + 1
-        self.ledger = ShardLedger(self.run_dir, start)
-        self._last_compact = time.monotonic()
-        self._dirty = False
-        self._lock = threading.Lock()
-
-    @classmethod
-    def create(cls, run_dir: AnyPath, manifest: Manifest) -> RunState:
-        """A new run's state: writes its first manifest.json."""
-        state = cls(run_dir, manifest)
-        state.save()
-        return state
-
-    @classmethod
-    def open(cls, run_dir: AnyPath) -> RunState:
-        """An existing run's state (summary + ledger), to write on (a retry or a rerun)."""
-        return cls(run_dir, load_manifest(run_dir))
-
-    def commit(self, result: ShardResult) -> ShardRecord:
-        """Apply ``result`` (:meth:`Manifest.apply`), append it to the ledger, compact when due."""
-        with self._lock:
-            rec = self.manifest.apply(result)
-            self.ledger.append(result)
-            self._dirty = True
-            if time.monotonic() - self._last_compact >= self.compact_every_s:
-                self._compact()
-            return rec
-
-    def save(self) -> None:
-        """Write manifest.json now (everything committed so far folded in)."""
-        with self._lock:
-            self._compact()
-
-    def _compact(self) -> None:
-        nxt = self.ledger.rotate()
-        self.manifest.ledger = {"dir": LEDGER_DIR, "from_segment": nxt}
-        self.manifest.updated_at = now_iso()
-        write_bytes_atomic(self.manifest.model_dump_json(indent=2).encode(), storage.path(self.run_dir, MANIFEST))
-        self.ledger.prune(nxt)
-        self._last_compact = time.monotonic()
-        self._dirty = False
-
-    def record_ending(self, status: str, reason: str | None) -> bool:
-        """When manifest.json cannot be rewritten (disk full): append the run's ending as one
-        :class:`RunEnding` line to its newest ledger segment, which readers replay after the
-        results before it. A few hundred bytes appended to a file often fit in its last block
-        where a new copy of the manifest does not. Returns whether it was written; never raises."""
-        line = (RunEnding(ending=status, reason=reason, at=now_iso()).model_dump_json() + "\n").encode()
-        with self._lock:
-            try:
-                self.ledger.close()
-                if self.ledger.remote:  # an object store cannot append: the line is a segment of its own
-                    storage.write_bytes(_segment_path(self.run_dir, self.ledger.segment), line)
-                    self.ledger.segment += 1
-                    return True
-                segments = ledger_segments(self.run_dir)
-                if segments:  # appended in place, never through a link planted at its name
-                    fd = os.open(_segment_path(self.run_dir, segments[-1]), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-                else:
-                    path = _segment_path(self.run_dir, self.ledger.segment)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = create_new(path)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(line)
-                    f.flush()
-                    os.fsync(f.fileno())
-                return True
-            except (OSError, OutputWriteError):
-                return False
-
-    def close(self) -> None:
-        """Compact if anything is unsaved, and close the ledger. A compaction that fails here
-        (the disk that already failed the run) loses nothing — the ledger holds every result —
-        and does not replace the error that ended the run."""
-        with self._lock:
-            with contextlib.suppress(OutputWriteError):
-                if self._dirty:
-                    self._compact()
-            self.ledger.close()
 
 
 def request_stop(run_dir: AnyPath) -> None:
@@ -566,7 +314,7 @@ def stop_requested(run_dir: AnyPath) -> bool:
     return storage.exists(storage.path(run_dir, STOP_FILE))
 
 
-def stop_check(run_dir: AnyPath, every_s: float = 1.0):
+def stop_check(run_dir: AnyPath, every_s: float = 1.0) -> Callable[[], bool]:
     """A callable for a shard's batch loop: :func:`stop_requested`, asked at most every
     ``every_s`` seconds (on an object store each ask is a request); once True, always True."""
     last, stopped = [float("-inf")], [False]

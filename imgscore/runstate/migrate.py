@@ -35,25 +35,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgscore.errors import OutputWriteError, RunLockedError
+from imgscore.io import file_ops, storage
 from imgscore.io.containment import UnsafePathError, inside
 from imgscore.io.parquet import (
     ERRORS_SCHEMA,
     METADATA_KEY,
     PREDICTIONS_SCHEMA,
-    clean_temp_files,
     input_root_name,
     part_dir,
     write_table_atomic,
 )
+from imgscore.io.storage import AnyPath
 from imgscore.runstate import lock as run_lock
 from imgscore.runstate.commits import run_dir_of
 from imgscore.runstate.manifest import (
     COMMITS_DIR,
     MANIFEST,
-    RunState,
     ShardResult,
     write_commit_record,
 )
+from imgscore.runstate.state import RunState
 
 log = logging.getLogger("imgscore")
 
@@ -70,11 +71,11 @@ class Migration:
     held: dict[str, str] = field(default_factory=dict)
 
 
-def legacy_folders(out_root: str | Path) -> dict[str, list[tuple[str, str, Path]]]:
-    """Folders of the old layout under ``out_root``: run id → [(table, run_date, folder)]."""
+def legacy_folders(out_root: Path) -> dict[str, list[tuple[str, str, Path]]]:
+    """Folders of the old layout under the local ``out_root``: run id → [(table, run_date, folder)]."""
     found: dict[str, list[tuple[str, str, Path]]] = {}
     for table in SCHEMAS:  # the tables the layout before could hold (embeddings came after it)
-        for d in sorted(Path(out_root).glob(f"{table}/run_date=*/run_id=*")):
+        for d in sorted(out_root.glob(f"{table}/run_date=*/run_id=*")):
             if d.is_dir() and not d.is_symlink():
                 found.setdefault(d.name.split("=", 1)[1], []).append((table, d.parent.name.split("=", 1)[1], d))
     return found
@@ -93,10 +94,10 @@ def conform(table: pa.Table, schema: pa.Schema, fill: dict[str, object] | None =
     return pa.Table.from_arrays(cols, schema=schema).replace_schema_metadata(table.schema.metadata)
 
 
-def _recorded_root(run_dir: Path, sample: Path | None) -> str | None:
+def _recorded_root(run_dir: AnyPath, sample: Path | None) -> str | None:
     """The run's input root: its manifest's ``input.root``, else the one in a part file's metadata."""
     try:
-        root = (json.loads(inside(run_dir, run_dir / MANIFEST, "manifest.json").read_text(encoding="utf-8")).get("input") or {}).get("root")
+        root = (json.loads(inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json").read_text(encoding="utf-8")).get("input") or {}).get("root")
         if root:
             return input_root_name(root)
     except (OSError, ValueError, UnsafePathError):
@@ -121,15 +122,15 @@ def _recorded_model(part_file: Path) -> dict[str, str]:
     return {"model_id": meta.get("model_id") or "", "model_name": meta.get("arch") or ""}
 
 
-def migrate_run(out_root: str | Path, run_id: str, folders: list[tuple[str, str, Path]]) -> int:
-    """Move one run's old-layout ``folders`` into the current layout (module docstring); the
-    caller holds the run's lock. Returns the part files rewritten.
+def migrate_run(out: Path, run_id: str, folders: list[tuple[str, str, Path]]) -> int:
+    """Move one run's old-layout ``folders`` (under the local output root ``out``) into the
+    current layout (module docstring); the caller holds the run's lock. Returns the part files
+    rewritten.
 
     Raises:
         OSError: a file cannot be read or written (nothing is lost: the old file stays until its
             copy is in place).
     """
-    out = Path(out_root)
     run_dir = run_dir_of(out, run_id)  # one folder name, not a link out of the output root
     for _, _, d in folders:
         inside(out, d, "part-file folder")
@@ -138,15 +139,15 @@ def migrate_run(out_root: str | Path, run_id: str, folders: list[tuple[str, str,
     root = _recorded_root(run_dir, files[0][2] if files else None)
     for table, run_date, f in files:
         new = conform(pq.read_table(f), SCHEMAS[table], {"input_root": root, **_recorded_model(f)})
-        write_table_atomic(new, part_dir(out, table, run_date, run_id) / f.name)
+        write_table_atomic(new, storage.path(part_dir(out, table, run_date, run_id), f.name))
         f.unlink()
     for _, _, d in folders:
-        clean_temp_files(d)  # a killed writer's leftovers: the run is not live (we hold its lock)
+        file_ops.remove_temp_files(d)  # a killed writer's leftovers: the run is not live (we hold its lock)
         try:
             d.rmdir()
         except OSError as exc:
             log.warning("layout: %s is not empty after moving its part files (%s); left in place", d, exc.strerror)
-    if (run_dir / MANIFEST).is_file():
+    if storage.is_file(storage.path(run_dir, MANIFEST)):
         _rewrite_recorded_paths(out, run_dir, root)
     return len(files)
 
@@ -155,7 +156,7 @@ def _new_paths(files: list[str]) -> list[str]:
     return [f.replace(f"{os.sep}run_id=", os.sep) if "run_id=" in f else f for f in files]
 
 
-def _rewrite_recorded_paths(out: Path, run_dir: Path, root: str | None) -> None:
+def _rewrite_recorded_paths(out: Path, run_dir: AnyPath, root: str | None) -> None:
     """The run's manifest (outputs, every shard's files, input root) and commit records point at
     the moved files."""
     state = RunState.open(run_dir)
@@ -170,32 +171,34 @@ def _rewrite_recorded_paths(out: Path, run_dir: Path, root: str | None) -> None:
         state.save()
     finally:
         state.close()
-    for p in sorted((run_dir / COMMITS_DIR).glob("*.json")):
+    for p in sorted(storage.path(run_dir, COMMITS_DIR).glob("*.json")):
         try:
-            rec = ShardResult.model_validate_json(p.read_bytes())
+            record = ShardResult.model_validate_json(p.read_bytes())
         except (OSError, ValueError):
             continue
-        if any("run_id=" in f for f in rec.files):
-            write_commit_record(run_dir, rec.model_copy(update={"files": _new_paths(rec.files)}))
+        if any("run_id=" in f for f in record.files):
+            write_commit_record(run_dir, record.model_copy(update={"files": _new_paths(record.files)}))
 
 
-def migrate_output_root(out_root: str | Path, held_run: str | None = None) -> Migration:
-    """
-    if storage.is_remote(out_root):  # object-store roots were only ever written in today's layout
-        return Migration()Move every run of ``out_root`` still in the old layout into the current one (module
+def migrate_output_root(out_root: AnyPath, held_run: str | None = None) -> Migration:
+    """Move every run of ``out_root`` still in the old layout into the current one (module
     docstring). Each run is moved under its own lock; a run a live process holds is left for a
     later start and named in the result. ``held_run``: a run whose lock this process already
     holds (``imgscore rerun``), moved without taking it again. Never raises for a run that cannot
-    be moved: it is logged as one warning line and stays readable where it is.
+    be moved: it is logged as one warning line and stays readable where it is. An object-store
+    root has nothing to move: it was only ever written in today's layout.
     """
     result = Migration()
-    for run_id, folders in legacy_folders(out_root).items():
+    out = storage.local_path(out_root)
+    if out is None:
+        return result
+    for run_id, folders in legacy_folders(out).items():
         try:
             if run_id == held_run:
-                result.files += migrate_run(out_root, run_id, folders)
+                result.files += migrate_run(out, run_id, folders)
             else:
-                with run_lock.held(run_dir_of(out_root, run_id), "imgscore layout migration"):
-                    result.files += migrate_run(out_root, run_id, folders)
+                with run_lock.held(run_dir_of(out, run_id), "imgscore layout migration"):
+                    result.files += migrate_run(out, run_id, folders)
             result.runs.append(run_id)
         except RunLockedError as exc:
             result.held[run_id] = str(exc)

@@ -12,58 +12,41 @@ The caller holds the run's lock (``imgscore.runstate.lock.held``) around plannin
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from upath import UPath
 
 from imgscore.config.schema import Config
 from imgscore.errors import InputError, UsageError
-from imgscore.images.scan import (
-    Scan,
-    check_roots_apart,
-    no_images_message,
-    open_scan,
-    scan_threads_for,
-)
-from imgscore.io import storage
-from imgscore.io.containment import UnsafePathError, create_new, within
-from imgscore.io.parquet import input_root_name, part_dir, temp_path
+from imgscore.images.extensions import no_images_message
+from imgscore.images.scan import check_roots_apart, open_scan, scan_threads_for
+from imgscore.images.scan_stream import Scan
+from imgscore.io import file_ops, storage
+from imgscore.io.containment import UnsafePathError
+from imgscore.io.parquet import input_root_name, part_dir
 from imgscore.io.storage import AnyPath
 from imgscore.runstate import lock as run_lock
 from imgscore.runstate import migrate
+from imgscore.runstate.already_scored import AlreadyScored, AlreadyScoredEach, Listings, SkipFilter
 from imgscore.runstate.commits import check_run_state, run_dir_of, run_folders
-from imgscore.runstate.incremental import (
-    CARRIED_FILE,
-    CARRIED_SCHEMA,
-    HASHES_FILE,
-    HASHES_SCHEMA,
-    AlreadyScored,
-    AlreadyScoredEach,
-    decode_settings,
-    model_key,
-)
+from imgscore.runstate.incremental import CARRIED_FILE, decode_settings, model_key
 from imgscore.runstate.index import INDEX_NAME, IndexWriter, shard_location
 from imgscore.runstate.manifest import (
     MANIFEST,
     Counts,
     Manifest,
-    RunState,
     ShardRecord,
     ShardRef,
     clear_stop,
-    load_manifest,
     models_id,
     now_iso,
 )
+from imgscore.runstate.state import RunState, load_manifest
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -140,14 +123,6 @@ def load_plan(run_dir: AnyPath) -> RunPlan:
     return RunPlan(m.run_id, m.run_date or "", run_dir, shard_refs(m, run_dir), state)
 
 
-def _manifest_head(path: Path, limit: int = 65536) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(limit)
-    except OSError:
-        return ""
-
-
 def find_retried_run(out_root: AnyPath, flow_run_id: str | None, run_id: str | None, run_count: int) -> str | None:
     """The run id an earlier attempt of this same Prefect flow run planned, or None.
 
@@ -158,26 +133,16 @@ def find_retried_run(out_root: AnyPath, flow_run_id: str | None, run_id: str | N
     """
     if not flow_run_id or (run_id is None and run_count <= 1):
         return None
-    if storage.is_remote(out_root):
-        runs_url = storage.join(out_root, "runs")
-        urls = [storage.join(runs_url, run_id, MANIFEST)] if run_id else sorted(storage.glob(storage.join(runs_url, "*", MANIFEST)), reverse=True)
-        for url in urls:
-            try:
-                if json.loads(storage.read_bytes(url)).get("flow_run_id") == str(flow_run_id):
-                    return storage.name_of(storage.parent_of(url))
-            except (OSError, ValueError):
-                continue
-        return None
-    runs = Path(out_root) / "runs"
-    candidates = [runs / run_id / MANIFEST] if run_id else sorted(runs.glob(f"*/{MANIFEST}"), reverse=True)
-    for path in candidates:
-        if not within(os.path.realpath(path), os.path.realpath(runs)):
+    runs = storage.join(out_root, "runs")
+    urls = [storage.join(runs, run_id, MANIFEST)] if run_id else sorted(storage.glob(storage.join(runs, "*", MANIFEST)), reverse=True)
+    for url in urls:
+        if storage.relative_within(runs, url) is None:
             continue  # a link out of the output root: not a manifest of this root
-        if str(flow_run_id) not in _manifest_head(path):
-            continue  # the id sits near the top of a manifest: most files are never parsed
         try:
-            if json.loads(path.read_text(encoding="utf-8")).get("flow_run_id") == str(flow_run_id):
-                return path.parent.name
+            if str(flow_run_id).encode() not in file_ops.read_head(url, 65536):
+                continue  # the id sits near the top of a manifest: most files are never read whole nor parsed
+            if json.loads(storage.read_bytes(url)).get("flow_run_id") == str(flow_run_id):
+                return storage.name_of(storage.parent_of(url))
         except (OSError, ValueError):
             continue
     return None
@@ -212,8 +177,8 @@ def resume_plan(out_root: AnyPath, run_id: str, flow_run_id: str | None, input_r
     return plan
 
 
-def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | None = None, flow_run_id: str | None = None,
-                 scan: Scan | None = None, models: list[dict] | None = None) -> RunPlan:
+def plan_new_run(cfg: Config, run_id: str, model_info: dict[str, Any], timings: dict[str, Any] | None = None,
+                 flow_run_id: str | None = None, scan: Scan | None = None, models: list[dict[str, Any]] | None = None) -> RunPlan:
     """Scan ``input.root`` into the index, cut shards, write the first manifest.
 
     Temp files that killed writers left in ``output.root`` (of runs no live process holds) are
@@ -241,22 +206,77 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
     run_dir = run_dir_of(out, run_id)
     if storage.exists(storage.path(run_dir, MANIFEST)):
         raise UsageError(f"run {run_id!r} already exists in {out}; use `imgscore rerun {run_id}` or another run.run_id")
-    left_out = check_roots_apart(cfg.input.root, out) if scan is None else None  # output.root inside input.root: not scanned
+    left_out = check_roots_apart(cfg.input.root, out) if scan is None and cfg.input.root is not None else None
     storage.make_dirs(run_dir)
     moved = migrate.migrate_output_root(out)  # runs of earlier versions: into today's part-file layout
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
-    scan = scan or open_scan(cfg.input.root, cfg.input.layout, cfg.input.follow_symlinks, cfg.input.formats,
+    scan = scan or open_scan(input_root_of(cfg), cfg.input.layout, cfg.input.follow_symlinks, cfg.input.formats,
                              exclude=out if left_out else None)
-    threads = scan_threads_for(scan.root, cfg.input.scan_threads)
     infos = [{**m, "decode": model_info["decode"]} for m in models] if models else [model_info]
-    skip = None
-    if cfg.run.skip_scored:
-        each = [AlreadyScored(out, m, scan.root, cfg.run.skip_key, exclude_run=run_id, retry_failed=cfg.run.retry_failed) for m in infos]
-        skip = each[0] if len(each) == 1 else AlreadyScoredEach(each, [m.get("name") or "" for m in infos])
-    listings = _Listings(run_dir, skip, cfg.run.skip_key)
+    skip = _skip_filter(cfg, infos, scan.root, run_id) if cfg.run.skip_scored else None
+    planned = _stream_into_index(cfg, scan, skip, run_dir, len(infos))
+    planned.left_out = left_out
+    timings = {**(timings or {}), "scan_s": round(planned.scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3),
+               "scan_threads": planned.threads}
+    if removed:
+        timings["temp_files_removed"] = removed
+    if moved.runs:
+        timings["layout_migrated_runs"] = len(moved.runs)
+    manifest = _first_manifest(cfg, run_id, model_info, infos, planned, started, timings, flow_run_id)
+    state = RunState.create(run_dir, manifest)
+    return RunPlan(run_id, manifest.run_date or "", run_dir, shard_refs(manifest, run_dir), state)
+
+
+def input_root_of(cfg: Config) -> AnyPath:
+    """``input.root``, which a run needs.
+
+    Raises:
+        InputError: it is not set (the CLI refuses this before; a flow run from Python may not).
+    """
+    if cfg.input.root is None:
+        raise InputError("input.root is not set; pass --set input.root=/path/to/images or set it in the config")
+    return cfg.input.root
+
+
+def _skip_filter(cfg: Config, infos: list[dict[str, Any]], input_root: AnyPath, run_id: str) -> SkipFilter:
+    """``run.skip_scored``'s filter over earlier runs into ``output.root``: one per model, joined
+    when the run scores several (:class:`~imgscore.runstate.already_scored.AlreadyScoredEach`)."""
+    each = [AlreadyScored(cfg.output.root, m, input_root, cfg.run.skip_key, exclude_run=run_id, retry_failed=cfg.run.retry_failed)
+            for m in infos]
+    return each[0] if len(each) == 1 else AlreadyScoredEach(each, [m.get("name") or "" for m in infos])
+
+
+@dataclass
+class _Planned:
+    """What planning found: the scan (root, layout, classes, skipped files), the incremental
+    filter (or None), the index streamed from them, and how: seconds scanning and in the filter,
+    the scan's threads, the images the failure ledger carried (by error type and by run), and
+    ``output.root``'s place inside ``input.root`` (None: outside)."""
+
+    scan: Scan
+    skip: SkipFilter | None
+    index: IndexWriter
+    scan_s: float
+    lookup_s: float
+    threads: int
+    carried: dict[str, Any]
+    left_out: str | None = None
+
+
+def _stream_into_index(cfg: Config, scan: Scan, skip: SkipFilter | None, run_dir: UPath, n_models: int) -> _Planned:
+    """Stream ``scan``'s batches through ``skip`` (when given) into the run's index, writing the
+    listings beside it (:class:`~imgscore.runstate.already_scored.Listings`). Memory: a few batches and one shard's rows.
+
+    Raises:
+        InputError: the scan found no image at all. Anything the scan, the filter or a write
+            raises propagates after the index folder and the listings are removed (nothing of a
+            run that was not planned stays).
+    """
+    threads = scan_threads_for(scan.root, cfg.input.scan_threads)
+    listings = Listings(run_dir, skip, cfg.run.skip_key)
     scan_s = lookup_s = 0.0
     try:
-        with IndexWriter(run_dir, cfg.run.shard_size, n_models=len(infos)) as index:
+        with IndexWriter(run_dir, cfg.run.shard_size, n_models=n_models) as index:
             batches = scan.batches(threads)
             while True:
                 t = time.perf_counter()
@@ -277,25 +297,32 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         storage.delete_tree(storage.path(run_dir, INDEX_NAME))  # nothing of a run that was not planned
         raise
     listings.close()
+    return _Planned(scan, skip, index, scan_s, lookup_s, threads, listings.carried_summary)
 
+
+def _incremental_record(cfg: Config, planned: _Planned, mkey: str) -> dict[str, Any]:
+    """The manifest's ``incremental`` section: how ``run.skip_scored`` chose the images."""
+    skip = planned.skip
+    if skip is None:
+        return {"skip_scored": False}
+    incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
+                   "already_scored": skip.already_scored, "already_failed": skip.already_failed,
+                   "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed, "lookup_s": round(planned.lookup_s, 4)}
+    if skip.already_failed:
+        incremental["carried"] = {"file": CARRIED_FILE, **planned.carried}
+    return incremental
+
+
+def _first_manifest(cfg: Config, run_id: str, model_info: dict[str, Any], infos: list[dict[str, Any]], planned: _Planned,
+                    started: datetime, timings: dict[str, Any], flow_run_id: str | None) -> Manifest:
+    """The run's first manifest: its facts, counts, models, recorded config and every shard's record."""
+    scan, skip, index = planned.scan, planned.skip, planned.index
     mkey = model_key(model_info)
     models = [{**m, "model_key": model_key(m)} for m in infos]
-    incremental = {"skip_scored": False}
-    if skip is not None:
-        incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
-                       "already_scored": skip.already_scored, "already_failed": skip.already_failed,
-                       "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed, "lookup_s": round(lookup_s, 4)}
-        if skip.already_failed:
-            incremental["carried"] = {"file": CARRIED_FILE, **listings.carried_summary}
     run_date = run_date_of(run_id, started)
-    n = index.rows
     pairs = sum(s.pairs for s in index.shards)  # (image, model) pairs to score
-    timings = {**(timings or {}), "scan_s": round(scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3), "scan_threads": threads}
-    if removed:
-        timings["temp_files_removed"] = removed
-    if moved.runs:
-        timings["layout_migrated_runs"] = len(moved.runs)
-    manifest = Manifest(
+    tables = ("predictions", "errors", *(("embeddings",) if cfg.output.embeddings else ()))
+    return Manifest(
         run_id=run_id,
         run_date=run_date,
         flow_run_id=flow_run_id,
@@ -303,93 +330,19 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict, timings: dict | Non
         created_at=started.isoformat(),
         updated_at=now_iso(),
         input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes,
-               **({"output_root_left_out": left_out} if left_out else {})},
-        counts=Counts(scanned=n, pairs=pairs, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
+               **({"output_root_left_out": planned.left_out} if planned.left_out else {})},
+        counts=Counts(scanned=index.rows, pairs=pairs, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
                       already_failed=skip.already_failed if skip else 0, pending=pairs),
         skipped=scan.skipped,
         model={**model_info, "model_key": mkey},
         models=models if len(models) > 1 or "name" in models[0] else [],
         config=cfg.recorded(),
-        incremental=incremental,
+        incremental=_incremental_record(cfg, planned, mkey),
         index=index.info(),
         shards=[
             ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, pairs=s.pairs, fingerprint=s.fingerprint)
             for s in index.shards
         ],
-        outputs={t: str(part_dir(out, t, run_date, run_id)) for t in ("predictions", "errors", *(("embeddings",) if cfg.output.embeddings else ()))},
+        outputs={t: str(part_dir(cfg.output.root, t, run_date, run_id)) for t in tables},
         timings={**timings, "planned_at_s": round(time.time(), 3)},
     )
-    state = RunState.create(run_dir, manifest)
-    return RunPlan(run_id, run_date, run_dir, shard_refs(manifest, run_dir), state)
-
-
-class _Listings:
-    """The files planning writes beside the index as the scan streams through the incremental
-    filter: ``content_hashes.parquet`` (sha256 mode) and ``already_failed.parquet`` (images
-    carried by the failure ledger), each temp-then-rename at the end; and what was carried,
-    counted per error type and per run that recorded the failure (for the manifest)."""
-
-    def __init__(self, run_dir: AnyPath, skip: AlreadyScored | AlreadyScoredEach | None, skip_key: str):
-        self.run_dir, self.skip = run_dir, skip
-        self.remote = storage.is_remote(run_dir)  # an object store: each file built in memory, one PUT at the end
-        self.writers: dict[str, pq.ParquetWriter] = {}
-        self.files: dict[str, object] = {}
-        self.schemas = {}
-        if skip is not None:
-            if skip_key == "sha256":
-                self.schemas[HASHES_FILE] = HASHES_SCHEMA
-            self.schemas[CARRIED_FILE] = CARRIED_SCHEMA
-        self.by_type: dict[str, int] = {}
-        self.by_run: dict[str, int] = {}
-
-    def _tmp(self, name: str) -> UPath:
-        return temp_path(storage.path(self.run_dir, name))
-
-    def _open(self, name: str) -> None:
-        # created new: a symlink planted at the name is not written through
-        f = pa.BufferOutputStream() if self.remote else os.fdopen(create_new(self._tmp(name)), "wb")
-        self.files[name] = f
-        self.writers[name] = pq.ParquetWriter(f, self.schemas[name], compression="zstd")
-
-    def _put(self, name: str, table: pa.Table) -> None:
-        if name not in self.schemas or table.num_rows == 0:
-            return
-        if name not in self.writers:
-            self._open(name)
-        self.writers[name].write_table(table)
-
-    def write(self) -> None:
-        """Take what the filter produced since the last call and append it."""
-        if HASHES_FILE in self.schemas:
-            self._put(HASHES_FILE, self.skip.take_hashes())
-        carried = self.skip.take_carried()
-        for col, counts in (("error_type", self.by_type), ("failed_run_id", self.by_run)):
-            for row in pc.value_counts(carried[col]).to_pylist() if carried.num_rows else []:
-                counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
-        self._put(CARRIED_FILE, carried)
-
-    @property
-    def carried_summary(self) -> dict:
-        return {"by_error_type": dict(sorted(self.by_type.items(), key=lambda kv: -kv[1])),
-                "by_run": dict(sorted(self.by_run.items(), reverse=True))}
-
-    def close(self) -> None:
-        if HASHES_FILE in self.schemas and HASHES_FILE not in self.writers:  # sha256 mode: written even when empty
-            self._open(HASHES_FILE)
-        for name, w in self.writers.items():
-            w.close()
-            if self.remote:
-                storage.write_bytes(storage.join(self.run_dir, name), self.files[name].getvalue().to_pybytes())
-                continue
-            self.files[name].close()
-            self._tmp(name).replace(self.run_dir / name)
-        self.writers, self.files = {}, {}
-
-    def abort(self) -> None:
-        for name, w in self.writers.items():
-            w.close()
-            if not self.remote:
-                self.files[name].close()
-                self._tmp(name).unlink(missing_ok=True)
-        self.writers, self.files = {}, {}
-

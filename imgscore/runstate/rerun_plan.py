@@ -23,7 +23,6 @@ added, so there are never two rows for one image).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,7 +39,7 @@ from imgscore.inference.score import (
     score_entries,
 )
 from imgscore.inference.scorer import load_scorers
-from imgscore.io import storage
+from imgscore.io import object_store, storage
 from imgscore.io.containment import inside
 from imgscore.io.parquet import (
     ERRORS_SCHEMA,
@@ -110,11 +109,12 @@ def merge_partial(old_pred: pa.Table, old_err: pa.Table | None, new_pred: pa.Tab
     return merged, pa.concat_tables([carry.replace_schema_metadata(None), new_err.replace_schema_metadata(None)])
 
 
-def merge_embeddings(old_path: Path, new: pa.Table, predictions: pa.Table, order: pa.Array) -> pa.Table:
+def merge_embeddings(old_path: AnyPath, new: pa.Table, predictions: pa.Table, order: pa.Array) -> pa.Table:
     """A partial shard's embeddings after a rerun: the old part's vectors of images whose
     predictions were kept, plus ``new``'s, in index order — one row per predictions row."""
     try:
-        old = pq.read_table(old_path, schema=new.schema)
+        with storage.open_input(old_path) as f:  # a file, or an object
+            old = pq.read_table(f, schema=new.schema)
     except (OSError, pa.ArrowException):  # missing or unreadable: only the new vectors
         return new
     fresh = pc.is_in(old["image_path"], value_set=new["image_path"].combine_chunks())
@@ -149,7 +149,7 @@ def rescore_shard(
         ModelError: the model cannot be loaded on this worker; nothing is changed.
     """
     t0 = time.perf_counter()
-    storage.configure(cfg.storage.settings())
+    object_store.configure(cfg.storage.settings())
     out_root = cfg.output.root
     shard = read_shard_entries(ref)
     chosen = shard if only is None else [e for e in shard if e.image_path in set(only)]

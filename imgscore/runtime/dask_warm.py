@@ -34,7 +34,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Worker
 
-    from imgscore.config.schema import Config, RunnerConfig
+    from imgscore.config.running import RunnerConfig
+    from imgscore.config.schema import Config
 
 log = logging.getLogger("imgscore")
 

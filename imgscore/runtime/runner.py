@@ -20,6 +20,7 @@ import json
 from typing import Any
 
 from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -78,7 +79,7 @@ def make_task_runner(cfg: RunnerConfig, warm_config: str | None = None) -> TaskR
     return ScoringDaskTaskRunner(cluster_kwargs=dask_warm.local_cluster_kwargs(cfg), api_url=url, warm_config=warm_config)
 
 
-class ConfiguredTaskRunner(TaskRunner):
+class ConfiguredTaskRunner(TaskRunner[PrefectFuture[Any]]):
     """A task runner chosen by the flow run's own ``config.runner`` parameter.
 
     A flow's task runner is fixed when the flow is decorated, but a deployment's runs carry

@@ -16,8 +16,8 @@ import torch
 from imgscore.config.scoring import InferenceConfig
 from imgscore.errors import ConfigError
 from imgscore.images.dataset import Sample, ShardDataset
+from imgscore.images.entries import ImageEntry
 from imgscore.images.preprocess import DecodeOptions
-from imgscore.images.scan import ImageEntry
 from imgscore.inference.backends.eager import TorchForward
 from imgscore.inference.backends.factory import make_forward
 from imgscore.inference.backends.forward import Forward
