@@ -144,7 +144,8 @@ def banner(cfg: Config) -> str:
 
     root = storage.absolute(cfg.input.root) if cfg.input.root is not None else str(None)
     names = ", ".join(m.resolved_name for m in cfg.scored_models())
-    return f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(root)} with {escape(names)} ({cfg.runner.type} runner) …"
+    return (f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(root)} with {escape(names)} "
+            f"({cfg.runner.type} runner) …")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -171,7 +172,8 @@ def cmd_demo(args, session: startup.Session) -> int:
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     checkpoint = cfg.model.checkpoint
     if checkpoint is None:
-        raise UsageError("imgscore demo trains its model into model.checkpoint, which the config leaves unset; set it (demo.yaml does)")
+        raise UsageError("imgscore demo trains its model into model.checkpoint, which the config leaves unset; "
+                         "set it (demo.yaml does)")
     demo_dir = Path(checkpoint).parent
     console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
     try:

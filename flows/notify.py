@@ -195,7 +195,8 @@ def send(cfg: NotifyConfig, payload: dict[str, Any], log=None) -> list[str]:
             from prefect.blocks.core import Block
 
             subject, body = run_text(payload)
-            # prefect types Block.load as possibly a coroutine (it dispatches on the caller); from sync code it is the block
+            # prefect types Block.load as possibly a coroutine (it dispatches on the caller); called from
+            # sync code it is the block
             Block.load(cfg.block).notify(body, subject=subject)  # type: ignore[union-attr]
             sent.append("block")
         except Exception as exc:

@@ -129,7 +129,10 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root: AnyPat
     c = m.counts
     pairs = m.total_pairs  # (image, model) pairs: the budget's denominator (images with one model)
     failed_shards = [s.shard_id for s in m.shards if s.state == "failed"]
-    why = f"{len(failed_shards)} shard(s) failed (error rate {_rate(m):.2%})" if failed_shards else over_budget(c.failed, pairs, budget)
+    if failed_shards:
+        why: str | None = f"{len(failed_shards)} shard(s) failed (error rate {_rate(m):.2%})"
+    else:
+        why = over_budget(c.failed, pairs, budget)
     m.drift = compare_drift(out_root, m, drift_cfg)
     drifted = m.drift.get("warnings") or []
     fail_on_drift = bool(drifted) and drift_cfg is not None and drift_cfg.fail

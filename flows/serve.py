@@ -64,7 +64,8 @@ def build_deployment(cfg: Config, cron: str, timezone: str, name: str = "nightly
             f"run.run_id={cfg.run.run_id!r} is fixed, so the second night would be refused as a duplicate; "
             "leave run.run_id unset for a schedule (each run gets a new id)"
         )
-    # prefect types to_deployment as possibly a coroutine (it dispatches on the caller); from sync code it is the deployment
+    # prefect types to_deployment as possibly a coroutine (it dispatches on the caller); called from
+    # sync code it is the deployment
     return score_images.to_deployment(  # type: ignore[return-value]
         name=name,
         schedules=[Cron(cron, timezone=timezone)],

@@ -39,9 +39,9 @@ def plan_task(cfg: Config, run_id: str) -> RunPlan:
     if cfg.output.embeddings:  # no embedding layer, or lengths that one table cannot hold: refused before anything is written (exit 2)
         check_embedding_layers(lms, [m.resolved_name for m in cfg.scored_models()], cfg.output.embedding_layer, device)
     # reduced precision: the canary on the folder's first images, before anything is written
-    first = first_entries(input_root_of(cfg), cfg.inference.canary_images * 4, cfg.input.layout, cfg.input.follow_symlinks,
-                          cfg.input.formats) \
-        if cfg.inference.precision != "fp32" else []
+    first = (first_entries(input_root_of(cfg), cfg.inference.canary_images * 4, cfg.input.layout,
+                           cfg.input.follow_symlinks, cfg.input.formats)
+             if cfg.inference.precision != "fp32" else [])
     starts = [start_inference(cfg.inference, lm, str(cfg.input.root), first, DecodeOptions.from_input(cfg.input),
                               configure_threads(cfg.inference.num_threads, 1)) for lm in lms]
     # several models: one precision for the run; a canary that fell back to fp32 sets it for all

@@ -30,7 +30,8 @@ def stopped(run_dir: AnyPath) -> State[Any] | None:
 # (JSON, checked against the part files) are the cache. Prefect persists no task result, so
 # nothing under output.root is ever unpickled (docs/security.md).
 @task(name="score_shard", cache_policy=NO_CACHE, persist_result=False)
-def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}") -> ShardResult | State[Any] | None:
+def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int,
+                     inference_json: str = "{}") -> ShardResult | State[Any] | None:
     """One shard on this worker's device; see ``imgscore.inference.score.score_shard``. Returns its
     :class:`ShardResult` — in a ``Cached`` state, without scoring, when an earlier attempt of
     the run committed the shard and its part files match (``imgscore.runstate.commits.committed``).

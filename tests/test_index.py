@@ -126,6 +126,7 @@ def test_refresh_restats_only_the_shards_asked(tmp_path):
 
 def test_scan_threads_auto_is_one_on_a_local_disk(tmp_path):
     assert walk.filesystem_type(tmp_path) is not None
-    assert scan_mod.scan_threads_for(tmp_path, "auto") == (8 if walk.filesystem_type(tmp_path) in walk.NETWORK_FILESYSTEMS else 1)
+    network = walk.filesystem_type(tmp_path) in walk.NETWORK_FILESYSTEMS
+    assert scan_mod.scan_threads_for(tmp_path, "auto") == (8 if network else 1)
     assert scan_mod.scan_threads_for(tmp_path, 3) == 3
     assert INDEX_SCHEMA.names[:2] == ["image_path", "fs_path"]

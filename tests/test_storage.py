@@ -33,7 +33,8 @@ def test_roots_normalize_and_join():
 def test_secrets_in_options_are_refused_and_env_references_expand(monkeypatch):
     """A credential can only be named (``${VAR}``), never written; the name is resolved on the
     machine that opens the store, and an unset variable is named in the error."""
-    object_store.check_options({"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"}, "anon": False})
+    object_store.check_options({"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"},
+                                "anon": False})
     for bad in ({"secret": "hunter2"}, {"key": "AKIA123"}, {"client_kwargs": {"aws_secret_access_key": "x"}},
                 {"sas_token": "sv=2020"}, {"connection_string": "DefaultEndpoints..."}, {"account_key": "abc"}):
         with pytest.raises(ValueError, match="looks like a credential.*SOME_ENV_VAR"):
@@ -130,7 +131,8 @@ def test_object_reads_retry_throttling_and_time_out_slow_objects(s3, s3_server, 
         ok, throttled, slow = objects.read_objects([s3.url("img", n) for n in ("ok.jpg", "throttled.jpg", "slow.jpg")])
         took = time.monotonic() - t0
     assert ok == b"ok.jpg"
-    assert isinstance(throttled, OSError) and "SlowDown" in objects.describe_error(throttled), objects.describe_error(throttled)
+    said = objects.describe_error(throttled)
+    assert isinstance(throttled, OSError) and "SlowDown" in said, said
     assert proxy.gets[f"/{s3.bucket}/{s3.prefix}/img/throttled.jpg"] == 3  # 1 + storage retries
     assert isinstance(slow, TimeoutError | OSError) and not isinstance(slow, bytes)
     assert took < object_store.current_settings().object_timeout_s + 5, took

@@ -141,17 +141,20 @@ def open_scan(root: AnyPath, layout: str = "auto", follow_symlinks: bool = True,
         top_files = sorted(e.name for e in it if not is_hidden(e.name) and not e.is_dir())
     if layout == "auto":
         layout = "imagefolder" if classes and all(skip_reason(n, chosen) is not None for n in top_files) else "flat"
-    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks, formats=chosen, exclude=left_out)
+    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks, formats=chosen,
+                exclude=left_out)
     if layout == "imagefolder":
         scan.classes = [display_path(c) for c in classes]  # a Latin-1 folder name is a class too, named in valid UTF-8
         scan.units = [ScanUnit(os.path.join(root_s, c), i, scan.classes[i]) for i, c in enumerate(classes)]
         for n in top_files:  # files directly in root have no class: say so
-            note_skipped(scan.tail_skipped, n, skip_reason(n, chosen) or "image outside any class folder (layout=imagefolder)")
+            why = skip_reason(n, chosen) or "image outside any class folder (layout=imagefolder)"
+            note_skipped(scan.tail_skipped, n, why)
     else:
         listed = list_folder(root_s, follow_symlinks, scan.skipped, root_s, frozenset(), exclude=left_out)
         if listed is not None:
             files, dirs, real = listed
-            scan.units = [ScanUnit(None, None, None, files=files)] + [ScanUnit(d, None, None, chain=frozenset({real})) for d, _ in dirs]
+            scan.units = [ScanUnit(None, None, None, files=files)]
+            scan.units += [ScanUnit(d, None, None, chain=frozenset({real})) for d, _ in dirs]
     return scan
 
 

@@ -60,7 +60,8 @@ class ObjectScan(Scan):
         left_out = self.exclude + "/" if self.exclude else None  # output.root's prefix under the root
 
         def images() -> Iterator[ImageEntry]:
-            for obj in sorted((o for o in listed if not _hidden_key(o.key)), key=lambda o: objects.walk_order_key(o.key)):
+            shown = (o for o in listed if not _hidden_key(o.key))
+            for obj in sorted(shown, key=lambda o: objects.walk_order_key(o.key)):
                 rel = base + obj.key
                 if left_out is not None and rel.startswith(left_out):
                     continue
@@ -75,8 +76,8 @@ class ObjectScan(Scan):
 
 def _refuse_listing(root: str, exc: BaseException) -> InputError:
     return InputError(
-        f"input.root {root!r} cannot be listed ({objects.describe_error(exc)}); check the bucket name and the credentials "
-        "this machine finds (AWS_ACCESS_KEY_ID/AWS_PROFILE, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)"
+        f"input.root {root!r} cannot be listed ({objects.describe_error(exc)}); check the bucket name and the "
+        "credentials this machine finds (AWS_ACCESS_KEY_ID/AWS_PROFILE, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)"
     )
 
 
@@ -112,10 +113,12 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
         scan.units = [ScanUnit(storage.join(root, c), i, c) for i, c in enumerate(classes)]
         tail: list[dict[str, str]] = []
         for o in top_files:
-            note_skipped(tail, o.key, skip_reason(o.key, formats) or "image outside any class folder (layout=imagefolder)")
+            why = skip_reason(o.key, formats) or "image outside any class folder (layout=imagefolder)"
+            note_skipped(tail, o.key, why)
         scan.tail_skipped = tail
     else:
-        scan.units = [ScanUnit(None, None, None, objects=top_files)] + [ScanUnit(storage.join(root, d), None, None) for d in classes]
+        scan.units = [ScanUnit(None, None, None, objects=top_files)]
+        scan.units += [ScanUnit(storage.join(root, d), None, None) for d in classes]
     return scan
 
 

@@ -81,8 +81,8 @@ def list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
     return files, dirs, real
 
 
-def walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: frozenset[str] = frozenset(),
-               exclude: str | None = None) -> Iterator[str]:
+def walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str,
+               chain: frozenset[str] = frozenset(), exclude: str | None = None) -> Iterator[str]:
     """Yield file paths under ``top`` in torchvision's order: this folder's files, then its
     subfolders, each sorted by name (:func:`list_folder` says which folders are entered).
     ``chain``: the real paths of the folders above ``top`` (a unit of a flat tree: the root's);
@@ -106,7 +106,8 @@ def walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], r
             pending.pop()
             above.discard(owner)
             continue
-        listed = list_folder(d[0], follow_symlinks, skipped, root, above, real=d[1], root_real=root_real, exclude=exclude)
+        listed = list_folder(d[0], follow_symlinks, skipped, root, above, real=d[1], root_real=root_real,
+                             exclude=exclude)
         if listed is None:
             continue
         files, dirs, real = listed

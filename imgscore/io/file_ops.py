@@ -182,17 +182,21 @@ class AtomicWrite:
         return self.path
 
     def abort(self) -> None:
-        """Drop what was written: the temp file is removed (nothing was PUT)."""
-        self.file.close()
+        """Drop what was written: the temp file is removed (nothing was PUT). Never raises for the
+        file's own error (closing it flushes a buffer the full disk refused again)."""
+        with contextlib.suppress(OSError):
+            self.file.close()
         self._buffer = None
         if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._tmp.unlink(missing_ok=True)
             self._tmp = None
 
     def __enter__(self) -> IO[bytes]:
         return self.file
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.commit()
         else:

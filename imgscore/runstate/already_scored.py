@@ -155,7 +155,8 @@ class AlreadyScored:
         self._failed_content: tuple[pa.Array, pa.Table] | None = None  # (keys, failed rows) by content
 
     def _hashes_of(self, keys: pa.Table) -> pa.Table:
-        return keys.join(read_hashes(self.out_root, self.runs), keys=STAT_COLUMNS[:3], right_keys=["image_path", "size", "mtime_ns"], join_type="inner")
+        return keys.join(read_hashes(self.out_root, self.runs), keys=STAT_COLUMNS[:3],
+                         right_keys=["image_path", "size", "mtime_ns"], join_type="inner")
 
     def _content(self) -> pa.Array:
         if self._content_keys is None:
@@ -241,7 +242,8 @@ class AlreadyScored:
             idx = list(shas)
             probe = pa.array([f"{unicodedata.normalize('NFC', paths[i])}\t{shas[i]}" for i in idx], pa.string())
             hit = pc.fill_null(pc.is_in(probe, value_set=self._content()), False).to_pylist()
-            n_failed = self._failed.num_rows if self._failed is not None else 0  # content positions follow the stat table's
+            # positions in the content table follow the stat table's rows
+            n_failed = self._failed.num_rows if self._failed is not None else 0
             fkeys = self._failed_by_content()[0] if n_failed else None
             fpos = pc.index_in(probe, value_set=fkeys).to_pylist() if fkeys is not None else [None] * len(idx)
             for i, h, f in zip(idx, hit, fpos, strict=True):
@@ -314,10 +316,11 @@ SkipFilter = AlreadyScored | AlreadyScoredEach
 
 
 class Listings:
-    """The files planning writes beside the run's index as the scan streams through the filter: ``content_hashes.parquet`` (sha256 mode) and ``already_failed.parquet`` (images
-    carried by the failure ledger), each put in place whole at the end
-    (:class:`imgscore.io.file_ops.AtomicWrite`); and what was carried, counted per error type and
-    per run that recorded the failure (for the manifest)."""
+    """The files planning writes beside the run's index as the scan streams through the filter:
+    ``content_hashes.parquet`` (sha256 mode) and ``already_failed.parquet`` (images carried by the
+    failure ledger), each put in place whole at the end (:class:`imgscore.io.file_ops.AtomicWrite`);
+    and what was carried, counted per error type and per run that recorded the failure (for the
+    manifest)."""
 
     def __init__(self, run_dir: UPath, skip: SkipFilter | None, skip_key: str):
         self.run_dir, self.skip = run_dir, skip
@@ -371,6 +374,8 @@ class Listings:
 
     def abort(self) -> None:
         for name, w in self.writers.items():
-            w.close()
-            self.files[name].abort()
+            try:
+                w.close()
+            finally:
+                self.files[name].abort()
         self.writers, self.files = {}, {}

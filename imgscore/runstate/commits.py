@@ -222,10 +222,10 @@ def plan_rerun(manifest: Manifest, out_root: AnyPath) -> list[ShardWork]:
         bad = check_shard(out_root, check_run_date(manifest.run_date, "run_date"), manifest.run_id, e) if done else None
         if e.state == "complete" and bad is None:
             continue
-        if e.state == "partial" and bad is None:
+        if e.state == "partial" and bad is None and e.failed_images:
             names = e.failed_images
             run_date = check_run_date(manifest.run_date, "run_date")
-            if names and (len(names) == e.failed or _every_error_named(out_root, run_date, manifest.run_id, e.shard_id)):
+            if len(names) == e.failed or _every_error_named(out_root, run_date, manifest.run_id, e.shard_id):
                 work.append(ShardWork(e.shard_id, list(names), f"{len(names)} failed image(s)"))
                 continue
         work.append(ShardWork(e.shard_id, None, bad or f"state {e.state}"))

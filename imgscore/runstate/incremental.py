@@ -141,7 +141,8 @@ def _same_root(a: AnyPath | None, b: AnyPath) -> bool:
     return a is not None and storage.same_root(a, b)
 
 
-def prior_runs(out_root: AnyPath, model_info: dict[str, Any], input_root: AnyPath, exclude: str | None = None) -> list[dict[str, Any]]:
+def prior_runs(out_root: AnyPath, model_info: dict[str, Any], input_root: AnyPath,
+               exclude: str | None = None) -> list[dict[str, Any]]:
     """Manifests of earlier runs in ``out_root`` over ``input_root`` (the same folder, by real
     path) that scored a model with the same model key (alone, or as one of their ``models``).
 
@@ -218,7 +219,8 @@ def read_scored(out_root: AnyPath, runs: list[dict[str, Any]], model_id: str) ->
     file_mtime_ns int64), one row per prediction row with ``model_id`` from their input folder.
     An unreadable part file is skipped (its images count as not scored)."""
     flt = (pc.field("model_id") == model_id) & _root_filter(runs)
-    return _read_columns(part_files(out_root, runs, "predictions"), PREDICTIONS_SCHEMA, STAT_COLUMNS, flt, "skip_scored")
+    files = part_files(out_root, runs, "predictions")
+    return _read_columns(files, PREDICTIONS_SCHEMA, STAT_COLUMNS, flt, "skip_scored")
 
 
 def read_failed(out_root: AnyPath, runs: list[dict[str, Any]], model_id: str | None = None) -> pa.Table:
@@ -239,7 +241,8 @@ def read_hashes(out_root: AnyPath, runs: list[dict[str, Any]]) -> pa.Table:
     parts = []
     for m in runs:
         p = storage.path(out_root, "runs", m["run_id"], HASHES_FILE)  # run ids checked by prior_runs
-        if storage.is_file(p) and storage.relative_within(out_root, p) is not None:  # not through a link out of out_root
+        # not through a link out of out_root
+        if storage.is_file(p) and storage.relative_within(out_root, p) is not None:
             try:
                 fs, (where,) = storage.arrow_files([str(p)])
                 parts.append(pq.read_table(where, schema=HASHES_SCHEMA, filesystem=fs))

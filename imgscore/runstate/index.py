@@ -146,14 +146,17 @@ class IndexWriter:
     def abort(self) -> None:
         """Drop the file being written (planning failed)."""
         if self._writer is not None and self._file is not None:
-            self._writer.close()
-            self._file.abort()
+            try:
+                self._writer.close()
+            finally:
+                self._file.abort()
         self._writer = self._file = None
 
     def __enter__(self) -> IndexWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -184,7 +187,8 @@ def read_shard_entries(run_dir: AnyPath, index_file: str, row_group: int) -> lis
     return entries_from_table(read_shard_table(run_dir, index_file, row_group))
 
 
-def refresh_shards(run_dir: AnyPath, index: dict[str, Any], input_root: AnyPath, shard_ids: list[int]) -> dict[int, str]:
+def refresh_shards(run_dir: AnyPath, index: dict[str, Any], input_root: AnyPath,
+                   shard_ids: list[int]) -> dict[int, str]:
     """Re-stat the images of ``shard_ids`` and rewrite the index files that hold them atomically.
 
     A file fixed since the run (a truncated JPEG replaced) then gets a prediction row with its

@@ -97,7 +97,8 @@ def conform(table: pa.Table, schema: pa.Schema, fill: dict[str, object] | None =
 def _recorded_root(run_dir: AnyPath, sample: Path | None) -> str | None:
     """The run's input root: its manifest's ``input.root``, else the one in a part file's metadata."""
     try:
-        root = (json.loads(inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json").read_text(encoding="utf-8")).get("input") or {}).get("root")
+        manifest = inside(run_dir, storage.path(run_dir, MANIFEST), "manifest.json")
+        root = (json.loads(manifest.read_text(encoding="utf-8")).get("input") or {}).get("root")
         if root:
             return input_root_name(root)
     except (OSError, ValueError, UnsafePathError):

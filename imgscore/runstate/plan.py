@@ -134,7 +134,10 @@ def find_retried_run(out_root: AnyPath, flow_run_id: str | None, run_id: str | N
     if not flow_run_id or (run_id is None and run_count <= 1):
         return None
     runs = storage.join(out_root, "runs")
-    urls = [storage.join(runs, run_id, MANIFEST)] if run_id else sorted(storage.glob(storage.join(runs, "*", MANIFEST)), reverse=True)
+    if run_id:
+        urls = [storage.join(runs, run_id, MANIFEST)]
+    else:
+        urls = sorted(storage.glob(storage.join(runs, "*", MANIFEST)), reverse=True)
     for url in urls:
         if storage.relative_within(runs, url) is None:
             continue  # a link out of the output root: not a manifest of this root
@@ -178,7 +181,8 @@ def resume_plan(out_root: AnyPath, run_id: str, flow_run_id: str | None, input_r
 
 
 def plan_new_run(cfg: Config, run_id: str, model_info: dict[str, Any], timings: dict[str, Any] | None = None,
-                 flow_run_id: str | None = None, scan: Scan | None = None, models: list[dict[str, Any]] | None = None) -> RunPlan:
+                 flow_run_id: str | None = None, scan: Scan | None = None,
+                 models: list[dict[str, Any]] | None = None) -> RunPlan:
     """Scan ``input.root`` into the index, cut shards, write the first manifest.
 
     Temp files that killed writers left in ``output.root`` (of runs no live process holds) are
@@ -241,7 +245,8 @@ def input_root_of(cfg: Config) -> AnyPath:
 def _skip_filter(cfg: Config, infos: list[dict[str, Any]], input_root: AnyPath, run_id: str) -> SkipFilter:
     """``run.skip_scored``'s filter over earlier runs into ``output.root``: one per model, joined
     when the run scores several (:class:`~imgscore.runstate.already_scored.AlreadyScoredEach`)."""
-    each = [AlreadyScored(cfg.output.root, m, input_root, cfg.run.skip_key, exclude_run=run_id, retry_failed=cfg.run.retry_failed)
+    run = cfg.run
+    each = [AlreadyScored(cfg.output.root, m, input_root, run.skip_key, exclude_run=run_id, retry_failed=run.retry_failed)
             for m in infos]
     return each[0] if len(each) == 1 else AlreadyScoredEach(each, [m.get("name") or "" for m in infos])
 
@@ -265,7 +270,8 @@ class _Planned:
 
 def _stream_into_index(cfg: Config, scan: Scan, skip: SkipFilter | None, run_dir: UPath, n_models: int) -> _Planned:
     """Stream ``scan``'s batches through ``skip`` (when given) into the run's index, writing the
-    listings beside it (:class:`~imgscore.runstate.already_scored.Listings`). Memory: a few batches and one shard's rows.
+    listings beside it (:class:`~imgscore.runstate.already_scored.Listings`). Memory: a few batches
+    and one shard's rows.
 
     Raises:
         InputError: the scan found no image at all. Anything the scan, the filter or a write
@@ -307,14 +313,15 @@ def _incremental_record(cfg: Config, planned: _Planned, mkey: str) -> dict[str, 
         return {"skip_scored": False}
     incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
                    "already_scored": skip.already_scored, "already_failed": skip.already_failed,
-                   "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed, "lookup_s": round(planned.lookup_s, 4)}
+                   "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed,
+                   "lookup_s": round(planned.lookup_s, 4)}
     if skip.already_failed:
         incremental["carried"] = {"file": CARRIED_FILE, **planned.carried}
     return incremental
 
 
-def _first_manifest(cfg: Config, run_id: str, model_info: dict[str, Any], infos: list[dict[str, Any]], planned: _Planned,
-                    started: datetime, timings: dict[str, Any], flow_run_id: str | None) -> Manifest:
+def _first_manifest(cfg: Config, run_id: str, model_info: dict[str, Any], infos: list[dict[str, Any]],
+                    planned: _Planned, started: datetime, timings: dict[str, Any], flow_run_id: str | None) -> Manifest:
     """The run's first manifest: its facts, counts, models, recorded config and every shard's record."""
     scan, skip, index = planned.scan, planned.skip, planned.index
     mkey = model_key(model_info)
@@ -331,7 +338,8 @@ def _first_manifest(cfg: Config, run_id: str, model_info: dict[str, Any], infos:
         updated_at=now_iso(),
         input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes,
                **({"output_root_left_out": planned.left_out} if planned.left_out else {})},
-        counts=Counts(scanned=index.rows, pairs=pairs, skipped=len(scan.skipped), already_scored=skip.already_scored if skip else 0,
+        counts=Counts(scanned=index.rows, pairs=pairs, skipped=len(scan.skipped),
+                      already_scored=skip.already_scored if skip else 0,
                       already_failed=skip.already_failed if skip else 0, pending=pairs),
         skipped=scan.skipped,
         model={**model_info, "model_key": mkey},
