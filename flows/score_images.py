@@ -2,7 +2,7 @@
 
 The flow reads like a table of contents; the work is in ``tasks/``. Tasks pass references
 (shard refs, config as JSON text, counts), never images, tensors or models. Each finished shard
-is committed into the run state by :meth:`imgscore.runstate.manifest.RunState.commit` (O(1): a
+is committed into the run state by :meth:`imgscore.runstate.state.RunState.commit` (O(1): a
 ledger line, not a manifest rewrite); docs/architecture.md draws the whole run.
 """
 

@@ -55,7 +55,7 @@ Formats = tuple[str, ...] | list[str] | None  # input.formats (None: the default
 
 
 def scan_threads_for(root: AnyPath, setting: int | str = "auto") -> int:
-    """Threads :meth:`Scan.batches` uses: ``setting`` when it is a number, else (``auto``)
+    """Threads :meth:`~imgscore.images.scan_stream.Scan.batches` uses: ``setting`` when it is a number, else (``auto``)
     :data:`NETWORK_SCAN_THREADS` on a network file system
     (:data:`imgscore.images.walk.NETWORK_FILESYSTEMS`) or an object store (prefixes listed at
     once), and 1 on local disks, where threads only contend for the GIL (docs/scaling.md, scan)."""
@@ -108,7 +108,8 @@ def check_folder(root: Path) -> None:
 
 def open_scan(root: AnyPath, layout: str = "auto", follow_symlinks: bool = True, formats: Formats = None,
               exclude: AnyPath | None = None) -> Scan:
-    """Check ``root`` and decide the layout and classes; the walk happens in :meth:`Scan.batches`.
+    """Check ``root`` and decide the layout and classes; the walk happens in
+    :meth:`~imgscore.images.scan_stream.Scan.batches`.
 
     Args:
         root: the folder to score.
@@ -173,7 +174,7 @@ def first_entries(root: AnyPath, n: int, layout: str = "auto", follow_symlinks: 
 def scan_images(root: AnyPath, layout: str = "auto", follow_symlinks: bool = True, threads: int = 1,
                 formats: Formats = None) -> ImageIndex:
     """List every image under ``root`` in a deterministic order, in memory (:func:`open_scan`
-    and :meth:`Scan.batches` stream the same list; planning a run uses those).
+    and :meth:`~imgscore.images.scan_stream.Scan.batches` stream the same list; planning a run uses those).
 
     Returns:
         An :class:`~imgscore.images.entries.ImageIndex`. Class names and ``image_path`` are valid

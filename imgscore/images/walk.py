@@ -122,7 +122,7 @@ _FILE_KINDS = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR
 def classify(path: str, root: str, label: int | None, label_name: str | None, skipped: list[dict[str, str]],
              formats: tuple[str, ...] | None = None) -> ImageEntry | None:
     """The index entry for ``path`` (:func:`stat_entry`), or None after recording in ``skipped`` why it
-    is not an image to score (:func:`skip_reason` with ``formats``)."""
+    is not an image to score (:func:`imgscore.images.extensions.skip_reason` with ``formats``)."""
     why = skip_reason(path, formats)
     if why is not None:
         note_skipped(skipped, os.path.relpath(path, root), why)

@@ -112,6 +112,7 @@ class Settings:
     @classmethod
     def of(cls, options: Mapping[str, Any] | None = None, retries: int = 4, read_timeout_s: float = 30.0,
            connect_timeout_s: float = 10.0) -> Settings:
+        """Settings from the config's ``storage.*`` values (``options`` as a mapping)."""
         return cls(tuple(sorted((options or {}).items())), retries, read_timeout_s, connect_timeout_s)
 
     @property
@@ -134,6 +135,7 @@ def configure(settings: Settings) -> None:
 
 
 def current_settings() -> Settings:
+    """The settings in force in this process (:func:`configure`)."""
     return _settings
 
 

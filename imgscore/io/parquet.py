@@ -154,6 +154,7 @@ def run_part_files(out_root: AnyPath, table: str, run_date: str | None, run_id: 
 
 
 def part_name(shard_id: int) -> str:
+    """``part-SSSSS.parquet``: the name of shard ``shard_id``'s part file in each table's folder."""
     return f"part-{shard_id:05d}.parquet"
 
 

@@ -361,10 +361,16 @@ class Listings:
 
     @property
     def carried_summary(self) -> dict[str, Any]:
+        """``{by_error_type: {type: n}, by_run: {run_id: n}}`` of the images carried so far (the manifest's)."""
         return {"by_error_type": dict(sorted(self.by_type.items(), key=lambda kv: -kv[1])),
                 "by_run": dict(sorted(self.by_run.items(), reverse=True))}
 
     def close(self) -> None:
+        """Put every listing in place (the hashes file even when empty, in sha256 mode).
+
+        Raises:
+            OSError: a file could not be written or renamed (its temp file is removed).
+        """
         if HASHES_FILE in self.schemas and HASHES_FILE not in self.writers:  # sha256 mode: written even when empty
             self._open(HASHES_FILE)
         for name, w in self.writers.items():
@@ -373,6 +379,7 @@ class Listings:
         self.writers, self.files = {}, {}
 
     def abort(self) -> None:
+        """Drop every listing written so far (planning failed): nothing of them stays."""
         for name, w in self.writers.items():
             try:
                 w.close()

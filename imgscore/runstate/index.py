@@ -38,6 +38,7 @@ SHARDS_PER_FILE = 64  # row groups per index file: a footer this small parses fa
 
 
 def index_file_name(file_no: int) -> str:
+    """``index.parquet/part-NNNNN.parquet``: index file ``file_no``, relative to the run folder."""
     return f"{INDEX_NAME}/part-{file_no:05d}.parquet"
 
 

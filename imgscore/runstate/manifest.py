@@ -127,7 +127,8 @@ class ShardResult(_Model):
 
 class RunEnding(_Model):
     """A ledger line that ends the run when manifest.json could not be rewritten (the disk is
-    full): :meth:`RunState.record_ending`. Readers replay it after the shard results before it."""
+    full): :meth:`imgscore.runstate.state.RunState.record_ending`. Readers replay it after the
+    shard results before it."""
 
     ending: RunStatus
     reason: str | None = None
@@ -201,7 +202,7 @@ class Manifest(_Model):
     """``manifest.json``: what a run is, and every shard's latest record.
 
     Unknown keys (from a newer version, or added by hand) are kept when the manifest is written
-    back. Load with :func:`load_manifest` (summary + ledger), never by reading the file alone.
+    back. Load with :func:`imgscore.runstate.state.load_manifest` (summary + ledger), never by reading the file alone.
     """
 
     format_version: int = 2

@@ -141,6 +141,11 @@ class ShardLedger:
             self.segment += 1
 
     def close(self) -> None:
+        """Close the current segment (on an object store: write it).
+
+        Raises:
+            OSError: the segment object could not be written.
+        """
         with self._lock:
             self._close()
 
