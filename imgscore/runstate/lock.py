@@ -1,8 +1,9 @@
 """One writer per run: a lock file with the owner's pid and host, and stale-lock detection.
 
-``OUT/runs/RUN/.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on POSIX file systems,
-NFSv3+ included, and the same promise an object store's conditional put gives) by whichever
-process writes the run's part files and manifest. The flows hold it for their whole body, where
+``OUT/runs/RUN/.lock`` is created only if absent (:func:`imgscore.io.storage.create_new`: a temp
+file hard-linked to the name, atomic on POSIX file systems, NFSv3+ included, and the same promise
+an object store's conditional put gives) by whichever process writes the run's part files and
+manifest. The flows hold it for their whole body, where
 it is visible::
 
     with run_lock.held(run_dir, "imgscore run"):
