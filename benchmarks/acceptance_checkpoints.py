@@ -68,11 +68,24 @@ def main() -> int:
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp / "prefect")}
     imgscore = str(IMGSCORE)
-    print("| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) |\n|---|---|---|---|---|---|")
+    print(
+        "| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) |\n|---|---|---|---|---|---|"
+    )
     for name, path in forms.items():
         out = tmp / f"out_{name}"
-        args = [imgscore, "run", "--config", str(REPO / "configs" / "demo.yaml"), "--quiet",
-                "--set", f"model.checkpoint={path}", "--set", f"output.root={out}", "--set", "run.shard_size=150"]
+        args = [
+            imgscore,
+            "run",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--quiet",
+            "--set",
+            f"model.checkpoint={path}",
+            "--set",
+            f"output.root={out}",
+            "--set",
+            "run.shard_size=150",
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
         wall = time.perf_counter() - t0
@@ -80,7 +93,9 @@ def main() -> int:
             print(f"| {name} | {proc.returncode} | – | – | – | – |  {proc.stderr.strip()[:110]}…")
             if name == "pickled_module":
                 assert proc.returncode == 2 and not (out / "predictions").exists()
-                proc = subprocess.run([*args, "--set", "model.trust_checkpoint=true"], capture_output=True, text=True, env=env, cwd=REPO)
+                proc = subprocess.run(
+                    [*args, "--set", "model.trust_checkpoint=true"], capture_output=True, text=True, env=env, cwd=REPO
+                )
                 name = "pickled_module (trusted)"
             else:
                 continue
@@ -88,7 +103,9 @@ def main() -> int:
         same = sum(ref[r["image_path"]][0] == r["pred_index"] for r in rows)
         diff = max(abs(ref[r["image_path"]][1] - r["score"]) for r in rows)
         devices = {r["device"] for r in rows}
-        print(f"| {name} | {proc.returncode} | {len(rows)} | {same}/{len(rows)} | {diff:.2e} | {len(rows) / wall:.1f} ({devices}) |")
+        print(
+            f"| {name} | {proc.returncode} | {len(rows)} | {same}/{len(rows)} | {diff:.2e} | {len(rows) / wall:.1f} ({devices}) |"
+        )
     return 0
 
 

@@ -32,11 +32,23 @@ from imgscore.images.entries import ImageEntry, ImageIndex
 from imgscore.io.parquet import PREDICTIONS_SCHEMA, part_dir
 from imgscore.runstate.already_scored import split_already_scored
 
-MODEL = {"model_id": "c" * 64, "preprocess": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+MODEL = {
+    "model_id": "c" * 64,
+    "preprocess": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+}
 
 
 def build(out: Path, root: Path, rows: int, runs: int, shard_size: int) -> list[ImageEntry]:
-    entries = [ImageEntry(f"class_{i % 100:03d}/img_{i:07d}.jpg", i % 100, f"class_{i % 100:03d}", 50_000 + i, 1_700_000_000_000_000_000 + i) for i in range(rows)]
+    entries = [
+        ImageEntry(
+            f"class_{i % 100:03d}/img_{i:07d}.jpg",
+            i % 100,
+            f"class_{i % 100:03d}",
+            50_000 + i,
+            1_700_000_000_000_000_000 + i,
+        )
+        for i in range(rows)
+    ]
     per_run = rows // runs
     now = datetime.now(UTC)
     for r in range(runs):
@@ -83,7 +95,9 @@ def build(out: Path, root: Path, rows: int, runs: int, shard_size: int) -> list[
 def naive(out: Path, index: ImageIndex) -> int:
     import pandas as pd
 
-    df = pd.concat([pd.read_parquet(f) for f in sorted((out / "predictions").rglob("part-*.parquet"))], ignore_index=True)
+    df = pd.concat(
+        [pd.read_parquet(f) for f in sorted((out / "predictions").rglob("part-*.parquet"))], ignore_index=True
+    )
     df = df[df["model_id"] == MODEL["model_id"]]
     seen = set(zip(df["image_path"], df["file_size"], df["file_mtime_ns"], strict=True))
     return sum((e.image_path, e.size, e.mtime_ns) in seen for e in index.entries)
@@ -102,7 +116,10 @@ def main() -> None:
         t0 = time.perf_counter()
         entries = build(out, root, a.rows, a.runs, a.shard_size)
         build_s = time.perf_counter() - t0
-        new = [ImageEntry(f"new/img_{i:07d}.jpg", None, None, 1000 + i, 1_800_000_000_000_000_000 + i) for i in range(a.new)]
+        new = [
+            ImageEntry(f"new/img_{i:07d}.jpg", None, None, 1000 + i, 1_800_000_000_000_000_000 + i)
+            for i in range(a.new)
+        ]
         index = ImageIndex(root, "imagefolder", [], entries + new)
         disk = sum(p.stat().st_size for p in (out / "predictions").rglob("*.parquet"))
         ours, base = [], []
@@ -115,9 +132,15 @@ def main() -> None:
             assert naive(out, index) == a.rows
             base.append(time.perf_counter() - t0)
         files = len(list((out / "predictions").rglob("*.parquet")))
-        print(f"predictions: {a.rows} rows in {files} part files over {a.runs} runs, {disk / 2**20:.1f} MiB; folder: {len(index.entries)} images ({a.new} new); built in {build_s:.1f} s")
-        print(f"split_already_scored (stat): median {statistics.median(ours) * 1000:.0f} ms, min {min(ours) * 1000:.0f} ms over {a.repeat}")
-        print(f"naive pandas full read + set: median {statistics.median(base) * 1000:.0f} ms, min {min(base) * 1000:.0f} ms over {a.repeat}")
+        print(
+            f"predictions: {a.rows} rows in {files} part files over {a.runs} runs, {disk / 2**20:.1f} MiB; folder: {len(index.entries)} images ({a.new} new); built in {build_s:.1f} s"
+        )
+        print(
+            f"split_already_scored (stat): median {statistics.median(ours) * 1000:.0f} ms, min {min(ours) * 1000:.0f} ms over {a.repeat}"
+        )
+        print(
+            f"naive pandas full read + set: median {statistics.median(base) * 1000:.0f} ms, min {min(base) * 1000:.0f} ms over {a.repeat}"
+        )
 
 
 if __name__ == "__main__":

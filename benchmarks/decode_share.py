@@ -46,7 +46,9 @@ def ways(paths: list[str], batch: int) -> dict[str, Callable[[], None]]:
         models.append(torchvision.models.mobilenet_v3_large().eval().to(memory_format=torch.channels_last))
 
     def decode(batch_paths: list[str]) -> torch.Tensor:
-        return torch.stack([tf(decode_image(p, spec, opts)) for p in batch_paths]).contiguous(memory_format=torch.channels_last)
+        return torch.stack([tf(decode_image(p, spec, opts)) for p in batch_paths]).contiguous(
+            memory_format=torch.channels_last
+        )
 
     batches = [paths[i : i + batch] for i in range(0, len(paths), batch)]
 
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = loadavg()
     w = ways(paths, args.batch)
-    t_decode, t_two, t_one = interleaved([w["decode_only"], w["two_passes"], w["one_pass"]], args.repeats,
-                                         torch.inference_mode)
+    t_decode, t_two, t_one = interleaved(
+        [w["decode_only"], w["two_passes"], w["one_pass"]], args.repeats, torch.inference_mode
+    )
     out = {
         "date": utc_now("%Y-%m-%dT%H:%M+00:00"),
         "cpu": cpu_model(),

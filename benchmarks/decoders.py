@@ -67,8 +67,12 @@ def ways(pyvips: ModuleType) -> dict[str, Way]:
         v = pyvips.Image.thumbnail(str(p), round(w * scale), height=round(h * scale), size="force")
         return crop_norm(Image.fromarray(v.numpy()))
 
-    return {"pillow_full": pil_full, "pillow_draft": pil_draft, "vips_shrink": vips_shrink,
-            "vips_thumbnail": vips_thumb}
+    return {
+        "pillow_full": pil_full,
+        "pillow_draft": pil_draft,
+        "vips_shrink": vips_shrink,
+        "vips_thumbnail": vips_thumb,
+    }
 
 
 def fidelity(tensors: dict[str, torch.Tensor], out: dict) -> None:
@@ -81,7 +85,9 @@ def fidelity(tensors: dict[str, torch.Tensor], out: dict) -> None:
         from imgscore.config.scoring import ModelConfig, PreprocessConfig
         from imgscore.inference.model import load_model
 
-        model = load_model(ModelConfig(arch="resnet18", checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=False)
+        model = load_model(
+            ModelConfig(arch="resnet18", checkpoint=ckpt), PreprocessConfig(), torch.device("cpu"), channels_last=False
+        )
     for name, x in tensors.items():
         out[name]["mean_abs_diff_vs_full"] = round(float((x - ref).abs().mean()), 4)
         out[name]["max_image_mean_abs_diff"] = round(float((x - ref).abs().mean((1, 2, 3)).max()), 4)
@@ -103,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted((DATA / "decode-4000x3000" / "all").rglob("*.jpg"))[: args.images]
     if not paths:
         raise SystemExit("no benchmark images: run `.venv/bin/python -m benchmarks.run --prepare` first")
-    out: dict = {"images": len(paths), "load_before": loadavg(), "pyvips": pyvips.__version__,
-                 "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"}
+    out: dict = {
+        "images": len(paths),
+        "load_before": loadavg(),
+        "pyvips": pyvips.__version__,
+        "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
+    }
     tensors: dict = {}
     for name, fn in ways(pyvips).items():
         fn(paths[0])  # warm-up

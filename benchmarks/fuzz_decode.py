@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     took = time.monotonic() - t0
     print(f"cases run: {args.cases} (seed {args.seed}, {len(names)} seed files) in {took:.0f} s")
     print("outcomes: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
-    print(f"slowest case: {slowest[0]:.2f} s, {slowest[1]}; largest peak-memory growth of a case: {peak_growth:.0f} MiB"
-          f" (bound {CASE_MEMORY_MIB} MiB)")
+    print(
+        f"slowest case: {slowest[0]:.2f} s, {slowest[1]}; largest peak-memory growth of a case: {peak_growth:.0f} MiB"
+        f" (bound {CASE_MEMORY_MIB} MiB)"
+    )
     print(f"crashers found: {len(crashers)}")
     for i, name, edits, detail in crashers:
         print(f"  case {i} {name} edits={edits}: {detail}")

@@ -62,9 +62,15 @@ def make_images(folder: Path, n: int) -> Path:
 def loader(root: Path, lm, batch_size: int, workers: int) -> DataLoader:
     index = scan_images(root)
     dataset = ShardDataset(str(root), index.entries, lm.preprocess, DecodeOptions(10**9))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples,
-                      pin_memory=lm.device.type == "cuda", multiprocessing_context="fork" if workers else None,
-                      persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_samples,
+        pin_memory=lm.device.type == "cuda",
+        multiprocessing_context="fork" if workers else None,
+        persistent_workers=False,
+    )
 
 
 def probs_for(root: Path, lm, precision: str, batch_size: int = 64, workers: int = 4) -> torch.Tensor:
@@ -132,9 +138,11 @@ def agreement(root: Path, tmp: Path, cpu, gpu, cpu_images: int) -> None:
     t0 = time.perf_counter()
     ref = probs_for(sub, cpu, "fp32", batch_size=32)
     cpu_s = time.perf_counter() - t0
-    print(f"\nagreement with CPU fp32 on {len(ref)} images (CPU pass {cpu_s:.1f} s; mean top-1 probability "
-          f"{ref.max(1).values.mean().item():.3f}: near 1/classes means a random model, whose small logits "
-          "hide precision differences — pass --checkpoint or --weights for a real one):")
+    print(
+        f"\nagreement with CPU fp32 on {len(ref)} images (CPU pass {cpu_s:.1f} s; mean top-1 probability "
+        f"{ref.max(1).values.mean().item():.3f}: near 1/classes means a random model, whose small logits "
+        "hide precision differences — pass --checkpoint or --weights for a real one):"
+    )
     print(f"{'gpu precision':<14}{'top-1 agree':>12}{'max |Δp(top-1)|':>18}{'max |Δp| any class':>20}")
     for precision in ("fp32", "bf16", "fp16"):
         no_bf16 = precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -159,15 +167,19 @@ def throughput(root: Path, cpu, gpu, batch_sizes: list[int], workers: int) -> No
         for precision in ("fp32", "bf16"):
             g = model_only(gpu, first, bs, precision)
             e2e = end_to_end(root, gpu, bs, workers, precision)
-            print(f"{bs:>6}{precision:>10}{g:>16.0f}{e2e:>16.0f}{(cpu_rate if precision == 'fp32' else float('nan')):>16.0f}")
+            print(
+                f"{bs:>6}{precision:>10}{g:>16.0f}{e2e:>16.0f}{(cpu_rate if precision == 'fp32' else float('nan')):>16.0f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run it on a GPU machine (--device cpu smoke-tests the script)",
-              file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device here; run it on a GPU machine (--device cpu smoke-tests the script)",
+            file=sys.stderr,
+        )
         return 2
 
     tmp = Path(tempfile.mkdtemp(prefix="imgscore_gpu_check_"))
@@ -180,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     cpu = load_model(mcfg, pcfg, torch.device("cpu"), channels_last=True)
     n_img = len(scan_images(root).entries)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU smoke test"
-    print(f"{name} · torch {torch.__version__} · {args.arch} ({gpu.num_classes} classes) · "
-          f"{n_img} images · cpu threads {torch.get_num_threads()}")
+    print(
+        f"{name} · torch {torch.__version__} · {args.arch} ({gpu.num_classes} classes) · "
+        f"{n_img} images · cpu threads {torch.get_num_threads()}"
+    )
     agreement(root, tmp, cpu, gpu, args.cpu_images)
     throughput(root, cpu, gpu, args.batch_sizes, args.workers)
     peak = f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB; " if dev.type == "cuda" else ""

@@ -84,7 +84,9 @@ def decode_rate(root: str, workers: int) -> float:
     ds = ShardDataset(root, entries, PreprocessSpec(), DecodeOptions(10**8))
     t0 = time.perf_counter()
     n = 0
-    for batch in DataLoader(ds, batch_size=32, num_workers=workers, collate_fn=collate_samples, multiprocessing_context="fork"):
+    for batch in DataLoader(
+        ds, batch_size=32, num_workers=workers, collate_fn=collate_samples, multiprocessing_context="fork"
+    ):
         assert not batch.failures, batch.failures[:1]
         n += len(batch.positions)
     return n / (time.perf_counter() - t0)
@@ -98,8 +100,11 @@ def scoring_rate(root: str, workers: int, checkpoint: Path) -> float:
     from imgscore.inference.scorer import load_scorer
 
     entries = scan_images(root).entries
-    scorer = load_scorer(ModelConfig(arch="mobilenet_v3_small", checkpoint=checkpoint, num_classes=len(CLASSES)), PreprocessConfig(),
-                         InferenceConfig(device="cpu", num_workers=workers, batch_size=32))
+    scorer = load_scorer(
+        ModelConfig(arch="mobilenet_v3_small", checkpoint=checkpoint, num_classes=len(CLASSES)),
+        PreprocessConfig(),
+        InferenceConfig(device="cpu", num_workers=workers, batch_size=32),
+    )
     ctx = RowContext("bench", root, 0, 1, scorer.lm.model_id, list(scorer.lm.classes), "cpu", scorer.worker, 3)
     t0 = time.perf_counter()
     rows = score_entries(entries, root, scorer, InputConfig(), ctx)
@@ -130,15 +135,19 @@ def measure(local: Path, checkpoint: Path, repeats: int, workers: int) -> tuple[
             object_store.configure(object_store.Settings())
             roots = {"local": str(local), "s3": "s3://bench/images"}
             measures: dict[str, Callable[[str], float]] = {
-                "listing": listing_rate, "decode": lambda r: decode_rate(r, workers),
-                "scoring": lambda r: scoring_rate(r, workers, checkpoint)}
+                "listing": listing_rate,
+                "decode": lambda r: decode_rate(r, workers),
+                "scoring": lambda r: scoring_rate(r, workers, checkpoint),
+            }
             got: Rates = {m: {k: [] for k in roots} for m in measures}
             for m, fn in measures.items():
                 fn(roots["local"]), fn(roots["s3"])  # warm: page cache, model, autotune, connections
                 for i in range(repeats):
                     for kind in list(roots) if i % 2 == 0 else list(reversed(roots)):
                         got[m][kind].append(round(fn(roots[kind]), 1))
-                    print(f"{m} repeat {i + 1}: " + ", ".join(f"{k} {got[m][k][-1]:.1f} img/s" for k in roots), flush=True)
+                    print(
+                        f"{m} repeat {i + 1}: " + ", ".join(f"{k} {got[m][k][-1]:.1f} img/s" for k in roots), flush=True
+                    )
         finally:
             server.stop()
     return uploaded, upload_s, got
@@ -164,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         "image": "640x480 JPEG q90",
         "workers": args.workers,
         "upload_s": round(upload_s, 2),
-        "results": {m: {k: {"runs": v, "median": statistics.median(v)} for k, v in by.items()} for m, by in got.items()},
-        "s3_over_local": {m: round(statistics.median(by["s3"]) / statistics.median(by["local"]), 3) for m, by in got.items()},
+        "results": {
+            m: {k: {"runs": v, "median": statistics.median(v)} for k, v in by.items()} for m, by in got.items()
+        },
+        "s3_over_local": {
+            m: round(statistics.median(by["s3"]) / statistics.median(by["local"]), 3) for m, by in got.items()
+        },
     }
     write_json(result, RESULTS)
     print(f"\n{result['date']}, {result['machine']}, load {result['load_before']} → {result['load_after']}")

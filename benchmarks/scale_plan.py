@@ -52,12 +52,21 @@ from imgscore.runstate.manifest import COMPACT_EVERY_S, ShardResult
 from imgscore.runstate.plan import load_plan, plan_new_run
 
 
-def read_shard_entries(ref):  # what a shard task reads first (imgscore.inference.score.read_shard_entries, without torch)
+def read_shard_entries(
+    ref,
+):  # what a shard task reads first (imgscore.inference.score.read_shard_entries, without torch)
     return read_index_rows(ref.run_dir, ref.index_file, ref.row_group)
 
 
 CLASSES = [f"class_{c:03d}" for c in range(100)]
-MODEL = {"arch": "resnet50", "model_id": "0" * 64, "classes": CLASSES, "num_classes": 100, "source": "state_dict", "preprocess": {}}
+MODEL = {
+    "arch": "resnet50",
+    "model_id": "0" * 64,
+    "classes": CLASSES,
+    "num_classes": 100,
+    "source": "state_dict",
+    "preprocess": {},
+}
 BATCH = 10_000
 
 
@@ -78,13 +87,23 @@ class SyntheticScan(Scan):
         for start in range(0, self.n, BATCH):
             idx = range(start, min(start + BATCH, self.n))
             labels = [i // per for i in idx]
-            paths = [f"{CLASSES[c]}/2026/11/{i % 28 + 1:02d}/camera_{i % 7}/IMG_{i:09d}.jpg" for c, i in zip(labels, idx, strict=True)]
+            paths = [
+                f"{CLASSES[c]}/2026/11/{i % 28 + 1:02d}/camera_{i % 7}/IMG_{i:09d}.jpg"
+                for c, i in zip(labels, idx, strict=True)
+            ]
             self.images += len(paths)
             yield pa.RecordBatch.from_arrays(
-                [pa.array(paths, pa.string()), pa.array([p.encode() for p in paths], pa.binary()), pa.array(labels, pa.int32()),
-                 pa.array([CLASSES[c] for c in labels], pa.string()), pa.array([180_000 + i % 9973 for i in idx], pa.int64()),
-                 pa.array([1_795_000_000_000_000_000 + i for i in idx], pa.int64()), pa.nulls(len(paths), pa.string()),
-                 pa.nulls(len(paths), pa.string()), pa.nulls(len(paths), pa.list_(pa.string()))],
+                [
+                    pa.array(paths, pa.string()),
+                    pa.array([p.encode() for p in paths], pa.binary()),
+                    pa.array(labels, pa.int32()),
+                    pa.array([CLASSES[c] for c in labels], pa.string()),
+                    pa.array([180_000 + i % 9973 for i in idx], pa.int64()),
+                    pa.array([1_795_000_000_000_000_000 + i for i in idx], pa.int64()),
+                    pa.nulls(len(paths), pa.string()),
+                    pa.nulls(len(paths), pa.string()),
+                    pa.nulls(len(paths), pa.list_(pa.string())),
+                ],
                 schema=INDEX_SCHEMA,
             )
 
@@ -100,8 +119,15 @@ def _plan_child(n: int, shard_size: int, out: str, conn) -> None:
     plan = plan_new_run(cfg, "scale", MODEL, scan=SyntheticScan(n))
     plan_s = time.perf_counter() - t0
     plan.state.close()
-    conn.send({"plan_s": plan_s, "generate_s": gen_s, "peak_rss_mib": rss_peak_mib(), "shards": len(plan.shards),
-               "run_dir": str(plan.run_dir)})
+    conn.send(
+        {
+            "plan_s": plan_s,
+            "generate_s": gen_s,
+            "peak_rss_mib": rss_peak_mib(),
+            "shards": len(plan.shards),
+            "run_dir": str(plan.run_dir),
+        }
+    )
 
 
 def measure_plan(n: int, shard_size: int, out: Path) -> dict:
@@ -144,7 +170,9 @@ def measure_scan(n_files: int, latency_ms: float, latency_files: int, tmp: Path)
 
     for threads in (1, 8, 1, 8):  # twice each, interleaved: the best of two
         s, n = timed_scan(root, threads)
-        res[f"local_{threads}_threads_us_per_file"] = min(res.get(f"local_{threads}_threads_us_per_file", 1e9), s / n * 1e6)
+        res[f"local_{threads}_threads_us_per_file"] = min(
+            res.get(f"local_{threads}_threads_us_per_file", 1e9), s / n * 1e6
+        )
     res["scan_files"] = n
 
     # a network file system, simulated: every stat and listing waits latency_ms, releasing the GIL
@@ -179,11 +207,26 @@ def _part_file_and_check(plan, entries: list, rnd: random.Random, now: datetime)
 
     res: dict = {}
     rows = [
-        {"run_id": plan.run_id, "image_path": e.image_path, "label": e.label, "label_name": e.label_name,
-         "pred_index": (c := rnd.randrange(100)), "pred_label": CLASSES[c], "score": rnd.random(),
-         "topk_indices": [c, *rnd.sample(range(100), 4)], "topk_scores": sorted((rnd.random() for _ in range(5)), reverse=True),
-         "model_id": "0" * 64, "model_name": "resnet50", "device": "cuda:0", "worker": "gpu-07:12345", "shard_id": 0, "batch_id": i // 64,
-         "scored_at": now, "file_size": e.size, "file_mtime_ns": e.mtime_ns}
+        {
+            "run_id": plan.run_id,
+            "image_path": e.image_path,
+            "label": e.label,
+            "label_name": e.label_name,
+            "pred_index": (c := rnd.randrange(100)),
+            "pred_label": CLASSES[c],
+            "score": rnd.random(),
+            "topk_indices": [c, *rnd.sample(range(100), 4)],
+            "topk_scores": sorted((rnd.random() for _ in range(5)), reverse=True),
+            "model_id": "0" * 64,
+            "model_name": "resnet50",
+            "device": "cuda:0",
+            "worker": "gpu-07:12345",
+            "shard_id": 0,
+            "batch_id": i // 64,
+            "scored_at": now,
+            "file_size": e.size,
+            "file_mtime_ns": e.mtime_ns,
+        }
         for i, e in enumerate(entries)
     ]
     out_root = plan.manifest.config["output"]["root"]
@@ -194,9 +237,23 @@ def _part_file_and_check(plan, entries: list, rnd: random.Random, now: datetime)
     res["part_kib"] = pred.stat().st_size / 1024
     write_table_atomic(make_table([], ERRORS_SCHEMA), err)
 
-    result = ShardResult(shard_id=0, state="complete", images=len(entries), scored=len(entries), failed=0, fingerprint="f" * 64,
-                         model_id="0" * 64, seconds=12.3, device="cuda:0", worker="gpu-07:12345", threads=8, loader_workers=7,
-                         attempt=1, files=[str(pred), str(err)], finished_at=now.isoformat())
+    result = ShardResult(
+        shard_id=0,
+        state="complete",
+        images=len(entries),
+        scored=len(entries),
+        failed=0,
+        fingerprint="f" * 64,
+        model_id="0" * 64,
+        seconds=12.3,
+        device="cuda:0",
+        worker="gpu-07:12345",
+        threads=8,
+        loader_workers=7,
+        attempt=1,
+        files=[str(pred), str(err)],
+        finished_at=now.isoformat(),
+    )
     checks = []
     for _ in range(25):
         t0 = time.perf_counter()
@@ -278,8 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scan", action="store_true")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="imgscore_scale_"))
-    res: dict = {"date": datetime.now(UTC).date().isoformat(), "cpu_cores": os.cpu_count(), "load_before": loadavg(),
-                 "entries": args.entries, "shard_size": args.shard_size}
+    res: dict = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "cpu_cores": os.cpu_count(),
+        "load_before": loadavg(),
+        "entries": args.entries,
+        "shard_size": args.shard_size,
+    }
     if not args.skip_scan:
         res.update(measure_scan(args.scan_files, args.latency_ms, args.latency_files, tmp))
     plan = measure_plan(args.entries, args.shard_size, tmp / "out")
@@ -292,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         if key in ("plan_s", "peak_rss_mib") and args.entries < 10_000_000:
             continue  # held at 10 M entries
         ok = res[key] <= limit
-        print(f"  {'PASS' if ok else 'MISS'}  {what}: {res[key]:.2f} {unit} (target ≤ {limit:g} {unit}; {res['shards']} shards)")
+        print(
+            f"  {'PASS' if ok else 'MISS'}  {what}: {res[key]:.2f} {unit} (target ≤ {limit:g} {unit}; {res['shards']} shards)"
+        )
     return 0
 
 

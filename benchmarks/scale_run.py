@@ -87,9 +87,17 @@ def run_once(root: Path, ckpt: Path, out: Path, shard_size: int, extra: list[str
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     sets = {
-        "input.root": root, "model.arch": "mobilenet_v3_small", "model.checkpoint": ckpt, "output.root": out,
-        "inference.device": "cpu", "inference.batch_size": 100, "inference.num_workers": 0,
-        "preprocess.resize": 32, "preprocess.crop": 32, "run.shard_size": shard_size, "run.skip_scored": "false",
+        "input.root": root,
+        "model.arch": "mobilenet_v3_small",
+        "model.checkpoint": ckpt,
+        "output.root": out,
+        "inference.device": "cpu",
+        "inference.batch_size": 100,
+        "inference.num_workers": 0,
+        "preprocess.resize": 32,
+        "preprocess.crop": 32,
+        "run.shard_size": shard_size,
+        "run.skip_scored": "false",
         "run.max_error_rate": 0.0,
     }
     cmd = [str(paths.IMGSCORE), "run", "-q", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
@@ -112,7 +120,10 @@ def run_once(root: Path, ckpt: Path, out: Path, shard_size: int, extra: list[str
         raise SystemExit(f"imgscore run exited {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
     (run_dir,) = list((out / "runs").iterdir())
     m = json.loads((run_dir / "manifest.json").read_text())
-    done = sorted(dt.datetime.fromisoformat(json.loads(p.read_text())["finished_at"]).timestamp() for p in (run_dir / "shards").glob("*.json"))
+    done = sorted(
+        dt.datetime.fromisoformat(json.loads(p.read_text())["finished_at"]).timestamp()
+        for p in (run_dir / "shards").glob("*.json")
+    )
     n_shards = len(done)
     span = done[-1] - done[0] if n_shards > 1 else 0.0
     return {

@@ -40,11 +40,14 @@ def _run(config: dict, work: Path, run_id: str) -> dict:
     cfg_file = work / f"{run_id}.yaml"
     cfg_file.write_text(yaml.safe_dump({**config, "run": {**config.get("run", {}), "run_id": run_id}}))
     t0 = time.perf_counter()
-    proc = subprocess.run([str(IMGSCORE), "run", "--config", str(cfg_file)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(IMGSCORE), "run", "--config", str(cfg_file)], capture_output=True, text=True, check=False
+    )
     command_s = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"imgscore run {run_id} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"imgscore run {run_id} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     manifest = json.loads((Path(config["output"]["root"]) / "runs" / run_id / "manifest.json").read_text())
     return {"command_s": command_s, "flow_s": manifest["timings"]["wall_s"], "scored": manifest["counts"]["scored"]}
 
@@ -64,16 +67,27 @@ def main(argv=None) -> int:
         for seed, name in ((0, "prod"), (1, "candidate")):
             ck = seeded_checkpoint("mobilenet_v3_large", work / f"{name}.pt", seed=seed)
             blocks.append({"name": name, "arch": "mobilenet_v3_large", "checkpoint": str(ck)})
-        base = {"input": {"root": str(root), "max_pixels": 10**9}, "inference": {"device": "cpu"},
-                "run": {"shard_size": args.shard_size, "min_errors": 10**9}, "drift": {"enabled": False}}
+        base = {
+            "input": {"root": str(root), "max_pixels": 10**9},
+            "inference": {"device": "cpu"},
+            "run": {"shard_size": args.shard_size, "min_errors": 10**9},
+            "drift": {"enabled": False},
+        }
         times: dict[str, list[dict]] = {"two_runs": [], "one_run": []}
         load_before = loadavg()
         for r in range(args.repeats):
             out = work / f"out{r}"
-            t = [_run({**base, "model": b, "output": {"root": str(out / b["name"])}}, work, f"alone-{b['name']}-{r}") for b in blocks]
+            t = [
+                _run({**base, "model": b, "output": {"root": str(out / b["name"])}}, work, f"alone-{b['name']}-{r}")
+                for b in blocks
+            ]
             times["two_runs"].append({k: sum(x[k] for x in t) for k in ("command_s", "flow_s", "scored")})
-            times["one_run"].append(_run({**base, "models": blocks, "output": {"root": str(out / "both")}}, work, f"both-{r}"))
-        best = {way: {k: round(min(x[k] for x in runs), 3) for k in ("command_s", "flow_s")} for way, runs in times.items()}
+            times["one_run"].append(
+                _run({**base, "models": blocks, "output": {"root": str(out / "both")}}, work, f"both-{r}")
+            )
+        best = {
+            way: {k: round(min(x[k] for x in runs), 3) for k in ("command_s", "flow_s")} for way, runs in times.items()
+        }
         result = {
             "date": utc_now("%Y-%m-%dT%H:%M+00:00"),
             "cpu": cpu_model(),

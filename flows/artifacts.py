@@ -51,7 +51,9 @@ def _in_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
-def publish_run_report(out_root: AnyPath, run_id: str, flow_name: str | None = None, artifacts: bool = True) -> str | None:
+def publish_run_report(
+    out_root: AnyPath, run_id: str, flow_name: str | None = None, artifacts: bool = True
+) -> str | None:
     """Write ``runs/RUN_ID/report.html`` and, inside a flow run, the summary and markdown artifacts.
 
     Returns:
@@ -77,18 +79,23 @@ def publish_run_report(out_root: AnyPath, run_id: str, flow_name: str | None = N
             from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
             create_table_artifact(
-                markdown.summary_row(report), key=markdown.artifact_key(flow_name, "summary"),
+                markdown.summary_row(report),
+                key=markdown.artifact_key(flow_name, "summary"),
                 description=f"imgscore run {run_id}: counts",
             )
             create_markdown_artifact(
-                markdown.markdown_summary(report, path), key=markdown.artifact_key(flow_name, "report"),
+                markdown.markdown_summary(report, path),
+                key=markdown.artifact_key(flow_name, "report"),
                 description=f"imgscore run {run_id}",
             )
             drift_row = markdown.drift_row(report)
             if drift_row and isinstance(report.drift, DriftComparison):
                 warned = len(report.drift.warnings)
-                create_table_artifact(drift_row, key=markdown.artifact_key(flow_name, "drift"),
-                                      description=f"imgscore run {run_id} against recent nights: {warned} warning(s)")
+                create_table_artifact(
+                    drift_row,
+                    key=markdown.artifact_key(flow_name, "drift"),
+                    description=f"imgscore run {run_id} against recent nights: {warned} warning(s)",
+                )
         except Exception as exc:
             log.warning("Prefect artifacts for %s not created: %s", run_id, one_line(exc))
     return path
@@ -111,8 +118,14 @@ class RunProgressArtifact:
         self.last_progress: float | None = (100.0 if total == 0 else 0.0) if artifact_id else None
 
     @classmethod
-    def start(cls, manifest: dict, flow_name: str | None = None, min_interval_s: float = 1.0, total: int | None = None,
-              title: str | None = None) -> RunProgressArtifact:
+    def start(
+        cls,
+        manifest: dict,
+        flow_name: str | None = None,
+        min_interval_s: float = 1.0,
+        total: int | None = None,
+        title: str | None = None,
+    ) -> RunProgressArtifact:
         """Create the artifact ``<flow>-progress`` for ``manifest``'s run; never raises.
 
         Args:
@@ -131,7 +144,8 @@ class RunProgressArtifact:
             from prefect.artifacts import create_progress_artifact
 
             aid = create_progress_artifact(
-                100.0 if total == 0 else 0.0, key=markdown.artifact_key(flow_name or _flow_name(), "progress"),
+                100.0 if total == 0 else 0.0,
+                key=markdown.artifact_key(flow_name or _flow_name(), "progress"),
                 description=f"{title}: 0/{total} images",
             )
         except Exception as exc:
@@ -159,7 +173,9 @@ class RunProgressArtifact:
             from prefect.artifacts import update_progress_artifact
 
             update_progress_artifact(
-                self.artifact_id, pct, description=f"{self.title or 'imgscore run ' + manifest['run_id']}: {done}/{self.total} images, {c.get('failed', 0)} errors"
+                self.artifact_id,
+                pct,
+                description=f"{self.title or 'imgscore run ' + manifest['run_id']}: {done}/{self.total} images, {c.get('failed', 0)} errors",
             )
         except Exception as exc:
             _logger().warning("progress artifact not updated: %s: %s", type(exc).__name__, exc)

@@ -62,27 +62,45 @@ DEMO_CONFIG = shipped_config("demo.yaml")  # package data: a wheel install finds
 def _parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    p = argparse.ArgumentParser(prog="imgscore", description="Batch-score image folders with torchvision models (Prefect 3, Parquet out).")
+    p = argparse.ArgumentParser(
+        prog="imgscore", description="Batch-score image folders with torchvision models (Prefect 3, Parquet out)."
+    )
     p.add_argument("--version", action="version", version=f"imgscore {version('imgscore')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", type=Path, help="YAML config: a file, or a config shipped with imgscore by name (demo, nightly)")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set input.root=/data/images (repeatable)")
+        sp.add_argument(
+            "--config", type=Path, help="YAML config: a file, or a config shipped with imgscore by name (demo, nightly)"
+        )
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set input.root=/data/images (repeatable)",
+        )
         sp.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and per-image detail")
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     keys = "every config key, its default and meaning: imgscore config"
     run = sub.add_parser("run", help="score a folder (flow score-images)", epilog=keys)
     common(run)
-    rerun = sub.add_parser("rerun", help="rescore a run's failed and unfinished shards (flow rerun-failed)", epilog=keys)
+    rerun = sub.add_parser(
+        "rerun", help="rescore a run's failed and unfinished shards (flow rerun-failed)", epilog=keys
+    )
     rerun.add_argument("run_id")
     common(rerun)
     rep = sub.add_parser("report", help="summarise a finished run")
     rep.add_argument("run_id")
     rep.add_argument("--format", choices=["table", "json", "html"], default="table")
-    rep.add_argument("--model", dest="model_name", default=None, metavar="NAME",
-                     help="a run of several models: the model whose images the report describes (default: the first)")
+    rep.add_argument(
+        "--model",
+        dest="model_name",
+        default=None,
+        metavar="NAME",
+        help="a run of several models: the model whose images the report describes (default: the first)",
+    )
     common(rep)
     conf = sub.add_parser("config", help="list every config key with its default and meaning (from the config models)")
     conf.add_argument("--format", choices=["table", "markdown"], default="table")
@@ -114,7 +132,9 @@ def start_dask_early(cfg: Config, session: startup.Session):
     return dask_warm.early_cluster(cfg, session.export_api_url)
 
 
-def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.Session | None = None) -> tuple[int, dict]:
+def execute(
+    cfg: Config, *, quiet: bool = False, console=None, session: startup.Session | None = None
+) -> tuple[int, dict]:
     """Run the scoring flow for a validated config; return (exit code, summary).
 
     ``session``: the command's (it waits for its temporary server); None from Python code and
@@ -128,7 +148,12 @@ def execute(cfg: Config, *, quiet: bool = False, console=None, session: startup.
         cfg.run.run_id = new_run_id()
     console.print(banner(cfg), soft_wrap=True)
     if cfg.input.root is not None and output_within_input(cfg.input.root, cfg.output.root):
-        console.print(f"output.root {cfg.output.root} is inside input.root: it is left out of the scan", soft_wrap=True, highlight=False, markup=False)
+        console.print(
+            f"output.root {cfg.output.root} is inside input.root: it is left out of the scan",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
     try:
         with progress_for(console, enabled=not quiet), flow_parameters(cfg) as params:  # a large config: as a file
             state = flows.score_images(**params, return_state=True)
@@ -144,8 +169,10 @@ def banner(cfg: Config) -> str:
 
     root = storage.absolute(cfg.input.root) if cfg.input.root is not None else str(None)
     names = ", ".join(m.resolved_name for m in cfg.scored_models())
-    return (f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(root)} with {escape(names)} "
-            f"({cfg.runner.type} runner) …")
+    return (
+        f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(root)} with {escape(names)} "
+        f"({cfg.runner.type} runner) …"
+    )
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -172,15 +199,19 @@ def cmd_demo(args, session: startup.Session) -> int:
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     checkpoint = cfg.model.checkpoint
     if checkpoint is None:
-        raise UsageError("imgscore demo trains its model into model.checkpoint, which the config leaves unset; "
-                         "set it (demo.yaml does)")
+        raise UsageError(
+            "imgscore demo trains its model into model.checkpoint, which the config leaves unset; "
+            "set it (demo.yaml does)"
+        )
     demo_dir = Path(checkpoint).parent
     console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
     try:
         _, held = build_digits_folder(demo_dir / "digits")
     except ImportError as exc:
-        raise UsageError(f"imgscore demo reads the digit scans that ship inside scikit-learn, which is not installed ({exc}); "
-                         "it is one of imgscore's dependencies: pip install scikit-learn") from None
+        raise UsageError(
+            f"imgscore demo reads the digit scans that ship inside scikit-learn, which is not installed ({exc}); "
+            "it is one of imgscore's dependencies: pip install scikit-learn"
+        ) from None
     if not Path(checkpoint).exists():
         console.print("training resnet18 on the digits (CPU, cached for next time) …")
     train_demo_model(demo_dir / "digits" / "train", checkpoint, log=console.print)
@@ -195,11 +226,15 @@ def cmd_demo(args, session: startup.Session) -> int:
     if acc["accuracy"] is None:  # folder classes that cannot be matched to the model's (a custom --config)
         console.print(f"accuracy vs folder labels: n/a ({acc.get('reason')})")
     else:
-        console.print(f"[bold]accuracy vs folder labels: {acc['accuracy']:.4f}[/] ({acc['correct']}/{acc['labelled']} held-out digits)")
+        console.print(
+            f"[bold]accuracy vs folder labels: {acc['accuracy']:.4f}[/] ({acc['correct']}/{acc['labelled']} held-out digits)"
+        )
     # pandas (a dependency, unlike duckdb) and this interpreter: the line works from a wheel install too
     python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else sys.executable
-    read = (f"import pandas as pd; df = pd.read_parquet('{cfg.output.root}/predictions', filters=[('run_id', '==', '{summary['run_id']}')]); "
-            "print(df.pred_label.value_counts().sort_index())")
+    read = (
+        f"import pandas as pd; df = pd.read_parquet('{cfg.output.root}/predictions', filters=[('run_id', '==', '{summary['run_id']}')]); "
+        "print(df.pred_label.value_counts().sort_index())"
+    )
     console.print(f'read it back: {shlex.quote(python)} -c "{read}"', soft_wrap=True, highlight=False, markup=False)
     return code
 
@@ -220,10 +255,14 @@ def cmd_rerun(args, session: startup.Session) -> int:
         runs = storage.list_names(storage.path(out, "runs"))
         raise UsageError(
             f"run {args.run_id!r} not found: no {storage.path(run_dir, 'manifest.json')}; pass the output root it was written to "
-            "with --set output.root=PATH (" + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}") + ")"
+            "with --set output.root=PATH ("
+            + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}")
+            + ")"
         )
     migrate.migrate_output_root(out)  # runs of earlier versions: today's part-file layout (each under its lock)
-    with run_lock.held(run_dir, "imgscore rerun"):  # a live writer of this run is refused, even when nothing is left to do
+    with run_lock.held(
+        run_dir, "imgscore rerun"
+    ):  # a live writer of this run is refused, even when nothing is left to do
         manifest = load_manifest(run_dir)
         check_run_state(manifest, out, run_dir)  # before anything is read, written or deleted by what it names
         cfg = rerun_config(manifest.config, args.config, [*args.overrides, f"output.root={out}"])
@@ -231,7 +270,9 @@ def cmd_rerun(args, session: startup.Session) -> int:
         todo = plan_rerun(manifest, out)
     console = _console()
     if not todo and manifest.status == "complete":
-        console.print(f"run {args.run_id} is complete: every shard is committed and no image is recorded as failed; nothing to rescore")
+        console.print(
+            f"run {args.run_id} is complete: every shard is committed and no image is recorded as failed; nothing to rescore"
+        )
         return 0
     session.start_server()  # boots while the run is checked and the model loads
     check_rerun(cfg, manifest, run_dir)
@@ -244,7 +285,9 @@ def cmd_rerun(args, session: startup.Session) -> int:
         return interrupted(args.run_id, out, exc)
     code, summary = flow_outcome(state, console, f"rerun of {args.run_id}")
     if code == 0:
-        console.print(f"rescored {summary.get('rescored', 0)} image(s) in {len(summary.get('rescored_shards', []))} shard(s)")
+        console.print(
+            f"rescored {summary.get('rescored', 0)} image(s) in {len(summary.get('rescored_shards', []))} shard(s)"
+        )
     return code
 
 
@@ -280,7 +323,14 @@ def cmd_serve(args, session: startup.Session) -> int:
     return serve.main(args, temporary_url=session.temporary_api_url)
 
 
-COMMANDS = {"run": cmd_run, "rerun": cmd_rerun, "report": cmd_report, "config": cmd_config, "demo": cmd_demo, "serve": cmd_serve}
+COMMANDS = {
+    "run": cmd_run,
+    "rerun": cmd_rerun,
+    "report": cmd_report,
+    "config": cmd_config,
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

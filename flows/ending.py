@@ -157,7 +157,8 @@ def recorded_ending(plan: RunPlan, out_root: AnyPath, t0: float) -> Iterator[Non
             raise OutputWriteError(
                 f"run {plan.run_id} crashed: {exc}; nothing is half-written (temp files removed, committed shards kept)"
                 f"{'; ' + note if note else ''}; fix it (free space), then finish the run with `{rerun_command(plan.run_id, out_root)}`",
-                exc.path, exc.errno,
+                exc.path,
+                exc.errno,
             ) from None
         if note:
             log.warning("run %s: %s", plan.run_id, note)

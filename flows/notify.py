@@ -94,8 +94,14 @@ def top_error_types(out_root: AnyPath, run_date: str | None, run_id: str, n: int
     return [{"stage": r["stage"], "error_type": r["error_type"], "count": r["count_all"]} for r in g[:n]]
 
 
-def run_payload(out_root: AnyPath, run_id: str | None, prefect_state: str, flow_name: str, flow_run_id: str | None,
-                message: str | None) -> dict[str, Any]:
+def run_payload(
+    out_root: AnyPath,
+    run_id: str | None,
+    prefect_state: str,
+    flow_name: str,
+    flow_run_id: str | None,
+    message: str | None,
+) -> dict[str, Any]:
     """The JSON a webhook receives (docs/deployments.md, "Failure notifications"): ``run_id``, ``status`` (the
     manifest's, or ``abandoned``; the Prefect state's name lowercased when the run never
     planned), ``prefect_state``, ``flow_name``, ``flow_run_id``, ``message`` (one line), ``reason``,
@@ -106,10 +112,24 @@ def run_payload(out_root: AnyPath, run_id: str | None, prefect_state: str, flow_
     null when not compared)."""
     out = storage.path(out_root)
     payload: dict[str, Any] = {
-        "run_id": run_id, "status": prefect_state.lower(), "prefect_state": prefect_state, "flow_name": flow_name,
-        "flow_run_id": flow_run_id, "message": message, "reason": None, "counts": None, "error_rate": None,
-        "max_error_rate": None, "min_errors": None, "top_error_types": [], "input_root": None, "output_root": str(out),
-        "manifest": None, "report": None, "known_bad": None, "drift": None,
+        "run_id": run_id,
+        "status": prefect_state.lower(),
+        "prefect_state": prefect_state,
+        "flow_name": flow_name,
+        "flow_run_id": flow_run_id,
+        "message": message,
+        "reason": None,
+        "counts": None,
+        "error_rate": None,
+        "max_error_rate": None,
+        "min_errors": None,
+        "top_error_types": [],
+        "input_root": None,
+        "output_root": str(out),
+        "manifest": None,
+        "report": None,
+        "known_bad": None,
+        "drift": None,
     }
     if not run_id:
         return payload
@@ -123,27 +143,36 @@ def run_payload(out_root: AnyPath, run_id: str | None, prefect_state: str, flow_
     if m.status in ("running", "planned"):  # not written: how this process ended it, if it did
         with _RUNS_LOCK:
             status, reason = _ENDINGS.get(run_id, (status, reason))
-    payload.update({
-        "status": status,
-        "reason": reason,
-        "counts": {k: getattr(c, k) for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")},
-        "error_rate": round(c.failed / m.total_pairs, 6) if m.total_pairs else 0.0,  # of (image, model) pairs
-        "max_error_rate": run_cfg.get("max_error_rate"),
-        "min_errors": run_cfg.get("min_errors"),
-        "top_error_types": top_error_types(out, m.run_date, m.run_id),
-        "input_root": (m.input or {}).get("root"),
-        "manifest": str(storage.path(run_dir, MANIFEST)),
-        "report": str(storage.path(run_dir, REPORT_FILE)) if storage.is_file(storage.path(run_dir, REPORT_FILE)) else None,
-        "known_bad": str(storage.path(run_dir, "already_failed.parquet")) if c.already_failed else None,
-        "drift": m.drift or None,
-    })
+    payload.update(
+        {
+            "status": status,
+            "reason": reason,
+            "counts": {
+                k: getattr(c, k)
+                for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")
+            },
+            "error_rate": round(c.failed / m.total_pairs, 6) if m.total_pairs else 0.0,  # of (image, model) pairs
+            "max_error_rate": run_cfg.get("max_error_rate"),
+            "min_errors": run_cfg.get("min_errors"),
+            "top_error_types": top_error_types(out, m.run_date, m.run_id),
+            "input_root": (m.input or {}).get("root"),
+            "manifest": str(storage.path(run_dir, MANIFEST)),
+            "report": str(storage.path(run_dir, REPORT_FILE))
+            if storage.is_file(storage.path(run_dir, REPORT_FILE))
+            else None,
+            "known_bad": str(storage.path(run_dir, "already_failed.parquet")) if c.already_failed else None,
+            "drift": m.drift or None,
+        }
+    )
     return payload
 
 
 def refusal_payload(out_root: AnyPath, message: str, flow_name: str = "score-images") -> dict[str, Any]:
     """The payload of a run refused before it planned (no flow run, nothing written): the fields
     of :func:`run_payload`, ``status`` ``refused``, ``message`` the refusal's first line."""
-    p = run_payload(out_root, None, "refused", flow_name, None, (message or "").splitlines()[0][:500] if message else None)
+    p = run_payload(
+        out_root, None, "refused", flow_name, None, (message or "").splitlines()[0][:500] if message else None
+    )
     p["prefect_state"] = None
     return p
 
@@ -155,13 +184,17 @@ def run_text(p: dict[str, Any]) -> tuple[str, str]:
     c = p.get("counts")
     if c:
         rate = f"{p['error_rate']:.2%}" if p.get("error_rate") is not None else "-"
-        lines.append(f"scanned {c['scanned']}, scored {c['scored']}, failed {c['failed']} ({rate}), "
-                     f"already scored {c['already_scored']}, already failed {c['already_failed']}")
+        lines.append(
+            f"scanned {c['scanned']}, scored {c['scored']}, failed {c['failed']} ({rate}), "
+            f"already scored {c['already_scored']}, already failed {c['already_failed']}"
+        )
     if p.get("reason") or p.get("message"):
         lines.append(f"why: {p.get('reason') or p.get('message')}")
     lines += [f"drift: {w}" for w in (p.get("drift") or {}).get("warnings") or []]
     if p.get("top_error_types"):
-        lines.append("top errors: " + ", ".join(f"{e['stage']}/{e['error_type']} {e['count']}" for e in p["top_error_types"]))
+        lines.append(
+            "top errors: " + ", ".join(f"{e['stage']}/{e['error_type']} {e['count']}" for e in p["top_error_types"])
+        )
     lines += [f"{k}: {p[k]}" for k in ("report", "manifest", "known_bad") if p.get(k)]
     return subject, "\n".join(lines)
 
@@ -174,8 +207,12 @@ def post_json(url: str, payload: dict[str, Any], timeout_s: float) -> None:
     """
     import httpx
 
-    resp = httpx.post(url, content=json.dumps(payload, default=str).encode(), headers={"Content-Type": "application/json",
-                      "User-Agent": "imgscore"}, timeout=timeout_s)
+    resp = httpx.post(
+        url,
+        content=json.dumps(payload, default=str).encode(),
+        headers={"Content-Type": "application/json", "User-Agent": "imgscore"},
+        timeout=timeout_s,
+    )
     resp.raise_for_status()
 
 
@@ -189,7 +226,9 @@ def send(cfg: NotifyConfig, payload: dict[str, Any], log=None) -> list[str]:
             post_json(cfg.webhook_url, payload, cfg.timeout_s)
             sent.append("webhook")
         except Exception as exc:
-            log.warning("notification not sent: notify.webhook_url POST failed (%s); the run's status stands", one_line(exc))
+            log.warning(
+                "notification not sent: notify.webhook_url POST failed (%s); the run's status stands", one_line(exc)
+            )
     if cfg.block:
         try:
             from prefect.blocks.core import Block
@@ -200,7 +239,9 @@ def send(cfg: NotifyConfig, payload: dict[str, Any], log=None) -> list[str]:
             Block.load(cfg.block).notify(body, subject=subject)  # type: ignore[union-attr]
             sent.append("block")
         except Exception as exc:
-            log.warning("notification not sent: notify.block %r failed (%s); the run's status stands", cfg.block, one_line(exc))
+            log.warning(
+                "notification not sent: notify.block %r failed (%s); the run's status stands", cfg.block, one_line(exc)
+            )
     return sent
 
 
@@ -232,14 +273,22 @@ def notify_hook(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> N
         if not (cfg.webhook_url or cfg.block):
             return
         with _RUNS_LOCK:
-            run_id, out_root = _RUNS.get(str(flow_run.id), (params.get("run_id"), str((raw.get("output") or {}).get("root") or "outputs")))
+            run_id, out_root = _RUNS.get(
+                str(flow_run.id), (params.get("run_id"), str((raw.get("output") or {}).get("root") or "outputs"))
+            )
         message = state_message(state.message)
         state_name = state.name or ""  # prefect names every state (by default after its type)
         try:
             payload = run_payload(out_root, run_id, state_name, flow.name, str(flow_run.id), message)
         except Exception as exc:  # the manifest cannot be read: still say that the run ended so
-            payload = run_payload(out_root, None, state_name, flow.name, str(flow_run.id),
-                                  f"{message} (manifest unreadable: {one_line(exc)})")
+            payload = run_payload(
+                out_root,
+                None,
+                state_name,
+                flow.name,
+                str(flow_run.id),
+                f"{message} (manifest unreadable: {one_line(exc)})",
+            )
             payload["run_id"] = run_id
     except Exception as exc:
         log.warning("notification not sent: %s", one_line(exc))

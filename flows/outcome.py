@@ -38,22 +38,47 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     ``pairs`` line and ``pairs_per_s`` say so. A run that did not end ``complete`` ends with the
     ``rerun`` line: the command that finishes it."""
     several = len(summary.get("models") or []) > 1
-    keys = ("run_id", "status", "scanned", "pairs", "scored", "failed", "skipped", "already_scored", "already_failed", "warnings",
-            "images_per_s", "pairs_per_s", "wall_s")
+    keys = (
+        "run_id",
+        "status",
+        "scanned",
+        "pairs",
+        "scored",
+        "failed",
+        "skipped",
+        "already_scored",
+        "already_failed",
+        "warnings",
+        "images_per_s",
+        "pairs_per_s",
+        "wall_s",
+    )
     pair_keys = ("scored", "failed") if several else ()
-    rows = [(k, f"{summary[k]} (image, model) pairs" if k in pair_keys else summary[k]) for k in keys
-            if k in summary and (several or k not in ("pairs", "pairs_per_s"))]
+    rows = [
+        (k, f"{summary[k]} (image, model) pairs" if k in pair_keys else summary[k])
+        for k in keys
+        if k in summary and (several or k not in ("pairs", "pairs_per_s"))
+    ]
     if several:  # scanned counts images; the pairs line says how they became pairs
         at = next(i for i, (k, _) in enumerate(rows) if k == "pairs")
         rows[at] = ("pairs", f"{summary['pairs']} (image, model) pairs; models: {', '.join(summary['models'])}")
     if summary.get("known_bad"):
-        rows.append(("known_bad", f"{summary['already_failed']} image(s) failed before with the same bytes, not retried "
-                                  f"(run.retry_failed=true retries them): {summary['known_bad']}"))
+        rows.append(
+            (
+                "known_bad",
+                f"{summary['already_failed']} image(s) failed before with the same bytes, not retried "
+                f"(run.retry_failed=true retries them): {summary['known_bad']}",
+            )
+        )
     devices = ", ".join(summary.get("devices", []))
-    rows += [("devices", devices or ("none: nothing new to score" if not summary.get("scanned") else "-")),
-             ("workers", len(summary.get("workers", [])))]
+    rows += [
+        ("devices", devices or ("none: nothing new to score" if not summary.get("scanned") else "-")),
+        ("workers", len(summary.get("workers", []))),
+    ]
     rows += [(k, summary[k]) for k in ("predictions", "errors", "manifest", "report") if summary.get(k)]
-    rows += [("drift", f"warning: {w}") for w in summary.get("drift") or []]  # against recent nights (imgscore.report.drift)
+    rows += [
+        ("drift", f"warning: {w}") for w in summary.get("drift") or []
+    ]  # against recent nights (imgscore.report.drift)
     if summary.get("rerun"):  # every status but complete: the command that finishes the run
         rows.append(("rerun", summary["rerun"]))
     for k, v in rows:
@@ -74,7 +99,9 @@ def interrupted(run_id: str, out_root: AnyPath, exc: BaseException | None = None
         return fail(f"{what} before run {run_id} was planned; nothing was written, run the command again", code)
     from imgscore.report.build import rerun_command
 
-    return fail(f"{what}; run {run_id} is recorded as interrupted; finish it with `{rerun_command(run_id, out_root)}`", code)
+    return fail(
+        f"{what}; run {run_id} is recorded as interrupted; finish it with `{rerun_command(run_id, out_root)}`", code
+    )
 
 
 def flow_outcome(state: State[Any], console: Console, what: str) -> tuple[int, dict[str, Any]]:

@@ -41,7 +41,10 @@ def load_model_here(cfg: Config) -> list[Any]:
     from imgscore.inference.model import load_model
 
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
-    lms = [load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last) for m in cfg.scored_models()]
+    lms = [
+        load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last)
+        for m in cfg.scored_models()
+    ]
     preflight(cfg.inference.backend, cfg.inference.precision, device)  # the runtime is installed, the combination runs
     return lms
 
@@ -63,7 +66,9 @@ def check_paths(cfg: Config) -> None:
     for r in (root, cfg.output.root):
         if (need := object_store.missing_package(r)) is not None:
             raise ConfigError(need)
-    check_roots_apart(root, cfg.output.root)  # the same folder: refused; output.root inside input.root: left out of the scan
+    check_roots_apart(
+        root, cfg.output.root
+    )  # the same folder: refused; output.root inside input.root: left out of the scan
     if not has_images(root, cfg.input.follow_symlinks, cfg.input.formats):  # a missing root or a file: refused in there
         raise InputError(no_images_message(root, cfg.input.formats))
     check_writable(cfg.output.root)
@@ -85,11 +90,15 @@ def check_writable(out_root: AnyPath) -> None:
     except (OSError, ValueError) as exc:  # ValueError: a ${VAR} storage option that is not set here
         local = storage.local_path(out_root)
         if local is not None and isinstance(exc, OSError):
-            raise ConfigError(f"output.root {str(local)!r} is not a writable folder ({exc.strerror}); set output.root to a "
-                              "folder you can write to") from None
-        raise ConfigError(f"output.root {str(out_root)!r} is not writable here ({objects.describe_error(exc)}); check the "
-                          "bucket and the credentials this machine finds (AWS_*, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, "
-                          "AZURE_STORAGE_*)") from None
+            raise ConfigError(
+                f"output.root {str(local)!r} is not a writable folder ({exc.strerror}); set output.root to a "
+                "folder you can write to"
+            ) from None
+        raise ConfigError(
+            f"output.root {str(out_root)!r} is not writable here ({objects.describe_error(exc)}); check the "
+            "bucket and the credentials this machine finds (AWS_*, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, "
+            "AZURE_STORAGE_*)"
+        ) from None
 
 
 def configure_storage(args: argparse.Namespace) -> None:
@@ -114,7 +123,9 @@ def check_rerun(cfg: Config, manifest: Manifest, run_dir: AnyPath) -> None:
     root = manifest.input["root"]
     local = storage.local_path(root)
     if local is not None and not local.is_dir():
-        raise InputError(f"run {manifest.run_id} scored {root!r}, which is no longer a folder; restore it to rerun the run")
+        raise InputError(
+            f"run {manifest.run_id} scored {root!r}, which is no longer a folder; restore it to rerun the run"
+        )
     for mcfg, lm, was_info in zip(cfg.scored_models(), load_model_here(cfg), manifest.scored_models, strict=False):
         was = was_info["model_id"]
         if lm.model_id != was:
@@ -134,8 +145,10 @@ def check_run_id_arg(run_id: str | None) -> None:
     from imgscore.io.containment import is_plain_name
 
     if run_id is not None and not is_plain_name(run_id):
-        raise UsageError(f"RUN_ID {run_id!r} is not a run id: pass the name of a folder under OUT/runs (e.g. "
-                         "20260301T020000Z-a1b2c3, as `imgscore run` printed it), not a path")
+        raise UsageError(
+            f"RUN_ID {run_id!r} is not a run id: pass the name of a folder under OUT/runs (e.g. "
+            "20260301T020000Z-a1b2c3, as `imgscore run` printed it), not a path"
+        )
 
 
 @contextlib.contextmanager
@@ -151,5 +164,7 @@ def notify_refusal(cfg: Config) -> Iterator[None]:
         if cfg.notify.webhook_url:
             from imgscore.flows import notify
 
-            notify.send(cfg.notify.model_copy(update={"block": None}), notify.refusal_payload(cfg.output.root, str(exc)))
+            notify.send(
+                cfg.notify.model_copy(update={"block": None}), notify.refusal_payload(cfg.output.root, str(exc))
+            )
         raise

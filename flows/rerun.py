@@ -64,7 +64,10 @@ def rescore_all(plan: RunPlan, work: list[commits.ShardWork], cfg: Config) -> li
     shard_task = rescore_shard_task.with_options(retries=cfg.run.shard_retries, retry_delay_seconds=1)
     n_on_host = workers_on_host(cfg)
     meta = json.dumps({"config": cfg.recorded(), "inference": inference_metadata(plan)})
-    sizes = {w.shard_id: len(w.only) if w.only is not None else plan.shards[w.shard_id].stop - plan.shards[w.shard_id].start for w in work}
+    sizes = {
+        w.shard_id: len(w.only) if w.only is not None else plan.shards[w.shard_id].stop - plan.shards[w.shard_id].start
+        for w in work
+    }
     artifact = RunProgressArtifact.start(  # Prefect UI: percent of this rerun's images done
         plan.manifest.to_progress(), total=sum(sizes.values()), title=f"imgscore rerun of {plan.run_id}"
     )
@@ -86,7 +89,9 @@ def rescore_all(plan: RunPlan, work: list[commits.ShardWork], cfg: Config) -> li
             except Exception as exc:  # retries exhausted
                 reason = f"{type(exc).__name__}: {exc}"
                 attempts = base + cfg.run.shard_retries + 1
-                logger.warning("rerun: shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason)
+                logger.warning(
+                    "rerun: shard %d failed after %d attempts: %s", ref.shard_id, cfg.run.shard_retries + 1, reason
+                )
                 if w.only is None:
                     archive_errors(cfg.output.root, ref, base)
                     result = record_failed_shard(plan, cfg, ref, reason, attempts)
@@ -112,7 +117,9 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
 
     def note(summary: dict[str, Any]) -> None:
         m.timings = timings
-        m.reruns[-1].update({"finished_at": now_iso(), "wall_s": round(wall_s, 3), "images_rescored": rescored, "status": m.status})
+        m.reruns[-1].update(
+            {"finished_at": now_iso(), "wall_s": round(wall_s, 3), "images_rescored": rescored, "status": m.status}
+        )
         plan.state.save()
         summary.update({"rescored": rescored, "rescored_shards": [r.shard_id for r in results]})
 
@@ -125,8 +132,14 @@ def finish_rerun(plan: RunPlan, cfg: Config, results: list[ShardResult], wall_s:
     return summary
 
 
-@flow(name="rerun-failed", log_prints=False, task_runner=ConfiguredTaskRunner(), on_failure=[notify.notify_hook],
-      on_crashed=[notify.notify_hook], on_completion=[notify.notify_hook])
+@flow(
+    name="rerun-failed",
+    log_prints=False,
+    task_runner=ConfiguredTaskRunner(),
+    on_failure=[notify.notify_hook],
+    on_crashed=[notify.notify_hook],
+    on_completion=[notify.notify_hook],
+)
 def rerun_failed(run_id: str, config: dict[str, Any] | None = None, config_file: str | None = None) -> dict[str, Any]:
     """Rescore a run's unfinished shards and failed images, committing replacement part files.
 

@@ -57,9 +57,16 @@ def choose_run_id(cfg: Config) -> str:
 
 def record_failed_shard(plan: RunPlan, cfg: Config, ref: ShardRef, reason: str, attempts: int) -> ShardResult:
     """A shard that could not run after its retries: one errors row per image, state ``failed``."""
-    return commit_failed_shard(ref, read_shard_entries(ref), cfg.output.root, plan.manifest.model, reason, attempts,
-                               metadata={"config": cfg.recorded(), "inference": inference_metadata(plan)},  # as score_shard's parts
-                               models=plan.manifest.scored_models)
+    return commit_failed_shard(
+        ref,
+        read_shard_entries(ref),
+        cfg.output.root,
+        plan.manifest.model,
+        reason,
+        attempts,
+        metadata={"config": cfg.recorded(), "inference": inference_metadata(plan)},  # as score_shard's parts
+        models=plan.manifest.scored_models,
+    )
 
 
 def score_all(plan: RunPlan, cfg: Config) -> list[ShardResult]:
@@ -106,8 +113,14 @@ def over_budget(failed: int, scanned: int, budget: RunConfig) -> str | None:
     return None
 
 
-def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root: AnyPath, scored_now: int | None = None,
-               drift_cfg: DriftConfig | None = None) -> dict[str, Any]:
+def finish_run(
+    plan: RunPlan,
+    budget: RunConfig,
+    wall_s: float,
+    out_root: AnyPath,
+    scored_now: int | None = None,
+    drift_cfg: DriftConfig | None = None,
+) -> dict[str, Any]:
     """Final counts, status and timings into the manifest; the summary the CLI prints.
     ``out_root``: the flow run's ``output.root`` (report.html goes under it, never where the
     manifest's recorded config says). ``drift_cfg``: the run compared with recent nights
@@ -144,7 +157,9 @@ def finish_run(plan: RunPlan, budget: RunConfig, wall_s: float, out_root: AnyPat
     # report.html + summary/markdown artifacts; never raises (a failure is logged as a warning)
     summary["report"] = publish_run_report(out_root, plan.run_id)
     if why:
-        raise ErrorBudgetExceeded(f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary)
+        raise ErrorBudgetExceeded(
+            f"run {plan.run_id} over its error budget: {why}; errors are in {m.outputs['errors']}", summary
+        )
     if fail_on_drift:
         raise DriftExceeded(f"run {plan.run_id} drifted from recent nights (drift.fail is on): {drifted[0]}", summary)
     return summary
@@ -163,10 +178,13 @@ def _record_timings(m: Manifest, wall_s: float, scored: int) -> None:
     pairs = m.total_pairs
     per_image = m.total_images / pairs if pairs else 1.0  # several models: a pair is 1/n of an image's work
     m.timings.update(
-        {"wall_s": round(wall_s, 3), "shard_seconds": round(sum(s.seconds or 0 for s in m.shards), 3),
-         "images_per_s": round(scored * per_image / wall_s, 2) if wall_s else None,
-         "pairs_per_s": round(scored / wall_s, 2) if wall_s else None,
-         "ended_at": now_iso()}
+        {
+            "wall_s": round(wall_s, 3),
+            "shard_seconds": round(sum(s.seconds or 0 for s in m.shards), 3),
+            "images_per_s": round(scored * per_image / wall_s, 2) if wall_s else None,
+            "pairs_per_s": round(scored / wall_s, 2) if wall_s else None,
+            "ended_at": now_iso(),
+        }
     )
 
 
@@ -249,12 +267,21 @@ def skip_scored_guard(cfg: Config, run_id: str) -> contextlib.AbstractContextMan
 def scoring_identity(cfg: Config) -> str:
     """What the folder lock is keyed on besides the folder: the models, preprocessing and decode
     settings (the ``skip_scored`` key's parts, as configured)."""
-    return ("".join(m.model_dump_json() for m in cfg.scored_models()) + cfg.preprocess.model_dump_json()
-            + json.dumps(decode_settings(cfg.input), sort_keys=True))
+    return (
+        "".join(m.model_dump_json() for m in cfg.scored_models())
+        + cfg.preprocess.model_dump_json()
+        + json.dumps(decode_settings(cfg.input), sort_keys=True)
+    )
 
 
-@flow(name="score-images", log_prints=False, task_runner=ConfiguredTaskRunner(), on_failure=[notify.notify_hook],
-      on_crashed=[notify.notify_hook], on_completion=[notify.notify_hook])
+@flow(
+    name="score-images",
+    log_prints=False,
+    task_runner=ConfiguredTaskRunner(),
+    on_failure=[notify.notify_hook],
+    on_crashed=[notify.notify_hook],
+    on_completion=[notify.notify_hook],
+)
 def score_images(config: dict[str, Any] | None = None, config_file: str | None = None) -> dict[str, Any]:
     """Score every image under ``config['input']['root']`` and write Parquet part files.
 

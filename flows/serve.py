@@ -58,7 +58,9 @@ def build_deployment(cfg: Config, cron: str, timezone: str, name: str = "nightly
 
     check_schedule(cron, timezone)
     if cfg.input.root is None:
-        raise ConfigError("input.root is not set; a scheduled run needs it: --set input.root=/data/images or set it in --config")
+        raise ConfigError(
+            "input.root is not set; a scheduled run needs it: --set input.root=/data/images or set it in --config"
+        )
     if cfg.run.run_id is not None:
         raise ConfigError(
             f"run.run_id={cfg.run.run_id!r} is fixed, so the second night would be refused as a duplicate; "
@@ -119,13 +121,19 @@ def main(args, temporary_url: str | None = None) -> int:
     root = cfg.input.root  # an object-store URL is listed when each run starts
     local = storage.local_path(root) if root is not None else None
     if local is not None and not local.is_dir():  # may be a share mounted later: warn, serve
-        print(f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
-              "scheduled runs will exit 2 until it is", file=sys.stderr)
+        print(
+            f"imgscore: warning: input.root {str(cfg.input.root)!r} is not a folder on this machine now; "
+            "scheduled runs will exit 2 until it is",
+            file=sys.stderr,
+        )
     api = PREFECT_API_URL.value()
     if api and api == temporary_url:  # the CLI exported its own temporary server's URL
         api = None
-    print(f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {api or 'a temporary Prefect server'}; "
-          "Ctrl-C stops", file=sys.stderr)
+    print(
+        f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {api or 'a temporary Prefect server'}; "
+        "Ctrl-C stops",
+        file=sys.stderr,
+    )
     if not api:  # Prefect's own "prefect deployment run" hint would point at a server no other shell can reach
         print(temporary_server_hint(args.name), file=sys.stderr)
     serve_deployments(deployment, prefect_hint=bool(api))

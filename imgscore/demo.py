@@ -89,8 +89,9 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
     return factor
 
 
-def train_demo_model(train_dir: Path, checkpoint: Path, epochs: int = 5, seed: int = 0,
-                     log: Callable[[str], object] = print) -> Path:
+def train_demo_model(
+    train_dir: Path, checkpoint: Path, epochs: int = 5, seed: int = 0, log: Callable[[str], object] = print
+) -> Path:
     """Train resnet18 on ``train_dir`` (CPU; under a minute: benchmarks/NOTES.md) and save a checkpoint dict.
 
     Recipe, chosen to converge the same way whatever the CPU's float rounding: AdamW (lr 1e-3,
@@ -113,8 +114,15 @@ def train_demo_model(train_dir: Path, checkpoint: Path, epochs: int = 5, seed: i
     model = torchvision.models.get_model("resnet18", num_classes=len(CLASSES))
     model = model.to(memory_format=torch.channels_last)
     args = argparse.Namespace(
-        arch="resnet18", epochs=epochs, opt="adamw", lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1,
-        clip_grad_norm=2.0, seed=seed,
+        arch="resnet18",
+        epochs=epochs,
+        opt="adamw",
+        lr=1e-3,
+        batch_size=64,
+        weight_decay=0.05,
+        warmup_epochs=1,
+        clip_grad_norm=2.0,
+        seed=seed,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     accuracy = _train(model, opt, x, y, args, log)
@@ -135,8 +143,14 @@ def train_demo_model(train_dir: Path, checkpoint: Path, epochs: int = 5, seed: i
     return checkpoint
 
 
-def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-           args: argparse.Namespace, log: Callable[[str], object]) -> float:
+def _train(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: argparse.Namespace,
+    log: Callable[[str], object],
+) -> float:
     """``args.epochs`` epochs of the recipe (:func:`train_demo_model`) over ``x`` (float32
     [N, 3, H, W]) and ``y`` (int64 [N]) with deterministic algorithms; returns the last epoch's
     train accuracy."""

@@ -61,7 +61,11 @@ class OutputWriteError(ImgscoreError):
     @classmethod
     def of(cls, path: str | os.PathLike, exc: OSError) -> OutputWriteError:
         """One line naming ``path`` and the OS error (pyarrow's messages carry the errno but not the path)."""
-        why = f"[Errno {exc.errno}] {os.strerror(exc.errno)}" if exc.errno else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        why = (
+            f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
+            if exc.errno
+            else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )
         where = path if isinstance(path, str) else str(path)  # a remote UPath has no fspath; str() is its URL
         return cls(f"cannot write {where}: {why}", where, exc.errno)
 

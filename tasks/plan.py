@@ -33,17 +33,39 @@ def plan_task(cfg: Config, run_id: str) -> RunPlan:
     if resumed is not None:
         return resumed
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
-    lms = [load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last) for m in cfg.scored_models()]
+    lms = [
+        load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last)
+        for m in cfg.scored_models()
+    ]
     if cfg.inference.fold_bn:
         lms = [lm.folded() for lm in lms]
-    if cfg.output.embeddings:  # no embedding layer, or lengths that one table cannot hold: refused before anything is written (exit 2)
+    if (
+        cfg.output.embeddings
+    ):  # no embedding layer, or lengths that one table cannot hold: refused before anything is written (exit 2)
         check_embedding_layers(lms, [m.resolved_name for m in cfg.scored_models()], cfg.output.embedding_layer, device)
     # reduced precision: the canary on the folder's first images, before anything is written
-    first = (first_entries(input_root_of(cfg), cfg.inference.canary_images * 4, cfg.input.layout,
-                           cfg.input.follow_symlinks, cfg.input.formats)
-             if cfg.inference.precision != "fp32" else [])
-    starts = [start_inference(cfg.inference, lm, str(cfg.input.root), first, DecodeOptions.from_input(cfg.input),
-                              configure_threads(cfg.inference.num_threads, 1)) for lm in lms]
+    first = (
+        first_entries(
+            input_root_of(cfg),
+            cfg.inference.canary_images * 4,
+            cfg.input.layout,
+            cfg.input.follow_symlinks,
+            cfg.input.formats,
+        )
+        if cfg.inference.precision != "fp32"
+        else []
+    )
+    starts = [
+        start_inference(
+            cfg.inference,
+            lm,
+            str(cfg.input.root),
+            first,
+            DecodeOptions.from_input(cfg.input),
+            configure_threads(cfg.inference.num_threads, 1),
+        )
+        for lm in lms
+    ]
     # several models: one precision for the run; a canary that fell back to fp32 sets it for all
     inference = next((s for s in starts if s.get("precision") != cfg.inference.precision), starts[0])
     infos = [{"name": m.resolved_name, **lm.info()} for m, lm in zip(cfg.scored_models(), lms, strict=True)]
@@ -66,8 +88,10 @@ def check_embedding_layers(lms: list, names: list[str], layer: str | None, devic
         dims.append(embedding_dim(lm.module, found, lm.preprocess.crop, device) if len(lms) > 1 else None)
     if len(set(dims)) > 1:
         shown = ", ".join(f"{n} {d}" for n, d in zip(names, dims, strict=True))
-        raise ConfigError(f"output.embeddings with models of different embedding lengths ({shown}); one embeddings table holds one "
-                          "length: set output.embedding_layer to a layer of equal width in each, or score them in separate runs")
+        raise ConfigError(
+            f"output.embeddings with models of different embedding lengths ({shown}); one embeddings table holds one "
+            "length: set output.embedding_layer to a layer of equal width in each, or score them in separate runs"
+        )
 
 
 def effective_config(cfg: Config, plan: RunPlan) -> Config:

@@ -48,7 +48,10 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[commits.
             "started_at": now_iso(),
             "temp_files_removed": removed,
             "adopted_shards": adopted,
-            "shards": [{"shard_id": w.shard_id, "images": len(w.only) if w.only is not None else None, "reason": w.reason} for w in work],
+            "shards": [
+                {"shard_id": w.shard_id, "images": len(w.only) if w.only is not None else None, "reason": w.reason}
+                for w in work
+            ],
         }
     )
     m.recount()
@@ -57,8 +60,9 @@ def prepare_rerun_task(run_id: str, cfg: Config) -> tuple[RunPlan, list[commits.
 
 
 @task(name="rescore_shard", cache_policy=NO_CACHE, persist_result=False)
-def rescore_shard_task(ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int,
-                       metadata_json: str) -> ShardResult | State[Any] | None:
+def rescore_shard_task(
+    ref: ShardRef, only: list[str] | None, config_json: str, base_attempt: int, n_on_host: int, metadata_json: str
+) -> ShardResult | State[Any] | None:
     """One shard (or its failed images) on this worker; see ``imgscore.runstate.rerun_plan.rescore_shard``.
     Config and part-file metadata travel as JSON text, as in ``score_shard_task``."""
     halt = stopped(ref.run_dir)  # SIGINT/SIGTERM reached the flow: no shard starts

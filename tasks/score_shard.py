@@ -30,8 +30,9 @@ def stopped(run_dir: AnyPath) -> State[Any] | None:
 # (JSON, checked against the part files) are the cache. Prefect persists no task result, so
 # nothing under output.root is ever unpickled (docs/security.md).
 @task(name="score_shard", cache_policy=NO_CACHE, persist_result=False)
-def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int,
-                     inference_json: str = "{}") -> ShardResult | State[Any] | None:
+def score_shard_task(
+    ref: ShardRef, config_json: str, n_on_host: int, inference_json: str = "{}"
+) -> ShardResult | State[Any] | None:
     """One shard on this worker's device; see ``imgscore.inference.score.score_shard``. Returns its
     :class:`ShardResult` — in a ``Cached`` state, without scoring, when an earlier attempt of
     the run committed the shard and its part files match (``imgscore.runstate.commits.committed``).
@@ -46,15 +47,30 @@ def score_shard_task(ref: ShardRef, config_json: str, n_on_host: int,
     cfg = Config.model_validate_json(config_json)
     done = commits.committed(ref, cfg.output.root)
     if done is not None:
-        return Completed(name="Cached", message=f"shard {ref.shard_id} committed by attempt {done.attempt}; part files checked", data=done)
+        return Completed(
+            name="Cached",
+            message=f"shard {ref.shard_id} committed by attempt {done.attempt}; part files checked",
+            data=done,
+        )
     metadata = {"config": cfg.recorded(), "inference": json.loads(inference_json)}  # on every part file
     try:
-        result = score_shard(ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata)
+        result = score_shard(
+            ref, cfg, attempt=int(task_run.run_count or 1), workers_on_host=n_on_host, metadata=metadata
+        )
     except ShardStopped:
         return stopped(ref.run_dir)  # abandoned between batches, nothing committed
     get_run_logger().info(  # the task run's log in the Prefect UI: where and how this shard ran
         "shard %d: %s scored, %s failed in %s s on %s by %s (%s %s, %s threads, %s DataLoader workers, batch %s)",
-        ref.shard_id, result.scored, result.failed, result.seconds, result.device, result.worker, result.backend, result.precision,
-        result.threads, result.loader_workers, result.batch_size,
+        ref.shard_id,
+        result.scored,
+        result.failed,
+        result.seconds,
+        result.device,
+        result.worker,
+        result.backend,
+        result.precision,
+        result.threads,
+        result.loader_workers,
+        result.batch_size,
     )
     return result

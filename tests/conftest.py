@@ -38,7 +38,16 @@ def doc_section(page: str, heading: str) -> str:
     return text.split(marker, 1)[1].split("\n## ", 1)[0]
 
 
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel", "cat")
+PHOTO_NAMES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "colorwheel",
+    "cat",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,7 +81,9 @@ def make_variants(img: Image.Image, n: int, size: int = 96) -> list[Image.Image]
     return out
 
 
-def make_image_folder(root: Path, photos: dict[str, Image.Image], per_class: int = 4, classes=("chelsea", "coffee", "rocket")) -> Path:
+def make_image_folder(
+    root: Path, photos: dict[str, Image.Image], per_class: int = 4, classes=("chelsea", "coffee", "rocket")
+) -> Path:
     """ImageFolder tree ``root/<class>/<class>_<i>.jpg|png`` from real photos; returns root."""
     for cls in classes:
         d = root / cls
@@ -215,7 +226,7 @@ class S3Bucket:
     def keys(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` of this test, relative to the test's prefix."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(prefix))
-        return sorted(o["Key"][len(self.prefix) + 1:] for page in pages for o in page.get("Contents", []))
+        return sorted(o["Key"][len(self.prefix) + 1 :] for page in pages for o in page.get("Contents", []))
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,14 @@ def seed_files() -> dict[str, bytes]:
     save("deflate.tif", cat, "TIFF", compression="tiff_adobe_deflate")
     save("astronaut.bmp", rgb, "BMP")
     save("astronaut.gif", rgb.convert("P"), "GIF")
-    save("animated.gif", rgb.convert("P"), "GIF", save_all=True, append_images=[cat.resize((64, 48)).convert("P")], duration=100)
+    save(
+        "animated.gif",
+        rgb.convert("P"),
+        "GIF",
+        save_all=True,
+        append_images=[cat.resize((64, 48)).convert("P")],
+        duration=100,
+    )
     save("pair.mpo", rgb, "MPO", save_all=True, append_images=[cat.resize((64, 48))])
     if "AVIF" in Image.SAVE:
         save("astronaut.avif", rgb, "AVIF", quality=60)
@@ -93,9 +100,9 @@ def mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
         elif kind == "insert":
             b[i:i] = bytes([value]) * (value % 16 + 1)
         elif kind == "delete":
-            del b[i:i + value % 64 + 1]
+            del b[i : i + value % 64 + 1]
         elif kind == "repeat":
-            b[i:i] = b[i:i + value % 64 + 1]
+            b[i:i] = b[i : i + value % 64 + 1]
     return bytes(b)
 
 
@@ -124,7 +131,11 @@ def run_case(data: bytes, name: str = "case") -> Outcome:
     else:
         out = Outcome("tensor", time.monotonic() - t0)
         if tuple(tensor.shape) != (3, SPEC.crop, SPEC.crop) or not bool(tensor.isfinite().all()):
-            return Outcome("crash", out.seconds, f"tensor {tuple(tensor.shape)} {tensor.dtype}, finite={bool(tensor.isfinite().all())}")
+            return Outcome(
+                "crash",
+                out.seconds,
+                f"tensor {tuple(tensor.shape)} {tensor.dtype}, finite={bool(tensor.isfinite().all())}",
+            )
     if out.seconds > CASE_BUDGET_S:
         return Outcome("crash", out.seconds, f"took {out.seconds:.1f} s, over {CASE_BUDGET_S} s")
     return out

@@ -86,26 +86,52 @@ class SeaweedS3:
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         identities = self.workdir / "identities.json"
-        identities.write_text(json.dumps({"identities": [{
-            "name": "imgscore-tests",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "imgscore-tests",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc"]
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         p = self.ports
         cmd = [
-            binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}", "-master.telemetry=false",
+            binary,
+            "server",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master_grpc']}",
+            "-master.telemetry=false",
             # small volumes; a shared test machine's disk may be nearly full (SeaweedFS's default refuses below 1 % free)
-            "-master.volumeSizeLimitMB=64", "-volume.max=32", "-volume.minFreeSpace=64MiB",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
-            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}", f"-filer.localSocket={self.workdir / 'filer.sock'}",
-            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={identities}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={self.workdir / 's3.sock'}",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=32",
+            "-volume.minFreeSpace=64MiB",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume_grpc']}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer_grpc']}",
+            f"-filer.localSocket={self.workdir / 'filer.sock'}",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3_grpc']}",
+            f"-s3.config={identities}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.localSocket={self.workdir / 's3.sock'}",
         ]
         log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+        )
         log.close()
         self._wait_ready(timeout_s)
         return self
@@ -122,8 +148,12 @@ class SeaweedS3:
                 raise RuntimeError(f"weed server exited with {self.proc.returncode}: {self.log_tail()}")
             try:
                 client = botocore.session.get_session().create_client(
-                    "s3", endpoint_url=self.endpoint, region_name=REGION,
-                    aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+                    "s3",
+                    endpoint_url=self.endpoint,
+                    region_name=REGION,
+                    aws_access_key_id=self.access_key,
+                    aws_secret_access_key=self.secret_key,
+                )
                 client.list_buckets()
                 if "imgscore-ready-check" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
                     client.create_bucket(Bucket="imgscore-ready-check")
@@ -157,8 +187,12 @@ class SeaweedS3:
         import botocore.session
 
         return botocore.session.get_session().create_client(
-            "s3", endpoint_url=endpoint or self.endpoint, region_name=REGION,
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
 
 
 def upload_folder(client, local: Path, bucket: str, prefix: str) -> int:
@@ -172,10 +206,13 @@ def upload_folder(client, local: Path, bucket: str, prefix: str) -> int:
     return n
 
 
-SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message></Error>")
-ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-                 b"<Message>Access Denied</Message></Error>")
+SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+)
 
 
 class FaultProxy:
@@ -237,10 +274,14 @@ class FaultProxy:
                     if key in proxy.slow_keys:
                         time.sleep(proxy.slow_s)
                 body = self._body()
-                if self.command == "PUT" and any(urllib.parse.unquote(key).startswith(p) for p in proxy.deny_put_prefixes):
+                if self.command == "PUT" and any(
+                    urllib.parse.unquote(key).startswith(p) for p in proxy.deny_put_prefixes
+                ):
                     self._answer(403, ACCESS_DENIED)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")
+                }
                 if body is not None:
                     headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
@@ -283,4 +324,3 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
-

@@ -53,7 +53,14 @@ def two_runs(prefect_server, photos, tiny_checkpoint, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(shard_tasks, "score_shard", shard_1_breaks)
         code2, s2 = run()
-    return {"out": out, "root": root, "ckpt": tiny_checkpoint, "codes": (code1, code2), "runs": (s1["run_id"], s2["run_id"]), "summaries": (s1, s2)}
+    return {
+        "out": out,
+        "root": root,
+        "ckpt": tiny_checkpoint,
+        "codes": (code1, code2),
+        "runs": (s1["run_id"], s2["run_id"]),
+        "summaries": (s1, s2),
+    }
 
 
 def test_two_runs_as_set_up(two_runs):
@@ -74,9 +81,11 @@ def test_duckdb_reads_both_runs_with_hive_partitioning(two_runs):
         f"FROM read_parquet('{out}/predictions/**/*.parquet', hive_partitioning = true) GROUP BY ALL ORDER BY run_id"
     ).fetchall()
     assert rows == [(r1, "DATE", 12, 12), (r2, "DATE", 8, 8)]
-    errs = dict(con.sql(
-        f"SELECT run_id, count(*) FROM read_parquet('{out}/errors/**/*.parquet', hive_partitioning = true) GROUP BY ALL"
-    ).fetchall())
+    errs = dict(
+        con.sql(
+            f"SELECT run_id, count(*) FROM read_parquet('{out}/errors/**/*.parquet', hive_partitioning = true) GROUP BY ALL"
+        ).fetchall()
+    )
     assert errs == {r1: 4, r2: 8}
     kinds = con.sql(
         f"SELECT error_type, count(*) FROM read_parquet('{out}/errors/**/*.parquet', hive_partitioning = true) "
@@ -132,9 +141,16 @@ def _documented_blocks() -> list[tuple[str, str]]:
 def test_documented_examples_run_and_agree_on_latest_prediction(two_runs):
     out = two_runs["out"]
     r1, r2 = two_runs["runs"]
-    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _documented_blocks()]
+    blocks = [
+        (lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/'))
+        for lang, code in _documented_blocks()
+    ]
     assert {lang for lang, _ in blocks} == {"sql", "python"}
-    assert sum("pandas" in c for _, c in blocks) and sum("polars" in c for _, c in blocks) and sum("pyarrow.dataset" in c for _, c in blocks)
+    assert (
+        sum("pandas" in c for _, c in blocks)
+        and sum("polars" in c for _, c in blocks)
+        and sum("pyarrow.dataset" in c for _, c in blocks)
+    )
 
     # which run each image's latest prediction comes from: shard 1 (4 images) failed in run 2
     latest_expected = None
@@ -194,8 +210,10 @@ def _open_with_every_reader(folder: Path) -> dict[str, dict[str, tuple[int, set[
     df = pd.read_parquet(folder)
     assert not isinstance(df["run_id"].dtype, pd.CategoricalDtype)
     seen["pandas.read_parquet"] = tally(df["run_id"], df["run_date"])
-    for name, t in (("pyarrow.parquet.read_table", pq.read_table(folder)),
-                    ("pyarrow.dataset", pads.dataset(folder, format="parquet", partitioning="hive").to_table())):
+    for name, t in (
+        ("pyarrow.parquet.read_table", pq.read_table(folder)),
+        ("pyarrow.dataset", pads.dataset(folder, format="parquet", partitioning="hive").to_table()),
+    ):
         assert t.schema.field("run_id").type in (pa.string(), pa.large_string()), name
         seen[name] = tally(t["run_id"].to_pylist(), t["run_date"].to_pylist())
     try:
@@ -203,10 +221,15 @@ def _open_with_every_reader(folder: Path) -> dict[str, dict[str, tuple[int, set[
     except ImportError:
         pl = None
     if pl is not None:
-        for name, f in (("polars.read_parquet", pl.read_parquet(folder)), ("polars.scan_parquet", pl.scan_parquet(folder).collect())):
+        for name, f in (
+            ("polars.read_parquet", pl.read_parquet(folder)),
+            ("polars.scan_parquet", pl.scan_parquet(folder).collect()),
+        ):
             assert f.schema["run_id"] == pl.String, name
             seen[name] = tally(f["run_id"].to_list(), f["run_date"].to_list())
-    rows = duckdb.sql(f"SELECT run_id, run_date FROM read_parquet('{folder}/**/*.parquet', hive_partitioning = true)").fetchall()
+    rows = duckdb.sql(
+        f"SELECT run_id, run_date FROM read_parquet('{folder}/**/*.parquet', hive_partitioning = true)"
+    ).fetchall()
     seen["duckdb"] = tally([r[0] for r in rows], [r[1] for r in rows])
     return seen
 
@@ -248,7 +271,10 @@ def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, ti
         photos[photo].convert("RGB").resize((96, 96)).save(root / "x.jpg")
         roots.append(root)
         assert execute(build_config({}, base_overrides(root, tiny_checkpoint, out)), quiet=True)[0] == 0
-    blocks = [(lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/')) for lang, code in _documented_blocks()]
+    blocks = [
+        (lang, code.replace("'outputs/", f"'{out}/").replace('"outputs/', f'"{out}/'))
+        for lang, code in _documented_blocks()
+    ]
     n_latest = 0
     for lang, code in blocks:
         if lang == "sql":
@@ -264,8 +290,13 @@ def test_latest_per_image_over_two_folders_keeps_both(prefect_server, photos, ti
             exec(compile(code, "docs/results.md", "exec"), ns)  # noqa: S102 - our own documented examples
             if "latest" in ns:
                 latest = ns["latest"]
-                latest = latest.to_pandas() if hasattr(latest, "to_pandas") and not hasattr(latest, "iterrows") else latest
-                assert sorted(zip(latest["input_root"], latest["image_path"], strict=True)) == [(str(roots[0]), "x.jpg"), (str(roots[1]), "x.jpg")]
+                latest = (
+                    latest.to_pandas() if hasattr(latest, "to_pandas") and not hasattr(latest, "iterrows") else latest
+                )
+                assert sorted(zip(latest["input_root"], latest["image_path"], strict=True)) == [
+                    (str(roots[0]), "x.jpg"),
+                    (str(roots[1]), "x.jpg"),
+                ]
                 n_latest += 1
     assert n_latest == 3  # DuckDB, pandas, polars
 
@@ -286,8 +317,10 @@ def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_un
 
     out = tmp_path / "old"
     shutil.copytree(two_runs["out"], out, ignore=shutil.ignore_patterns("_prefect"))
-    old_columns = {"predictions": [f.name for f in PREDICTIONS_SCHEMA if f.name != "input_root"],
-                   "errors": [f.name for f in ERRORS_SCHEMA if f.name not in ("input_root", "file_size", "file_mtime_ns")]}
+    old_columns = {
+        "predictions": [f.name for f in PREDICTIONS_SCHEMA if f.name != "input_root"],
+        "errors": [f.name for f in ERRORS_SCHEMA if f.name not in ("input_root", "file_size", "file_mtime_ns")],
+    }
     for table, cols in old_columns.items():
         for d in sorted((out / table).glob("run_date=*/*")):
             legacy = d.with_name(f"run_id={d.name}")
@@ -305,7 +338,9 @@ def test_an_output_root_of_the_layout_before_is_moved_in_place_and_then_reads_un
     r1, r2 = two_runs["runs"]
     for table in ("predictions", "errors"):
         assert _open_with_every_reader(out / table) == _open_with_every_reader(two_runs["out"] / table)
-        assert set(pq.read_table(out / table, columns=["input_root"])["input_root"].to_pylist()) == {str(two_runs["root"])}
+        assert set(pq.read_table(out / table, columns=["input_root"])["input_root"].to_pylist()) == {
+            str(two_runs["root"])
+        }
     assert pq.read_table(out / "errors", columns=["file_size"])["file_size"].null_count == 12  # unknown for old rows
     assert build_report(out, r1).rows.model_dump() == {"predictions": 12, "errors": 4}
     assert migrate.migrate_output_root(out).runs == []  # idempotent

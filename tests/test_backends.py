@@ -155,12 +155,26 @@ def test_cli_refuses_a_missing_runtime_before_scoring(tmp_path, image_folder, ti
     absent package does): exit 2, one line with the install command, nothing written."""
     shadow = tmp_path / "shadow" / "onnxruntime"
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text('raise ImportError("No module named \'onnxruntime\'")\n')
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'onnxruntime'\")\n")
     out = tmp_path / "out"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(shadow.parent), "PREFECT_HOME": str(tmp_path / "ph")}
-    sets = [a for o in base_overrides(image_folder, tiny_checkpoint, out, **{"inference.backend": "onnxruntime"}) for a in ("--set", o)]
-    proc = subprocess.run([str(Path(sys.executable).parent / "imgscore"), "run", *sets],
-                          capture_output=True, text=True, timeout=300, env=env)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": str(shadow.parent),
+        "PREFECT_HOME": str(tmp_path / "ph"),
+    }
+    sets = [
+        a
+        for o in base_overrides(image_folder, tiny_checkpoint, out, **{"inference.backend": "onnxruntime"})
+        for a in ("--set", o)
+    ]
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "imgscore"), "run", *sets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'imgscore[onnx]'" in lines[0], proc.stderr

@@ -41,7 +41,12 @@ def x():
 
 
 def _load(path, **kw):
-    return load_model(ModelConfig(arch=kw.pop("arch", "mobilenet_v3_small"), checkpoint=path, **kw), PreprocessConfig(), CPU, channels_last=False)
+    return load_model(
+        ModelConfig(arch=kw.pop("arch", "mobilenet_v3_small"), checkpoint=path, **kw),
+        PreprocessConfig(),
+        CPU,
+        channels_last=False,
+    )
 
 
 def _same_function(lm, model: nn.Module, x) -> None:
@@ -65,7 +70,9 @@ def lightning_checkpoint(state_dict, prefix="model.", hyper_parameters=None, ext
         "pytorch-lightning_version": "2.4.0",
         "state_dict": sd,
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 8, "completed": 7}}}},
-        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.31), "dirpath": "/ckpt"}},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.31), "dirpath": "/ckpt"}
+        },
         "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.01, "momentum": 0.9, "params": [0, 1]}]}],
         "lr_schedulers": [],
         "hparams_name": "kwargs",
@@ -78,13 +85,18 @@ def lightning_checkpoint(state_dict, prefix="model.", hyper_parameters=None, ext
 
 def test_lightning_checkpoint_loads_with_its_class_names(tiny_model, x, tmp_path):
     p = tmp_path / "epoch=7-step=840.ckpt"
-    torch.save(lightning_checkpoint(tiny_model.state_dict(), hyper_parameters={"lr": 0.01, "classes": ["cat", "dog", "fox"]}), p)
+    torch.save(
+        lightning_checkpoint(tiny_model.state_dict(), hyper_parameters={"lr": 0.01, "classes": ["cat", "dog", "fox"]}),
+        p,
+    )
     lm = _load(p)
     assert lm.source == "training_checkpoint" and lm.classes == ["cat", "dog", "fox"]
     _same_function(lm, tiny_model, x)
 
 
-@pytest.mark.parametrize("prefix", ["model.", "net.", "backbone.", "module.", "_orig_mod.", "model._orig_mod.", "net.module."])
+@pytest.mark.parametrize(
+    "prefix", ["model.", "net.", "backbone.", "module.", "_orig_mod.", "model._orig_mod.", "net.module."]
+)
 def test_any_uniform_prefix_is_stripped_when_the_rest_fits(prefix, tiny_model, x, tmp_path):
     p = tmp_path / "sd.pt"
     torch.save(_prefixed(tiny_model.state_dict(), prefix), p)
@@ -100,7 +112,9 @@ def test_prefix_on_only_some_keys_is_refused_naming_the_group_that_fits(tiny_mod
     with pytest.raises(ModelError) as info:
         _load(p)
     msg = str(info.value)
-    assert "PyTorch zip archive holding a dict with keys epoch, global_step, pytorch-lightning_version, state_dict" in msg
+    assert (
+        "PyTorch zip archive holding a dict with keys epoch, global_step, pytorch-lightning_version, state_dict" in msg
+    )
     assert "under 'state_dict'" in msg
     assert "the keys under 'model.' alone fit mobilenet_v3_small" in msg and "criterion. (1)" in msg
     assert "k.removeprefix('model.')" in msg
@@ -144,7 +158,9 @@ def test_state_dict_without_num_batches_tracked_loads_exactly_when_pytorch_accep
         if ours:
             _same_function(lm, model, x)
             buffers = dict(lm.module.named_buffers())
-            assert not any(t.is_meta for t in (*lm.module.parameters(), *buffers.values()))  # built on meta, nothing left there
+            assert not any(
+                t.is_meta for t in (*lm.module.parameters(), *buffers.values())
+            )  # built on meta, nothing left there
             assert int(buffers["bn1.num_batches_tracked"]) == 0
     assert decisions == {False: (True, True), True: (False, False)}
 
@@ -155,7 +171,11 @@ def test_state_dict_without_num_batches_tracked_loads_exactly_when_pytorch_accep
 @pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin", "weights.pt"])
 def test_safetensors_by_content_with_class_names_from_metadata(name, tiny_model, x, tmp_path):
     p = tmp_path / name
-    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p), metadata={"format": "pt", "classes": json.dumps(["a", "b", "c"])})
+    save_file(
+        {k: v.contiguous() for k, v in tiny_model.state_dict().items()},
+        str(p),
+        metadata={"format": "pt", "classes": json.dumps(["a", "b", "c"])},
+    )
     assert is_safetensors(p)
     lm = _load(p)
     assert lm.source == "safetensors" and lm.classes == ["a", "b", "c"]
@@ -165,7 +185,11 @@ def test_safetensors_by_content_with_class_names_from_metadata(name, tiny_model,
 def test_safetensors_reads_no_pickle(tiny_model, tmp_path, monkeypatch):
     """Read with safetensors alone: torch.load (the pickle path) is never called."""
     p = tmp_path / "w.safetensors"
-    save_file({f"module.{k}": v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p), metadata={"class_to_idx": json.dumps({"b": 1, "a": 0, "c": 2})})
+    save_file(
+        {f"module.{k}": v.contiguous() for k, v in tiny_model.state_dict().items()},
+        str(p),
+        metadata={"class_to_idx": json.dumps({"b": 1, "a": 0, "c": 2})},
+    )
 
     def no_pickle(*a, **k):
         raise AssertionError("torch.load called for a safetensors file")
@@ -219,7 +243,10 @@ def test_class_names_from_class_to_idx_and_idx_to_class(extra, expected, tiny_mo
 @pytest.mark.parametrize(
     "extra, match",
     [
-        ({"classes": ["a", "b", "c"], "class_to_idx": {"a": 0, "c": 1, "b": 2}}, r"names its classes twice and the lists disagree"),
+        (
+            {"classes": ["a", "b", "c"], "class_to_idx": {"a": 0, "c": 1, "b": 2}},
+            r"names its classes twice and the lists disagree",
+        ),
         ({"class_to_idx": {"a": 0, "b": 2, "c": 5}}, r"does not number the classes 0..2"),
         ({"class_to_idx": {"a": 0, "b": 1}}, r"it names 2 classes but the model has 3 outputs"),
     ],
@@ -233,7 +260,7 @@ def test_unusable_class_names_are_refused_not_dropped(extra, match, tiny_model, 
 
 # ------------------------------------------------------------------------------------ replaced heads and model.factory
 
-FACTORY_MODULE = '''
+FACTORY_MODULE = """
 import torchvision
 from torch import nn
 
@@ -250,7 +277,7 @@ def not_a_module():
 
 def broken():
     raise RuntimeError("needs a GPU")
-'''
+"""
 
 
 @pytest.fixture
@@ -277,13 +304,18 @@ def test_replaced_head_is_named_and_points_at_factory(dropout_head_model, tmp_pa
         _load(p, arch="resnet18")
     msg = str(info.value)
     assert "holding a plain state_dict of 122 tensors" in msg
-    assert "classifier head (fc) is not resnet18's: resnet18 has fc.weight, fc.bias, the checkpoint has fc.1.weight, fc.1.bias" in msg
+    assert (
+        "classifier head (fc) is not resnet18's: resnet18 has fc.weight, fc.bias, the checkpoint has fc.1.weight, fc.1.bias"
+        in msg
+    )
     assert "model.factory" in msg and "TorchScript" in msg and "Check model.arch" not in msg
 
 
 def test_factory_builds_the_module_and_the_checkpoint_loads_strictly(factory_module, dropout_head_model, x, tmp_path):
     p = tmp_path / "finetuned.pth"
-    torch.save({"state_dict": _prefixed(dropout_head_model.state_dict(), "model."), "class_to_idx": {"cat": 0, "dog": 1}}, p)
+    torch.save(
+        {"state_dict": _prefixed(dropout_head_model.state_dict(), "model."), "class_to_idx": {"cat": 0, "dog": 1}}, p
+    )
     lm = _load(p, factory=f"{factory_module}:resnet18_dropout")
     assert lm.arch == f"{factory_module}:resnet18_dropout" and lm.classes == ["cat", "dog"] and lm.num_classes == 2
     assert not lm.module.training
@@ -301,7 +333,9 @@ def test_factory_refusals_name_the_fix(factory_module, tiny_model, tmp_path):
         _load(p, factory=f"{factory_module}:not_a_module")
     with pytest.raises(ModelError, match=r"raised RuntimeError: needs a GPU"):
         _load(p, factory=f"{factory_module}:broken")
-    with pytest.raises(ModelError, match=r"do not fit the module model.factory .* returns.*Make model.factory build the architecture"):
+    with pytest.raises(
+        ModelError, match=r"do not fit the module model.factory .* returns.*Make model.factory build the architecture"
+    ):
         _load(p, factory=f"{factory_module}:resnet18_dropout")  # mobilenet weights, resnet module
 
 
@@ -320,7 +354,10 @@ def test_wrong_arch_in_the_family_is_named(tmp_path):
     torch.manual_seed(0)
     p = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), p)
-    with pytest.raises(ModelError, match=r"weights do not fit resnet34: .*Its keys and shapes are torchvision's resnet18: set model.arch=resnet18"):
+    with pytest.raises(
+        ModelError,
+        match=r"weights do not fit resnet34: .*Its keys and shapes are torchvision's resnet18: set model.arch=resnet18",
+    ):
         _load(p, arch="resnet34")
 
 
@@ -360,12 +397,19 @@ def test_a_refused_checkpoint_names_only_the_refused_types_and_an_empty_one_says
     sd = tiny_model.state_dict()
     ok, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
     torch.save({"state_dict": sd, "np_scalar": np.float32(1.0), "args": argparse.Namespace(a=1)}, ok)
-    torch.save({"state_dict": sd, "best": np.array([0.5]), "np_scalar": np.float32(1.0), "args": argparse.Namespace(a=1)}, bad)
+    torch.save(
+        {"state_dict": sd, "best": np.array([0.5]), "np_scalar": np.float32(1.0), "args": argparse.Namespace(a=1)}, bad
+    )
     assert read_checkpoint(ok).kind == "training_checkpoint"
     with pytest.raises(ModelError, match=r"holds pickled Python objects \(([^)]*)\)") as err:
         read_checkpoint(bad)
     listed = err.value.args[0].split("(", 1)[1].split(")", 1)[0]
-    assert "numpy.ndarray" in listed and "Namespace" not in listed and "scalar" not in listed and "numpy.dtype" not in listed
+    assert (
+        "numpy.ndarray" in listed
+        and "Namespace" not in listed
+        and "scalar" not in listed
+        and "numpy.dtype" not in listed
+    )
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(ModelError, match=r"is empty \(0 bytes\)"):

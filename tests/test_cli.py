@@ -67,7 +67,13 @@ def test_full_run_exit_0_prints_summary_without_noise(tmp_path, image_folder, ti
     out = tmp_path / "out"
     ckpt = tmp_path / "module.pt"
     torch.save(tiny_model, ckpt)  # trusted pickled module: loads when the user says so
-    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)), "--set", "model.trust_checkpoint=true", prefect_home=tmp_path / "prefect")
+    proc = run_cli(
+        "run",
+        *_sets(base_overrides(image_folder, ckpt, out)),
+        "--set",
+        "model.trust_checkpoint=true",
+        prefect_home=tmp_path / "prefect",
+    )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
     assert "Traceback" not in text and "CancelledError" not in text and "telemetry" not in text.lower()
@@ -99,8 +105,12 @@ def test_kill_9_does_not_leave_the_temporary_prefect_server_running(tmp_path, im
     import psutil
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp_path / "prefect")}
-    proc = subprocess.Popen([IMGSCORE, "run", *_sets(base_overrides(image_folder, tiny_checkpoint, tmp_path / "out"))],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [IMGSCORE, "run", *_sets(base_overrides(image_folder, tiny_checkpoint, tmp_path / "out"))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     server = None
     deadline = time.time() + 240
     while server is None and time.time() < deadline and proc.poll() is None:
@@ -139,8 +149,14 @@ def test_ctrl_c_to_the_process_group_exits_130_with_the_rerun_command(tmp_path, 
     out = tmp_path / "out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp_path / "prefect")}
     sets = _sets(base_overrides(images, tiny_checkpoint, out, **{"run.shard_size": 2, "inference.batch_size": 1}))
-    proc = subprocess.Popen([IMGSCORE, "run", "-q", *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [IMGSCORE, "run", "-q", *sets],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not list(out.glob("runs/*/shards/*.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)  # scoring has started: at least one shard is committed
@@ -178,11 +194,20 @@ def test_a_temporary_server_that_cannot_start_is_one_line_with_its_reason(tmp_pa
     """The server is launched by imgscore.runtime.server (imgscore.runtime.server_launcher); when it dies at start-up (here: its SQLite
     database cannot be created) the run ends with exit 1 and one line that quotes the server's own
     error and names the fix — not a 40-line traceback, not a hang until the start-up timeout."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/prefect.db"}
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/prefect.db",
+    }
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([IMGSCORE, "run", *_sets(base_overrides(image_folder, tiny_checkpoint, tmp_path / "out"))],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [IMGSCORE, "run", *_sets(base_overrides(image_folder, tiny_checkpoint, tmp_path / "out"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
@@ -193,15 +218,27 @@ def test_a_temporary_server_that_cannot_start_is_one_line_with_its_reason(tmp_pa
 
 def test_output_root_that_is_the_input_root_is_refused(tmp_path, image_folder, tiny_checkpoint):
     proc = run_cli("run", *_sets(base_overrides(image_folder, tiny_checkpoint, image_folder)))
-    _assert_refused(proc, r"output.root '.*images' is input.root: .*set output.root to a folder outside input.root", image_folder)
+    _assert_refused(
+        proc, r"output.root '.*images' is input.root: .*set output.root to a folder outside input.root", image_folder
+    )
 
 
 def test_a_config_file_with_a_key_given_twice_is_refused(tmp_path, image_folder, tiny_checkpoint):
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"output:\n  root: {out}\ninference:\n  device: cpu\noutput:\n  topk: 3\n")
-    proc = run_cli("run", "--config", str(cfg), "--set", f"input.root={image_folder}", "--set", f"model.checkpoint={tiny_checkpoint}",
-                   "--set", "model.arch=mobilenet_v3_small", cwd=tmp_path)
+    proc = run_cli(
+        "run",
+        "--config",
+        str(cfg),
+        "--set",
+        f"input.root={image_folder}",
+        "--set",
+        f"model.checkpoint={tiny_checkpoint}",
+        "--set",
+        "model.arch=mobilenet_v3_small",
+        cwd=tmp_path,
+    )
     _assert_refused(proc, r"c.yaml' line 5: key 'output' is given twice \(first at line 1\)", out)
     assert not (tmp_path / "outputs").exists()  # the run did not go to ./outputs instead
 
@@ -213,8 +250,12 @@ def test_nan_weights_model_refused_before_scoring_not_blamed_on_each_image(tmp_p
     ckpt = tmp_path / "diverged.pt"
     torch.save(sd, ckpt)
     proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
-    _assert_refused(proc, r"model mobilenet_v3_small \(model.checkpoint '.*diverged.pt'\) has non-finite weights: 1 of its \d+ "
-                          r"weight tensors hold NaN or Inf \(e.g. classifier.3.bias: 3 NaN of 3\)", out)
+    _assert_refused(
+        proc,
+        r"model mobilenet_v3_small \(model.checkpoint '.*diverged.pt'\) has non-finite weights: 1 of its \d+ "
+        r"weight tensors hold NaN or Inf \(e.g. classifier.3.bias: 3 NaN of 3\)",
+        out,
+    )
 
 
 def test_the_run_banner_shows_the_input_root_normalised_and_urls_unchanged(tmp_path, tiny_checkpoint, monkeypatch):
@@ -226,22 +267,36 @@ def test_the_run_banner_shows_the_input_root_normalised_and_urls_unchanged(tmp_p
     from imgscore.flows.cli import banner
 
     def shown(root: str) -> str:
-        cfg = build_config({"input": {"root": root}, "model": {"arch": "mobilenet_v3_small", "checkpoint": str(tiny_checkpoint)},
-                            "run": {"run_id": "r1"}})
+        cfg = build_config(
+            {
+                "input": {"root": root},
+                "model": {"arch": "mobilenet_v3_small", "checkpoint": str(tiny_checkpoint)},
+                "run": {"run_id": "r1"},
+            }
+        )
         buf = io.StringIO()
         Console(file=buf, width=400).print(banner(cfg), soft_wrap=True)
         return buf.getvalue().strip()
 
     (tmp_path / "imgscore").mkdir()
     monkeypatch.chdir(tmp_path / "imgscore")
-    assert shown("../scratch/big") == f"run r1: scoring {tmp_path}/scratch/big with mobilenet_v3_small (thread runner) …"
-    assert shown(f"{tmp_path}/imgscore/../scratch/./big/") == f"run r1: scoring {tmp_path}/scratch/big with mobilenet_v3_small (thread runner) …"
+    assert (
+        shown("../scratch/big") == f"run r1: scoring {tmp_path}/scratch/big with mobilenet_v3_small (thread runner) …"
+    )
+    assert (
+        shown(f"{tmp_path}/imgscore/../scratch/./big/")
+        == f"run r1: scoring {tmp_path}/scratch/big with mobilenet_v3_small (thread runner) …"
+    )
     assert shown("s3://bucket/a/../b") == "run r1: scoring s3://bucket/a/../b with mobilenet_v3_small (thread runner) …"
-    assert shown(f"{tmp_path}/[red]x") == f"run r1: scoring {tmp_path}/[red]x with mobilenet_v3_small (thread runner) …"  # no markup
+    assert (
+        shown(f"{tmp_path}/[red]x") == f"run r1: scoring {tmp_path}/[red]x with mobilenet_v3_small (thread runner) …"
+    )  # no markup
 
 
 def test_an_infinite_timeout_is_refused_before_any_shard_runs(tmp_path, image_folder, tiny_checkpoint):
     """inf passed the check once and then failed every shard (JSON writes it as null): exit 1 and a traceback."""
     out = tmp_path / "out"
-    proc = run_cli("run", *_sets(base_overrides(image_folder, tiny_checkpoint, out)), "--set", "input.decode_timeout_s=.inf")
+    proc = run_cli(
+        "run", *_sets(base_overrides(image_folder, tiny_checkpoint, out)), "--set", "input.decode_timeout_s=.inf"
+    )
     _assert_refused(proc, r"config input.decode_timeout_s must be a finite number of seconds, got inf", out)

@@ -33,9 +33,11 @@ def test_prefect_starts_its_temporary_server_as_we_do(monkeypatch):
         server_mod.SubprocessASGIServer._instances.pop(45999, None)
     ours = compat.prefect_server_command(sys.executable, str(prefect.__module_path__.parent), 45999)
     assert ours[: len(seen["args"])] == seen["args"]
-    assert ours[len(seen["args"]):] == ["--timeout-graceful-shutdown", "3"]
+    assert ours[len(seen["args"]) :] == ["--timeout-graceful-shutdown", "3"]
     settings_env = get_current_settings().to_environment_variables(exclude_unset=True)
-    assert compat.prefect_server_env({}, settings_env) == {k: v for k, v in seen["env"].items() if k in compat.PREFECT_SERVER_ENV or k in settings_env}
+    assert compat.prefect_server_env({}, settings_env) == {
+        k: v for k, v in seen["env"].items() if k in compat.PREFECT_SERVER_ENV or k in settings_env
+    }
     for k, v in compat.PREFECT_SERVER_ENV.items():
         assert seen["env"][k] == v
 

@@ -84,13 +84,22 @@ def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
 
     rows = config_reference()
     keys = [r["key"] for r in rows]
-    sections = [(sec, f) for sec, f in Config.model_fields.items() if sec != "models"]  # models: a list of model blocks, one key
-    assert keys == [k for sec, f in Config.model_fields.items()
-                    for k in ([sec] if sec == "models" else [f"{sec}.{name}" for name in f.annotation.model_fields])]
+    sections = [
+        (sec, f) for sec, f in Config.model_fields.items() if sec != "models"
+    ]  # models: a list of model blocks, one key
+    assert keys == [
+        k
+        for sec, f in Config.model_fields.items()
+        for k in ([sec] if sec == "models" else [f"{sec}.{name}" for name in f.annotation.model_fields])
+    ]
     assert len(keys) == 1 + sum(len(f.annotation.model_fields) for _, f in sections)
     assert all(r["meaning"] for r in rows), [r["key"] for r in rows if not r["meaning"]]
     by_key = {r["key"]: r for r in rows}
-    assert (by_key["run.min_errors"]["default"], by_key["run.retry_failed"]["default"], by_key["input.root"]["default"]) == ("5", "false", "–")
+    assert (
+        by_key["run.min_errors"]["default"],
+        by_key["run.retry_failed"]["default"],
+        by_key["input.root"]["default"],
+    ) == ("5", "false", "–")
     assert cli_main(["config"]) == 0
     printed = capsys.readouterr().out
     assert all(k in printed for k in keys)
@@ -108,9 +117,14 @@ def test_imgscore_config_lists_every_key_with_default_and_meaning(capsys):
     missing = []
     for key in keys:
         section, _, name = key.partition(".")
-        if not any(f"`{key}`" in cell or (f"`{section}." in cell and re.search(rf"`{name}`|\b{name}\b", cell)) for cell in first_cells):
+        if not any(
+            f"`{key}`" in cell or (f"`{section}." in cell and re.search(rf"`{name}`|\b{name}\b", cell))
+            for cell in first_cells
+        ):
             missing.append(key)
-    assert not missing, f"docs/configuration.md config table lacks {missing} (imgscore config --format markdown lists them)"
+    assert not missing, (
+        f"docs/configuration.md config table lacks {missing} (imgscore config --format markdown lists them)"
+    )
 
 
 # ------------------------------------------------------------------ config files as input
@@ -120,7 +134,9 @@ def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
     p = tmp_path / "c.yaml"
     # the second output block would silently drop output.root (the run wrote into ./outputs)
     p.write_text("input:\n  root: /data\noutput:\n  root: /scores\nmodel:\n  arch: resnet18\noutput:\n  topk: 3\n")
-    with pytest.raises(ConfigError, match=r"c.yaml' line 7: key 'output' is given twice \(first at line 3\).*merge the two"):
+    with pytest.raises(
+        ConfigError, match=r"c.yaml' line 7: key 'output' is given twice \(first at line 3\).*merge the two"
+    ):
         load_config(p)
     p.write_text("model:\n  arch: resnet18\n  classes: [a, b]\n  arch: resnet50\n")
     with pytest.raises(ConfigError, match=r"line 4: key 'model.arch' is given twice \(first at line 2\)"):
@@ -129,8 +145,9 @@ def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
 
 def test_merge_keys_and_one_alias_still_read(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("x-pre: &pre {resize: 64, crop: 56}\n"
-                 "preprocess:\n  <<: *pre\n  crop: 48\n")  # a key beside a merge overrides the merged one
+    p.write_text(
+        "x-pre: &pre {resize: 64, crop: 56}\npreprocess:\n  <<: *pre\n  crop: 48\n"
+    )  # a key beside a merge overrides the merged one
     from imgscore.config.strict_yaml import read_yaml
 
     assert read_yaml(p.read_text())["preprocess"] == {"resize": 64, "crop": 48}
@@ -175,7 +192,10 @@ def test_a_recursive_alias_and_absurd_nesting_are_refused(tmp_path):
 def test_yaml_booleans_where_names_were_meant_are_explained(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  classes: [no, yes, maybe]\n")
-    with pytest.raises(ConfigError, match=r"model.classes item 0 is the boolean false: YAML reads unquoted no/yes/on/off.*quote it: 'no'") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"model.classes item 0 is the boolean false: YAML reads unquoted no/yes/on/off.*quote it: 'no'",
+    ) as e:
         load_config(p)
     assert "lax-or-strict" not in str(e.value) and "pydantic" not in str(e.value)
     p.write_text("model:\n  classes: ['no', 'yes', maybe]\n")
@@ -194,10 +214,16 @@ def test_a_long_bad_value_is_not_echoed_whole():
 def test_tilde_is_the_home_folder_in_path_keys_and_dollar_is_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("SCORES", "/elsewhere")
-    cfg = build_config({"model": {"checkpoint": "~/m.pt", "classes": "~/classes.txt"}, "inference": {"cache_dir": "~/cache"}},
-                       ["input.root=~/images", "output.root=~/scores"])
+    cfg = build_config(
+        {"model": {"checkpoint": "~/m.pt", "classes": "~/classes.txt"}, "inference": {"cache_dir": "~/cache"}},
+        ["input.root=~/images", "output.root=~/scores"],
+    )
     assert cfg.input.root == tmp_path / "images" and cfg.output.root == tmp_path / "scores"
-    assert (cfg.model.checkpoint, cfg.model.classes, cfg.inference.cache_dir) == (tmp_path / "m.pt", tmp_path / "classes.txt", tmp_path / "cache")
+    assert (cfg.model.checkpoint, cfg.model.classes, cfg.inference.cache_dir) == (
+        tmp_path / "m.pt",
+        tmp_path / "classes.txt",
+        tmp_path / "cache",
+    )
     assert build_config({"models": [{"name": "a", "checkpoint": "~/a.pt"}]}).models[0].checkpoint == tmp_path / "a.pt"
     assert str(build_config({}, ["output.root=$SCORES/x"]).output.root) == "$SCORES/x"  # never the environment's
     assert build_config({}, ["output.root=s3://b/~x"]).output.root == "s3://b/~x"
@@ -205,10 +231,17 @@ def test_tilde_is_the_home_folder_in_path_keys_and_dollar_is_kept(monkeypatch, t
 
 
 def test_a_path_that_yaml_read_as_a_boolean_is_explained_once():
-    for key, word in (("input.root", "no"), ("output.root", "off"), ("model.checkpoint", "yes"), ("model.classes", "no")):
+    for key, word in (
+        ("input.root", "no"),
+        ("output.root", "off"),
+        ("model.checkpoint", "yes"),
+        ("model.classes", "no"),
+    ):
         with pytest.raises(ConfigError) as e:
             build_config({}, [f"{key}={word}"])
-        assert str(e.value).count("YAML reads unquoted") == 1 and str(e.value).startswith(f"config {key} is the boolean"), str(e.value)
+        assert str(e.value).count("YAML reads unquoted") == 1 and str(e.value).startswith(
+            f"config {key} is the boolean"
+        ), str(e.value)
 
 
 def test_flow_parameters_carry_a_small_config_inline_and_a_large_one_by_reference():
@@ -225,7 +258,9 @@ def test_flow_parameters_carry_a_small_config_inline_and_a_large_one_by_referenc
     small = build_config({}, ["input.root=/data", "runner.n_workers=3"])
     with flow_parameters(small) as params:
         assert params == {"config": small.to_dict()}
-    large = build_config({"model": {"classes": [f"name {i:05d} " + "y" * 40 for i in range(5000)]}}, ["runner.n_workers=3"])
+    large = build_config(
+        {"model": {"classes": [f"name {i:05d} " + "y" * 40 for i in range(5000)]}}, ["runner.n_workers=3"]
+    )
     with flow_parameters(large) as params:
         path = Path(params["config_file"])
         assert list(params) == ["config_file"] and path.stat().st_size > MAX_PARAMETER_BYTES
@@ -244,12 +279,16 @@ def test_numbers_and_sets_where_class_names_were_meant_are_refused(tmp_path):
     """YAML 1.1 reads 001, 010 and 12:30 as 1, 8 and 750: recorded as class names they mislabel every prediction."""
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  classes: [001, 010, 12:30]\n")
-    with pytest.raises(ConfigError, match=r"model.classes item 0 is the number 1: YAML reads unquoted 001/010/12:30.*quote the names"):
+    with pytest.raises(
+        ConfigError, match=r"model.classes item 0 is the number 1: YAML reads unquoted 001/010/12:30.*quote the names"
+    ):
         load_config(p)
     with pytest.raises(ConfigError, match=r"model.classes item 0 is the number 7: .*quote the names"):
         build_config({}, ["model.classes=[007, 010, x]"])
     p.write_text("model:\n  classes: !!set {a, b, c}\n")
-    with pytest.raises(ConfigError, match=r"model.classes must be a list \(a YAML sequence, in order\), got a set; a set has no order"):
+    with pytest.raises(
+        ConfigError, match=r"model.classes must be a list \(a YAML sequence, in order\), got a set; a set has no order"
+    ):
         load_config(p)
     p.write_text("model:\n  classes: ['001', '010', '12:30']\n")
     assert load_config(p).model.classes == ["001", "010", "12:30"]  # the fix the message names works
@@ -261,7 +300,13 @@ def test_numbers_and_sets_where_class_names_were_meant_are_refused(tmp_path):
 
 
 def test_booleans_where_numbers_were_meant_are_refused():
-    for key in ("input.decode_timeout_s", "inference.timeout_s", "run.shard_size", "inference.batch_size", "input.max_pixels"):
+    for key in (
+        "input.decode_timeout_s",
+        "inference.timeout_s",
+        "run.shard_size",
+        "inference.batch_size",
+        "input.max_pixels",
+    ):
         with pytest.raises(ConfigError, match=rf"^config {key} is the boolean true, not a number: YAML reads unquoted"):
             build_config({}, [f"{key}=true"])
     with pytest.raises(ConfigError, match=r"^config preprocess.background is the boolean false, not a number"):
@@ -273,7 +318,12 @@ def test_booleans_where_numbers_were_meant_are_refused():
 
 def test_non_finite_numbers_are_refused_at_config_time():
     """inf is written to JSON as null: a config that took it would fail in every shard instead."""
-    for item in ("input.decode_timeout_s=inf", "input.decode_timeout_s=.inf", "inference.timeout_s=inf", "storage.read_timeout_s=nan"):
+    for item in (
+        "input.decode_timeout_s=inf",
+        "input.decode_timeout_s=.inf",
+        "inference.timeout_s=inf",
+        "storage.read_timeout_s=nan",
+    ):
         key = item.split("=")[0]
         with pytest.raises(ConfigError, match=rf"^config {key} must be a finite number of seconds, got"):
             build_config({}, [item])
@@ -289,7 +339,9 @@ def test_an_empty_root_is_refused_not_the_working_directory():
     from imgscore.errors import ConfigError
 
     for key in ("output.root", "input.root"):
-        with pytest.raises(ConfigError, match=rf"{key}.*is empty; set it to a folder or a URL \(an unset shell variable"):
+        with pytest.raises(
+            ConfigError, match=rf"{key}.*is empty; set it to a folder or a URL \(an unset shell variable"
+        ):
             build_config({}, [f"{key}="])
         with pytest.raises(ConfigError, match=rf"{key}.*is empty"):
             build_config({}, [f"{key}='  '"])
@@ -303,6 +355,9 @@ def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch
     nightly = load_config("nightly")
     assert nightly.run.skip_scored is True  # the production template's setting, not the default
     assert load_config("demo").model.arch == "resnet18"
-    with pytest.raises(ConfigError, match=r"config file 'configs/nightly.yaml' does not exist; give the path of a YAML file, "
-                                          r"or the name of a config shipped with imgscore \(demo, nightly: --config nightly\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config file 'configs/nightly.yaml' does not exist; give the path of a YAML file, "
+        r"or the name of a config shipped with imgscore \(demo, nightly: --config nightly\)",
+    ):
         load_config("configs/nightly.yaml")

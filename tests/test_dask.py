@@ -66,8 +66,11 @@ def test_a_late_heartbeat_in_a_cluster_we_start_is_not_a_traceback(capfd, monkey
             logging.getLogger("distributed.worker").exception(HEARTBEAT_FAILED_MESSAGE + ".")
         return dask.config.get("distributed.comm.timeouts.connect"), dask.config.get("distributed.comm.timeouts.tcp")
 
-    with dask.config.set(local_cluster_config()), LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                                               dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(local_cluster_config()),
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         capfd.readouterr()
         (timeouts,) = client.run(fail_a_heartbeat).values()
         time.sleep(0.5)  # the worker's stderr reaches the fd
@@ -209,7 +212,9 @@ def test_cpu_only_machine_auto_is_cpu_and_explicit_cuda_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert dev.resolve_device("auto", 3) == torch.device("cpu")
-    with pytest.raises(ConfigError, match=r"inference.device='cuda:1' but CUDA is not available.*use inference.device=auto or cpu"):
+    with pytest.raises(
+        ConfigError, match=r"inference.device='cuda:1' but CUDA is not available.*use inference.device=auto or cpu"
+    ):
         dev.resolve_device("cuda:1")
 
 
@@ -251,8 +256,10 @@ def test_workers_are_warmed_before_their_first_shard(tmp_path, tiny_checkpoint):
     from imgscore.runtime.dask_warm import WarmWorkers
 
     cfg = build_config({}, base_overrides(tmp_path, tiny_checkpoint, tmp_path / "out"))
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         client.register_plugin(WarmWorkers(cfg.model_dump_json()))
         deadline = time.time() + 240
         while True:

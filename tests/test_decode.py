@@ -71,7 +71,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def palette_with_transparency(img: Image.Image) -> Image.Image:
@@ -264,7 +266,11 @@ def test_multipage_tiff_first_page(tmp_path):
 
 def test_decompression_bomb_refused_before_any_pixel_buffer(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: calls.append(self) or (_ for _ in ()).throw(AssertionError("load called")))
+    monkeypatch.setattr(
+        ImageFile.ImageFile,
+        "load",
+        lambda self: calls.append(self) or (_ for _ in ()).throw(AssertionError("load called")),
+    )
     over_ours = tmp_path / "bomb1.png"  # 100 MP: above Pillow's default limit, below its hard stop
     over_ours.write_bytes(png_header_only(10_000, 10_000))
     over_pillow = tmp_path / "bomb2.png"  # 900 MP: Pillow's own hard stop at open()
@@ -341,7 +347,10 @@ def test_one_bad_image_in_a_batch_of_8(tmp_path, photos, num_workers):
 
 def test_scan_error_and_unexpected_exception_become_failures(tmp_path, photos, monkeypatch):
     photos["rocket"].resize((64, 64)).save(tmp_path / "ok.png")
-    entries = [ImageEntry("gone.jpg", None, None, None, None, scan_error="broken symlink: No such file or directory"), *_entries(["ok.png"])]
+    entries = [
+        ImageEntry("gone.jpg", None, None, None, None, scan_error="broken symlink: No such file or directory"),
+        *_entries(["ok.png"]),
+    ]
     ds = ShardDataset(str(tmp_path), entries, SPEC, OPTS)
     f = ds[0]
     assert isinstance(f, Failure) and (f.stage, f.error_type, f.image_path) == ("scan", "ScanError", "gone.jpg")
@@ -361,7 +370,10 @@ def test_collate_with_only_failures(tmp_path):
     ds = ShardDataset(str(tmp_path), _entries(["a.jpg", "b.jpg"]), SPEC, OPTS)
     b = collate_samples([ds[0], ds[1]])
     assert b.tensor is None and b.positions == []
-    assert [(f.image_path, f.error_type) for f in b.failures] == [("a.jpg", "DecodeError.empty"), ("b.jpg", "DecodeError.unidentified")]
+    assert [(f.image_path, f.error_type) for f in b.failures] == [
+        ("a.jpg", "DecodeError.empty"),
+        ("b.jpg", "DecodeError.unidentified"),
+    ]
 
 
 def test_warning_capture_is_thread_safe(tmp_path, photo):

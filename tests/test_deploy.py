@@ -44,7 +44,10 @@ def test_prefect_yaml_validates_and_its_entrypoint_is_the_scoring_flow():
     assert isinstance(flow, Flow) and flow.name == "score-images"
     # The parameters are configs/nightly.yaml, and the flow accepts them as they are.
     assert set(dep.parameters) == {"config"}
-    assert Config.model_validate(dep.parameters["config"]).to_dict() == load_config(REPO / "configs" / "nightly.yaml").to_dict()
+    assert (
+        Config.model_validate(dep.parameters["config"]).to_dict()
+        == load_config(REPO / "configs" / "nightly.yaml").to_dict()
+    )
     assert flow.validate_parameters(dep.parameters)["config"] == dep.parameters["config"]
 
 
@@ -100,7 +103,9 @@ def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, m
 
     from imgscore.runtime import startup
 
-    monkeypatch.setattr(startup.Session, "start_server", lambda self: setattr(self, "server", self.server or _LaunchedServer()))
+    monkeypatch.setattr(
+        startup.Session, "start_server", lambda self: setattr(self, "server", self.server or _LaunchedServer())
+    )
     monkeypatch.setenv("PREFECT_API_URL", "")  # restored afterwards: the session exports the URL
     temporary = api_url in (None, _LaunchedServer.url)
 
@@ -120,7 +125,20 @@ def test_serve_replaces_prefects_run_hint_when_the_server_is_temporary(capsys, m
     settings = {"updates": {PREFECT_API_URL: api_url}} if api_url else {"restore_defaults": [PREFECT_API_URL]}
     with temporary_settings(**settings):
         assert PREFECT_API_URL.value() == api_url
-        assert main(["serve", "--config", str(REPO / "configs" / "nightly.yaml"), "--set", f"input.root={tmp_path}", "--name", "t1"]) == 0
+        assert (
+            main(
+                [
+                    "serve",
+                    "--config",
+                    str(REPO / "configs" / "nightly.yaml"),
+                    "--set",
+                    f"input.root={tmp_path}",
+                    "--name",
+                    "t1",
+                ]
+            )
+            == 0
+        )
     cap = capsys.readouterr()
     assert [d.name for d in added] == ["t1"] and runners[0]["pause_on_shutdown"] is True
     prefect_message = "To trigger any of these deployments"
@@ -146,8 +164,19 @@ def test_serve_registers_the_cron_schedule_timezone_and_parameters(prefect_serve
 
     served = []
     monkeypatch.setattr(imgscore.flows.serve, "serve_deployments", lambda *deps, **kw: served.extend(deps))
-    argv = ["serve", "--config", str(REPO / "configs" / "nightly.yaml"), "--set", f"input.root={tmp_path}",
-            "--cron", "30 1 * * 1-5", "--timezone", "Europe/Berlin", "--name", "weekday-scoring"]
+    argv = [
+        "serve",
+        "--config",
+        str(REPO / "configs" / "nightly.yaml"),
+        "--set",
+        f"input.root={tmp_path}",
+        "--cron",
+        "30 1 * * 1-5",
+        "--timezone",
+        "Europe/Berlin",
+        "--name",
+        "weekday-scoring",
+    ]
     assert main(argv) == 0
     (dep,) = served
     deployment_id = dep.apply()
@@ -158,7 +187,9 @@ def test_serve_registers_the_cron_schedule_timezone_and_parameters(prefect_serve
     (s,) = d.schedules
     assert (s.schedule.cron, s.schedule.timezone, s.active) == ("30 1 * * 1-5", "Europe/Berlin", True)
     assert d.parameters["config"]["input"]["root"] == str(tmp_path)
-    assert d.parameters["config"] == load_config(REPO / "configs" / "nightly.yaml", [f"input.root={tmp_path}"]).to_dict()
+    assert (
+        d.parameters["config"] == load_config(REPO / "configs" / "nightly.yaml", [f"input.root={tmp_path}"]).to_dict()
+    )
 
 
 @pytest.mark.slow
@@ -174,10 +205,19 @@ def test_prefect_deploy_then_a_deployment_run_scores_on_dask(prefect_server, tmp
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="imgscore-process", type="process",
-                                               base_job_template=ProcessWorker.get_default_base_job_template()))
-    deploy = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--name", "nightly-scoring"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        client.create_work_pool(
+            WorkPoolCreate(
+                name="imgscore-process", type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+            )
+        )
+    deploy = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--name", "nightly-scoring"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 
     spec = _nightly()
@@ -199,9 +239,14 @@ def test_prefect_deploy_then_a_deployment_run_scores_on_dask(prefect_server, tmp
     cfg.runner.type, cfg.runner.n_workers = "dask", 2
     flow_run = run_deployment("score-images/nightly-scoring", parameters={"config": cfg.to_dict()}, timeout=0)
 
-    run = subprocess.run([sys.executable, "-m", "prefect.engine"], cwd=tmp_path,
-                         env={**env, "PREFECT__FLOW_RUN_ID": str(flow_run.id)},
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "prefect.engine"],
+        cwd=tmp_path,
+        env={**env, "PREFECT__FLOW_RUN_ID": str(flow_run.id)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(flow_run.id)
@@ -222,8 +267,14 @@ def test_prefect_deploy_then_a_deployment_run_scores_on_dask(prefect_server, tmp
     cfg.input.root, cfg.output.root, cfg.runner.type = bad, tmp_path / "out_bad", "thread"
     flow_run = run_deployment("score-images/nightly-scoring", parameters={"config": cfg.to_dict()}, timeout=0)
     worker_env = {k: v for k, v in env.items() if not k.startswith("PREFECT_LOGGING_")}  # a worker's default log levels
-    run = subprocess.run([sys.executable, "-m", "prefect.engine"], cwd=tmp_path,
-                         env={**worker_env, "PREFECT__FLOW_RUN_ID": str(flow_run.id)}, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "prefect.engine"],
+        cwd=tmp_path,
+        env={**worker_env, "PREFECT__FLOW_RUN_ID": str(flow_run.id)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     logs = run.stdout + run.stderr
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(flow_run.id).state.is_failed()

@@ -10,12 +10,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = [
-    REPO / "README.md", REPO / "prefect.yaml", REPO / "pyproject.toml", REPO / "Makefile", REPO / "mkdocs.yml",
-    *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "NOTES.md",
+    REPO / "README.md",
+    REPO / "prefect.yaml",
+    REPO / "pyproject.toml",
+    REPO / "Makefile",
+    REPO / "mkdocs.yml",
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "benchmarks" / "NOTES.md",
     *sorted(p for d in ("imgscore", "flows", "tasks", "tests", "benchmarks") for p in (REPO / d).rglob("*.py")),
 ]
 # A repository path: one of the project's folders, then a file name with an extension we keep.
-PATH = re.compile(r"(?<![\w./:-])((?:docs|benchmarks|tests|flows|tasks|configs|imgscore)/[\w./-]*\w\.(?:md|py|yaml|yml|json|toml))\b")
+PATH = re.compile(
+    r"(?<![\w./:-])((?:docs|benchmarks|tests|flows|tasks|configs|imgscore)/[\w./-]*\w\.(?:md|py|yaml|yml|json|toml))\b"
+)
 DOTTED = re.compile(r"(?<![\w.])(imgscore\.(?:flows|tasks)\.[A-Za-z_][\w.]*[A-Za-z_0-9])")
 
 

@@ -49,10 +49,21 @@ def nights(prefect_server, photos, tmp_path_factory):
 
     def night(mix, **extra):
         fill(root, photos, mix)
-        items = {"input.root": root, "model.factory": "tests.colour_model:build", "model.checkpoint": ckpt,
-                 "model.classes": "[red, green, blue]", "output.root": out, "inference.device": "cpu", "inference.batch_size": 8,
-                 "run.shard_size": 8, "output.embeddings": "true", "drift.min_images": 5, "drift.max_class_shift": 0.2,
-                 "drift.max_embedding_shift": 0.01, **extra}
+        items = {
+            "input.root": root,
+            "model.factory": "tests.colour_model:build",
+            "model.checkpoint": ckpt,
+            "model.classes": "[red, green, blue]",
+            "output.root": out,
+            "inference.device": "cpu",
+            "inference.batch_size": 8,
+            "run.shard_size": 8,
+            "output.embeddings": "true",
+            "drift.min_images": 5,
+            "drift.max_class_shift": 0.2,
+            "drift.max_embedding_shift": 0.01,
+            **extra,
+        }
         return execute(build_config({}, [f"{k}={v}" for k, v in items.items()]), quiet=True)
 
     even, red_heavy = {"red": 4, "green": 4, "blue": 4}, {"red": 10, "green": 1, "blue": 1}
@@ -62,9 +73,12 @@ def nights(prefect_server, photos, tmp_path_factory):
     logging.getLogger("prefect.flow_runs").addHandler(logged)
     try:
         with Receiver() as hook:  # a real HTTP server: nights 2 and 3 complete, only night 2 drifted
-            runs = [night(even), night(red_heavy, **{"notify.webhook_url": hook.url}),
-                    night(red_heavy, **{"drift.baseline_runs": 1, "notify.webhook_url": hook.url}),
-                    night(even, **{"drift.baseline_runs": 1, "drift.fail": "true"})]
+            runs = [
+                night(even),
+                night(red_heavy, **{"notify.webhook_url": hook.url}),
+                night(red_heavy, **{"drift.baseline_runs": 1, "notify.webhook_url": hook.url}),
+                night(even, **{"drift.baseline_runs": 1, "drift.fail": "true"}),
+            ]
     finally:
         logging.getLogger("prefect.flow_runs").removeHandler(logged)
     return {"out": out, "runs": runs, "root": root, "posts": hook.posts, "logged": logged.records}
@@ -114,8 +128,11 @@ def test_class_mix_change_is_a_warning_not_a_failure(nights):
     assert d.baseline.runs == [s1["run_id"]] and d.judged
     assert d.classes.psi == pytest.approx(expected, abs=1e-5)
     top = d.classes.shifts[0]
-    assert (top.class_name, top.share, top.baseline_share) == ("red", pytest.approx(10 / 12, abs=1e-5),
-                                                               pytest.approx(4 / 12, abs=1e-5))
+    assert (top.class_name, top.share, top.baseline_share) == (
+        "red",
+        pytest.approx(10 / 12, abs=1e-5),
+        pytest.approx(4 / 12, abs=1e-5),
+    )
     assert d.error_rate.model_dump() == {"current": 0.0, "baseline": 0.0, "change": 0.0}
     assert d.embedding.dim == 3 and d.embedding.cosine_distance > 0.01  # the mean colour moved towards red
     kinds = " | ".join(s2["drift"])
@@ -125,9 +142,17 @@ def test_class_mix_change_is_a_warning_not_a_failure(nights):
     assert recorded == {"baseline_runs": [s1["run_id"]], "psi": d.classes.psi, "warnings": d.warnings}
     # the webhook hears about a completed run only because it drifted (notify.on_success is off)
     (post,) = nights["posts"]
-    assert post["body"]["run_id"] == s2["run_id"] and post["body"]["status"] == "complete" and post["body"]["drift"] == recorded
+    assert (
+        post["body"]["run_id"] == s2["run_id"]
+        and post["body"]["status"] == "complete"
+        and post["body"]["drift"] == recorded
+    )
     page = render_html(report)
-    assert "Compared with recent nights" in page and 'alt="class shares against recent nights"' in page and "drift.max_psi" in page
+    assert (
+        "Compared with recent nights" in page
+        and 'alt="class shares against recent nights"' in page
+        and "drift.max_psi" in page
+    )
 
 
 def test_baseline_is_the_previous_n_complete_runs(nights):
@@ -151,10 +176,16 @@ def test_drift_fail_turns_the_warning_into_exit_1_and_json_carries_the_numbers(n
     expected = (10 / 12 - 4 / 12) * math.log(10 / 4) + 2 * (1 / 12 - 4 / 12) * math.log(1 / 4)
     assert d["baseline"]["runs"] == [s3["run_id"]] and d["baseline"]["images"] == 12 and d["thresholds"]["fail"] is True
     assert d["classes"]["psi"] == pytest.approx(expected, abs=1e-5)
-    assert [n["run_id"] for n in d["nights"]] == [s3["run_id"], s4["run_id"]] and d["nights"][0]["class_shares"]["red"] == pytest.approx(10 / 12)
+    assert [n["run_id"] for n in d["nights"]] == [s3["run_id"], s4["run_id"]] and d["nights"][0]["class_shares"][
+        "red"
+    ] == pytest.approx(10 / 12)
     assert d["warnings"] == s4["drift"]
 
     from prefect.artifacts import Artifact
 
     (row,) = json.loads(Artifact.get("score-images-drift").data)  # the latest night's
-    assert row["run_id"] == s4["run_id"] and row["psi"] == pytest.approx(expected, abs=1e-5) and "drift.max_psi" in row["warnings"]
+    assert (
+        row["run_id"] == s4["run_id"]
+        and row["psi"] == pytest.approx(expected, abs=1e-5)
+        and "drift.max_psi" in row["warnings"]
+    )

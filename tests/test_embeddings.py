@@ -28,10 +28,19 @@ from imgscore.inference.model import load_model
 from tests.conftest import base_overrides, doc_section
 
 
-@pytest.mark.parametrize(("arch", "head"), [
-    ("resnet18", "fc"), ("shufflenet_v2_x0_5", "fc"), ("mobilenet_v3_small", "classifier.3"), ("efficientnet_b0", "classifier.1"),
-    ("convnext_tiny", "classifier.2"), ("densenet121", "classifier"), ("vit_b_16", "heads.head"), ("swin_t", "head"),
-])
+@pytest.mark.parametrize(
+    ("arch", "head"),
+    [
+        ("resnet18", "fc"),
+        ("shufflenet_v2_x0_5", "fc"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("efficientnet_b0", "classifier.1"),
+        ("convnext_tiny", "classifier.2"),
+        ("densenet121", "classifier"),
+        ("vit_b_16", "heads.head"),
+        ("swin_t", "head"),
+    ],
+)
 def test_head_found_from_the_architecture(arch, head):
     """The head is where torchvision's builders put it (built on the meta device: no weights)."""
     with torch.device("meta"):
@@ -54,14 +63,35 @@ def test_no_linear_head_and_unknown_layer_are_refused_with_the_fix():
 
 def test_float16_column_reads_back_in_duckdb(tmp_path):
     """The float16 column is a fixed-size list of halves in Arrow, and DuckDB reads it as FLOAT[]."""
-    keys = [{"run_id": "r", "input_root": "/data", "image_path": f"{i}.jpg", "model_id": "m", "model_name": "m", "shard_id": 0, "batch_id": 0} for i in range(3)]
-    vecs = [np.array([1.0, 0.0, 0.5], np.float32), np.array([1.0, 0.0, 0.5], np.float32), np.array([0.0, 1.0, 0.0], np.float32)]
+    keys = [
+        {
+            "run_id": "r",
+            "input_root": "/data",
+            "image_path": f"{i}.jpg",
+            "model_id": "m",
+            "model_name": "m",
+            "shard_id": 0,
+            "batch_id": 0,
+        }
+        for i in range(3)
+    ]
+    vecs = [
+        np.array([1.0, 0.0, 0.5], np.float32),
+        np.array([1.0, 0.0, 0.5], np.float32),
+        np.array([0.0, 1.0, 0.0], np.float32),
+    ]
     t = embeddings_table(keys, vecs, 3, "float16")
     assert t.schema.field("embedding").type == pa.list_(pa.float16(), 3)
     pq.write_table(t, tmp_path / "e.parquet")
-    sims = duckdb.sql(f"SELECT a.image_path, b.image_path, list_cosine_similarity(a.embedding, b.embedding) FROM "
-                      f"'{tmp_path}/e.parquet' a, '{tmp_path}/e.parquet' b WHERE a.image_path < b.image_path ORDER BY 3 DESC").fetchall()
-    assert sims[0][:2] == ("0.jpg", "1.jpg") and sims[0][2] == pytest.approx(1.0, abs=1e-6) and sims[-1][2] == pytest.approx(0.0, abs=1e-6)
+    sims = duckdb.sql(
+        f"SELECT a.image_path, b.image_path, list_cosine_similarity(a.embedding, b.embedding) FROM "
+        f"'{tmp_path}/e.parquet' a, '{tmp_path}/e.parquet' b WHERE a.image_path < b.image_path ORDER BY 3 DESC"
+    ).fetchall()
+    assert (
+        sims[0][:2] == ("0.jpg", "1.jpg")
+        and sims[0][2] == pytest.approx(1.0, abs=1e-6)
+        and sims[-1][2] == pytest.approx(0.0, abs=1e-6)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +128,15 @@ def test_vectors_are_the_plain_models_head_input(embedded_run, tiny_model):
     tiny_model.classifier[3].register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0]))
     lm = load_model(r["cfg"].model, r["cfg"].preprocess, torch.device("cpu"))
     tf = build_transform(lm.preprocess)
-    vectors = {p: np.asarray(v, np.float32) for p, v in zip(emb["image_path"].to_pylist(), emb["embedding"].to_pylist(), strict=True)}
+    vectors = {
+        p: np.asarray(v, np.float32)
+        for p, v in zip(emb["image_path"].to_pylist(), emb["embedding"].to_pylist(), strict=True)
+    }
     with torch.inference_mode():
         for path, got in vectors.items():
-            x = tf(decode_file(str(r["root"] / path), lm.preprocess, DecodeOptions.from_input(r["cfg"].input), []).image)[None]
+            x = tf(
+                decode_file(str(r["root"] / path), lm.preprocess, DecodeOptions.from_input(r["cfg"].input), []).image
+            )[None]
             tiny_model(x)
             want = seen["x"][0].numpy()
             assert got.shape == want.shape
@@ -123,7 +158,9 @@ def test_documented_recipes_find_neighbours_and_the_duplicate(embedded_run):
     con = duckdb.connect()
     results = {}
     for block in _recipes():
-        for stmt in (s for s in block.replace("'outputs/", f"'{out}/").split(";") if re.sub(r"--[^\n]*", "", s).strip()):
+        for stmt in (
+            s for s in block.replace("'outputs/", f"'{out}/").split(";") if re.sub(r"--[^\n]*", "", s).strip()
+        ):
             res = con.sql(stmt)
             if res is not None:
                 results[stmt] = (res.columns, res.fetchall())
@@ -132,7 +169,9 @@ def test_documented_recipes_find_neighbours_and_the_duplicate(embedded_run):
     cols, rows = neighbours
     assert rows[0][cols.index("neighbour")] == "coffee/coffee_copy.jpg" and rows[0][cols.index("similarity")] > 0.9999
     cols, rows = dupes
-    assert [(r[cols.index("image_a")], r[cols.index("image_b")]) for r in rows] == [("coffee/coffee_0.jpg", "coffee/coffee_copy.jpg")]
+    assert [(r[cols.index("image_a")], r[cols.index("image_b")]) for r in rows] == [
+        ("coffee/coffee_0.jpg", "coffee/coffee_copy.jpg")
+    ]
 
 
 @pytest.mark.slow
@@ -149,7 +188,9 @@ def test_rerun_of_a_fixed_image_keeps_one_vector_per_prediction(prefect_server, 
     bad = root / "img_4.jpg"
     bad.write_bytes(b"not a jpeg")
     out = tmp_path / "out"
-    sets = base_overrides(root, tiny_checkpoint, out, **{"output.embeddings": "true", "run.max_error_rate": 0.5, "run.shard_size": 3})
+    sets = base_overrides(
+        root, tiny_checkpoint, out, **{"output.embeddings": "true", "run.max_error_rate": 0.5, "run.shard_size": 3}
+    )
     assert cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"]) == 0
 
     def tables():
@@ -164,7 +205,11 @@ def test_rerun_of_a_fixed_image_keeps_one_vector_per_prediction(prefect_server, 
     assert cli_main(["rerun", run_id, "--set", f"output.root={out}", "--quiet"]) == 0
     after, preds = tables()
     shard1 = after[after["shard_id"] == 1]
-    assert shard1["image_path"].tolist() == preds[preds["shard_id"] == 1]["image_path"].tolist() == ["img_3.jpg", "img_4.jpg", "img_5.jpg"]
+    assert (
+        shard1["image_path"].tolist()
+        == preds[preds["shard_id"] == 1]["image_path"].tolist()
+        == ["img_3.jpg", "img_4.jpg", "img_5.jpg"]
+    )
     old = before.set_index("image_path")["embedding"]
     new = after.set_index("image_path")["embedding"]
     for kept in ("img_3.jpg", "img_5.jpg"):

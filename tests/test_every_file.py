@@ -33,14 +33,24 @@ from imgscore.runstate.state import read_manifest
 from tests.conftest import base_overrides
 
 HIDDEN = {".DS_Store", "._img.jpg", ".ipynb_checkpoints/img-checkpoint.jpg", "__MACOSX/._img.jpg", ".hidden/img.png"}
-BROKEN = {"empty.jpg": ("decode", "DecodeError.empty"), "fake.png": ("decode", "DecodeError.unidentified"), "pipe.jpg": ("scan", "ScanError")}
+BROKEN = {
+    "empty.jpg": ("decode", "DecodeError.empty"),
+    "fake.png": ("decode", "DecodeError.unidentified"),
+    "pipe.jpg": ("scan", "ScanError"),
+}
 JUNK = {"notes.txt", "labels.json", "README", "archive.tar.gz", "clip.mp4", "photo.heic", "sub/Thumbs.db"}
 
 
 def fits_bytes(a: np.ndarray) -> bytes:
     """A minimal FITS file (one float32 image HDU), as astronomy pipelines write them."""
-    cards = ["SIMPLE  =                    T", "BITPIX  =                  -32", "NAXIS   =                    2",
-             f"NAXIS1  = {a.shape[1]:>20}", f"NAXIS2  = {a.shape[0]:>20}", "END"]
+    cards = [
+        "SIMPLE  =                    T",
+        "BITPIX  =                  -32",
+        "NAXIS   =                    2",
+        f"NAXIS1  = {a.shape[1]:>20}",
+        f"NAXIS2  = {a.shape[0]:>20}",
+        "END",
+    ]
     head = "".join(c.ljust(80) for c in cards).encode()
     data = a.astype(">f4").tobytes()
     return head + b" " * (-len(head) % 2880) + data + bytes(-len(data) % 2880)
@@ -113,7 +123,9 @@ def every_ext_folder(tmp_path_factory, photos) -> tuple[Path, dict[str, str]]:
     return root, build_every_extension_folder(root, photos["astronaut"])
 
 
-ALL_FORMATS = [f for f in known_formats() if f not in ("AVIF", "HEIF") or f in Image.OPEN]  # every format decodable here
+ALL_FORMATS = [
+    f for f in known_formats() if f not in ("AVIF", "HEIF") or f in Image.OPEN
+]  # every format decodable here
 
 
 def test_scan_accounts_for_every_file(every_ext_folder):
@@ -134,7 +146,17 @@ def test_scan_accounts_for_every_file(every_ext_folder):
     assert reasons["img.mpg"].startswith("Pillow reads only the MPEG video header")
     assert "register_handler" in reasons["img.h5"]
     # JPEG under its other names, JPEG 2000, and every other format this Pillow decodes: scanned
-    for name in ("img.jfif", "img.jpe", "img.jp2", "img.j2k", "img.apng", "img.qoi", "img.fits", "img.pfm", "sub/nested.jfif"):
+    for name in (
+        "img.jfif",
+        "img.jpe",
+        "img.jp2",
+        "img.j2k",
+        "img.apng",
+        "img.qoi",
+        "img.fits",
+        "img.pfm",
+        "sub/nested.jfif",
+    ):
         assert name in entries, name
 
 
@@ -150,7 +172,17 @@ def test_default_formats_skip_the_rarer_formats_by_extension(every_ext_folder):
         if fmt is not None:
             assert reasons[name].startswith(f"{fmt} file, and {fmt} is not in input.formats (JPEG, PNG,"), reasons[name]
             assert reasons[name].endswith(f"add {fmt} to input.formats to decode such files")
-    for name in ("img.jpg", "img.jfif", "img.png", "img.webp", "img.tif", "img.bmp", "img.gif", "img.mpo", "sub/nested.jfif"):
+    for name in (
+        "img.jpg",
+        "img.jfif",
+        "img.png",
+        "img.webp",
+        "img.tif",
+        "img.bmp",
+        "img.gif",
+        "img.mpo",
+        "sub/nested.jfif",
+    ):
         assert name in entries, name
     narrow = scan_images(root, formats=["PNG"])
     assert {e.image_path for e in narrow.entries} == {"img.png", "img.apng", "fake.png"}
@@ -198,10 +230,17 @@ def read_rows(out: Path, table: str, run_id: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_file_ends_in_exactly_one_place_through_the_flow(prefect_server, every_ext_folder, tiny_checkpoint, tmp_path):
+def test_every_file_ends_in_exactly_one_place_through_the_flow(
+    prefect_server, every_ext_folder, tiny_checkpoint, tmp_path
+):
     root, made = every_ext_folder
     out = tmp_path / "out"
-    cfg = build_config({}, base_overrides(root, tiny_checkpoint, out, **{"run.max_error_rate": 1.0, "run.shard_size": 16, "run.run_id": "every"}))
+    cfg = build_config(
+        {},
+        base_overrides(
+            root, tiny_checkpoint, out, **{"run.max_error_rate": 1.0, "run.shard_size": 16, "run.run_id": "every"}
+        ),
+    )
     cfg.input.formats = ALL_FORMATS
     code, summary = execute(cfg, quiet=True)
     assert code == 0, summary
@@ -227,6 +266,10 @@ def test_a_folder_with_only_a_jfif_is_scored(prefect_server, photos, tiny_checkp
     root = tmp_path / "only"
     root.mkdir()
     photos["chelsea"].resize((96, 64)).save(root / "cat.jfif", format="JPEG")
-    sets = [a for kv in base_overrides(root, tiny_checkpoint, tmp_path / "out", **{"run.run_id": "jfif"}) for a in ("--set", kv)]
+    sets = [
+        a
+        for kv in base_overrides(root, tiny_checkpoint, tmp_path / "out", **{"run.run_id": "jfif"})
+        for a in ("--set", kv)
+    ]
     assert main(["run", *sets, "-q"]) == 0
     assert [r["image_path"] for r in read_rows(tmp_path / "out", "predictions", "jfif")] == ["cat.jfif"]

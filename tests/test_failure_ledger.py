@@ -40,7 +40,11 @@ def night(root: Path, ckpt: Path, out, capsys, **extra) -> tuple[int, dict, str]
     before = set(storage.list_names(storage.path(out, "runs")))
     code = cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"])
     (rid,) = set(storage.list_names(storage.path(out, "runs"))) - before
-    return code, json.loads(storage.read_bytes(storage.path(out, "runs", rid, "manifest.json"))), capsys.readouterr().out
+    return (
+        code,
+        json.loads(storage.read_bytes(storage.path(out, "runs", rid, "manifest.json"))),
+        capsys.readouterr().out,
+    )
 
 
 def read_parquet(path) -> list[dict]:
@@ -54,8 +58,9 @@ def errors_of(out, m: dict):
 
 
 @pytest.mark.slow
-def test_a_corrupt_upload_fails_one_night_and_is_carried_until_it_changes(prefect_server, photos, tiny_checkpoint, tmp_path, capsys,
-                                                                        out_root):
+def test_a_corrupt_upload_fails_one_night_and_is_carried_until_it_changes(
+    prefect_server, photos, tiny_checkpoint, tmp_path, capsys, out_root
+):
     """Acceptance. Night 1 is clean. Night 2 takes on one new file, a text
     file named .jpg: 1 of 1 failed is 100 % but under run.min_errors (5), so the night is
     ``partial``, exit 0. Night 3, nothing new: exit 0, the bad file carried as already_failed 1
@@ -82,13 +87,21 @@ def test_a_corrupt_upload_fails_one_night_and_is_carried_until_it_changes(prefec
     assert (c["scanned"], c["failed"], c["already_scored"], c["already_failed"]) == (0, 0, 10, 1)
     assert errors_of(out, m3) == [] and m3["shards"] == []
     carried = read_parquet(out / "runs" / m3["run_id"] / CARRIED_FILE)
-    assert [(r["image_path"], r["failed_run_id"], r["error_type"]) for r in carried] == [("bad.jpg", m2["run_id"], "DecodeError.unidentified")]
-    assert m3["incremental"]["carried"] == {"file": CARRIED_FILE, "by_error_type": {"DecodeError.unidentified": 1},
-                                            "by_run": {m2["run_id"]: 1}}
+    assert [(r["image_path"], r["failed_run_id"], r["error_type"]) for r in carried] == [
+        ("bad.jpg", m2["run_id"], "DecodeError.unidentified")
+    ]
+    assert m3["incremental"]["carried"] == {
+        "file": CARRIED_FILE,
+        "by_error_type": {"DecodeError.unidentified": 1},
+        "by_run": {m2["run_id"]: 1},
+    }
     assert "already_failed  1" in printed and "known_bad       1 image(s) failed before" in printed
     assert str(out / "runs" / m3["run_id"] / CARRIED_FILE) in printed
     page = (out / "runs" / m3["run_id"] / "report.html").read_text()  # the night's report, with its known-bad line
-    assert "1 image(s) failed before with the same bytes" in page and str(out / "runs" / m3["run_id"] / CARRIED_FILE) in page
+    assert (
+        "1 image(s) failed before with the same bytes" in page
+        and str(out / "runs" / m3["run_id"] / CARRIED_FILE) in page
+    )
     assert "devices         none: nothing new to score" in printed and "predictions " not in printed
 
     code, m4, _ = night(root, tiny_checkpoint, out, capsys, **{"run.retry_failed": "true"})
@@ -117,23 +130,61 @@ def test_error_budget_is_judged_with_min_errors():
 MODEL = {"model_id": "a" * 64, "preprocess": {"resize": 256, "crop": 224}}
 
 
-def _prior_run(out: Path, root: Path, run_id: str, scored: list, failed: list[tuple], hashes: list | None = None) -> None:
+def _prior_run(
+    out: Path, root: Path, run_id: str, scored: list, failed: list[tuple], hashes: list | None = None
+) -> None:
     """An earlier run as the flow leaves it: manifest, a predictions and an errors part file
     (``failed``: (entry, error_type)), and optionally its content hashes."""
     now = datetime.now(UTC)
-    preds = [{"run_id": run_id, "input_root": str(root), "image_path": e.image_path, "pred_index": 0, "pred_label": "a", "score": 0.5,
-              "topk_indices": [0], "topk_scores": [0.5], "model_id": MODEL["model_id"], "model_name": "m", "device": "cpu", "worker": "h:1", "shard_id": 0,
-              "batch_id": 0, "scored_at": now, "file_size": e.size, "file_mtime_ns": e.mtime_ns} for e in scored]
-    errs = [{"run_id": run_id, "input_root": str(root), "image_path": e.image_path, "shard_id": 0, "batch_id": 0, "stage": "decode",
-             "error_type": t, "message": f"{t} here", "attempt": 1, "occurred_at": now, "model_id": MODEL["model_id"], "model_name": "m", "file_size": e.size, "file_mtime_ns": e.mtime_ns}
-            for e, t in failed]
+    preds = [
+        {
+            "run_id": run_id,
+            "input_root": str(root),
+            "image_path": e.image_path,
+            "pred_index": 0,
+            "pred_label": "a",
+            "score": 0.5,
+            "topk_indices": [0],
+            "topk_scores": [0.5],
+            "model_id": MODEL["model_id"],
+            "model_name": "m",
+            "device": "cpu",
+            "worker": "h:1",
+            "shard_id": 0,
+            "batch_id": 0,
+            "scored_at": now,
+            "file_size": e.size,
+            "file_mtime_ns": e.mtime_ns,
+        }
+        for e in scored
+    ]
+    errs = [
+        {
+            "run_id": run_id,
+            "input_root": str(root),
+            "image_path": e.image_path,
+            "shard_id": 0,
+            "batch_id": 0,
+            "stage": "decode",
+            "error_type": t,
+            "message": f"{t} here",
+            "attempt": 1,
+            "occurred_at": now,
+            "model_id": MODEL["model_id"],
+            "model_name": "m",
+            "file_size": e.size,
+            "file_mtime_ns": e.mtime_ns,
+        }
+        for e, t in failed
+    ]
     for table, rows, schema in (("predictions", preds, PREDICTIONS_SCHEMA), ("errors", errs, ERRORS_SCHEMA)):
         d = part_dir(out, table, "2026-01-01", run_id)
         d.mkdir(parents=True)
         pq.write_table(make_table(rows, schema), d / "part-00000.parquet")
     (out / "runs" / run_id).mkdir(parents=True)
     (out / "runs" / run_id / "manifest.json").write_text(
-        json.dumps({"run_id": run_id, "run_date": "2026-01-01", "input": {"root": str(root)}, "model": MODEL}))
+        json.dumps({"run_id": run_id, "run_date": "2026-01-01", "input": {"root": str(root)}, "model": MODEL})
+    )
     if hashes is not None:
         pq.write_table(make_table(hashes, HASHES_SCHEMA), out / "runs" / run_id / HASHES_FILE)
 
@@ -145,9 +196,19 @@ def test_ledger_carries_failures_of_the_bytes_not_of_the_infrastructure(photos, 
     root = folder(tmp_path / "images", photos, range(6))
     out = tmp_path / "out"
     e = {x.image_path: x for x in scan_images(root).entries}
-    _prior_run(out, root, "r1", [e["n_000.jpg"]], [(e["n_001.jpg"], "DecodeError.corrupt"), (e["n_002.jpg"], "ShardFailed"),
-                                                   (e["n_003.jpg"], "OutOfMemoryError"), (e["n_004.jpg"], "DecodeError.unreadable"),
-                                                   (e["n_005.jpg"], "ObjectReadError")])
+    _prior_run(
+        out,
+        root,
+        "r1",
+        [e["n_000.jpg"]],
+        [
+            (e["n_001.jpg"], "DecodeError.corrupt"),
+            (e["n_002.jpg"], "ShardFailed"),
+            (e["n_003.jpg"], "OutOfMemoryError"),
+            (e["n_004.jpg"], "DecodeError.unreadable"),
+            (e["n_005.jpg"], "ObjectReadError"),
+        ],
+    )
     assert set(RETRIED_ERRORS) == {"ShardFailed", "OutOfMemoryError", "DecodeError.unreadable", "ObjectReadError"}
     r = split_already_scored(scan_images(root), out, MODEL)
     assert (r.already_scored, r.already_failed) == (1, 1)
@@ -171,14 +232,26 @@ def test_ledger_by_content_with_sha256(photos, tmp_path):
     (root / "bad.jpg").write_bytes(b"not an image at all")
     out = tmp_path / "out"
     e = {x.image_path: x for x in scan_images(root).entries}
-    hashes = [{"image_path": p, "size": x.size, "mtime_ns": x.mtime_ns, "sha256": sha256_of_file(root / p)} for p, x in e.items()]
-    _prior_run(out, root, "r1", [e["n_000.jpg"], e["n_001.jpg"], e["n_002.jpg"]], [(e["bad.jpg"], "DecodeError.unidentified")], hashes)
+    hashes = [
+        {"image_path": p, "size": x.size, "mtime_ns": x.mtime_ns, "sha256": sha256_of_file(root / p)}
+        for p, x in e.items()
+    ]
+    _prior_run(
+        out,
+        root,
+        "r1",
+        [e["n_000.jpg"], e["n_001.jpg"], e["n_002.jpg"]],
+        [(e["bad.jpg"], "DecodeError.unidentified")],
+        hashes,
+    )
     st = (root / "bad.jpg").stat()
     os.utime(root / "bad.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert split_already_scored(scan_images(root), out, MODEL, "stat").already_failed == 0  # stat: touched = changed
     r = split_already_scored(scan_images(root), out, MODEL, "sha256")
     assert (r.already_scored, r.already_failed, r.hashed) == (3, 1, 1)
-    assert r.carried["failed_run_id"].to_pylist() == ["r1"] and r.hashes.num_rows == 0  # carried images are not recorded again
+    assert (
+        r.carried["failed_run_id"].to_pylist() == ["r1"] and r.hashes.num_rows == 0
+    )  # carried images are not recorded again
     (root / "bad.jpg").write_bytes(b"other bytes, still not an image")
     r = split_already_scored(scan_images(root), out, MODEL, "sha256")
     assert r.already_failed == 0 and [x.image_path for x in r.index.entries] == ["bad.jpg"]

@@ -148,8 +148,19 @@ JUNK_MARKERS = (".DS_Store", "._", ".ipynb_checkpoints", "__MACOSX", "checkpoint
 
 def build_messy_folder(root: Path, photos: dict[str, Image.Image]) -> Path:
     """The acceptance folder: 25 valid images, 8 broken ones, 1 unsupported, junk everywhere."""
-    small = {n: im.resize((im.width * 2 // 3, im.height * 2 // 3)) if im.width > 500 else im for n, im in photos.items()}
-    for d in ("cat", "coffee/nested", "rocket", "space", "empty_class", ".ipynb_checkpoints", "cat/.ipynb_checkpoints", "__MACOSX"):
+    small = {
+        n: im.resize((im.width * 2 // 3, im.height * 2 // 3)) if im.width > 500 else im for n, im in photos.items()
+    }
+    for d in (
+        "cat",
+        "coffee/nested",
+        "rocket",
+        "space",
+        "empty_class",
+        ".ipynb_checkpoints",
+        "cat/.ipynb_checkpoints",
+        "__MACOSX",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     cat, coffee, rocket = photos["chelsea"], small["coffee"], small["rocket"]
     # cat: encodings
@@ -240,7 +251,9 @@ def test_twins_are_discriminating_for_the_probe(messy_folder, probe_model):
     """The acceptance checks compare twins within 2 %; here the probe proves that a wrong EXIF or
     CMYK policy would move its scores by far more than that."""
     up = decode_image(str(messy_folder / "cat/chelsea_upright.jpg"), SPEC, OPTS)
-    raw = decode_image(str(messy_folder / "cat/chelsea_phone.jpg"), SPEC, DecodeOptions(PILLOW_MAX_PIXELS, exif_orientation=False))
+    raw = decode_image(
+        str(messy_folder / "cat/chelsea_phone.jpg"), SPEC, DecodeOptions(PILLOW_MAX_PIXELS, exif_orientation=False)
+    )
     rgb = decode_image(str(messy_folder / "coffee/coffee.jpg"), SPEC, OPTS)
     assert np.abs(probs_of(probe_model, up) - probs_of(probe_model, raw)).max() > 0.1
     assert np.abs(probs_of(probe_model, rgb) - probs_of(probe_model, ImageOps.invert(rgb))).max() > 0.1
@@ -324,7 +337,9 @@ def check_acceptance(out: Path, run_id: str, summary: dict | None = None) -> dic
     assert sorted(err_paths) == sorted(BROKEN)  # exactly one row each, none in predictions
     for r in errs:
         assert (r["stage"], r["error_type"]) == BROKEN[r["image_path"]], r
-        assert r["run_id"] == run_id and r["attempt"] == 1 and r["occurred_at"] is not None and r["shard_id"] is not None
+        assert (
+            r["run_id"] == run_id and r["attempt"] == 1 and r["occurred_at"] is not None and r["shard_id"] is not None
+        )
         assert r["batch_id"] is not None
         if r["image_path"] in MESSAGES:
             assert MESSAGES[r["image_path"]] in r["message"], r
@@ -334,7 +349,9 @@ def check_acceptance(out: Path, run_id: str, summary: dict | None = None) -> dic
 
     # twins re-encoded by JPEG differ by a few grey levels: same answers within 0.02 (the
     # probe is a smooth map of mean colours), near-ties allowed to swap (conftest docstring)
-    assert_same_answers(by["cat/chelsea_phone.jpg"], by["cat/chelsea_upright.jpg"], atol=0.02, what="EXIF-rotated vs upright twin")
+    assert_same_answers(
+        by["cat/chelsea_phone.jpg"], by["cat/chelsea_upright.jpg"], atol=0.02, what="EXIF-rotated vs upright twin"
+    )
     assert_same_answers(by["coffee/coffee_cmyk.jpg"], by["coffee/coffee.jpg"], atol=0.02, what="CMYK vs RGB twin")
     assert by["coffee/coffee_link.jpg"]["topk_scores"] == by["coffee/coffee.jpg"]["topk_scores"]
     assert len(by["rocket/rocket.jpg"]["topk_scores"]) == 5
@@ -377,8 +394,15 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
     # same folder through the CLI, 2 decode worker processes, batches of 4, a 20 % budget → exit 1, same rows
     with engine_records() as records:
         code = _cli(
-            messy_folder, probe_checkpoint, out_b,
-            **{"inference.num_workers": 2, "inference.batch_size": 4, "run.max_error_rate": 0.2, "run.run_id": "accept-b"},
+            messy_folder,
+            probe_checkpoint,
+            out_b,
+            **{
+                "inference.num_workers": 2,
+                "inference.batch_size": 4,
+                "run.max_error_rate": 0.2,
+                "run.run_id": "accept-b",
+            },
         )
     assert code == 1
     assert read_manifest(out_b / "runs/accept-b/manifest.json")["status"] == "failed"
@@ -386,13 +410,20 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
     for p in VALID:  # other batch composition: equal up to float summation order
         assert_same_answers(by_a[p], by_b[p], atol=1e-5, what=p)
     term = capfd.readouterr()
-    assert f"imgscore: run accept-b over its error budget: error rate 24.24% > run.max_error_rate 20.00% (8 failed, run.min_errors 5); errors are in {out_b / 'errors'}" in term.err
-    assert "warnings        2" in term.out  # the summary counts Pillow's warnings (no ResourceWarning from multi-frame files) …
+    assert (
+        f"imgscore: run accept-b over its error budget: error rate 24.24% > run.max_error_rate 20.00% (8 failed, run.min_errors 5); errors are in {out_b / 'errors'}"
+        in term.err
+    )
+    assert (
+        "warnings        2" in term.out
+    )  # the summary counts Pillow's warnings (no ResourceWarning from multi-frame files) …
     for noise in ("Tag data larger than file", "UserWarning", "DecompressionBomb"):
         assert noise not in term.out + term.err, noise  # … and the terminal shows none of them
     assert tracebacks_for_the_terminal(records) == []
     assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
-    ended = [r for r in records if r.getMessage().startswith("Encountered exception during execution: ErrorBudgetExceeded")]
+    ended = [
+        r for r in records if r.getMessage().startswith("Encountered exception during execution: ErrorBudgetExceeded")
+    ]
     assert len(ended) == 1 and ended[0].levelno == logging.INFO  # still logged (to the API), not to the terminal
 
 
@@ -437,7 +468,9 @@ def test_expected_failures_lose_their_traceback_others_keep_it():
         except Exception:
             import sys
 
-            return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception: %r", (exc,), sys.exc_info())
+            return logging.LogRecord(
+                "prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception: %r", (exc,), sys.exc_info()
+            )
 
     f = ExpectedFailureFilter()
     for exc in (ErrorBudgetExceeded("over budget"), ShardError("shard 3: DataLoader failed")):
@@ -452,8 +485,9 @@ def test_expected_failures_lose_their_traceback_others_keep_it():
     ("fault", "reason"),
     [("hang", "DataLoader timed out after 1"), ("die", "exited unexpectedly")],
 )
-def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd, fault, reason,
-                                                     out_root):
+def test_shard_that_cannot_run_is_retried_then_failed(
+    prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, capfd, fault, reason, out_root
+):
     """A DataLoader that times out (a decode that hangs) or whose worker process dies (a decoder
     crash) fails its shard after run.shard_retries; the manifest says so with the reason, and the
     other shards are scored — into a local folder or a bucket (the failed shard's commit there
@@ -479,8 +513,17 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     t0 = time.perf_counter()
     with engine_records() as records:
         code = _cli(
-            root, probe_checkpoint, out_root,
-            **{"run.shard_size": 2, "inference.num_workers": 1, "inference.timeout_s": 1, "run.shard_retries": 1, "run.max_error_rate": 0.9, "run.run_id": "hang"},
+            root,
+            probe_checkpoint,
+            out_root,
+            **{
+                "run.shard_size": 2,
+                "inference.num_workers": 1,
+                "inference.timeout_s": 1,
+                "run.shard_retries": 1,
+                "run.max_error_rate": 0.9,
+                "run.run_id": "hang",
+            },
         )
     elapsed = time.perf_counter() - t0
     assert code == 1
@@ -490,16 +533,23 @@ def test_shard_that_cannot_run_is_retried_then_failed(prefect_server, photos, pr
     assert reason in m["shards"][1]["reason"]
     assert (m["counts"]["scanned"], m["counts"]["scored"], m["counts"]["failed"]) == (6, 4, 2)
     errs = read_table(out_root, "errors", "hang")
-    assert sorted((r["image_path"], r["error_type"], r["attempt"]) for r in errs) == [("2_hang.jpg", "ShardFailed", 2), ("3_rocket.jpg", "ShardFailed", 2)]
+    assert sorted((r["image_path"], r["error_type"], r["attempt"]) for r in errs) == [
+        ("2_hang.jpg", "ShardFailed", 2),
+        ("3_rocket.jpg", "ShardFailed", 2),
+    ]
     preds = read_table(out_root, "predictions", "hang")
-    assert sorted(r["image_path"] for r in preds) == ["0_astronaut.jpg", "1_coffee.jpg", "4_colorwheel.jpg", "5_immunohistochemistry.jpg"]
+    assert sorted(r["image_path"] for r in preds) == [
+        "0_astronaut.jpg",
+        "1_coffee.jpg",
+        "4_colorwheel.jpg",
+        "5_immunohistochemistry.jpg",
+    ]
     err = capfd.readouterr().err
     assert "imgscore: run hang over its error budget: 1 shard(s) failed (error rate 33.33%)" in err
     assert tracebacks_for_the_terminal(records) == []
     retried = [r.getMessage() for r in records if r.name == "prefect.task_runs" and "Retry 1/1" in r.getMessage()]
     assert len(retried) == 1 and reason in retried[0]
     print(f"shard-failure run: {elapsed:.1f} s")
-
 
 
 def read_back(out_root, table: str, run_date: str, run_id: str, shard_id: int) -> list[dict]:
@@ -524,22 +574,45 @@ def test_a_shard_failed_after_its_retries_is_committed_on_either_root(out_root):
 
     root = str(out_root)
     run_dir = storage.join(root, "runs", "failed-shard")
-    ref = ShardRef(run_id="failed-shard", run_date="2026-01-02", run_dir=run_dir, input_root="/data/in", shard_id=3, start=6, stop=8,
-                   fingerprint="f" * 64)
+    ref = ShardRef(
+        run_id="failed-shard",
+        run_date="2026-01-02",
+        run_dir=run_dir,
+        input_root="/data/in",
+        shard_id=3,
+        start=6,
+        stop=8,
+        fingerprint="f" * 64,
+    )
     entries = [ImageEntry("a/1.jpg", 0, "a", 10, 1), ImageEntry("b/2.jpg", 1, "b", 20, 2)]
     stale = storage.join(str(part_dir(root, "embeddings", "2026-01-02", "failed-shard")), part_name(3))
     storage.write_bytes(stale, b"an earlier attempt's vectors")
-    result = commit_failed_shard(ref, entries, root, {"arch": "resnet18", "model_id": "m" * 64}, "DataLoader timed out after 1 s", attempts=2)
-    assert (result.state, result.scored, result.failed, result.failed_images) == ("failed", 0, 2, ["a/1.jpg", "b/2.jpg"])
+    result = commit_failed_shard(
+        ref, entries, root, {"arch": "resnet18", "model_id": "m" * 64}, "DataLoader timed out after 1 s", attempts=2
+    )
+    assert (result.state, result.scored, result.failed, result.failed_images) == (
+        "failed",
+        0,
+        2,
+        ["a/1.jpg", "b/2.jpg"],
+    )
     assert not storage.exists(stale)
     errs = read_back(root, "errors", "2026-01-02", "failed-shard", 3)
-    assert [(r["image_path"], r["stage"], r["error_type"], r["attempt"], r["message"], r["shard_id"]) for r in errs] == [
+    assert [
+        (r["image_path"], r["stage"], r["error_type"], r["attempt"], r["message"], r["shard_id"]) for r in errs
+    ] == [
         ("a/1.jpg", "inference", "ShardFailed", 2, "DataLoader timed out after 1 s", 3),
         ("b/2.jpg", "inference", "ShardFailed", 2, "DataLoader timed out after 1 s", 3),
     ]
     assert read_back(root, "predictions", "2026-01-02", "failed-shard", 3) == []
     record = read_commit_record(run_dir, 3)
-    assert (record.state, record.failed, record.attempt, record.reason) == ("failed", 2, 2, "DataLoader timed out after 1 s")
+    assert (record.state, record.failed, record.attempt, record.reason) == (
+        "failed",
+        2,
+        2,
+        "DataLoader timed out after 1 s",
+    )
+
 
 @pytest.mark.slow
 def test_verbose_shows_per_image_detail_quiet_does_not(prefect_server, photos, probe_checkpoint, tmp_path, capfd):
@@ -554,7 +627,10 @@ def test_verbose_shows_per_image_detail_quiet_does_not(prefect_server, photos, p
         assert _cli(root, probe_checkpoint, tmp_path / "out", "--verbose", **{"run.max_error_rate": 0.5}) == 0
     assert [r.getMessage() for r in quiet] == []  # the imgscore logger stays at WARNING without --verbose
     detail = [r.getMessage() for r in loud if "broken.jpg" in r.getMessage()]
-    assert len(detail) == 1 and "broken.jpg failed at decode: DecodeError.unidentified: text file with an image extension" in detail[0]
+    assert (
+        len(detail) == 1
+        and "broken.jpg failed at decode: DecodeError.unidentified: text file with an image extension" in detail[0]
+    )
     capfd.readouterr()
 
 
@@ -565,12 +641,17 @@ def test_latin1_class_folder_is_a_class_with_a_utf8_name(tmp_path, photos):
         photos["coffee"].resize((64, 48)).save(os.fsencode(root) + b"/" + cls + b"/x.jpg")
     index = scan_images(root)
     assert index.classes == ["caf\\xe9", "tea"]
-    assert [(e.image_path, e.label, e.label_name) for e in index.entries] == [("caf\\xe9/x.jpg", 0, "caf\\xe9"), ("tea/x.jpg", 1, "tea")]
+    assert [(e.image_path, e.label, e.label_name) for e in index.entries] == [
+        ("caf\\xe9/x.jpg", 0, "caf\\xe9"),
+        ("tea/x.jpg", 1, "tea"),
+    ]
     assert index.to_table().column("label_name").to_pylist() == ["caf\\xe9", "tea"]  # Parquet-safe
 
 
 @pytest.mark.slow
-def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, out_root):
+def test_model_load_failing_once_on_the_worker_is_retried(
+    prefect_server, photos, probe_checkpoint, tmp_path, monkeypatch, out_root
+):
     """The model loads in the flow's preflight but fails once inside the shard (a worker whose
     disk hiccups): Prefect retries the shard and the rows say attempt 2 — into a local folder or
     a bucket."""
@@ -596,4 +677,6 @@ def test_model_load_failing_once_on_the_worker_is_retried(prefect_server, photos
     m = read_manifest(summary["manifest"])
     assert [(s["state"], s["attempts"], s["scored"], s["failed"]) for s in m["shards"]] == [("partial", 2, 3, 1)]
     errs = read_table(out_root, "errors", summary["run_id"])
-    assert [(r["image_path"], r["stage"], r["error_type"], r["attempt"]) for r in errs] == [("zero.jpg", "decode", "DecodeError.empty", 2)]
+    assert [(r["image_path"], r["stage"], r["error_type"], r["attempt"]) for r in errs] == [
+        ("zero.jpg", "decode", "DecodeError.empty", 2)
+    ]

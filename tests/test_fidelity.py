@@ -65,7 +65,9 @@ def photo_folder(tmp_path_factory, photos):
                 continue
             w, h = img.size
             s = long_side / max(w, h)
-            img.resize((round(w * s), round(h * s)), Image.Resampling.BICUBIC).save(root / f"{name}_{long_side}.jpg", quality=90)
+            img.resize((round(w * s), round(h * s)), Image.Resampling.BICUBIC).save(
+                root / f"{name}_{long_side}.jpg", quality=90
+            )
     for name in ("coffee", "rocket"):
         photos[name].save(root / f"{name}.png")
     return root
@@ -144,14 +146,33 @@ def _scores(rows):
     return {path: (r["pred_index"], r["score"]) for path, r in rows.items()}
 
 
-FAST = {"preprocess.jpeg_draft": True, "inference.channels_last": True, "inference.fold_bn": True, "inference.batch_size": 8, "inference.num_workers": 2}
-SLOW = {"preprocess.jpeg_draft": False, "inference.channels_last": False, "inference.fold_bn": False, "inference.batch_size": 1, "inference.num_workers": 0}
+FAST = {
+    "preprocess.jpeg_draft": True,
+    "inference.channels_last": True,
+    "inference.fold_bn": True,
+    "inference.batch_size": 8,
+    "inference.num_workers": 2,
+}
+SLOW = {
+    "preprocess.jpeg_draft": False,
+    "inference.channels_last": False,
+    "inference.fold_bn": False,
+    "inference.batch_size": 1,
+    "inference.num_workers": 0,
+}
 
 
 def _run(root, ckpt, out, paths, expect_code=0):
     sets = {
-        "input.root": root, "model.arch": "resnet18", "model.checkpoint": ckpt, "output.root": out,
-        "inference.device": "cpu", "run.shard_size": 100, "preprocess.resize": 256, "preprocess.crop": 224, **paths,
+        "input.root": root,
+        "model.arch": "resnet18",
+        "model.checkpoint": ckpt,
+        "output.root": out,
+        "inference.device": "cpu",
+        "run.shard_size": 100,
+        "preprocess.resize": 256,
+        "preprocess.crop": 224,
+        **paths,
     }
     code, summary = execute(build_config({}, [f"{k}={v}" for k, v in sets.items()]), quiet=True)
     assert code == expect_code
@@ -165,7 +186,10 @@ def _run(root, ckpt, out, paths, expect_code=0):
 def torch_answers(prefect_server, photo_model, photo_folder, tmp_path_factory):
     """fp32 eager torch: the slow path (every fast path off) and the fast path (every one on)."""
     out = tmp_path_factory.mktemp("torch_runs")
-    return {"slow": _run(photo_folder, photo_model, out / "slow", SLOW), "fast": _run(photo_folder, photo_model, out / "fast", FAST)}
+    return {
+        "slow": _run(photo_folder, photo_model, out / "slow", SLOW),
+        "fast": _run(photo_folder, photo_model, out / "fast", FAST),
+    }
 
 
 def test_every_fast_path_on_and_off_give_the_same_answers(torch_answers):
@@ -184,7 +208,9 @@ def test_every_fast_path_on_and_off_give_the_same_answers(torch_answers):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_fp32_backends_give_the_answers_of_torch_fp32(backend, torch_answers, photo_model, photo_folder, tmp_path, backend_cache):
+def test_fp32_backends_give_the_answers_of_torch_fp32(
+    backend, torch_answers, photo_model, photo_folder, tmp_path, backend_cache
+):
     """Every fp32 backend, through ``imgscore run`` with every fast path on, against eager torch
     fp32 with the same decode: the same top-1 and |Δscore| ≤ 1e-3 on every photo.
 
@@ -194,7 +220,12 @@ def test_fp32_backends_give_the_answers_of_torch_fp32(backend, torch_answers, ph
     part files and the manifest say which backend and precision scored."""
     pytest.importorskip(backend, reason=f"{backend} has no wheel for this platform")
     ref = torch_answers["fast"]
-    got = _run(photo_folder, photo_model, tmp_path / backend, {**FAST, "inference.backend": backend, "inference.cache_dir": backend_cache})
+    got = _run(
+        photo_folder,
+        photo_model,
+        tmp_path / backend,
+        {**FAST, "inference.backend": backend, "inference.cache_dir": backend_cache},
+    )
     assert got.keys() == ref.keys()
     for path, r in ref.items():
         assert got[path]["pred_index"] == r["pred_index"] == photo_of(path), path
@@ -235,7 +266,12 @@ def test_tolerance_catches_a_wrong_decode(photo_model, photo_folder):
     whatever the size, so a 1600 px photo decodes at 200x150 and is upscaled to 256 — must move
     some top-1 score by more than the 0.01 the fidelity test allows (measured: 0.053 with
     :func:`photo_model`, whose scores are unsaturated by construction)."""
-    lm = load_model(ModelConfig(arch="resnet18", checkpoint=photo_model), PreprocessConfig(resize=256, crop=224), CPU, channels_last=False)
+    lm = load_model(
+        ModelConfig(arch="resnet18", checkpoint=photo_model),
+        PreprocessConfig(resize=256, crop=224),
+        CPU,
+        channels_last=False,
+    )
     spec = PreprocessSpec(jpeg_draft=False)
     tf = build_transform(spec)
     paths = sorted(photo_folder.glob("*_1600.jpg"))
@@ -288,7 +324,9 @@ def test_canary_passes_a_faithful_fast_path_and_refuses_a_broken_one(photo_model
     |Δscore| far below 0.01 and passes; a path that moves 0.02 of every top-1 score away has a
     mean |Δscore| of 0.02 (± rounding) whatever the CPU, and one that swaps classes agrees on
     none — both are refused."""
-    lm = load_model(ModelConfig(arch="resnet18", checkpoint=photo_model), PreprocessConfig(resize=256, crop=224), CPU).folded()
+    lm = load_model(
+        ModelConfig(arch="resnet18", checkpoint=photo_model), PreprocessConfig(resize=256, crop=224), CPU
+    ).folded()
     reference = TorchForward(lm, "fp32")
     x = _photo_batch(photo_folder)
     batches = [x[:8], x[8:]]
@@ -307,7 +345,9 @@ def _manifest(out):
     return json.loads(path.read_text())
 
 
-def test_reduced_precision_is_gated_at_run_start(prefect_server, photo_model, photo_folder, tmp_path, monkeypatch, caplog):
+def test_reduced_precision_is_gated_at_run_start(
+    prefect_server, photo_model, photo_folder, tmp_path, monkeypatch, caplog
+):
     """``inference.precision=bf16`` through ``imgscore run``, with the bf16 fast path replaced by
     one made to order (:class:`_FastPath`), so the outcome holds on any CPU, bf16 or not:
 
@@ -338,12 +378,16 @@ def test_reduced_precision_is_gated_at_run_start(prefect_server, photo_model, ph
 
     shift["value"] = 0.02
     assert _run(photo_folder, photo_model, tmp_path / "refused", bf16, expect_code=2) is None
-    assert not (tmp_path / "refused" / "predictions").exists() and not list((tmp_path / "refused").glob("runs/*/manifest.json"))
+    assert not (tmp_path / "refused" / "predictions").exists() and not list(
+        (tmp_path / "refused").glob("runs/*/manifest.json")
+    )
 
     with caplog.at_level("WARNING", logger="imgscore"):
         rows = _run(photo_folder, photo_model, tmp_path / "fallback", {**bf16, "inference.on_canary_fail": "fp32"})
     assert any("failed the canary" in r.getMessage() and "scoring in fp32" in r.getMessage() for r in caplog.records)
     m = _manifest(tmp_path / "fallback")
     assert m["inference"]["precision"] == "fp32" and m["inference"]["precision_requested"] == "bf16"
-    assert not m["inference"]["canary"]["passed"] and m["inference"]["used"] == [{"backend": "torch", "precision": "fp32"}]
+    assert not m["inference"]["canary"]["passed"] and m["inference"]["used"] == [
+        {"backend": "torch", "precision": "fp32"}
+    ]
     assert {r["pred_index"] for r in rows.values()} == set(range(len(NAMES)))

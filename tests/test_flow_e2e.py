@@ -26,7 +26,9 @@ def plain_loop(root, model):
 
     Returns ``{relative path: (label, row)}`` where ``row`` holds ``topk_indices``/``topk_scores``
     over all classes, like a prediction row."""
-    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    )
     dsf = ImageFolder(str(root), transform=tf)
     out = {}
     with torch.no_grad():
@@ -119,7 +121,9 @@ def test_other_checkpoint_forms_give_the_same_predictions(prefect_server, image_
             assert_same_answers(row, results[name][k], atol=1e-5, what=f"{name} {k}")
 
 
-def test_an_output_root_inside_the_input_root_stays_out_of_every_night(prefect_server, image_folder, tiny_checkpoint, tmp_path):
+def test_an_output_root_inside_the_input_root_stays_out_of_every_night(
+    prefect_server, image_folder, tiny_checkpoint, tmp_path
+):
     """input.root=/data, output.root=/data/Scores: the first night's outputs never become a class
     (which shifted every later label) nor grow the next nights' skipped list."""
     out = image_folder / "Scores"

@@ -48,8 +48,12 @@ def recording_gs(tmp_path) -> tuple[Path, dict]:
     gs = bindir / "gs"
     gs.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\n')
     gs.chmod(gs.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "",
-           "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
     assert subprocess.run(["gs", "--version"], env=env).returncode == 0 and record.exists()  # the recorder works
     record.unlink()
     return record, env
@@ -68,7 +72,11 @@ def test_postscript_under_photo_names_never_runs_ghostscript(tmp_path, photos, t
     for name in ("holiday.jpg", "scan.png", "page.tif", "figure.eps"):
         (root / name).write_bytes(POSTSCRIPT)
     out = tmp_path / "out"
-    sets = [a for kv in base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "ps", "run.max_error_rate": 1.0}) for a in ("--set", kv)]
+    sets = [
+        a
+        for kv in base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "ps", "run.max_error_rate": 1.0})
+        for a in ("--set", kv)
+    ]
     proc = subprocess.run([IMGSCORE, "run", "-q", *sets], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert not record.exists(), f"gs was run: {record.read_text()}"
@@ -85,11 +93,17 @@ def test_postscript_under_photo_names_never_runs_ghostscript(tmp_path, photos, t
 
 def test_eps_cannot_be_enabled_and_unknown_names_get_a_suggestion(tmp_path, image_folder, tiny_checkpoint):
     for value in ("[JPEG, EPS]", "[ps]"):
-        with pytest.raises(ConfigError, match=r"config input.formats: input.formats names '(EPS|ps)', which is never decoded here: "
-                                              r"Pillow's EPS plugin runs Ghostscript .* remove it from input.formats"):
+        with pytest.raises(
+            ConfigError,
+            match=r"config input.formats: input.formats names '(EPS|ps)', which is never decoded here: "
+            r"Pillow's EPS plugin runs Ghostscript .* remove it from input.formats",
+        ):
             build_config({}, [f"input.formats={value}"])
-    with pytest.raises(ConfigError, match=r"input.formats names 'JPG', which is not an image format Pillow reads here; "
-                                          r"did you mean JPEG\? valid names: AVIF, BLP, BMP, .*TIFF"):
+    with pytest.raises(
+        ConfigError,
+        match=r"input.formats names 'JPG', which is not an image format Pillow reads here; "
+        r"did you mean JPEG\? valid names: AVIF, BLP, BMP, .*TIFF",
+    ):
         build_config({}, ["input.formats=[PNG, JPG]"])
     with pytest.raises(ConfigError, match=r"input.formats is empty"):
         build_config({}, ["input.formats=[]"])
@@ -97,9 +111,18 @@ def test_eps_cannot_be_enabled_and_unknown_names_get_a_suggestion(tmp_path, imag
     assert build_config({}, ["input.formats=JPEG,FITS"]).input.formats == ["JPEG", "FITS"]
     # through the CLI: exit 2, one line, nothing written
     out = tmp_path / "out"
-    sets = [a for kv in base_overrides(image_folder, tiny_checkpoint, out, **{"input.formats": "[JPEG, EPS]"}) for a in ("--set", kv)]
-    proc = subprocess.run([IMGSCORE, "run", *sets], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    sets = [
+        a
+        for kv in base_overrides(image_folder, tiny_checkpoint, out, **{"input.formats": "[JPEG, EPS]"})
+        for a in ("--set", kv)
+    ]
+    proc = subprocess.run(
+        [IMGSCORE, "run", *sets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "input.formats names 'EPS', which is never decoded here" in proc.stderr
     assert not out.exists() or not (out / "runs").exists()
@@ -138,8 +161,11 @@ def test_postscript_bytes_are_refused_by_name_of_format(tmp_path, name, recordin
 def test_a_format_outside_the_list_names_itself_and_the_key():
     ramp = np.tile(np.linspace(0, 1000, 64), (48, 1)).astype(np.float32)
     data = fits_bytes(ramp)
-    with pytest.raises(DecodeError, match=r"^FITS file, and FITS is not in input.formats \(JPEG, PNG, WEBP, TIFF, BMP, GIF, MPO, AVIF, HEIF\); "
-                                          r"add FITS to input.formats to decode such files$") as exc:
+    with pytest.raises(
+        DecodeError,
+        match=r"^FITS file, and FITS is not in input.formats \(JPEG, PNG, WEBP, TIFF, BMP, GIF, MPO, AVIF, HEIF\); "
+        r"add FITS to input.formats to decode such files$",
+    ) as exc:
         decode_bytes(data, "stars.png", SPEC, OPTS)
     assert exc.value.kind == "format_not_allowed"
     img = decode_bytes(data, "stars.png", SPEC, DecodeOptions(max_pixels=10**8, formats=("PNG", "FITS"))).image
@@ -169,12 +195,21 @@ def test_allowing_a_format_changes_the_skip_key():
     default = build_config().input
     wider = build_config({}, ["input.formats=[JPEG, PNG, WEBP, TIFF, BMP, GIF, MPO, AVIF, HEIF, FITS]"]).input
     reordered = build_config({}, [f"input.formats=[{', '.join(reversed(DEFAULT_FORMATS))}]"]).input
-    assert decode_settings(default) == decode_settings(None) == {"max_pixels": default.max_pixels, "exif_orientation": True,
-                                                                  "max_metadata_bytes": default.max_metadata_bytes}
+    assert (
+        decode_settings(default)
+        == decode_settings(None)
+        == {
+            "max_pixels": default.max_pixels,
+            "exif_orientation": True,
+            "max_metadata_bytes": default.max_metadata_bytes,
+        }
+    )
     assert decode_settings(reordered) == decode_settings(default)
     assert decode_settings(wider)["formats"] == sorted([*DEFAULT_FORMATS, "FITS"])
     info = {"model_id": "m", "preprocess": {}}
-    assert model_key({**info, "decode": decode_settings(wider)}) != model_key({**info, "decode": decode_settings(default)})
+    assert model_key({**info, "decode": decode_settings(wider)}) != model_key(
+        {**info, "decode": decode_settings(default)}
+    )
     opts = DecodeOptions.from_input(wider)
     assert opts.formats == (*DEFAULT_FORMATS, "FITS")
     import pickle
@@ -207,9 +242,12 @@ def test_a_tiff_tile_bigger_than_its_image_is_refused_before_any_allocation():
     before the check) are refused from the tags, naming the numbers and the setting."""
     data = tiff_with_tile(16384)
     assert len(data) < 1000 and Image.open(io.BytesIO(data)).size == (16, 16)
-    with pytest.raises(DecodeError, match=r"^TIFF tile 16384x16384 = 268435456 pixels for a 16x16 image: .*at most "
-                                          r"max\(image pixels, 4194304\) = 4194304 pixels, image and tile together at most "
-                                          r"input.max_pixels=100000000 ") as exc:
+    with pytest.raises(
+        DecodeError,
+        match=r"^TIFF tile 16384x16384 = 268435456 pixels for a 16x16 image: .*at most "
+        r"max\(image pixels, 4194304\) = 4194304 pixels, image and tile together at most "
+        r"input.max_pixels=100000000 ",
+    ) as exc:
         decode_bytes(data, "tiny.tif", SPEC, OPTS)
     assert exc.value.kind == "too_large"
     with pytest.raises(DecodeError, match=r"image and tile together at most input.max_pixels=1000 "):
@@ -228,8 +266,6 @@ def test_ordinary_tiled_tiffs_still_decode(photos):
     buf = io.BytesIO()  # a tile larger than a small image, as tiled writers make them
     tifffile.imwrite(buf, a[:16, :16], tile=(256, 256), compression="zlib", photometric="rgb")
     assert decode_bytes(buf.getvalue(), "small.tif", SPEC, OPTS).image.size == (16, 16)
-
-
 
 
 @pytest.fixture
@@ -292,7 +328,9 @@ def test_a_slow_decode_inline_is_a_timeout_row_and_the_batch_goes_on(tmp_path, p
     photos["chelsea"].resize((64, 48)).save(tmp_path / "c.png", format="PNG")
     entries = [ImageEntry(n, None, None, None, None) for n in ("a.jpg", "slow.png", "c.png")]
     opts = DecodeOptions(max_pixels=10**8, formats=(*DEFAULT_FORMATS, "SLOWTEST"), decode_timeout_s=0.3)
-    loader = DataLoader(ShardDataset(str(tmp_path), entries, SPEC, opts), batch_size=3, num_workers=0, collate_fn=collate_samples)
+    loader = DataLoader(
+        ShardDataset(str(tmp_path), entries, SPEC, opts), batch_size=3, num_workers=0, collate_fn=collate_samples
+    )
     t0 = time.monotonic()
     (batch,) = list(loader)
     elapsed = time.monotonic() - t0
@@ -301,7 +339,9 @@ def test_a_slow_decode_inline_is_a_timeout_row_and_the_batch_goes_on(tmp_path, p
     assert (fail.pos, fail.image_path, fail.stage, fail.error_type) == (1, "slow.png", "decode", "DecodeError.timeout")
     assert "over input.decode_timeout_s=0.3 s" in fail.message and "raise input.decode_timeout_s" in fail.message
     assert elapsed < 2.0  # stopped near 0.3 s, not after the 3.2 s the whole decode takes
-    img = decode_bytes(slow_format, "slow.png", SPEC, DecodeOptions(max_pixels=10**8, formats=("SLOWTEST",), decode_timeout_s=30)).image
+    img = decode_bytes(
+        slow_format, "slow.png", SPEC, DecodeOptions(max_pixels=10**8, formats=("SLOWTEST",), decode_timeout_s=30)
+    ).image
     assert img.size == (8, 8)  # with time enough, the same file decodes
 
 
@@ -311,8 +351,11 @@ def test_a_folder_with_no_file_of_the_listed_formats_is_refused_naming_the_key(t
 
     photos["astronaut"].resize((32, 32)).save(tmp_path / "a.jpg", format="JPEG")
     assert has_images(tmp_path) and not has_images(tmp_path, formats=["PNG"])
-    with pytest.raises(InputError, match=r"holds no image files that this Pillow reads \(\.png and 1 more extensions\); .*"
-                                         r"or that input.formats \(PNG\) lists their format$"):
+    with pytest.raises(
+        InputError,
+        match=r"holds no image files that this Pillow reads \(\.png and 1 more extensions\); .*"
+        r"or that input.formats \(PNG\) lists their format$",
+    ):
         scan_images(tmp_path, formats=["PNG"])
 
 
@@ -323,15 +366,23 @@ def _iptc_wrapping(payload: bytes) -> bytes:
     def field(rec: int, ds: int, data: bytes) -> bytes:
         return bytes([0x1C, rec, ds]) + struct.pack(">H", len(data)) + data
 
-    return (field(3, 60, b"\x01\x00") + field(3, 20, b"\x00\x0a") + field(3, 30, b"\x00\x0a")
-            + field(3, 120, b"\x05") + field(8, 10, payload))
+    return (
+        field(3, 60, b"\x01\x00")
+        + field(3, 20, b"\x00\x0a")
+        + field(3, 30, b"\x00\x0a")
+        + field(3, 120, b"\x05")
+        + field(8, 10, payload)
+    )
 
 
 def test_iptc_cannot_be_enabled_since_it_opens_embedded_data_with_every_plugin(tmp_path, recording_gs):
     """IptcImagePlugin has no magic-byte test and its load() calls Image.open on the embedded
     data with no formats= list: with IPTC allowed, PostScript wrapped in IPTC reached gs."""
-    with pytest.raises(ConfigError, match=r"input.formats names 'IPTC', which is never decoded here: Pillow's IPTC plugin opens "
-                                          r"the image data embedded in the file with every Pillow plugin, EPS included"):
+    with pytest.raises(
+        ConfigError,
+        match=r"input.formats names 'IPTC', which is never decoded here: Pillow's IPTC plugin opens "
+        r"the image data embedded in the file with every Pillow plugin, EPS included",
+    ):
         build_config({}, ["input.formats=[JPEG, PNG, IPTC]"])
     assert "IPTC" not in known_formats()
     record, env = recording_gs
@@ -390,7 +441,9 @@ def test_a_rerun_takes_recorded_non_default_formats_only_when_repeated(tmp_path)
     from imgscore.config.rerun import rerun_config
 
     recorded = build_config({"run": {"run_id": "r1"}}, ["input.formats=[JPEG, FITS]"]).to_dict()
-    with pytest.raises(ConfigError, match=r"recorded input.formats = \['JPEG', 'FITS'\], which opens the images with those decoders"):
+    with pytest.raises(
+        ConfigError, match=r"recorded input.formats = \['JPEG', 'FITS'\], which opens the images with those decoders"
+    ):
         rerun_config(recorded, None, [])
     assert rerun_config(recorded, None, ["input.formats=[JPEG, FITS]"]).input.formats == ["JPEG", "FITS"]
     default = build_config({"run": {"run_id": "r2"}}).to_dict()
@@ -414,7 +467,9 @@ def test_the_decode_budget_also_covers_the_conversion_after_the_load(tmp_path, m
 
     monkeypatch.setattr(decode, "to_rgb", slow_to_rgb)
     opts = DecodeOptions(max_pixels=10**8, decode_timeout_s=0.5)
-    with pytest.raises(DecodeError, match=r"decoding stopped after .* s while converting to RGB: over input.decode_timeout_s=0.5 s") as exc:
+    with pytest.raises(
+        DecodeError, match=r"decoding stopped after .* s while converting to RGB: over input.decode_timeout_s=0.5 s"
+    ) as exc:
         decode_file(str(p), SPEC, opts)
     assert exc.value.kind == "timeout"
     monkeypatch.setattr(decode, "to_rgb", real)

@@ -22,7 +22,9 @@ from tests.fuzz_cases import (
 )
 
 SEEDS = sorted(seed_files())
-edits = st.lists(st.tuples(st.sampled_from(EDITS), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=8)
+edits = st.lists(
+    st.tuples(st.sampled_from(EDITS), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=8
+)
 
 
 def check(data: bytes, name: str) -> str:
@@ -37,12 +39,22 @@ def check(data: bytes, name: str) -> str:
 
 def test_every_seed_decodes_to_the_tensor():
     """The seeds themselves score: a fuzz case that fails is the mutation's doing."""
-    assert {"astronaut.jpg", "astronaut.png", "astronaut.webp", "astronaut.tif", "astronaut.bmp", "astronaut.gif", "pair.mpo"} <= set(SEEDS)
+    assert {
+        "astronaut.jpg",
+        "astronaut.png",
+        "astronaut.webp",
+        "astronaut.tif",
+        "astronaut.bmp",
+        "astronaut.gif",
+        "pair.mpo",
+    } <= set(SEEDS)
     assert {name: check(seed_files()[name], name) for name in SEEDS} == dict.fromkeys(SEEDS, "tensor")
 
 
 @pytest.mark.fuzz
-@settings(max_examples=600, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=600, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(name=st.sampled_from(SEEDS), edits=edits)
 def test_mutated_photos_end_as_a_tensor_or_a_decode_error(name, edits):
     check(mutate(seed_files()[name], edits), name)

@@ -22,13 +22,22 @@ pytestmark = pytest.mark.gpu
 
 
 def _model(ckpt, device: str):
-    return load_model(ModelConfig(arch="mobilenet_v3_small", checkpoint=ckpt), PreprocessConfig(), torch.device(device), channels_last=True)
+    return load_model(
+        ModelConfig(arch="mobilenet_v3_small", checkpoint=ckpt),
+        PreprocessConfig(),
+        torch.device(device),
+        channels_last=True,
+    )
 
 
 def _batch(root, lm, pin: bool):
     index = scan_images(root)
-    loader = DataLoader(ShardDataset(str(root), index.entries, lm.preprocess, DecodeOptions(10**8)),
-                        batch_size=len(index.entries), collate_fn=collate_samples, pin_memory=pin)
+    loader = DataLoader(
+        ShardDataset(str(root), index.entries, lm.preprocess, DecodeOptions(10**8)),
+        batch_size=len(index.entries),
+        collate_fn=collate_samples,
+        pin_memory=pin,
+    )
     return next(iter(loader))
 
 
@@ -40,7 +49,9 @@ def test_gpu_run_matches_cpu_run(tmp_path, photos, tiny_checkpoint, prefect_serv
         for o in base_overrides(root, tiny_checkpoint, tmp_path / device, **{"inference.device": device}):
             argv += ["--set", o]
         assert main(argv) == 0
-        rows = ds.dataset(tmp_path / device / "predictions", format="parquet", partitioning="hive").to_table().to_pylist()
+        rows = (
+            ds.dataset(tmp_path / device / "predictions", format="parquet", partitioning="hive").to_table().to_pylist()
+        )
         out[device] = {r["image_path"]: r for r in rows}
     assert sorted(out["cpu"]) == sorted(out["cuda"]) and len(out["cpu"]) == 12
     assert {r["device"] for r in out["cuda"].values()} == {"cuda:0"}
@@ -85,7 +96,12 @@ def test_two_dask_workers_take_two_gpus(tmp_path, photos, tiny_checkpoint, prefe
         pytest.skip("needs 2 GPUs")
     root = make_image_folder(tmp_path / "images", photos)
     argv = ["run", "-q"]
-    for o in base_overrides(root, tiny_checkpoint, tmp_path / "out", **{"inference.device": "auto", "runner.type": "dask", "runner.n_workers": 2, "run.shard_size": 3}):
+    for o in base_overrides(
+        root,
+        tiny_checkpoint,
+        tmp_path / "out",
+        **{"inference.device": "auto", "runner.type": "dask", "runner.n_workers": 2, "run.shard_size": 3},
+    ):
         argv += ["--set", o]
     assert main(argv) == 0
     rows = ds.dataset(tmp_path / "out" / "predictions", format="parquet", partitioning="hive").to_table().to_pylist()

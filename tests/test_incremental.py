@@ -21,7 +21,9 @@ def folder(root: Path, photos: dict, names: range, size: int = 48) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     keys = sorted(photos)
     for i in names:
-        make_variants(photos[keys[i % len(keys)]], i // len(keys) + 1, size=size)[-1].save(root / f"n_{i:03d}.jpg", quality=85)
+        make_variants(photos[keys[i % len(keys)]], i // len(keys) + 1, size=size)[-1].save(
+            root / f"n_{i:03d}.jpg", quality=85
+        )
     return root
 
 
@@ -66,18 +68,37 @@ def test_nightly_twice_then_ten_new_images_scores_exactly_ten(prefect_server, ph
     assert m5["model"]["model_id"] != m1["model"]["model_id"]
 
 
-def _fake_prior_run(out: Path, root: Path, index, model_info: dict, run_id: str = "r0", failed: set[str] = frozenset()) -> None:
+def _fake_prior_run(
+    out: Path, root: Path, index, model_info: dict, run_id: str = "r0", failed: set[str] = frozenset()
+) -> None:
     """An earlier run as the flow leaves it: a manifest and one predictions part file."""
     import pyarrow.parquet as pq
 
     from imgscore.io.parquet import PREDICTIONS_SCHEMA, make_table, part_dir
 
     rows = [
-        {"run_id": run_id, "image_path": e.image_path, "label": None, "label_name": None, "pred_index": 0, "pred_label": "a",
-         "score": 0.5, "topk_indices": [0], "topk_scores": [0.5], "model_id": model_info["model_id"], "model_name": "m", "device": "cpu",
-         "worker": "h:1", "shard_id": 0, "batch_id": 0, "scored_at": __import__("datetime").datetime.now(__import__("datetime").UTC),
-         "file_size": e.size, "file_mtime_ns": e.mtime_ns}
-        for e in index.entries if e.image_path not in failed
+        {
+            "run_id": run_id,
+            "image_path": e.image_path,
+            "label": None,
+            "label_name": None,
+            "pred_index": 0,
+            "pred_label": "a",
+            "score": 0.5,
+            "topk_indices": [0],
+            "topk_scores": [0.5],
+            "model_id": model_info["model_id"],
+            "model_name": "m",
+            "device": "cpu",
+            "worker": "h:1",
+            "shard_id": 0,
+            "batch_id": 0,
+            "scored_at": __import__("datetime").datetime.now(__import__("datetime").UTC),
+            "file_size": e.size,
+            "file_mtime_ns": e.mtime_ns,
+        }
+        for e in index.entries
+        if e.image_path not in failed
     ]
     d = part_dir(out, "predictions", "2026-01-01", run_id)
     d.mkdir(parents=True)
@@ -100,14 +121,22 @@ def test_skip_keys_stat_and_sha256(photos, tmp_path):
     r = split_already_scored(scan_images(root), out, MODEL, "stat")
     assert [e.image_path for e in r.index.entries] == ["n_005.jpg"] and r.already_scored == 5 and r.prior_runs == ["r0"]
     # other preprocessing, other model, other input folder: nothing is skipped
-    assert split_already_scored(scan_images(root), out, {**MODEL, "preprocess": {"resize": 300, "crop": 224}}).already_scored == 0
+    assert (
+        split_already_scored(
+            scan_images(root), out, {**MODEL, "preprocess": {"resize": 300, "crop": 224}}
+        ).already_scored
+        == 0
+    )
     assert split_already_scored(scan_images(root), out, {**MODEL, "model_id": "b" * 64}).already_scored == 0
     os.symlink(root, tmp_path / "same")  # the same folder by another path still matches
     assert split_already_scored(scan_images(tmp_path / "same"), out, MODEL).already_scored == 5
     # touch one file (same bytes, new mtime): stat rescans it, sha256 needs its hash on record
     st = (root / "n_001.jpg").stat()
     os.utime(root / "n_001.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert {e.image_path for e in split_already_scored(scan_images(root), out, MODEL, "stat").index.entries} == {"n_001.jpg", "n_005.jpg"}
+    assert {e.image_path for e in split_already_scored(scan_images(root), out, MODEL, "stat").index.entries} == {
+        "n_001.jpg",
+        "n_005.jpg",
+    }
     # a sha256-mode run records the hashes of what it scores; the next one matches by content
     r = split_already_scored(idx, tmp_path / "empty", MODEL, "sha256")
     assert r.hashes.num_rows == 6 and r.hashed == 6
@@ -119,7 +148,9 @@ def test_skip_keys_stat_and_sha256(photos, tmp_path):
     pq.write_table(r.hashes, out2 / "runs" / "r0" / "content_hashes.parquet")
     r2 = split_already_scored(scan_images(root), out2, MODEL, "sha256")
     assert r2.already_scored == 6 and r2.hashed == 1  # only the touched file was read
-    (root / "n_001.jpg").write_bytes((root / "n_003.jpg").read_bytes())  # new content (n_002 is the same photo: skimage cat is chelsea)
+    (root / "n_001.jpg").write_bytes(
+        (root / "n_003.jpg").read_bytes()
+    )  # new content (n_002 is the same photo: skimage cat is chelsea)
     r3 = split_already_scored(scan_images(root), out2, MODEL, "sha256")
     assert [e.image_path for e in r3.index.entries] == ["n_001.jpg"]
     assert r3.hashes["image_path"].to_pylist() == ["n_001.jpg"]
@@ -187,7 +218,9 @@ def test_a_changed_decode_setting_rescores_and_retries(prefect_server, photos, t
     m3 = nightly(root, tiny_checkpoint, out, **{"input.exif_orientation": "false"})
     assert (m3["counts"]["scored"], m3["counts"]["already_scored"]) == (3, 0)
     m4 = nightly(root, tiny_checkpoint, out, **{"input.exif_orientation": "false"})
-    assert (m4["counts"]["scored"], m4["counts"]["already_scored"]) == (0, 3) and m4["incremental"]["prior_runs"] == [m3["run_id"]]
+    assert (m4["counts"]["scored"], m4["counts"]["already_scored"]) == (0, 3) and m4["incremental"]["prior_runs"] == [
+        m3["run_id"]
+    ]
     assert m1["model"]["decode"]["max_pixels"] == 100 and m4["model"]["decode"]["exif_orientation"] is False
 
 
@@ -201,7 +234,8 @@ def test_unknown_or_valid_skip_key(key, photos, tmp_path):
 
 @pytest.mark.slow
 def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_plans_and_scores(
-        prefect_server, photos, tiny_checkpoint, tmp_path, capsys):
+    prefect_server, photos, tiny_checkpoint, tmp_path, capsys
+):
     """Two skip_scored runs at once on one folder with one model would each plan before the other
     wrote anything and both score everything. The first holds the (folder, model) lock for its
     whole run — here held by another live process exactly as the flow takes it — so the second
@@ -232,7 +266,9 @@ def test_a_second_incremental_run_on_the_same_folder_is_refused_while_the_first_
         err = capsys.readouterr().err
         assert f"{root} is being scored with this model by imgscore run first-night (pid {other.pid}" in err
         assert "concurrency_limit: 1" in err
-        assert err.count("wait for it to finish") == 1 and f"kill {other.pid}" in err and "delete" not in err  # a live owner here
+        assert (
+            err.count("wait for it to finish") == 1 and f"kill {other.pid}" in err and "delete" not in err
+        )  # a live owner here
         assert not list((out / "runs").glob("*/manifest.json")) if (out / "runs").exists() else True
         assert nightly(other_root, tiny_checkpoint, out)["counts"]["scored"] == 3  # another folder is not held
     finally:

@@ -97,8 +97,8 @@ def test_index_writer_cuts_the_same_shards_whatever_the_batches(tmp_path, monkey
         assert w.rows == 63 and [x.stop - x.start for x in w.shards] == [10] * 6 + [3]
         for x in w.shards:
             got = read_shard_entries(d, x.index_file, x.row_group)
-            assert [e.rel for e in got] == [e.rel for e in full.entries[x.start:x.stop]]
-            assert x.fingerprint == _old_fingerprint(full.entries[x.start:x.stop])
+            assert [e.rel for e in got] == [e.rel for e in full.entries[x.start : x.stop]]
+            assert x.fingerprint == _old_fingerprint(full.entries[x.start : x.stop])
             assert shard_location(w.info(), x.shard_id) == (x.index_file, x.row_group)
     assert [x.fingerprint for x in spans[0]] == [x.fingerprint for x in spans[1]]
     assert len(os.listdir(tmp_path / "a" / "index.parquet")) == 3  # 7 shards, 3 a file
@@ -121,7 +121,12 @@ def test_refresh_restats_only_the_shards_asked(tmp_path):
     again = read_shard_entries(tmp_path / "run", *shard_location(w.info(), 1))
     assert again[0].size == target.stat().st_size and [e.rel for e in again] == [e.rel for e in first]
     other = read_shard_entries(tmp_path / "run", *shard_location(w.info(), 0))
-    assert table_fingerprint(pa.Table.from_pylist([{"image_path": e.image_path, "size": e.size, "mtime_ns": e.mtime_ns} for e in other])) == before[0]
+    assert (
+        table_fingerprint(
+            pa.Table.from_pylist([{"image_path": e.image_path, "size": e.size, "mtime_ns": e.mtime_ns} for e in other])
+        )
+        == before[0]
+    )
 
 
 def test_scan_threads_auto_is_one_on_a_local_disk(tmp_path):

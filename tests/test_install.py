@@ -62,7 +62,21 @@ def installed(tmp_path_factory) -> Path:
             shutil.copy2(REPO / name, src / name)
     wheels = tmp / "wheels"
     env = {**os.environ, "PYTHONPATH": setuptools_dir, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), str(src)], env=env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(wheels),
+            str(src),
+        ],
+        env=env,
+    )
     (wheel,) = wheels.glob("imgscore-*.whl")
 
     venv = tmp / "venv"
@@ -73,21 +87,30 @@ def installed(tmp_path_factory) -> Path:
     assert sysconfig.get_paths()["purelib"] in ours
     Path(site, "zz_test_env.pth").write_text("".join(f"{p}\n" for p in ours))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", str(wheel)],
-         env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", str(wheel)],
+        env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     return venv
 
 
 def _clean_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return {**env, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return {
+        **env,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
 
 
 def test_the_installed_package_is_imported_and_ships_its_configs(installed, tmp_path):
     py = str(installed / "bin" / "python")
-    probe = ("import json, imgscore, imgscore.flows.cli as cli, imgscore.config.schema as c; "
-             "print(json.dumps([imgscore.__file__, str(cli.DEMO_CONFIG), cli.DEMO_CONFIG.is_file(), "
-             "str(c.shipped_config('nightly.yaml')), c.load_config(cli.DEMO_CONFIG).model.arch]))")
+    probe = (
+        "import json, imgscore, imgscore.flows.cli as cli, imgscore.config.schema as c; "
+        "print(json.dumps([imgscore.__file__, str(cli.DEMO_CONFIG), cli.DEMO_CONFIG.is_file(), "
+        "str(c.shipped_config('nightly.yaml')), c.load_config(cli.DEMO_CONFIG).model.arch]))"
+    )
     found = json.loads(_run([py, "-c", probe], cwd=tmp_path, env=_clean_env(tmp_path)).stdout)
     venv = str(installed.resolve())
     assert found[0].startswith(venv) and found[1].startswith(venv) and found[3].startswith(venv), found
@@ -95,7 +118,9 @@ def test_the_installed_package_is_imported_and_ships_its_configs(installed, tmp_
     assert str(REPO) not in found[0]
 
 
-def test_the_installed_cli_lists_its_keys_and_scores_a_folder_from_elsewhere(installed, tmp_path, image_folder, tiny_checkpoint):
+def test_the_installed_cli_lists_its_keys_and_scores_a_folder_from_elsewhere(
+    installed, tmp_path, image_folder, tiny_checkpoint
+):
     imgscore = str(installed / "bin" / "imgscore")
     work = tmp_path / "work"  # any folder: not the checkout
     work.mkdir()
@@ -106,7 +131,9 @@ def test_the_installed_cli_lists_its_keys_and_scores_a_folder_from_elsewhere(ins
     sets = [a for item in base_overrides(image_folder, tiny_checkpoint, Path("scores")) for a in ("--set", item)]
     proc = _run([imgscore, "run", "-q", *sets], cwd=work, env=env, timeout=420)
     assert "Traceback" not in proc.stdout + proc.stderr
-    table = ds.dataset(work / "scores" / "predictions", format="parquet", partitioning="hive").to_table()  # relative to the cwd
+    table = ds.dataset(
+        work / "scores" / "predictions", format="parquet", partitioning="hive"
+    ).to_table()  # relative to the cwd
     rows = table.to_pylist()
     assert len(rows) == 12 and {r["label_name"] for r in rows} == {"chelsea", "coffee", "rocket"}
     assert {r["label"] for r in rows if r["label_name"] == "rocket"} == {2}

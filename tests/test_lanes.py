@@ -19,7 +19,11 @@ from tests.conftest import assert_same_answers, base_overrides
 
 
 def _rows(folder, ckpt, tmp_path, split: A.Split, backend: str = "torch"):
-    extra = {} if backend == "torch" else {"inference.backend": backend, "inference.cache_dir": str(tmp_path.parent / "cache")}
+    extra = (
+        {}
+        if backend == "torch"
+        else {"inference.backend": backend, "inference.cache_dir": str(tmp_path.parent / "cache")}
+    )
     cfg = build_config({}, base_overrides(folder, ckpt, tmp_path / "out", **extra))
     scorer = load_scorer(cfg.model, cfg.preprocess_for(cfg.model), cfg.inference)
     entries = list(scan_images(folder).entries)
@@ -41,7 +45,9 @@ def test_lanes_score_like_the_forward_in_this_process(backend, image_folder, tin
         pytest.importorskip(backend, reason=f"{backend} has no wheel for this platform")
     (image_folder / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     inline, _, nw0 = _rows(image_folder, tiny_checkpoint, tmp_path / "a", A.Split(0, 1, 4, {}, None), backend)
-    lanes, used, nw2 = _rows(image_folder, tiny_checkpoint, tmp_path / "b", A.Split(2, 1, 4, {}, None, lanes=True), backend)
+    lanes, used, nw2 = _rows(
+        image_folder, tiny_checkpoint, tmp_path / "b", A.Split(2, 1, 4, {}, None, lanes=True), backend
+    )
     assert (nw0, nw2) == (0, 2) and used.lanes and lanes.facts()["lanes"] is True and "lanes" not in inline.facts()
     assert lanes.facts()["backend"] == inline.facts()["backend"] == backend
     a = {r["image_path"]: r for r in inline.predictions}
@@ -77,7 +83,10 @@ def test_a_lane_isolates_failing_images_and_skips_unwanted_ones():
     assert torch.allclose(probs, torch.full((6, 3), 1 / 3))
     assert [(p, t) for p, t, _ in b.forward_failures] == [(17, "NonFiniteOutput")]
     c = LaneCollate(_PoisonForward(), max_batch=8)([*samples, Sample(pos=18, tensor=torch.full((3, 4, 4), 9.0))])
-    assert c.scored[0] == list(range(10, 17)) and [(p, t) for p, t, _ in c.forward_failures] == [(17, "NonFiniteOutput"), (18, "RuntimeError")]
+    assert c.scored[0] == list(range(10, 17)) and [(p, t) for p, t, _ in c.forward_failures] == [
+        (17, "NonFiniteOutput"),
+        (18, "RuntimeError"),
+    ]
     # a one-model list of scorers: 1-tuples in, a 1-list of batches out
     assert LaneCollate(_PoisonForward(), 8, in_list=True)([(s,) for s in samples[:2]])[0].scored[0] == [10, 11]
 

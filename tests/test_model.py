@@ -30,7 +30,9 @@ def ref_logits(tiny_model, x):
 
 
 def _load(path, **kw):
-    return load_model(ModelConfig(arch=kw.pop("arch", "mobilenet_v3_small"), checkpoint=path, **kw), PreprocessConfig(), CPU)
+    return load_model(
+        ModelConfig(arch=kw.pop("arch", "mobilenet_v3_small"), checkpoint=path, **kw), PreprocessConfig(), CPU
+    )
 
 
 def _logits(lm, x):
@@ -98,7 +100,9 @@ def test_checkpoint_saved_on_cuda_loads_on_cpu(tiny_model, x, ref_logits, tmp_pa
 def test_pickled_module_refused_unless_trusted(tiny_model, x, ref_logits, tmp_path):
     p = tmp_path / "whole_module.pt"
     torch.save(tiny_model, p)
-    with pytest.raises(ModelError, match=r"pickled Python objects \(torchvision\.models\.mobilenetv3\.\w+.*model.trust_checkpoint=true"):
+    with pytest.raises(
+        ModelError, match=r"pickled Python objects \(torchvision\.models\.mobilenetv3\.\w+.*model.trust_checkpoint=true"
+    ):
         _load(p)
     lm = _load(p, trust_checkpoint=True)
     assert lm.source == "pickled_module"
@@ -153,15 +157,23 @@ def test_missing_checkpoint_file(tmp_path):
 def test_strip_prefix_only_when_every_key_has_it_and_it_fits():
     sd = {"module.a": 1, "b": 2}
     assert strip_prefix(sd, {"a", "b"}) == (sd, "")  # not every key has it: never stripped from some
-    assert strip_prefix({"_orig_mod.module.a": 1, "_orig_mod.module.b": 2}, {"a", "b"}) == ({"a": 1, "b": 2}, "_orig_mod.module.")
-    assert strip_prefix({"model.net.a": 1, "model.net.b": 2}, {"net.a", "net.b"}) == ({"net.a": 1, "net.b": 2}, "model.")
+    assert strip_prefix({"_orig_mod.module.a": 1, "_orig_mod.module.b": 2}, {"a", "b"}) == (
+        {"a": 1, "b": 2},
+        "_orig_mod.module.",
+    )
+    assert strip_prefix({"model.net.a": 1, "model.net.b": 2}, {"net.a", "net.b"}) == (
+        {"net.a": 1, "net.b": 2},
+        "model.",
+    )
     assert strip_prefix({"x.a": 1}, {"y"}) == ({"x.a": 1}, "")  # nothing fits: left as it is for the refusal
 
 
 def test_torchvision_weights_from_local_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = ModelConfig(arch="mobilenet_v3_small", weights="IMAGENET1K_V1")
-    with pytest.raises(ModelError, match=r"not in the local torch hub cache: expected mobilenet_v3_small-\w+\.pth in .*checkpoints"):
+    with pytest.raises(
+        ModelError, match=r"not in the local torch hub cache: expected mobilenet_v3_small-\w+\.pth in .*checkpoints"
+    ):
         load_model(cfg, PreprocessConfig(), CPU)
     weights = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
     folder = tmp_path / "torch" / "hub" / "checkpoints"
@@ -175,7 +187,9 @@ def test_torchvision_weights_from_local_hub_cache(tmp_path, monkeypatch):
     assert load_model(cfg, PreprocessConfig(), CPU) is lm  # cached: loaded once per process
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"hello world this is not", bytes(range(256)) * 4, b"PK\x03\x04" + bytes(100)])
+@pytest.mark.parametrize(
+    "content", [b"not a checkpoint\n", b"hello world this is not", bytes(range(256)) * 4, b"PK\x03\x04" + bytes(100)]
+)
 def test_non_pytorch_file_is_not_called_pickled(tmp_path, content):
     p = tmp_path / "garbage.pt"
     p.write_bytes(content)
@@ -197,7 +211,12 @@ def test_half_precision_state_dict_loads_as_float32_like_a_copy_into_an_initiali
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in tiny_model.state_dict().items()}
     path = tmp_path / "half.pt"
     torch.save(half, path)
-    lm = load_model(ModelConfig(arch="mobilenet_v3_small", checkpoint=path), PreprocessConfig(), torch.device("cpu"), channels_last=False)
+    lm = load_model(
+        ModelConfig(arch="mobilenet_v3_small", checkpoint=path),
+        PreprocessConfig(),
+        torch.device("cpu"),
+        channels_last=False,
+    )
     assert {p.dtype for p in lm.module.parameters()} == {torch.float32}
     assert not any(t.is_meta for t in (*lm.module.parameters(), *lm.module.buffers()))
     ref = torchvision.models.mobilenet_v3_small(num_classes=3)
@@ -211,7 +230,9 @@ def test_a_class_name_given_twice_is_refused_with_where_it_came_from(tiny_model,
     """Two outputs with one label: the report would count them as one class and contradict itself."""
     p = tmp_path / "dup.pt"
     torch.save({"model": tiny_model.state_dict(), "classes": ["cat", "dog", "cat"]}, p)
-    with pytest.raises(ModelError, match=r"dup.pt' \(.*\): its class list names 'cat' twice \(outputs 0 and 2\)\. Set model.classes"):
+    with pytest.raises(
+        ModelError, match=r"dup.pt' \(.*\): its class list names 'cat' twice \(outputs 0 and 2\)\. Set model.classes"
+    ):
         _load(p)
     torch.save({"model": tiny_model.state_dict(), "idx_to_class": {0: "a", 1: "b", 2: "b"}}, p)
     with pytest.raises(ModelError, match=r"names 'b' twice \(outputs 1 and 2\)"):
@@ -245,12 +266,17 @@ def test_nan_weights_are_refused_at_load_naming_the_tensors(tiny_model, tmp_path
 
 def test_finite_weights_whose_forward_overflows_on_every_input_are_refused(tiny_model, tmp_path):
     sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    sd["features.0.1.weight"].fill_(3e38)  # finite (float32 max 3.4e38): the first activations overflow to Inf, then NaN
+    sd["features.0.1.weight"].fill_(
+        3e38
+    )  # finite (float32 max 3.4e38): the first activations overflow to Inf, then NaN
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
     p = tmp_path / "overflow.pt"
     torch.save(sd, p)
-    with pytest.raises(ModelError, match=r"model mobilenet_v3_small .* gives non-finite outputs for every input: its logits hold "
-                                         r"[^;]*NaN[^;]* for all 2 probe images.*Its weights are finite"):
+    with pytest.raises(
+        ModelError,
+        match=r"model mobilenet_v3_small .* gives non-finite outputs for every input: its logits hold "
+        r"[^;]*NaN[^;]* for all 2 probe images.*Its weights are finite",
+    ):
         _load(p)
 
 
@@ -270,7 +296,10 @@ def test_dynamically_quantized_state_dict_is_named_as_such(tiny_model, tmp_path)
     with pytest.raises(ModelError) as info:
         _load(p)
     msg = str(info.value)
-    assert "is a quantized state_dict (packed int8 Linear params, as torch.ao.quantization.quantize_dynamic writes them" in msg
+    assert (
+        "is a quantized state_dict (packed int8 Linear params, as torch.ao.quantization.quantize_dynamic writes them"
+        in msg
+    )
     assert "2 quantized layer(s), e.g. classifier.0, classifier.3" in msg
     assert "save the float model's state_dict before quantizing" in msg and "no weights under any of" not in msg
     torch.save({"epoch": 3, "state_dict": q.state_dict()}, p)  # inside a training checkpoint too
@@ -285,13 +314,19 @@ def test_checkpoint_that_is_a_fifo_is_named_without_blocking(tmp_path):
 
     fifo = tmp_path / "model.pt"
     os.mkfifo(fifo)
-    with pytest.raises(ModelError, match=r"model.checkpoint '.*model.pt' is not a regular file: it is a FIFO \(named pipe\), .*"
-                                         r"copy it to a file first \(e.g. cat PATH > model.pt\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"model.checkpoint '.*model.pt' is not a regular file: it is a FIFO \(named pipe\), .*"
+        r"copy it to a file first \(e.g. cat PATH > model.pt\)",
+    ):
         _load(fifo)
     r, w = os.pipe()
     try:
-        with pytest.raises(ModelError, match=rf"'/dev/fd/{r}' is not a regular file: it is a FIFO \(named pipe\) \(a process "
-                                             r"substitution or an inherited file descriptor: .*pipe:"):
+        with pytest.raises(
+            ModelError,
+            match=rf"'/dev/fd/{r}' is not a regular file: it is a FIFO \(named pipe\) \(a process "
+            r"substitution or an inherited file descriptor: .*pipe:",
+        ):
             _load(f"/dev/fd/{r}")
     finally:
         os.close(r)

@@ -48,20 +48,55 @@ def write_run(out: Path, folder_classes: list[str], model_classes: list[str], ro
     """A finished run by hand: rows are (label, pred_index, image_path)."""
     now = datetime(2026, 1, 2, tzinfo=UTC)
     preds = [
-        {"run_id": RUN, "image_path": path, "label": lab, "label_name": folder_classes[lab], "pred_index": p,
-         "pred_label": model_classes[p], "score": 0.9, "topk_indices": [p], "topk_scores": [0.9], "model_id": "e" * 64, "model_name": "resnet18",
-         "device": "cpu", "worker": "h:1", "shard_id": 0, "batch_id": 0, "scored_at": now, "file_size": 1, "file_mtime_ns": 1}
+        {
+            "run_id": RUN,
+            "image_path": path,
+            "label": lab,
+            "label_name": folder_classes[lab],
+            "pred_index": p,
+            "pred_label": model_classes[p],
+            "score": 0.9,
+            "topk_indices": [p],
+            "topk_scores": [0.9],
+            "model_id": "e" * 64,
+            "model_name": "resnet18",
+            "device": "cpu",
+            "worker": "h:1",
+            "shard_id": 0,
+            "batch_id": 0,
+            "scored_at": now,
+            "file_size": 1,
+            "file_mtime_ns": 1,
+        }
         for lab, p, path in rows
     ]
-    write_table_atomic(make_table(preds, PREDICTIONS_SCHEMA), part_dir(out, "predictions", "2026-01-02", RUN) / part_name(0))
+    write_table_atomic(
+        make_table(preds, PREDICTIONS_SCHEMA), part_dir(out, "predictions", "2026-01-02", RUN) / part_name(0)
+    )
     write_table_atomic(make_table([], ERRORS_SCHEMA), part_dir(out, "errors", "2026-01-02", RUN) / part_name(0))
     manifest = {
-        "run_id": RUN, "run_date": "2026-01-02", "status": "complete", "created_at": now.isoformat(),
+        "run_id": RUN,
+        "run_date": "2026-01-02",
+        "status": "complete",
+        "created_at": now.isoformat(),
         "input": {"root": None, "layout": "imagefolder", "classes": folder_classes},
-        "counts": {"scanned": len(rows), "scored": len(rows), "failed": 0, "skipped": 0, "already_scored": 0, "pending": 0},
-        "model": {"arch": "resnet18", "model_id": "e" * 64, "classes": model_classes, "num_classes": len(model_classes)},
+        "counts": {
+            "scanned": len(rows),
+            "scored": len(rows),
+            "failed": 0,
+            "skipped": 0,
+            "already_scored": 0,
+            "pending": 0,
+        },
+        "model": {
+            "arch": "resnet18",
+            "model_id": "e" * 64,
+            "classes": model_classes,
+            "num_classes": len(model_classes),
+        },
         "shards": [{"shard_id": 0, "images": len(rows), "state": "complete", "scored": len(rows), "failed": 0}],
-        "outputs": {}, "timings": {},
+        "outputs": {},
+        "timings": {},
     }
     (out / "runs" / RUN).mkdir(parents=True)
     (out / "runs" / RUN / "manifest.json").write_text(json.dumps(manifest))
@@ -120,8 +155,10 @@ def test_incremental_skip_keys_match_names_in_nfc(photos, tmp_path):
     _fake_prior_run(out, root, ImageIndex(root, "flat", [], as_nfc), MODEL)
     assert split_already_scored(scan_images(root), out, MODEL, "stat").already_scored == 3
     # touched since (new mtime, same bytes): the sha256 key, also in NFC, still finds them
-    hashes = [{"image_path": e.image_path, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": sha256_of_file(root / r.rel)}
-              for e, r in zip(as_nfc, index.entries, strict=True)]
+    hashes = [
+        {"image_path": e.image_path, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": sha256_of_file(root / r.rel)}
+        for e, r in zip(as_nfc, index.entries, strict=True)
+    ]
     pq.write_table(pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), out / "runs" / "r0" / HASHES_FILE)
     for e in index.entries:
         os.utime(root / e.rel, ns=(e.mtime_ns, e.mtime_ns + 10**9))
@@ -136,9 +173,19 @@ def test_plot_labels_render_literally(monkeypatch):
     real = plots._svg_data_uri
     monkeypatch.setattr(plots, "_svg_data_uri", lambda fig: figs.append(fig) or real(fig))
     classes = [ClassCount(index=i, name=n, predicted=i + 1, share=0.25) for i, n in enumerate(MATH_NAMES)]
-    conf = Confusion(matrix=[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], rows=MATH_NAMES,
-                     columns=MATH_NAMES, accuracy=1.0, matched_by="name", reason=None, normalized=[], correct=4,
-                     labelled=4, per_class=[], empty_classes=0)
+    conf = Confusion(
+        matrix=[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+        rows=MATH_NAMES,
+        columns=MATH_NAMES,
+        accuracy=1.0,
+        matched_by="name",
+        reason=None,
+        normalized=[],
+        correct=4,
+        labelled=4,
+        per_class=[],
+        empty_classes=0,
+    )
     assert plots.plot_class_distribution(classes).startswith("data:image/svg+xml;base64,")
     assert plots.plot_confusion_matrix(conf).startswith("data:image/svg+xml;base64,")
     assert plots.plot_confidence_histogram(stats.score_stats(__import__("numpy").array([0.1, 0.5, 0.9]))) is not None
@@ -206,7 +253,9 @@ def test_names_end_to_end_report_written_and_matched_by_name(prefect_server, pho
     report = json.loads(capfd.readouterr().out)
     rows = pads.dataset(str(out / "predictions"), format="parquet", partitioning="hive").to_table().to_pylist()
     assert len(rows) == 6 and {r["label_name"] for r in rows} == set(folder_names)  # raw folder names kept
-    right = sum(unicodedata.normalize("NFC", r["label_name"]) == unicodedata.normalize("NFC", r["pred_label"]) for r in rows)
+    right = sum(
+        unicodedata.normalize("NFC", r["label_name"]) == unicodedata.normalize("NFC", r["pred_label"]) for r in rows
+    )
     acc = report["accuracy"]
     assert acc["matched_by"] == "name" and acc["normalized"] == [NFD_ECOLE]
     assert acc["correct"] == right and acc["accuracy"] == pytest.approx(right / 6)

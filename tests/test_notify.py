@@ -23,8 +23,26 @@ from imgscore.flows import notify
 from imgscore.flows.cli import execute
 from tests.conftest import base_overrides, make_image_folder
 
-FIELDS = {"run_id", "status", "prefect_state", "flow_name", "flow_run_id", "message", "reason", "counts", "error_rate",
-          "max_error_rate", "min_errors", "top_error_types", "input_root", "output_root", "manifest", "report", "known_bad", "drift"}
+FIELDS = {
+    "run_id",
+    "status",
+    "prefect_state",
+    "flow_name",
+    "flow_run_id",
+    "message",
+    "reason",
+    "counts",
+    "error_rate",
+    "max_error_rate",
+    "min_errors",
+    "top_error_types",
+    "input_root",
+    "output_root",
+    "manifest",
+    "report",
+    "known_bad",
+    "drift",
+}
 
 
 class Receiver:
@@ -37,7 +55,9 @@ class Receiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append({"path": self.path, "content_type": self.headers["Content-Type"], "body": json.loads(body)})
+                received.append(
+                    {"path": self.path, "content_type": self.headers["Content-Type"], "body": json.loads(body)}
+                )
                 self.send_response(status)
                 self.end_headers()
 
@@ -82,14 +102,35 @@ def test_webhook_receives_the_run_summary_when_a_night_fails(prefect_server, bro
     p = post["body"]
     assert set(p) == FIELDS
     (run_dir,) = (out / "runs").glob("*")
-    assert (p["run_id"], p["status"], p["prefect_state"], p["flow_name"]) == (run_dir.name, "failed", "Failed", "score-images")
-    assert p["counts"] == {"scanned": 18, "scored": 12, "failed": 6, "skipped": 0, "already_scored": 0, "already_failed": 0, "pending": 0}
+    assert (p["run_id"], p["status"], p["prefect_state"], p["flow_name"]) == (
+        run_dir.name,
+        "failed",
+        "Failed",
+        "score-images",
+    )
+    assert p["counts"] == {
+        "scanned": 18,
+        "scored": 12,
+        "failed": 6,
+        "skipped": 0,
+        "already_scored": 0,
+        "already_failed": 0,
+        "pending": 0,
+    }
     assert p["error_rate"] == round(6 / 18, 6) and (p["max_error_rate"], p["min_errors"]) == (0.01, 5)
-    assert sum(e["count"] for e in p["top_error_types"]) == 6 and {e["stage"] for e in p["top_error_types"]} == {"decode"}
+    assert sum(e["count"] for e in p["top_error_types"]) == 6 and {e["stage"] for e in p["top_error_types"]} == {
+        "decode"
+    }
     assert "error rate 33.33%" in p["reason"]
-    assert p["message"].startswith(f"run {run_dir.name} over its error budget: ")  # as docs/deployments.md's example: no Prefect prefix
+    assert p["message"].startswith(
+        f"run {run_dir.name} over its error budget: "
+    )  # as docs/deployments.md's example: no Prefect prefix
     assert p["report"] == str(run_dir / "report.html") and Path(p["report"]).is_file()
-    assert (p["manifest"], p["input_root"], p["output_root"]) == (str(run_dir / "manifest.json"), str(broken_folder), str(out))
+    assert (p["manifest"], p["input_root"], p["output_root"]) == (
+        str(run_dir / "manifest.json"),
+        str(broken_folder),
+        str(out),
+    )
     assert rx.url not in (run_dir / "manifest.json").read_text()
     import pyarrow.parquet as pq
 
@@ -98,8 +139,9 @@ def test_webhook_receives_the_run_summary_when_a_night_fails(prefect_server, bro
 
 
 @pytest.mark.slow
-def test_success_notifies_only_when_asked_and_a_dead_webhook_never_fails_the_run(prefect_server, image_folder, tiny_checkpoint, tmp_path,
-                                                                                  caplog):
+def test_success_notifies_only_when_asked_and_a_dead_webhook_never_fails_the_run(
+    prefect_server, image_folder, tiny_checkpoint, tmp_path, caplog
+):
     """A clean run POSTs nothing by default, and once with notify.on_success (status complete).
     A webhook that refuses connections or answers 500: exit code 0 all the same, one warning."""
     out = tmp_path / "out"
@@ -109,7 +151,11 @@ def test_success_notifies_only_when_asked_and_a_dead_webhook_never_fails_the_run
         assert rx.posts == []
         assert execute(build_config({}, [*base, "notify.on_success=true"]), quiet=True)[0] == 0
         (post,) = rx.posts
-        assert (post["body"]["status"], post["body"]["counts"]["scored"], post["body"]["reason"]) == ("complete", 12, None)
+        assert (post["body"]["status"], post["body"]["counts"]["scored"], post["body"]["reason"]) == (
+            "complete",
+            12,
+            None,
+        )
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -118,8 +164,18 @@ def test_success_notifies_only_when_asked_and_a_dead_webhook_never_fails_the_run
         for url in (dead, rx500.url):
             caplog.clear()
             with caplog.at_level(logging.WARNING):
-                code, _ = execute(build_config({}, [*base_overrides(image_folder, tiny_checkpoint, out), f"notify.webhook_url={url}",
-                                                    "notify.on_success=true", "notify.timeout_s=5"]), quiet=True)
+                code, _ = execute(
+                    build_config(
+                        {},
+                        [
+                            *base_overrides(image_folder, tiny_checkpoint, out),
+                            f"notify.webhook_url={url}",
+                            "notify.on_success=true",
+                            "notify.timeout_s=5",
+                        ],
+                    ),
+                    quiet=True,
+                )
             assert code == 0
             warned = [r.getMessage() for r in caplog.records if "notification not sent" in r.getMessage()]
             assert len(warned) == 1 and "the run's status stands" in warned[0]
@@ -133,7 +189,9 @@ def test_notify_config_refuses_non_http_urls_and_keeps_the_url_out_of_records():
     assert cfg.to_dict()["notify"]["webhook_url"] == "https://hooks.example/T0/secret"  # the flow's parameter
     assert cfg.recorded()["notify"]["webhook_url"] is None
     blocked = build_config({}, ["notify.block=slack-webhook/nightly", "notify.on_success=true"])
-    assert blocked.recorded()["notify"] == NotifyConfig().model_dump(mode="json")  # a rerun notifies only as its command says
+    assert blocked.recorded()["notify"] == NotifyConfig().model_dump(
+        mode="json"
+    )  # a rerun notifies only as its command says
 
 
 def test_notify_settings_are_refused_at_config_time_in_one_clean_line():
@@ -172,13 +230,21 @@ def test_a_run_refused_before_it_planned_notifies_the_webhook(image_folder, tiny
     }
     with Receiver() as rx:
         for i, extra in enumerate(cases.values()):
-            sets = base_overrides(image_folder, tiny_checkpoint, tmp_path / "out", **{"notify.webhook_url": rx.url, **extra})
+            sets = base_overrides(
+                image_folder, tiny_checkpoint, tmp_path / "out", **{"notify.webhook_url": rx.url, **extra}
+            )
             capsys.readouterr()
             assert cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"]) == 2
             err = capsys.readouterr().err.strip()
             assert len(rx.posts) == i + 1
             p = rx.posts[-1]["body"]
             assert set(p) == FIELDS
-            assert (p["status"], p["run_id"], p["counts"], p["prefect_state"], p["flow_run_id"]) == ("refused", None, None, None, None)
+            assert (p["status"], p["run_id"], p["counts"], p["prefect_state"], p["flow_run_id"]) == (
+                "refused",
+                None,
+                None,
+                None,
+                None,
+            )
             assert p["message"] and p["message"] in err and p["output_root"] == str(tmp_path / "out")
     assert not (tmp_path / "out" / "runs").exists()

@@ -55,7 +55,9 @@ def only_run(out: str) -> str:
     return run_id
 
 
-def test_s3_runs_match_the_local_run_with_threads_and_dask(prefect_server, s3, photos, tiny_checkpoint, tmp_path, capfd):
+def test_s3_runs_match_the_local_run_with_threads_and_dask(
+    prefect_server, s3, photos, tiny_checkpoint, tmp_path, capfd
+):
     """The acceptance run: the same ImageFolder scored from disk into a folder, and from a bucket
     into the bucket with the thread runner and with 2 Dask worker processes (each reading the
     bucket itself): the same images, labels and probabilities, everything the run writes in the
@@ -73,7 +75,14 @@ def test_s3_runs_match_the_local_run_with_threads_and_dask(prefect_server, s3, p
     out_t, out_d = s3.url("out-thread"), s3.url("out-dask")
     assert cli("run", "-q", *sets([*common, f"input.root={url}", f"output.root={out_t}"])) == 0
     capfd.readouterr()
-    assert cli("run", "-q", *sets([*common, f"input.root={url}", f"output.root={out_d}", "runner.type=dask", "runner.n_workers=2"])) == 0
+    assert (
+        cli(
+            "run",
+            "-q",
+            *sets([*common, f"input.root={url}", f"output.root={out_d}", "runner.type=dask", "runner.n_workers=2"]),
+        )
+        == 0
+    )
     err = capfd.readouterr().err
     assert "Traceback" not in err, err[-2000:]
 
@@ -109,16 +118,37 @@ def test_kill9_then_rerun_leaves_exactly_one_row_per_image_on_s3(prefect_server,
     local.mkdir()
     names = sorted(photos)
     for i in range(60):
-        make_variants(photos[names[i % len(names)]], i // len(names) + 1, size=40)[-1].save(local / f"img_{i:03d}.jpg", quality=85)
+        make_variants(photos[names[i % len(names)]], i // len(names) + 1, size=40)[-1].save(
+            local / f"img_{i:03d}.jpg", quality=85
+        )
     url, out = s3.upload(local, "flat"), s3.url("out")
-    items = base_overrides(local, tiny_checkpoint, tmp_path / "x", **{"run.shard_size": 4, "inference.batch_size": 4,
-                                                                       "inference.num_threads": 1, "inference.num_workers": 0,
-                                                                       "preprocess.resize": 256, "preprocess.crop": 256,
-                                                                       "run.run_id": "killed"})
-    items = [o for o in items if not o.startswith(("input.root=", "output.root="))] + [f"input.root={url}", f"output.root={out}"]
+    items = base_overrides(
+        local,
+        tiny_checkpoint,
+        tmp_path / "x",
+        **{
+            "run.shard_size": 4,
+            "inference.batch_size": 4,
+            "inference.num_threads": 1,
+            "inference.num_workers": 0,
+            "preprocess.resize": 256,
+            "preprocess.crop": 256,
+            "run.run_id": "killed",
+        },
+    )
+    items = [o for o in items if not o.startswith(("input.root=", "output.root="))] + [
+        f"input.root={url}",
+        f"output.root={out}",
+    ]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect_home")}
-    proc = subprocess.Popen([sys.executable, "-m", "imgscore.flows.cli", "run", *sets(items), "--quiet"], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgscore.flows.cli", "run", *sets(items), "--quiet"],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline, commits = time.time() + 120, 0
     while time.time() < deadline and proc.poll() is None:
         commits = sum(1 for k in s3.keys("out/runs/killed/shards/") if k.endswith(".json"))
@@ -141,7 +171,9 @@ def test_kill9_then_rerun_leaves_exactly_one_row_per_image_on_s3(prefect_server,
     assert not any(k.endswith("runs/killed/.lock") for k in s3.keys("out/"))
 
 
-def test_skip_scored_on_s3_skips_unchanged_objects_and_rescores_a_replaced_one(prefect_server, s3, photos, tiny_checkpoint, tmp_path):
+def test_skip_scored_on_s3_skips_unchanged_objects_and_rescores_a_replaced_one(
+    prefect_server, s3, photos, tiny_checkpoint, tmp_path
+):
     """Night 1 scores 12 objects and records one corrupt object as an error; night 2 skips the
     12 and carries the corrupt one (failure ledger); after one object is replaced with other
     bytes and the corrupt one is fixed, night 3 scores exactly those two. By construction: the
@@ -150,11 +182,25 @@ def test_skip_scored_on_s3_skips_unchanged_objects_and_rescores_a_replaced_one(p
     local = make_image_folder(tmp_path / "images", photos, per_class=4)
     (local / "rocket" / "zz_bad.jpg").write_text("not a jpeg at all")
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [o for o in base_overrides(local, tiny_checkpoint, tmp_path / "x") if not o.startswith(("input.root=", "output.root="))]
-    items += [f"input.root={url}", f"output.root={out}", "run.skip_scored=true", "inference.num_workers=0", "run.max_error_rate=1"]
+    items = [
+        o
+        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
+        if not o.startswith(("input.root=", "output.root="))
+    ]
+    items += [
+        f"input.root={url}",
+        f"output.root={out}",
+        "run.skip_scored=true",
+        "inference.num_workers=0",
+        "run.max_error_rate=1",
+    ]
     assert cli("run", "-q", *sets([*items, "run.run_id=night1"])) == 0
     (bad,) = read_table(out, "errors", run_id="night1").to_pylist()
-    assert bad["image_path"] == "rocket/zz_bad.jpg" and bad["file_version"] and bad["error_type"].startswith("DecodeError.")
+    assert (
+        bad["image_path"] == "rocket/zz_bad.jpg"
+        and bad["file_version"]
+        and bad["error_type"].startswith("DecodeError.")
+    )
     etags = {r["image_path"]: r["file_version"] for r in read_table(out, run_id="night1").to_pylist()}
     head = s3.client.head_object(Bucket=s3.bucket, Key=s3.key("images/coffee/coffee_0.jpg"))
     assert etags["coffee/coffee_0.jpg"] == head["ETag"].strip('"') and len(etags) == 12
@@ -174,15 +220,27 @@ def test_skip_scored_on_s3_skips_unchanged_objects_and_rescores_a_replaced_one(p
     assert rows["coffee/coffee_0.jpg"]["file_version"] != etags["coffee/coffee_0.jpg"]
 
 
-def test_a_throttled_get_becomes_an_errors_row_after_retries(prefect_server, s3, s3_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
+def test_a_throttled_get_becomes_an_errors_row_after_retries(
+    prefect_server, s3, s3_server, photos, tiny_checkpoint, tmp_path, monkeypatch
+):
     """Through a real proxy that answers 503 SlowDown for one object every time: that image is
     an errors row (stage decode, ObjectReadError, the store's answer in the message) after
     ``storage.retries`` retries, every other image is scored, and the shard is not hung."""
     local = make_image_folder(tmp_path / "images", photos, per_class=3)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [o for o in base_overrides(local, tiny_checkpoint, tmp_path / "x") if not o.startswith(("input.root=", "output.root="))]
-    items += [f"input.root={url}", f"output.root={out}", "storage.retries=2", "storage.read_timeout_s=5", "run.max_error_rate=0.5",
-              "inference.num_workers=2"]
+    items = [
+        o
+        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
+        if not o.startswith(("input.root=", "output.root="))
+    ]
+    items += [
+        f"input.root={url}",
+        f"output.root={out}",
+        "storage.retries=2",
+        "storage.read_timeout_s=5",
+        "run.max_error_rate=0.5",
+        "inference.num_workers=2",
+    ]
     with FaultProxy(s3_server.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         bad = f"/{s3.bucket}/{s3.key('images/coffee/coffee_1.png')}"
@@ -203,7 +261,11 @@ def test_report_reads_and_writes_an_s3_output_root(prefect_server, s3, photos, t
     report reads the bucket's part files."""
     local = make_image_folder(tmp_path / "images", photos, per_class=2)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [o for o in base_overrides(local, tiny_checkpoint, tmp_path / "x") if not o.startswith(("input.root=", "output.root="))]
+    items = [
+        o
+        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
+        if not o.startswith(("input.root=", "output.root="))
+    ]
     assert cli("run", "-q", *sets([*items, f"input.root={url}", f"output.root={out}", "run.run_id=rep"])) == 0
     capsys.readouterr()
     assert cli("report", "rep", "--format", "json", "--set", f"output.root={out}") == 0
@@ -212,7 +274,9 @@ def test_report_reads_and_writes_an_s3_output_root(prefect_server, s3, photos, t
     assert storage.is_file(storage.join(out, "runs", "rep", "report.html"))
 
 
-def test_no_secret_in_any_output(prefect_server, s3, s3_server, photos, tiny_checkpoint, tmp_path, capfd, caplog, monkeypatch):
+def test_no_secret_in_any_output(
+    prefect_server, s3, s3_server, photos, tiny_checkpoint, tmp_path, capfd, caplog, monkeypatch
+):
     """The secret key the run authenticates with (from AWS_SECRET_ACCESS_KEY, and once more
     through a ``${VAR}`` reference in ``storage.options``) appears in no object the run wrote
     (manifest, ledger, commit records, index, part files and their metadata, report.html), in
@@ -224,9 +288,18 @@ def test_no_secret_in_any_output(prefect_server, s3, s3_server, photos, tiny_che
     monkeypatch.setenv("IMGSCORE_TEST_S3_SECRET", secret)
     local = make_image_folder(tmp_path / "images", photos, per_class=2)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [o for o in base_overrides(local, tiny_checkpoint, tmp_path / "x") if not o.startswith(("input.root=", "output.root="))]
-    items += [f"input.root={url}", f"output.root={out}", "run.run_id=sec", "storage.options.secret=${IMGSCORE_TEST_S3_SECRET}",
-              "storage.options.key=${AWS_ACCESS_KEY_ID}"]
+    items = [
+        o
+        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
+        if not o.startswith(("input.root=", "output.root="))
+    ]
+    items += [
+        f"input.root={url}",
+        f"output.root={out}",
+        "run.run_id=sec",
+        "storage.options.secret=${IMGSCORE_TEST_S3_SECRET}",
+        "storage.options.key=${AWS_ACCESS_KEY_ID}",
+    ]
     with caplog.at_level("DEBUG", logger="imgscore"):
         assert cli("run", *sets(items)) == 0
     printed = capfd.readouterr()
@@ -244,7 +317,9 @@ def test_no_secret_in_any_output(prefect_server, s3, s3_server, photos, tiny_che
         async with get_client() as client:
             runs = await client.read_flow_runs()
             arts = await client.read_artifacts()
-            return [json.dumps(r.parameters, default=str) for r in runs], [json.dumps(a.data, default=str) for a in arts]
+            return [json.dumps(r.parameters, default=str) for r in runs], [
+                json.dumps(a.data, default=str) for a in arts
+            ]
 
     params, artifacts = asyncio.run(prefect_side())
     assert params and not any(secret in p for p in params) and not any(secret in a for a in artifacts)
@@ -253,11 +328,17 @@ def test_no_secret_in_any_output(prefect_server, s3, s3_server, photos, tiny_che
     assert "looks like a credential" in capfd.readouterr().err
 
 
-def test_a_missing_bucket_is_refused_by_name_as_input_or_output_root(s3, s3_server, image_folder, tiny_checkpoint, tmp_path, capsys):
+def test_a_missing_bucket_is_refused_by_name_as_input_or_output_root(
+    s3, s3_server, image_folder, tiny_checkpoint, tmp_path, capsys
+):
     """``input.root`` or ``output.root`` in a bucket that does not exist: exit 2 before anything
     runs, one line naming the bucket, the endpoint and the fix — not "holds no objects" (what a
     listing of a missing bucket looks like), and no bucket made by the write check's PUT."""
-    items = [o for o in base_overrides(image_folder, tiny_checkpoint, tmp_path / "x") if not o.startswith(("input.root=", "output.root="))]
+    items = [
+        o
+        for o in base_overrides(image_folder, tiny_checkpoint, tmp_path / "x")
+        if not o.startswith(("input.root=", "output.root="))
+    ]
     assert cli("run", "-q", *sets([*items, "input.root=s3://nosuch/images", f"output.root={s3.url('out')}"])) == 2
     err = capsys.readouterr().err
     assert f"bucket 'nosuch' does not exist at {s3_server.endpoint}; create it or fix input.root" in err, err

@@ -65,29 +65,87 @@ def write_fake_run(out, images: Path | None = None, model_classes=CLASSES, run_i
     preds = []
     for i, (cls, path, p, s) in enumerate(PRED_ROWS):
         other = [j for j in range(3) if j != p]
-        preds.append({
-            "run_id": run_id, "image_path": path, "label": CLASSES.index(cls), "label_name": cls, "pred_index": p,
-            "pred_label": model_classes[p], "score": s, "topk_indices": [p, *other], "topk_scores": [s, (1 - s) * 0.6, (1 - s) * 0.4],
-            "model_id": "f" * 64, "model_name": "resnet18", "device": "cpu" if i < 3 else "cuda:0", "worker": f"host:{100 + i % 2}", "shard_id": i // 3,
-            "batch_id": 0, "scored_at": now, "file_size": 10, "file_mtime_ns": 1,
-        })
+        preds.append(
+            {
+                "run_id": run_id,
+                "image_path": path,
+                "label": CLASSES.index(cls),
+                "label_name": cls,
+                "pred_index": p,
+                "pred_label": model_classes[p],
+                "score": s,
+                "topk_indices": [p, *other],
+                "topk_scores": [s, (1 - s) * 0.6, (1 - s) * 0.4],
+                "model_id": "f" * 64,
+                "model_name": "resnet18",
+                "device": "cpu" if i < 3 else "cuda:0",
+                "worker": f"host:{100 + i % 2}",
+                "shard_id": i // 3,
+                "batch_id": 0,
+                "scored_at": now,
+                "file_size": 10,
+                "file_mtime_ns": 1,
+            }
+        )
     errors = [
-        {"run_id": run_id, "image_path": path, "shard_id": 1, "batch_id": 0, "stage": stage, "error_type": et, "message": msg,
-         "attempt": 1, "occurred_at": now, "worker": "host:101", "model_id": "f" * 64, "model_name": "resnet18"}
+        {
+            "run_id": run_id,
+            "image_path": path,
+            "shard_id": 1,
+            "batch_id": 0,
+            "stage": stage,
+            "error_type": et,
+            "message": msg,
+            "attempt": 1,
+            "occurred_at": now,
+            "worker": "host:101",
+            "model_id": "f" * 64,
+            "model_name": "resnet18",
+        }
         for path, stage, et, msg in ERROR_ROWS
     ]
     for table, rows, schema in (("predictions", preds, PREDICTIONS_SCHEMA), ("errors", errors, ERRORS_SCHEMA)):
-        write_table_atomic(make_table(rows, schema), storage.join(str(part_dir(out, table, "2026-01-01", run_id)), part_name(0)))
+        write_table_atomic(
+            make_table(rows, schema), storage.join(str(part_dir(out, table, "2026-01-01", run_id)), part_name(0))
+        )
     shards = [
-        {"shard_id": 0, "images": 3, "state": "complete", "scored": 3, "failed": 0, "device": "cpu", "worker": "host:100", "seconds": 1.0},
-        {"shard_id": 1, "images": 6, "state": "partial", "scored": 3, "failed": 3, "device": "cuda:0", "worker": "host:101", "seconds": 2.0},
+        {
+            "shard_id": 0,
+            "images": 3,
+            "state": "complete",
+            "scored": 3,
+            "failed": 0,
+            "device": "cpu",
+            "worker": "host:100",
+            "seconds": 1.0,
+        },
+        {
+            "shard_id": 1,
+            "images": 6,
+            "state": "partial",
+            "scored": 3,
+            "failed": 3,
+            "device": "cuda:0",
+            "worker": "host:101",
+            "seconds": 2.0,
+        },
     ]
     manifest = {
-        "run_id": run_id, "run_date": "2026-01-01", "status": "partial", "created_at": now.isoformat(), "updated_at": now.isoformat(),
+        "run_id": run_id,
+        "run_date": "2026-01-01",
+        "status": "partial",
+        "created_at": now.isoformat(),
+        "updated_at": now.isoformat(),
         "input": {"root": str(images) if images else None, "layout": "imagefolder", "classes": CLASSES},
         "counts": {"scanned": 9, "scored": 6, "failed": 3, "skipped": 1, "already_scored": 4, "pending": 0},
         "skipped": [{"image_path": "cat/x.heic", "reason": "HEIC/HEIF needs the pillow-heif plugin"}],
-        "model": {"arch": "resnet18", "model_id": "f" * 64, "classes": list(model_classes), "num_classes": 3, "source": "state_dict"},
+        "model": {
+            "arch": "resnet18",
+            "model_id": "f" * 64,
+            "classes": list(model_classes),
+            "num_classes": 3,
+            "source": "state_dict",
+        },
         "config": {"output": {"root": str(out)}},
         "shards": shards,
         "outputs": {"predictions": str(part_dir(out, "predictions", "2026-01-01", run_id))},
@@ -120,8 +178,15 @@ def fake_run(tmp_path, fake_images) -> Path:
 
 def test_build_report_numbers(fake_run):
     r = build.build_report(fake_run, RUN)
-    assert r.counts.model_dump() == {"scanned": 9, "scored": 6, "failed": 3, "skipped": 1, "already_scored": 4,
-                                     "already_failed": 0, "pending": 0}
+    assert r.counts.model_dump() == {
+        "scanned": 9,
+        "scored": 6,
+        "failed": 3,
+        "skipped": 1,
+        "already_scored": 4,
+        "already_failed": 0,
+        "pending": 0,
+    }
     assert r.error_rate == pytest.approx(3 / 9, abs=1e-6)
     assert r.rows.model_dump() == {"predictions": 6, "errors": 3}
     assert r.timing.wall_s == 3.0 and r.timing.images_per_s == 2.0
@@ -175,7 +240,14 @@ def test_labels_matched_by_index_when_model_has_no_class_names(tmp_path):
     assert r.accuracy.matched_by == "index"
     assert r.accuracy.correct == 4
     assert r.accuracy.columns == ["0", "1", "2"]
-    assert accuracy_of_run(out, RUN) == {"accuracy": pytest.approx(4 / 6), "correct": 4, "labelled": 6, "matched_by": "index", "reason": None, "normalized": []}
+    assert accuracy_of_run(out, RUN) == {
+        "accuracy": pytest.approx(4 / 6),
+        "correct": 4,
+        "labelled": 6,
+        "matched_by": "index",
+        "reason": None,
+        "normalized": [],
+    }
 
 
 @pytest.mark.parametrize(
@@ -253,12 +325,14 @@ def test_confusion_by_name_with_more_model_classes_and_other_column():
     model = ["bird", "cat", "dog", *[f"x{i}" for i in range(30)]]
     # folder classes cat, dog; predictions: cat→cat, cat→x0..x24 (25 distinct extra classes), dog→dog
     rows = [("cat", 0, 1), ("dog", 1, 2)] + [("cat", 0, 3 + i) for i in range(25)]
-    t = pa.table({
-        "label": pa.array([r[1] for r in rows], pa.int32()),
-        "label_name": [r[0] for r in rows],
-        "pred_index": pa.array([r[2] for r in rows], pa.int32()),
-        "pred_label": [model[r[2]] for r in rows],
-    })
+    t = pa.table(
+        {
+            "label": pa.array([r[1] for r in rows], pa.int32()),
+            "label_name": [r[0] for r in rows],
+            "pred_index": pa.array([r[2] for r in rows], pa.int32()),
+            "pred_label": [model[r[2]] for r in rows],
+        }
+    )
     conf = confusion(t, ["cat", "dog"], model)
     assert conf.matched_by == "name"
     assert conf.columns[:2] == ["cat", "dog"] and conf.columns[-1] == "(other)"
@@ -327,7 +401,7 @@ def test_hostile_class_names_show_as_text_in_the_page(tmp_path, fake_images):
     and an attribute value cannot be closed by a quote in a name."""
     out = write_fake_run(tmp_path / "out", fake_images, model_classes=HOSTILE)
     page = html.write_html_report(build.build_report(out, RUN), out).read_text(encoding="utf-8")
-    assert "<script" not in page.lower() and "onmouseover=\"" not in page and "<b>bold" not in page
+    assert "<script" not in page.lower() and 'onmouseover="' not in page and "<b>bold" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&quot; onmouseover=&quot;alert(1)" in page and "it&#x27;s &amp; &lt;b&gt;bold&lt;/b&gt;" in page
     assert page.count("<b>") == page.count("</b>")  # only the page's own markup
@@ -353,8 +427,16 @@ def test_html_shows_placeholder_when_input_root_is_gone(tmp_path):
 def test_report_renders_in_headless_chromium(fake_run, tmp_path):
     path = html.write_html_report(build.build_report(fake_run, RUN), fake_run)
     shot = tmp_path / "report.png"
-    cmd = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
-           f"--screenshot={shot}", path.resolve().as_uri()]
+    cmd = [
+        "chromium",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1280,2400",
+        f"--screenshot={shot}",
+        path.resolve().as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=90, check=True)
     im = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert im.shape[:2] == (2400, 1280)
@@ -424,16 +506,22 @@ def test_report_of_a_killed_run_says_abandoned_and_lists_known_bad(out_root, fak
     m = json.loads(storage.read_bytes(mpath))
     m["status"] = "running"
     m["counts"]["already_failed"] = 2
-    m["incremental"] = {"skip_scored": True, "carried": {"file": "already_failed.parquet", "by_error_type": {"DecodeError.corrupt": 2},
-                                                         "by_run": {"r0": 2}}}
+    m["incremental"] = {
+        "skip_scored": True,
+        "carried": {"file": "already_failed.parquet", "by_error_type": {"DecodeError.corrupt": 2}, "by_run": {"r0": 2}},
+    }
     storage.write_bytes(mpath, json.dumps(m).encode())
     lock = json.dumps({"pid": 999_999_999, "host": "gone", "started_s": 0}).encode()  # owner gone
     storage.write_bytes(storage.join(out, "runs", RUN, ".lock"), lock)
     r = build.build_report(out, RUN)
     assert r.status == "abandoned" and r.rerun == f"imgscore rerun {RUN} --set output.root={out}"
     known_bad_file = storage.join(out, "runs", RUN, "already_failed.parquet")
-    assert r.known_bad.model_dump() == {"count": 2, "file": known_bad_file, "by_error_type": {"DecodeError.corrupt": 2},
-                                        "by_run": {"r0": 2}}
+    assert r.known_bad.model_dump() == {
+        "count": 2,
+        "file": known_bad_file,
+        "by_error_type": {"DecodeError.corrupt": 2},
+        "by_run": {"r0": 2},
+    }
     assert r.outputs["report"] is None  # never written
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         written = publish_run_report(out, RUN)  # what the flow's last step does
@@ -465,9 +553,18 @@ def test_report_of_a_live_run_says_it_is_running_and_offers_no_rerun(tmp_path, f
     mpath.write_text(json.dumps(m))
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        (out / "runs" / RUN / ".lock").write_text(json.dumps(
-            {"pid": writer.pid, "host": socket.gethostname(), "started_s": run_lock._start_time(writer.pid), "purpose": "imgscore run",
-             "acquired_at": "2026-03-01T02:00:00+00:00", "acquired_s": time.time()}))
+        (out / "runs" / RUN / ".lock").write_text(
+            json.dumps(
+                {
+                    "pid": writer.pid,
+                    "host": socket.gethostname(),
+                    "started_s": run_lock._start_time(writer.pid),
+                    "purpose": "imgscore run",
+                    "acquired_at": "2026-03-01T02:00:00+00:00",
+                    "acquired_s": time.time(),
+                }
+            )
+        )
         r = build.build_report(out, RUN)
         assert r.status == "running" and r.rerun is None
         assert r.writer == f"imgscore run (pid {writer.pid} on {socket.gethostname()}, since 2026-03-01T02:00:00+00:00)"
@@ -585,7 +682,10 @@ def test_report_failure_is_logged_not_raised(fake_run, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="imgscore"):
         assert publish_run_report(fake_run, RUN) is None
     (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert line.getMessage() == f"run report for {RUN} not written: ZeroDivisionError: division by zero" and line.exc_info is None
+    assert (
+        line.getMessage() == f"run report for {RUN} not written: ZeroDivisionError: division by zero"
+        and line.exc_info is None
+    )
 
 
 def test_progress_artifact_outside_a_run_is_inert():
@@ -603,11 +703,19 @@ def test_progress_artifact_counts_given_total_and_done(monkeypatch):
 
     calls = []
     monkeypatch.setattr(arts, "_in_run", lambda: True)
-    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda p, **kw: calls.append(("create", p, kw)) or "aid")
-    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda aid, p, **kw: calls.append(("update", p, kw)))
+    monkeypatch.setattr(
+        prefect.artifacts, "create_progress_artifact", lambda p, **kw: calls.append(("create", p, kw)) or "aid"
+    )
+    monkeypatch.setattr(
+        prefect.artifacts, "update_progress_artifact", lambda aid, p, **kw: calls.append(("update", p, kw))
+    )
     m = {"run_id": RUN, "shards": [{"images": 5}, {"images": 5}], "counts": {"scored": 9, "failed": 1}}
-    p = RunProgressArtifact.start(m, flow_name="rerun-failed", min_interval_s=0.0, total=3, title=f"imgscore rerun of {RUN}")
-    assert calls == [("create", 0.0, {"key": "rerun-failed-progress", "description": f"imgscore rerun of {RUN}: 0/3 images"})]
+    p = RunProgressArtifact.start(
+        m, flow_name="rerun-failed", min_interval_s=0.0, total=3, title=f"imgscore rerun of {RUN}"
+    )
+    assert calls == [
+        ("create", 0.0, {"key": "rerun-failed-progress", "description": f"imgscore rerun of {RUN}: 0/3 images"})
+    ]
     assert p.update(m, done=1) == pytest.approx(33.33) and p.update(m, done=3) == 100.0
     assert calls[-1] == ("update", 100.0, {"description": f"imgscore rerun of {RUN}: 3/3 images, 1 errors"})
     assert RunProgressArtifact.start(m, min_interval_s=0.0).update(m) == 100.0  # default: the manifest's 10/10
@@ -624,8 +732,12 @@ def test_progress_fields_and_hook():
 
     from imgscore.runstate.manifest import Counts, Manifest, ShardRecord
 
-    manifest = Manifest(run_id=RUN, counts=Counts(scanned=80, scored=30, failed=2, pending=48),
-                        shards=[ShardRecord(shard_id=0, images=40), ShardRecord(shard_id=1, images=40)], timings={"planned_at_s": 1000.0})
+    manifest = Manifest(
+        run_id=RUN,
+        counts=Counts(scanned=80, scored=30, failed=2, pending=48),
+        shards=[ShardRecord(shard_id=0, images=40), ShardRecord(shard_id=1, images=40)],
+        timings={"planned_at_s": 1000.0},
+    )
     f = prog.progress_fields(manifest, now=1016.0)
     assert f == {"total": 80, "done": 32, "errors": 2, "rate": "2.0"}
     console = Console(file=io.StringIO(), force_terminal=True, width=100)

@@ -77,11 +77,24 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
 
     root = flat_folder(tmp_path / "images", photos, 200)
     out = tmp_path / "out"
-    sets = base_overrides(root, tiny_checkpoint, out, **{"run.shard_size": 10, "inference.batch_size": 5, "inference.num_threads": 1,
-                                                         "preprocess.resize": 320, "preprocess.crop": 320, "run.run_id": "killed"})
+    sets = base_overrides(
+        root,
+        tiny_checkpoint,
+        out,
+        **{
+            "run.shard_size": 10,
+            "inference.batch_size": 5,
+            "inference.num_threads": 1,
+            "preprocess.resize": 320,
+            "preprocess.crop": 320,
+            "run.run_id": "killed",
+        },
+    )
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect_home")}
     cmd = [sys.executable, "-m", "imgscore.flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     pred_dir = out / "predictions"
     deadline = time.time() + 90
     n_parts = 0
@@ -119,7 +132,9 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     assert set(paths) == {f"img_{i:03d}.jpg" for i in range(200)}
     assert not leftover.exists()
     glob = str(out / "predictions" / "**" / "*.parquet")
-    n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT image_path) FROM read_parquet('{glob}', hive_partitioning=true) WHERE run_id='killed'").fetchall()[0]
+    n, distinct = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT image_path) FROM read_parquet('{glob}', hive_partitioning=true) WHERE run_id='killed'"
+    ).fetchall()[0]
     assert (n, distinct) == (200, 200)
     m = manifest(out, "killed")
     assert m["status"] == "complete"
@@ -187,14 +202,28 @@ def test_fixed_image_is_rescored_alone(prefect_server, photos, tiny_checkpoint, 
     capsys.readouterr()
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
     said = capsys.readouterr().out
-    assert "0 shard(s) to rescore" in said and "rescored 0 image(s) in 0 shard(s)" in said  # the adopted shard is not announced
+    assert (
+        "0 shard(s) to rescore" in said and "rescored 0 image(s) in 0 shard(s)" in said
+    )  # the adopted shard is not announced
     m = manifest(out, rid)
-    assert m["reruns"][-1]["adopted_shards"] == [1] and m["reruns"][-1]["shards"] == [] and m["reruns"][-1]["images_rescored"] == 0
+    assert (
+        m["reruns"][-1]["adopted_shards"] == [1]
+        and m["reruns"][-1]["shards"] == []
+        and m["reruns"][-1]["images_rescored"] == 0
+    )
     assert m["status"] == "complete" and m["shards"][1]["attempts"] == 2 and m["counts"]["scored"] == 12
-    assert predictions(out, rid).to_pandas().sort_values("image_path").reset_index(drop=True).equals(after.sort_values("image_path").reset_index(drop=True))
+    assert (
+        predictions(out, rid)
+        .to_pandas()
+        .sort_values("image_path")
+        .reset_index(drop=True)
+        .equals(after.sort_values("image_path").reset_index(drop=True))
+    )
 
 
-def test_rerun_publishes_and_updates_its_own_progress_artifact(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
+def test_rerun_publishes_and_updates_its_own_progress_artifact(
+    prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch
+):
     """As `score-images` does: a progress artifact created at 0 % and updated per finished shard,
     here over the images the rerun rescores (one failed image in each of two shards)."""
     import prefect.artifacts
@@ -205,7 +234,14 @@ def test_rerun_publishes_and_updates_its_own_progress_artifact(prefect_server, p
     for b in bad:
         truncate_jpeg(b)
     out = tmp_path / "out"
-    assert run_cli("run", *sum((["--set", s] for s in base_overrides(root, tiny_checkpoint, out, **{"run.max_error_rate": 0.5})), []), "--quiet") == 0
+    assert (
+        run_cli(
+            "run",
+            *sum((["--set", s] for s in base_overrides(root, tiny_checkpoint, out, **{"run.max_error_rate": 0.5})), []),
+            "--quiet",
+        )
+        == 0
+    )
     rid = only_run(out)
     assert manifest(out, rid)["counts"]["failed"] == 2
     first_progress = Artifact.get("score-images-progress")
@@ -214,8 +250,14 @@ def test_rerun_publishes_and_updates_its_own_progress_artifact(prefect_server, p
 
     created, updated = [], []
     real_create, real_update = prefect.artifacts.create_progress_artifact, prefect.artifacts.update_progress_artifact
-    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda p, **kw: created.append((p, kw)) or real_create(p, **kw))
-    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda aid, p, **kw: updated.append(p) or real_update(aid, p, **kw))
+    monkeypatch.setattr(
+        prefect.artifacts, "create_progress_artifact", lambda p, **kw: created.append((p, kw)) or real_create(p, **kw)
+    )
+    monkeypatch.setattr(
+        prefect.artifacts,
+        "update_progress_artifact",
+        lambda aid, p, **kw: updated.append(p) or real_update(aid, p, **kw),
+    )
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
 
     assert [(p, kw["key"]) for p, kw in created] == [(0.0, "rerun-failed-progress")]
@@ -226,7 +268,10 @@ def test_rerun_publishes_and_updates_its_own_progress_artifact(prefect_server, p
     assert art.description == f"imgscore rerun of {rid}: 2/2 images, 0 errors"
     assert art.flow_run_id == Artifact.get("rerun-failed-summary").flow_run_id  # the rerun's own flow run
     assert art.flow_run_id != first_progress.flow_run_id
-    assert float(Artifact.get("score-images-progress").data) == 100.0 and Artifact.get("score-images-progress").id == first_progress.id
+    assert (
+        float(Artifact.get("score-images-progress").data) == 100.0
+        and Artifact.get("score-images-progress").id == first_progress.id
+    )
 
 
 def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_checkpoint, tmp_path, capsys):
@@ -247,7 +292,9 @@ def test_corrupt_footer_is_detected_and_rewritten(prefect_server, photos, tiny_c
 
     capsys.readouterr()
     assert run_cli("rerun", rid, "--set", f"output.root={out}", "--quiet") == 0
-    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.startswith("images_per_s "))
+    printed = dict(
+        line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.startswith("images_per_s ")
+    )
     wall_s = manifest(out, rid)["reruns"][0]["wall_s"]  # the rerun's own, seconds to the ms
     assert abs(float(printed["images_per_s"]) * wall_s - 5) < 0.05
     fixed = pq.read_table(part)
@@ -282,7 +329,11 @@ def test_run_lock_refuses_live_owner_and_breaks_stale(tmp_path):
     run_dir.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        run_lock.lock_path(run_dir).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "purpose": "imgscore rerun", "acquired_at": "t"}))
+        run_lock.lock_path(run_dir).write_text(
+            json.dumps(
+                {"pid": sleeper.pid, "host": os.uname().nodename, "purpose": "imgscore rerun", "acquired_at": "t"}
+            )
+        )
         with pytest.raises(RunLockedError, match=rf"pid {sleeper.pid}.*stop it \(kill {sleeper.pid}\)") as err:
             run_lock.acquire(run_dir, "imgscore rerun")
         assert "delete" not in str(err.value)  # alive on this host: deleting its lock would let a second writer in
@@ -303,8 +354,13 @@ def test_concurrent_rerun_is_refused(prefect_server, photos, tiny_checkpoint, tm
     rid = only_run(out)
     # another `imgscore rerun` of the same run, alive in another process
     other = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from imgscore.runstate import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore rerun'); print('held', flush=True); time.sleep(60)"],
-        cwd=REPO, stdout=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            f"import time; from imgscore.runstate import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore rerun'); print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
     )
     try:
         assert other.stdout.readline().strip() == b"held"
@@ -333,7 +389,9 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
-    cfg = load_config(None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "retried"}))
+    cfg = load_config(
+        None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "retried"})
+    )
     calls: list[int] = []
     real = shard_tasks.score_shard
 
@@ -352,7 +410,9 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
     assert predictions(out, "retried").num_rows == 15 and errors(out, "retried").num_rows == 0
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
     assert flow_run.run_count == 2
     shard_states = sorted(r.state.name for r in runs if r.task_key.startswith("score_shard") or "score_shard" in r.name)
@@ -361,7 +421,9 @@ def test_flow_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoi
 
 
 @pytest.mark.slow
-def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
+def test_prefect_cli_flow_run_retry_skips_completed_shards(
+    prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch
+):
     """The documented (docs/reruns.md) `prefect flow-run retry ID --entrypoint imgscore.flows.score_images:score_images`
     on a failed `imgscore run`-style flow run: the completed shards are Cached (from their commit
     records), the run completes."""
@@ -376,7 +438,9 @@ def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photo
 
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
-    cfg = load_config(None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "cli-retry"}))
+    cfg = load_config(
+        None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "cli-retry"})
+    )
     real = shard_tasks.score_shard
 
     def broken(ref, *a, **kw):
@@ -392,20 +456,35 @@ def test_prefect_cli_flow_run_retry_skips_completed_shards(prefect_server, photo
     monkeypatch.undo()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "flow-run", "retry", fr_id, "--entrypoint", "imgscore.flows.score_images:score_images"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "flow-run",
+            "retry",
+            fr_id,
+            "--entrypoint",
+            "imgscore.flows.score_images:score_images",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = manifest(out, "cli-retry")
     assert m["status"] == "complete" and m["counts"]["scored"] == 15 and m["flow_run_id"] == fr_id
     assert predictions(out, "cli-retry").num_rows == 15 and errors(out, "cli-retry").num_rows == 0
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     names = [r.state.name for r in runs if "score_shard" in r.name]
     assert names.count("Cached") == 2, names
 
 
-def test_a_relative_output_root_reads_its_own_run_state_back(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+def test_a_relative_output_root_reads_its_own_run_state_back(
+    prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
     """``make demo`` writes to the relative ``outputs``: the run's recorded part files are then
     relative to the working directory. The report must be written (it checks them against the
     derived paths) and a rerun of a fixed image must accept the run state."""

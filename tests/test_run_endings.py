@@ -34,9 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 def small_tmpfs(folder: Path):
     """Mount a 64 KiB tmpfs on ``folder`` (skipped where mounting is not allowed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode}); needs root or CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode}); needs root or CAP_SYS_ADMIN"
+        )
     try:
         yield folder
     finally:
@@ -92,7 +96,9 @@ def refusing_writes(root_kind: str, folder, request):
 def test_a_failed_write_names_the_file_and_errno_and_leaves_nothing_half_written(out_root, root_kind, request):
     with refusing_writes(root_kind, storage.path(out_root, "full"), request) as full:
         target = storage.path(full, "manifest.json")
-        with pytest.raises(OutputWriteError, match=rf"cannot write .*manifest\.json: {re.escape(REFUSED[root_kind])}") as err:
+        with pytest.raises(
+            OutputWriteError, match=rf"cannot write .*manifest\.json: {re.escape(REFUSED[root_kind])}"
+        ) as err:
             write_bytes_atomic(b"{}" * 10000, target)
         assert (err.value.path, err.value.errno) == (str(target), 28 if root_kind == "local" else None)
         assert [n for n in storage.list_names(full) if n != "filler"] == []  # no temp file, no half a manifest
@@ -111,8 +117,12 @@ def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_
     with small_tmpfs(tmp_path / "full") as full:
         run_dir = full / "runs" / "r1"
         shards = [ShardRecord(shard_id=i, start=i * 2, stop=i * 2 + 2, images=2) for i in range(2)]
-        state = RunState.create(run_dir, Manifest(run_id="r1", run_date="2026-01-01", status="running",
-                                                  counts=Counts(scanned=4, pending=4), shards=shards))
+        state = RunState.create(
+            run_dir,
+            Manifest(
+                run_id="r1", run_date="2026-01-01", status="running", counts=Counts(scanned=4, pending=4), shards=shards
+            ),
+        )
         state.commit(ShardResult(shard_id=0, state="complete", images=2, scored=2))
         fill(full)
         state.manifest.status, state.manifest.reason = "crashed", "cannot write X: [Errno 28] No space left on device"
@@ -121,7 +131,12 @@ def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_
         assert state.record_ending("crashed", "cannot write X: [Errno 28] No space left on device")
         state.close()  # the compaction that fails again is not raised over the run's own error
         m = load_manifest(run_dir)
-        assert (m.status, m.reason, m.counts.scored, m.counts.pending) == ("crashed", "cannot write X: [Errno 28] No space left on device", 2, 2)
+        assert (m.status, m.reason, m.counts.scored, m.counts.pending) == (
+            "crashed",
+            "cannot write X: [Errno 28] No space left on device",
+            2,
+            2,
+        )
         assert notify.run_payload(full, "r1", "Failed", "score-images", None, None)["status"] == "crashed"
     # nothing written at all: the manifest says running and no one holds the lock, yet the
     # process that ended the run notifies what it knows
@@ -134,8 +149,9 @@ def test_an_ending_the_full_disk_keeps_out_of_the_manifest_is_in_the_ledger_and_
 
 
 @pytest.mark.slow
-def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(prefect_server, photos, tiny_checkpoint, tmp_path, capfd,
-                                                                           out_root, root_kind, request):
+def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(
+    prefect_server, photos, tiny_checkpoint, tmp_path, capfd, out_root, root_kind, request
+):
     """Acceptance: the run's predictions folder is a full disk (on a bucket:
     a prefix whose PUTs are refused). Exit 1 with one line on stderr (the path, the error, the
     rerun command) and no traceback; the manifest says ``crashed`` with that reason, no shard is
@@ -144,7 +160,9 @@ def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(pre
     root = make_image_folder(tmp_path / "images", photos)  # 12 images, 3 shards of 4
     out = out_root
     folder = part_dir(out, "predictions", datetime.now(UTC).strftime("%Y-%m-%d"), "diskfull")
-    sets = base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "diskfull", "run.shard_size": 4, "run.shard_retries": 0})
+    sets = base_overrides(
+        root, tiny_checkpoint, out, **{"run.run_id": "diskfull", "run.shard_size": 4, "run.shard_retries": 0}
+    )
     with refusing_writes(root_kind, folder, request):
         capfd.readouterr()
         code = cli_main(["run", *sum((["--set", s] for s in sets), []), "--quiet"])
@@ -153,7 +171,9 @@ def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(pre
     assert code == 1
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, err
-    assert re.search(rf"cannot write {re.escape(str(folder))}/part-0000\d\.parquet: {re.escape(REFUSED[root_kind])}", lines[0]), lines[0]
+    assert re.search(
+        rf"cannot write {re.escape(str(folder))}/part-0000\d\.parquet: {re.escape(REFUSED[root_kind])}", lines[0]
+    ), lines[0]
     assert "nothing is half-written" in lines[0] and f"imgscore rerun diskfull --set output.root={out}" in lines[0]
     run_dir = out / "runs" / "diskfull"
     m = json.loads((run_dir / "manifest.json").read_text())
@@ -170,7 +190,8 @@ def test_disk_full_mid_run_is_one_line_the_run_crashed_and_rerun_finishes_it(pre
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_rows_on_disk(
-        sig, code, prefect_server, photos, tiny_checkpoint, tmp_path, out_root):
+    sig, code, prefect_server, photos, tiny_checkpoint, tmp_path, out_root
+):
     """SIGTERM (systemd, a container stop, `kill`) or SIGINT (Ctrl-C) to the scorer alone: exit
     143 / 130, the manifest says ``interrupted`` with the signal, the last line names the rerun
     command — and scoring stops: no shard commits after the run's end is written, so the
@@ -193,11 +214,27 @@ def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_ro
         return ds.dataset(where, filesystem=fs, format="parquet", partitioning="hive").count_rows()
 
     with Receiver() as rx:
-        sets = base_overrides(root, tiny_checkpoint, out, **{"run.shard_size": 2, "inference.batch_size": 1, "run.run_id": "termed",
-                                                             "notify.webhook_url": rx.url})
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
-        proc = subprocess.Popen([sys.executable, "-m", "imgscore.flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        sets = base_overrides(
+            root,
+            tiny_checkpoint,
+            out,
+            **{"run.shard_size": 2, "inference.batch_size": 1, "run.run_id": "termed", "notify.webhook_url": rx.url},
+        )
+        env = {
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",
+            "PREFECT_API_URL": PREFECT_API_URL.value(),
+            "PREFECT_HOME": str(tmp_path / "ph"),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imgscore.flows.cli", "run", *sum((["--set", s] for s in sets), []), "--quiet"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.time() + 180
         while not commit_records() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -218,4 +255,8 @@ def test_a_signal_stops_scoring_and_the_manifest_report_and_webhook_count_the_ro
     assert rows_of("predictions") == rows["predictions"]
     (post,) = rx.posts
     sent = post["body"]["counts"]
-    assert post["body"]["status"] == "interrupted" and sent == {k: m["counts"][k] for k in sent} and sent["scored"] == rows["predictions"]
+    assert (
+        post["body"]["status"] == "interrupted"
+        and sent == {k: m["counts"][k] for k in sent}
+        and sent["scored"] == rows["predictions"]
+    )

@@ -19,12 +19,26 @@ from imgscore.runstate.state import RunState, ledger_segments, load_manifest
 
 
 def new_manifest(n: int = 6, size: int = 10) -> Manifest:
-    shards = [ShardRecord(shard_id=i, start=i * size, stop=(i + 1) * size, images=size, fingerprint=f"fp{i}") for i in range(n)]
-    return Manifest(run_id="r1", run_date="2026-01-01", counts=Counts(scanned=n * size, pending=n * size), shards=shards)
+    shards = [
+        ShardRecord(shard_id=i, start=i * size, stop=(i + 1) * size, images=size, fingerprint=f"fp{i}")
+        for i in range(n)
+    ]
+    return Manifest(
+        run_id="r1", run_date="2026-01-01", counts=Counts(scanned=n * size, pending=n * size), shards=shards
+    )
 
 
 def result(sid: int, state: str = "complete", scored: int = 10, failed: int = 0, attempt: int = 1, **kw) -> ShardResult:
-    return ShardResult(shard_id=sid, state=state, images=10, scored=scored, failed=failed, attempt=attempt, fingerprint=f"fp{sid}", **kw)
+    return ShardResult(
+        shard_id=sid,
+        state=state,
+        images=10,
+        scored=scored,
+        failed=failed,
+        attempt=attempt,
+        fingerprint=f"fp{sid}",
+        **kw,
+    )
 
 
 def test_apply_keeps_counts_equal_to_a_recount():
@@ -48,7 +62,17 @@ def test_attempts_never_go_down_and_old_names_load():
     m.apply(result(0, "partial", 9, 1, attempt=3))
     m.apply(result(0, "partial", 9, 1, attempt=2))  # a replay of an older result
     assert m.shards[0].attempts == 3
-    old_entry = {"shard_id": 0, "start": 0, "stop": 5, "images": 5, "fingerprint": "x", "state": "complete", "attempt": 2, "scored": 5, "failed": 0}
+    old_entry = {
+        "shard_id": 0,
+        "start": 0,
+        "stop": 5,
+        "images": 5,
+        "fingerprint": "x",
+        "state": "complete",
+        "attempt": 2,
+        "scored": 5,
+        "failed": 0,
+    }
     assert ShardRecord.model_validate(old_entry).attempts == 2
     with pytest.raises(ValidationError):
         ShardRecord.model_validate({**old_entry, "state": "done"})  # states are one Literal
@@ -106,19 +130,61 @@ def test_a_manifest_of_the_previous_version_loads(tmp_path):
     """manifest.json as the version before the ledger wrote it (one file per run, rewritten per
     shard; 'attempts' in entries; no ledger, no format_version)."""
     old = {
-        "run_id": "old", "run_date": "2026-01-01", "flow_run_id": None, "status": "partial",
-        "created_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T00:00:00+00:00",
+        "run_id": "old",
+        "run_date": "2026-01-01",
+        "flow_run_id": None,
+        "status": "partial",
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "updated_at": "2026-01-01T00:00:00+00:00",
         "input": {"root": "/data", "layout": "flat", "classes": []},
         "counts": {"scanned": 10, "scored": 9, "failed": 1, "skipped": 0, "already_scored": 0, "pending": 0},
-        "skipped": [], "model": {"model_id": "m"}, "config": {}, "incremental": {"skip_scored": False},
+        "skipped": [],
+        "model": {"model_id": "m"},
+        "config": {},
+        "incremental": {"skip_scored": False},
         "index": {"file": "index.parquet", "fingerprint": "f", "images": 10, "shard_size": 5},
         "shards": [
-            {"shard_id": 0, "start": 0, "stop": 5, "images": 5, "fingerprint": "a", "state": "complete", "attempts": 1, "scored": 5,
-             "failed": 0, "files": [], "failed_images": [], "device": "cpu", "worker": "h:1", "seconds": 0.5, "warnings": {}, "reason": None},
-            {"shard_id": 1, "start": 5, "stop": 10, "images": 5, "fingerprint": "b", "state": "partial", "attempts": 2, "scored": 4,
-             "failed": 1, "files": [], "failed_images": ["x.jpg"], "device": "cpu", "worker": "h:1", "seconds": 0.5, "warnings": {"w": 1}, "reason": None},
+            {
+                "shard_id": 0,
+                "start": 0,
+                "stop": 5,
+                "images": 5,
+                "fingerprint": "a",
+                "state": "complete",
+                "attempts": 1,
+                "scored": 5,
+                "failed": 0,
+                "files": [],
+                "failed_images": [],
+                "device": "cpu",
+                "worker": "h:1",
+                "seconds": 0.5,
+                "warnings": {},
+                "reason": None,
+            },
+            {
+                "shard_id": 1,
+                "start": 5,
+                "stop": 10,
+                "images": 5,
+                "fingerprint": "b",
+                "state": "partial",
+                "attempts": 2,
+                "scored": 4,
+                "failed": 1,
+                "files": [],
+                "failed_images": ["x.jpg"],
+                "device": "cpu",
+                "worker": "h:1",
+                "seconds": 0.5,
+                "warnings": {"w": 1},
+                "reason": None,
+            },
         ],
-        "outputs": {"predictions": "p", "errors": "e"}, "timings": {"planned_at_s": 1.0}, "reruns": [{"shards": []}], "extra_key": 1,
+        "outputs": {"predictions": "p", "errors": "e"},
+        "timings": {"planned_at_s": 1.0},
+        "reruns": [{"shards": []}],
+        "extra_key": 1,
     }
     (tmp_path / "manifest.json").write_text(json.dumps(old))
     m = load_manifest(tmp_path)
@@ -157,7 +223,9 @@ def test_a_reused_pid_does_not_keep_a_lock_alive(tmp_path):
         p.wait()
 
 
-@pytest.mark.parametrize("content", [b'{"run_id": ', b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s.", b"[1, 2]"])
+@pytest.mark.parametrize(
+    "content", [b'{"run_id": ', b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s.", b"[1, 2]"]
+)
 def test_a_damaged_manifest_is_one_line_naming_the_file_and_exit_2(content, tmp_path, capsys):
     """A truncated manifest, pickle bytes, JSON that is not a manifest: ``imgscore rerun`` and
     ``imgscore report`` exit 2 with one line naming the file — not pydantic's multi-line text."""
@@ -184,6 +252,8 @@ def test_a_lock_refusal_suggests_deleting_the_file_only_for_an_owner_on_another_
 
     here = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": "imgscore run", "acquired_at": "t"}
     there = {**here, "host": "elsewhere.example"}
-    assert "delete" not in run_lock.describe(here, tmp_path) and f"kill {os.getpid()}" in run_lock.describe(here, tmp_path)
+    assert "delete" not in run_lock.describe(here, tmp_path) and f"kill {os.getpid()}" in run_lock.describe(
+        here, tmp_path
+    )
     assert f"delete {run_lock.lock_path(tmp_path)}" in run_lock.describe(there, tmp_path)
     assert run_lock.describe(here, tmp_path).count("wait for it to finish") == 1

@@ -18,9 +18,15 @@ def _img(path, color=(200, 10, 10), fmt=None):
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path / "tree"
-    for cls, names in {"cat": ["b.jpg", "a.PNG", "nested/c.jpeg"], "dog": ["x.JPG", "y.bmp"], "zebra": ["z.webp"]}.items():
+    for cls, names in {
+        "cat": ["b.jpg", "a.PNG", "nested/c.jpeg"],
+        "dog": ["x.JPG", "y.bmp"],
+        "zebra": ["z.webp"],
+    }.items():
         for n in names:
-            fmt = {"jpg": "JPEG", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "webp": "WEBP"}[n.rsplit(".", 1)[1].lower()]
+            fmt = {"jpg": "JPEG", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "webp": "WEBP"}[
+                n.rsplit(".", 1)[1].lower()
+            ]
             _img(root / cls / n, fmt=fmt)
     (root / "dog" / "notes.txt").write_text("not an image")
     return root
@@ -126,7 +132,11 @@ def test_a_tree_deeper_than_the_recursion_limit_is_scanned_whole(tmp_path, reque
     request.addfinalizer(lambda: _remove_deep_tree(str(tmp_path / "cls")))
     assert len(os.path.join(str(tmp_path), "cls", rel)) < os.pathconf(str(tmp_path), "PC_PATH_MAX")
     idx = scan_images(tmp_path, layout="flat")
-    assert [e.image_path for e in idx.entries] == ["other.png", "cls/top.png", f"cls/{rel}"]  # torchvision's order: files, then folders
+    assert [e.image_path for e in idx.entries] == [
+        "other.png",
+        "cls/top.png",
+        f"cls/{rel}",
+    ]  # torchvision's order: files, then folders
     assert idx.entries[2].size == os.path.getsize(os.path.join(str(tmp_path), "cls", rel)) and not idx.skipped
     (tmp_path / "other.png").unlink()
     (tmp_path / "cls" / "top.png").unlink()
@@ -149,7 +159,10 @@ def test_output_root_inside_input_root_is_left_out_of_the_scan(tmp_path):
     scan = open_scan(tmp_path, exclude=out)
     entries = [b for b in scan.batches()]
     assert scan.layout == "imagefolder" and scan.classes == ["cat", "dog"]
-    assert [r for b in entries for r in b.column("image_path").to_pylist()] == ["cat/cat.png", "dog/dog.png"] and scan.skipped == []
+    assert [r for b in entries for r in b.column("image_path").to_pylist()] == [
+        "cat/cat.png",
+        "dog/dog.png",
+    ] and scan.skipped == []
     assert open_scan(tmp_path).classes == ["Scores", "cat", "dog"]  # what the run used to see
 
     deep_out = tmp_path / "dog" / "scores"  # inside a class folder, flat layout too
@@ -160,8 +173,13 @@ def test_output_root_inside_input_root_is_left_out_of_the_scan(tmp_path):
     assert "dog/dog.png" in rows and not any("scores" in r for r in rows)
     assert not any("scores" in s["image_path"] for s in flat.skipped)
 
-    assert output_within_input(tmp_path, deep_out) == "dog/scores" and output_within_input(tmp_path / "cat", out) is None
-    assert output_within_input("s3://b/data", "S3://b/data/Scores/") == "Scores" and output_within_input("s3://b/data", "s3://b/database") is None
+    assert (
+        output_within_input(tmp_path, deep_out) == "dog/scores" and output_within_input(tmp_path / "cat", out) is None
+    )
+    assert (
+        output_within_input("s3://b/data", "S3://b/data/Scores/") == "Scores"
+        and output_within_input("s3://b/data", "s3://b/database") is None
+    )
     assert output_within_input("s3://b/data", tmp_path) is None
     with pytest.raises(ConfigError, match=r"output.root '.*' is input.root: .*set output.root to a folder outside"):
         check_roots_apart(tmp_path, str(tmp_path) + "/")
@@ -174,23 +192,34 @@ def test_an_object_store_output_prefix_inside_the_input_prefix_is_left_out(monke
     from imgscore.images.scan import open_scan
     from imgscore.io import objects, storage
 
-    keys = ["cat/c1.png", "dog/d1.png", "dog/scores/predictions/part-00000.parquet", "Scores/runs/r1/manifest.json",
-            "Scores/predictions/run_date=2026-03-01/r1/part-00000.parquet"]
+    keys = [
+        "cat/c1.png",
+        "dog/d1.png",
+        "dog/scores/predictions/part-00000.parquet",
+        "Scores/runs/r1/manifest.json",
+        "Scores/predictions/run_date=2026-03-01/r1/part-00000.parquet",
+    ]
 
     def list_objects(url, recursive=True):
         rel = storage.normalize_root(url).removeprefix("s3://b/data").strip("/")
-        under = [k[len(rel) + 1:] if rel else k for k in keys if not rel or k.startswith(rel + "/")]
+        under = [k[len(rel) + 1 :] if rel else k for k in keys if not rel or k.startswith(rel + "/")]
         if recursive:
             return [objects.ObjectInfo(k, 1, 0, "e") for k in sorted(under)], []
-        return ([objects.ObjectInfo(k, 1, 0, "e") for k in under if "/" not in k],
-                sorted({k.split("/")[0] for k in under if "/" in k}))
+        return (
+            [objects.ObjectInfo(k, 1, 0, "e") for k in under if "/" not in k],
+            sorted({k.split("/")[0] for k in under if "/" in k}),
+        )
 
     monkeypatch.setattr(objects, "list_objects", list_objects)
     scan = open_scan("s3://b/data", exclude="S3://b/data/Scores/")
     rows = [r for b in scan.batches() for r in b.column("image_path").to_pylist()]
     assert scan.classes == ["cat", "dog"] and rows == ["cat/c1.png", "dog/d1.png"]
-    assert [s["image_path"] for s in scan.skipped] == ["dog/scores/predictions/part-00000.parquet"]  # another folder's: listed
+    assert [s["image_path"] for s in scan.skipped] == [
+        "dog/scores/predictions/part-00000.parquet"
+    ]  # another folder's: listed
     deep = open_scan("s3://b/data", exclude="s3://b/data/dog/scores")
     deep_rows = [r for b in deep.batches() for r in b.column("image_path").to_pylist()]
     assert deep.classes == ["Scores", "cat", "dog"] and deep_rows == ["cat/c1.png", "dog/d1.png"]
-    assert not any(s["image_path"].startswith("dog/scores/") for s in deep.skipped) and len(deep.skipped) == 2  # Scores/: not this run's
+    assert (
+        not any(s["image_path"].startswith("dog/scores/") for s in deep.skipped) and len(deep.skipped) == 2
+    )  # Scores/: not this run's

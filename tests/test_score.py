@@ -26,8 +26,12 @@ class _Loader:
 
 def test_a_dataloader_failure_becomes_a_shard_error():
     got = []
-    with pytest.raises(ShardError, match=r"shard 7: DataLoader failed: DataLoader worker \(pid 1\) is killed by signal: Bus error"):
-        for b in loader_batches(_Loader(2, RuntimeError("DataLoader worker (pid 1) is killed by signal: Bus error")), 7):
+    with pytest.raises(
+        ShardError, match=r"shard 7: DataLoader failed: DataLoader worker \(pid 1\) is killed by signal: Bus error"
+    ):
+        for b in loader_batches(
+            _Loader(2, RuntimeError("DataLoader worker (pid 1) is killed by signal: Bus error")), 7
+        ):
             got.append(b)
     assert got == [0, 1]
 
@@ -44,21 +48,49 @@ def test_an_error_in_the_scoring_code_is_not_relabelled():
 def _pred(path: str, score: float) -> dict:
     import datetime as dt
 
-    return {"run_id": "r", "image_path": path, "label": None, "label_name": None, "pred_index": 0, "pred_label": "a",
-            "score": score, "topk_indices": [0], "topk_scores": [score], "model_id": "m", "device": "cpu", "worker": "h:1",
-            "shard_id": 0, "batch_id": 0, "scored_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "file_size": 1, "file_mtime_ns": 1}
+    return {
+        "run_id": "r",
+        "image_path": path,
+        "label": None,
+        "label_name": None,
+        "pred_index": 0,
+        "pred_label": "a",
+        "score": score,
+        "topk_indices": [0],
+        "topk_scores": [score],
+        "model_id": "m",
+        "device": "cpu",
+        "worker": "h:1",
+        "shard_id": 0,
+        "batch_id": 0,
+        "scored_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        "file_size": 1,
+        "file_mtime_ns": 1,
+    }
 
 
 def _err(path: str, attempt: int) -> dict:
     import datetime as dt
 
-    return {"run_id": "r", "image_path": path, "shard_id": 0, "batch_id": 0, "stage": "decode", "error_type": "DecodeError.truncated",
-            "message": "x", "attempt": attempt, "occurred_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "worker": "h:1"}
+    return {
+        "run_id": "r",
+        "image_path": path,
+        "shard_id": 0,
+        "batch_id": 0,
+        "stage": "decode",
+        "error_type": "DecodeError.truncated",
+        "message": "x",
+        "attempt": attempt,
+        "occurred_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        "worker": "h:1",
+    }
 
 
 def test_merge_of_a_partial_shard_keeps_index_order_and_old_rows():
     order = pa.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"])
-    old_pred = pa.Table.from_pylist([_pred("a.jpg", 0.1), _pred("c.jpg", 0.3), _pred("e.jpg", 0.5)], schema=PREDICTIONS_SCHEMA)
+    old_pred = pa.Table.from_pylist(
+        [_pred("a.jpg", 0.1), _pred("c.jpg", 0.3), _pred("e.jpg", 0.5)], schema=PREDICTIONS_SCHEMA
+    )
     old_err = pa.Table.from_pylist([_err("b.jpg", 1), _err("d.jpg", 1)], schema=ERRORS_SCHEMA)
     new_pred = pa.Table.from_pylist([_pred("d.jpg", 0.9)], schema=PREDICTIONS_SCHEMA)  # d fixed; b still fails
     new_err = pa.Table.from_pylist([_err("b.jpg", 2)], schema=ERRORS_SCHEMA)

@@ -50,8 +50,13 @@ def _pickle_record(marker: Path, storage_key: Path) -> bytes:
     """A Prefect 3 result record, as Prefect writes one with its default serializer, whose
     result unpickles into ``open(marker, "w")``."""
     blob = base64.encodebytes(pickle.dumps(_OpensMarker(marker))).decode()
-    meta = {"storage_key": str(storage_key), "expiration": None, "prefect_version": "3.9.1", "storage_block_id": None,
-            "serializer": {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None}}
+    meta = {
+        "storage_key": str(storage_key),
+        "expiration": None,
+        "prefect_version": "3.9.1",
+        "storage_block_id": None,
+        "serializer": {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None},
+    }
     return json.dumps({"metadata": meta, "result": blob}).encode()
 
 
@@ -59,11 +64,18 @@ def _legacy_cache_keys(m: dict) -> list[str]:
     """The file names under OUT/_prefect/results where imgscore's shard results were persisted
     before this release (the old ``shard_cache_key``: run id, rows, fingerprint, model key)."""
     mkey = m["model"]["model_key"]
-    return ["imgscore-shard-" + hashlib.sha256(json.dumps([m["run_id"], s["shard_id"], s["start"], s["stop"], s["fingerprint"], mkey]).encode()).hexdigest()
-            for s in m["shards"]]
+    return [
+        "imgscore-shard-"
+        + hashlib.sha256(
+            json.dumps([m["run_id"], s["shard_id"], s["start"], s["stop"], s["fingerprint"], mkey]).encode()
+        ).hexdigest()
+        for s in m["shards"]
+    ]
 
 
-def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch):
+def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(
+    prefect_server, photos, tiny_checkpoint, tmp_path, monkeypatch
+):
     """Between the two attempts of a flow run, every place a persisted shard result could be read
     from (each file under OUT/_prefect/results, and the names earlier releases used) holds a
     Prefect record that claims the pickle serializer and whose unpickling creates a marker file.
@@ -82,7 +94,9 @@ def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_se
     root = flat_folder(tmp_path / "images", photos, 15, size=48)
     out = tmp_path / "out"
     marker = tmp_path / "UNPICKLED"
-    cfg = load_config(None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "planted"}))
+    cfg = load_config(
+        None, base_overrides(root, tiny_checkpoint, out, **{"run.shard_retries": 0, "run.run_id": "planted"})
+    )
     calls: list[int] = []
     real_score, real_resume = shard_tasks.score_shard, plan_tasks.resume_plan
 
@@ -109,7 +123,13 @@ def test_planted_pickle_result_is_never_unpickled_on_a_flow_run_retry(prefect_se
 
     assert not marker.exists(), "a planted pickle was unpickled"
     assert state.is_completed(), state
-    assert sorted(calls) == [0, 1, 1, 2, 2]  # 0 scored once (Cached on the retry); 1 failed then scored; 2's part was gone
+    assert sorted(calls) == [
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]  # 0 scored once (Cached on the retry); 1 failed then scored; 2's part was gone
     m = manifest(out, "planted")
     assert m["status"] == "complete" and m["counts"]["scored"] == 15
     paths = predictions(out, "planted")["image_path"].to_pylist()
@@ -165,7 +185,15 @@ def _tamper(out: Path, rid: str, outside: Path, how: str) -> str:
         m["run_date"] = "../../../outside"
         entry = "run_date"
     elif how == "ledger-line":  # a line appended to the ledger: replayed over the summary
-        line = {"shard_id": 1, "state": "partial", "images": 5, "scored": 4, "failed": 1, "attempt": 9, "files": [str(outside / "part-00001.parquet")]}
+        line = {
+            "shard_id": 1,
+            "state": "partial",
+            "images": 5,
+            "scored": 4,
+            "failed": 1,
+            "attempt": 9,
+            "files": [str(outside / "part-00001.parquet")],
+        }
         (run_dir / "ledger").mkdir(exist_ok=True)
         (run_dir / "ledger" / f"{m['ledger']['from_segment']:06d}.jsonl").write_text(json.dumps(line) + "\n")
         entry = "shards[1].files[0]"
@@ -184,7 +212,10 @@ def _tamper(out: Path, rid: str, outside: Path, how: str) -> str:
     return entry
 
 
-@pytest.mark.parametrize("how", ["files-relative", "files-absolute", "run-date", "ledger-line", "symlinked-part-folder", "symlinked-commit-folder"])
+@pytest.mark.parametrize(
+    "how",
+    ["files-relative", "files-absolute", "run-date", "ledger-line", "symlinked-part-folder", "symlinked-commit-folder"],
+)
 def test_rerun_refuses_run_state_that_leaves_the_output_root(finished_run, tmp_path, capsys, how):
     """`imgscore rerun` of a run whose state names something outside the output root exits 2
     with one line naming the entry, before it cleans, archives or writes anything: the files in
@@ -218,7 +249,9 @@ def test_a_copied_output_root_still_reruns(finished_run, tmp_path):
     shutil.copytree(src, out)
     original = _stat(next((src / "errors").glob(f"run_date=*/{rid}")))
     assert str(src) in manifest(out, rid)["shards"][0]["files"][0]
-    assert cli_main(["rerun", rid, "--set", f"output.root={out}", "--quiet"]) == 0  # the truncated JPEG still fails, within budget
+    assert (
+        cli_main(["rerun", rid, "--set", f"output.root={out}", "--quiet"]) == 0
+    )  # the truncated JPEG still fails, within budget
     assert _stat(next((src / "errors").glob(f"run_date=*/{rid}"))) == original
     assert list((out / "errors_history").glob(f"run_date=*/{rid}/part-00001-attempt-001.parquet"))
 
@@ -326,19 +359,32 @@ def test_containment_checks(tmp_path):
         with pytest.raises(UnsafePathError, match="not a plain folder name"):
             safe_name(bad, "run id")
     parts = [root / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00003.parquet"]
-    check_recorded_files([str(parts[0]), "predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], parts, root, "f")
-    check_recorded_files(["/old/place/predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], parts, root, "f")  # root moved
+    check_recorded_files(
+        [str(parts[0]), "predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], parts, root, "f"
+    )
+    check_recorded_files(
+        ["/old/place/predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], parts, root, "f"
+    )  # root moved
     # a relative output.root (make demo's `outputs`): the writer records root/part relative to the cwd
     rel = Path("outputs")
     rel_parts = [rel / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00003.parquet"]
-    check_recorded_files([str(rel_parts[0]), "predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], rel_parts, rel, "f")
+    check_recorded_files(
+        [str(rel_parts[0]), "predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"], rel_parts, rel, "f"
+    )
     check_recorded_files(["elsewhere/" + str(rel_parts[0])], rel_parts, rel, "f")  # run from another working directory
-    for bad in ("outputs/predictions/run_date=2026-01-01/run_id=r/part-00004.parquet", "outputs/../x",
-                "../predictions/run_date=2026-01-01/run_id=r/part-00003.parquet"):
+    for bad in (
+        "outputs/predictions/run_date=2026-01-01/run_id=r/part-00004.parquet",
+        "outputs/../x",
+        "../predictions/run_date=2026-01-01/run_id=r/part-00003.parquet",
+    ):
         with pytest.raises(UnsafePathError, match=r"f\[0\]"):
             check_recorded_files([bad], rel_parts, rel, "f")
-    for bad in ("/etc/passwd", "../../x", "/old/../predictions/run_date=2026-01-01/run_id=r/part-00003.parquet",
-                str(root / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00004.parquet")):
+    for bad in (
+        "/etc/passwd",
+        "../../x",
+        "/old/../predictions/run_date=2026-01-01/run_id=r/part-00003.parquet",
+        str(root / "predictions" / "run_date=2026-01-01" / "run_id=r" / "part-00004.parquet"),
+    ):
         with pytest.raises(UnsafePathError, match=r"f\[0\]"):
             check_recorded_files([bad], parts, root, "f")
     check_relative_column(pa.array([b"a/b.jpg", b"a..b/c.png", b"..x"], pa.binary()), "fs_path")
@@ -367,8 +413,12 @@ def test_index_rows_that_leave_the_input_root_are_refused(finished_run, tmp_path
     t = pq.read_table(f)
     fs = t["fs_path"].to_pylist()
     fs[1] = b"../../../etc/passwd"
-    pq.write_table(t.set_column(t.schema.get_field_index("fs_path"), "fs_path", pa.array(fs, pa.binary())), f, row_group_size=5)
-    assert read_shard_table(run_dir, "index.parquet/part-00000.parquet", 1).num_rows == 5  # the other shards read as before
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("fs_path"), "fs_path", pa.array(fs, pa.binary())), f, row_group_size=5
+    )
+    assert (
+        read_shard_table(run_dir, "index.parquet/part-00000.parquet", 1).num_rows == 5
+    )  # the other shards read as before
     with pytest.raises(UnsafePathError, match="row 1: '../../../etc/passwd'"):
         read_shard_table(run_dir, "index.parquet/part-00000.parquet", 0)
     with pytest.raises(UnsafePathError, match="index file"):
@@ -393,12 +443,15 @@ def test_a_retry_refuses_a_manifest_that_names_another_input_root(finished_run, 
         resume_plan(out, rid, "fr-1", root)
 
 
-@pytest.mark.parametrize(("key", "value", "flag"), [
-    ("model.factory", "os:getcwd", "model.factory=os:getcwd"),
-    ("model.trust_checkpoint", True, "model.trust_checkpoint=true"),
-    ("runner.address", "tcp://10.0.0.9:8786", "runner.address=tcp://10.0.0.9:8786"),
-    ("inference.cache_dir", "/tmp/elsewhere", "inference.cache_dir=/tmp/elsewhere"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "flag"),
+    [
+        ("model.factory", "os:getcwd", "model.factory=os:getcwd"),
+        ("model.trust_checkpoint", True, "model.trust_checkpoint=true"),
+        ("runner.address", "tcp://10.0.0.9:8786", "runner.address=tcp://10.0.0.9:8786"),
+        ("inference.cache_dir", "/tmp/elsewhere", "inference.cache_dir=/tmp/elsewhere"),
+    ],
+)
 def test_rerun_takes_code_running_keys_from_the_manifest_only_when_repeated(key, value, flag):
     """A rerun's config is the one recorded in the manifest, which is read back from the output
     root. A recorded value that would run code or send the run elsewhere is refused (exit 2,

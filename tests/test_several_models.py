@@ -50,7 +50,9 @@ def test_models_config_names_and_refusals():
         build_config({"models": []})
     with pytest.raises(ConfigError, match="must be one word"):
         build_config({"models": [{"name": "a/b"}]})
-    cfg = build_config({"preprocess": {"jpeg_draft": False}, "models": [{"name": "x", "transform": {"resize": 160, "crop": 128}}]})
+    cfg = build_config(
+        {"preprocess": {"jpeg_draft": False}, "models": [{"name": "x", "transform": {"resize": 160, "crop": 128}}]}
+    )
     pre = cfg.preprocess_for(cfg.models[0])
     assert (pre.resize, pre.crop, pre.jpeg_draft) == (160, 128, False)
 
@@ -95,13 +97,23 @@ def second_checkpoint(tmp_path_factory) -> Path:
 def _model_blocks(tiny_checkpoint: Path, second_checkpoint: Path) -> list[dict]:
     return [
         {"name": "small", "arch": "mobilenet_v3_small", "checkpoint": str(tiny_checkpoint)},
-        {"name": "r18", "arch": "resnet18", "checkpoint": str(second_checkpoint), "transform": {"resize": 160, "crop": 128}},
+        {
+            "name": "r18",
+            "arch": "resnet18",
+            "checkpoint": str(second_checkpoint),
+            "transform": {"resize": 160, "crop": 128},
+        },
     ]
 
 
 def _run(root: Path, out: Path, models: list[dict], run_id: str, console=None, **extra) -> tuple[int, dict]:
-    raw = {"input": {"root": str(root)}, "output": {"root": str(out)}, "models": models,
-           "inference": {"device": "cpu", "batch_size": 4}, "run": {"shard_size": 5, "run_id": run_id, "min_errors": 100}}
+    raw = {
+        "input": {"root": str(root)},
+        "output": {"root": str(out)},
+        "models": models,
+        "inference": {"device": "cpu", "batch_size": 4},
+        "run": {"shard_size": 5, "run_id": run_id, "min_errors": 100},
+    }
     for k, v in extra.items():
         sec, key = k.split(".")
         raw.setdefault(sec, {})[key] = v
@@ -119,7 +131,15 @@ def runs(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path_fa
     printed = io.StringIO()
     both = _run(root, out, blocks, "both", console=Console(file=printed, width=400))
     alone = [_run(root, base / f"out_{b['name']}", [b], f"alone-{b['name']}") for b in blocks]
-    return {"root": root, "out": out, "both": both, "alone": alone, "base": base, "blocks": blocks, "printed": printed.getvalue()}
+    return {
+        "root": root,
+        "out": out,
+        "both": both,
+        "alone": alone,
+        "base": base,
+        "blocks": blocks,
+        "printed": printed.getvalue(),
+    }
 
 
 def _rows(out: Path, table: str, run_id: str) -> list[dict]:
@@ -156,7 +176,9 @@ def test_pairs_are_counted_and_errors_name_their_model(runs):
     assert summary["models"] == ["small", "r18"]
     errors = _rows(runs["out"], "errors", "both")
     assert sorted((e["model_name"], e["image_path"], e["stage"]) for e in errors) == [
-        ("r18", "rocket/broken.jpg", "decode"), ("small", "rocket/broken.jpg", "decode")]
+        ("r18", "rocket/broken.jpg", "decode"),
+        ("small", "rocket/broken.jpg", "decode"),
+    ]
     assert all(e["model_id"] for e in errors)
     m = load_manifest(runs["out"] / "runs" / "both")
     assert [x["name"] for x in m.models] == ["small", "r18"] and m.counts.pairs == 26 and m.counts.pending == 0
@@ -196,7 +218,10 @@ def test_the_summary_keeps_images_and_pairs_apart_and_ends_with_the_rerun_line(r
 def test_the_auto_split_is_measured_with_one_model_and_with_two(runs):
     """``inference.num_workers: auto`` measures decode and forward costs on the shard's images
     for a one-model run and a two-model run alike (each commit record holds the predictions)."""
-    for out, run_id in [(runs["out"], "both"), *((runs["base"] / f"out_{b['name']}", f"alone-{b['name']}") for b in runs["blocks"])]:
+    for out, run_id in [
+        (runs["out"], "both"),
+        *((runs["base"] / f"out_{b['name']}", f"alone-{b['name']}") for b in runs["blocks"]),
+    ]:
         record = json.loads((out / "runs" / run_id / "shards" / "00000.json").read_text())
         assert record["split_predicted"], (run_id, record)
 
@@ -223,18 +248,24 @@ def test_report_and_drift_describe_each_model_on_its_own(runs, photos):
         build_report(runs["out"], "both", model_name="nope")
     from imgscore.flows.cli import main as cli_main
 
-    assert cli_main(["report", "both", "--set", f"output.root={runs['out']}", "--format", "json", "--model", "small"]) == 0
+    assert (
+        cli_main(["report", "both", "--set", f"output.root={runs['out']}", "--format", "json", "--model", "small"]) == 0
+    )
     assert cli_main(["report", "both", "--set", f"output.root={runs['out']}", "--model", "nope"]) == 2
 
 
-def test_adding_a_model_scores_only_that_model_on_old_images(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path):
+def test_adding_a_model_scores_only_that_model_on_old_images(
+    prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path
+):
     """``run.skip_scored``: a night with one model, then a night with that model and a new one.
     The second night scores only the new model (12 predictions, all its), carries the first
     model's 12 images as already scored and its corrupt image as already failed (its own
     ledger), and records the new model's own failure of that image."""
     root = make_image_folder(tmp_path / "images", photos)
     jpeg = (root / "coffee" / "coffee_0.jpg").read_bytes()
-    (root / "rocket" / "broken.jpg").write_bytes(jpeg[: len(jpeg) * 6 // 10])  # truncated: the same bytes fail every night
+    (root / "rocket" / "broken.jpg").write_bytes(
+        jpeg[: len(jpeg) * 6 // 10]
+    )  # truncated: the same bytes fail every night
     blocks = _model_blocks(tiny_checkpoint, second_checkpoint)
     out = tmp_path / "out"
     code, first = _run(root, out, blocks[:1], "night1", **{"run.skip_scored": True})
@@ -245,12 +276,21 @@ def test_adding_a_model_scores_only_that_model_on_old_images(prefect_server, pho
     assert (second["already_scored"], second["already_failed"]) == (12, 1)
     preds = _rows(out, "predictions", "night2")
     assert {r["model_name"] for r in preds} == {"r18"} and len(preds) == 12
-    assert [(e["model_name"], e["image_path"]) for e in _rows(out, "errors", "night2")] == [("r18", "rocket/broken.jpg")]
+    assert [(e["model_name"], e["image_path"]) for e in _rows(out, "errors", "night2")] == [
+        ("r18", "rocket/broken.jpg")
+    ]
     code, third = _run(root, out, blocks, "night3", **{"run.skip_scored": True})
-    assert code == 0 and (third["scanned"], third["scored"], third["already_scored"], third["already_failed"]) == (0, 0, 24, 2)
+    assert code == 0 and (third["scanned"], third["scored"], third["already_scored"], third["already_failed"]) == (
+        0,
+        0,
+        24,
+        2,
+    )
 
 
-def test_rerun_of_a_fixed_image_rescores_it_with_every_model(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path):
+def test_rerun_of_a_fixed_image_rescores_it_with_every_model(
+    prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path
+):
     """A truncated JPEG fails for both models; once fixed, ``imgscore rerun`` scores it with
     both, keeps every other row as it was, and ends with one row per (image, model) pair."""
     from imgscore.flows.cli import main as cli_main
@@ -268,15 +308,21 @@ def test_rerun_of_a_fixed_image_rescores_it_with_every_model(prefect_server, pho
     after = _rows(out, "predictions", "fixme")
     keys = [(r["model_name"], r["image_path"]) for r in after]
     assert len(keys) == len(set(keys)) == 26
-    assert {k for k in keys if k[1] == "rocket/broken.jpg"} == {("small", "rocket/broken.jpg"), ("r18", "rocket/broken.jpg")}
-    changed = sorted(k for k, r in zip(keys, after, strict=True) if k[1] != "rocket/broken.jpg" and r["scored_at"] != before[k])
+    assert {k for k in keys if k[1] == "rocket/broken.jpg"} == {
+        ("small", "rocket/broken.jpg"),
+        ("r18", "rocket/broken.jpg"),
+    }
+    changed = sorted(
+        k for k, r in zip(keys, after, strict=True) if k[1] != "rocket/broken.jpg" and r["scored_at"] != before[k]
+    )
     assert not changed
     m = load_manifest(out / "runs" / "fixme")
     assert (m.counts.scored, m.counts.failed, m.status) == (26, 0, "complete")
 
 
-def test_embeddings_of_several_models_share_one_table_or_are_refused(prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path,
-                                                                    capfd):
+def test_embeddings_of_several_models_share_one_table_or_are_refused(
+    prefect_server, photos, tiny_checkpoint, second_checkpoint, tmp_path, capfd
+):
     """Two models with equal vector lengths: one embeddings row per predictions row, keyed by
     model_name; lengths that differ (mobilenet_v3_small's 1024, resnet18's 512) are refused at
     start with exit 2, naming both, and nothing is written."""
@@ -296,7 +342,9 @@ def test_embeddings_of_several_models_share_one_table_or_are_refused(prefect_ser
     assert not (tmp_path / "out2" / "predictions").exists()
 
 
-def test_the_documented_near_duplicate_query_gives_each_pair_once_per_model(prefect_server, photos, tiny_checkpoint, tmp_path):
+def test_the_documented_near_duplicate_query_gives_each_pair_once_per_model(
+    prefect_server, photos, tiny_checkpoint, tmp_path
+):
     """docs/results.md's near-duplicate query, as printed, on a two-model run whose models share
     one checkpoint (one model_id) under two transforms: the exact copy of coffee_0.jpg is found
     once for each model, named by model_name, and no row pairs one model's vector with the other's.
@@ -309,11 +357,17 @@ def test_the_documented_near_duplicate_query_gives_each_pair_once_per_model(pref
     twin = {**small, "name": "twin", "transform": {"resize": 160, "crop": 128}}
     code, _ = _run(root, out, [small, twin], "dupes", **{"output.embeddings": True})
     assert code == 0
-    sql = "\n".join(c for lang, c in re.findall(r"```(sql|python)\n(.*?)```", doc_section("results.md", "Analytics recipes"), re.S) if lang == "sql")
+    sql = "\n".join(
+        c
+        for lang, c in re.findall(r"```(sql|python)\n(.*?)```", doc_section("results.md", "Analytics recipes"), re.S)
+        if lang == "sql"
+    )
     stmt = next(s for s in sql.split(";") if "near-duplicates" in s)
     res = duckdb.sql(stmt.replace("'outputs/", f"'{out}/"))
     cols, rows = res.columns, res.fetchall()
     got = [(r[cols.index("model_name")], r[cols.index("image_a")], r[cols.index("image_b")]) for r in rows]
     assert len(got) == len(set(got))
     assert {g for g in got if g[1:] == ("coffee/coffee_0.jpg", "coffee/coffee_copy.jpg")} == {
-        ("small", "coffee/coffee_0.jpg", "coffee/coffee_copy.jpg"), ("twin", "coffee/coffee_0.jpg", "coffee/coffee_copy.jpg")}
+        ("small", "coffee/coffee_0.jpg", "coffee/coffee_copy.jpg"),
+        ("twin", "coffee/coffee_0.jpg", "coffee/coffee_copy.jpg"),
+    }

@@ -25,7 +25,13 @@ def test_importing_the_cli_imports_neither_prefect_nor_torch():
 
 def test_launcher_says_no_server_when_an_api_is_configured():
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:4200/api"}
-    out = subprocess.run([sys.executable, "-m", "imgscore.runtime.server_launcher", "-"], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "imgscore.runtime.server_launcher", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "-", out.stderr
 
 

@@ -23,7 +23,9 @@ def test_roots_normalize_and_join():
     assert storage.join("s3://b/out", "runs", "R1/manifest.json") == "s3://b/out/runs/R1/manifest.json"
     assert storage.join("/o", "runs", "R1") == "/o/runs/R1"
     assert storage.is_remote("gs://b/x") and storage.is_remote("abfs://c/x") and not storage.is_remote("file:///x")
-    assert storage.parent_of("s3://b/out/runs/R1") == "s3://b/out/runs" and storage.name_of("s3://b/out/runs/R1") == "R1"
+    assert (
+        storage.parent_of("s3://b/out/runs/R1") == "s3://b/out/runs" and storage.name_of("s3://b/out/runs/R1") == "R1"
+    )
     with pytest.raises(ValueError, match=r"unknown storage scheme http://"):
         storage.normalize_root("http://example/x")
     with pytest.raises(ValueError, match=r"names no bucket; write s3://BUCKET/PREFIX"):
@@ -33,10 +35,17 @@ def test_roots_normalize_and_join():
 def test_secrets_in_options_are_refused_and_env_references_expand(monkeypatch):
     """A credential can only be named (``${VAR}``), never written; the name is resolved on the
     machine that opens the store, and an unset variable is named in the error."""
-    object_store.check_options({"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"},
-                                "anon": False})
-    for bad in ({"secret": "hunter2"}, {"key": "AKIA123"}, {"client_kwargs": {"aws_secret_access_key": "x"}},
-                {"sas_token": "sv=2020"}, {"connection_string": "DefaultEndpoints..."}, {"account_key": "abc"}):
+    object_store.check_options(
+        {"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"}, "anon": False}
+    )
+    for bad in (
+        {"secret": "hunter2"},
+        {"key": "AKIA123"},
+        {"client_kwargs": {"aws_secret_access_key": "x"}},
+        {"sas_token": "sv=2020"},
+        {"connection_string": "DefaultEndpoints..."},
+        {"account_key": "abc"},
+    ):
         with pytest.raises(ValueError, match="looks like a credential.*SOME_ENV_VAR"):
             object_store.check_options(bad)
     object_store.check_options({"secret": "${MY_SECRET}", "token": "anon"})
@@ -51,8 +60,12 @@ def test_seaweedfs_listens_only_on_the_ports_it_was_given(s3_server):
     """Every port of master, volume, filer and S3 gateway (HTTP and gRPC) was chosen free by the
     fixture and bound to loopback; the server opened no other listening socket."""
     proc = psutil.Process(s3_server.proc.pid)
-    listening = {(c.laddr.ip, c.laddr.port) for p in [proc, *proc.children(recursive=True)]
-                 for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for p in [proc, *proc.children(recursive=True)]
+        for c in p.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
     assert listening == {("127.0.0.1", port) for port in s3_server.ports.values()}, (listening, s3_server.ports)
 
 
@@ -60,7 +73,11 @@ def test_seaweedfs_listens_only_on_the_ports_it_was_given(s3_server):
 def test_create_new_lets_exactly_one_of_racing_writers_win(where, tmp_path, request):
     """Eight threads create the same name at once: one gets True, the others False, and the
     content is the winner's whole payload (a PUT with If-None-Match: * on S3; O_EXCL + link locally)."""
-    url = str(tmp_path / "shards" / "00003.json") if where == "local" else request.getfixturevalue("s3").url("out/shards/00003.json")
+    url = (
+        str(tmp_path / "shards" / "00003.json")
+        if where == "local"
+        else request.getfixturevalue("s3").url("out/shards/00003.json")
+    )
     results: dict[int, bool] = {}
     barrier = threading.Barrier(8)
 
@@ -90,8 +107,13 @@ def test_whole_file_io_listing_and_delete_on_s3(s3):
     assert storage.read_bytes(storage.join(base, "runs/R1/manifest.json")) == b"{}"
     assert storage.list_names(storage.join(base, "runs")) == ["R1", "R2"]
     assert storage.list_names(storage.join(base, "nothing")) == []
-    assert storage.glob(storage.join(base, "runs/*/manifest.json")) == [s3.url("out/runs/R1/manifest.json"), s3.url("out/runs/R2/manifest.json")]
-    assert storage.is_file(storage.join(base, "runs/R1/manifest.json")) and not storage.is_file(storage.join(base, "runs/R1"))
+    assert storage.glob(storage.join(base, "runs/*/manifest.json")) == [
+        s3.url("out/runs/R1/manifest.json"),
+        s3.url("out/runs/R2/manifest.json"),
+    ]
+    assert storage.is_file(storage.join(base, "runs/R1/manifest.json")) and not storage.is_file(
+        storage.join(base, "runs/R1")
+    )
     storage.delete(storage.join(base, "runs/R2/manifest.json"))
     storage.delete(storage.join(base, "runs/R2/manifest.json"))  # already gone: fine
     with pytest.raises(FileNotFoundError):
@@ -110,7 +132,10 @@ def test_listing_reports_size_last_modified_and_etag(s3):
     assert [o.key for o in objs] == ["a/one.jpg", "b/sub/two.png", "top.jpg"] and prefixes == []
     head = s3.client.head_object(Bucket=s3.bucket, Key=s3.key("img/a/one.jpg"))
     assert objs[0].size == 5 and objs[0].version == head["ETag"].strip('"')
-    assert abs(objs[0].mtime_ns / 1e9 - head["LastModified"].timestamp()) < 1.0 and abs(objs[0].mtime_ns / 1e9 - time.time()) < 600
+    assert (
+        abs(objs[0].mtime_ns / 1e9 - head["LastModified"].timestamp()) < 1.0
+        and abs(objs[0].mtime_ns / 1e9 - time.time()) < 600
+    )
     top, prefixes = objects.list_objects(s3.url("img"), recursive=False)
     assert [o.key for o in top] == ["top.jpg"] and prefixes == ["a", "b"]
 
@@ -175,18 +200,31 @@ def test_object_scan_lists_like_the_folder_scan(threads, s3, photos, tmp_path):
     local = _messy_tree(tmp_path / "images", photos)
     url = s3.upload(local, "images")
     disk, bucket = open_scan(local, "imagefolder"), open_scan(url, "imagefolder")  # auto: flat (stray.jpg)
-    assert (bucket.layout, bucket.classes) == (disk.layout, disk.classes) == ("imagefolder", ["chelsea", "coffee", "rocket"])
+    assert (
+        (bucket.layout, bucket.classes)
+        == (disk.layout, disk.classes)
+        == ("imagefolder", ["chelsea", "coffee", "rocket"])
+    )
     on_disk = [e for b in disk.batches(1) for e in entries_from_table(pa.Table.from_batches([b]))]
     listed = [e for b in bucket.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))]
-    assert [(e.image_path, e.label, e.label_name, e.size) for e in listed] == [(e.image_path, e.label, e.label_name, e.size) for e in on_disk]
-    assert len(listed) == 12 and listed[3].image_path == "chelsea/nested/a.jpg" and listed[4].image_path == "chelsea/nested/deeper/b.png"
+    assert [(e.image_path, e.label, e.label_name, e.size) for e in listed] == [
+        (e.image_path, e.label, e.label_name, e.size) for e in on_disk
+    ]
+    assert (
+        len(listed) == 12
+        and listed[3].image_path == "chelsea/nested/a.jpg"
+        and listed[4].image_path == "chelsea/nested/deeper/b.png"
+    )
     assert all(e.version and len(e.version) >= 32 and e.mtime_ns for e in listed)
-    assert sorted(map(tuple, (d.items() for d in bucket.skipped))) == sorted(map(tuple, (d.items() for d in disk.skipped)))
+    assert sorted(map(tuple, (d.items() for d in bucket.skipped))) == sorted(
+        map(tuple, (d.items() for d in disk.skipped))
+    )
     assert {d["image_path"] for d in bucket.skipped} == {"coffee/notes.txt", "coffee/raw.heic", "stray.jpg"}
     flat_disk, flat_bucket = open_scan(local), open_scan(url)
     assert flat_disk.layout == flat_bucket.layout == "flat"
-    assert [e.image_path for b in flat_bucket.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))] == \
-        [e.image_path for b in flat_disk.batches(1) for e in entries_from_table(pa.Table.from_batches([b]))]
+    assert [
+        e.image_path for b in flat_bucket.batches(threads) for e in entries_from_table(pa.Table.from_batches([b]))
+    ] == [e.image_path for b in flat_disk.batches(1) for e in entries_from_table(pa.Table.from_batches([b]))]
 
 
 def test_object_scan_refuses_an_empty_prefix_and_names_it(s3):
@@ -226,11 +264,18 @@ def test_dataloader_workers_read_objects_and_record_what_fails(s3, s3_server, ph
         proxy.fail_keys.add(f"/{s3.bucket}/{s3.key('flat/1_coffee.png')}")
         object_store.configure(object_store.Settings.of(retries=1, read_timeout_s=5))
         ds = ShardDataset(url, index.entries, spec, opts)
-        batches = list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_samples,
-                                  multiprocessing_context="fork"))
+        batches = list(
+            DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_samples, multiprocessing_context="fork")
+        )
     failures = {f.image_path: (f.stage, f.error_type, f.message) for b in batches for f in b.failures}
-    assert failures["1_coffee.png"][:2] == ("decode", "ObjectReadError") and "SlowDown (503)" in failures["1_coffee.png"][2]
-    assert failures["2_chelsea.jpg"][:2] == ("decode", "DecodeError.unreadable") and "no longer exists" in failures["2_chelsea.jpg"][2]
+    assert (
+        failures["1_coffee.png"][:2] == ("decode", "ObjectReadError")
+        and "SlowDown (503)" in failures["1_coffee.png"][2]
+    )
+    assert (
+        failures["2_chelsea.jpg"][:2] == ("decode", "DecodeError.unreadable")
+        and "no longer exists" in failures["2_chelsea.jpg"][2]
+    )
     assert failures["9_corrupt.jpg"][1].startswith("DecodeError.")
     assert len(failures) == 3
     assert proxy.gets[f"/{s3.bucket}/{s3.key('flat/1_coffee.png')}"] == 2  # read in a worker: 1 + 1 retry
@@ -253,15 +298,33 @@ def test_two_writers_of_one_shard_commit_once(where, tmp_path, request):
     from imgscore.runstate.manifest import ShardRef, ShardResult, read_commit_record
 
     out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3").url("out")
-    ref = ShardRef(run_id="r1", run_date="2026-12-01", run_dir=storage.join(out, "runs", "r1"), input_root="/x", shard_id=0,
-                   start=0, stop=0, fingerprint="fp")
+    ref = ShardRef(
+        run_id="r1",
+        run_date="2026-12-01",
+        run_dir=storage.join(out, "runs", "r1"),
+        input_root="/x",
+        shard_id=0,
+        start=0,
+        stop=0,
+        fingerprint="fp",
+    )
     empty_p, empty_e = PREDICTIONS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table()
-    first = commit_shard(ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:1"))
-    second = commit_shard(ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:2"))
+    first = commit_shard(
+        ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:1")
+    )
+    second = commit_shard(
+        ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:2")
+    )
     assert first.worker == second.worker == "host:1"
     assert read_commit_record(ref.run_dir, 0).worker == "host:1"
-    again = commit_shard(ref, out, empty_p, empty_e, ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:3"),
-                         replace=True)
+    again = commit_shard(
+        ref,
+        out,
+        empty_p,
+        empty_e,
+        ShardResult(shard_id=0, state="complete", fingerprint="fp", worker="host:3"),
+        replace=True,
+    )
     assert again.worker == read_commit_record(ref.run_dir, 0).worker == "host:3"
 
 
@@ -273,7 +336,11 @@ def test_the_path_type_is_a_pathlib_path_locally_and_rides_on_the_configured_sto
     from pathlib import Path
 
     local = storage.path(tmp_path, "runs", "R1")
-    assert isinstance(local, Path) and local == tmp_path / "runs" / "R1" and storage.path(f"file://{tmp_path}", "x") == tmp_path / "x"
+    assert (
+        isinstance(local, Path)
+        and local == tmp_path / "runs" / "R1"
+        and storage.path(f"file://{tmp_path}", "x") == tmp_path / "x"
+    )
     p = storage.path(s3.url("out"), "runs/R1", "manifest.json")
     assert str(p) == s3.url("out/runs/R1/manifest.json") and str(p / "x") == str(p) + "/x"
     assert p.fs is object_store.filesystem(str(p))[0] and p.fs.retries == 1

@@ -54,7 +54,9 @@ def test_float_tiff_with_nan_rows_is_an_error_not_a_black_image(tmp_path):
     a[2:4] = np.nan
     a[5, :3] = np.inf
     Image.fromarray(a, mode="F").save(tmp_path / "nodata.tif")
-    with pytest.raises(DecodeError, match=r"515 of 2048 pixels are NaN or infinite .*preprocess.non_finite=fill") as info:
+    with pytest.raises(
+        DecodeError, match=r"515 of 2048 pixels are NaN or infinite .*preprocess.non_finite=fill"
+    ) as info:
         decode_image(str(tmp_path / "nodata.tif"), SPEC, OPTS)
     assert info.value.kind == "non_finite"
     filled = gray(tmp_path / "nodata.tif", PreprocessSpec(max_aspect_ratio=100.0, non_finite="fill"))
@@ -140,7 +142,9 @@ def test_png_with_a_large_text_or_icc_chunk_decodes_and_pillow_is_left_as_it_was
     out = np.asarray(decode_image(str(p), SPEC, OPTS))
     assert out.shape == (32, 48, 3) and tuple(out[0, 0]) == (10, 200, 30)
     assert (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY) == before  # scoped: restored
-    with pytest.raises(DecodeError, match=r"larger than input.max_metadata_bytes=2097152 .*raise input.max_metadata_bytes") as info:
+    with pytest.raises(
+        DecodeError, match=r"larger than input.max_metadata_bytes=2097152 .*raise input.max_metadata_bytes"
+    ) as info:
         decode_image(str(p), SPEC, DecodeOptions(PILLOW_MAX_PIXELS, max_metadata_bytes=2 << 20))
     assert info.value.kind == "metadata_too_large"
     assert (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY) == before  # restored after an error too
@@ -164,7 +168,10 @@ def test_metadata_limit_is_never_seen_by_a_concurrent_decode(tmp_path):
             if ok != expect_ok:
                 errors.append(f"{opts.max_metadata_bytes}: {ok}")
 
-    threads = [threading.Thread(target=worker, args=(OPTS, True)), threading.Thread(target=worker, args=(small_limit, False))]
+    threads = [
+        threading.Thread(target=worker, args=(OPTS, True)),
+        threading.Thread(target=worker, args=(small_limit, False)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -189,15 +196,38 @@ def rgb_icc_profile(r, g, b, gamma: float = 2.2) -> bytes:
     curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
     text = b"test profile\0"
     desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)
-    tags = [(b"desc", desc), (b"wtpt", xyz(*d50)), (b"rXYZ", xyz(*r)), (b"gXYZ", xyz(*g)), (b"bXYZ", xyz(*b)),
-            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve), (b"cprt", b"text" + bytes(4) + b"none\0\0\0\0")]
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz(*d50)),
+        (b"rXYZ", xyz(*r)),
+        (b"gXYZ", xyz(*g)),
+        (b"bXYZ", xyz(*b)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+        (b"cprt", b"text" + bytes(4) + b"none\0\0\0\0"),
+    ]
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for sig, body in tags:
         table += sig + struct.pack(">II", offset + len(data), len(body))
         data += body + bytes(-len(body) % 4)
-    header = (struct.pack(">I", offset + len(data)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
-              + b"APPL" + bytes(20) + bytes(4) + _s15(d50[0]) + _s15(d50[1]) + _s15(d50[2]) + b"lcms" + bytes(44))
+    header = (
+        struct.pack(">I", offset + len(data))
+        + b"lcms"
+        + bytes([2, 0x10, 0, 0])
+        + b"mntrRGB XYZ "
+        + bytes(12)
+        + b"acsp"
+        + b"APPL"
+        + bytes(20)
+        + bytes(4)
+        + _s15(d50[0])
+        + _s15(d50[1])
+        + _s15(d50[2])
+        + b"lcms"
+        + bytes(44)
+    )
     assert len(header) == 128
     return header + struct.pack(">I", len(tags)) + table + data
 
@@ -215,7 +245,9 @@ def test_icc_profile_ignored_by_default_and_converted_with_color_manage(tmp_path
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "swapped.jpg", icc_profile=swapped, quality=100)
     for name in ("swapped.png", "swapped.jpg"):
         stored = np.asarray(decode_image(str(tmp_path / name), SPEC, OPTS))[0, 0].astype(int)
-        managed = np.asarray(decode_image(str(tmp_path / name), PreprocessSpec(color_manage=True), OPTS))[0, 0].astype(int)
+        managed = np.asarray(decode_image(str(tmp_path / name), PreprocessSpec(color_manage=True), OPTS))[0, 0].astype(
+            int
+        )
         assert np.abs(stored - (200, 30, 30)).max() <= 3, name
         assert managed[2] > 180 and managed[0] < 50, (name, managed)  # red as stored, blue in sRGB
 
@@ -280,12 +312,27 @@ def test_flow_row_records_the_replacement_not_the_scan(prefect_server, photos, t
 
     monkeypatch.setattr(imgscore.images.dataset, "decode_file", replace_then_decode)
     out = tmp_path / "out"
-    code, _ = execute(build_config({}, base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "swap", "inference.num_workers": 0})), quiet=True)
+    code, _ = execute(
+        build_config(
+            {}, base_overrides(root, tiny_checkpoint, out, **{"run.run_id": "swap", "inference.num_workers": 0})
+        ),
+        quiet=True,
+    )
     assert code == 0
-    rows = {r["image_path"]: r for r in pads.dataset(str(out / "predictions"), format="parquet", partitioning="hive").to_table().to_pylist()}
+    rows = {
+        r["image_path"]: r
+        for r in pads.dataset(str(out / "predictions"), format="parquet", partitioning="hive").to_table().to_pylist()
+    }
     scanned = {r["image_path"]: r for r in pq.read_table(out / "runs" / "swap" / "index.parquet").to_pylist()}
-    assert (rows["b.jpg"]["file_size"], rows["b.jpg"]["file_mtime_ns"]) == replaced["b.jpg"] != (scanned["b.jpg"]["size"], scanned["b.jpg"]["mtime_ns"])
-    assert (rows["a.jpg"]["file_size"], rows["a.jpg"]["file_mtime_ns"]) == (scanned["a.jpg"]["size"], scanned["a.jpg"]["mtime_ns"])
+    assert (
+        (rows["b.jpg"]["file_size"], rows["b.jpg"]["file_mtime_ns"])
+        == replaced["b.jpg"]
+        != (scanned["b.jpg"]["size"], scanned["b.jpg"]["mtime_ns"])
+    )
+    assert (rows["a.jpg"]["file_size"], rows["a.jpg"]["file_mtime_ns"]) == (
+        scanned["a.jpg"]["size"],
+        scanned["a.jpg"]["mtime_ns"],
+    )
 
 
 def test_file_gone_or_unreadable_after_the_scan_is_a_decode_error(tmp_path):

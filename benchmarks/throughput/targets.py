@@ -16,16 +16,26 @@ def targets(r: dict) -> list[dict]:
     growth = max(mem["rss_growth_tree"], mem["rss_growth_main"])
     cr, dr, prefect = c["ratios"], d["ratios"], mem["prefect_overhead_per_shard_s"]
     return [
-        _target("compute-bound: marginal ≥ 0.90 × forward-only", f"{cr['marginal_vs_forward_only']:.2f} ×",
-                cr["marginal_vs_forward_only"] >= 0.90),
-        _target("decode-bound: marginal ≥ 6 × plain batch-1 loop", f"{dr['marginal_vs_plain']:.1f} ×",
-                dr["marginal_vs_plain"] >= 6),
-        _target("decode-bound: marginal ≥ 0.8 × decode + forward core-time bound",
-                f"{dr['marginal_vs_core_time_bound']:.2f} ×", dr["marginal_vs_core_time_bound"] >= 0.8),
+        _target(
+            "compute-bound: marginal ≥ 0.90 × forward-only",
+            f"{cr['marginal_vs_forward_only']:.2f} ×",
+            cr["marginal_vs_forward_only"] >= 0.90,
+        ),
+        _target(
+            "decode-bound: marginal ≥ 6 × plain batch-1 loop",
+            f"{dr['marginal_vs_plain']:.1f} ×",
+            dr["marginal_vs_plain"] >= 6,
+        ),
+        _target(
+            "decode-bound: marginal ≥ 0.8 × decode + forward core-time bound",
+            f"{dr['marginal_vs_core_time_bound']:.2f} ×",
+            dr["marginal_vs_core_time_bound"] >= 0.8,
+        ),
         _target("fixed start-up of `imgscore run` ≤ 10 s", f"{startup:.1f} s", startup <= 10),
         _target("Prefect overhead ≤ 20 ms per shard", f"{prefect * 1e3:.0f} ms", prefect <= 0.020),
-        _target("top-1 agreement with fp32 full decode ≥ 99.5 % (trained model)", f"{agree * 100:.1f} %",
-                agree >= 0.995),
+        _target(
+            "top-1 agreement with fp32 full decode ≥ 99.5 % (trained model)", f"{agree * 100:.1f} %", agree >= 0.995
+        ),
         _target("10× the images → peak memory < +10 %", f"{growth * 100:+.1f} %", growth < 0.10),
         *_onnxruntime_targets(c),
         *_bf16_target(r),
@@ -39,10 +49,16 @@ def _onnxruntime_targets(c: dict) -> list[dict]:
         return []
     agree = c["backend_runs"]["onnxruntime"]["large"]["agreement_vs_torch_run"]["top1_agreement"]
     return [
-        _target("compute: `imgscore run` onnxruntime marginal ≥ 1.4 × eager forward-only",
-                f"{ro['marginal_vs_eager_forward_only']:.2f} ×", ro["marginal_vs_eager_forward_only"] >= 1.4),
-        _target("compute: onnxruntime marginal ≥ 0.85 × ONNX Runtime forward-only",
-                f"{ro['marginal_vs_ort_forward_only']:.2f} ×", ro["marginal_vs_ort_forward_only"] >= 0.85),
+        _target(
+            "compute: `imgscore run` onnxruntime marginal ≥ 1.4 × eager forward-only",
+            f"{ro['marginal_vs_eager_forward_only']:.2f} ×",
+            ro["marginal_vs_eager_forward_only"] >= 1.4,
+        ),
+        _target(
+            "compute: onnxruntime marginal ≥ 0.85 × ONNX Runtime forward-only",
+            f"{ro['marginal_vs_ort_forward_only']:.2f} ×",
+            ro["marginal_vs_ort_forward_only"] >= 0.85,
+        ),
         _target("compute: onnxruntime run's top-1 = torch run's top-1", f"{agree * 100:.1f} %", agree == 1.0),
     ]
 
@@ -54,9 +70,13 @@ def _bf16_target(r: dict) -> list[dict]:
         return []
     x = bf["img_per_s"] / c["forward_only"]["img_per_s"]
     emulated = "" if r.get("bf16_native") else ", emulated: this CPU has no bf16"
-    return [_target("compute: bf16 (opt-in, canary passed) ≥ 2.5 × eager forward-only",
-                    f"{x:.2f} × forward-only (OpenVINO bf16{emulated}; agreement {bf['top1_agreement'] * 100:.1f} %)",
-                    x >= 2.5 and bf["top1_agreement"] >= 0.995)]
+    return [
+        _target(
+            "compute: bf16 (opt-in, canary passed) ≥ 2.5 × eager forward-only",
+            f"{x:.2f} × forward-only (OpenVINO bf16{emulated}; agreement {bf['top1_agreement'] * 100:.1f} %)",
+            x >= 2.5 and bf["top1_agreement"] >= 0.995,
+        )
+    ]
 
 
 def _decode_and_small_targets(d: dict, sm: dict | None) -> list[dict]:
@@ -66,6 +86,11 @@ def _decode_and_small_targets(d: dict, sm: dict | None) -> list[dict]:
     out = [_target("decode-bound: best `imgscore run` marginal ≥ 8 × plain batch-1 loop", f"{x:.1f} ×", x >= 8)]
     if sm:
         v = sm.get("one_vs_best_two", sm["auto"]["one_vs_two"])
-        out.append(_target("small images: one run ≥ 0.9 × two concurrent runs (the better of auto and 0 workers)",
-                           f"{v:.2f} × (vs two `auto` runs: {sm['auto']['one_vs_two']:.2f} ×)", v >= 0.9))
+        out.append(
+            _target(
+                "small images: one run ≥ 0.9 × two concurrent runs (the better of auto and 0 workers)",
+                f"{v:.2f} × (vs two `auto` runs: {sm['auto']['one_vs_two']:.2f} ×)",
+                v >= 0.9,
+            )
+        )
     return out

@@ -106,7 +106,7 @@ class DriftConfig(Section):
         50,
         gt=0,
         description="fewer predictions than this tonight or in the baseline: numbers shown, no warning (too few to "
-                    "judge)",
+        "judge)",
     )
     low_confidence: float = Field(
         0.5, gt=0.0, lt=1.0, description="top-1 probability below this counts as low confidence"

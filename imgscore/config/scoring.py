@@ -111,7 +111,7 @@ class ModelConfig(Section):
     classes: Path | list[str] | None = Field(
         None,
         description="file with one class name a line (UTF-8), or a list in output order (quote names YAML reads as "
-                    "booleans "
+        "booleans "
         "or numbers: 'no', 'yes', 'on', 'off', '001', '12:30')" + PATH_NOTE,
     )
     num_classes: int | None = Field(None, gt=0, description="head size; inferred from the checkpoint when unset")
@@ -127,7 +127,7 @@ class ModelConfig(Section):
     transform: TransformConfig | None = Field(
         None,
         description="this model's resize, crop, mean, std, interpolation over preprocess.* (models: each its own "
-                    "recipe; "
+        "recipe; "
         "decoding is shared, the draft sized for the largest resize)",
     )
 
@@ -239,7 +239,7 @@ class PreprocessConfig(Section):
     color_manage: bool = Field(
         False,
         description="convert images with an embedded ICC profile to sRGB (ImageCms); off: pixels as stored, like "
-                    "torchvision",
+        "torchvision",
     )
 
     @field_validator("std")

@@ -26,9 +26,12 @@ INDEX_SCHEMA = pa.schema(
         pa.field("scan_error", pa.string()),  # set when the entry could not be stat'ed
         # object stores: the store's identity of the bytes (ETag, ETag@VersionId, GCS generation); null for files
         pa.field("version", pa.string()),
-        pa.field("models", pa.list_(pa.string())),  # names of the models still to score it (run.skip_scored, several models); null: every model
+        pa.field(
+            "models", pa.list_(pa.string())
+        ),  # names of the models still to score it (run.skip_scored, several models); null: every model
     ]
 )
+
 
 def display_path(rel: str) -> str:
     """Relative path → valid UTF-8 with ``/`` separators.
@@ -60,7 +63,9 @@ class ImageEntry:
     mtime_ns: int | None
     scan_error: str | None = None
     version: str | None = None
-    models: tuple[str, ...] | None = None  # the models still to score it (run.skip_scored); None: every model of the run
+    models: tuple[str, ...] | None = (
+        None  # the models still to score it (run.skip_scored); None: every model of the run
+    )
 
     def wants(self, model_name: str) -> bool:
         """Whether the model named ``model_name`` scores this image in this run."""

@@ -134,14 +134,18 @@ def skip_reason(name: str, formats: tuple[str, ...] | list[str] | None = None) -
     return UNSUPPORTED_EXTENSIONS.get(ext, NOT_AN_IMAGE)
 
 
-
-
 def no_images_message(root: AnyPath, formats: tuple[str, ...] | list[str] | None = None) -> str:
     """The refusal for a root without a single file to score (scan and CLI preflight say the same);
     ``formats``: ``input.formats`` (None: the default), whose extensions the message lists."""
     scorable = [e for e in sorted(SCORABLE_EXTENSIONS) if skip_reason("f" + e, formats) is None]
-    common = [e for e in (".jpg", ".jpeg", ".jfif", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2") if e in scorable]
-    narrowed = "" if formats is None or set(formats) == set(DEFAULT_FORMATS) else f", or that input.formats ({', '.join(formats)}) lists their format"
+    common = [
+        e for e in (".jpg", ".jpeg", ".jfif", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".jp2") if e in scorable
+    ]
+    narrowed = (
+        ""
+        if formats is None or set(formats) == set(DEFAULT_FORMATS)
+        else f", or that input.formats ({', '.join(formats)}) lists their format"
+    )
     shown = common or scorable[:10]  # formats without a common extension (FITS alone): its own
     more = f" and {len(scorable) - len(shown)} more extensions" if len(scorable) > len(shown) else ""
     return (

@@ -64,16 +64,22 @@ def check_formats(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         name = str(raw).strip().upper()
         never = _NEVER_ALIASES.get(name, name)
         if never in NEVER:
-            raise ValueError(f"input.formats names {raw!r}, which is never decoded here: {NEVER[never]}; remove it from input.formats")
+            raise ValueError(
+                f"input.formats names {raw!r}, which is never decoded here: {NEVER[never]}; remove it from input.formats"
+            )
         valid = known_formats()
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            raise ValueError(f"input.formats names {raw!r}, which is not an image format Pillow reads here; {hint}valid names: {', '.join(sorted(valid))}")
+            raise ValueError(
+                f"input.formats names {raw!r}, which is not an image format Pillow reads here; {hint}valid names: {', '.join(sorted(valid))}"
+            )
         if name not in out:
             out.append(name)
     if not out:
-        raise ValueError(f"input.formats is empty, so no image could be decoded; list formats such as {', '.join(DEFAULT_FORMATS)}")
+        raise ValueError(
+            f"input.formats is empty, so no image could be decoded; list formats such as {', '.join(DEFAULT_FORMATS)}"
+        )
     return tuple(out)
 
 

@@ -101,13 +101,22 @@ def check_folder(root: Path) -> None:
         InputError: naming the root and the fix.
     """
     if not root.exists():
-        raise InputError(f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)")
+        raise InputError(
+            f"input.root {str(root)!r} does not exist; set input.root to a folder of images (--set input.root=/path)"
+        )
     if not root.is_dir():
-        raise InputError(f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images")
+        raise InputError(
+            f"input.root {str(root)!r} is not a folder; point input.root at the folder that holds the images"
+        )
 
 
-def open_scan(root: AnyPath, layout: str = "auto", follow_symlinks: bool = True, formats: Formats = None,
-              exclude: AnyPath | None = None) -> Scan:
+def open_scan(
+    root: AnyPath,
+    layout: str = "auto",
+    follow_symlinks: bool = True,
+    formats: Formats = None,
+    exclude: AnyPath | None = None,
+) -> Scan:
     """Check ``root`` and decide the layout and classes; the walk happens in
     :meth:`~imgscore.images.scan_stream.Scan.batches`.
 
@@ -137,13 +146,16 @@ def open_scan(root: AnyPath, layout: str = "auto", follow_symlinks: bool = True,
     root_s = str(root_p)
     chosen = tuple(formats) if formats is not None else None
     left_out = storage.resolve(exclude) if exclude is not None and output_within_input(root_s, exclude) else None
-    classes = [c for c in find_classes(root_s) if left_out is None or os.path.realpath(os.path.join(root_s, c)) != left_out]
+    classes = [
+        c for c in find_classes(root_s) if left_out is None or os.path.realpath(os.path.join(root_s, c)) != left_out
+    ]
     with os.scandir(root_s) as it:
         top_files = sorted(e.name for e in it if not is_hidden(e.name) and not e.is_dir())
     if layout == "auto":
         layout = "imagefolder" if classes and all(skip_reason(n, chosen) is not None for n in top_files) else "flat"
-    scan = Scan(root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks, formats=chosen,
-                exclude=left_out)
+    scan = Scan(
+        root=root_p, layout=layout, classes=[], follow_symlinks=follow_symlinks, formats=chosen, exclude=left_out
+    )
     if layout == "imagefolder":
         scan.classes = [display_path(c) for c in classes]  # a Latin-1 folder name is a class too, named in valid UTF-8
         scan.units = [ScanUnit(os.path.join(root_s, c), i, scan.classes[i]) for i, c in enumerate(classes)]
@@ -159,8 +171,9 @@ def open_scan(root: AnyPath, layout: str = "auto", follow_symlinks: bool = True,
     return scan
 
 
-def first_entries(root: AnyPath, n: int, layout: str = "auto", follow_symlinks: bool = True,
-                  formats: Formats = None) -> list[ImageEntry]:
+def first_entries(
+    root: AnyPath, n: int, layout: str = "auto", follow_symlinks: bool = True, formats: Formats = None
+) -> list[ImageEntry]:
     """The first ``n`` images of ``root`` in index order (what a run's first shard starts with),
     walking only as far as needed. Raises as :func:`open_scan`."""
     out: list[ImageEntry] = []
@@ -171,8 +184,9 @@ def first_entries(root: AnyPath, n: int, layout: str = "auto", follow_symlinks: 
     return out[:n]
 
 
-def scan_images(root: AnyPath, layout: str = "auto", follow_symlinks: bool = True, threads: int = 1,
-                formats: Formats = None) -> ImageIndex:
+def scan_images(
+    root: AnyPath, layout: str = "auto", follow_symlinks: bool = True, threads: int = 1, formats: Formats = None
+) -> ImageIndex:
     """List every image under ``root`` in a deterministic order, in memory (:func:`open_scan`
     and :meth:`~imgscore.images.scan_stream.Scan.batches` stream the same list; planning a run uses those).
 
@@ -214,8 +228,9 @@ def has_images(root: AnyPath, follow_symlinks: bool = True, formats: Formats = N
     return False
 
 
-def stat_entries(root: AnyPath, rels: Sequence[str], labels: Sequence[int | None],
-                 label_names: Sequence[str | None]) -> list[ImageEntry]:
+def stat_entries(
+    root: AnyPath, rels: Sequence[str], labels: Sequence[int | None], label_names: Sequence[str | None]
+) -> list[ImageEntry]:
     """Index entries for the files ``rels`` (relative to ``root``) as they are now, as the scan
     makes them: a file stat'ed (:func:`imgscore.images.walk.stat_entry`), an object HEADed
     (:func:`imgscore.images.scan_objects.object_entry`); one that is gone gets a ``scan_error``."""

@@ -55,7 +55,7 @@ class ObjectScan(Scan):
             base = ""
         else:
             top = unit.top or root
-            base = top[len(root):].strip("/") + "/"
+            base = top[len(root) :].strip("/") + "/"
             listed, _ = objects.list_objects(top, recursive=True)
         left_out = self.exclude + "/" if self.exclude else None  # output.root's prefix under the root
 
@@ -81,8 +81,9 @@ def _refuse_listing(root: str, exc: BaseException) -> InputError:
     )
 
 
-def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] | list[str] | None = None,
-                     exclude: str | None = None) -> ObjectScan:
+def open_object_scan(
+    root: str, layout: str = "auto", formats: tuple[str, ...] | list[str] | None = None, exclude: str | None = None
+) -> ObjectScan:
     """Check the prefix ``root`` and decide the layout and classes; keys are listed in
     :meth:`ObjectScan.batches`. ``exclude``: the key prefix (relative to ``root``) of
     ``output.root`` inside it, never scanned (:func:`imgscore.images.scan.output_within_input`).
@@ -106,7 +107,9 @@ def open_object_scan(root: str, layout: str = "auto", formats: tuple[str, ...] |
         )
     formats = tuple(formats) if formats is not None else None
     if layout == "auto":
-        layout = "imagefolder" if classes and all(skip_reason(o.key, formats) is not None for o in top_files) else "flat"
+        layout = (
+            "imagefolder" if classes and all(skip_reason(o.key, formats) is not None for o in top_files) else "flat"
+        )
     scan = ObjectScan(root=root, layout=layout, classes=[], formats=formats, exclude=exclude)
     if layout == "imagefolder":
         scan.classes = list(classes)

@@ -20,8 +20,16 @@ from imgscore.io.storage import within
 Listing = tuple[list[str], list[tuple[str, str]], str]
 
 
-def list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str, chain: Container[str],
-                real: str | None = None, root_real: str | None = None, exclude: str | None = None) -> Listing | None:
+def list_folder(
+    top: str,
+    follow_symlinks: bool,
+    skipped: list[dict[str, str]],
+    root: str,
+    chain: Container[str],
+    real: str | None = None,
+    root_real: str | None = None,
+    exclude: str | None = None,
+) -> Listing | None:
     """One folder of the walk: (its files, its subfolders as ``(path, real path)``, its own real
     path), both sorted by name; None when the folder is not entered (a cycle, or unreadable:
     listed in ``skipped``). ``chain``: the real paths of the folders above it in the walk;
@@ -40,14 +48,21 @@ def list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
     """
     real = real or os.path.realpath(top)
     if real in chain:
-        skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": "symlink cycle: folder is its own ancestor"})
+        skipped.append(
+            {
+                "image_path": display_path(os.path.relpath(top, root)),
+                "reason": "symlink cycle: folder is its own ancestor",
+            }
+        )
         return None
     root_real = root_real or os.path.realpath(root)
     try:
         with os.scandir(top) as it:
             items = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        skipped.append({"image_path": display_path(os.path.relpath(top, root)), "reason": f"folder not readable: {exc.strerror}"})
+        skipped.append(
+            {"image_path": display_path(os.path.relpath(top, root)), "reason": f"folder not readable: {exc.strerror}"}
+        )
         return None
     files: list[str] = []
     dirs: list[tuple[str, str]] = []
@@ -59,7 +74,12 @@ def list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
         except OSError:
             is_dir = False
         if e.is_symlink() and not follow_symlinks:
-            skipped.append({"image_path": display_path(os.path.relpath(e.path, root)), "reason": "symlink not followed (input.follow_symlinks=false)"})
+            skipped.append(
+                {
+                    "image_path": display_path(os.path.relpath(e.path, root)),
+                    "reason": "symlink not followed (input.follow_symlinks=false)",
+                }
+            )
             continue
         if not is_dir:
             files.append(e.path)
@@ -81,8 +101,14 @@ def list_folder(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], 
     return files, dirs, real
 
 
-def walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], root: str,
-               chain: frozenset[str] = frozenset(), exclude: str | None = None) -> Iterator[str]:
+def walk_files(
+    top: str,
+    follow_symlinks: bool,
+    skipped: list[dict[str, str]],
+    root: str,
+    chain: frozenset[str] = frozenset(),
+    exclude: str | None = None,
+) -> Iterator[str]:
     """Yield file paths under ``top`` in torchvision's order: this folder's files, then its
     subfolders, each sorted by name (:func:`list_folder` says which folders are entered).
     ``chain``: the real paths of the folders above ``top`` (a unit of a flat tree: the root's);
@@ -106,8 +132,9 @@ def walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], r
             pending.pop()
             above.discard(owner)
             continue
-        listed = list_folder(d[0], follow_symlinks, skipped, root, above, real=d[1], root_real=root_real,
-                             exclude=exclude)
+        listed = list_folder(
+            d[0], follow_symlinks, skipped, root, above, real=d[1], root_real=root_real, exclude=exclude
+        )
         if listed is None:
             continue
         files, dirs, real = listed
@@ -116,11 +143,22 @@ def walk_files(top: str, follow_symlinks: bool, skipped: list[dict[str, str]], r
         pending.append((iter(dirs), real))
 
 
-_FILE_KINDS = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
+_FILE_KINDS = {
+    stat.S_IFIFO: "named pipe",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
 
 
-def classify(path: str, root: str, label: int | None, label_name: str | None, skipped: list[dict[str, str]],
-             formats: tuple[str, ...] | None = None) -> ImageEntry | None:
+def classify(
+    path: str,
+    root: str,
+    label: int | None,
+    label_name: str | None,
+    skipped: list[dict[str, str]],
+    formats: tuple[str, ...] | None = None,
+) -> ImageEntry | None:
     """The index entry for ``path`` (:func:`stat_entry`), or None after recording in ``skipped`` why it
     is not an image to score (:func:`imgscore.images.extensions.skip_reason` with ``formats``)."""
     why = skip_reason(path, formats)
@@ -142,7 +180,9 @@ def stat_entry(path: str, root: str, label: int | None, label_name: str | None) 
         return ImageEntry(rel, label, label_name, None, None, scan_error=f"{reason}: {exc.strerror}")
     if not stat.S_ISREG(st.st_mode):
         kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "special file")
-        return ImageEntry(rel, label, label_name, None, None, scan_error=f"not a regular file ({kind}); only regular files are read")
+        return ImageEntry(
+            rel, label, label_name, None, None, scan_error=f"not a regular file ({kind}); only regular files are read"
+        )
     return ImageEntry(rel, label, label_name, st.st_size, st.st_mtime_ns)
 
 
@@ -155,9 +195,31 @@ def find_classes(root: str | os.PathLike[str]) -> list[str]:
 
 # Mount types whose every stat is a network round trip: the scan uses threads there (scan_threads).
 NETWORK_FILESYSTEMS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "fuse.glusterfs", "lustre", "gpfs",
-     "beegfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.juicefs", "davfs", "fuse.davfs2"}
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "afs",
+        "ceph",
+        "glusterfs",
+        "fuse.glusterfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "fuse.sshfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.rclone",
+        "fuse.juicefs",
+        "davfs",
+        "fuse.davfs2",
+    }
 )
+
+
 def filesystem_type(path: str | os.PathLike[str]) -> str | None:
     """The mount type (``ext4``, ``nfs4``, ``cifs``, …) of the local file system holding
     ``path``, or None when it cannot be told (psutil lists no mount for it)."""

@@ -101,7 +101,11 @@ class Split:
     @property
     def label(self) -> str:
         """``"2x1 batch 32"``, ``"2 lanes batch 64"``: how logs and the bench name it."""
-        return f"{self.workers} lanes batch {self.batch}" if self.lanes else f"{self.workers}x{self.threads} batch {self.batch}"
+        return (
+            f"{self.workers} lanes batch {self.batch}"
+            if self.lanes
+            else f"{self.workers}x{self.threads} batch {self.batch}"
+        )
 
 
 class Choice(NamedTuple):
@@ -125,8 +129,14 @@ def fwd_at(c: Costs, t: int) -> float:
     return c.fwd_1 / (1.0 + gain * (t - 1) / (c.share - 1))
 
 
-def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None,
-                 images: int | None = None, lanes: bool = False, batch: int | None = None) -> Choice:
+def choose_split(
+    c: Costs,
+    can_fork: bool = True,
+    max_workers: int | None = None,
+    images: int | None = None,
+    lanes: bool = False,
+    batch: int | None = None,
+) -> Choice:
     """The :class:`Choice` by the rule in the module doc.
 
     ``can_fork`` False (a daemonic Dask worker) leaves only inline decoding. ``lanes``: the
@@ -150,6 +160,7 @@ def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None
         if lanes and 1 < s <= MAX_LANES:
             pred[(s, 1, True)] = s / (d + c.fwd_1)
     if images:
+
         def seconds(k: tuple[int, int, bool], v: float) -> float:
             w, _, lane = k
             if not lane:
@@ -162,7 +173,9 @@ def choose_split(c: Costs, can_fork: bool = True, max_workers: int | None = None
     best = max(pred.values())
     # ties: fewer forward threads, then fewer processes, then the forward in this process
     w, t, ln = min((k for k, v in pred.items() if v >= best * (1 - TIE)), key=lambda k: (k[1], k[0], k[2]))
-    return Choice(w, t, {(f"{a}xL" if lane else f"{a}x{b}"): round(v, 2) for (a, b, lane), v in sorted(pred.items())}, ln)
+    return Choice(
+        w, t, {(f"{a}xL" if lane else f"{a}x{b}"): round(v, 2) for (a, b, lane), v in sorted(pred.items())}, ln
+    )
 
 
 def choose_batch(fwd_s_per_image: float, configured: int | str) -> int:
@@ -186,8 +199,9 @@ def _forward_s_per_image(fwd: Forward, x: torch.Tensor) -> float:
         return (time.perf_counter() - t0) / len(x)
 
 
-def measure(samples: Callable[[int], torch.Tensor | None], n: int, forward_for: Callable[[int], Forward],
-            share: int) -> Costs | None:
+def measure(
+    samples: Callable[[int], torch.Tensor | None], n: int, forward_for: Callable[[int], Forward], share: int
+) -> Costs | None:
     """Measure :class:`Costs` on up to ``n`` images.
 
     ``samples(i)`` decodes and transforms image ``i`` (float32 [3, H, W]) or returns None for an
@@ -244,9 +258,18 @@ class Probe(Protocol):
     def __getitem__(self, i: int) -> object: ...
 
 
-def shard_split(ds: Probe, forward_for: Callable[[int], Forward], share: int, workers_cfg: int | str,
-                batch_cfg: int | str, key: SplitKey, device: torch.device, can_fork: bool, probe: int = 8,
-                lanes: bool = False) -> Split:
+def shard_split(
+    ds: Probe,
+    forward_for: Callable[[int], Forward],
+    share: int,
+    workers_cfg: int | str,
+    batch_cfg: int | str,
+    key: SplitKey,
+    device: torch.device,
+    can_fork: bool,
+    probe: int = 8,
+    lanes: bool = False,
+) -> Split:
     """The :class:`Split` a shard runs with.
 
     Numbers in ``inference.num_workers`` / ``inference.batch_size`` are kept as given (torch
@@ -266,6 +289,7 @@ def shard_split(ds: Probe, forward_for: Callable[[int], Forward], share: int, wo
         return Split(w, share, fixed_b or MIN_BATCH, {}, None)
     split = cached_split(key)
     if split is None:
+
         def sample(i: int) -> torch.Tensor | None:
             item = ds[i]
             return getattr(item, "tensor", None)
@@ -274,14 +298,31 @@ def shard_split(ds: Probe, forward_for: Callable[[int], Forward], share: int, wo
         if costs is None:  # nothing decodes in the probe: the shard records its failures anyway
             return Split(fixed_w if fixed_w is not None else 0, share, fixed_b or MIN_BATCH, {}, None)
         ch = choose_split(costs, can_fork, images=len(ds), lanes=lanes, batch=fixed_b)
-        split = remember_split(key, Split(ch.workers, ch.threads, choose_batch(fwd_at(costs, ch.threads), "auto"),
-                                          ch.predicted, costs, ch.lanes))
-        log.info("worker split for %s: %s (decode %.2f ms, forward %.2f ms/img at 1 thread, %.2f at %d; "
-                 "predicted img/s %s)", key[0], split.label, costs.decode * 1e3, costs.fwd_1 * 1e3,
-                 costs.fwd_share * 1e3, share, ch.predicted)
+        split = remember_split(
+            key,
+            Split(
+                ch.workers, ch.threads, choose_batch(fwd_at(costs, ch.threads), "auto"), ch.predicted, costs, ch.lanes
+            ),
+        )
+        log.info(
+            "worker split for %s: %s (decode %.2f ms, forward %.2f ms/img at 1 thread, %.2f at %d; predicted img/s %s)",
+            key[0],
+            split.label,
+            costs.decode * 1e3,
+            costs.fwd_1 * 1e3,
+            costs.fwd_share * 1e3,
+            share,
+            ch.predicted,
+        )
     if fixed_w is None:
-        return Split(split.workers, split.threads, fixed_b if fixed_b is not None else split.batch, split.predicted,
-                     split.costs, split.lanes)
+        return Split(
+            split.workers,
+            split.threads,
+            fixed_b if fixed_b is not None else split.batch,
+            split.predicted,
+            split.costs,
+            split.lanes,
+        )
     costs = split.costs
     assert costs is not None  # a split remember_split keeps was measured
     b = fixed_b if fixed_b is not None else choose_batch(fwd_at(costs, share), "auto")

@@ -72,15 +72,17 @@ def host_layout() -> tuple[int, int] | None:
         info = sync(worker.loop, worker.scheduler.identity, n_workers=-1)
         host = get_address_host(address)
         mine = sorted(
-            (_rank_key(ident, addr), addr)
-            for addr, ident in info["workers"].items()
-            if get_address_host(addr) == host
+            (_rank_key(ident, addr), addr) for addr, ident in info["workers"].items() if get_address_host(addr) == host
         )
         addrs = [a for _, a in mine]
         layout = (addrs.index(address), len(addrs)) if address in addrs else (0, max(1, len(addrs)))
     except Exception as exc:  # a scheduler we do not control may refuse identity(); say so once
-        log.warning("worker %s could not ask the Dask scheduler for its host layout (%s: %s); "
-                    "assuming it is alone on its host", address, type(exc).__name__, exc)
+        log.warning(
+            "worker %s could not ask the Dask scheduler for its host layout (%s: %s); assuming it is alone on its host",
+            address,
+            type(exc).__name__,
+            exc,
+        )
         layout = (0, 1)
     with _LOCK:
         _LAYOUT[address] = layout
@@ -149,8 +151,13 @@ def configure_threads(num_threads: int | None, workers_on_host: int = 1) -> int:
     n = num_threads or max(1, usable_cores() // share)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-        log.info("worker %s: torch uses %d threads (%d usable cores, %d worker(s) on this host)",
-                 worker_name(), n, usable_cores(), share)
+        log.info(
+            "worker %s: torch uses %d threads (%d usable cores, %d worker(s) on this host)",
+            worker_name(),
+            n,
+            usable_cores(),
+            share,
+        )
     return n
 
 
@@ -185,7 +192,8 @@ def loader_workers(requested: int) -> int:
                 "worker %s is a daemonic process and cannot start DataLoader workers; decoding in "
                 "the worker itself (inference.num_workers=%d → 0). Start the Dask workers with "
                 "DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel",
-                worker_name(), requested,
+                worker_name(),
+                requested,
             )
         return 0
     return requested

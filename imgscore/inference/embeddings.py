@@ -74,8 +74,10 @@ def find_head(module: nn.Module, num_classes: int | None = None) -> str:
             archive); the message lists the last modules and says to set output.embedding_layer.
     """
     if isinstance(module, torch.jit.ScriptModule):
-        raise ConfigError("output.embeddings: a TorchScript model has no hookable layers; save a state_dict and set "
-                          "model.arch (or model.factory) instead, or set output.embeddings=false")
+        raise ConfigError(
+            "output.embeddings: a TorchScript model has no hookable layers; save a state_dict and set "
+            "model.arch (or model.factory) instead, or set output.embeddings=false"
+        )
     fits = lambda m: isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes)  # noqa: E731
     for dotted in HEAD_NAMES:
         hit = _resolve(module, dotted)
@@ -105,7 +107,9 @@ def choose_layer(module: nn.Module, layer: str | None, num_classes: int | None =
     if hit is None:
         close = difflib.get_close_matches(layer, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"output.embedding_layer {layer!r} is not a module of this model{hint} (names as in model.named_modules())")
+        raise ConfigError(
+            f"output.embedding_layer {layer!r} is not a module of this model{hint} (names as in model.named_modules())"
+        )
     return Layer(hit[0], "output")
 
 
@@ -167,7 +171,9 @@ def tap_for(module: nn.Module, layer: Layer) -> Tap:
         return tap
 
 
-def with_embeddings(forward: Callable[[torch.Tensor], torch.Tensor], tap: Tap) -> Callable[[torch.Tensor], torch.Tensor]:
+def with_embeddings(
+    forward: Callable[[torch.Tensor], torch.Tensor], tap: Tap
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``forward`` returning float32 [B, C + D]: its probabilities [B, C], then the tap's features [B, D]."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -192,8 +198,13 @@ def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     return pa.schema([*EMBEDDING_KEYS, pa.field("embedding", pa.list_(value, dim), nullable=False)])
 
 
-def embeddings_table(keys: list[dict], vectors: list[np.ndarray], dim: int, dtype: str = "float32",
-                     metadata: dict[str, str] | None = None) -> pa.Table:
+def embeddings_table(
+    keys: list[dict],
+    vectors: list[np.ndarray],
+    dim: int,
+    dtype: str = "float32",
+    metadata: dict[str, str] | None = None,
+) -> pa.Table:
     """One table in :func:`embeddings_schema`: ``keys`` (rows of the key columns) beside
     ``vectors`` (float32 [dim] each, same order); built column-wise, never by type inference.
 
@@ -202,7 +213,9 @@ def embeddings_table(keys: list[dict], vectors: list[np.ndarray], dim: int, dtyp
     """
     schema = embeddings_schema(dim, dtype)
     value_type = schema.field("embedding").type.value_type
-    flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in vectors]) if vectors else np.zeros(0, np.float32)
+    flat = (
+        np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in vectors]) if vectors else np.zeros(0, np.float32)
+    )
     if flat.size != dim * len(vectors):
         raise ValueError(f"embeddings: expected {len(vectors)} vectors of {dim} values, got {flat.size} values")
     values = pa.array(flat.astype(np.float16 if dtype == "float16" else np.float32), value_type)

@@ -55,7 +55,11 @@ class UnsafePathError(UsageError):
 def is_plain_name(value: object) -> TypeGuard[str]:
     """Whether ``value`` can be one folder name: a non-empty string without ``/``, ``\\``, NUL or
     control characters, and not ``.`` or ``..``."""
-    return isinstance(value, str) and value not in ("", ".", "..") and not any(c in _BAD_NAME_CHARS or ord(c) < 32 for c in value)
+    return (
+        isinstance(value, str)
+        and value not in ("", ".", "..")
+        and not any(c in _BAD_NAME_CHARS or ord(c) < 32 for c in value)
+    )
 
 
 def safe_name(value: object, what: str) -> str:
@@ -65,7 +69,9 @@ def safe_name(value: object, what: str) -> str:
         UnsafePathError: otherwise (the message names ``what``).
     """
     if not is_plain_name(value):
-        raise UnsafePathError(f"{what} {value!r} is not a plain folder name (no '/', '\\', '..' or control characters); {_FIX}")
+        raise UnsafePathError(
+            f"{what} {value!r} is not a plain folder name (no '/', '\\', '..' or control characters); {_FIX}"
+        )
     return value
 
 
@@ -145,6 +151,6 @@ def check_recorded_files(files: Iterable[str], expected: Iterable[UPath], out_ro
         parts = PurePosixPath(str(entry)).parts
         # written under another spelling of the root: an output.root that moved, or a relative one
         # (the writer records root/part, so `outputs/predictions/…` for the demo's `outputs`)
-        moved = ".." not in parts and any(parts[-len(t):] == t for t in tails.values())
+        moved = ".." not in parts and any(parts[-len(t) :] == t for t in tails.values())
         if not moved:
             raise UnsafePathError(f"{what}[{i}] {entry!r} is not one of this shard's part files under {root!r}; {_FIX}")

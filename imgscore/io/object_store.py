@@ -52,7 +52,9 @@ SCHEMES: dict[str, tuple[str, str, str]] = {
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 
 # Option names whose values are credentials: only ``${VAR}`` references are accepted for them.
-_SECRET_NAME = re.compile(r"(^|_)(key|secret|token|password|passwd|sas|signature)$|secret|password|credential|connection_string", re.I)
+_SECRET_NAME = re.compile(
+    r"(^|_)(key|secret|token|password|passwd|sas|signature)$|secret|password|credential|connection_string", re.I
+)
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _TOKEN_WORDS = frozenset({"anon", "cloud", "google_default", "browser"})  # gcsfs token modes, not secrets
 
@@ -92,6 +94,7 @@ def options_for(url: _Where) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------- settings
 
+
 @dataclass(frozen=True)
 class Settings:
     """What opening a store needs beyond the environment's credential chain.
@@ -110,8 +113,13 @@ class Settings:
     connect_timeout_s: float = 10.0
 
     @classmethod
-    def of(cls, options: Mapping[str, Any] | None = None, retries: int = 4, read_timeout_s: float = 30.0,
-           connect_timeout_s: float = 10.0) -> Settings:
+    def of(
+        cls,
+        options: Mapping[str, Any] | None = None,
+        retries: int = 4,
+        read_timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+    ) -> Settings:
         """Settings from the config's ``storage.*`` values (``options`` as a mapping)."""
         return cls(tuple(sorted((options or {}).items())), retries, read_timeout_s, connect_timeout_s)
 
@@ -172,7 +180,9 @@ def _expand(value: Any, where: str) -> Any:
     if isinstance(value, str) and (m := _ENV_REF.match(value)):
         var = m.group(1)
         if var not in os.environ:
-            raise ValueError(f"{where} refers to ${{{var}}}, which is not set in this environment; export {var} on every machine of the run")
+            raise ValueError(
+                f"{where} refers to ${{{var}}}, which is not set in this environment; export {var} on every machine of the run"
+            )
         return os.environ[var]
     return value
 
@@ -206,8 +216,18 @@ def _client_defaults(protocol: str, s: Settings) -> dict[str, Any]:
 _filesystems: dict[tuple[str, Settings, int, int], AbstractFileSystem] = {}
 _client_env: dict[str, int] = {}  # protocol -> the environment fingerprint its cached clients were made with
 # Environment variables a client reads when it is created: a store is reopened when they change.
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_CONNECTION_STRING")
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "STORAGE_EMULATOR_HOST",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_STORAGE_CONNECTION_STRING",
+)
 
 
 def filesystem(root: _Where) -> tuple[AbstractFileSystem, str]:

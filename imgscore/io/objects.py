@@ -87,7 +87,7 @@ def list_objects(url: str | os.PathLike[str], recursive: bool = True) -> tuple[l
     for name, info in entries:
         if not name.startswith(base):
             continue
-        rel = name[len(base):]
+        rel = name[len(base) :]
         if info.get("type") == "directory":
             if rel.strip("/"):
                 prefixes.append(rel.strip("/"))
@@ -165,8 +165,6 @@ def walk_order_key(key: str) -> tuple[tuple[int, str], ...]:
     its files by name, then its subfolders by name, recursively — ``a/z.jpg`` before ``a/b/c.jpg``."""
     parts = key.split("/")
     return tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
-
-
 
 
 def read_files(urls: list[str]) -> list[bytes | BaseException]:

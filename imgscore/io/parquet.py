@@ -54,7 +54,9 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("topk_indices", pa.list_(pa.int32()), nullable=False),
         pa.field("topk_scores", pa.list_(pa.float32()), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
-        pa.field("model_name", pa.string(), nullable=False),  # the config's model name (models[i].name; model.arch by default)
+        pa.field(
+            "model_name", pa.string(), nullable=False
+        ),  # the config's model name (models[i].name; model.arch by default)
         pa.field("device", pa.string(), nullable=False),
         pa.field("worker", pa.string(), nullable=False),
         pa.field("shard_id", pa.int32(), nullable=False),
@@ -139,7 +141,9 @@ def legacy_part_dir(out_root: AnyPath, table: str, run_date: str, run_id: str) -
     return storage.path(out_root, table, f"run_date={run_date}", f"run_id={safe_name(run_id, 'run_id')}")
 
 
-def run_part_files(out_root: AnyPath, table: str, run_date: str | None, run_id: str, pattern: str = "part-*.parquet") -> list[UPath]:
+def run_part_files(
+    out_root: AnyPath, table: str, run_date: str | None, run_id: str, pattern: str = "part-*.parquet"
+) -> list[UPath]:
     """A run's part files of ``table``, sorted: from :func:`part_dir`, or from the legacy folder
     when a run written before the layout change has not been moved yet (object stores have only
     today's layout: the legacy folder is never there). Empty when ``run_date`` is None (a

@@ -187,7 +187,7 @@ def relative_within(root: AnyPath, p: AnyPath) -> str | None:
     if not within(real, base):
         return None
     sep = "/" if is_remote(base) else os.sep
-    return "" if real == base else real[len(base.rstrip(sep)) + 1:].replace(os.sep, "/")
+    return "" if real == base else real[len(base.rstrip(sep)) + 1 :].replace(os.sep, "/")
 
 
 def outside(root: AnyPath, p: AnyPath) -> str | None:
@@ -198,7 +198,7 @@ def outside(root: AnyPath, p: AnyPath) -> str | None:
     URL or below it, with no ``..`` component: ``is not under 's3://b/out'``."""
     if is_remote(root) or is_remote(p):
         base, text = _text(root).rstrip("/"), _text(p)
-        if text == base or (text.startswith(base + "/") and not re.search(CLIMBS_OUT, text[len(base) + 1:])):
+        if text == base or (text.startswith(base + "/") and not re.search(CLIMBS_OUT, text[len(base) + 1 :])):
             return None
         return f"is not under {base!r}"
     real = os.path.realpath(_text(p))

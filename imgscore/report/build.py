@@ -234,8 +234,12 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
         created_at=m.created_at,
         updated_at=m.updated_at,
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        input=InputInfo(root=m.input.get("root"), layout=m.input.get("layout"), classes=folder_classes,
-                        formats=(m.config.get("input") or {}).get("formats")),
+        input=InputInfo(
+            root=m.input.get("root"),
+            layout=m.input.get("layout"),
+            classes=folder_classes,
+            formats=(m.config.get("input") or {}).get("formats"),
+        ),
         model=ModelInfo(**{k: model.get(k) for k in ModelInfo.model_fields}),
         models=models_summary(m, all_preds, all_errs),
         counts=Counts(**{k: getattr(m.counts, k) for k in Counts.model_fields}),
@@ -261,8 +265,11 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
 def _outputs(m: Manifest, out_root: UPath, run_dir: UPath) -> dict[str, str | None]:
     """The manifest's outputs, the manifest's path, and report.html's (None: not written yet)."""
     report_file = storage.path(run_dir, REPORT_FILE)
-    return {**m.outputs, "manifest": str(manifest_path(out_root, m.run_id)),
-            "report": str(report_file) if storage.is_file(report_file) else None}
+    return {
+        **m.outputs,
+        "manifest": str(manifest_path(out_root, m.run_id)),
+        "report": str(report_file) if storage.is_file(report_file) else None,
+    }
 
 
 def _ending(m: Manifest, out_root: UPath, run_dir: UPath) -> tuple[str, str | None, str | None, str | None]:

@@ -266,17 +266,26 @@ def baseline_runs(out_root: AnyPath, m: dict, n: int, model: dict | None = None)
     if not root:
         return []
     created = m.get("created_at") or ""
-    earlier = [p for p in prior_runs(out_root, model or m.get("model") or {}, root, exclude=m["run_id"])
-               if p.get("status") == "complete" and (p.get("created_at") or "") < created]
+    earlier = [
+        p
+        for p in prior_runs(out_root, model or m.get("model") or {}, root, exclude=m["run_id"])
+        if p.get("status") == "complete" and (p.get("created_at") or "") < created
+    ]
     return sorted(earlier, key=lambda p: (p.get("created_at") or "", p["run_id"]), reverse=True)[:n]
 
 
 def _night(m: dict, preds: pa.Table, low: float, out_root: AnyPath, model_id: str | None) -> Night:
     """One night's point for the plots: run, time, images, confidence, error rate, class shares."""
     conf = confidence(_scores(preds), low)
-    return Night(run_id=m["run_id"], created_at=m.get("created_at"), images=preds.num_rows, mean_confidence=conf.mean,
-                 low_share=conf.low_share, error_rate=_error_rate(m, out_root, model_id),
-                 class_shares=shares(preds["pred_label"]))
+    return Night(
+        run_id=m["run_id"],
+        created_at=m.get("created_at"),
+        images=preds.num_rows,
+        mean_confidence=conf.mean,
+        low_share=conf.low_share,
+        error_rate=_error_rate(m, out_root, model_id),
+        class_shares=shares(preds["pred_label"]),
+    )
 
 
 def _change(now: float | None, then: float | None) -> float | None:
@@ -286,8 +295,9 @@ def _change(now: float | None, then: float | None) -> float | None:
 # -------------------------------------------------------------------------------- comparing
 
 
-def compare(out_root: AnyPath, m: dict, cfg: DriftConfig | None = None,
-            model: dict | None = None) -> DriftComparison | NoBaseline:
+def compare(
+    out_root: AnyPath, m: dict, cfg: DriftConfig | None = None, model: dict | None = None
+) -> DriftComparison | NoBaseline:
     """The run ``m`` (a manifest dict) compared with its baseline (module docstring), for one
     of its models: ``model`` (an entry of the manifest's ``models``; default its first model).
     Only that model's rows are read, tonight and in the baseline (filtered by ``model_id``).
@@ -309,19 +319,30 @@ def compare(out_root: AnyPath, m: dict, cfg: DriftConfig | None = None,
     cur = _predictions(out_root, m, mid)
     thresholds = Thresholds(**{k: getattr(cfg, k) for k in Thresholds.model_fields})
     if not base:
-        return NoBaseline(baseline=Baseline(runs=[], images=0), current=Current(images=cur.num_rows),
-                          thresholds=thresholds, warnings=[], judged=False,
-                          reason="no earlier complete run of this input root with this model and preprocessing")
+        return NoBaseline(
+            baseline=Baseline(runs=[], images=0),
+            current=Current(images=cur.num_rows),
+            thresholds=thresholds,
+            warnings=[],
+            judged=False,
+            reason="no earlier complete run of this input root with this model and preprocessing",
+        )
     base_preds = [_predictions(out_root, b, mid) for b in base]
     pooled = pa.concat_tables(base_preds)
     d = DriftComparison(
         baseline=Baseline(runs=[b["run_id"] for b in base], images=pooled.num_rows),
         current=Current(images=cur.num_rows),
-        thresholds=thresholds, warnings=[], judged=cur.num_rows >= cfg.min_images and pooled.num_rows >= cfg.min_images,
-        classes=_class_shares(cur, pooled), confidence=_confidence_change(cur, pooled, cfg.low_confidence),
-        error_rate=_error_rates(out_root, m, base, mid), embedding=_embedding_shift(out_root, m, base, mid),
-        nights=[_night(b, p, cfg.low_confidence, out_root, mid)  # oldest first, tonight last
-                for b, p in [*reversed(list(zip(base, base_preds, strict=True))), (m, cur)]],
+        thresholds=thresholds,
+        warnings=[],
+        judged=cur.num_rows >= cfg.min_images and pooled.num_rows >= cfg.min_images,
+        classes=_class_shares(cur, pooled),
+        confidence=_confidence_change(cur, pooled, cfg.low_confidence),
+        error_rate=_error_rates(out_root, m, base, mid),
+        embedding=_embedding_shift(out_root, m, base, mid),
+        nights=[
+            _night(b, p, cfg.low_confidence, out_root, mid)  # oldest first, tonight last
+            for b, p in [*reversed(list(zip(base, base_preds, strict=True))), (m, cur)]
+        ],
     )
     if d.judged:
         d.warnings = _warnings(d, cfg)
@@ -330,21 +351,36 @@ def compare(out_root: AnyPath, m: dict, cfg: DriftConfig | None = None,
 
 def _class_shares(cur: pa.Table, pooled: pa.Table) -> ClassShares:
     a, e = shares(cur["pred_label"]), shares(pooled["pred_label"])
-    moves = sorted((ClassShift(class_name=c, share=round(a.get(c, 0.0), 6), baseline_share=round(e.get(c, 0.0), 6),
-                               change=round(a.get(c, 0.0) - e.get(c, 0.0), 6)) for c in set(a) | set(e)),
-                   key=lambda r: (-abs(r.change), r.class_name))
+    moves = sorted(
+        (
+            ClassShift(
+                class_name=c,
+                share=round(a.get(c, 0.0), 6),
+                baseline_share=round(e.get(c, 0.0), 6),
+                change=round(a.get(c, 0.0) - e.get(c, 0.0), 6),
+            )
+            for c in set(a) | set(e)
+        ),
+        key=lambda r: (-abs(r.change), r.class_name),
+    )
     return ClassShares(psi=round(psi(a, e), 6) if a and e else None, shifts=moves[:TOP_SHIFTS])
 
 
 def _confidence_change(cur: pa.Table, pooled: pa.Table, low: float) -> ConfidenceChange:
     now, then = confidence(_scores(cur), low), confidence(_scores(pooled), low)
-    return ConfidenceChange(current=now, baseline=then, mean_change=_change(now.mean, then.mean),
-                            low_share_change=_change(now.low_share, then.low_share))
+    return ConfidenceChange(
+        current=now,
+        baseline=then,
+        mean_change=_change(now.mean, then.mean),
+        low_share_change=_change(now.low_share, then.low_share),
+    )
 
 
 def _error_rates(out_root: AnyPath, m: dict, base: list[dict], mid: str | None) -> ErrorRate:
     scanned = sum((b.get("counts") or {}).get("scanned", 0) for b in base)
-    failed = sum(round((_error_rate(b, out_root, mid) or 0.0) * (b.get("counts") or {}).get("scanned", 0)) for b in base)
+    failed = sum(
+        round((_error_rate(b, out_root, mid) or 0.0) * (b.get("counts") or {}).get("scanned", 0)) for b in base
+    )
     now, then = _error_rate(m, out_root, mid), (round(failed / scanned, 6) if scanned else None)
     return ErrorRate(current=now, baseline=then, change=_change(now, then))
 
@@ -370,26 +406,42 @@ def _warnings(d: DriftComparison, cfg: DriftConfig) -> list[str]:
         most = f"; largest shift: {top.class_name} {top.baseline_share:.1%} → {top.share:.1%}" if top else ""
         w.append(f"predicted-class PSI {p:.3f} > drift.max_psi {cfg.max_psi} {vs}{most}")
     if cfg.max_class_shift is not None and top is not None and abs(top.change) > cfg.max_class_shift:
-        w.append(f"class {top.class_name!r} share moved {top.change:+.1%} "
-                 f"(> drift.max_class_shift {cfg.max_class_shift:.1%}) {vs}")
+        w.append(
+            f"class {top.class_name!r} share moved {top.change:+.1%} "
+            f"(> drift.max_class_shift {cfg.max_class_shift:.1%}) {vs}"
+        )
     c = d.confidence
-    if (cfg.max_mean_confidence_drop is not None and c.mean_change is not None
-            and -c.mean_change > cfg.max_mean_confidence_drop):
-        w.append(f"mean confidence fell {c.baseline.mean:.3f} → {c.current.mean:.3f} "
-                 f"(> drift.max_mean_confidence_drop {cfg.max_mean_confidence_drop}) {vs}")
-    if (cfg.max_low_confidence_increase is not None and c.low_share_change is not None
-            and c.low_share_change > cfg.max_low_confidence_increase):
-        w.append(f"share below {cfg.low_confidence} confidence rose "
-                 f"{c.baseline.low_share:.1%} → {c.current.low_share:.1%} "
-                 f"(> drift.max_low_confidence_increase {cfg.max_low_confidence_increase:.1%}) {vs}")
+    if (
+        cfg.max_mean_confidence_drop is not None
+        and c.mean_change is not None
+        and -c.mean_change > cfg.max_mean_confidence_drop
+    ):
+        w.append(
+            f"mean confidence fell {c.baseline.mean:.3f} → {c.current.mean:.3f} "
+            f"(> drift.max_mean_confidence_drop {cfg.max_mean_confidence_drop}) {vs}"
+        )
+    if (
+        cfg.max_low_confidence_increase is not None
+        and c.low_share_change is not None
+        and c.low_share_change > cfg.max_low_confidence_increase
+    ):
+        w.append(
+            f"share below {cfg.low_confidence} confidence rose "
+            f"{c.baseline.low_share:.1%} → {c.current.low_share:.1%} "
+            f"(> drift.max_low_confidence_increase {cfg.max_low_confidence_increase:.1%}) {vs}"
+        )
     er = d.error_rate
     if cfg.max_error_rate_increase is not None and er.change is not None and er.change > cfg.max_error_rate_increase:
-        w.append(f"error rate rose {er.baseline:.2%} → {er.current:.2%} "
-                 f"(> drift.max_error_rate_increase {cfg.max_error_rate_increase:.2%}) {vs}")
+        w.append(
+            f"error rate rose {er.baseline:.2%} → {er.current:.2%} "
+            f"(> drift.max_error_rate_increase {cfg.max_error_rate_increase:.2%}) {vs}"
+        )
     e = d.embedding
     if cfg.max_embedding_shift is not None and e is not None and e.cosine_distance > cfg.max_embedding_shift:
-        w.append(f"mean embedding moved by cosine distance {e.cosine_distance:.4f} "
-                 f"(> drift.max_embedding_shift {cfg.max_embedding_shift}) {vs}")
+        w.append(
+            f"mean embedding moved by cosine distance {e.cosine_distance:.4f} "
+            f"(> drift.max_embedding_shift {cfg.max_embedding_shift}) {vs}"
+        )
     return w
 
 

@@ -85,8 +85,10 @@ class Confusion(BaseModel):
         if not names:
             return None
         shown = ", ".join(repr(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
-        return (f"{len(names)} folder name(s) matched the model's class names only after Unicode NFC normalization "
-                f"({shown}): same letters, other bytes (macOS writes names in NFD)")
+        return (
+            f"{len(names)} folder name(s) matched the model's class names only after Unicode NFC normalization "
+            f"({shown}): same letters, other bytes (macOS writes names in NFD)"
+        )
 
     def per_class_of(self, model_class: str) -> ClassRecall | None:
         """The folder class paired with ``model_class`` (names compared in NFC), or None.
@@ -173,7 +175,9 @@ def correct_mask(t: pa.Table, matched_by: str) -> pa.ChunkedArray:
         return pc.equal(pc.utf8_normalize(t["label_name"], "NFC"), pc.utf8_normalize(t["pred_label"], "NFC"))
     if matched_by == "index":
         return pc.equal(t["label"], t["pred_index"])
-    raise ValueError(f"matched_by={matched_by!r} has no correct/incorrect; expected 'name' or 'index' (see imgscore.report.evaluate)")
+    raise ValueError(
+        f"matched_by={matched_by!r} has no correct/incorrect; expected 'name' or 'index' (see imgscore.report.evaluate)"
+    )
 
 
 def _run_classes(out_root: AnyPath, run_id: str) -> tuple[list[str] | None, list[str] | None]:
@@ -205,12 +209,24 @@ def accuracy_of_run(out_root: AnyPath, run_id: str) -> dict:
     matched_by = label_matching(folder_classes, model_classes)
     n = labelled.num_rows
     if matched_by == "none":
-        return {"accuracy": None, "correct": None, "labelled": n, "matched_by": matched_by,
-                "reason": unmatched_reason(folder_classes, model_classes), "normalized": []}
+        return {
+            "accuracy": None,
+            "correct": None,
+            "labelled": n,
+            "matched_by": matched_by,
+            "reason": unmatched_reason(folder_classes, model_classes),
+            "normalized": [],
+        }
     correct = int(pc.sum(correct_mask(labelled, matched_by)).as_py() or 0)
     normalized = normalized_matches(folder_classes, model_classes) if matched_by == "name" else []
-    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "labelled": n, "matched_by": matched_by, "reason": None,
-            "normalized": normalized}
+    return {
+        "accuracy": correct / n if n else float("nan"),
+        "correct": correct,
+        "labelled": n,
+        "matched_by": matched_by,
+        "reason": None,
+        "normalized": normalized,
+    }
 
 
 def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list[str]) -> Confusion | None:
@@ -250,11 +266,17 @@ def confusion(t: pa.Table, folder_classes: list[str] | None, model_classes: list
     correct = sum(p.correct or 0 for p in per_class) if matched_by != "none" else None
     n = len(labels)
     return Confusion(
-        rows=rows, columns=columns, matrix=matrix, matched_by=matched_by,
+        rows=rows,
+        columns=columns,
+        matrix=matrix,
+        matched_by=matched_by,
         reason=unmatched_reason(folder_classes, model_classes),
         normalized=normalized_matches(folder_classes, model_classes) if matched_by == "name" else [],
-        correct=correct, labelled=n, accuracy=correct / n if correct is not None else None,
-        per_class=per_class, empty_classes=len(names) - len(present),
+        correct=correct,
+        labelled=n,
+        accuracy=correct / n if correct is not None else None,
+        per_class=per_class,
+        empty_classes=len(names) - len(present),
     )
 
 
@@ -267,8 +289,9 @@ def _folder_names(folder_classes: list[str] | None, labels: list[int], label_nam
     return [pairs.get(i, str(i)) for i in range(max(labels) + 1)]
 
 
-def _diagonal(present: list[int], names: list[str], model_classes: list[str],
-              matched_by: MatchedBy) -> list[int | None]:
+def _diagonal(
+    present: list[int], names: list[str], model_classes: list[str], matched_by: MatchedBy
+) -> list[int | None]:
     """For each folder class in ``present``, the model index it should be predicted as (None when
     matched by index and the model has fewer classes)."""
     if matched_by == "name":
@@ -279,8 +302,9 @@ def _diagonal(present: list[int], names: list[str], model_classes: list[str],
     return [i if i < len(model_classes) else None for i in present]
 
 
-def _columns(diag: list[int | None], rows: list[str], pred_idx: list[int],
-             model_classes: list[str]) -> tuple[list[str], dict[int, int]]:
+def _columns(
+    diag: list[int | None], rows: list[str], pred_idx: list[int], model_classes: list[str]
+) -> tuple[list[str], dict[int, int]]:
     """(column names, predicted model index → its column): the diagonal's model classes first,
     then the :data:`MAX_EXTRA_COLUMNS` most predicted other classes in index order, then
     ``(other)`` for the rest when there are more."""

@@ -59,8 +59,11 @@ class AlreadyScoredEach:
         """The rows of ``batch`` some model still scores, each with the names of those models."""
         masks = [sk.keep_mask(batch).to_pylist() for sk in self.skips]
         keep = [any(m[i] for m in masks) for i in range(batch.num_rows)]
-        wanted = [None if all(m[i] for m in masks) else [n for n, m in zip(self.names, masks, strict=True) if m[i]]
-                  for i in range(batch.num_rows) if keep[i]]
+        wanted = [
+            None if all(m[i] for m in masks) else [n for n, m in zip(self.names, masks, strict=True) if m[i]]
+            for i in range(batch.num_rows)
+            if keep[i]
+        ]
         kept = batch.filter(pa.array(keep, pa.bool_()))
         i = kept.schema.get_field_index("models")
         return kept.set_column(i, kept.schema.field(i), pa.array(wanted, pa.list_(pa.string())))
@@ -91,6 +94,7 @@ def _stat_keys(path: pa.Array, size: pa.Array, mtime: pa.Array, version: pa.Arra
     empty (a file the scan could not stat matches an earlier failure of the same kind), and so is
     the version of a file (objects: their ETag, so a replaced object never matches, even within
     the second its last-modified time keeps; part files written before the column read it null)."""
+
     def text(a):
         return pc.fill_null(pc.cast(a, pa.string()), "")
 
@@ -129,8 +133,15 @@ class AlreadyScored:
         ValueError: unknown ``skip_key``.
     """
 
-    def __init__(self, out_root: AnyPath, model_info: dict[str, Any], input_root: AnyPath, skip_key: str = "stat",
-                 exclude_run: str | None = None, retry_failed: bool = False):
+    def __init__(
+        self,
+        out_root: AnyPath,
+        model_info: dict[str, Any],
+        input_root: AnyPath,
+        skip_key: str = "stat",
+        exclude_run: str | None = None,
+        retry_failed: bool = False,
+    ):
         self.model_name = model_info.get("name")
         if skip_key not in ("stat", "sha256"):
             raise ValueError(f"run.skip_key must be stat or sha256, got {skip_key!r}")
@@ -146,17 +157,39 @@ class AlreadyScored:
         self._scored = read_scored(out_root, self.runs, model_info["model_id"]) if self.runs else None
         self._keys = None
         if self._scored is not None:
-            self._keys = pc.unique(_flat(_stat_keys(self._scored["image_path"], self._scored["file_size"], self._scored["file_mtime_ns"], self._scored["file_version"])))
-        self._failed = read_failed(out_root, self.runs, model_info.get("model_id")) if self.runs and not retry_failed else None
+            self._keys = pc.unique(
+                _flat(
+                    _stat_keys(
+                        self._scored["image_path"],
+                        self._scored["file_size"],
+                        self._scored["file_mtime_ns"],
+                        self._scored["file_version"],
+                    )
+                )
+            )
+        self._failed = (
+            read_failed(out_root, self.runs, model_info.get("model_id")) if self.runs and not retry_failed else None
+        )
         self._failed_keys = None
         if self._failed is not None and self._failed.num_rows:
-            self._failed_keys = _flat(_stat_keys(self._failed["image_path"], self._failed["file_size"], self._failed["file_mtime_ns"], self._failed["file_version"]))
+            self._failed_keys = _flat(
+                _stat_keys(
+                    self._failed["image_path"],
+                    self._failed["file_size"],
+                    self._failed["file_mtime_ns"],
+                    self._failed["file_version"],
+                )
+            )
         self._content_keys: pa.Array | None = None  # path\tsha256 of earlier sha256-mode runs, read on first need
         self._failed_content: tuple[pa.Array, pa.Table] | None = None  # (keys, failed rows) by content
 
     def _hashes_of(self, keys: pa.Table) -> pa.Table:
-        return keys.join(read_hashes(self.out_root, self.runs), keys=STAT_COLUMNS[:3],
-                         right_keys=["image_path", "size", "mtime_ns"], join_type="inner")
+        return keys.join(
+            read_hashes(self.out_root, self.runs),
+            keys=STAT_COLUMNS[:3],
+            right_keys=["image_path", "size", "mtime_ns"],
+            join_type="inner",
+        )
 
     def _content(self) -> pa.Array:
         if self._content_keys is None:
@@ -187,7 +220,9 @@ class AlreadyScored:
             scored = pc.fill_null(pc.is_in(keys, value_set=self._keys), False)
         failed_at = pa.nulls(n, pa.int64())
         if self._failed_keys is not None:
-            failed_at = pc.if_else(scored, pa.scalar(None, pa.int64()), pc.cast(pc.index_in(keys, value_set=self._failed_keys), pa.int64()))
+            failed_at = pc.if_else(
+                scored, pa.scalar(None, pa.int64()), pc.cast(pc.index_in(keys, value_set=self._failed_keys), pa.int64())
+            )
         keep = pc.and_(pc.invert(scored), pc.is_null(failed_at))
         if self.skip_key == "sha256":
             keep, scored, failed_at = self._filter_by_content(batch, keep, scored, failed_at)
@@ -210,20 +245,26 @@ class AlreadyScored:
             src = src.select(FAILED_COLUMNS)
             src = pa.concat_tables([src, self._failed_content[1].select(FAILED_COLUMNS).cast(src.schema)])
         failure = src.take(at)
-        self._carried.append(pa.table({
-            "input_root": pa.array([self.root_name] * rows.num_rows, pa.string()),
-            "image_path": rows["image_path"],
-            "file_size": rows["size"],
-            "file_mtime_ns": rows["mtime_ns"],
-            "failed_run_id": failure["run_id"],
-            "stage": failure["stage"],
-            "error_type": failure["error_type"],
-            "message": pc.utf8_slice_codeunits(failure["message"], 0, 300),
-            "model_name": pa.array([self.model_name] * rows.num_rows, pa.string()),
-        }, schema=CARRIED_SCHEMA))
+        self._carried.append(
+            pa.table(
+                {
+                    "input_root": pa.array([self.root_name] * rows.num_rows, pa.string()),
+                    "image_path": rows["image_path"],
+                    "file_size": rows["size"],
+                    "file_mtime_ns": rows["mtime_ns"],
+                    "failed_run_id": failure["run_id"],
+                    "stage": failure["stage"],
+                    "error_type": failure["error_type"],
+                    "message": pc.utf8_slice_codeunits(failure["message"], 0, 300),
+                    "model_name": pa.array([self.model_name] * rows.num_rows, pa.string()),
+                },
+                schema=CARRIED_SCHEMA,
+            )
+        )
 
-    def _filter_by_content(self, batch: pa.RecordBatch, keep: pa.Array, scored: pa.Array,
-                           failed_at: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    def _filter_by_content(
+        self, batch: pa.RecordBatch, keep: pa.Array, scored: pa.Array, failed_at: pa.Array
+    ) -> tuple[pa.Array, pa.Array, pa.Array]:
         """sha256 mode: hash the rows no stat matched; a content match with an earlier prediction
         is ``already_scored``, with an earlier failure ``already_failed`` (its position in the
         content table, after the stat table's rows)."""
@@ -251,7 +292,11 @@ class AlreadyScored:
                     flags[i], scored_l[i] = False, True
                 elif f is not None:
                     flags[i], failed_l[i] = False, n_failed + f
-        self._hash_rows += [{"image_path": paths[i], "size": sizes[i], "mtime_ns": mtimes[i], "sha256": sha} for i, sha in shas.items() if flags[i]]
+        self._hash_rows += [
+            {"image_path": paths[i], "size": sizes[i], "mtime_ns": mtimes[i], "sha256": sha}
+            for i, sha in shas.items()
+            if flags[i]
+        ]
         return pa.array(flags), pa.array(scored_l), pa.array(failed_l, pa.int64())
 
     def take_hashes(self) -> pa.Table:
@@ -306,9 +351,13 @@ def split_already_scored(
     if index.entries:
         (batch,) = index.to_table().combine_chunks().to_batches()
         entries = entries_from_table(pa.Table.from_batches([skip.filter(batch)]))
-    new_index = ImageIndex(root=index.root, layout=index.layout, classes=index.classes, entries=entries, skipped=index.skipped)
+    new_index = ImageIndex(
+        root=index.root, layout=index.layout, classes=index.classes, entries=entries, skipped=index.skipped
+    )
     hashes = skip.take_hashes() if skip_key == "sha256" else None
-    return SkipResult(new_index, skip.already_scored, hashes, skip.prior_runs, skip.hashed, skip.already_failed, skip.take_carried())
+    return SkipResult(
+        new_index, skip.already_scored, hashes, skip.prior_runs, skip.hashed, skip.already_failed, skip.take_carried()
+    )
 
 
 # The incremental filter of a run: one model's, or several models' joined.
@@ -362,8 +411,10 @@ class Listings:
     @property
     def carried_summary(self) -> dict[str, Any]:
         """``{by_error_type: {type: n}, by_run: {run_id: n}}`` of the images carried so far (the manifest's)."""
-        return {"by_error_type": dict(sorted(self.by_type.items(), key=lambda kv: -kv[1])),
-                "by_run": dict(sorted(self.by_run.items(), reverse=True))}
+        return {
+            "by_error_type": dict(sorted(self.by_type.items(), key=lambda kv: -kv[1])),
+            "by_run": dict(sorted(self.by_run.items(), reverse=True)),
+        }
 
     def close(self) -> None:
         """Put every listing in place (the hashes file even when empty, in sha256 mode).

@@ -120,7 +120,9 @@ def check_run_state(m: Manifest, out_root: AnyPath, run_dir: AnyPath) -> None:
     folder = storage.name_of(run_dir)
     where = f"run {folder}: manifest.json"
     if safe_name(m.run_id, f"{where} run_id") != folder:
-        raise UnsafePathError(f"{where} run_id {m.run_id!r} is not its folder's name {folder!r}; the run state was edited")
+        raise UnsafePathError(
+            f"{where} run_id {m.run_id!r} is not its folder's name {folder!r}; the run state was edited"
+        )
     if m.run_date is None:
         for i, s in enumerate(m.shards):  # an old manifest without run_date: at least nothing climbs out
             for j, entry in enumerate(s.files):
@@ -129,7 +131,9 @@ def check_run_state(m: Manifest, out_root: AnyPath, run_dir: AnyPath) -> None:
     check_run_date(m.run_date, f"{where} run_date")
     for i, s in enumerate(m.shards):
         if s.files:
-            check_recorded_files(s.files, shard_files(out_root, m.run_date, m.run_id, s.shard_id), out_root, f"{where} shards[{i}].files")
+            check_recorded_files(
+                s.files, shard_files(out_root, m.run_date, m.run_id, s.shard_id), out_root, f"{where} shards[{i}].files"
+            )
     run_folders(out_root, m.run_date, m.run_id)
 
 
@@ -148,7 +152,9 @@ def committed(ref: ShardRef, out_root: AnyPath) -> ShardResult | None:
         return None
     if check_shard(out_root, ref.run_date, ref.run_id, rec) is not None:
         return None
-    return rec.model_copy(update={"files": [str(f) for f in shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)]})
+    return rec.model_copy(
+        update={"files": [str(f) for f in shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)]}
+    )
 
 
 def check_shard(out_root: AnyPath, run_date: str, run_id: str, record: ShardRecord | ShardResult) -> str | None:

@@ -123,8 +123,10 @@ def model_key(model_info: dict[str, Any]) -> str:
     ``input.max_pixels`` or ``input.exif_orientation`` matches no earlier run, so it scores every
     image and retries every earlier failure."""
     decode = model_info.get("decode") or decode_settings(None)
-    blob = json.dumps({"model_id": model_info.get("model_id"), "preprocess": model_info.get("preprocess"), "decode": decode},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"model_id": model_info.get("model_id"), "preprocess": model_info.get("preprocess"), "decode": decode},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -141,8 +143,9 @@ def _same_root(a: AnyPath | None, b: AnyPath) -> bool:
     return a is not None and storage.same_root(a, b)
 
 
-def prior_runs(out_root: AnyPath, model_info: dict[str, Any], input_root: AnyPath,
-               exclude: str | None = None) -> list[dict[str, Any]]:
+def prior_runs(
+    out_root: AnyPath, model_info: dict[str, Any], input_root: AnyPath, exclude: str | None = None
+) -> list[dict[str, Any]]:
     """Manifests of earlier runs in ``out_root`` over ``input_root`` (the same folder, by real
     path) that scored a model with the same model key (alone, or as one of their ``models``).
 
@@ -208,7 +211,11 @@ def _read_columns(files: list[str], schema: pa.Schema, columns: list[str], flt: 
         parts = []
         for f in paths:
             try:
-                parts.append(ds.dataset([f], format="parquet", schema=schema, filesystem=fs).to_table(columns=columns, filter=flt))
+                parts.append(
+                    ds.dataset([f], format="parquet", schema=schema, filesystem=fs).to_table(
+                        columns=columns, filter=flt
+                    )
+                )
             except (pa.ArrowException, OSError) as exc:
                 log.warning("%s: ignoring unreadable part file %s (%s)", what, f, exc)
         return pa.concat_tables(parts) if parts else empty

@@ -128,7 +128,9 @@ class IndexWriter:
         self.rows += table.num_rows
         wanted = pc.list_value_length(table["models"]).cast(pa.int64())
         pairs = int(pc.sum(pc.fill_null(wanted, self.n_models)).as_py() or 0)
-        self.shards.append(ShardSpan(sid, start, self.rows, table_fingerprint(table), index_file_name(file_no), group, pairs))
+        self.shards.append(
+            ShardSpan(sid, start, self.rows, table_fingerprint(table), index_file_name(file_no), group, pairs)
+        )
 
     def _close_file(self) -> None:
         if self._writer is not None and self._file is not None:
@@ -156,8 +158,9 @@ class IndexWriter:
     def __enter__(self) -> IndexWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -166,7 +169,13 @@ class IndexWriter:
     def info(self) -> dict[str, Any]:
         """The manifest's ``index`` section for what was written."""
         fp = hashlib.sha256("".join(s.fingerprint for s in self.shards).encode()).hexdigest()
-        return {"file": INDEX_NAME, "shards_per_file": self.shards_per_file, "fingerprint": fp, "images": self.rows, "shard_size": self.shard_size}
+        return {
+            "file": INDEX_NAME,
+            "shards_per_file": self.shards_per_file,
+            "fingerprint": fp,
+            "images": self.rows,
+            "shard_size": self.shard_size,
+        }
 
 
 def read_shard_table(run_dir: AnyPath, index_file: str, row_group: int) -> pa.Table:
@@ -188,8 +197,9 @@ def read_shard_entries(run_dir: AnyPath, index_file: str, row_group: int) -> lis
     return entries_from_table(read_shard_table(run_dir, index_file, row_group))
 
 
-def refresh_shards(run_dir: AnyPath, index: dict[str, Any], input_root: AnyPath,
-                   shard_ids: list[int]) -> dict[int, str]:
+def refresh_shards(
+    run_dir: AnyPath, index: dict[str, Any], input_root: AnyPath, shard_ids: list[int]
+) -> dict[int, str]:
     """Re-stat the images of ``shard_ids`` and rewrite the index files that hold them atomically.
 
     A file fixed since the run (a truncated JPEG replaced) then gets a prediction row with its

@@ -114,7 +114,9 @@ def is_stale(rec: LockRecord, now: float | None = None) -> bool:
 
 def owner(rec: LockRecord) -> str:
     """The lock's owner in a few words: purpose, pid, host and since when."""
-    return f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')})"
+    return (
+        f"{rec.get('purpose', 'a writer')} (pid {rec.get('pid')} on {rec.get('host')}, since {rec.get('acquired_at')})"
+    )
 
 
 def advice(rec: LockRecord, run_dir: AnyPath) -> str:

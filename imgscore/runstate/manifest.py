@@ -84,7 +84,9 @@ class ShardRef(BaseModel):
     start: int  # first row of the run's image list (inclusive)
     stop: int  # last row (exclusive)
     fingerprint: str  # sha256 of the shard's (path, size, mtime) rows
-    model_key: str = ""  # sha256 of model_id + resolved preprocessing + decode settings (imgscore.runstate.incremental.model_key)
+    model_key: str = (
+        ""  # sha256 of model_id + resolved preprocessing + decode settings (imgscore.runstate.incremental.model_key)
+    )
     model_id: str = ""  # the run's model (a commit record of another model is not this shard's)
     index_file: str = "index.parquet"
     row_group: int = -1  # -1: the shard id (runs planned before the index was split into files)
@@ -108,7 +110,9 @@ class ShardResult(_Model):
     threads: int | None = None
     loader_workers: int | None = None  # DataLoader processes actually used (0: decoded in-process)
     batch_size: int | None = None  # images per forward (inference.batch_size, or what `auto` chose)
-    split_predicted: dict[str, float] = Field(default_factory=dict)  # num_workers auto: img/s per "workers x threads" ("wxL": w lanes)
+    split_predicted: dict[str, float] = Field(
+        default_factory=dict
+    )  # num_workers auto: img/s per "workers x threads" ("wxL": w lanes)
     lanes: bool | None = None  # True: the forward ran inside the DataLoader processes (num_workers auto's lanes)
     setup_s: float | None = None  # device, model, backend and split before the first batch (a warm worker skips most)
     backend: str | None = None  # torch | onnxruntime | openvino: what scored (auto resolves per worker)
@@ -166,9 +170,20 @@ class ShardRecord(_Model):
         """A result that keeps this record's rows and state but records another attempt and why
         it could not change anything (a rerun of failed images that could not run)."""
         return ShardResult(
-            shard_id=self.shard_id, state=self.state, images=self.images, scored=self.scored, failed=self.failed,
-            failed_images=self.failed_images, fingerprint=self.fingerprint, seconds=self.seconds, device=self.device,
-            worker=self.worker, attempt=attempt, files=self.files, warnings=self.warnings, reason=reason,
+            shard_id=self.shard_id,
+            state=self.state,
+            images=self.images,
+            scored=self.scored,
+            failed=self.failed,
+            failed_images=self.failed_images,
+            fingerprint=self.fingerprint,
+            seconds=self.seconds,
+            device=self.device,
+            worker=self.worker,
+            attempt=attempt,
+            files=self.files,
+            warnings=self.warnings,
+            reason=reason,
         )
 
 
@@ -216,8 +231,12 @@ class Manifest(_Model):
     input: dict[str, Any] = Field(default_factory=dict)  # root, layout, classes
     counts: Counts = Field(default_factory=Counts)
     skipped: list[dict[str, str]] = Field(default_factory=list)  # {image_path, reason}
-    model: dict[str, Any] = Field(default_factory=dict)  # LoadedModel.info() + decode (input.* decode settings) + model_key (+ name); with several models, the first
-    models: list[dict[str, Any]] = Field(default_factory=list)  # every model scored: name + LoadedModel.info() + decode + model_key ([] before)
+    model: dict[str, Any] = Field(
+        default_factory=dict
+    )  # LoadedModel.info() + decode (input.* decode settings) + model_key (+ name); with several models, the first
+    models: list[dict[str, Any]] = Field(
+        default_factory=list
+    )  # every model scored: name + LoadedModel.info() + decode + model_key ([] before)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved config
     incremental: dict[str, Any] = Field(default_factory=lambda: {"skip_scored": False})
     index: dict[str, Any] = Field(default_factory=dict)  # imgscore.runstate.index.IndexWriter.info()
@@ -227,7 +246,9 @@ class Manifest(_Model):
     reruns: list[dict[str, Any]] = Field(default_factory=list)
     # backend, precision, canary (imgscore.inference.backends.canary.start_inference)
     inference: dict[str, Any] = Field(default_factory=dict)
-    drift: dict[str, Any] = Field(default_factory=dict)  # against recent nights: baseline_runs, psi, warnings (imgscore.report.drift)
+    drift: dict[str, Any] = Field(
+        default_factory=dict
+    )  # against recent nights: baseline_runs, psi, warnings (imgscore.report.drift)
     ledger: dict[str, Any] = Field(default_factory=lambda: {"dir": LEDGER_DIR, "from_segment": 0})
 
     def apply(self, result: ShardResult) -> ShardRecord:
@@ -306,7 +327,9 @@ def request_stop(run_dir: AnyPath) -> None:
     starts, and none commits (:func:`stop_requested`; ``imgscore.inference.commit``). A file (an
     object on a store), so shards on Dask workers in other processes see it too;
     :func:`clear_stop` removes it when the run is taken up again (a retry or ``imgscore rerun``)."""
-    storage.path(run_dir, STOP_FILE).touch()  # on disk no data block (works on the disk that just filled up); an object: one empty PUT
+    storage.path(
+        run_dir, STOP_FILE
+    ).touch()  # on disk no data block (works on the disk that just filled up); an object: one empty PUT
 
 
 def stop_requested(run_dir: AnyPath) -> bool:
@@ -343,7 +366,9 @@ def read_commit_record(run_dir: AnyPath, shard_id: int) -> ShardResult | None:
     """The shard's commit record, or None when there is none, it does not parse, or it is a link
     out of ``run_dir``. Parsed as JSON into :class:`ShardResult` (nothing else is constructed)."""
     try:
-        return ShardResult.model_validate_json(storage.read_bytes(inside(run_dir, commit_record_path(run_dir, shard_id), "commit record")))
+        return ShardResult.model_validate_json(
+            storage.read_bytes(inside(run_dir, commit_record_path(run_dir, shard_id), "commit record"))
+        )
     except (OSError, ValueError, UnsafePathError):
         return None
 

@@ -89,8 +89,12 @@ def conform(table: pa.Table, schema: pa.Schema, fill: dict[str, object] | None =
         pyarrow.ArrowInvalid: a column that cannot be cast to the schema's type.
     """
     fill = fill or {}
-    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.array([fill.get(f.name)] * table.num_rows, f.type)
-            for f in schema]
+    cols = [
+        table[f.name].cast(f.type)
+        if f.name in table.column_names
+        else pa.array([fill.get(f.name)] * table.num_rows, f.type)
+        for f in schema
+    ]
     return pa.Table.from_arrays(cols, schema=schema).replace_schema_metadata(table.schema.metadata)
 
 
@@ -135,8 +139,12 @@ def migrate_run(out: Path, run_id: str, folders: list[tuple[str, str, Path]]) ->
     run_dir = run_dir_of(out, run_id)  # one folder name, not a link out of the output root
     for _, _, d in folders:
         inside(out, d, "part-file folder")
-    files = [(table, run_date, f) for table, run_date, d in folders for f in sorted(d.glob("*.parquet"))
-             if not f.name.startswith((".", "_")) and not f.is_symlink()]
+    files = [
+        (table, run_date, f)
+        for table, run_date, d in folders
+        for f in sorted(d.glob("*.parquet"))
+        if not f.name.startswith((".", "_")) and not f.is_symlink()
+    ]
     root = _recorded_root(run_dir, files[0][2] if files else None)
     for table, run_date, f in files:
         new = conform(pq.read_table(f), SCHEMAS[table], {"input_root": root, **_recorded_model(f)})
@@ -205,7 +213,15 @@ def migrate_output_root(out_root: AnyPath, held_run: str | None = None) -> Migra
             result.held[run_id] = str(exc)
         except (OSError, OutputWriteError, UnsafePathError, pa.ArrowException, ValueError) as exc:
             result.held[run_id] = f"{type(exc).__name__}: {exc}"
-            log.warning("layout: run %s not moved to the current layout (%s); its files stay readable where they are", run_id, exc)
+            log.warning(
+                "layout: run %s not moved to the current layout (%s); its files stay readable where they are",
+                run_id,
+                exc,
+            )
     if result.runs:
-        log.info("layout: moved %d run(s), %d part file(s), into OUT/<table>/run_date=…/RUN_ID/", len(result.runs), result.files)
+        log.info(
+            "layout: moved %d run(s), %d part file(s), into OUT/<table>/run_date=…/RUN_ID/",
+            len(result.runs),
+            result.files,
+        )
     return result

@@ -98,9 +98,18 @@ def shard_refs(manifest: Manifest, run_dir: AnyPath) -> list[ShardRef]:
         index_file, group = shard_location(manifest.index, s.shard_id)
         refs.append(
             ShardRef(
-                run_id=manifest.run_id, run_date=manifest.run_date or "", run_dir=str(run_dir), input_root=manifest.input["root"],
-                shard_id=s.shard_id, start=s.start, stop=s.stop, fingerprint=s.fingerprint or "", model_key=mkey,
-                model_id=model_id, index_file=index_file, row_group=group,
+                run_id=manifest.run_id,
+                run_date=manifest.run_date or "",
+                run_dir=str(run_dir),
+                input_root=manifest.input["root"],
+                shard_id=s.shard_id,
+                start=s.start,
+                stop=s.stop,
+                fingerprint=s.fingerprint or "",
+                model_key=mkey,
+                model_id=model_id,
+                index_file=index_file,
+                row_group=group,
             )
         )
     return refs
@@ -151,7 +160,9 @@ def find_retried_run(out_root: AnyPath, flow_run_id: str | None, run_id: str | N
     return None
 
 
-def resume_plan(out_root: AnyPath, run_id: str, flow_run_id: str | None, input_root: AnyPath | None = None) -> RunPlan | None:
+def resume_plan(
+    out_root: AnyPath, run_id: str, flow_run_id: str | None, input_root: AnyPath | None = None
+) -> RunPlan | None:
     """The plan of ``run_id`` when this same flow run wrote it (a retry), with the temp files its
     killed attempt left removed; None when the run does not exist yet. Shards whose commit
     records match their part files are not scored again (``imgscore.runstate.commits.committed``).
@@ -169,20 +180,30 @@ def resume_plan(out_root: AnyPath, run_id: str, flow_run_id: str | None, input_r
         return None
     m = load_manifest(run_dir)
     if not flow_run_id or m.flow_run_id != str(flow_run_id):
-        raise UsageError(f"run {run_id!r} already exists in {out_root}; use `imgscore rerun {run_id}` or another run.run_id")
+        raise UsageError(
+            f"run {run_id!r} already exists in {out_root}; use `imgscore rerun {run_id}` or another run.run_id"
+        )
     recorded = m.input.get("root")
     if input_root is not None and (not recorded or not storage.same_root(recorded, input_root)):
-        raise UnsafePathError(f"run {run_id}: manifest.json input.root {recorded!r} is not the flow run's input.root "
-                              f"{str(input_root)!r}; the run state was edited — restore it, or start a new run")
+        raise UnsafePathError(
+            f"run {run_id}: manifest.json input.root {recorded!r} is not the flow run's input.root "
+            f"{str(input_root)!r}; the run state was edited — restore it, or start a new run"
+        )
     plan = load_plan(run_dir)
     run_lock.clean_run_temp_files(run_folders(out_root, plan.run_date, run_id))
     plan.manifest.outputs = {t: str(part_dir(out_root, t, plan.run_date, run_id)) for t in ("predictions", "errors")}
     return plan
 
 
-def plan_new_run(cfg: Config, run_id: str, model_info: dict[str, Any], timings: dict[str, Any] | None = None,
-                 flow_run_id: str | None = None, scan: Scan | None = None,
-                 models: list[dict[str, Any]] | None = None) -> RunPlan:
+def plan_new_run(
+    cfg: Config,
+    run_id: str,
+    model_info: dict[str, Any],
+    timings: dict[str, Any] | None = None,
+    flow_run_id: str | None = None,
+    scan: Scan | None = None,
+    models: list[dict[str, Any]] | None = None,
+) -> RunPlan:
     """Scan ``input.root`` into the index, cut shards, write the first manifest.
 
     Temp files that killed writers left in ``output.root`` (of runs no live process holds) are
@@ -214,14 +235,23 @@ def plan_new_run(cfg: Config, run_id: str, model_info: dict[str, Any], timings: 
     storage.make_dirs(run_dir)
     moved = migrate.migrate_output_root(out)  # runs of earlier versions: into today's part-file layout
     removed = run_lock.clean_abandoned_temp_files(out, skip_run=run_id)
-    scan = scan or open_scan(input_root_of(cfg), cfg.input.layout, cfg.input.follow_symlinks, cfg.input.formats,
-                             exclude=out if left_out else None)
+    scan = scan or open_scan(
+        input_root_of(cfg),
+        cfg.input.layout,
+        cfg.input.follow_symlinks,
+        cfg.input.formats,
+        exclude=out if left_out else None,
+    )
     infos = [{**m, "decode": model_info["decode"]} for m in models] if models else [model_info]
     skip = _skip_filter(cfg, infos, scan.root, run_id) if cfg.run.skip_scored else None
     planned = _stream_into_index(cfg, scan, skip, run_dir, len(infos))
     planned.left_out = left_out
-    timings = {**(timings or {}), "scan_s": round(planned.scan_s, 3), "plan_s": round(time.perf_counter() - t0, 3),
-               "scan_threads": planned.threads}
+    timings = {
+        **(timings or {}),
+        "scan_s": round(planned.scan_s, 3),
+        "plan_s": round(time.perf_counter() - t0, 3),
+        "scan_threads": planned.threads,
+    }
     if removed:
         timings["temp_files_removed"] = removed
     if moved.runs:
@@ -246,8 +276,10 @@ def _skip_filter(cfg: Config, infos: list[dict[str, Any]], input_root: AnyPath, 
     """``run.skip_scored``'s filter over earlier runs into ``output.root``: one per model, joined
     when the run scores several (:class:`~imgscore.runstate.already_scored.AlreadyScoredEach`)."""
     run = cfg.run
-    each = [AlreadyScored(cfg.output.root, m, input_root, run.skip_key, exclude_run=run_id, retry_failed=run.retry_failed)
-            for m in infos]
+    each = [
+        AlreadyScored(cfg.output.root, m, input_root, run.skip_key, exclude_run=run_id, retry_failed=run.retry_failed)
+        for m in infos
+    ]
     return each[0] if len(each) == 1 else AlreadyScoredEach(each, [m.get("name") or "" for m in infos])
 
 
@@ -311,17 +343,32 @@ def _incremental_record(cfg: Config, planned: _Planned, mkey: str) -> dict[str, 
     skip = planned.skip
     if skip is None:
         return {"skip_scored": False}
-    incremental = {"skip_scored": True, "skip_key": cfg.run.skip_key, "model_key": mkey, "prior_runs": skip.prior_runs,
-                   "already_scored": skip.already_scored, "already_failed": skip.already_failed,
-                   "retry_failed": cfg.run.retry_failed, "files_hashed": skip.hashed,
-                   "lookup_s": round(planned.lookup_s, 4)}
+    incremental = {
+        "skip_scored": True,
+        "skip_key": cfg.run.skip_key,
+        "model_key": mkey,
+        "prior_runs": skip.prior_runs,
+        "already_scored": skip.already_scored,
+        "already_failed": skip.already_failed,
+        "retry_failed": cfg.run.retry_failed,
+        "files_hashed": skip.hashed,
+        "lookup_s": round(planned.lookup_s, 4),
+    }
     if skip.already_failed:
         incremental["carried"] = {"file": CARRIED_FILE, **planned.carried}
     return incremental
 
 
-def _first_manifest(cfg: Config, run_id: str, model_info: dict[str, Any], infos: list[dict[str, Any]],
-                    planned: _Planned, started: datetime, timings: dict[str, Any], flow_run_id: str | None) -> Manifest:
+def _first_manifest(
+    cfg: Config,
+    run_id: str,
+    model_info: dict[str, Any],
+    infos: list[dict[str, Any]],
+    planned: _Planned,
+    started: datetime,
+    timings: dict[str, Any],
+    flow_run_id: str | None,
+) -> Manifest:
     """The run's first manifest: its facts, counts, models, recorded config and every shard's record."""
     scan, skip, index = planned.scan, planned.skip, planned.index
     mkey = model_key(model_info)
@@ -336,11 +383,20 @@ def _first_manifest(cfg: Config, run_id: str, model_info: dict[str, Any], infos:
         status="running",
         created_at=started.isoformat(),
         updated_at=now_iso(),
-        input={"root": input_root_name(scan.root), "layout": scan.layout, "classes": scan.classes,
-               **({"output_root_left_out": planned.left_out} if planned.left_out else {})},
-        counts=Counts(scanned=index.rows, pairs=pairs, skipped=len(scan.skipped),
-                      already_scored=skip.already_scored if skip else 0,
-                      already_failed=skip.already_failed if skip else 0, pending=pairs),
+        input={
+            "root": input_root_name(scan.root),
+            "layout": scan.layout,
+            "classes": scan.classes,
+            **({"output_root_left_out": planned.left_out} if planned.left_out else {}),
+        },
+        counts=Counts(
+            scanned=index.rows,
+            pairs=pairs,
+            skipped=len(scan.skipped),
+            already_scored=skip.already_scored if skip else 0,
+            already_failed=skip.already_failed if skip else 0,
+            pending=pairs,
+        ),
         skipped=scan.skipped,
         model={**model_info, "model_key": mkey},
         models=models if len(models) > 1 or "name" in models[0] else [],
@@ -348,7 +404,14 @@ def _first_manifest(cfg: Config, run_id: str, model_info: dict[str, Any], infos:
         incremental=_incremental_record(cfg, planned, mkey),
         index=index.info(),
         shards=[
-            ShardRecord(shard_id=s.shard_id, start=s.start, stop=s.stop, images=s.stop - s.start, pairs=s.pairs, fingerprint=s.fingerprint)
+            ShardRecord(
+                shard_id=s.shard_id,
+                start=s.start,
+                stop=s.stop,
+                images=s.stop - s.start,
+                pairs=s.pairs,
+                fingerprint=s.fingerprint,
+            )
             for s in index.shards
         ],
         outputs={t: str(part_dir(cfg.output.root, t, run_date, run_id)) for t in tables},

@@ -56,7 +56,9 @@ from imgscore.runstate.manifest import ShardRef, ShardResult, models_id, stop_ch
 
 def history_path(out_root: AnyPath, run_date: str, run_id: str, shard_id: int, attempt: int) -> UPath:
     """Where superseded error rows of a shard's ``attempt`` are kept."""
-    return storage.path(part_dir(out_root, "errors_history", run_date, run_id), f"part-{shard_id:05d}-attempt-{attempt:03d}.parquet")
+    return storage.path(
+        part_dir(out_root, "errors_history", run_date, run_id), f"part-{shard_id:05d}-attempt-{attempt:03d}.parquet"
+    )
 
 
 def _read_ok(path: AnyPath, schema: pa.Schema) -> pa.Table | None:
@@ -79,7 +81,9 @@ def archive_errors(out_root: AnyPath, ref: ShardRef, fallback_attempt: int) -> U
     if old is None or old.num_rows == 0:
         return None
     attempt = pc.max(old["attempt"]).as_py() or fallback_attempt
-    dest = inside(out_root, history_path(out_root, ref.run_date, ref.run_id, ref.shard_id, int(attempt)), "errors history file")
+    dest = inside(
+        out_root, history_path(out_root, ref.run_date, ref.run_id, ref.shard_id, int(attempt)), "errors history file"
+    )
     if not storage.exists(dest):
         write_table_atomic(old, dest)
     return dest
@@ -89,17 +93,30 @@ def _in_index_order(table: pa.Table, order: pa.Array) -> pa.Table:
     """Rows of ``table`` sorted by the position of their ``image_path`` in ``order`` (the
     shard's paths in index order); rows without a path, or not in it, go last in their order."""
     pos = pc.fill_null(pc.index_in(table["image_path"], value_set=order), len(order))
-    return table.take(pc.sort_indices(pa.table({"p": pos, "i": pa.array(range(table.num_rows), pa.int64())}), [("p", "ascending"), ("i", "ascending")]))
+    return table.take(
+        pc.sort_indices(
+            pa.table({"p": pos, "i": pa.array(range(table.num_rows), pa.int64())}),
+            [("p", "ascending"), ("i", "ascending")],
+        )
+    )
 
 
-def merge_partial(old_pred: pa.Table, old_err: pa.Table | None, new_pred: pa.Table, new_err: pa.Table, redo: list[str],
-                  order: pa.Array) -> tuple[pa.Table, pa.Table]:
+def merge_partial(
+    old_pred: pa.Table,
+    old_err: pa.Table | None,
+    new_pred: pa.Table,
+    new_err: pa.Table,
+    redo: list[str],
+    order: pa.Array,
+) -> tuple[pa.Table, pa.Table]:
     """A partial shard after rescoring ``redo``: the old rows of every other image, plus the
     new rows, predictions in index order; old error rows of the images rescored (or now
     scored) are dropped."""
     redo_set = pa.array(sorted(set(redo) | set(new_pred["image_path"].to_pylist())), pa.string())
     kept = old_pred.filter(pc.invert(pc.is_in(old_pred["image_path"], value_set=redo_set)))
-    merged = _in_index_order(pa.concat_tables([kept.replace_schema_metadata(None), new_pred.replace_schema_metadata(None)]), order)
+    merged = _in_index_order(
+        pa.concat_tables([kept.replace_schema_metadata(None), new_pred.replace_schema_metadata(None)]), order
+    )
     still = pa.array(sorted(set(redo) | set(merged["image_path"].to_pylist())), pa.string())
     carry = (
         old_err.filter(pc.fill_null(pc.invert(pc.is_in(old_err["image_path"], value_set=still)), False))
@@ -118,9 +135,12 @@ def merge_embeddings(old_path: AnyPath, new: pa.Table, predictions: pa.Table, or
     except (OSError, pa.ArrowException):  # missing or unreadable: only the new vectors
         return new
     fresh = pc.is_in(old["image_path"], value_set=new["image_path"].combine_chunks())
-    kept = old.filter(pc.and_(pc.invert(fresh), pc.is_in(old["image_path"], value_set=predictions["image_path"].combine_chunks())))
-    return _in_index_order(pa.concat_tables([kept.replace_schema_metadata(None), new.replace_schema_metadata(None)]), order) \
-        .replace_schema_metadata(new.schema.metadata)
+    kept = old.filter(
+        pc.and_(pc.invert(fresh), pc.is_in(old["image_path"], value_set=predictions["image_path"].combine_chunks()))
+    )
+    return _in_index_order(
+        pa.concat_tables([kept.replace_schema_metadata(None), new.replace_schema_metadata(None)]), order
+    ).replace_schema_metadata(new.schema.metadata)
 
 
 def rescore_shard(
@@ -153,7 +173,9 @@ def rescore_shard(
     out_root = cfg.output.root
     shard = read_shard_entries(ref)
     chosen = shard if only is None else [e for e in shard if e.image_path in set(only)]
-    scorers = load_scorers(cfg, workers_on_host)  # every model of the run: a failed image is rescored by each (one decode)
+    scorers = load_scorers(
+        cfg, workers_on_host
+    )  # every model of the run: a failed image is rescored by each (one decode)
     ctxs = [row_context(ref, sc, attempt, cfg.output.topk) for sc in scorers]
     rows = score_entries(chosen, ref.input_root, scorers, cfg.input, ctxs, t0, stop=stop_check(ref.run_dir))
     meta = file_metadata(scorers[0].lm.info(), ref.run_id, models_metadata(scorers, metadata))
@@ -174,10 +196,27 @@ def rescore_shard(
 
     archive_errors(out_root, ref, attempt - 1)
     result = ShardResult(
-        shard_id=ref.shard_id, state="complete", images=ref.stop - ref.start, fingerprint=ref.fingerprint,
-        model_id=models_id([sc.lm.model_id for sc in scorers]), device=str(scorers[0].device), worker=scorers[0].worker, loader_workers=rows.loader_workers, attempt=attempt,
-        warnings=dict(rows.warnings.most_common(20)), oom_events=rows.oom_events, rescored=len(chosen),
-        seconds=round(time.perf_counter() - t0, 4), **rows.facts(),
+        shard_id=ref.shard_id,
+        state="complete",
+        images=ref.stop - ref.start,
+        fingerprint=ref.fingerprint,
+        model_id=models_id([sc.lm.model_id for sc in scorers]),
+        device=str(scorers[0].device),
+        worker=scorers[0].worker,
+        loader_workers=rows.loader_workers,
+        attempt=attempt,
+        warnings=dict(rows.warnings.most_common(20)),
+        oom_events=rows.oom_events,
+        rescored=len(chosen),
+        seconds=round(time.perf_counter() - t0, 4),
+        **rows.facts(),
     )
-    return commit_shard(ref, out_root, predictions.replace_schema_metadata(meta), errors.replace_schema_metadata(meta), result, embeddings,
-                        replace=True)
+    return commit_shard(
+        ref,
+        out_root,
+        predictions.replace_schema_metadata(meta),
+        errors.replace_schema_metadata(meta),
+        result,
+        embeddings,
+        replace=True,
+    )

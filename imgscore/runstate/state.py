@@ -50,7 +50,9 @@ def _segment_path(run_dir: AnyPath, n: int) -> UPath:
 def ledger_segments(run_dir: AnyPath, from_segment: int = 0) -> list[int]:
     """Numbers of the ledger segments of ``run_dir`` at or after ``from_segment``, ascending."""
     names = storage.list_names(storage.path(run_dir, LEDGER_DIR))
-    return sorted(n for n in (int(x[:-6]) for x in names if x.endswith(".jsonl") and x[:-6].isdigit()) if n >= from_segment)
+    return sorted(
+        n for n in (int(x[:-6]) for x in names if x.endswith(".jsonl") and x[:-6].isdigit()) if n >= from_segment
+    )
 
 
 def read_segment(path: AnyPath) -> Iterator[ShardResult | RunEnding]:
@@ -162,8 +164,10 @@ def _read_summary(run_dir: AnyPath) -> Manifest:
         errors = exc.errors()
         where = ".".join(str(x) for x in errors[0]["loc"]) if errors else ""
         why = f"{errors[0]['msg'] if errors else 'not a manifest'}{f' at {where}' if where else ''}"
-        raise RunStateError(f"{storage.display(path)} is not a readable imgscore manifest ({why}); the run state was damaged — "
-                            "restore the file from a backup, or score the folder again with a new run") from None
+        raise RunStateError(
+            f"{storage.display(path)} is not a readable imgscore manifest ({why}); the run state was damaged — "
+            "restore the file from a backup, or score the folder again with a new run"
+        ) from None
 
 
 def load_manifest(run_dir: AnyPath) -> Manifest:

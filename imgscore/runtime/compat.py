@@ -28,8 +28,25 @@ PREFECT_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1
 def prefect_server_command(python: str, prefect_dir: str, port: int) -> list[str]:
     """The temporary server's command line, as ``SubprocessASGIServer`` builds it, plus a 3 s
     graceful-shutdown limit (uvicorn otherwise waits for this process's open connections)."""
-    return [python, "-m", "uvicorn", "--app-dir", prefect_dir, "--factory", PREFECT_SERVER_APP, "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "error", "--lifespan", "on", "--timeout-graceful-shutdown", "3"]
+    return [
+        python,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        prefect_dir,
+        "--factory",
+        PREFECT_SERVER_APP,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+        "--timeout-graceful-shutdown",
+        "3",
+    ]
 
 
 def prefect_server_env(environ: dict[str, str], settings_env: dict[str, str]) -> dict[str, str]:
@@ -72,7 +89,11 @@ def drain_prefect_services(timeout: float = 30.0) -> None:
 
 #: Prefect's messages for a run ended by Ctrl-C or SIGTERM: the flow run's state messages
 #: (``prefect/states.py``) and a task run cancelled with it (``prefect/task_engine.py``).
-PREFECT_INTERRUPT_MESSAGES = ("aborted by an interrupt signal", "cancelled by the task runner", "aborted by a termination signal")
+PREFECT_INTERRUPT_MESSAGES = (
+    "aborted by an interrupt signal",
+    "cancelled by the task runner",
+    "aborted by a termination signal",
+)
 
 #: Prefect's state message for a task run that raised (``prefect/task_engine.py``), followed by
 #: `` ExceptionType: message`` in the ERROR record "Finished in state Failed('…')".

@@ -45,16 +45,28 @@ class ScoringDaskTaskRunner(DaskTaskRunner):
         self._warm_registered = False
         self.owns_cluster = not self.address  # prefect-dask starts a LocalCluster on first use
         if self.owns_cluster and api_url:
-            self.cluster_kwargs = {**self.cluster_kwargs, "env": {**self.cluster_kwargs.get("env", {}), "PREFECT_API_URL": api_url}}
+            self.cluster_kwargs = {
+                **self.cluster_kwargs,
+                "env": {**self.cluster_kwargs.get("env", {}), "PREFECT_API_URL": api_url},
+            }
         self._scoring_stack = contextlib.ExitStack()
         self._used = False
 
     def duplicate(self) -> ScoringDaskTaskRunner:
         """A fresh copy with the same settings and API URL."""
         if self.address:
-            return type(self)(address=self.address, client_kwargs=self.client_kwargs, api_url=self.api_url, warm_config=self.warm_config)
-        return type(self)(cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs, api_url=self.api_url,
-                          warm_config=self.warm_config)
+            return type(self)(
+                address=self.address,
+                client_kwargs=self.client_kwargs,
+                api_url=self.api_url,
+                warm_config=self.warm_config,
+            )
+        return type(self)(
+            cluster_kwargs=self.cluster_kwargs,
+            client_kwargs=self.client_kwargs,
+            api_url=self.api_url,
+            warm_config=self.warm_config,
+        )
 
     @property
     def client(self) -> PrefectDaskClient:

@@ -72,7 +72,9 @@ def warm_process(config_json: str, workers_on_host: int = 1) -> dict[str, Any]:
                     lm = lm.folded()
                 share = inf.num_threads or max(1, usable_cores() // max(1, workers_on_host))
                 batch = inf.batch_size if isinstance(inf.batch_size, int) else 32
-                backend = resolve_backend(lm, inf.backend, inf.precision, share, batch, inf.cache_dir, inf.channels_last)
+                backend = resolve_backend(
+                    lm, inf.backend, inf.precision, share, batch, inf.cache_dir, inf.channels_last
+                )
                 fwd = make_forward(lm, backend, inf.precision, share, inf.cache_dir, inf.channels_last)
                 with torch.inference_mode():  # first call: kernels/primitives for the input size
                     x = torch.zeros(2, 3, lm.preprocess.crop, lm.preprocess.crop)
@@ -99,8 +101,9 @@ class WarmWorkers(WorkerPlugin):
     def setup(self, worker: Worker) -> None:
         WARM_STATE.clear()
         WARM_STATE["registered"] = time.time()
-        threading.Thread(target=warm_process, args=(self.config_json, self.workers_on_host),
-                         name="imgscore-warm", daemon=True).start()
+        threading.Thread(
+            target=warm_process, args=(self.config_json, self.workers_on_host), name="imgscore-warm", daemon=True
+        ).start()
 
 
 class EarlyCluster:
@@ -187,8 +190,12 @@ def local_cluster_config() -> dict[str, Any]:
     import dask
 
     preload = [p for p in dask.config.get("distributed.worker.preload", []) or [] if p != __name__]
-    return {"distributed.worker.daemon": False, "distributed.comm.timeouts.connect": LOCAL_COMM_TIMEOUT,
-            "distributed.comm.timeouts.tcp": LOCAL_COMM_TIMEOUT, "distributed.worker.preload": [*preload, __name__]}
+    return {
+        "distributed.worker.daemon": False,
+        "distributed.comm.timeouts.connect": LOCAL_COMM_TIMEOUT,
+        "distributed.comm.timeouts.tcp": LOCAL_COMM_TIMEOUT,
+        "distributed.worker.preload": [*preload, __name__],
+    }
 
 
 class UnderLoadToDebug(logging.Filter):
@@ -202,7 +209,10 @@ class UnderLoadToDebug(logging.Filter):
 
         if record.levelno > logging.DEBUG and record.getMessage().startswith(HEARTBEAT_FAILED_MESSAGE):
             cause = record.exc_info[1] if record.exc_info else None
-            record.msg, record.args = f"{HEARTBEAT_FAILED_MESSAGE} ({type(cause).__name__ if cause else 'no cause'}); the next one retries", None
+            record.msg, record.args = (
+                f"{HEARTBEAT_FAILED_MESSAGE} ({type(cause).__name__ if cause else 'no cause'}); the next one retries",
+                None,
+            )
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
@@ -235,8 +245,12 @@ def dask_setup(worker: Worker) -> None:
 
 def local_cluster_kwargs(runner_cfg: RunnerConfig) -> dict[str, Any]:
     """``LocalCluster`` arguments for ``runner`` config (as ``imgscore.runtime.runner`` makes them)."""
-    return {"n_workers": runner_cfg.n_workers, "threads_per_worker": runner_cfg.threads_per_worker,
-            "processes": True, "dashboard_address": None}
+    return {
+        "n_workers": runner_cfg.n_workers,
+        "threads_per_worker": runner_cfg.threads_per_worker,
+        "processes": True,
+        "dashboard_address": None,
+    }
 
 
 _CURRENT: EarlyCluster | None = None

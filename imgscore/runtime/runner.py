@@ -67,7 +67,9 @@ def make_task_runner(cfg: RunnerConfig, warm_config: str | None = None) -> TaskR
     try:  # importing prefect-dask and distributed costs start-up time: only for Dask runs (benchmarks/NOTES.md)
         from imgscore.runtime.dask_runner import ScoringDaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a dependency
-        raise ConfigError(f"runner.type=dask needs prefect-dask and distributed ({exc}); pip install prefect-dask") from None
+        raise ConfigError(
+            f"runner.type=dask needs prefect-dask and distributed ({exc}); pip install prefect-dask"
+        ) from None
     url = flow_api_url()
     if cfg.address:
         return ScoringDaskTaskRunner(address=cfg.address, api_url=url, warm_config=warm_config)
@@ -76,7 +78,9 @@ def make_task_runner(cfg: RunnerConfig, warm_config: str | None = None) -> TaskR
     early = dask_warm.current()
     if early is not None:  # started by the CLI before the flow, its workers warmed already
         return ScoringDaskTaskRunner(address=early.address(), api_url=url)
-    return ScoringDaskTaskRunner(cluster_kwargs=dask_warm.local_cluster_kwargs(cfg), api_url=url, warm_config=warm_config)
+    return ScoringDaskTaskRunner(
+        cluster_kwargs=dask_warm.local_cluster_kwargs(cfg), api_url=url, warm_config=warm_config
+    )
 
 
 class ConfiguredTaskRunner(TaskRunner[PrefectFuture[Any]]):

@@ -132,7 +132,8 @@ class TemporaryServer:
                 pass
         self.stop()
         raise ServerStartError(
-            f"Prefect's temporary API server did not start: {why}" + (f"; its log ends: {tail}" if tail else "")
+            f"Prefect's temporary API server did not start: {why}"
+            + (f"; its log ends: {tail}" if tail else "")
             + f". Start a server (`prefect server start`) and export PREFECT_API_URL{', ' + also if also else ''}"
         )
 

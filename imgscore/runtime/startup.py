@@ -88,8 +88,10 @@ class ExpectedFailureFilter(logging.Filter):
     :data:`IN_SUMMARY`, e.g. drift). Anything else keeps its traceback. Not installed with ``--verbose``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and (any(m in record.getMessage() for m in (*PREFECT_INTERRUPT_MESSAGES, SHARD_STOPPED_MESSAGE))
-                                                or _expected_task_failure(record.getMessage())):
+        if record.levelno >= logging.ERROR and (
+            any(m in record.getMessage() for m in (*PREFECT_INTERRUPT_MESSAGES, SHARD_STOPPED_MESSAGE))
+            or _expected_task_failure(record.getMessage())
+        ):
             record.levelno, record.levelname = logging.INFO, "INFO"
             return True
         if record.levelno >= logging.WARNING and getattr(record, "imgscore_in_summary", False):
@@ -161,7 +163,12 @@ class Session:
         Prefect is already imported (:meth:`import_prefect` then starts Prefect's own
         ``SubprocessASGIServer``), or when the session does not manage the server. Idempotent.
         """
-        if not self.manage_server or self.server is not None or os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        if (
+            not self.manage_server
+            or self.server is not None
+            or os.environ.get("PREFECT_API_URL")
+            or "prefect" in sys.modules
+        ):
             return
         self.server = TemporaryServer.launch(verbose=self.verbose)
 
