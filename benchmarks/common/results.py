@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common.paths import RESULTS
 
 
-def write_json(data: Any, name: str | Path) -> Path:
+def write_json(data: Any, name: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented JSON to ``name`` (a bare file name lands in ``RESULTS``); returns the path."""
-    path = RESULTS / name if isinstance(name, str) else name
+    path = RESULTS / name if isinstance(name, str) else Path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

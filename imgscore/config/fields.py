@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeAlias
 
 from pydantic import (
     BaseModel,
@@ -23,8 +23,13 @@ from pydantic import (
 
 from imgscore.io import storage
 
+# A root's value as configured: a local folder as a ``Path``, an object-store URL as its normalized
+# string (a ``Path`` would fold ``s3://`` into ``s3:/``). Code that opens files under a root takes it
+# through ``imgscore.io.storage.path``, which gives the one path type for both.
+RootValue: TypeAlias = Path | str
 
-def root_value(value: Any) -> Path | str | None:
+
+def root_value(value: Any) -> RootValue | None:
     """A root as configured (``input.root``, ``output.root``): None and a ``Path`` as they are,
     text as :func:`parse_root` reads it.
 
@@ -36,7 +41,7 @@ def root_value(value: Any) -> Path | str | None:
     return parse_root(value)
 
 
-def parse_root(value: Any) -> Path | str:
+def parse_root(value: Any) -> RootValue:
     """A root given as text → a ``Path`` (local path, ``file://`` URL; ``~`` expanded) or the
     normalized URL string (``s3://``, ``gs://``, ``az://``: a ``Path`` would fold ``//``).
 
@@ -72,7 +77,7 @@ PATH_NOTE = "; ~ is your home folder, $VAR is not expanded"
 
 # input.root / output.root: a local folder, or an object-store URL (imgscore.io.storage)
 Root = Annotated[
-    Path | str,
+    RootValue,
     PlainValidator(root_value, json_schema_input_type=str),
     PlainSerializer(str, return_type=str, when_used="json"),
 ]

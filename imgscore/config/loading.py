@@ -5,6 +5,7 @@ turned into one line that names the key, the value and the fix (:func:`build_con
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ def shipped_config(name: str) -> Path:
         return Path(__file__).resolve().parents[2] / "configs" / name
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file (optional; a local path, or the name of a shipped config) and apply
     ``--set`` overrides.
 
@@ -153,7 +154,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return build_config(read_config_file(path) if path is not None else {}, overrides)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A config file's mapping of sections (:func:`read_yaml`); {} for an empty file. ``path``: a
     local file, or the name of a config shipped with imgscore (:data:`SHIPPED_CONFIGS`).
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from imgscore.config.fields import parse_root
+from imgscore.config.fields import RootValue, parse_root
 from imgscore.config.loading import build_config, load_config, parse_override, read_config_file
 from imgscore.config.schema import Config
 from imgscore.errors import ConfigError
@@ -54,7 +54,7 @@ def _get(d: Any, dotted: str) -> Any:
     return d
 
 
-def out_root_of(config_file: Path | None, overrides: list[str]) -> Path | str:
+def out_root_of(config_file: Path | None, overrides: list[str]) -> RootValue:
     """The output root to look for the run in: ``--set output.root``, else the config file's,
     else the default (``outputs``); a ``Path``, or an object-store URL string.
 
