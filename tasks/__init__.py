@@ -1,2 +1,3 @@
-"""imgscore's work: plain functions (scan, plan, load model, decode, score, write) that the
-Prefect flows in ``flows/`` call in order. Each is testable without Prefect."""
+"""The Prefect tasks the flows submit: ``plan``, ``score_shard``, ``prepare_rerun`` and
+``rescore_shard``. Each is a thin wrapper over the library (:mod:`imgscore`), which is testable
+without Prefect."""

@@ -87,3 +87,21 @@ def test_the_readme_is_short_and_its_links_land():
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
     relative = [link for link in links if "://" not in link]
     assert relative and all((REPO / link).is_file() for link in relative), relative
+
+
+def test_the_architecture_map_names_every_module():
+    """docs/architecture.md's map lists each folder and each module in it: a module added or
+    renamed without the map fails here."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    start = text.index("<!-- map:")
+    block = text[start : text.index("```\n", text.index("```", start) + 3)]
+    missing = []
+    for folder in ("flows", "tasks", "imgscore"):
+        for p in sorted((REPO / folder).rglob("*.py")):
+            rel = p.relative_to(REPO)
+            for part in rel.parent.parts[1:]:
+                if not re.search(rf"\b{part}/", block):
+                    missing.append(f"{rel.parent}/")
+            if p.stem != "__init__" and not re.search(rf"\b{p.stem}\b", block):
+                missing.append(str(rel))
+    assert sorted(set(missing)) == []
