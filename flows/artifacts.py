@@ -21,7 +21,7 @@ import time
 
 from imgscore.io.storage import AnyPath
 from imgscore.report import build, html, markdown
-from imgscore.report.drift import DriftComparison
+from imgscore.report.drift_result import DriftComparison
 from imgscore.report.text import one_line
 
 DEFAULT_FLOW = "score-images"

@@ -35,6 +35,7 @@ from imgscore.io import object_store, storage
 from imgscore.io.storage import AnyPath
 from imgscore.report import drift
 from imgscore.report.build import rerun_command
+from imgscore.report.drift_result import DriftComparison
 from imgscore.runstate import lock as run_lock
 from imgscore.runstate.commits import run_dir_of
 from imgscore.runstate.incremental import CARRIED_FILE, decode_settings
@@ -243,7 +244,7 @@ def compare_drift(out_root: AnyPath, m: Manifest, drift_cfg: DriftConfig | None)
         warnings = [f"{name}: {w}" for w in d.warnings] if len(models) > 1 else d.warnings
         for w in warnings:  # the CLI's summary prints them: on the terminal only with --verbose
             get_run_logger().warning("drift: %s", w, extra=IN_SUMMARY)
-        psi = d.classes.psi if isinstance(d, drift.DriftComparison) else None
+        psi = d.classes.psi if isinstance(d, DriftComparison) else None
         one = {"baseline_runs": d.baseline.runs, "psi": psi, "warnings": warnings}
         if not out:
             out = dict(one)

@@ -21,7 +21,7 @@ from imgscore.io import storage
 from imgscore.io.parquet import write_bytes_atomic
 from imgscore.io.storage import AnyPath
 from imgscore.report import plots
-from imgscore.report.drift import DriftComparison, NoBaseline
+from imgscore.report.drift_result import DriftComparison, NoBaseline
 from imgscore.report.evaluate import nfc
 from imgscore.report.model import REPORT_FILE, NotCompared, Report
 from imgscore.report.text import NA, fmt, one_line

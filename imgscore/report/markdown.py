@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from imgscore.io.storage import AnyPath
-from imgscore.report.drift import DriftComparison
+from imgscore.report.drift_result import DriftComparison
 from imgscore.report.model import Report
 from imgscore.report.text import NA, fmt
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from imgscore.report.drift import DriftComparison, NoBaseline
+from imgscore.report.drift_result import DriftComparison, NoBaseline
 from imgscore.report.evaluate import Confusion
 from imgscore.runstate.manifest import ABANDONED
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 
-from imgscore.report.drift import DriftComparison
+from imgscore.report.drift_result import DriftComparison
 from imgscore.report.evaluate import MAX_EXTRA_COLUMNS, Confusion
 from imgscore.report.model import ClassCount, Drift, ScoreStats
 from imgscore.report.stats import MAX_CLASS_ROWS

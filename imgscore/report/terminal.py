@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from imgscore.report.drift import DriftComparison
+from imgscore.report.drift_result import DriftComparison
 from imgscore.report.model import Report
 
 
