@@ -32,10 +32,11 @@ from imgscore.io.parquet import input_root_name, part_dir
 from imgscore.io.storage import AnyPath
 from imgscore.runstate import lock as run_lock
 from imgscore.runstate import migrate
-from imgscore.runstate.already_scored import AlreadyScored, AlreadyScoredEach, Listings, SkipFilter
+from imgscore.runstate.already_scored import AlreadyScored, AlreadyScoredEach, SkipFilter
 from imgscore.runstate.commits import check_run_state, run_dir_of, run_folders
 from imgscore.runstate.incremental import CARRIED_FILE, decode_settings, model_key
 from imgscore.runstate.index import INDEX_NAME, IndexWriter, shard_location
+from imgscore.runstate.listings import Listings
 from imgscore.runstate.manifest import (
     MANIFEST,
     Counts,
@@ -302,7 +303,7 @@ class _Planned:
 
 def _stream_into_index(cfg: Config, scan: Scan, skip: SkipFilter | None, run_dir: UPath, n_models: int) -> _Planned:
     """Stream ``scan``'s batches through ``skip`` (when given) into the run's index, writing the
-    listings beside it (:class:`~imgscore.runstate.already_scored.Listings`). Memory: a few batches
+    listings beside it (:class:`~imgscore.runstate.listings.Listings`). Memory: a few batches
     and one shard's rows.
 
     Raises:
