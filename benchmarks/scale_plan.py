@@ -49,7 +49,8 @@ from imgscore.io.parquet import PREDICTIONS_SCHEMA, make_table, write_table_atom
 from imgscore.runstate.commits import check_shard
 from imgscore.runstate.index import read_shard_entries as read_index_rows
 from imgscore.runstate.manifest import COMPACT_EVERY_S, ShardResult
-from imgscore.runstate.plan import load_plan, plan_new_run
+from imgscore.runstate.plan import plan_new_run
+from imgscore.runstate.resume import load_plan
 
 
 def read_shard_entries(

@@ -40,7 +40,8 @@ from imgscore.runstate import lock as run_lock
 from imgscore.runstate.commits import run_dir_of
 from imgscore.runstate.incremental import CARRIED_FILE, decode_settings
 from imgscore.runstate.manifest import Manifest, ShardRef, ShardResult, now_iso
-from imgscore.runstate.plan import RunPlan, find_retried_run, new_run_id
+from imgscore.runstate.plan import RunPlan, new_run_id
+from imgscore.runstate.resume import find_retried_run
 from imgscore.runtime import progress
 from imgscore.runtime.runner import ConfiguredTaskRunner, workers_on_host
 from imgscore.runtime.startup import IN_SUMMARY, quiet_unless_verbose

@@ -21,8 +21,8 @@ from imgscore.runstate.plan import (
     RunPlan,
     input_root_of,
     plan_new_run,
-    resume_plan,
 )
+from imgscore.runstate.resume import resume_plan
 
 
 @task(name="plan", cache_policy=NO_CACHE, persist_result=False)

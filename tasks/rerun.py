@@ -19,8 +19,9 @@ from imgscore.runstate import lock as run_lock
 from imgscore.runstate.commits import run_dir_of
 from imgscore.runstate.index import refresh_shards
 from imgscore.runstate.manifest import ShardRef, ShardResult, now_iso
-from imgscore.runstate.plan import RunPlan, load_plan, shard_refs
+from imgscore.runstate.plan import RunPlan, shard_refs
 from imgscore.runstate.rerun_plan import rescore_shard
+from imgscore.runstate.resume import load_plan
 from imgscore.tasks.score_shard import stopped
 
 

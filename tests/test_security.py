@@ -428,7 +428,7 @@ def test_index_rows_that_leave_the_input_root_are_refused(finished_run, tmp_path
 def test_a_retry_refuses_a_manifest_that_names_another_input_root(finished_run, tmp_path):
     """A retried flow run reads its plan back from the output root; its own parameters are the
     flow run's. A manifest whose input.root was changed is refused, not scored from there."""
-    from imgscore.runstate.plan import resume_plan
+    from imgscore.runstate.resume import resume_plan
 
     root, src, rid = finished_run
     out = tmp_path / "out"
