@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Container, Iterator
 
-from imgscore.images.entries import ImageEntry, display_path, note_skipped
+from imgscore.images.entries import ImageEntry, note_skipped
 from imgscore.images.extensions import is_hidden, skip_reason
 from imgscore.io.storage import within
 
@@ -48,21 +48,14 @@ def list_folder(
     """
     real = real or os.path.realpath(top)
     if real in chain:
-        skipped.append(
-            {
-                "image_path": display_path(os.path.relpath(top, root)),
-                "reason": "symlink cycle: folder is its own ancestor",
-            }
-        )
+        note_skipped(skipped, os.path.relpath(top, root), "symlink cycle: folder is its own ancestor")
         return None
     root_real = root_real or os.path.realpath(root)
     try:
         with os.scandir(top) as it:
             items = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        skipped.append(
-            {"image_path": display_path(os.path.relpath(top, root)), "reason": f"folder not readable: {exc.strerror}"}
-        )
+        note_skipped(skipped, os.path.relpath(top, root), f"folder not readable: {exc.strerror}")
         return None
     files: list[str] = []
     dirs: list[tuple[str, str]] = []
@@ -74,31 +67,36 @@ def list_folder(
         except OSError:
             is_dir = False
         if e.is_symlink() and not follow_symlinks:
-            skipped.append(
-                {
-                    "image_path": display_path(os.path.relpath(e.path, root)),
-                    "reason": "symlink not followed (input.follow_symlinks=false)",
-                }
-            )
+            note_skipped(skipped, os.path.relpath(e.path, root), "symlink not followed (input.follow_symlinks=false)")
             continue
         if not is_dir:
             files.append(e.path)
             continue
-        target = os.path.join(real, e.name) if not e.is_symlink() else os.path.realpath(e.path)
-        if target == exclude:
-            continue
-        if not e.is_symlink():
-            dirs.append((e.path, target))
-        elif within(target, root_real):
-            skipped.append(
-                {
-                    "image_path": display_path(os.path.relpath(e.path, root)),
-                    "reason": "symlink to a folder inside input.root: its images are scanned at their own path",
-                }
-            )
-        else:
-            dirs.append((e.path, target))
+        sub = _subfolder(e, real, root, root_real, exclude, skipped)
+        if sub is not None:
+            dirs.append(sub)
     return files, dirs, real
+
+
+def _subfolder(
+    e: os.DirEntry[str], real: str, root: str, root_real: str, exclude: str | None, skipped: list[dict[str, str]]
+) -> tuple[str, str] | None:
+    """The subfolder ``e`` of the folder whose real path is ``real``, as ``(path, real path)``
+    when the walk enters it; None for ``exclude``, and for a symlink to a folder inside
+    ``input.root`` (listed in ``skipped``). See :func:`list_folder`."""
+    target = os.path.join(real, e.name) if not e.is_symlink() else os.path.realpath(e.path)
+    if target == exclude:
+        return None
+    if not e.is_symlink():
+        return e.path, target
+    if within(target, root_real):
+        note_skipped(
+            skipped,
+            os.path.relpath(e.path, root),
+            "symlink to a folder inside input.root: its images are scanned at their own path",
+        )
+        return None
+    return e.path, target
 
 
 def walk_files(
