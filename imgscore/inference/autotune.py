@@ -289,31 +289,9 @@ def shard_split(
         return Split(w, share, fixed_b or MIN_BATCH, {}, None)
     split = cached_split(key)
     if split is None:
-
-        def sample(i: int) -> torch.Tensor | None:
-            item = ds[i]
-            return getattr(item, "tensor", None)
-
-        costs = measure(sample, min(probe, len(ds)), forward_for, share)
-        if costs is None:  # nothing decodes in the probe: the shard records its failures anyway
+        split = _measure_split(ds, forward_for, share, key, can_fork, probe, lanes, fixed_b)
+        if split is None:  # nothing decodes in the probe: the shard records its failures anyway
             return Split(fixed_w if fixed_w is not None else 0, share, fixed_b or MIN_BATCH, {}, None)
-        ch = choose_split(costs, can_fork, images=len(ds), lanes=lanes, batch=fixed_b)
-        split = remember_split(
-            key,
-            Split(
-                ch.workers, ch.threads, choose_batch(fwd_at(costs, ch.threads), "auto"), ch.predicted, costs, ch.lanes
-            ),
-        )
-        log.info(
-            "worker split for %s: %s (decode %.2f ms, forward %.2f ms/img at 1 thread, %.2f at %d; predicted img/s %s)",
-            key[0],
-            split.label,
-            costs.decode * 1e3,
-            costs.fwd_1 * 1e3,
-            costs.fwd_share * 1e3,
-            share,
-            ch.predicted,
-        )
     if fixed_w is None:
         return Split(
             split.workers,
@@ -327,3 +305,42 @@ def shard_split(
     assert costs is not None  # a split remember_split keeps was measured
     b = fixed_b if fixed_b is not None else choose_batch(fwd_at(costs, share), "auto")
     return Split(fixed_w, share, b, split.predicted, split.costs)
+
+
+def _measure_split(
+    ds: Probe,
+    forward_for: Callable[[int], Forward],
+    share: int,
+    key: SplitKey,
+    can_fork: bool,
+    probe: int,
+    lanes: bool,
+    fixed_b: int | None,
+) -> Split | None:
+    """``num_workers: auto`` on a CPU: the split :func:`measure` and :func:`choose_split` pick on
+    the shard's first ``probe`` images, kept for ``key`` (:func:`remember_split`) and logged;
+    None when nothing decodes in the probe."""
+
+    def sample(i: int) -> torch.Tensor | None:
+        item = ds[i]
+        return getattr(item, "tensor", None)
+
+    costs = measure(sample, min(probe, len(ds)), forward_for, share)
+    if costs is None:
+        return None
+    ch = choose_split(costs, can_fork, images=len(ds), lanes=lanes, batch=fixed_b)
+    split = remember_split(
+        key,
+        Split(ch.workers, ch.threads, choose_batch(fwd_at(costs, ch.threads), "auto"), ch.predicted, costs, ch.lanes),
+    )
+    log.info(
+        "worker split for %s: %s (decode %.2f ms, forward %.2f ms/img at 1 thread, %.2f at %d; predicted img/s %s)",
+        key[0],
+        split.label,
+        costs.decode * 1e3,
+        costs.fwd_1 * 1e3,
+        costs.fwd_share * 1e3,
+        share,
+        ch.predicted,
+    )
+    return split
