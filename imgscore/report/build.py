@@ -234,12 +234,7 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
         created_at=m.created_at,
         updated_at=m.updated_at,
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        input=InputInfo(
-            root=m.input.get("root"),
-            layout=m.input.get("layout"),
-            classes=folder_classes,
-            formats=(m.config.get("input") or {}).get("formats"),
-        ),
+        input=_input_info(m),
         model=ModelInfo(**{k: model.get(k) for k in ModelInfo.model_fields}),
         models=models_summary(m, all_preds, all_errs),
         counts=Counts(**{k: getattr(m.counts, k) for k in Counts.model_fields}),
@@ -259,6 +254,16 @@ def build_report(out_root: AnyPath, run_id: str, lowest_n: int = LOWEST_N, model
         lowest_confidence=lowest_confidence(preds, lowest_n),
         drift=run_drift(out_root, m.to_dict(), model),
         outputs=_outputs(m, out_root, run_dir),
+    )
+
+
+def _input_info(m: Manifest) -> InputInfo:
+    """The scanned folder as the manifest recorded it: root, layout, folder classes, formats."""
+    return InputInfo(
+        root=m.input.get("root"),
+        layout=m.input.get("layout"),
+        classes=m.input.get("classes") or None,
+        formats=(m.config.get("input") or {}).get("formats"),
     )
 
 
