@@ -31,6 +31,7 @@ from upath import UPath
 
 from imgscore.config.schema import Config
 from imgscore.inference.commit import commit_shard, embeddings_part
+from imgscore.inference.rows import ShardRows
 from imgscore.inference.score import (
     embeddings_of,
     models_metadata,
@@ -38,7 +39,7 @@ from imgscore.inference.score import (
     row_context,
     score_entries,
 )
-from imgscore.inference.scorer import load_scorers
+from imgscore.inference.scorer import Scorer, load_scorers
 from imgscore.io import object_store, storage
 from imgscore.io.containment import inside
 from imgscore.io.parquet import (
@@ -182,20 +183,56 @@ def rescore_shard(
     new_pred, new_err = make_table(rows.predictions, PREDICTIONS_SCHEMA), make_table(rows.errors, ERRORS_SCHEMA)
     embeddings = embeddings_of(rows, scorers, cfg.output, meta)
 
-    pred_path, err_path = shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)
     if only is not None:
-        old = _read_ok(pred_path, PREDICTIONS_SCHEMA)
-        if old is None:
-            raise RuntimeError(f"shard {ref.shard_id}: {pred_path} became unreadable during the rerun; run it again")
         order = pa.array([e.image_path for e in shard], pa.string())
-        predictions, errors = merge_partial(old, _read_ok(err_path, ERRORS_SCHEMA), new_pred, new_err, only, order)
-        if embeddings is not None:
-            embeddings = merge_embeddings(embeddings_part(out_root, ref), embeddings, predictions, order)
+        predictions, errors, embeddings = _merge_with_kept(out_root, ref, new_pred, new_err, embeddings, only, order)
     else:
         predictions, errors = new_pred, new_err
 
     archive_errors(out_root, ref, attempt - 1)
-    result = ShardResult(
+    result = _rescored_result(ref, scorers, rows, attempt, len(chosen), t0)
+    return commit_shard(
+        ref,
+        out_root,
+        predictions.replace_schema_metadata(meta),
+        errors.replace_schema_metadata(meta),
+        result,
+        embeddings,
+        replace=True,
+    )
+
+
+def _merge_with_kept(
+    out_root: AnyPath,
+    ref: ShardRef,
+    new_pred: pa.Table,
+    new_err: pa.Table,
+    embeddings: pa.Table | None,
+    only: list[str],
+    order: pa.Array,
+) -> tuple[pa.Table, pa.Table, pa.Table | None]:
+    """A partial rerun's predictions, errors and embeddings: the shard's committed rows of the
+    images not in ``only``, with the new rows in their place, in index ``order``.
+
+    Raises:
+        RuntimeError: the shard's predictions file became unreadable during the rerun.
+    """
+    pred_path, err_path = shard_files(out_root, ref.run_date, ref.run_id, ref.shard_id)
+    old = _read_ok(pred_path, PREDICTIONS_SCHEMA)
+    if old is None:
+        raise RuntimeError(f"shard {ref.shard_id}: {pred_path} became unreadable during the rerun; run it again")
+    predictions, errors = merge_partial(old, _read_ok(err_path, ERRORS_SCHEMA), new_pred, new_err, only, order)
+    if embeddings is not None:
+        embeddings = merge_embeddings(embeddings_part(out_root, ref), embeddings, predictions, order)
+    return predictions, errors, embeddings
+
+
+def _rescored_result(
+    ref: ShardRef, scorers: list[Scorer], rows: ShardRows, attempt: int, rescored: int, t0: float
+) -> ShardResult:
+    """The shard's new commit record: the whole shard ``complete``, ``rescored`` images scored in
+    this attempt, seconds since ``t0``."""
+    return ShardResult(
         shard_id=ref.shard_id,
         state="complete",
         images=ref.stop - ref.start,
@@ -207,16 +244,7 @@ def rescore_shard(
         attempt=attempt,
         warnings=dict(rows.warnings.most_common(20)),
         oom_events=rows.oom_events,
-        rescored=len(chosen),
+        rescored=rescored,
         seconds=round(time.perf_counter() - t0, 4),
         **rows.facts(),
-    )
-    return commit_shard(
-        ref,
-        out_root,
-        predictions.replace_schema_metadata(meta),
-        errors.replace_schema_metadata(meta),
-        result,
-        embeddings,
-        replace=True,
     )
