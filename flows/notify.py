@@ -25,6 +25,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from upath import UPath
+
 from imgscore.config.flow_params import raw_flow_config
 from imgscore.config.running import NotifyConfig
 from imgscore.io import storage
@@ -136,6 +138,14 @@ def run_payload(
     run_dir = storage.path(out, "runs", run_id)
     if not storage.is_file(storage.path(run_dir, MANIFEST)):
         return payload
+    payload.update(_manifest_fields(out, run_dir, run_id))
+    return payload
+
+
+def _manifest_fields(out: UPath, run_dir: UPath, run_id: str) -> dict[str, Any]:
+    """The fields of :func:`run_payload` the run's manifest in ``run_dir`` gives: its status
+    (or how this process ended it, while the manifest still says running), reason, counts, error
+    budget, top error types, roots, file paths and drift."""
     m = load_manifest(run_dir)
     c = m.counts
     run_cfg = (m.config or {}).get("run") or {}
@@ -143,28 +153,25 @@ def run_payload(
     if m.status in ("running", "planned"):  # not written: how this process ended it, if it did
         with _RUNS_LOCK:
             status, reason = _ENDINGS.get(run_id, (status, reason))
-    payload.update(
-        {
-            "status": status,
-            "reason": reason,
-            "counts": {
-                k: getattr(c, k)
-                for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")
-            },
-            "error_rate": round(c.failed / m.total_pairs, 6) if m.total_pairs else 0.0,  # of (image, model) pairs
-            "max_error_rate": run_cfg.get("max_error_rate"),
-            "min_errors": run_cfg.get("min_errors"),
-            "top_error_types": top_error_types(out, m.run_date, m.run_id),
-            "input_root": (m.input or {}).get("root"),
-            "manifest": str(storage.path(run_dir, MANIFEST)),
-            "report": str(storage.path(run_dir, REPORT_FILE))
-            if storage.is_file(storage.path(run_dir, REPORT_FILE))
-            else None,
-            "known_bad": str(storage.path(run_dir, "already_failed.parquet")) if c.already_failed else None,
-            "drift": m.drift or None,
-        }
-    )
-    return payload
+    return {
+        "status": status,
+        "reason": reason,
+        "counts": {
+            k: getattr(c, k)
+            for k in ("scanned", "scored", "failed", "skipped", "already_scored", "already_failed", "pending")
+        },
+        "error_rate": round(c.failed / m.total_pairs, 6) if m.total_pairs else 0.0,  # of (image, model) pairs
+        "max_error_rate": run_cfg.get("max_error_rate"),
+        "min_errors": run_cfg.get("min_errors"),
+        "top_error_types": top_error_types(out, m.run_date, m.run_id),
+        "input_root": (m.input or {}).get("root"),
+        "manifest": str(storage.path(run_dir, MANIFEST)),
+        "report": str(storage.path(run_dir, REPORT_FILE))
+        if storage.is_file(storage.path(run_dir, REPORT_FILE))
+        else None,
+        "known_bad": str(storage.path(run_dir, "already_failed.parquet")) if c.already_failed else None,
+        "drift": m.drift or None,
+    }
 
 
 def refusal_payload(out_root: AnyPath, message: str, flow_name: str = "score-images") -> dict[str, Any]:
