@@ -200,14 +200,10 @@ def measure_scan(n_files: int, latency_ms: float, latency_files: int, tmp: Path)
     return res
 
 
-def _part_file_and_check(plan, entries: list, rnd: random.Random, now: datetime) -> tuple[dict, ShardResult]:
-    """Write one real pair of part files for shard 0 and time the footer check the flow runs per
-    result; returns the timings and that shard's result."""
-    from imgscore.io.parquet import ERRORS_SCHEMA
-    from imgscore.runstate.commits import shard_files
-
-    res: dict = {}
-    rows = [
+def _prediction_rows(plan, entries: list, rnd: random.Random, now: datetime) -> list[dict]:
+    """One synthetic predictions row per entry of shard 0 (a random class and scores, the fixed
+    model, device and worker of a GPU run)."""
+    return [
         {
             "run_id": plan.run_id,
             "image_path": e.image_path,
@@ -230,6 +226,16 @@ def _part_file_and_check(plan, entries: list, rnd: random.Random, now: datetime)
         }
         for i, e in enumerate(entries)
     ]
+
+
+def _part_file_and_check(plan, entries: list, rnd: random.Random, now: datetime) -> tuple[dict, ShardResult]:
+    """Write one real pair of part files for shard 0 and time the footer check the flow runs per
+    result; returns the timings and that shard's result."""
+    from imgscore.io.parquet import ERRORS_SCHEMA
+    from imgscore.runstate.commits import shard_files
+
+    res: dict = {}
+    rows = _prediction_rows(plan, entries, rnd, now)
     out_root = plan.manifest.config["output"]["root"]
     pred, err = shard_files(out_root, plan.run_date, plan.run_id, 0)
     t0 = time.perf_counter()
