@@ -69,7 +69,8 @@ def main() -> int:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp / "prefect")}
     imgscore = str(IMGSCORE)
     print(
-        "| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) |\n|---|---|---|---|---|---|"
+        "| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) "
+        "|\n|---|---|---|---|---|---|"
     )
     for name, path in forms.items():
         out = tmp / f"out_{name}"
@@ -104,7 +105,8 @@ def main() -> int:
         diff = max(abs(ref[r["image_path"]][1] - r["score"]) for r in rows)
         devices = {r["device"] for r in rows}
         print(
-            f"| {name} | {proc.returncode} | {len(rows)} | {same}/{len(rows)} | {diff:.2e} | {len(rows) / wall:.1f} ({devices}) |"
+            f"| {name} | {proc.returncode} | {len(rows)} | {same}/{len(rows)} | {diff:.2e} | {len(rows) / wall:.1f} "
+            f"({devices}) |"
         )
     return 0
 

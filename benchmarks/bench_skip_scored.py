@@ -133,13 +133,16 @@ def main() -> None:
             base.append(time.perf_counter() - t0)
         files = len(list((out / "predictions").rglob("*.parquet")))
         print(
-            f"predictions: {a.rows} rows in {files} part files over {a.runs} runs, {disk / 2**20:.1f} MiB; folder: {len(index.entries)} images ({a.new} new); built in {build_s:.1f} s"
+            f"predictions: {a.rows} rows in {files} part files over {a.runs} runs, {disk / 2**20:.1f} MiB; folder: "
+            f"{len(index.entries)} images ({a.new} new); built in {build_s:.1f} s"
         )
         print(
-            f"split_already_scored (stat): median {statistics.median(ours) * 1000:.0f} ms, min {min(ours) * 1000:.0f} ms over {a.repeat}"
+            f"split_already_scored (stat): median {statistics.median(ours) * 1000:.0f} ms, min {min(ours) * 1000:.0f} "
+            f"ms over {a.repeat}"
         )
         print(
-            f"naive pandas full read + set: median {statistics.median(base) * 1000:.0f} ms, min {min(base) * 1000:.0f} ms over {a.repeat}"
+            f"naive pandas full read + set: median {statistics.median(base) * 1000:.0f} ms, min {min(base) * 1000:.0f} "
+            f"ms over {a.repeat}"
         )
 
 

@@ -168,7 +168,8 @@ def throughput(root: Path, cpu, gpu, batch_sizes: list[int], workers: int) -> No
             g = model_only(gpu, first, bs, precision)
             e2e = end_to_end(root, gpu, bs, workers, precision)
             print(
-                f"{bs:>6}{precision:>10}{g:>16.0f}{e2e:>16.0f}{(cpu_rate if precision == 'fp32' else float('nan')):>16.0f}"
+                f"{bs:>6}{precision:>10}{g:>16.0f}{e2e:>16.0f}"
+                f"{(cpu_rate if precision == 'fp32' else float('nan')):>16.0f}"
             )
 
 

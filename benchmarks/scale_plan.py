@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             continue  # held at 10 M entries
         ok = res[key] <= limit
         print(
-            f"  {'PASS' if ok else 'MISS'}  {what}: {res[key]:.2f} {unit} (target ≤ {limit:g} {unit}; {res['shards']} shards)"
+            f"  {'PASS' if ok else 'MISS'}  {what}: {res[key]:.2f} {unit} (target ≤ {limit:g} {unit}; {res['shards']} "
+            "shards)"
         )
     return 0
 

@@ -175,7 +175,8 @@ class RunProgressArtifact:
             update_progress_artifact(
                 self.artifact_id,
                 pct,
-                description=f"{self.title or 'imgscore run ' + manifest['run_id']}: {done}/{self.total} images, {c.get('failed', 0)} errors",
+                description=f"{self.title or 'imgscore run ' + manifest['run_id']}: {done}/{self.total} images, "
+                f"{c.get('failed', 0)} errors",
             )
         except Exception as exc:
             _logger().warning("progress artifact not updated: %s: %s", type(exc).__name__, exc)

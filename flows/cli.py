@@ -1,10 +1,11 @@
 """``imgscore``: run, rerun, report, config, demo, serve.
 
-Exit codes (docs/getting-started.md, "Score your own folder"): 0 finished within the error budget; 1 over budget, a shard failed
-or a write failed (everything that could be scored is written); 2 bad usage, config, input root
-or model — refused before any scoring, one line naming the bad value and the fix, no traceback;
-130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM) — the manifest says
-``interrupted`` and the line printed names the ``imgscore rerun`` command that finishes the run.
+Exit codes (docs/getting-started.md, "Score your own folder"): 0 finished within the error
+budget; 1 over budget, a shard failed or a write failed (everything that could be scored is
+written); 2 bad usage, config, input root or model — refused before any scoring, one line naming
+the bad value and the fix, no traceback; 130 interrupted by Ctrl-C (SIGINT), 143 terminated
+(SIGTERM) — the manifest says ``interrupted`` and the line printed names the ``imgscore rerun``
+command that finishes the run.
 
 :func:`main` enters :func:`imgscore.runtime.startup.session` once; each command then does its cheap
 checks first (a typo fails in well under a second, before torch or Prefect is imported), starts
@@ -227,13 +228,14 @@ def cmd_demo(args, session: startup.Session) -> int:
         console.print(f"accuracy vs folder labels: n/a ({acc.get('reason')})")
     else:
         console.print(
-            f"[bold]accuracy vs folder labels: {acc['accuracy']:.4f}[/] ({acc['correct']}/{acc['labelled']} held-out digits)"
+            f"[bold]accuracy vs folder labels: {acc['accuracy']:.4f}[/] ({acc['correct']}/{acc['labelled']} held-out "
+            "digits)"
         )
     # pandas (a dependency, unlike duckdb) and this interpreter: the line works from a wheel install too
     python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else sys.executable
     read = (
-        f"import pandas as pd; df = pd.read_parquet('{cfg.output.root}/predictions', filters=[('run_id', '==', '{summary['run_id']}')]); "
-        "print(df.pred_label.value_counts().sort_index())"
+        f"import pandas as pd; df = pd.read_parquet('{cfg.output.root}/predictions', filters=[('run_id', '==', "
+        f"'{summary['run_id']}')]); print(df.pred_label.value_counts().sort_index())"
     )
     console.print(f'read it back: {shlex.quote(python)} -c "{read}"', soft_wrap=True, highlight=False, markup=False)
     return code
@@ -254,8 +256,8 @@ def cmd_rerun(args, session: startup.Session) -> int:
     if not storage.is_file(storage.path(run_dir, "manifest.json")):
         runs = storage.list_names(storage.path(out, "runs"))
         raise UsageError(
-            f"run {args.run_id!r} not found: no {storage.path(run_dir, 'manifest.json')}; pass the output root it was written to "
-            "with --set output.root=PATH ("
+            f"run {args.run_id!r} not found: no {storage.path(run_dir, 'manifest.json')}; pass the output root it was "
+            "written to with --set output.root=PATH ("
             + (("latest runs there: " + ", ".join(runs[-5:])) if runs else f"no runs under {out}")
             + ")"
         )
@@ -271,7 +273,8 @@ def cmd_rerun(args, session: startup.Session) -> int:
     console = _console()
     if not todo and manifest.status == "complete":
         console.print(
-            f"run {args.run_id} is complete: every shard is committed and no image is recorded as failed; nothing to rescore"
+            f"run {args.run_id} is complete: every shard is committed and no image is recorded as failed; nothing to "
+            "rescore"
         )
         return 0
     session.start_server()  # boots while the run is checked and the model loads

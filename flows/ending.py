@@ -156,7 +156,8 @@ def recorded_ending(plan: RunPlan, out_root: AnyPath, t0: float) -> Iterator[Non
         if isinstance(exc, OutputWriteError):  # the note joins the one line (no warning printed beside it)
             raise OutputWriteError(
                 f"run {plan.run_id} crashed: {exc}; nothing is half-written (temp files removed, committed shards kept)"
-                f"{'; ' + note if note else ''}; fix it (free space), then finish the run with `{rerun_command(plan.run_id, out_root)}`",
+                f"{'; ' + note if note else ''}; fix it (free space), then finish the run with "
+                f"`{rerun_command(plan.run_id, out_root)}`",
                 exc.path,
                 exc.errno,
             ) from None

@@ -130,8 +130,9 @@ def check_rerun(cfg: Config, manifest: Manifest, run_dir: AnyPath) -> None:
         was = was_info["model_id"]
         if lm.model_id != was:
             raise ModelError(
-                f"model.checkpoint {mcfg.checkpoint} changed since run {manifest.run_id} (model_id {was[:12]}… → {lm.model_id[:12]}…); "
-                "a rerun must use the run's model: restore the checkpoint, or start a new run with `imgscore run`"
+                f"model.checkpoint {mcfg.checkpoint} changed since run {manifest.run_id} (model_id {was[:12]}… → "
+                f"{lm.model_id[:12]}…); a rerun must use the run's model: restore the checkpoint, or start a new run "
+                "with `imgscore run`"
             )
 
 

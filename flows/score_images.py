@@ -111,7 +111,10 @@ def over_budget(failed: int, scanned: int, budget: RunConfig) -> str | None:
     """
     rate = failed / scanned if scanned else 0.0
     if rate > budget.max_error_rate and failed >= budget.min_errors:
-        return f"error rate {rate:.2%} > run.max_error_rate {budget.max_error_rate:.2%} ({failed} failed, run.min_errors {budget.min_errors})"
+        return (
+            f"error rate {rate:.2%} > run.max_error_rate {budget.max_error_rate:.2%} ({failed} failed, run.min_errors "
+            f"{budget.min_errors})"
+        )
     return None
 
 
@@ -229,8 +232,8 @@ def compare_drift(out_root: AnyPath, m: Manifest, drift_cfg: DriftConfig | None)
     ``baseline_runs``, ``psi`` and ``warnings`` (each also logged as a warning on the flow run);
     {} when off. With several models each is compared with its own recent nights (its rows
     only): ``models`` holds each one's, the top-level numbers are the first model's, and
-    ``warnings`` all of them, each prefixed with its model's name. A comparison that cannot be made is logged, never raised (it must not cost the
-    night's results)."""
+    ``warnings`` all of them, each prefixed with its model's name. A comparison that cannot be
+    made is logged, never raised (it must not cost the night's results)."""
     if drift_cfg is None or not drift_cfg.enabled:
         return {}
     models = m.scored_models

@@ -72,7 +72,8 @@ def build_deployment(cfg: Config, cron: str, timezone: str, name: str = "nightly
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
         parameters={"config": cfg.to_dict()},
-        description=f"imgscore: score {cfg.input.root} with {', '.join(m.resolved_name for m in cfg.scored_models())} on '{cron}' ({timezone})",
+        description=f"imgscore: score {cfg.input.root} with {', '.join(m.resolved_name for m in cfg.scored_models())} "
+        f"on '{cron}' ({timezone})",
         tags=["imgscore", "served"],
         # The runner loads the flow by module path, so any working directory with the package installed works.
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -130,7 +131,8 @@ def main(args, temporary_url: str | None = None) -> int:
     if api and api == temporary_url:  # the CLI exported its own temporary server's URL
         api = None
     print(
-        f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via {api or 'a temporary Prefect server'}; "
+        f"imgscore: serving score-images/{args.name} on '{args.cron}' ({args.timezone}) via "
+        f"{api or 'a temporary Prefect server'}; "
         "Ctrl-C stops",
         file=sys.stderr,
     )

@@ -51,7 +51,10 @@ def _why_not_decodable(fmt: str) -> str | None:
         return _IDENTIFY_ONLY[fmt]
     cls = opener[0]
     if inspect.isclass(cls) and issubclass(cls, ImageFile.StubImageFile) and not _stub_has_handler(cls):
-        return f"Pillow only identifies {fmt} files; decoding them needs a handler registered with {cls.__module__}.register_handler"
+        return (
+            f"Pillow only identifies {fmt} files; decoding them needs a handler registered with "
+            f"{cls.__module__}.register_handler"
+        )
     need = _NEEDS_FEATURE.get(fmt)
     if need is not None:
         kind, name, lib = need

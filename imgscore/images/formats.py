@@ -65,14 +65,16 @@ def check_formats(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         never = _NEVER_ALIASES.get(name, name)
         if never in NEVER:
             raise ValueError(
-                f"input.formats names {raw!r}, which is never decoded here: {NEVER[never]}; remove it from input.formats"
+                f"input.formats names {raw!r}, which is never decoded here: {NEVER[never]}; remove it from "
+                "input.formats"
             )
         valid = known_formats()
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             raise ValueError(
-                f"input.formats names {raw!r}, which is not an image format Pillow reads here; {hint}valid names: {', '.join(sorted(valid))}"
+                f"input.formats names {raw!r}, which is not an image format Pillow reads here; {hint}valid names: "
+                f"{', '.join(sorted(valid))}"
             )
         if name not in out:
             out.append(name)
@@ -135,7 +137,10 @@ def refused_message(fmt: str, allowed: tuple[str, ...] | list[str]) -> str:
     """Why a file of format ``fmt`` is not decoded, and the fix (for errors rows and ``skipped``)."""
     if fmt in NEVER:
         return f"{'EPS (PostScript)' if fmt == 'EPS' else fmt} file, never decoded: {NEVER[fmt]}"
-    return f"{fmt} file, and {fmt} is not in input.formats ({', '.join(allowed)}); add {fmt} to input.formats to decode such files"
+    return (
+        f"{fmt} file, and {fmt} is not in input.formats ({', '.join(allowed)}); add {fmt} to input.formats to decode "
+        "such files"
+    )
 
 
 class FormatNotAllowed(UnidentifiedImageError):

@@ -88,8 +88,9 @@ def check_roots_apart(input_root: AnyPath, output_root: AnyPath) -> str | None:
     rel = output_within_input(input_root, output_root)
     if rel == "":
         raise ConfigError(
-            f"output.root {str(output_root)!r} is input.root: the run's predictions/, errors/ and runs/ folders would sit among "
-            "the images and become classes; set output.root to a folder outside input.root (or a subfolder of it, which the scan leaves out)"
+            f"output.root {str(output_root)!r} is input.root: the run's predictions/, errors/ and runs/ folders would "
+            "sit among the images and become classes; set output.root to a folder outside input.root (or a subfolder "
+            "of it, which the scan leaves out)"
         )
     return rel
 

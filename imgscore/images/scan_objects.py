@@ -77,7 +77,8 @@ class ObjectScan(Scan):
 def _refuse_listing(root: str, exc: BaseException) -> InputError:
     return InputError(
         f"input.root {root!r} cannot be listed ({objects.describe_error(exc)}); check the bucket name and the "
-        "credentials this machine finds (AWS_ACCESS_KEY_ID/AWS_PROFILE, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)"
+        "credentials this machine finds (AWS_ACCESS_KEY_ID/AWS_PROFILE, AWS_ENDPOINT_URL, "
+        "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)"
     )
 
 
@@ -103,7 +104,8 @@ def open_object_scan(
         if (why := object_store.missing_bucket(root, "input.root")) is not None:
             raise InputError(why)
         raise InputError(
-            f"input.root {root!r} holds no objects; check the bucket and prefix (keys are listed under {root.rstrip('/')}/)"
+            f"input.root {root!r} holds no objects; check the bucket and prefix (keys are listed under "
+            f"{root.rstrip('/')}/)"
         )
     formats = tuple(formats) if formats is not None else None
     if layout == "auto":

@@ -1,1 +1,2 @@
-"""Models and scoring: checkpoints, model loading, devices, backends (eager, ONNX Runtime, OpenVINO), the loader split, one shard scored."""
+"""Models and scoring: checkpoints, model loading, devices, backends (eager, ONNX Runtime,
+OpenVINO), the loader split, one shard scored."""

@@ -88,9 +88,9 @@ def find_head(module: nn.Module, num_classes: int | None = None) -> str:
         return linear[-1]
     last = [name for name, _ in module.named_modules() if name][-6:]
     raise ConfigError(
-        f"output.embeddings: no linear classifier head{f' with {num_classes} outputs' if num_classes else ''} in this model "
-        f"(its last modules: {', '.join(last)}); set output.embedding_layer to the module whose output is the embedding, "
-        "e.g. output.embedding_layer=features"
+        f"output.embeddings: no linear classifier head{f' with {num_classes} outputs' if num_classes else ''} in this "
+        f"model (its last modules: {', '.join(last)}); set output.embedding_layer to the module whose output is the "
+        "embedding, e.g. output.embedding_layer=features"
     )
 
 

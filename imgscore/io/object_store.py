@@ -168,9 +168,9 @@ def check_options(options: Mapping[str, Any], where: str = "storage.options") ->
         if isinstance(value, str) and (_ENV_REF.match(value) or (name == "token" and value in _TOKEN_WORDS)):
             continue
         raise ValueError(
-            f"{dotted} looks like a credential; secrets are never written in the config (it is recorded in the manifest and "
-            f"Parquet metadata): leave it to the standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-            f"GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_KEY, …) or write {name}: ${{SOME_ENV_VAR}}"
+            f"{dotted} looks like a credential; secrets are never written in the config (it is recorded in the "
+            "manifest and Parquet metadata): leave it to the standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            f"AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_KEY, …) or write {name}: ${{SOME_ENV_VAR}}"
         )
 
 
@@ -181,7 +181,8 @@ def _expand(value: Any, where: str) -> Any:
         var = m.group(1)
         if var not in os.environ:
             raise ValueError(
-                f"{where} refers to ${{{var}}}, which is not set in this environment; export {var} on every machine of the run"
+                f"{where} refers to ${{{var}}}, which is not set in this environment; export {var} on every machine of "
+                "the run"
             )
         return os.environ[var]
     return value

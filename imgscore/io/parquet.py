@@ -194,10 +194,11 @@ def file_metadata(model_info: dict, run_id: str, extra: dict | None = None) -> d
     """Schema-level metadata for a run's part files: ``{"imgscore": JSON}``.
 
     The JSON holds ``extra`` (the flow passes ``{"config": resolved config}``) plus ``run_id``,
-    ``model`` (``LoadedModel.info()`` limited to :data:`MODEL_INFO_KEYS`) and, flat for easy querying, ``arch``, ``model_id``,
-    ``classes``, ``preprocess``, ``torch``, ``torchvision``, ``imgscore_version`` (package versions) and
-    ``config_hash`` (:func:`config_hash`). Keys are sorted and nothing time-dependent is included,
-    so every part file of a run (predictions, errors, empty or not) carries identical metadata.
+    ``model`` (``LoadedModel.info()`` limited to :data:`MODEL_INFO_KEYS`) and, flat for easy
+    querying, ``arch``, ``model_id``, ``classes``, ``preprocess``, ``torch``, ``torchvision``,
+    ``imgscore_version`` (package versions) and ``config_hash`` (:func:`config_hash`). Keys are
+    sorted and nothing time-dependent is included, so every part file of a run (predictions,
+    errors, empty or not) carries identical metadata.
     Read it back with ``json.loads(pq.read_schema(path).metadata[b"imgscore"])``.
     """
     extra = dict(extra or {})

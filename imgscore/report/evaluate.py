@@ -158,9 +158,9 @@ def unmatched_reason(folder_classes: list[str] | None, model_classes: list[str] 
     norm = {nfc(c) for c in model_classes}
     missing = [c for c in folder_classes if nfc(c) not in norm]
     return (
-        f"folder classes are not model class names ({len(missing)} of {len(folder_classes)} missing, e.g. {_names(missing)}) "
-        f"and the counts differ (folder {len(folder_classes)}, model {len(model_classes)}), "
-        "so labels match neither by name nor by index"
+        f"folder classes are not model class names ({len(missing)} of {len(folder_classes)} missing, e.g. "
+        f"{_names(missing)}) and the counts differ (folder {len(folder_classes)}, model {len(model_classes)}), so "
+        "labels match neither by name nor by index"
     )
 
 

@@ -3,10 +3,11 @@
 With ``run.skip_scored``, an image is *already scored* when some earlier run into the same
 ``output.root``, over the same input folder, with the same ``model_id`` (checkpoint sha256), the
 same resolved preprocessing and the same decode settings (``input.max_pixels``,
-``input.exif_orientation``, ``input.max_metadata_bytes``: :func:`model_key`), committed a prediction row for it whose key matches the file as
-scanned now — and *already failed* (the **failure ledger**) when such a run committed an errors row
-for it whose key matches, and no prediction does. Already-failed images are not tried again
-(``run.retry_failed: true`` tries them all); a changed file is. The key:
+``input.exif_orientation``, ``input.max_metadata_bytes``: :func:`model_key`), committed a prediction
+row for it whose key matches the file as scanned now — and *already failed* (the **failure ledger**)
+when such a run committed an errors row for it whose key matches, and no prediction does.
+Already-failed images are not tried again (``run.retry_failed: true`` tries them all); a changed
+file is. The key:
 
 - ``run.skip_key=stat`` (default): input root + relative path + size (bytes) + mtime (ns). Free:
   the scan has already stat'ed every file.

@@ -125,7 +125,10 @@ def advice(rec: LockRecord, run_dir: AnyPath) -> str:
     owner's lock is taken over by itself)."""
     if rec.get("host") == socket.gethostname():
         return f"wait for it to finish, or stop it (kill {rec.get('pid')})"
-    return f"wait for it to finish; if that process is gone, delete {lock_path(run_dir)} (it is taken over after {REMOTE_STALE_S // 3600:.0f} h)"
+    return (
+        f"wait for it to finish; if that process is gone, delete {lock_path(run_dir)} (it is taken over after "
+        f"{REMOTE_STALE_S // 3600:.0f} h)"
+    )
 
 
 def describe(rec: LockRecord, run_dir: AnyPath) -> str:
@@ -293,8 +296,8 @@ def folder_held(out_root: AnyPath, input_root: AnyPath, model_identity: str, pur
         except RunLockedError:
             other = read_lock(d) or {}
             raise RunLockedError(
-                f"{input_root} is being scored with this model by {owner(other)}; with run.skip_scored a second run at the "
-                f"same time would score the same images again — {advice(other, d)} (a deployment's concurrency_limit: 1 queues "
-                "the next run instead)"
+                f"{input_root} is being scored with this model by {owner(other)}; with run.skip_scored a second run at "
+                f"the same time would score the same images again — {advice(other, d)} (a deployment's "
+                "concurrency_limit: 1 queues the next run instead)"
             ) from None
         yield rec
