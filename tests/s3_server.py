@@ -111,7 +111,8 @@ class SeaweedS3:
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master_grpc']}",
             "-master.telemetry=false",
-            # small volumes; a shared test machine's disk may be nearly full (SeaweedFS's default refuses below 1 % free)
+            # small volumes; a shared test machine's disk may be nearly full (SeaweedFS's default
+            # refuses below 1 % free)
             "-master.volumeSizeLimitMB=64",
             "-volume.max=32",
             "-volume.minFreeSpace=64MiB",

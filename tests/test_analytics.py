@@ -83,7 +83,8 @@ def test_duckdb_reads_both_runs_with_hive_partitioning(two_runs):
     assert rows == [(r1, "DATE", 12, 12), (r2, "DATE", 8, 8)]
     errs = dict(
         con.sql(
-            f"SELECT run_id, count(*) FROM read_parquet('{out}/errors/**/*.parquet', hive_partitioning = true) GROUP BY ALL"
+            f"SELECT run_id, count(*) FROM read_parquet('{out}/errors/**/*.parquet', hive_partitioning = true) GROUP "
+            "BY ALL"
         ).fetchall()
     )
     assert errs == {r1: 4, r2: 8}

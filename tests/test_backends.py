@@ -209,7 +209,8 @@ def test_a_factory_models_export_follows_its_code(tmp_path, monkeypatch, tiny_mo
     lm = load_model(cfg, PreprocessConfig(resize=64, crop=64), CPU)
     before = export_key(lm)
     (tmp_path / "factory_for_backends.py").write_text(
-        "import torchvision\n\n\ndef build():  # edited\n    return torchvision.models.mobilenet_v3_small(num_classes=3)\n"
+        "import torchvision\n\n\ndef build():  # edited\n    return "
+        "torchvision.models.mobilenet_v3_small(num_classes=3)\n"
     )
     assert export_key(lm) != before
     sys.modules.pop("factory_for_backends", None)

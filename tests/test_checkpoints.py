@@ -305,8 +305,8 @@ def test_replaced_head_is_named_and_points_at_factory(dropout_head_model, tmp_pa
     msg = str(info.value)
     assert "holding a plain state_dict of 122 tensors" in msg
     assert (
-        "classifier head (fc) is not resnet18's: resnet18 has fc.weight, fc.bias, the checkpoint has fc.1.weight, fc.1.bias"
-        in msg
+        "classifier head (fc) is not resnet18's: resnet18 has fc.weight, fc.bias, the checkpoint has fc.1.weight, "
+        "fc.1.bias" in msg
     )
     assert "model.factory" in msg and "TorchScript" in msg and "Check model.arch" not in msg
 

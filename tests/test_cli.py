@@ -191,9 +191,10 @@ def test_ctrl_c_to_the_process_group_exits_130_with_the_rerun_command(tmp_path, 
 
 @pytest.mark.slow
 def test_a_temporary_server_that_cannot_start_is_one_line_with_its_reason(tmp_path, image_folder, tiny_checkpoint):
-    """The server is launched by imgscore.runtime.server (imgscore.runtime.server_launcher); when it dies at start-up (here: its SQLite
-    database cannot be created) the run ends with exit 1 and one line that quotes the server's own
-    error and names the fix — not a 40-line traceback, not a hang until the start-up timeout."""
+    """The server is launched by imgscore.runtime.server (imgscore.runtime.server_launcher); when it
+    dies at start-up (here: its SQLite database cannot be created) the run ends with exit 1 and one
+    line that quotes the server's own error and names the fix — not a 40-line traceback, not a hang
+    until the start-up timeout."""
     env = {
         **os.environ,
         "CUDA_VISIBLE_DEVICES": "",

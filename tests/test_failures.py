@@ -411,8 +411,8 @@ def test_acceptance_messy_folder_end_to_end(prefect_server, messy_folder, probe_
         assert_same_answers(by_a[p], by_b[p], atol=1e-5, what=p)
     term = capfd.readouterr()
     assert (
-        f"imgscore: run accept-b over its error budget: error rate 24.24% > run.max_error_rate 20.00% (8 failed, run.min_errors 5); errors are in {out_b / 'errors'}"
-        in term.err
+        "imgscore: run accept-b over its error budget: error rate 24.24% > run.max_error_rate 20.00% (8 failed, "
+        f"run.min_errors 5); errors are in {out_b / 'errors'}" in term.err
     )
     assert (
         "warnings        2" in term.out

@@ -2,9 +2,10 @@
 top-1 score within 0.01.
 
 Fast paths, each a config key: ``preprocess.jpeg_draft`` (libjpeg DCT-domain downscale to no less
-than twice the resize target, when the source is at least four times it), ``inference.channels_last``, ``inference.fold_bn``
-(conv-BN folding), ``inference.batch_size`` and ``inference.num_workers`` (DataLoader worker
-processes). ``torch.inference_mode`` is always on and has no numeric effect.
+than twice the resize target, when the source is at least four times it),
+``inference.channels_last``, ``inference.fold_bn`` (conv-BN folding), ``inference.batch_size`` and
+``inference.num_workers`` (DataLoader worker processes). ``torch.inference_mode`` is always on and
+has no numeric effect.
 
 What the model is, and why it makes the test hold on every CPU by construction: a seeded
 resnet18 backbone with random weights and a classifier head *set from its own features* of these

@@ -133,7 +133,8 @@ def test_kill9_mid_run_then_rerun_gives_every_image_once(prefect_server, photos,
     assert not leftover.exists()
     glob = str(out / "predictions" / "**" / "*.parquet")
     n, distinct = duckdb.sql(
-        f"SELECT count(*), count(DISTINCT image_path) FROM read_parquet('{glob}', hive_partitioning=true) WHERE run_id='killed'"
+        f"SELECT count(*), count(DISTINCT image_path) FROM read_parquet('{glob}', hive_partitioning=true) WHERE "
+        "run_id='killed'"
     ).fetchall()[0]
     assert (n, distinct) == (200, 200)
     m = manifest(out, "killed")
@@ -357,7 +358,8 @@ def test_concurrent_rerun_is_refused(prefect_server, photos, tiny_checkpoint, tm
         [
             sys.executable,
             "-c",
-            f"import time; from imgscore.runstate import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore rerun'); print('held', flush=True); time.sleep(60)",
+            f"import time; from imgscore.runstate import lock; lock.acquire({str(out / 'runs' / rid)!r}, 'imgscore "
+            "rerun'); print('held', flush=True); time.sleep(60)",
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -39,7 +39,8 @@ def small_tmpfs(folder: Path):
     )
     if mounted.returncode:
         pytest.skip(
-            f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode}); needs root or CAP_SYS_ADMIN"
+            f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode}); needs root or "
+            "CAP_SYS_ADMIN"
         )
     try:
         yield folder

@@ -17,7 +17,10 @@ from imgscore.runtime import server_watchdog, startup
 
 def test_importing_the_cli_imports_neither_prefect_nor_torch():
     """A typo must fail before the heavy imports: importing the CLI module loads neither."""
-    code = "import sys, json, imgscore.flows.cli; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'torch', 'torchvision', 'distributed'))))"
+    code = (
+        "import sys, json, imgscore.flows.cli; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('prefect', 'torch', 'torchvision', 'distributed'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
@@ -37,9 +40,11 @@ def test_launcher_says_no_server_when_an_api_is_configured():
 
 PARENT = """
 import subprocess, sys, time
-server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "prefect.server.api.server:create_app"])
-other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-subprocess.Popen([sys.executable, "-m", "imgscore.runtime.server_watchdog", str(__import__("os").getpid())], start_new_session=True)
+sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+server = subprocess.Popen([*sleep, "prefect.server.api.server:create_app"])
+other = subprocess.Popen(sleep)
+watchdog = [sys.executable, "-m", "imgscore.runtime.server_watchdog", str(__import__("os").getpid())]
+subprocess.Popen(watchdog, start_new_session=True)
 print(server.pid, other.pid, flush=True)
 time.sleep(120)
 """
