@@ -22,7 +22,6 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from imgscore.config.flow_params import flow_parameters
 from imgscore.config.loading import load_config, shipped_config
@@ -32,7 +31,7 @@ from imgscore.errors import (
     ImgscoreError,
     UsageError,
 )
-from imgscore.flows.outcome import Terminated, fail, flow_outcome, interrupted
+from imgscore.flows.outcome import Terminated, catch_sigterm, fail, flow_outcome, interrupted, restore_sigterm
 from imgscore.flows.preflight import (
     check_paths,
     check_rerun,
@@ -53,9 +52,6 @@ from imgscore.runstate.state import load_manifest
 from imgscore.runtime import startup
 from imgscore.runtime.compat import run_exit_handlers
 from imgscore.runtime.progress import progress_for
-
-if TYPE_CHECKING:
-    from types import FrameType
 
 DEMO_CONFIG = shipped_config("demo.yaml")  # package data: a wheel install finds it from any folder
 
@@ -174,10 +170,6 @@ def banner(cfg: Config) -> str:
         f"[bold]run {escape(str(cfg.run.run_id))}[/]: scoring {escape(root)} with {escape(names)} "
         f"({cfg.runner.type} runner) …"
     )
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
 
 
 def cmd_run(args, session: startup.Session) -> int:
@@ -339,7 +331,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command inside one start-up session; return the exit code."""
     args = _parser().parse_args(argv)
-    previous = _catch_sigterm()
+    previous = catch_sigterm()
     with startup.session(verbose=getattr(args, "verbose", False)) as session:
         try:
             return COMMANDS[args.command](args, session)
@@ -362,25 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return fail(f"{type(exc).__name__}: {exc} (run again with --verbose for the traceback)", 1)
         finally:
-            _restore_sigterm(previous)
-
-
-def _catch_sigterm():
-    """SIGTERM ends the command as Ctrl-C does (:class:`Terminated`); returns the handler it
-    replaced (None when not on the main thread, where Python allows no handlers)."""
-    import signal
-
-    try:
-        return signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:
-        return None
-
-
-def _restore_sigterm(previous) -> None:
-    import signal
-
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+            restore_sigterm(previous)
 
 
 def entrypoint() -> None:

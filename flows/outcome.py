@@ -16,6 +16,8 @@ from imgscore.io import storage
 from imgscore.io.storage import AnyPath
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from prefect.states import State
     from rich.console import Console
 
@@ -89,6 +91,29 @@ class Terminated(Exception):
     """SIGTERM reached the CLI (``kill``, systemd, a container stop): the command ends like Ctrl-C,
     with exit 143. Inside a flow run Prefect turns SIGTERM into its ``TerminationSignal`` first
     (the flow records ``interrupted``), then hands the signal back to this handler."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def catch_sigterm():
+    """SIGTERM ends the command as Ctrl-C does (:class:`Terminated`); returns the handler it
+    replaced (None when not on the main thread, where Python allows no handlers)."""
+    import signal
+
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        return None
+
+
+def restore_sigterm(previous) -> None:
+    """Put back the SIGTERM handler :func:`catch_sigterm` replaced (nothing when it replaced none)."""
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted(run_id: str, out_root: AnyPath, exc: BaseException | None = None) -> int:
