@@ -47,13 +47,8 @@ def plain_loop(model) -> dict[str, tuple[int, float]]:
     return out
 
 
-def main() -> int:
-    ck = torch.load(DEMO / "digits_resnet18.pt", map_location="cpu", weights_only=False)
-    model = torchvision.models.resnet18(num_classes=10)
-    model.load_state_dict(ck["model"])
-    model.eval()
-    ref = plain_loop(model)
-    tmp = Path(tempfile.mkdtemp(prefix="imgscore-accept-"))
+def checkpoint_forms(model: torch.nn.Module, tmp: Path) -> dict[str, Path]:
+    """The demo model saved in each form a checkpoint arrives in (names → files under ``tmp``)."""
     sd = model.state_dict()
     forms = {}
     forms["dataparallel_cuda0"] = tmp / "dp_cuda.pt"
@@ -65,12 +60,22 @@ def main() -> int:
     torch.jit.save(torch.jit.script(model), forms["torchscript"])
     forms["pickled_module"] = tmp / "module.pt"
     torch.save(model, forms["pickled_module"])
+    return forms
 
+
+def main() -> int:
+    ck = torch.load(DEMO / "digits_resnet18.pt", map_location="cpu", weights_only=False)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    ref = plain_loop(model)
+    tmp = Path(tempfile.mkdtemp(prefix="imgscore-accept-"))
+    forms = checkpoint_forms(model, tmp)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PREFECT_HOME": str(tmp / "prefect")}
     imgscore = str(IMGSCORE)
     print(
-        "| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) "
-        "|\n|---|---|---|---|---|---|"
+        "| form | exit | images | top-1 equal to plain loop | max abs score diff | img/s (wall) |\n"
+        "|---|---|---|---|---|---|"
     )
     for name, path in forms.items():
         out = tmp / f"out_{name}"
