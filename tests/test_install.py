@@ -107,7 +107,7 @@ def _clean_env(tmp: Path) -> dict[str, str]:
 def test_the_installed_package_is_imported_and_ships_its_configs(installed, tmp_path):
     py = str(installed / "bin" / "python")
     probe = (
-        "import json, imgscore, imgscore.flows.cli as cli, imgscore.config.schema as c; "
+        "import json, imgscore, imgscore.flows.cli as cli, imgscore.config.loading as c; "
         "print(json.dumps([imgscore.__file__, str(cli.DEMO_CONFIG), cli.DEMO_CONFIG.is_file(), "
         "str(c.shipped_config('nightly.yaml')), c.load_config(cli.DEMO_CONFIG).model.arch]))"
     )
@@ -138,3 +138,6 @@ def test_the_installed_cli_lists_its_keys_and_scores_a_folder_from_elsewhere(
     assert len(rows) == 12 and {r["label_name"] for r in rows} == {"chelsea", "coffee", "rocket"}
     assert {r["label"] for r in rows if r["label_name"] == "rocket"} == {2}
     assert all(0.0 <= r["score"] <= 1.0 and r["pred_label"] in {"0", "1", "2"} for r in rows)
+    # report.html is rendered from the template shipped as package data
+    (page,) = (work / "scores" / "runs").glob("*/report.html")
+    assert "rocket" in page.read_text(encoding="utf-8") and "<table" in page.read_text(encoding="utf-8")
