@@ -27,6 +27,17 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
+def without_roots(items: list[str]) -> list[str]:
+    """``--set`` items less ``input.root`` and ``output.root`` (a URL given as a Path loses its ``//``)."""
+    return [o for o in items if not o.startswith(("input.root=", "output.root="))]
+
+
+def on_store(local, checkpoint, tmp_path, url: str, out: str, *extra: str) -> list[str]:
+    """``base_overrides`` for a run that reads ``url`` and writes ``out`` (object-store URLs), plus ``extra``."""
+    base = without_roots(base_overrides(local, checkpoint, tmp_path / "x"))
+    return [*base, f"input.root={url}", f"output.root={out}", *extra]
+
+
 def cli(*argv: str) -> int:
     return main(list(argv))
 
@@ -70,7 +81,7 @@ def test_s3_runs_match_the_local_run_with_threads_and_dask(
     local = make_image_folder(tmp_path / "images", photos, per_class=4)
     url = s3.upload(local, "images")
     common = base_overrides(local, tiny_checkpoint, tmp_path / "x", **{"run.shard_size": 5, "inference.num_workers": 2})
-    common = [o for o in common if not o.startswith(("input.root=", "output.root="))]
+    common = without_roots(common)
     assert cli("run", "-q", *sets([*common, f"input.root={local}", f"output.root={tmp_path / 'local-out'}"])) == 0
     out_t, out_d = s3.url("out-thread"), s3.url("out-dask")
     assert cli("run", "-q", *sets([*common, f"input.root={url}", f"output.root={out_t}"])) == 0
@@ -136,10 +147,7 @@ def test_kill9_then_rerun_leaves_exactly_one_row_per_image_on_s3(prefect_server,
             "run.run_id": "killed",
         },
     )
-    items = [o for o in items if not o.startswith(("input.root=", "output.root="))] + [
-        f"input.root={url}",
-        f"output.root={out}",
-    ]
+    items = [*without_roots(items), f"input.root={url}", f"output.root={out}"]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect_home")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgscore.flows.cli", "run", *sets(items), "--quiet"],
@@ -182,18 +190,16 @@ def test_skip_scored_on_s3_skips_unchanged_objects_and_rescores_a_replaced_one(
     local = make_image_folder(tmp_path / "images", photos, per_class=4)
     (local / "rocket" / "zz_bad.jpg").write_text("not a jpeg at all")
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [
-        o
-        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
-        if not o.startswith(("input.root=", "output.root="))
-    ]
-    items += [
-        f"input.root={url}",
-        f"output.root={out}",
+    items = on_store(
+        local,
+        tiny_checkpoint,
+        tmp_path,
+        url,
+        out,
         "run.skip_scored=true",
         "inference.num_workers=0",
         "run.max_error_rate=1",
-    ]
+    )
     assert cli("run", "-q", *sets([*items, "run.run_id=night1"])) == 0
     (bad,) = read_table(out, "errors", run_id="night1").to_pylist()
     assert (
@@ -228,19 +234,17 @@ def test_a_throttled_get_becomes_an_errors_row_after_retries(
     ``storage.retries`` retries, every other image is scored, and the shard is not hung."""
     local = make_image_folder(tmp_path / "images", photos, per_class=3)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [
-        o
-        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
-        if not o.startswith(("input.root=", "output.root="))
-    ]
-    items += [
-        f"input.root={url}",
-        f"output.root={out}",
+    items = on_store(
+        local,
+        tiny_checkpoint,
+        tmp_path,
+        url,
+        out,
         "storage.retries=2",
         "storage.read_timeout_s=5",
         "run.max_error_rate=0.5",
         "inference.num_workers=2",
-    ]
+    )
     with FaultProxy(s3_server.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         bad = f"/{s3.bucket}/{s3.key('images/coffee/coffee_1.png')}"
@@ -261,12 +265,8 @@ def test_report_reads_and_writes_an_s3_output_root(prefect_server, s3, photos, t
     report reads the bucket's part files."""
     local = make_image_folder(tmp_path / "images", photos, per_class=2)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [
-        o
-        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
-        if not o.startswith(("input.root=", "output.root="))
-    ]
-    assert cli("run", "-q", *sets([*items, f"input.root={url}", f"output.root={out}", "run.run_id=rep"])) == 0
+    items = on_store(local, tiny_checkpoint, tmp_path, url, out)
+    assert cli("run", "-q", *sets([*items, "run.run_id=rep"])) == 0
     capsys.readouterr()
     assert cli("report", "rep", "--format", "json", "--set", f"output.root={out}") == 0
     report = json.loads(capsys.readouterr().out)
@@ -288,18 +288,16 @@ def test_no_secret_in_any_output(
     monkeypatch.setenv("IMGSCORE_TEST_S3_SECRET", secret)
     local = make_image_folder(tmp_path / "images", photos, per_class=2)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = [
-        o
-        for o in base_overrides(local, tiny_checkpoint, tmp_path / "x")
-        if not o.startswith(("input.root=", "output.root="))
-    ]
-    items += [
-        f"input.root={url}",
-        f"output.root={out}",
+    items = on_store(
+        local,
+        tiny_checkpoint,
+        tmp_path,
+        url,
+        out,
         "run.run_id=sec",
         "storage.options.secret=${IMGSCORE_TEST_S3_SECRET}",
         "storage.options.key=${AWS_ACCESS_KEY_ID}",
-    ]
+    )
     with caplog.at_level("DEBUG", logger="imgscore"):
         assert cli("run", *sets(items)) == 0
     printed = capfd.readouterr()
@@ -334,11 +332,7 @@ def test_a_missing_bucket_is_refused_by_name_as_input_or_output_root(
     """``input.root`` or ``output.root`` in a bucket that does not exist: exit 2 before anything
     runs, one line naming the bucket, the endpoint and the fix — not "holds no objects" (what a
     listing of a missing bucket looks like), and no bucket made by the write check's PUT."""
-    items = [
-        o
-        for o in base_overrides(image_folder, tiny_checkpoint, tmp_path / "x")
-        if not o.startswith(("input.root=", "output.root="))
-    ]
+    items = without_roots(base_overrides(image_folder, tiny_checkpoint, tmp_path / "x"))
     assert cli("run", "-q", *sets([*items, "input.root=s3://nosuch/images", f"output.root={s3.url('out')}"])) == 2
     err = capsys.readouterr().err
     assert f"bucket 'nosuch' does not exist at {s3_server.endpoint}; create it or fix input.root" in err, err
