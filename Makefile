@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Prefect's temporary server: no telemetry (it only prints errors offline).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Material for MkDocs' notice about MkDocs 2 (printed on every build; nothing to act on here).
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test bench lint docs clean install
 
@@ -42,4 +44,5 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) site build outputs/demo outputs/predictions outputs/errors outputs/errors_history outputs/runs outputs/_prefect
+	rm -rf $(VENV) site build outputs/demo outputs/predictions outputs/errors outputs/errors_history outputs/embeddings \
+		outputs/runs outputs/_prefect outputs/_locks
