@@ -8,9 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from imgscore.config.schema import Config
-from imgscore.errors import (
-    ConfigError,
-)
+from imgscore.errors import ConfigError
 from imgscore.images.preprocess import DecodeOptions
 from imgscore.images.scan import first_entries
 from imgscore.inference.backends.canary import start_inference

@@ -11,9 +11,7 @@ from prefect.runtime import task_run
 from prefect.states import Cancelled, Completed, State
 
 from imgscore.config.schema import Config
-from imgscore.errors import (
-    ShardStopped,
-)
+from imgscore.errors import ShardStopped
 from imgscore.inference.score import score_shard
 from imgscore.io.storage import AnyPath
 from imgscore.runstate import commits

@@ -32,9 +32,7 @@ from imgscore.config.scoring import InputConfig
 from imgscore.images.entries import ImageEntry
 from imgscore.inference import embeddings as emb
 from imgscore.inference.commit import commit_shard
-from imgscore.inference.device import (
-    configure_threads,
-)
+from imgscore.inference.device import configure_threads
 from imgscore.inference.loader import build_loader, loader_batches
 from imgscore.inference.rows import ModelPass, RowContext, ShardRows, score_passes
 from imgscore.inference.scorer import Scorer, load_scorers, transform_specs
