@@ -190,16 +190,8 @@ def test_skip_scored_on_s3_skips_unchanged_objects_and_rescores_a_replaced_one(
     local = make_image_folder(tmp_path / "images", photos, per_class=4)
     (local / "rocket" / "zz_bad.jpg").write_text("not a jpeg at all")
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = on_store(
-        local,
-        tiny_checkpoint,
-        tmp_path,
-        url,
-        out,
-        "run.skip_scored=true",
-        "inference.num_workers=0",
-        "run.max_error_rate=1",
-    )
+    extra = ["run.skip_scored=true", "inference.num_workers=0", "run.max_error_rate=1"]
+    items = on_store(local, tiny_checkpoint, tmp_path, url, out, *extra)
     assert cli("run", "-q", *sets([*items, "run.run_id=night1"])) == 0
     (bad,) = read_table(out, "errors", run_id="night1").to_pylist()
     assert (
@@ -234,17 +226,8 @@ def test_a_throttled_get_becomes_an_errors_row_after_retries(
     ``storage.retries`` retries, every other image is scored, and the shard is not hung."""
     local = make_image_folder(tmp_path / "images", photos, per_class=3)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = on_store(
-        local,
-        tiny_checkpoint,
-        tmp_path,
-        url,
-        out,
-        "storage.retries=2",
-        "storage.read_timeout_s=5",
-        "run.max_error_rate=0.5",
-        "inference.num_workers=2",
-    )
+    extra = ["storage.retries=2", "storage.read_timeout_s=5", "run.max_error_rate=0.5", "inference.num_workers=2"]
+    items = on_store(local, tiny_checkpoint, tmp_path, url, out, *extra)
     with FaultProxy(s3_server.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         bad = f"/{s3.bucket}/{s3.key('images/coffee/coffee_1.png')}"
@@ -288,16 +271,12 @@ def test_no_secret_in_any_output(
     monkeypatch.setenv("IMGSCORE_TEST_S3_SECRET", secret)
     local = make_image_folder(tmp_path / "images", photos, per_class=2)
     url, out = s3.upload(local, "images"), s3.url("out")
-    items = on_store(
-        local,
-        tiny_checkpoint,
-        tmp_path,
-        url,
-        out,
+    extra = [
         "run.run_id=sec",
         "storage.options.secret=${IMGSCORE_TEST_S3_SECRET}",
         "storage.options.key=${AWS_ACCESS_KEY_ID}",
-    )
+    ]
+    items = on_store(local, tiny_checkpoint, tmp_path, url, out, *extra)
     with caplog.at_level("DEBUG", logger="imgscore"):
         assert cli("run", *sets(items)) == 0
     printed = capfd.readouterr()
