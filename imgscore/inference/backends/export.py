@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,6 +105,14 @@ def _export(module: torch.nn.Module, crop: int, path: Path) -> str:
     [batch, 3, crop, crop], output ``logits`` float32 [batch, C].
     """
     example = (torch.zeros(2, 3, crop, crop),)
+    # what both exporters are given; they differ in how the batch dimension is declared
+    args = (module, example, str(path))
+    named: dict[str, Any] = {
+        "input_names": ["input"],
+        "output_names": ["logits"],
+        "opset_version": OPSET,
+        "verbose": False,
+    }
     # Deprecation notes of the TorchScript exporter and torch.export's progress lines are not
     # the user's business; decoding threads take the same lock around warnings capture.
     with warnings_lock(), warnings.catch_warnings():
@@ -111,16 +120,11 @@ def _export(module: torch.nn.Module, crop: int, path: Path) -> str:
         if not isinstance(module, torch.jit.ScriptModule):
             try:
                 torch.onnx.export(
-                    module,
-                    example,
-                    str(path),
-                    input_names=["input"],
-                    output_names=["logits"],
+                    *args,
                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                     dynamo=True,
                     external_data=False,
-                    opset_version=OPSET,
-                    verbose=False,
+                    **named,
                 )
                 return "torch.export"
             except Exception as exc:  # not traceable by torch.export: the TorchScript exporter next
@@ -129,17 +133,7 @@ def _export(module: torch.nn.Module, crop: int, path: Path) -> str:
                     type(exc).__name__,
                     str(exc).splitlines()[0][:200] if str(exc) else "",
                 )
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-            opset_version=OPSET,
-            verbose=False,
-        )
+        torch.onnx.export(*args, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, **named)
         return "torchscript"
 
 
