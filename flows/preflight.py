@@ -42,7 +42,7 @@ def load_model_here(cfg: Config) -> list[Any]:
 
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
     lms = [
-        load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last)
+        load_model(m, cfg.preprocess_for(m), device, cfg.inference.channels_last, cfg.inference.cache_dir)
         for m in cfg.scored_models()
     ]
     preflight(cfg.inference.backend, cfg.inference.precision, device)  # the runtime is installed, the combination runs
@@ -113,7 +113,8 @@ def check_rerun(cfg: Config, manifest: Manifest, run_dir: AnyPath) -> None:
 
     Raises:
         RunLockedError: a live process holds the run's lock. InputError: the run's local input
-            folder is gone. ModelError: a checkpoint changed since the run (its ``model_id``).
+            folder is gone. ModelError: a checkpoint changed since the run (its ``model_id``); a
+            fetched checkpoint whose object changed and whose recorded version the store cannot serve.
     """
     from imgscore.runstate import lock as run_lock
 
@@ -126,6 +127,7 @@ def check_rerun(cfg: Config, manifest: Manifest, run_dir: AnyPath) -> None:
         raise InputError(
             f"run {manifest.run_id} scored {root!r}, which is no longer a folder; restore it to rerun the run"
         )
+    cfg = cfg.pinned(manifest.scored_models)  # a fetched checkpoint: the bytes the run recorded, or refused
     for mcfg, lm, was_info in zip(cfg.scored_models(), load_model_here(cfg), manifest.scored_models, strict=False):
         was = was_info["model_id"]
         if lm.model_id != was:

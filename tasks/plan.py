@@ -32,7 +32,7 @@ def plan_task(cfg: Config, run_id: str) -> RunPlan:
         return resumed
     device = resolve_device(cfg.inference.device) if cfg.runner.type == "thread" else torch.device("cpu")
     lms = [
-        load_model(m, cfg.preprocess_for(m), device, channels_last=cfg.inference.channels_last)
+        load_model(m, cfg.preprocess_for(m), device, cfg.inference.channels_last, cfg.inference.cache_dir)
         for m in cfg.scored_models()
     ]
     if cfg.inference.fold_bn:
@@ -93,8 +93,11 @@ def check_embedding_layers(lms: list, names: list[str], layer: str | None, devic
 
 
 def effective_config(cfg: Config, plan: RunPlan) -> Config:
-    """``cfg`` with the precision the run start settled on (fp32 after a failed canary with
-    ``inference.on_canary_fail=fp32``); the shards score with this."""
+    """``cfg`` with each fetched checkpoint pinned to the identity and sha256 the plan recorded
+    (every shard, and a rerun, loads those bytes or fails) and with the precision the run start
+    settled on (fp32 after a failed canary with ``inference.on_canary_fail=fp32``); the shards
+    score with this."""
+    cfg = cfg.pinned(plan.manifest.scored_models)
     precision = plan.manifest.inference.get("precision") or cfg.inference.precision
     if precision == cfg.inference.precision:
         return cfg

@@ -71,6 +71,18 @@ def user_path(value: Any) -> Any:
     return value
 
 
+def checkpoint_value(value: Any) -> RootValue | None:
+    """``model.checkpoint`` as configured: a local file (``Path``, ``~`` expanded), an object-store URL or an
+    ``http(s)://`` URL (text, fetched into the model cache by ``imgscore.io.fetched``).
+
+    Raises:
+        ValueError: as :func:`parse_root`.
+    """
+    if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://")):
+        return value.strip()
+    return root_value(value)
+
+
 # What the docs of every path key say about ~ and $VAR (docs/configuration.md says it too).
 PATH_NOTE = "; ~ is your home folder, $VAR is not expanded"
 
@@ -79,6 +91,13 @@ PATH_NOTE = "; ~ is your home folder, $VAR is not expanded"
 Root = Annotated[
     RootValue,
     PlainValidator(root_value, json_schema_input_type=str),
+    PlainSerializer(str, return_type=str, when_used="json"),
+]
+
+# model.checkpoint: a local file, an object-store URL or an http(s) URL
+Checkpoint = Annotated[
+    RootValue,
+    PlainValidator(checkpoint_value, json_schema_input_type=str),
     PlainSerializer(str, return_type=str, when_used="json"),
 ]
 

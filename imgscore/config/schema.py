@@ -78,6 +78,23 @@ class Config(Section):
         its :attr:`ModelConfig.resolved_name` as ``model_name``."""
         return list(self.models) if self.models is not None else [self.model]
 
+    def pinned(self, infos: list[dict[str, Any]]) -> Config:
+        """This config with each fetched checkpoint pinned (``model.checkpoint_pin``) to what the
+        run's plan resolved: ``infos`` are the manifest's models (``LoadedModel.info()``), whose
+        ``checkpoint`` entry holds the identity and sha256. Models without one are as they were."""
+
+        def pin(m: ModelConfig, info: dict[str, Any] | None) -> ModelConfig:
+            ck = (info or {}).get("checkpoint")
+            if not ck or m.checkpoint is None or str(m.checkpoint) != ck.get("url"):
+                return m
+            return m.model_copy(update={"checkpoint_pin": f"{ck['sha256']} {ck['identity']}"})
+
+        models = self.scored_models()
+        pinned = [pin(m, infos[i] if i < len(infos) else None) for i, m in enumerate(models)]
+        if self.models is not None:
+            return self.model_copy(update={"models": pinned})
+        return self.model_copy(update={"model": pinned[0]})
+
     @model_validator(mode="after")
     def _embeddings_backend(self) -> Config:
         if self.output.embeddings and self.inference.backend in ("onnxruntime", "openvino"):

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from imgscore.config.fields import (
     PATH_NOTE,
+    Checkpoint,
     Root,
     Section,
     not_a_number,
@@ -102,8 +103,15 @@ class ModelConfig(Section):
         "default: model.arch, or the function name of model.factory",
     )
     arch: str = Field("resnet50", description="torchvision.models builder name")
-    checkpoint: Path | None = Field(
-        None, description="state_dict, training checkpoint dict, or TorchScript" + PATH_NOTE
+    checkpoint: Checkpoint | None = Field(
+        None,
+        description="state_dict, training checkpoint dict, or TorchScript: a local file, an s3:// gs:// az:// "
+        "object or an http(s):// URL (fetched once per machine into inference.cache_dir/models)" + PATH_NOTE,
+    )
+    checkpoint_pin: str | None = Field(
+        None,
+        description="set by the run, not by hand: 'SHA256 IDENTITY' of a fetched model.checkpoint as the run's plan "
+        "resolved it; every shard and a rerun load exactly those bytes",
     )
     weights: str | None = Field(
         None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) from the local hub cache"
@@ -131,7 +139,6 @@ class ModelConfig(Section):
         "decoding is shared, the draft sized for the largest resize)",
     )
 
-    _home = field_validator("checkpoint", mode="before")(user_path)
     _names_are_text = field_validator("name", "arch", "weights", "factory", mode="before")(not_a_number)
 
     @field_validator("classes", mode="before")

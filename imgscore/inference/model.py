@@ -41,6 +41,7 @@ from imgscore.inference.architecture import check_arch, module_for, weights_file
 from imgscore.inference.checkpoint import not_a_file, read_checkpoint
 from imgscore.inference.class_names import first_duplicate, read_classes
 from imgscore.inference.model_checks import check_finite_outputs, check_finite_weights
+from imgscore.io import fetched
 
 
 @dataclass
@@ -54,6 +55,7 @@ class LoadedModel:
     preprocess: PreprocessSpec
     device: torch.device
     source: str  # state_dict | training_checkpoint | safetensors | torchscript | pickled_module | torchvision_weights
+    checkpoint: dict[str, str] | None = None  # a fetched model.checkpoint: url, identity, sha256 (the run's pin)
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +86,7 @@ class LoadedModel:
             "num_classes": self.num_classes,
             "source": self.source,
             "preprocess": self.preprocess.to_dict(),
+            **({"checkpoint": self.checkpoint} if self.checkpoint else {}),
         }
 
 
@@ -152,7 +155,7 @@ def _resolve_preprocess(cfg: PreprocessConfig, base: dict[str, Any] | None) -> P
     )
 
 
-def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
+def _build(cfg: ModelConfig, pre: PreprocessConfig, cache_dir: Path | None = None) -> LoadedModel:
     """The configured model on the CPU (:func:`load_model` moves it to its device and checks it).
 
     Raises:
@@ -163,7 +166,7 @@ def _build(cfg: ModelConfig, pre: PreprocessConfig) -> LoadedModel:
     cfg_classes = read_classes(cfg.classes)
     if cfg.weights is not None:
         return _from_weights(cfg.arch, cfg.weights, cfg_classes, pre)
-    return _from_checkpoint(cfg, cfg_classes, pre)
+    return _from_checkpoint(cfg, cfg_classes, pre, cache_dir)
 
 
 def _from_weights(arch: str, name: str, cfg_classes: list[str] | None, pre: PreprocessConfig) -> LoadedModel:
@@ -194,15 +197,21 @@ def _from_weights(arch: str, name: str, cfg_classes: list[str] | None, pre: Prep
     return LoadedModel(module, arch, classes, file_sha256(path), spec, torch.device("cpu"), "torchvision_weights")
 
 
-def _from_checkpoint(cfg: ModelConfig, cfg_classes: list[str] | None, pre: PreprocessConfig) -> LoadedModel:
+def _from_checkpoint(
+    cfg: ModelConfig, cfg_classes: list[str] | None, pre: PreprocessConfig, cache_dir: Path | None = None
+) -> LoadedModel:
     """The module ``model.checkpoint`` holds or loads into (:func:`~.architecture.module_for`),
-    with the class names the config or the file gives, one per output."""
+    with the class names the config or the file gives, one per output. A URL is read from the
+    local model cache (``imgscore.io.fetched``), pinned by ``model.checkpoint_pin`` when set."""
     if cfg.checkpoint is None:
         raise ModelError("set model.checkpoint (a local checkpoint file) or model.weights (e.g. IMAGENET1K_V2)")
-    path = Path(cfg.checkpoint)
+    pin = fetched.Pin.parse(cfg.checkpoint_pin) if cfg.checkpoint_pin else None
+    copy = fetched.local_copy(cfg.checkpoint, fetched.cache_root(cache_dir) / "models", "model.checkpoint", pin)
+    path = copy.path
     if not path.is_file():
         raise ModelError(f"model.checkpoint {str(path)!r} {not_a_file(path)}")
-    model_id = file_sha256(path)
+    model_id = copy.sha256 or file_sha256(path)
+    pinned = {"url": copy.url, "identity": copy.identity, "sha256": model_id} if copy.identity is not None else None
     spec = _resolve_preprocess(pre, None)
     ck = read_checkpoint(path, cfg.trust_checkpoint)
     module, n = module_for(ck, cfg, spec.crop)
@@ -222,7 +231,7 @@ def _from_checkpoint(cfg: ModelConfig, cfg_classes: list[str] | None, pre: Prepr
             f"model.classes has {len(classes)} names but the model has {n} outputs; "
             "give one class name per output, in output order"
         )
-    return LoadedModel(module, cfg.factory or cfg.arch, classes, model_id, spec, torch.device("cpu"), ck.kind)
+    return LoadedModel(module, cfg.factory or cfg.arch, classes, model_id, spec, torch.device("cpu"), ck.kind, pinned)
 
 
 def _model_source(cfg: ModelConfig) -> str:
@@ -235,14 +244,20 @@ def _model_source(cfg: ModelConfig) -> str:
 
 
 def load_model(
-    cfg: ModelConfig, pre: PreprocessConfig, device: torch.device, channels_last: bool = True
+    cfg: ModelConfig,
+    pre: PreprocessConfig,
+    device: torch.device,
+    channels_last: bool = True,
+    cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Build the configured model in eval mode on ``device``, once per process.
 
     The weights are read to CPU memory first (``map_location="cpu"``, so a checkpoint saved on
     ``cuda:0`` loads on a CPU-only machine) and the module is then moved to ``device``. Later
     calls with the same config and device return the cached object (one load per worker process,
-    never per shard or batch).
+    never per shard or batch). A ``model.checkpoint`` URL is fetched into ``cache_dir/models``
+    (``inference.cache_dir``; default ``~/.cache/imgscore/models``) once per machine; unpinned, it
+    is asked for its identity on each call, so a changed object is loaded again.
 
     A model that is wrong as a whole is refused here, before anything is scored: NaN or Inf in
     its weights (:func:`check_finite_weights`), or non-finite outputs for every probe image
@@ -253,17 +268,12 @@ def load_model(
             mismatch, head size disagreeing with ``num_classes`` or ``classes``, weights not in the
             local hub cache, non-finite weights or outputs.
     """
-    ck = cfg.checkpoint
-    stamp: FileStamp | None = None
-    if ck is not None and Path(ck).is_file():
-        st = os.stat(ck)
-        stamp = (str(Path(ck).resolve()), st.st_size, st.st_mtime_ns)
-    key = (cfg.model_dump_json(), pre.model_dump_json(), stamp, str(device), channels_last)
+    key = (cfg.model_dump_json(), pre.model_dump_json(), _stamp(cfg), str(device), channels_last)
     with _LOCK:
         hit = _MODEL_CACHE.get(key)
         if hit is not None:
             return hit
-        lm = _build(cfg, pre)
+        lm = _build(cfg, pre, cache_dir)
         module = lm.module.eval().to(device)
         if channels_last and not isinstance(module, torch.jit.ScriptModule):
             module = module.to(memory_format=torch.channels_last)
@@ -274,6 +284,20 @@ def load_model(
         check_finite_outputs(module, lm.preprocess, device, name, source)
         _MODEL_CACHE[key] = lm
         return lm
+
+
+def _stamp(cfg: ModelConfig) -> FileStamp | None:
+    """What a cached load of ``cfg`` stays valid for: a local checkpoint's (path, size, mtime); a
+    fetched one's identity now (one HEAD), unless pinned (the pin is in the config's JSON)."""
+    ck = cfg.checkpoint
+    if ck is None or cfg.checkpoint_pin:
+        return None
+    if fetched.is_fetched(ck):
+        return (str(ck), 0, hash(fetched.identity_of(str(ck), "model.checkpoint")))
+    if Path(ck).is_file():
+        st = os.stat(ck)
+        return (str(Path(ck).resolve()), st.st_size, st.st_mtime_ns)
+    return None
 
 
 def clear_model_cache() -> None:

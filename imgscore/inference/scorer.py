@@ -64,7 +64,7 @@ def load_scorer(
     """
     device = resolve_device(inf_cfg.device, rank)
     threads = configure_threads(inf_cfg.num_threads, workers_on_host)
-    lm = load_model(model_cfg, pre_cfg, device, channels_last=inf_cfg.channels_last)
+    lm = load_model(model_cfg, pre_cfg, device, channels_last=inf_cfg.channels_last, cache_dir=inf_cfg.cache_dir)
     if inf_cfg.fold_bn:
         lm = lm.folded()  # cached per loaded model: folded once per process, not per shard
     batch = inf_cfg.batch_size if isinstance(inf_cfg.batch_size, int) else autotune.MIN_BATCH

@@ -67,7 +67,9 @@ def warm_process(config_json: str, workers_on_host: int = 1) -> dict[str, Any]:
         device = resolve_device(inf.device, 0)
         if device.type == "cpu":
             for i, mcfg in enumerate(cfg.scored_models()):  # several models: each is loaded and warmed
-                lm = load_model(mcfg, cfg.preprocess_for(mcfg), device, channels_last=inf.channels_last)
+                lm = load_model(
+                    mcfg, cfg.preprocess_for(mcfg), device, channels_last=inf.channels_last, cache_dir=inf.cache_dir
+                )
                 if inf.fold_bn:
                     lm = lm.folded()
                 share = inf.num_threads or max(1, usable_cores() // max(1, workers_on_host))

@@ -30,23 +30,12 @@ from imgscore.errors import ConfigError, ModelError
 from imgscore.images.decode import warnings_lock
 from imgscore.inference.backends.installed import exporter_modules
 from imgscore.inference.model import LoadedModel
+from imgscore.io.fetched import cache_root, default_cache_dir  # noqa: F401 - where they were
 
 log = logging.getLogger("imgscore")
 
 EXPORT_FORMAT = 1  # bump when the export recipe changes (invalidates every cached export)
 OPSET = 18  # ONNX opset of exports; ONNX Runtime >= 1.14 and OpenVINO >= 2023.0 read it
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/imgscore`` (``~/.cache/imgscore`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imgscore"
-
-
-def cache_root(cache_dir: Path | None) -> Path:
-    """The local folder exports and ``auto``'s measurements are cached in: ``inference.cache_dir``
-    (``~`` expanded), else :func:`default_cache_dir`."""
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
 def _code_id(lm: LoadedModel) -> str | None:

@@ -1,0 +1,232 @@
+"""A file named by a local path, an object-store URL or an http(s) URL, as a local file: a remote
+one fetched once per machine into a cache keyed by the object's identity, checked by sha256.
+
+What it is for: ``model.checkpoint`` on the bucket the images are on (or a web server), read by
+every Dask worker without copying it to each machine by hand.
+
+- **Identity.** What the store says these bytes are: S3 ``ETag`` (``ETag@VersionId`` when the
+  bucket is versioned), GCS generation, Azure ETag; over http(s) the ``ETag``, else
+  ``Last-Modified`` and the size. A changed object has a new identity, so it is never a stale hit.
+- **Cache entry.** ``CACHE/<sha256(url + identity)>/<file name>`` plus ``<file name>.sha256`` (the
+  hex of the bytes, written after they were hashed). A hit is a file whose sha256 is the one
+  recorded; anything else is fetched again.
+- **Concurrency.** Bytes go to a temporary file in the entry's folder and are renamed over the
+  final name (one ``rename``, atomic on POSIX): two processes fetching at once both end with one
+  whole file, never a torn one.
+- **Pinning.** A :class:`Pin` (identity + sha256, resolved once for a run) must be what is loaded:
+  a store whose object changed serves the pinned S3 version when versioning kept it, else the
+  fetch is refused; bytes that hash differently are refused.
+
+Why urllib for http(s) and not fsspec's http filesystem: fsspec's needs aiohttp, which is not a
+dependency of imgscore; a checkpoint is one GET (and one HEAD), which the standard library does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgscore.errors import ModelError
+from imgscore.io import object_store, objects
+
+_HTTP = ("http://", "https://")
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/imgscore`` (``~/.cache/imgscore`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgscore"
+
+
+def cache_root(cache_dir: Path | None) -> Path:
+    """The local folder exports, ``auto``'s measurements and fetched checkpoints (``models/``) are
+    cached in: ``inference.cache_dir`` (``~`` expanded), else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The bytes a run loads: the store's identity of them and their sha256 hex."""
+
+    identity: str
+    sha256: str
+
+    def text(self) -> str:
+        """``'SHA256 IDENTITY'`` (``model.checkpoint_pin``)."""
+        return f"{self.sha256} {self.identity}"
+
+    @classmethod
+    def parse(cls, text: str) -> Pin:
+        sha, _, identity = text.partition(" ")
+        return cls(identity=identity, sha256=sha)
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """A source as a local file: ``path`` to read, ``url`` as configured, ``identity`` (None for
+    a local file), ``sha256`` hex when it was fetched (else None: the caller hashes local files)."""
+
+    path: Path
+    url: str
+    identity: str | None = None
+    sha256: str | None = None
+
+
+def is_fetched(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` is an object-store or http(s) URL (fetched into the cache), not a local path."""
+    text = os.fspath(source)
+    return text.startswith(_HTTP) or object_store.scheme_of(text) is not None
+
+
+def identity_of(url: str, key: str) -> str:
+    """The source's current identity (one HEAD).
+
+    Raises:
+        ModelError: the object, bucket or page does not exist, access is denied, the store fails.
+    """
+    if url.startswith(_HTTP):
+        with _http(url, "HEAD", key) as resp:
+            etag = resp.headers.get("ETag")
+            if etag:
+                return etag.strip('"')
+            return f"{resp.headers.get('Last-Modified', '')}|{resp.headers.get('Content-Length', '')}"
+    if (why := object_store.missing_bucket(url, key)) is not None:
+        raise ModelError(why)
+    try:
+        info = objects.stat_object(url)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"{key} {url!r} cannot be read here ({objects.describe_error(exc)}); check the credentials this "
+            "machine finds (AWS_*, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)"
+        ) from None
+    if info is None:
+        raise ModelError(f"{key} {url!r} does not exist; upload the checkpoint there or fix {key}")
+    return info.version or f"{info.mtime_ns}|{info.size}"
+
+
+def local_copy(source: str | os.PathLike[str], cache_dir: Path, key: str, pin: Pin | None = None) -> LocalCopy:
+    """``source`` as a local file: a local path as it is; a URL from the cache, fetched on a miss.
+
+    Raises:
+        ModelError: as :func:`identity_of`; the object changed since ``pin`` and the store keeps no
+            older version (named: URL, expected identity and sha256); fetched bytes whose sha256
+            is not the pinned one.
+    """
+    url = os.fspath(source)
+    if not is_fetched(url):
+        return LocalCopy(Path(url), url)
+    current = identity_of(url, key)
+    identity, version_id = current, None
+    if pin is not None and pin.identity != current:
+        version_id = _kept_version(url, pin)
+        if version_id is None:
+            raise ModelError(
+                f"{key} {url!r} changed since the run was planned (expected identity {pin.identity}, sha256 "
+                f"{pin.sha256}; now {current}) and the store keeps no older version; restore that object, or "
+                "start a new run with `imgscore run`"
+            )
+        identity = pin.identity
+    entry = cache_dir / hashlib.sha256(f"{url}\n{identity}".encode()).hexdigest()[:32]
+    final = entry / (url.rstrip("/").rsplit("/", 1)[-1] or "checkpoint")
+    sha = _cached_sha(final)
+    if sha is None:
+        sha = _download(url, final, key, version_id)
+    if pin is not None and sha != pin.sha256:
+        raise ModelError(
+            f"{key} {url!r} (identity {identity}) has sha256 {sha}, not the {pin.sha256} the run was planned "
+            "with; this shard scores nothing: restore the object, or start a new run with `imgscore run`"
+        )
+    return LocalCopy(final, url, identity, sha)
+
+
+def _kept_version(url: str, pin: Pin) -> str | None:
+    """The S3 version id in ``pin``'s identity (``ETag@VersionId``) when the store still serves it."""
+    if object_store.scheme_of(url) not in ("s3", "s3a") or "@" not in pin.identity:
+        return None
+    vid = pin.identity.rsplit("@", 1)[1]
+    fs, path = object_store.filesystem(url)
+    try:
+        fs.info(path, version_id=vid)
+    except (OSError, ValueError):
+        return None
+    return vid
+
+
+def _cached_sha(final: Path) -> str | None:
+    """The sha256 of a whole cache entry (its bytes hash to the recorded value), else None."""
+    side = final.with_name(final.name + ".sha256")
+    try:
+        recorded = side.read_text().strip()
+    except OSError:
+        return None
+    if not final.is_file() or _sha_of(final) != recorded:
+        return None
+    return recorded
+
+
+def _sha_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url: str, final: Path, key: str, version_id: str | None) -> str:
+    """GET ``url`` into a temporary file beside ``final``, hash it, rename it over ``final`` and
+    write its ``.sha256``; returns the hex."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in _chunks(url, key, version_id):
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sha = h.hexdigest()
+    fd, side_tmp = tempfile.mkstemp(prefix=f".{final.name}.sha256.", dir=final.parent)  # unique per thread too
+    with os.fdopen(fd, "w") as side:
+        side.write(sha + "\n")
+    os.replace(side_tmp, final.with_name(final.name + ".sha256"))
+    return sha
+
+
+def _chunks(url: str, key: str, version_id: str | None):
+    if url.startswith(_HTTP):
+        with _http(url, "GET", key) as resp:
+            while chunk := resp.read(_CHUNK):
+                yield chunk
+        return
+    fs, path = object_store.filesystem(url)
+    kwargs = {"version_id": version_id} if version_id else {}
+    try:
+        with fs.open(path, "rb", **kwargs) as f:
+            while chunk := f.read(_CHUNK):
+                yield chunk
+    except FileNotFoundError:
+        raise ModelError(f"{key} {url!r} does not exist; upload the checkpoint there or fix {key}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{key} {url!r} could not be read here ({objects.describe_error(exc)})") from None
+
+
+def _http(url: str, method: str, key: str):
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise ModelError(f"{key} {url!r} does not exist (HTTP 404); fix the URL in {key}") from None
+        raise ModelError(f"{key} {url!r} answered HTTP {exc.code} {exc.reason}; fix the URL or the server") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ModelError(f"{key} {url!r} cannot be reached ({exc}); check the URL and the network") from None

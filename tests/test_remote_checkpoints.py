@@ -1,0 +1,209 @@
+"""model.checkpoint on object storage (the suite's SeaweedFS) and over http (a real http.server on
+loopback): fetched once into the model cache, pinned per night, refused by name when it cannot be read."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgscore.io import fetched
+from tests.conftest import assert_same_answers
+from tests.s3_server import FaultProxy
+from tests.test_object_store import cli, manifest_of, read_table, rows_by_path, sets, without_roots
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served by a real HTTP server on loopback (in a thread); yields (folder, base URL)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def other_checkpoint(tiny_model, path: Path) -> Path:
+    """A checkpoint of the same architecture with other weights (a retrained model)."""
+    sd = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in tiny_model.state_dict().items()}
+    torch.save(sd, path)
+    return path
+
+
+def items_for(local: Path, out: Path, checkpoint: str, cache: Path, *extra: str) -> list[str]:
+    return [
+        f"input.root={local}",
+        f"output.root={out}",
+        "model.arch=mobilenet_v3_small",
+        f"model.checkpoint={checkpoint}",
+        f"inference.cache_dir={cache}",
+        "inference.device=cpu",
+        "inference.batch_size=4",
+        "run.shard_size=5",
+        *extra,
+    ]
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "models").glob("*/*") if not p.name.startswith(".") and p.suffix != ".sha256")
+
+
+def test_fetch_once_identity_keyed_and_concurrent_fetches_share_one_file(s3, tiny_checkpoint, tiny_model, tmp_path):
+    """One fetch per cache: a second call is a hit; a changed object is a new entry (new sha256);
+    eight threads fetching into an empty cache at once all end with the same whole file."""
+    url = s3.url("models/m.pt")
+    s3.put("models/m.pt", tiny_checkpoint.read_bytes())
+    cache = tmp_path / "cache"
+    a = fetched.local_copy(url, cache, "model.checkpoint")
+    b = fetched.local_copy(url, cache, "model.checkpoint")
+    assert a == b and a.path.read_bytes() == tiny_checkpoint.read_bytes() and a.identity
+    s3.put("models/m.pt", other_checkpoint(tiny_model, tmp_path / "o.pt").read_bytes())
+    c = fetched.local_copy(url, cache, "model.checkpoint")
+    assert c.sha256 != a.sha256 and c.path != a.path and c.identity != a.identity
+
+    shared = tmp_path / "shared"
+    got: list = []
+    threads = [
+        threading.Thread(target=lambda: got.append(fetched.local_copy(url, shared, "model.checkpoint")))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len({g.sha256 for g in got}) == 1 and got[0].sha256 == c.sha256
+    assert [p.name for p in got[0].path.parent.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    with pytest.raises(Exception, match="sha256"):
+        fetched.local_copy(url, shared, "model.checkpoint", fetched.Pin(c.identity or "", "0" * 64))
+
+
+def test_s3_checkpoint_on_dask_matches_the_local_file_and_is_fetched_once(
+    prefect_server, s3, s3_server, image_folder, tiny_checkpoint, tmp_path, monkeypatch, capfd
+):
+    """Acceptance: a Dask run (2 workers) with an s3:// checkpoint and an empty cache gives the
+    local-file run's answers and model_id; the object was GET once (every process of the machine
+    shares the cache, so the workers find the file the run start fetched); the manifest and the
+    Parquet metadata record the URL, identity and sha256."""
+    s3.put("models/m.pt", tiny_checkpoint.read_bytes())
+    url = s3.url("models/m.pt")
+    assert cli("run", "-q", *sets(items_for(image_folder, tmp_path / "a", str(tiny_checkpoint), tmp_path / "c0"))) == 0
+    cache = tmp_path / "c1"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        items = items_for(image_folder, tmp_path / "b", url, cache, "runner.type=dask", "runner.n_workers=2")
+        assert cli("run", "-q", *sets(items)) == 0
+    assert "Traceback" not in capfd.readouterr().err
+    assert proxy.gets[f"/{s3.bucket}/{s3.key('models/m.pt')}"] == 1
+    assert len(cache_entries(cache)) == 1
+    local, remote = rows_by_path(read_table(str(tmp_path / "a"))), rows_by_path(read_table(str(tmp_path / "b")))
+    assert sorted(local) == sorted(remote)
+    for p, row in local.items():
+        assert_same_answers(row, remote[p], atol=1e-5, what=p)
+        assert remote[p]["model_id"] == row["model_id"]
+    (run,) = [p.name for p in (tmp_path / "b" / "runs").iterdir()]
+    ck = manifest_of(str(tmp_path / "b"), run)["models"][0]["checkpoint"]
+    assert ck["url"] == url and ck["identity"] and ck["sha256"] == next(iter(local.values()))["model_id"]
+    part = next((tmp_path / "b" / "predictions").rglob("*.parquet"))
+    import pyarrow.parquet as pq
+
+    meta = json.dumps({k.decode(): v.decode() for k, v in pq.read_metadata(part).metadata.items()})
+    assert ck["identity"] in meta and url in meta
+
+
+def test_rerun_refuses_a_changed_object_and_night_two_gets_a_new_model_id(
+    prefect_server, s3, image_folder, tiny_checkpoint, tiny_model, tmp_path, capsys
+):
+    s3.put("models/m.pt", tiny_checkpoint.read_bytes())
+    url, out, cache = s3.url("models/m.pt"), tmp_path / "out", tmp_path / "cache"
+    assert cli("run", "-q", *sets(items_for(image_folder, out, url, cache, "run.run_id=n1"))) == 0
+    was = manifest_of(str(out), "n1")["models"][0]["checkpoint"]
+    s3.put("models/m.pt", other_checkpoint(tiny_model, tmp_path / "o.pt").read_bytes())
+    capsys.readouterr()
+    assert cli("rerun", "n1", "--set", f"output.root={out}", "--quiet") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(url in line and was["identity"] in line and was["sha256"] in line for line in err), err
+    assert cli("run", "-q", *sets(items_for(image_folder, out, url, cache, "run.run_id=n2"))) == 0
+    now = manifest_of(str(out), "n2")["models"][0]
+    assert now["model_id"] != was["sha256"] and now["checkpoint"]["sha256"] == now["model_id"]
+
+
+def test_refusals_name_the_fix(prefect_server, s3, http_folder, image_folder, tmp_path, capsys, monkeypatch):
+    """Exit 2 before scoring, one line: a missing object, a missing bucket, access denied, an http 404."""
+    cache = tmp_path / "cache"
+    cases = [
+        (s3.url("models/none.pt"), "does not exist"),
+        ("s3://no-such-bucket-imgscore/m.pt", "bucket 'no-such-bucket-imgscore' does not exist"),
+        (f"{http_folder[1]}/none.pt", "HTTP 404"),
+    ]
+    for url, said in cases:
+        capsys.readouterr()
+        assert cli("run", "-q", *sets(items_for(image_folder, tmp_path / "o", url, cache))) == 2, url
+        err = capsys.readouterr().err
+        assert said in err and url in err, err
+    s3.put("models/m.pt", b"x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    capsys.readouterr()
+    assert cli("run", "-q", *sets(items_for(image_folder, tmp_path / "o", s3.url("models/m.pt"), cache))) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read here" in err and "wrong-secret" not in err, err
+    assert not (tmp_path / "o" / "predictions").exists()
+
+
+def test_http_checkpoint_end_to_end(prefect_server, http_folder, image_folder, tiny_checkpoint, tmp_path):
+    folder, base = http_folder
+    (folder / "m.pt").write_bytes(tiny_checkpoint.read_bytes())
+    out = tmp_path / "out"
+    assert cli("run", "-q", *sets(items_for(image_folder, out, f"{base}/m.pt", tmp_path / "cache"))) == 0
+    (run,) = [p.name for p in (out / "runs").iterdir()]
+    m = manifest_of(str(out), run)
+    assert m["counts"]["scored"] > 0 and m["models"][0]["checkpoint"]["url"] == f"{base}/m.pt"
+
+
+def test_no_secret_with_a_checkpoint_on_the_bucket(
+    prefect_server, s3, s3_server, image_folder, tiny_checkpoint, tmp_path, capfd, monkeypatch
+):
+    """The secret key never reaches outputs, printed lines or flow-run parameters when the
+    checkpoint itself is read from the bucket."""
+    from prefect.client.orchestration import get_client
+
+    secret = s3_server.secret_key
+    monkeypatch.setenv("IMGSCORE_TEST_S3_SECRET", secret)
+    s3.put("models/m.pt", tiny_checkpoint.read_bytes())
+    out = tmp_path / "out"
+    items = items_for(
+        image_folder,
+        out,
+        s3.url("models/m.pt"),
+        tmp_path / "cache",
+        "run.run_id=sec",
+        "storage.options.secret=${IMGSCORE_TEST_S3_SECRET}",
+        "storage.options.key=${AWS_ACCESS_KEY_ID}",
+    )
+    assert cli("run", *sets(without_roots(items) + [f"input.root={image_folder}", f"output.root={out}"])) == 0
+    printed = capfd.readouterr()
+    assert secret not in printed.out + printed.err
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    for f in (tmp_path / "cache").rglob("*"):
+        assert secret not in f.name
+
+    import asyncio
+
+    async def params():
+        async with get_client() as client:
+            return [json.dumps(r.parameters, default=str) for r in await client.read_flow_runs()]
+
+    assert not any(secret in p for p in asyncio.run(params()))
