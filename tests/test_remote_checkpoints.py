@@ -153,11 +153,12 @@ def test_refusals_name_the_fix(prefect_server, s3, http_folder, image_folder, tm
         err = capsys.readouterr().err
         assert said in err and url in err, err
     s3.put("models/m.pt", b"x")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody-imgscore")  # a key the store does not know: access denied
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     capsys.readouterr()
     assert cli("run", "-q", *sets(items_for(image_folder, tmp_path / "o", s3.url("models/m.pt"), cache))) == 2
     err = capsys.readouterr().err
-    assert "cannot be read here" in err and "wrong-secret" not in err, err
+    assert "cannot be read here" in err and "credentials" in err and "wrong-secret" not in err, err
     assert not (tmp_path / "o" / "predictions").exists()
 
 

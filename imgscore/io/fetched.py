@@ -97,7 +97,7 @@ def identity_of(url: str, key: str) -> str:
                 return etag.strip('"')
             return f"{resp.headers.get('Last-Modified', '')}|{resp.headers.get('Content-Length', '')}"
     if (why := object_store.missing_bucket(url, key)) is not None:
-        raise ModelError(why)
+        raise ModelError(f"{key} {url!r}: {why}")
     try:
         info = objects.stat_object(url)
     except (OSError, ValueError) as exc:
