@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from imgscore.inference.model import clear_model_cache
 from imgscore.io import fetched
 from tests.conftest import assert_same_answers
 from tests.s3_server import FaultProxy
@@ -125,16 +126,26 @@ def test_s3_checkpoint_on_dask_matches_the_local_file_and_is_fetched_once(
 def test_rerun_refuses_a_changed_object_and_night_two_gets_a_new_model_id(
     prefect_server, s3, image_folder, tiny_checkpoint, tiny_model, tmp_path, capsys
 ):
+    """Night 1 leaves a failed image; the object then changes: its rerun (which would score
+    with the recorded pin) is refused with one line naming the URL, identity and sha256, since
+    the store keeps no older version. Night 2 scores the new bytes under a new model_id."""
     s3.put("models/m.pt", tiny_checkpoint.read_bytes())
     url, out, cache = s3.url("models/m.pt"), tmp_path / "out", tmp_path / "cache"
-    assert cli("run", "-q", *sets(items_for(image_folder, out, url, cache, "run.run_id=n1"))) == 0
+    first_class = sorted(p for p in image_folder.iterdir() if p.is_dir())[0]
+    (first_class / "broken.jpg").write_bytes(b"not a jpeg")
+    n1 = items_for(image_folder, out, url, cache, "run.run_id=n1", "run.max_error_rate=0.5")
+    assert cli("run", "-q", *sets(n1)) == 0
     was = manifest_of(str(out), "n1")["models"][0]["checkpoint"]
     s3.put("models/m.pt", other_checkpoint(tiny_model, tmp_path / "o.pt").read_bytes())
     capsys.readouterr()
-    assert cli("rerun", "n1", "--set", f"output.root={out}", "--quiet") == 2
+    clear_model_cache()  # a rerun is a new process (here the CLI runs in the test's, which holds the pinned model)
+    assert cli("rerun", "n1", "--set", f"output.root={out}", "--set", f"inference.cache_dir={cache}", "--quiet") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(url in line and was["identity"] in line and was["sha256"] in line for line in err), err
-    assert cli("run", "-q", *sets(items_for(image_folder, out, url, cache, "run.run_id=n2"))) == 0
+    assert (
+        cli("run", "-q", *sets(items_for(image_folder, out, url, cache, "run.run_id=n2", "run.max_error_rate=0.5")))
+        == 0
+    )
     now = manifest_of(str(out), "n2")["models"][0]
     assert now["model_id"] != was["sha256"] and now["checkpoint"]["sha256"] == now["model_id"]
 
