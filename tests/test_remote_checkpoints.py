@@ -109,12 +109,13 @@ def test_s3_checkpoint_on_dask_matches_the_local_file_and_is_fetched_once(
     assert proxy.gets[f"/{s3.bucket}/{s3.key('models/m.pt')}"] == 1
     assert len(cache_entries(cache)) == 1
     local, remote = rows_by_path(read_table(str(tmp_path / "a"))), rows_by_path(read_table(str(tmp_path / "b")))
-    assert sorted(local) == sorted(remote)
+    (run,) = [p.name for p in (tmp_path / "b" / "runs").iterdir()]
+    m = manifest_of(str(tmp_path / "b"), run)
+    assert sorted(local) == sorted(remote), json.dumps([m["counts"], m["status"], [s.get("error") for s in m["shards"]]])
     for p, row in local.items():
         assert_same_answers(row, remote[p], atol=1e-5, what=p)
         assert remote[p]["model_id"] == row["model_id"]
-    (run,) = [p.name for p in (tmp_path / "b" / "runs").iterdir()]
-    ck = manifest_of(str(tmp_path / "b"), run)["models"][0]["checkpoint"]
+    ck = m["models"][0]["checkpoint"]
     assert ck["url"] == url and ck["identity"] and ck["sha256"] == next(iter(local.values()))["model_id"]
     part = next((tmp_path / "b" / "predictions").rglob("*.parquet"))
     import pyarrow.parquet as pq
