@@ -191,10 +191,10 @@ def cmd_demo(args, session: startup.Session) -> int:
     console = _console()
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     checkpoint = cfg.model.checkpoint
-    if checkpoint is None:
+    if checkpoint is None or isinstance(checkpoint, str):  # unset, or a URL (a local file is a Path)
         raise UsageError(
-            "imgscore demo trains its model into model.checkpoint, which the config leaves unset; "
-            "set it (demo.yaml does)"
+            "imgscore demo trains its model into model.checkpoint, which must be a local file; "
+            "set it to one (demo.yaml does)"
         )
     demo_dir = Path(checkpoint).parent
     console.print(f"[bold]imgscore demo[/]: handwritten digits from scikit-learn → {demo_dir}")
