@@ -296,7 +296,8 @@ class InferenceConfig(Section):
     )
     cache_dir: Path | None = Field(
         None,
-        description="where ONNX exports and auto's measurements are cached (default ~/.cache/imgscore)" + PATH_NOTE,
+        description="where ONNX exports, auto's measurements and fetched model.checkpoint URLs (models/) are cached "
+        "(default ~/.cache/imgscore)" + PATH_NOTE,
     )
     canary_images: int = Field(
         64,
