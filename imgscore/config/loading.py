@@ -72,7 +72,7 @@ def _explain(exc: ValidationError) -> str:
         # a union's member names ("list[str]", "lax-or-strict[…]") are not keys: left out
         loc = tuple(p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "(" not in p))
         dotted = ".".join(str(p) for p in loc) or "config"
-        text_kind = err["type"] in ("string_type", "path_type", "list_type") or loc[-1:] == ("root",)
+        text_kind = err["type"] in ("string_type", "path_type", "list_type") or loc[-1:] in (("root",), ("checkpoint",))
         if isinstance(err.get("input"), bool) and text_kind:
             said = (
                 f"config {yaml_boolean_message(dotted, err['input'])}"  # a name or a path that YAML read as a boolean
