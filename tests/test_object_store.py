@@ -261,7 +261,8 @@ def test_no_secret_in_any_output(
     prefect_server, s3, s3_server, photos, tiny_checkpoint, tmp_path, capfd, caplog, monkeypatch
 ):
     """The secret key the run authenticates with (from AWS_SECRET_ACCESS_KEY, and once more
-    through a ``${VAR}`` reference in ``storage.options``) appears in no object the run wrote
+    through a ``${VAR}`` reference in ``storage.options``; images and the checkpoint are both
+    read from the bucket) appears in no object the run wrote (nor in the model cache's names)
     (manifest, ledger, commit records, index, part files and their metadata, report.html), in
     nothing it printed or logged, and in no Prefect flow-run parameter or artifact; a secret
     written into the config is refused before anything runs (exit 2)."""
@@ -271,12 +272,14 @@ def test_no_secret_in_any_output(
     monkeypatch.setenv("IMGSCORE_TEST_S3_SECRET", secret)
     local = make_image_folder(tmp_path / "images", photos, per_class=2)
     url, out = s3.upload(local, "images"), s3.url("out")
+    s3.put("models/m.pt", tiny_checkpoint.read_bytes())  # the checkpoint is read from the bucket too
     extra = [
         "run.run_id=sec",
+        f"inference.cache_dir={tmp_path / 'cache'}",
         "storage.options.secret=${IMGSCORE_TEST_S3_SECRET}",
         "storage.options.key=${AWS_ACCESS_KEY_ID}",
     ]
-    items = on_store(local, tiny_checkpoint, tmp_path, url, out, *extra)
+    items = on_store(local, s3.url("models/m.pt"), tmp_path, url, out, *extra)
     with caplog.at_level("DEBUG", logger="imgscore"):
         assert cli("run", *sets(items)) == 0
     printed = capfd.readouterr()
@@ -287,6 +290,8 @@ def test_no_secret_in_any_output(
         body = s3.client.get_object(Bucket=s3.bucket, Key=s3.key(k))["Body"].read()
         assert secret.encode() not in body, k
     assert "${IMGSCORE_TEST_S3_SECRET}" in json.dumps(manifest_of(out, "sec")["config"])  # the reference, not the value
+    assert manifest_of(out, "sec")["models"][0]["checkpoint"]["url"] == s3.url("models/m.pt")
+    assert not any(secret in str(p) for p in (tmp_path / "cache").rglob("*"))
 
     import asyncio
 

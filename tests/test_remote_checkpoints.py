@@ -16,7 +16,7 @@ from imgscore.inference.model import clear_model_cache
 from imgscore.io import fetched
 from tests.conftest import assert_same_answers
 from tests.s3_server import FaultProxy
-from tests.test_object_store import cli, manifest_of, read_table, rows_by_path, sets, without_roots
+from tests.test_object_store import cli, manifest_of, read_table, rows_by_path, sets
 
 pytestmark = pytest.mark.slow
 
@@ -183,41 +183,3 @@ def test_http_checkpoint_end_to_end(prefect_server, http_folder, image_folder, t
     (run,) = [p.name for p in (out / "runs").iterdir()]
     m = manifest_of(str(out), run)
     assert m["counts"]["scored"] > 0 and m["models"][0]["checkpoint"]["url"] == f"{base}/m.pt"
-
-
-def test_no_secret_with_a_checkpoint_on_the_bucket(
-    prefect_server, s3, s3_server, image_folder, tiny_checkpoint, tmp_path, capfd, monkeypatch
-):
-    """The secret key never reaches outputs, printed lines or flow-run parameters when the
-    checkpoint itself is read from the bucket."""
-    from prefect.client.orchestration import get_client
-
-    secret = s3_server.secret_key
-    monkeypatch.setenv("IMGSCORE_TEST_S3_SECRET", secret)
-    s3.put("models/m.pt", tiny_checkpoint.read_bytes())
-    out = tmp_path / "out"
-    items = items_for(
-        image_folder,
-        out,
-        s3.url("models/m.pt"),
-        tmp_path / "cache",
-        "run.run_id=sec",
-        "storage.options.secret=${IMGSCORE_TEST_S3_SECRET}",
-        "storage.options.key=${AWS_ACCESS_KEY_ID}",
-    )
-    assert cli("run", *sets(without_roots(items) + [f"input.root={image_folder}", f"output.root={out}"])) == 0
-    printed = capfd.readouterr()
-    assert secret not in printed.out + printed.err
-    for f in out.rglob("*"):
-        if f.is_file():
-            assert secret.encode() not in f.read_bytes(), f
-    for f in (tmp_path / "cache").rglob("*"):
-        assert secret not in f.name
-
-    import asyncio
-
-    async def params():
-        async with get_client() as client:
-            return [json.dumps(r.parameters, default=str) for r in await client.read_flow_runs()]
-
-    assert not any(secret in p for p in asyncio.run(params()))
