@@ -137,6 +137,10 @@ def local_copy(source: str | os.PathLike[str], cache_dir: Path, key: str, pin: P
     sha = _cached_sha(final)
     if sha is None:
         sha = _download(url, final, key, version_id)
+        if version_id is None and identity_of(url, key) != identity:  # replaced between the HEAD and the GET
+            for p in (final, final.with_name(final.name + ".sha256")):
+                p.unlink(missing_ok=True)
+            raise ModelError(f"{key} {url!r} changed while it was being fetched; run again once it is uploaded")
     if pin is not None and sha != pin.sha256:
         raise ModelError(
             f"{key} {url!r} (identity {identity}) has sha256 {sha}, not the {pin.sha256} the run was planned "
