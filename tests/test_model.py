@@ -1,6 +1,7 @@
 """Every checkpoint form a team actually has loads to the same function, or is refused clearly."""
 
 import argparse
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -10,7 +11,7 @@ import torchvision
 
 from imgscore.config.scoring import ModelConfig, PreprocessConfig
 from imgscore.errors import ModelError
-from imgscore.inference.model import load_model
+from imgscore.inference.model import fold_conv_bn, load_model
 from imgscore.inference.state_dict import strip_prefix
 from tests.conftest import save_as_if_cuda
 
@@ -351,3 +352,44 @@ def test_class_names_are_compared_in_nfc_and_a_byte_order_mark_is_not_a_name(tin
         _load(p, classes=classes)
     classes.write_bytes(f"\ufeff{nfd_cafe}\ndog\ncat\n".encode())
     assert _load(p, classes=classes).classes == [nfc_cafe, "dog", "cat"]
+
+
+def test_folding_in_one_thread_leaves_forwards_in_another_untouched():
+    """torch.fx patches nn.Module.__call__ for the whole process while it traces; a forward in
+    another thread meanwhile (a Dask worker's warm-up folding while a shard scores) failed with
+    "module is not installed as a submodule". The fold is exact and the other thread never fails."""
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=4).eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):  # real statistics, so a fold has work to do
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        want = m(x)
+    errors, stop, forwards = [], threading.Event(), [0]
+
+    def keep_scoring():
+        while not stop.is_set():
+            try:
+                with torch.inference_mode():
+                    assert torch.allclose(m(x), want, atol=1e-5)
+                forwards[0] += 1
+            except Exception as exc:  # noqa: BLE001 - any failure in the other thread is the bug
+                errors.append(exc)
+                return
+
+    t = threading.Thread(target=keep_scoring)
+    t.start()
+    try:
+        folded = [fold_conv_bn(m) for _ in range(10)]
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, repr(errors[0])
+    assert forwards[0] > 0
+    with torch.inference_mode():
+        got = folded[-1](x)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in folded[-1].modules())
+    assert torch.allclose(got, want, atol=1e-4) and got.argmax(1).tolist() == want.argmax(1).tolist()
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())  # the original is as loaded

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 import torchvision
 from torch import nn
 
@@ -99,13 +100,39 @@ _FOLDED: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(LoadedModel) → (mod
 _LOCK = threading.Lock()
 
 
+class _OneThreadTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, confined to the thread that traces.
+
+    Why: while it traces, ``Tracer.trace`` patches ``nn.Module.__call__`` and ``__getattr__`` for
+    the whole process. A forward in another thread (a shard scoring while a Dask worker's warm-up,
+    or another model's load, folds) would then go through this tracer and fail with "module is not
+    installed as a submodule", or get a Proxy for a parameter. Calls from other threads go
+    straight to the module, as if nothing were patched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
 def fold_conv_bn(module: nn.Module) -> nn.Module:
     """A copy of ``module`` (eval mode) with each Conv→BatchNorm pair folded into the conv.
 
     Uses ``torch.fx`` (``torch.fx.experimental.optimization.fuse``), which follows the real
-    dataflow and folds only a conv whose sole user is the BatchNorm. The copy keeps the memory
-    format of the input module's weights. Modules ``torch.fx`` cannot trace are returned as they
-    are (TorchScript archives are already frozen graphs).
+    dataflow and folds only a conv whose sole user is the BatchNorm. The trace is confined to the
+    calling thread (:class:`_OneThreadTracer`): forwards in other threads run untouched meanwhile.
+    The copy keeps the memory format of the input module's weights. Modules ``torch.fx`` cannot
+    trace are returned as they are (TorchScript archives are already frozen graphs).
     """
     if isinstance(module, torch.jit.ScriptModule) or module.training:
         return module
@@ -116,7 +143,10 @@ def fold_conv_bn(module: nn.Module) -> nn.Module:
         for p in module.parameters()
     )
     try:
-        out = fuse(module, inplace=False)
+        tracer = _OneThreadTracer()
+        graph = tracer.trace(module)
+        traced = torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+        out = fuse(traced, inplace=False, no_trace=True)
     except Exception as exc:  # not traceable (data-dependent control flow): unfolded, exactly as loaded
         logging.getLogger("imgscore").info(
             "conv-BN folding not applied (%s: %s); scoring the module as loaded",
