@@ -61,9 +61,11 @@ def cache_entries(cache: Path) -> list[Path]:
     return sorted(p for p in (cache / "models").glob("*/*") if not p.name.startswith(".") and p.suffix != ".sha256")
 
 
-def test_fetch_once_identity_keyed_and_concurrent_fetches_share_one_file(s3, tiny_checkpoint, tiny_model, tmp_path):
+def test_fetch_once_identity_keyed_and_concurrent_fetches_share_one_file(
+    s3, s3_server, tiny_checkpoint, tiny_model, tmp_path, monkeypatch
+):
     """One fetch per cache: a second call is a hit; a changed object is a new entry (new sha256);
-    eight threads fetching into an empty cache at once all end with the same whole file."""
+    eight threads fetching into an empty cache at once all end with the same whole file, GET once."""
     url = s3.url("models/m.pt")
     s3.put("models/m.pt", tiny_checkpoint.read_bytes())
     cache = tmp_path / "cache"
@@ -80,34 +82,50 @@ def test_fetch_once_identity_keyed_and_concurrent_fetches_share_one_file(s3, tin
         threading.Thread(target=lambda: got.append(fetched.local_copy(url, shared, "model.checkpoint")))
         for _ in range(8)
     ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert proxy.gets[f"/{s3.bucket}/{s3.key('models/m.pt')}"] == 1  # the others waited on the entry's lock
     assert len(got) == 8 and len({g.sha256 for g in got}) == 1 and got[0].sha256 == c.sha256
-    assert [p.name for p in got[0].path.parent.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    left = [p.name for p in got[0].path.parent.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    assert left == []  # no temp file left
     with pytest.raises(Exception, match="sha256"):
         fetched.local_copy(url, shared, "model.checkpoint", fetched.Pin(c.identity or "", "0" * 64))
 
 
-def test_s3_checkpoint_on_dask_matches_the_local_file_and_is_fetched_once(
+def test_s3_checkpoint_on_dask_matches_the_local_file_and_each_worker_fetches_once(
     prefect_server, s3, s3_server, image_folder, tiny_checkpoint, tmp_path, monkeypatch, capfd
 ):
-    """Acceptance: a Dask run (2 workers) with an s3:// checkpoint and an empty cache gives the
-    local-file run's answers and model_id; the object was GET once (every process of the machine
-    shares the cache, so the workers find the file the run start fetched); the manifest and the
-    Parquet metadata record the URL, identity and sha256."""
+    """Acceptance: a Dask cluster of 2 worker processes, each with its own empty cache folder (as
+    on machines without a shared disk: ``~/.cache`` per worker) and no local copy of the
+    checkpoint, scores an s3:// checkpoint with the local-file run's answers and model_id. The
+    object is GET once per process that loads it (the run start and each worker: 3) and each cache
+    holds one entry; the manifest and the Parquet metadata record the URL, identity and sha256."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
     s3.put("models/m.pt", tiny_checkpoint.read_bytes())
     url = s3.url("models/m.pt")
     assert cli("run", "-q", *sets(items_for(image_folder, tmp_path / "a", str(tiny_checkpoint), tmp_path / "c0"))) == 0
-    cache = tmp_path / "c1"
+    caches = {name: tmp_path / name for name in ("driver", "w0", "w1")}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(caches["driver"]))  # no inference.cache_dir: each process's default
+    items = [i for i in items_for(image_folder, tmp_path / "b", url, tmp_path / "unused") if "cache_dir" not in i]
     with FaultProxy(s3_server.endpoint) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        items = items_for(image_folder, tmp_path / "b", url, cache, "runner.type=dask", "runner.n_workers=2")
-        assert cli("run", "-q", *sets(items)) == 0
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # the workers inherit it: every GET is counted
+        workers = {
+            w: {"cls": Nanny, "options": {"nthreads": 1, "env": {"XDG_CACHE_HOME": str(caches[w])}}}
+            for w in ("w0", "w1")
+        }
+        scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+        with SpecCluster(workers=workers, scheduler=scheduler) as cluster:
+            items += ["runner.type=dask", f"runner.address={cluster.scheduler_address}"]
+            assert cli("run", "-q", *sets(items)) == 0
     assert "Traceback" not in capfd.readouterr().err
-    assert proxy.gets[f"/{s3.bucket}/{s3.key('models/m.pt')}"] == 1
-    assert len(cache_entries(cache)) == 1
+    assert proxy.gets[f"/{s3.bucket}/{s3.key('models/m.pt')}"] == 3
+    for name, cache in caches.items():
+        assert len(cache_entries(cache / "imgscore")) == 1, name
     local, remote = rows_by_path(read_table(str(tmp_path / "a"))), rows_by_path(read_table(str(tmp_path / "b")))
     (run,) = [p.name for p in (tmp_path / "b" / "runs").iterdir()]
     m = manifest_of(str(tmp_path / "b"), run)

@@ -481,3 +481,24 @@ def test_run_id_in_the_config_must_be_a_folder_name():
     with pytest.raises(ConfigError, match=r"run.run_id '../x' must be one folder name"):
         load_config(None, ["run.run_id=../x"])
     assert os.sep not in load_config(None, ["run.run_id=nightly-2026"]).run.run_id
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "named"),
+    [
+        ("https://bob:hunter2-SECRET@127.0.0.1:9/m.pt", "hunter2-SECRET", "the password after bob:"),
+        ("https://h.example/m.pt?X-Amz-Credential=AKIA&X-Amz-Signature=SIG-SECRET", "SIG-SECRET", "X-Amz-"),
+        ("https://acct.blob.core.windows.net/c/m.pt?sv=2024&sig=SAS-SECRET", "SAS-SECRET", "'sig'"),
+    ],
+)
+def test_a_credential_in_a_checkpoint_url_is_refused_without_echoing_it(tmp_path, url, secret, named, capsys):
+    """A presigned, SAS or user:password URL in model.checkpoint would be recorded in the manifest,
+    every part file's metadata and the flow run's parameters: refused before anything runs (exit 2,
+    one line naming what is a credential), and the value itself is printed nowhere."""
+    out = tmp_path / "out"
+    argv = ["run", "--set", f"input.root={tmp_path}", "--set", f"output.root={out}", "--set", f"model.checkpoint={url}"]
+    assert cli_main(argv) == 2
+    printed = capsys.readouterr()
+    (line,) = [ln for ln in printed.err.splitlines() if ln.strip()]
+    assert "model.checkpoint" in line and "holds a credential" in line and named in line, line
+    assert secret not in printed.out + printed.err and not out.exists()

@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from imgscore.io import storage
+from imgscore.io import object_store, storage
 
 # A root's value as configured: a local folder as a ``Path``, an object-store URL as its normalized
 # string (a ``Path`` would fold ``s3://`` into ``s3:/``). Code that opens files under a root takes it
@@ -76,8 +76,15 @@ def checkpoint_value(value: Any) -> RootValue | None:
     ``http(s)://`` URL (text, fetched into the model cache by ``imgscore.io.fetched``).
 
     Raises:
-        ValueError: as :func:`parse_root`.
+        ValueError: as :func:`parse_root`; a URL with a credential in it (a password, a presigned
+            or SAS query parameter), named without its value.
     """
+    if isinstance(value, str) and (what := object_store.credential_in_url(value.strip())) is not None:
+        raise ValueError(
+            f"holds a credential ({what}); credentials are never written in the config (it is recorded in the "
+            "manifest, the Parquet metadata and the flow run's parameters): serve the checkpoint without one, or put "
+            "it on a bucket (s3://, gs://, az://) this machine's own credentials can read"
+        )
     if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://")):
         return value.strip()
     return root_value(value)

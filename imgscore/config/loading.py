@@ -95,7 +95,7 @@ def _explain(exc: ValidationError) -> str:
                 lines.append(f"config {dotted} {msg}")
                 continue
             got = _shown(err.get("input"))
-            never = loc[:2] == ("storage", "options")  # never echo a credential
+            never = loc[:2] == ("storage", "options") or "holds a credential" in msg  # never echo a credential
             named = got in msg or "YAML reads unquoted" in msg  # the value is named already
             lines.append(f"config {dotted}: {msg}" + ("" if never or named else f" (got {got})"))
     return "; ".join(lines)

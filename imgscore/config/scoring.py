@@ -110,8 +110,8 @@ class ModelConfig(Section):
     )
     checkpoint_pin: str | None = Field(
         None,
-        description="set by the run, not by hand: 'SHA256 IDENTITY' of a fetched model.checkpoint as the run's plan "
-        "resolved it; every shard and a rerun load exactly those bytes",
+        description="'SHA256 IDENTITY' of a fetched model.checkpoint: the run's plan sets it from what it fetched, so "
+        "every shard and a rerun load exactly those bytes; set 'SHA256' by hand to refuse any other bytes",
     )
     weights: str | None = Field(
         None, description="torchvision weights name (IMAGENET1K_V2, DEFAULT) from the local hub cache"

@@ -10,12 +10,15 @@ every Dask worker without copying it to each machine by hand.
 - **Cache entry.** ``CACHE/<sha256(url + identity)>/<file name>`` plus ``<file name>.sha256`` (the
   hex of the bytes, written after they were hashed). A hit is a file whose sha256 is the one
   recorded; anything else is fetched again.
-- **Concurrency.** Bytes go to a temporary file in the entry's folder and are renamed over the
-  final name (one ``rename``, atomic on POSIX): two processes fetching at once both end with one
-  whole file, never a torn one.
+- **Concurrency.** One fetch per cache entry: threads and processes of a machine that miss at once
+  wait on the entry's lock file (``filelock``, an ``flock`` on POSIX) and find the file the first
+  one fetched. Bytes go to a temporary file in the entry's folder and are renamed over the final
+  name (one ``rename``, atomic on POSIX), so a reader never sees a torn file, even without the lock
+  (a cache folder on a filesystem where ``flock`` is a no-op).
 - **Pinning.** A :class:`Pin` (identity + sha256, resolved once for a run) must be what is loaded:
   a store whose object changed serves the pinned S3 version when versioning kept it, else the
-  fetch is refused; bytes that hash differently are refused.
+  fetch is refused; bytes that hash differently are refused. A pin without an identity (written by
+  hand: only the sha256) checks the bytes only.
 
 Why urllib for http(s) and not fsspec's http filesystem: fsspec's needs aiohttp, which is not a
 dependency of imgscore; a checkpoint is one GET (and one HEAD), which the standard library does.
@@ -30,6 +33,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from imgscore.errors import ModelError
 from imgscore.io import object_store, objects
@@ -59,12 +64,13 @@ class Pin:
 
     def text(self) -> str:
         """``'SHA256 IDENTITY'`` (``model.checkpoint_pin``)."""
-        return f"{self.sha256} {self.identity}"
+        return f"{self.sha256} {self.identity}".strip()
 
     @classmethod
     def parse(cls, text: str) -> Pin:
-        sha, _, identity = text.partition(" ")
-        return cls(identity=identity, sha256=sha)
+        """``'SHA256 IDENTITY'`` or ``'SHA256'`` alone (any identity, these bytes)."""
+        sha, _, identity = text.strip().partition(" ")
+        return cls(identity=identity.strip(), sha256=sha.lower())
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ def local_copy(source: str | os.PathLike[str], cache_dir: Path, key: str, pin: P
         return LocalCopy(Path(url), url)
     current = identity_of(url, key)
     identity, version_id = current, None
-    if pin is not None and pin.identity != current:
+    if pin is not None and pin.identity and pin.identity != current:
         version_id = _kept_version(url, pin)
         if version_id is None:
             raise ModelError(
@@ -134,13 +140,15 @@ def local_copy(source: str | os.PathLike[str], cache_dir: Path, key: str, pin: P
         identity = pin.identity
     entry = cache_dir / hashlib.sha256(f"{url}\n{identity}".encode()).hexdigest()[:32]
     final = entry / (url.rstrip("/").rsplit("/", 1)[-1] or "checkpoint")
-    sha = _cached_sha(final)
-    if sha is None:
-        sha = _download(url, final, key, version_id)
-        if version_id is None and identity_of(url, key) != identity:  # replaced between the HEAD and the GET
-            for p in (final, final.with_name(final.name + ".sha256")):
-                p.unlink(missing_ok=True)
-            raise ModelError(f"{key} {url!r} changed while it was being fetched; run again once it is uploaded")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry / ".lock")):  # the first of the machine's threads/processes fetches, the rest find it
+        sha = _cached_sha(final)
+        if sha is None:
+            sha = _download(url, final, key, version_id)
+            if version_id is None and identity_of(url, key) != identity:  # replaced between the HEAD and the GET
+                for p in (final, final.with_name(final.name + ".sha256")):
+                    p.unlink(missing_ok=True)
+                raise ModelError(f"{key} {url!r} changed while it was being fetched; run again once it is uploaded")
     if pin is not None and sha != pin.sha256:
         raise ModelError(
             f"{key} {url!r} (identity {identity}) has sha256 {sha}, not the {pin.sha256} the run was planned "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,21 @@ _SECRET_NAME = re.compile(
 )
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _TOKEN_WORDS = frozenset({"anon", "cloud", "google_default", "browser"})  # gcsfs token modes, not secrets
+
+
+def credential_in_url(url: str) -> str | None:
+    """What in ``url`` is a credential, named without its value (``'the password after user:'``,
+    ``"the query parameter 'X-Amz-Signature'"``), else None: a presigned or SAS URL, or one with a
+    password in it, would be recorded wherever the config is (manifest, Parquet metadata, flow-run
+    parameters)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        return f"the password after {parts.username}:"
+    for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        flat = name.replace("-", "_")
+        if _SECRET_NAME.search(flat) or flat.lower() in ("sig", "code", "auth", "x_goog_signature"):
+            return f"the query parameter {name!r}"
+    return None
 
 
 def _text(p: _Where) -> str:
