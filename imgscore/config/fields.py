@@ -72,8 +72,9 @@ def user_path(value: Any) -> Any:
 
 
 def checkpoint_value(value: Any) -> RootValue | None:
-    """``model.checkpoint`` as configured: a local file (``Path``, ``~`` expanded), an object-store URL or an
-    ``http(s)://`` URL (text, fetched into the model cache by ``imgscore.io.fetched``).
+    """``model.checkpoint`` as configured: a local file (``Path``, ``~`` expanded), an object-store URL, an
+    ``http(s)://`` URL or an MLflow ``models:/``/``runs:/`` URI (text, fetched into the model cache by
+    ``imgscore.io.fetched``).
 
     Raises:
         ValueError: as :func:`parse_root`; a URL with a credential in it (a password, a presigned
@@ -85,9 +86,23 @@ def checkpoint_value(value: Any) -> RootValue | None:
             "manifest, the Parquet metadata and the flow run's parameters): serve the checkpoint without one, or put "
             "it on a bucket (s3://, gs://, az://) this machine's own credentials can read"
         )
-    if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://")):
+    if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://", "models:/", "runs:/")):
         return value.strip()
     return root_value(value)
+
+
+def no_credential(value: Any) -> Any:
+    """A URL without a credential in it (``model.registry_uri``).
+
+    Raises:
+        ValueError: a password, token or signature in the URL, named without its value.
+    """
+    if isinstance(value, str) and (what := object_store.credential_in_url(value.strip())) is not None:
+        raise ValueError(
+            f"holds a credential ({what}); credentials are never written in the config: set MLFLOW_TRACKING_TOKEN or "
+            "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD on each machine instead"
+        )
+    return value
 
 
 # What the docs of every path key say about ~ and $VAR (docs/configuration.md says it too).

@@ -14,6 +14,7 @@ from imgscore.config.fields import (
     Checkpoint,
     Root,
     Section,
+    no_credential,
     not_a_number,
     number_message,
     user_path,
@@ -105,8 +106,14 @@ class ModelConfig(Section):
     arch: str = Field("resnet50", description="torchvision.models builder name")
     checkpoint: Checkpoint | None = Field(
         None,
-        description="state_dict, training checkpoint dict, or TorchScript: a local file, an s3:// gs:// az:// "
-        "object or an http(s):// URL (fetched once per machine into inference.cache_dir/models)" + PATH_NOTE,
+        description="state_dict, training checkpoint dict, safetensors, TorchScript or torch.export .pt2: a local "
+        "file, an s3:// gs:// az:// object, an http(s):// URL, or an MLflow models:/NAME@ALIAS, models:/NAME/VERSION "
+        "or runs:/RUN_ID/PATH (fetched once per machine into inference.cache_dir/models)" + PATH_NOTE,
+    )
+    registry_uri: str | None = Field(
+        None,
+        description="the MLflow tracking/registry server of a models:/ or runs:/ model.checkpoint, e.g. "
+        "http://mlflow:5000 (default: MLFLOW_TRACKING_URI); needs pip install 'imgscore[mlflow]'",
     )
     checkpoint_pin: str | None = Field(
         None,
@@ -139,7 +146,8 @@ class ModelConfig(Section):
         "decoding is shared, the draft sized for the largest resize)",
     )
 
-    _names_are_text = field_validator("name", "arch", "weights", "factory", mode="before")(not_a_number)
+    _names_are_text = field_validator("name", "arch", "weights", "factory", "registry_uri", mode="before")(not_a_number)
+    _registry_uri_has_no_secret = field_validator("registry_uri")(no_credential)
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -236,7 +236,11 @@ def _from_checkpoint(
     if cfg.checkpoint is None:
         raise ModelError("set model.checkpoint (a local checkpoint file) or model.weights (e.g. IMAGENET1K_V2)")
     pin = fetched.Pin.parse(cfg.checkpoint_pin) if cfg.checkpoint_pin else None
-    copy = fetched.local_copy(cfg.checkpoint, fetched.cache_root(cache_dir) / "models", "model.checkpoint", pin)
+    copy = fetched.local_copy(
+        cfg.checkpoint, fetched.cache_root(cache_dir) / "models", "model.checkpoint", pin, cfg.registry_uri
+    )
+    if cfg_classes is None and copy.classes is not None:  # the classes.txt registered with an MLflow model
+        cfg_classes = read_classes(copy.classes)
     path = copy.path
     if not path.is_file():
         raise ModelError(f"model.checkpoint {str(path)!r} {not_a_file(path)}")
@@ -323,7 +327,7 @@ def _stamp(cfg: ModelConfig) -> FileStamp | None:
     if ck is None or cfg.checkpoint_pin:
         return None
     if fetched.is_fetched(ck):
-        return (str(ck), 0, hash(fetched.identity_of(str(ck), "model.checkpoint")))
+        return (str(ck), 0, hash(fetched.identity_of(str(ck), "model.checkpoint", cfg.registry_uri)))
     if Path(ck).is_file():
         st = os.stat(ck)
         return (str(Path(ck).resolve()), st.st_size, st.st_mtime_ns)

@@ -27,7 +27,9 @@ dependency of imgscore; a checkpoint is one GET (and one HEAD), which the standa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -37,7 +39,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from imgscore.errors import ModelError
-from imgscore.io import object_store, objects
+from imgscore.io import object_store, objects, registry
 
 _HTTP = ("http://", "https://")
 _CHUNK = 1 << 20
@@ -76,26 +78,31 @@ class Pin:
 @dataclass(frozen=True)
 class LocalCopy:
     """A source as a local file: ``path`` to read, ``url`` as configured, ``identity`` (None for
-    a local file), ``sha256`` hex when it was fetched (else None: the caller hashes local files)."""
+    a local file), ``sha256`` hex when it was fetched (else None: the caller hashes local files),
+    ``classes``: the class-names file that came with it."""
 
     path: Path
     url: str
     identity: str | None = None
     sha256: str | None = None
+    classes: Path | None = None  # a classes.txt that came with an MLflow model or run artifact
 
 
 def is_fetched(source: str | os.PathLike[str]) -> bool:
-    """Whether ``source`` is an object-store or http(s) URL (fetched into the cache), not a local path."""
+    """Whether ``source`` is an object-store, http(s) or MLflow URL (fetched into the cache), not a local path."""
     text = os.fspath(source)
-    return text.startswith(_HTTP) or object_store.scheme_of(text) is not None
+    return text.startswith(_HTTP) or registry.is_registry(text) or object_store.scheme_of(text) is not None
 
 
-def identity_of(url: str, key: str) -> str:
-    """The source's current identity (one HEAD).
+def identity_of(url: str, key: str, registry_uri: str | None = None) -> str:
+    """The source's current identity (one HEAD; for an MLflow alias, the version it names now).
 
     Raises:
-        ModelError: the object, bucket or page does not exist, access is denied, the store fails.
+        ModelError: the object, bucket or page does not exist, access is denied, the store fails;
+            for MLflow URIs as :func:`imgscore.io.registry.resolve`.
     """
+    if registry.is_registry(url):
+        return registry.resolve(url, registry_uri, key)
     if url.startswith(_HTTP):
         with _http(url, "HEAD", key) as resp:
             etag = resp.headers.get("ETag")
@@ -116,8 +123,16 @@ def identity_of(url: str, key: str) -> str:
     return info.version or f"{info.mtime_ns}|{info.size}"
 
 
-def local_copy(source: str | os.PathLike[str], cache_dir: Path, key: str, pin: Pin | None = None) -> LocalCopy:
+def local_copy(
+    source: str | os.PathLike[str],
+    cache_dir: Path,
+    key: str,
+    pin: Pin | None = None,
+    registry_uri: str | None = None,
+) -> LocalCopy:
     """``source`` as a local file: a local path as it is; a URL from the cache, fetched on a miss.
+    An MLflow URI is fetched at the pinned version when pinned (an alias that moved since is not
+    asked), else at the version its alias names now.
 
     Raises:
         ModelError: as :func:`identity_of`; the object changed since ``pin`` and the store keeps no
@@ -127,6 +142,9 @@ def local_copy(source: str | os.PathLike[str], cache_dir: Path, key: str, pin: P
     url = os.fspath(source)
     if not is_fetched(url):
         return LocalCopy(Path(url), url)
+    if registry.is_registry(url):
+        identity = pin.identity if pin is not None and pin.identity else registry.resolve(url, registry_uri, key)
+        return _checked(_registry_copy(url, identity, registry_uri, cache_dir, key), pin, key)
     current = identity_of(url, key)
     identity, version_id = current, None
     if pin is not None and pin.identity and pin.identity != current:
@@ -149,12 +167,54 @@ def local_copy(source: str | os.PathLike[str], cache_dir: Path, key: str, pin: P
                 for p in (final, final.with_name(final.name + ".sha256")):
                     p.unlink(missing_ok=True)
                 raise ModelError(f"{key} {url!r} changed while it was being fetched; run again once it is uploaded")
-    if pin is not None and sha != pin.sha256:
+    return _checked(LocalCopy(final, url, identity, sha), pin, key)
+
+
+def _checked(copy: LocalCopy, pin: Pin | None, key: str) -> LocalCopy:
+    """``copy``, when its bytes are the pinned ones (or nothing is pinned)."""
+    if pin is not None and copy.sha256 != pin.sha256:
         raise ModelError(
-            f"{key} {url!r} (identity {identity}) has sha256 {sha}, not the {pin.sha256} the run was planned "
-            "with; this shard scores nothing: restore the object, or start a new run with `imgscore run`"
+            f"{key} {copy.url!r} (identity {copy.identity}) has sha256 {copy.sha256}, not the {pin.sha256} the run "
+            "was planned with; this shard scores nothing: restore it, or start a new run with `imgscore run`"
         )
-    return LocalCopy(final, url, identity, sha)
+    return copy
+
+
+def _registry_copy(url: str, identity: str, registry_uri: str | None, cache_dir: Path, key: str) -> LocalCopy:
+    """An MLflow model version or run artifact in the cache: ``CACHE/<key>/artifacts/…`` plus
+    ``entry.json`` (the checkpoint's and classes file's paths in it, and the checkpoint's sha256),
+    written last, so an entry without it is refetched. Keyed by registry and resolved identity:
+    ``@champion`` and the version it names share one entry."""
+    entry = cache_dir / hashlib.sha256(f"{registry_uri or ''}\n{identity}".encode()).hexdigest()[:32]
+    entry.mkdir(parents=True, exist_ok=True)
+    record = entry / "entry.json"
+    with FileLock(str(entry / ".lock")):
+        try:
+            got = json.loads(record.read_text())
+            ckpt = entry / got["checkpoint"]
+            if ckpt.is_file() and _sha_of(ckpt) == got["sha256"]:
+                classes = entry / got["classes"] if got.get("classes") else None
+                return LocalCopy(ckpt, url, identity, got["sha256"], classes)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no entry yet, or a torn or stale one: fetched again
+        shutil.rmtree(entry / "artifacts", ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=entry))
+        try:
+            local = registry.download(identity, registry_uri, tmp / "artifacts", key)
+            ckpt, classes = registry.checkpoint_in(local, key, url)
+            os.replace(tmp / "artifacts", entry / "artifacts")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ckpt = entry / "artifacts" / ckpt.relative_to(tmp / "artifacts")
+        classes = entry / "artifacts" / classes.relative_to(tmp / "artifacts") if classes is not None else None
+        sha = _sha_of(ckpt)
+        rel = {"checkpoint": str(ckpt.relative_to(entry)), "sha256": sha}
+        rel["classes"] = str(classes.relative_to(entry)) if classes is not None else ""
+        fd, side = tempfile.mkstemp(prefix=".entry.", dir=entry)
+        with os.fdopen(fd, "w") as f:
+            json.dump(rel, f)
+        os.replace(side, record)
+        return LocalCopy(ckpt, url, identity, sha, classes)
 
 
 def _kept_version(url: str, pin: Pin) -> str | None:
