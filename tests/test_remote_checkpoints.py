@@ -201,3 +201,28 @@ def test_http_checkpoint_end_to_end(prefect_server, http_folder, image_folder, t
     (run,) = [p.name for p in (out / "runs").iterdir()]
     m = manifest_of(str(out), run)
     assert m["counts"]["scored"] > 0 and m["models"][0]["checkpoint"]["url"] == f"{base}/m.pt"
+
+
+def test_rerun_on_a_versioned_bucket_fetches_the_recorded_version(
+    prefect_server, s3_server, s3, image_folder, tiny_checkpoint, tiny_model, tmp_path
+):
+    """On a versioned bucket the pin is ``ETag@VersionId``: after the object is replaced, the rerun
+    of night 1 (its failed image repaired) GETs the recorded version and scores with night 1's
+    model_id, where an unversioned bucket refuses (the test above)."""
+    client, bucket = s3_server.client(), "imgscore-versioned"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    client.put_object(Bucket=bucket, Key="m.pt", Body=tiny_checkpoint.read_bytes())
+    url, out, cache = f"s3://{bucket}/m.pt", tmp_path / "out", tmp_path / "cache"
+    first_class = sorted(p for p in image_folder.iterdir() if p.is_dir())[0]
+    good = next(first_class.glob("*.jpg")).read_bytes()
+    (first_class / "broken.jpg").write_bytes(b"not a jpeg")
+    assert cli("run", "-q", *sets(items_for(image_folder, out, url, cache, "run.run_id=n1"))) == 0
+    was = manifest_of(str(out), "n1")["models"][0]
+    assert "@" in was["checkpoint"]["identity"]  # ETag@VersionId
+    client.put_object(Bucket=bucket, Key="m.pt", Body=other_checkpoint(tiny_model, tmp_path / "o.pt").read_bytes())
+    (first_class / "broken.jpg").write_bytes(good)
+    clear_model_cache()
+    assert cli("rerun", "n1", "--set", f"output.root={out}", "--set", f"inference.cache_dir={cache}", "--quiet") == 0
+    rows = [r for r in read_table(str(out), run_id="n1").to_pylist() if r["image_path"].endswith("broken.jpg")]
+    assert rows and {r["model_id"] for r in rows} == {was["model_id"]}

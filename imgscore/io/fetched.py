@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -222,12 +223,19 @@ def _kept_version(url: str, pin: Pin) -> str | None:
     if object_store.scheme_of(url) not in ("s3", "s3a") or "@" not in pin.identity:
         return None
     vid = pin.identity.rsplit("@", 1)[1]
-    fs, path = object_store.filesystem(url)
+    fs, path = _version_aware(url)
     try:
         fs.info(path, version_id=vid)
     except (OSError, ValueError):
         return None
     return vid
+
+
+def _version_aware(url: str) -> tuple[Any, str]:
+    """An s3fs filesystem that takes ``version_id`` (s3fs refuses it on the shared instance, which
+    is not version-aware: listing versions costs every other call), and the path in it."""
+    fs, path = object_store.filesystem(url)
+    return type(fs)(**object_store.options_for(url), version_aware=True), path
 
 
 def _cached_sha(final: Path) -> str | None:
@@ -281,7 +289,7 @@ def _chunks(url: str, key: str, version_id: str | None):
             while chunk := resp.read(_CHUNK):
                 yield chunk
         return
-    fs, path = object_store.filesystem(url)
+    fs, path = _version_aware(url) if version_id else object_store.filesystem(url)
     kwargs = {"version_id": version_id} if version_id else {}
     try:
         with fs.open(path, "rb", **kwargs) as f:
