@@ -4,6 +4,7 @@ Resolved once per night, pinned, fetched once per cache; refused by name when it
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -30,33 +31,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """A running ``mlflow server`` (SQLite store, served artifacts); yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow")
+def start_server(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on a free loopback port (SQLite store, served artifacts), once it answers."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen([*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
             with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
+                return proc, uri
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
             time.sleep(0.5)
-    yield uri
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A running ``mlflow server`` (SQLite store, served artifacts); yields its URI."""
+    proc, uri = start_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    stop_server(proc)
 
 
 def register(uri: str, name: str, checkpoint: Path, tmp_path: Path) -> tuple[str, str]:
@@ -176,3 +184,25 @@ def test_registry_refusals_are_one_line_before_scoring(
         assert len(err) == 1 and said in err[0], (url, err)
         assert time.monotonic() - started < 60, url  # not MLflow's minutes of retries
     assert not (tmp_path / "o" / "predictions").exists()
+
+
+def test_a_registry_that_denies_access_is_one_line(prefect_server, image_folder, tmp_path, monkeypatch, capsys):
+    """MLflow's basic-auth server without credentials on this machine: exit 2, one line saying
+    which variables to set; with them, the same URI gets as far as the registry's own answer."""
+    admin = "Adm1n-imgscore-test"
+    env = {"MLFLOW_AUTH_ADMIN_PASSWORD": admin, "MLFLOW_FLASK_SERVER_SECRET_KEY": "imgscore-test"}
+    proc, uri = start_server(tmp_path, "--app-name", "basic-auth", env=env)
+    try:
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            monkeypatch.delenv(var, raising=False)
+        run = items(image_folder, tmp_path / "o", "models:/guarded@champion", uri, tmp_path / "c")
+        assert cli("run", "-q", *sets(run)) == 2
+        (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert "denied access" in line and uri in line and "MLFLOW_TRACKING_USERNAME" in line, line
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin)
+        assert cli("run", "-q", *sets(run)) == 2
+        (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert "no registered model named 'guarded'" in line and admin not in line, line
+    finally:
+        stop_server(proc)

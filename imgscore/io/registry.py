@@ -67,6 +67,7 @@ def resolve(uri: str, registry_uri: str | None, key: str) -> str:
         f"{key} {uri!r}: no registered model named {name!r} {where}; register it (docs/checkpoints.md) or fix the name",
         key,
         uri,
+        registry_uri,
     )
     if alias is not None:
         mv = _call(
@@ -75,6 +76,7 @@ def resolve(uri: str, registry_uri: str | None, key: str) -> str:
             f"with MlflowClient().set_registered_model_alias({name!r}, {alias!r}, VERSION) or fix the alias",
             key,
             uri,
+            registry_uri,
         )
         return f"models:/{name}/{mv.version}"
     if version is None or not version.isdigit():
@@ -85,6 +87,7 @@ def resolve(uri: str, registry_uri: str | None, key: str) -> str:
         "alias (models:/NAME@champion)",
         key,
         uri,
+        registry_uri,
     )
     return f"models:/{name}/{version}"
 
@@ -110,6 +113,7 @@ def download(identity: str, registry_uri: str | None, dest: Path, key: str) -> P
         "start a new run with `imgscore run`",
         key,
         identity,
+        registry_uri,
     )
     return Path(got)
 
@@ -171,7 +175,7 @@ def _client(registry_uri: str | None, key: str) -> Any:
     return MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
 
 
-def _call(fn: Any, missing: str, key: str, uri: str) -> Any:
+def _call(fn: Any, missing: str, key: str, uri: str, registry_uri: str | None) -> Any:
     """``fn()``, with MLflow's "does not exist" as ``missing`` and its other errors as one line."""
     from mlflow.exceptions import MlflowException
 
@@ -182,7 +186,7 @@ def _call(fn: Any, missing: str, key: str, uri: str) -> Any:
         if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             raise ModelError(missing) from None
         if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or exc.get_http_status_code() in (401, 403):
-            raise ModelError(_denied(key, _shown_uri(None))) from None
+            raise ModelError(_denied(key, _shown_uri(registry_uri))) from None
         first = str(exc).splitlines()[0] if str(exc) else code
         raise ModelError(f"{key} {uri!r}: the MLflow registry answered {first}") from None
 
