@@ -62,6 +62,23 @@ def test_pickled_module_refused_and_nothing_written(tmp_path, image_folder, tiny
     _assert_refused(proc, r"pickled Python objects .*Set model.trust_checkpoint=true if you trust this file", out)
 
 
+def test_torch_export_program_untrusted_or_exported_at_another_size_is_one_line(tmp_path, image_folder, tiny_model):
+    """A .pt2 is refused without model.trust_checkpoint; trusted, a program exported for 64x64
+    inputs is refused before scoring when the preprocessing crops 224x224, naming both and the fix."""
+    out = tmp_path / "out"
+    ckpt = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(tiny_model.eval(), (torch.zeros(1, 3, 64, 64),)), str(ckpt))
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
+    _assert_refused(proc, r"is a torch.export archive .*Set model.trust_checkpoint=true if you trust this file", out)
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out, **{"model.trust_checkpoint": "true"})))
+    _assert_refused(
+        proc,
+        r"program taking float32 \[1, 3, 64, 64\]\): it was exported for 64x64 images but the preprocessing crops "
+        r"224x224\. Set preprocess.crop=64 and preprocess.resize=73 .* or export it again at the crop you score at",
+        out,
+    )
+
+
 @pytest.mark.slow
 def test_full_run_exit_0_prints_summary_without_noise(tmp_path, image_folder, tiny_model):
     out = tmp_path / "out"
