@@ -576,3 +576,18 @@ def test_torch_export_program_exported_at_another_size_or_in_training_mode_is_re
         ModelError, match=r"exported from a model in training mode \(aten.batch_norm.default.*model.eval\(\)"
     ):
         _load_at(p, trust_checkpoint=True)
+
+
+def test_torch_export_program_has_no_embeddings_and_a_static_batch_no_onnx_export(pt2_files, tmp_path):
+    """Its submodules are empty containers (no hook would run), and re-exporting a static batch to
+    ONNX would fix that batch into the graph: both refused with the fix, never a wrong output."""
+    from imgscore.errors import ConfigError
+    from imgscore.inference.backends.export import export_onnx
+    from imgscore.inference.embeddings import choose_layer
+
+    lm = _load_at(pt2_files["batch1"], trust_checkpoint=True)
+    with pytest.raises(ConfigError, match=r"a torch.export program has no hookable layers"):
+        choose_layer(lm.module, None, 3)
+    with pytest.raises(ConfigError, match=r"takes float32 \[1, 3, 64, 64\]; use inference.backend=torch"):
+        export_onnx(lm, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
