@@ -59,7 +59,13 @@ def test_pickled_module_refused_and_nothing_written(tmp_path, image_folder, tiny
     ckpt = tmp_path / "module.pt"
     torch.save(tiny_model, ckpt)
     proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
-    _assert_refused(proc, r"pickled Python objects .*Set model.trust_checkpoint=true if you trust this file", out)
+    _assert_refused(
+        proc,
+        r"pickled Python objects .*Set model.trust_checkpoint=true if you trust this file, or save a form that loads "
+        r"without it: the weights, torch.save\(model.state_dict\(\), path\) .* TorchScript, "
+        r"torch.jit.save\(torch.jit.script\(model\), path\); from MLflow, mlflow.pytorch.log_state_dict",
+        out,
+    )
 
 
 def test_torch_export_program_untrusted_or_exported_at_another_size_is_one_line(tmp_path, image_folder, tiny_model):

@@ -225,8 +225,12 @@ def _torch_load(path: Path, trust: bool) -> Any:
         what = names_text(names, 5) if names else str(exc).splitlines()[0][:200]
         raise ModelError(
             f"model.checkpoint {str(path)!r} holds pickled Python objects ({what}); loading it runs code "
-            "from the file. Set model.trust_checkpoint=true if you trust this file, or re-save it as "
-            "a state_dict: torch.save(model.state_dict(), path)"
+            "from the file. Set model.trust_checkpoint=true if you trust this file, or save a form that loads "
+            "without it: the weights, torch.save(model.state_dict(), path) (with model.arch or model.factory), or "
+            "TorchScript, torch.jit.save(torch.jit.script(model), path); from MLflow, "
+            "mlflow.pytorch.log_state_dict(model.state_dict(), 'model') rather than log_model(..., "
+            'serialization_format="pickle") (its "pt2" format, a torch.export program, needs model.trust_checkpoint '
+            "too)"
         ) from None
     except Exception as exc:  # RuntimeError, EOFError, BadZipFile, or what the unpickler hits in garbage (KeyError, …)
         raise ModelError(
