@@ -105,8 +105,9 @@ class ModelConfig(Section):
     arch: str = Field("resnet50", description="torchvision.models builder name")
     checkpoint: Checkpoint | None = Field(
         None,
-        description="state_dict, training checkpoint dict, or TorchScript: a local file, an s3:// gs:// az:// "
-        "object or an http(s):// URL (fetched once per machine into inference.cache_dir/models)" + PATH_NOTE,
+        description="state_dict, training checkpoint dict, safetensors, TorchScript or torch.export .pt2 (trusted "
+        "only): a local file, an s3:// gs:// az:// object or an http(s):// URL (fetched once per machine into "
+        "inference.cache_dir/models)" + PATH_NOTE,
     )
     checkpoint_pin: str | None = Field(
         None,
@@ -124,7 +125,9 @@ class ModelConfig(Section):
     )
     num_classes: int | None = Field(None, gt=0, description="head size; inferred from the checkpoint when unset")
     trust_checkpoint: bool = Field(
-        False, description="allow whole pickled modules (unpickling runs code from the file)"
+        False,
+        description="allow whole pickled modules and torch.export .pt2 programs (loading either can run code from "
+        "the file)",
     )
     factory: str | None = Field(
         None,
