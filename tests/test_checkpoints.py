@@ -414,3 +414,180 @@ def test_a_refused_checkpoint_names_only_the_refused_types_and_an_empty_one_says
     empty.write_bytes(b"")
     with pytest.raises(ModelError, match=r"is empty \(0 bytes\)"):
         read_checkpoint(empty)
+
+
+# ------------------------------------------------------------------------------------ torch.export programs (.pt2)
+
+
+def _export(model: nn.Module, path, batch: int = 2, size: int = 64, dynamic=None):
+    """``torch.export.save`` of ``model`` for ``batch`` × 3 × ``size`` × ``size`` inputs; ``dynamic``
+    a ``torch.export.Dim`` for the batch (None: every dimension static, as exported)."""
+    shapes = ({0: dynamic},) if dynamic is not None else None
+    ep = torch.export.export(model.eval(), (torch.zeros(batch, 3, size, size),), dynamic_shapes=shapes)
+    torch.export.save(ep, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pt2_files(tiny_model, tmp_path_factory) -> dict:
+    """The tiny model exported for 64×64 inputs: ``dynamic`` (batch ``Dim``), ``batch1`` (a static
+    batch of 1, what MLflow writes for a one-image input_example) and ``named_pt`` (``dynamic``
+    under a ``.pt`` name)."""
+    d = tmp_path_factory.mktemp("pt2")
+    files = {
+        "dynamic": _export(tiny_model, d / "model.pt2", dynamic=torch.export.Dim("batch")),
+        "batch1": _export(tiny_model, d / "batch1.pt2", batch=1),
+    }
+    files["named_pt"] = d / "exported_model.pt"
+    files["named_pt"].write_bytes(files["dynamic"].read_bytes())
+    return files
+
+
+def _load_at(path, crop: int = 64, channels_last: bool = True, **kw):
+    return load_model(
+        ModelConfig(arch="mobilenet_v3_small", checkpoint=path, **kw),
+        PreprocessConfig(crop=crop, resize=crop),
+        CPU,
+        channels_last=channels_last,
+    )
+
+
+def _answers(lm, x) -> list[dict]:
+    """Prediction rows (all classes, best first) of ``lm``'s folded module, as scoring makes them."""
+    with torch.inference_mode():
+        p = torch.softmax(lm.folded().module(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+    s, i = torch.sort(p, dim=1, descending=True)
+    return [{"topk_indices": a.tolist(), "topk_scores": b.tolist()} for a, b in zip(i, s, strict=True)]
+
+
+@pytest.mark.parametrize("form", ["dynamic", "batch1", "named_pt"])
+def test_torch_export_program_gives_the_state_dicts_answers(form, pt2_files, tiny_checkpoint, tmp_path):
+    """By construction: the same weights, the same ops, the program unfolded and the state_dict's
+    module conv-BN folded (rounding apart, 1e-5). The static batch of 1 scores a batch of 5 (one
+    image at a time); a .pt name is read by content; class names come from model.classes."""
+    from tests.conftest import assert_same_answers
+
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\nfox\n")
+    lm = _load_at(pt2_files[form], trust_checkpoint=True, classes=classes)
+    assert lm.source == "torch_export" and lm.classes == ["cat", "dog", "fox"] and lm.info()["source"] == "torch_export"
+    assert lm.folded().module is lm.module  # an exported graph has no Conv2d/BatchNorm2d modules to fold
+    ref = _load_at(tiny_checkpoint)
+    for k, (a, b) in enumerate(zip(_answers(ref, x), _answers(lm, x), strict=True)):
+        assert_same_answers(a, b, atol=1e-5, what=f"{form} image {k}")
+
+
+def test_a_bounded_batch_runs_in_chunks_it_accepts(tiny_model, tmp_path):
+    """A batch Dim bounded to 2..3: a batch of 1 is padded to 2 (the copy's output dropped), one of
+    7 runs as 3 + 3 + 1 (padded); each image's logits are the eager model's."""
+    lm = _load_at(
+        _export(tiny_model, tmp_path / "b.pt2", dynamic=torch.export.Dim("b", min=2, max=3)), trust_checkpoint=True
+    )
+    assert lm.module.input_text() == "float32 [2..3, 3, 64, 64]"
+    xs = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for batch in (xs[:1], xs):
+        with torch.inference_mode():
+            torch.testing.assert_close(lm.module(batch), tiny_model(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_torch_export_program_is_refused_unless_trusted_and_the_refusal_unpickles_nothing(pt2_files, tmp_path):
+    """torch.export.load unpickles from the file: a pickle planted as the program's example inputs
+    (``data/sample_inputs/model.pt``, read by ``deserialize_torch_artifact``, which retries a failed
+    ``weights_only=True`` load with ``weights_only=False``) runs when torch loads the archive. That
+    is why a .pt2 needs model.trust_checkpoint: without it, the file is refused before torch reads it."""
+    import contextlib
+    import io
+    import zipfile
+
+    marker = tmp_path / "unpickled"
+
+    class OpensMarker:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    payload = io.BytesIO()
+    torch.save(OpensMarker(), payload)
+    planted = tmp_path / "planted.pt2"
+    with zipfile.ZipFile(pt2_files["dynamic"]) as src, zipfile.ZipFile(planted, "w") as out:
+        for info in src.infolist():
+            data = payload.getvalue() if info.filename.endswith("sample_inputs/model.pt") else src.read(info)
+            out.writestr(info, data)
+    with pytest.raises(ModelError) as info:
+        _load_at(planted)
+    msg = str(info.value)
+    assert "is a torch.export archive (torch.export.save); torch.export.load can run code from the file" in msg
+    assert "Set model.trust_checkpoint=true if you trust this file" in msg and "torch.save(model.state_dict()" in msg
+    assert not marker.exists()
+    # what the refusal prevents (torch 2.14): torch runs the planted pickle, then fails on what it returned
+    with contextlib.suppress(Exception):
+        torch.export.load(str(planted))
+    assert marker.exists()
+
+
+def test_content_detection_tells_the_zip_archives_apart(tiny_model, pt2_files, tiny_checkpoint, x, tmp_path):
+    """pt2, TorchScript and torch.save zips are all zips: each is recognised as itself only."""
+    from imgscore.inference.checkpoint import is_torchscript
+    from imgscore.inference.exported import is_torch_export
+
+    ts = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(tiny_model, x[:1]), str(ts))
+    st = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(st))
+    text = tmp_path / "notes.pt"
+    text.write_text("archive_format pt2")
+    found = {
+        name: (is_torch_export(p), is_torchscript(p), is_safetensors(p))
+        for name, p in {
+            "pt2": pt2_files["dynamic"],
+            "pt2_named_pt": pt2_files["named_pt"],
+            "torchscript": ts,
+            "torch_save": tiny_checkpoint,
+            "safetensors": st,
+            "text": text,
+        }.items()
+    }
+    assert found == {
+        "pt2": (True, False, False),
+        "pt2_named_pt": (True, False, False),
+        "torchscript": (False, True, False),
+        "torch_save": (False, False, False),
+        "safetensors": (False, False, True),
+        "text": (False, False, False),
+    }
+    assert read_checkpoint(ts).kind == "torchscript" and read_checkpoint(tiny_checkpoint).kind == "state_dict"
+    assert read_checkpoint(pt2_files["named_pt"], trust=True).kind == "torch_export"
+
+
+def test_torch_export_program_exported_at_another_size_or_in_training_mode_is_refused(tiny_model, pt2_files, tmp_path):
+    with pytest.raises(ModelError) as info:
+        _load_at(pt2_files["batch1"], crop=224, trust_checkpoint=True)
+    msg = str(info.value)
+    assert "(a torch.export archive of a program taking float32 [1, 3, 64, 64])" in msg
+    assert "it was exported for 64x64 images but the preprocessing crops 224x224" in msg
+    assert "Set preprocess.crop=64 and preprocess.resize=73" in msg and "torch.zeros(2, 3, 224, 224)" in msg
+    torch.manual_seed(0)
+    trained = torchvision.models.mobilenet_v3_small(num_classes=3).train()
+    p = tmp_path / "train_mode.pt2"
+    torch.export.save(torch.export.export(trained, (torch.zeros(2, 3, 64, 64),)), str(p))
+    with pytest.raises(
+        ModelError, match=r"exported from a model in training mode \(aten.batch_norm.default.*model.eval\(\)"
+    ):
+        _load_at(p, trust_checkpoint=True)
+
+
+def test_torch_export_program_has_no_embeddings_and_a_static_batch_no_onnx_export(pt2_files, tmp_path):
+    """Its submodules are empty containers (no hook would run), and re-exporting a static batch to
+    ONNX would fix that batch into the graph: both refused with the fix, never a wrong output."""
+    from imgscore.errors import ConfigError
+    from imgscore.inference.backends.export import export_onnx
+    from imgscore.inference.embeddings import choose_layer
+
+    lm = _load_at(pt2_files["batch1"], trust_checkpoint=True)
+    with pytest.raises(ConfigError, match=r"a torch.export program has no hookable layers"):
+        choose_layer(lm.module, None, 3)
+    with pytest.raises(ConfigError, match=r"takes float32 \[1, 3, 64, 64\]; use inference.backend=torch"):
+        export_onnx(lm, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -59,7 +59,30 @@ def test_pickled_module_refused_and_nothing_written(tmp_path, image_folder, tiny
     ckpt = tmp_path / "module.pt"
     torch.save(tiny_model, ckpt)
     proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
-    _assert_refused(proc, r"pickled Python objects .*Set model.trust_checkpoint=true if you trust this file", out)
+    _assert_refused(
+        proc,
+        r"pickled Python objects .*Set model.trust_checkpoint=true if you trust this file, or save a form that loads "
+        r"without it: the weights, torch.save\(model.state_dict\(\), path\) .* TorchScript, "
+        r"torch.jit.save\(torch.jit.script\(model\), path\); from MLflow, mlflow.pytorch.log_state_dict",
+        out,
+    )
+
+
+def test_torch_export_program_untrusted_or_exported_at_another_size_is_one_line(tmp_path, image_folder, tiny_model):
+    """A .pt2 is refused without model.trust_checkpoint; trusted, a program exported for 64x64
+    inputs is refused before scoring when the preprocessing crops 224x224, naming both and the fix."""
+    out = tmp_path / "out"
+    ckpt = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(tiny_model.eval(), (torch.zeros(1, 3, 64, 64),)), str(ckpt))
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out)))
+    _assert_refused(proc, r"is a torch.export archive .*Set model.trust_checkpoint=true if you trust this file", out)
+    proc = run_cli("run", *_sets(base_overrides(image_folder, ckpt, out, **{"model.trust_checkpoint": "true"})))
+    _assert_refused(
+        proc,
+        r"program taking float32 \[1, 3, 64, 64\]\): it was exported for 64x64 images but the preprocessing crops "
+        r"224x224\. Set preprocess.crop=64 and preprocess.resize=73 .* or export it again at the crop you score at",
+        out,
+    )
 
 
 @pytest.mark.slow

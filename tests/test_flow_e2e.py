@@ -98,24 +98,34 @@ def test_flow_matches_plain_loop_with_dataparallel_cuda_checkpoint(prefect_serve
 
 
 def test_other_checkpoint_forms_give_the_same_predictions(prefect_server, image_folder, tiny_model, tmp_path):
-    """TorchScript, training dict and prefixed keys of one model give one answer per image. By
+    """TorchScript, torch.export programs (a dynamic batch, and a static batch of 1 that scores
+    batches of 8 and 4), training dict and prefixed keys of one model give one answer per image. By
     construction: the same weights, rounding apart (1e-5), compared with ``assert_same_answers``."""
     sd = tiny_model.state_dict()
     forms = {}
     forms["ts"] = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.trace(tiny_model, torch.zeros(1, 3, 224, 224)), forms["ts"])
+    for name, batch, dynamic in (("pt2", 2, {0: torch.export.Dim("batch")}), ("pt2_batch1", 1, None)):
+        forms[name] = tmp_path / f"{name}.pt2"
+        ep = torch.export.export(tiny_model.eval(), (torch.zeros(batch, 3, 224, 224),), dynamic_shapes=(dynamic,))
+        torch.export.save(ep, str(forms[name]))
     forms["ckpt"] = tmp_path / "training.pt"
     torch.save({"model_state_dict": sd, "optimizer": {}, "epoch": 1}, forms["ckpt"])
     forms["prefixed"] = tmp_path / "compiled_dp.pt"
     torch.save(OrderedDict(("_orig_mod.module." + k, v) for k, v in sd.items()), forms["prefixed"])
     results = {}
     for name, p in forms.items():
-        code, summary = _run(image_folder, p, tmp_path / "out", **{"inference.batch_size": 8})
+        trust = {"model.trust_checkpoint": "true"} if name.startswith("pt2") else {}
+        code, summary = _run(image_folder, p, tmp_path / "out", **{"inference.batch_size": 8, **trust})
         assert code == 0
         results[name] = {r["image_path"]: r for r in _preds(tmp_path / "out", summary["run_id"])}
+        assert {r["model_id"] for r in results[name].values()} == {file_sha256(p)}
+        if name.startswith("pt2"):
+            assert read_manifest(summary["manifest"])["model"]["source"] == "torch_export"
     base = results["ckpt"]
     assert len(base) == 12
-    for name in ("ts", "prefixed"):  # the same weights; TorchScript is not conv-BN folded: rounding apart
+    # the same weights; TorchScript and exported programs are not conv-BN folded: rounding apart
+    for name in ("ts", "pt2", "pt2_batch1", "prefixed"):
         assert results[name].keys() == base.keys()
         for k, row in base.items():
             assert_same_answers(row, results[name][k], atol=1e-5, what=f"{name} {k}")

@@ -106,9 +106,10 @@ class ModelConfig(Section):
     arch: str = Field("resnet50", description="torchvision.models builder name")
     checkpoint: Checkpoint | None = Field(
         None,
-        description="state_dict, training checkpoint dict, safetensors, TorchScript or torch.export .pt2: a local "
-        "file, an s3:// gs:// az:// object, an http(s):// URL, or an MLflow models:/NAME@ALIAS, models:/NAME/VERSION "
-        "or runs:/RUN_ID/PATH (fetched once per machine into inference.cache_dir/models)" + PATH_NOTE,
+        description="state_dict, training checkpoint dict, safetensors, TorchScript or torch.export .pt2 (trusted "
+        "only): a local file, an s3:// gs:// az:// object, an http(s):// URL, or an MLflow models:/NAME@ALIAS, "
+        "models:/NAME/VERSION or runs:/RUN_ID/PATH (fetched once per machine into inference.cache_dir/models)"
+        + PATH_NOTE,
     )
     registry_uri: str | None = Field(
         None,
@@ -131,7 +132,9 @@ class ModelConfig(Section):
     )
     num_classes: int | None = Field(None, gt=0, description="head size; inferred from the checkpoint when unset")
     trust_checkpoint: bool = Field(
-        False, description="allow whole pickled modules (unpickling runs code from the file)"
+        False,
+        description="allow whole pickled modules and torch.export .pt2 programs (loading either can run code from "
+        "the file)",
     )
     factory: str | None = Field(
         None,

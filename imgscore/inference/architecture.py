@@ -32,6 +32,7 @@ from torchvision.models import WeightsEnum
 from imgscore.config.scoring import ModelConfig
 from imgscore.errors import ModelError
 from imgscore.inference.checkpoint import Checkpoint
+from imgscore.inference.exported import ExportedProgramModule
 from imgscore.inference.state_dict import StateDict, first_components, matching_group, strip_prefix
 
 
@@ -281,19 +282,22 @@ def call_factory(spec: str) -> nn.Module:
 
 def module_for(ck: Checkpoint, cfg: ModelConfig, crop: int) -> tuple[nn.Module, int]:
     """The module that holds ``ck``'s weights, and its number of outputs: the file's own module
-    (TorchScript, a trusted pickled module), ``model.factory``'s with the weights loaded strictly,
-    or torchvision's ``model.arch`` sized from the checkpoint's head (:func:`build_from_state_dict`).
-    ``crop``: the input size the output probe runs at.
+    (TorchScript, a torch.export program, a trusted pickled module), ``model.factory``'s with the
+    weights loaded strictly, or torchvision's ``model.arch`` sized from the checkpoint's head
+    (:func:`build_from_state_dict`). ``crop``: the input size the output probe runs at.
 
     Raises:
-        ModelError: ``model.factory`` beside a file with its own module; weights that do not fit;
+        ModelError: ``model.factory`` beside a file with its own module; a torch.export program that
+            cannot take ``crop``-sized RGB float32 batches; weights that do not fit;
             ``model.num_classes`` other than the module's outputs.
     """
-    if ck.module is not None:  # TorchScript, or a trusted pickled module
+    if ck.module is not None:  # TorchScript, a torch.export program, or a trusted pickled module
         if cfg.factory is not None:
             raise ck.refuse(
                 f"model.factory ({cfg.factory}) is set, but this file carries its own module", "Unset model.factory"
             )
+        if isinstance(ck.module, ExportedProgramModule) and (why := ck.module.input_problem(crop)):
+            raise ck.refuse(*why)  # its input shape is fixed: refused here, not as a failed forward per batch
         return ck.module, probe_num_classes(ck.module, crop)
     if cfg.factory is None:
         return build_from_state_dict(cfg.arch, cfg.num_classes, ck)

@@ -6,6 +6,9 @@ safetensors is read as safetensors):
 - **safetensors** (Hugging Face, timm, most shared fine-tunes): read with
   ``safetensors.torch.load_file`` — no pickle at all; class names from its string metadata;
 - **TorchScript archive** (``torch.jit.save``): ``torch.jit.load(map_location="cpu")``;
+- **torch.export archive** (``torch.export.save``, ``.pt2``): only with ``model.trust_checkpoint=true``
+  (``torch.export.load`` can unpickle from the file), scored as ``ep.module()``
+  (:mod:`imgscore.inference.exported`);
 - **PyTorch file** (``torch.save``, zip archive or legacy pickle): ``torch.load(weights_only=True)``
   with the types training scripts commonly store beside tensors allow-listed; whole pickled
   modules only with ``model.trust_checkpoint=true`` (unpickling runs code from the file).
@@ -39,6 +42,7 @@ from torch import nn
 from imgscore.errors import ModelError
 from imgscore.images.decode import warnings_lock
 from imgscore.inference.class_names import classes_from_mapping, names_text
+from imgscore.inference.exported import ExportedProgramModule, is_torch_export, load_exported
 
 # Keys under which common training scripts (torchvision references, PyTorch Lightning, timm,
 # hand-written loops) keep the weights in a checkpoint dict, in the order we look.
@@ -58,13 +62,13 @@ def _safe_globals() -> list[Any]:
 class Checkpoint:
     """What :func:`read_checkpoint` found in a file.
 
-    ``kind`` is ``state_dict``, ``training_checkpoint``, ``safetensors``, ``torchscript`` or
-    ``pickled_module``; exactly one of ``state_dict`` (name → tensor) and ``module`` is set.
+    ``kind`` is ``state_dict``, ``training_checkpoint``, ``safetensors``, ``torchscript``,
+    ``torch_export`` or ``pickled_module``; exactly one of ``state_dict`` (name → tensor) and ``module`` is set.
     ``prefix`` is the key prefix :func:`~imgscore.inference.state_dict.strip_prefix` removed (``""`` when none).
     """
 
     path: Path
-    fmt: str  # "safetensors file", "TorchScript archive", "PyTorch zip archive", "legacy PyTorch pickle"
+    fmt: str  # "safetensors file", "TorchScript archive", "torch.export archive", "PyTorch zip archive", …
     kind: str
     state_dict: Mapping[str, Any] | None = None  # name → tensor (a module's extra state may be another value)
     module: nn.Module | None = None
@@ -90,6 +94,8 @@ class Checkpoint:
             parts.append(f"holding a plain state_dict of {n} tensors")
         elif self.kind == "pickled_module":
             parts.append(f"holding a pickled {type(self.module).__name__} module")
+        elif isinstance(self.module, ExportedProgramModule):
+            parts.append(f"of a program taking {self.module.input_text()}")
         if self.prefix:
             parts.append(f"key prefix {self.prefix!r} stripped")
         return " ".join(parts[:2]) + "".join(f"; {p}" for p in parts[2:])
@@ -219,8 +225,12 @@ def _torch_load(path: Path, trust: bool) -> Any:
         what = names_text(names, 5) if names else str(exc).splitlines()[0][:200]
         raise ModelError(
             f"model.checkpoint {str(path)!r} holds pickled Python objects ({what}); loading it runs code "
-            "from the file. Set model.trust_checkpoint=true if you trust this file, or re-save it as "
-            "a state_dict: torch.save(model.state_dict(), path)"
+            "from the file. Set model.trust_checkpoint=true if you trust this file, or save a form that loads "
+            "without it: the weights, torch.save(model.state_dict(), path) (with model.arch or model.factory), or "
+            "TorchScript, torch.jit.save(torch.jit.script(model), path); from MLflow, "
+            "mlflow.pytorch.log_state_dict(model.state_dict(), 'model') rather than log_model(..., "
+            'serialization_format="pickle") (its "pt2" format, a torch.export program, needs model.trust_checkpoint '
+            "too)"
         ) from None
     except Exception as exc:  # RuntimeError, EOFError, BadZipFile, or what the unpickler hits in garbage (KeyError, …)
         raise ModelError(
@@ -320,6 +330,15 @@ def read_checkpoint(path: Path, trust: bool = False) -> Checkpoint:
                 f"model.checkpoint {str(path)!r} is a TorchScript archive that failed to load: {exc}"
             ) from None
         return Checkpoint(path, "TorchScript archive", "torchscript", module=module)
+    if is_torch_export(path):  # before torch.load, which finds no data.pkl and calls it a corrupt file
+        if not trust:
+            raise ModelError(
+                f"model.checkpoint {str(path)!r} is a torch.export archive (torch.export.save); torch.export.load can "
+                "run code from the file (it unpickles payloads with torch.load(weights_only=False) and evaluates shape "
+                "expressions with sympy). Set model.trust_checkpoint=true if you trust this file, or save the weights "
+                "instead: torch.save(model.state_dict(), path)"
+            )
+        return Checkpoint(path, "torch.export archive", "torch_export", module=load_exported(path))
     obj = _torch_load(path, trust)
     fmt = "PyTorch zip archive" if zipfile.is_zipfile(path) else "legacy PyTorch pickle"
     if isinstance(obj, nn.Module):  # only reachable when trusted

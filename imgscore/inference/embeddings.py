@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from imgscore.errors import ConfigError
+from imgscore.inference.exported import ExportedProgramModule
 from imgscore.io.parquet import EMBEDDING_KEYS
 
 # Where torchvision's classifiers keep their head, most specific first ("classifier.-1": the
@@ -63,6 +64,28 @@ def _resolve(module: nn.Module, dotted: str) -> tuple[str, nn.Module] | None:
     return ".".join(names), cur
 
 
+def _refuse_frozen_graph(module: nn.Module) -> None:
+    """A TorchScript archive or a torch.export program has no layer a forward hook can tap: its
+    submodules are a graph's containers (an exported program's are empty ``nn.Module``s, whose
+    hooks never run), so an embedding could never be read.
+
+    Raises:
+        ConfigError: for either, with the fix.
+    """
+    what = (
+        "a TorchScript model"
+        if isinstance(module, torch.jit.ScriptModule)
+        else "a torch.export program"
+        if isinstance(module, ExportedProgramModule)
+        else None
+    )
+    if what is not None:
+        raise ConfigError(
+            f"output.embeddings: {what} has no hookable layers; save a state_dict and set "
+            "model.arch (or model.factory) instead, or set output.embeddings=false"
+        )
+
+
 def find_head(module: nn.Module, num_classes: int | None = None) -> str:
     """The qualified name of ``module``'s classifier head: an ``nn.Linear`` at one of
     :data:`HEAD_NAMES` (``fc``, ``heads.head``, ``head``, ``classifier[-1]``, ``classifier``),
@@ -70,14 +93,11 @@ def find_head(module: nn.Module, num_classes: int | None = None) -> str:
     ``num_classes`` outputs.
 
     Raises:
-        ConfigError: no linear head is found (e.g. squeezenet's 1×1 conv head, a TorchScript
-            archive); the message lists the last modules and says to set output.embedding_layer.
+        ConfigError: no linear head is found (e.g. squeezenet's 1×1 conv head; the message lists
+            the last modules and says to set output.embedding_layer); a TorchScript archive or a
+            torch.export program (no hookable layers).
     """
-    if isinstance(module, torch.jit.ScriptModule):
-        raise ConfigError(
-            "output.embeddings: a TorchScript model has no hookable layers; save a state_dict and set "
-            "model.arch (or model.factory) instead, or set output.embeddings=false"
-        )
+    _refuse_frozen_graph(module)
     fits = lambda m: isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes)  # noqa: E731
     for dotted in HEAD_NAMES:
         hit = _resolve(module, dotted)
@@ -98,8 +118,10 @@ def choose_layer(module: nn.Module, layer: str | None, num_classes: int | None =
     """``output.embedding_layer`` checked against ``module`` (its output), or the head's input.
 
     Raises:
-        ConfigError: ``layer`` names no module (with the closest names), or no head is found.
+        ConfigError: ``layer`` names no module (with the closest names), no head is found, or the
+            model is a TorchScript archive or a torch.export program.
     """
+    _refuse_frozen_graph(module)
     if layer is None:
         return Layer(find_head(module, num_classes), "input")
     names = [n for n, _ in module.named_modules() if n]

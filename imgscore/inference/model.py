@@ -6,8 +6,8 @@ scoring code can never pair a model with the wrong transform or label list. :fun
 builds it once per process:
 
 - what a checkpoint file may hold, and how it is read: :mod:`imgscore.inference.checkpoint`
-  (safetensors, TorchScript, ``torch.save`` state_dicts and training-checkpoint dicts, pickled
-  modules only when trusted);
+  (safetensors, TorchScript, ``torch.save`` state_dicts and training-checkpoint dicts, torch.export
+  programs and pickled modules only when trusted);
 - the module the weights load into, and the strict load: :mod:`imgscore.inference.architecture`;
 - the class names: :mod:`imgscore.inference.class_names`;
 - the refusal of a model wrong as a whole (non-finite weights or outputs):
@@ -41,6 +41,7 @@ from imgscore.images.scan import sha256_of_file
 from imgscore.inference.architecture import check_arch, module_for, weights_file
 from imgscore.inference.checkpoint import not_a_file, read_checkpoint
 from imgscore.inference.class_names import first_duplicate, read_classes
+from imgscore.inference.exported import ExportedProgramModule
 from imgscore.inference.model_checks import check_finite_outputs, check_finite_weights
 from imgscore.io import fetched
 
@@ -55,7 +56,8 @@ class LoadedModel:
     model_id: str  # sha256 hex of the checkpoint (or weights) file
     preprocess: PreprocessSpec
     device: torch.device
-    source: str  # state_dict | training_checkpoint | safetensors | torchscript | pickled_module | torchvision_weights
+    # state_dict | training_checkpoint | safetensors | torchscript | torch_export | pickled_module | torchvision_weights
+    source: str
     checkpoint: dict[str, str] | None = None  # a fetched model.checkpoint: url, identity, sha256 (the run's pin)
 
     @property
@@ -69,7 +71,7 @@ class LoadedModel:
         Built once per loaded model and cached; the original ``module`` is left as it was. Folding
         is exact up to float rounding (about 1e-5 on logits); it saves the BatchNorm pass over every
         activation. A module that cannot be traced by ``torch.fx`` (TorchScript, some pickled
-        modules) is returned unchanged. See benchmarks/NOTES.md for what it gives.
+        modules) and a torch.export program are returned unchanged. See benchmarks/NOTES.md for what it gives.
         """
         with _LOCK:
             cached = _FOLDED.get(id(self))
@@ -132,9 +134,10 @@ def fold_conv_bn(module: nn.Module) -> nn.Module:
     dataflow and folds only a conv whose sole user is the BatchNorm. The trace is confined to the
     calling thread (:class:`_OneThreadTracer`): forwards in other threads run untouched meanwhile.
     The copy keeps the memory format of the input module's weights. Modules ``torch.fx`` cannot
-    trace are returned as they are (TorchScript archives are already frozen graphs).
+    trace are returned as they are, and so are frozen graphs: TorchScript archives, and torch.export
+    programs (ATen ops, no ``nn.Conv2d``/``nn.BatchNorm2d`` modules for ``fuse`` to find).
     """
-    if isinstance(module, torch.jit.ScriptModule) or module.training:
+    if isinstance(module, (torch.jit.ScriptModule, ExportedProgramModule)) or module.training:
         return module
     from torch.fx.experimental.optimization import fuse
 

@@ -29,6 +29,7 @@ import torch
 from imgscore.errors import ConfigError, ModelError
 from imgscore.images.decode import warnings_lock
 from imgscore.inference.backends.installed import exporter_modules
+from imgscore.inference.exported import ExportedProgramModule
 from imgscore.inference.model import LoadedModel
 from imgscore.io.fetched import cache_root, default_cache_dir  # noqa: F401 - where they were
 
@@ -126,6 +127,24 @@ def _export(module: torch.nn.Module, crop: int, path: Path) -> str:
         return "torchscript"
 
 
+def _refuse_fixed_batch(lm: LoadedModel) -> None:
+    """A torch.export program exported with a static (or bounded) batch cannot become an ONNX
+    model with a dynamic batch: re-exporting it fixes the example's batch size into the graph (a
+    model that refuses every other batch at run time). A ConfigError, so ``auto`` passes it by.
+
+    Raises:
+        ConfigError: naming the program's input and the two fixes.
+    """
+    module = lm.module
+    if isinstance(module, ExportedProgramModule) and not module.any_batch:
+        raise ConfigError(
+            f"inference.backend: the ONNX backends need a model that takes any batch size, and this torch.export "
+            f"program takes {module.input_text()}; use inference.backend=torch (which runs it in chunks), or export "
+            "it with a dynamic batch: torch.export.export(model.eval(), (example,), "
+            "dynamic_shapes=({0: torch.export.Dim('batch')},))"
+        )
+
+
 def export_onnx(lm: LoadedModel, cache_dir: Path | None = None) -> Path:
     """The ONNX export of ``lm``: ``CACHE/onnx/<arch>-<key>/model.onnx``, made on first use.
 
@@ -139,9 +158,12 @@ def export_onnx(lm: LoadedModel, cache_dir: Path | None = None) -> Path:
     Raises:
         BackendUnavailable: ``onnx``/``onnxscript`` not installed (exit 2, with the pip line).
         ModelError: the module cannot be exported (exit 2; ``inference.backend=torch`` still works).
-        ConfigError: the cache folder cannot be written (names ``inference.cache_dir``).
+        ConfigError: the cache folder cannot be written (names ``inference.cache_dir``); a
+            torch.export program whose batch is not free (:func:`_refuse_fixed_batch`).
     """
     from filelock import FileLock
+
+    _refuse_fixed_batch(lm)
 
     key = export_key(lm)
     root = cache_root(cache_dir)
