@@ -206,3 +206,38 @@ def test_a_registry_that_denies_access_is_one_line(prefect_server, image_folder,
         assert "no registered model named 'guarded'" in line and admin not in line, line
     finally:
         stop_server(proc)
+
+
+def test_a_model_logged_with_mlflow_pytorch_log_model_is_scored_only_when_trusted(
+    prefect_server, registry, image_folder, tiny_model, tiny_checkpoint, tmp_path, capsys
+):
+    """mlflow.pytorch.log_model (MLflow 3's default pt2 format, data/model.pt2 in the model folder)
+    registered as a version: refused without model.trust_checkpoint (one line, exit 2); with it,
+    the run scores the state_dict's answers."""
+    import torch
+
+    from tests.conftest import assert_same_answers
+    from tests.test_object_store import rows_by_path
+
+    mlflow.set_tracking_uri(registry)
+    example = torch.rand(2, 3, 224, 224)
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            tiny_model, name="model", input_example=example.numpy(), registered_model_name="logged"
+        )
+    assert info.registered_model_version is not None
+    url = f"models:/logged/{info.registered_model_version}"
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli("run", "-q", *sets(items(image_folder, out, url, registry, tmp_path / "c"))) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert "trust_checkpoint" in line, line
+    trusted = items(image_folder, out, url, registry, tmp_path / "c", "model.trust_checkpoint=true", "run.run_id=t")
+    assert cli("run", "-q", *sets(trusted)) == 0
+    want = items(image_folder, tmp_path / "want", str(tiny_checkpoint), registry, tmp_path / "c", "run.run_id=w")
+    assert cli("run", "-q", *sets(want)) == 0
+    got, expected = rows_by_path(read_table(str(out))), rows_by_path(read_table(str(tmp_path / "want")))
+    assert sorted(got) == sorted(expected)
+    for p, row in expected.items():
+        assert_same_answers(row, got[p], atol=1e-4, what=p)
+    assert manifest_of(str(out), "t")["models"][0]["source"] == "torch_export"
