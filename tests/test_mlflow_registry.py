@@ -37,7 +37,9 @@ def start_server(root: Path, *args: str, env: dict[str, str] | None = None) -> t
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
     with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen([*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(  # in root: the basic-auth app writes its basic_auth.db into the working folder
+            [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=root
+        )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
