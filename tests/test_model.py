@@ -393,3 +393,18 @@ def test_folding_in_one_thread_leaves_forwards_in_another_untouched():
     assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in folded[-1].modules())
     assert torch.allclose(got, want, atol=1e-4) and got.argmax(1).tolist() == want.argmax(1).tolist()
     assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())  # the original is as loaded
+
+
+def test_a_pin_shares_the_loaded_model_and_a_wrong_pin_is_refused(tiny_checkpoint):
+    """The plan loads a checkpoint unpinned, the shards pinned to its sha256: one load, one object.
+    A pin written by hand (the sha256 alone) refuses other bytes, for a local file too."""
+    from imgscore.inference.model import clear_model_cache, file_sha256
+
+    clear_model_cache()
+    base = ModelConfig(arch="mobilenet_v3_small", checkpoint=tiny_checkpoint)
+    plain = load_model(base, PreprocessConfig(), CPU)
+    pinned = base.model_copy(update={"checkpoint_pin": file_sha256(tiny_checkpoint)})
+    assert load_model(pinned, PreprocessConfig(), CPU) is plain
+    wrong = base.model_copy(update={"checkpoint_pin": "0" * 64})
+    with pytest.raises(ModelError, match="not the 0{64}"):
+        load_model(wrong, PreprocessConfig(), CPU)

@@ -486,7 +486,8 @@ def test_run_id_in_the_config_must_be_a_folder_name():
 @pytest.mark.parametrize(
     ("url", "secret", "named"),
     [
-        ("https://bob:hunter2-SECRET@127.0.0.1:9/m.pt", "hunter2-SECRET", "the password after bob:"),
+        ("https://bob:hunter2-SECRET@127.0.0.1:9/m.pt", "hunter2-SECRET", "user name or password"),
+        ("https://ghp_TOKEN-SECRET@raw.example.com/m.pt", "ghp_TOKEN-SECRET", "user name or password"),
         ("https://h.example/m.pt?X-Amz-Credential=AKIA&X-Amz-Signature=SIG-SECRET", "SIG-SECRET", "X-Amz-"),
         ("https://acct.blob.core.windows.net/c/m.pt?sv=2024&sig=SAS-SECRET", "SAS-SECRET", "'sig'"),
     ],

@@ -305,10 +305,18 @@ def load_model(
             mismatch, head size disagreeing with ``num_classes`` or ``classes``, weights not in the
             local hub cache, non-finite weights or outputs.
     """
-    key = (cfg.model_dump_json(), pre.model_dump_json(), _stamp(cfg), str(device), channels_last)
+    # the pin is not in the key (the stamp holds its identity): a hit is used when its bytes are the pinned ones
+    key = (
+        cfg.model_dump_json(exclude={"checkpoint_pin"}),
+        pre.model_dump_json(),
+        _stamp(cfg),
+        str(device),
+        channels_last,
+    )
+    pinned_sha = fetched.Pin.parse(cfg.checkpoint_pin).sha256 if cfg.checkpoint_pin else None
     with _LOCK:
         hit = _MODEL_CACHE.get(key)
-        if hit is not None:
+        if hit is not None and pinned_sha in (None, hit.model_id):
             return hit
         lm = _build(cfg, pre, cache_dir)
         module = lm.module.eval().to(device)
@@ -325,12 +333,16 @@ def load_model(
 
 def _stamp(cfg: ModelConfig) -> FileStamp | None:
     """What a cached load of ``cfg`` stays valid for: a local checkpoint's (path, size, mtime); a
-    fetched one's identity now (one HEAD), unless pinned (the pin is in the config's JSON)."""
+    fetched one's pinned identity, else its identity now (one HEAD; an alias's version). The
+    plan's unpinned load and the shards' pinned one of the same bytes share one entry."""
     ck = cfg.checkpoint
-    if ck is None or cfg.checkpoint_pin:
+    if ck is None:
         return None
     if fetched.is_fetched(ck):
-        return (str(ck), 0, hash(fetched.identity_of(str(ck), "model.checkpoint", cfg.registry_uri)))
+        pin = fetched.Pin.parse(cfg.checkpoint_pin) if cfg.checkpoint_pin else None
+        identity = pin.identity if pin is not None and pin.identity else None
+        identity = identity or fetched.identity_of(str(ck), "model.checkpoint", cfg.registry_uri)
+        return (str(ck), 0, hash(identity))
     if Path(ck).is_file():
         st = os.stat(ck)
         return (str(Path(ck).resolve()), st.st_size, st.st_mtime_ns)

@@ -55,7 +55,7 @@ def default_cache_dir() -> Path:
 def cache_root(cache_dir: Path | None) -> Path:
     """The local folder exports, ``auto``'s measurements and fetched checkpoints (``models/``) are
     cached in: ``inference.cache_dir`` (``~`` expanded), else :func:`default_cache_dir`."""
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).absolute()
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,9 @@ def local_copy(
     """
     url = os.fspath(source)
     if not is_fetched(url):
-        return LocalCopy(Path(url), url)
+        if pin is None or not Path(url).is_file():
+            return LocalCopy(Path(url), url)
+        return _checked(LocalCopy(Path(url), url, None, _sha_of(Path(url))), pin, key)  # a hand-set pin
     if registry.is_registry(url):
         identity = pin.identity if pin is not None and pin.identity else registry.resolve(url, registry_uri, key)
         return _checked(_registry_copy(url, identity, registry_uri, cache_dir, key), pin, key)
@@ -186,7 +188,8 @@ def _registry_copy(url: str, identity: str, registry_uri: str | None, cache_dir:
     ``entry.json`` (the checkpoint's and classes file's paths in it, and the checkpoint's sha256),
     written last, so an entry without it is refetched. Keyed by registry and resolved identity:
     ``@champion`` and the version it names share one entry."""
-    entry = cache_dir / hashlib.sha256(f"{registry_uri or ''}\n{identity}".encode()).hexdigest()[:32]
+    where = registry.effective_uri(registry_uri)  # two registries may both have a models:/defects/3
+    entry = cache_dir / hashlib.sha256(f"{where}\n{identity}".encode()).hexdigest()[:32]
     entry.mkdir(parents=True, exist_ok=True)
     record = entry / "entry.json"
     with FileLock(str(entry / ".lock")):

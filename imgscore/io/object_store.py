@@ -61,13 +61,13 @@ _TOKEN_WORDS = frozenset({"anon", "cloud", "google_default", "browser"})  # gcsf
 
 
 def credential_in_url(url: str) -> str | None:
-    """What in ``url`` is a credential, named without its value (``'the password after user:'``,
+    """What in ``url`` is a credential, named without its value (``'a user name or password …'``,
     ``"the query parameter 'X-Amz-Signature'"``), else None: a presigned or SAS URL, or one with a
     password in it, would be recorded wherever the config is (manifest, Parquet metadata, flow-run
     parameters)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        return f"the password after {parts.username}:"
+    if parts.password or (parts.username and parts.scheme.lower() in ("http", "https")):
+        return "a user name or password before the host (user:password@ or token@)"
     for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         flat = name.replace("-", "_")
         if _SECRET_NAME.search(flat) or flat.lower() in ("sig", "code", "auth", "x_goog_signature"):

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -157,22 +159,35 @@ def _client(registry_uri: str | None, key: str) -> Any:
         ) from None
     import mlflow
 
+    # MLflow retries a 5xx or a refused connection 7 times with backoff (minutes per call); a
+    # nightly job refuses in seconds instead, unless the user set these themselves.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     uri = registry_uri or mlflow.get_registry_uri()
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
                 pass
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                raise ModelError(_denied(key, uri)) from None
-            # an older server or a proxy without /health: the calls themselves will tell
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ModelError(
-                f"{key}: the MLflow registry at {_shown_uri(uri)} cannot be reached ({reason}); start it, or fix "
-                "model.registry_uri / MLFLOW_TRACKING_URI"
-            ) from None
+            if exc.code >= 500:  # up, but its store is not: every call would fail after retries
+                raise ModelError(
+                    f"{key}: the MLflow registry at {_shown_uri(uri)} answers HTTP {exc.code} (its store is down?); "
+                    "try again when it is healthy"
+                ) from None
+            # 401/403 from a proxy that wants credentials MLflow's client sends, or no /health: the calls tell
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ssl.SSLError):  # TLS is MLflow's business (its own CA settings)
+                raise _unreachable(key, uri, exc.reason) from None
+        except OSError as exc:
+            raise _unreachable(key, uri, exc) from None
     return MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+
+
+def _unreachable(key: str, uri: str, reason: object) -> ModelError:
+    return ModelError(
+        f"{key}: the MLflow registry at {_shown_uri(uri)} cannot be reached ({reason}); start it, or fix "
+        "model.registry_uri / MLFLOW_TRACKING_URI"
+    )
 
 
 def _call(fn: Any, missing: str, key: str, uri: str, registry_uri: str | None) -> Any:
@@ -189,6 +204,12 @@ def _call(fn: Any, missing: str, key: str, uri: str, registry_uri: str | None) -
             raise ModelError(_denied(key, _shown_uri(registry_uri))) from None
         first = str(exc).splitlines()[0] if str(exc) else code
         raise ModelError(f"{key} {uri!r}: the MLflow registry answered {first}") from None
+    except Exception as exc:  # the artifact store's client (boto3, azure, gcs): no credentials, no package, …
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(
+            f"{key} {uri!r} could not be read from the registry's artifact store ({type(exc).__name__}: {first}); "
+            "check that store's credentials and client package on this machine"
+        ) from None
 
 
 def _denied(key: str, uri: str) -> str:
@@ -206,9 +227,18 @@ def _aliases(client: Any, name: str) -> str:
     return "its aliases: " + ", ".join(f"@{a} → v{v}" for a, v in sorted(aliases.items())) if aliases else "it has none"
 
 
-def _shown_uri(registry_uri: str | None) -> str:
+def effective_uri(registry_uri: str | None) -> str:
+    """The registry MLflow talks to: ``registry_uri``, else its default (``MLFLOW_TRACKING_URI``, …)."""
     if registry_uri:
         return registry_uri
     import mlflow
 
     return mlflow.get_registry_uri()
+
+
+def _shown_uri(registry_uri: str | None) -> str:
+    """:func:`effective_uri` without user info (a password in ``MLFLOW_TRACKING_URI`` is not printed)."""
+    parts = urllib.parse.urlsplit(effective_uri(registry_uri))
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+    return urllib.parse.urlunsplit(parts)
