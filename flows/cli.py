@@ -86,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     rerun = sub.add_parser(
         "rerun", help="rescore a run's failed and unfinished shards (flow rerun-failed)", epilog=keys
     )
-    rerun.add_argument("run_id")
+    rerun.add_argument("run_id", help="the run's folder name under output.root/runs (printed by imgscore run)")
     common(rerun)
     rep = sub.add_parser("report", help="summarise a finished run")
-    rep.add_argument("run_id")
+    rep.add_argument("run_id", help="the run's folder name under output.root/runs (printed by imgscore run)")
     rep.add_argument("--format", choices=["table", "json", "html"], default="table")
     rep.add_argument(
         "--model",
