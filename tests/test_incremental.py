@@ -188,10 +188,11 @@ def test_abandoned_temp_files_are_cleaned_but_live_runs_left_alone(tmp_path):
 
 
 def test_model_key_depends_on_model_preprocessing_and_decode_settings_only():
-    """The key changes with what a prediction depends on (model_id, preprocessing, the input.*
-    decode settings) and nothing else; a manifest of an older version, without ``decode``,
-    counts with the decode settings of its recorded config (defaults for keys it lacks)."""
-    assert model_key(MODEL) == model_key({**MODEL, "arch": "x", "classes": ["a"]})
+    """The key changes with what a prediction row depends on (model_id, class names,
+    preprocessing, the input.* decode settings) and nothing else; a manifest of an older version,
+    without ``decode``, counts with the decode settings of its recorded config (defaults for keys it lacks)."""
+    assert model_key(MODEL) == model_key({**MODEL, "arch": "x", "source": "torchscript"})
+    assert model_key({**MODEL, "classes": ["cat", "dog"]}) != model_key({**MODEL, "classes": ["cat", "hound"]})
     assert model_key(MODEL) != model_key({**MODEL, "preprocess": {"resize": 256, "crop": 192}})
     default = decode_settings(None)
     assert set(default) == {"max_pixels", "exif_orientation", "max_metadata_bytes"}

@@ -1,8 +1,8 @@
 """Incremental nightly scoring: skip images already scored, carry images known to be bad.
 
 With ``run.skip_scored``, an image is *already scored* when some earlier run into the same
-``output.root``, over the same input folder, with the same ``model_id`` (checkpoint sha256), the
-same resolved preprocessing and the same decode settings (``input.max_pixels``,
+``output.root``, over the same input folder, with the same ``model_id`` (checkpoint sha256) and
+class names, the same resolved preprocessing and the same decode settings (``input.max_pixels``,
 ``input.exif_orientation``, ``input.max_metadata_bytes``: :func:`model_key`), committed a prediction
 row for it whose key matches the file as scanned now — and *already failed* (the **failure ledger**)
 when such a run committed an errors row for it whose key matches, and no prediction does.
@@ -118,14 +118,20 @@ def decode_settings(input_cfg: InputConfig | dict[str, Any] | None) -> dict[str,
 
 
 def model_key(model_info: dict[str, Any]) -> str:
-    """sha256 hex over ``model_id``, the resolved preprocessing (``LoadedModel.info()``) and the
-    decode settings (``model_info['decode']``, :func:`decode_settings`; defaults when absent):
-    what a prediction, or a failure, depends on besides the image bytes. A run with another
-    ``input.max_pixels`` or ``input.exif_orientation`` matches no earlier run, so it scores every
-    image and retries every earlier failure."""
+    """sha256 hex over ``model_id``, the class names, the resolved preprocessing
+    (``LoadedModel.info()``) and the decode settings (``model_info['decode']``,
+    :func:`decode_settings`; defaults when absent): what a prediction row, or a failure, depends
+    on besides the image bytes. A run with another ``input.max_pixels`` or ``input.exif_orientation``
+    matches no earlier run, so it scores every image and retries every earlier failure; so does a
+    run whose ``model.classes`` renamed a class (its rows' ``pred_label`` would differ)."""
     decode = model_info.get("decode") or decode_settings(None)
     blob = json.dumps(
-        {"model_id": model_info.get("model_id"), "preprocess": model_info.get("preprocess"), "decode": decode},
+        {
+            "model_id": model_info.get("model_id"),
+            "classes": model_info.get("classes"),
+            "preprocess": model_info.get("preprocess"),
+            "decode": decode,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
