@@ -110,3 +110,26 @@ def test_prefect_dask_public_surface_we_build_on():
     import dask
 
     assert dask.config.get("distributed.worker.daemon") is True  # the default our LocalCluster overrides
+
+
+def test_torch_dataloader_sigchld_flag_we_set_is_still_torchs():
+    """torch still installs a SIGCHLD handler when a multi-worker DataLoader is iterated on the
+    main thread, and ``no_dataloader_sigchld_handler`` (torch's private ``_SIGCHLD_handler_set``)
+    still keeps it from doing so. Each case in a fresh interpreter: the flag is process-wide."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import signal, sys, torch\n"
+        "from torch.utils.data import DataLoader\n"
+        "from imgscore.runtime.compat import no_dataloader_sigchld_handler\n"
+        "if sys.argv[1] == 'off': no_dataloader_sigchld_handler()\n"
+        "list(DataLoader(torch.arange(4), batch_size=2, num_workers=1, multiprocessing_context='fork'))\n"
+        "print(signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, signal.SIG_IGN, None))\n"
+    )
+    installed = {
+        case: subprocess.run([sys.executable, "-c", probe, case], capture_output=True, text=True, timeout=120)
+        for case in ("on", "off")
+    }
+    assert installed["on"].stdout.strip() == "True", installed["on"].stderr[-2000:]  # the control: torch installs it
+    assert installed["off"].stdout.strip() == "False", installed["off"].stderr[-2000:]

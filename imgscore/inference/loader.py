@@ -35,6 +35,7 @@ from imgscore.inference.backends.forward import Forward
 from imgscore.inference.device import loader_context, loader_workers
 from imgscore.inference.isolation import Isolation, score_isolated
 from imgscore.inference.scorer import Scorer, transform_specs
+from imgscore.runtime import compat
 
 
 class _JointForward(Forward):
@@ -199,6 +200,7 @@ def build_loader(
         collate = LaneCollate(scorers[0].forward(1), split.batch, wanted, in_list=isinstance(scorer, list))
     elif split.lanes:
         split = dc_replace(split, lanes=False)  # no DataLoader processes here: the forward stays in this one
+    compat.no_dataloader_sigchld_handler()  # a dead worker fails its own shard, not the run
     loader = DataLoader(
         ds,
         batch_size=split.batch,

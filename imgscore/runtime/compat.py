@@ -127,3 +127,22 @@ def run_exit_handlers() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+
+
+# -------------------------------------------------------------------- torch's DataLoader SIGCHLD handler
+
+
+def no_dataloader_sigchld_handler() -> None:
+    """Keep torch from installing its DataLoader SIGCHLD handler in this process.
+
+    torch installs it (``torch/utils/data/_utils/signal_handling.py``, ``_set_SIGCHLD_handler``,
+    guarded by the private ``_SIGCHLD_handler_set``) when a multi-worker DataLoader is first
+    iterated on the main thread. From then on a DataLoader worker of *any* loader in the process
+    that exits with an error raises ``RuntimeError`` in the main thread, wherever it is — while the
+    flow waits on its shards — so one dead worker of one shard ended the whole run as crashed.
+    Each loader still finds its own dead workers (it checks their status while it waits for a
+    batch) and the shard fails and is retried as designed (``imgscore.inference.loader``).
+    """
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True
