@@ -18,8 +18,9 @@ import pytest
 from imgscore.config.running import RunConfig
 from imgscore.flows.cli import main as cli_main
 from imgscore.flows.score_images import over_budget
-from imgscore.images.scan import scan_images, sha256_of_file
+from imgscore.images.scan import scan_images
 from imgscore.io import storage
+from imgscore.io.file_ops import sha256_of_file
 from imgscore.io.parquet import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,

@@ -139,7 +139,8 @@ def test_incremental_skip_keys_match_names_in_nfc(photos, tmp_path):
     import pyarrow.parquet as pq
 
     from imgscore.images.entries import ImageEntry, ImageIndex
-    from imgscore.images.scan import scan_images, sha256_of_file
+    from imgscore.images.scan import scan_images
+    from imgscore.io.file_ops import sha256_of_file
     from imgscore.runstate.already_scored import split_already_scored
     from imgscore.runstate.incremental import HASHES_FILE, HASHES_SCHEMA
     from tests.test_incremental import MODEL, _fake_prior_run

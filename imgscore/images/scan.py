@@ -21,7 +21,6 @@ threads (``input.scan_threads``); the order, and so every shard, stays the same.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +46,7 @@ from imgscore.images.walk import (
     stat_entry,
     walk_files,
 )
-from imgscore.io import file_ops, storage
+from imgscore.io import storage
 from imgscore.io.storage import AnyPath
 
 NETWORK_SCAN_THREADS = 8
@@ -240,12 +239,3 @@ def stat_entries(
         return [object_entry(str(root), rel, labels[i], label_names[i]) for i, rel in enumerate(rels)]
     base = str(local)
     return [stat_entry(os.path.join(base, rel), base, labels[i], label_names[i]) for i, rel in enumerate(rels)]
-
-
-def sha256_of_file(path: AnyPath) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (no caching); an object-store
-    URL is read whole (one GET)."""
-    h = hashlib.sha256()
-    for chunk in file_ops.read_chunks(path, 1 << 20):
-        h.update(chunk)
-    return h.hexdigest()

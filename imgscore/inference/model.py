@@ -37,13 +37,13 @@ from imgscore.images.preprocess import (
     IMAGENET_STD,
     PreprocessSpec,
 )
-from imgscore.images.scan import sha256_of_file
 from imgscore.inference.architecture import check_arch, module_for, weights_file
 from imgscore.inference.checkpoint import not_a_file, read_checkpoint
 from imgscore.inference.class_names import first_duplicate, read_classes
 from imgscore.inference.exported import ExportedProgramModule
 from imgscore.inference.model_checks import check_finite_outputs, check_finite_weights
 from imgscore.io import fetched
+from imgscore.io.file_ops import sha256_of_file
 
 
 @dataclass

@@ -40,7 +40,7 @@ from typing import Any
 from filelock import FileLock
 
 from imgscore.errors import ModelError
-from imgscore.io import object_store, objects, registry
+from imgscore.io import file_ops, object_store, objects, registry
 
 _HTTP = ("http://", "https://")
 _CHUNK = 1 << 20
@@ -144,7 +144,7 @@ def local_copy(
     if not is_fetched(url):
         if pin is None or not Path(url).is_file():
             return LocalCopy(Path(url), url)
-        return _checked(LocalCopy(Path(url), url, None, _sha_of(Path(url))), pin, key)  # a hand-set pin
+        return _checked(LocalCopy(Path(url), url, None, file_ops.sha256_of_file(Path(url))), pin, key)  # a hand-set pin
     if registry.is_registry(url):
         identity = pin.identity if pin is not None and pin.identity else registry.resolve(url, registry_uri, key)
         return _checked(_registry_copy(url, identity, registry_uri, cache_dir, key), pin, key)
@@ -196,7 +196,7 @@ def _registry_copy(url: str, identity: str, registry_uri: str | None, cache_dir:
         try:
             got = json.loads(record.read_text())
             ckpt = entry / got["checkpoint"]
-            if ckpt.is_file() and _sha_of(ckpt) == got["sha256"]:
+            if ckpt.is_file() and file_ops.sha256_of_file(ckpt) == got["sha256"]:
                 classes = entry / got["classes"] if got.get("classes") else None
                 return LocalCopy(ckpt, url, identity, got["sha256"], classes)
         except (OSError, ValueError, KeyError, TypeError):
@@ -211,7 +211,7 @@ def _registry_copy(url: str, identity: str, registry_uri: str | None, cache_dir:
             shutil.rmtree(tmp, ignore_errors=True)
         ckpt = entry / "artifacts" / ckpt.relative_to(tmp / "artifacts")
         classes = entry / "artifacts" / classes.relative_to(tmp / "artifacts") if classes is not None else None
-        sha = _sha_of(ckpt)
+        sha = file_ops.sha256_of_file(ckpt)
         rel = {"checkpoint": str(ckpt.relative_to(entry)), "sha256": sha}
         rel["classes"] = str(classes.relative_to(entry)) if classes is not None else ""
         fd, side = tempfile.mkstemp(prefix=".entry.", dir=entry)
@@ -248,17 +248,9 @@ def _cached_sha(final: Path) -> str | None:
         recorded = side.read_text().strip()
     except OSError:
         return None
-    if not final.is_file() or _sha_of(final) != recorded:
+    if not final.is_file() or file_ops.sha256_of_file(final) != recorded:
         return None
     return recorded
-
-
-def _sha_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download(url: str, final: Path, key: str, version_id: str | None) -> str:

@@ -12,6 +12,7 @@ is still the one judged (:func:`delete_unless`), and the clean-up of killed writ
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -244,3 +245,12 @@ class AppendLog:
             self._pending = []
             return True
         return False
+
+
+def sha256_of_file(path: AnyPath) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (no caching); an object-store
+    URL is read whole (one GET)."""
+    h = hashlib.sha256()
+    for chunk in read_chunks(path, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()

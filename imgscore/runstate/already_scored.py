@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgscore.images.entries import ImageIndex, entries_from_table
-from imgscore.images.scan import sha256_of_file
 from imgscore.io import storage
+from imgscore.io.file_ops import sha256_of_file
 from imgscore.io.parquet import input_root_name
 from imgscore.io.storage import AnyPath
 from imgscore.runstate.incremental import (
