@@ -391,7 +391,7 @@ def test_folding_in_one_thread_leaves_forwards_in_another_untouched():
     with torch.inference_mode():
         got = folded[-1](x)
     assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in folded[-1].modules())
-    assert torch.allclose(got, want, atol=1e-4) and got.argmax(1).tolist() == want.argmax(1).tolist()
+    assert torch.allclose(got, want, atol=1e-4)  # exact up to float rounding, on any CPU (no top-1 check: ties)
     assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())  # the original is as loaded
 
 
